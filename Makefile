@@ -1,0 +1,27 @@
+# One command each, on a fresh machine with Python 3.11 and pip:
+#   make demo   -- create/reuse .venv, install han-surgery, run the demo (no download)
+#   make test   -- create/reuse .venv, install han-surgery[dev], run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.han-surgery-installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/han-surgery demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/layer_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,16 @@
+"""han-surgery: Householder (Han) layers for timm and Hugging Face models.
+
+Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 2024.
+"""
+
+from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Abs",
+    "HanBlock",
+    "HanLayer",
+    "HouseholderLinear",
+    "__version__",
+]

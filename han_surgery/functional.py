@@ -1,0 +1,156 @@
+"""Functional core of the Householder layers.
+
+A product of ``k`` Householder reflections is applied in *compact WY* form
+(Schreiber & Van Loan, 1989; Joffrain et al., "Accumulating Householder
+transformations, revisited", 2006)::
+
+    H_i = I - 2 u_i u_i^T              (u_i unit vectors, the columns of U in R^{n x k})
+    H_k ... H_1 = I - U T^T U^T         T^{-1} = triu(U^T U, 1) + I / 2   (k x k, upper triangular)
+
+so for row vectors ``x`` (shape ``(N, n)``)::
+
+    y = x (H_k ... H_1)^T + b = x - (x U) T U^T + b
+
+This costs two skinny matrix products, ``O(N n k)`` flops and ``O(n k + k^2)``
+memory, and never materialises an ``n x n`` matrix. ``k = 1`` is the paper's
+Han-layer, for which ``T = [[2]]`` and ``y = x - 2 (x . u) u + b``.
+
+:func:`householder_affine` runs the large ``N``-sized work in one custom
+autograd function with a hand-written backward (few passes over memory, no
+``N x n`` temporaries beyond the output and the sign mask it needs), while the
+tiny ``U``/``T`` algebra stays in ordinary autograd. Both work under
+``torch.compile`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_dense"]
+
+_TINY = 1e-30
+
+
+def unit_rows(u: Tensor) -> Tensor:
+    """Normalise each row of ``u`` (shape ``(k, n)``) to unit length, overflow- and zero-safe.
+
+    Rows are first divided by their largest magnitude, so ``u ~ 1e30`` does not
+    overflow ``||u||^2``. An all-zero row maps to the zero vector, which turns
+    its reflection ``I - 2 u u^T`` into the identity: forward and backward stay
+    finite.
+    """
+    scale = u.detach().abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
+    v = u / scale
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v / norm.clamp_min(_TINY)
+
+
+def wy_factor(u_hat: Tensor) -> Tensor:
+    """The ``k x k`` upper-triangular factor ``T`` of the compact WY form.
+
+    Args:
+        u_hat: unit (or zero) Householder vectors as rows, shape ``(k, n)``.
+
+    Returns:
+        ``T`` with ``H_1 H_2 ... H_k = I - U T U^T`` (``U = u_hat^T``), i.e.
+        ``T = (triu(U^T U, 1) + I/2)^{-1}``. The diagonal of ``T^{-1}`` is 1/2 for
+        every row, so ``T^{-1}`` is always invertible, zero rows included.
+    """
+    k = u_hat.shape[0]
+    if k == 1:
+        return u_hat.new_full((1, 1), 2.0)
+    gram = u_hat @ u_hat.transpose(0, 1)
+    t_inv = torch.triu(gram, diagonal=1) + 0.5 * torch.eye(k, dtype=u_hat.dtype, device=u_hat.device)
+    eye = torch.eye(k, dtype=u_hat.dtype, device=u_hat.device)
+    return torch.linalg.solve_triangular(t_inv, eye, upper=True)
+
+
+class _HouseholderAffine(torch.autograd.Function):
+    """``z = x - (x U) T U^T + b`` and optionally ``|z|`` for a 2-D ``x`` of shape ``(N, n)``.
+
+    ``U``: ``(n, k)``; ``T``: ``(k, k)``; ``b``: ``(n,)`` or ``None``.
+
+    Backward, with ``g = dL/dz`` (``g = dL/d|z| * sign(z)`` when ``apply_abs``),
+    ``P = x U``, ``W = P T`` and ``G = g U``::
+
+        dL/dx = g - G T^T U^T          (the transposed reflection product)
+        dL/dU = -(x^T (G T^T) + g^T W)
+        dL/dT = -P^T G
+        dL/db = sum_rows g
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:  # type: ignore[override]
+        p = x @ u  # (N, k)
+        w = p @ t
+        if b is None:
+            z = torch.addmm(x, w, u.transpose(0, 1), alpha=-1)
+        else:
+            # Fold the bias into the same rank-(k+1) update: one pass writes z.
+            ones = torch.ones_like(w[:, :1])
+            z = torch.addmm(x, torch.cat([w, ones], 1), torch.cat([-u.transpose(0, 1), b.unsqueeze(0)], 0))
+        ctx.apply_abs = apply_abs
+        ctx.has_bias = b is not None
+        ctx.save_for_backward(x, u, t, p, z if apply_abs else None)
+        return z.abs() if apply_abs else z
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, u, t, p, z = ctx.saved_tensors
+        g = grad_out * z.sign() if ctx.apply_abs else grad_out
+        need_x, need_u, need_t, need_b = ctx.needs_input_grad[:4]
+        gx = gu = gt = gb = None
+        g_u = g @ u  # G = g U, (N, k)
+        g_ut = g_u @ t.transpose(0, 1)  # G T^T
+        if need_x:
+            gx = torch.addmm(g, g_ut, u.transpose(0, 1), alpha=-1)
+        if need_u or need_b:
+            # One pass over g gives both g^T W and the bias gradient sum_rows g.
+            w = p @ t
+            gw_b = g.transpose(0, 1) @ torch.cat([w, torch.ones_like(w[:, :1])], 1)  # (n, k+1)
+            if need_u:
+                gu = -(x.transpose(0, 1) @ g_ut + gw_b[:, :-1])
+            if need_b and ctx.has_bias:
+                gb = gw_b[:, -1]
+        if need_t:
+            gt = -(p.transpose(0, 1) @ g_u)
+        return gx, gu, gt, gb, None
+
+
+def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, apply_abs: bool = False) -> Tensor:
+    """Apply ``y = H_k ... H_1 x + b`` (then ``|y|`` if ``apply_abs``) over the last dimension.
+
+    Args:
+        x: input of shape ``(..., n)``; any leading shape, float32/bfloat16/float16.
+        u_hat: unit Householder vectors as rows, shape ``(k, n)`` (see :func:`unit_rows`).
+        bias: optional ``(n,)`` bias ``b``.
+        apply_abs: fuse the element-wise ``|.|`` of a Han-layer.
+
+    Returns:
+        A tensor of the same shape and dtype as ``x``.
+    """
+    n = x.shape[-1]
+    if u_hat.shape[-1] != n:
+        raise ValueError(f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}")
+    dtype = x.dtype
+    t = wy_factor(u_hat)
+    u = u_hat.transpose(0, 1).to(dtype)
+    t = t.to(dtype)
+    b = bias.to(dtype) if bias is not None else None
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, n)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    y = _HouseholderAffine.apply(x2d, u, t, b, apply_abs)
+    return y.reshape(*lead, n)
+
+
+def householder_dense(u_hat: Tensor) -> Tensor:
+    """The dense ``n x n`` matrix ``M = H_k ... H_1`` (so ``y = x M^T + b``, like ``nn.Linear.weight``)."""
+    n = u_hat.shape[-1]
+    u = u_hat.transpose(0, 1)
+    t = wy_factor(u_hat)
+    eye = torch.eye(n, dtype=u_hat.dtype, device=u_hat.device)
+    # x M^T = x - (x U) T U^T  =>  M^T = I - U T U^T  =>  M = I - U T^T U^T
+    return eye - u @ t.transpose(0, 1) @ u.transpose(0, 1)

@@ -1,0 +1,186 @@
+"""Householder layers: the building blocks of Yu & Zhang, "A Lightweight and
+Gradient-Stable Neural Layer" (Neural Networks, 2024).
+
+Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
+
+* :class:`HouseholderLinear` -- ``y = H_k ... H_1 x + b`` with
+  ``H_i = I - 2 u_i u_i^T / ||u_i||^2``. Orthogonal, so ``||dy/dx||`` is exactly 1
+  in every direction. ``k = 1`` (default) is the paper's layer: ``2n`` parameters
+  (``u`` and ``b``) and ``O(n)`` compute per row instead of ``n^2 + n``.
+* :class:`Abs` -- element-wise ``|x|``, the paper's activation: its Jacobian is a
+  diagonal of signs, so it is orthogonal too (almost everywhere).
+* :class:`HanLayer` -- ``|H x + b|``: orthogonal Jacobian and 1-Lipschitz.
+* :class:`HanBlock` -- the paper's FFN replacement ``H2 |H1 x + b1| + b2`` (the
+  Han-Mixer form adds a final ``|.|``), ``4n`` parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .functional import householder_affine, householder_dense, unit_rows
+
+__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock"]
+
+HouseholderInit = Literal["orthogonal", "normal"]
+BiasInit = Literal["uniform", "zeros"]
+
+
+class HouseholderLinear(nn.Module):
+    """A product of ``reflections`` Householder reflections plus a bias.
+
+    ``y = H_k ... H_1 x + b``, ``H_i = I - 2 u_i u_i^T / ||u_i||^2``.
+
+    Args:
+        features: ``n``, the size of the last dimension (input and output: a
+            reflection is square).
+        bias: learn ``b`` (shape ``(n,)``).
+        reflections: ``k``, the number of reflections. ``1`` is the paper's layer
+            (``n`` direction parameters); ``k = n`` can express any orthogonal
+            matrix with determinant ``(-1)^n``. Costs ``O(n k)`` per row and is
+            computed in compact WY form, never as an ``n x n`` matrix.
+        init: ``"orthogonal"`` (paper; ``u`` rows are random orthonormal
+            directions) or ``"normal"`` (i.i.d. Gaussian directions).
+        bias_init: ``"uniform"`` (paper; ``U(-1/sqrt(n), 1/sqrt(n))``, as
+            ``nn.Linear``) or ``"zeros"``.
+
+    Shapes:
+        input ``(..., n)`` -> output ``(..., n)``, in the input's dtype
+        (float32, bfloat16 or float16).
+
+    Parameters:
+        ``u``: ``(k, n)`` Householder vectors (any non-zero scale; a zero row is
+        the identity). ``bias``: ``(n,)``.
+    """
+
+    apply_abs: bool = False
+
+    def __init__(
+        self,
+        features: int,
+        bias: bool = True,
+        reflections: int = 1,
+        init: HouseholderInit = "orthogonal",
+        bias_init: BiasInit = "uniform",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if features < 1:
+            raise ValueError(f"{type(self).__name__}: features must be >= 1, got {features}")
+        if not 1 <= reflections <= features:
+            raise ValueError(
+                f"{type(self).__name__}: reflections must be in [1, features={features}], got {reflections}"
+            )
+        if init not in ("orthogonal", "normal"):
+            raise ValueError(f"{type(self).__name__}: init must be 'orthogonal' or 'normal', got {init!r}")
+        if bias_init not in ("uniform", "zeros"):
+            raise ValueError(f"{type(self).__name__}: bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.features = features
+        self.reflections = reflections
+        self.init = init
+        self.bias_init = bias_init
+        self.u = nn.Parameter(torch.empty(reflections, features, **factory))
+        self.bias = nn.Parameter(torch.empty(features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``u`` and ``bias`` as set by ``init`` and ``bias_init``."""
+        with torch.no_grad():
+            if self.init == "orthogonal":
+                nn.init.orthogonal_(self.u)
+            else:
+                nn.init.normal_(self.u)
+            if self.bias is not None:
+                if self.bias_init == "uniform":
+                    bound = 1.0 / math.sqrt(self.features)
+                    nn.init.uniform_(self.bias, -bound, bound)
+                else:
+                    nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return householder_affine(x, unit_rows(self.u), self.bias, apply_abs=self.apply_abs)
+
+    @torch.no_grad()
+    def to_dense(self) -> Tensor:
+        """The equivalent dense weight ``M = H_k ... H_1`` of shape ``(n, n)``.
+
+        ``HouseholderLinear`` computes ``x @ M.T + bias``, exactly like an
+        ``nn.Linear`` whose ``weight`` is ``M``.
+        """
+        return householder_dense(unit_rows(self.u))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, reflections={self.reflections}, bias={self.bias is not None}"
+
+
+class Abs(nn.Module):
+    """Element-wise absolute value ``|x|``, the activation of a Han-layer. Any shape."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.abs()
+
+
+class HanLayer(HouseholderLinear):
+    """A Han-layer: ``|H_k ... H_1 x + b|`` (Yu & Zhang, Eq. 3), with ``|.|`` fused into one pass.
+
+    Same arguments, parameters and shapes as :class:`HouseholderLinear`. Its
+    Jacobian ``diag(sign(z)) H`` is orthogonal almost everywhere and the map is
+    1-Lipschitz: ``||f(x) - f(y)|| <= ||x - y||``.
+    """
+
+    apply_abs = True
+
+
+class HanBlock(nn.Module):
+    """The paper's FFN replacement: ``H2 |H1 x + b1| + b2`` (optionally ``|...|`` again).
+
+    ``x -> HanLayer -> drop1 -> HouseholderLinear (or HanLayer) -> drop2``
+
+    Args:
+        features: ``n`` (the block is square, ``(..., n) -> (..., n)``).
+        reflections: reflections per Householder layer (1 = paper).
+        bias: learn ``b1`` and ``b2``.
+        final_abs: end with ``|.|``, the Han-Mixer block of the paper's
+            Section 5.3 (``|H2 |H1 x + b1| + b2|``).
+        drop: dropout probability after each layer, a float or a
+            ``(drop1, drop2)`` pair, the placement of the FFN in the paper's
+            Han-MobileViT (``H1, |.|, Dropout, H2, Dropout``) and of timm's ``Mlp``.
+        init, bias_init: passed to both layers (see :class:`HouseholderLinear`).
+
+    ``4n`` parameters for ``reflections=1`` and ``bias=True``, against
+    ``2 n h + n + h`` for a ``n -> h -> n`` MLP.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        reflections: int = 1,
+        bias: bool = True,
+        final_abs: bool = False,
+        drop: float | tuple[float, float] = 0.0,
+        init: HouseholderInit = "orthogonal",
+        bias_init: BiasInit = "uniform",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        drop1, drop2 = (drop, drop) if isinstance(drop, (int, float)) else drop
+        kwargs = dict(bias=bias, reflections=reflections, init=init, bias_init=bias_init, device=device, dtype=dtype)
+        self.features = features
+        self.final_abs = final_abs
+        self.fc1 = HanLayer(features, **kwargs)
+        self.drop1 = nn.Dropout(drop1)
+        self.fc2 = (HanLayer if final_abs else HouseholderLinear)(features, **kwargs)
+        self.drop2 = nn.Dropout(drop2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.fc1(x))))
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, final_abs={self.final_abs}"
