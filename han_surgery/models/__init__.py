@@ -1,0 +1,11 @@
+"""Han models registered with timm: Han-MobileViT and Han-Mixer (Yu & Zhang, Section 5.3).
+
+Importing this package (``import han_surgery`` does) registers ``han_mobilevit_*`` and
+``han_mixer_*`` with timm's registry, so ``timm.list_models("han_*")`` lists them and
+``timm.create_model("han_mobilevit_xxs", num_classes=10)`` builds one, the timm way.
+"""
+
+from .mixer import ConvStem, HanMixer, HanMixerBlock
+from .mobilevit import HanMobileVit, HanTransformerBlock
+
+__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "HanTransformerBlock"]

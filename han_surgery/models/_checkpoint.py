@@ -1,0 +1,72 @@
+"""Checkpoint checks shared by the Han timm models.
+
+timm calls a model's ``pretrained_filter_fn`` on every checkpoint it loads (``pretrained=True``
+from the Hub, a ``local-dir:``, or ``pretrained_cfg_overlay=dict(file=...)``) before
+``load_state_dict``. :func:`checkpoint_filter_fn` uses that hook to refuse a checkpoint of
+another architecture with one message that names the model, the offending keys and shapes and
+what to do, instead of torch's long list of missing/unexpected keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["checkpoint_filter_fn"]
+
+_SHOW = 5
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if not value:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _short(items: list[str]) -> str:
+    more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Return ``state_dict`` unchanged if it fits ``model``, else raise a ``ValueError`` saying why.
+
+    The classifier (``pretrained_cfg["classifier"]``) and the first conv
+    (``pretrained_cfg["first_conv"]``) are not checked: timm re-initialises the former when
+    ``num_classes`` differs and adapts the latter when ``in_chans`` differs.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    skip = _as_tuple(cfg.get("classifier")) + _as_tuple(cfg.get("first_conv"))
+
+    def checked(key: str) -> bool:
+        return not any(key == s or key.startswith(s + ".") for s in skip)
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and checked(k)]
+    unexpected = [k for k in state_dict if k not in expected and checked(k)]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and checked(k) and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return state_dict
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_short(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_short(unexpected)})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches ({_short(shapes)})")
+    hint = (
+        "Load it with the architecture it was saved from (the 'architecture' field of its config.json)"
+    )
+    if any(k.endswith(".u") for k in missing) and any(k.endswith(".weight") and ".mlp" in k for k in unexpected):
+        hint = (
+            "This looks like a dense (non-Han) checkpoint: build its base timm model, load the weights "
+            "there, and convert that model to Han-blocks instead"
+        )
+    raise ValueError(f"{arch}: the checkpoint does not fit this architecture: {'; '.join(problems)}. {hint}.")
