@@ -3,6 +3,7 @@
 Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 2024.
 """
 
+from . import models  # registers han_* with timm
 from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
 
 __version__ = "0.1.0"
