@@ -1,0 +1,124 @@
+"""``HanConfig``: what :func:`han_surgery.hanify` may rewrite, and how.
+
+Name patterns (``include`` / ``exclude``) are matched against the qualified
+module name of each *candidate* (the FFN a rule recognised, e.g.
+``"blocks.3.mlp"`` or ``"encoder.layer.0.intermediate"``):
+
+* a plain pattern is a shell-style glob, matched with :func:`fnmatch.fnmatchcase`
+  against the whole name (``*`` also crosses dots: ``"blocks.1*.mlp"``,
+  ``"encoder.layer.*"``);
+* a pattern that starts with ``"re:"`` is a regular expression matched with
+  :func:`re.fullmatch` (``"re:blocks\\.(0|1)\\.mlp"``).
+
+A candidate is rewritten if it matches at least one ``include`` pattern (or
+``include`` is empty) and no ``exclude`` pattern. A pattern that matches no
+candidate at all is an error, which lists the nearest names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["HanConfig", "match_pattern"]
+
+Residual = Literal["keep", "drop"]
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """``True`` if ``name`` matches ``pattern`` (glob, or regex when prefixed with ``"re:"``)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass
+class HanConfig:
+    """How to turn MLP/FFN blocks into Han-blocks ``H2 |H1 x + b1| + b2``.
+
+    Args:
+        rules: names (or globs, e.g. ``"timm.*"``) of the registered rules that
+            may apply; ``None`` means every registered rule, the structural
+            fallback (``"fallback.ffn"``) included. See
+            :func:`han_surgery.surgery.registry.list_rules`.
+        drop_norm: remove the LayerNorm *in front of* each replaced FFN (the
+            paper drops it: a Han-block is norm-preserving and 1-Lipschitz).
+            Only pre-norm blocks have such a norm; the post-LayerNorm of
+            post-norm models (BERT, DistilBERT, BART) normalises the residual
+            stream, not the FFN's input, and is always kept.
+        residual: ``"keep"`` (default, right for surgery on pretrained models:
+            the block still computes ``x + Han(x)``) or ``"drop"`` (the paper's
+            Hanformer: ``Han(x)``). Rules that cannot drop a residual skip the
+            block and say why.
+        reflections: Householder reflections per Han layer (1 = paper).
+        init, bias_init: initialisation of the Han layers (see
+            :class:`han_surgery.layers.HouseholderLinear`).
+        dropout: dropout after each Han layer; ``None`` keeps the dropout
+            rates of the block being replaced.
+        final_abs: end each block with ``|.|`` (the paper's Han-Mixer block).
+        include, exclude: name patterns, see the module docstring.
+    """
+
+    rules: Sequence[str] | None = None
+    drop_norm: bool = True
+    residual: Residual = "keep"
+    reflections: int = 1
+    init: Literal["orthogonal", "normal"] = "orthogonal"
+    bias_init: Literal["uniform", "zeros"] = "uniform"
+    dropout: float | None = None
+    final_abs: bool = False
+    include: Sequence[str] = field(default_factory=tuple)
+    exclude: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.include, str):
+            self.include = (self.include,)
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        if isinstance(self.rules, str):
+            self.rules = (self.rules,)
+        self.include = tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        if self.rules is not None:
+            self.rules = tuple(self.rules)
+        if self.residual not in ("keep", "drop"):
+            raise ValueError(f"HanConfig.residual must be 'keep' or 'drop', got {self.residual!r}")
+        if not isinstance(self.reflections, int) or self.reflections < 1:
+            raise ValueError(f"HanConfig.reflections must be an int >= 1, got {self.reflections!r}")
+        if self.init not in ("orthogonal", "normal"):
+            raise ValueError(f"HanConfig.init must be 'orthogonal' or 'normal', got {self.init!r}")
+        if self.bias_init not in ("uniform", "zeros"):
+            raise ValueError(f"HanConfig.bias_init must be 'uniform' or 'zeros', got {self.bias_init!r}")
+        if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"HanConfig.dropout must be None or in [0, 1), got {self.dropout!r}")
+        for pattern in (*self.include, *self.exclude):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(f"HanConfig: invalid regular expression {pattern!r}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (sequences as lists)."""
+        out = dataclasses.asdict(self)
+        for key in ("rules", "include", "exclude"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HanConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"HanConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    def han_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments shared by every Han module built from this config."""
+        return {"reflections": self.reflections, "init": self.init, "bias_init": self.bias_init}

@@ -1,0 +1,236 @@
+"""The registry of rewrite rules used by :func:`han_surgery.hanify`.
+
+A *rule* recognises one kind of MLP/FFN block and builds its Han replacement.
+It has
+
+* ``name`` -- unique, dotted by family (``"timm.mlp"``, ``"hf.llama_mlp"``);
+* ``matcher`` -- which modules it applies to: a module class (or tuple of
+  classes, matched with ``isinstance``), a string (a pattern on the qualified
+  module name, glob or ``"re:"`` regex as in :class:`HanConfig`), or a callable
+  ``matcher(candidate: Candidate) -> bool`` that looks at structure;
+* ``builder`` -- ``builder(candidate, config) -> Replacement``: builds the new
+  modules *without touching the model* (the engine swaps them in only once
+  every builder has succeeded) or raises :class:`SkipCandidate` with a reason;
+* ``changes`` -- which neighbours of the FFN the rule may change:
+  ``"norm"`` (the pre-norm in front of it), ``"residual"`` (the skip
+  connection around it);
+* ``priority`` -- higher first; the structural fallback has the lowest.
+
+Register your own rule without touching the built-in ones::
+
+    @register_rule("mylib.ffn", matcher=MyFFN, changes=(), priority=50)
+    def build_my_ffn(candidate, config):
+        d = candidate.module.up.in_features
+        return Replacement({candidate.path: HanBlock(d, **config.han_kwargs())})
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Union
+
+from torch import nn
+
+from .config import HanConfig, match_pattern
+
+__all__ = [
+    "Candidate",
+    "Replacement",
+    "Rule",
+    "SkipCandidate",
+    "register_rule",
+    "unregister_rule",
+    "get_rule",
+    "list_rules",
+    "resolve_rules",
+]
+
+NEIGHBOURS = frozenset({"norm", "residual"})
+
+
+class SkipCandidate(Exception):
+    """Raised by a builder: the candidate is a block the rule recognised but will not rewrite.
+
+    The message is the reason shown in :class:`~han_surgery.HanifyReport`.
+    """
+
+
+@dataclass
+class Candidate:
+    """A module a rule is asked about.
+
+    Attributes:
+        path: qualified name in the model (``"blocks.0.mlp"``; ``""`` for the root).
+        module: the module itself.
+        parent: the module that holds it (``None`` for the root).
+        parent_path: qualified name of ``parent``.
+        attr: the attribute name of ``module`` in ``parent``.
+        root: the whole model.
+    """
+
+    path: str
+    module: nn.Module
+    parent: nn.Module | None
+    parent_path: str
+    attr: str
+    root: nn.Module
+
+    def sibling(self, name: str) -> nn.Module | None:
+        """The parent's child module called ``name``, or ``None``."""
+        if self.parent is None:
+            return None
+        child = getattr(self.parent, name, None)
+        return child if isinstance(child, nn.Module) else None
+
+    def qualify(self, name: str) -> str:
+        """The qualified name of the parent's child ``name``."""
+        return f"{self.parent_path}.{name}" if self.parent_path else name
+
+
+@dataclass
+class Replacement:
+    """What a builder returns.
+
+    Attributes:
+        swaps: qualified module name -> new module. Usually the candidate's own
+            path plus neighbours (e.g. ``{"blocks.0.mlp": HanBlock(192),
+            "blocks.0.norm2": nn.Identity()}``). A new module may hold a module
+            of the original model (e.g. a kept norm moved into a wrapper); it
+            must not modify it.
+        neighbours: what happened to the norm and the residual, in words
+            (``{"norm": "blocks.0.norm2 -> Identity", "residual": "kept"}``).
+        label: how the report names the rewritten block (default: the candidate path).
+    """
+
+    swaps: dict[str, nn.Module]
+    neighbours: dict[str, str] = field(default_factory=dict)
+    label: str | None = None
+
+
+Matcher = Union[type, tuple, str, Callable[[Candidate], bool]]
+Builder = Callable[[Candidate, HanConfig], Replacement]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A registered rewrite rule (see the module docstring)."""
+
+    name: str
+    matcher: Matcher
+    builder: Builder
+    changes: frozenset[str] = frozenset()
+    priority: int = 0
+    description: str = ""
+
+    def matches(self, candidate: Candidate) -> bool:
+        m = self.matcher
+        if isinstance(m, type) or (isinstance(m, tuple) and all(isinstance(t, type) for t in m)):
+            return isinstance(candidate.module, m)
+        if isinstance(m, str):
+            return match_pattern(m, candidate.path)
+        return bool(m(candidate))
+
+
+_RULES: dict[str, Rule] = {}
+_ORDER: dict[str, int] = {}
+_counter = 0
+
+
+def register_rule(
+    name: str,
+    *,
+    matcher: Matcher,
+    builder: Builder | None = None,
+    changes: Iterable[str] = (),
+    priority: int = 0,
+    description: str = "",
+    override: bool = False,
+):
+    """Register a rewrite rule; usable directly or as a decorator on the builder.
+
+    Args:
+        name: unique rule name; registering an existing name raises unless
+            ``override=True``.
+        matcher: module class(es), a name pattern, or ``matcher(candidate) -> bool``.
+        builder: ``builder(candidate, config) -> Replacement`` (omit to use as a decorator).
+        changes: neighbours the rule may change, a subset of ``{"norm", "residual"}``.
+        priority: rules are tried from the highest priority down (ties: in
+            registration order); the first that matches a module owns it.
+        description: one line for ``list_rules`` and the docs.
+
+    Returns:
+        The :class:`Rule` (direct call) or the decorator (which returns the
+        builder unchanged, so it stays a plain function).
+    """
+    changes = frozenset(changes)
+    if not changes <= NEIGHBOURS:
+        raise ValueError(f"register_rule({name!r}): changes must be a subset of {sorted(NEIGHBOURS)}, got {sorted(changes)}")
+
+    def _register(fn: Builder) -> Rule:
+        global _counter
+        if name in _RULES and not override:
+            raise ValueError(f"register_rule: a rule named {name!r} exists already; pass override=True to replace it")
+        rule = Rule(name, matcher, fn, changes, priority, description or (fn.__doc__ or "").strip().split("\n")[0])
+        _RULES[name] = rule
+        if name not in _ORDER:
+            _ORDER[name] = _counter
+            _counter += 1
+        return rule
+
+    if builder is not None:
+        return _register(builder)
+
+    def decorator(fn: Builder) -> Builder:
+        _register(fn)
+        return fn
+
+    return decorator
+
+
+def unregister_rule(name: str) -> None:
+    """Remove a rule (e.g. a test's own rule)."""
+    _RULES.pop(get_rule(name).name)
+    _ORDER.pop(name, None)
+
+
+def get_rule(name: str) -> Rule:
+    """The rule called ``name``; unknown names raise ``KeyError`` listing near names."""
+    _ensure_builtin_rules()
+    if name not in _RULES:
+        near = difflib.get_close_matches(name, list(_RULES), n=5, cutoff=0.3)
+        raise KeyError(f"no rewrite rule named {name!r}; did you mean one of {near}? (all: han_surgery.surgery.list_rules())")
+    return _RULES[name]
+
+
+def list_rules() -> list[Rule]:
+    """Every registered rule, in the order hanify tries them (priority, then registration)."""
+    _ensure_builtin_rules()
+    return sorted(_RULES.values(), key=lambda r: (-r.priority, _ORDER[r.name]))
+
+
+def resolve_rules(names: Iterable[str] | None) -> list[Rule]:
+    """The rules a :class:`HanConfig` allows, in try order. Names may be globs (``"hf.*"``)."""
+    rules = list_rules()
+    if names is None:
+        return rules
+    chosen: set[str] = set()
+    for pattern in names:
+        hits = [r.name for r in rules if fnmatch.fnmatchcase(r.name, pattern)]
+        if not hits:
+            near = difflib.get_close_matches(pattern, [r.name for r in rules], n=5, cutoff=0.3)
+            raise ValueError(f"HanConfig.rules: {pattern!r} names no registered rule; near names: {near}")
+        chosen.update(hits)
+    return [r for r in rules if r.name in chosen]
+
+
+_loaded = False
+
+
+def _ensure_builtin_rules() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import rules  # noqa: F401  (registers the built-in rules)

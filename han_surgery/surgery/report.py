@@ -1,0 +1,107 @@
+"""``HanifyReport``: what :func:`han_surgery.hanify` rewrote, what it skipped and why."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["HanifyReport", "RewriteRecord", "SkipRecord"]
+
+
+@dataclass
+class RewriteRecord:
+    """One rewritten FFN.
+
+    Attributes:
+        path: qualified name of the FFN (the candidate).
+        rule: name of the rule that rewrote it.
+        params_before: parameters of the modules it replaced (FFN and neighbours).
+        params_after: parameters of their replacements.
+        swapped: every qualified name whose module was replaced.
+        neighbours: what happened to the pre-norm and the residual, in words.
+    """
+
+    path: str
+    rule: str
+    params_before: int
+    params_after: int
+    swapped: list[str] = field(default_factory=list)
+    neighbours: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SkipRecord:
+    """A candidate that was seen but left alone, with the reason."""
+
+    path: str
+    rule: str
+    reason: str
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    cells = [headers] + rows
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+@dataclass
+class HanifyReport:
+    """The result of :func:`han_surgery.hanify` (``print(report)`` shows a table).
+
+    Attributes:
+        rewrites: one :class:`RewriteRecord` per rewritten FFN, in model order.
+        skipped: one :class:`SkipRecord` per candidate left alone.
+        params_before, params_after: parameter totals of the whole model
+            (``params_after`` is what the model has, or would have for a dry run).
+        dry_run: ``True`` if the model was not touched.
+        han_modules_found: Han modules already in the model before the call
+            (non-zero on a second call, which then rewrites nothing).
+    """
+
+    rewrites: list[RewriteRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    dry_run: bool = False
+    han_modules_found: int = 0
+
+    @property
+    def num_rewritten(self) -> int:
+        return len(self.rewrites)
+
+    @property
+    def reduction(self) -> float:
+        """``params_before / params_after`` (1.0 if nothing changed)."""
+        return self.params_before / self.params_after if self.params_after else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = "HanifyReport (dry run: model unchanged)" if self.dry_run else "HanifyReport"
+        lines = [head]
+        if self.rewrites:
+            rows = [
+                [
+                    r.path,
+                    r.rule,
+                    f"{r.params_before:,}",
+                    f"{r.params_after:,}",
+                    "; ".join(f"{k}: {v}" for k, v in r.neighbours.items()),
+                ]
+                for r in self.rewrites
+            ]
+            lines.append(_table(["path", "rule", "params before", "params after", "neighbours"], rows))
+        else:
+            lines.append("no block rewritten" + (f" ({self.han_modules_found} Han modules already present)" if self.han_modules_found else ""))
+        if self.skipped:
+            lines.append(f"\nskipped ({len(self.skipped)}):")
+            lines.append(_table(["path", "rule", "reason"], [[s.path, s.rule, s.reason] for s in self.skipped]))
+        verb = "would have" if self.dry_run else "has"
+        lines.append(
+            f"\n{len(self.rewrites)} block(s) rewritten; model parameters {self.params_before:,} -> "
+            f"{self.params_after:,} ({verb} {self.params_after / max(self.params_before, 1):.1%} of before)"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""Helpers shared by the built-in rules: building Han blocks and handling the pre-norm and the residual."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ...layers import HanBlock
+from ..config import HanConfig
+from ..modules import ResidualFree
+from ..registry import Candidate, Replacement, SkipCandidate
+
+__all__ = ["Site", "han_block", "require_square", "dropout_p", "finish", "dims"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """How a parent block uses its FFN (one entry of a family table).
+
+    Attributes:
+        norm: attribute of the pre-norm the parent applies to the FFN's input
+            (``None``: no pre-norm, e.g. post-norm blocks).
+        residual: ``"add"`` -- the parent computes ``x + branch(ffn(norm(x)))``;
+            ``"post"`` -- it computes ``post_norm(x + ffn(x))``; anything else
+            (``"fixed"``) -- the residual cannot be removed by a module swap.
+        scales: module attributes scaling the branch (layer scale); replaced by
+            ``Identity`` when the residual is dropped.
+        res_scales: module attributes scaling ``x``; must be ``Identity`` to drop the residual.
+        gammas: parameter attributes scaling the branch (they cannot be
+            swapped: residual ``"drop"`` is refused when they are set).
+        transposed: the FFN sees ``norm(x)`` transposed (MLP-Mixer token mixing).
+        note: why the residual cannot be dropped (for ``"fixed"``).
+        post_norm: attribute of the post-norm (informational, always kept).
+    """
+
+    norm: str | None
+    residual: str = "add"
+    scales: tuple[str, ...] = ()
+    res_scales: tuple[str, ...] = ()
+    gammas: tuple[str, ...] = ()
+    transposed: bool = False
+    note: str = ""
+    post_norm: str | None = None
+
+
+def dims(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of a Linear, a 1x1 Conv2d or a transformers Conv1D."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if isinstance(layer, nn.Conv2d):
+        return layer.in_channels, layer.out_channels
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):  # transformers.pytorch_utils.Conv1D
+        return layer.weight.shape[0], layer.nf
+    raise SkipCandidate(f"unsupported projection layer {type(layer).__name__}")
+
+
+def require_square(d_in: int, hidden: int | str, d_out: int, what: str = "fc1") -> None:
+    """Skip blocks whose output width differs from their input width."""
+    if d_in != d_out:
+        raise SkipCandidate(
+            f"{what} {d_in} -> {hidden} -> {d_out} but block output is {d_out}, input {d_in}: "
+            "a Householder layer is square"
+        )
+
+
+def dropout_p(module: nn.Module | None) -> float:
+    """The probability of an ``nn.Dropout`` (0 for anything else)."""
+    return float(module.p) if isinstance(module, nn.Dropout) else 0.0
+
+
+def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
+    """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
+    if config.reflections > features:
+        raise SkipCandidate(f"reflections={config.reflections} > width {features}")
+    d = (config.dropout, config.dropout) if config.dropout is not None else drop
+    return HanBlock(features, final_abs=config.final_abs, drop=d, **config.han_kwargs())
+
+
+def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None) -> Replacement:
+    """The :class:`Replacement` for an FFN module whose parent is described by ``site``.
+
+    Handles ``drop_norm`` (pre-norm -> ``Identity``) and ``residual="drop"``
+    (FFN wrapped in :class:`ResidualFree`, layer scales -> ``Identity``);
+    raises :class:`SkipCandidate` when the residual cannot be dropped.
+    """
+    parent_name = type(cand.parent).__name__
+    swaps: dict[str, nn.Module] = {cand.path: han}
+    nb: dict[str, str] = {}
+    kept_norm: nn.Module | None = None
+    if site is None:
+        nb["norm"] = f"unknown parent {parent_name}: left as is"
+    elif site.norm is None:
+        nb["norm"] = f"post-norm {site.post_norm} kept" if site.post_norm else "no pre-norm"
+    else:
+        norm = cand.sibling(site.norm)
+        if norm is None or isinstance(norm, nn.Identity):
+            nb["norm"] = f"{site.norm} is already Identity"
+        elif config.drop_norm:
+            swaps[cand.qualify(site.norm)] = nn.Identity()
+            nb["norm"] = f"{site.norm} ({type(norm).__name__}) -> Identity"
+        else:
+            kept_norm = norm
+            nb["norm"] = f"{site.norm} kept"
+    if config.residual == "keep":
+        nb["residual"] = "kept"
+        return Replacement(swaps, nb)
+
+    if site is None or site.residual not in ("add", "post"):
+        why = site.note if site is not None and site.note else f"han-surgery does not know how {parent_name} adds its residual"
+        raise SkipCandidate(f"residual='drop' not possible here ({why}); use residual='keep'")
+    for g in site.gammas:
+        if getattr(cand.parent, g, None) is not None:
+            raise SkipCandidate(
+                f"residual='drop' not possible: {parent_name}.{g} is a layer-scale parameter on the branch; "
+                "use residual='keep'"
+            )
+    for r in site.res_scales:
+        m = cand.sibling(r)
+        if m is not None and not isinstance(m, nn.Identity):
+            raise SkipCandidate(f"residual='drop' not possible: {parent_name}.{r} rescales the residual; use residual='keep'")
+    if site.transposed and kept_norm is not None:
+        raise SkipCandidate("residual='drop' with drop_norm=False is not possible on a transposed (token-mixing) FFN")
+    removed = []
+    for s in site.scales:
+        m = cand.sibling(s)
+        if m is not None and not isinstance(m, nn.Identity):
+            swaps[cand.qualify(s)] = nn.Identity()
+            removed.append(s)
+    if kept_norm is not None:
+        swaps[cand.qualify(site.norm)] = nn.Identity()
+        nb["norm"] = f"{site.norm} kept, moved into ResidualFree"
+    swaps[cand.path] = ResidualFree(han, norm=kept_norm)
+    nb["residual"] = "dropped (ResidualFree)" + (f", layer scale {', '.join(removed)} -> Identity" if removed else "")
+    return Replacement(swaps, nb)
