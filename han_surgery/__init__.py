@@ -5,6 +5,7 @@ Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 20
 
 from . import models  # registers han_* with timm
 from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
+from .surgery import HanConfig, HanifyReport, from_pretrained, hanify, register_rule, save_pretrained
 
 __version__ = "0.1.0"
 
@@ -13,5 +14,11 @@ __all__ = [
     "HanBlock",
     "HanLayer",
     "HouseholderLinear",
+    "HanConfig",
+    "HanifyReport",
+    "hanify",
+    "register_rule",
+    "save_pretrained",
+    "from_pretrained",
     "__version__",
 ]
