@@ -30,16 +30,21 @@ from torch import Tensor
 __all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_dense"]
 
 _TINY = 1e-30
+_HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def unit_rows(u: Tensor) -> Tensor:
     """Normalise each row of ``u`` (shape ``(k, n)``) to unit length, overflow- and zero-safe.
+
+    Half-precision ``u`` is normalised in float32 (the result is float32).
 
     Rows are first divided by their largest magnitude, so ``u ~ 1e30`` does not
     overflow ``||u||^2``. An all-zero row maps to the zero vector, which turns
     its reflection ``I - 2 u u^T`` into the identity: forward and backward stay
     finite.
     """
+    if u.dtype in _HALF_TYPES:
+        u = u.float()  # normalise in float32; callers cast to the input's dtype
     scale = u.detach().abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
     v = u / scale
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
@@ -66,8 +71,16 @@ def wy_factor(u_hat: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(t_inv, eye, upper=True)
 
 
+def _reflect_rows(x: Tensor, w: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
+    """``x - w U^T + b`` in one ``addmm`` (the bias rides along as a rank-1 term): one new ``(N, n)`` tensor."""
+    if b is None:
+        return torch.addmm(x, w, u.transpose(0, 1), alpha=-1)
+    ones = torch.ones_like(w[:, :1])
+    return torch.addmm(x, torch.cat([w, ones], 1), torch.cat([-u.transpose(0, 1), b.unsqueeze(0)], 0))
+
+
 class _HouseholderAffine(torch.autograd.Function):
-    """``z = x - (x U) T U^T + b`` and optionally ``|z|`` for a 2-D ``x`` of shape ``(N, n)``.
+    """``z = x - (x U) T U^T + b``, optionally ``|z|``, for a 2-D ``x`` of shape ``(N, n)``.
 
     ``U``: ``(n, k)``; ``T``: ``(k, k)``; ``b``: ``(n,)`` or ``None``.
 
@@ -78,36 +91,41 @@ class _HouseholderAffine(torch.autograd.Function):
         dL/dU = -(x^T (G T^T) + g^T W)
         dL/dT = -P^T G
         dL/db = sum_rows g
+
+    Memory and passes: saved are ``x`` (which the caller keeps anyway in most
+    graphs), the ``(N, k)`` projections ``P`` and, with ``apply_abs``, ``z``.
+    Forward and backward each allocate one ``(N, n)`` tensor beyond their result
+    at most (``dL/dz`` becomes ``dL/dx`` in place), and inference (no input needs
+    grad) computes ``|z|`` in place and saves nothing: on CPU a fresh large
+    allocation (page faults) costs as much as the arithmetic.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:  # type: ignore[override]
         p = x @ u  # (N, k)
-        w = p @ t
-        if b is None:
-            z = torch.addmm(x, w, u.transpose(0, 1), alpha=-1)
-        else:
-            # Fold the bias into the same rank-(k+1) update: one pass writes z.
-            ones = torch.ones_like(w[:, :1])
-            z = torch.addmm(x, torch.cat([w, ones], 1), torch.cat([-u.transpose(0, 1), b.unsqueeze(0)], 0))
+        z = _reflect_rows(x, p @ t, u, b)
         ctx.apply_abs = apply_abs
         ctx.has_bias = b is not None
-        ctx.save_for_backward(x, u, t, p, z if apply_abs else None)
-        return z.abs() if apply_abs else z
+        if not apply_abs:
+            ctx.save_for_backward(x, u, t, p, None)
+            return z
+        # Keep z (its sign is abs's derivative); backward turns it into dL/dz in place.
+        ctx.save_for_backward(x, u, t, p, z)
+        return z.abs()
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, u, t, p, z = ctx.saved_tensors
-        g = grad_out * z.sign() if ctx.apply_abs else grad_out
         need_x, need_u, need_t, need_b = ctx.needs_input_grad[:4]
+        w = p @ t
+        # dL/dz = dL/d|z| * sign(z), in a fresh buffer that later becomes dL/dx (z itself
+        # stays intact, so backward can run again with retain_graph=True).
+        g = z.sign().mul_(grad_out) if ctx.apply_abs else grad_out
         gx = gu = gt = gb = None
         g_u = g @ u  # G = g U, (N, k)
         g_ut = g_u @ t.transpose(0, 1)  # G T^T
-        if need_x:
-            gx = torch.addmm(g, g_ut, u.transpose(0, 1), alpha=-1)
         if need_u or need_b:
             # One pass over g gives both g^T W and the bias gradient sum_rows g.
-            w = p @ t
             gw_b = g.transpose(0, 1) @ torch.cat([w, torch.ones_like(w[:, :1])], 1)  # (n, k+1)
             if need_u:
                 gu = -(x.transpose(0, 1) @ g_ut + gw_b[:, :-1])
@@ -115,6 +133,11 @@ class _HouseholderAffine(torch.autograd.Function):
                 gb = gw_b[:, -1]
         if need_t:
             gt = -(p.transpose(0, 1) @ g_u)
+        if need_x:
+            if ctx.apply_abs:
+                gx = g.addmm_(g_ut, u.transpose(0, 1), alpha=-1)  # reuse g's buffer, used last
+            else:
+                gx = torch.addmm(g, g_ut, u.transpose(0, 1), alpha=-1)
         return gx, gu, gt, gb, None
 
 
@@ -134,7 +157,8 @@ def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, 
     if u_hat.shape[-1] != n:
         raise ValueError(f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}")
     dtype = x.dtype
-    t = wy_factor(u_hat)
+    # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
+    t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat)
     u = u_hat.transpose(0, 1).to(dtype)
     t = t.to(dtype)
     b = bias.to(dtype) if bias is not None else None
@@ -142,7 +166,12 @@ def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, 
     x2d = x.reshape(-1, n)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    y = _HouseholderAffine.apply(x2d, u, t, b, apply_abs)
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x2d, u, t, b)):
+        y = _HouseholderAffine.apply(x2d, u, t, b, apply_abs)
+    else:  # inference: one (N, n) buffer, |.| in place, nothing saved
+        y = _reflect_rows(x2d, (x2d @ u) @ t, u, b)
+        if apply_abs:
+            y = y.abs_()
     return y.reshape(*lead, n)
 
 

@@ -1,0 +1,127 @@
+"""Side-by-side speed of the Han-layer on this machine.
+
+Measures, in one run and interleaved round by round (so machine noise hits every
+candidate alike), forward and forward+backward at 8192 rows for n in {384, 768, 1024}:
+
+  (a) han      -- han_surgery.HanLayer: |H x + b|, compact-WY custom autograd
+  (b) paper    -- the paper authors' formulation (x - 2*(x @ v_hat) * v_hat.T + b).abs()
+  (c) linear   -- nn.Linear(n, n) followed by abs
+  (d) abs      -- x.abs() alone: the memory-traffic floor
+
+and prints the ratios the foundation issue asks for. Times are the minimum over
+rounds (the least-disturbed run); the median is printed too.
+
+    python benchmarks/layer_speed.py [--rows 8192] [--rounds 15] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from han_surgery import Abs, HanLayer
+
+
+class PaperHanLayer(nn.Module):
+    """The authors' reference formulation, kept verbatim as the baseline (b)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(n, 1))
+        self.b = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v_hat = self.v / self.v.norm()
+        return (x - 2 * (x @ v_hat) * v_hat.T + self.b).abs()
+
+
+def candidates(n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    return {
+        "han": HanLayer(n),
+        "paper": PaperHanLayer(n),
+        "linear": nn.Sequential(nn.Linear(n, n), Abs()),
+        "abs": torch.abs,
+    }
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(n: int, rows: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    torch.manual_seed(0)
+    x = torch.randn(rows, n, requires_grad=True)
+    grad = torch.randn(rows, n)
+    mods = candidates(n)
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                m(x)
+
+        return run
+
+    def fwd_bwd(m):
+        def run():
+            x.grad = None
+            m(x).backward(grad)
+
+        return run
+
+    jobs = {(name, kind): (fwd if kind == "fwd" else fwd_bwd)(m) for name, m in mods.items() for kind in ("fwd", "fwd+bwd")}
+    for job in jobs.values():  # warm-up
+        job()
+        job()
+    times: dict[str, dict[str, list[float]]] = {name: {"fwd": [], "fwd+bwd": []} for name in mods}
+    for _ in range(rounds):
+        for (name, kind), job in jobs.items():
+            times[name][kind].append(time_once(job))
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=8192)
+    parser.add_argument("--widths", type=int, nargs="+", default=[384, 768, 1024])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", type=str, default=None, help="also write the raw timings here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, rows={args.rows}, rounds={args.rounds}")
+    print("times in ms: min (median) over rounds\n")
+    report = {}
+    header = f"{'n':>5} {'pass':8} " + " ".join(f"{name:>16}" for name in ("han", "paper", "linear", "abs"))
+    print(header)
+    print("-" * len(header))
+    for n in args.widths:
+        times = measure(n, args.rows, args.rounds)
+        report[n] = times
+        for kind in ("fwd", "fwd+bwd"):
+            cells = [f"{min(times[m][kind]) * 1e3:7.2f} ({statistics.median(times[m][kind]) * 1e3:6.2f})" for m in ("han", "paper", "linear", "abs")]
+            print(f"{n:>5} {kind:8} " + " ".join(f"{c:>16}" for c in cells))
+    print("\nratios (from the minima)                          target at n=768")
+    for n, times in report.items():
+        best = {m: {k: min(v) for k, v in kinds.items()} for m, kinds in times.items()}
+        print(
+            f"n={n:<5} fwd+bwd: paper/han {best['paper']['fwd+bwd'] / best['han']['fwd+bwd']:5.2f}x (>= 3)"
+            f"   linear/han {best['linear']['fwd+bwd'] / best['han']['fwd+bwd']:5.2f}x (>= 10)"
+            f"   fwd: han/abs {best['han']['fwd'] / best['abs']['fwd']:5.2f}x (<= 2.5)"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": args.rows, "threads": torch.get_num_threads(), "seconds": report}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

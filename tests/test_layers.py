@@ -1,0 +1,274 @@
+"""The math of the Householder layers: orthogonality, gradient stability, Lipschitz bound, exactness."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from han_surgery import Abs, HanBlock, HanLayer, HouseholderLinear
+from han_surgery.functional import householder_affine, unit_rows, wy_factor
+
+REFLECTIONS = [1, 2, 8]
+
+
+def explicit_product(layer: HouseholderLinear) -> torch.Tensor:
+    """H_k ... H_1 built reflection by reflection, straight from the definition."""
+    n = layer.features
+    out = torch.eye(n, dtype=torch.float64)
+    for u in layer.u.detach().double():
+        h = torch.eye(n, dtype=torch.float64) - 2 * torch.outer(u, u) / u.dot(u)
+        out = h @ out
+    return out
+
+
+@pytest.mark.parametrize("k", REFLECTIONS)
+@pytest.mark.parametrize("cls", [HouseholderLinear, HanLayer])
+def test_jacobian_is_orthogonal(cls, k):
+    torch.manual_seed(k)
+    n = 16
+    layer = cls(n, reflections=k).double()
+    x = torch.randn(n, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(layer, x)
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(jac @ jac.T, eye, atol=1e-13, rtol=0)
+    assert torch.allclose(jac.T @ jac, eye, atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("k", REFLECTIONS)
+def test_to_dense_matches_forward_and_definition(k):
+    torch.manual_seed(0)
+    layer = HouseholderLinear(12, reflections=k).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    dense = layer.to_dense()
+    assert dense.shape == (12, 12)
+    torch.testing.assert_close(layer(x), x @ dense.T + layer.bias, atol=1e-13, rtol=0)
+    torch.testing.assert_close(dense, explicit_product(layer), atol=1e-13, rtol=0)
+    # nn.Linear with that weight is the same map
+    linear = nn.Linear(12, 12).double()
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+        linear.bias.copy_(layer.bias)
+    torch.testing.assert_close(linear(x), layer(x), atol=1e-13, rtol=0)
+
+
+def test_gradient_norm_is_preserved_through_200_han_layers_but_not_relu():
+    torch.manual_seed(0)
+    n, depth = 32, 200
+    han = nn.Sequential(*[HanLayer(n) for _ in range(depth)]).double()
+    relu = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(n, n), nn.ReLU())]).double()
+    ratios = {}
+    for name, net in (("han", han), ("relu", relu)):
+        x = torch.randn(8, n, dtype=torch.float64, requires_grad=True)
+        out = net(x)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        # per sample: each row's Jacobian is orthogonal, so each row's norm is preserved
+        ratios[name] = x.grad.norm(dim=1) / grad_out.norm(dim=1)
+    torch.testing.assert_close(ratios["han"], torch.ones(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    relu_ratio = ratios["relu"].max().item()
+    assert relu_ratio < 1e-3 or relu_ratio > 1e3, f"ReLU MLP gradient neither vanished nor exploded: {relu_ratio}"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: HanLayer(n),
+        lambda n: HanLayer(n, reflections=4),
+        lambda n: HanBlock(n),
+        lambda n: HanBlock(n, final_abs=True, reflections=3),
+        lambda n: nn.Sequential(*[HanLayer(n) for _ in range(10)]),
+    ],
+    ids=["han", "han-k4", "block", "mixer-block", "stack10"],
+)
+def test_one_lipschitz_on_random_pairs(make):
+    torch.manual_seed(1)
+    net = make(24).double()
+    x, y = torch.randn(2, 2000, 24, dtype=torch.float64) * torch.tensor([0.01, 1.0, 100.0]).repeat_interleave(667)[:2000, None].double()
+    dist_in = (x - y).norm(dim=1)
+    dist_out = (net(x) - net(y)).norm(dim=1)
+    assert (dist_out <= dist_in * (1 + 1e-12)).all()
+
+
+def test_householder_linear_is_an_isometry():
+    torch.manual_seed(2)
+    layer = HouseholderLinear(24, reflections=5).double()
+    x, y = torch.randn(2, 500, 24, dtype=torch.float64)
+    torch.testing.assert_close((layer(x) - layer(y)).norm(dim=1), (x - y).norm(dim=1), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("apply_abs", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(k, apply_abs, bias):
+    torch.manual_seed(3)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(k, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if bias else None
+
+    def f(x, u, *b):
+        return householder_affine(x, unit_rows(u), b[0] if b else None, apply_abs=apply_abs)
+
+    assert torch.autograd.gradcheck(f, (x, u) + ((b,) if bias else ()))
+
+
+@pytest.mark.parametrize("k", [1, 4])
+@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
+def test_zero_tiny_and_huge_u_stay_finite(k, scale):
+    layer = HanLayer(8, reflections=k)
+    with torch.no_grad():
+        layer.u.mul_(scale)
+    x = torch.randn(3, 8, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.u.grad).all() and torch.isfinite(layer.bias.grad).all()
+    if scale == 0.0:  # a zero direction is the identity reflection
+        torch.testing.assert_close(out, (x + layer.bias).abs())
+    else:  # the reflection does not depend on the scale of u
+        ref = HanLayer(8, reflections=k)
+        with torch.no_grad():
+            ref.u.copy_(layer.u / scale)
+            ref.bias.copy_(layer.bias)
+        torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_forward_close_to_fp32(dtype):
+    torch.manual_seed(4)
+    layer = HanBlock(256, reflections=2)
+    x = torch.randn(64, 256)
+    ref = layer(x)
+    low = layer.to(dtype)(x.to(dtype))
+    assert low.dtype == dtype
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 2e-2, rel
+
+
+def test_low_precision_input_with_fp32_parameters_backward():
+    layer = HanLayer(64)
+    x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and layer.u.grad.dtype == torch.float32
+
+
+def test_any_leading_shape_and_non_contiguous_input():
+    torch.manual_seed(5)
+    layer = HanLayer(10, reflections=2)
+    x = torch.randn(2, 3, 4, 10)
+    out = layer(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out.reshape(-1, 10), layer(x.reshape(-1, 10)))
+    xt = torch.randn(10, 6).T  # (6, 10), non-contiguous
+    torch.testing.assert_close(layer(xt), layer(xt.contiguous()))
+    assert layer(torch.randn(10)).shape == (10,)
+
+
+def test_inference_path_equals_autograd_path():
+    torch.manual_seed(6)
+    layer = HanLayer(32, reflections=3)
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x.requires_grad_()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("n,k", [(8, 1), (768, 1), (64, 8)])
+def test_parameter_counts(n, k):
+    assert sum(p.numel() for p in HouseholderLinear(n, reflections=k).parameters()) == n * k + n
+    assert sum(p.numel() for p in HanLayer(n).parameters()) == 2 * n
+    assert sum(p.numel() for p in HanBlock(n).parameters()) == 4 * n
+    assert sum(p.numel() for p in HouseholderLinear(n, bias=False).parameters()) == n
+
+
+def test_initialisation_options():
+    torch.manual_seed(7)
+    layer = HouseholderLinear(100, reflections=6)
+    torch.testing.assert_close(layer.u @ layer.u.T, torch.eye(6), atol=1e-5, rtol=0)  # orthonormal directions
+    assert layer.bias.abs().max() <= 1 / math.sqrt(100)
+    assert HouseholderLinear(100, bias_init="zeros").bias.abs().max() == 0
+    normal = HouseholderLinear(100, init="normal")
+    assert 5 < normal.u.norm() < 15  # i.i.d. N(0, 1): norm about sqrt(100)
+    with pytest.raises(ValueError, match="init must be"):
+        HouseholderLinear(4, init="xavier")
+    with pytest.raises(ValueError, match="bias_init must be"):
+        HouseholderLinear(4, bias_init="ones")
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match=r"reflections must be in \[1, features=4\]"):
+        HouseholderLinear(4, reflections=5)
+    with pytest.raises(ValueError, match="features must be >= 1"):
+        HanLayer(0)
+    with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
+        HanLayer(4)(torch.randn(2, 5))
+
+
+def test_han_block_structure_and_dropout_placement():
+    block = HanBlock(16, drop=(0.1, 0.2))
+    assert isinstance(block.fc1, HanLayer) and type(block.fc2) is HouseholderLinear
+    assert block.drop1.p == 0.1 and block.drop2.p == 0.2
+    mixer = HanBlock(16, final_abs=True)
+    assert isinstance(mixer.fc2, HanLayer)
+    x = torch.randn(4, 16)
+    assert (mixer(x) >= 0).all()
+    expected = block.fc2(block.fc1(x))
+    block.eval()
+    torch.testing.assert_close(block(x), expected)
+    assert "features=16" in repr(block) and "reflections=1" in repr(block.fc1)
+    assert torch.equal(Abs()(torch.tensor([-1.0, 2.0])), torch.tensor([1.0, 2.0]))
+
+
+def test_wy_factor_is_the_product_of_reflections():
+    torch.manual_seed(8)
+    u = unit_rows(torch.randn(5, 9, dtype=torch.float64))
+    t = wy_factor(u)
+    assert torch.equal(t, torch.triu(t))
+    q = torch.eye(9, dtype=torch.float64) - u.T @ t @ u
+    ref = torch.eye(9, dtype=torch.float64)
+    for row in u:
+        ref = ref @ (torch.eye(9, dtype=torch.float64) - 2 * torch.outer(row, row))
+    torch.testing.assert_close(q, ref, atol=1e-13, rtol=0)
+
+
+def test_state_dict_round_trip():
+    a, b = HanBlock(12, reflections=2), HanBlock(12, reflections=2)
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == {"fc1.u", "fc1.bias", "fc2.u", "fc2.bias"}
+    x = torch.randn(3, 12)
+    assert torch.equal(a(x), b(x))
+
+
+def test_torch_compile_matches_eager():
+    torch.manual_seed(9)
+    block = HanBlock(32, reflections=2)
+    x = torch.randn(8, 32, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    grad_compiled = x.grad.clone()
+    x.grad = None
+    ref = block(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_compiled, x.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export_matches_eager():
+    torch.manual_seed(10)
+    block = HanBlock(32, reflections=3).eval()
+    x = torch.randn(4, 32)
+    exported = torch.export.export(block, (x,))
+    torch.testing.assert_close(exported.module()(x), block(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(11)
+    layer = HanLayer(64, reflections=4)
+    x = torch.randn(16, 64)
+    torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), layer.cpu()(x), atol=1e-5, rtol=1e-5)
