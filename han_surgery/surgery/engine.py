@@ -205,7 +205,7 @@ def hanify(
                 if ref.is_floating_point():
                     new.to(dtype=ref.dtype)
         record = RewriteRecord(
-            path=repl.label or cand.path,
+            path=cand.path,
             rule=rule.name,
             params_before=_count(modules[p] for p in repl.swaps),
             params_after=_count(repl.swaps.values()),

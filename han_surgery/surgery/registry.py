@@ -102,12 +102,10 @@ class Replacement:
             must not modify it.
         neighbours: what happened to the norm and the residual, in words
             (``{"norm": "blocks.0.norm2 -> Identity", "residual": "kept"}``).
-        label: how the report names the rewritten block (default: the candidate path).
     """
 
     swaps: dict[str, nn.Module]
     neighbours: dict[str, str] = field(default_factory=dict)
-    label: str | None = None
 
 
 Matcher = Union[type, tuple, str, Callable[[Candidate], bool]]

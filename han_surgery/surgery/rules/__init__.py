@@ -1,3 +1,18 @@
-"""Built-in rewrite rules, one module per model family (importing registers them)."""
+"""Built-in rewrite rules, one module per model family (importing registers them).
 
-from . import timm_mlp  # noqa: F401
+=================  ===============================================================
+module             family
+=================  ===============================================================
+``timm_mlp``       timm ``Mlp``, ``GluMlp``, ``SwiGLU``, ``GatedMlp``, ``ConvMlp``
+``hf_bert``        transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT)
+``hf_distilbert``  DistilBERT ``FFN``
+``hf_gpt2``        GPT-2 ``GPT2MLP`` (``Conv1D``)
+``hf_llama``       gated MLPs (LLaMA, Mistral, Qwen2, Gemma)
+``hf_t5``          T5 ``DenseReluDense`` (plain and gated)
+``hf_seq2seq``     inline ``fc1``/``fc2`` layers (BART, Whisper, mBART, Marian, ...)
+``hf_mlp``         ``*MLP`` modules with ``fc1``/``fc2`` (CLIP, SigLIP, ViT, DeiT, Dinov2)
+``fallback``       the structural fallback for unknown FFNs
+=================  ===============================================================
+"""
+
+from . import fallback, hf_bert, hf_distilbert, hf_gpt2, hf_llama, hf_mlp, hf_seq2seq, hf_t5, timm_mlp  # noqa: F401

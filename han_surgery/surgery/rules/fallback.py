@@ -1,0 +1,76 @@
+"""The structural fallback: an FFN no other rule names.
+
+A module is taken for an FFN when its direct children are exactly
+
+* two or three projections (``nn.Linear``, 1x1 ``nn.Conv2d`` or transformers
+  ``Conv1D``): ``d -> h`` (one, or two for a gated FFN) and ``h -> d``;
+* at least one activation module (GELU, ReLU, SiLU, ..., or a class whose name
+  says activation / GELU / ReLU / SiLU / Swish / Act);
+* optionally dropouts, identities and norms;
+
+and nothing else (so attention, which has no activation module and 3-4
+projections, is not caught). It becomes a ``HanBlock`` of width ``d``.
+The fallback cannot know the parent's layout: the pre-norm is left as is and
+``residual="drop"`` is refused. It has the lowest priority: any named rule wins.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import HanConfig
+from ..registry import Candidate, Replacement, SkipCandidate, register_rule
+from ._common import dims, dropout_p, finish, han_block, require_square
+
+ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.ReLU6, nn.GLU, nn.Softplus)
+ACT_NAME_HINTS = ("activation", "gelu", "relu", "silu", "swish", "act", "mish")
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
+
+
+def _is_projection(m: nn.Module) -> bool:
+    if isinstance(m, nn.Linear):
+        return True
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size == (1, 1) and m.groups == 1
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def _is_activation(m: nn.Module) -> bool:
+    if isinstance(m, ACTIVATIONS):
+        return True
+    name = type(m).__name__.lower()
+    return not list(m.parameters()) and any(h in name for h in ACT_NAME_HINTS)
+
+
+def _is_passive(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Dropout, nn.Identity, *NORMS)) or "norm" in type(m).__name__.lower()
+
+
+def _split(module: nn.Module):
+    children = list(module.children())
+    projs = [c for c in children if _is_projection(c)]
+    acts = [c for c in children if not _is_projection(c) and _is_activation(c)]
+    rest = [c for c in children if not _is_projection(c) and not _is_activation(c)]
+    return projs, acts, rest
+
+
+def _looks_like_ffn(cand: Candidate) -> bool:
+    projs, acts, rest = _split(cand.module)
+    return 2 <= len(projs) <= 3 and len(acts) >= 1 and all(_is_passive(c) for c in rest)
+
+
+@register_rule("fallback.ffn", matcher=_looks_like_ffn, changes=(), priority=-100)
+def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
+    """Any module made of d->h projection(s), an activation and an h->d projection -> ``HanBlock``."""
+    projs, _, rest = _split(cand.module)
+    shapes = [dims(p) for p in projs]
+    *ups, down = shapes
+    d_in, hidden = ups[0]
+    if any(u != ups[0] for u in ups) or down[0] != hidden:
+        raise SkipCandidate(f"fallback: projections {shapes} are not d -> h (, d -> h) -> d")
+    require_square(d_in, hidden, down[1], "first projection")
+    if any(isinstance(p, nn.Conv2d) for p in projs):
+        raise SkipCandidate("fallback: 1x1-conv FFNs need a named rule (layout unknown)")
+    drops = [dropout_p(c) for c in rest if isinstance(c, nn.Dropout)]
+    han = han_block(d_in, config, (0.0, max(drops, default=0.0)))
+    return finish(cand, config, han, None)

@@ -1,0 +1,71 @@
+"""transformers split FFNs: ``*Intermediate`` (dense d->h, activation) + ``*Output`` (dense h->d,
+dropout, [LayerNorm](x + input)) -- BERT, RoBERTa, ELECTRA, HF MobileViT and the many models
+copied from them.
+
+The ``Intermediate`` becomes a :class:`~han_surgery.layers.HanBlock` (width d) and the
+``Output`` a :class:`~han_surgery.surgery.modules.HanSplitOutput` (dropout, residual add,
+post-norm). Norm and residual:
+
+* post-norm (the ``Output`` owns a ``LayerNorm``: BERT, RoBERTa, ELECTRA): that norm
+  normalises the residual stream, not the FFN's input, so it is kept whatever
+  ``drop_norm`` says; ``residual="drop"`` gives ``LayerNorm(dropout(Han(x)))``;
+* pre-norm (``layernorm_after`` in the parent layer: HF MobileViT): ``drop_norm``
+  turns it into ``Identity``; ``residual="drop"`` gives ``dropout(Han(norm(x)))``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from ..config import HanConfig
+from ..modules import HanSplitOutput
+from ..registry import Candidate, Replacement, SkipCandidate, register_rule
+from ._common import dims, han_block, require_square
+
+PRE_NORM_ATTRS = ("layernorm_after",)
+
+
+def _is_split_ffn(cand: Candidate) -> bool:
+    m, out = cand.module, cand.sibling("output")
+    return (
+        cand.attr == "intermediate"
+        and isinstance(getattr(m, "dense", None), nn.Linear)
+        and out is not None
+        and isinstance(getattr(out, "dense", None), nn.Linear)
+    )
+
+
+@register_rule("hf.split_ffn", matcher=_is_split_ffn, changes=("norm", "residual"), priority=90)
+def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
+    """transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT, ...) -> ``HanBlock`` + ``HanSplitOutput``."""
+    inter, out = cand.module, cand.sibling("output")
+    (d_in, hidden), (_, d_out) = dims(inter.dense), dims(out.dense)
+    require_square(d_in, hidden, d_out, "intermediate.dense")
+    params = list(inspect.signature(out.forward).parameters)
+    if len(params) < 2:
+        raise SkipCandidate(f"{type(out).__name__}.forward({', '.join(params)}) does not take the residual input")
+    out_path = cand.qualify("output")
+    post_norm = getattr(out, "LayerNorm", None)
+    dropout = getattr(out, "dropout", None)
+    swaps: dict[str, nn.Module] = {}
+    nb: dict[str, str] = {}
+    pre_attr = next((a for a in PRE_NORM_ATTRS if isinstance(cand.sibling(a), nn.Module)), None)
+    if isinstance(post_norm, nn.Module):
+        nb["norm"] = "post-norm output.LayerNorm kept (it normalises the residual stream)"
+    elif pre_attr is not None and config.drop_norm and not isinstance(cand.sibling(pre_attr), nn.Identity):
+        swaps[cand.qualify(pre_attr)] = nn.Identity()
+        nb["norm"] = f"{pre_attr} ({type(cand.sibling(pre_attr)).__name__}) -> Identity"
+    elif pre_attr is not None:
+        nb["norm"] = f"{pre_attr} kept"
+    else:
+        nb["norm"] = "no norm found: left as is"
+    residual = config.residual == "keep"
+    nb["residual"] = "kept" if residual else "dropped (HanSplitOutput adds no input)"
+    han = han_block(d_in, config, (0.0, 0.0))
+    swaps[cand.path] = han
+    swaps[out_path] = HanSplitOutput(dropout if isinstance(dropout, nn.Module) else None, post_norm if isinstance(post_norm, nn.Module) else None, residual)
+    if config.dropout is not None:
+        swaps[out_path].dropout = nn.Dropout(config.dropout)
+    return Replacement(swaps, nb)

@@ -1,0 +1,41 @@
+"""Gated MLPs of decoder LLMs: ``down_proj(act(gate_proj(x)) * up_proj(x))`` --
+LLaMA, Mistral, Qwen2, Gemma, ... (``gate_proj``, ``up_proj``, ``down_proj`` Linear).
+
+The whole gated MLP becomes a ``HanBlock`` (the gate goes). The pre-norm is the
+layer's ``post_attention_layernorm`` (``x + mlp(norm(x))``); Gemma-2/3 layers have a
+``pre_feedforward_layernorm`` instead and a ``post_feedforward_layernorm`` on the
+branch, so their residual cannot be dropped by a swap.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import HanConfig
+from ..registry import Candidate, Replacement, register_rule
+from ._common import Site, dims, finish, han_block, require_square
+
+
+def _is_gated_mlp(cand: Candidate) -> bool:
+    m = cand.module
+    return all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _site(cand: Candidate) -> Site | None:
+    if cand.attr != "mlp":
+        return None
+    if cand.sibling("pre_feedforward_layernorm") is not None:
+        note = "post_feedforward_layernorm sits on the branch"
+        return Site(norm="pre_feedforward_layernorm", residual="fixed", note=note)
+    if cand.sibling("post_attention_layernorm") is not None:
+        return Site(norm="post_attention_layernorm")
+    return None
+
+
+@register_rule("hf.gated_mlp", matcher=_is_gated_mlp, changes=("norm", "residual"), priority=90)
+def build_gated_mlp(cand: Candidate, config: HanConfig) -> Replacement:
+    """LLaMA / Mistral / Qwen2 gated MLP (gate_proj, up_proj, down_proj) -> ``HanBlock``; ``post_attention_layernorm`` dropped."""
+    m = cand.module
+    (d_in, hidden), (_, d_out) = dims(m.up_proj), dims(m.down_proj)
+    require_square(d_in, hidden, d_out, "up_proj")
+    return finish(cand, config, han_block(d_in, config), _site(cand))

@@ -1,0 +1,64 @@
+"""Layers that inline their FFN: ``fc2(activation_fn(fc1(x)))`` written directly in the
+layer's ``forward`` (BART, mBART, Marian, Pegasus, Whisper, Speech2Text, ...).
+
+There is no FFN module to swap, so the pieces are swapped: ``fc1`` -> ``HanLayer``
+(``|H1 x + b1|``), ``activation_fn`` -> ``Identity``, ``fc2`` -> ``HouseholderLinear``
+(``H2 z + b2``); together exactly the Han-block ``H2 |H1 x + b1| + b2``, with the
+layer's functional activation dropout still between them. ``final_layer_norm`` is the
+pre-norm in pre-norm layers (Whisper, mBART, Speech2Text: dropped when ``drop_norm``)
+and the post-norm in BART / Marian / Pegasus-style post-norm layers (kept). The
+residual is added inline, so ``residual="drop"`` is refused.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...layers import HanLayer, HouseholderLinear
+from ..config import HanConfig
+from ..registry import Candidate, Replacement, SkipCandidate, register_rule
+from ._common import dims, require_square
+
+# Class-name prefixes of layers that apply final_layer_norm *before* fc1.
+PRE_NORM_PREFIXES = ("Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM")
+POST_NORM_PREFIXES = ("BlenderbotSmall",)
+
+
+def _is_inline_ffn(cand: Candidate) -> bool:
+    m = cand.module
+    return (
+        isinstance(getattr(m, "fc1", None), nn.Linear)
+        and isinstance(getattr(m, "fc2", None), nn.Linear)
+        and isinstance(getattr(m, "activation_fn", None), nn.Module)
+        and isinstance(getattr(m, "final_layer_norm", None), nn.Module)
+        and not isinstance(getattr(m, "mlp", None), nn.Module)
+    )
+
+
+@register_rule("hf.inline_ffn", matcher=_is_inline_ffn, changes=("norm",), priority=90)
+def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
+    """BART / Whisper-style layers (fc1, activation_fn, fc2 inline) -> ``HanLayer``, ``Identity``, ``HouseholderLinear``."""
+    m = cand.module
+    (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
+    require_square(d_in, hidden, d_out)
+    if config.reflections > d_in:
+        raise SkipCandidate(f"reflections={config.reflections} > width {d_in}")
+    if config.residual == "drop":
+        raise SkipCandidate(f"residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; use residual='keep'")
+    kw = config.han_kwargs()
+    q = f"{cand.path}." if cand.path else ""
+    swaps: dict[str, nn.Module] = {
+        q + "fc1": HanLayer(d_in, **kw),
+        q + "activation_fn": nn.Identity(),
+        q + "fc2": (HanLayer if config.final_abs else HouseholderLinear)(d_in, **kw),
+    }
+    name = type(m).__name__
+    pre = name.startswith(PRE_NORM_PREFIXES) and not name.startswith(POST_NORM_PREFIXES)
+    nb = {}
+    if pre and config.drop_norm:
+        swaps[q + "final_layer_norm"] = nn.Identity()
+        nb["norm"] = "final_layer_norm (pre-norm) -> Identity"
+    else:
+        nb["norm"] = "final_layer_norm kept" + ("" if pre else " (post-norm)")
+    nb["residual"] = "kept"
+    return Replacement(swaps, nb)
