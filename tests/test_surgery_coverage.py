@@ -1,0 +1,180 @@
+"""hanify on every supported family, each a tiny model built from its config (no download):
+the expected blocks are rewritten, the model still runs forward and backward, and the
+norm / residual choices do what the README table says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from _surgery_zoo import ZOO, output_tensor
+from han_surgery import HanBlock, HanConfig, hanify
+from han_surgery.layers import HouseholderLinear
+from han_surgery.surgery.modules import HAN_MODULE_TYPES, ResidualFree
+
+
+def _param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_hanify_family_forward_backward(name):
+    torch.manual_seed(0)
+    model, inputs, expected = ZOO[name]()
+    model.eval()
+    with torch.no_grad():
+        before = output_tensor(model(**inputs))
+    originals = {n: m for n, m in model.named_modules()}
+
+    report = hanify(model)
+
+    assert report.num_rewritten == expected, str(report)
+    assert [s.rule for s in report.skipped if s.rule != "fallback.ffn"] == [], str(report)
+    assert report.params_after == _param_count(model) < report.params_before
+    for rec in report.rewrites:
+        assert rec.params_after < rec.params_before
+        for path in rec.swapped:
+            assert model.get_submodule(path) is not originals[path]
+        assert isinstance(model.get_submodule(rec.path), HAN_MODULE_TYPES) or rec.rule == "hf.inline_ffn"
+    # No dense FFN left where a rewrite happened, and the Han parameters exist.
+    han_params = [p for m in model.modules() if isinstance(m, HouseholderLinear) for p in m.parameters()]
+    assert han_params
+
+    model.train()
+    for p in model.parameters():  # zero-initialised heads (timm) would zero every upstream gradient
+        if p.dim() > 1 and not p.any():
+            nn.init.normal_(p, std=0.02)
+    out = output_tensor(model(**inputs))
+    assert out.shape == before.shape
+    out.float().square().mean().backward()
+    grads = [p.grad for p in han_params]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def _vit_block():
+    model, inputs, _ = ZOO["timm/vit"]()
+    return model.eval(), inputs
+
+
+def test_timm_prenorm_dropped_and_residual_kept():
+    model, _ = _vit_block()
+    block = model.blocks[0]
+    hanify(model)
+    assert isinstance(block.norm2, nn.Identity) and isinstance(block.mlp, HanBlock)
+    x = torch.randn(2, 5, 32)
+    x1 = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    torch.testing.assert_close(block(x), x1 + block.mlp(x1))
+
+
+def test_timm_residual_dropped_is_hanformer():
+    model, _ = _vit_block()
+    block = model.blocks[0]
+    report = hanify(model, HanConfig(residual="drop"))
+    assert "dropped" in report.rewrites[0].neighbours["residual"]
+    assert isinstance(block.mlp, ResidualFree)
+    x = torch.randn(2, 5, 32)
+    x1 = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    torch.testing.assert_close(block(x), block.mlp.ffn(x1), atol=1e-6, rtol=0)
+
+
+def test_timm_keep_norm_and_drop_residual_moves_norm_into_wrapper():
+    model, _ = _vit_block()
+    block = model.blocks[0]
+    norm = block.norm2
+    hanify(model, HanConfig(drop_norm=False, residual="drop"))
+    assert isinstance(block.norm2, nn.Identity) and block.mlp.norm is norm
+    x = torch.randn(2, 5, 32)
+    x1 = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+    torch.testing.assert_close(block(x), block.mlp.ffn(norm(x1)), atol=1e-6, rtol=0)
+
+
+def test_mixer_token_mixing_residual_drop():
+    model, inputs, _ = ZOO["timm/mixer"]()
+    block = model.blocks[0]
+    hanify(model, HanConfig(residual="drop"))
+    x = torch.randn(2, 4, 32)
+    tok = block.mlp_tokens.ffn(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(block(x), block.mlp_channels.ffn(tok), atol=1e-5, rtol=0)
+
+
+def test_mixer_token_mixing_cannot_keep_norm_and_drop_residual():
+    model, _, _ = ZOO["timm/mixer"]()
+    report = hanify(model, HanConfig(drop_norm=False, residual="drop"))
+    assert [r.path for r in report.rewrites] == ["blocks.0.mlp_channels"]
+    (skip,) = report.skipped
+    assert skip.path == "blocks.0.mlp_tokens" and "token-mixing" in skip.reason
+
+
+def test_bert_post_norm_is_kept_and_residual_drop_normalises_han_output():
+    model, _, _ = ZOO["hf/bert"]()
+    layer = model.encoder.layer[0]
+    norm = layer.output.LayerNorm
+    report = hanify(model.eval(), HanConfig(residual="drop"))
+    assert "post-norm" in report.rewrites[0].neighbours["norm"]
+    assert layer.output.LayerNorm is norm
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(layer.feed_forward_chunk(x), norm(layer.intermediate(x)))
+
+
+def test_bert_residual_kept():
+    model, _, _ = ZOO["hf/bert"]()
+    layer = model.encoder.layer[0]
+    hanify(model.eval())
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(layer.feed_forward_chunk(x), layer.output.LayerNorm(layer.intermediate(x) + x))
+
+
+def test_llama_residual_drop_gives_han_of_stream():
+    model, _, _ = ZOO["hf/llama"]()
+    layer = model.model.layers[0]
+    report = hanify(model.eval(), HanConfig(residual="drop"))
+    assert report.rewrites[0].neighbours["norm"].startswith("post_attention_layernorm")
+    assert isinstance(layer.post_attention_layernorm, nn.Identity)
+    x = torch.randn(2, 6, 32)
+    torch.testing.assert_close(x + layer.mlp(x), layer.mlp.ffn(x), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("timm/beit", "gamma_2"),
+        ("timm/convnext", "conv_dw"),
+        ("hf/bart", "inline"),
+        ("custom/fallback", "does not know"),
+    ],
+)
+def test_residual_drop_refused_with_reason(name, reason):
+    model, _, _ = ZOO[name]()
+    report = hanify(model, HanConfig(residual="drop"))
+    if name == "timm/beit":  # BEiT without layer scale (init_values=None) could drop; the default has gamma_2
+        assert model.blocks[0].gamma_2 is not None
+    assert report.num_rewritten == 0 and report.skipped
+    assert all(reason in s.reason for s in report.skipped if s.rule != "fallback.ffn" or name == "custom/fallback")
+
+
+def test_whisper_prenorm_dropped_bart_postnorm_kept():
+    whisper, _, _ = ZOO["hf/whisper"]()
+    bart, _, _ = ZOO["hf/bart"]()
+    w, b = hanify(whisper), hanify(bart)
+    assert all("-> Identity" in r.neighbours["norm"] for r in w.rewrites)
+    assert all("post-norm" in r.neighbours["norm"] for r in b.rewrites)
+    assert isinstance(whisper.encoder.layers[0].final_layer_norm, nn.Identity)
+    assert isinstance(bart.encoder.layers[0].final_layer_norm, nn.LayerNorm)
+
+
+def test_options_reach_the_blocks():
+    model, _, _ = ZOO["timm/vit"]()
+    hanify(model, HanConfig(reflections=3, dropout=0.25, final_abs=True, init="normal", bias_init="zeros"))
+    han = model.blocks[0].mlp
+    assert han.fc1.reflections == 3 and han.fc1.u.shape == (3, 32)
+    assert han.drop1.p == han.drop2.p == 0.25 and han.final_abs
+    assert torch.count_nonzero(han.fc1.bias) == 0
+
+
+def test_dtype_is_kept():
+    model, _, _ = ZOO["hf/llama"]()
+    model.to(torch.bfloat16)
+    hanify(model)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
