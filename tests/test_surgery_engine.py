@@ -1,0 +1,215 @@
+"""The hanify engine on bad and edge inputs: skips with reasons, all-or-nothing failures,
+pattern errors with near names, idempotence, the registry and the config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.layers import Mlp
+from torch import nn
+
+from _surgery_zoo import ZOO
+from han_surgery import HanBlock, HanConfig, HanifyReport, hanify, register_rule
+from han_surgery.surgery import HanifyError, NothingToRewriteError, Replacement, SkipCandidate, list_rules, unregister_rule
+
+
+def _snapshot(model: nn.Module):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [(n, type(m)) for n, m in model.named_modules()],
+    )
+
+
+def _assert_unchanged(model: nn.Module, snap) -> None:
+    state, types = snap
+    now = model.state_dict()
+    assert list(now) == list(state)
+    assert all(torch.equal(now[k], state[k]) for k in state)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types
+
+
+class TwoMlps(nn.Module):
+    def __init__(self, out2: int = 96):
+        super().__init__()
+        self.a = Mlp(96, 192, 96)
+        self.b = Mlp(96, 192, out2)
+
+    def forward(self, x):
+        return self.b(x + self.a(x))
+
+
+def test_non_square_block_is_skipped_with_reason():
+    model = TwoMlps(out2=128)
+    report = hanify(model)
+    assert [r.path for r in report.rewrites] == ["a"]
+    (skip,) = report.skipped
+    assert skip.path == "b" and skip.rule == "timm.mlp"
+    assert "fc1 96 -> 192 -> 128" in skip.reason and "square" in skip.reason
+    assert isinstance(model.b, Mlp) and isinstance(model.a, HanBlock)
+    assert "square" in str(report)
+
+
+def test_rule_raising_midway_leaves_model_exactly_as_before():
+    model = ZOO["timm/vit"]()[0]
+    model.blocks.append(type(model.blocks[0])(dim=32, num_heads=2))
+    calls = []
+
+    @register_rule("test.explodes", matcher=Mlp, priority=10_000)
+    def explode(cand, config):
+        calls.append(cand.path)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return Replacement({cand.path: HanBlock(32), cand.qualify("norm2"): nn.Identity()})
+
+    try:
+        snap = _snapshot(model)
+        with pytest.raises(HanifyError, match=r"test\.explodes.*blocks\.1\.mlp.*boom.*unchanged"):
+            hanify(model)
+        assert calls == ["blocks.0.mlp", "blocks.1.mlp"]  # the first rewrite was planned, then abandoned
+        _assert_unchanged(model, snap)
+        assert not hasattr(model, "_han_surgery_recipe")
+    finally:
+        unregister_rule("test.explodes")
+    assert hanify(model).num_rewritten == 2  # and the model is still good for a real run
+
+
+def test_dry_run_does_not_touch_the_model_and_predicts_the_real_run():
+    model = ZOO["hf/bert"]()[0]
+    snap = _snapshot(model)
+    dry = hanify(model, dry_run=True)
+    _assert_unchanged(model, snap)
+    assert dry.dry_run and "dry run" in str(dry)
+    real = hanify(model)
+    assert [(r.path, r.params_before, r.params_after) for r in dry.rewrites] == [
+        (r.path, r.params_before, r.params_after) for r in real.rewrites
+    ]
+    assert dry.params_after == real.params_after == sum(p.numel() for p in model.parameters())
+
+
+def test_second_call_is_a_no_op():
+    model = ZOO["timm/swin"]()[0]
+    first = hanify(model)
+    snap = _snapshot(model)
+    second = hanify(model)
+    assert first.num_rewritten == 2
+    assert second.num_rewritten == 0 and second.skipped == [] and second.han_modules_found > 0
+    assert second.params_before == second.params_after == first.params_after
+    _assert_unchanged(model, snap)
+    assert "already present" in str(second)
+
+
+def test_nothing_to_rewrite_is_an_error():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    with pytest.raises(NothingToRewriteError, match="no rule recognises"):
+        hanify(model)
+
+
+def test_all_candidates_skipped_gives_explicit_empty_report():
+    model = nn.Sequential(Mlp(8, 16, 4))
+    report = hanify(model)
+    assert report.num_rewritten == 0 and len(report.skipped) == 1
+    assert report.params_before == report.params_after
+    assert isinstance(model[0], Mlp)
+
+
+@pytest.mark.parametrize("kind", ["include", "exclude"])
+def test_patterns_matching_nothing_list_near_names(kind):
+    model = ZOO["timm/vit"]()[0]
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=rf"{kind} pattern 'blocks.0.mpl' matches no candidate.*blocks\.0\.mlp"):
+        hanify(model, HanConfig(**{kind: ["blocks.0.mpl"]}))
+    _assert_unchanged(model, snap)
+
+
+def test_include_exclude_glob_regex_and_filter_fn():
+    build = ZOO["hf/bert"]
+    paths = ["encoder.layer.0.intermediate", "encoder.layer.1.intermediate"]
+    assert [r.path for r in hanify(build()[0], HanConfig(include=["*.layer.1.*"])).rewrites] == paths[1:]
+    assert [r.path for r in hanify(build()[0], HanConfig(include=[r"re:encoder\.layer\.0\..*"])).rewrites] == paths[:1]
+    report = hanify(build()[0], HanConfig(exclude=["encoder.layer.0.*"]))
+    assert [r.path for r in report.rewrites] == paths[1:]
+    assert report.skipped[0].reason == "excluded by 'encoder.layer.0.*'"
+    seen = []
+    report = hanify(build()[0], filter_fn=lambda m, name: seen.append((type(m).__name__, name)) or name.endswith("0.intermediate"))
+    assert seen == [("BertIntermediate", p) for p in paths]
+    assert [r.path for r in report.rewrites] == paths[:1]
+    assert report.skipped[0].reason == "filter_fn returned False"
+
+
+def test_rules_selection_and_unknown_rule():
+    model = ZOO["custom/fallback"]()[0]
+    with pytest.raises(NothingToRewriteError):
+        hanify(model, HanConfig(rules=["timm.*"]))
+    assert hanify(model, HanConfig(rules=["fallback.ffn"])).num_rewritten == 2
+    with pytest.raises(ValueError, match="timm.mlp"):
+        hanify(model, HanConfig(rules=["timm.mpl"]))
+
+
+def test_user_rule_outranks_fallback_and_registry_checks():
+    class Gate(nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(d, d))
+
+        def forward(self, x):
+            return torch.tanh(x @ self.w)
+
+    model = nn.Sequential(nn.Linear(4, 8), Gate(8))
+
+    @register_rule("test.gate", matcher=Gate, priority=5)
+    def build_gate(cand, config):
+        """Gate -> HanBlock."""
+        if config.reflections > 4:
+            raise SkipCandidate("too many reflections for a Gate")
+        return Replacement({cand.path: HanBlock(cand.module.w.shape[0], **config.han_kwargs())}, {"residual": "none"})
+
+    try:
+        assert callable(build_gate)  # the decorator returns the builder
+        names = [r.name for r in list_rules()]
+        assert names.index("test.gate") < names.index("fallback.ffn")
+        assert hanify(nn.Sequential(nn.Linear(4, 8), Gate(8)), HanConfig(reflections=5)).skipped[0].reason == "too many reflections for a Gate"
+        report = hanify(model)
+        assert report.rewrites[0].rule == "test.gate" and isinstance(model[1], HanBlock)
+        with pytest.raises(ValueError, match="exists already"):
+            register_rule("test.gate", matcher=Gate, builder=build_gate)
+        with pytest.raises(ValueError, match="subset"):
+            register_rule("test.other", matcher=Gate, builder=build_gate, changes=("bias",))
+    finally:
+        unregister_rule("test.gate")
+
+
+def test_builder_touching_a_foreign_path_is_refused():
+    @register_rule("test.bad_path", matcher=Mlp, priority=10_000)
+    def bad(cand, config):
+        return Replacement({"does.not.exist": nn.Identity()})
+
+    model = TwoMlps()
+    snap = _snapshot(model)
+    try:
+        with pytest.raises(HanifyError, match="does.not.exist"):
+            hanify(model)
+    finally:
+        unregister_rule("test.bad_path")
+    _assert_unchanged(model, snap)
+
+
+def test_config_validation_and_round_trip():
+    cfg = HanConfig(rules=["timm.*"], residual="drop", reflections=2, include="blocks.*", exclude=["re:head.*"], dropout=0.1)
+    assert cfg.include == ("blocks.*",)
+    assert HanConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in (dict(residual="none"), dict(reflections=0), dict(init="xavier"), dict(dropout=1.5), dict(include=["re:("])):
+        with pytest.raises(ValueError):
+            HanConfig(**bad)
+    with pytest.raises(ValueError, match="unknown fields"):
+        HanConfig.from_dict({"residul": "keep"})
+
+
+def test_report_table_and_totals():
+    report = hanify(TwoMlps())
+    assert isinstance(report, HanifyReport)
+    text = str(report)
+    assert "timm.mlp" in text and f"{report.params_before:,}" in text and f"{report.params_after:,}" in text
+    row = report.rewrites[0]
+    assert row.params_before == 2 * 96 * 192 + 192 + 96 and row.params_after == 4 * 96
+    assert report.params_before - report.params_after == sum(r.params_before - r.params_after for r in report.rewrites)
+    assert report.to_dict()["rewrites"][0]["rule"] == "timm.mlp"
