@@ -1,0 +1,172 @@
+"""Han timm models: checkpoints saved with timm's ``save_for_hf`` load back like any timm model.
+
+``local-dir:``, ``hf-hub:`` (served offline from a populated Hugging Face cache, in a
+subprocess so the offline settings are read at import) and ``pretrained_cfg_overlay=dict(file=...)``
+all give bit-identical outputs; checkpoints of another architecture fail with a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.models import save_for_hf
+
+import han_surgery  # noqa: F401  (registers han_* with timm)
+
+CASES = [("han_mobilevit_xxs", 64), ("han_mixer_m2h16_32", 32)]
+
+
+def _model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    with torch.no_grad():  # non-trivial head and BN statistics, so a missed tensor shows up
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        for b in model.buffers():
+            if b.is_floating_point():
+                b.add_(0.01 * torch.rand_like(b))
+    return model
+
+
+def _save(model: torch.nn.Module, directory: Path) -> Path:
+    save_for_hf(model, str(directory), safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (model, input, output, checkpoint dir)."""
+    out = {}
+    for name, img in CASES:
+        model = _model(name)
+        x = torch.randn(2, 3, img, img)
+        with torch.no_grad():
+            y = model(x)
+        out[name] = (model, x, y, _save(model, tmp_path_factory.mktemp(name)))
+    return out
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_save_for_hf_writes_timm_files(saved, name):
+    _, _, _, d = saved[name]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in d.iterdir()}
+    config = json.loads((d / "config.json").read_text())
+    assert config["architecture"] == name and config["num_classes"] == 10
+    assert any(k.endswith(".u") for k in load_file(d / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_local_dir_roundtrip(saved, name):
+    model, x, y, d = saved[name]
+    loaded = timm.create_model(f"local-dir:{d}", pretrained=True).eval()
+    assert type(loaded) is type(model) and loaded.num_classes == 10
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_pretrained_cfg_overlay_file(saved, name):
+    """The overlay names the file and its class count (else timm re-initialises a 10-class head)."""
+    _, x, y, d = saved[name]
+    overlay = dict(file=str(d / "model.safetensors"), num_classes=10)
+    loaded = timm.create_model(name, pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), y)
+
+
+def test_new_num_classes_keeps_the_backbone(saved):
+    """timm re-initialises only the classifier when num_classes differs from the checkpoint."""
+    model, x, _, d = saved["han_mobilevit_xxs"]
+    loaded = timm.create_model(f"local-dir:{d}", pretrained=True, num_classes=3).eval()
+    with torch.no_grad():
+        assert loaded(x).shape == (2, 3)
+        assert torch.equal(loaded.forward_features(x), model.forward_features(x))
+
+
+def _populate_hf_cache(hub_cache: Path, repo_id: str, src: Path) -> None:
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/files}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in src.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_hf_hub_from_offline_cache(saved, tmp_path):
+    model, x, y, d = saved["han_mobilevit_xxs"]
+    hf_home = tmp_path / "hf"
+    _populate_hf_cache(hf_home / "hub", "han-surgery/han_mobilevit_xxs-test", d)
+    save_file({"x": x, "y": y}, str(tmp_path / "io.safetensors"))
+    script = textwrap.dedent(
+        f"""
+        import torch, timm
+        import han_surgery
+        from safetensors.torch import load_file
+        io = load_file({str(tmp_path / "io.safetensors")!r})
+        model = timm.create_model("hf-hub:han-surgery/han_mobilevit_xxs-test", pretrained=True).eval()
+        assert type(model).__name__ == "HanMobileVit", type(model)
+        with torch.no_grad():
+            assert torch.equal(model(io["x"]), io["y"]), "outputs differ"
+        try:
+            timm.create_model("hf-hub:han-surgery/not-in-cache", pretrained=True)
+        except Exception as e:
+            print("uncached:", type(e).__name__)
+        else:
+            raise AssertionError("an uncached repo loaded while offline")
+        print("OK")
+        """
+    )
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("OK")
+
+
+def test_dense_checkpoint_into_han_model_fails_clearly(tmp_path):
+    dense = _save(timm.create_model("mobilevit_xxs", num_classes=10), tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"han_mobilevit_xxs: .*missing keys.*mlp\.fc1\.u.*dense \(non-Han\) checkpoint"):
+        timm.create_model(
+            "han_mobilevit_xxs",
+            pretrained=True,
+            num_classes=10,
+            pretrained_cfg_overlay=dict(file=str(dense / "model.safetensors")),
+        )
+
+
+def test_shape_mismatch_fails_clearly(tmp_path):
+    """A 32x32 Han-Mixer (64 tokens) checkpoint does not fit a 64x64 one (256 tokens)."""
+    d = _save(timm.create_model("han_mixer_m0h16_32"), tmp_path / "m32")
+    with pytest.raises(ValueError, match=r"shape mismatches \(blocks\.0\.mlp_tokens\.fc1\.u: checkpoint \(1, 64\) vs model \(1, 256\)"):
+        timm.create_model("han_mixer_m0h16_32", img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=str(d / "model.safetensors")))
+
+
+def test_wrong_architecture_in_local_dir_fails_clearly(saved, tmp_path):
+    """config.json naming another architecture than the weights were saved from."""
+    _, _, _, d = saved["han_mobilevit_xxs"]
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    config = json.loads((d / "config.json").read_text())
+    config["architecture"] = "han_mobilevit_xs"
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"han_mobilevit_xs: the checkpoint does not fit this architecture: .*shape mismatches"):
+        timm.create_model(f"local-dir:{wrong}", pretrained=True)
