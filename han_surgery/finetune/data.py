@@ -1,0 +1,367 @@
+"""Datasets for ``han-surgery finetune``: what a path holds decides how it is read.
+
+=========================  ==================================================================
+``--data`` is ...          read as
+=========================  ==================================================================
+a folder                   torchvision ``ImageFolder`` (``<root>/<class>/<image>``); a folder
+                           with ``train/`` and ``val/`` (or ``test/``) subfolders uses that split
+``*.npz``                  ``images`` uint8/float ``(N, H, W)`` or ``(N, H, W, C)`` and ``labels``
+                           int ``(N,)`` (e.g. ``mnist10k.npz``)
+``*.csv`` (numbers only)   tabular: features first, target in the last column; an optional
+                           header row. Regression unless the target is a small set of integers
+                           (override with ``--task``)
+``*.csv`` / ``*.jsonl``    text classification for transformers models: columns/keys ``text``
+with a ``text`` column     and ``label`` (int, or strings mapped to ids in sorted order)
+=========================  ==================================================================
+
+The held-out split is a fixed random ``val_fraction`` of the rows drawn from ``seed``, so it does
+not depend on the number of processes. Every problem raises :class:`DataError`, which names the file
+and what to change.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+__all__ = ["DataError", "DataBundle", "load_data", "TextDataset"]
+
+Task = Literal["classification", "regression"]
+
+#: Normalisation of image pixels in [0, 1]: ``(x - 0.5) / 0.5``, the same for every channel.
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
+
+
+class DataError(ValueError):
+    """The data given to ``--data`` cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class DataBundle:
+    """What the training loop needs to know about a data set.
+
+    Attributes:
+        train, eval: map-style datasets yielding ``(input, target)`` pairs (text: dicts of tensors).
+        kind: ``"image"`` (inputs ``(C, H, W)`` float), ``"tabular"`` (``(F,)`` float) or ``"text"``.
+        task: ``"classification"`` (targets int64 in ``[0, num_outputs)``) or ``"regression"``
+            (targets float ``(num_outputs,)``, standardised; see ``target_mean``/``target_std``).
+        num_outputs: classes, or regression targets.
+        name: a short name for the model card (the file or folder name).
+        in_chans, image_size: images only (``image_size`` is ``(H, W)``, or None for a folder of
+            images whose size the model decides).
+        num_features: tabular only.
+        class_names: label names, when the data has them.
+        target_mean, target_std: regression only, to report errors in the data's units.
+    """
+
+    train: Dataset
+    eval: Dataset
+    kind: Literal["image", "tabular", "text"]
+    task: Task
+    num_outputs: int
+    name: str
+    in_chans: int | None = None
+    image_size: tuple[int, int] | None = None
+    num_features: int | None = None
+    class_names: list[str] | None = None
+    target_mean: list[float] | None = None
+    target_std: list[float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        what = {
+            "image": f"images {self.in_chans}x{self.image_size[0]}x{self.image_size[1]}" if self.image_size else "images",
+            "tabular": f"tabular, {self.num_features} features",
+            "text": "text",
+        }[self.kind]
+        target = f"{self.num_outputs} classes" if self.task == "classification" else f"regression, {self.num_outputs} target(s)"
+        return f"{self.name}: {what}, {target}, {len(self.train)} train / {len(self.eval)} held-out"
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A fixed random split of ``range(n)``: ``(train, held-out)``, held-out ``ceil(val_fraction n)`` rows."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in (0, 1), got {val_fraction}.")
+    n_val = max(1, math.ceil(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"Only {n} rows: too few to hold out {val_fraction:.0%} for evaluation.")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[n_val:]), sorted(perm[:n_val])
+
+
+def check_labels(labels: np.ndarray, num_classes: int | None, source: str) -> int:
+    """Check integer class labels are in ``[0, num_classes)``; return ``num_classes`` (inferred if None)."""
+    if labels.size == 0:
+        raise DataError(f"{source}: no labels.")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0):
+            labels = labels.astype(np.int64)
+        else:
+            raise DataError(f"{source}: class labels must be integers, got dtype {labels.dtype}.")
+    lo, hi = int(labels.min()), int(labels.max())
+    if num_classes is None:
+        num_classes = hi + 1
+    if lo < 0 or hi >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DataError(
+            f"{source}: label out of range: found {int(bad[0])} ({bad.size} such rows); labels must be "
+            f"integers in [0, {num_classes - 1}] for {num_classes} classes. Re-map the labels to 0..K-1"
+            + (" or pass a larger --num-classes." if num_classes else ".")
+        )
+    return num_classes
+
+
+# ----------------------------------------------------------------------------------------- images
+def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
+    """``(N, H, W)`` or ``(N, H, W, C)`` (uint8 0..255 or float 0..1) -> normalised float ``(N, C, H, W)``."""
+    if images.ndim == 3:
+        images = images[:, :, :, None]
+    if images.ndim != 4:
+        raise DataError(f"{source}: 'images' must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    x = x.float() / 255.0 if images.dtype == np.uint8 else x.float()
+    return ((x - IMAGE_MEAN) / IMAGE_STD).permute(0, 3, 1, 2).contiguous()
+
+
+def load_npz(path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"images", "labels"} - set(f.files)
+        if missing:
+            raise DataError(f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} (has {f.files}).")
+        images, labels = f["images"], f["labels"]
+    if len(images) != len(labels):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
+    if max_samples:
+        images, labels = images[:max_samples], labels[:max_samples]
+    num_classes = check_labels(np.asarray(labels), num_classes, str(path))
+    x = _images_to_tensor(images, str(path))
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    dataset = TensorDataset(x, y)
+    train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
+    return DataBundle(
+        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="image", task="classification",
+        num_outputs=num_classes, name=path.stem, in_chans=x.shape[1], image_size=(x.shape[2], x.shape[3]),
+    )
+
+
+def load_image_folder(path: Path, *, image_size: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+    from torchvision import datasets, transforms
+
+    size = image_size or 224
+    transform = transforms.Compose([
+        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
+        transforms.Normalize([IMAGE_MEAN] * 3, [IMAGE_STD] * 3),
+    ])
+
+    def folder(root: Path) -> Any:
+        try:
+            return datasets.ImageFolder(str(root), transform=transform)
+        except FileNotFoundError as e:
+            raise DataError(
+                f"{root}: no classes found ({e}). An image folder needs one sub-folder per class with the "
+                f"images inside: {root}/<class name>/<image>.png"
+            ) from None
+
+    split_dirs = [path / "train", next((path / n for n in ("val", "validation", "test") if (path / n).is_dir()), None)]
+    if split_dirs[0].is_dir() and split_dirs[1] is not None:
+        train, held = folder(split_dirs[0]), folder(split_dirs[1])
+        if held.classes != train.classes:
+            raise DataError(f"{path}: train/ has classes {train.classes} but {split_dirs[1].name}/ has {held.classes}.")
+        train_set, eval_set, classes = train, held, train.classes
+        if max_samples:
+            train_set = Subset(train, list(range(min(max_samples, len(train)))))
+    else:
+        full = folder(path)
+        n = min(len(full), max_samples) if max_samples else len(full)
+        perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        train_idx, val_idx = split_indices(n, val_fraction, seed)
+        train_set, eval_set, classes = Subset(full, [perm[i] for i in train_idx]), Subset(full, [perm[i] for i in val_idx]), full.classes
+    return DataBundle(
+        train=train_set, eval=eval_set, kind="image", task="classification", num_outputs=len(classes),
+        name=path.name, in_chans=3, image_size=(size, size), class_names=list(classes),
+    )
+
+
+# ---------------------------------------------------------------------------------------- tabular
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        delimiter = "," if "," in sample or "\t" not in sample else "\t"
+        rows = [row for row in csv.reader(f, delimiter=delimiter) if row and any(c.strip() for c in row)]
+    if not rows:
+        raise DataError(f"{path}: the file is empty.")
+    return rows
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def load_tabular_csv(
+    path: Path, rows: list[list[str]], *, task: str, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+) -> DataBundle:
+    header = None
+    if not any(_is_number(c) for c in rows[0]):
+        header, rows = rows[0], rows[1:]
+    if not rows:
+        raise DataError(f"{path}: only a header row, no data.")
+    width = len(rows[0])
+    if width < 2:
+        raise DataError(f"{path}: a tabular CSV needs at least one feature column and the target last; got {width} column(s).")
+    values = np.empty((len(rows), width), dtype=np.float64)
+    first_line = 2 if header else 1
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise DataError(f"{path}, line {i + first_line}: {len(row)} cells, expected {width} like the first data row.")
+        for j, cell in enumerate(row):
+            try:
+                values[i, j] = float(cell)
+            except ValueError:
+                raise DataError(
+                    f"{path}, line {i + first_line}, column {j + 1}: non-numeric cell {cell!r}. A tabular CSV holds "
+                    f"numbers only (features, then the target last); encode categories as numbers first. "
+                    f"(For text classification use columns named 'text' and 'label'.)"
+                ) from None
+    if not np.all(np.isfinite(values)):
+        i, j = np.argwhere(~np.isfinite(values))[0]
+        raise DataError(f"{path}, line {i + first_line}, column {j + 1}: {values[i, j]} is not a finite number.")
+    if max_samples:
+        values = values[:max_samples]
+    features, target = values[:, :-1], values[:, -1]
+    if task == "auto":
+        integral = np.all(np.mod(target, 1) == 0)
+        task = "classification" if integral and len(np.unique(target)) <= 20 and target.min() >= 0 else "regression"
+    train_idx, val_idx = split_indices(len(values), val_fraction, seed)
+    # Standardise features with the training rows' statistics; constant columns stay (scaled by 1).
+    mean, std = features[train_idx].mean(0), features[train_idx].std(0)
+    std[std == 0] = 1.0
+    x = torch.as_tensor((features - mean) / std, dtype=torch.float32)
+    extra: dict[str, Any] = {"feature_mean": mean.tolist(), "feature_std": std.tolist(), "header": header}
+    if task == "classification":
+        k = check_labels(target, num_classes, str(path) + " (last column)")
+        y = torch.as_tensor(target, dtype=torch.int64)
+        bundle_kw: dict[str, Any] = {"num_outputs": k}
+    else:
+        t_mean, t_std = float(target[train_idx].mean()), float(target[train_idx].std()) or 1.0
+        y = torch.as_tensor((target - t_mean) / t_std, dtype=torch.float32)[:, None]
+        bundle_kw = {"num_outputs": 1, "target_mean": [t_mean], "target_std": [t_std]}
+    dataset = TensorDataset(x, y)
+    return DataBundle(
+        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="tabular", task=task,
+        name=path.stem, num_features=x.shape[1], extra=extra, **bundle_kw,
+    )
+
+
+# ------------------------------------------------------------------------------------------- text
+class TextDataset(Dataset):
+    """Texts and integer labels, tokenised on access: ``{"input_ids", "attention_mask", ...}, label``.
+
+    Batches are padded by :func:`text_collate` (``max_length`` tokens, truncating longer texts).
+    """
+
+    def __init__(self, texts: list[str], labels: list[int]) -> None:
+        self.texts, self.labels = texts, labels
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.texts[i], self.labels[i]
+
+
+def make_text_collate(tokenizer: Any, max_length: int) -> Any:
+    def collate(batch: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        texts, labels = zip(*batch)
+        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        return dict(enc), torch.tensor(labels, dtype=torch.int64)
+
+    return collate
+
+
+def _text_records(path: Path) -> list[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
+        return records
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def load_text(path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+    records = _text_records(path)
+    if not records:
+        raise DataError(f"{path}: no rows.")
+    for n, r in enumerate(records, 1):
+        if not isinstance(r, dict) or "text" not in r or "label" not in r:
+            raise DataError(f"{path}, record {n}: text data needs the fields 'text' and 'label', got {r!r:.120}.")
+    if max_samples:
+        records = records[:max_samples]
+    raw = [r["label"] for r in records]
+    class_names = None
+    if all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in raw):
+        labels = np.array([int(v) for v in raw], dtype=np.int64)
+    else:
+        class_names = sorted({str(v) for v in raw})
+        ids = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([ids[str(v)] for v in raw], dtype=np.int64)
+    k = check_labels(labels, num_classes, str(path))
+    dataset = TextDataset([str(r["text"]) for r in records], labels.tolist())
+    train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
+    return DataBundle(
+        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="text", task="classification",
+        num_outputs=k, name=path.stem, class_names=class_names,
+    )
+
+
+# ------------------------------------------------------------------------------------------ entry
+def load_data(
+    path: str | Path,
+    *,
+    task: str = "auto",
+    num_classes: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    image_size: int | None = None,
+    max_samples: int | None = None,
+) -> DataBundle:
+    """Read ``--data`` (see the module docstring for the formats) into a :class:`DataBundle`."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"--data {path}: no such file or folder.")
+    kw = dict(val_fraction=val_fraction, seed=seed, max_samples=max_samples)
+    if p.is_dir():
+        return load_image_folder(p, image_size=image_size, **kw)
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        return load_npz(p, num_classes=num_classes, **kw)
+    if suffix == ".jsonl":
+        return load_text(p, num_classes=num_classes, **kw)
+    if suffix in (".csv", ".tsv", ".txt"):
+        rows = _read_csv_rows(p)
+        header = [c.strip().lower() for c in rows[0]]
+        if "text" in header and "label" in header:
+            return load_text(p, num_classes=num_classes, **kw)
+        return load_tabular_csv(p, rows, task=task, num_classes=num_classes, **kw)
+    raise DataError(
+        f"--data {path}: unknown format {suffix!r}. Use an image folder, an .npz with 'images'/'labels', "
+        f"a numeric .csv (target last), or a .csv/.jsonl with 'text' and 'label'."
+    )

@@ -1,0 +1,186 @@
+"""End-to-end tests of ``han_surgery.finetune`` on a tiny ViT (timm ``test_vit``) and generated images.
+
+Real accelerate throughout: one process in-process, two processes through ``accelerate launch
+--multi_gpu --num_processes 2`` (DDP over gloo on CPU), a run killed with SIGKILL and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from han_surgery.finetune.args import parse_args
+from han_surgery.finetune.train import run
+
+# qkv_bias=False: the key bias of softmax attention has an identically zero gradient (a shift of every logit
+# in a row), so its float32 rounding noise is all Adam sees there and it normalises it to steps of ~lr. Without it,
+# what differs between process counts is summation order only.
+TINY_VIT = json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "qkv_bias": False})
+TINY_VIT_DROPOUT = json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "qkv_bias": False, "drop_rate": 0.2, "proj_drop_rate": 0.1})
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def make_toy_images(path: Path, n: int = 384, seed: int = 0) -> Path:
+    """Four classes of noisy 16x16 grey images: class k has pixels uniform in [45k, 45k + 100)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    images = (rng.random((n, 16, 16)) * 100 + 45 * labels[:, None, None]).astype(np.uint8)
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_toy_images(tmp_path_factory.mktemp("data") / "toy.npz")
+
+
+def common(toy: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "test_vit", "--data", str(toy), "--output-dir", str(out), "--no-progress", "--no-tensorboard", *extra]
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One process, global batch 16, 2 epochs of the 345-row training split (21 steps per epoch)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    torch.set_num_threads(1)
+    results = run(parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "16", "--lr", "3e-3")))
+    return out, results
+
+
+def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path, dict], toy: Path) -> None:
+    import timm
+    from huggingface_hub import ModelCard
+
+    out, results = reference
+    for name in ("model.safetensors", "config.json", "README.md", "training_args.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert results["eval_accuracy"] > 0.7, results  # chance is 0.25: the loop does learn
+    assert results["global_batch_size"] == 16 and results["total_steps"] == 42
+
+    # timm reads the folder back (config.json from save_for_hf) and reproduces the measured held-out loss.
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    from han_surgery.finetune.data import load_data
+
+    data = load_data(toy, seed=0)
+    x = torch.stack([data.eval[i][0] for i in range(len(data.eval))])
+    y = torch.stack([data.eval[i][1] for i in range(len(data.eval))])
+    with torch.no_grad():
+        logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y).item()
+    acc = (logits.argmax(-1) == y).float().mean().item()
+    assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
+    assert acc == pytest.approx(results["eval_accuracy"])
+    # and han_surgery.finetune.load_model gives the identical module
+    from han_surgery.finetune import load_model
+
+    with torch.no_grad():
+        assert torch.equal(load_model(out).eval()(x), logits)
+
+    # The model card: YAML metadata with the measured values, rendered from the template.
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "timm"
+    assert {"han-surgery", "householder"} <= set(card.data.tags)
+    assert card.data.base_model == "test_vit"
+    assert card.data.datasets == ["toy"]
+    measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert measured["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-6)
+    assert f"{results['params']:,}" in card.text and "local-dir:" in card.text and "## Recipe" in card.text
+
+    # One JSON line per logged step, an evaluation after every epoch.
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval_accuracy" in line]
+    assert [e["step"] for e in evals] == [21, 42]
+    assert evals[-1]["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["setup"]["num_processes"] == 1 and args["batch_size"] == 16
+
+
+def test_two_processes_match_one_process_at_the_same_global_batch(reference: tuple[Path, dict], toy: Path, tmp_path: Path) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` (gloo) with 8 per process == 1 process with 16.
+
+    Each process sees its half of every global batch (seedable sampler, same permutation), DDP averages
+    the two half-batch mean gradients, which equals the full-batch mean up to float32 summation order.
+    Measured after 42 Adam steps: 1.5e-7 max abs (a few ulps of weights of magnitude ~1). The tolerance 1e-5 is
+    ~70x that and 1/300 of one Adam step at lr 3e-3, so a single step on a different batch, a different data
+    order or a missed gradient average would fail it; the weights moved >100x more from their initialisation.
+    """
+    out_ref, results_ref = reference
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "han_surgery.finetune",
+           *common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "8", "--lr", "3e-3")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) (MULTI_CPU)" in proc.stdout and "global batch size 16 = 8 per process x 2" in proc.stdout
+    ref, two = weights(out_ref), weights(out)
+    diff = max_abs_diff(ref, two)
+    print(f"max |w_2proc - w_1proc| = {diff:.2e}")
+    assert diff < 1e-5
+    from accelerate.utils import set_seed
+
+    from han_surgery.finetune import build_model, load_data
+
+    set_seed(0)  # the run's initialisation, rebuilt: how far training moved the weights
+    init = build_model("test_vit", load_data(toy, seed=0), model_kwargs=json.loads(TINY_VIT)).model.state_dict()
+    moved = max_abs_diff(init, ref)
+    print(f"max |w_1proc - w_init| = {moved:.2e}")
+    assert moved > 100 * diff
+    results_two = json.loads((out / "results.json").read_text())
+    assert results_two["eval_accuracy"] == pytest.approx(results_ref["eval_accuracy"])
+    assert results_two["global_batch_size"] == 16 and results_two["num_processes"] == 2
+
+
+def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_path: Path) -> None:
+    """Dropout on, gradient accumulation 2: a run killed with SIGKILL after its first checkpoint and resumed with
+    ``--resume`` ends with exactly the weights of a run that was never interrupted (same process count and
+    thread count, so the same float operations in the same order: bitwise equal)."""
+    opts = ("--model-kwargs", TINY_VIT_DROPOUT, "--max-steps", "14", "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "3")
+    straight = tmp_path / "straight"
+    run(parse_args(common(toy, straight, *opts)))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "han_surgery.finetune", *common(toy, out, *opts)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    first = out / "checkpoints" / "step_0000003"
+    deadline = time.monotonic() + 180
+    while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    assert first.is_dir() and not (out / "model.safetensors").exists()
+
+    results = run(parse_args(common(toy, out, *opts, "--resume")))
+    assert results["global_step"] == 14
+    assert max_abs_diff(weights(straight), weights(out)) == 0.0
+    # the metrics file reads as one run: no step logged twice
+    steps = [(json.loads(line)["step"], "eval_loss" in line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(set(steps))
+
+
+def test_resume_without_checkpoint_and_contradicting_flags(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from han_surgery.finetune.train import run_cli
+
+    assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume"))) == 2
+    assert "no checkpoint in" in capsys.readouterr().err
+    assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume", "--overwrite"))) == 2
+    assert "contradict" in capsys.readouterr().err

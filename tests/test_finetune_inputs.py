@@ -1,0 +1,114 @@
+"""``han_surgery.finetune`` on bad input (clear errors, exit code 2, nothing trained) and its data readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from han_surgery.finetune.args import parse_args
+from han_surgery.finetune.data import DataError, load_data
+from han_surgery.finetune.train import run_cli
+
+
+def finetune(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    code = run_cli(parse_args([*argv, "--no-progress", "--no-tensorboard"]))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def toy_npz(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "toy.npz"
+    np.savez(path, images=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), labels=rng.integers(0, 3, 40))
+    return path
+
+
+def test_unknown_model_name_suggests_close_timm_names(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, err = finetune(capsys, "--model", "test_vitt", "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert "--model test_vitt: unknown model" in err and "Did you mean test_vit" in err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_folder_that_is_not_a_model(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notamodel").mkdir()
+    code, err = finetune(capsys, "--model", str(tmp_path / "notamodel"), "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "no han_config.json" in err
+
+
+def test_data_folder_without_classes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "images"
+    empty.mkdir()
+    (empty / "stray.png").write_bytes(b"")  # a file, but no class sub-folder
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(empty), "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert "no classes found" in err and "<class name>/<image>" in err
+
+
+def test_label_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((10, 8, 8), np.uint8), labels=np.array([0, 1, 2, 7, 1, 0, 2, 1, 0, 1]))
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(path), "--num-classes", "3", "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert "label out of range: found 7" in err and "[0, 2] for 3 classes" in err
+    np.savez(path, images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0, -1, 1]))
+    with pytest.raises(DataError, match="label out of range: found -1"):
+        load_data(path)
+
+
+def test_csv_with_non_numeric_cell(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "table.csv"
+    path.write_text("1.0,2.0,0.5\n3.0,abc,0.1\n")
+    code, err = finetune(capsys, "--model", "mlp", "--data", str(path), "--output-dir", str(tmp_path / "o"))
+    assert code == 2
+    assert "table.csv, line 2, column 2: non-numeric cell 'abc'" in err
+
+
+def test_existing_output_dir_is_refused_without_overwrite(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(toy_npz), "--output-dir", str(out))
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+
+def test_max_steps_and_epochs_are_exclusive(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--data", "d", "--output-dir", "o", "--epochs", "1", "--max-steps", "3"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_tabular_csv_regression_is_standardised_with_train_statistics(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 3.0, (200, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 100.0
+    path = tmp_path / "reg.csv"
+    np.savetxt(path, np.column_stack([x, y]), delimiter=",")
+    data = load_data(path, seed=1)
+    assert (data.kind, data.task, data.num_features, data.num_outputs) == ("tabular", "regression", 3, 1)
+    xs = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    ys = torch.stack([data.train[i][1] for i in range(len(data.train))])
+    assert xs.mean(0).abs().max() < 1e-5 and (xs.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    assert ys.mean().abs() < 1e-5 and data.target_mean[0] == pytest.approx(y[sorted(set(range(200)) - set(data.eval.indices))].mean())
+    assert len(data.eval) == 20
+
+
+def test_tabular_csv_with_header_and_integer_target_is_classification(tmp_path: Path) -> None:
+    path = tmp_path / "cls.csv"
+    path.write_text("a,b,label\n" + "".join(f"{i},{i % 5},{i % 3}\n" for i in range(30)))
+    data = load_data(path, val_fraction=0.2)
+    assert (data.task, data.num_outputs, len(data.train), len(data.eval)) == ("classification", 3, 24, 6)
+    assert data.train[0][1].dtype == torch.int64
+
+
+def test_text_jsonl_maps_string_labels(tmp_path: Path) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10)))
+    data = load_data(path)
+    assert (data.kind, data.num_outputs, data.class_names) == ("text", 2, ["neg", "pos"])
+    assert data.eval[0][0].startswith("text")
