@@ -16,6 +16,7 @@ from collections.abc import Sequence
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "han_surgery.demo",
     "han_surgery.surgery.cli",
+    "han_surgery.finetune.cli",
 )
 
 
