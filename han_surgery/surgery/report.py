@@ -103,5 +103,6 @@ class HanifyReport:
         lines.append(
             f"\n{len(self.rewrites)} block(s) rewritten; model parameters {self.params_before:,} -> "
             f"{self.params_after:,} ({verb} {self.params_after / max(self.params_before, 1):.1%} of before)"
+            + (f"; {self.han_modules_found} Han modules were already present" if self.han_modules_found else "")
         )
         return "\n".join(lines)
