@@ -98,7 +98,9 @@ def step_layer_speed() -> None:
     )
 
 
-DEMO_STEPS: list[Callable[[], None]] = [step_layer_properties, step_layer_speed]
+from .surgery.demo_step import step_surgery_minilm  # noqa: E402
+
+DEMO_STEPS: list[Callable[[], None]] = [step_layer_properties, step_layer_speed, step_surgery_minilm]
 
 
 def run_demo(args: argparse.Namespace | None = None) -> int:
