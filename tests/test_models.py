@@ -11,7 +11,8 @@ from torch import nn
 
 import han_surgery  # noqa: F401  (registers han_* with timm)
 from han_surgery.layers import HanBlock, HanLayer
-from han_surgery.models import HanMixerBlock, HanTransformerBlock
+from han_surgery.models import HanMixerBlock
+from han_surgery.surgery.modules import ResidualFree
 
 MIXERS_32 = [
     "han_mixer_m0h0_32",
@@ -74,9 +75,11 @@ def test_mobilevit_count_is_base_minus_mlp_paths(name):
     expected = n_params(base) - sum(n_params(b.norm2) + n_params(b.mlp) - 4 * b.norm2.weight.numel() for b in blocks)
     model = timm.create_model(name)
     assert n_params(model) == expected
-    han_blocks = [m for m in model.modules() if isinstance(m, HanTransformerBlock)]
+    han_blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert len(han_blocks) == len(blocks) == 9
-    assert not any(isinstance(m, Block) for m in model.modules())
+    for b in han_blocks:
+        assert isinstance(b.norm2, nn.Identity) and isinstance(b.mlp, ResidualFree) and isinstance(b.mlp.ffn, HanBlock)
+        assert not b.mlp.ffn.final_abs
 
 
 def test_mixer_counts_follow_the_paper_structure():
@@ -109,18 +112,19 @@ def test_han_mixer_block_math():
     assert isinstance(block.mlp_channels.fc2, HanLayer)  # the final |.|
 
 
-def test_han_transformer_block_math():
-    """x + Attn(LN(x)) from the original block, then H2 |H1 x + b1| + b2 (no LN2, no residual)."""
+def test_hanformer_block_math():
+    """In han_mobilevit, a transformer block is x + Attn(LN(x)), then H2 |H1 x + b1| + b2 (no LN2, no residual)."""
     torch.manual_seed(0)
-    block = Block(8, num_heads=2, mlp_ratio=2.0, qkv_bias=True).eval()
-    x = torch.randn(2, 5, 8)
-    attn_out = x + block.attn(block.norm1(x))
-    han = HanTransformerBlock.from_block(block).eval()
-    assert han.attn is block.attn and han.norm1 is block.norm1
-    assert isinstance(han.mlp, HanBlock) and not hasattr(han, "norm2")
-    torch.testing.assert_close(han(x), han.mlp(attn_out))
-    # the Han path has no skip: it is not x + mlp(x)
-    assert not torch.allclose(han(x), attn_out + han.mlp(attn_out))
+    model = timm.create_model("han_mobilevit_xxs").eval()
+    block = model.stages[2][1].transformer[0]
+    x = torch.randn(2, 5, block.norm1.weight.numel())
+    h = x + block.attn(block.norm1(x))
+    han = block.mlp.ffn
+    u1, u2 = han.fc1.to_dense(), han.fc2.to_dense()
+    expected = (h @ u1.T + han.fc1.bias).abs() @ u2.T + han.fc2.bias
+    torch.testing.assert_close(block(x), expected)
+    # the Han path has no skip: it is not h + Han(h)
+    assert not torch.allclose(block(x), h + expected)
 
 
 @pytest.mark.parametrize(

@@ -143,7 +143,7 @@ def test_hf_hub_from_offline_cache(saved, tmp_path):
 
 def test_dense_checkpoint_into_han_model_fails_clearly(tmp_path):
     dense = _save(timm.create_model("mobilevit_xxs", num_classes=10), tmp_path / "dense")
-    with pytest.raises(ValueError, match=r"han_mobilevit_xxs: .*missing keys.*mlp\.fc1\.u.*dense \(non-Han\) checkpoint"):
+    with pytest.raises(ValueError, match=r"han_mobilevit_xxs: .*missing keys.*mlp\.ffn\.fc1\.u.*dense \(non-Han\) checkpoint.*hanify"):
         timm.create_model(
             "han_mobilevit_xxs",
             pretrained=True,
@@ -170,3 +170,19 @@ def test_wrong_architecture_in_local_dir_fails_clearly(saved, tmp_path):
     (wrong / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"han_mobilevit_xs: the checkpoint does not fit this architecture: .*shape mismatches"):
         timm.create_model(f"local-dir:{wrong}", pretrained=True)
+
+
+def test_hanified_base_checkpoint_loads_into_han_model(tmp_path):
+    """The fix the dense-checkpoint error suggests: hanify the base model, its weights then fit."""
+    from han_surgery import hanify
+    from han_surgery.models import hanformer_config
+
+    torch.manual_seed(0)
+    base = timm.create_model("mobilevit_xxs", num_classes=10)
+    hanify(base, hanformer_config())
+    d = _save(base.eval(), tmp_path / "hanified")
+    overlay = dict(file=str(d / "model.safetensors"), num_classes=10)
+    loaded = timm.create_model("han_mobilevit_xxs", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), base(x))

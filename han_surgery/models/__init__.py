@@ -6,6 +6,6 @@ Importing this package (``import han_surgery`` does) registers ``han_mobilevit_*
 """
 
 from .mixer import ConvStem, HanMixer, HanMixerBlock
-from .mobilevit import HanMobileVit, HanTransformerBlock
+from .mobilevit import HanMobileVit, hanformer_config
 
-__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "HanTransformerBlock"]
+__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "hanformer_config"]

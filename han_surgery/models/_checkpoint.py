@@ -67,6 +67,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
     if any(k.endswith(".u") for k in missing) and any(k.endswith(".weight") and ".mlp" in k for k in unexpected):
         hint = (
             "This looks like a dense (non-Han) checkpoint: build its base timm model, load the weights "
-            "there, and convert that model to Han-blocks instead"
+            "there, then convert that model with han_surgery.hanify (for Han-MobileViT: "
+            "hanify(model, han_surgery.models.hanformer_config()))"
         )
     raise ValueError(f"{arch}: the checkpoint does not fit this architecture: {'; '.join(problems)}. {hint}.")

@@ -12,8 +12,12 @@ becomes the Hanformer block of Yu & Zhang (Section 5.3):
 
 The network is built by timm itself (``ByobNet`` with timm's ``mobilevit_*`` configs, so the
 stem, MobileNetV2 blocks, local/global representation, fusion, head, ``features_only``,
-``set_grad_checkpointing``, ``reset_classifier`` are timm's); :class:`HanMobileVit` only swaps
-the transformer blocks after timm builds it, before any pretrained weights are loaded.
+``set_grad_checkpointing``, ``reset_classifier`` are timm's). :class:`HanMobileVit` then runs
+the surgery engine on it, before any pretrained weights are loaded:
+``hanify(model, HanConfig(rules=["timm.mlp"], drop_norm=True, residual="drop"))``. The engine's
+``timm.mlp`` rule turns ``norm2`` into ``Identity`` and puts a ``ResidualFree(HanBlock)`` in place
+of ``mlp`` (it returns ``Han(x) - x``, so the block's ``x + ...`` yields ``Han(x)``, up to one
+rounding); checkpoint keys of the Han path are ``...transformer.<i>.mlp.ffn.fc{1,2}.{u,bias}``.
 
 Registered: ``han_mobilevit_xxs``, ``han_mobilevit_xs``, ``han_mobilevit_s``.
 """
@@ -22,61 +26,25 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.byobnet import ByobNet, ByoModelCfg
-from timm.models.mobilevit import MobileVitBlock
 from timm.models.mobilevit import model_cfgs as timm_mobilevit_cfgs
-from timm.models.vision_transformer import Block
-from torch import Tensor, nn
 
-from ..layers import HanBlock
+from ..surgery import HanConfig, hanify
 from ._checkpoint import checkpoint_filter_fn
 
-__all__ = ["HanTransformerBlock", "HanMobileVit"]
+__all__ = ["HanMobileVit", "hanformer_config"]
 
 
-class HanTransformerBlock(nn.Module):
-    """Hanformer block: ``x + DropPath(LS(Attn(LN(x))))`` then ``H2 |H1 x + b1| + b2``.
-
-    Built from a timm :class:`~timm.models.vision_transformer.Block` with
-    :meth:`from_block`, which keeps that block's ``norm1``, ``attn``, ``ls1`` and
-    ``drop_path1`` modules (same names, so their checkpoint keys are unchanged) and replaces
-    ``norm2``/``mlp``/``ls2``/``drop_path2`` and the second residual with one
-    :class:`~han_surgery.layers.HanBlock` named ``mlp``, using the MLP's two dropout rates.
-
-    Shapes: ``(B, N, d) -> (B, N, d)``. The MLP path drops from ``2 d h + d + h + 2 d``
-    parameters (``h = mlp_ratio * d``, plus LN2) to ``4 d``.
-    """
-
-    def __init__(
-        self,
-        norm1: nn.Module,
-        attn: nn.Module,
-        mlp: HanBlock,
-        ls1: nn.Module | None = None,
-        drop_path1: nn.Module | None = None,
-    ) -> None:
-        super().__init__()
-        self.norm1 = norm1
-        self.attn = attn
-        self.ls1 = ls1 if ls1 is not None else nn.Identity()
-        self.drop_path1 = drop_path1 if drop_path1 is not None else nn.Identity()
-        self.mlp = mlp
-
-    @classmethod
-    def from_block(cls, block: Block, reflections: int = 1) -> HanTransformerBlock:
-        """Take over ``block``'s attention path and give it a fresh ``HanBlock`` MLP path."""
-        first = next(block.parameters())
-        dim = first.shape[-1] if block.norm1.weight is None else block.norm1.weight.shape[0]
-        mlp = block.mlp
-        drop = (getattr(mlp, "drop1", nn.Dropout(0.0)).p, getattr(mlp, "drop2", nn.Dropout(0.0)).p)
-        han = HanBlock(dim, reflections=reflections, drop=drop, device=first.device, dtype=first.dtype)
-        return cls(block.norm1, block.attn, han, ls1=block.ls1, drop_path1=block.drop_path1)
-
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        return self.mlp(x)
+def hanformer_config(reflections: int = 1) -> HanConfig:
+    """The surgery that makes a timm MobileViT (v1) a Han-MobileViT: every transformer MLP, no LN2, no residual."""
+    return HanConfig(
+        rules=["timm.mlp"],
+        include=("*.transformer.*.mlp",),
+        drop_norm=True,
+        residual="drop",
+        reflections=reflections,
+    )
 
 
 class HanMobileVit(ByobNet):
@@ -94,15 +62,7 @@ class HanMobileVit(ByobNet):
     def __init__(self, cfg: ByoModelCfg, han_reflections: int = 1, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.han_reflections = han_reflections
-        swapped = 0
-        for module in self.modules():
-            if isinstance(module, MobileVitBlock):
-                module.transformer = nn.Sequential(
-                    *[HanTransformerBlock.from_block(b, reflections=han_reflections) for b in module.transformer]
-                )
-                swapped += len(module.transformer)
-        if swapped == 0:
-            raise ValueError("HanMobileVit: cfg has no 'mobilevit' blocks; use one of timm's MobileViT (v1) configs")
+        hanify(self, hanformer_config(han_reflections))
 
 
 def _create_han_mobilevit(variant: str, pretrained: bool = False, **kwargs: Any) -> HanMobileVit:
