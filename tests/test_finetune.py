@@ -44,8 +44,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_toy_images(tmp_path_factory.mktemp("data") / "toy.npz")
 
 
-def common(toy: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", "test_vit", "--data", str(toy), "--output-dir", str(out), "--no-progress", "--no-tensorboard", *extra]
+def common(toy: Path, out: Path, *extra: str, model: str = "test_vit") -> list[str]:
+    return ["--model", model, "--data", str(toy), "--output-dir", str(out), "--no-progress", "--no-tensorboard", *extra]
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -184,3 +184,51 @@ def test_resume_without_checkpoint_and_contradicting_flags(toy: Path, tmp_path: 
     assert "no checkpoint in" in capsys.readouterr().err
     assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume", "--overwrite"))) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def held_out(toy: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from han_surgery.finetune.data import load_data
+
+    data = load_data(toy, seed=0)
+    return torch.stack([data.eval[i][0] for i in range(len(data.eval))]), torch.stack([data.eval[i][1] for i in range(len(data.eval))])
+
+
+def test_hanify_with_distillation_from_the_original_then_from_pretrained(reference: tuple[Path, dict], toy: Path, tmp_path: Path) -> None:
+    """``--model <trained folder> --hanify --distill-from base``: the output is a han_surgery.save_pretrained
+    folder that ``han_surgery.from_pretrained`` rebuilds with the measured held-out loss."""
+    import han_surgery
+    from huggingface_hub import ModelCard
+
+    out_ref, results_ref = reference
+    out = tmp_path / "han"
+    results = run(parse_args(common(
+        toy, out, "--hanify", "--han-reflections", "2", "--distill-from", "base", "--max-steps", "6", "--batch-size", "16",
+        model=str(out_ref),
+    )))
+    assert results["params_base"] == results_ref["params"] and results["params"] < results["params_base"]
+    han_config = json.loads((out / "han_config.json").read_text())
+    assert han_config["recipe"][0]["config"]["reflections"] == 2 and len(han_config["recipe"][0]["rewrites"]) == 2
+    assert json.loads((out / "config.json").read_text())["architecture"] == "test_vit"
+
+    model = han_surgery.from_pretrained(out)
+    x, y = held_out(toy)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "test_vit" and "han-layer" in card.data.tags
+    assert "han_surgery.from_pretrained" in card.text and "knowledge distillation from `base`" in card.text
+    assert f"{results['params_base']:,}" in card.text and "2 block(s) rewritten" in card.text
+
+
+def test_distillation_loss_is_hintons_kd_term() -> None:
+    from han_surgery.finetune.train import distillation_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 4), torch.randn(5, 4)
+    assert distillation_loss(t, t, "classification", 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    p_t = torch.softmax(t / 2, -1)
+    manual = (p_t * (p_t.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    assert distillation_loss(s, t, "classification", 2.0).item() == pytest.approx(manual.item(), rel=1e-5)
+    assert distillation_loss(s, t, "regression", 2.0).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)

@@ -30,10 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     h = parser.add_argument_group("surgery (--hanify)")
     h.add_argument("--hanify", action="store_true", help="Apply han_surgery.hanify to the model before training (options below fill a HanConfig).")
     h.add_argument("--han-reflections", type=_positive_int, default=None, help="Householder reflections per Han-layer (HanConfig.reflections).")
-    h.add_argument("--han-init", default=None, help="Initialisation of the Han-layers (HanConfig.init), e.g. orthogonal.")
+    h.add_argument("--han-init", default=None, choices=("orthogonal", "normal"), help="Initialisation of the Householder vectors (HanConfig.init).")
     h.add_argument("--han-dropout", type=float, default=None, help="Dropout inside the Han-blocks (HanConfig.dropout).")
-    h.add_argument("--han-drop-norm", default=None, action=argparse.BooleanOptionalAction, help="Drop the norm layer before each replaced MLP (HanConfig.drop_norm).")
-    h.add_argument("--han-residual", default=None, action=argparse.BooleanOptionalAction, help="Keep the residual connection around replaced blocks (HanConfig.residual).")
+    h.add_argument("--han-bias-init", default=None, choices=("uniform", "zeros"), help="Initialisation of the Han-layer biases (HanConfig.bias_init).")
+    h.add_argument("--han-drop-norm", default=None, action=argparse.BooleanOptionalAction, help="Drop the norm layer in front of each replaced FFN (HanConfig.drop_norm; default yes, as the paper).")
+    h.add_argument("--han-residual", default=None, choices=("keep", "drop"), help="keep: the block computes x + Han(x) (default, right for pretrained models); drop: the paper's Hanformer Han(x) (HanConfig.residual).")
+    h.add_argument("--han-final-abs", default=None, action=argparse.BooleanOptionalAction, help="End each Han-block with |.| (HanConfig.final_abs, the Han-Mixer block).")
+    h.add_argument("--han-rules", nargs="+", default=None, metavar="RULE", help="Only these registered rules (names or globs, e.g. 'timm.*'; HanConfig.rules).")
     h.add_argument("--han-include", nargs="+", default=None, metavar="PATTERN", help="Only replace modules matching these patterns (HanConfig.include).")
     h.add_argument("--han-exclude", nargs="+", default=None, metavar="PATTERN", help="Never replace modules matching these patterns (HanConfig.exclude).")
 
@@ -96,8 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def han_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ``HanConfig`` fields given on the command line (unset options keep HanConfig's defaults)."""
     fields = {
-        "reflections": args.han_reflections, "init": args.han_init, "dropout": args.han_dropout,
-        "drop_norm": args.han_drop_norm, "residual": args.han_residual,
+        "reflections": args.han_reflections, "init": args.han_init, "bias_init": args.han_bias_init,
+        "dropout": args.han_dropout, "drop_norm": args.han_drop_norm, "residual": args.han_residual,
+        "final_abs": args.han_final_abs, "rules": args.han_rules,
         "include": args.han_include, "exclude": args.han_exclude,
     }
     return {k: v for k, v in fields.items() if v is not None}

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 from pathlib import Path
 from typing import Any
@@ -58,12 +59,22 @@ def _library_name(built: Any) -> str:
     return {"timm": "timm", "transformers": "transformers", "tabular": "pytorch"}[built.family]
 
 
-def _base_model_id(args: argparse.Namespace, built: Any) -> str:
+def base_model_id(args: argparse.Namespace, built: Any) -> str:
     cfg = getattr(built.model, "pretrained_cfg", None) or {}
     if args.pretrained and cfg.get("hf_hub_id"):
         return cfg["hf_hub_id"]
     spec = args.model[len("local-dir:"):] if args.model.startswith("local-dir:") else args.model
-    return Path(spec).name if Path(spec).expanduser().is_dir() else spec
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec
+    # a local folder: name what it was built from (the base model's Hub id is not known offline)
+    for name in ("training_args.json", "config.json"):
+        if (path / name).is_file():
+            conf = json.loads((path / name).read_text())
+            for key in ("base_model", "architecture", "_name_or_path"):
+                if isinstance(conf.get(key), str) and conf[key]:
+                    return conf[key]
+    return path.name
 
 
 def _load_snippet(built: Any, repo_id: str | None) -> str:
@@ -87,15 +98,6 @@ def _load_snippet(built: Any, repo_id: str | None) -> str:
     return f"import huggingface_hub\nfrom han_surgery.finetune import load_model\n\nmodel = load_model({where})"
 
 
-def _han_summary(report: Any) -> str | None:
-    if report is None:
-        return None
-    for attr in ("summary", "describe"):
-        fn = getattr(report, attr, None)
-        if callable(fn):
-            return str(fn())
-    text = str(report).strip()
-    return text.splitlines()[0] if text else None
 
 
 def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, results: dict[str, Any], han_report: Any = None) -> Any:
@@ -125,7 +127,7 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
     card_data = ModelCardData(
         library_name=_library_name(built),
         tags=sorted(set(tags)),
-        base_model=_base_model_id(args, built),
+        base_model=base_model_id(args, built),
         datasets=[data.name],
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
@@ -143,9 +145,9 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
         f"global batch {setup['global_batch_size']}, seed {args.seed}"
     )
     summary = (
-        f"`{_base_model_id(args, built)}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
+        f"`{base_model_id(args, built)}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
         if built.hanified and not built.han_loaded else
-        f"A fine-tuned `{_base_model_id(args, built)}`."
+        f"A fine-tuned `{base_model_id(args, built)}`."
     )
     card = ModelCard.from_template(
         card_data,
@@ -157,10 +159,10 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
         val_fraction_pct=f"{args.val_fraction:.0%}",
         seed=args.seed,
         result_rows=metric_rows,
-        base_model_name=_base_model_id(args, built),
+        base_model_name=base_model_id(args, built),
         params_base=f"{results['params_base']:,}",
         params=f"{results['params']:,}" + (f" ({results['params'] / results['params_base']:.1%})" if results["params_base"] else ""),
-        han_summary=_han_summary(han_report),
+        han_report=str(han_report).strip() if han_report is not None else None,
         data_description=data.describe(),
         recipe_line=recipe,
         distill_line=distill_line,

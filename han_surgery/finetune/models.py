@@ -173,13 +173,9 @@ def build_model(spec: str, data: Any = None, *, pretrained: bool = False, model_
 
 
 def _load_han_dir(path: Path, data: Any) -> BuiltModel:
-    import han_surgery
-
-    from_pretrained = getattr(han_surgery, "from_pretrained", None)
-    if from_pretrained is None:
-        raise ModelError(f"--model {path}: a han_surgery.save_pretrained folder, but han_surgery.from_pretrained is not available in this version.")
-    model = from_pretrained(str(path))
-    family: Family = "transformers" if hasattr(model, "save_pretrained") and hasattr(model, "config") else "timm"
+    model = load_model(path)
+    family: Family = "tabular" if isinstance(model, TabularNet) else "transformers" if hasattr(model, "save_pretrained") and hasattr(model, "config") else "timm"
+    model.train()
     if data is not None and hasattr(model, "num_classes") and model.num_classes != data.num_outputs:
         model.reset_classifier(data.num_outputs)
     tokenizer = None
@@ -224,6 +220,8 @@ def save_model(built: BuiltModel, model: nn.Module, directory: str | Path, *, da
         import han_surgery
 
         han_surgery.save_pretrained(model, str(directory))
+        if built.family == "tabular":  # save_pretrained records no config for custom modules: keep ours
+            (directory / "config.json").write_text(json.dumps({TABULAR_CONFIG_KEY: model.config}, indent=2) + "\n")
     elif built.family == "timm":
         from timm.models import save_for_hf
 
@@ -242,11 +240,13 @@ def save_model(built: BuiltModel, model: nn.Module, directory: str | Path, *, da
 def load_model(directory: str | Path) -> nn.Module:
     """Load a folder written by :func:`save_model` (or by timm / transformers / han_surgery directly)."""
     directory = Path(directory)
+    conf_file = directory / "config.json"
+    conf = json.loads(conf_file.read_text()) if conf_file.is_file() else {}
     if (directory / "han_config.json").is_file():
         import han_surgery
 
-        return han_surgery.from_pretrained(str(directory))
-    conf = json.loads((directory / "config.json").read_text())
+        base = TabularNet(**conf[TABULAR_CONFIG_KEY]) if TABULAR_CONFIG_KEY in conf else None
+        return han_surgery.from_pretrained(str(directory), model=base)
     if TABULAR_CONFIG_KEY in conf:
         from safetensors.torch import load_file
 

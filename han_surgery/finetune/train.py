@@ -267,13 +267,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if built.hanified:
                 raise FinetuneError(f"--hanify: {args.model} is already hanified (it has han_config.json); drop --hanify.")
             import han_surgery
+            from han_surgery.surgery.engine import HanifyError
 
-            if not hasattr(han_surgery, "hanify") or not hasattr(han_surgery, "HanConfig"):
-                raise FinetuneError("--hanify needs han_surgery.hanify and han_surgery.HanConfig, which this version does not have.")
             from .args import han_config_kwargs
 
-            han_config = han_surgery.HanConfig(**han_config_kwargs(args))
-            han_report = han_surgery.hanify(built.model, han_config)
+            try:
+                han_config = han_surgery.HanConfig(**han_config_kwargs(args))
+                han_report = han_surgery.hanify(built.model, han_config)
+            except (ValueError, HanifyError) as e:
+                raise FinetuneError(f"--hanify on {args.model}: {e}") from None
             built.hanified = True
         if args.distill_from and teacher is None:
             teacher = build_model(args.distill_from, data, model_kwargs=None).model
@@ -330,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"x {args.grad_accum} accumulation step(s)\n"
             f"data: {data.describe()}\n"
             f"model: {args.model} ({built.family}{', hanified' if built.hanified else ''}), parameters {params_base:,}"
-            + (f" -> {params_final:,} after hanify" if han_report is not None else "")
+            + (f" -> {params_final:,} after hanify ({han_report.num_rewritten} block(s) rewritten)" if han_report is not None else "")
             + (f"; distilling from {args.distill_from}" if teacher is not None else "")
             + f"\nschedule: {total_steps} optimizer steps ({epochs} epoch(s) x {steps_per_epoch} steps), lr {args.lr} {args.schedule}"
             + (f", checkpoint every {args.checkpoint_every} steps" if args.checkpoint_every else ""),
@@ -446,8 +448,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             save_model(built, unwrapped, out, data_config=_timm_data_config(data))
-            (out / ARGS_FILE).write_text(json.dumps({**vars(args), "setup": setup, "data": _data_summary(data)}, indent=2, default=str) + "\n")
+            from .hub import base_model_id
+
+            (out / ARGS_FILE).write_text(json.dumps(
+                {**vars(args), "base_model": base_model_id(args, built), "setup": setup, "data": _data_summary(data)}, indent=2, default=str) + "\n")
             (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+            if han_report is not None:
+                (out / "hanify_report.txt").write_text(str(han_report) + "\n")
             from .hub import write_model_card
 
             write_model_card(out, args=args, built=built, data=data, results=results, han_report=han_report)

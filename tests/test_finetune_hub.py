@@ -1,0 +1,113 @@
+"""Uploading a fine-tuned folder: ``--push-to-hub`` and ``han-surgery push``.
+
+Two levels, both named in each test:
+
+* the successful upload stops at the ``HfApi`` boundary: ``HfApi.create_repo`` and ``HfApi.upload_folder`` are
+  replaced by fakes that record their arguments (everything before them -- the CLI, the folder checks, the
+  ignore patterns -- is real);
+* the failed upload uses the real huggingface_hub client against an endpoint where nothing listens
+  (``http://127.0.0.1:9``): no fake at all.
+
+The folder they upload comes from a real (tiny, tabular) fine-tuning run, which also checks the tabular path.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from han_surgery.finetune.args import parse_args
+from han_surgery.finetune.train import run, run_cli
+
+
+def regression_csv(path: Path, n: int = 240) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.0, 1.0, (n, 4))
+    y = 3.0 * x[:, 0] - 2.0 * x[:, 1] * x[:, 2] + 10.0 + 0.1 * rng.normal(size=n)
+    np.savetxt(path, np.column_stack([x, y]), delimiter=",", fmt="%.6f")
+    return path
+
+
+def argv(csv: Path, out: Path, *extra: str, epochs: int = 3) -> list[str]:
+    return ["--model", "hannet:16x3", "--data", str(csv), "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "16",
+            "--lr", "1e-2", "--no-progress", "--no-tensorboard", *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    tmp = tmp_path_factory.mktemp("hub")
+    csv = regression_csv(tmp / "reg.csv")
+    out = tmp / "run"
+    return out, run(parse_args(argv(csv, out, "--checkpoint-every", "10"))), csv
+
+
+def test_tabular_run_writes_a_folder_that_loads_back(finished: tuple[Path, dict, Path]) -> None:
+    from han_surgery.finetune import load_data, load_model
+
+    out, results, csv = finished
+    assert results["eval_rmse"] < 3.0  # the target's std is ~3.6: the HanNet learned something in 3 epochs
+    data = load_data(csv, seed=0)
+    model = load_model(out).eval()
+    x = torch.stack([data.eval[i][0] for i in range(len(data.eval))])
+    y = torch.stack([data.eval[i][1] for i in range(len(data.eval))])
+    with torch.no_grad():
+        mse = torch.nn.functional.mse_loss(model(x), y).item()
+    assert math.sqrt(mse) * data.target_std[0] == pytest.approx(results["eval_rmse"], rel=1e-5)
+    assert (out / "checkpoints").is_dir()
+
+
+def test_push_command_calls_create_repo_and_upload_folder(finished: tuple[Path, dict, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Fake at the HfApi boundary: create_repo / upload_folder record their arguments."""
+    from huggingface_hub import CommitInfo, HfApi
+
+    from han_surgery.cli import main
+
+    out = finished[0]
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self: HfApi, repo_id: str, **kw: object) -> str:
+        calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self: HfApi, **kw: object) -> CommitInfo:
+        calls.append(("upload_folder", kw))
+        return CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc", commit_message="m", commit_description="", oid="abc")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    assert main(["push", str(out), "someone/han-hannet", "--private"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1] == {"repo_id": "someone/han-hannet", "repo_type": "model", "private": True, "exist_ok": True}
+    upload = calls[1][1]
+    assert upload["folder_path"] == str(out) and upload["repo_id"] == "someone/han-hannet"
+    assert "checkpoints/*" in upload["ignore_patterns"]  # training state stays local
+
+
+def test_push_without_network_fails_clearly_and_keeps_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Real huggingface_hub client, endpoint with nothing listening: the run still writes its complete folder."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    csv = regression_csv(tmp_path / "reg.csv", n=80)
+    out = tmp_path / "run"
+    code = run_cli(parse_args(argv(csv, out, "--push-to-hub", "someone/han-hannet", epochs=1)))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Upload of" in err and "someone/han-hannet failed" in err and "local folder is complete" in err
+    assert "han-surgery push" in err
+    for name in ("model.safetensors", "config.json", "README.md", "training_args.json", "results.json"):
+        assert (out / name).is_file(), name
+
+
+def test_push_refuses_an_unfinished_folder(tmp_path: Path) -> None:
+    from han_surgery.finetune.hub import HubUploadError, push_folder
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(HubUploadError, match="missing config.json, README.md"):
+        push_folder(tmp_path, "someone/x")
