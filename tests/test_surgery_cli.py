@@ -46,12 +46,16 @@ def test_hanify_a_transformers_directory(tmp_path, capsys):
         assert torch.isfinite(loaded(**inputs).last_hidden_state).all()
 
 
-def test_bad_sources(tmp_path):
+def test_bad_sources(tmp_path, capsys):
     with pytest.raises(SystemExit, match="vit_tiny_patch16_224"):
         main(["inspect", "vit_tiny_patch16_22"])
     (tmp_path / "model.pt").write_bytes(b"x")
-    with pytest.raises(ValueError, match="never unpickles"):
-        main(["inspect", str(tmp_path)])
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+    assert main(["inspect", "test_resnet"]) == 2
+    assert "no rule recognises any module of ResNet" in capsys.readouterr().err
+    assert main(["inspect", "test_vit", "--include", "blocks.9.mlp"]) == 2
+    assert "Near names" in capsys.readouterr().err
 
 
 def test_help_says_pretrained_false(capsys):

@@ -213,3 +213,24 @@ def test_report_table_and_totals():
     assert row.params_before == 2 * 96 * 192 + 192 + 96 and row.params_after == 4 * 96
     assert report.params_before - report.params_after == sum(r.params_before - r.params_after for r in report.rewrites)
     assert report.to_dict()["rewrites"][0]["rule"] == "timm.mlp"
+
+
+def test_fallback_catches_1x1_conv_ffn_but_not_a_depthwise_block():
+    class ConvFFN(nn.Module):
+        def __init__(self, c=8):
+            super().__init__()
+            self.fc1, self.bn, self.act, self.fc2 = nn.Conv2d(c, 4 * c, 1), nn.BatchNorm2d(4 * c), nn.GELU(), nn.Conv2d(4 * c, c, 1)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.bn(self.fc1(x))))
+
+    class DwFFN(ConvFFN):
+        def __init__(self, c=8):
+            super().__init__(c)
+            self.dw = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), nn.BatchNorm2d(c))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), ConvFFN(), DwFFN())
+    report = hanify(model)
+    assert [(r.path, r.rule) for r in report.rewrites] == [("1", "fallback.ffn")]
+    assert type(model[1]).__name__ == "ChannelsFirst" and isinstance(model[2], DwFFN)
+    assert model(torch.randn(2, 3, 5, 5)).shape == (2, 8, 5, 5)

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from .config import HanConfig
-from .engine import hanify
+from .engine import HanifyError, hanify
 from .serialization import HAN_CONFIG_NAME, WEIGHTS_NAME, _refuse_pickles, from_pretrained, save_pretrained
 
 __all__ = ["register", "load_source"]
@@ -74,10 +74,14 @@ def _config(args: argparse.Namespace) -> HanConfig:
 
 
 def _run(args: argparse.Namespace, dry_run: bool) -> int:
-    model = load_source(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
-    start = time.perf_counter()
-    report = hanify(model, _config(args), dry_run=dry_run)
-    elapsed = time.perf_counter() - start
+    try:
+        model = load_source(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
+        start = time.perf_counter()
+        report = hanify(model, _config(args), dry_run=dry_run)
+        elapsed = time.perf_counter() - start
+    except (ValueError, HanifyError) as e:  # NothingToRewriteError, pattern errors, UnsafeCheckpointError, ...
+        print(f"han-surgery: error: {e}", file=sys.stderr)
+        return 2
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
     if not dry_run:

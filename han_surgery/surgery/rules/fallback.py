@@ -3,7 +3,9 @@
 A module is taken for an FFN when its direct children are exactly
 
 * two or three projections (``nn.Linear``, 1x1 ``nn.Conv2d`` or transformers
-  ``Conv1D``): ``d -> h`` (one, or two for a gated FFN) and ``h -> d``;
+  ``Conv1D``): ``d -> h`` (one, or two for a gated FFN) and ``h -> d`` (all
+  1x1 convolutions: the block works on ``(N, C, H, W)`` and the replacement is
+  ``ChannelsFirst(HanBlock)``);
 * at least one activation module (GELU, ReLU, SiLU, ..., or a class whose name
   says activation / GELU / ReLU / SiLU / Swish / Act);
 * optionally dropouts, identities and norms;
@@ -16,9 +18,12 @@ The fallback cannot know the parent's layout: the pre-norm is left as is and
 
 from __future__ import annotations
 
+import re
+
 from torch import nn
 
 from ..config import HanConfig
+from ..modules import ChannelsFirst
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
 from ._common import dims, dropout_p, finish, han_block, require_square
 
@@ -42,8 +47,13 @@ def _is_activation(m: nn.Module) -> bool:
     return not list(m.parameters()) and any(h in name for h in ACT_NAME_HINTS)
 
 
+_NORM_NAME = re.compile(r"(layer|rms|batch|group|instance)?norm(\d*d?)?$")
+
+
 def _is_passive(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Dropout, nn.Identity, *NORMS)) or "norm" in type(m).__name__.lower()
+    if isinstance(m, (nn.Dropout, nn.Identity, *NORMS)):
+        return True
+    return _NORM_NAME.search(type(m).__name__.lower()) is not None and not any(_is_projection(c) for c in m.modules())
 
 
 def _split(module: nn.Module):
@@ -69,8 +79,9 @@ def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     if any(u != ups[0] for u in ups) or down[0] != hidden:
         raise SkipCandidate(f"fallback: projections {shapes} are not d -> h (, d -> h) -> d")
     require_square(d_in, hidden, down[1], "first projection")
-    if any(isinstance(p, nn.Conv2d) for p in projs):
-        raise SkipCandidate("fallback: 1x1-conv FFNs need a named rule (layout unknown)")
+    convs = [isinstance(p, nn.Conv2d) for p in projs]
+    if any(convs) and not all(convs):
+        raise SkipCandidate("fallback: mixes 1x1 convolutions and linear layers (layout unknown)")
     drops = [dropout_p(c) for c in rest if isinstance(c, nn.Dropout)]
     han = han_block(d_in, config, (0.0, max(drops, default=0.0)))
-    return finish(cand, config, han, None)
+    return finish(cand, config, ChannelsFirst(han) if all(convs) else han, None)
