@@ -104,6 +104,8 @@ ZOO = {
     "hf/t5": _hf(T.T5Config, T.T5Model, 2, _seq2seq_inputs, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100),
     "hf/t5_gated": _hf(T.T5Config, T.T5Model, 2, _seq2seq_inputs, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100, feed_forward_proj="gated-gelu"),
     "hf/bart": _hf(T.BartConfig, T.BartModel, 2, _seq2seq_inputs, **SEQ2SEQ),
+    "hf/opt": _hf(T.OPTConfig, T.OPTModel, 2, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2, vocab_size=100,
+                  word_embed_proj_dim=32, max_position_embeddings=64),
     "hf/whisper": _hf(T.WhisperConfig, T.WhisperModel, 2, _whisper_inputs, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
                       **{k: v for k, v in SEQ2SEQ.items() if k != "max_position_embeddings"}),
     "hf/clip": _hf(T.CLIPConfig, T.CLIPModel, 2, _clip_inputs,

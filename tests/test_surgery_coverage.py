@@ -154,11 +154,12 @@ def test_residual_drop_refused_with_reason(name, reason):
     assert all(reason in s.reason for s in report.skipped if s.rule != "fallback.ffn" or name == "custom/fallback")
 
 
-def test_whisper_prenorm_dropped_bart_postnorm_kept():
+def test_whisper_opt_prenorm_dropped_bart_postnorm_kept():
     whisper, _, _ = ZOO["hf/whisper"]()
+    opt, _, _ = ZOO["hf/opt"]()
     bart, _, _ = ZOO["hf/bart"]()
-    w, b = hanify(whisper), hanify(bart)
-    assert all("-> Identity" in r.neighbours["norm"] for r in w.rewrites)
+    w, o, b = hanify(whisper), hanify(opt), hanify(bart)
+    assert all("-> Identity" in r.neighbours["norm"] for r in w.rewrites + o.rewrites)
     assert all("post-norm" in r.neighbours["norm"] for r in b.rewrites)
     assert isinstance(whisper.encoder.layers[0].final_layer_norm, nn.Identity)
     assert isinstance(bart.encoder.layers[0].final_layer_norm, nn.LayerNorm)

@@ -5,7 +5,8 @@ There is no FFN module to swap, so the pieces are swapped: ``fc1`` -> ``HanLayer
 (``|H1 x + b1|``), ``activation_fn`` -> ``Identity``, ``fc2`` -> ``HouseholderLinear``
 (``H2 z + b2``); together exactly the Han-block ``H2 |H1 x + b1| + b2``, with the
 layer's functional activation dropout still between them. ``final_layer_norm`` is the
-pre-norm in pre-norm layers (Whisper, mBART, Speech2Text: dropped when ``drop_norm``)
+pre-norm in pre-norm layers (Whisper, mBART, Speech2Text, OPT with ``do_layer_norm_before``:
+dropped when ``drop_norm``)
 and the post-norm in BART / Marian / Pegasus-style post-norm layers (kept). The
 residual is added inline, so ``residual="drop"`` is refused.
 """
@@ -22,6 +23,8 @@ from ._common import dims, require_square
 # Class-name prefixes of layers that apply final_layer_norm *before* fc1.
 PRE_NORM_PREFIXES = ("Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM")
 POST_NORM_PREFIXES = ("BlenderbotSmall",)
+# Everything else is treated as post-norm (BART, Marian, PLBart, ...): the norm is kept, which is
+# safe either way. A layer's own ``do_layer_norm_before`` / ``normalize_before`` flag (OPT) wins.
 
 
 def _is_inline_ffn(cand: Candidate) -> bool:
@@ -53,7 +56,11 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
         q + "fc2": (HanLayer if config.final_abs else HouseholderLinear)(d_in, **kw),
     }
     name = type(m).__name__
-    pre = name.startswith(PRE_NORM_PREFIXES) and not name.startswith(POST_NORM_PREFIXES)
+    flag = getattr(m, "do_layer_norm_before", getattr(m, "normalize_before", None))  # OPT, some speech models
+    if isinstance(flag, bool):
+        pre = flag
+    else:
+        pre = name.startswith(PRE_NORM_PREFIXES) and not name.startswith(POST_NORM_PREFIXES)
     nb = {}
     if pre and config.drop_norm:
         swaps[q + "final_layer_norm"] = nn.Identity()
