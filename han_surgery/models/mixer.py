@@ -277,8 +277,8 @@ default_cfgs = generate_default_cfgs(
 _CIFAR_ARGS = dict(stem_type="cnn", stem_strides=(1, 2, 1, 2), img_size=32, embed_dim=512, mlp_ratio=(0.125, 1.0))
 
 
-def _cifar(variant: str, mlp_depth: int, han_depth: int, pretrained: bool, **kwargs: Any) -> HanMixer:
-    args = dict(_CIFAR_ARGS, mlp_depth=mlp_depth, han_depth=han_depth)
+def _cifar(variant: str, k: int, m: int, pretrained: bool, **kwargs: Any) -> HanMixer:
+    args = dict(_CIFAR_ARGS, mlp_depth=k, han_depth=m)
     return _create_han_mixer(variant, pretrained=pretrained, **dict(args, **kwargs))
 
 
