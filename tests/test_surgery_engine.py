@@ -234,3 +234,18 @@ def test_fallback_catches_1x1_conv_ffn_but_not_a_depthwise_block():
     assert [(r.path, r.rule) for r in report.rewrites] == [("1", "fallback.ffn")]
     assert type(model[1]).__name__ == "ChannelsFirst" and isinstance(model[2], DwFFN)
     assert model(torch.randn(2, 3, 5, 5)).shape == (2, 8, 5, 5)
+
+
+def test_fallback_skips_an_ffn_whose_forward_takes_the_residual():
+    class AddsResidual(nn.Module):  # like BLOOM's MLP: forward(hidden_states, residual)
+        def __init__(self, d=8):
+            super().__init__()
+            self.up, self.act, self.down = nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+        def forward(self, x, residual):
+            return residual + self.down(self.act(self.up(x)))
+
+    model = nn.Sequential(nn.Linear(2, 8), AddsResidual())
+    report = hanify(model)
+    assert report.num_rewritten == 0
+    assert "forward(x, residual) takes 2 inputs" in report.skipped[0].reason

@@ -11,13 +11,16 @@ A module is taken for an FFN when its direct children are exactly
 * optionally dropouts, identities and norms;
 
 and nothing else (so attention, which has no activation module and 3-4
-projections, is not caught). It becomes a ``HanBlock`` of width ``d``.
+projections, is not caught). It becomes a ``HanBlock`` of width ``d`` if its
+``forward`` takes a single input (BLOOM's MLP, ``forward(x, residual)``, is
+skipped with that reason).
 The fallback cannot know the parent's layout: the pre-norm is left as is and
 ``residual="drop"`` is refused. It has the lowest priority: any named rule wins.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 
 from torch import nn
@@ -69,9 +72,24 @@ def _looks_like_ffn(cand: Candidate) -> bool:
     return 2 <= len(projs) <= 3 and len(acts) >= 1 and all(_is_passive(c) for c in rest)
 
 
+def _required_inputs(module: nn.Module) -> list[str]:
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return ["?"]
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds and p.default is inspect.Parameter.empty]
+
+
 @register_rule("fallback.ffn", matcher=_looks_like_ffn, changes=(), priority=-100)
 def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     """Any module made of d->h projection(s), an activation and an h->d projection -> ``HanBlock``."""
+    inputs = _required_inputs(cand.module)
+    if len(inputs) != 1:
+        raise SkipCandidate(
+            f"fallback: {type(cand.module).__name__}.forward({', '.join(inputs)}) takes {len(inputs)} inputs; "
+            "a Han block takes one (register a rule for this block)"
+        )
     projs, _, rest = _split(cand.module)
     shapes = [dims(p) for p in projs]
     *ups, down = shapes
