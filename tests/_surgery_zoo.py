@@ -113,6 +113,10 @@ ZOO = {
                    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16)),
     "hf/mobilevit": _hf(T.MobileViTConfig, T.MobileViTModel, 9, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}, image_size=32,
                         hidden_sizes=[16, 24, 32], neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]),
+    "hf/convnext": _hf(T.ConvNextConfig, T.ConvNextModel, 2, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
+                       hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+    "hf/convnextv2": _hf(T.ConvNextV2Config, T.ConvNextV2Model, 2, lambda: {"pixel_values": torch.randn(2, 3, 32, 32)},
+                         hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
     # fallback
     "custom/fallback": lambda: (CustomNet(), {"x": torch.randn(2, 5, 4)}, 2),
 }

@@ -36,7 +36,7 @@ def test_hanify_family_forward_backward(name):
         assert rec.params_after < rec.params_before
         for path in rec.swapped:
             assert model.get_submodule(path) is not originals[path]
-        assert isinstance(model.get_submodule(rec.path), HAN_MODULE_TYPES) or rec.rule == "hf.inline_ffn"
+        assert isinstance(model.get_submodule(rec.path), HAN_MODULE_TYPES) or rec.rule in ("hf.inline_ffn", "hf.convnext")
     # No dense FFN left where a rewrite happened, and the Han parameters exist.
     han_params = [p for m in model.modules() if isinstance(m, HouseholderLinear) for p in m.parameters()]
     assert han_params
@@ -142,6 +142,7 @@ def test_llama_residual_drop_gives_han_of_stream():
         ("timm/beit", "gamma_2"),
         ("timm/convnext", "conv_dw"),
         ("hf/bart", "inline"),
+        ("hf/convnext", "dwconv"),
         ("custom/fallback", "does not know"),
     ],
 )

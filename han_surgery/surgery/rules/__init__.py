@@ -10,9 +10,10 @@ module             family
 ``hf_llama``       gated MLPs (LLaMA, Mistral, Qwen2, Gemma)
 ``hf_t5``          T5 ``DenseReluDense`` (plain and gated)
 ``hf_seq2seq``     inline ``fc1``/``fc2`` layers (BART, Whisper, mBART, Marian, ...)
+``hf_convnext``    transformers ConvNeXt / ConvNeXt-V2 layers (inline ``pwconv1``/``pwconv2``)
 ``hf_mlp``         ``*MLP`` modules with ``fc1``/``fc2`` (CLIP, SigLIP, ViT, DeiT, Dinov2)
 ``fallback``       the structural fallback for unknown FFNs
 =================  ===============================================================
 """
 
-from . import fallback, hf_bert, hf_distilbert, hf_gpt2, hf_llama, hf_mlp, hf_seq2seq, hf_t5, timm_mlp  # noqa: F401
+from . import fallback, hf_bert, hf_convnext, hf_distilbert, hf_gpt2, hf_llama, hf_mlp, hf_seq2seq, hf_t5, timm_mlp  # noqa: F401

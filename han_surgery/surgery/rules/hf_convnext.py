@@ -1,0 +1,58 @@
+"""transformers ConvNeXt / ConvNeXt-V2 layers, whose FFN is inline:
+``dwconv -> layernorm -> pwconv1 -> act [-> grn] -> pwconv2 -> layer scale -> + residual``.
+
+Swapped piecewise, as the inline FFNs of BART/Whisper: ``pwconv1`` -> ``HanLayer``,
+``act`` -> ``Identity``, ``pwconv2`` -> ``HouseholderLinear`` (exactly ``H2 |H1 x + b1| + b2``);
+V2's ``grn`` (a norm over the hidden width, which no longer exists) -> ``Identity``;
+``layernorm`` (the pre-norm) -> ``Identity`` when ``drop_norm``. The residual spans the
+depthwise conv too, so ``residual="drop"`` is refused.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...layers import HanLayer, HouseholderLinear
+from ..config import HanConfig
+from ..registry import Candidate, Replacement, SkipCandidate, register_rule
+from ._common import dims, require_square
+
+
+def _is_convnext_layer(cand: Candidate) -> bool:
+    m = cand.module
+    return (
+        isinstance(getattr(m, "pwconv1", None), nn.Linear)
+        and isinstance(getattr(m, "pwconv2", None), nn.Linear)
+        and isinstance(getattr(m, "act", None), nn.Module)
+        and isinstance(getattr(m, "dwconv", None), nn.Conv2d)
+    )
+
+
+@register_rule("hf.convnext", matcher=_is_convnext_layer, changes=("norm",), priority=90)
+def build_convnext(cand: Candidate, config: HanConfig) -> Replacement:
+    """transformers ConvNeXt(-V2) layer (pwconv1, act, [grn], pwconv2 inline) -> ``HanLayer``, ``Identity``, ``HouseholderLinear``."""
+    m = cand.module
+    (d_in, hidden), (_, d_out) = dims(m.pwconv1), dims(m.pwconv2)
+    require_square(d_in, hidden, d_out, "pwconv1")
+    if config.reflections > d_in:
+        raise SkipCandidate(f"reflections={config.reflections} > width {d_in}")
+    if config.residual == "drop":
+        raise SkipCandidate("residual='drop' not possible: the ConvNeXt residual also spans dwconv; use residual='keep'")
+    kw = config.han_kwargs()
+    q = f"{cand.path}." if cand.path else ""
+    swaps: dict[str, nn.Module] = {
+        q + "pwconv1": HanLayer(d_in, **kw),
+        q + "act": nn.Identity(),
+        q + "pwconv2": (HanLayer if config.final_abs else HouseholderLinear)(d_in, **kw),
+    }
+    nb = {}
+    if isinstance(getattr(m, "grn", None), nn.Module):
+        swaps[q + "grn"] = nn.Identity()
+        nb["grn"] = "grn (norm over the hidden width) -> Identity"
+    if config.drop_norm and isinstance(getattr(m, "layernorm", None), nn.Module):
+        swaps[q + "layernorm"] = nn.Identity()
+        nb["norm"] = f"layernorm ({type(m.layernorm).__name__}) -> Identity"
+    else:
+        nb["norm"] = "layernorm kept"
+    nb["residual"] = "kept"
+    return Replacement(swaps, nb)
