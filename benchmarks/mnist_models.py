@@ -193,7 +193,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=OUT, help="markdown file to write ('-' to skip)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     specs = [s for s in SPECS if args.models is None or s.name in args.models]
     data = load_mnist(args.data, args.n_train, args.n_test)
     rows = []
