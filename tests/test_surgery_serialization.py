@@ -69,6 +69,29 @@ def test_custom_model_needs_its_base(tmp_path):
     _same_outputs(model, loaded, {"x": torch.randn(2, 5, 4)})
 
 
+class SelfHanifying(CustomNet):
+    """A model class that hanifies itself in __init__ (as timm-registered Han models do)."""
+
+    def __init__(self):
+        super().__init__()
+        hanify(self, HanConfig(include=["blocks.0"]))
+
+
+def test_base_whose_constructor_hanifies_is_not_replayed_twice(tmp_path):
+    torch.manual_seed(0)
+    model = SelfHanifying()
+    hanify(model)  # a second, user step: blocks.1
+    assert len(model._han_surgery_recipe) == 2
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path, model=SelfHanifying())
+    assert loaded._han_surgery_recipe == model._han_surgery_recipe
+    _same_outputs(model, loaded, {"x": torch.randn(2, 5, 4)})
+    with pytest.raises(ValueError, match="not a prefix"):
+        other = CustomNet()
+        hanify(other, HanConfig(include=["blocks.1"]))
+        from_pretrained(tmp_path, model=other)
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even opened")
     (tmp_path / "han_config.json").write_text("{}")

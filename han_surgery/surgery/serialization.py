@@ -159,8 +159,10 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None) ->
 
     Args:
         directory: the saved directory (local; no download, no pickle).
-        model: the freshly built, *not* hanified base model, required when the
-            base is neither timm nor transformers (optional otherwise).
+        model: the freshly built base model, required when the base is neither
+            timm nor transformers (optional otherwise). If its constructor
+            already applied the first recipe steps (a model class that calls
+            ``hanify`` in ``__init__``), those steps are not replayed again.
 
     Returns:
         The hanified model in ``eval()`` mode, on CPU, in the saved dtype.
@@ -186,7 +188,15 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None) ->
     if model is None:
         model = _build_base(directory, payload.get("base", {}))
     model.to(dtype=getattr(torch, payload.get("dtype", "float32")))
-    for i, step in enumerate(payload["recipe"]):
+    recipe = payload["recipe"]
+    # A base whose constructor already hanifies (e.g. timm-registered Han models) carries the first steps.
+    done = json.loads(json.dumps(getattr(model, RECIPE_ATTR, [])))
+    if recipe[: len(done)] != done:
+        raise ValueError(
+            f"{han_file}: the rebuilt base model {type(model).__name__} already carries a hanify recipe "
+            "that is not a prefix of the saved one; pass the plain base model with model=..."
+        )
+    for i, step in enumerate(recipe[len(done) :], start=len(done)):
         config = HanConfig.from_dict(step["config"])
         wanted = [(r["path"], r["rule"]) for r in step["rewrites"]]
         paths = {p for p, _ in wanted}
