@@ -160,6 +160,11 @@ def test_features_only(name, img, n_out):
         assert f.shape[:2] == (2, c) and f.shape[-1] == img // r
 
 
+def test_features_only_without_blocks_fails_clearly():
+    with pytest.raises(ValueError, match="han_mixer_m0h0_32: features_only needs at least one"):
+        timm.create_model("han_mixer_m0h0_32", features_only=True)
+
+
 @pytest.mark.parametrize("name,img", [("han_mixer_m1h16_32", 32), ("han_mobilevit_xxs", 64)])
 def test_grad_checkpointing_same_gradients(name, img):
     torch.manual_seed(0)

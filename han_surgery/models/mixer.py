@@ -216,6 +216,11 @@ class HanMixer(MlpMixer):
 
 def _create_han_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> HanMixer:
     depth = kwargs.get("mlp_depth", 2) + kwargs.get("han_depth", 16)
+    if depth == 0 and kwargs.get("features_only"):
+        raise ValueError(
+            f"{variant}: features_only needs at least one Mixer or Han-Mixer block and this model has none; "
+            "use model.forward_features(x) for the stem's tokens"
+        )
     out_indices = kwargs.pop("out_indices", min(3, depth))
     return build_model_with_cfg(
         HanMixer,
