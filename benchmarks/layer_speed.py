@@ -11,7 +11,7 @@ candidate alike), forward and forward+backward at 8192 rows for n in {384, 768, 
 and prints the ratios the foundation issue asks for. Times are the minimum over
 rounds (the least-disturbed run); the median is printed too.
 
-    python benchmarks/layer_speed.py [--rows 8192] [--rounds 15] [--threads N] [--json out.json]
+    python benchmarks/layer_speed.py [--rows 8192] [--rounds 15] [--threads N] [--clock wall|process] [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ def candidates(n: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     }
 
 
-def time_once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def measure(n: int, rows: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+def measure(n: int, rows: int, rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, list[float]]]:
     torch.manual_seed(0)
     x = torch.randn(rows, n, requires_grad=True)
     grad = torch.randn(rows, n)
@@ -84,7 +87,7 @@ def measure(n: int, rows: int, rounds: int) -> dict[str, dict[str, list[float]]]
     times: dict[str, dict[str, list[float]]] = {name: {"fwd": [], "fwd+bwd": []} for name in mods}
     for _ in range(rounds):
         for (name, kind), job in jobs.items():
-            times[name][kind].append(time_once(job))
+            times[name][kind].append(time_once(job, clock))
     return times
 
 
@@ -94,18 +97,25 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[384, 768, 1024])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); process: CPU time of this process, steadier on a shared "
+        "machine (use with --threads 1, since idle OpenMP threads spin and count as CPU time)",
+    )
     parser.add_argument("--json", type=str, default=None, help="also write the raw timings here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, rows={args.rows}, rounds={args.rounds}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, rows={args.rows}, rounds={args.rounds}, clock={args.clock}")
     print("times in ms: min (median) over rounds\n")
     report = {}
     header = f"{'n':>5} {'pass':8} " + " ".join(f"{name:>16}" for name in ("han", "paper", "linear", "abs"))
     print(header)
     print("-" * len(header))
     for n in args.widths:
-        times = measure(n, args.rows, args.rounds)
+        times = measure(n, args.rows, args.rounds, CLOCKS[args.clock])
         report[n] = times
         for kind in ("fwd", "fwd+bwd"):
             cells = [f"{min(times[m][kind]) * 1e3:7.2f} ({statistics.median(times[m][kind]) * 1e3:6.2f})" for m in ("han", "paper", "linear", "abs")]
