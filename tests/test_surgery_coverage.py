@@ -141,9 +141,9 @@ def test_llama_residual_drop_gives_han_of_stream():
     [
         ("timm/beit", "gamma_2"),
         ("timm/convnext", "conv_dw"),
-        ("hf/bart", "inline"),
-        ("hf/convnext", "dwconv"),
-        ("custom/fallback", "does not know"),
+        ("hf/bart", "does not change residuals (BART / Whisper-style layers (fc1, activation_fn, fc2 inline)"),
+        ("hf/convnext", "does not change residuals"),
+        ("custom/fallback", "'fallback.ffn' does not change residuals"),
     ],
 )
 def test_residual_drop_refused_with_reason(name, reason):

@@ -54,7 +54,7 @@ def test_rule_raising_midway_leaves_model_exactly_as_before():
     model.blocks.append(type(model.blocks[0])(dim=32, num_heads=2))
     calls = []
 
-    @register_rule("test.explodes", matcher=Mlp, priority=10_000)
+    @register_rule("test.explodes", matcher=Mlp, changes=("norm",), priority=10_000)
     def explode(cand, config):
         calls.append(cand.path)
         if len(calls) == 2:
@@ -176,6 +176,24 @@ def test_user_rule_outranks_fallback_and_registry_checks():
             register_rule("test.other", matcher=Gate, builder=build_gate, changes=("bias",))
     finally:
         unregister_rule("test.gate")
+
+
+def test_declared_changes_are_enforced():
+    @register_rule("test.sneaky", matcher=Mlp, priority=10_000)  # changes=(): may not touch neighbours
+    def sneaky(cand, config):
+        return Replacement({cand.path: HanBlock(96), "b": nn.Identity()})
+
+    model = TwoMlps()
+    snap = _snapshot(model)
+    try:
+        with pytest.raises(HanifyError, match="outside the candidate"):
+            hanify(model, HanConfig(include=["a"]))
+        _assert_unchanged(model, snap)
+        report = hanify(model, HanConfig(residual="drop", rules=["test.sneaky"]))
+        assert report.num_rewritten == 0
+        assert all("'test.sneaky' does not change residuals" in s.reason for s in report.skipped)
+    finally:
+        unregister_rule("test.sneaky")
 
 
 def test_builder_touching_a_foreign_path_is_refused():

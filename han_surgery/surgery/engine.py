@@ -178,6 +178,11 @@ def hanify(
             reason = "filter_fn returned False"
         elif cand.parent is None:
             reason = "the model itself is the FFN: wrap it in a parent module to replace it"
+        elif config.residual == "drop" and "residual" not in rule.changes:
+            reason = (
+                f"residual='drop' not possible: rule {rule.name!r} does not change residuals "
+                f"({rule.description or 'see its docstring'}); use residual='keep'"
+            )
         if reason is None:
             try:
                 repl = rule.builder(cand, config)
@@ -192,6 +197,11 @@ def hanify(
             report.skipped.append(SkipRecord(cand.path, rule.name, reason))
             continue
         for path in repl.swaps:
+            if not rule.changes and path != cand.path and not path.startswith(cand.path + "."):
+                raise HanifyError(
+                    f"rule {rule.name!r} on {cand.path!r} replaces {path!r}, outside the candidate, but declares "
+                    "changes=() (register it with changes=('norm', ...) to touch neighbours); model unchanged"
+                )
             if path not in modules or not path:
                 raise HanifyError(f"rule {rule.name!r} on {cand.path!r} wants to replace {path!r}, which is not a sub-module; model unchanged")
             if path in claimed:

@@ -13,7 +13,10 @@ It has
   every builder has succeeded) or raises :class:`SkipCandidate` with a reason;
 * ``changes`` -- which neighbours of the FFN the rule may change:
   ``"norm"`` (the pre-norm in front of it), ``"residual"`` (the skip
-  connection around it);
+  connection around it). The engine holds rules to it: with
+  ``residual="drop"``, a rule without ``"residual"`` skips every block (with
+  that reason) before its builder runs; a rule with ``changes=()`` may only
+  replace the candidate and modules inside it;
 * ``priority`` -- higher first; the structural fallback has the lowest.
 
 Register your own rule without touching the built-in ones::
