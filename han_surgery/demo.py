@@ -98,9 +98,10 @@ def step_layer_speed() -> None:
     )
 
 
+from .finetune.demo_step import step_finetune  # noqa: E402
 from .surgery.demo_step import step_surgery_minilm  # noqa: E402
 
-DEMO_STEPS: list[Callable[[], None]] = [step_layer_properties, step_layer_speed, step_surgery_minilm]
+DEMO_STEPS: list[Callable[[], None]] = [step_layer_properties, step_layer_speed, step_surgery_minilm, step_finetune]
 
 
 def run_demo(args: argparse.Namespace | None = None) -> int:
