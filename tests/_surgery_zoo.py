@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import transformers as T
 from timm.models import metaformer, mlp_mixer
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is much faster than two on a shared, loaded CPU (no oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 IMG = lambda s=32: {"x": torch.randn(2, 3, s, s)}  # noqa: E731
 TOKENS = lambda: {"input_ids": torch.randint(0, 99, (2, 8))}  # noqa: E731
