@@ -92,6 +92,24 @@ def test_base_whose_constructor_hanifies_is_not_replayed_twice(tmp_path):
         from_pretrained(tmp_path, model=other)
 
 
+def test_hub_repo_id_downloads_only_json_and_safetensors(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model, inputs, _ = ZOO["timm/vit"]()
+    hanify(model)
+    save_pretrained(model, tmp_path / "snapshot")
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(tmp_path / "snapshot")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = from_pretrained("someone/vit-han", revision="v1")
+    assert calls == [("someone/vit-han", "v1", ["*.json", "*.safetensors", "*.md"])]
+    _same_outputs(model, loaded, inputs)
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even opened")
     (tmp_path / "han_config.json").write_text("{}")

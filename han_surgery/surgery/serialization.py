@@ -154,11 +154,28 @@ def _build_base(directory: Path, base: dict) -> nn.Module:
     )
 
 
-def from_pretrained(directory: str | Path, *, model: nn.Module | None = None) -> nn.Module:
+def _resolve_directory(source: str | Path, revision: str | None) -> Path:
+    path = Path(source)
+    if path.is_dir():
+        return path
+    text = str(source)
+    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"from_pretrained: {source} is not a directory (nor a Hub repo id 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    # JSON and safetensors only: a pickle is never even downloaded.
+    return Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+
+
+def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, revision: str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pretrained`: base model, recipe replayed, weights loaded.
 
     Args:
-        directory: the saved directory (local; no download, no pickle).
+        directory: the saved directory, or a Hub repo id (``"owner/name"``)
+            holding one; from the Hub only ``*.json``, ``*.safetensors`` and
+            ``*.md`` files are downloaded (``huggingface_hub.snapshot_download``).
+            Never a pickle.
+        revision: Hub revision (branch, tag or commit) for a repo id.
         model: the freshly built base model, required when the base is neither
             timm nor transformers (optional otherwise). If its constructor
             already applied the first recipe steps (a model class that calls
@@ -172,9 +189,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None) ->
         ValueError: not a han-surgery directory, or the recipe does not replay
             (rules renamed, a custom rule not registered, another base model).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"from_pretrained: {directory} is not a directory")
+    directory = _resolve_directory(directory, revision)
     _refuse_pickles(directory)
     han_file = directory / HAN_CONFIG_NAME
     if not han_file.is_file():
