@@ -196,6 +196,21 @@ def test_declared_changes_are_enforced():
         unregister_rule("test.sneaky")
 
 
+def test_overlapping_rewrites_skip_the_later_one():
+    @register_rule("test.grabs_b", matcher="a", changes=("norm",), priority=10_000)
+    def grab(cand, config):
+        return Replacement({cand.path: HanBlock(96), "b": nn.Identity()}, {"norm": "b -> Identity"})
+
+    model = TwoMlps()
+    try:
+        report = hanify(model)
+    finally:
+        unregister_rule("test.grabs_b")
+    assert [(r.path, r.rule) for r in report.rewrites] == [("a", "test.grabs_b")]
+    assert report.skipped[0].path == "b" and "earlier rewrite" in report.skipped[0].reason
+    assert isinstance(model.b, nn.Identity)
+
+
 def test_builder_touching_a_foreign_path_is_refused():
     @register_rule("test.bad_path", matcher=Mlp, priority=10_000)
     def bad(cand, config):

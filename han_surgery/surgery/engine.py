@@ -9,9 +9,10 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
    time (the second report is empty and counts the Han modules it found).
 2. **plan** -- apply ``include`` / ``exclude`` / ``filter_fn``, then run every
    builder. Builders create new modules and never touch the model; a builder
-   may decline with :class:`SkipCandidate` (reported with its reason). Any
-   other exception aborts the call with :class:`HanifyError`: nothing has been
-   swapped yet.
+   may decline with :class:`SkipCandidate` (reported with its reason). A
+   rewrite that would replace a module an earlier one already replaces is
+   skipped too. Any other exception aborts the call with :class:`HanifyError`:
+   nothing has been swapped yet.
 3. **swap** -- ``setattr`` every planned module (undone if a swap fails).
 
 A model in which no rule recognises anything (and which holds no Han module)
@@ -204,8 +205,10 @@ def hanify(
                 )
             if path not in modules or not path:
                 raise HanifyError(f"rule {rule.name!r} on {cand.path!r} wants to replace {path!r}, which is not a sub-module; model unchanged")
-            if path in claimed:
-                raise HanifyError(f"rule {rule.name!r} on {cand.path!r} replaces {path!r}, already replaced by another rewrite; model unchanged")
+        clash = next((p for p in repl.swaps if p in claimed or _under(p, claimed) or any(c.startswith(p + ".") for c in claimed)), None)
+        if clash is not None:
+            report.skipped.append(SkipRecord(cand.path, rule.name, f"would replace {clash!r}, which an earlier rewrite already replaces"))
+            continue
         claimed.update(repl.swaps)
         for path, new in repl.swaps.items():
             ref = _reference_tensor(modules[path])
