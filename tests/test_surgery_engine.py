@@ -98,6 +98,17 @@ def test_second_call_is_a_no_op():
     assert "already present" in str(second)
 
 
+@pytest.mark.parametrize("name, pattern", [("timm/swin", "layers.0.*"), ("hf/bart", "encoder.layers.0")])
+def test_second_call_with_the_same_patterns_is_a_no_op(name, pattern):
+    model = ZOO[name]()[0]
+    cfg = HanConfig(include=[pattern])
+    assert hanify(model, cfg).num_rewritten == 1
+    snap = _snapshot(model)
+    again = hanify(model, cfg)
+    assert again.num_rewritten == 0 and all(s.reason == "not matched by HanConfig.include" for s in again.skipped)
+    _assert_unchanged(model, snap)
+
+
 def test_nothing_to_rewrite_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     with pytest.raises(NothingToRewriteError, match="no rule recognises"):

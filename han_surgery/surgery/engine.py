@@ -85,17 +85,17 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate, Rule]], int]:
+def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate, Rule]], list[str]]:
     matches: list[tuple[Candidate, Rule]] = []
     blocked: set[str] = set()
-    han_found = 0
+    han_paths: list[str] = []
     parents: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
         parents[path] = module
         if _under(path, blocked):
             continue
         if isinstance(module, HAN_MODULE_TYPES):
-            han_found += 1
+            han_paths.append(path)
             blocked.add(path)
             continue
         parent_path, _, attr = path.rpartition(".")
@@ -110,13 +110,16 @@ def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate
                 matches.append((cand, rule))
                 blocked.add(path)
                 break
-    return matches, han_found
+    return matches, han_paths
 
 
-def _check_patterns(config: HanConfig, model: nn.Module, candidate_paths: list[str]) -> None:
+def _check_patterns(config: HanConfig, model: nn.Module, candidate_paths: list[str], han_paths: list[str]) -> None:
+    # Blocks already rewritten (Han modules and the modules holding them) count as matched:
+    # repeating a call with the same patterns is a no-op, not an error.
+    done = {".".join(p.split(".")[:i]) for p in han_paths for i in range(1, p.count(".") + 2)}
     for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
         for pattern in patterns:
-            if not any(match_pattern(pattern, p) for p in candidate_paths):
+            if not any(match_pattern(pattern, p) for p in (*candidate_paths, *done)):
                 names = candidate_paths or [n for n, _ in model.named_modules() if n]
                 raise ValueError(
                     f"HanConfig.{kind} pattern {pattern!r} matches no candidate block. "
@@ -154,17 +157,17 @@ def hanify(
     config = config if config is not None else HanConfig()
     rules = resolve_rules(config.rules)
     params_before = _count([model])
-    matches, han_found = _discover(model, rules)
-    report = HanifyReport(params_before=params_before, params_after=params_before, dry_run=dry_run, han_modules_found=han_found)
+    matches, han_paths = _discover(model, rules)
+    report = HanifyReport(params_before=params_before, params_after=params_before, dry_run=dry_run, han_modules_found=len(han_paths))
     if not matches:
-        if han_found:
+        if han_paths:
             return report  # already hanified: idempotent no-op
         raise NothingToRewriteError(
             f"hanify: no rule recognises any module of {type(model).__name__} "
             f"(rules tried: {[r.name for r in rules]}). Register one with han_surgery.register_rule "
             "or check HanConfig.rules."
         )
-    _check_patterns(config, model, [c.path for c, _ in matches])
+    _check_patterns(config, model, [c.path for c, _ in matches], han_paths)
 
     modules = dict(model.named_modules())
     planned: list[tuple[RewriteRecord, Replacement]] = []
