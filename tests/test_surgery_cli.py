@@ -46,6 +46,20 @@ def test_hanify_a_transformers_directory(tmp_path, capsys):
         assert torch.isfinite(loaded(**inputs).last_hidden_state).all()
 
 
+def test_hanify_a_timm_save_for_hf_directory(tmp_path, capsys):
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    save_for_hf(base, str(tmp_path / "base"), safe_serialization=True)
+    assert main(["hanify", str(tmp_path / "base"), "-o", str(tmp_path / "han")]) == 0
+    loaded = from_pretrained(tmp_path / "han")
+    # the weights outside the MLPs are the saved ones, not a fresh random init
+    assert torch.equal(loaded.patch_embed.proj.weight, base.patch_embed.proj.weight)
+    assert torch.equal(loaded.head.weight, base.head.weight)
+
+
 def test_bad_sources(tmp_path, capsys):
     with pytest.raises(SystemExit, match="vit_tiny_patch16_224"):
         main(["inspect", "vit_tiny_patch16_22"])

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import HanConfig
 from .engine import HanifyError, hanify
-from .serialization import HAN_CONFIG_NAME, WEIGHTS_NAME, _refuse_pickles, from_pretrained, save_pretrained
+from .serialization import HAN_CONFIG_NAME, _refuse_pickles, from_pretrained, save_pretrained
 
 __all__ = ["register", "load_source"]
 
@@ -40,7 +40,7 @@ def load_source(source: str, *, pretrained: bool = False, num_classes: int | Non
             from timm.models._hub import load_model_config_from_path
 
             pretrained_cfg, name, model_args = load_model_config_from_path(path)
-            pretrained_cfg["file"] = str(path / WEIGHTS_NAME)
+            # pretrained_cfg now points at the directory ("local-dir"): timm loads its safetensors.
             if num_classes is not None:
                 model_args["num_classes"] = num_classes
             return timm.create_model(name, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
@@ -108,7 +108,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     inspect = subparsers.add_parser(
         "inspect",
         help="Print the hanify dry-run report of a timm model or a model directory.",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(inspect)
@@ -116,7 +116,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rewrite = subparsers.add_parser(
         "hanify",
         help="Rewrite a timm model or a model directory with Han-blocks and save it (safetensors).",
-        description=__doc__,
+        description=__doc__.replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(rewrite)
