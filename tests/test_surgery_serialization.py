@@ -47,6 +47,16 @@ def test_round_trip_is_bit_identical(tmp_path, name, config):
     _same_outputs(model, loaded, inputs)
 
 
+def test_bfloat16_round_trip(tmp_path):
+    model, inputs, _ = ZOO["hf/llama"]()
+    model.to(torch.bfloat16)
+    hanify(model, HanConfig(residual="drop"))
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    _same_outputs(model, loaded, inputs)
+
+
 def test_two_hanify_steps_replay_in_order(tmp_path):
     model, inputs, _ = ZOO["hf/bert"]()
     hanify(model, HanConfig(include=["*.layer.0.*"]))
