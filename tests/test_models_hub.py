@@ -23,6 +23,8 @@ from timm.models import save_for_hf
 import han_surgery  # noqa: F401  (registers han_* with timm)
 
 CASES = [("han_mobilevit_xxs", 64), ("han_mixer_m2h16_32", 32)]
+# Non-default constructor arguments travel in config.json's model_args (and keep the tests fast).
+KWARGS = {"han_mixer_m2h16_32": dict(embed_dim=64, mlp_ratio=(1.0, 1.0))}
 
 
 def _model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
@@ -47,7 +49,7 @@ def saved(tmp_path_factory):
     """name -> (model, input, output, checkpoint dir)."""
     out = {}
     for name, img in CASES:
-        model = _model(name)
+        model = _model(name, **KWARGS.get(name, {}))
         x = torch.randn(2, 3, img, img)
         with torch.no_grad():
             y = model(x)
@@ -78,7 +80,9 @@ def test_pretrained_cfg_overlay_file(saved, name):
     """The overlay names the file and its class count (else timm re-initialises a 10-class head)."""
     _, x, y, d = saved[name]
     overlay = dict(file=str(d / "model.safetensors"), num_classes=10)
-    loaded = timm.create_model(name, pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay).eval()
+    loaded = timm.create_model(
+        name, pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay, **KWARGS.get(name, {})
+    ).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), y)
 
