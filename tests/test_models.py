@@ -170,6 +170,11 @@ def test_features_only(name, img, n_out):
         assert f.shape[:2] == (2, c) and f.shape[-1] == img // r
 
 
+def test_img_size_must_fit_the_stem():
+    with pytest.raises(ValueError, match="img_size 30 must be a multiple of the stem's stride 4"):
+        timm.create_model("han_mixer_m2h16_32", img_size=30)
+
+
 def test_features_only_without_blocks_fails_clearly():
     with pytest.raises(ValueError, match="han_mixer_m0h0_32: features_only needs at least one"):
         timm.create_model("han_mixer_m0h0_32", features_only=True)

@@ -189,6 +189,9 @@ class HanMixer(MlpMixer):
             raise ValueError(f"HanMixer: stem_type must be 'patch' or 'cnn', got {stem_type!r}")
         if stem_type == "cnn":
             patch_size = math.prod(stem_strides)
+        sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if any(s % patch_size for s in sizes):
+            raise ValueError(f"HanMixer: img_size {img_size} must be a multiple of the stem's stride {patch_size}")
         dd = {"device": device, "dtype": dtype}
         super().__init__(
             img_size=img_size,
