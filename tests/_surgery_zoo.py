@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 import timm
 import torch
 import transformers as T
 from timm.models import metaformer, mlp_mixer
 from torch import nn
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared, loaded CPU (no oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 IMG = lambda s=32: {"x": torch.randn(2, 3, s, s)}  # noqa: E731

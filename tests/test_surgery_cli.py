@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from _surgery_zoo import ZOO, one_thread  # noqa: F401  (autouse fixture)
+from _surgery_zoo import ZOO
 from han_surgery import from_pretrained
 from han_surgery.cli import main
 

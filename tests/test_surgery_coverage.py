@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from _surgery_zoo import ZOO, one_thread, output_tensor  # noqa: F401  (autouse fixture)
+from _surgery_zoo import ZOO, output_tensor
 from han_surgery import HanBlock, HanConfig, hanify
 from han_surgery.layers import HouseholderLinear
 from han_surgery.surgery.modules import HAN_MODULE_TYPES, ResidualFree

@@ -8,7 +8,7 @@ import torch
 from timm.layers import Mlp
 from torch import nn
 
-from _surgery_zoo import ZOO, one_thread  # noqa: F401  (autouse fixture)
+from _surgery_zoo import ZOO
 from han_surgery import HanBlock, HanConfig, HanifyReport, hanify, register_rule
 from han_surgery.surgery import HanifyError, NothingToRewriteError, Replacement, SkipCandidate, list_rules, unregister_rule
 

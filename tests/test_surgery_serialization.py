@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from _surgery_zoo import ZOO, one_thread, CustomNet, output_tensor  # noqa: F401  (autouse fixture)
+from _surgery_zoo import ZOO, CustomNet, output_tensor
 from han_surgery import HanConfig, from_pretrained, hanify, save_pretrained
 from han_surgery.surgery import UnsafeCheckpointError
 
