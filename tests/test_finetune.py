@@ -176,6 +176,11 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     steps = [(json.loads(line)["step"], "eval_loss" in line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == len(set(steps))
 
+    # resuming with other options would not continue the same run: refused, with the differences named
+    from han_surgery.finetune.train import run_cli
+
+    assert run_cli(parse_args(common(toy, out, *opts, "--resume", "--lr", "0.01"))) == 2
+
 
 def test_resume_without_checkpoint_and_contradicting_flags(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from han_surgery.finetune.train import run_cli

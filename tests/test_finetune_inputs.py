@@ -112,3 +112,31 @@ def test_text_jsonl_maps_string_labels(tmp_path: Path) -> None:
     data = load_data(path)
     assert (data.kind, data.num_outputs, data.class_names) == ("text", 2, ["neg", "pos"])
     assert data.eval[0][0].startswith("text")
+
+
+def test_image_folder_layout_with_and_without_split_folders(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for root, n in ((tmp_path / "flat", 6), (tmp_path / "split" / "train", 4), (tmp_path / "split" / "val", 2)):
+        for cls in ("cat", "dog"):
+            (root / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    flat = load_data(tmp_path / "flat", image_size=8, val_fraction=0.25)
+    assert (flat.kind, flat.num_outputs, flat.class_names, flat.in_chans) == ("image", 2, ["cat", "dog"], 3)
+    assert (len(flat.train), len(flat.eval)) == (9, 3)
+    x, y = flat.train[0]
+    assert x.shape == (3, 8, 8) and -1.0 <= x.min() and x.max() <= 1.0 and y in (0, 1)
+    split = load_data(tmp_path / "split", image_size=8)
+    assert (len(split.train), len(split.eval)) == (8, 4)
+
+
+def test_han_surgery_finetune_subcommand_shares_the_options(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from han_surgery.cli import main
+
+    assert main(["finetune", "--model", "no_such_model_xyz", "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    assert "--distill-from" in capsys.readouterr().out

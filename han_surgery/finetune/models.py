@@ -168,7 +168,15 @@ def build_model(spec: str, data: Any = None, *, pretrained: bool = False, model_
             f"(han_surgery registers han_*), a folder saved by han_surgery.save_pretrained / timm save_for_hf / "
             f"transformers save_pretrained, or mlp / hannet for tabular data.{hint}"
         )
-    model = _timm_create(spec, data, pretrained, model_kwargs)
+    try:
+        model = _timm_create(spec, data, pretrained, model_kwargs)
+    except (OSError, RuntimeError) as e:
+        if not pretrained:
+            raise
+        raise ModelError(
+            f"--model {spec} --pretrained: could not load timm's pretrained weights ({type(e).__name__}: {e}). They come "
+            f"from the Hugging Face Hub: run once with network access (they are cached), or pass a local folder."
+        ) from None
     return BuiltModel(model, "timm", spec)
 
 

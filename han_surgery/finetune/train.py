@@ -45,6 +45,7 @@ CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 ARGS_FILE = "training_args.json"
 RESULTS_FILE = "results.json"
+RUN_ARGS_FILE = "run_args.json"
 
 
 class FinetuneError(RuntimeError):
@@ -108,15 +109,25 @@ class TrainProgress:
     of ``epoch`` already consumed by this process.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, num_processes: int = 1, global_batch: int = 0) -> None:
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0
+        self.num_processes = num_processes
+        self.global_batch = global_batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done}
+        return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "num_processes": self.num_processes, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        saved = (state.get("num_processes", self.num_processes), state.get("global_batch", self.global_batch))
+        if saved != (self.num_processes, self.global_batch):
+            raise FinetuneError(
+                f"--resume: the checkpoint was written by {saved[0]} process(es) with global batch {saved[1]}; this run has "
+                f"{self.num_processes} with {self.global_batch}. Relaunch with the same number of processes, --batch-size "
+                f"and --grad-accum to continue exactly."
+            )
         self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
 
 
@@ -150,6 +161,25 @@ def _find_checkpoint(out: Path, resume: str) -> Path:
     if not candidates:
         raise FinetuneError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}. Run with --checkpoint-every N first.")
     return candidates[-1]
+
+
+#: Options that must be the same for ``--resume`` to continue the interrupted run exactly.
+RESUME_KEYS = ("model", "model_kwargs", "pretrained", "data", "task", "num_classes", "val_fraction", "max_samples", "image_size",
+               "max_length", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
+               "label_smoothing", "seed", "mixed_precision", "hanify", "han_reflections", "han_init", "han_bias_init",
+               "han_dropout", "han_drop_norm", "han_residual", "han_final_abs", "han_rules", "han_include", "han_exclude",
+               "distill_from", "distill_alpha", "distill_temperature")
+
+
+def _check_resume_args(out: Path, args: argparse.Namespace) -> None:
+    path = out / RUN_ARGS_FILE
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    now = json.loads(json.dumps(vars(args), default=str))
+    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        raise FinetuneError(f"--resume: options differ from the interrupted run ({'; '.join(changed)}). Resume with the same options.")
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str) -> Any:
@@ -229,10 +259,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise FinetuneError("--distill-from base distils from the model before --hanify; add --hanify, or name a teacher model.")
     if args.push_to_hub is not None and "/" not in args.push_to_hub:
         raise FinetuneError(f"--push-to-hub {args.push_to_hub}: give a repo id as <user or org>/<name>.")
-    model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    try:
+        model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise FinetuneError(f"--model-kwargs {args.model_kwargs!r}: not a JSON object ({e.msg}); e.g. '{{\"drop_rate\": 0.1}}'.") from None
+    if not isinstance(model_kwargs, dict):
+        raise FinetuneError(f"--model-kwargs {args.model_kwargs!r}: give a JSON object of keyword arguments.")
 
     out_arg = Path(args.output_dir).expanduser()
-    log_with: list[Any] = []
     tensorboard = False
     if not args.no_tensorboard:
         from accelerate.utils import is_tensorboard_available
@@ -262,7 +296,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.distill_from == "base":
             teacher = copy.deepcopy(built.model)
         han_report = None
-        han_config = None
         if args.hanify:
             if built.hanified:
                 raise FinetuneError(f"--hanify: {args.model} is already hanified (it has han_config.json); drop --hanify.")
@@ -307,12 +340,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             total_steps = epochs * steps_per_epoch
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup_steps, total_steps, args.schedule))
         scheduler = accelerator.prepare(scheduler)
-        progress = TrainProgress()
+        global_batch = args.batch_size * accelerator.num_processes * args.grad_accum
+        progress = TrainProgress(accelerator.num_processes, global_batch)
         accelerator.register_for_checkpointing(progress)
         if teacher is not None:
             teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
 
-        global_batch = args.batch_size * accelerator.num_processes * args.grad_accum
         setup = {
             "num_processes": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type).split(".")[-1],
@@ -339,11 +372,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
 
+        if args.resume is None and accelerator.is_main_process:  # what --resume compares against
+            (out / RUN_ARGS_FILE).write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
+
         # ---- trackers (after the output folder exists)
         trackers: list[Any] = [_jsonl_tracker_class()(out)]
         if tensorboard:
             trackers.append("tensorboard")
-        accelerator.log_with = []
         from accelerate.tracking import filter_trackers
 
         accelerator.log_with = filter_trackers(trackers, accelerator.logging_dir)
@@ -353,6 +388,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # ---- resume
         if args.resume is not None:
             ckpt = _find_checkpoint(out, args.resume)
+            _check_resume_args(out, args)
             accelerator.load_state(str(ckpt))
             accelerator.print(f"resumed from {ckpt}: step {progress.global_step}, epoch {progress.epoch}, {progress.batches_done} batches into it", flush=True)
             for tracker in accelerator.trackers:
