@@ -1,0 +1,242 @@
+"""Shared pieces of the paper reproductions: model constructors, seeding, data paths, result files.
+
+Models
+------
+* :func:`han_net` -- the paper's HanNet: ``dense_first`` dense layers, Householder layers, then
+  ``dense_last`` dense layers, each followed by an activation, and a dense head. With
+  ``activation="abs"`` the Householder layers are :class:`~han_surgery.layers.HanLayer`
+  (``|H x + b|``, fused), otherwise :class:`~han_surgery.layers.HouseholderLinear` + activation.
+* :func:`fc_net` -- a plain fully connected network (``depth`` hidden layers of ``width``).
+
+Result files
+------------
+:func:`write_results` writes ``results.json`` (everything the run measured, plus the command,
+the configuration, versions and the wall time) and ``results.md`` (a markdown table) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..layers import Abs, HanLayer, HouseholderLinear
+
+__all__ = [
+    "Activation",
+    "han_net",
+    "fc_net",
+    "count_parameters",
+    "make_activation",
+    "default_data_dir",
+    "resolve_data_path",
+    "seed_everything",
+    "markdown_table",
+    "write_results",
+    "mean_std",
+    "use_agg_backend",
+]
+
+Activation = Literal["abs", "relu"]
+DenseInit = Literal["orthogonal", "kaiming", "default"]
+
+DATA_ENV = "HAN_SURGERY_DATA"
+
+
+def make_activation(name: str) -> nn.Module:
+    """``"abs"`` -> :class:`~han_surgery.layers.Abs`, ``"relu"`` -> ``nn.ReLU``."""
+    if name == "abs":
+        return Abs()
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"han_surgery.paper.common: activation must be 'abs' or 'relu', got {name!r}")
+
+
+def _init_dense(layer: nn.Linear, init: str) -> None:
+    if init == "orthogonal":
+        nn.init.orthogonal_(layer.weight)
+    elif init == "kaiming":
+        nn.init.kaiming_normal_(layer.weight)
+    elif init != "default":
+        raise ValueError(f"han_surgery.paper.common: dense init must be 'orthogonal', 'kaiming' or 'default', got {init!r}")
+
+
+def han_net(
+    in_features: int,
+    width: int,
+    depth: int,
+    out_features: int,
+    dense_first: int = 2,
+    dense_last: int = 1,
+    activation: Activation = "abs",
+    householder: bool = True,
+    dense_init: DenseInit = "orthogonal",
+) -> nn.Sequential:
+    """The paper's HanNet (and its ablations).
+
+    ``depth`` hidden layers of ``width`` neurons: the first ``dense_first`` and the last
+    ``dense_last`` are ``nn.Linear``, the ``depth - dense_first - dense_last`` in between are
+    Householder layers ``H x + b`` (``2 * width`` parameters each); every hidden layer is followed
+    by ``activation``; a dense head maps ``width -> out_features``. The first layer is always dense
+    when ``in_features != width`` (a reflection is square).
+
+    The checkerboard HanNet of the paper is ``han_net(2, 30, 20, 2)`` (dense, dense, 17 Han-layers,
+    dense, head); the regression HanNet is ``han_net(d, 200, 20, 1, dense_first=1, dense_last=0)``.
+
+    Args:
+        householder: ``False`` replaces the Householder layers by ``nn.Linear(width, width)``
+            (ablation "FC + activation" with the same skeleton).
+        dense_init: init of every ``nn.Linear`` weight (``"orthogonal"``: the paper's HanNet).
+            Householder vectors always use the paper's orthogonal init.
+
+    Shapes: ``(N, in_features) -> (N, out_features)``.
+    """
+    if depth < 1:
+        raise ValueError(f"han_net: depth must be >= 1, got {depth}")
+    if in_features != width and dense_first < 1:
+        raise ValueError(f"han_net: in_features={in_features} != width={width} needs dense_first >= 1 (a reflection is square)")
+    if dense_first + dense_last > depth:
+        raise ValueError(f"han_net: dense_first + dense_last = {dense_first + dense_last} exceeds depth={depth}")
+    layers: list[nn.Module] = []
+    fan_in = in_features
+    for idx in range(depth):
+        dense = idx < dense_first or idx >= depth - dense_last or not householder
+        if dense:
+            lin = nn.Linear(fan_in, width)
+            _init_dense(lin, dense_init)
+            layers += [lin, make_activation(activation)]
+        elif activation == "abs":
+            layers.append(HanLayer(width))
+        else:
+            layers += [HouseholderLinear(width), make_activation(activation)]
+        fan_in = width
+    head = nn.Linear(width, out_features)
+    _init_dense(head, dense_init)
+    layers.append(head)
+    return nn.Sequential(*layers)
+
+
+def fc_net(
+    in_features: int,
+    width: int,
+    depth: int,
+    out_features: int,
+    activation: Activation = "relu",
+    init: DenseInit = "kaiming",
+) -> nn.Sequential:
+    """A fully connected network: ``depth`` hidden ``nn.Linear(., width)`` + activation, then a dense head.
+
+    The paper's checkerboard FCNet is ``fc_net(2, 100, 6, 2)`` (ReLU, Kaiming normal init); the
+    regression FCNet1/FCNet2 are ``fc_net(d, 50, 5, 1)`` and ``fc_net(d, 200, 5, 1)``; the MNIST
+    baseline is ``fc_net(784, 784, 1, 10)``. Shapes: ``(N, in_features) -> (N, out_features)``.
+    """
+    layers: list[nn.Module] = []
+    fan_in = in_features
+    for _ in range(depth):
+        lin = nn.Linear(fan_in, width)
+        _init_dense(lin, init)
+        layers += [lin, make_activation(activation)]
+        fan_in = width
+    head = nn.Linear(fan_in, out_features)
+    _init_dense(head, init)
+    layers.append(head)
+    return nn.Sequential(*layers)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of scalar parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def default_data_dir() -> Path:
+    """``$HAN_SURGERY_DATA`` if set, else ``../shared/data`` relative to the current directory."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env) if env else Path.cwd().parent / "shared" / "data"
+
+
+def resolve_data_path(given: str | os.PathLike[str] | None, *parts: str) -> Path:
+    """``given`` if passed, else ``default_data_dir() / parts``; raises a clear error if it is missing."""
+    path = Path(given) if given is not None else default_data_dir().joinpath(*parts)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"han_surgery.paper: data not found at {path}. Pass its location (--data / --csv) or set "
+            f"${DATA_ENV} to the folder that holds checkerboard/, regression/ and mnist/."
+        )
+    return path
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch and numpy; return a ``torch.Generator`` seeded with ``seed`` for data sampling."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and (population, ``ddof=0``) standard deviation; ``std = 0`` for one value."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) and math.isfinite(v) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def use_agg_backend() -> Any:
+    """Import ``matplotlib.pyplot`` with the non-interactive Agg backend (raises a clear error if absent)."""
+    try:
+        import matplotlib
+    except ImportError as err:  # pragma: no cover - matplotlib is in the dev extra
+        raise ImportError("han_surgery.paper: plots need matplotlib: pip install 'han-surgery[dev]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def environment() -> dict[str, Any]:
+    """Versions and thread count, recorded in every ``results.json``."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
+def write_results(out: str | os.PathLike[str] | None, results: dict[str, Any], markdown: str) -> Path | None:
+    """Write ``results.json`` and ``results.md`` into ``out`` (created); return the folder, or ``None`` if ``out`` is ``None``."""
+    if out is None:
+        return None
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = dict(results)
+    results.setdefault("environment", environment())
+    results.setdefault("finished_utc", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (folder / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    (folder / "results.md").write_text(markdown)
+    return folder
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,177 @@
+"""Unit tests of han_surgery.paper: model constructors, data loaders, attacks (no shared data needed)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from han_surgery.layers import HanLayer, HouseholderLinear
+from han_surgery.paper import attacks, checkerboard, common, regression
+from han_surgery.paper.approximation import fc1, han3
+
+
+def test_han_net_matches_the_authors_checkerboard_net():
+    net = common.han_net(2, 30, 20, 2)
+    hans = [m for m in net if isinstance(m, HanLayer)]
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    assert len(hans) == 17 and len(linears) == 4  # dense, dense, 17 Han, dense, head
+    # 2*30+30 + 2*(30*30+30) + 17*2*30 + 30*2+2
+    assert common.count_parameters(net) == 90 + 2 * 930 + 17 * 60 + 62 == 3032
+    assert net(torch.randn(5, 2)).shape == (5, 2)
+    w = linears[1].weight
+    torch.testing.assert_close(w @ w.T, torch.eye(30), atol=1e-5, rtol=0)  # orthogonal init
+
+
+def test_han_net_ablations_and_errors():
+    relu = common.han_net(2, 30, 20, 2, activation="relu")
+    assert sum(isinstance(m, HouseholderLinear) and not isinstance(m, HanLayer) for m in relu) == 17
+    assert sum(isinstance(m, nn.ReLU) for m in relu) == 20
+    dense = common.han_net(2, 30, 20, 2, householder=False)
+    assert not any(isinstance(m, HouseholderLinear) for m in dense)
+    assert common.count_parameters(dense) == 90 + 19 * 930 + 62
+    reg = common.han_net(8, 200, 20, 1, dense_first=1, dense_last=0)
+    assert sum(isinstance(m, HanLayer) for m in reg) == 19
+    with pytest.raises(ValueError, match="dense_first"):
+        common.han_net(3, 30, 5, 1, dense_first=0)
+    with pytest.raises(ValueError, match="activation"):
+        common.han_net(30, 30, 3, 1, activation="tanh")
+
+
+def test_fc_net_parameter_counts():
+    assert common.count_parameters(common.fc_net(2, 100, 6, 2)) == 51_002
+    assert common.count_parameters(common.fc_net(784, 784, 1, 10)) == 623_290
+
+
+def test_data_paths_are_overridable(tmp_path, monkeypatch):
+    monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
+    assert common.default_data_dir() == tmp_path
+    with pytest.raises(FileNotFoundError, match="--data"):
+        common.resolve_data_path(None, "checkerboard")
+    (tmp_path / "checkerboard").mkdir()
+    assert common.resolve_data_path(None, "checkerboard") == tmp_path / "checkerboard"
+
+
+def test_checkerboard_accuracy_is_the_authors_rule():
+    pred = torch.tensor([[0.9, 0.3], [0.2, 0.1], [0.6, 0.6], [0.0, 0.0]])
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    assert checkerboard.accuracy(pred, target) == 0.5
+
+
+def test_orthogonality_penalty_is_zero_for_orthogonal_weights():
+    net = checkerboard.build_model("f1")
+    assert checkerboard.orthogonality_penalty(net).item() < 1e-8
+    with torch.no_grad():
+        net[2].weight.mul_(2.0)
+    assert checkerboard.orthogonality_penalty(net).item() > 1.0
+
+
+def _write_csv(path, rows=60, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 4)) * [1.0, 10.0, 0.1, 3.0] + [0.0, 5.0, -2.0, 1.0]
+    const = np.full((rows, 1), 7.0)
+    y = x @ [1.0, -0.2, 3.0, 0.5] + 0.1 * rng.normal(size=rows)
+    np.savetxt(path, np.hstack([x[:, :2], const, x[:, 2:], y[:, None]]), delimiter=",")
+
+
+def test_regression_loader_drops_constant_columns_and_standardises(tmp_path):
+    path = tmp_path / "any.csv"
+    _write_csv(path)
+    data = regression.load_csv(path)
+    assert data.dropped_columns == [2]
+    assert data.x.shape == (60, 4) and data.y.shape == (60, 1)
+    torch.testing.assert_close(data.x.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(data.x.std(0), torch.ones(4), atol=1e-4, rtol=0)
+    bad = tmp_path / "bad.csv"
+    np.savetxt(bad, np.ones((10, 3)), delimiter=",")
+    with pytest.raises(ValueError, match="constant"):
+        regression.load_csv(bad)
+
+
+def test_regression_split_is_80_12_8_and_disjoint():
+    tr, te, va = regression.split(1000, torch.Generator().manual_seed(0))
+    assert (len(tr), len(te), len(va)) == (800, 120, 80)
+    assert len(set(torch.cat([tr, te, va]).tolist())) == 1000
+
+
+def test_regression_quick_on_any_csv(tmp_path):
+    path = tmp_path / "mine.csv"
+    _write_csv(path, rows=400)
+    args = argparse.Namespace(quick=True, out=str(tmp_path / "out"), data=None, datasets="", csv=[str(path)],
+                              models="hannet,fcnet1,fcnet2", epochs=300, lrs="0.003", seeds=5, schedule="epoch", threads=None)
+    res = regression.run(args)
+    assert [r["model"] for r in res["rows"]] == ["hannet", "fcnet1", "fcnet2"]
+    assert all(r["dataset"] == "mine" and r["features"] == 4 and np.isfinite(r["rmse_mean"]) for r in res["rows"])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"][0]["dropped_constant_columns"] == [2]
+    assert (tmp_path / "out" / "rmse.png").stat().st_size > 0
+
+
+def test_regression_training_learns_a_linear_target(tmp_path):
+    path = tmp_path / "lin.csv"
+    _write_csv(path, rows=500)
+    data = regression.load_csv(path)
+    base = float(data.y.std())
+    out = regression.train_one(data, "fcnet1", 1e-2, epochs=40, seed=0)
+    assert out["test_rmse"] < 0.3 * base and out["test_r2"] > 0.9
+
+
+@pytest.fixture(scope="module")
+def trained_classifier():
+    """A small MLP on two separable 2-D blobs (20-dim inputs in [0, 1])."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 20, generator=gen)
+    y = (x[:, :10].sum(1) > x[:, 10:].sum(1)).long()
+    model = nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval(), x[:100], y[:100]
+
+
+def _loss(model, x, y):
+    with torch.no_grad():
+        return nn.functional.cross_entropy(model(x), y).item()
+
+
+def test_pgd_linf_raises_the_loss_within_the_ball(trained_classifier):
+    model, x, y = trained_classifier
+    adv = attacks.pgd_linf(model, x, y, eps=0.1, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert _loss(model, adv, y) > _loss(model, x, y) + 0.1
+    noise = (x + 0.1 * torch.sign(torch.randn(x.shape, generator=torch.Generator().manual_seed(1)))).clamp(0, 1)
+    assert _loss(model, adv, y) > _loss(model, noise, y)  # a real attack beats random signs of the same size
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_pgd_l2_raises_the_loss_within_the_ball(trained_classifier):
+    model, x, y = trained_classifier
+    adv = attacks.pgd_l2(model, x, y, eps=0.5, steps=10, generator=torch.Generator().manual_seed(0))
+    assert (adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
+    assert _loss(model, adv, y) > _loss(model, x, y) + 0.1
+
+
+def test_cw_finds_small_misclassified_inputs(trained_classifier):
+    model, x, y = trained_classifier
+    clean_acc = attacks.robust_accuracy(model, x, y, lambda m, a, b: a)
+    adv = attacks.cw_l2(model, x, y, c=10.0, steps=100, lr=0.05)
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert clean_acc > 0.9 and fooled.float().mean() > 0.5
+    unchanged = (adv == x).all(dim=1)
+    assert torch.equal(unchanged | fooled, torch.ones_like(fooled))  # every output is an adversarial or x itself
+    assert attacks.robust_accuracy(model, x, y, attacks.cw_l2, c=10.0, steps=100, lr=0.05) < clean_acc
+
+
+def test_approximation_models_have_the_stated_sizes():
+    for d in (2, 3, 4):
+        assert common.count_parameters(fc1(d)) == d * d + d
+        assert common.count_parameters(han3(d)) == 6 * d
+        assert han3(d)(torch.randn(3, d)).min() >= 0
