@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "han_surgery.demo",
     "han_surgery.surgery.cli",
     "han_surgery.finetune.cli",
+    "han_surgery.paper.cli",
 )
 
 
