@@ -147,6 +147,7 @@ def test_two_processes_match_one_process_at_the_same_global_batch(reference: tup
     results_two = json.loads((out / "results.json").read_text())
     assert results_two["eval_accuracy"] == pytest.approx(results_ref["eval_accuracy"])
     assert results_two["global_batch_size"] == 16 and results_two["num_processes"] == 2
+    assert "accelerate launch --multi_gpu --num_processes 2 -m han_surgery.finetune" in (out / "README.md").read_text()
 
 
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_path: Path) -> None:

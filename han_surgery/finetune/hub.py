@@ -28,12 +28,14 @@ class HubUploadError(RuntimeError):
     """The upload to the Hub failed; the local folder is untouched and can be pushed again later."""
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``python -m han_surgery.finetune`` command equivalent to ``args`` (non-default options only)."""
+def command_line(args: argparse.Namespace, num_processes: int = 1) -> str:
+    """The command equivalent to ``args`` (non-default options only): ``python -m han_surgery.finetune ...``, or
+    ``accelerate launch --num_processes N -m han_surgery.finetune ...`` for a multi-process run."""
     from .args import build_parser
 
     parser = build_parser()
-    parts = ["python -m han_surgery.finetune"]
+    launcher = f"accelerate launch --multi_gpu --num_processes {num_processes}" if num_processes > 1 else "python"
+    parts = [f"{launcher} -m han_surgery.finetune"]
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
@@ -171,7 +173,7 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
                     f"{setup['grad_accum']} accumulation step(s)"),
         train_runtime=results["train_runtime_s"],
         total_runtime=results["total_runtime_s"],
-        command=command_line(args),
+        command=command_line(args, results.get("num_processes", 1)),
         load_snippet=_load_snippet(built, repo_id),
     )
     return card
