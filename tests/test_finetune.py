@@ -238,3 +238,22 @@ def test_distillation_loss_is_hintons_kd_term() -> None:
     manual = (p_t * (p_t.log() - torch.log_softmax(s / 2, -1))).sum(-1).mean() * 4
     assert distillation_loss(s, t, "classification", 2.0).item() == pytest.approx(manual.item(), rel=1e-5)
     assert distillation_loss(s, t, "regression", 2.0).item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
+
+
+def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
+    """A Han model registered with timm (``han_mixer_m0h0_32``, the paper's CIFAR Han-Mixer) by name: plain timm output."""
+    import timm
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 96)
+    images = (rng.random((96, 32, 32, 3)) * 100 + 60 * labels[:, None, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "rgb.npz", images=images, labels=labels)
+    out = tmp_path / "mixer"
+    results = run(parse_args(common(tmp_path / "rgb.npz", out, "--max-steps", "3", "--batch-size", "16", model="han_mixer_m0h0_32")))
+    assert not (out / "han_config.json").exists()  # a timm model in its own right, no surgery to replay
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x, y = held_out(tmp_path / "rgb.npz")
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
+    assert model.num_classes == 3
