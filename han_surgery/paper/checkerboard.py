@@ -14,7 +14,8 @@ Data: the authors' 81 x 81 grid over ``[-1, 1]^2`` split 25% / 75% (``trainset.t
 
 Ablations (Table 3), all on the 20 x 30 skeleton: (a) HH + ABS (= HanNet), (b) HH + ReLU,
 (e) FC + ABS (Householder layers replaced by dense 30 x 30 layers, orthogonal init),
-(f1) FC + ABS with an orthogonality penalty ``lambda * sum ||W^T W - I||_F^2`` on those layers.
+(f1) FC + ABS with an orthogonality penalty ``lambda * sum ||W^T W - I||_F^2`` over all square
+dense layers (``--ortho-weight``, default 0.01).
 """
 
 from __future__ import annotations
