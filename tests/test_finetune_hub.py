@@ -34,7 +34,7 @@ def regression_csv(path: Path, n: int = 240) -> Path:
 
 def argv(csv: Path, out: Path, *extra: str, epochs: int = 3) -> list[str]:
     return ["--model", "hannet:16x3", "--data", str(csv), "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "16",
-            "--lr", "1e-2", "--no-progress", "--no-tensorboard", *extra]
+            "--lr", "1e-2", "--no-progress", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,10 @@ def test_tabular_run_writes_a_folder_that_loads_back(finished: tuple[Path, dict,
         mse = torch.nn.functional.mse_loss(model(x), y).item()
     assert math.sqrt(mse) * data.target_std[0] == pytest.approx(results["eval_rmse"], rel=1e-5)
     assert (out / "checkpoints").is_dir()
+    from accelerate.utils import is_tensorboard_available
+
+    if is_tensorboard_available():  # the second tracker, next to metrics.jsonl
+        assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
 def test_push_command_calls_create_repo_and_upload_folder(finished: tuple[Path, dict, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
