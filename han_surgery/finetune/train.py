@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import DataBundle, DataError, load_data, make_text_collate
-from .models import BuiltModel, ModelError, build_model, count_parameters, save_model
+from .models import ModelError, build_model, count_parameters, save_model
 
 __all__ = ["FinetuneError", "JSONLTracker", "TrainProgress", "run", "main"]
 
@@ -53,6 +54,7 @@ class FinetuneError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------- tracking
+@functools.cache
 def _jsonl_tracker_class() -> type:
     from accelerate.tracking import GeneralTracker, on_main_process
 
