@@ -7,6 +7,7 @@ Real accelerate throughout: one process in-process, two processes through ``acce
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -154,6 +155,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     """Dropout on, gradient accumulation 2: a run killed with SIGKILL after its first checkpoint and resumed with
     ``--resume`` ends with exactly the weights of a run that was never interrupted (same process count and
     thread count, so the same float operations in the same order: bitwise equal)."""
+    torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the same kernels, the same summation order
     opts = ("--model-kwargs", TINY_VIT_DROPOUT, "--max-steps", "14", "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "3")
     straight = tmp_path / "straight"
     run(parse_args(common(toy, straight, *opts)))
@@ -257,3 +259,12 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
         loss = torch.nn.functional.cross_entropy(model(x), y).item()
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
     assert model.num_classes == 3
+
+
+def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:
+    """accelerate's bf16 autocast on CPU: the setup says so, training runs, the saved weights stay float32."""
+    out = tmp_path / "bf16"
+    results = run(parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "4", "--batch-size", "16", "--mixed-precision", "bf16")))
+    assert results["mixed_precision"] == "bf16" and math.isfinite(results["eval_loss"])
+    w = weights(out)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
