@@ -125,12 +125,14 @@ class _HouseholderAffine(torch.autograd.Function):
         g_u = g @ u  # G = g U, (N, k)
         g_ut = g_u @ t.transpose(0, 1)  # G T^T
         if need_u or need_b:
-            # One pass over g gives both g^T W and the bias gradient sum_rows g.
-            gw_b = g.transpose(0, 1) @ torch.cat([w, torch.ones_like(w[:, :1])], 1)  # (n, k+1)
+            # One pass over g gives both W^T g and the bias gradient sum_rows g.
+            wg_b = torch.cat([w, torch.ones_like(w[:, :1])], 1).transpose(0, 1) @ g  # (k+1, n)
             if need_u:
-                gu = -(x.transpose(0, 1) @ g_ut + gw_b[:, :-1])
+                # Built as (k, n) rows so that, transposed back to the parameter's (k, n)
+                # layout, the gradient is contiguous (what DDP's gradient buckets expect).
+                gu = -(g_ut.transpose(0, 1) @ x + wg_b[:-1]).transpose(0, 1)
             if need_b and ctx.has_bias:
-                gb = gw_b[:, -1]
+                gb = wg_b[-1]
         if need_t:
             gt = -(p.transpose(0, 1) @ g_u)
         if need_x:
@@ -151,8 +153,15 @@ def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, 
         apply_abs: fuse the element-wise ``|.|`` of a Han-layer.
 
     Returns:
-        A tensor of the same shape and dtype as ``x``.
+        A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in
+        the autocast dtype (as ``nn.Linear`` would be).
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        # Compute in the autocast dtype with autocast off, so forward and backward
+        # (which autocast does not cover) see the same dtypes.
+        with torch.autocast(device_type, enabled=False):
+            return householder_affine(x.to(torch.get_autocast_dtype(device_type)), u_hat, bias, apply_abs=apply_abs)
     n = x.shape[-1]
     if u_hat.shape[-1] != n:
         raise ValueError(f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}")

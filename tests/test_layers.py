@@ -272,3 +272,25 @@ def test_cuda_matches_cpu():
     layer = HanLayer(64, reflections=4)
     x = torch.randn(16, 64)
     torch.testing.assert_close(layer.cuda()(x.cuda()).cpu(), layer.cpu()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_and_backward(dtype):
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Linear(16, 32), HanBlock(32, reflections=2), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=dtype):
+        out = net(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters())
+    ref = net(x)
+    assert (out.float() - ref).norm() / ref.norm() < 3e-2
+
+
+def test_parameter_gradients_have_the_parameters_layout():
+    """DDP's gradient buckets expect each gradient laid out like its parameter."""
+    layer = HanLayer(16, reflections=3)
+    layer(torch.randn(4, 16)).sum().backward()
+    for p in layer.parameters():
+        assert p.grad.stride() == p.stride() and p.grad.is_contiguous()
