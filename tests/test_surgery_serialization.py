@@ -185,3 +185,14 @@ def test_demo_step_prints_the_report_and_exact_reload(capsys):
     before = 22_713_216
     assert f"model parameters {before:,} -> {before - layers * (2 * d * h + d + h - 4 * d):,}" in out
     assert "bit-identical = True" in out
+
+
+def test_timm_data_config_is_written_for_timm_and_hub_loaders(tmp_path):
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, in_chans=1, num_classes=3)
+    hanify(model)
+    save_pretrained(model, tmp_path, data_config={"input_size": (1, 32, 32), "mean": (0.5,), "std": (0.25,)})
+    cfg = json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.5] and cfg["std"] == [0.25]
+    assert from_pretrained(tmp_path).pretrained_cfg["std"] == [0.25]

@@ -218,8 +218,9 @@ def save_model(built: BuiltModel, model: nn.Module, directory: str | Path, *, da
     """Write ``model`` into ``directory`` in its library's format (``model.safetensors`` + ``config.json``).
 
     Hanified models go through ``han_surgery.save_pretrained`` (adds ``han_config.json``); plain timm
-    models through ``timm.models.save_for_hf`` (``data_config``: the preprocessing the model was trained with,
-    e.g. ``{"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,)}``), transformers models through
+    models through ``timm.models.save_for_hf``. For timm models, hanified or not, ``data_config`` (the
+    preprocessing the model was trained with, e.g. ``{"input_size": (1, 28, 28), "mean": (0.5,), "std": (0.5,)}``)
+    goes into ``config.json``'s ``pretrained_cfg``; transformers models go through
     ``save_pretrained``, built-in tabular models as safetensors plus their constructor arguments in ``config.json``.
     """
     directory = Path(directory)
@@ -227,7 +228,7 @@ def save_model(built: BuiltModel, model: nn.Module, directory: str | Path, *, da
     if built.hanified:
         import han_surgery
 
-        han_surgery.save_pretrained(model, str(directory))
+        han_surgery.save_pretrained(model, str(directory), data_config=data_config if built.family == "timm" else None)
         if built.family == "tabular":  # save_pretrained records no config for custom modules: keep ours
             (directory / "config.json").write_text(json.dumps({TABULAR_CONFIG_KEY: model.config}, indent=2) + "\n")
     elif built.family == "timm":

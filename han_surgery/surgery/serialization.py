@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -51,11 +52,9 @@ class UnsafeCheckpointError(ValueError):
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PreTrainedModel)
+    # Only a model built by an already-imported transformers can be one: don't pay its import for timm models.
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def _is_timm_model(model: nn.Module) -> bool:
@@ -70,7 +69,9 @@ def _dtype_name(model: nn.Module) -> str:
     return "float32"
 
 
-def save_pretrained(model: nn.Module, directory: str | Path, *, model_args: dict | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module, directory: str | Path, *, model_args: dict | None = None, data_config: dict | None = None
+) -> Path:
     """Write a hanified model to ``directory`` (``model.safetensors``, ``han_config.json``, ``config.json``).
 
     Args:
@@ -79,6 +80,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, model_args: dict
         directory: created if missing; existing files of the same name are overwritten.
         model_args: timm only -- constructor kwargs to record, for the rare
             arguments timm's factory does not record itself (as in ``save_for_hf``).
+        data_config: timm only -- the preprocessing the model now expects
+            (``input_size``, ``mean``, ``std``, ...), written into ``pretrained_cfg``
+            as ``save_for_hf(data_config=...)`` does.
 
     Returns:
         The directory, as a ``Path``.
@@ -99,7 +103,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, model_args: dict
     elif _is_timm_model(model):
         from timm.models._hub import save_config_for_hf
 
-        save_config_for_hf(model, str(directory / CONFIG_NAME), model_args=model_args)
+        save_config_for_hf(model, str(directory / CONFIG_NAME), model_args=model_args, data_config=data_config)
         base = {"library": "timm", "architecture": model.pretrained_cfg["architecture"]}
     else:
         base = {"library": None, "class": f"{type(model).__module__}.{type(model).__qualname__}"}
