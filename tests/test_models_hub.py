@@ -39,6 +39,17 @@ def _model(name: str, seed: int = 0, **kwargs) -> torch.nn.Module:
     return model
 
 
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` on one thread, so outputs computed anywhere (fixtures, subprocesses) compare bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _save(model: torch.nn.Module, directory: Path) -> Path:
     save_for_hf(model, str(directory), safe_serialization=True)
     return directory
@@ -51,8 +62,7 @@ def saved(tmp_path_factory):
     for name, img in CASES:
         model = _model(name, **KWARGS.get(name, {}))
         x = torch.randn(2, 3, img, img)
-        with torch.no_grad():
-            y = model(x)
+        y = _forward(model, x)
         out[name] = (model, x, y, _save(model, tmp_path_factory.mktemp(name)))
     return out
 
@@ -71,8 +81,7 @@ def test_local_dir_roundtrip(saved, name):
     model, x, y, d = saved[name]
     loaded = timm.create_model(f"local-dir:{d}", pretrained=True).eval()
     assert type(loaded) is type(model) and loaded.num_classes == 10
-    with torch.no_grad():
-        assert torch.equal(loaded(x), y)
+    assert torch.equal(_forward(loaded, x), y)
 
 
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
@@ -83,8 +92,7 @@ def test_pretrained_cfg_overlay_file(saved, name):
     loaded = timm.create_model(
         name, pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay, **KWARGS.get(name, {})
     ).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x), y)
+    assert torch.equal(_forward(loaded, x), y)
 
 
 def test_new_num_classes_keeps_the_backbone(saved):
@@ -117,6 +125,7 @@ def test_hf_hub_from_offline_cache(saved, tmp_path):
         f"""
         import torch, timm
         import han_surgery
+        torch.set_num_threads(1)  # as the parent's _forward
         from safetensors.torch import load_file
         io = load_file({str(tmp_path / "io.safetensors")!r})
         model = timm.create_model("hf-hub:han-surgery/han_mobilevit_xxs-test", pretrained=True).eval()
@@ -188,5 +197,4 @@ def test_hanified_base_checkpoint_loads_into_han_model(tmp_path):
     overlay = dict(file=str(d / "model.safetensors"), num_classes=10)
     loaded = timm.create_model("han_mobilevit_xxs", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay)
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(loaded.eval()(x), base(x))
+    assert torch.equal(_forward(loaded.eval(), x), _forward(base, x))
