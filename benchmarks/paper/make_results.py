@@ -171,9 +171,9 @@ def approximation(r_: dict) -> str:
     if ctrl is not None:
         rel = [ctrl["cells"][str(d)]["relative_rmse_mean"] for d in dims]
         out.append(f"Caveat: with this optimiser budget even Han-3 fitting a Han-3 target (an exact fit exists) stays at a relative "
-                   f"RMSE of {min(rel):.2f}-{max(rel):.2f}, so the cross-fit errors above mostly measure how hard the Han-3 "
-                   "landscape is to optimise at d <= 4, not a gap in expressiveness; we draw no conclusion on Table 2's claim "
-                   "from this run.\n")
+                   f"RMSE of {min(rel):.2f}-{max(rel):.2f}, so a large part of the cross-fit errors above is optimisation (the "
+                   "Han-3 landscape is hard at d <= 4), not necessarily a gap in expressiveness; we draw no conclusion on "
+                   "Table 2's claim from this run.\n")
     out.append(f"![approximation](results/{Path(r_['_folder']).name}/approximation.png)\n")
     out.append(
         "Our reading of the setting: FC-1 is one dense layer with ABS, `x -> |W x + b|` (d^2 + d parameters), Han-3 is three "
