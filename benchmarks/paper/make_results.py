@@ -18,7 +18,7 @@ Yu & Zhang, *A Lightweight and Gradient-Stable Neural Layer* (Neural Networks, 2
 experiment is one command, `han-surgery paper <experiment>`, with `--quick` (a smoke test that
 runs in CI) and `--out DIR` (results.json, results.md, PNG plots). The runs below were made on
 **2 CPU cores of a shared machine that other jobs were loading at the same time** (load average
-5-10), with `nice -n 10`; wall times are therefore upper bounds. The folders under
+between about 3 and 10 during these runs), with `nice -n 10`; wall times are therefore upper bounds. The folders under
 [`docs/results/`](results/) hold each run's results.json, table and plots; this page is generated
 from them by `python benchmarks/paper/make_results.py`.
 
