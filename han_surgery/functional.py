@@ -72,11 +72,13 @@ def wy_factor(u_hat: Tensor) -> Tensor:
 
 
 def _reflect_rows(x: Tensor, w: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
-    """``x - w U^T + b`` in one ``addmm`` (the bias rides along as a rank-1 term): one new ``(N, n)`` tensor."""
+    """``x - w U^T + b``: one new ``(N, n)`` tensor, two passes (``x + b``, then an in-place rank-k update).
+
+    Measured on CPU this beats ``addmm(x, ...)``, which copies ``x`` and then runs a separate update pass.
+    """
     if b is None:
         return torch.addmm(x, w, u.transpose(0, 1), alpha=-1)
-    ones = torch.ones_like(w[:, :1])
-    return torch.addmm(x, torch.cat([w, ones], 1), torch.cat([-u.transpose(0, 1), b.unsqueeze(0)], 0))
+    return torch.add(x, b).addmm_(w, u.transpose(0, 1), alpha=-1)
 
 
 class _HouseholderAffine(torch.autograd.Function):
