@@ -16,10 +16,10 @@ memory, and never materialises an ``n x n`` matrix. ``k = 1`` is the paper's
 Han-layer, for which ``T = [[2]]`` and ``y = x - 2 (x . u) u + b``.
 
 :func:`householder_affine` runs the large ``N``-sized work in one custom
-autograd function with a hand-written backward (few passes over memory, no
-``N x n`` temporaries beyond the output and the sign mask it needs), while the
-tiny ``U``/``T`` algebra stays in ordinary autograd. Both work under
-``torch.compile`` and ``torch.export``.
+autograd function with a hand-written backward (few passes over memory and
+few fresh ``N x n`` buffers: see :class:`_HouseholderAffine`), while the tiny
+``U``/``T`` algebra stays in ordinary autograd. It works under
+``torch.autocast``, ``torch.compile`` and ``torch.export`` (see ``tests/test_layers.py``).
 """
 
 from __future__ import annotations
