@@ -21,28 +21,20 @@ import torch
 from safetensors.torch import load_file
 
 from han_surgery.finetune.args import parse_args
+from han_surgery.finetune.demo_step import TINY_VIT as TINY_VIT_KWARGS, make_images
 from han_surgery.finetune.train import run
 
 # qkv_bias=False: the key bias of softmax attention has an identically zero gradient (a shift of every logit
 # in a row), so its float32 rounding noise is all Adam sees there and it normalises it to steps of ~lr. Without it,
 # what differs between process counts is summation order only.
-TINY_VIT = json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "qkv_bias": False})
-TINY_VIT_DROPOUT = json.dumps({"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "qkv_bias": False, "drop_rate": 0.2, "proj_drop_rate": 0.1})
+TINY_VIT = json.dumps(TINY_VIT_KWARGS)
+TINY_VIT_DROPOUT = json.dumps({**TINY_VIT_KWARGS, "drop_rate": 0.2, "proj_drop_rate": 0.1})
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def make_toy_images(path: Path, n: int = 384, seed: int = 0) -> Path:
-    """Four classes of noisy 16x16 grey images: class k has pixels uniform in [45k, 45k + 100)."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    images = (rng.random((n, 16, 16)) * 100 + 45 * labels[:, None, None]).astype(np.uint8)
-    np.savez(path, images=images, labels=labels)
-    return path
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_toy_images(tmp_path_factory.mktemp("data") / "toy.npz")
+    return make_images(tmp_path_factory.mktemp("data") / "toy.npz", n=384)
 
 
 def common(toy: Path, out: Path, *extra: str, model: str = "test_vit") -> list[str]:
