@@ -48,7 +48,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``paper`` subcommand (experiment modules are imported when their parser is built)."""
-    parser = subparsers.add_parser("paper", help="reproduce the paper's experiments", description=__doc__,
+    parser = subparsers.add_parser("paper", help="Reproduce the paper's experiments (checkerboard, regression, mnist, approximation).", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="experiment", metavar="<experiment>")
     for name, (module_name, help_text) in EXPERIMENTS.items():
