@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...layers import HanBlock
+from ...layers import HanBlock, HanLayer, HouseholderLinear
 from ..config import HanConfig
 from ..modules import ResidualFree
 from ..registry import Candidate, Replacement, SkipCandidate
@@ -69,10 +69,15 @@ def dropout_p(module: nn.Module | None) -> float:
     return float(module.p) if isinstance(module, nn.Dropout) else 0.0
 
 
-def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
-    """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
+def require_reflections(features: int, config: HanConfig) -> None:
+    """Skip blocks narrower than the configured number of reflections."""
     if config.reflections > features:
         raise SkipCandidate(f"reflections={config.reflections} > width {features}")
+
+
+def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
+    """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
+    require_reflections(features, config)
     d = (config.dropout, config.dropout) if config.dropout is not None else drop
     return HanBlock(features, final_abs=config.final_abs, drop=d, **config.han_kwargs())
 
@@ -133,3 +138,16 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
     swaps[cand.path] = ResidualFree(han, norm=kept_norm)
     nb["residual"] = "dropped (ResidualFree)" + (f", layer scale {', '.join(removed)} -> Identity" if removed else "")
     return Replacement(swaps, nb)
+
+
+def inline_han_swaps(cand: Candidate, config: HanConfig, features: int, up: str, act: str, down: str) -> dict[str, nn.Module]:
+    """Swaps for an FFN written inline in its layer (``up``, ``act``, ``down`` are attribute names):
+    ``up -> HanLayer``, ``act -> Identity``, ``down -> HouseholderLinear`` (``HanLayer`` with ``final_abs``)."""
+    require_reflections(features, config)
+    kw = config.han_kwargs()
+    q = f"{cand.path}." if cand.path else ""
+    return {
+        q + up: HanLayer(features, **kw),
+        q + act: nn.Identity(),
+        q + down: (HanLayer if config.final_abs else HouseholderLinear)(features, **kw),
+    }

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...layers import HanLayer, HouseholderLinear
 from ..config import HanConfig
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import dims, require_square
+from ._common import dims, inline_han_swaps, require_square
 
 
 def _is_convnext_layer(cand: Candidate) -> bool:
@@ -34,17 +33,10 @@ def build_convnext(cand: Candidate, config: HanConfig) -> Replacement:
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.pwconv1), dims(m.pwconv2)
     require_square(d_in, hidden, d_out, "pwconv1")
-    if config.reflections > d_in:
-        raise SkipCandidate(f"reflections={config.reflections} > width {d_in}")
     if config.residual == "drop":
         raise SkipCandidate("residual='drop' not possible: the ConvNeXt residual also spans dwconv; use residual='keep'")
-    kw = config.han_kwargs()
+    swaps = inline_han_swaps(cand, config, d_in, "pwconv1", "act", "pwconv2")
     q = f"{cand.path}." if cand.path else ""
-    swaps: dict[str, nn.Module] = {
-        q + "pwconv1": HanLayer(d_in, **kw),
-        q + "act": nn.Identity(),
-        q + "pwconv2": (HanLayer if config.final_abs else HouseholderLinear)(d_in, **kw),
-    }
     nb = {}
     if isinstance(getattr(m, "grn", None), nn.Module):
         swaps[q + "grn"] = nn.Identity()

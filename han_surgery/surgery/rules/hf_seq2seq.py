@@ -15,10 +15,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ...layers import HanLayer, HouseholderLinear
 from ..config import HanConfig
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import dims, require_square
+from ._common import dims, inline_han_swaps, require_square
 
 # Class-name prefixes of layers that apply final_layer_norm *before* fc1.
 PRE_NORM_PREFIXES = ("Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM")
@@ -44,17 +43,10 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
     require_square(d_in, hidden, d_out)
-    if config.reflections > d_in:
-        raise SkipCandidate(f"reflections={config.reflections} > width {d_in}")
     if config.residual == "drop":
         raise SkipCandidate(f"residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; use residual='keep'")
-    kw = config.han_kwargs()
+    swaps = inline_han_swaps(cand, config, d_in, "fc1", "activation_fn", "fc2")
     q = f"{cand.path}." if cand.path else ""
-    swaps: dict[str, nn.Module] = {
-        q + "fc1": HanLayer(d_in, **kw),
-        q + "activation_fn": nn.Identity(),
-        q + "fc2": (HanLayer if config.final_abs else HouseholderLinear)(d_in, **kw),
-    }
     name = type(m).__name__
     flag = getattr(m, "do_layer_norm_before", getattr(m, "normalize_before", None))  # OPT, some speech models
     if isinstance(flag, bool):

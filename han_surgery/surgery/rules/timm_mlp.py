@@ -20,7 +20,7 @@ from timm.models import beit, cait, convnext, eva, metaformer, mlp_mixer, mobile
 from ..config import HanConfig
 from ..modules import ChannelsFirst, HanGatedMlp
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import Site, dims, dropout_p, finish, han_block, require_square
+from ._common import Site, dims, dropout_p, finish, han_block, require_reflections, require_square
 
 _ADD = Site(norm="norm2")
 _GAMMA2 = Site(norm="norm2", gammas=("gamma_2",))
@@ -96,8 +96,7 @@ def build_timm_gated(cand: Candidate, config: HanConfig) -> Replacement:
     require_square(d_in, hidden, d_out)
     drop = (dropout_p(m.drop1), dropout_p(m.drop2))
     if isinstance(m.gate, mlp_mixer.SpatialGatingUnit):
-        if config.reflections > d_in:
-            raise SkipCandidate(f"reflections={config.reflections} > width {d_in}")
+        require_reflections(d_in, config)
         proj = nn.Linear(m.gate.proj.in_features, m.gate.proj.out_features)
         proj.load_state_dict(m.gate.proj.state_dict())
         d = (config.dropout, config.dropout) if config.dropout is not None else drop
