@@ -75,11 +75,15 @@ def require_reflections(features: int, config: HanConfig) -> None:
         raise SkipCandidate(f"reflections={config.reflections} > width {features}")
 
 
+def block_dropout(config: HanConfig, inherited: tuple[float, float]) -> tuple[float, float]:
+    """The ``(drop1, drop2)`` of a new Han block: ``config.dropout`` if set, else the replaced block's."""
+    return (config.dropout, config.dropout) if config.dropout is not None else inherited
+
+
 def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
     """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
     require_reflections(features, config)
-    d = (config.dropout, config.dropout) if config.dropout is not None else drop
-    return HanBlock(features, final_abs=config.final_abs, drop=d, **config.han_kwargs())
+    return HanBlock(features, final_abs=config.final_abs, drop=block_dropout(config, drop), **config.han_kwargs())
 
 
 def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None) -> Replacement:

@@ -20,7 +20,7 @@ from timm.models import beit, cait, convnext, eva, metaformer, mlp_mixer, mobile
 from ..config import HanConfig
 from ..modules import ChannelsFirst, HanGatedMlp
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import Site, dims, dropout_p, finish, han_block, require_reflections, require_square
+from ._common import Site, block_dropout, dims, dropout_p, finish, han_block, require_reflections, require_square
 
 _ADD = Site(norm="norm2")
 _GAMMA2 = Site(norm="norm2", gammas=("gamma_2",))
@@ -99,8 +99,7 @@ def build_timm_gated(cand: Candidate, config: HanConfig) -> Replacement:
         require_reflections(d_in, config)
         proj = nn.Linear(m.gate.proj.in_features, m.gate.proj.out_features)
         proj.load_state_dict(m.gate.proj.state_dict())
-        d = (config.dropout, config.dropout) if config.dropout is not None else drop
-        han = HanGatedMlp(d_in, proj, eps=getattr(m.gate.norm, "eps", 1e-6), drop=d, **config.han_kwargs())
+        han = HanGatedMlp(d_in, proj, eps=getattr(m.gate.norm, "eps", 1e-6), drop=block_dropout(config, drop), **config.han_kwargs())
     elif isinstance(m.gate, nn.Identity):
         han = han_block(d_in, config, drop)
     else:
