@@ -65,9 +65,8 @@ def wy_factor(u_hat: Tensor) -> Tensor:
     k = u_hat.shape[0]
     if k == 1:
         return u_hat.new_full((1, 1), 2.0)
-    gram = u_hat @ u_hat.transpose(0, 1)
-    t_inv = torch.triu(gram, diagonal=1) + 0.5 * torch.eye(k, dtype=u_hat.dtype, device=u_hat.device)
     eye = torch.eye(k, dtype=u_hat.dtype, device=u_hat.device)
+    t_inv = torch.triu(u_hat @ u_hat.transpose(0, 1), diagonal=1) + 0.5 * eye
     return torch.linalg.solve_triangular(t_inv, eye, upper=True)
 
 
