@@ -61,7 +61,9 @@ def time_once(fn: Callable[[], object], clock: Callable[[], float] = time.perf_c
     return clock() - start
 
 
-def measure(n: int, rows: int, rounds: int, clock: Callable[[], float] = time.perf_counter) -> dict[str, dict[str, list[float]]]:
+def measure(
+    n: int, rows: int, rounds: int, clock: Callable[[], float] = time.perf_counter
+) -> dict[str, dict[str, list[float]]]:
     torch.manual_seed(0)
     x = torch.randn(rows, n, requires_grad=True)
     grad = torch.randn(rows, n)
@@ -81,7 +83,9 @@ def measure(n: int, rows: int, rounds: int, clock: Callable[[], float] = time.pe
 
         return run
 
-    jobs = {(name, kind): (fwd if kind == "fwd" else fwd_bwd)(m) for name, m in mods.items() for kind in ("fwd", "fwd+bwd")}
+    jobs = {
+        (name, kind): (fwd if kind == "fwd" else fwd_bwd)(m) for name, m in mods.items() for kind in ("fwd", "fwd+bwd")
+    }
     for job in jobs.values():  # warm-up
         job()
         job()
@@ -109,7 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, rows={args.rows}, rounds={args.rounds}, clock={args.clock}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, rows={args.rows}, rounds={args.rounds}, clock={args.clock}"
+    )
     print("times in ms: min (median) over rounds\n")
     report = {}
     header = f"{'n':>5} {'pass':8} " + " ".join(f"{name:>16}" for name in ("han", "paper", "linear", "abs"))
@@ -119,12 +125,16 @@ def main() -> None:
         times = measure(n, args.rows, args.rounds, CLOCKS[args.clock])
         report[n] = times
         for kind in ("fwd", "fwd+bwd"):
-            cells = [f"{min(times[m][kind]) * 1e3:7.2f} ({statistics.median(times[m][kind]) * 1e3:6.2f})" for m in ("han", "paper", "linear", "abs")]
+            cells = [
+                f"{min(times[m][kind]) * 1e3:7.2f} ({statistics.median(times[m][kind]) * 1e3:6.2f})"
+                for m in ("han", "paper", "linear", "abs")
+            ]
             print(f"{n:>5} {kind:8} " + " ".join(f"{c:>16}" for c in cells))
+
     # Each round times every candidate back to back, so a per-round ratio compares runs made
     # seconds apart; the median over rounds is steadier than a ratio of minima on a noisy VM.
     def ratio(times, num, den, kind):
-        return statistics.median(a / b for a, b in zip(times[num][kind], times[den][kind]))
+        return statistics.median(a / b for a, b in zip(times[num][kind], times[den][kind], strict=False))
 
     print("\nratios: median over rounds of the per-round ratio (ratio of the minima)   target at n=768")
     for n, times in report.items():
@@ -135,7 +145,9 @@ def main() -> None:
             ("fwd+bwd linear/han", "linear", "han", "fwd+bwd", ">= 10"),
             ("fwd han/abs", "han", "abs", "fwd", "<= 2.5"),
         ):
-            cells.append(f"{label} {ratio(times, num, den, kind):5.2f}x ({best[num][kind] / best[den][kind]:5.2f}x; {target})")
+            cells.append(
+                f"{label} {ratio(times, num, den, kind):5.2f}x ({best[num][kind] / best[den][kind]:5.2f}x; {target})"
+            )
         print(f"n={n:<5} " + "   ".join(cells))
     if args.json:
         with open(args.json, "w") as f:

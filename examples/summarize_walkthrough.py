@@ -74,17 +74,24 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.machine()}."
     )
     reduction = results["hanified"]["params"] / base["params"]
-    table = "\n".join([
-        *lines,
-        "",
-        f"Hanified models have {reduction:.1%} of the base's parameters. Setup: {setup} {wall}.",
-        "Timings are from a shared machine with 2 CPU cores busy with other jobs (run under `nice -n 10`);",
-        "read them as an upper bound. Held-out split: 1,000 of the 10,000 digits, fixed by `--seed 0`.",
-    ])
+    table = "\n".join(
+        [
+            *lines,
+            "",
+            f"Hanified models have {reduction:.1%} of the base's parameters. Setup: {setup} {wall}.",
+            "Timings are from a shared machine with 2 CPU cores busy with other jobs (run under `nice -n 10`);",
+            "read them as an upper bound. Held-out split: 1,000 of the 10,000 digits, fixed by `--seed 0`.",
+        ]
+    )
     print(table)
     if args.readme:
         text = args.readme.read_text()
-        new, n = re.subn(r"(<!-- results:start -->\n).*?(<!-- results:end -->)", lambda m: m.group(1) + table + "\n" + m.group(2), text, flags=re.S)
+        new, n = re.subn(
+            r"(<!-- results:start -->\n).*?(<!-- results:end -->)",
+            lambda m: m.group(1) + table + "\n" + m.group(2),
+            text,
+            flags=re.S,
+        )
         if n != 1:
             raise SystemExit(f"{args.readme}: no <!-- results:start --> ... <!-- results:end --> block")
         args.readme.write_text(new)

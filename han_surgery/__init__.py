@@ -3,7 +3,7 @@
 Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 2024.
 """
 
-from . import models  # registers han_* with timm
+from . import models  # noqa: F401  (registers han_* with timm)
 from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
 from .surgery import HanConfig, HanifyReport, from_pretrained, hanify, register_rule, save_pretrained
 

@@ -19,7 +19,7 @@ def format_table(headers: list[str], rows: list[list[object]]) -> str:
     """Render a small left-aligned text table."""
     cells = [[str(c) for c in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -40,7 +40,14 @@ def step_layer_properties() -> None:
     for n in (384, 768, 1024):
         mlp = torch.nn.Sequential(torch.nn.Linear(n, 4 * n), torch.nn.GELU(), torch.nn.Linear(4 * n, n))
         han = HanBlock(n)
-        rows.append([n, f"{count_parameters(mlp):,}", f"{count_parameters(han):,}", f"{count_parameters(mlp) / count_parameters(han):,.0f}x"])
+        rows.append(
+            [
+                n,
+                f"{count_parameters(mlp):,}",
+                f"{count_parameters(han):,}",
+                f"{count_parameters(mlp) / count_parameters(han):,.0f}x",
+            ]
+        )
     print(format_table(["width n", "MLP n->4n->n params", "Han-block params", "smaller by"], rows))
 
     n = 64
@@ -93,7 +100,10 @@ def step_layer_speed() -> None:
     print(
         format_table(
             ["layer", "params", "fwd+bwd ms", "vs nn.Linear"],
-            [[k, f"{count_parameters(candidates[k]):,}", f"{v * 1e3:.2f}", f"{base / v:.1f}x faster"] for k, v in timings.items()],
+            [
+                [k, f"{count_parameters(candidates[k]):,}", f"{v * 1e3:.2f}", f"{base / v:.1f}x faster"]
+                for k, v in timings.items()
+            ],
         )
     )
 

@@ -165,7 +165,9 @@ def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, 
             return householder_affine(x.to(torch.get_autocast_dtype(device_type)), u_hat, bias, apply_abs=apply_abs)
     n = x.shape[-1]
     if u_hat.shape[-1] != n:
-        raise ValueError(f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}")
+        raise ValueError(
+            f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}"
+        )
     dtype = x.dtype
     # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
     t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat)

@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from han_surgery.finetune.args import parse_args
-from han_surgery.finetune.demo_step import TINY_VIT as TINY_VIT_KWARGS, make_images
+from han_surgery.finetune.demo_step import TINY_VIT as TINY_VIT_KWARGS
+from han_surgery.finetune.demo_step import make_images
 from han_surgery.finetune.train import run
 
 # qkv_bias=False: the key bias of softmax attention has an identically zero gradient (a shift of every logit
@@ -55,7 +56,9 @@ def reference(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     """One process, global batch 16, 2 epochs of the 345-row training split (21 steps per epoch)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     torch.set_num_threads(1)
-    results = run(parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "16", "--lr", "3e-3")))
+    results = run(
+        parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"))
+    )
     return out, results
 
 
@@ -107,7 +110,9 @@ def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path
     assert args["setup"]["num_processes"] == 1 and args["batch_size"] == 16
 
 
-def test_two_processes_match_one_process_at_the_same_global_batch(reference: tuple[Path, dict], toy: Path, tmp_path: Path) -> None:
+def test_two_processes_match_one_process_at_the_same_global_batch(
+    reference: tuple[Path, dict], toy: Path, tmp_path: Path
+) -> None:
     """``accelerate launch --multi_gpu --num_processes 2`` (gloo) with 8 per process == 1 process with 16.
 
     Each process sees its half of every global batch (seedable sampler, same permutation), DDP averages
@@ -118,9 +123,23 @@ def test_two_processes_match_one_process_at_the_same_global_batch(reference: tup
     """
     out_ref, results_ref = reference
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "han_surgery.finetune",
-           *common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "8", "--lr", "3e-3")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "han_surgery.finetune",
+        *common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "8", "--lr", "3e-3"),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es) (MULTI_CPU)" in proc.stdout and "global batch size 16 = 8 per process x 2" in proc.stdout
@@ -148,13 +167,28 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     ``--resume`` ends with exactly the weights of a run that was never interrupted (same process count and
     thread count, so the same float operations in the same order: bitwise equal)."""
     torch.set_num_threads(1)  # as the subprocess (OMP_NUM_THREADS=1): the same kernels, the same summation order
-    opts = ("--model-kwargs", TINY_VIT_DROPOUT, "--max-steps", "14", "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "3")
+    opts = (
+        "--model-kwargs",
+        TINY_VIT_DROPOUT,
+        "--max-steps",
+        "14",
+        "--batch-size",
+        "8",
+        "--grad-accum",
+        "2",
+        "--checkpoint-every",
+        "3",
+    )
     straight = tmp_path / "straight"
     run(parse_args(common(toy, straight, *opts)))
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "han_surgery.finetune", *common(toy, out, *opts)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "han_surgery.finetune", *common(toy, out, *opts)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
     first = out / "checkpoints" / "step_0000003"
     deadline = time.monotonic() + 180
     while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
@@ -168,7 +202,9 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     assert results["global_step"] == 14
     assert max_abs_diff(weights(straight), weights(out)) == 0.0
     # the metrics file reads as one run: no step logged twice
-    steps = [(json.loads(line)["step"], "eval_loss" in line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [
+        (json.loads(line)["step"], "eval_loss" in line) for line in (out / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(steps) == len(set(steps))
 
     # resuming with other options would not continue the same run: refused, with the differences named
@@ -177,7 +213,9 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     assert run_cli(parse_args(common(toy, out, *opts, "--resume", "--lr", "0.01"))) == 2
 
 
-def test_resume_without_checkpoint_and_contradicting_flags(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_resume_without_checkpoint_and_contradicting_flags(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from han_surgery.finetune.train import run_cli
 
     assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume"))) == 2
@@ -190,21 +228,40 @@ def held_out(toy: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from han_surgery.finetune.data import load_data
 
     data = load_data(toy, seed=0)
-    return torch.stack([data.eval[i][0] for i in range(len(data.eval))]), torch.stack([data.eval[i][1] for i in range(len(data.eval))])
+    return torch.stack([data.eval[i][0] for i in range(len(data.eval))]), torch.stack(
+        [data.eval[i][1] for i in range(len(data.eval))]
+    )
 
 
-def test_hanify_with_distillation_from_the_original_then_from_pretrained(reference: tuple[Path, dict], toy: Path, tmp_path: Path) -> None:
+def test_hanify_with_distillation_from_the_original_then_from_pretrained(
+    reference: tuple[Path, dict], toy: Path, tmp_path: Path
+) -> None:
     """``--model <trained folder> --hanify --distill-from base``: the output is a han_surgery.save_pretrained
     folder that ``han_surgery.from_pretrained`` rebuilds with the measured held-out loss."""
-    import han_surgery
     from huggingface_hub import ModelCard
+
+    import han_surgery
 
     out_ref, results_ref = reference
     out = tmp_path / "han"
-    results = run(parse_args(common(
-        toy, out, "--hanify", "--han-reflections", "2", "--distill-from", "base", "--max-steps", "6", "--batch-size", "16",
-        model=str(out_ref),
-    )))
+    results = run(
+        parse_args(
+            common(
+                toy,
+                out,
+                "--hanify",
+                "--han-reflections",
+                "2",
+                "--distill-from",
+                "base",
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "16",
+                model=str(out_ref),
+            )
+        )
+    )
     assert results["params_base"] == results_ref["params"] and results["params"] < results["params_base"]
     han_config = json.loads((out / "han_config.json").read_text())
     assert han_config["recipe"][0]["config"]["reflections"] == 2 and len(han_config["recipe"][0]["rewrites"]) == 2
@@ -243,7 +300,11 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
     images = (rng.random((96, 32, 32, 3)) * 100 + 60 * labels[:, None, None, None]).astype(np.uint8)
     np.savez(tmp_path / "rgb.npz", images=images, labels=labels)
     out = tmp_path / "mixer"
-    results = run(parse_args(common(tmp_path / "rgb.npz", out, "--max-steps", "3", "--batch-size", "16", model="han_mixer_m0h0_32")))
+    results = run(
+        parse_args(
+            common(tmp_path / "rgb.npz", out, "--max-steps", "3", "--batch-size", "16", model="han_mixer_m0h0_32")
+        )
+    )
     assert not (out / "han_config.json").exists()  # a timm model in its own right, no surgery to replay
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     x, y = held_out(tmp_path / "rgb.npz")
@@ -256,7 +317,22 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
 def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:
     """accelerate's bf16 autocast on CPU: the setup says so, training runs, the saved weights stay float32."""
     out = tmp_path / "bf16"
-    results = run(parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "4", "--batch-size", "16", "--mixed-precision", "bf16")))
+    results = run(
+        parse_args(
+            common(
+                toy,
+                out,
+                "--model-kwargs",
+                TINY_VIT,
+                "--max-steps",
+                "4",
+                "--batch-size",
+                "16",
+                "--mixed-precision",
+                "bf16",
+            )
+        )
+    )
     assert results["mixed_precision"] == "bf16" and math.isfinite(results["eval_loss"])
     w = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())

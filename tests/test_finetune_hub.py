@@ -33,8 +33,22 @@ def regression_csv(path: Path, n: int = 240) -> Path:
 
 
 def argv(csv: Path, out: Path, *extra: str, epochs: int = 3) -> list[str]:
-    return ["--model", "hannet:16x3", "--data", str(csv), "--output-dir", str(out), "--epochs", str(epochs), "--batch-size", "16",
-            "--lr", "1e-2", "--no-progress", *extra]
+    return [
+        "--model",
+        "hannet:16x3",
+        "--data",
+        str(csv),
+        "--output-dir",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +78,9 @@ def test_tabular_run_writes_a_folder_that_loads_back(finished: tuple[Path, dict,
         assert list((out / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_push_command_calls_create_repo_and_upload_folder(finished: tuple[Path, dict, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_push_command_calls_create_repo_and_upload_folder(
+    finished: tuple[Path, dict, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Fake at the HfApi boundary: create_repo / upload_folder record their arguments."""
     from huggingface_hub import CommitInfo, HfApi
 
@@ -79,7 +95,12 @@ def test_push_command_calls_create_repo_and_upload_folder(finished: tuple[Path, 
 
     def upload_folder(self: HfApi, **kw: object) -> CommitInfo:
         calls.append(("upload_folder", kw))
-        return CommitInfo(commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc", commit_message="m", commit_description="", oid="abc")
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc",
+            commit_message="m",
+            commit_description="",
+            oid="abc",
+        )
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
@@ -92,7 +113,9 @@ def test_push_command_calls_create_repo_and_upload_folder(finished: tuple[Path, 
     assert "checkpoints/*" in upload["ignore_patterns"]  # training state stays local
 
 
-def test_push_without_network_fails_clearly_and_keeps_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_push_without_network_fails_clearly_and_keeps_the_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """Real huggingface_hub client, endpoint with nothing listening: the run still writes its complete folder."""
     from huggingface_hub import constants
 
@@ -128,8 +151,15 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
 
     tokenizer = AutoTokenizer.from_pretrained(Path(gt.__file__).parent / "model")
     base = tmp_path / "tiny-bert"
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
@@ -144,8 +174,27 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     data_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "run"
-    results = run(parse_args(["--model", str(base), "--hanify", "--data", str(data_path), "--output-dir", str(out),
-                              "--epochs", "2", "--batch-size", "16", "--lr", "3e-3", "--no-progress", "--no-tensorboard"]))
+    results = run(
+        parse_args(
+            [
+                "--model",
+                str(base),
+                "--hanify",
+                "--data",
+                str(data_path),
+                "--output-dir",
+                str(out),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--lr",
+                "3e-3",
+                "--no-progress",
+                "--no-tensorboard",
+            ]
+        )
+    )
     assert results["params"] < results["params_base"]
     model = han_surgery.from_pretrained(out)
     assert model.config.id2label == {0: "bad", 1: "good"}

@@ -27,7 +27,9 @@ def toy_npz(tmp_path: Path) -> Path:
     return path
 
 
-def test_unknown_model_name_suggests_close_timm_names(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unknown_model_name_suggests_close_timm_names(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code, err = finetune(capsys, "--model", "test_vitt", "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"))
     assert code == 2
     assert "--model test_vitt: unknown model" in err and "Did you mean test_vit" in err
@@ -36,7 +38,9 @@ def test_unknown_model_name_suggests_close_timm_names(toy_npz: Path, tmp_path: P
 
 def test_folder_that_is_not_a_model(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "notamodel").mkdir()
-    code, err = finetune(capsys, "--model", str(tmp_path / "notamodel"), "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"))
+    code, err = finetune(
+        capsys, "--model", str(tmp_path / "notamodel"), "--data", str(toy_npz), "--output-dir", str(tmp_path / "o")
+    )
     assert code == 2 and "no han_config.json" in err
 
 
@@ -52,7 +56,9 @@ def test_data_folder_without_classes(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_label_out_of_range(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "bad.npz"
     np.savez(path, images=np.zeros((10, 8, 8), np.uint8), labels=np.array([0, 1, 2, 7, 1, 0, 2, 1, 0, 1]))
-    code, err = finetune(capsys, "--model", "test_vit", "--data", str(path), "--num-classes", "3", "--output-dir", str(tmp_path / "o"))
+    code, err = finetune(
+        capsys, "--model", "test_vit", "--data", str(path), "--num-classes", "3", "--output-dir", str(tmp_path / "o")
+    )
     assert code == 2
     assert "label out of range: found 7" in err and "[0, 2] for 3 classes" in err
     np.savez(path, images=np.zeros((3, 8, 8), np.uint8), labels=np.array([0, -1, 1]))
@@ -68,7 +74,9 @@ def test_csv_with_non_numeric_cell(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "table.csv, line 2, column 2: non-numeric cell 'abc'" in err
 
 
-def test_existing_output_dir_is_refused_without_overwrite(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_existing_output_dir_is_refused_without_overwrite(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
@@ -94,7 +102,9 @@ def test_tabular_csv_regression_is_standardised_with_train_statistics(tmp_path: 
     xs = torch.stack([data.train[i][0] for i in range(len(data.train))])
     ys = torch.stack([data.train[i][1] for i in range(len(data.train))])
     assert xs.mean(0).abs().max() < 1e-5 and (xs.std(0, unbiased=False) - 1).abs().max() < 1e-4
-    assert ys.mean().abs() < 1e-5 and data.target_mean[0] == pytest.approx(y[sorted(set(range(200)) - set(data.eval.indices))].mean())
+    assert ys.mean().abs() < 1e-5 and data.target_mean[0] == pytest.approx(
+        y[sorted(set(range(200)) - set(data.eval.indices))].mean()
+    )
     assert len(data.eval) == 20
 
 
@@ -108,7 +118,9 @@ def test_tabular_csv_with_header_and_integer_target_is_classification(tmp_path: 
 
 def test_text_jsonl_maps_string_labels(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
-    path.write_text("".join(json.dumps({"text": f"text {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10)))
+    path.write_text(
+        "".join(json.dumps({"text": f"text {i}", "label": ["pos", "neg"][i % 2]}) + "\n" for i in range(10))
+    )
     data = load_data(path)
     assert (data.kind, data.num_outputs, data.class_names) == ("text", 2, ["neg", "pos"])
     assert data.eval[0][0].startswith("text")
@@ -132,10 +144,26 @@ def test_image_folder_layout_with_and_without_split_folders(tmp_path: Path) -> N
     assert (len(split.train), len(split.eval)) == (8, 4)
 
 
-def test_han_surgery_finetune_subcommand_shares_the_options(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_han_surgery_finetune_subcommand_shares_the_options(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     from han_surgery.cli import main
 
-    assert main(["finetune", "--model", "no_such_model_xyz", "--data", str(toy_npz), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                "no_such_model_xyz",
+                "--data",
+                str(toy_npz),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "unknown model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])

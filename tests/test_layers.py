@@ -86,7 +86,10 @@ def test_gradient_norm_is_preserved_through_200_han_layers_but_not_relu():
 def test_one_lipschitz_on_random_pairs(make):
     torch.manual_seed(1)
     net = make(24).double()
-    x, y = torch.randn(2, 2000, 24, dtype=torch.float64) * torch.tensor([0.01, 1.0, 100.0]).repeat_interleave(667)[:2000, None].double()
+    x, y = (
+        torch.randn(2, 2000, 24, dtype=torch.float64)
+        * torch.tensor([0.01, 1.0, 100.0]).repeat_interleave(667)[:2000, None].double()
+    )
     dist_in = (x - y).norm(dim=1)
     dist_out = (net(x) - net(y)).norm(dim=1)
     assert (dist_out <= dist_in * (1 + 1e-12)).all()
@@ -283,7 +286,9 @@ def test_autocast_forward_and_backward(dtype):
         out = net(x)
     assert out.dtype == dtype
     out.float().sum().backward()
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters()
+    )
     ref = net(x)
     assert (out.float() - ref).norm() / ref.norm() < 3e-2
 

@@ -156,7 +156,9 @@ def test_hf_hub_from_offline_cache(saved, tmp_path):
 
 def test_dense_checkpoint_into_han_model_fails_clearly(tmp_path):
     dense = _save(timm.create_model("mobilevit_xxs", num_classes=10), tmp_path / "dense")
-    with pytest.raises(ValueError, match=r"han_mobilevit_xxs: .*missing keys.*mlp\.ffn\.fc1\.u.*dense \(non-Han\) checkpoint.*hanify"):
+    with pytest.raises(
+        ValueError, match=r"han_mobilevit_xxs: .*missing keys.*mlp\.ffn\.fc1\.u.*dense \(non-Han\) checkpoint.*hanify"
+    ):
         timm.create_model(
             "han_mobilevit_xxs",
             pretrained=True,
@@ -168,8 +170,15 @@ def test_dense_checkpoint_into_han_model_fails_clearly(tmp_path):
 def test_shape_mismatch_fails_clearly(tmp_path):
     """A 32x32 Han-Mixer (64 tokens) checkpoint does not fit a 64x64 one (256 tokens)."""
     d = _save(timm.create_model("han_mixer_m0h16_32"), tmp_path / "m32")
-    with pytest.raises(ValueError, match=r"shape mismatches \(blocks\.0\.mlp_tokens\.fc1\.u: checkpoint \(1, 64\) vs model \(1, 256\)"):
-        timm.create_model("han_mixer_m0h16_32", img_size=64, pretrained=True, pretrained_cfg_overlay=dict(file=str(d / "model.safetensors")))
+    with pytest.raises(
+        ValueError, match=r"shape mismatches \(blocks\.0\.mlp_tokens\.fc1\.u: checkpoint \(1, 64\) vs model \(1, 256\)"
+    ):
+        timm.create_model(
+            "han_mixer_m0h16_32",
+            img_size=64,
+            pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(d / "model.safetensors")),
+        )
 
 
 def test_wrong_architecture_in_local_dir_fails_clearly(saved, tmp_path):
@@ -181,7 +190,9 @@ def test_wrong_architecture_in_local_dir_fails_clearly(saved, tmp_path):
     config = json.loads((d / "config.json").read_text())
     config["architecture"] = "han_mobilevit_xs"
     (wrong / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"han_mobilevit_xs: the checkpoint does not fit this architecture: .*shape mismatches"):
+    with pytest.raises(
+        ValueError, match=r"han_mobilevit_xs: the checkpoint does not fit this architecture: .*shape mismatches"
+    ):
         timm.create_model(f"local-dir:{wrong}", pretrained=True)
 
 

@@ -43,9 +43,7 @@ def test_split_is_stratified_and_disjoint(bench):
 
 def test_smoke_run_writes_the_table(bench, tmp_path):
     out = tmp_path / "MNIST.md"
-    rows = bench.main(
-        ["--epochs", "1", "--n-train", "64", "--n-test", "50", "--batch-size", "32", "--out", str(out)]
-    )
+    rows = bench.main(["--epochs", "1", "--n-train", "64", "--n-test", "50", "--batch-size", "32", "--out", str(out)])
     assert [r["spec"].name for r in rows] == [s.name for s in bench.SPECS]
     text = out.read_text()
     for r in rows:

@@ -101,8 +101,19 @@ def test_regression_split_is_80_12_8_and_disjoint():
 def test_regression_quick_on_any_csv(tmp_path):
     path = tmp_path / "mine.csv"
     _write_csv(path, rows=400)
-    args = argparse.Namespace(quick=True, out=str(tmp_path / "out"), data=None, datasets="", csv=[str(path)],
-                              models="hannet,fcnet1,fcnet2", epochs=300, lrs="0.003", seeds=5, schedule="epoch", threads=None)
+    args = argparse.Namespace(
+        quick=True,
+        out=str(tmp_path / "out"),
+        data=None,
+        datasets="",
+        csv=[str(path)],
+        models="hannet,fcnet1,fcnet2",
+        epochs=300,
+        lrs="0.003",
+        seeds=5,
+        schedule="epoch",
+        threads=None,
+    )
     res = regression.run(args)
     assert [r["model"] for r in res["rows"]] == ["hannet", "fcnet1", "fcnet2"]
     assert all(r["dataset"] == "mine" and r["features"] == 4 and np.isfinite(r["rmse_mean"]) for r in res["rows"])

@@ -43,7 +43,10 @@ def test_regression_quick(tmp_path):
     assert {r["dataset"] for r in res["rows"]} == {"bikesharing", "calhousing", "elevators"}
     assert all(np.isfinite(r["rmse_mean"]) and r["rmse_mean"] > 0 and np.isfinite(r["r2_mean"]) for r in res["rows"])
     assert {r["model"]: r["params"] for r in res["rows"] if r["dataset"] == "calhousing"} == {
-        "hannet": 8 * 200 + 200 + 19 * 400 + 201, "fcnet1": 8 * 50 + 50 + 4 * 2550 + 51, "fcnet2": 8 * 200 + 200 + 4 * 40200 + 201}
+        "hannet": 8 * 200 + 200 + 19 * 400 + 201,
+        "fcnet1": 8 * 50 + 50 + 4 * 2550 + 51,
+        "fcnet2": 8 * 200 + 200 + 4 * 40200 + 201,
+    }
 
 
 @needs("mnist")

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-
 from _surgery_zoo import ZOO
+
 from han_surgery import from_pretrained
 from han_surgery.cli import main
-
 
 
 def test_inspect_timm_name_prints_dry_run(capsys):

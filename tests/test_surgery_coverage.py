@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _surgery_zoo import ZOO, output_tensor
 from torch import nn
 
-from _surgery_zoo import ZOO, output_tensor
 from han_surgery import HanBlock, HanConfig, hanify
 from han_surgery.layers import HouseholderLinear
 from han_surgery.surgery.modules import HAN_MODULE_TYPES, ResidualFree
@@ -36,7 +36,10 @@ def test_hanify_family_forward_backward(name):
         assert rec.params_after < rec.params_before
         for path in rec.swapped:
             assert model.get_submodule(path) is not originals[path]
-        assert isinstance(model.get_submodule(rec.path), HAN_MODULE_TYPES) or rec.rule in ("hf.inline_ffn", "hf.convnext")
+        assert isinstance(model.get_submodule(rec.path), HAN_MODULE_TYPES) or rec.rule in (
+            "hf.inline_ffn",
+            "hf.convnext",
+        )
     # No dense FFN left where a rewrite happened, and the Han parameters exist.
     han_params = [p for m in model.modules() if isinstance(m, HouseholderLinear) for p in m.parameters()]
     assert han_params

@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _surgery_zoo import ZOO
 from timm.layers import Mlp
 from torch import nn
 
-from _surgery_zoo import ZOO
 from han_surgery import HanBlock, HanConfig, HanifyReport, hanify, register_rule
-from han_surgery.surgery import HanifyError, NothingToRewriteError, Replacement, SkipCandidate, list_rules, unregister_rule
+from han_surgery.surgery import (
+    HanifyError,
+    NothingToRewriteError,
+    Replacement,
+    SkipCandidate,
+    list_rules,
+    unregister_rule,
+)
 
 
 def _snapshot(model: nn.Module):
@@ -141,7 +148,9 @@ def test_include_exclude_glob_regex_and_filter_fn():
     assert [r.path for r in report.rewrites] == paths[1:]
     assert report.skipped[0].reason == "excluded by 'encoder.layer.0.*'"
     seen = []
-    report = hanify(build()[0], filter_fn=lambda m, name: seen.append((type(m).__name__, name)) or name.endswith("0.intermediate"))
+    report = hanify(
+        build()[0], filter_fn=lambda m, name: seen.append((type(m).__name__, name)) or name.endswith("0.intermediate")
+    )
     assert seen == [("BertIntermediate", p) for p in paths]
     assert [r.path for r in report.rewrites] == paths[:1]
     assert report.skipped[0].reason == "filter_fn returned False"
@@ -178,7 +187,10 @@ def test_user_rule_outranks_fallback_and_registry_checks():
         assert callable(build_gate)  # the decorator returns the builder
         names = [r.name for r in list_rules()]
         assert names.index("test.gate") < names.index("fallback.ffn")
-        assert hanify(nn.Sequential(nn.Linear(4, 8), Gate(8)), HanConfig(reflections=5)).skipped[0].reason == "too many reflections for a Gate"
+        assert (
+            hanify(nn.Sequential(nn.Linear(4, 8), Gate(8)), HanConfig(reflections=5)).skipped[0].reason
+            == "too many reflections for a Gate"
+        )
         report = hanify(model)
         assert report.rewrites[0].rule == "test.gate" and isinstance(model[1], HanBlock)
         with pytest.raises(ValueError, match="exists already"):
@@ -238,10 +250,18 @@ def test_builder_touching_a_foreign_path_is_refused():
 
 
 def test_config_validation_and_round_trip():
-    cfg = HanConfig(rules=["timm.*"], residual="drop", reflections=2, include="blocks.*", exclude=["re:head.*"], dropout=0.1)
+    cfg = HanConfig(
+        rules=["timm.*"], residual="drop", reflections=2, include="blocks.*", exclude=["re:head.*"], dropout=0.1
+    )
     assert cfg.include == ("blocks.*",)
     assert HanConfig.from_dict(cfg.to_dict()) == cfg
-    for bad in (dict(residual="none"), dict(reflections=0), dict(init="xavier"), dict(dropout=1.5), dict(include=["re:("])):
+    for bad in (
+        dict(residual="none"),
+        dict(reflections=0),
+        dict(init="xavier"),
+        dict(dropout=1.5),
+        dict(include=["re:("]),
+    ):
         with pytest.raises(ValueError):
             HanConfig(**bad)
     with pytest.raises(ValueError, match="unknown fields"):
@@ -263,7 +283,12 @@ def test_fallback_catches_1x1_conv_ffn_but_not_a_depthwise_block():
     class ConvFFN(nn.Module):
         def __init__(self, c=8):
             super().__init__()
-            self.fc1, self.bn, self.act, self.fc2 = nn.Conv2d(c, 4 * c, 1), nn.BatchNorm2d(4 * c), nn.GELU(), nn.Conv2d(4 * c, c, 1)
+            self.fc1, self.bn, self.act, self.fc2 = (
+                nn.Conv2d(c, 4 * c, 1),
+                nn.BatchNorm2d(4 * c),
+                nn.GELU(),
+                nn.Conv2d(4 * c, c, 1),
+            )
 
         def forward(self, x):
             return self.fc2(self.act(self.bn(self.fc1(x))))

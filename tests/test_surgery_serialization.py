@@ -7,9 +7,9 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from _surgery_zoo import ZOO, CustomNet, output_tensor
 from torch import nn
 
-from _surgery_zoo import ZOO, CustomNet, output_tensor
 from han_surgery import HanConfig, from_pretrained, hanify, save_pretrained
 from han_surgery.surgery import UnsafeCheckpointError
 
@@ -157,7 +157,11 @@ def test_real_minilm_round_trip_bit_identical(tmp_path):
     path = gt.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = BertModel.from_pretrained(str(path), use_safetensors=True).eval()
-    batch = tokenizer(["Householder reflections are orthogonal.", "A lightweight, gradient-stable layer."], padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["Householder reflections are orthogonal.", "A lightweight, gradient-stable layer."],
+        padding=True,
+        return_tensors="pt",
+    )
     report = hanify(model)
     assert report.num_rewritten == 6 and report.params_after < report.params_before
     assert all("post-norm" in r.neighbours["norm"] for r in report.rewrites)
@@ -170,7 +174,9 @@ def test_real_minilm_round_trip_bit_identical(tmp_path):
     # The pretrained weights outside the FFNs are the real ones, untouched.
     ref = BertModel.from_pretrained(str(path), use_safetensors=True)
     assert torch.equal(loaded.embeddings.word_embeddings.weight, ref.embeddings.word_embeddings.weight)
-    assert torch.equal(loaded.encoder.layer[5].attention.self.query.weight, ref.encoder.layer[5].attention.self.query.weight)
+    assert torch.equal(
+        loaded.encoder.layer[5].attention.self.query.weight, ref.encoder.layer[5].attention.self.query.weight
+    )
 
 
 @pytest.mark.slow

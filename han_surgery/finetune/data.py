@@ -78,11 +78,17 @@ class DataBundle:
 
     def describe(self) -> str:
         what = {
-            "image": f"images {self.in_chans}x{self.image_size[0]}x{self.image_size[1]}" if self.image_size else "images",
+            "image": f"images {self.in_chans}x{self.image_size[0]}x{self.image_size[1]}"
+            if self.image_size
+            else "images",
             "tabular": f"tabular, {self.num_features} features",
             "text": "text",
         }[self.kind]
-        target = f"{self.num_outputs} classes" if self.task == "classification" else f"regression, {self.num_outputs} target(s)"
+        target = (
+            f"{self.num_outputs} classes"
+            if self.task == "classification"
+            else f"regression, {self.num_outputs} target(s)"
+        )
         return f"{self.name}: {what}, {target}, {len(self.train)} train / {len(self.eval)} held-out"
 
 
@@ -131,11 +137,15 @@ def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
     return ((x - IMAGE_MEAN) / IMAGE_STD).permute(0, 3, 1, 2).contiguous()
 
 
-def load_npz(path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+def load_npz(
+    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+) -> DataBundle:
     with np.load(path, allow_pickle=False) as f:
         missing = {"images", "labels"} - set(f.files)
         if missing:
-            raise DataError(f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} (has {f.files}).")
+            raise DataError(
+                f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} (has {f.files})."
+            )
         images, labels = f["images"], f["labels"]
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
@@ -147,19 +157,31 @@ def load_npz(path: Path, *, num_classes: int | None, val_fraction: float, seed: 
     dataset = TensorDataset(x, y)
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
     return DataBundle(
-        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="image", task="classification",
-        num_outputs=num_classes, name=path.stem, in_chans=x.shape[1], image_size=(x.shape[2], x.shape[3]),
+        train=Subset(dataset, train_idx),
+        eval=Subset(dataset, val_idx),
+        kind="image",
+        task="classification",
+        num_outputs=num_classes,
+        name=path.stem,
+        in_chans=x.shape[1],
+        image_size=(x.shape[2], x.shape[3]),
     )
 
 
-def load_image_folder(path: Path, *, image_size: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+def load_image_folder(
+    path: Path, *, image_size: int | None, val_fraction: float, seed: int, max_samples: int | None
+) -> DataBundle:
     from torchvision import datasets, transforms
 
     size = image_size or 224
-    transform = transforms.Compose([
-        transforms.Resize(size), transforms.CenterCrop(size), transforms.ToTensor(),
-        transforms.Normalize([IMAGE_MEAN] * 3, [IMAGE_STD] * 3),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize([IMAGE_MEAN] * 3, [IMAGE_STD] * 3),
+        ]
+    )
 
     def folder(root: Path) -> Any:
         try:
@@ -183,10 +205,21 @@ def load_image_folder(path: Path, *, image_size: int | None, val_fraction: float
         n = min(len(full), max_samples) if max_samples else len(full)
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         train_idx, val_idx = split_indices(n, val_fraction, seed)
-        train_set, eval_set, classes = Subset(full, [perm[i] for i in train_idx]), Subset(full, [perm[i] for i in val_idx]), full.classes
+        train_set, eval_set, classes = (
+            Subset(full, [perm[i] for i in train_idx]),
+            Subset(full, [perm[i] for i in val_idx]),
+            full.classes,
+        )
     return DataBundle(
-        train=train_set, eval=eval_set, kind="image", task="classification", num_outputs=len(classes),
-        name=path.name, in_chans=3, image_size=(size, size), class_names=list(classes),
+        train=train_set,
+        eval=eval_set,
+        kind="image",
+        task="classification",
+        num_outputs=len(classes),
+        name=path.name,
+        in_chans=3,
+        image_size=(size, size),
+        class_names=list(classes),
     )
 
 
@@ -211,7 +244,14 @@ def _is_number(cell: str) -> bool:
 
 
 def load_tabular_csv(
-    path: Path, rows: list[list[str]], *, task: str, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+    path: Path,
+    rows: list[list[str]],
+    *,
+    task: str,
+    num_classes: int | None,
+    val_fraction: float,
+    seed: int,
+    max_samples: int | None,
 ) -> DataBundle:
     header = None
     if not any(_is_number(c) for c in rows[0]):
@@ -220,12 +260,16 @@ def load_tabular_csv(
         raise DataError(f"{path}: only a header row, no data.")
     width = len(rows[0])
     if width < 2:
-        raise DataError(f"{path}: a tabular CSV needs at least one feature column and the target last; got {width} column(s).")
+        raise DataError(
+            f"{path}: a tabular CSV needs at least one feature column and the target last; got {width} column(s)."
+        )
     values = np.empty((len(rows), width), dtype=np.float64)
     first_line = 2 if header else 1
     for i, row in enumerate(rows):
         if len(row) != width:
-            raise DataError(f"{path}, line {i + first_line}: {len(row)} cells, expected {width} like the first data row.")
+            raise DataError(
+                f"{path}, line {i + first_line}: {len(row)} cells, expected {width} like the first data row."
+            )
         for j, cell in enumerate(row):
             try:
                 values[i, j] = float(cell)
@@ -260,8 +304,14 @@ def load_tabular_csv(
         bundle_kw = {"num_outputs": 1, "target_mean": [t_mean], "target_std": [t_std]}
     dataset = TensorDataset(x, y)
     return DataBundle(
-        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="tabular", task=task,
-        name=path.stem, num_features=x.shape[1], extra=extra, **bundle_kw,
+        train=Subset(dataset, train_idx),
+        eval=Subset(dataset, val_idx),
+        kind="tabular",
+        task=task,
+        name=path.stem,
+        num_features=x.shape[1],
+        extra=extra,
+        **bundle_kw,
     )
 
 
@@ -284,7 +334,7 @@ class TextDataset(Dataset):
 
 def make_text_collate(tokenizer: Any, max_length: int) -> Any:
     def collate(batch: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        texts, labels = zip(*batch)
+        texts, labels = zip(*batch, strict=False)
         enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return dict(enc), torch.tensor(labels, dtype=torch.int64)
 
@@ -306,7 +356,9 @@ def _text_records(path: Path) -> list[dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def load_text(path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None) -> DataBundle:
+def load_text(
+    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+) -> DataBundle:
     records = _text_records(path)
     if not records:
         raise DataError(f"{path}: no rows.")
@@ -327,8 +379,13 @@ def load_text(path: Path, *, num_classes: int | None, val_fraction: float, seed:
     dataset = TextDataset([str(r["text"]) for r in records], labels.tolist())
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
     return DataBundle(
-        train=Subset(dataset, train_idx), eval=Subset(dataset, val_idx), kind="text", task="classification",
-        num_outputs=k, name=path.stem, class_names=class_names,
+        train=Subset(dataset, train_idx),
+        eval=Subset(dataset, val_idx),
+        kind="text",
+        task="classification",
+        num_outputs=k,
+        name=path.stem,
+        class_names=class_names,
     )
 
 

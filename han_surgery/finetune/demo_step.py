@@ -35,17 +35,64 @@ def step_finetune() -> None:
         rows = []
         start = time.perf_counter()
         print("$ python -m han_surgery.finetune --model test_vit ... --epochs 2 --output-dir base")
-        base = run(parse_args(["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--epochs", "2",
-                               "--output-dir", str(root / "base"), *common]))
-        rows.append(["test_vit (tiny), 2 epochs", f"{base['params']:,}", f"{base['eval_accuracy']:.1%}", f"{base['total_runtime_s']:.1f} s"])
-        print("\n$ python -m han_surgery.finetune --model base --hanify --distill-from base --epochs 1 --checkpoint-every 7 --output-dir han")
-        han = run(parse_args(["--model", str(root / "base"), "--hanify", "--distill-from", "base", "--epochs", "1",
-                              "--checkpoint-every", "7", "--output-dir", str(root / "han"), *common]))
-        rows.append(["hanified + distilled, 1 epoch", f"{han['params']:,}", f"{han['eval_accuracy']:.1%}", f"{han['total_runtime_s']:.1f} s"])
+        base = run(
+            parse_args(
+                [
+                    "--model",
+                    "test_vit",
+                    "--model-kwargs",
+                    json.dumps(TINY_VIT),
+                    "--epochs",
+                    "2",
+                    "--output-dir",
+                    str(root / "base"),
+                    *common,
+                ]
+            )
+        )
+        rows.append(
+            [
+                "test_vit (tiny), 2 epochs",
+                f"{base['params']:,}",
+                f"{base['eval_accuracy']:.1%}",
+                f"{base['total_runtime_s']:.1f} s",
+            ]
+        )
+        print(
+            "\n$ python -m han_surgery.finetune --model base --hanify --distill-from base --epochs 1 --checkpoint-every 7 --output-dir han"
+        )
+        han = run(
+            parse_args(
+                [
+                    "--model",
+                    str(root / "base"),
+                    "--hanify",
+                    "--distill-from",
+                    "base",
+                    "--epochs",
+                    "1",
+                    "--checkpoint-every",
+                    "7",
+                    "--output-dir",
+                    str(root / "han"),
+                    *common,
+                ]
+            )
+        )
+        rows.append(
+            [
+                "hanified + distilled, 1 epoch",
+                f"{han['params']:,}",
+                f"{han['eval_accuracy']:.1%}",
+                f"{han['total_runtime_s']:.1f} s",
+            ]
+        )
         print()
         print(format_table(["model", "params", "held-out accuracy", "wall time"], rows))
         files = sorted(p.name + ("/" if p.is_dir() else "") for p in (root / "han").iterdir())
         print(f"\nThe output folder is ready for `han-surgery push <dir> <user>/<repo>`: {', '.join(files)}")
         card = (root / "han" / "README.md").read_text().split("---")[1].strip().splitlines()
         print("Its model card starts with:\n  " + "\n  ".join(card[:12]) + "\n  ...")
-        print(f"(2 runs in {time.perf_counter() - start:.1f} s; multi-process: accelerate launch -m han_surgery.finetune ...)")
+        print(
+            f"(2 runs in {time.perf_counter() - start:.1f} s; multi-process: accelerate launch -m han_surgery.finetune ...)"
+        )

@@ -65,7 +65,7 @@ def base_model_id(args: argparse.Namespace, built: Any) -> str:
     cfg = getattr(built.model, "pretrained_cfg", None) or {}
     if args.pretrained and cfg.get("hf_hub_id"):
         return cfg["hf_hub_id"]
-    spec = args.model[len("local-dir:"):] if args.model.startswith("local-dir:") else args.model
+    spec = args.model[len("local-dir:") :] if args.model.startswith("local-dir:") else args.model
     path = Path(spec).expanduser()
     if not path.is_dir():
         return spec
@@ -100,25 +100,33 @@ def _load_snippet(built: Any, repo_id: str | None) -> str:
     return f"import huggingface_hub\nfrom han_surgery.finetune import load_model\n\nmodel = load_model({where})"
 
 
-
-
-def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, results: dict[str, Any], han_report: Any = None) -> Any:
+def render_model_card(
+    *, args: argparse.Namespace, built: Any, data: Any, results: dict[str, Any], han_report: Any = None
+) -> Any:
     """Build the ``huggingface_hub.ModelCard`` of a finished run (see the module docstring)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     repo_id = args.push_to_hub
     model_name = repo_id.split("/")[-1] if repo_id else Path(args.output_dir).name
-    task_type = {"image": "image-classification", "text": "text-classification", "tabular": f"tabular-{data.task}"}[data.kind]
+    task_type = {"image": "image-classification", "text": "text-classification", "tabular": f"tabular-{data.task}"}[
+        data.kind
+    ]
     metric_rows: list[tuple[str, str]] = []
     eval_results = []
     for key, metric_type in (("eval_accuracy", "accuracy"), ("eval_rmse", "rmse"), ("eval_loss", "loss")):
         if key in results:
             value = round(float(results[key]), 6)
             metric_rows.append((metric_type, f"{value:.4f}"))
-            eval_results.append(EvalResult(
-                task_type=task_type, dataset_type=data.name, dataset_name=data.name, dataset_split="held-out",
-                metric_type=metric_type, metric_value=value,
-            ))
+            eval_results.append(
+                EvalResult(
+                    task_type=task_type,
+                    dataset_type=data.name,
+                    dataset_name=data.name,
+                    dataset_split="held-out",
+                    metric_type=metric_type,
+                    metric_value=value,
+                )
+            )
     if "train_loss" in results:
         metric_rows.append(("train loss (last 10 steps)", f"{results['train_loss']:.4f}"))
     tags = ["han-surgery", "householder", task_type]
@@ -139,8 +147,10 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
     setup = results
     distill_line = None
     if args.distill_from:
-        distill_line = (f"knowledge distillation from `{args.distill_from}`: loss = (1 - {args.distill_alpha}) x task loss + "
-                        f"{args.distill_alpha} x T^2 KL(teacher || student), T = {args.distill_temperature}")
+        distill_line = (
+            f"knowledge distillation from `{args.distill_from}`: loss = (1 - {args.distill_alpha}) x task loss + "
+            f"{args.distill_alpha} x T^2 KL(teacher || student), T = {args.distill_temperature}"
+        )
     recipe = (
         f"{setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s)), AdamW lr {args.lr} ({args.schedule}"
         f"{f', {args.warmup_steps} warm-up steps' if args.warmup_steps else ''}), weight decay {args.weight_decay}, "
@@ -148,8 +158,8 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
     )
     summary = (
         f"`{base_model_id(args, built)}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
-        if built.hanified and not built.han_loaded else
-        f"A fine-tuned `{base_model_id(args, built)}`."
+        if built.hanified and not built.han_loaded
+        else f"A fine-tuned `{base_model_id(args, built)}`."
     )
     card = ModelCard.from_template(
         card_data,
@@ -163,14 +173,17 @@ def render_model_card(*, args: argparse.Namespace, built: Any, data: Any, result
         result_rows=metric_rows,
         base_model_name=base_model_id(args, built),
         params_base=f"{results['params_base']:,}",
-        params=f"{results['params']:,}" + (f" ({results['params'] / results['params_base']:.1%})" if results["params_base"] else ""),
+        params=f"{results['params']:,}"
+        + (f" ({results['params'] / results['params_base']:.1%})" if results["params_base"] else ""),
         han_report=str(han_report).strip() if han_report is not None else None,
         data_description=data.describe(),
         recipe_line=recipe,
         distill_line=distill_line,
-        setup_line=(f"{setup['num_processes']} process(es) on {setup['device']} ({setup['distributed_type']}), "
-                    f"mixed precision {setup['mixed_precision']}, {setup['per_process_batch_size']} per process x "
-                    f"{setup['grad_accum']} accumulation step(s)"),
+        setup_line=(
+            f"{setup['num_processes']} process(es) on {setup['device']} ({setup['distributed_type']}), "
+            f"mixed precision {setup['mixed_precision']}, {setup['per_process_batch_size']} per process x "
+            f"{setup['grad_accum']} accumulation step(s)"
+        ),
         train_runtime=results["train_runtime_s"],
         total_runtime=results["total_runtime_s"],
         command=command_line(args, results.get("num_processes", 1)),
@@ -186,8 +199,14 @@ def write_model_card(directory: str | Path, **kwargs: Any) -> Path:
     return path
 
 
-def push_folder(directory: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
-                commit_message: str = "Upload model fine-tuned with han-surgery") -> str:
+def push_folder(
+    directory: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload model fine-tuned with han-surgery",
+) -> str:
     """Upload ``directory`` (without ``checkpoints/``) to the Hub model repo ``repo_id``; return the commit URL.
 
     Raises:
@@ -203,8 +222,11 @@ def push_folder(directory: str | Path, repo_id: str, *, private: bool = False, t
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         commit = api.upload_folder(
-            folder_path=str(directory), repo_id=repo_id, repo_type="model",
-            ignore_patterns=UPLOAD_IGNORE, commit_message=commit_message,
+            folder_path=str(directory),
+            repo_id=repo_id,
+            repo_type="model",
+            ignore_patterns=UPLOAD_IGNORE,
+            commit_message=commit_message,
         )
     except Exception as e:  # network, auth and HTTP errors all end the same way for the user
         raise HubUploadError(

@@ -73,7 +73,13 @@ class TabularNet(nn.Module):
         super().__init__()
         from ..layers import Abs, HanLayer
 
-        self.config = {"in_features": in_features, "num_outputs": num_outputs, "width": width, "depth": depth, "kind": kind}
+        self.config = {
+            "in_features": in_features,
+            "num_outputs": num_outputs,
+            "width": width,
+            "depth": depth,
+            "kind": kind,
+        }
         if kind == "mlp":
             layers: list[nn.Module] = []
             for i in range(depth):
@@ -116,7 +122,9 @@ def _timm_create(name: str, data: Any, pretrained: bool, extra: dict[str, Any]) 
     return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def build_model(spec: str, data: Any = None, *, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None) -> BuiltModel:
+def build_model(
+    spec: str, data: Any = None, *, pretrained: bool = False, model_kwargs: dict[str, Any] | None = None
+) -> BuiltModel:
     """Build ``spec`` (see the module docstring) for ``data`` (a :class:`~.data.DataBundle`, or None to keep the
     model's own head).
 
@@ -136,7 +144,7 @@ def build_model(spec: str, data: Any = None, *, pretrained: bool = False, model_
         model = TabularNet(data.num_features, data.num_outputs, width, depth, kind=m.group(1))
         return BuiltModel(model, "tabular", spec)
 
-    local = spec[len("local-dir:"):] if spec.startswith("local-dir:") else spec
+    local = spec[len("local-dir:") :] if spec.startswith("local-dir:") else spec
     path = Path(local).expanduser()
     if path.is_dir():
         if (path / "han_config.json").is_file():
@@ -182,7 +190,13 @@ def build_model(spec: str, data: Any = None, *, pretrained: bool = False, model_
 
 def _load_han_dir(path: Path, data: Any) -> BuiltModel:
     model = load_model(path)
-    family: Family = "tabular" if isinstance(model, TabularNet) else "transformers" if hasattr(model, "save_pretrained") and hasattr(model, "config") else "timm"
+    family: Family = (
+        "tabular"
+        if isinstance(model, TabularNet)
+        else "transformers"
+        if hasattr(model, "save_pretrained") and hasattr(model, "config")
+        else "timm"
+    )
     model.train()
     if data is not None and hasattr(model, "num_classes") and model.num_classes != data.num_outputs:
         model.reset_classifier(data.num_outputs)
@@ -201,7 +215,9 @@ def _load_transformers(path: Path, data: Any, model_kwargs: dict[str, Any]) -> B
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if data is not None and data.kind != "text":
-        raise ModelError(f"--model {path}: a transformers model folder is fine-tuned on text data (.csv/.jsonl with text,label); got {data.kind} data.")
+        raise ModelError(
+            f"--model {path}: a transformers model folder is fine-tuned on text data (.csv/.jsonl with text,label); got {data.kind} data."
+        )
     kwargs = dict(model_kwargs)
     if data is not None:
         kwargs["num_labels"] = data.num_outputs
@@ -214,7 +230,9 @@ def _load_transformers(path: Path, data: Any, model_kwargs: dict[str, Any]) -> B
 
 
 # ---------------------------------------------------------------------------------- save and load
-def save_model(built: BuiltModel, model: nn.Module, directory: str | Path, *, data_config: dict[str, Any] | None = None) -> None:
+def save_model(
+    built: BuiltModel, model: nn.Module, directory: str | Path, *, data_config: dict[str, Any] | None = None
+) -> None:
     """Write ``model`` into ``directory`` in its library's format (``model.safetensors`` + ``config.json``).
 
     Hanified models go through ``han_surgery.save_pretrained`` (adds ``han_config.json``); plain timm

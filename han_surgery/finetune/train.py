@@ -40,7 +40,7 @@ from torch import nn
 from .data import DataBundle, DataError, load_data, make_text_collate
 from .models import ModelError, build_model, count_parameters, save_model
 
-__all__ = ["FinetuneError", "JSONLTracker", "TrainProgress", "run", "main"]
+__all__ = ["FinetuneError", "JSONLTracker", "TrainProgress", "run", "main"]  # noqa: F822 (JSONLTracker: module __getattr__)
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
@@ -119,8 +119,13 @@ class TrainProgress:
         self.global_batch = global_batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"global_step": self.global_step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "num_processes": self.num_processes, "global_batch": self.global_batch}
+        return {
+            "global_step": self.global_step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "num_processes": self.num_processes,
+            "global_batch": self.global_batch,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         saved = (state.get("num_processes", self.num_processes), state.get("global_batch", self.global_batch))
@@ -138,7 +143,9 @@ def _prepare_output_dir(args: argparse.Namespace, accelerator: Any) -> Path:
     out = Path(args.output_dir).expanduser()
     exists = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
     if args.resume is None and exists and not args.overwrite:
-        raise FinetuneError(f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume to continue its run.")
+        raise FinetuneError(
+            f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume to continue its run."
+        )
     if args.resume is not None and args.overwrite:
         raise FinetuneError("--resume and --overwrite contradict each other: resuming keeps --output-dir.")
     accelerator.wait_for_everyone()
@@ -157,20 +164,57 @@ def _find_checkpoint(out: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume).expanduser()
         if not (path / "custom_checkpoint_0.pkl").is_file():
-            raise FinetuneError(f"--resume {resume}: not a checkpoint folder written by this command (no custom_checkpoint_0.pkl).")
+            raise FinetuneError(
+                f"--resume {resume}: not a checkpoint folder written by this command (no custom_checkpoint_0.pkl)."
+            )
         return path
-    candidates = sorted((p for p in (out / CHECKPOINT_DIR).glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    candidates = sorted(
+        (p for p in (out / CHECKPOINT_DIR).glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+        key=lambda p: int(p.name[5:]),
+    )
     if not candidates:
         raise FinetuneError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}. Run with --checkpoint-every N first.")
     return candidates[-1]
 
 
 #: Options that must be the same for ``--resume`` to continue the interrupted run exactly.
-RESUME_KEYS = ("model", "model_kwargs", "pretrained", "data", "task", "num_classes", "val_fraction", "max_samples", "image_size",
-               "max_length", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
-               "label_smoothing", "seed", "mixed_precision", "hanify", "han_reflections", "han_init", "han_bias_init",
-               "han_dropout", "han_drop_norm", "han_residual", "han_final_abs", "han_rules", "han_include", "han_exclude",
-               "distill_from", "distill_alpha", "distill_temperature")
+RESUME_KEYS = (
+    "model",
+    "model_kwargs",
+    "pretrained",
+    "data",
+    "task",
+    "num_classes",
+    "val_fraction",
+    "max_samples",
+    "image_size",
+    "max_length",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "schedule",
+    "label_smoothing",
+    "seed",
+    "mixed_precision",
+    "hanify",
+    "han_reflections",
+    "han_init",
+    "han_bias_init",
+    "han_dropout",
+    "han_drop_norm",
+    "han_residual",
+    "han_final_abs",
+    "han_rules",
+    "han_include",
+    "han_exclude",
+    "distill_from",
+    "distill_alpha",
+    "distill_temperature",
+)
 
 
 def _check_resume_args(out: Path, args: argparse.Namespace) -> None:
@@ -179,9 +223,13 @@ def _check_resume_args(out: Path, args: argparse.Namespace) -> None:
         return
     saved = json.loads(path.read_text())
     now = json.loads(json.dumps(vars(args), default=str))
-    changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    changed = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS if saved.get(k) != now.get(k)
+    ]
     if changed:
-        raise FinetuneError(f"--resume: options differ from the interrupted run ({'; '.join(changed)}). Resume with the same options.")
+        raise FinetuneError(
+            f"--resume: options differ from the interrupted run ({'; '.join(changed)}). Resume with the same options."
+        )
 
 
 def _lr_lambda(warmup: int, total: int, schedule: str) -> Any:
@@ -202,7 +250,9 @@ def _logits(model: nn.Module, inputs: Any) -> torch.Tensor:
     return model(inputs)
 
 
-def _task_loss(out: torch.Tensor, target: torch.Tensor, task: str, label_smoothing: float, reduction: str = "mean") -> torch.Tensor:
+def _task_loss(
+    out: torch.Tensor, target: torch.Tensor, task: str, label_smoothing: float, reduction: str = "mean"
+) -> torch.Tensor:
     out = out.float()
     if task == "classification":
         return F.cross_entropy(out, target, label_smoothing=label_smoothing, reduction=reduction)
@@ -216,7 +266,11 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task: str, t
     if task == "regression":
         return F.mse_loss(student, teacher)
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean") * t * t
+    return (
+        F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean")
+        * t
+        * t
+    )
 
 
 @torch.no_grad()
@@ -258,13 +312,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.distill_from and not (0.0 <= args.distill_alpha <= 1.0):
         raise FinetuneError(f"--distill-alpha must be in [0, 1], got {args.distill_alpha}.")
     if args.distill_from == "base" and not args.hanify:
-        raise FinetuneError("--distill-from base distils from the model before --hanify; add --hanify, or name a teacher model.")
+        raise FinetuneError(
+            "--distill-from base distils from the model before --hanify; add --hanify, or name a teacher model."
+        )
     if args.push_to_hub is not None and "/" not in args.push_to_hub:
         raise FinetuneError(f"--push-to-hub {args.push_to_hub}: give a repo id as <user or org>/<name>.")
     try:
         model_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
     except json.JSONDecodeError as e:
-        raise FinetuneError(f"--model-kwargs {args.model_kwargs!r}: not a JSON object ({e.msg}); e.g. '{{\"drop_rate\": 0.1}}'.") from None
+        raise FinetuneError(
+            f"--model-kwargs {args.model_kwargs!r}: not a JSON object ({e.msg}); e.g. '{{\"drop_rate\": 0.1}}'."
+        ) from None
     if not isinstance(model_kwargs, dict):
         raise FinetuneError(f"--model-kwargs {args.model_kwargs!r}: give a JSON object of keyword arguments.")
 
@@ -289,8 +347,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # ---- data and model
         data = load_data(
-            args.data, task=args.task, num_classes=args.num_classes, val_fraction=args.val_fraction,
-            seed=args.seed, image_size=args.image_size, max_samples=args.max_samples,
+            args.data,
+            task=args.task,
+            num_classes=args.num_classes,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            image_size=args.image_size,
+            max_samples=args.max_samples,
         )
         built = build_model(args.model, data, pretrained=args.pretrained, model_kwargs=model_kwargs)
         params_base = count_parameters(built.model)
@@ -300,7 +363,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         han_report = None
         if args.hanify:
             if built.hanified:
-                raise FinetuneError(f"--hanify: {args.model} is already hanified (it has han_config.json); drop --hanify.")
+                raise FinetuneError(
+                    f"--hanify: {args.model} is already hanified (it has han_config.json); drop --hanify."
+                )
             import han_surgery
             from han_surgery.surgery.engine import HanifyError
 
@@ -322,10 +387,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if data.kind == "text" and built.tokenizer is None:
             raise FinetuneError(f"--model {args.model}: text data needs a tokenizer saved in the model folder.")
         train_loader = torch.utils.data.DataLoader(
-            data.train, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collate,
+            data.train,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate,
             generator=torch.Generator().manual_seed(args.seed),
         )
-        eval_loader = torch.utils.data.DataLoader(data.eval, batch_size=args.eval_batch_size or 2 * args.batch_size, collate_fn=collate)
+        eval_loader = torch.utils.data.DataLoader(
+            data.eval, batch_size=args.eval_batch_size or 2 * args.batch_size, collate_fn=collate
+        )
         if len(train_loader) < accelerator.num_processes:
             raise FinetuneError(
                 f"The training split has {len(data.train)} rows: fewer than one batch of {args.batch_size} for each of "
@@ -340,7 +411,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             epochs = args.epochs or 1
             total_steps = epochs * steps_per_epoch
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.warmup_steps, total_steps, args.schedule))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(args.warmup_steps, total_steps, args.schedule)
+        )
         scheduler = accelerator.prepare(scheduler)
         global_batch = args.batch_size * accelerator.num_processes * args.grad_accum
         progress = TrainProgress(accelerator.num_processes, global_batch)
@@ -367,7 +440,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"x {args.grad_accum} accumulation step(s)\n"
             f"data: {data.describe()}\n"
             f"model: {args.model} ({built.family}{', hanified' if built.hanified else ''}), parameters {params_base:,}"
-            + (f" -> {params_final:,} after hanify ({han_report.num_rewritten} block(s) rewritten)" if han_report is not None else "")
+            + (
+                f" -> {params_final:,} after hanify ({han_report.num_rewritten} block(s) rewritten)"
+                if han_report is not None
+                else ""
+            )
             + (f"; distilling from {args.distill_from}" if teacher is not None else "")
             + f"\nschedule: {total_steps} optimizer steps ({epochs} epoch(s) x {steps_per_epoch} steps), lr {args.lr} {args.schedule}"
             + (f", checkpoint every {args.checkpoint_every} steps" if args.checkpoint_every else ""),
@@ -392,7 +469,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ckpt = _find_checkpoint(out, args.resume)
             _check_resume_args(out, args)
             accelerator.load_state(str(ckpt))
-            accelerator.print(f"resumed from {ckpt}: step {progress.global_step}, epoch {progress.epoch}, {progress.batches_done} batches into it", flush=True)
+            accelerator.print(
+                f"resumed from {ckpt}: step {progress.global_step}, epoch {progress.epoch}, {progress.batches_done} batches into it",
+                flush=True,
+            )
             for tracker in accelerator.trackers:
                 if getattr(tracker, "name", None) == "jsonl":
                     tracker.truncate_after(progress.global_step)
@@ -409,15 +489,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if final.exists():
                     shutil.rmtree(final)
                 os.replace(tmp, final)
-                done = sorted((p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+                done = sorted(
+                    (p for p in final.parent.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])
+                )
                 for old in done[: -args.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
             accelerator.wait_for_everyone()
 
         # ---- the loop
         model.train()
-        bar = tqdm(total=total_steps, initial=progress.global_step, desc="finetune", dynamic_ncols=True,
-                   disable=args.no_progress or not accelerator.is_local_main_process)
+        bar = tqdm(
+            total=total_steps,
+            initial=progress.global_step,
+            desc="finetune",
+            dynamic_ncols=True,
+            disable=args.no_progress or not accelerator.is_local_main_process,
+        )
         metrics: dict[str, float] = {}
         running, running_n = 0.0, 0
         train_start = time.perf_counter()
@@ -428,7 +515,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if progress.batches_done:  # resumed mid-epoch: same permutation, minus the batches already seen
                 from accelerate import skip_first_batches
 
-                loader = skip_first_batches(train_loader, progress.batches_done) if progress.batches_done < len(train_loader) else []
+                loader = (
+                    skip_first_batches(train_loader, progress.batches_done)
+                    if progress.batches_done < len(train_loader)
+                    else []
+                )
             for inputs, target in loader:
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -450,9 +541,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     progress.global_step += 1
                     bar.update(1)
                     if progress.global_step % 10 == 0 or progress.global_step == total_steps:
-                        train_loss = accelerator.reduce(torch.tensor(running / running_n, device=accelerator.device), "mean").item()
+                        train_loss = accelerator.reduce(
+                            torch.tensor(running / running_n, device=accelerator.device), "mean"
+                        ).item()
                         bar.set_postfix(loss=f"{train_loss:.4f}")
-                        accelerator.log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch}, step=progress.global_step)
+                        accelerator.log(
+                            {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch},
+                            step=progress.global_step,
+                        )
                         metrics["train_loss"] = train_loss
                         running, running_n = 0.0, 0
                     if args.checkpoint_every and progress.global_step % args.checkpoint_every == 0:
@@ -466,7 +562,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             eval_metrics = evaluate(accelerator, model, eval_loader, data)
             metrics.update(eval_metrics)
             accelerator.log({**eval_metrics, "epoch": progress.epoch}, step=progress.global_step)
-            accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()), flush=True)
+            accelerator.print(
+                f"epoch {progress.epoch} step {progress.global_step}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()),
+                flush=True,
+            )
         bar.close()
         if "eval_loss" not in metrics:  # resumed after the last step: evaluate the final weights
             metrics.update(evaluate(accelerator, model, eval_loader, data))
@@ -488,8 +588,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             save_model(built, unwrapped, out, data_config=_timm_data_config(data))
             from .hub import base_model_id
 
-            (out / ARGS_FILE).write_text(json.dumps(
-                {**vars(args), "base_model": base_model_id(args, built), "setup": setup, "data": _data_summary(data)}, indent=2, default=str) + "\n")
+            (out / ARGS_FILE).write_text(
+                json.dumps(
+                    {
+                        **vars(args),
+                        "base_model": base_model_id(args, built),
+                        "setup": setup,
+                        "data": _data_summary(data),
+                    },
+                    indent=2,
+                    default=str,
+                )
+                + "\n"
+            )
             (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
             if han_report is not None:
                 (out / "hanify_report.txt").write_text(str(han_report) + "\n")
@@ -525,10 +636,18 @@ def _timm_data_config(data: DataBundle) -> dict[str, Any] | None:
 
 def _data_summary(data: DataBundle) -> dict[str, Any]:
     return {
-        "name": data.name, "kind": data.kind, "task": data.task, "num_outputs": data.num_outputs,
-        "train_rows": len(data.train), "eval_rows": len(data.eval), "in_chans": data.in_chans,
-        "image_size": data.image_size, "num_features": data.num_features, "class_names": data.class_names,
-        "target_mean": data.target_mean, "target_std": data.target_std,
+        "name": data.name,
+        "kind": data.kind,
+        "task": data.task,
+        "num_outputs": data.num_outputs,
+        "train_rows": len(data.train),
+        "eval_rows": len(data.eval),
+        "in_chans": data.in_chans,
+        "image_size": data.image_size,
+        "num_features": data.num_features,
+        "class_names": data.class_names,
+        "target_mean": data.target_mean,
+        "target_std": data.target_std,
         **({k: v for k, v in data.extra.items() if k in ("feature_mean", "feature_std")}),
     }
 

@@ -61,9 +61,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
         problems.append(f"{len(unexpected)} unexpected keys ({_short(unexpected)})")
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches ({_short(shapes)})")
-    hint = (
-        "Load it with the architecture it was saved from (the 'architecture' field of its config.json)"
-    )
+    hint = "Load it with the architecture it was saved from (the 'architecture' field of its config.json)"
     if any(k.endswith(".u") for k in missing) and any(k.endswith(".weight") and ".mlp" in k for k in unexpected):
         hint = (
             "This looks like a dense (non-Han) checkpoint: build its base timm model, load the weights "

@@ -36,7 +36,8 @@ The 32x32 models follow the paper authors' released code: embedding width 512, 4
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD

@@ -49,8 +49,16 @@ def han3(d: int) -> nn.Module:
 BUILDERS = {"fc1": fc1, "han3": han3}
 
 
-def fit(student: str, target: str, d: int, seed: int, steps: int = 3000, batch_size: int = 256, lr: float = 1e-2,
-        n_test: int = 4096) -> dict[str, float]:
+def fit(
+    student: str,
+    target: str,
+    d: int,
+    seed: int,
+    steps: int = 3000,
+    batch_size: int = 256,
+    lr: float = 1e-2,
+    n_test: int = 4096,
+) -> dict[str, float]:
     """Fit a fresh ``student`` to a random ``target`` (both ``"fc1"`` or ``"han3"``) in dimension ``d``."""
     gen = seed_everything(seed)
     teacher = BUILDERS[target](d).requires_grad_(False)
@@ -68,8 +76,13 @@ def fit(student: str, target: str, d: int, seed: int, steps: int = 3000, batch_s
         y = teacher(x_test)
         rmse = ((model(x_test) - y) ** 2).mean().sqrt().item()
         scale = y.std().item()
-    return {"rmse": rmse, "relative_rmse": rmse / scale if scale > 0 else float("nan"), "target_std": scale,
-            "student_params": count_parameters(model), "target_params": count_parameters(teacher)}
+    return {
+        "rmse": rmse,
+        "relative_rmse": rmse / scale if scale > 0 else float("nan"),
+        "target_std": scale,
+        "student_params": count_parameters(model),
+        "target_params": count_parameters(teacher),
+    }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,24 +107,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {"student": student, "target": target, "cells": {}}
         cells = []
         for d in dims:
-            fits = [fit(student, target, d, seed, steps=steps, lr=args.lr) for seed in tqdm(seeds, desc=f"{student}<-{target} d={d}", leave=False)]
+            fits = [
+                fit(student, target, d, seed, steps=steps, lr=args.lr)
+                for seed in tqdm(seeds, desc=f"{student}<-{target} d={d}", leave=False)
+            ]
             m, s = mean_std([f["rmse"] for f in fits])
             rm, rs = mean_std([f["relative_rmse"] for f in fits])
-            row["cells"][str(d)] = {"rmse_mean": m, "rmse_std": s, "relative_rmse_mean": rm, "relative_rmse_std": rs,
-                                    "student_params": fits[0]["student_params"], "target_params": fits[0]["target_params"],
-                                    "per_seed": fits}
+            row["cells"][str(d)] = {
+                "rmse_mean": m,
+                "rmse_std": s,
+                "relative_rmse_mean": rm,
+                "relative_rmse_std": rs,
+                "student_params": fits[0]["student_params"],
+                "target_params": fits[0]["target_params"],
+                "per_seed": fits,
+            }
             cells.append(f"{m:.2e} ± {s:.1e} (rel. {rm:.3f})")
         rows.append(row)
         table.append([f"{LABELS[student]} fits {LABELS[target]}" + (" (control)" if student == target else "")] + cells)
     params = [f"d={d}: FC-1 {d * d + d}, Han-3 {6 * d}" for d in dims]
     wall = time.perf_counter() - t_start
-    md = (f"# Mutual approximation ({'quick smoke test' if args.quick else 'run'}: {steps} Adam steps, lr {args.lr}, "
-          f"{len(seeds)} seeds; test RMSE mean ± std, relative = RMSE / target std)\n\n"
-          + markdown_table(["student fits target"] + [f"d = {d}" for d in dims], table)
-          + f"\nParameters: {'; '.join(params)}.\n\nWall time: {wall:.0f} s.\n")
-    results = {"experiment": "approximation", "quick": bool(args.quick), "command": getattr(args, "command_line", None),
-               "config": {"dims": dims, "steps": steps, "lr": args.lr, "seeds": seeds, "batch_size": 256, "n_test": 4096},
-               "rows": rows, "wall_seconds": wall}
+    md = (
+        f"# Mutual approximation ({'quick smoke test' if args.quick else 'run'}: {steps} Adam steps, lr {args.lr}, "
+        f"{len(seeds)} seeds; test RMSE mean ± std, relative = RMSE / target std)\n\n"
+        + markdown_table(["student fits target"] + [f"d = {d}" for d in dims], table)
+        + f"\nParameters: {'; '.join(params)}.\n\nWall time: {wall:.0f} s.\n"
+    )
+    results = {
+        "experiment": "approximation",
+        "quick": bool(args.quick),
+        "command": getattr(args, "command_line", None),
+        "config": {"dims": dims, "steps": steps, "lr": args.lr, "seeds": seeds, "batch_size": 256, "n_test": 4096},
+        "rows": rows,
+        "wall_seconds": wall,
+    }
     folder = write_results(args.out, results, md)
     if folder is not None:
         _plot(rows, dims, folder / "approximation.png")
@@ -126,8 +155,15 @@ def _plot(rows: list[dict[str, Any]], dims: list[int], path: Path) -> None:
         ys = [row["cells"][str(d)]["rmse_mean"] for d in dims]
         es = [row["cells"][str(d)]["rmse_std"] for d in dims]
         style = "--" if row["student"] == row["target"] else "-"
-        ax.errorbar(dims, ys, yerr=es, marker="o", linestyle=style, capsize=3,
-                    label=f"{LABELS[row['student']]} fits {LABELS[row['target']]}")
+        ax.errorbar(
+            dims,
+            ys,
+            yerr=es,
+            marker="o",
+            linestyle=style,
+            capsize=3,
+            label=f"{LABELS[row['student']]} fits {LABELS[row['target']]}",
+        )
     ax.set_yscale("log")
     ax.set_xticks(dims)
     ax.set_xlabel("input dimension d")

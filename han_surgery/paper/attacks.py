@@ -28,8 +28,16 @@ def _grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     return grad
 
 
-def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float | None = None, steps: int = 20,
-             random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def pgd_linf(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 20,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Projected gradient ascent on the cross-entropy in the L-inf ball ``||delta||_inf <= eps``.
 
     ``alpha`` (step size) defaults to ``2.5 * eps / steps`` (Madry et al.).
@@ -46,8 +54,16 @@ def pgd_linf(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float | 
     return adv
 
 
-def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float | None = None, steps: int = 20,
-           random_start: bool = True, generator: torch.Generator | None = None) -> Tensor:
+def pgd_l2(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    alpha: float | None = None,
+    steps: int = 20,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Projected gradient ascent on the cross-entropy in the L2 ball ``||delta||_2 <= eps`` (per example).
 
     Steps along the L2-normalised gradient; ``alpha`` defaults to ``2.5 * eps / steps``.
@@ -71,8 +87,9 @@ def pgd_l2(model: nn.Module, x: Tensor, y: Tensor, eps: float, alpha: float | No
     return adv
 
 
-def cw_l2(model: nn.Module, x: Tensor, y: Tensor, c: float = 1.0, kappa: float = 0.0, steps: int = 100,
-          lr: float = 0.01) -> Tensor:
+def cw_l2(
+    model: nn.Module, x: Tensor, y: Tensor, c: float = 1.0, kappa: float = 0.0, steps: int = 100, lr: float = 0.01
+) -> Tensor:
     """Carlini-Wagner L2 attack (untargeted, fixed ``c``, no binary search, as torchattacks' ``CW``).
 
     Optimises ``w`` with Adam where ``x' = (tanh(w) + 1) / 2``, minimising

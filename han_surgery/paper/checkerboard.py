@@ -33,7 +33,16 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .common import count_parameters, fc_net, han_net, markdown_table, resolve_data_path, seed_everything, use_agg_backend, write_results
+from .common import (
+    count_parameters,
+    fc_net,
+    han_net,
+    markdown_table,
+    resolve_data_path,
+    seed_everything,
+    use_agg_backend,
+    write_results,
+)
 
 __all__ = ["VARIANTS", "PAPER", "load_checkerboard", "build_model", "accuracy", "train_one", "run", "add_arguments"]
 
@@ -71,7 +80,9 @@ def load_checkerboard(folder: str | Path | None = None) -> Checkerboard:
     for name in ("trainset.txt", "testset.txt"):
         arr = np.loadtxt(root / name, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[1] != 4:
-            raise ValueError(f"han_surgery.paper.checkerboard: {root / name} must have 4 columns (x1 x2 y y), got shape {arr.shape}")
+            raise ValueError(
+                f"han_surgery.paper.checkerboard: {root / name} must have 4 columns (x1 x2 y y), got shape {arr.shape}"
+            )
         parts += [torch.from_numpy(arr[:, :2]).contiguous(), torch.from_numpy(arr[:, 2:]).contiguous()]
     return Checkerboard(*parts)
 
@@ -81,7 +92,9 @@ def build_model(variant: str) -> nn.Module:
     spec = VARIANTS[variant]
     if spec.get("fc"):
         return fc_net(2, 100, 6, 2, activation="relu", init="kaiming")
-    return han_net(2, 30, 20, 2, dense_first=2, dense_last=1, activation=spec["activation"], householder=spec["householder"])
+    return han_net(
+        2, 30, 20, 2, dense_first=2, dense_last=1, activation=spec["activation"], householder=spec["householder"]
+    )
 
 
 def orthogonality_penalty(model: nn.Module) -> Tensor:
@@ -195,7 +208,7 @@ def plot_boards(data: Checkerboard, boards: dict[str, np.ndarray], titles: dict[
     truth = torch.cat([data.y_train, data.y_test]).mean(dim=1).numpy()
     panels = [("truth", _grid_image(pts, truth))] + [(titles[k], _grid_image(pts, v)) for k, v in boards.items()]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
-    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels, strict=False):
         ax.imshow(img, origin="lower", extent=(-1, 1, -1, 1), cmap="coolwarm", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=8)
         ax.set_xticks([])
@@ -210,7 +223,7 @@ def plot_curves(curves: dict[str, list[tuple[int, float, float]]], titles: dict[
     plt = use_agg_backend()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key, curve in curves.items():
-        it, loss, acc = zip(*curve)
+        it, loss, acc = zip(*curve, strict=False)
         ax1.plot(it, acc, label=titles[key])
         ax2.semilogy(it, np.maximum(loss, 1e-12), label=titles[key])
     ax1.set_xlabel("iteration")
@@ -228,16 +241,26 @@ def _parse_floats(text: str | None) -> tuple[float, ...] | None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default=None, help="folder with trainset.txt / testset.txt (default ../shared/data/checkerboard)")
-    parser.add_argument("--variants", default="a,b,e,f1,fcnet", help="comma-separated rows of Table 3: " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--data", default=None, help="folder with trainset.txt / testset.txt (default ../shared/data/checkerboard)"
+    )
+    parser.add_argument(
+        "--variants", default="a,b,e,f1,fcnet", help="comma-separated rows of Table 3: " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--iters", type=int, default=40_000, help="SGD iterations per run (paper: 40,000)")
-    parser.add_argument("--lrs", default=None, help="lr grid for the HanNet-skeleton rows (default 0.025,0.05,0.075,0.1)")
-    parser.add_argument("--fc-lrs", default=None, help="lr grid for FCNet (default: the authors' 9 values 0.001 ... 0.25)")
+    parser.add_argument(
+        "--lrs", default=None, help="lr grid for the HanNet-skeleton rows (default 0.025,0.05,0.075,0.1)"
+    )
+    parser.add_argument(
+        "--fc-lrs", default=None, help="lr grid for FCNet (default: the authors' 9 values 0.001 ... 0.25)"
+    )
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--ortho-weight", type=float, default=1e-2, help="lambda of the (f1) orthogonality penalty")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1, help="parallel training processes (1 thread each)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (faster for 40k iterations)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the training step (faster for 40k iterations)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -256,8 +279,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = str(resolve_data_path(args.data, "checkerboard"))
     data = load_checkerboard(data_dir)
     jobs = [
-        {"variant": v, "lr": lr, "iters": iters, "seed": args.seed, "eval_every": eval_every,
-         "ortho_weight": args.ortho_weight, "compile": args.compile and not VARIANTS[v].get("fc")}
+        {
+            "variant": v,
+            "lr": lr,
+            "iters": iters,
+            "seed": args.seed,
+            "eval_every": eval_every,
+            "ortho_weight": args.ortho_weight,
+            "compile": args.compile and not VARIANTS[v].get("fc"),
+        }
         for v in variants
         for lr in (fc_lrs if VARIANTS[v].get("fc") else han_lrs)
     ]
@@ -295,22 +325,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "final_train_loss": clean_pick["final_train_loss"],
             "final_lr": clean_pick["lr"],
             "per_lr": [
-                {k: r[k] for k in ("lr", "final_train_loss", "final_train_acc", "final_test_acc", "best_test_acc", "best_iter", "seconds", "diverged")}
+                {
+                    k: r[k]
+                    for k in (
+                        "lr",
+                        "final_train_loss",
+                        "final_train_acc",
+                        "final_test_acc",
+                        "best_test_acc",
+                        "best_iter",
+                        "seconds",
+                        "diverged",
+                    )
+                }
                 for r in sorted(mine, key=lambda r: r["lr"])
             ],
         }
         rows.append(row)
-        table.append([
-            row["label"], f"{row['params']:,}", "-" if row["paper_test_acc"] is None else f"{row['paper_test_acc']:.1f}",
-            f"{row['paper_protocol_test_acc']:.2f} (lr {row['paper_protocol_lr']})",
-            f"{row['final_test_acc']:.2f} (lr {row['final_lr']})", f"{row['final_train_acc']:.2f}",
-        ])
+        table.append(
+            [
+                row["label"],
+                f"{row['params']:,}",
+                "-" if row["paper_test_acc"] is None else f"{row['paper_test_acc']:.1f}",
+                f"{row['paper_protocol_test_acc']:.2f} (lr {row['paper_protocol_lr']})",
+                f"{row['final_test_acc']:.2f} (lr {row['final_lr']})",
+                f"{row['final_train_acc']:.2f}",
+            ]
+        )
     wall = time.perf_counter() - t_start
     md = (
         f"# Checkerboard ({'quick smoke test' if args.quick else 'full protocol'}: {iters} iterations, seed {args.seed})\n\n"
         + markdown_table(
-            ["model", "params", "paper test acc %", "ours: best test acc over training and lrs % (paper protocol)",
-             "ours: final test acc % (lr with lowest train loss)", "final train acc %"],
+            [
+                "model",
+                "params",
+                "paper test acc %",
+                "ours: best test acc over training and lrs % (paper protocol)",
+                "ours: final test acc % (lr with lowest train loss)",
+                "final train acc %",
+            ],
             table,
         )
         + f"\nWall time: {wall:.0f} s with {args.jobs} process(es).\n"
@@ -319,9 +372,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": "checkerboard",
         "quick": bool(args.quick),
         "command": getattr(args, "command_line", None),
-        "config": {"iters": iters, "eval_every": eval_every, "han_lrs": list(han_lrs), "fc_lrs": list(fc_lrs),
-                   "batch_size": 100, "seed": args.seed, "ortho_weight": args.ortho_weight, "jobs": args.jobs,
-                   "compile": bool(args.compile), "data": data_dir},
+        "config": {
+            "iters": iters,
+            "eval_every": eval_every,
+            "han_lrs": list(han_lrs),
+            "fc_lrs": list(fc_lrs),
+            "batch_size": 100,
+            "seed": args.seed,
+            "ortho_weight": args.ortho_weight,
+            "jobs": args.jobs,
+            "compile": bool(args.compile),
+            "data": data_dir,
+        },
         "rows": rows,
         "wall_seconds": wall,
     }

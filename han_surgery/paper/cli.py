@@ -12,7 +12,10 @@ import importlib
 import shlex
 
 EXPERIMENTS: dict[str, tuple[str, str]] = {
-    "checkerboard": ("han_surgery.paper.checkerboard", "Section 4 / Table 3: HanNet vs FCNet on the 81x81 checkerboard"),
+    "checkerboard": (
+        "han_surgery.paper.checkerboard",
+        "Section 4 / Table 3: HanNet vs FCNet on the 81x81 checkerboard",
+    ),
     "regression": ("han_surgery.paper.regression", "Table 9: HanNet vs FCNet1/FCNet2 on regression CSVs"),
     "mnist": ("han_surgery.paper.mnist_robustness", "Section 5.1 / Table 6: clean and PGD/CW robust accuracy on MNIST"),
     "approximation": ("han_surgery.paper.approximation", "Section 3.2 / Table 2: FC-1 and Han-3 fitting each other"),
@@ -48,12 +51,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``paper`` subcommand (experiment modules are imported when their parser is built)."""
-    parser = subparsers.add_parser("paper", help="Reproduce the paper's experiments (checkerboard, regression, mnist, approximation).", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "paper",
+        help="Reproduce the paper's experiments (checkerboard, regression, mnist, approximation).",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="experiment", metavar="<experiment>")
     for name, (module_name, help_text) in EXPERIMENTS.items():
-        exp = sub.add_parser(name, help=help_text, description=importlib.import_module(module_name).__doc__,
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        exp = sub.add_parser(
+            name,
+            help=help_text,
+            description=importlib.import_module(module_name).__doc__,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         exp.add_argument("--quick", action="store_true", help="a few hundred steps: a smoke test (seconds)")
         exp.add_argument("--out", default=None, help="folder for results.json, results.md and PNG plots")
         importlib.import_module(module_name).add_arguments(exp)

@@ -67,7 +67,9 @@ def _init_dense(layer: nn.Linear, init: str) -> None:
     elif init == "kaiming":
         nn.init.kaiming_normal_(layer.weight)
     elif init != "default":
-        raise ValueError(f"han_surgery.paper.common: dense init must be 'orthogonal', 'kaiming' or 'default', got {init!r}")
+        raise ValueError(
+            f"han_surgery.paper.common: dense init must be 'orthogonal', 'kaiming' or 'default', got {init!r}"
+        )
 
 
 def han_net(
@@ -103,7 +105,9 @@ def han_net(
     if depth < 1:
         raise ValueError(f"han_net: depth must be >= 1, got {depth}")
     if in_features != width and dense_first < 1:
-        raise ValueError(f"han_net: in_features={in_features} != width={width} needs dense_first >= 1 (a reflection is square)")
+        raise ValueError(
+            f"han_net: in_features={in_features} != width={width} needs dense_first >= 1 (a reflection is square)"
+        )
     if dense_first + dense_last > depth:
         raise ValueError(f"han_net: dense_first + dense_last = {dense_first + dense_last} exceeds depth={depth}")
     layers: list[nn.Module] = []

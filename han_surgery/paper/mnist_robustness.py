@@ -24,7 +24,17 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .attacks import cw_l2, pgd_l2, pgd_linf, robust_accuracy
-from .common import count_parameters, fc_net, han_net, markdown_table, mean_std, resolve_data_path, seed_everything, use_agg_backend, write_results
+from .common import (
+    count_parameters,
+    fc_net,
+    han_net,
+    markdown_table,
+    mean_std,
+    resolve_data_path,
+    seed_everything,
+    use_agg_backend,
+    write_results,
+)
 
 __all__ = ["load_mnist", "build_model", "train_model", "evaluate", "run", "add_arguments"]
 
@@ -34,7 +44,9 @@ L2_EPS = (0.5, 1.0, 1.5, 2.0)
 CW_C = (0.1, 1.0, 10.0)
 
 
-def load_mnist(path: str | Path | None = None, n_train: int = 8000, split_seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_mnist(
+    path: str | Path | None = None, n_train: int = 8000, split_seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)`` from ``mnist10k.npz``: flattened ``(N, 784)`` floats in ``[0, 1]``.
 
     ``n_train`` digits train and the rest test, after a fixed random permutation (``split_seed``):
@@ -60,8 +72,17 @@ def build_model(name: str) -> nn.Module:
     raise ValueError(f"han_surgery.paper.mnist_robustness: unknown model {name!r}; choose from {list(MODELS)}")
 
 
-def train_model(name: str, x: Tensor, y: Tensor, epochs: int, lr: float = 1e-3, batch_size: int = 100, seed: int = 0,
-                max_steps: int | None = None, progress: bool = False) -> nn.Module:
+def train_model(
+    name: str,
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    lr: float = 1e-3,
+    batch_size: int = 100,
+    seed: int = 0,
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> nn.Module:
     """Train ``name`` with Adam on ``(x, y)``; returns the model in eval mode."""
     gen = seed_everything(seed)
     model = build_model(name)
@@ -80,8 +101,17 @@ def train_model(name: str, x: Tensor, y: Tensor, epochs: int, lr: float = 1e-3, 
     return model.eval()
 
 
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, linf_eps=LINF_EPS, l2_eps=L2_EPS, cw_c=CW_C, pgd_steps: int = 20,
-             cw_steps: int = 100, seed: int = 0) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    linf_eps=LINF_EPS,
+    l2_eps=L2_EPS,
+    cw_c=CW_C,
+    pgd_steps: int = 20,
+    cw_steps: int = 100,
+    seed: int = 0,
+) -> dict[str, float]:
     """Clean accuracy and robust accuracy under every attack setting (keys ``clean``, ``pgd_linf@eps``, ``pgd_l2@eps``, ``cw@c``)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,7 +153,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x_tr, y_tr, x_te, y_te = load_mnist(args.data)
     models = [m for m in args.models.split(",") if m]
     linf, l2, cwc = _floats(args.linf_eps), _floats(args.l2_eps), _floats(args.cw_c)
-    seeds, epochs, max_steps, pgd_steps, cw_steps = list(range(args.seeds)), args.epochs, None, args.pgd_steps, args.cw_steps
+    seeds, epochs, max_steps, pgd_steps, cw_steps = (
+        list(range(args.seeds)),
+        args.epochs,
+        None,
+        args.pgd_steps,
+        args.cw_steps,
+    )
     if args.quick:
         seeds, epochs, max_steps, pgd_steps, cw_steps = [0], 1, 60, 3, 5
         x_te, y_te = x_te[:100], y_te[:100]
@@ -133,27 +169,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for m in models:
         for seed in seeds:
             t0 = time.perf_counter()
-            model = train_model(m, x_tr, y_tr, epochs, lr=args.lr, seed=seed, max_steps=max_steps, progress=not args.quick)
+            model = train_model(
+                m, x_tr, y_tr, epochs, lr=args.lr, seed=seed, max_steps=max_steps, progress=not args.quick
+            )
             train_seconds[m] += time.perf_counter() - t0
             per_model[m].append(evaluate(model, x_te, y_te, linf, l2, cwc, pgd_steps, cw_steps, seed=seed))
     keys = list(per_model[models[0]][0])
     rows, table = [], []
     for m in models:
         stats = {k: mean_std([r[k] for r in per_model[m]]) for k in keys}
-        row = {"model": m, "label": MODELS[m], "params": count_parameters(build_model(m)), "train_seconds": train_seconds[m],
-               **{k: {"mean": 100 * mu, "std": 100 * sd, "per_seed": [100 * r[k] for r in per_model[m]]} for k, (mu, sd) in stats.items()}}
+        row = {
+            "model": m,
+            "label": MODELS[m],
+            "params": count_parameters(build_model(m)),
+            "train_seconds": train_seconds[m],
+            **{
+                k: {"mean": 100 * mu, "std": 100 * sd, "per_seed": [100 * r[k] for r in per_model[m]]}
+                for k, (mu, sd) in stats.items()
+            },
+        }
         rows.append(row)
         table.append([MODELS[m], f"{row['params']:,}"] + [f"{row[k]['mean']:.1f} ± {row[k]['std']:.1f}" for k in keys])
     headers = ["model", "params"] + [_header(k) for k in keys]
     wall = time.perf_counter() - t_start
-    md = (f"# MNIST robustness ({'quick smoke test' if args.quick else 'run'}: {len(x_tr)} train / {len(x_te)} test digits, "
-          f"{epochs} epochs, Adam lr {args.lr}, {len(seeds)} seed(s); accuracy %, mean ± std)\n\n"
-          + markdown_table(headers, table) + f"\nWall time: {wall:.0f} s.\n")
-    results = {"experiment": "mnist", "quick": bool(args.quick), "command": getattr(args, "command_line", None),
-               "config": {"epochs": epochs, "max_steps": max_steps, "lr": args.lr, "batch_size": 100, "seeds": seeds,
-                          "n_train": len(x_tr), "n_test": len(x_te), "linf_eps": linf, "l2_eps": l2, "cw_c": cwc,
-                          "pgd_steps": pgd_steps, "cw_steps": cw_steps},
-               "rows": rows, "wall_seconds": wall}
+    md = (
+        f"# MNIST robustness ({'quick smoke test' if args.quick else 'run'}: {len(x_tr)} train / {len(x_te)} test digits, "
+        f"{epochs} epochs, Adam lr {args.lr}, {len(seeds)} seed(s); accuracy %, mean ± std)\n\n"
+        + markdown_table(headers, table)
+        + f"\nWall time: {wall:.0f} s.\n"
+    )
+    results = {
+        "experiment": "mnist",
+        "quick": bool(args.quick),
+        "command": getattr(args, "command_line", None),
+        "config": {
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "lr": args.lr,
+            "batch_size": 100,
+            "seeds": seeds,
+            "n_train": len(x_tr),
+            "n_test": len(x_te),
+            "linf_eps": linf,
+            "l2_eps": l2,
+            "cw_c": cwc,
+            "pgd_steps": pgd_steps,
+            "cw_steps": cw_steps,
+        },
+        "rows": rows,
+        "wall_seconds": wall,
+    }
     folder = write_results(args.out, results, md)
     if folder is not None:
         _plot(rows, linf, l2, folder / "robustness.png")

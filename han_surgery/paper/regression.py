@@ -29,7 +29,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .common import count_parameters, fc_net, han_net, markdown_table, mean_std, resolve_data_path, seed_everything, use_agg_backend, write_results
+from .common import (
+    count_parameters,
+    fc_net,
+    han_net,
+    markdown_table,
+    mean_std,
+    resolve_data_path,
+    seed_everything,
+    use_agg_backend,
+    write_results,
+)
 
 __all__ = ["MODELS", "RegressionData", "load_csv", "split", "build_model", "train_one", "run", "add_arguments"]
 
@@ -56,7 +66,9 @@ def load_csv(path: str | Path) -> RegressionData:
     """
     arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     if arr.shape[1] < 2 or arr.shape[0] < 5:
-        raise ValueError(f"han_surgery.paper.regression: {path} needs >= 5 rows and >= 2 columns (features, target), got {arr.shape}")
+        raise ValueError(
+            f"han_surgery.paper.regression: {path} needs >= 5 rows and >= 2 columns (features, target), got {arr.shape}"
+        )
     if not np.isfinite(arr).all():
         raise ValueError(f"han_surgery.paper.regression: {path} contains NaN or infinite values")
     x, y = arr[:, :-1], arr[:, -1:]
@@ -65,7 +77,9 @@ def load_csv(path: str | Path) -> RegressionData:
     if not keep.any():
         raise ValueError(f"han_surgery.paper.regression: every feature column of {path} is constant")
     x = (x[:, keep] - x[:, keep].mean(axis=0)) / std[keep]
-    return RegressionData(torch.from_numpy(x).float(), torch.from_numpy(y).float(), [int(i) for i in np.flatnonzero(~keep)])
+    return RegressionData(
+        torch.from_numpy(x).float(), torch.from_numpy(y).float(), [int(i) for i in np.flatnonzero(~keep)]
+    )
 
 
 def split(n: int, gen: torch.Generator, train: float = 0.8, test_of_rest: float = 0.6) -> tuple[Tensor, Tensor, Tensor]:
@@ -145,8 +159,15 @@ def train_one(
             break
     if "test_rmse" not in best:
         best.update(test_rmse=float("nan"), test_r2=float("nan"), epoch=-1)
-    return {"model": model_name, "lr": lr, "seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
-            "params": count_parameters(model), **best}
+    return {
+        "model": model_name,
+        "lr": lr,
+        "seed": seed,
+        "steps": steps,
+        "seconds": time.perf_counter() - t0,
+        "params": count_parameters(model),
+        **best,
+    }
 
 
 def _floats(text: str) -> list[float]:
@@ -156,10 +177,16 @@ def _floats(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="folder with the CSVs (default ../shared/data/regression)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="CSV names (without .csv) in --data")
-    parser.add_argument("--csv", action="append", default=None, help="any CSV of the same format (repeatable); replaces --datasets")
+    parser.add_argument(
+        "--csv", action="append", default=None, help="any CSV of the same format (repeatable); replaces --datasets"
+    )
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--epochs", type=int, default=300, help="paper: 300")
-    parser.add_argument("--lrs", default="0.001,0.003", help="Adam lr grid, best chosen per seed on validation RMSE (paper: 0.001,0.003)")
+    parser.add_argument(
+        "--lrs",
+        default="0.001,0.003",
+        help="Adam lr grid, best chosen per seed on validation RMSE (paper: 0.001,0.003)",
+    )
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds / random splits (paper: 5)")
     parser.add_argument("--schedule", choices=("epoch", "authors"), default="epoch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -173,8 +200,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.csv:
         paths = [resolve_data_path(p) for p in args.csv]
     else:
-        paths = [resolve_data_path(Path(args.data) / f"{n}.csv" if args.data else None, "regression", f"{n}.csv")
-                 for n in args.datasets.split(",") if n]
+        paths = [
+            resolve_data_path(Path(args.data) / f"{n}.csv" if args.data else None, "regression", f"{n}.csv")
+            for n in args.datasets.split(",")
+            if n
+        ]
     models = [m for m in args.models.split(",") if m]
     for m in models:
         if m not in MODELS:
@@ -190,26 +220,56 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for m in models:
             per_seed = []
             for seed in tqdm(seeds, desc=f"{name} {m}", leave=False):
-                cands = [train_one(data, m, lr, epochs, seed, schedule=args.schedule, max_steps=max_steps) for lr in lrs]
+                cands = [
+                    train_one(data, m, lr, epochs, seed, schedule=args.schedule, max_steps=max_steps) for lr in lrs
+                ]
                 runs += cands
                 per_seed.append(min(cands, key=lambda r: r["val_rmse"]))
             rmse_m, rmse_s = mean_std([r["test_rmse"] for r in per_seed])
             r2_m, r2_s = mean_std([r["test_r2"] for r in per_seed])
-            row = {"dataset": name, "rows": int(data.x.shape[0]), "features": int(data.x.shape[1]),
-                   "dropped_constant_columns": data.dropped_columns, "model": m, "label": MODELS[m],
-                   "params": per_seed[0]["params"], "rmse_mean": rmse_m, "rmse_std": rmse_s, "r2_mean": r2_m, "r2_std": r2_s,
-                   "chosen_lrs": [r["lr"] for r in per_seed], "seconds": sum(r["seconds"] for r in runs if r["model"] == m)}
+            row = {
+                "dataset": name,
+                "rows": int(data.x.shape[0]),
+                "features": int(data.x.shape[1]),
+                "dropped_constant_columns": data.dropped_columns,
+                "model": m,
+                "label": MODELS[m],
+                "params": per_seed[0]["params"],
+                "rmse_mean": rmse_m,
+                "rmse_std": rmse_s,
+                "r2_mean": r2_m,
+                "r2_std": r2_s,
+                "chosen_lrs": [r["lr"] for r in per_seed],
+                "seconds": sum(r["seconds"] for r in runs if r["model"] == m),
+            }
             rows.append(row)
-            table.append([name, MODELS[m], f"{row['params']:,}", f"{rmse_m:.4g} ± {rmse_s:.2g}", f"{r2_m:.4f} ± {r2_s:.2g}"])
+            table.append(
+                [name, MODELS[m], f"{row['params']:,}", f"{rmse_m:.4g} ± {rmse_s:.2g}", f"{r2_m:.4f} ± {r2_s:.2g}"]
+            )
     wall = time.perf_counter() - t_start
-    md = (f"# Regression ({'quick smoke test' if args.quick else 'run'}: {epochs} epochs, lrs {lrs}, "
-          f"{len(seeds)} seeds, schedule '{args.schedule}')\n\n"
-          + markdown_table(["dataset", "model", "params", "test RMSE (mean ± std)", "test R^2 (mean ± std)"], table)
-          + f"\nWall time: {wall:.0f} s.\n")
-    results = {"experiment": "regression", "quick": bool(args.quick), "command": getattr(args, "command_line", None),
-               "config": {"epochs": epochs, "max_steps": max_steps, "lrs": lrs, "seeds": seeds, "batch_size": 100,
-                          "schedule": args.schedule, "datasets": [str(p) for p in paths]},
-               "rows": rows, "runs": runs, "wall_seconds": wall}
+    md = (
+        f"# Regression ({'quick smoke test' if args.quick else 'run'}: {epochs} epochs, lrs {lrs}, "
+        f"{len(seeds)} seeds, schedule '{args.schedule}')\n\n"
+        + markdown_table(["dataset", "model", "params", "test RMSE (mean ± std)", "test R^2 (mean ± std)"], table)
+        + f"\nWall time: {wall:.0f} s.\n"
+    )
+    results = {
+        "experiment": "regression",
+        "quick": bool(args.quick),
+        "command": getattr(args, "command_line", None),
+        "config": {
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "lrs": lrs,
+            "seeds": seeds,
+            "batch_size": 100,
+            "schedule": args.schedule,
+            "datasets": [str(p) for p in paths],
+        },
+        "rows": rows,
+        "runs": runs,
+        "wall_seconds": wall,
+    }
     folder = write_results(args.out, results, md)
     if folder is not None:
         _plot(rows, folder / "rmse.png")
@@ -222,7 +282,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     datasets = sorted({r["dataset"] for r in rows})
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(3.6 * len(datasets), 3.2), squeeze=False)
-    for ax, ds in zip(axes[0], datasets):
+    for ax, ds in zip(axes[0], datasets, strict=False):
         mine = [next(r for r in rows if r["dataset"] == ds and r["model"] == m) for m in models]
         ax.bar(range(len(mine)), [r["rmse_mean"] for r in mine], yerr=[r["rmse_std"] for r in mine], capsize=3)
         ax.set_xticks(range(len(mine)), [m for m in models], fontsize=8)

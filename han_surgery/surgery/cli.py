@@ -92,16 +92,35 @@ def _run(args: argparse.Namespace, dry_run: bool) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a timm model name (random weights unless --pretrained) or a local model directory")
-    p.add_argument("--pretrained", action="store_true", help="timm names only: download/load pretrained weights (default: pretrained=False, no download)")
+    p.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="timm names only: download/load pretrained weights (default: pretrained=False, no download)",
+    )
     p.add_argument("--num-classes", type=int, default=None, help="timm only: classifier size")
-    p.add_argument("--residual", choices=("keep", "drop"), default="keep", help="keep the residual around each FFN (default) or drop it (Hanformer)")
-    p.add_argument("--keep-norm", action="store_true", help="keep the pre-norm in front of each FFN (default: drop it, as in the paper)")
+    p.add_argument(
+        "--residual",
+        choices=("keep", "drop"),
+        default="keep",
+        help="keep the residual around each FFN (default) or drop it (Hanformer)",
+    )
+    p.add_argument(
+        "--keep-norm",
+        action="store_true",
+        help="keep the pre-norm in front of each FFN (default: drop it, as in the paper)",
+    )
     p.add_argument("--reflections", type=int, default=1, help="Householder reflections per Han layer (default 1)")
     p.add_argument("--dropout", type=float, default=None, help="dropout in the Han blocks (default: inherit)")
     p.add_argument("--final-abs", action="store_true", help="end each block with |.| (Han-Mixer block)")
-    p.add_argument("--include", action="append", metavar="PATTERN", help="only these modules (glob, or 're:' regex; repeatable)")
-    p.add_argument("--exclude", action="append", metavar="PATTERN", help="not these modules (glob, or 're:' regex; repeatable)")
-    p.add_argument("--rules", action="append", metavar="NAME", help="only these rules (names or globs, e.g. 'timm.*'; repeatable)")
+    p.add_argument(
+        "--include", action="append", metavar="PATTERN", help="only these modules (glob, or 're:' regex; repeatable)"
+    )
+    p.add_argument(
+        "--exclude", action="append", metavar="PATTERN", help="not these modules (glob, or 're:' regex; repeatable)"
+    )
+    p.add_argument(
+        "--rules", action="append", metavar="NAME", help="only these rules (names or globs, e.g. 'timm.*'; repeatable)"
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,7 +139,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_common(rewrite)
-    rewrite.add_argument("-o", "--output", required=True, help="directory to write (model.safetensors, han_config.json, config.json)")
+    rewrite.add_argument(
+        "-o", "--output", required=True, help="directory to write (model.safetensors, han_config.json, config.json)"
+    )
     rewrite.set_defaults(func=lambda a: _run(a, dry_run=False))
 
 

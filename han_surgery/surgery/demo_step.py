@@ -50,4 +50,6 @@ def step_surgery_minilm() -> None:
             a = model(**batch).last_hidden_state
             b = loaded(**batch).last_hidden_state
     print(f"reloaded with from_pretrained: embeddings bit-identical = {torch.equal(a, b)}")
-    print(f"(step took {time.perf_counter() - t0:.1f} s; the new Han blocks start from the paper's random init: fine-tune to recover accuracy)")
+    print(
+        f"(step took {time.perf_counter() - t0:.1f} s; the new Han blocks start from the paper's random init: fine-tune to recover accuracy)"
+    )

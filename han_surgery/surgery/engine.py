@@ -105,7 +105,9 @@ def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate
             try:
                 hit = rule.matches(cand)
             except Exception as e:  # a broken matcher must name itself
-                raise HanifyError(f"matcher of rule {rule.name!r} raised on {path!r} ({type(module).__name__}): {e!r}") from e
+                raise HanifyError(
+                    f"matcher of rule {rule.name!r} raised on {path!r} ({type(module).__name__}): {e!r}"
+                ) from e
             if hit:
                 matches.append((cand, rule))
                 blocked.add(path)
@@ -158,7 +160,9 @@ def hanify(
     rules = resolve_rules(config.rules)
     params_before = _count([model])
     matches, han_paths = _discover(model, rules)
-    report = HanifyReport(params_before=params_before, params_after=params_before, dry_run=dry_run, han_modules_found=len(han_paths))
+    report = HanifyReport(
+        params_before=params_before, params_after=params_before, dry_run=dry_run, han_modules_found=len(han_paths)
+    )
     if not matches:
         if han_paths:
             return report  # already hanified: idempotent no-op
@@ -207,10 +211,21 @@ def hanify(
                     "changes=() (register it with changes=('norm', ...) to touch neighbours); model unchanged"
                 )
             if path not in modules or not path:
-                raise HanifyError(f"rule {rule.name!r} on {cand.path!r} wants to replace {path!r}, which is not a sub-module; model unchanged")
-        clash = next((p for p in repl.swaps if p in claimed or _under(p, claimed) or any(c.startswith(p + ".") for c in claimed)), None)
+                raise HanifyError(
+                    f"rule {rule.name!r} on {cand.path!r} wants to replace {path!r}, which is not a sub-module; model unchanged"
+                )
+        clash = next(
+            (
+                p
+                for p in repl.swaps
+                if p in claimed or _under(p, claimed) or any(c.startswith(p + ".") for c in claimed)
+            ),
+            None,
+        )
         if clash is not None:
-            report.skipped.append(SkipRecord(cand.path, rule.name, f"would replace {clash!r}, which an earlier rewrite already replaces"))
+            report.skipped.append(
+                SkipRecord(cand.path, rule.name, f"would replace {clash!r}, which an earlier rewrite already replaces")
+            )
             continue
         claimed.update(repl.swaps)
         for path, new in repl.swaps.items():
@@ -232,7 +247,9 @@ def hanify(
 
     report.rewrites = [rec for rec, _ in planned]
     if dry_run or not planned:
-        report.params_after = params_before - sum(r.params_before for r in report.rewrites) + sum(r.params_after for r in report.rewrites)
+        report.params_after = (
+            params_before - sum(r.params_before for r in report.rewrites) + sum(r.params_after for r in report.rewrites)
+        )
         return report
 
     done: list[tuple[str, nn.Module]] = []
@@ -246,6 +263,14 @@ def hanify(
         raise
     report.params_after = _count([model])
     recipe = list(getattr(model, RECIPE_ATTR, []))
-    recipe.append({"config": config.to_dict(), "rewrites": [{"path": r.path, "rule": r.rule, "swapped": r.swapped, "neighbours": r.neighbours} for r in report.rewrites]})
+    recipe.append(
+        {
+            "config": config.to_dict(),
+            "rewrites": [
+                {"path": r.path, "rule": r.rule, "swapped": r.swapped, "neighbours": r.neighbours}
+                for r in report.rewrites
+            ],
+        }
+    )
     object.__setattr__(model, RECIPE_ATTR, recipe)
     return report

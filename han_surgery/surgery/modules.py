@@ -92,7 +92,9 @@ class HanGatedMlp(nn.Module):
     Shapes: ``(B, seq_len, n) -> (B, seq_len, n)``.
     """
 
-    def __init__(self, features: int, proj: nn.Linear, eps: float = 1e-6, drop: tuple[float, float] = (0.0, 0.0), **han_kwargs) -> None:
+    def __init__(
+        self, features: int, proj: nn.Linear, eps: float = 1e-6, drop: tuple[float, float] = (0.0, 0.0), **han_kwargs
+    ) -> None:
         super().__init__()
         self.fc1 = HanLayer(features, **han_kwargs)
         self.drop1 = nn.Dropout(drop[0])

@@ -33,7 +33,6 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Union
 
 from torch import nn
 
@@ -111,7 +110,7 @@ class Replacement:
     neighbours: dict[str, str] = field(default_factory=dict)
 
 
-Matcher = Union[type, tuple, str, Callable[[Candidate], bool]]
+Matcher = type | tuple | str | Callable[[Candidate], bool]
 Builder = Callable[[Candidate, HanConfig], Replacement]
 
 
@@ -168,7 +167,9 @@ def register_rule(
     """
     changes = frozenset(changes)
     if not changes <= NEIGHBOURS:
-        raise ValueError(f"register_rule({name!r}): changes must be a subset of {sorted(NEIGHBOURS)}, got {sorted(changes)}")
+        raise ValueError(
+            f"register_rule({name!r}): changes must be a subset of {sorted(NEIGHBOURS)}, got {sorted(changes)}"
+        )
 
     def _register(fn: Builder) -> Rule:
         global _counter
@@ -202,7 +203,9 @@ def get_rule(name: str) -> Rule:
     _ensure_builtin_rules()
     if name not in _RULES:
         near = difflib.get_close_matches(name, list(_RULES), n=5, cutoff=0.3)
-        raise KeyError(f"no rewrite rule named {name!r}; did you mean one of {near}? (all: han_surgery.surgery.list_rules())")
+        raise KeyError(
+            f"no rewrite rule named {name!r}; did you mean one of {near}? (all: han_surgery.surgery.list_rules())"
+        )
     return _RULES[name]
 
 

@@ -41,7 +41,7 @@ class SkipRecord:
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     cells = [headers] + rows
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -95,7 +95,10 @@ class HanifyReport:
             ]
             lines.append(_table(["path", "rule", "params before", "params after", "neighbours"], rows))
         else:
-            lines.append("no block rewritten" + (f" ({self.han_modules_found} Han modules already present)" if self.han_modules_found else ""))
+            lines.append(
+                "no block rewritten"
+                + (f" ({self.han_modules_found} Han modules already present)" if self.han_modules_found else "")
+            )
         if self.skipped:
             lines.append(f"\nskipped ({len(self.skipped)}):")
             lines.append(_table(["path", "rule", "reason"], [[s.path, s.rule, s.reason] for s in self.skipped]))

@@ -144,7 +144,9 @@ def _build_base(directory: Path, base: dict) -> nn.Module:
         name = base.get("class") or (config.architectures or [None])[0]
         cls = getattr(transformers, name, None) if name else None
         if cls is None:
-            raise ValueError(f"{directory}: transformers has no model class {name!r} (from {CONFIG_NAME} / {HAN_CONFIG_NAME})")
+            raise ValueError(
+                f"{directory}: transformers has no model class {name!r} (from {CONFIG_NAME} / {HAN_CONFIG_NAME})"
+            )
         return cls(config)
     if library == "timm":
         import timm
@@ -203,7 +205,9 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
         )
     payload = json.loads(han_file.read_text())
     if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{han_file} has format_version {payload['format_version']}; this han-surgery reads <= {FORMAT_VERSION}")
+        raise ValueError(
+            f"{han_file} has format_version {payload['format_version']}; this han-surgery reads <= {FORMAT_VERSION}"
+        )
     if model is None:
         model = _build_base(directory, payload.get("base", {}))
     model.to(dtype=getattr(torch, payload.get("dtype", "float32")))
@@ -219,7 +223,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
         config = HanConfig.from_dict(step["config"])
         wanted = [(r["path"], r["rule"]) for r in step["rewrites"]]
         paths = {p for p, _ in wanted}
-        report = hanify(model, config, filter_fn=lambda _m, p: p in paths)
+        report = hanify(model, config, filter_fn=lambda _m, p, paths=paths: p in paths)
         got = [(r.path, r.rule) for r in report.rewrites]
         if got != wanted:
             missing = sorted(set(wanted) - set(got))

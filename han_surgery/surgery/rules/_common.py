@@ -116,7 +116,11 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
         return Replacement(swaps, nb)
 
     if site is None or site.residual not in ("add", "post"):
-        why = site.note if site is not None and site.note else f"han-surgery does not know how {parent_name} adds its residual"
+        why = (
+            site.note
+            if site is not None and site.note
+            else f"han-surgery does not know how {parent_name} adds its residual"
+        )
         raise SkipCandidate(f"residual='drop' not possible here ({why}); use residual='keep'")
     for g in site.gammas:
         if getattr(cand.parent, g, None) is not None:
@@ -127,7 +131,9 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
     for r in site.res_scales:
         m = cand.sibling(r)
         if m is not None and not isinstance(m, nn.Identity):
-            raise SkipCandidate(f"residual='drop' not possible: {parent_name}.{r} rescales the residual; use residual='keep'")
+            raise SkipCandidate(
+                f"residual='drop' not possible: {parent_name}.{r} rescales the residual; use residual='keep'"
+            )
     if site.transposed and kept_norm is not None:
         raise SkipCandidate("residual='drop' with drop_norm=False is not possible on a transposed (token-mixing) FFN")
     removed = []
@@ -144,7 +150,9 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
     return Replacement(swaps, nb)
 
 
-def inline_han_swaps(cand: Candidate, config: HanConfig, features: int, up: str, act: str, down: str) -> dict[str, nn.Module]:
+def inline_han_swaps(
+    cand: Candidate, config: HanConfig, features: int, up: str, act: str, down: str
+) -> dict[str, nn.Module]:
     """Swaps for an FFN written inline in its layer (``up``, ``act``, ``down`` are attribute names):
     ``up -> HanLayer``, ``act -> Identity``, ``down -> HouseholderLinear`` (``HanLayer`` with ``final_abs``)."""
     require_reflections(features, config)

@@ -30,7 +30,20 @@ from ..modules import ChannelsFirst
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
 from ._common import dims, dropout_p, finish, han_block, require_square
 
-ACTIVATIONS = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Hardswish, nn.ReLU6, nn.GLU, nn.Softplus)
+ACTIVATIONS = (
+    nn.GELU,
+    nn.ReLU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.Mish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Hardswish,
+    nn.ReLU6,
+    nn.GLU,
+    nn.Softplus,
+)
 ACT_NAME_HINTS = ("activation", "gelu", "relu", "silu", "swish", "act", "mish")
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 

@@ -65,7 +65,11 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     nb["residual"] = "kept" if residual else "dropped (HanSplitOutput adds no input)"
     han = han_block(d_in, config, (0.0, 0.0))
     swaps[cand.path] = han
-    swaps[out_path] = HanSplitOutput(dropout if isinstance(dropout, nn.Module) else None, post_norm if isinstance(post_norm, nn.Module) else None, residual)
+    swaps[out_path] = HanSplitOutput(
+        dropout if isinstance(dropout, nn.Module) else None,
+        post_norm if isinstance(post_norm, nn.Module) else None,
+        residual,
+    )
     if config.dropout is not None:
         swaps[out_path].dropout = nn.Dropout(config.dropout)
     return Replacement(swaps, nb)

@@ -34,7 +34,9 @@ def build_convnext(cand: Candidate, config: HanConfig) -> Replacement:
     (d_in, hidden), (_, d_out) = dims(m.pwconv1), dims(m.pwconv2)
     require_square(d_in, hidden, d_out, "pwconv1")
     if config.residual == "drop":
-        raise SkipCandidate("residual='drop' not possible: the ConvNeXt residual also spans dwconv; use residual='keep'")
+        raise SkipCandidate(
+            "residual='drop' not possible: the ConvNeXt residual also spans dwconv; use residual='keep'"
+        )
     swaps = inline_han_swaps(cand, config, d_in, "pwconv1", "act", "pwconv2")
     q = f"{cand.path}." if cand.path else ""
     nb = {}

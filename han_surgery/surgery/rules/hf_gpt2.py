@@ -14,7 +14,7 @@ GPT2_SITES = {"GPT2Block": Site(norm="ln_2"), "ImageGPTBlock": Site(norm="ln_2")
 
 def _is_gpt2_mlp(cand: Candidate) -> bool:
     m = cand.module
-    return hasattr(m, "c_fc") and hasattr(m, "c_proj") and type(getattr(m, "c_fc")).__name__ in ("Conv1D", "Linear")
+    return hasattr(m, "c_fc") and hasattr(m, "c_proj") and type(m.c_fc).__name__ in ("Conv1D", "Linear")
 
 
 @register_rule("hf.gpt2_mlp", matcher=_is_gpt2_mlp, changes=("norm", "residual"), priority=90)

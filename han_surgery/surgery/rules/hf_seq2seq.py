@@ -44,7 +44,9 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
     require_square(d_in, hidden, d_out)
     if config.residual == "drop":
-        raise SkipCandidate(f"residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; use residual='keep'")
+        raise SkipCandidate(
+            f"residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; use residual='keep'"
+        )
     swaps = inline_han_swaps(cand, config, d_in, "fc1", "activation_fn", "fc2")
     q = f"{cand.path}." if cand.path else ""
     name = type(m).__name__

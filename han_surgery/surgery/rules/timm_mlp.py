@@ -11,11 +11,20 @@ be applied by module swaps.
 
 from __future__ import annotations
 
-from torch import nn
-
 from timm.layers import ConvMlp, GatedMlp, GluMlp, Mlp, SwiGLU
 from timm.layers.mlp import GlobalResponseNormMlp
-from timm.models import beit, cait, convnext, eva, metaformer, mlp_mixer, mobilevit, swin_transformer, vision_transformer
+from timm.models import (
+    beit,
+    cait,
+    convnext,
+    eva,
+    metaformer,
+    mlp_mixer,
+    mobilevit,
+    swin_transformer,
+    vision_transformer,
+)
+from torch import nn
 
 from ..config import HanConfig
 from ..modules import ChannelsFirst, HanGatedMlp
@@ -99,7 +108,9 @@ def build_timm_gated(cand: Candidate, config: HanConfig) -> Replacement:
         require_reflections(d_in, config)
         proj = nn.Linear(m.gate.proj.in_features, m.gate.proj.out_features)
         proj.load_state_dict(m.gate.proj.state_dict())
-        han = HanGatedMlp(d_in, proj, eps=getattr(m.gate.norm, "eps", 1e-6), drop=block_dropout(config, drop), **config.han_kwargs())
+        han = HanGatedMlp(
+            d_in, proj, eps=getattr(m.gate.norm, "eps", 1e-6), drop=block_dropout(config, drop), **config.han_kwargs()
+        )
     elif isinstance(m.gate, nn.Identity):
         han = han_block(d_in, config, drop)
     else:
