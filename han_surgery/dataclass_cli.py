@@ -1,0 +1,193 @@
+"""Command-line flags derived from dataclass fields, and back.
+
+A configuration dataclass (:class:`~han_surgery.HanConfig`,
+:class:`~han_surgery.finetune.FinetuneConfig`) is the one place an option is defined: its
+type, its default and its help text (``field(metadata={"help": ...})``, as PEFT and
+transformers write them). This module turns the fields into ``argparse`` options, the way
+transformers' ``HfArgumentParser`` does, with three differences that suit a multi-command CLI:
+
+* flags are spelled with dashes only (``--output-dir``); a ``bool`` field that defaults to ``True``
+  gives the pair ``--flag`` / ``--no-flag`` (``argparse.BooleanOptionalAction``), one that defaults
+  to ``False`` a plain ``--flag`` switch;
+* a sequence field takes one or more values and may be repeated
+  (``--include A B`` and ``--include A --include B`` both give ``("A", "B")``);
+* an option that is not given is absent from the namespace (``argparse.SUPPRESS``), so the
+  dataclass's own default applies and its ``__post_init__`` validates the values.
+
+Field metadata read here: ``help``; ``metavar``; ``group`` (the ``--help`` section the option is
+listed in); ``flag`` (another flag name); ``cli`` (``False``: no flag); ``nargs`` and ``const``
+(passed to ``add_argument``, for options such as ``--resume [CHECKPOINT]``).
+
+:func:`to_argv` goes the other way: the flags that reproduce a dataclass instance (its
+non-default fields), which is how a model card prints the command that made the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any, Literal, TypeVar, Union
+
+__all__ = ["add_dataclass_arguments", "dataclass_kwargs", "to_argv", "flag_name", "json_object"]
+
+T = TypeVar("T")
+
+
+def flag_name(field: dataclasses.Field) -> str:
+    """``--output-dir`` for the field ``output_dir`` (or ``metadata["flag"]``)."""
+    return "--" + field.metadata.get("flag", field.name.replace("_", "-"))
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """``argparse`` type for a JSON object given on the command line (``'{"drop_rate": 0.1}'``)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"drop_rate\": 0.1}}', got {text!r}")
+    return value
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _is_sequence(tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    return origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple)
+
+
+def _cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [
+        (f, _unwrap_optional(hints[f.name])) for f in dataclasses.fields(cls) if f.init and f.metadata.get("cli", True)
+    ]
+
+
+def _default_text(field: dataclasses.Field) -> str:
+    if field.default is not dataclasses.MISSING:
+        default = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    else:
+        return ""
+    if default is None or default == () or default == {}:
+        return ""
+    if isinstance(default, bool):
+        return ""  # BooleanOptionalAction prints its own default
+    return f" (default: {default})"
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    exclude: Sequence[str] = (),
+    dest_prefix: str = "",
+) -> None:
+    """Add one option per field of the dataclass ``cls`` to ``parser`` (or an argument group).
+
+    Args:
+        parser: where the options go.
+        cls: a dataclass whose fields carry ``metadata={"help": ...}``.
+        exclude: field names that get no option.
+        dest_prefix: prefix of each option's ``dest`` in the namespace, so that two dataclasses
+            can share one parser (read the values back with :func:`dataclass_kwargs` and the
+            same prefix).
+
+    A field without a default becomes a required option. Fields with ``metadata["group"]`` go into
+    an argument group of that title (created once per parser).
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field, tp in _cli_fields(cls):
+        if field.name in exclude:
+            continue
+        meta = field.metadata
+        target = parser
+        if "group" in meta and isinstance(parser, argparse.ArgumentParser):
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_argument_group(meta["group"])
+            target = groups[meta["group"]]
+        kwargs: dict[str, Any] = {
+            "dest": dest_prefix + field.name,
+            "help": (meta.get("help", "") + _default_text(field)).replace("%", "%%"),
+        }
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = argparse.SUPPRESS
+        if "metavar" in meta:
+            kwargs["metavar"] = meta["metavar"]
+        elif tp is not bool and typing.get_origin(tp) is not Literal:
+            kwargs["metavar"] = field.name.upper()
+        if tp is bool:
+            # default False: a plain switch; default True: the --flag / --no-flag pair
+            kwargs["action"] = argparse.BooleanOptionalAction if field.default is True else "store_true"
+        elif typing.get_origin(tp) is Literal:
+            kwargs["choices"] = typing.get_args(tp)
+            kwargs["type"] = type(typing.get_args(tp)[0])
+        elif _is_sequence(tp):
+            item = (typing.get_args(tp) or (str,))[0]
+            kwargs.update(nargs="+", action="extend", type=item if isinstance(item, type) else str)
+        elif tp is dict or typing.get_origin(tp) is dict:
+            kwargs["type"] = json_object
+            kwargs["metavar"] = meta.get("metavar", "JSON")
+        else:
+            kwargs["type"] = tp
+        for key in ("nargs", "const", "choices"):
+            if key in meta:
+                kwargs[key] = meta[key]
+        target.add_argument(flag_name(field), **kwargs)
+
+
+def dataclass_kwargs(namespace: argparse.Namespace, cls: type, *, dest_prefix: str = "") -> dict[str, Any]:
+    """The field values given on the command line (options not given are left out: the defaults apply)."""
+    values = vars(namespace)
+    out: dict[str, Any] = {}
+    for field, tp in _cli_fields(cls):
+        key = dest_prefix + field.name
+        if key in values:
+            value = values[key]
+            out[field.name] = tuple(value) if _is_sequence(tp) and isinstance(value, list) else value
+    return out
+
+
+def to_argv(obj: Any, *, exclude: Sequence[str] = ()) -> list[str]:
+    """The flags that rebuild the dataclass instance ``obj`` from its defaults (non-default fields only)."""
+    argv: list[str] = []
+    for field, tp in _cli_fields(type(obj)):
+        if field.name in exclude:
+            continue
+        value = getattr(obj, field.name)
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            default = dataclasses.MISSING
+        if value == default or (_is_sequence(tp) and default is not None and list(value or ()) == list(default)):
+            continue
+        flag = flag_name(field)
+        if tp is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            continue
+        elif "const" in field.metadata and value == field.metadata["const"]:
+            argv.append(flag)
+        elif _is_sequence(tp):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv

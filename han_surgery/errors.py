@@ -1,0 +1,45 @@
+"""The exceptions han-surgery raises for problems with what a user gave it.
+
+Every one of them derives from :class:`HanSurgeryError`, and also from the built-in
+exception a Python caller would expect (``ValueError`` for bad values, ``RuntimeError``
+for a step that could not complete), so ``except ValueError`` keeps working.
+
+The command line turns a :class:`HanSurgeryError` into one line on stderr,
+``han-surgery <command>: <message>``, and exit code 2. Any other exception is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "HanSurgeryError",
+    "ConfigError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "HanifyError",
+    "NothingToRewriteError",
+]
+
+
+class HanSurgeryError(Exception):
+    """Base class: the input (a model, a folder, a file, an option) cannot be used; the message says what to do."""
+
+
+class ConfigError(HanSurgeryError, ValueError):
+    """An option or configuration value is invalid (a ``HanConfig`` field, a fine-tune option, a name pattern)."""
+
+
+class CheckpointError(HanSurgeryError, ValueError):
+    """A model folder or file cannot be read: missing, corrupt, or not the expected kind. The message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """The folder only holds pickle-based weights (``.bin``, ``.pt``, ...), which han-surgery never loads."""
+
+
+class HanifyError(HanSurgeryError, RuntimeError):
+    """A rewrite rule failed while planning; the model was left exactly as it was."""
+
+
+class NothingToRewriteError(HanSurgeryError, ValueError):
+    """No registered rule recognises any module of the model."""
