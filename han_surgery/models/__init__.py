@@ -3,9 +3,12 @@
 Importing this package (``import han_surgery`` does) registers ``han_mobilevit_*`` and
 ``han_mixer_*`` with timm's registry, so ``timm.list_models("han_*")`` lists them and
 ``timm.create_model("han_mobilevit_xxs", num_classes=10)`` builds one, the timm way.
+
+:class:`TabularNet` is the small MLP / HanNet the fine-tune command trains on numeric CSVs.
 """
 
 from .mixer import ConvStem, HanMixer, HanMixerBlock
 from .mobilevit import HanMobileVit, hanformer_config
+from .tabular import TabularNet
 
-__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "hanformer_config"]
+__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "TabularNet", "hanformer_config"]

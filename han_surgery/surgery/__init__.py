@@ -2,15 +2,20 @@
 
 ``hanify(model, HanConfig(...))`` rewrites in place and returns a
 :class:`HanifyReport`; ``save_pretrained`` / ``from_pretrained`` store and
-rebuild the result exactly. Rules live in :mod:`.rules`, one file per family;
-add your own with :func:`register_rule`.
+rebuild the result exactly (the recipe format is in :mod:`.recipe`). Rules live
+in :mod:`.rules`, one file per family, and register themselves when imported
+(below, as timm's ``models/__init__.py`` registers its models); add your own with
+:func:`register_rule`.
 """
 
+from ..errors import HanifyError, NothingToRewriteError, UnsafeCheckpointError
+from . import rules  # noqa: F401  (importing the built-in rules registers them)
 from .config import HanConfig
-from .engine import HanifyError, NothingToRewriteError, hanify
+from .engine import hanify
+from .recipe import Recipe, RecipeStep, recipe_of
 from .registry import Candidate, Replacement, Rule, SkipCandidate, get_rule, list_rules, register_rule, unregister_rule
 from .report import HanifyReport, RewriteRecord, SkipRecord
-from .serialization import UnsafeCheckpointError, from_pretrained, save_pretrained
+from .serialization import from_pretrained, save_pretrained
 
 __all__ = [
     "HanConfig",
@@ -23,6 +28,9 @@ __all__ = [
     "Replacement",
     "Rule",
     "SkipCandidate",
+    "Recipe",
+    "RecipeStep",
+    "recipe_of",
     "hanify",
     "register_rule",
     "unregister_rule",

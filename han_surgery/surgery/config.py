@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import ConfigError
+
 __all__ = ["HanConfig", "match_pattern"]
 
 Residual = Literal["keep", "drop"]
@@ -39,6 +41,10 @@ def match_pattern(pattern: str, name: str) -> bool:
 @dataclass
 class HanConfig:
     """How to turn MLP/FFN blocks into Han-blocks ``H2 |H1 x + b1| + b2``.
+
+    Every field is also a command-line option of ``han-surgery inspect``, ``hanify`` and
+    ``finetune --hanify``, spelled the same way on each (``reflections`` -> ``--reflections``,
+    ``drop_norm`` -> ``--drop-norm`` / ``--no-drop-norm``); see :mod:`han_surgery.dataclass_cli`.
 
     Args:
         rules: names (or globs, e.g. ``"timm.*"``) of the registered rules that
@@ -61,18 +67,50 @@ class HanConfig:
             rates of the block being replaced.
         final_abs: end each block with ``|.|`` (the paper's Han-Mixer block).
         include, exclude: name patterns, see the module docstring.
+
+    Raises:
+        ConfigError: a field has an invalid value (also a ``ValueError``).
     """
 
-    rules: Sequence[str] | None = None
-    drop_norm: bool = True
-    residual: Residual = "keep"
-    reflections: int = 1
-    init: Literal["orthogonal", "normal"] = "orthogonal"
-    bias_init: Literal["uniform", "zeros"] = "uniform"
-    dropout: float | None = None
-    final_abs: bool = False
-    include: Sequence[str] = field(default_factory=tuple)
-    exclude: Sequence[str] = field(default_factory=tuple)
+    rules: Sequence[str] | None = field(
+        default=None,
+        metadata={
+            "help": "only these registered rules may apply (names or globs, e.g. 'timm.*'); default: all",
+            "metavar": "RULE",
+        },
+    )
+    drop_norm: bool = field(
+        default=True, metadata={"help": "remove the pre-norm in front of each replaced FFN, as the paper does"}
+    )
+    residual: Residual = field(
+        default="keep",
+        metadata={"help": "keep the residual around each FFN (x + Han(x); right for pretrained models) or drop it"},
+    )
+    reflections: int = field(default=1, metadata={"help": "Householder reflections per Han layer (1 = the paper)"})
+    init: Literal["orthogonal", "normal"] = field(
+        default="orthogonal", metadata={"help": "initialisation of the Householder vectors"}
+    )
+    bias_init: Literal["uniform", "zeros"] = field(
+        default="uniform", metadata={"help": "initialisation of the Han layers' biases"}
+    )
+    dropout: float | None = field(
+        default=None, metadata={"help": "dropout after each Han layer (default: the replaced block's rates)"}
+    )
+    final_abs: bool = field(default=False, metadata={"help": "end each block with |.| (the paper's Han-Mixer block)"})
+    include: Sequence[str] = field(
+        default_factory=tuple,
+        metadata={
+            "help": "only rewrite candidates matching these name patterns (glob, or 're:' regex)",
+            "metavar": "PATTERN",
+        },
+    )
+    exclude: Sequence[str] = field(
+        default_factory=tuple,
+        metadata={
+            "help": "never rewrite candidates matching these name patterns (glob, or 're:' regex)",
+            "metavar": "PATTERN",
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.include, str):
@@ -86,21 +124,21 @@ class HanConfig:
         if self.rules is not None:
             self.rules = tuple(self.rules)
         if self.residual not in ("keep", "drop"):
-            raise ValueError(f"HanConfig.residual must be 'keep' or 'drop', got {self.residual!r}")
+            raise ConfigError(f"HanConfig.residual must be 'keep' or 'drop', got {self.residual!r}")
         if not isinstance(self.reflections, int) or self.reflections < 1:
-            raise ValueError(f"HanConfig.reflections must be an int >= 1, got {self.reflections!r}")
+            raise ConfigError(f"HanConfig.reflections must be an int >= 1, got {self.reflections!r}")
         if self.init not in ("orthogonal", "normal"):
-            raise ValueError(f"HanConfig.init must be 'orthogonal' or 'normal', got {self.init!r}")
+            raise ConfigError(f"HanConfig.init must be 'orthogonal' or 'normal', got {self.init!r}")
         if self.bias_init not in ("uniform", "zeros"):
-            raise ValueError(f"HanConfig.bias_init must be 'uniform' or 'zeros', got {self.bias_init!r}")
+            raise ConfigError(f"HanConfig.bias_init must be 'uniform' or 'zeros', got {self.bias_init!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"HanConfig.dropout must be None or in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"HanConfig.dropout must be None or in [0, 1), got {self.dropout!r}")
         for pattern in (*self.include, *self.exclude):
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as e:
-                    raise ValueError(f"HanConfig: invalid regular expression {pattern!r}: {e}") from e
+                    raise ConfigError(f"HanConfig: invalid regular expression {pattern!r}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (sequences as lists)."""
@@ -116,7 +154,7 @@ class HanConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"HanConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"HanConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
         return cls(**data)
 
     def han_kwargs(self) -> dict[str, Any]:

@@ -23,38 +23,22 @@ skipped, the report is returned with zero rewrites and the reasons.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..errors import ConfigError, HanifyError, NothingToRewriteError
+from ..utils import count_parameters
 from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
+from .recipe import RecipeStep, RewriteEntry, record_step
 from .registry import Candidate, Replacement, Rule, SkipCandidate, resolve_rules
 from .report import HanifyReport, RewriteRecord, SkipRecord
 
-__all__ = ["hanify", "HanifyError", "NothingToRewriteError", "RECIPE_ATTR"]
-
-RECIPE_ATTR = "_han_surgery_recipe"
-"""Attribute set on the model: the list of hanify steps applied (used by ``save_pretrained``)."""
+__all__ = ["hanify", "HanifyError", "NothingToRewriteError"]
 
 FilterFn = Callable[[nn.Module, str], bool]
-
-
-class HanifyError(RuntimeError):
-    """A rule failed while planning; the model was left exactly as it was."""
-
-
-class NothingToRewriteError(ValueError):
-    """No registered rule recognises any module of the model."""
-
-
-def _count(modules: Iterable[nn.Module]) -> int:
-    seen: dict[int, int] = {}
-    for m in modules:
-        for p in m.parameters():
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
 
 
 def _under(path: str, blocked: set[str]) -> bool:
@@ -123,7 +107,7 @@ def _check_patterns(config: HanConfig, model: nn.Module, candidate_paths: list[s
         for pattern in patterns:
             if not any(match_pattern(pattern, p) for p in (*candidate_paths, *done)):
                 names = candidate_paths or [n for n, _ in model.named_modules() if n]
-                raise ValueError(
+                raise ConfigError(
                     f"HanConfig.{kind} pattern {pattern!r} matches no candidate block. "
                     f"Near names: {_near(pattern, names)}. Candidates: {candidate_paths[:8]}"
                     f"{' ...' if len(candidate_paths) > 8 else ''} (globs match whole names; prefix 're:' for a regex)"
@@ -153,12 +137,12 @@ def hanify(
 
     Raises:
         NothingToRewriteError: no rule recognises any module (and no Han module is present).
-        ValueError: an include/exclude pattern matches no candidate (the message lists near names).
+        ConfigError: an include/exclude pattern matches no candidate (the message lists near names).
         HanifyError: a rule failed; the model is unchanged.
     """
     config = config if config is not None else HanConfig()
     rules = resolve_rules(config.rules)
-    params_before = _count([model])
+    params_before = count_parameters(model)
     matches, han_paths = _discover(model, rules)
     report = HanifyReport(
         params_before=params_before, params_after=params_before, dry_run=dry_run, han_modules_found=len(han_paths)
@@ -238,8 +222,8 @@ def hanify(
         record = RewriteRecord(
             path=cand.path,
             rule=rule.name,
-            params_before=_count(modules[p] for p in repl.swaps),
-            params_after=_count(repl.swaps.values()),
+            params_before=count_parameters(modules[p] for p in repl.swaps),
+            params_after=count_parameters(repl.swaps.values()),
             swapped=list(repl.swaps),
             neighbours=dict(repl.neighbours),
         )
@@ -261,16 +245,7 @@ def hanify(
         for path, old in reversed(done):
             _set_module(model, path, old)
         raise
-    report.params_after = _count([model])
-    recipe = list(getattr(model, RECIPE_ATTR, []))
-    recipe.append(
-        {
-            "config": config.to_dict(),
-            "rewrites": [
-                {"path": r.path, "rule": r.rule, "swapped": r.swapped, "neighbours": r.neighbours}
-                for r in report.rewrites
-            ],
-        }
-    )
-    object.__setattr__(model, RECIPE_ATTR, recipe)
+    report.params_after = count_parameters(model)
+    rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
+    record_step(model, RecipeStep(config, rewrites))
     return report

@@ -7,6 +7,8 @@ replayable by :func:`han_surgery.from_pretrained`.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from ..layers import HanBlock, HanLayer, HouseholderLinear
@@ -71,7 +73,7 @@ class HanSplitOutput(nn.Module):
         self.LayerNorm = norm if norm is not None else nn.Identity()  # BERT's attribute name
         self.residual = residual
 
-    def forward(self, hidden_states: Tensor, input_tensor: Tensor | None = None, *args, **kwargs) -> Tensor:
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         hidden_states = self.dropout(hidden_states)
         if self.residual:
             hidden_states = hidden_states + input_tensor
@@ -93,7 +95,12 @@ class HanGatedMlp(nn.Module):
     """
 
     def __init__(
-        self, features: int, proj: nn.Linear, eps: float = 1e-6, drop: tuple[float, float] = (0.0, 0.0), **han_kwargs
+        self,
+        features: int,
+        proj: nn.Linear,
+        eps: float = 1e-6,
+        drop: tuple[float, float] = (0.0, 0.0),
+        **han_kwargs: Any,
     ) -> None:
         super().__init__()
         self.fc1 = HanLayer(features, **han_kwargs)

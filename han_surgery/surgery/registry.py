@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..errors import ConfigError
 from .config import HanConfig, match_pattern
 
 __all__ = [
@@ -148,7 +149,7 @@ def register_rule(
     priority: int = 0,
     description: str = "",
     override: bool = False,
-):
+) -> Rule | Callable[[Builder], Builder]:
     """Register a rewrite rule; usable directly or as a decorator on the builder.
 
     Args:
@@ -200,7 +201,6 @@ def unregister_rule(name: str) -> None:
 
 def get_rule(name: str) -> Rule:
     """The rule called ``name``; unknown names raise ``KeyError`` listing near names."""
-    _ensure_builtin_rules()
     if name not in _RULES:
         near = difflib.get_close_matches(name, list(_RULES), n=5, cutoff=0.3)
         raise KeyError(
@@ -211,7 +211,6 @@ def get_rule(name: str) -> Rule:
 
 def list_rules() -> list[Rule]:
     """Every registered rule, in the order hanify tries them (priority, then registration)."""
-    _ensure_builtin_rules()
     return sorted(_RULES.values(), key=lambda r: (-r.priority, _ORDER[r.name]))
 
 
@@ -225,16 +224,6 @@ def resolve_rules(names: Iterable[str] | None) -> list[Rule]:
         hits = [r.name for r in rules if fnmatch.fnmatchcase(r.name, pattern)]
         if not hits:
             near = difflib.get_close_matches(pattern, [r.name for r in rules], n=5, cutoff=0.3)
-            raise ValueError(f"HanConfig.rules: {pattern!r} names no registered rule; near names: {near}")
+            raise ConfigError(f"HanConfig.rules: {pattern!r} names no registered rule; near names: {near}")
         chosen.update(hits)
     return [r for r in rules if r.name in chosen]
-
-
-_loaded = False
-
-
-def _ensure_builtin_rules() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import rules  # noqa: F401  (registers the built-in rules)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..utils import format_table
+
 __all__ = ["HanifyReport", "RewriteRecord", "SkipRecord"]
 
 
@@ -36,14 +38,6 @@ class SkipRecord:
     path: str
     rule: str
     reason: str
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    cells = [headers] + rows
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 @dataclass
@@ -93,7 +87,7 @@ class HanifyReport:
                 ]
                 for r in self.rewrites
             ]
-            lines.append(_table(["path", "rule", "params before", "params after", "neighbours"], rows))
+            lines.append(format_table(["path", "rule", "params before", "params after", "neighbours"], rows))
         else:
             lines.append(
                 "no block rewritten"
@@ -101,7 +95,7 @@ class HanifyReport:
             )
         if self.skipped:
             lines.append(f"\nskipped ({len(self.skipped)}):")
-            lines.append(_table(["path", "rule", "reason"], [[s.path, s.rule, s.reason] for s in self.skipped]))
+            lines.append(format_table(["path", "rule", "reason"], [[s.path, s.rule, s.reason] for s in self.skipped]))
         verb = "would have" if self.dry_run else "has"
         lines.append(
             f"\n{len(self.rewrites)} block(s) rewritten; model parameters {self.params_before:,} -> "

@@ -11,7 +11,17 @@ from ..config import HanConfig
 from ..modules import ResidualFree
 from ..registry import Candidate, Replacement, SkipCandidate
 
-__all__ = ["Site", "han_block", "require_square", "dropout_p", "finish", "dims"]
+__all__ = [
+    "Site",
+    "dims",
+    "require_square",
+    "require_reflections",
+    "dropout_p",
+    "block_dropout",
+    "han_block",
+    "finish",
+    "inline_han_swaps",
+]
 
 
 @dataclass(frozen=True)
