@@ -1,7 +1,7 @@
-"""``python -m han_surgery.finetune`` and ``accelerate launch -m han_surgery.finetune``."""
+"""``python -m han_surgery.finetune ...`` and ``accelerate launch -m han_surgery.finetune ...``."""
 
 import sys
 
-from .train import main
+from ..cli.finetune import main
 
 sys.exit(main())

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..errors import HanSurgeryError
+
 __all__ = ["DataError", "DataBundle", "load_data", "TextDataset"]
 
 Task = Literal["classification", "regression"]
@@ -40,7 +42,7 @@ Task = Literal["classification", "regression"]
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
 
 
-class DataError(ValueError):
+class DataError(HanSurgeryError, ValueError):
     """The data given to ``--data`` cannot be used; the message says why and what to do."""
 
 
@@ -75,6 +77,24 @@ class DataBundle:
     target_mean: list[float] | None = None
     target_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run records about its data (``results.json``): kind, task, sizes, classes, preprocessing."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "task": self.task,
+            "num_outputs": self.num_outputs,
+            "train_rows": len(self.train),
+            "eval_rows": len(self.eval),
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "num_features": self.num_features,
+            "class_names": self.class_names,
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+            **{k: v for k, v in self.extra.items() if k in ("feature_mean", "feature_std")},
+        }
 
     def describe(self) -> str:
         what = {

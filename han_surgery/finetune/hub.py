@@ -1,6 +1,6 @@
 """The model card and the Hub upload of a fine-tuned model folder.
 
-* :func:`write_model_card` renders ``han_surgery/model_cards/template.md`` with huggingface_hub's
+* :func:`render_model_card` renders ``han_surgery/model_cards/template.md`` with huggingface_hub's
   ``ModelCard.from_template``: YAML metadata (``library_name``, ``tags`` with ``han-surgery`` and
   ``householder``, ``base_model``, ``datasets``, ``metrics`` and a ``model-index`` with the measured
   values) and a body with the parameters before/after, the recipe and how to load the model.
@@ -12,74 +12,75 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import shlex
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HubUploadError", "TEMPLATE_PATH", "render_model_card", "write_model_card", "push_folder", "command_line"]
+from ..dataclass_cli import to_argv
+from ..errors import HanSurgeryError
+from ..folders import CONFIG_NAME, WEIGHTS_NAME, read_json_object
+from ..surgery.report import HanifyReport
+from .config import FinetuneConfig, FinetuneResult
+from .data import DataBundle
+from .models import BuiltModel
+
+__all__ = [
+    "HubUploadError",
+    "TEMPLATE_PATH",
+    "base_model_id",
+    "command_line",
+    "render_model_card",
+    "write_model_card",
+    "push_folder",
+]
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
-UPLOAD_IGNORE = ["checkpoints/*", "checkpoints/**", "*.tmp"]
+UPLOAD_IGNORE = ["checkpoints/*", "checkpoints/**", "*.tmp", "*.lock"]
+CARD_NAME = "README.md"
+RESULTS_NAME = "results.json"
 
 
-class HubUploadError(RuntimeError):
+class HubUploadError(HanSurgeryError, RuntimeError):
     """The upload to the Hub failed; the local folder is untouched and can be pushed again later."""
 
 
-def command_line(args: argparse.Namespace, num_processes: int = 1) -> str:
-    """The command equivalent to ``args`` (non-default options only): ``python -m han_surgery.finetune ...``, or
-    ``accelerate launch --num_processes N -m han_surgery.finetune ...`` for a multi-process run."""
-    from .args import build_parser
-
-    parser = build_parser()
-    launcher = f"accelerate launch --multi_gpu --num_processes {num_processes}" if num_processes > 1 else "python"
-    parts = [f"{launcher} -m han_surgery.finetune"]
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        value = getattr(args, action.dest, None)
-        if value == action.default or value is None:
-            continue
-        flag = action.option_strings[0]
-        if isinstance(value, bool):
-            if action.nargs == 0 and value is True:
-                parts.append(flag)
-            else:  # BooleanOptionalAction
-                parts.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list):
-            parts += [flag, *map(str, value)]
-        elif action.const is not None and value == action.const:
-            parts.append(flag)
-        else:
-            parts += [flag, str(value)]
-    return " ".join(shlex.quote(p) if p != parts[0] else p for p in parts)
+def command_line(config: FinetuneConfig, num_processes: int = 1) -> str:
+    """The command that reruns ``config`` (non-default options only): ``han-surgery finetune ...``, or
+    ``accelerate launch --multi_gpu --num_processes N -m han_surgery.finetune ...`` for several processes."""
+    launcher = (
+        f"accelerate launch --multi_gpu --num_processes {num_processes} -m han_surgery.finetune"
+        if num_processes > 1
+        else "han-surgery finetune"
+    )
+    argv = to_argv(config, exclude=("resume", "overwrite"))
+    if config.hanify is not None:
+        argv += ["--hanify", *to_argv(config.hanify)]
+    return " ".join([launcher, *map(shlex.quote, argv)])
 
 
-def _library_name(built: Any) -> str:
+def _library_name(built: BuiltModel) -> str:
     return {"timm": "timm", "transformers": "transformers", "tabular": "pytorch"}[built.family]
 
 
-def base_model_id(args: argparse.Namespace, built: Any) -> str:
+def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
+    """What the model came from: the timm weights' Hub id, the model name, or what a local folder was built from."""
     cfg = getattr(built.model, "pretrained_cfg", None) or {}
-    if args.pretrained and cfg.get("hf_hub_id"):
+    if config.pretrained and cfg.get("hf_hub_id"):
         return cfg["hf_hub_id"]
-    spec = args.model[len("local-dir:") :] if args.model.startswith("local-dir:") else args.model
+    spec = config.model.removeprefix("local-dir:")
     path = Path(spec).expanduser()
     if not path.is_dir():
         return spec
     # a local folder: name what it was built from (the base model's Hub id is not known offline)
-    for name in ("training_args.json", "config.json"):
+    for name, key in ((RESULTS_NAME, "base_model"), (CONFIG_NAME, "architecture"), (CONFIG_NAME, "_name_or_path")):
         if (path / name).is_file():
-            conf = json.loads((path / name).read_text())
-            for key in ("base_model", "architecture", "_name_or_path"):
-                if isinstance(conf.get(key), str) and conf[key]:
-                    return conf[key]
+            value = read_json_object(path / name).get(key)
+            if isinstance(value, str) and value:
+                return value
     return path.name
 
 
-def _load_snippet(built: Any, repo_id: str | None) -> str:
+def _load_snippet(built: BuiltModel, repo_id: str | None) -> str:
     where = f'huggingface_hub.snapshot_download("{repo_id}")' if repo_id else '"path/to/this/folder"'
     if built.hanified:
         return (
@@ -97,25 +98,30 @@ def _load_snippet(built: Any, repo_id: str | None) -> str:
             f"model = AutoModelForSequenceClassification.from_pretrained({src})\n"
             f"tokenizer = AutoTokenizer.from_pretrained({src})"
         )
-    return f"import huggingface_hub\nfrom han_surgery.finetune import load_model\n\nmodel = load_model({where})"
+    return f"import huggingface_hub, han_surgery\n\nmodel = han_surgery.load_model({where})"
 
 
 def render_model_card(
-    *, args: argparse.Namespace, built: Any, data: Any, results: dict[str, Any], han_report: Any = None
+    *,
+    config: FinetuneConfig,
+    built: BuiltModel,
+    data: DataBundle,
+    result: FinetuneResult,
+    han_report: HanifyReport | None = None,
 ) -> Any:
     """Build the ``huggingface_hub.ModelCard`` of a finished run (see the module docstring)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    repo_id = args.push_to_hub
-    model_name = repo_id.split("/")[-1] if repo_id else Path(args.output_dir).name
-    task_type = {"image": "image-classification", "text": "text-classification", "tabular": f"tabular-{data.task}"}[
-        data.kind
-    ]
+    repo_id = config.push_to_hub
+    model_name = repo_id.split("/")[-1] if repo_id else Path(config.output_dir).name
+    kinds = {"image": "image-classification", "text": "text-classification", "tabular": f"tabular-{data.task}"}
+    task_type = kinds[data.kind]
+    metrics = result.metrics
     metric_rows: list[tuple[str, str]] = []
     eval_results = []
     for key, metric_type in (("eval_accuracy", "accuracy"), ("eval_rmse", "rmse"), ("eval_loss", "loss")):
-        if key in results:
-            value = round(float(results[key]), 6)
+        if key in metrics:
+            value = round(float(metrics[key]), 6)
             metric_rows.append((metric_type, f"{value:.4f}"))
             eval_results.append(
                 EvalResult(
@@ -127,54 +133,55 @@ def render_model_card(
                     metric_value=value,
                 )
             )
-    if "train_loss" in results:
-        metric_rows.append(("train loss (last 10 steps)", f"{results['train_loss']:.4f}"))
+    if "train_loss" in metrics:
+        metric_rows.append(("train loss (last 10 steps)", f"{metrics['train_loss']:.4f}"))
     tags = ["han-surgery", "householder", task_type]
     if built.family == "timm":
         tags.append("image-classification" if data.kind == "image" else data.kind)
     if built.hanified:
         tags.append("han-layer")
+    base_model = base_model_id(config, built)
     card_data = ModelCardData(
         library_name=_library_name(built),
         tags=sorted(set(tags)),
-        base_model=base_model_id(args, built),
+        base_model=base_model,
         datasets=[data.name],
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
         eval_results=eval_results or None,
         license="apache-2.0",
     )
-    setup = results
+    setup = result.setup
     distill_line = None
-    if args.distill_from:
+    if config.distill_from:
         distill_line = (
-            f"knowledge distillation from `{args.distill_from}`: loss = (1 - {args.distill_alpha}) x task loss + "
-            f"{args.distill_alpha} x T^2 KL(teacher || student), T = {args.distill_temperature}"
+            f"knowledge distillation from `{config.distill_from}`: loss = (1 - {config.distill_alpha}) x task loss + "
+            f"{config.distill_alpha} x T^2 KL(teacher || student), T = {config.distill_temperature}"
         )
     recipe = (
-        f"{setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s)), AdamW lr {args.lr} ({args.schedule}"
-        f"{f', {args.warmup_steps} warm-up steps' if args.warmup_steps else ''}), weight decay {args.weight_decay}, "
-        f"global batch {setup['global_batch_size']}, seed {args.seed}"
+        f"{setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s)), AdamW lr {config.lr} ({config.schedule}"
+        f"{f', {config.warmup_steps} warm-up steps' if config.warmup_steps else ''}), weight decay "
+        f"{config.weight_decay}, global batch {setup['global_batch_size']}, seed {config.seed}"
     )
     summary = (
-        f"`{base_model_id(args, built)}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
-        if built.hanified and not built.han_loaded
-        else f"A fine-tuned `{base_model_id(args, built)}`."
+        f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
+        if built.hanified and not built.loaded_hanified
+        else f"A fine-tuned `{base_model}`."
     )
-    card = ModelCard.from_template(
+    params = f"{result.params:,}" + (f" ({result.params / result.params_base:.1%})" if result.params_base else "")
+    return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_name=model_name,
         summary=summary,
         dataset_name=data.name,
         eval_rows=len(data.eval),
-        val_fraction_pct=f"{args.val_fraction:.0%}",
-        seed=args.seed,
+        val_fraction_pct=f"{config.val_fraction:.0%}",
+        seed=config.seed,
         result_rows=metric_rows,
-        base_model_name=base_model_id(args, built),
-        params_base=f"{results['params_base']:,}",
-        params=f"{results['params']:,}"
-        + (f" ({results['params'] / results['params_base']:.1%})" if results["params_base"] else ""),
+        base_model_name=base_model,
+        params_base=f"{result.params_base:,}",
+        params=params,
         han_report=str(han_report).strip() if han_report is not None else None,
         data_description=data.describe(),
         recipe_line=recipe,
@@ -184,17 +191,16 @@ def render_model_card(
             f"mixed precision {setup['mixed_precision']}, {setup['per_process_batch_size']} per process x "
             f"{setup['grad_accum']} accumulation step(s)"
         ),
-        train_runtime=results["train_runtime_s"],
-        total_runtime=results["total_runtime_s"],
-        command=command_line(args, results.get("num_processes", 1)),
+        train_runtime=result.train_runtime_s,
+        total_runtime=result.total_runtime_s,
+        command=command_line(config, setup.get("num_processes", 1)),
         load_snippet=_load_snippet(built, repo_id),
     )
-    return card
 
 
 def write_model_card(directory: str | Path, **kwargs: Any) -> Path:
     """Render the model card (:func:`render_model_card` arguments) into ``<directory>/README.md``."""
-    path = Path(directory) / "README.md"
+    path = Path(directory) / CARD_NAME
     render_model_card(**kwargs).save(str(path))
     return path
 
@@ -215,7 +221,7 @@ def push_folder(
     from huggingface_hub import HfApi
 
     directory = Path(directory)
-    missing = [f for f in ("model.safetensors", "config.json", "README.md") if not (directory / f).is_file()]
+    missing = [f for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME) if not (directory / f).is_file()]
     if missing:
         raise HubUploadError(f"{directory} is not a finished model folder: missing {', '.join(missing)}.")
     api = HfApi(token=token)

@@ -1,0 +1,210 @@
+"""The loop step of a run: losses, evaluation and the accelerate training loop.
+
+One code path for one CPU process, ``accelerate launch --multi_gpu --num_processes N`` (gloo on CPU,
+NCCL on GPUs) and mixed precision. Epoch ``e`` visits the training rows in the permutation drawn from
+``seed + e`` (accelerate's seedable sampler), the same on every process and every run, so a resumed run
+re-seeds the sampler for the saved epoch, skips the batches already seen (``skip_first_batches``) and
+continues as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoints import TrainProgress
+from .data import DataBundle
+
+__all__ = ["lr_lambda", "task_loss", "distillation_loss", "logits_of", "evaluate", "TrainingState", "train_loop"]
+
+
+def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
+    """The learning-rate factor at each optimizer step: linear warm-up, then cosine decay to 0 or constant."""
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def logits_of(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's output tensor: ``model(**inputs).logits`` for a dict of tokenised text, else ``model(inputs)``."""
+    if isinstance(inputs, dict):
+        return model(**inputs).logits
+    return model(inputs)
+
+
+def task_loss(
+    out: torch.Tensor, target: torch.Tensor, task: str, label_smoothing: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy (classification) or MSE over the targets (regression), in float32."""
+    out = out.float()
+    if task == "classification":
+        return F.cross_entropy(out, target, label_smoothing=label_smoothing, reduction=reduction)
+    loss = F.mse_loss(out, target.float(), reduction="none").mean(-1)
+    return loss.mean() if reduction == "mean" else loss
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task: str, temperature: float) -> torch.Tensor:
+    """Hinton et al.'s KD term: ``T^2 KL(softmax(t/T) || softmax(s/T))``, or MSE to the teacher for regression."""
+    student, teacher = student.float(), teacher.float()
+    if task == "regression":
+        return F.mse_loss(student, teacher)
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
+    )
+    return kl * t * t
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, loader: Any, data: DataBundle) -> dict[str, float]:
+    """Loss and accuracy (classification) or RMSE in the data's units (regression) on the held-out split."""
+    model.eval()
+    losses, hits = [], []
+    for inputs, target in loader:
+        with accelerator.autocast():
+            out = logits_of(model, inputs)
+        loss = task_loss(out, target, data.task, 0.0, reduction="none")
+        if data.task == "classification":
+            loss, hit = accelerator.gather_for_metrics((loss, (out.argmax(-1) == target).float()))
+            hits.append(hit.cpu())
+        else:
+            loss = accelerator.gather_for_metrics(loss)
+        losses.append(loss.float().cpu())
+    model.train()
+    mse = torch.cat(losses).mean().item()
+    if data.task == "classification":
+        return {"eval_loss": mse, "eval_accuracy": torch.cat(hits).mean().item()}
+    return {"eval_loss": mse, "eval_rmse": math.sqrt(mse) * data.target_std[0]}
+
+
+@dataclass
+class TrainingState:
+    """What the loop works on, after ``accelerator.prepare``.
+
+    Attributes:
+        model, optimizer, scheduler, train_loader, eval_loader: prepared by accelerate.
+        progress: the loop position (registered for checkpointing).
+        total_steps, epochs: the run's length in optimizer steps and epochs.
+        teacher: the distillation teacher (frozen, eval mode), or ``None``.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: Any
+    eval_loader: Any
+    progress: TrainProgress
+    total_steps: int
+    epochs: int
+    teacher: nn.Module | None = None
+
+
+def train_loop(
+    accelerator: Any,
+    state: TrainingState,
+    data: DataBundle,
+    *,
+    label_smoothing: float = 0.0,
+    distill_alpha: float = 0.5,
+    distill_temperature: float = 2.0,
+    on_step: Callable[[TrainProgress], None] | None = None,
+    show_progress: bool = True,
+) -> tuple[dict[str, float], float]:
+    """Train from ``state.progress`` to ``state.total_steps``; evaluate after every epoch.
+
+    Logs ``train_loss`` (the mean over the last 10 optimizer steps' micro-batches, averaged over
+    processes) and ``lr`` every 10 steps, and the held-out metrics after each epoch, through
+    ``accelerator.log``. ``on_step`` is called after every optimizer step (checkpointing).
+
+    Returns:
+        The last metrics (``train_loss`` and the held-out ones) and the training wall time in seconds.
+    """
+    from tqdm.auto import tqdm
+
+    model, optimizer, scheduler, progress = state.model, state.optimizer, state.scheduler, state.progress
+    train_loader, teacher = state.train_loader, state.teacher
+    model.train()
+    bar = tqdm(
+        total=state.total_steps,
+        initial=progress.global_step,
+        desc="finetune",
+        dynamic_ncols=True,
+        disable=not show_progress or not accelerator.is_local_main_process,
+    )
+    metrics: dict[str, float] = {}
+    running, running_n = 0.0, 0
+    start = time.perf_counter()
+    done = progress.global_step >= state.total_steps
+    while not done and progress.epoch < state.epochs:
+        train_loader.set_epoch(progress.epoch)
+        loader: Any = train_loader
+        if progress.batches_done:  # resumed mid-epoch: same permutation, minus the batches already seen
+            from accelerate import skip_first_batches
+
+            loader = (
+                skip_first_batches(train_loader, progress.batches_done)
+                if progress.batches_done < len(train_loader)
+                else []
+            )
+        for inputs, target in loader:
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    out = logits_of(model, inputs)
+                    loss = task_loss(out, target, data.task, label_smoothing)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            teacher_out = logits_of(teacher, inputs)
+                        kd = distillation_loss(out, teacher_out, data.task, distill_temperature)
+                        loss = (1 - distill_alpha) * loss + distill_alpha * kd
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.batches_done += 1
+            running += loss.detach().float().item()
+            running_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            progress.global_step += 1
+            bar.update(1)
+            if progress.global_step % 10 == 0 or progress.global_step == state.total_steps:
+                mean = torch.tensor(running / running_n, device=accelerator.device)
+                train_loss = accelerator.reduce(mean, "mean").item()
+                bar.set_postfix(loss=f"{train_loss:.4f}")
+                accelerator.log(
+                    {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch},
+                    step=progress.global_step,
+                )
+                metrics["train_loss"] = train_loss
+                running, running_n = 0.0, 0
+            if on_step is not None:
+                on_step(progress)
+            if progress.global_step >= state.total_steps:
+                done = True
+                break
+        if not done or progress.batches_done >= len(train_loader):
+            progress.epoch += 1
+            progress.batches_done = 0
+        eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
+        metrics.update(eval_metrics)
+        accelerator.log({**eval_metrics, "epoch": progress.epoch}, step=progress.global_step)
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+        accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: {summary}", flush=True)
+    bar.close()
+    if "eval_loss" not in metrics:  # resumed after the last step: evaluate the final weights
+        metrics.update(evaluate(accelerator, model, state.eval_loader, data))
+    return metrics, time.perf_counter() - start

@@ -1,0 +1,306 @@
+"""``run(config)``: a fine-tuning run as a sequence of named steps, each a function of its own.
+
+================  ======================================================================
+step              function
+================  ======================================================================
+accelerator       :func:`make_accelerator`
+output folder     :func:`~.checkpoints.prepare_output_dir`
+data              :func:`load_run_data` (:func:`~.data.load_data`)
+model             :func:`build_student`: the model, the surgery (``config.hanify``), the teacher
+loaders           :func:`build_loaders`
+optimisation      :func:`prepare_training`: optimizer, schedule, ``accelerator.prepare``
+trackers          :func:`~.tracking.init_trackers`
+resume            :func:`~.checkpoints.resume`
+loop              :func:`~.loop.train_loop`
+export            :func:`export`: the Hub-ready folder (weights, config, card, metrics)
+================  ======================================================================
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, HanifyError
+from ..surgery.engine import hanify
+from ..surgery.report import HanifyReport
+from ..utils import count_parameters
+from .checkpoints import ARGS_FILE, FinetuneError, TrainProgress, prepare_output_dir, resume, save_checkpoint
+from .config import FinetuneConfig, FinetuneResult
+from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
+from .hub import RESULTS_NAME, base_model_id, push_folder, write_model_card
+from .loop import TrainingState, lr_lambda, train_loop
+from .models import BuiltModel, build_model, save_model
+from .tracking import init_trackers
+
+__all__ = [
+    "Student",
+    "run",
+    "make_accelerator",
+    "load_run_data",
+    "build_student",
+    "build_loaders",
+    "prepare_training",
+    "export",
+    "timm_data_config",
+]
+
+
+def make_accelerator(config: FinetuneConfig) -> Any:
+    """The run's ``Accelerator``: CPU unless CUDA is there, seedable sampler, manual scheduler steps."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration
+
+    out = Path(config.output_dir).expanduser()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        step_scheduler_with_optimizer=False,  # stepped by hand once per optimizer step, whatever the process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        log_with=None,
+    )
+
+
+def load_run_data(config: FinetuneConfig) -> DataBundle:
+    """The data step: ``config.data`` read as :func:`~.data.load_data` says, split by ``config.seed``."""
+    return load_data(
+        config.data,
+        task=config.task,
+        num_classes=config.num_classes,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        image_size=config.image_size,
+        max_samples=config.max_samples,
+    )
+
+
+@dataclass
+class Student:
+    """The model step's result: the model to train, the surgery report, the teacher, the parameter counts."""
+
+    built: BuiltModel
+    han_report: HanifyReport | None
+    teacher: nn.Module | None
+    params_base: int
+    params: int
+
+
+def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
+    """The model step: build ``config.model`` for ``data``, apply ``config.hanify``, build the teacher."""
+    built = build_model(config.model, data, pretrained=config.pretrained, model_kwargs=config.model_kwargs)
+    params_base = count_parameters(built.model)
+    teacher = copy.deepcopy(built.model) if config.distill_from == "base" else None
+    han_report = None
+    if config.hanify is not None:
+        if built.hanified:
+            raise FinetuneError(
+                f"--hanify: {config.model} is already hanified (it has han_config.json); drop --hanify."
+            )
+        try:
+            han_report = hanify(built.model, config.hanify)
+        except (ConfigError, HanifyError) as e:
+            raise FinetuneError(f"--hanify on {config.model}: {e}") from None
+        built.hanified = True
+    if config.distill_from and teacher is None:
+        teacher = build_model(config.distill_from, data).model
+    if data.kind == "text" and built.tokenizer is None:
+        raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
+    return Student(built, han_report, teacher, params_base, count_parameters(built.model))
+
+
+def build_loaders(config: FinetuneConfig, data: DataBundle, built: BuiltModel) -> tuple[Any, Any]:
+    """The loaders step: shuffled, drop-last training batches and in-order evaluation batches."""
+    collate = make_text_collate(built.tokenizer, config.max_length) if data.kind == "text" else None
+    train_loader = torch.utils.data.DataLoader(
+        data.train,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    eval_loader = torch.utils.data.DataLoader(data.eval, batch_size=config.eval_batch, collate_fn=collate)
+    return train_loader, eval_loader
+
+
+def prepare_training(
+    accelerator: Any, config: FinetuneConfig, student: Student, loaders: tuple[Any, Any]
+) -> TrainingState:
+    """The optimisation step: AdamW, the schedule, ``accelerator.prepare``, the loop position."""
+    train_loader, eval_loader = loaders
+    if len(train_loader) < accelerator.num_processes:
+        raise FinetuneError(
+            f"The training split has {len(train_loader.dataset)} rows: fewer than one batch of {config.batch_size} for "
+            f"each of {accelerator.num_processes} processes. Lower --batch-size or --val-fraction."
+        )
+    model = student.built.model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / config.grad_accum)
+    if config.max_steps:
+        total_steps = config.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    else:
+        epochs = config.epochs or 1
+        total_steps = epochs * steps_per_epoch
+    schedule = lr_lambda(config.warmup_steps, total_steps, config.schedule)
+    scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
+    global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
+    progress = TrainProgress(accelerator.num_processes, global_batch)
+    accelerator.register_for_checkpointing(progress)
+    teacher = student.teacher
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
+    return TrainingState(model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps, epochs, teacher)
+
+
+def _setup_summary(accelerator: Any, config: FinetuneConfig, state: TrainingState) -> dict[str, Any]:
+    return {
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "per_process_batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "global_batch_size": state.progress.global_batch,
+        "steps_per_epoch": math.ceil(len(state.train_loader) / config.grad_accum),
+        "total_steps": state.total_steps,
+        "epochs": state.epochs,
+    }
+
+
+def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup: dict[str, Any]) -> str:
+    built, report = student.built, student.han_report
+    model = f"model: {config.model} ({built.family}{', hanified' if built.hanified else ''}), parameters {student.params_base:,}"
+    if report is not None:
+        model += f" -> {student.params:,} after hanify ({report.num_rewritten} block(s) rewritten)"
+    if student.teacher is not None:
+        model += f"; distilling from {config.distill_from}"
+    schedule = (
+        f"schedule: {setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s) x {setup['steps_per_epoch']} "
+        f"steps), lr {config.lr} {config.schedule}"
+        + (f", checkpoint every {config.checkpoint_every} steps" if config.checkpoint_every else "")
+    )
+    return "\n".join(
+        [
+            f"han-surgery finetune: {setup['num_processes']} process(es) ({setup['distributed_type']}), device "
+            f"{setup['device']}, mixed precision {setup['mixed_precision']}",
+            f"global batch size {setup['global_batch_size']} = {config.batch_size} per process x "
+            f"{setup['num_processes']} process(es) x {config.grad_accum} accumulation step(s)",
+            f"data: {data.describe()}",
+            model,
+            schedule,
+        ]
+    )
+
+
+def timm_data_config(data: DataBundle) -> dict[str, Any] | None:
+    """The preprocessing of :mod:`.data` images, for timm's ``pretrained_cfg`` in ``config.json``."""
+    if data.kind != "image" or data.image_size is None:
+        return None
+    c = data.in_chans or 3
+    return {"input_size": (c, *data.image_size), "mean": (IMAGE_MEAN,) * c, "std": (IMAGE_STD,) * c, "crop_pct": 1.0}
+
+
+def export(
+    accelerator: Any,
+    config: FinetuneConfig,
+    out: Path,
+    student: Student,
+    data: DataBundle,
+    model: nn.Module,
+    result: FinetuneResult,
+) -> None:
+    """The export step (main process): weights and config in the model's library format, ``results.json``,
+    the surgery report and the model card."""
+    save_model(student.built, accelerator.unwrap_model(model), out, data_config=timm_data_config(data))
+    (out / RESULTS_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    if student.han_report is not None:
+        (out / "hanify_report.txt").write_text(str(student.han_report) + "\n")
+    write_model_card(out, config=config, built=student.built, data=data, result=result, han_report=student.han_report)
+
+
+def run(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune as ``config`` says and write a Hub-ready folder into ``config.output_dir``.
+
+    Works the same in one process and under ``accelerate launch`` (each process calls ``run``).
+
+    Returns:
+        The :class:`~.config.FinetuneResult` (also written as ``results.json``).
+
+    Raises:
+        FinetuneError, DataError, ModelError, CheckpointError: the set-up cannot work; nothing is
+            written in that case (except that an existing output folder is replaced with ``overwrite``).
+        HubUploadError: the upload failed; the local folder is complete.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import set_seed
+
+    start = time.perf_counter()
+    accelerator = make_accelerator(config)
+    try:
+        out = prepare_output_dir(config, accelerator)
+        set_seed(config.seed)
+        data = load_run_data(config)
+        student = build_student(config, data)
+        state = prepare_training(accelerator, config, student, build_loaders(config, data, student.built))
+        setup = _setup_summary(accelerator, config, state)
+        accelerator.print(_describe(config, data, student, setup), flush=True)
+        if config.resume is None and accelerator.is_main_process:  # what --resume compares against
+            config.to_json(out / ARGS_FILE)
+        init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
+        if config.resume is not None:
+            resume(accelerator, out, config, state.progress)
+
+        def checkpoint(progress: TrainProgress) -> None:
+            if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
+                save_checkpoint(accelerator, out, progress, config.keep_checkpoints)
+
+        metrics, train_time = train_loop(
+            accelerator,
+            state,
+            data,
+            label_smoothing=config.label_smoothing,
+            distill_alpha=config.distill_alpha,
+            distill_temperature=config.distill_temperature,
+            on_step=checkpoint,
+            show_progress=config.progress,
+        )
+        accelerator.wait_for_everyone()
+        result = FinetuneResult(
+            output_dir=out,
+            metrics=metrics,
+            global_step=state.progress.global_step,
+            params_base=student.params_base,
+            params=student.params,
+            train_runtime_s=round(train_time, 2),
+            total_runtime_s=round(time.perf_counter() - start, 2),
+            base_model=base_model_id(config, student.built),
+            setup=setup,
+            data=data.summary(),
+        )
+        if accelerator.is_main_process:
+            export(accelerator, config, out, student, data, state.model, result)
+            accelerator.print(f"saved the model folder {out}", flush=True)
+        accelerator.wait_for_everyone()
+        try:
+            if config.push_to_hub and accelerator.is_main_process:
+                url = push_folder(out, config.push_to_hub, private=config.private)
+                accelerator.print(f"pushed to {url}", flush=True)
+        finally:
+            accelerator.end_training()  # closes the trackers (and the process group, when distributed)
+        return result
+    finally:
+        if accelerator.num_processes == 1:  # let a later run in this process build its own Accelerator
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
