@@ -1,6 +1,6 @@
 # One command each, on a fresh machine with Python 3.11 and pip:
 #   make demo   -- create/reuse .venv, install han-surgery, run the demo (no download)
-#   make test   -- create/reuse .venv, install han-surgery[dev], run the test suite
+#   make test   -- create/reuse .venv, install han-surgery[dev], run ruff and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -18,6 +18,8 @@ demo: $(STAMP)
 	$(BIN)/han-surgery demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -1,13 +1,18 @@
 """han-surgery: Householder (Han) layers for timm and Hugging Face models.
 
 Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 2024.
+
+Importing the package registers the Han models with timm (``timm.create_model("han_mobilevit_xs")``)
+and the built-in surgery rules; it imports neither the fine-tuning stack nor the paper experiments.
 """
 
 from . import models  # noqa: F401  (registers han_* with timm)
+from .errors import CheckpointError, ConfigError, HanifyError, HanSurgeryError, NothingToRewriteError
 from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
+from .loading import load_model
 from .surgery import HanConfig, HanifyReport, from_pretrained, hanify, register_rule, save_pretrained
-
-__version__ = "0.1.0"
+from .utils import count_parameters
+from .version import __version__
 
 __all__ = [
     "Abs",
@@ -20,5 +25,12 @@ __all__ = [
     "register_rule",
     "save_pretrained",
     "from_pretrained",
+    "load_model",
+    "count_parameters",
+    "HanSurgeryError",
+    "ConfigError",
+    "CheckpointError",
+    "HanifyError",
+    "NothingToRewriteError",
     "__version__",
 ]

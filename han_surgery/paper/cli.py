@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+from collections.abc import Sequence
 
 EXPERIMENTS: dict[str, tuple[str, str]] = {
     "checkerboard": (
@@ -70,3 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         importlib.import_module(module_name).add_arguments(exp)
         exp.set_defaults(exp_parser=exp)
     parser.set_defaults(func=_run, paper_parser=parser)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "han-surgery paper") -> int:
+    """``han-surgery paper <experiment> ...``: parse ``argv`` and run the experiment; return the exit code."""
+    parser = argparse.ArgumentParser(prog=prog.rsplit(" ", 1)[0])
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["paper", *(argv or [])])
+    return _run(args)

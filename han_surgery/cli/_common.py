@@ -1,0 +1,40 @@
+"""What every command shares: one-line errors with exit code 2, and argparse types."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ..errors import HanSurgeryError
+
+__all__ = ["run_command", "positive_int", "EXIT_USER_ERROR"]
+
+EXIT_USER_ERROR = 2
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run ``body``; a :class:`HanSurgeryError` becomes ``<prog>: <message>`` (one line) and exit code 2.
+
+    Other exceptions propagate with their traceback: they are bugs.
+    """
+    try:
+        return int(body() or 0)
+    except HanSurgeryError as e:
+        message = " ".join(str(e).split())
+        print(f"{prog}: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value

@@ -1,0 +1,25 @@
+"""``han-surgery demo``: the no-download tour (see :mod:`han_surgery.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from ._common import run_command
+
+__all__ = ["demo"]
+
+
+def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> int:
+    """Run :func:`han_surgery.demo.run_demo`."""
+    argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description="Run the no-download demo of han-surgery."
+    ).parse_args(argv)
+
+    def body() -> int:
+        from ..demo import run_demo
+
+        run_demo()
+        return 0
+
+    return run_command(prog, body)

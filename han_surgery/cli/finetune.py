@@ -1,0 +1,91 @@
+"""``han-surgery finetune ...`` (also ``python -m han_surgery.finetune`` and ``accelerate launch -m
+han_surgery.finetune``) and ``han-surgery push DIR REPO_ID``.
+
+The fine-tune flags are derived from :class:`~han_surgery.finetune.FinetuneConfig`'s fields and
+the surgery flags (with ``--hanify``) from :class:`~han_surgery.HanConfig`'s, so the CLI and the
+Python API never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs, flag_name
+from ..errors import ConfigError
+from ..finetune.config import SURGERY, FinetuneConfig
+from ..surgery.config import HanConfig
+from ._common import run_command
+
+__all__ = ["build_parser", "config_from_args", "finetune", "push", "main"]
+
+HAN_PREFIX = "han."
+
+
+def build_parser(prog: str = "han-surgery finetune") -> argparse.ArgumentParser:
+    """The ``finetune`` parser: one option per :class:`FinetuneConfig` field, plus ``--hanify`` and HanConfig's."""
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False,
+        prog=prog,
+        description="Fine-tune a (hanified) timm / transformers model with accelerate; write a Hub-ready folder. "
+        "For several processes: accelerate launch -m han_surgery.finetune <same options>.",
+    )
+    add_dataclass_arguments(parser, FinetuneConfig)
+    surgery = parser.add_argument_group(SURGERY)
+    surgery.add_argument(
+        "--hanify",
+        action="store_true",
+        help="apply han_surgery.hanify before training (the options below configure it)",
+    )
+    add_dataclass_arguments(surgery, HanConfig, dest_prefix=HAN_PREFIX)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    """The :class:`FinetuneConfig` the parsed flags describe (raises ``ConfigError`` on a bad combination)."""
+    han_kwargs = dataclass_kwargs(args, HanConfig, dest_prefix=HAN_PREFIX)
+    if han_kwargs and not args.hanify:
+        import dataclasses
+
+        flags = [flag_name(f) for f in dataclasses.fields(HanConfig) if f.name in han_kwargs]
+        raise ConfigError(f"{', '.join(flags)} configure the surgery: add --hanify")
+    hanify = HanConfig(**han_kwargs) if args.hanify else None
+    return FinetuneConfig(**dataclass_kwargs(args, FinetuneConfig), hanify=hanify)
+
+
+def finetune(argv: Sequence[str] | None = None, prog: str = "han-surgery finetune") -> int:
+    """``han-surgery finetune``: build the config from the flags and call :func:`han_surgery.finetune.run`."""
+    args = build_parser(prog).parse_args(argv)
+
+    def body() -> int:
+        from ..finetune.runner import run
+
+        run(config_from_args(args))
+        return 0
+
+    return run_command(prog, body)
+
+
+def push(argv: Sequence[str] | None = None, prog: str = "han-surgery push") -> int:
+    """``han-surgery push DIR REPO_ID [--private]``: :func:`han_surgery.finetune.push_folder`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description="Upload a fine-tuned model folder to the Hugging Face Hub."
+    )
+    parser.add_argument("directory", help="a folder written by han-surgery finetune")
+    parser.add_argument("repo_id", help="<user or org>/<name> of the model repo (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from ..finetune.hub import push_folder
+
+        url = push_folder(args.directory, args.repo_id, private=args.private)
+        print(f"pushed {args.directory} to {url}")
+        return 0
+
+    return run_command(prog, body)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m han_surgery.finetune``: the same as ``han-surgery finetune``."""
+    return finetune(argv)
