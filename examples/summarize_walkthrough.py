@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 import han_surgery
-from han_surgery.finetune import load_data, load_model
+from han_surgery import load_model
+from han_surgery.finetune import load_data
 
 ROWS = [
     ("base", "base ViT, trained from scratch, {epochs} epochs"),

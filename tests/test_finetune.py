@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _finetune_cli import cli, run_argv
 from safetensors.torch import load_file
 
-from han_surgery.finetune.args import parse_args
-from han_surgery.finetune.demo_step import TINY_VIT as TINY_VIT_KWARGS
-from han_surgery.finetune.demo_step import make_images
-from han_surgery.finetune.train import run
+from han_surgery.demo.finetune import TINY_VIT as TINY_VIT_KWARGS
+from han_surgery.demo.finetune import make_images
 
 # qkv_bias=False: the key bias of softmax attention has an identically zero gradient (a shift of every logit
 # in a row), so its float32 rounding noise is all Adam sees there and it normalises it to steps of ~lr. Without it,
@@ -56,8 +55,8 @@ def reference(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
     """One process, global batch 16, 2 epochs of the 345-row training split (21 steps per epoch)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     torch.set_num_threads(1)
-    results = run(
-        parse_args(common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "16", "--lr", "3e-3"))
+    results = run_argv(
+        common(toy, out, "--model-kwargs", TINY_VIT, "--epochs", "2", "--batch-size", "16", "--lr", "3e-3")
     )
     return out, results
 
@@ -85,8 +84,8 @@ def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path
     acc = (logits.argmax(-1) == y).float().mean().item()
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
     assert acc == pytest.approx(results["eval_accuracy"])
-    # and han_surgery.finetune.load_model gives the identical module
-    from han_surgery.finetune import load_model
+    # and han_surgery.load_model gives the identical module
+    from han_surgery import load_model
 
     with torch.no_grad():
         assert torch.equal(load_model(out).eval()(x), logits)
@@ -106,8 +105,11 @@ def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path
     evals = [line for line in lines if "eval_accuracy" in line]
     assert [e["step"] for e in evals] == [21, 42]
     assert evals[-1]["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
-    args = json.loads((out / "training_args.json").read_text())
-    assert args["setup"]["num_processes"] == 1 and args["batch_size"] == 16
+    from han_surgery.finetune import FinetuneConfig
+
+    config = FinetuneConfig.from_json(out / "training_args.json")  # the run's config, round-tripped through JSON
+    assert config.batch_size == 16 and config.epochs == 2 and config.model_kwargs == json.loads(TINY_VIT)
+    assert results["num_processes"] == 1 and results["data"]["train_rows"] == 345
 
 
 def test_two_processes_match_one_process_at_the_same_global_batch(
@@ -180,7 +182,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
         "3",
     )
     straight = tmp_path / "straight"
-    run(parse_args(common(toy, straight, *opts)))
+    run_argv(common(toy, straight, *opts))
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -198,7 +200,7 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert first.is_dir() and not (out / "model.safetensors").exists()
 
-    results = run(parse_args(common(toy, out, *opts, "--resume")))
+    results = run_argv(common(toy, out, *opts, "--resume"))
     assert results["global_step"] == 14
     assert max_abs_diff(weights(straight), weights(out)) == 0.0
     # the metrics file reads as one run: no step logged twice
@@ -208,19 +210,15 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_pa
     assert len(steps) == len(set(steps))
 
     # resuming with other options would not continue the same run: refused, with the differences named
-    from han_surgery.finetune.train import run_cli
-
-    assert run_cli(parse_args(common(toy, out, *opts, "--resume", "--lr", "0.01"))) == 2
+    assert cli(common(toy, out, *opts, "--resume", "--lr", "0.01")) == 2
 
 
 def test_resume_without_checkpoint_and_contradicting_flags(
     toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from han_surgery.finetune.train import run_cli
-
-    assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume"))) == 2
+    assert cli(common(toy, tmp_path / "none", "--resume")) == 2
     assert "no checkpoint in" in capsys.readouterr().err
-    assert run_cli(parse_args(common(toy, tmp_path / "none", "--resume", "--overwrite"))) == 2
+    assert cli(common(toy, tmp_path / "none", "--resume", "--overwrite")) == 2
     assert "contradict" in capsys.readouterr().err
 
 
@@ -244,22 +242,20 @@ def test_hanify_with_distillation_from_the_original_then_from_pretrained(
 
     out_ref, results_ref = reference
     out = tmp_path / "han"
-    results = run(
-        parse_args(
-            common(
-                toy,
-                out,
-                "--hanify",
-                "--han-reflections",
-                "2",
-                "--distill-from",
-                "base",
-                "--max-steps",
-                "6",
-                "--batch-size",
-                "16",
-                model=str(out_ref),
-            )
+    results = run_argv(
+        common(
+            toy,
+            out,
+            "--hanify",
+            "--reflections",
+            "2",
+            "--distill-from",
+            "base",
+            "--max-steps",
+            "6",
+            "--batch-size",
+            "16",
+            model=str(out_ref),
         )
     )
     assert results["params_base"] == results_ref["params"] and results["params"] < results["params_base"]
@@ -280,7 +276,7 @@ def test_hanify_with_distillation_from_the_original_then_from_pretrained(
 
 
 def test_distillation_loss_is_hintons_kd_term() -> None:
-    from han_surgery.finetune.train import distillation_loss
+    from han_surgery.finetune.loop import distillation_loss
 
     torch.manual_seed(0)
     s, t = torch.randn(5, 4), torch.randn(5, 4)
@@ -300,10 +296,8 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
     images = (rng.random((96, 32, 32, 3)) * 100 + 60 * labels[:, None, None, None]).astype(np.uint8)
     np.savez(tmp_path / "rgb.npz", images=images, labels=labels)
     out = tmp_path / "mixer"
-    results = run(
-        parse_args(
-            common(tmp_path / "rgb.npz", out, "--max-steps", "3", "--batch-size", "16", model="han_mixer_m0h0_32")
-        )
+    results = run_argv(
+        common(tmp_path / "rgb.npz", out, "--max-steps", "3", "--batch-size", "16", model="han_mixer_m0h0_32")
     )
     assert not (out / "han_config.json").exists()  # a timm model in its own right, no surgery to replay
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -317,20 +311,18 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
 def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:
     """accelerate's bf16 autocast on CPU: the setup says so, training runs, the saved weights stay float32."""
     out = tmp_path / "bf16"
-    results = run(
-        parse_args(
-            common(
-                toy,
-                out,
-                "--model-kwargs",
-                TINY_VIT,
-                "--max-steps",
-                "4",
-                "--batch-size",
-                "16",
-                "--mixed-precision",
-                "bf16",
-            )
+    results = run_argv(
+        common(
+            toy,
+            out,
+            "--model-kwargs",
+            TINY_VIT,
+            "--max-steps",
+            "4",
+            "--batch-size",
+            "16",
+            "--mixed-precision",
+            "bf16",
         )
     )
     assert results["mixed_precision"] == "bf16" and math.isfinite(results["eval_loss"])

@@ -19,9 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from han_surgery.finetune.args import parse_args
-from han_surgery.finetune.train import run, run_cli
+from _finetune_cli import cli, run_argv
 
 
 def regression_csv(path: Path, n: int = 240) -> Path:
@@ -56,11 +54,12 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path
     tmp = tmp_path_factory.mktemp("hub")
     csv = regression_csv(tmp / "reg.csv")
     out = tmp / "run"
-    return out, run(parse_args(argv(csv, out, "--checkpoint-every", "10"))), csv
+    return out, run_argv(argv(csv, out, "--checkpoint-every", "10")), csv
 
 
 def test_tabular_run_writes_a_folder_that_loads_back(finished: tuple[Path, dict, Path]) -> None:
-    from han_surgery.finetune import load_data, load_model
+    from han_surgery import load_model
+    from han_surgery.finetune import load_data
 
     out, results, csv = finished
     assert results["eval_rmse"] < 3.0  # the target's std is ~3.6: the HanNet learned something in 3 epochs
@@ -123,9 +122,9 @@ def test_push_without_network_fails_clearly_and_keeps_the_folder(
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     csv = regression_csv(tmp_path / "reg.csv", n=80)
     out = tmp_path / "run"
-    code = run_cli(parse_args(argv(csv, out, "--push-to-hub", "someone/han-hannet", epochs=1)))
+    code = cli(argv(csv, out, "--push-to-hub", "someone/han-hannet", epochs=1))
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2
     assert "Upload of" in err and "someone/han-hannet failed" in err and "local folder is complete" in err
     assert "han-surgery push" in err
     for name in ("model.safetensors", "config.json", "README.md", "training_args.json", "results.json"):
@@ -174,26 +173,24 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     data_path.write_text("".join(__import__("json").dumps(r) + "\n" for r in rows))
 
     out = tmp_path / "run"
-    results = run(
-        parse_args(
-            [
-                "--model",
-                str(base),
-                "--hanify",
-                "--data",
-                str(data_path),
-                "--output-dir",
-                str(out),
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--lr",
-                "3e-3",
-                "--no-progress",
-                "--no-tensorboard",
-            ]
-        )
+    results = run_argv(
+        [
+            "--model",
+            str(base),
+            "--hanify",
+            "--data",
+            str(data_path),
+            "--output-dir",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--no-progress",
+            "--no-tensorboard",
+        ]
     )
     assert results["params"] < results["params_base"]
     model = han_surgery.from_pretrained(out)

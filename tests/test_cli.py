@@ -1,0 +1,89 @@
+"""The ``han-surgery`` command line: one vocabulary, one error format, the subcommand's own usage."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from han_surgery import HanConfig
+from han_surgery.cli import main
+from han_surgery.cli.finetune import build_parser as finetune_parser
+from han_surgery.cli.surgery import build_parser as surgery_parser
+from han_surgery.dataclass_cli import flag_name
+
+
+def surgery_flags(parser: argparse.ArgumentParser) -> dict[str, tuple]:
+    """HanConfig's options in ``parser``: flag -> (option strings, choices, nargs)."""
+    wanted = {flag_name(f) for f in dataclasses.fields(HanConfig)}
+    return {
+        a.option_strings[0]: (tuple(a.option_strings), a.choices, a.nargs)
+        for a in parser._actions
+        if a.option_strings and a.option_strings[0] in wanted
+    }
+
+
+def test_hanconfig_flags_are_spelled_the_same_on_every_command() -> None:
+    inspect, hanify, finetune = (
+        surgery_flags(surgery_parser("i", write=False)),
+        surgery_flags(surgery_parser("h", write=True)),
+        surgery_flags(finetune_parser()),
+    )
+    assert inspect == hanify == finetune
+    assert len(inspect) == len(dataclasses.fields(HanConfig))
+    assert inspect["--drop-norm"][0] == ("--drop-norm", "--no-drop-norm")
+    assert inspect["--include"][2] == "+"
+
+
+def test_sequence_flags_take_several_values_and_repeat(capsys: pytest.CaptureFixture) -> None:
+    args = surgery_parser("p", write=False).parse_args(["m", "--include", "a", "b", "--include", "c"])
+    assert args.include == ["a", "b", "c"]
+
+
+def test_misspelled_flag_shows_the_subcommands_usage(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    # no abbreviations either: "--reflection" is not silently taken for "--reflections"
+    with pytest.raises(SystemExit) as e:
+        main(["hanify", "test_vit", "-o", str(tmp_path / "x"), "--reflection", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: han-surgery hanify") and "han-surgery hanify: error: unrecognized arguments" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["hanfy"])
+    assert "invalid choice: 'hanfy'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["inspect", "test_vit", "--reflections", "0"],
+            "han-surgery inspect: HanConfig.reflections must be an int >= 1",
+        ),
+        (["inspect", "test_vit", "--include", "re:("], "han-surgery inspect: HanConfig: invalid regular expression"),
+        (["inspect", "test_vit", "--rules", "timm.nope"], "han-surgery inspect: HanConfig.rules: 'timm.nope'"),
+        (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--lr", "nan"], "han-surgery finetune: --lr"),
+        (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--include", "x"], "add --hanify"),
+        (["push", "/no/such/folder", "a/b"], "han-surgery push: /no/such/folder is not a finished model folder"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys: pytest.CaptureFixture) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith(f"han-surgery {argv[0]}: ")
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only HanSurgeryError is a user error: any other exception is a bug and propagates."""
+    import han_surgery.surgery.engine as engine
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not a user error")
+
+    monkeypatch.setattr(engine, "hanify", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["inspect", "test_vit"])

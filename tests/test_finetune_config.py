@@ -1,0 +1,115 @@
+"""``FinetuneConfig``: validated up front, round-trips through the CLI flags and through JSON; the run's steps alone."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _finetune_cli import config as config_from_argv
+
+from han_surgery import ConfigError, HanConfig
+from han_surgery.demo.finetune import TINY_VIT, make_images
+from han_surgery.finetune import FinetuneConfig
+from han_surgery.finetune.hub import command_line
+
+FULL = FinetuneConfig(
+    model="test_vit",
+    data="d.npz",
+    output_dir="out",
+    model_kwargs={"patch_size": 4, "drop_rate": 0.1},
+    hanify=HanConfig(reflections=2, drop_norm=False, include=("blocks.0*", "blocks.1*"), dropout=0.0),
+    max_steps=7,
+    lr=3e-4,
+    mixed_precision="bf16",
+    checkpoint_every=3,
+    distill_from="base",
+    distill_alpha=0.25,
+    push_to_hub="me/model",
+    tensorboard=False,
+    progress=False,
+)
+
+
+def test_round_trip_through_the_command_line() -> None:
+    argv = command_line(FULL).split(" ", 2)[2]  # drop "han-surgery finetune"
+    import shlex
+
+    assert config_from_argv(shlex.split(argv)) == FULL
+    assert config_from_argv(["--model", "m", "--data", "d", "--output-dir", "o"]) == FinetuneConfig(
+        model="m", data="d", output_dir="o"
+    )
+
+
+def test_round_trip_through_json(tmp_path: Path) -> None:
+    path = FULL.to_json(tmp_path / "training_args.json")
+    assert FinetuneConfig.from_json(path) == FULL
+    assert json.loads(path.read_text())["hanify"]["include"] == ["blocks.0*", "blocks.1*"]
+    with pytest.raises(ConfigError, match="unknown fields"):
+        FinetuneConfig.from_dict({**FULL.to_dict(), "learning_rate": 1.0})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": -1.0}, "--lr must be a finite number in (0, inf)"),
+        ({"lr": math.nan}, "--lr"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"label_smoothing": 2.0}, "--label-smoothing must be a finite number in [0, 1)"),
+        ({"warmup_steps": -5}, "--warmup-steps must be an integer >= 0"),
+        ({"batch_size": 0}, "--batch-size must be a positive integer"),
+        ({"distill_temperature": 0.0}, "--distill-temperature"),
+        ({"epochs": 1, "max_steps": 3}, "give one of them, not both"),
+        ({"resume": "latest", "overwrite": True}, "contradict"),
+        ({"distill_from": "base"}, "add --hanify"),
+        ({"push_to_hub": "no-slash"}, "<user or org>/<name>"),
+        ({"model_kwargs": [1, 2]}, "JSON object"),
+    ],
+)
+def test_invalid_values_are_refused_when_the_config_is_built(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        FinetuneConfig(model="m", data="d", output_dir="o", **change)
+    assert message in str(e.value)
+
+
+# ---- the run's steps, each on its own
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data") / "toy.npz", n=96)
+
+
+def test_data_model_and_loaders_steps(toy: Path, tmp_path: Path) -> None:
+    from han_surgery.finetune.runner import build_loaders, build_student, load_run_data
+
+    config = FinetuneConfig(
+        model="test_vit", model_kwargs=TINY_VIT, data=str(toy), output_dir=str(tmp_path), batch_size=8,
+        hanify=HanConfig(), distill_from="base", val_fraction=0.25,
+    )  # fmt: skip
+    data = load_run_data(config)
+    assert (len(data.train), len(data.eval), data.num_outputs) == (72, 24, 4)
+    torch.manual_seed(0)
+    student = build_student(config, data)
+    assert student.han_report.num_rewritten == 2 and student.params < student.params_base
+    assert student.teacher is not None and sum(p.numel() for p in student.teacher.parameters()) == student.params_base
+    train, held = build_loaders(config, data, student.built)
+    assert len(train) == 9 and len(held) == 2  # drop_last for training; evaluation batches of 2 x 8
+    x, y = next(iter(train))
+    assert x.shape == (8, 1, 16, 16) and student.built.model(x).shape == (8, 4)
+
+
+def test_output_folder_step_refuses_a_folder_with_files(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from han_surgery.finetune.checkpoints import FinetuneError, prepare_output_dir
+
+    (tmp_path / "mine.txt").write_text("keep")
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(FinetuneError, match="already exists"):
+        prepare_output_dir(FinetuneConfig(model="m", data="d", output_dir=str(tmp_path)), accelerator)
+    assert (tmp_path / "mine.txt").read_text() == "keep"
+    fresh = prepare_output_dir(FinetuneConfig(model="m", data="d", output_dir=str(tmp_path / "new")), accelerator)
+    assert fresh.is_dir()
