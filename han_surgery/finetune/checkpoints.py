@@ -1,40 +1,58 @@
 """The output folder, checkpoints and the resume step of a run.
 
-* :func:`prepare_output_dir` refuses to write into a non-empty folder without ``overwrite`` (or ``resume``).
-* :func:`save_checkpoint` writes accelerate's ``save_state`` into ``<output-dir>/checkpoints/step_N`` under
-  a temporary name and renames it when complete, so a killed run never leaves a half-written checkpoint;
-  it keeps the newest ``keep_checkpoints``.
-* :func:`resume` finds the checkpoint, checks that the run's options are the interrupted run's
-  (:data:`~.config.RESUME_FIELDS`, against ``training_args.json``), loads it and trims ``metrics.jsonl``.
+* :func:`check_output_dir` refuses a non-empty folder without ``overwrite`` (or ``resume``) and a folder
+  another run holds, before anything is read or written; :func:`prepare_output_dir` then takes the
+  folder's lock (:class:`~han_surgery.fileio.FolderLock`) for the whole run and empties it for ``overwrite``.
+* :func:`save_checkpoint` writes accelerate's ``save_state`` (weights as safetensors; optimizer, scheduler
+  and RNG states as torch files), this loop's own state as JSON (``trainer_state.json``: step, epoch,
+  position in the epoch, running loss, metrics lines written) and a manifest of every file's size and
+  SHA-256, into ``checkpoints/step_N.tmp``, then renames it to ``step_N``: a killed run never leaves a
+  half-written checkpoint that looks complete.
+* :func:`resume` takes the newest checkpoint whose manifest verifies (a corrupt newer one is reported and
+  skipped), checks that the run's options are the interrupted run's (:data:`~.config.RESUME_FIELDS`,
+  against ``training_args.json``), loads it with ``weights_only=True`` unpickling only (no file in a
+  checkpoint can run code; han-surgery's own state is JSON), and trims ``metrics.jsonl`` to what had been
+  written at that checkpoint, so the resumed run's metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import HanSurgeryError
+from ..fileio import LOCK_NAME, FolderLock, atomic_write_text
 from .config import RESUME_FIELDS, FinetuneConfig
-from .tracking import truncate_metrics
+from .tracking import METRICS_FILE
 
 __all__ = [
     "FinetuneError",
     "CHECKPOINT_DIR",
     "ARGS_FILE",
+    "STATE_FILE",
+    "MANIFEST_FILE",
     "TrainProgress",
+    "check_output_dir",
     "prepare_output_dir",
-    "find_checkpoint",
+    "checkpoint_problem",
+    "find_checkpoints",
     "check_resume_config",
     "save_checkpoint",
     "resume",
+    "check_finite_parameters",
 ]
 
 CHECKPOINT_DIR = "checkpoints"
 ARGS_FILE = "training_args.json"
-#: A file accelerate's ``save_state`` writes for the registered :class:`TrainProgress`: its presence marks a checkpoint.
-CHECKPOINT_MARKER = "custom_checkpoint_0.pkl"
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "checkpoint_manifest.json"
 
 
 class FinetuneError(HanSurgeryError, RuntimeError):
@@ -42,12 +60,15 @@ class FinetuneError(HanSurgeryError, RuntimeError):
 
 
 class TrainProgress:
-    """Where the loop is, saved with every checkpoint (``accelerator.register_for_checkpointing``).
+    """Where the loop is: saved as JSON with every checkpoint.
 
     Attributes:
         global_step: optimizer steps done.
         epoch: the current epoch.
         batches_done: micro-batches of ``epoch`` this process has consumed.
+        running_loss, running_count: the sum and count of micro-batch losses since the last logged
+            ``train_loss`` (so the first value logged after a resume is the uninterrupted run's).
+        metrics_lines: lines of ``metrics.jsonl`` written so far.
         num_processes, global_batch: the run's layout; a checkpoint only resumes under the same.
     """
 
@@ -55,67 +76,111 @@ class TrainProgress:
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0
+        self.running_loss = 0.0
+        self.running_count = 0
+        self.metrics_lines = 0
         self.num_processes = num_processes
         self.global_batch = global_batch
 
-    def state_dict(self) -> dict[str, int]:
-        return {
-            "global_step": self.global_step,
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "num_processes": self.num_processes,
-            "global_batch": self.global_batch,
-        }
+    def state_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        saved = (state.get("num_processes", self.num_processes), state.get("global_batch", self.global_batch))
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = (state.get("num_processes"), state.get("global_batch"))
         if saved != (self.num_processes, self.global_batch):
             raise FinetuneError(
                 f"--resume: the checkpoint was written by {saved[0]} process(es) with global batch {saved[1]}; this "
                 f"run has {self.num_processes} with {self.global_batch}. Relaunch with the same number of processes, "
                 "--batch-size and --grad-accum to continue exactly."
             )
-        self.global_step, self.epoch, self.batches_done = state["global_step"], state["epoch"], state["batches_done"]
+        for key in vars(self):
+            setattr(self, key, state[key])
 
 
-def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> Path:
-    """Create ``config.output_dir`` (replacing it with ``overwrite``); refuse a non-empty one otherwise."""
+def check_output_dir(config: FinetuneConfig) -> Path:
+    """Fail early (nothing read or written yet) if the output folder cannot be used; return its path."""
     out = Path(config.output_dir).expanduser()
-    exists = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
-    if config.resume is None and exists and not config.overwrite:
-        raise FinetuneError(
-            f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume to "
-            "continue its run."
-        )
+    if out.exists() and not out.is_dir():
+        raise FinetuneError(f"--output-dir {out} is a file, not a folder.")
+    if out.is_dir():
+        FolderLock(out).check()  # another live run writes into it
+        entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        if config.resume is None and entries and not config.overwrite:
+            raise FinetuneError(
+                f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume "
+                "to continue its run."
+            )
+    elif config.resume is not None:
+        raise FinetuneError(f"--resume: {out} does not exist: there is no run to continue.")
+    return out
+
+
+def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, FolderLock | None]:
+    """Take the output folder's lock (main process) and, with ``overwrite``, empty the folder.
+
+    Returns the folder and the lock (``None`` on the other processes); release it at the end of the run.
+    """
+    out = check_output_dir(config)
+    lock = None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if exists and config.overwrite:
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
-        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out).acquire()
+        if lock.took_over is not None:
+            print(f"note: took over the lock left in {out} by a run that died (pid {lock.took_over.get('pid')})")
+        if config.overwrite:
+            for entry in out.iterdir():
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                elif entry.name != LOCK_NAME:
+                    entry.unlink()
     accelerator.wait_for_everyone()
-    return out
+    return out, lock
 
 
 def _step_of(path: Path) -> int | None:
     return int(path.name[5:]) if path.name.startswith("step_") and path.name[5:].isdigit() else None
 
 
-def find_checkpoint(out: Path, resume: str) -> Path:
-    """The checkpoint folder ``--resume`` names: the newest in ``<out>/checkpoints`` for ``"latest"``."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not an intact checkpoint (``None`` if it is): every file of its manifest, same size and hash."""
+    manifest_file = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{manifest_file} is missing or unreadable"
+    if STATE_FILE not in files:
+        return f"{folder} has no {STATE_FILE} in its manifest"
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry.get("size") or _sha256(path) != entry.get("sha256"):
+            return f"{path} does not match the manifest (truncated or changed)"
+    return None
+
+
+def find_checkpoints(out: Path, resume: str) -> list[Path]:
+    """The checkpoint folders ``--resume`` may use, newest first (one folder if it names one)."""
     if resume != "latest":
         path = Path(resume).expanduser()
-        if not (path / CHECKPOINT_MARKER).is_file():
-            raise FinetuneError(f"--resume {resume}: not a checkpoint folder written by this command.")
-        return path
+        if not (path / STATE_FILE).is_file() and not (path / MANIFEST_FILE).is_file():
+            raise FinetuneError(f"--resume {resume}: not a checkpoint folder written by han-surgery finetune.")
+        return [path]
     candidates = sorted(
         (p for p in (out / CHECKPOINT_DIR).glob("step_*") if p.is_dir() and _step_of(p) is not None), key=_step_of
     )
     if not candidates:
         raise FinetuneError(f"--resume: no checkpoint in {out / CHECKPOINT_DIR}. Run with --checkpoint-every N first.")
-    return candidates[-1]
+    return candidates[::-1]
 
 
 def check_resume_config(out: Path, config: FinetuneConfig) -> None:
@@ -137,7 +202,7 @@ def check_resume_config(out: Path, config: FinetuneConfig) -> None:
 
 
 def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: int) -> Path:
-    """``accelerator.save_state`` into ``<out>/checkpoints/step_N`` (written as ``step_N.tmp``, then renamed)."""
+    """Write ``<out>/checkpoints/step_N`` (see the module docstring); keep the newest ``keep``."""
     final = out / CHECKPOINT_DIR / f"step_{progress.global_step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -146,6 +211,9 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_FILE, json.dumps(progress.state_dict(), indent=2) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_text(tmp / MANIFEST_FILE, json.dumps({"files": files}, indent=2) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -157,16 +225,47 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
 
 
 def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainProgress) -> Path:
-    """Continue the interrupted run in ``out``: check the options, load the checkpoint, trim the metrics."""
+    """Continue the interrupted run in ``out`` from its newest intact checkpoint (see the module docstring)."""
     assert config.resume is not None
-    checkpoint = find_checkpoint(out, config.resume)
     check_resume_config(out, config)
-    accelerator.load_state(str(checkpoint))
+    skipped: list[str] = []
+    checkpoint = None
+    for candidate in find_checkpoints(out, config.resume):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            checkpoint = candidate
+            break
+        skipped.append(problem)
+        accelerator.print(f"--resume: skipping {candidate.name}: {problem}", flush=True)
+    if checkpoint is None:
+        raise FinetuneError(f"--resume: no intact checkpoint in {out / CHECKPOINT_DIR} ({'; '.join(skipped)}).")
+    try:
+        accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
+    except Exception as e:  # torch refuses a pickle that is not plain tensors/numbers; or the state does not fit
+        refused = isinstance(e, pickle.UnpicklingError)
+        why = "it holds a pickle that is not plain tensors (refused: loading it could run code)" if refused else str(e)
+        raise FinetuneError(f"--resume: cannot load {checkpoint}: {why}") from None
+    progress.load_state_dict(json.loads((checkpoint / STATE_FILE).read_text()))
     if accelerator.is_main_process:
-        truncate_metrics(out, progress.global_step)
+        _truncate_metrics(out / METRICS_FILE, progress.metrics_lines)
     accelerator.print(
         f"resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}, "
         f"{progress.batches_done} batches into it",
         flush=True,
     )
     return checkpoint
+
+
+def _truncate_metrics(path: Path, lines: int) -> None:
+    """Keep the first ``lines`` lines of ``metrics.jsonl``: what the run had logged when the checkpoint was saved."""
+    if path.is_file():
+        kept = path.read_text().splitlines()[:lines]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def check_finite_parameters(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter with a non-finite value, or ``None``."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return name
+    return None

@@ -19,10 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import TrainProgress
+from .checkpoints import FinetuneError, TrainProgress
 from .data import DataBundle
 
-__all__ = ["lr_lambda", "task_loss", "distillation_loss", "logits_of", "evaluate", "TrainingState", "train_loop"]
+__all__ = [
+    "lr_lambda",
+    "task_loss",
+    "distillation_loss",
+    "logits_of",
+    "evaluate",
+    "NonFiniteLossError",
+    "TrainingState",
+    "train_loop",
+]
 
 
 def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
@@ -91,6 +100,18 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Any, data: DataBundle) 
     return {"eval_loss": mse, "eval_rmse": math.sqrt(mse) * data.target_std[0]}
 
 
+class NonFiniteLossError(FinetuneError):
+    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
+
+    def __init__(self, step: int, epoch: int, value: float, note: str = "") -> None:
+        super().__init__(
+            f"the loss became {value} at optimizer step {step} (epoch {epoch + 1}); training stopped before the "
+            f"weights took it in{'; ' + note if note else ''}. Lower --lr, check the data for extreme values, or "
+            "try --mixed-precision no."
+        )
+        self.step, self.epoch, self.value = step, epoch, value
+
+
 @dataclass
 class TrainingState:
     """What the loop works on, after ``accelerator.prepare``.
@@ -146,8 +167,12 @@ def train_loop(
         disable=not show_progress or not accelerator.is_local_main_process,
     )
     metrics: dict[str, float] = {}
-    running, running_n = 0.0, 0
     start = time.perf_counter()
+
+    def log(values: dict[str, float]) -> None:
+        accelerator.log(values, step=progress.global_step)
+        progress.metrics_lines += 1  # one metrics.jsonl line per call (written by the main process)
+
     done = progress.global_step >= state.total_steps
     while not done and progress.epoch < state.epochs:
         train_loader.set_epoch(progress.epoch)
@@ -170,27 +195,29 @@ def train_loop(
                             teacher_out = logits_of(teacher, inputs)
                         kd = distillation_loss(out, teacher_out, data.task, distill_temperature)
                         loss = (1 - distill_alpha) * loss + distill_alpha * kd
+                value = loss.detach().float()
+                if accelerator.num_processes > 1:  # every process stops together, before a NaN gradient is averaged
+                    value = accelerator.reduce(value, "sum")
+                if not torch.isfinite(value):
+                    raise NonFiniteLossError(progress.global_step + 1, progress.epoch, value.item())
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
             progress.batches_done += 1
-            running += loss.detach().float().item()
-            running_n += 1
+            progress.running_loss += loss.detach().float().item()
+            progress.running_count += 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             progress.global_step += 1
             bar.update(1)
             if progress.global_step % 10 == 0 or progress.global_step == state.total_steps:
-                mean = torch.tensor(running / running_n, device=accelerator.device)
+                mean = torch.tensor(progress.running_loss / progress.running_count, device=accelerator.device)
                 train_loss = accelerator.reduce(mean, "mean").item()
                 bar.set_postfix(loss=f"{train_loss:.4f}")
-                accelerator.log(
-                    {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch},
-                    step=progress.global_step,
-                )
+                log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch})
                 metrics["train_loss"] = train_loss
-                running, running_n = 0.0, 0
+                progress.running_loss, progress.running_count = 0.0, 0
             if on_step is not None:
                 on_step(progress)
             if progress.global_step >= state.total_steps:
@@ -201,10 +228,12 @@ def train_loop(
             progress.batches_done = 0
         eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
         metrics.update(eval_metrics)
-        accelerator.log({**eval_metrics, "epoch": progress.epoch}, step=progress.global_step)
+        log({**eval_metrics, "epoch": progress.epoch})
         summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
         accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: {summary}", flush=True)
     bar.close()
-    if "eval_loss" not in metrics:  # resumed after the last step: evaluate the final weights
-        metrics.update(evaluate(accelerator, model, state.eval_loader, data))
+    if "eval_loss" not in metrics:  # resumed from the last step's checkpoint: the final evaluation is still due
+        eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
+        metrics.update(eval_metrics)
+        log({**eval_metrics, "epoch": progress.epoch})
     return metrics, time.perf_counter() - start

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,14 +31,25 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, HanifyError
+from ..fileio import atomic_write_text, publish_files
+from ..folders import WEIGHTS_NAME
 from ..surgery.engine import hanify
 from ..surgery.report import HanifyReport
 from ..utils import count_parameters
-from .checkpoints import ARGS_FILE, FinetuneError, TrainProgress, prepare_output_dir, resume, save_checkpoint
+from .checkpoints import (
+    ARGS_FILE,
+    FinetuneError,
+    TrainProgress,
+    check_finite_parameters,
+    check_output_dir,
+    prepare_output_dir,
+    resume,
+    save_checkpoint,
+)
 from .config import FinetuneConfig, FinetuneResult
 from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
-from .hub import RESULTS_NAME, base_model_id, push_folder, write_model_card
-from .loop import TrainingState, lr_lambda, train_loop
+from .hub import CARD_NAME, RESULTS_NAME, base_model_id, push_folder, write_model_card
+from .loop import NonFiniteLossError, TrainingState, lr_lambda, train_loop
 from .models import BuiltModel, build_model, save_model
 from .tracking import init_trackers
 
@@ -97,7 +109,13 @@ class Student:
 
 def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
     """The model step: build ``config.model`` for ``data``, apply ``config.hanify``, build the teacher."""
-    built = build_model(config.model, data, pretrained=config.pretrained, model_kwargs=config.model_kwargs)
+    built = build_model(
+        config.model,
+        data,
+        pretrained=config.pretrained,
+        model_kwargs=config.model_kwargs,
+        trust_remote_code=config.trust_remote_code,
+    )
     params_base = count_parameters(built.model)
     teacher = copy.deepcopy(built.model) if config.distill_from == "base" else None
     han_report = None
@@ -112,7 +130,7 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
         built.hanified = True
     if config.distill_from and teacher is None:
-        teacher = build_model(config.distill_from, data).model
+        teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
     return Student(built, han_report, teacher, params_base, count_parameters(built.model))
@@ -157,7 +175,6 @@ def prepare_training(
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
     progress = TrainProgress(accelerator.num_processes, global_batch)
-    accelerator.register_for_checkpointing(progress)
     teacher = student.teacher
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
@@ -212,6 +229,11 @@ def timm_data_config(data: DataBundle) -> dict[str, Any] | None:
     return {"input_size": (c, *data.image_size), "mean": (IMAGE_MEAN,) * c, "std": (IMAGE_STD,) * c, "crop_pct": 1.0}
 
 
+EXPORT_STAGING = ".export.tmp"
+#: Written last: a model folder with its card is complete (see :func:`han_surgery.fileio.publish_files`).
+COMPLETION_MARKER = CARD_NAME
+
+
 def export(
     accelerator: Any,
     config: FinetuneConfig,
@@ -222,60 +244,89 @@ def export(
     result: FinetuneResult,
 ) -> None:
     """The export step (main process): weights and config in the model's library format, ``results.json``,
-    the surgery report and the model card."""
-    save_model(student.built, accelerator.unwrap_model(model), out, data_config=timm_data_config(data))
-    (out / RESULTS_NAME).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    the surgery report and the model card.
+
+    Everything is written into ``<out>/.export.tmp`` first and then renamed into place, the model card
+    last: a run killed here leaves a folder without its card, which ``--resume`` rewrites and
+    ``han-surgery push`` refuses.
+    """
+    staging = out / EXPORT_STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    save_model(student.built, accelerator.unwrap_model(model), staging, data_config=timm_data_config(data))
+    atomic_write_text(staging / RESULTS_NAME, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     if student.han_report is not None:
-        (out / "hanify_report.txt").write_text(str(student.han_report) + "\n")
-    write_model_card(out, config=config, built=student.built, data=data, result=result, han_report=student.han_report)
+        (staging / "hanify_report.txt").write_text(str(student.han_report) + "\n")
+    write_model_card(
+        staging, config=config, built=student.built, data=data, result=result, han_report=student.han_report
+    )
+    publish_files(staging, out, marker=COMPLETION_MARKER)
 
 
 def run(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says and write a Hub-ready folder into ``config.output_dir``.
 
-    Works the same in one process and under ``accelerate launch`` (each process calls ``run``).
+    Works the same in one process and under ``accelerate launch`` (each process calls ``run``). The
+    output folder is locked for the whole run (a second run into it is refused, naming this one).
 
     Returns:
         The :class:`~.config.FinetuneResult` (also written as ``results.json``).
 
     Raises:
-        FinetuneError, DataError, ModelError, CheckpointError: the set-up cannot work; nothing is
-            written in that case (except that an existing output folder is replaced with ``overwrite``).
+        FinetuneError, DataError, ModelError, CheckpointError, ConfigError: the set-up cannot work; nothing
+            is written in that case (an existing output folder is only emptied, for ``overwrite``, once the
+            data and the model have loaded).
+        NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay.
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     start = time.perf_counter()
+    check_output_dir(config)  # fail before any work
     accelerator = make_accelerator(config)
+    lock = None
     try:
-        out = prepare_output_dir(config, accelerator)
         set_seed(config.seed)
         data = load_run_data(config)
         student = build_student(config, data)
-        state = prepare_training(accelerator, config, student, build_loaders(config, data, student.built))
+        loaders = build_loaders(config, data, student.built)
+        out, lock = prepare_output_dir(config, accelerator)
+        state = prepare_training(accelerator, config, student, loaders)
         setup = _setup_summary(accelerator, config, state)
         accelerator.print(_describe(config, data, student, setup), flush=True)
         if config.resume is None and accelerator.is_main_process:  # what --resume compares against
             config.to_json(out / ARGS_FILE)
         init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
+        last_checkpoint = None
         if config.resume is not None:
-            resume(accelerator, out, config, state.progress)
+            if (out / WEIGHTS_NAME).is_file() and not (out / COMPLETION_MARKER).is_file():
+                accelerator.print(f"note: the final save into {out} was interrupted; it is written again", flush=True)
+            last_checkpoint = resume(accelerator, out, config, state.progress)
 
         def checkpoint(progress: TrainProgress) -> None:
+            nonlocal last_checkpoint
             if config.checkpoint_every and progress.global_step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, out, progress, config.keep_checkpoints)
+                bad = check_finite_parameters(state.model)
+                if bad is not None:
+                    raise FinetuneError(f"parameter {bad} became non-finite at step {progress.global_step}")
+                last_checkpoint = save_checkpoint(accelerator, out, progress, config.keep_checkpoints)
 
-        metrics, train_time = train_loop(
-            accelerator,
-            state,
-            data,
-            label_smoothing=config.label_smoothing,
-            distill_alpha=config.distill_alpha,
-            distill_temperature=config.distill_temperature,
-            on_step=checkpoint,
-            show_progress=config.progress,
-        )
+        try:
+            metrics, train_time = train_loop(
+                accelerator,
+                state,
+                data,
+                label_smoothing=config.label_smoothing,
+                distill_alpha=config.distill_alpha,
+                distill_temperature=config.distill_temperature,
+                on_step=checkpoint,
+                show_progress=config.progress,
+            )
+        except NonFiniteLossError as e:
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            raise NonFiniteLossError(e.step, e.epoch, e.value, kept) from None
         accelerator.wait_for_everyone()
         result = FinetuneResult(
             output_dir=out,
@@ -293,6 +344,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             export(accelerator, config, out, student, data, state.model, result)
             accelerator.print(f"saved the model folder {out}", flush=True)
         accelerator.wait_for_everyone()
+        if lock is not None:  # the folder is complete: release it before the (slow, optional) upload
+            lock.release()
         try:
             if config.push_to_hub and accelerator.is_main_process:
                 url = push_folder(out, config.push_to_hub, private=config.private)
@@ -301,6 +354,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             accelerator.end_training()  # closes the trackers (and the process group, when distributed)
         return result
     finally:
+        if lock is not None:
+            lock.release()
         if accelerator.num_processes == 1:  # let a later run in this process build its own Accelerator
             AcceleratorState._reset_state(reset_partial_state=True)
             GradientState._reset_state()

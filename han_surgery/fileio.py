@@ -1,0 +1,239 @@
+"""Files that are never half-written and folders that are never shared: what protects a user's output.
+
+* :func:`atomic_write_text` writes ``path.tmp`` and renames it over ``path`` (``os.replace`` is atomic on POSIX),
+  so a reader sees the old file or the new one, never a prefix.
+* :func:`publish_files` moves the files of a staging folder into a target folder the same way. The
+  *completion marker* (for a model folder, its ``README.md``) is removed first and moved last, so
+  the folder only looks finished once every file is in place.
+* :class:`FolderLock` is an exclusive lock on a folder: a lock file created with ``O_EXCL`` that names
+  its holder (process id, host, start time, command). A lock whose process has died is stale and
+  is taken over, with a message.
+* :func:`safetensors_problem` checks a ``.safetensors`` file's header and size without loading it
+  (a truncated or garbage file is caught before anyone uploads or loads it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .errors import HanSurgeryError
+
+__all__ = [
+    "LOCK_NAME",
+    "FolderInUseError",
+    "FolderLock",
+    "atomic_write_text",
+    "publish_files",
+    "safetensors_problem",
+    "json_problem",
+    "folder_problems",
+]
+
+LOCK_NAME = ".han-surgery.lock"
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+class FolderInUseError(HanSurgeryError, RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def publish_files(staging: str | Path, target: str | Path, *, marker: str, replace: bool = False) -> list[str]:
+    """Move every file of ``staging`` into ``target`` (atomic renames), ``marker`` last; remove ``staging``.
+
+    ``target/marker`` is deleted before anything moves, so a process killed half-way leaves a folder
+    without its marker: incomplete, and seen as such. With ``replace``, everything else in ``target``
+    (but ``staging`` and the lock file) is deleted first. Returns the names moved.
+    """
+    staging, target = Path(staging), Path(target)
+    names = sorted(p.name for p in staging.iterdir())
+    if marker not in names:
+        raise ValueError(f"publish_files: {staging} has no {marker}")
+    (target / marker).unlink(missing_ok=True)
+    if replace:
+        for entry in target.iterdir():
+            if entry.is_dir() and entry.resolve() != staging.resolve():
+                shutil.rmtree(entry)
+            elif entry.is_file() and entry.name != LOCK_NAME:
+                entry.unlink()
+    for name in [n for n in names if n != marker] + [marker]:
+        dest = target / name
+        if dest.is_dir() and not (staging / name).is_dir():
+            shutil.rmtree(dest)
+        elif (staging / name).is_dir() and dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(staging / name, dest)
+    staging.rmdir()
+    return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class FolderLock:
+    """An exclusive lock on ``folder`` for the lifetime of a run (``with FolderLock(folder): ...``).
+
+    The lock file ``<folder>/.han-surgery.lock`` holds ``{"pid", "host", "started", "command"}``.
+    :meth:`acquire` raises :class:`FolderInUseError` naming the holder if a live process has it; a
+    lock left by a dead process on this host is taken over (``took_over`` says whose).
+    """
+
+    def __init__(self, folder: str | Path, what: str = "--output-dir") -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.held = False
+        self.took_over: dict[str, Any] | None = None
+
+    def holder(self) -> dict[str, Any] | None:
+        """The lock file's content, or ``None`` if there is none (or it is unreadable)."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def check(self) -> None:
+        """Raise :class:`FolderInUseError` if a live process holds the lock (does not take it)."""
+        holder = self.holder()
+        if holder is None:
+            return
+        pid, host = holder.get("pid"), holder.get("host")
+        if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+            return  # stale
+        if pid == os.getpid() and host == socket.gethostname():
+            return
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        raise FolderInUseError(
+            f"{self.what} {self.folder} is in use by another han-surgery run (pid {pid} on {host}, started {started}: "
+            f"{holder.get('command', '?')}). Wait for it to finish, or choose another folder; if that process is "
+            f"gone, delete {self.path}."
+        )
+
+    def acquire(self) -> FolderLock:
+        """Take the lock (creating ``folder`` if needed)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self.check()  # raises if a live process holds it
+                self.took_over = self.holder()
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                payload = {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "started": time.time(),
+                    "command": " ".join(sys.argv)[:500],
+                }
+                json.dump(payload, f)
+            self.held = True
+            return self
+        raise FolderInUseError(f"{self.what} {self.folder}: could not take the lock {self.path}")
+
+    def release(self) -> None:
+        """Remove the lock file if this object holds it."""
+        if self.held:
+            holder = self.holder()
+            if holder is not None and holder.get("pid") == os.getpid():
+                self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def safetensors_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (``None`` if it is): reads the header only.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header mapping tensor names
+    to ``dtype``/``shape``/``data_offsets``, then the data; its size is exactly
+    ``8 + header length + the largest end offset``.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path}: {size} bytes, too short for a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or n > min(_SAFETENSORS_MAX_HEADER, size - 8):
+                return f"{path}: invalid safetensors header length {n} for a {size}-byte file (truncated or not safetensors)"
+            header = json.loads(f.read(n))
+    except OSError as e:
+        return f"{path}: cannot be read ({e})"
+    except (ValueError, UnicodeDecodeError):
+        return f"{path}: the safetensors header is not valid JSON (corrupt file)"
+    if not isinstance(header, dict):
+        return f"{path}: the safetensors header is not a JSON object"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"{path}: {size} bytes, but its header describes {expected} (truncated or padded)"
+    return None
+
+
+def json_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a readable JSON file (``None`` if it is)."""
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        return f"{path}: cannot be read ({e})"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"{path}: not valid JSON ({e})"
+    return None
+
+
+def folder_problems(folder: str | Path, required: Iterable[str]) -> list[str]:
+    """Why ``folder`` is not a complete model folder: missing required files, a held lock, corrupt files."""
+    folder = Path(folder)
+    problems = [f"missing {name}" for name in required if not (folder / name).is_file()]
+    lock = FolderLock(folder)
+    holder = lock.holder()
+    if holder is not None:
+        try:
+            lock.check()
+            problems.append(f"a lock file {LOCK_NAME} left by a run that did not finish (pid {holder.get('pid')})")
+        except FolderInUseError:
+            problems.append(f"a run is still writing it (pid {holder.get('pid')})")
+    for p in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(p)
+        if problem:
+            problems.append(problem)
+    for p in sorted(folder.glob("*.json")):
+        problem = json_problem(p)
+        if problem:
+            problems.append(problem)
+    return problems
