@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder
+from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
 
 __all__ = ["load_model", "load_folder"]
@@ -66,7 +67,11 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
             f"{folder.path / 'config.json'}: architectures={folder.config.get('architectures')} names no "
             "transformers model class"
         )
-    return cls.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False)
+    try:
+        return cls.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder.path}: transformers cannot load it: {first}") from None
 
 
 def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
@@ -97,4 +102,4 @@ def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int
             + (f"; near timm names: {', '.join(near)}" if near else "")
         )
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(text, pretrained=pretrained, **kwargs)
+    return create_timm_model(text, pretrained=pretrained, **kwargs)

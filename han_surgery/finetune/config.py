@@ -63,6 +63,9 @@ class FinetuneConfig:
     pretrained: bool = _opt(
         False, "load timm's pretrained weights for a timm name (needs the Hub or a warm cache)", MODEL
     )
+    trust_remote_code: bool = _opt(
+        False, "let transformers run Python code shipped in the model folder (auto_map); off unless you trust it", MODEL
+    )
     model_kwargs: dict[str, Any] = _opt(
         {}, "extra keyword arguments for the model constructor, e.g. '{\"drop_rate\": 0.1}'", MODEL
     )

@@ -24,6 +24,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +36,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..errors import HanSurgeryError
 
-__all__ = ["DataError", "DataBundle", "load_data", "TextDataset"]
+__all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
 
 Task = Literal["classification", "regression"]
 
@@ -160,13 +162,30 @@ def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
 def load_npz(
     path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
 ) -> DataBundle:
-    with np.load(path, allow_pickle=False) as f:
-        missing = {"images", "labels"} - set(f.files)
-        if missing:
-            raise DataError(
-                f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} (has {f.files})."
-            )
-        images, labels = f["images"], f["labels"]
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = {"images", "labels"} - set(f.files)
+            if missing:
+                raise DataError(
+                    f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} "
+                    f"(has {f.files})."
+                )
+            images, labels = f["images"], f["labels"]
+    except ValueError as e:  # object arrays (pickles, never loaded), or not an npz at all
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz of numeric arrays ({e}).") from None
+    except (OSError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+    for name, array in (("images", images), ("labels", labels)):
+        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            raise DataError(f"{path}: '{name}' has dtype {array.dtype}; expected numbers.")
+    if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+        bad = np.argwhere(~np.isfinite(images.reshape(len(images), -1)))
+        raise DataError(
+            f"{path}: 'images' holds {len(bad)} non-finite value(s) (NaN or inf), the first in image {bad[0][0]}; "
+            "clean them before training."
+        )
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
     if max_samples:
@@ -245,11 +264,16 @@ def load_image_folder(
 
 # ---------------------------------------------------------------------------------------- tabular
 def _read_csv_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        sample = f.read(4096)
-        f.seek(0)
-        delimiter = "," if "," in sample or "\t" not in sample else "\t"
-        rows = [row for row in csv.reader(f, delimiter=delimiter) if row and any(c.strip() for c in row)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            sample = f.read(4096)
+            f.seek(0)
+            delimiter = "," if "," in sample or "\t" not in sample else "\t"
+            rows = [row for row in csv.reader(f, delimiter=delimiter) if row and any(c.strip() for c in row)]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}): is it binary?") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV ({e}).") from None
     if not rows:
         raise DataError(f"{path}: the file is empty.")
     return rows
@@ -364,7 +388,7 @@ def make_text_collate(tokenizer: Any, max_length: int) -> Any:
 def _text_records(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="strict") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     try:
@@ -372,8 +396,11 @@ def _text_records(path: Path) -> list[dict[str, Any]]:
                     except json.JSONDecodeError as e:
                         raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
         return records
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}): is it binary?") from None
 
 
 def load_text(
@@ -420,25 +447,54 @@ def load_data(
     image_size: int | None = None,
     max_samples: int | None = None,
 ) -> DataBundle:
-    """Read ``--data`` (see the module docstring for the formats) into a :class:`DataBundle`."""
+    """Read ``--data`` (see the module docstring for the formats) into a :class:`DataBundle`.
+
+    Warns (:class:`DataWarning`) when the training split holds a single class, e.g. because
+    ``max_samples`` took the first rows of a file sorted by label.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"--data {path}: no such file or folder.")
     kw = dict(val_fraction=val_fraction, seed=seed, max_samples=max_samples)
-    if p.is_dir():
-        return load_image_folder(p, image_size=image_size, **kw)
     suffix = p.suffix.lower()
-    if suffix == ".npz":
-        return load_npz(p, num_classes=num_classes, **kw)
-    if suffix == ".jsonl":
-        return load_text(p, num_classes=num_classes, **kw)
-    if suffix in (".csv", ".tsv", ".txt"):
+    if p.is_dir():
+        bundle = load_image_folder(p, image_size=image_size, **kw)
+    elif suffix == ".npz":
+        bundle = load_npz(p, num_classes=num_classes, **kw)
+    elif suffix == ".jsonl":
+        bundle = load_text(p, num_classes=num_classes, **kw)
+    elif suffix in (".csv", ".tsv", ".txt"):
         rows = _read_csv_rows(p)
         header = [c.strip().lower() for c in rows[0]]
         if "text" in header and "label" in header:
-            return load_text(p, num_classes=num_classes, **kw)
-        return load_tabular_csv(p, rows, task=task, num_classes=num_classes, **kw)
-    raise DataError(
-        f"--data {path}: unknown format {suffix!r}. Use an image folder, an .npz with 'images'/'labels', "
-        f"a numeric .csv (target last), or a .csv/.jsonl with 'text' and 'label'."
-    )
+            bundle = load_text(p, num_classes=num_classes, **kw)
+        else:
+            bundle = load_tabular_csv(p, rows, task=task, num_classes=num_classes, **kw)
+    else:
+        raise DataError(
+            f"--data {path}: unknown format {suffix!r}. Use an image folder, an .npz with 'images'/'labels', "
+            f"a numeric .csv (target last), or a .csv/.jsonl with 'text' and 'label'."
+        )
+    _warn_if_one_class(bundle, max_samples)
+    return bundle
+
+
+class DataWarning(UserWarning):
+    """The data loads, but training on it is probably not what was meant."""
+
+
+def _warn_if_one_class(bundle: DataBundle, max_samples: int | None) -> None:
+    if bundle.task != "classification" or not isinstance(bundle.train, Subset):
+        return
+    dataset = bundle.train.dataset
+    labels = dataset.labels if isinstance(dataset, TextDataset) else getattr(dataset, "tensors", (None, None))[1]
+    if labels is None:
+        return
+    present = {int(labels[i]) for i in bundle.train.indices}
+    if len(present) < 2:
+        why = f" (--max-samples {max_samples} kept the first rows; is the file sorted by label?)" if max_samples else ""
+        warnings.warn(
+            f"{bundle.name}: the training split holds only class {sorted(present)} of {bundle.num_outputs}{why}",
+            DataWarning,
+            stacklevel=3,
+        )

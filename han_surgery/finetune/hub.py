@@ -18,6 +18,7 @@ from typing import Any
 
 from ..dataclass_cli import to_argv
 from ..errors import HanSurgeryError
+from ..fileio import folder_problems
 from ..folders import CONFIG_NAME, WEIGHTS_NAME, read_json_object
 from ..surgery.report import HanifyReport
 from .config import FinetuneConfig, FinetuneResult
@@ -216,14 +217,19 @@ def push_folder(
     """Upload ``directory`` (without ``checkpoints/``) to the Hub model repo ``repo_id``; return the commit URL.
 
     Raises:
-        HubUploadError: the folder is incomplete, or the Hub could not be reached / refused the upload.
+        HubUploadError: the folder is incomplete (a missing file, a safetensors file whose size does not match its
+            header, unreadable JSON, a run still writing it), or the Hub could not be reached / refused the upload.
     """
     from huggingface_hub import HfApi
 
     directory = Path(directory)
-    missing = [f for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME) if not (directory / f).is_file()]
-    if missing:
-        raise HubUploadError(f"{directory} is not a finished model folder: missing {', '.join(missing)}.")
+    if not directory.is_dir():
+        raise HubUploadError(f"{directory} is not a finished model folder: no such folder.")
+    problems = folder_problems(directory, required=(WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
+    if problems:
+        raise HubUploadError(
+            f"{directory} is not a finished model folder: {'; '.join(problems)}. Nothing was uploaded."
+        )
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)

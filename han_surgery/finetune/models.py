@@ -32,6 +32,7 @@ from ..errors import CheckpointError, HanSurgeryError
 from ..folders import CONFIG_NAME, TABULAR_CONFIG_KEY, WEIGHTS_NAME, inspect_model_folder
 from ..loading import load_folder
 from ..models.tabular import TabularNet
+from ..pretrained import create_timm_model
 from ..surgery.serialization import save_pretrained
 from .data import DataBundle
 
@@ -69,19 +70,27 @@ _TABULAR_RE = re.compile(r"^(mlp|hannet)(?::(\d+)x(\d+))?$")
 
 
 def _timm_create(name: str, data: DataBundle | None, pretrained: bool, extra: dict[str, Any]) -> nn.Module:
-    import timm
-
     kwargs: dict[str, Any] = dict(extra)
     if data is not None:
         kwargs.setdefault("num_classes", data.num_outputs)
         if data.in_chans is not None:
             kwargs.setdefault("in_chans", data.in_chans)
+    attempts = [kwargs]
     if data is not None and data.image_size is not None and "img_size" not in kwargs:
-        try:  # ViT-like models take the input size; convnets do not.
-            return timm.create_model(name, pretrained=pretrained, img_size=data.image_size, **kwargs)
-        except TypeError:
-            pass
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+        attempts.insert(0, {**kwargs, "img_size": data.image_size})  # ViT-like models take the size; convnets do not
+    for i, attempt in enumerate(attempts):
+        try:
+            return create_timm_model(name, pretrained=pretrained, **attempt)
+        except (TypeError, ValueError) as e:
+            if i + 1 < len(attempts):
+                continue
+            if not extra:
+                raise
+            raise ModelError(
+                f"--model {name}: the model's constructor rejected --model-kwargs {json.dumps(extra)} "
+                f"({type(e).__name__}: {e})"
+            ) from None
+    raise AssertionError("unreachable")
 
 
 def _fit_head(model: nn.Module, data: DataBundle | None) -> None:
@@ -99,8 +108,12 @@ def build_model(
     *,
     pretrained: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
 ) -> BuiltModel:
     """Build ``spec`` (see the module docstring) for ``data`` (or keep the model's own head when ``data`` is None).
+
+    ``trust_remote_code`` lets transformers run Python code shipped in a model folder (``auto_map``);
+    it is off unless the user opts in.
 
     Raises:
         ModelError: unknown name or unusable folder, with close timm names when it looks like a typo.
@@ -121,12 +134,13 @@ def build_model(
     path = Path(spec.removeprefix("local-dir:")).expanduser()
     if path.is_dir():
         folder = inspect_model_folder(path)
+        family: Family = folder.base_library if folder.base_library in ("timm", "transformers", "tabular") else "timm"
+        _check_data_kind(spec, family, data)
         if folder.kind == "transformers":
-            return _load_transformers(path, data, model_kwargs)
+            return _load_transformers(path, data, model_kwargs, trust_remote_code)
         model = load_folder(folder)
         model.train()
         _fit_head(model, data)
-        family: Family = folder.base_library if folder.base_library in ("timm", "transformers", "tabular") else "timm"
         tokenizer = _tokenizer(path) if family == "transformers" else None
         hanified = folder.kind == "hanified"
         return BuiltModel(model, family, str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
@@ -140,35 +154,37 @@ def build_model(
             f"(han_surgery registers han_*), a folder saved by han_surgery.save_pretrained / timm save_for_hf / "
             f"transformers save_pretrained, or mlp / hannet for tabular data.{hint}"
         )
-    try:
-        model = _timm_create(spec, data, pretrained, model_kwargs)
-    except (OSError, RuntimeError) as e:
-        if not pretrained:
-            raise
-        raise ModelError(
-            f"--model {spec} --pretrained: could not load timm's pretrained weights ({type(e).__name__}: {e}). They come "
-            f"from the Hugging Face Hub: run once with network access (they are cached), or pass a local folder."
-        ) from None
+    _check_data_kind(spec, "timm", data)
+    model = _timm_create(spec, data, pretrained, model_kwargs)
     return BuiltModel(model, "timm", spec)
 
 
-def _tokenizer(path: Path) -> Any:
+#: The data each model family trains on.
+FAMILY_DATA = {"timm": "image", "transformers": "text", "tabular": "tabular"}
+
+
+def _check_data_kind(spec: str, family: str, data: DataBundle | None) -> None:
+    if data is not None and data.kind != FAMILY_DATA[family]:
+        hint = {"tabular": "use --model mlp or hannet for a numeric CSV", "text": "use a transformers model folder",
+                "image": "use a timm model name or folder"}[data.kind]  # fmt: skip
+        raise ModelError(f"--model {spec} is a {family} model for {FAMILY_DATA[family]} data, but --data holds "
+                         f"{data.kind} data: {hint}.")  # fmt: skip
+
+
+def _tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
 
 
-def _load_transformers(path: Path, data: DataBundle | None, model_kwargs: dict[str, Any]) -> BuiltModel:
+def _load_transformers(
+    path: Path, data: DataBundle | None, model_kwargs: dict[str, Any], trust_remote_code: bool = False
+) -> BuiltModel:
     from transformers import AutoModelForSequenceClassification
 
-    if data is not None and data.kind != "text":
-        raise ModelError(
-            f"--model {path}: a transformers model folder is fine-tuned on text data (.csv/.jsonl with text,label); "
-            f"got {data.kind} data."
-        )
     if not (path / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{path / WEIGHTS_NAME}: missing")
     kwargs = dict(model_kwargs)
@@ -177,10 +193,15 @@ def _load_transformers(path: Path, data: DataBundle | None, model_kwargs: dict[s
         if data.class_names:
             kwargs["id2label"] = dict(enumerate(data.class_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(data.class_names)}
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), use_safetensors=True, trust_remote_code=False, **kwargs
-    )
-    return BuiltModel(model, "transformers", str(path), tokenizer=_tokenizer(path))
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
+        raise CheckpointError(f"{path}: transformers cannot load it: {first}{hint}") from None
+    return BuiltModel(model, "transformers", str(path), tokenizer=_tokenizer(path, trust_remote_code))
 
 
 def save_model(

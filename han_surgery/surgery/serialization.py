@@ -97,7 +97,11 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
     if base.library == "transformers":
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(str(folder.path), trust_remote_code=False)
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(folder.path), trust_remote_code=False)
+        except (OSError, ValueError) as e:  # no config.json, or one that needs code from the folder (never run)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{folder.path / CONFIG_NAME}: transformers cannot read it: {first}") from None
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
