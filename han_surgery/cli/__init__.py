@@ -68,7 +68,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.parse_args(argv)  # --help, --version, or an unknown command (argparse exits with its usage)
     parser.print_help()
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 from ..errors import HanSurgeryError
 
@@ -16,10 +18,17 @@ EXIT_USER_ERROR = 2
 def run_command(prog: str, body: Callable[[], int | None]) -> int:
     """Run ``body``; a :class:`HanSurgeryError` becomes ``<prog>: <message>`` (one line) and exit code 2.
 
-    Other exceptions propagate with their traceback: they are bugs.
+    Warnings print as one line each, ``<prog>: warning: <message>``. Other exceptions propagate with their
+    traceback: they are bugs.
     """
+
+    def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
     try:
-        return int(body() or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return int(body() or 0)
     except HanSurgeryError as e:
         message = " ".join(str(e).split())
         print(f"{prog}: {message}", file=sys.stderr)

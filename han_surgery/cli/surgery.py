@@ -9,10 +9,15 @@ download -- unless ``--pretrained`` is given), ``local-dir:<folder>`` or a folde
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
+from ..errors import ConfigError
+from ..fileio import LOCK_NAME, FolderLock, publish_files
+from ..folders import HAN_CONFIG_NAME
 from ..surgery.config import HanConfig
 from ._common import positive_int, run_command
 
@@ -37,6 +42,7 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
         parser.add_argument(
             "-o", "--output", required=True, help="folder to write (model.safetensors, han_config.json, config.json)"
         )
+        parser.add_argument("--overwrite", action="store_true", help="replace the -o folder if it is not empty")
     return parser
 
 
@@ -46,15 +52,27 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     from ..surgery.serialization import save_pretrained
 
     config = HanConfig(**dataclass_kwargs(args, HanConfig))
+    out = Path(args.output).expanduser() if write else None
+    if out is not None:  # before any work: never overwrite a folder the user made without --overwrite
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"-o {out} is a file, not a folder")
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
+            raise ConfigError(f"-o {out} already exists and is not empty: pass --overwrite to replace it")
+        FolderLock(out, "-o").check()
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
     start = time.perf_counter()
     report = hanify_model(model, config, dry_run=not write)
     elapsed = time.perf_counter() - start
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
-    if write:
-        out = save_pretrained(model, args.output)
-        print(f"saved to {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if out is not None:
+        with FolderLock(out, "-o"):
+            staging = out / ".hanify.tmp"
+            if staging.exists():
+                shutil.rmtree(staging)
+            save_pretrained(model, staging)
+            names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=args.overwrite)
+        print(f"saved to {out} ({', '.join(names)})")
     return 0
 
 
