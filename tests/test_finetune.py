@@ -217,6 +217,9 @@ def test_resume_without_checkpoint_and_contradicting_flags(
     toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert cli(common(toy, tmp_path / "none", "--resume")) == 2
+    assert "does not exist: there is no run to continue" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli(common(toy, tmp_path / "empty", "--resume")) == 2
     assert "no checkpoint in" in capsys.readouterr().err
     assert cli(common(toy, tmp_path / "none", "--resume", "--overwrite")) == 2
     assert "contradict" in capsys.readouterr().err

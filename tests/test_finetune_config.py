@@ -111,5 +111,7 @@ def test_output_folder_step_refuses_a_folder_with_files(tmp_path: Path) -> None:
     with pytest.raises(FinetuneError, match="already exists"):
         prepare_output_dir(FinetuneConfig(model="m", data="d", output_dir=str(tmp_path)), accelerator)
     assert (tmp_path / "mine.txt").read_text() == "keep"
-    fresh = prepare_output_dir(FinetuneConfig(model="m", data="d", output_dir=str(tmp_path / "new")), accelerator)
-    assert fresh.is_dir()
+    fresh, lock = prepare_output_dir(FinetuneConfig(model="m", data="d", output_dir=str(tmp_path / "new")), accelerator)
+    assert fresh.is_dir() and (fresh / ".han-surgery.lock").is_file()  # the run holds the folder
+    lock.release()
+    assert list(fresh.iterdir()) == []

@@ -135,7 +135,7 @@ def test_push_refuses_an_unfinished_folder(tmp_path: Path) -> None:
     from han_surgery.finetune.hub import HubUploadError, push_folder
 
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(HubUploadError, match="missing config.json, README.md"):
+    with pytest.raises(HubUploadError, match="missing config.json; missing README.md"):
         push_folder(tmp_path, "someone/x")
 
 

@@ -168,3 +168,73 @@ def test_han_surgery_finetune_subcommand_shares_the_options(
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     assert "--distill-from" in capsys.readouterr().out
+
+
+# ---- issue 11, item 17: option values and data checked up front, one line each, nothing written
+
+
+def test_model_kwargs_the_constructor_rejects(toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", "test_vit", "--model-kwargs", '{"depth": "x"}', "--data", str(toy_npz),
+                         "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and "the model's constructor rejected --model-kwargs" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_binary_csv_and_object_array_npz(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    binary = tmp_path / "table.csv"
+    binary.write_bytes(bytes(range(256)) * 8)
+    code, err = finetune(capsys, "--model", "mlp", "--data", str(binary), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "not a UTF-8 text file" in err
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, images=np.array([object()] * 4, dtype=object), labels=np.arange(4))
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(objects), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "objects.npz: not a readable .npz of numeric arrays" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_image_model_on_a_csv_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "reg.csv"
+    table.write_text("".join(f"{i},{i % 7},{i * 0.5}\n" for i in range(40)))
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(table), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "--model test_vit is a timm model for image data, but --data holds tabular data" in err
+    assert "--model mlp or hannet" in err and not (tmp_path / "o").exists()
+
+
+def test_max_samples_that_leaves_one_class_warns(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sorted_npz = tmp_path / "sorted.npz"  # sorted by label, like mnist10k.npz
+    np.savez(sorted_npz, images=np.zeros((60, 16, 16), np.uint8), labels=np.repeat(np.arange(3), 20))
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(sorted_npz), "--max-samples", "15",
+                         "--max-steps", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 0
+    assert "han-surgery finetune: warning: sorted: the training split holds only class [0] of 1" in err
+    assert "--max-samples 15 kept the first rows; is the file sorted by label?" in err
+
+
+# ---- issue 11, item 18: --pretrained without the Hub fails fast, in one line
+
+
+@pytest.mark.parametrize("command", ["inspect", "finetune"])
+def test_pretrained_weights_offline_fail_fast(
+    command: str, toy_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Not cached and no network: one line within seconds (timm's own retries sleep about a minute)."""
+    import time
+
+    from huggingface_hub import constants
+
+    from han_surgery.cli import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    argv = {"inspect": ["inspect", "test_vit", "--pretrained"],
+            "finetune": ["finetune", "--model", "test_vit", "--pretrained", "--data", str(toy_npz), "--output-dir",
+                         str(tmp_path / "o"), "--no-progress"]}[command]  # fmt: skip
+    start = time.monotonic()
+    code = main(argv)
+    elapsed = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "not in the local Hugging Face cache and the Hub cannot be reached" in err
+    assert elapsed < 15, elapsed
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,219 @@
+"""Faults: a fine-tune killed anywhere resumes exactly; nothing a user made is overwritten; no half-written
+folder looks finished; no silent NaN.
+
+The SIGKILL tests run ``han-surgery finetune`` in a subprocess through ``tests/_fault_driver.py``, which
+kills the process at a chosen point (after an optimizer step, inside a checkpoint write, before a
+checkpoint's rename, inside the final save, half-way through publishing the folder) or at a random
+moment. Each killed run is then resumed, and its weights and ``metrics.jsonl`` must equal those of a
+run that was never interrupted, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _finetune_cli import cli
+from safetensors.torch import load_file
+
+from han_surgery.demo.finetune import TINY_VIT, make_images
+from han_surgery.fileio import folder_problems
+
+ROOT = Path(__file__).resolve().parent.parent
+DRIVER = Path(__file__).with_name("_fault_driver.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+REQUIRED = ("model.safetensors", "config.json", "README.md")
+# dropout on, gradient accumulation 2, 5 optimizer steps per epoch: 12 steps cross two epoch ends
+OPTIONS = [
+    "--model", "test_vit", "--model-kwargs", json.dumps({**TINY_VIT, "drop_rate": 0.2}), "--max-steps", "12",
+    "--batch-size", "8", "--grad-accum", "2", "--checkpoint-every", "3", "--keep-checkpoints", "2",
+    "--no-progress", "--no-tensorboard",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data") / "toy.npz", n=96)
+
+
+def argv(toy: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", str(toy), "--output-dir", str(out), *OPTIONS, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run (in-process, one thread: the subprocesses use the same kernels and order)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    torch.set_num_threads(1)
+    assert cli(argv(toy, out)) == 0
+    return out
+
+
+def killed_run(toy: Path, out: Path, point: str, n: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(DRIVER), point, str(n), *argv(toy, out)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+
+
+def assert_same_as_reference(out: Path, reference: Path) -> None:
+    ref, got = load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert (out / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    results, expected = (
+        json.loads((out / "results.json").read_text()),
+        json.loads((reference / "results.json").read_text()),
+    )
+    assert results["eval_loss"] == expected["eval_loss"] and results["global_step"] == expected["global_step"] == 12
+    assert folder_problems(out, REQUIRED) == []
+
+
+@pytest.mark.parametrize(
+    "point, n",
+    [
+        ("step", 5),  # between checkpoints 3 and 6
+        ("state_file", 5),  # inside the 2nd checkpoint write (3 accelerate files each), after its weights
+        ("checkpoint_rename", 3),  # the 3rd checkpoint fully written as step_9.tmp, not yet renamed
+        ("export", 1),  # the final save: model files staged, nothing published
+        ("publish", 2),  # the final save: one file moved into place, the rest (and the card) not
+    ],
+)
+def test_killed_at_a_fault_point_then_resumed_equals_uninterrupted(
+    point: str, n: int, toy: Path, reference: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    proc = killed_run(toy, out, point, n)
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert folder_problems(out, REQUIRED) != []  # never looks finished when it is not
+    assert not list((out / "checkpoints").glob("*.tmp")) or point in ("state_file", "checkpoint_rename")
+    torch.set_num_threads(1)
+    assert cli(argv(toy, out, "--resume")) == 0
+    assert_same_as_reference(out, reference)
+
+
+def test_killed_at_random_moments_then_resumed_equals_uninterrupted(toy: Path, reference: Path, tmp_path: Path) -> None:
+    """Two kills at random moments after the first checkpoint exists (seeded, so a failure reproduces)."""
+    rng = random.Random(20261129)
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "han_surgery.finetune", *argv(toy, out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=ENV,
+        )
+        first = out / "checkpoints" / "step_0000003"
+        deadline = time.monotonic() + 240
+        while not first.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, 0.5))
+        proc.kill()
+        proc.wait()
+        if proc.returncode == 0:  # it finished before the kill landed: then it must be complete
+            assert folder_problems(out, REQUIRED) == []
+        else:
+            assert folder_problems(out, REQUIRED) != []
+            torch.set_num_threads(1)
+            assert cli(argv(toy, out, "--resume")) == 0
+        assert_same_as_reference(out, reference)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_newest_intact_one(
+    toy: Path, reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    assert killed_run(toy, out, "step", 8).returncode == -9  # checkpoints 3 and 6 on disk
+    newest = out / "checkpoints" / "step_0000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    torch.set_num_threads(1)
+    assert cli(argv(toy, out, "--resume")) == 0
+    printed = capsys.readouterr()
+    assert "skipping step_0000006" in printed.out and "resumed from" in printed.out and "step_0000003" in printed.out
+    assert_same_as_reference(out, reference)
+
+
+def test_a_second_run_into_a_busy_folder_is_refused(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Run A holds its output folder; run B (even with --overwrite) is refused, naming A; A is not disturbed."""
+    out = tmp_path / "run"
+    long = [o if o != "12" else "400" for o in argv(toy, out)]
+    proc = subprocess.Popen([sys.executable, "-m", "han_surgery.finetune", *long], stderr=subprocess.PIPE, env=ENV)
+    lock = out / ".han-surgery.lock"
+    deadline = time.monotonic() + 240
+    while not lock.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert lock.is_file(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no lock"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            assert cli(argv(toy, out, "--lr", "0.5", *extra)) == 2
+            err = capsys.readouterr().err
+            assert f"is in use by another han-surgery run (pid {proc.pid}" in err, err
+        assert json.loads((out / "training_args.json").read_text())["lr"] == 0.001  # A's, untouched
+    finally:
+        proc.kill()
+        proc.wait()
+    # A died: its lock is stale, and a new run takes the folder over (with --overwrite), saying so
+    assert cli(argv(toy, out, "--overwrite", "--max-steps", "2")) == 0
+    assert "took over the lock" in capsys.readouterr().out
+    assert not lock.exists()
+
+
+def test_nan_training_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 4))
+    data = tmp_path / "reg.csv"
+    np.savetxt(data, np.column_stack([x, x @ [1.0, -2.0, 0.5, 3.0]]), delimiter=",")
+    out = tmp_path / "run"
+    code = cli(["--model", "hannet:16x4", "--data", str(data), "--output-dir", str(out), "--lr", "1000",
+                "--max-steps", "30", "--checkpoint-every", "2", "--no-progress", "--no-tensorboard"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "the loss became" in err and "training stopped" in err and "the last good checkpoint is" in err
+    kept = err.split("the last good checkpoint is ")[1].split(".")[0].split(";")[0].strip()
+    weights = load_file(str(Path(kept) / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+
+
+def test_non_finite_inputs_are_refused_by_the_loaders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
+    images[3, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", images=images, labels=np.arange(20) % 2)
+    table = tmp_path / "nan.csv"
+    table.write_text("".join(f"{i},{'nan' if i == 7 else i % 3},{i}\n" for i in range(30)))
+    for data, message in ((tmp_path / "nan.npz", "non-finite value(s) (NaN or inf), the first in image 3"),
+                          (table, "is not a finite number")):  # fmt: skip
+        out = tmp_path / "o"
+        model = "test_vit" if data.suffix == ".npz" else "mlp"
+        assert cli(["--model", model, "--data", str(data), "--output-dir", str(out), "--no-progress"]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_push_refuses_a_truncated_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from huggingface_hub import HfApi
+
+    from han_surgery.cli import main
+
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: uploads.append("create"))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **k: uploads.append("upload"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(64, 64)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("card")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["push", str(folder), "me/model"]) == 2
+    err = capsys.readouterr().err
+    assert "not a finished model folder" in err and "truncated" in err and uploads == []

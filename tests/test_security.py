@@ -1,0 +1,146 @@
+"""Security: nothing a user hands han-surgery runs code.
+
+* Resuming a fine-tune unpickles nothing of the checkpoint folder beyond plain tensors and numbers
+  (``weights_only=True``); han-surgery's own loop state is JSON. A crafted pickle is refused, never run.
+* A model folder that only holds pickle weights is refused, by every command.
+* Python code shipped in a model folder (transformers' ``auto_map``) never runs: ``trust_remote_code`` is
+  ``False`` everywhere unless the user opts in, so even answering transformers' interactive prompt with
+  "y" runs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _finetune_cli import cli
+
+from han_surgery.demo.finetune import TINY_VIT, make_images
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+class Payload:
+    """Unpickling this object creates ``marker``: proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _rehash(checkpoint: Path) -> None:
+    """Rewrite the manifest as an attacker who edits the folder would (the manifest guards against corruption only)."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and p.name != "checkpoint_manifest.json"
+    }
+    (checkpoint / "checkpoint_manifest.json").write_text(json.dumps({"files": files}))
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_images(tmp_path / "toy.npz", n=64)
+    out = tmp_path / "run"
+    opts = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(data), "--output-dir",
+            str(out), "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-progress",
+            "--no-tensorboard"]  # fmt: skip
+    assert cli(opts) == 0
+    marker = tmp_path / "pwned"
+    for checkpoint in (out / "checkpoints").iterdir():
+        # every pickle accelerate reads back, and the file older versions registered their loop state in
+        for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+            torch.save({"state": Payload(marker)}, checkpoint / name)
+        _rehash(checkpoint)
+    assert cli([*opts, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert not marker.exists()
+    assert "cannot load" in err and "refused: loading it could run code" in err and err.count("\n") == 1
+
+
+def test_pickle_only_model_folders_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from han_surgery.cli import main
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    torch.save({"weight": Payload(marker)}, folder / "pytorch_model.bin")
+    timm_folder = tmp_path / "vit"  # as timm's save_for_hf writes it, with the weights as a pickle
+    timm_folder.mkdir()
+    (timm_folder / "config.json").write_text(json.dumps({"architecture": "test_vit", "num_classes": 4}))
+    torch.save({"weight": Payload(marker)}, timm_folder / "pytorch_model.bin")
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": f"t {i}", "label": i % 2}) + "\n" for i in range(20)))
+    images = make_images(tmp_path / "toy.npz", n=32)
+    for argv in (
+        ["finetune", "--model", str(folder), "--data", str(text), "--output-dir", str(tmp_path / "o")],
+        ["finetune", "--model", "test_vit", "--distill-from", str(folder), "--data", str(images), "--output-dir",
+         str(tmp_path / "o2")],
+        ["finetune", "--model", str(timm_folder), "--data", str(images), "--output-dir", str(tmp_path / "o3")],
+        ["finetune", "--model", f"local-dir:{timm_folder}", "--data", str(images), "--output-dir", str(tmp_path / "o4")],
+        ["inspect", str(folder)],
+        ["inspect", str(timm_folder)],
+        ["hanify", str(folder), "-o", str(tmp_path / "h")],
+    ):  # fmt: skip
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "never unpickles" in err and "pytorch_model.bin" in err, err
+    assert not marker.exists()
+
+
+def _remote_code_folder(tmp_path: Path, marker: Path) -> Path:
+    """A folder whose config asks transformers to import configuration_evil.py (which would create ``marker``)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    config = {
+        "model_type": "evil",
+        "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                     "AutoModelForSequenceClassification": "configuration_evil.EvilModel"},
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_code_in_a_model_folder_never_runs_even_when_the_prompt_is_answered_yes(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    folder = _remote_code_folder(tmp_path, marker)
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": f"t {i}", "label": i % 2}) + "\n" for i in range(20)))
+    for argv in (
+        ["finetune", "--model", str(folder), "--data", str(text), "--output-dir", str(tmp_path / "o")],
+        ["inspect", str(folder)],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "han_surgery", *argv], input="y\ny\n", capture_output=True, text=True, env=ENV,
+            timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stdout[-1500:] + proc.stderr[-1500:]
+        assert proc.stderr.startswith(f"han-surgery {argv[0]}: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert not marker.exists(), argv
+
+
+def test_from_pretrained_never_runs_code_of_a_hanified_folder(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    folder = _remote_code_folder(tmp_path, marker)
+    recipe = {"format_version": 1, "base": {"library": "transformers", "class": "BertModel"}, "dtype": "float32",
+              "recipe": [{"config": {}, "rewrites": []}]}  # fmt: skip
+    (folder / "han_config.json").write_text(json.dumps(recipe))
+    code = f"import han_surgery\ntry:\n    han_surgery.from_pretrained({str(folder)!r})\nexcept han_surgery.CheckpointError as e:\n    print('refused:', e)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, env=ENV, timeout=120
+    )
+    assert "refused:" in proc.stdout and not marker.exists(), proc.stdout[-1500:] + proc.stderr[-1500:]
