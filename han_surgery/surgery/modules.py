@@ -21,6 +21,7 @@ __all__ = [
     "HanGatedMlp",
     "HanMixFfn",
     "HanMixFfnFeatSize",
+    "HanMixFfn2d",
     "HanConvMlp",
     "HanExperts",
     "HAN_MODULE_TYPES",
@@ -143,7 +144,8 @@ class HanMixFfn(nn.Module):
     Args:
         features: ``n``.
         kernel_size: of the depthwise conv (the replaced one's).
-        extra_relu: a ReLU before the conv (PVTv2's linear variants).
+        pre_conv: an activation between ``H1 x + b1`` and the conv, where the replaced block has one
+            (PVTv2's linear variants: ``nn.ReLU()``; EfficientFormer-V2: ``Abs()``).
         drop: dropout after ``|.|`` and after ``H2``.
         final_abs: end with ``|.|``.
         **han_kwargs: ``reflections``, ``init``, ``bias_init`` of both Householder layers.
@@ -155,14 +157,14 @@ class HanMixFfn(nn.Module):
         self,
         features: int,
         kernel_size: int = 3,
-        extra_relu: bool = False,
+        pre_conv: nn.Module | None = None,
         drop: tuple[float, float] = (0.0, 0.0),
         final_abs: bool = False,
         **han_kwargs: Any,
     ) -> None:
         super().__init__()
         self.fc1 = HouseholderLinear(features, **han_kwargs)
-        self.relu = nn.ReLU() if extra_relu else nn.Identity()
+        self.pre_conv = pre_conv if pre_conv is not None else nn.Identity()
         self.dwconv = nn.Conv2d(features, features, kernel_size, padding=kernel_size // 2, groups=features)
         with torch.no_grad():
             self.dwconv.weight.zero_()
@@ -174,7 +176,7 @@ class HanMixFfn(nn.Module):
         self.drop2 = nn.Dropout(drop[1])
 
     def forward(self, x: Tensor, height: int, width: int) -> Tensor:
-        z = self.relu(self.fc1(x))
+        z = self.pre_conv(self.fc1(x))
         batch, tokens, channels = z.shape
         z = self.dwconv(z.transpose(1, 2).reshape(batch, channels, height, width)).flatten(2).transpose(1, 2)
         return self.drop2(self.fc2(self.drop1(self.act(z))))
@@ -186,6 +188,16 @@ class HanMixFfnFeatSize(HanMixFfn):
 
     def forward(self, x: Tensor, feat_size: list[int]) -> Tensor:  # type: ignore[override]
         return super().forward(x, feat_size[0], feat_size[1])
+
+
+class HanMixFfn2d(HanMixFfn):
+    """:class:`HanMixFfn` on ``(N, n, H, W)`` feature maps (EfficientFormer-V2's ``ConvMlpWithNorm``):
+    the Householder layers act on the channels of each pixel."""
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        batch, channels, height, width = x.shape
+        y = super().forward(x.flatten(2).transpose(1, 2), height, width)
+        return y.transpose(1, 2).reshape(batch, channels, height, width)
 
 
 class HanConvMlp(nn.Module):

@@ -1,25 +1,26 @@
 """Built-in rewrite rules, one module per model family (importing registers them).
 
-=================  ===============================================================
-module             family
-=================  ===============================================================
-``timm_mlp``       timm ``Mlp``, ``GluMlp``, ``SwiGLU``, ``GatedMlp``, ``ConvMlp``
-``timm_levit``     timm LeViT ``LevitMlp`` (Linear/1x1-conv + BatchNorm pairs)
-``timm_pvt``       timm PVTv2 ``MlpWithDepthwiseConv`` (a Mix-FFN, ``forward(x, feat_size)``)
-``timm_fastvit``   timm FastViT ``ConvMlp`` (depthwise conv, then a 1x1-conv MLP)
-``hf_bert``        transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT)
-``hf_distilbert``  DistilBERT ``FFN``
-``hf_gpt2``        GPT-2 ``GPT2MLP`` (``Conv1D``)
-``hf_llama``       gated MLPs (LLaMA, Mistral, Qwen2, Gemma)
-``hf_t5``          T5 ``DenseReluDense`` (plain and gated)
-``hf_seq2seq``     inline ``fc1``/``fc2`` layers (BART, Whisper, mBART, Marian, ...)
-``hf_convnext``    transformers ConvNeXt / ConvNeXt-V2 layers (inline ``pwconv1``/``pwconv2``)
-``hf_mlp``         ``*MLP`` modules with ``fc1``/``fc2`` (CLIP, SigLIP, ViT, DeiT, Dinov2)
-``hf_segformer``   SegFormer's Mix-FFN (depthwise conv inside, ``forward(h, height, width)``)
-``hf_albert``      ALBERT's shared ``AlbertLayer`` (inline FFN)
-``hf_moe``         fused mixture-of-experts experts (Mixtral, Qwen2-MoE, OLMoE, DeepSeek, ...)
-``fallback``       the structural fallback for unknown FFNs
-=================  ===============================================================
+========================  ================================================================================
+module                    family
+========================  ================================================================================
+``timm_mlp``              timm ``Mlp``, ``GluMlp``, ``SwiGLU``, ``GatedMlp``, ``ConvMlp``
+``timm_levit``            timm LeViT ``LevitMlp`` (Linear/1x1-conv + BatchNorm pairs)
+``timm_pvt``              timm PVTv2 ``MlpWithDepthwiseConv`` (a Mix-FFN, ``forward(x, feat_size)``)
+``timm_fastvit``          timm FastViT ``ConvMlp`` (depthwise conv, then a 1x1-conv MLP)
+``timm_efficientformer``  timm EfficientFormer-V2 ``ConvMlpWithNorm`` (a Mix-FFN on feature maps)
+``hf_bert``               transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT)
+``hf_distilbert``         DistilBERT ``FFN``
+``hf_gpt2``               GPT-2 ``GPT2MLP`` (``Conv1D``)
+``hf_llama``              gated MLPs (LLaMA, Mistral, Qwen2, Gemma)
+``hf_t5``                 T5 ``DenseReluDense`` (plain and gated)
+``hf_seq2seq``            inline ``fc1``/``fc2`` layers (BART, Whisper, mBART, Marian, ...)
+``hf_convnext``           transformers ConvNeXt / ConvNeXt-V2 layers (inline ``pwconv1``/``pwconv2``)
+``hf_mlp``                ``*MLP`` modules with ``fc1``/``fc2`` (CLIP, SigLIP, ViT, DeiT, Dinov2)
+``hf_segformer``          SegFormer's Mix-FFN (depthwise conv inside, ``forward(h, height, width)``)
+``hf_albert``             ALBERT's shared ``AlbertLayer`` (inline FFN)
+``hf_moe``                fused mixture-of-experts experts (Mixtral, Qwen2-MoE, OLMoE, DeepSeek, ...)
+``fallback``              the structural fallback for unknown FFNs
+========================  ================================================================================
 """
 
 from . import (  # noqa: F401
@@ -35,6 +36,7 @@ from . import (  # noqa: F401
     hf_segformer,
     hf_seq2seq,
     hf_t5,
+    timm_efficientformer,
     timm_fastvit,
     timm_levit,
     timm_mlp,

@@ -21,6 +21,7 @@ __all__ = [
     "han_block",
     "finish",
     "inline_han_swaps",
+    "require_not_in_attention",
 ]
 
 
@@ -72,6 +73,17 @@ def require_square(d_in: int, hidden: int | str, d_out: int, what: str = "fc1") 
             f"{what} {d_in} -> {hidden} -> {d_out} but block output is {d_out}, input {d_in}: "
             "a Householder layer is square"
         )
+
+
+def require_not_in_attention(cand: Candidate) -> None:
+    """Skip an MLP that lives inside an attention module (a relative-position or continuous
+    position-bias MLP, ``2 -> h -> heads``): it maps coordinates to biases, it is not an FFN."""
+    parts = cand.path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        owner = cand.root.get_submodule(".".join(parts[:i]))
+        name = type(owner).__name__
+        if "Attention" in name:
+            raise SkipCandidate(f"inside {name} ({'.'.join(parts[:i])}): a position-bias MLP, not an FFN")
 
 
 def dropout_p(module: nn.Module | None) -> float:

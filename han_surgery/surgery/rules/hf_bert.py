@@ -25,6 +25,7 @@ from ..registry import Candidate, Replacement, SkipCandidate, register_rule
 from ._common import dims, han_block, require_square
 
 PRE_NORM_ATTRS = ("layernorm_after",)
+OUTPUT_CHILDREN = ("dense", "dropout", "LayerNorm")  # all HanSplitOutput keeps of an ``*Output``
 
 
 def _is_split_ffn(cand: Candidate) -> bool:
@@ -46,6 +47,17 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     params = list(inspect.signature(out.forward).parameters)
     if len(params) < 2:
         raise SkipCandidate(f"{type(out).__name__}.forward({', '.join(params)}) does not take the residual input")
+    required = [
+        p.name
+        for p in inspect.signature(out.forward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    extra = sorted(set(dict(out.named_children())) - set(OUTPUT_CHILDREN))
+    if len(required) > 2 or extra:
+        raise SkipCandidate(
+            f"{type(out).__name__} does more than dropout + residual + norm (forward({', '.join(params)}), "
+            f"sub-modules {extra}): HanSplitOutput would drop it"
+        )
     out_path = cand.qualify("output")
     post_norm = getattr(out, "LayerNorm", None)
     dropout = getattr(out, "dropout", None)

@@ -29,7 +29,17 @@ from torch import nn
 from ..config import HanConfig
 from ..modules import ChannelsFirst, HanGatedMlp
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import Site, block_dropout, dims, dropout_p, finish, han_block, require_reflections, require_square
+from ._common import (
+    Site,
+    block_dropout,
+    dims,
+    dropout_p,
+    finish,
+    han_block,
+    require_not_in_attention,
+    require_reflections,
+    require_square,
+)
 
 _ADD = Site(norm="norm2")
 _GAMMA2 = Site(norm="norm2", gammas=("gamma_2",))
@@ -70,6 +80,7 @@ def _wrap(han: nn.Module, conv: bool) -> nn.Module:
 @register_rule("timm.mlp", matcher=Mlp, changes=("norm", "residual"), priority=100)
 def build_timm_mlp(cand: Candidate, config: HanConfig) -> Replacement:
     """timm ``Mlp`` (fc1, act, drop, norm, fc2, drop; Linear or 1x1 Conv2d) -> ``HanBlock``."""
+    require_not_in_attention(cand)
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
     require_square(d_in, hidden, d_out)

@@ -31,7 +31,7 @@ def build_pvt_mix_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     han = HanMixFfnFeatSize(
         d_in,
         kernel_size=m.dwconv.kernel_size[0],
-        extra_relu=isinstance(m.relu, nn.ReLU),
+        pre_conv=nn.ReLU() if isinstance(m.relu, nn.ReLU) else None,
         drop=block_dropout(config, (p, p)),
         final_abs=config.final_abs,
         **config.han_kwargs(),
