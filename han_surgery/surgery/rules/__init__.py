@@ -16,7 +16,7 @@ module                    family
 ``hf_seq2seq``            inline ``fc1``/``fc2`` layers (BART, Whisper, mBART, Marian, ...)
 ``hf_convnext``           transformers ConvNeXt / ConvNeXt-V2 layers (inline ``pwconv1``/``pwconv2``)
 ``hf_mlp``                ``*MLP`` modules with ``fc1``/``fc2`` (CLIP, SigLIP, ViT, DeiT, Dinov2)
-``hf_segformer``          SegFormer's Mix-FFN (depthwise conv inside, ``forward(h, height, width)``)
+``hf_segformer``          Mix-FFNs of SegFormer, PVTv2, GLPN (depthwise conv inside, ``forward(h, height, width)``)
 ``hf_albert``             ALBERT's shared ``AlbertLayer`` (inline FFN)
 ``hf_moe``                fused mixture-of-experts experts (Mixtral, Qwen2-MoE, OLMoE, DeepSeek, ...)
 ``fallback``              the structural fallback for unknown FFNs

@@ -75,15 +75,23 @@ def require_square(d_in: int, hidden: int | str, d_out: int, what: str = "fc1") 
         )
 
 
-def require_not_in_attention(cand: Candidate) -> None:
-    """Skip an MLP that lives inside an attention module (a relative-position or continuous
-    position-bias MLP, ``2 -> h -> heads``): it maps coordinates to biases, it is not an FFN."""
+POSITION_MLP_MAX_INPUT = 4
+
+
+def require_not_in_attention(cand: Candidate, features: int) -> None:
+    """Skip a position-bias MLP: one inside an attention module that reads ``features <= 4`` inputs
+    (relative coordinates, ``2 -> h -> heads``: Swin-V2's and timm's rel-pos MLPs). It maps
+    coordinates to attention biases; it is not an FFN (a block called ``...Attention...`` may well
+    hold a real FFN, as MaxViT's and CaiT's do)."""
+    if features > POSITION_MLP_MAX_INPUT:
+        return
     parts = cand.path.split(".")
     for i in range(len(parts) - 1, 0, -1):
-        owner = cand.root.get_submodule(".".join(parts[:i]))
-        name = type(owner).__name__
+        name = type(cand.root.get_submodule(".".join(parts[:i]))).__name__
         if "Attention" in name:
-            raise SkipCandidate(f"inside {name} ({'.'.join(parts[:i])}): a position-bias MLP, not an FFN")
+            raise SkipCandidate(
+                f"{features} inputs, inside {name} ({'.'.join(parts[:i])}): a position-bias MLP, not an FFN"
+            )
 
 
 def dropout_p(module: nn.Module | None) -> float:

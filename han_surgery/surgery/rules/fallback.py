@@ -130,7 +130,6 @@ def _required_inputs(module: nn.Module) -> list[str]:
 @register_rule("fallback.ffn", matcher=_looks_like_ffn, changes=(), priority=-100)
 def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     """Any module made of d->h projection(s), an activation and an h->d projection -> ``HanBlock``."""
-    require_not_in_attention(cand)
     inputs = _required_inputs(cand.module)
     if len(inputs) != 1:
         raise SkipCandidate(
@@ -141,6 +140,7 @@ def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     shapes = [dims(p) for p in projs]
     *ups, down = shapes
     d_in, hidden = ups[0]
+    require_not_in_attention(cand, d_in)
     if any(u != ups[0] for u in ups) or down[0] != hidden:
         raise SkipCandidate(f"fallback: projections {shapes} are not d -> h (, d -> h) -> d")
     require_square(d_in, hidden, down[1], "first projection")

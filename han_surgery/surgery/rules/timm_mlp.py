@@ -80,9 +80,9 @@ def _wrap(han: nn.Module, conv: bool) -> nn.Module:
 @register_rule("timm.mlp", matcher=Mlp, changes=("norm", "residual"), priority=100)
 def build_timm_mlp(cand: Candidate, config: HanConfig) -> Replacement:
     """timm ``Mlp`` (fc1, act, drop, norm, fc2, drop; Linear or 1x1 Conv2d) -> ``HanBlock``."""
-    require_not_in_attention(cand)
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
+    require_not_in_attention(cand, d_in)
     require_square(d_in, hidden, d_out)
     han = han_block(d_in, config, (dropout_p(m.drop1), dropout_p(m.drop2)))
     return finish(cand, config, _wrap(han, isinstance(m.fc1, nn.Conv2d)), timm_site(cand))
