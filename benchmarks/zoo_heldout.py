@@ -104,7 +104,18 @@ HELDOUT_TRANSFORMERS: dict[str, tuple[Callable[[], dict], dict]] = {
     "convbert": (TOKENS, dict(ENCODER, embedding_size=32)),
     "layoutlm": (TOKENS, ENCODER),
     "megatron-bert": (TOKENS, ENCODER),
-    "funnel": (TOKENS, dict(d_model=32, n_head=2, d_head=16, d_inner=64, block_sizes=[1, 1], vocab_size=100)),
+    "funnel": (
+        TOKENS,
+        dict(
+            d_model=32,
+            n_head=2,
+            d_head=16,
+            d_inner=64,
+            block_sizes=[1, 1],
+            vocab_size=100,
+            architectures=["FunnelModel"],
+        ),
+    ),
     "gpt_neo": (
         TOKENS,
         dict(hidden_size=32, num_layers=2, num_heads=2, attention_types=[[["global", "local"], 1]], vocab_size=100),
@@ -120,7 +131,7 @@ HELDOUT_TRANSFORMERS: dict[str, tuple[Callable[[], dict], dict]] = {
     "biogpt": (TOKENS, ENCODER),
     "xglm": (TOKENS, dict(d_model=32, num_layers=2, attention_heads=2, ffn_dim=64, vocab_size=100)),
     "marian": (SEQ2SEQ, S2S),
-    "m2m100": (SEQ2SEQ, S2S),
+    "m2m_100": (SEQ2SEQ, S2S),
     "umt5": (SEQ2SEQ, dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)),
     "hubert": (WAVE, AUDIO),
     "wavlm": (WAVE, AUDIO),
