@@ -24,13 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto import configuration_auto, modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
 from ..errors import CheckpointError
-from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, transformers_auto_map
+from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
 from ..surgery.recipe import Recipe
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
 
@@ -83,7 +84,8 @@ class _Hanified:
 
     def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
         super().__init__(config, *args, **kwargs)
-        source = f"{getattr(config, '_name_or_path', '') or 'config'} ({HF_RECIPE_KEY})"
+        folder = getattr(config, "_name_or_path", "") or "."
+        source = f"{Path(folder) / 'config.json'} ({HF_RECIPE_KEY})"
         recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY, None), source)
         paths = [r.path for step in recipe.steps for r in step.rewrites]
         replay_recipe(self, recipe.steps, source, path_map=_path_map(self, paths))
@@ -134,9 +136,16 @@ class _AutoDispatch:
     ) -> PreTrainedModel:
         if not isinstance(config, HanifiedConfig):
             config = HanifiedConfig.from_pretrained(pretrained_model_name_or_path)
-        source = str(Path(str(pretrained_model_name_or_path)) / "config.json")
-        model_class, base_config = cls._resolve(config, source)
-        return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
+        folder = Path(str(pretrained_model_name_or_path))
+        model_class, base_config = cls._resolve(config, str(folder / "config.json"))
+        try:
+            return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
+        except SafetensorError as e:
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
+        except RuntimeError as e:  # transformers refuses tensors of the wrong shape with a RuntimeError
+            if "mismatch" not in str(e):
+                raise
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {model_class.__name__} ({e})") from None
 
     @classmethod
     def _from_config(cls, config: HanifiedConfig, **kwargs: Any) -> PreTrainedModel:
