@@ -11,7 +11,14 @@ from torch import nn
 
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, save_pretrained
 from han_surgery.layers import HouseholderLinear
-from han_surgery.surgery.modules import HAN_MODULE_TYPES, ResidualFree
+from han_surgery.surgery.modules import (
+    HAN_MODULE_TYPES,
+    HanConvMlp,
+    HanExperts,
+    HanMixFfn,
+    HanMixFfnFeatSize,
+    ResidualFree,
+)
 from han_surgery.surgery.recipe import BaseModelSpec
 
 INLINE_RULES = ("hf.inline_ffn", "hf.convnext", "hf.albert_ffn")  # swap fc1 / act / fc2 inside their layer
@@ -194,3 +201,79 @@ def test_dtype_is_kept():
     model.to(torch.bfloat16)
     hanify(model)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+# ---- the families of issue 12: what the paper's idea becomes there ----
+
+
+def test_mix_ffn_starts_as_the_papers_block_and_keeps_a_depthwise_conv():
+    """SegFormer / PVTv2 / GLPN: H2 |DW(H1 x + b1)| + b2 with DW the identity at first, so exactly H2 |H1 x + b1| + b2."""
+    torch.manual_seed(0)
+    han = HanMixFfn(16, kernel_size=3)
+    x = torch.randn(2, 4 * 6, 16)
+    torch.testing.assert_close(han(x, 4, 6), han.fc2(han.fc1(x).abs()), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        han.dwconv.weight.normal_()  # once trained, the conv mixes neighbouring tokens
+    y = han(x, 4, 6)
+    assert not torch.allclose(y, han.fc2(han.fc1(x).abs()))
+    assert sum(p.numel() for p in han.parameters()) == 4 * 16 + 16 * 9 + 16  # O(n): 4n + a 3x3 depthwise conv
+
+
+def test_segformer_and_pvt_get_a_mix_ffn_with_their_call_signature():
+    model, inputs, _ = ZOO["hf/segformer"]()
+    report = hanify(model.eval())
+    layer = model.stages[0].blocks[0]
+    assert isinstance(layer.mlp, HanMixFfn) and isinstance(layer.layernorm_after, nn.Identity)
+    assert all("depthwise 3x3 conv kept" in r.neighbours["dwconv"] for r in report.rewrites)
+    with torch.no_grad():  # another resolution: the block takes (hidden_states, height, width)
+        model(pixel_values=torch.randn(1, 3, 64, 48))
+    pvt, _, _ = ZOO["timm/pvt_v2"]()
+    hanify(pvt)
+    block = pvt.stages[0].blocks[0]
+    assert isinstance(block.mlp, HanMixFfnFeatSize) and isinstance(block.norm2, nn.Identity)
+    x = torch.randn(2, 8 * 8, block.mlp.fc1.features)
+    torch.testing.assert_close(block.mlp(x, [8, 8]), block.mlp.fc2(block.mlp.fc1(x).abs()), rtol=0, atol=1e-6)
+
+
+def test_moe_keeps_the_router_and_the_top_k_routing():
+    model, inputs, _ = ZOO["hf/mixtral"]()
+    moe = model.layers[0].mlp
+    router = moe.gate
+    h = torch.randn(10, 32)
+    with torch.no_grad():
+        _, weights, chosen = router(h)
+    report = hanify(model.eval())
+    assert moe.gate is router and isinstance(moe.experts, HanExperts) and len(moe.experts.experts) == 4
+    assert all("same top-k experts" in r.neighbours["router"] for r in report.rewrites)
+    with torch.no_grad():
+        _, weights2, chosen2 = moe.gate(h)
+        assert torch.equal(chosen, chosen2) and torch.equal(weights, weights2)
+        expected = torch.stack(
+            [sum(weights[t, j] * moe.experts.experts[int(chosen[t, j])](h[t]) for j in range(2)) for t in range(10)]
+        )
+        torch.testing.assert_close(moe.experts(h, chosen, weights), expected)
+        model(**inputs)
+
+
+def test_levit_mlp_loses_its_batchnorms_and_can_drop_the_residual():
+    model, _, _ = ZOO["timm/levit"]()
+    report = hanify(model.eval(), HanConfig(residual="drop"))
+    assert report.num_rewritten == 5 and all(r.rule == "timm.levit_mlp" for r in report.rewrites)
+    block = model.stages[0].blocks[0]
+    assert isinstance(block.mlp, ResidualFree) and not any(isinstance(m, nn.BatchNorm1d) for m in block.mlp.modules())
+    x = torch.randn(2, 16, 16)
+    with torch.no_grad():
+        x1 = x + block.attn(x)
+        torch.testing.assert_close(block(x), block.mlp.ffn(x1), atol=1e-5, rtol=0)
+
+
+def test_fastvit_keeps_its_depthwise_conv_and_puts_a_han_block_after_it():
+    model, _, _ = ZOO["timm/fastvit"]()
+    old = model.stages[0].blocks[0].mlp
+    conv = old.conv
+    hanify(model.eval())
+    new = model.stages[0].blocks[0].mlp
+    assert isinstance(new, HanConvMlp) and new.conv is conv
+    x = torch.randn(2, 48, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), new.block(conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
