@@ -226,7 +226,7 @@ class NotInstalled:  # han-surgery as if it were not installed
         if name.split(".")[0] == "han_surgery":
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NotInstalled())
-import transformers as T
+import timm, transformers as T
 for kwargs in ({}, {"trust_remote_code": True}):
     try:
         T.AutoModel.from_pretrained(sys.argv[1], **kwargs)
@@ -234,13 +234,17 @@ for kwargs in ({}, {"trust_remote_code": True}):
         print(type(e).__name__, "|", str(e).replace("\\n", " "))
     else:
         print("LOADED")
+try:
+    timm.create_model("local-dir:" + sys.argv[2], pretrained=True)
+except Exception as e:
+    print("timm", type(e).__name__, "|", e)
 """
 
 
 def test_without_han_surgery_transformers_names_the_package(folders, tmp_path):
     tmp, _ = folders
     proc = subprocess.run(
-        [sys.executable, "-c", WITHOUT_HAN_SURGERY, str(tmp / "base")],
+        [sys.executable, "-c", WITHOUT_HAN_SURGERY, str(tmp / "base"), str(tmp / "vit")],
         env=_offline_env(tmp_path / "hf"),
         stdin=subprocess.DEVNULL,
         cwd=tmp_path,
@@ -249,8 +253,9 @@ def test_without_han_surgery_transformers_names_the_package(folders, tmp_path):
         timeout=300,
     )
     lines = [line for line in proc.stdout.splitlines() if "|" in line or line == "LOADED"]
-    assert len(lines) == 2, proc.stdout + proc.stderr
-    plain, trusted = lines
+    assert len(lines) == 3, proc.stdout + proc.stderr
+    plain, trusted, timm_line = lines
+    assert timm_line == "timm RuntimeError | Unknown model (hanified)"  # timm has no hook to say more
     assert "ValueError |" in plain and "trust_remote_code=True" in plain  # transformers' own refusal (after its prompt)
     assert "ImportError |" in trusted and "han_surgery" in trusted and "pip install" in trusted
     assert "unexpected" not in (proc.stdout + proc.stderr).lower()
