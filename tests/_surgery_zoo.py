@@ -1,6 +1,6 @@
 """Tiny models (built from configs, no download) for the surgery tests: name -> (build, inputs, expected rewrites).
 
-40 timm and 40 transformers architectures of the kinds people fine-tune (vision transformers, hybrids,
+42 timm and 40 transformers architectures of the kinds people fine-tune (vision transformers, hybrids,
 MLP models, encoders, decoders, encoder-decoders, audio, mixtures of experts), one custom model for the
 structural fallback. Entries built from a model class rather than a registered name (``_cls``) have no
 config to rebuild them from: a reload passes the freshly built base model (``from_pretrained(dir, model=...)``).
@@ -192,6 +192,18 @@ ZOO = {
     ),
     "timm/pvt_v2": _timm("pvt_v2_b0", 4, embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)),
     "timm/fastvit": _timm("fastvit_t8", 4, layers=(1, 1, 1, 1), embed_dims=(48, 48, 48, 48)),
+    "timm/efficientformerv2": _timm(
+        "efficientformerv2_s0", 4, size=224, depths=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64), num_vit=1
+    ),
+    "timm/efficientvit": _timm(
+        "efficientvit_b0",
+        2,
+        size=64,
+        widths=(8, 16, 32, 64, 128),
+        depths=(1, 1, 1, 1, 1),
+        head_dim=16,
+        head_widths=(64, 80),
+    ),
     # more vision transformers, hybrids and MLP models
     "timm/deit3": _timm("deit3_small_patch16_224", 1, **VIT),
     "timm/convnextv2": _timm("convnextv2_atto", 4, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),

@@ -1,13 +1,14 @@
 """Built-in rewrite rules, one module per model family (importing registers them).
 
-========================  ================================================================================
+========================  =========================================================================================
 module                    family
-========================  ================================================================================
+========================  =========================================================================================
 ``timm_mlp``              timm ``Mlp``, ``GluMlp``, ``SwiGLU``, ``GatedMlp``, ``ConvMlp``
 ``timm_levit``            timm LeViT ``LevitMlp`` (Linear/1x1-conv + BatchNorm pairs)
 ``timm_pvt``              timm PVTv2 ``MlpWithDepthwiseConv`` (a Mix-FFN, ``forward(x, feat_size)``)
 ``timm_fastvit``          timm FastViT ``ConvMlp`` (depthwise conv, then a 1x1-conv MLP)
 ``timm_efficientformer``  timm EfficientFormer-V2 ``ConvMlpWithNorm`` (a Mix-FFN on feature maps)
+``timm_efficientvit``     timm EfficientViT (MIT): the ``MBConv`` FFN of each block
 ``hf_bert``               transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT)
 ``hf_distilbert``         DistilBERT ``FFN``
 ``hf_gpt2``               GPT-2 ``GPT2MLP`` (``Conv1D``)
@@ -20,7 +21,7 @@ module                    family
 ``hf_albert``             ALBERT's shared ``AlbertLayer`` (inline FFN)
 ``hf_moe``                fused mixture-of-experts experts (Mixtral, Qwen2-MoE, OLMoE, DeepSeek, ...)
 ``fallback``              the structural fallback for unknown FFNs
-========================  ================================================================================
+========================  =========================================================================================
 """
 
 from . import (  # noqa: F401
@@ -37,6 +38,7 @@ from . import (  # noqa: F401
     hf_seq2seq,
     hf_t5,
     timm_efficientformer,
+    timm_efficientvit,
     timm_fastvit,
     timm_levit,
     timm_mlp,

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...layers import HanBlock, HanLayer, HouseholderLinear
+from ...layers import Abs, HanBlock, HanLayer, HouseholderLinear
 from ..config import HanConfig
-from ..modules import ResidualFree
+from ..modules import HanMixFfn2d, ResidualFree
 from ..registry import Candidate, Replacement, SkipCandidate
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "finish",
     "inline_han_swaps",
     "require_not_in_attention",
+    "mix_ffn_2d",
 ]
 
 
@@ -193,3 +194,16 @@ def inline_han_swaps(
         q + act: nn.Identity(),
         q + down: (HanLayer if config.final_abs else HouseholderLinear)(features, **kw),
     }
+
+
+def mix_ffn_2d(features: int, kernel_size: int, config: HanConfig, drop: tuple[float, float]) -> HanMixFfn2d:
+    """``H2 |DW(|H1 x + b1|)| + b2`` on feature maps: a conv-layout Mix-FFN whose two activations became ``|.|``."""
+    require_reflections(features, config)
+    return HanMixFfn2d(
+        features,
+        kernel_size=kernel_size,
+        pre_conv=Abs(),
+        drop=block_dropout(config, drop),
+        final_abs=config.final_abs,
+        **config.han_kwargs(),
+    )

@@ -16,11 +16,10 @@ from __future__ import annotations
 from timm.models.efficientformer_v2 import ConvMlpWithNorm, EfficientFormerV2Block
 from torch import nn
 
-from ...layers import Abs
 from ..config import HanConfig
-from ..modules import ChannelsFirst, HanMixFfn2d
+from ..modules import ChannelsFirst
 from ..registry import Candidate, Replacement, register_rule
-from ._common import Site, block_dropout, dims, dropout_p, finish, han_block, require_reflections, require_square
+from ._common import Site, dims, dropout_p, finish, han_block, mix_ffn_2d, require_square
 
 
 @register_rule("timm.efficientformerv2_mlp", matcher=ConvMlpWithNorm, changes=("residual",), priority=100)
@@ -34,16 +33,8 @@ def build_efficientformerv2_mlp(cand: Candidate, config: HanConfig) -> Replaceme
         han: nn.Module = ChannelsFirst(han_block(d_in, config, drop))
         note = "no depthwise conv"
     else:
-        require_reflections(d_in, config)
         k = m.mid.conv.kernel_size[0]
-        han = HanMixFfn2d(
-            d_in,
-            kernel_size=k,
-            pre_conv=Abs(),
-            drop=block_dropout(config, drop),
-            final_abs=config.final_abs,
-            **config.han_kwargs(),
-        )
+        han = mix_ffn_2d(d_in, k, config, drop)
         note = f"depthwise {k}x{k} conv kept at width {d_in}; BatchNorms replaced with the projections"
     site = Site(norm=None, scales=("ls2",)) if isinstance(cand.parent, EfficientFormerV2Block) else None
     repl = finish(cand, config, han, site)
