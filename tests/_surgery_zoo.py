@@ -1,6 +1,6 @@
 """Tiny models (built from configs, no download) for the surgery tests: name -> (build, inputs, expected rewrites).
 
-42 timm and 40 transformers architectures of the kinds people fine-tune (vision transformers, hybrids,
+43 timm and 40 transformers architectures of the kinds people fine-tune (vision transformers, hybrids,
 MLP models, encoders, decoders, encoder-decoders, audio, mixtures of experts), one custom model for the
 structural fallback. Entries built from a model class rather than a registered name (``_cls``) have no
 config to rebuild them from: a reload passes the freshly built base model (``from_pretrained(dir, model=...)``).
@@ -204,6 +204,7 @@ ZOO = {
         head_dim=16,
         head_widths=(64, 80),
     ),
+    "timm/mambaout": _timm("test_mambaout", 6, size=64),
     # more vision transformers, hybrids and MLP models
     "timm/deit3": _timm("deit3_small_patch16_224", 1, **VIT),
     "timm/convnextv2": _timm("convnextv2_atto", 4, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32)),

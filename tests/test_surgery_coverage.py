@@ -15,6 +15,7 @@ from han_surgery.surgery.modules import (
     HAN_MODULE_TYPES,
     HanConvMlp,
     HanExperts,
+    HanGatedConvBlock,
     HanMixFfn,
     HanMixFfnFeatSize,
     ResidualFree,
@@ -277,3 +278,15 @@ def test_fastvit_keeps_its_depthwise_conv_and_puts_a_han_block_after_it():
     x = torch.randn(2, 48, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(new(x), new.block(conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+def test_mambaout_block_loses_its_gate_and_keeps_token_mixing():
+    model, _, _ = ZOO["timm/mambaout"]()
+    hanify(model.eval())
+    block = next(m for m in model.modules() if isinstance(m, HanGatedConvBlock))
+    assert isinstance(block.norm, nn.Identity) and block.residual
+    x = torch.randn(2, 4, 4, block.ffn.fc1.features)
+    with torch.no_grad():
+        flat = x.reshape(2, 16, -1)
+        expected = x + block.ls(block.ffn.fc2(block.ffn.fc1(flat).abs())).reshape(x.shape)  # identity conv at first
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-6)

@@ -22,6 +22,7 @@ __all__ = [
     "HanMixFfn",
     "HanMixFfnFeatSize",
     "HanMixFfn2d",
+    "HanGatedConvBlock",
     "HanConvMlp",
     "HanExperts",
     "HAN_MODULE_TYPES",
@@ -200,6 +201,38 @@ class HanMixFfn2d(HanMixFfn):
         return y.transpose(1, 2).reshape(batch, channels, height, width)
 
 
+class HanGatedConvBlock(nn.Module):
+    """MambaOut's ``GatedConvBlock`` in Han form: ``x + drop_path(ls(HanMixFfn(norm(x))))`` on channels-last maps.
+
+    The replaced block is a gated MLP with a depthwise conv inside (``fc2(act(g) * [i, conv(c)])``)
+    that also holds its norm and residual. The gate goes (as in the gated MLPs of LLaMA), the
+    projections become reflections and the depthwise conv, the block's only spatial mixing, stays
+    at width ``n`` (:class:`HanMixFfn`). ``norm``, ``ls`` and ``drop_path`` are the replaced block's
+    modules (``Identity`` when the rule drops them); ``residual=False`` returns the branch alone.
+
+    Shapes: ``(B, H, W, n) -> (B, H, W, n)``.
+    """
+
+    def __init__(
+        self, ffn: HanMixFfn, norm: nn.Module, ls: nn.Module, drop_path: nn.Module, residual: bool = True
+    ) -> None:
+        super().__init__()
+        self.norm = norm
+        self.ffn = ffn
+        self.ls = ls
+        self.drop_path = drop_path
+        self.residual = residual
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, height, width, channels = x.shape
+        y = self.ffn(self.norm(x).reshape(batch, height * width, channels), height, width)
+        y = self.drop_path(self.ls(y.reshape(batch, height, width, channels)))
+        return x + y if self.residual else y
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}"
+
+
 class HanConvMlp(nn.Module):
     """FastViT's ``ConvMlp`` in Han form: its depthwise conv (kept, with its weights), then a Han-block on
     the channels.
@@ -268,6 +301,7 @@ HAN_MODULE_TYPES: tuple[type[nn.Module], ...] = (
     HanSplitOutput,
     HanGatedMlp,
     HanMixFfn,
+    HanGatedConvBlock,
     HanConvMlp,
     HanExperts,
 )

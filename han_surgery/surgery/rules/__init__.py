@@ -9,6 +9,7 @@ module                    family
 ``timm_fastvit``          timm FastViT ``ConvMlp`` (depthwise conv, then a 1x1-conv MLP)
 ``timm_efficientformer``  timm EfficientFormer-V2 ``ConvMlpWithNorm`` (a Mix-FFN on feature maps)
 ``timm_efficientvit``     timm EfficientViT (MIT): the ``MBConv`` FFN of each block
+``timm_mambaout``         timm MambaOut ``GatedConvBlock`` (gated MLP + depthwise conv, a whole block)
 ``hf_bert``               transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT)
 ``hf_distilbert``         DistilBERT ``FFN``
 ``hf_gpt2``               GPT-2 ``GPT2MLP`` (``Conv1D``)
@@ -41,6 +42,7 @@ from . import (  # noqa: F401
     timm_efficientvit,
     timm_fastvit,
     timm_levit,
+    timm_mambaout,
     timm_mlp,
     timm_pvt,
 )
