@@ -22,16 +22,32 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 import transformers as T
 
 from han_surgery import from_pretrained, hanify, save_pretrained
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test zoo's tiny configs and helpers
+from _surgery_zoo import (  # noqa: E402
+    AUDIO,
+    BERTLIKE,
+    DECODER,
+    PIXELS,
+    SEQ2SEQ,
+    SMALL,
+    TOKENS,
+    WAVE,
+    output_tensor,
+    seq2seq_inputs,
+)
 
 Build = Callable[[], tuple[torch.nn.Module, dict]]
 
@@ -69,41 +85,13 @@ HELDOUT_TIMM: dict[str, int | None] = {
     "mobilenetv4_hybrid_medium": 64,
 }
 
-TOKENS = lambda: {"input_ids": torch.randint(3, 99, (2, 8))}  # noqa: E731
-SEQ2SEQ = lambda: {**TOKENS(), "decoder_input_ids": torch.randint(3, 99, (2, 5))}  # noqa: E731
-PIXELS = lambda: {"pixel_values": torch.randn(2, 3, 32, 32)}  # noqa: E731
-WAVE = lambda: {"input_values": torch.randn(2, 800)}  # noqa: E731
-ENCODER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100)
-DECODER = dict(ENCODER, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
-VISION = {k: v for k, v in ENCODER.items() if k != "vocab_size"}
-S2S = dict(
-    d_model=32,
-    encoder_layers=1,
-    decoder_layers=1,
-    encoder_attention_heads=2,
-    decoder_attention_heads=2,
-    encoder_ffn_dim=64,
-    decoder_ffn_dim=64,
-    vocab_size=100,
-    max_position_embeddings=64,
-    pad_token_id=1,
-    decoder_start_token_id=2,
-)
-AUDIO = dict(
-    ENCODER,
-    conv_dim=(16, 16),
-    conv_stride=(5, 4),
-    conv_kernel=(10, 4),
-    num_conv_pos_embeddings=16,
-    num_conv_pos_embedding_groups=2,
-)
 # model_type -> (inputs, config kwargs)
 HELDOUT_TRANSFORMERS: dict[str, tuple[Callable[[], dict], dict]] = {
-    "xlm-roberta": (TOKENS, dict(ENCODER, pad_token_id=1)),
-    "camembert": (TOKENS, dict(ENCODER, pad_token_id=1)),
-    "convbert": (TOKENS, dict(ENCODER, embedding_size=32)),
-    "layoutlm": (TOKENS, ENCODER),
-    "megatron-bert": (TOKENS, ENCODER),
+    "xlm-roberta": (TOKENS, dict(BERTLIKE, pad_token_id=1)),
+    "camembert": (TOKENS, dict(BERTLIKE, pad_token_id=1)),
+    "convbert": (TOKENS, dict(BERTLIKE, embedding_size=32)),
+    "layoutlm": (TOKENS, BERTLIKE),
+    "megatron-bert": (TOKENS, BERTLIKE),
     "funnel": (
         TOKENS,
         dict(
@@ -125,26 +113,29 @@ HELDOUT_TRANSFORMERS: dict[str, tuple[Callable[[], dict], dict]] = {
     "phi3": (TOKENS, dict(DECODER, pad_token_id=0)),
     "gemma": (TOKENS, DECODER),
     "olmo2": (TOKENS, DECODER),
-    "stablelm": (TOKENS, dict(ENCODER, num_key_value_heads=2)),
+    "stablelm": (TOKENS, dict(BERTLIKE, num_key_value_heads=2)),
     "starcoder2": (TOKENS, DECODER),
     "granite": (TOKENS, DECODER),
-    "biogpt": (TOKENS, ENCODER),
+    "biogpt": (TOKENS, BERTLIKE),
     "xglm": (TOKENS, dict(d_model=32, num_layers=2, attention_heads=2, ffn_dim=64, vocab_size=100)),
-    "marian": (SEQ2SEQ, S2S),
-    "m2m_100": (SEQ2SEQ, S2S),
-    "umt5": (SEQ2SEQ, dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)),
+    "marian": (seq2seq_inputs, SEQ2SEQ),
+    "m2m_100": (seq2seq_inputs, SEQ2SEQ),
+    "umt5": (seq2seq_inputs, dict(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)),
     "hubert": (WAVE, AUDIO),
     "wavlm": (WAVE, AUDIO),
     "data2vec-audio": (WAVE, dict(AUDIO, conv_pos_kernel_size=4, num_conv_pos_embeddings=4)),
-    "beit": (PIXELS, dict(VISION, image_size=32, patch_size=8)),
+    "beit": (PIXELS(32), dict(SMALL, image_size=32, patch_size=8)),
     "vit_mae": (
-        lambda: {**PIXELS(), "noise": torch.rand(2, 16)},
-        dict(VISION, image_size=32, patch_size=8, decoder_hidden_size=32, decoder_intermediate_size=64),
+        lambda: {**PIXELS(32)(), "noise": torch.rand(2, 16)},
+        dict(SMALL, image_size=32, patch_size=8, decoder_hidden_size=32, decoder_intermediate_size=64),
     ),
-    "swinv2": (PIXELS, dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)),
-    "pvt_v2": (PIXELS, dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2])),
+    "swinv2": (
+        PIXELS(32),
+        dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4),
+    ),
+    "pvt_v2": (PIXELS(32), dict(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], num_attention_heads=[1, 1, 2, 2])),
     "glpn": (
-        PIXELS,
+        PIXELS(32),
         dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], num_attention_heads=[1, 2]),
     ),
     "olmoe": (TOKENS, dict(DECODER, num_experts=4, num_experts_per_tok=2)),
@@ -168,18 +159,6 @@ def transformers_builder(model_type: str, inputs: Callable[[], dict], kwargs: di
     return build
 
 
-def first_tensor(out) -> torch.Tensor:
-    """The first floating tensor of a model output (tensor, ModelOutput, tuple or list)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    items = out.to_tuple() if hasattr(out, "to_tuple") else out
-    for item in items:
-        t = first_tensor(item)
-        if t is not None and t.is_floating_point():
-            return t
-    return None
-
-
 def check(build: Build) -> str:
     """``"pass ..."`` or ``"FAIL <step>: <reason>"`` (see the module docstring)."""
     torch.manual_seed(0)
@@ -193,18 +172,18 @@ def check(build: Build) -> str:
             return f"FAIL hanify: 0 blocks rewritten ({reasons})"
         step = "forward/backward"
         model.train()
-        first_tensor(model(**inputs)).float().square().mean().backward()
+        output_tensor(model(**inputs)).float().square().mean().backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads or not all(torch.isfinite(g).all() for g in grads):
             return "FAIL forward/backward: no or non-finite gradients"
         step = "save/reload"
         model.eval()
         with torch.no_grad():
-            expected = first_tensor(model(**inputs))
+            expected = output_tensor(model(**inputs))
         with tempfile.TemporaryDirectory() as tmp:
             save_pretrained(model, tmp)
             with torch.no_grad():
-                got = first_tensor(from_pretrained(tmp)(**inputs))
+                got = output_tensor(from_pretrained(tmp)(**inputs))
         if not torch.equal(got, expected):
             return f"FAIL save/reload: outputs differ by {(got - expected).abs().max().item():.3g}"
     except Exception as e:  # a benchmark reports every failure and goes on

@@ -60,6 +60,14 @@ LLM = dict(
 )
 SMALL = {k: v for k, v in BERTLIKE.items() if k != "vocab_size"}
 DECODER = dict(LLM, head_dim=16, max_position_embeddings=64)
+AUDIO = dict(
+    BERTLIKE,
+    conv_dim=(16, 16),
+    conv_stride=(5, 4),
+    conv_kernel=(10, 4),
+    num_conv_pos_embeddings=16,
+    num_conv_pos_embedding_groups=2,
+)
 SEQ2SEQ = dict(
     d_model=32,
     encoder_layers=1,
@@ -77,7 +85,7 @@ SEQ2SEQ = dict(
 )
 
 
-def _seq2seq_inputs():
+def seq2seq_inputs():
     return {"input_ids": torch.randint(3, 99, (2, 8)), "decoder_input_ids": torch.randint(3, 99, (2, 5))}
 
 
@@ -316,7 +324,7 @@ ZOO = {
         T.T5Config,
         T.T5Model,
         2,
-        _seq2seq_inputs,
+        seq2seq_inputs,
         d_model=32,
         d_ff=64,
         d_kv=16,
@@ -328,7 +336,7 @@ ZOO = {
         T.T5Config,
         T.T5Model,
         2,
-        _seq2seq_inputs,
+        seq2seq_inputs,
         d_model=32,
         d_ff=64,
         d_kv=16,
@@ -337,7 +345,7 @@ ZOO = {
         vocab_size=100,
         feed_forward_proj="gated-gelu",
     ),
-    "hf/bart": _hf(T.BartConfig, T.BartModel, 2, _seq2seq_inputs, **SEQ2SEQ),
+    "hf/bart": _hf(T.BartConfig, T.BartModel, 2, seq2seq_inputs, **SEQ2SEQ),
     "hf/opt": _hf(
         T.OPTConfig,
         T.OPTModel,
@@ -446,20 +454,10 @@ ZOO = {
     "hf/gemma2": _auto("gemma2", 2, **DECODER),
     "hf/qwen3": _auto("qwen3", 2, **DECODER),
     "hf/falcon": _auto("falcon", 2, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100),
-    "hf/mbart": _auto("mbart", 2, _seq2seq_inputs, **SEQ2SEQ),
-    "hf/pegasus": _auto("pegasus", 2, _seq2seq_inputs, **SEQ2SEQ),
-    "hf/mt5": _auto("mt5", 2, _seq2seq_inputs, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100),
-    "hf/wav2vec2": _auto(
-        "wav2vec2",
-        2,
-        WAVE,
-        conv_dim=(16, 16),
-        conv_stride=(5, 4),
-        conv_kernel=(10, 4),
-        num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2,
-        **BERTLIKE,
-    ),
+    "hf/mbart": _auto("mbart", 2, seq2seq_inputs, **SEQ2SEQ),
+    "hf/pegasus": _auto("pegasus", 2, seq2seq_inputs, **SEQ2SEQ),
+    "hf/mt5": _auto("mt5", 2, seq2seq_inputs, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100),
+    "hf/wav2vec2": _auto("wav2vec2", 2, WAVE, **AUDIO),
     "hf/ast": _auto(
         "audio-spectrogram-transformer",
         2,

@@ -23,6 +23,7 @@ import pytest
 import timm
 import torch
 import transformers as T
+from _hf_cache import populate_hf_cache
 from _surgery_zoo import ZOO
 from safetensors.torch import save_file
 
@@ -153,18 +154,6 @@ def test_model_card_snippet_loads_the_folder(folders, family):
             assert torch.equal(model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits, io["cls"])
 
 
-def _populate_hf_cache(hub_cache: Path, repo_id: str, src: Path) -> None:
-    """The layout ``snapshot_download`` leaves: ``models--owner--name/{refs/main, snapshots/<commit>/...}``."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in src.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
 def _offline_env(hf_home: Path) -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     env.update(HF_HUB_DISABLE_TELEMETRY="1", TRANSFORMERS_VERBOSITY="error")
@@ -177,8 +166,8 @@ def test_every_loader_from_the_offline_hub_cache(folders, tmp_path):
     AutoModel*, pipeline and han_surgery.from_pretrained(repo id)."""
     tmp, _ = folders
     hf_home = tmp_path / "hf"
-    _populate_hf_cache(hf_home / "hub", REPO_TIMM, tmp / "vit")
-    _populate_hf_cache(hf_home / "hub", REPO_HF, tmp / "cls")
+    populate_hf_cache(hf_home / "hub", REPO_TIMM, tmp / "vit")
+    populate_hf_cache(hf_home / "hub", REPO_HF, tmp / "cls")
     snippets = {
         family: load_snippet(BuiltModel(torch.nn.Identity(), family, "test", hanified=True), repo)
         for family, repo in (("timm", REPO_TIMM), ("transformers", REPO_HF))
