@@ -113,13 +113,12 @@ def save_pretrained(
     config = None
     if recipe.base.library == "transformers":
         config = hanified_transformers_config(model, recipe)
+        code = transformers_remote_code(__version__)
+        (directory / f"{HF_REMOTE_CODE_MODULE}.py").write_text(code, encoding="utf-8")
     elif recipe.base.library == "timm":
         config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
     if config is not None:
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if recipe.base.library == "transformers":
-        code = transformers_remote_code(__version__)
-        (directory / f"{HF_REMOTE_CODE_MODULE}.py").write_text(code, encoding="utf-8")
     safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     recipe.write(directory)
     return directory
