@@ -22,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 from safetensors import SafetensorError
 from timm.models import load_pretrained, register_model
@@ -123,8 +124,6 @@ def hanified(
             f"{source}: model_args[{TIMM_RECIPE_ARG!r}] starts from {recipe.base.name!r} "
             f"({recipe.base.library}), not from model_args[{TIMM_BASE_ARG!r}] = {han_base!r}"
         )
-    import timm
-
     if not isinstance(han_base, str) or not timm.is_model(han_base) or han_base == TIMM_HANIFIED_ARCH:
         raise CheckpointError(f"{source}: model_args[{TIMM_BASE_ARG!r}] = {han_base!r} is not a timm architecture")
     base_args = checked_timm_model_args(kwargs, source)
