@@ -161,20 +161,46 @@ def _offline_env(hf_home: Path) -> dict[str, str]:
     return env
 
 
-def test_every_loader_from_the_offline_hub_cache(folders, tmp_path):
-    """One subprocess (imports are slow) runs each Hub path: timm hf-hub, the card snippets with a repo id,
-    AutoModel*, pipeline and han_surgery.from_pretrained(repo id)."""
+WITHOUT_HAN_SURGERY = """
+import sys
+class NotInstalled:  # han-surgery as if it were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "han_surgery":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+blocker = NotInstalled()
+sys.meta_path.insert(0, blocker)
+import timm, transformers as T
+for kwargs in ({}, {"trust_remote_code": True}):
+    try:
+        T.AutoModel.from_pretrained(BASE_FOLDER, **kwargs)
+    except Exception as e:
+        print("without", type(e).__name__, "|", str(e).replace("\\n", " "))
+    else:
+        print("without LOADED")
+try:
+    timm.create_model("local-dir:" + VIT_FOLDER, pretrained=True)
+except Exception as e:
+    print("without timm", type(e).__name__, "|", e)
+sys.meta_path.remove(blocker)  # now installed: the rest of the script loads from the Hub cache
+"""
+
+
+@pytest.fixture(scope="module")
+def offline_run(folders, tmp_path_factory) -> subprocess.CompletedProcess:
+    """One subprocess (imports are slow), ``HF_HUB_OFFLINE=1``: first transformers and timm without han-surgery,
+    then with it every Hub path -- timm hf-hub, the card snippets with a repo id, AutoModel*, pipeline and
+    han_surgery.from_pretrained(repo id) -- each asserting bit-identical outputs."""
     tmp, _ = folders
-    hf_home = tmp_path / "hf"
+    hf_home = tmp_path_factory.mktemp("hf")
     populate_hf_cache(hf_home / "hub", REPO_TIMM, tmp / "vit")
     populate_hf_cache(hf_home / "hub", REPO_HF, tmp / "cls")
     snippets = {
         family: load_snippet(BuiltModel(torch.nn.Identity(), family, "test", hanified=True), repo)
         for family, repo in (("timm", REPO_TIMM), ("transformers", REPO_HF))
     }
-    script = textwrap.dedent(
+    with_han_surgery = textwrap.dedent(
         f"""
-        import torch, timm, transformers as T
+        import torch
         import han_surgery
         torch.set_num_threads(1)
         from safetensors.torch import load_file
@@ -201,53 +227,31 @@ def test_every_loader_from_the_offline_hub_cache(folders, tmp_path):
         print("OK")
         """
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=_offline_env(hf_home), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("OK")
-
-
-WITHOUT_HAN_SURGERY = """
-import sys
-class NotInstalled:  # han-surgery as if it were not installed
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "han_surgery":
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, NotInstalled())
-import timm, transformers as T
-for kwargs in ({}, {"trust_remote_code": True}):
-    try:
-        T.AutoModel.from_pretrained(sys.argv[1], **kwargs)
-    except Exception as e:
-        print(type(e).__name__, "|", str(e).replace("\\n", " "))
-    else:
-        print("LOADED")
-try:
-    timm.create_model("local-dir:" + sys.argv[2], pretrained=True)
-except Exception as e:
-    print("timm", type(e).__name__, "|", e)
-"""
-
-
-def test_without_han_surgery_transformers_names_the_package(folders, tmp_path):
-    tmp, _ = folders
-    proc = subprocess.run(
-        [sys.executable, "-c", WITHOUT_HAN_SURGERY, str(tmp / "base"), str(tmp / "vit")],
-        env=_offline_env(tmp_path / "hf"),
+    folders_line = f"BASE_FOLDER, VIT_FOLDER = {str(tmp / 'base')!r}, {str(tmp / 'vit')!r}\n"
+    return subprocess.run(
+        [sys.executable, "-c", folders_line + WITHOUT_HAN_SURGERY + with_han_surgery],
+        env=_offline_env(hf_home),
         stdin=subprocess.DEVNULL,
-        cwd=tmp_path,
+        cwd=hf_home,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
-    lines = [line for line in proc.stdout.splitlines() if "|" in line or line == "LOADED"]
-    assert len(lines) == 3, proc.stdout + proc.stderr
+
+
+def test_every_loader_from_the_offline_hub_cache(offline_run):
+    assert offline_run.returncode == 0, offline_run.stdout[-3000:] + offline_run.stderr[-3000:]
+    assert offline_run.stdout.strip().endswith("OK")
+
+
+def test_without_han_surgery_transformers_names_the_package(offline_run):
+    lines = [line for line in offline_run.stdout.splitlines() if "without" in line]
+    assert len(lines) == 3, offline_run.stdout + offline_run.stderr
     plain, trusted, timm_line = lines
-    assert timm_line == "timm RuntimeError | Unknown model (hanified)"  # timm has no hook to say more
+    assert timm_line == "without timm RuntimeError | Unknown model (hanified)"  # timm has no hook to say more
     assert "ValueError |" in plain and "trust_remote_code=True" in plain  # transformers' own refusal (after its prompt)
     assert "ImportError |" in trusted and "han_surgery" in trusted and "pip install" in trusted
-    assert "unexpected" not in (proc.stdout + proc.stderr).lower()
+    assert "unexpected" not in (offline_run.stdout + offline_run.stderr).lower()
 
 
 def test_remote_code_file_is_generated_from_the_package(folders):
