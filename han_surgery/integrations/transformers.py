@@ -156,14 +156,14 @@ class _AutoDispatch:
 
 
 AUTO_CLASSES: list[type[_BaseAutoModelClass]] = [
-    getattr(modeling_auto, ref.split(".")[-1].removeprefix("Hanified"))
-    for name, ref in transformers_auto_map().items()
-    if name != "AutoConfig"
+    getattr(modeling_auto, name) for name in transformers_auto_map() if name != "AutoConfig"
 ]
 """Every ``AutoModel*`` class a hanified model is registered with."""
 
 DISPATCHERS: dict[str, type] = {
-    f"Hanified{auto.__name__}": type(f"Hanified{auto.__name__}", (_AutoDispatch,), {"auto_class": auto})
+    f"Hanified{auto.__name__}": type(
+        f"Hanified{auto.__name__}", (_AutoDispatch,), {"auto_class": auto, "__module__": __name__}
+    )
     for auto in AUTO_CLASSES
 }
 """``Hanified<AutoClass>`` -> the class registered in that Auto class (also module attributes, the names
@@ -171,6 +171,5 @@ DISPATCHERS: dict[str, type] = {
 globals().update(DISPATCHERS)
 
 configuration_auto.AutoConfig.register(HF_HANIFIED_MODEL_TYPE, HanifiedConfig, exist_ok=True)
-for _name, _dispatch in DISPATCHERS.items():
-    _dispatch.__module__ = __name__
+for _dispatch in DISPATCHERS.values():
     _dispatch.auto_class.register(HanifiedConfig, _dispatch, exist_ok=True)
