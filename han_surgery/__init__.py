@@ -2,11 +2,13 @@
 
 Yu & Zhang, "A Lightweight and Gradient-Stable Neural Layer", Neural Networks 2024.
 
-Importing the package registers the Han models with timm (``timm.create_model("han_mobilevit_xs")``)
-and the built-in surgery rules; it imports neither the fine-tuning stack nor the paper experiments.
+Importing the package registers the Han models with timm (``timm.create_model("han_mobilevit_xs")``),
+the built-in surgery rules, and the loaders of hanified checkpoints: timm's ``"hanified"`` entry point
+and transformers' ``AutoConfig`` / ``AutoModel*`` classes (:mod:`han_surgery.integrations`); it imports
+neither the fine-tuning stack nor the paper experiments.
 """
 
-from . import models  # noqa: F401  (registers han_* with timm)
+from . import integrations, models  # noqa: F401  (register han_* and "hanified" with timm, and the Auto classes)
 from .errors import CheckpointError, ConfigError, HanifyError, HanSurgeryError, NothingToRewriteError
 from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
 from .loading import load_model

@@ -14,6 +14,15 @@ kind               the folder holds
                    small tabular networks, :class:`han_surgery.models.TabularNet`)
 =================  =====================================================================
 
+A hanified timm model's ``config.json`` names the architecture :data:`TIMM_HANIFIED_ARCH` (a timm
+entry point ``import han_surgery`` registers), its base in ``model_args["han_base"]`` and the recipe in
+``model_args["han_recipe"]``, so ``timm.create_model("local-dir:<dir>", pretrained=True)`` rebuilds it.
+A hanified transformers model's ``config.json`` has ``model_type`` :data:`HF_HANIFIED_MODEL_TYPE`
+(registered with ``AutoConfig`` by ``import han_surgery``), the base model's config in
+``base_config`` and the recipe in ``han_recipe``. ``model_args`` go to ``timm.create_model``; :func:`checked_timm_model_args` lets through only
+constructor arguments with plain JSON values (never ``checkpoint_path`` and the other arguments
+with which timm's loaders fetch or read files).
+
 A folder whose weights are only pickles (``pytorch_model.bin``, ``*.pt``, ...) is refused
 with :class:`~han_surgery.errors.UnsafeCheckpointError`; an unreadable or unrecognised one with
 :class:`~han_surgery.errors.CheckpointError`, whose message names the file.
@@ -29,6 +38,17 @@ from typing import Any, Literal
 from .errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = [
+    "TIMM_HANIFIED_ARCH",
+    "TIMM_BASE_ARG",
+    "TIMM_RECIPE_ARG",
+    "HF_HANIFIED_MODEL_TYPE",
+    "HF_BASE_CONFIG_KEY",
+    "HF_RECIPE_KEY",
+    "HF_REMOTE_CODE_MODULE",
+    "transformers_auto_map",
+    "transformers_remote_code",
+    "checked_timm_model_args",
+    "read_timm_config",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
     "HAN_CONFIG_NAME",
@@ -46,6 +66,14 @@ CONFIG_NAME = "config.json"
 HAN_CONFIG_NAME = "han_config.json"
 TABULAR_CONFIG_KEY = "han_surgery_tabular"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+TIMM_HANIFIED_ARCH = "hanified"
+TIMM_BASE_ARG = "han_base"
+TIMM_RECIPE_ARG = "han_recipe"
+HF_HANIFIED_MODEL_TYPE = "han_surgery"
+HF_BASE_CONFIG_KEY = "base_config"
+HF_RECIPE_KEY = "han_recipe"
+HF_REMOTE_CODE_MODULE = "han_surgery_auto"
 
 FolderKind = Literal["hanified", "timm", "transformers", "tabular"]
 
@@ -78,6 +106,128 @@ def refuse_pickles(directory: Path) -> None:
             "safetensors in an environment you trust, e.g. "
             "safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')."
         )
+
+
+def _timm_loader_parameters() -> frozenset[str]:
+    """Every argument of timm's own loading machinery (where and how weights are fetched and read):
+    read from the signatures of ``create_model`` and ``build_model_with_cfg`` (through which every
+    keyword reaches the model's constructor), so an argument a later timm adds is covered too, plus
+    the keys ``build_model_with_cfg`` pops."""
+    import inspect
+
+    from timm.models import build_model_with_cfg, create_model
+
+    names = {"features_only", "feature_cls", "out_indices", "pruned", "device", "dtype"}
+    for fn in (create_model, build_model_with_cfg):
+        names.update(
+            p.name for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD
+        )
+    return frozenset(names - {"model_name", "model_cls", "variant"})
+
+
+def _auto_model_class_names() -> list[str]:
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    return [
+        name
+        for name in sorted(dir(modeling_auto))
+        if name.startswith("AutoModel")
+        and isinstance(getattr(modeling_auto, name), type)
+        and issubclass(getattr(modeling_auto, name), _BaseAutoModelClass)
+    ]
+
+
+def transformers_auto_map() -> dict[str, str]:
+    """``config.json``'s ``auto_map`` of a hanified transformers model: ``AutoConfig`` and every
+    ``AutoModel*`` class -> ``han_surgery_auto.Hanified<AutoClass>`` (the classes
+    :mod:`han_surgery.integrations.transformers` registers under the same names)."""
+    names = ["AutoConfig", *_auto_model_class_names()]
+    return {
+        name: f"{HF_REMOTE_CODE_MODULE}.{'HanifiedConfig' if name == 'AutoConfig' else 'Hanified' + name}"
+        for name in names
+    }
+
+
+def transformers_remote_code(version: str) -> str:
+    """The text of ``han_surgery_auto.py``, written next to a hanified transformers model's ``config.json``.
+
+    It only re-exports the classes of the installed han-surgery (generated here, never copied), for
+    the Hub's custom-code convention: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``
+    then works without ``import han_surgery``, and without han-surgery installed transformers stops
+    with ``ImportError: ... requires ... han_surgery. Run `pip install han_surgery```.
+    """
+    classes = sorted({ref.split(".", 1)[1] for ref in transformers_auto_map().values()})
+    lines = [
+        f"# Generated by han-surgery {version}; do not edit. Loading this model needs the han-surgery package:",
+        "#     pip install han-surgery",
+        "# then `import han_surgery` and load it with trust_remote_code=False (no code from this folder runs),",
+        "# or pass trust_remote_code=True to let transformers import han-surgery through this file.",
+        *(f"from han_surgery.integrations.transformers import {name}  # noqa: F401" for name in classes),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plain_json(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_json(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_json(v) for k, v in value.items())
+    return False
+
+
+def checked_timm_model_args(model_args: Any, source: str, *, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The ``model_args`` of a timm ``config.json`` that may go to ``timm.create_model``.
+
+    ``create_model(name, **model_args)`` hands every key either to timm's loaders (``pretrained``,
+    ``pretrained_cfg``, ``checkpoint_path``, ``cache_dir``, ... -- they read or download files) or
+    to the model's constructor. Only the latter are allowed: a key that names an argument of
+    timm's loading functions, a key that is not an identifier, or a value that is not plain JSON
+    data raises :class:`CheckpointError` naming ``source``. ``keep`` names han-surgery's own keys,
+    returned untouched (``han_base``, ``han_recipe``).
+
+    Raises:
+        CheckpointError: ``model_args`` is not an object, or holds a key that is not allowed.
+    """
+    if not isinstance(model_args, dict):
+        raise CheckpointError(f"{source}: 'model_args' must be a JSON object, found a {type(model_args).__name__}")
+    loader = _timm_loader_parameters()
+    for key, value in model_args.items():
+        if key in keep:
+            continue
+        if not (isinstance(key, str) and key.isidentifier()) or key in loader:
+            raise CheckpointError(
+                f"{source}: model_args[{key!r}] is not a model constructor argument (timm would use it to locate "
+                f"or load weights); han-surgery only passes constructor arguments to timm.create_model. Remove it."
+            )
+        if not _plain_json(value):
+            raise CheckpointError(f"{source}: model_args[{key!r}] is not plain JSON data: {value!r:.80}")
+    return dict(model_args)
+
+
+def read_timm_config(directory: str | Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """``(pretrained_cfg, architecture, model_args)`` of a timm ``config.json``, as timm's
+    ``load_model_config_from_path`` reads it, with ``model_args`` checked by
+    :func:`checked_timm_model_args` (han-surgery's ``han_base`` / ``han_recipe`` kept as they are).
+
+    Raises:
+        CheckpointError: the file is missing or malformed, or ``model_args`` holds a key that is not allowed.
+    """
+    from timm.models._hub import _parse_model_cfg
+
+    path = Path(directory) / CONFIG_NAME
+    config = read_json_object(path)
+    name = config.get("architecture")
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{path}: no 'architecture' naming the timm model")
+    try:
+        pretrained_cfg, name, model_args = _parse_model_cfg(config, {"file": str(path.parent), "source": "local-dir"})
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a timm model config ({type(e).__name__}: {e})") from None
+    keep = (TIMM_BASE_ARG, TIMM_RECIPE_ARG) if name == TIMM_HANIFIED_ARCH else ()
+    return pretrained_cfg, name, checked_timm_model_args(model_args, str(path), keep=keep)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder
+from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder, read_timm_config
 from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
 
@@ -43,9 +43,8 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
         raise CheckpointError(f"{folder.path / WEIGHTS_NAME}: missing")
     if folder.kind == "timm":
         import timm
-        from timm.models._hub import load_model_config_from_path
 
-        pretrained_cfg, name, model_args = load_model_config_from_path(folder.path)
+        pretrained_cfg, name, model_args = read_timm_config(folder.path)  # model_args allow-listed
         # pretrained_cfg now points at the folder ("local-dir"): timm loads its safetensors.
         if num_classes is not None:
             model_args["num_classes"] = num_classes

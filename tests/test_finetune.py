@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from _finetune_cli import cli, run_argv
 from safetensors.torch import load_file
@@ -264,17 +265,24 @@ def test_hanify_with_distillation_from_the_original_then_from_pretrained(
     assert results["params_base"] == results_ref["params"] and results["params"] < results["params_base"]
     han_config = json.loads((out / "han_config.json").read_text())
     assert han_config["recipe"][0]["config"]["reflections"] == 2 and len(han_config["recipe"][0]["rewrites"]) == 2
-    assert json.loads((out / "config.json").read_text())["architecture"] == "test_vit"
+    config = json.loads((out / "config.json").read_text())  # timm's format, through han-surgery's entry point
+    assert config["architecture"] == "hanified" and config["model_args"]["han_base"] == "test_vit"
 
     model = han_surgery.from_pretrained(out)
     x, y = held_out(toy)
     with torch.no_grad():
         loss = torch.nn.functional.cross_entropy(model(x), y).item()
+        assert torch.equal(timm.create_model(f"local-dir:{out}", pretrained=True).eval()(x), model(x))
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
 
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "test_vit" and "han-layer" in card.data.tags
-    assert "han_surgery.from_pretrained" in card.text and "knowledge distillation from `base`" in card.text
+    assert card.data.library_name == "timm" and "knowledge distillation from `base`" in card.text
+    snippet = card.text.split("```python\n")[-1].split("```")[0].replace("path/to/this/folder", str(out))
+    namespace: dict = {}
+    exec(snippet, namespace)  # the card's "How to load it", as written: timm's loader after `import han_surgery`
+    with torch.no_grad():
+        assert torch.equal(namespace["model"].eval()(x), model(x))
     assert f"{results['params_base']:,}" in card.text and "2 block(s) rewritten" in card.text
 
 

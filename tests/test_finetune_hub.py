@@ -206,3 +206,9 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "text-classification" in card.data.tags
+    snippet = card.text.split("```python\n")[-1].split("```")[0].replace("path/to/this/folder", str(out))
+    namespace: dict = {}
+    exec(snippet, namespace)  # the card's "How to load it", as written: the Auto classes after `import han_surgery`
+    with torch.no_grad():
+        batch = namespace["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        assert torch.equal(namespace["model"].eval()(**batch).logits, logits)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _hf_cache import populate_hf_cache
 from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
@@ -104,22 +105,10 @@ def test_new_num_classes_keeps_the_backbone(saved):
         assert torch.equal(loaded.forward_features(x), model.forward_features(x))
 
 
-def _populate_hf_cache(hub_cache: Path, repo_id: str, src: Path) -> None:
-    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/files}."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for f in src.iterdir():
-        (snapshot / f.name).write_bytes(f.read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-
-
 def test_hf_hub_from_offline_cache(saved, tmp_path):
     model, x, y, d = saved["han_mobilevit_xxs"]
     hf_home = tmp_path / "hf"
-    _populate_hf_cache(hf_home / "hub", "han-surgery/han_mobilevit_xxs-test", d)
+    populate_hf_cache(hf_home / "hub", "han-surgery/han_mobilevit_xxs-test", d)
     save_file({"x": x, "y": y}, str(tmp_path / "io.safetensors"))
     script = textwrap.dedent(
         f"""

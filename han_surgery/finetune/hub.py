@@ -30,6 +30,7 @@ __all__ = [
     "TEMPLATE_PATH",
     "base_model_id",
     "command_line",
+    "load_snippet",
     "render_model_card",
     "write_model_card",
     "push_folder",
@@ -81,24 +82,27 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     return path.name
 
 
-def _load_snippet(built: BuiltModel, repo_id: str | None) -> str:
-    where = f'huggingface_hub.snapshot_download("{repo_id}")' if repo_id else '"path/to/this/folder"'
-    if built.hanified:
-        return (
-            "import huggingface_hub, han_surgery\n\n"
-            f"folder = {where}\n"
-            "model = han_surgery.from_pretrained(folder)  # the Han-blocks and their weights, ready for eval()"
-        )
+def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
+    """The model card's "How to load it" code: the library's own loader (with ``import han_surgery`` first
+    for hanified models, which registers them with it), from the Hub repo ``repo_id`` or this folder."""
+    folder = "path/to/this/folder"
     if built.family == "timm":
-        name = f"hf-hub:{repo_id}" if repo_id else "local-dir:path/to/this/folder"
-        return f'import timm\n\nmodel = timm.create_model("{name}", pretrained=True)'
+        name = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}"
+        head = "import timm\n"
+        if built.hanified:
+            head += "import han_surgery  # pip install han-surgery: registers the 'hanified' timm model\n"
+        return f'{head}\nmodel = timm.create_model("{name}", pretrained=True)'
     if built.family == "transformers":
-        src = f'"{repo_id}"' if repo_id else '"path/to/this/folder"'
+        src = f'"{repo_id}"' if repo_id else f'"{folder}"'
+        head = ""
+        if built.hanified:
+            head = "import han_surgery  # pip install han-surgery: registers hanified models with the Auto classes\n"
         return (
-            "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
+            f"{head}from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
             f"model = AutoModelForSequenceClassification.from_pretrained({src})\n"
             f"tokenizer = AutoTokenizer.from_pretrained({src})"
         )
+    where = f'huggingface_hub.snapshot_download("{repo_id}")' if repo_id else f'"{folder}"'
     return f"import huggingface_hub, han_surgery\n\nmodel = han_surgery.load_model({where})"
 
 
@@ -195,7 +199,7 @@ def render_model_card(
         train_runtime=result.train_runtime_s,
         total_runtime=result.total_runtime_s,
         command=command_line(config, setup.get("num_processes", 1)),
-        load_snippet=_load_snippet(built, repo_id),
+        load_snippet=load_snippet(built, repo_id),
     )
 
 

@@ -2,13 +2,16 @@
 
 Importing this package (``import han_surgery`` does) registers ``han_mobilevit_*`` and
 ``han_mixer_*`` with timm's registry, so ``timm.list_models("han_*")`` lists them and
-``timm.create_model("han_mobilevit_xxs", num_classes=10)`` builds one, the timm way.
+``timm.create_model("han_mobilevit_xxs", num_classes=10)`` builds one, the timm way. It also registers
+``hanified`` (:mod:`.hanified`), the entry point through which timm loads any hanified timm model
+saved by :func:`han_surgery.save_pretrained` (``timm.create_model("local-dir:<dir>", pretrained=True)``).
 
 :class:`TabularNet` is the small MLP / HanNet the fine-tune command trains on numeric CSVs.
 """
 
+from .hanified import hanified
 from .mixer import ConvStem, HanMixer, HanMixerBlock
 from .mobilevit import HanMobileVit, hanformer_config
 from .tabular import TabularNet
 
-__all__ = ["ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "TabularNet", "hanformer_config"]
+__all__ = ["hanified", "ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "TabularNet", "hanformer_config"]

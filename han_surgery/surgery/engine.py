@@ -13,7 +13,16 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
    rewrite that would replace a module an earlier one already replaces is
    skipped too. Any other exception aborts the call with :class:`HanifyError`:
    nothing has been swapped yet.
-3. **swap** -- ``setattr`` every planned module (undone if a swap fails).
+   Every new module must accept the calls of the module it replaces
+   (:func:`call_signature_problem`, checked for every rule) and takes its
+   train/eval mode.
+3. **swap** -- ``setattr`` every planned module (undone if a swap fails). A
+   module reachable under several paths (shared) is replaced at all of them
+   by the one new module, so it stays shared.
+
+A wrapped model (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
+``DistributedDataParallel``) is unwrapped first (:func:`unwrap_model`): the
+rewrites and the recipe land on the model itself, with its own paths.
 
 A model in which no rule recognises anything (and which holds no Han module)
 raises :class:`NothingToRewriteError`. If candidates exist but every one is
@@ -23,6 +32,7 @@ skipped, the report is returned with zero rewrites and the reasons.
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,9 +46,81 @@ from .recipe import RecipeStep, RewriteEntry, record_step
 from .registry import Candidate, Replacement, Rule, SkipCandidate, resolve_rules
 from .report import HanifyReport, RewriteRecord, SkipRecord
 
-__all__ = ["hanify", "HanifyError", "NothingToRewriteError"]
+__all__ = ["hanify", "unwrap_model", "call_signature_problem", "HanifyError", "NothingToRewriteError"]
 
 FilterFn = Callable[[nn.Module, str], bool]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DataParallel`` /
+    ``DistributedDataParallel`` (``module``), however deeply nested; any other module is returned as is."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(model, wrappers):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _signature_text(module: nn.Module, sig: inspect.Signature) -> str:
+    """``Name.forward(x, height, width)``: the signature without annotations or defaults."""
+    bare = [
+        p.replace(annotation=inspect.Parameter.empty, default=inspect.Parameter.empty) for p in sig.parameters.values()
+    ]
+    return f"{type(module).__name__}.forward{sig.replace(parameters=bare, return_annotation=inspect.Signature.empty)}"
+
+
+def call_signature_problem(old: nn.Module, new: nn.Module) -> str | None:
+    """Why ``new`` cannot be called the way its parent calls ``old`` (``None`` if it can).
+
+    ``new.forward`` must bind every positional arity ``old.forward`` accepts (required
+    inputs up to all positional ones), ``*args`` / ``**kwargs`` if ``old`` takes them, and
+    every input of ``old`` after the first by keyword (the first, the hidden state, is
+    passed positionally by every model we know; Han modules call it ``x``).
+    """
+    try:
+        old_sig, new_sig = inspect.signature(old.forward), inspect.signature(new.forward)
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    params = list(old_sig.parameters.values())
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    calls: list[tuple[tuple, dict]] = [(tuple(range(n)), {}) for n in range(len(required), len(positional) + 1)]
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        calls.append((tuple(range(len(positional) + 2)), {}))
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        calls.append((tuple(range(len(required))), {"_han_surgery_probe": 0}))
+    named = [
+        p.name
+        for p in params[1:]
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if named:
+        calls.append(((0,), {name: 0 for name in named}))
+    for args, kwargs in calls:
+        try:
+            new_sig.bind(*args, **kwargs)
+        except TypeError as e:
+            return (
+                f"the replacement {_signature_text(new, new_sig)} cannot be called as "
+                f"{_signature_text(old, old_sig)} ({e})"
+            )
+    return None
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module)`` -> every path it is reachable under (more than one for a shared module)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), [])
+        if path not in paths[id(module)]:
+            paths[id(module)].append(path)
+    return paths
 
 
 def _under(path: str, blocked: set[str]) -> bool:
@@ -124,7 +206,8 @@ def hanify(
     """Replace the MLP/FFN blocks of ``model`` by Han-blocks ``H2 |H1 x + b1| + b2``, in place.
 
     Args:
-        model: any ``nn.Module`` (a timm model, a transformers ``PreTrainedModel``, your own).
+        model: any ``nn.Module`` (a timm model, a transformers ``PreTrainedModel``, your own);
+            ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` wrappers are looked through.
         config: what to rewrite and how (:class:`HanConfig`; default: every rule,
             pre-norms dropped, residuals kept).
         filter_fn: ``filter_fn(module, qualified_name) -> bool``, called on each
@@ -140,6 +223,7 @@ def hanify(
         ConfigError: an include/exclude pattern matches no candidate (the message lists near names).
         HanifyError: a rule failed; the model is unchanged.
     """
+    model = unwrap_model(model)
     config = config if config is not None else HanConfig()
     rules = resolve_rules(config.rules)
     params_before = count_parameters(model)
@@ -158,6 +242,7 @@ def hanify(
     _check_patterns(config, model, [c.path for c, _ in matches], han_paths)
 
     modules = dict(model.named_modules())
+    aliases = _aliases(model)
     planned: list[tuple[RewriteRecord, Replacement]] = []
     claimed: set[str] = set()
     for cand, rule in matches:
@@ -198,6 +283,19 @@ def hanify(
                 raise HanifyError(
                     f"rule {rule.name!r} on {cand.path!r} wants to replace {path!r}, which is not a sub-module; model unchanged"
                 )
+        problem = next(
+            (
+                why if p == cand.path else f"{p}: {why}"
+                for p, new in repl.swaps.items()
+                if (why := call_signature_problem(modules[p], new))
+            ),
+            None,
+        )
+        if problem is not None:
+            report.skipped.append(SkipRecord(cand.path, rule.name, problem))
+            continue
+        shared = {p: [a for a in aliases[id(modules[p])] if a != p] for p in repl.swaps}
+        shared = {p: others for p, others in shared.items() if others}
         clash = next(
             (
                 p
@@ -212,22 +310,31 @@ def hanify(
             )
             continue
         claimed.update(repl.swaps)
+        claimed.update(a for others in shared.values() for a in others)
         for path, new in repl.swaps.items():
+            new.train(modules[path].training)  # a model in eval() stays in eval(): no dropout switched on
             ref = _reference_tensor(modules[path])
             ref = ref if ref is not None else _reference_tensor(cand.module)
             if ref is not None:
                 new.to(device=ref.device)
                 if ref.is_floating_point():
                     new.to(dtype=ref.dtype)
+        neighbours = dict(repl.neighbours)
+        if shared:
+            neighbours["shared"] = "; ".join(
+                f"{p} is shared with {', '.join(others)}: rewritten once, the replacement is shared too"
+                for p, others in shared.items()
+            )
         record = RewriteRecord(
             path=cand.path,
             rule=rule.name,
             params_before=count_parameters(modules[p] for p in repl.swaps),
             params_after=count_parameters(repl.swaps.values()),
-            swapped=list(repl.swaps),
-            neighbours=dict(repl.neighbours),
+            swapped=[*repl.swaps, *(a for others in shared.values() for a in others)],
+            neighbours=neighbours,
         )
-        planned.append((record, repl))
+        alias_swaps = {a: repl.swaps[p] for p, others in shared.items() for a in others}
+        planned.append((record, Replacement({**repl.swaps, **alias_swaps}, repl.neighbours)))
 
     report.rewrites = [rec for rec, _ in planned]
     if dry_run or not planned:

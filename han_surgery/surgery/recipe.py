@@ -34,7 +34,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import CheckpointError
-from ..folders import HAN_CONFIG_NAME, read_json_object
+from ..folders import HAN_CONFIG_NAME, TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, read_json_object
 from ..version import __version__
 from .config import HanConfig
 
@@ -146,13 +146,20 @@ class BaseModelSpec:
     @classmethod
     def of(cls, model: nn.Module) -> BaseModelSpec:
         """The spec of ``model``: timm if it carries timm's ``pretrained_cfg``, transformers if it is a
-        ``PreTrainedModel`` (checked without importing transformers for other models), else custom."""
+        ``PreTrainedModel`` (checked without importing transformers for other models), else custom.
+
+        A model loaded natively from a hanified folder names its base: transformers' ``Hanified<Base>``
+        classes subclass the base class; timm's ``"hanified"`` models keep it in ``model_args["han_base"]``.
+        """
         import sys
 
         transformers = sys.modules.get("transformers")
         if transformers is not None and isinstance(model, transformers.PreTrainedModel):
-            return cls("transformers", type(model).__name__)
+            base = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
+            return cls("transformers", base.__name__)
         cfg = getattr(model, "pretrained_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("architecture") == TIMM_HANIFIED_ARCH:
+            return cls("timm", getattr(model, "_model_args", {})[TIMM_BASE_ARG])
         if isinstance(cfg, dict) and cfg.get("architecture"):
             return cls("timm", cfg["architecture"])
         return cls(None, f"{type(model).__module__}.{type(model).__qualname__}")

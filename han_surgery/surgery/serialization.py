@@ -5,27 +5,28 @@ A saved directory holds
 * ``model.safetensors`` -- every tensor of the hanified model (never a pickle);
 * ``han_config.json`` -- the :class:`~han_surgery.surgery.recipe.Recipe`: each :func:`hanify`
   call applied (its :class:`HanConfig` and the rewrites), plus which base model to build;
-* ``config.json`` -- the base model's own config, written by the library that
-  owns it: transformers' ``PretrainedConfig.save_pretrained`` (with
-  ``architectures`` set, as ``PreTrainedModel.save_pretrained`` does) or
-  timm's ``save_config_for_hf`` (the same file ``timm``'s ``save_for_hf``
-  writes: architecture, ``model_args``, ``pretrained_cfg``).
+* ``config.json`` -- what the model's own library needs to load the folder natively, once
+  ``han_surgery`` is imported:
 
-``from_pretrained`` builds the base model from ``config.json`` with random
-weights (no download), replays the recipe, then loads ``model.safetensors``
-with ``strict=True``: the result computes bit for bit what the saved model did.
+  - timm: the file ``save_for_hf`` writes (``pretrained_cfg``, ``num_classes``, ...), with
+    ``architecture`` = ``"hanified"`` (the timm entry point of :mod:`han_surgery.models.hanified`)
+    and the base architecture and the recipe in ``model_args`` (``han_base``, ``han_recipe``):
+    ``timm.create_model("local-dir:<dir>", pretrained=True)`` and ``"hf-hub:<repo>"`` load it;
+  - transformers: ``model_type`` = ``"han_surgery"`` (registered with ``AutoConfig`` by
+    :mod:`han_surgery.integrations.transformers`), the base model's config in ``base_config``,
+    the recipe in ``han_recipe``: ``AutoModel*.from_pretrained(dir)`` and ``pipeline(...)`` load it.
 
-transformers' own ``model.save_pretrained`` would write the same two files
-minus the recipe, and its ``from_pretrained`` would then build the *original*
-architecture and drop the Han weights as unexpected keys; timm's
-``save_for_hf`` / ``create_model("hf-hub:...")`` likewise. Use these two
-functions for hanified models (the ``config.json`` they write stays readable
-by ``AutoConfig`` and timm).
+``from_pretrained`` builds the base model from ``config.json`` with random weights (no
+download), replays the recipe (:func:`replay_recipe`), then loads ``model.safetensors`` with
+``strict=True``: the result computes bit for bit what the saved model did. It also reads the
+folders earlier versions wrote (``config.json`` = the base model's own config).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,38 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import CheckpointError, UnsafeCheckpointError
-from ..folders import CONFIG_NAME, HAN_CONFIG_NAME, WEIGHTS_NAME, ModelFolder, inspect_model_folder
-from .engine import hanify
-from .recipe import BaseModelSpec, Recipe, recipe_of
+from ..folders import (
+    CONFIG_NAME,
+    HAN_CONFIG_NAME,
+    HF_BASE_CONFIG_KEY,
+    HF_HANIFIED_MODEL_TYPE,
+    HF_RECIPE_KEY,
+    HF_REMOTE_CODE_MODULE,
+    TIMM_BASE_ARG,
+    TIMM_HANIFIED_ARCH,
+    TIMM_RECIPE_ARG,
+    WEIGHTS_NAME,
+    ModelFolder,
+    inspect_model_folder,
+    read_timm_config,
+    transformers_auto_map,
+    transformers_remote_code,
+)
+from ..version import __version__
+from .engine import hanify, unwrap_model
+from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of
 
-__all__ = ["save_pretrained", "from_pretrained", "WEIGHTS_NAME", "HAN_CONFIG_NAME", "UnsafeCheckpointError"]
+__all__ = [
+    "save_pretrained",
+    "from_pretrained",
+    "replay_recipe",
+    "hanified_timm_config",
+    "hanified_transformers_config",
+    "transformers_base_config",
+    "WEIGHTS_NAME",
+    "HAN_CONFIG_NAME",
+    "UnsafeCheckpointError",
+]
 
 
 def _dtype_name(model: nn.Module) -> str:
@@ -60,7 +88,8 @@ def save_pretrained(
 
     Args:
         model: a model :func:`hanify` has rewritten (timm, transformers, or any
-            ``nn.Module``; the latter needs ``from_pretrained(..., model=...)``).
+            ``nn.Module``; the latter needs ``from_pretrained(..., model=...)``); a
+            ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` wrapper is looked through.
         directory: created if missing; existing files of the same name are overwritten.
         model_args: timm only -- constructor kwargs to record, for the rare
             arguments timm's factory does not record itself (as in ``save_for_hf``).
@@ -71,6 +100,7 @@ def save_pretrained(
     Returns:
         The directory, as a ``Path``.
     """
+    model = unwrap_model(model)
     steps = recipe_of(model)
     if not steps:
         raise ValueError(
@@ -79,45 +109,152 @@ def save_pretrained(
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    base = BaseModelSpec.of(model)
-    if base.library == "transformers":
-        config = copy.deepcopy(model.config)
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(directory)
-    elif base.library == "timm":
-        from timm.models._hub import save_config_for_hf
-
-        save_config_for_hf(model, str(directory / CONFIG_NAME), model_args=model_args, data_config=data_config)
+    recipe = Recipe(base=BaseModelSpec.of(model), steps=tuple(steps), dtype=_dtype_name(model))
+    config = None
+    if recipe.base.library == "transformers":
+        config = hanified_transformers_config(model, recipe)
+        code = transformers_remote_code(__version__)
+        (directory / f"{HF_REMOTE_CODE_MODULE}.py").write_text(code, encoding="utf-8")
+    elif recipe.base.library == "timm":
+        config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
+    if config is not None:
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    Recipe(base=base, steps=tuple(steps), dtype=_dtype_name(model)).write(directory)
+    recipe.write(directory)
     return directory
 
 
+def hanified_timm_config(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    model_args: dict[str, Any] | None = None,
+    data_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``config.json`` of a hanified timm model: timm's own (``save_config_for_hf``) with
+    ``architecture = "hanified"`` and the base and the recipe in ``model_args``."""
+    import tempfile
+
+    from timm.models._hub import save_config_for_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / CONFIG_NAME
+        save_config_for_hf(model, str(path), model_args=model_args, data_config=data_config)
+        config = json.loads(path.read_text(encoding="utf-8"))
+    args = {k: v for k, v in config.get("model_args", {}).items() if k not in (TIMM_BASE_ARG, TIMM_RECIPE_ARG)}
+    config["architecture"] = TIMM_HANIFIED_ARCH
+    config["model_args"] = {**args, TIMM_BASE_ARG: recipe.base.name, TIMM_RECIPE_ARG: recipe.to_dict()}
+    return config
+
+
+def hanified_transformers_config(model: nn.Module, recipe: Recipe) -> dict[str, Any]:
+    """The ``config.json`` of a hanified transformers model: ``model_type = "han_surgery"``, the base
+    model's config (with ``architectures``) in ``base_config``, the recipe in ``han_recipe``, and an
+    ``auto_map`` naming ``han_surgery_auto.py`` (see :func:`~han_surgery.folders.transformers_remote_code`)."""
+    base_config = model.config.to_dict()
+    base_config.pop(HF_RECIPE_KEY, None)  # a natively loaded model's config carries the recipe it was built with
+    base_config["architectures"] = [recipe.base.name]
+    return {
+        "model_type": HF_HANIFIED_MODEL_TYPE,
+        "architectures": [recipe.base.name],
+        HF_BASE_CONFIG_KEY: base_config,
+        HF_RECIPE_KEY: recipe.to_dict(),
+        "auto_map": transformers_auto_map(),
+        "transformers_version": base_config.get("transformers_version"),
+    }
+
+
+def transformers_base_config(config: dict[str, Any], source: str) -> Any:
+    """The base model's ``PretrainedConfig`` from a ``config.json`` dict: ``base_config`` of a hanified
+    one, or the dict itself (folders of earlier versions)."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if config.get("model_type") == HF_HANIFIED_MODEL_TYPE:
+        config = config.get(HF_BASE_CONFIG_KEY)
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{source}: '{HF_BASE_CONFIG_KEY}' must be the base model's config (an object)")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING or model_type == HF_HANIFIED_MODEL_TYPE:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not a transformers model type "
+            f"(transformers {transformers.__version__})"
+        )
+    try:
+        return CONFIG_MAPPING[model_type].from_dict(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: not a valid {model_type} config ({type(e).__name__}: {e})") from None
+
+
 def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
+    config_file = folder.path / CONFIG_NAME
+    if base.library in ("timm", "transformers") and not config_file.is_file():
+        raise CheckpointError(f"{config_file}: missing (the {base.library} base model's config)")
     if base.library == "transformers":
         import transformers
 
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(folder.path), trust_remote_code=False)
-        except (OSError, ValueError) as e:  # no config.json, or one that needs code from the folder (never run)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{folder.path / CONFIG_NAME}: transformers cannot read it: {first}") from None
+        config = transformers_base_config(folder.config, str(config_file))
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
         return cls(config)
     if base.library == "timm":
         import timm
-        from timm.models._hub import load_model_config_from_path
 
-        if not (folder.path / CONFIG_NAME).is_file():
-            raise CheckpointError(f"{folder.path / CONFIG_NAME}: missing (the timm base model's config)")
-        pretrained_cfg, name, model_args = load_model_config_from_path(folder.path)
+        pretrained_cfg, name, model_args = read_timm_config(folder.path)
+        if name == TIMM_HANIFIED_ARCH:
+            name = model_args.pop(TIMM_BASE_ARG, None)
+            model_args.pop(TIMM_RECIPE_ARG, None)
+            if name != base.name:
+                raise CheckpointError(
+                    f"{config_file}: model_args[{TIMM_BASE_ARG!r}] = {name!r}, but {HAN_CONFIG_NAME} "
+                    f"was saved from {base.name!r}"
+                )
+        pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("file", "source")}
         return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     raise CheckpointError(
         f"{folder.path} was saved from a {base.name} (neither timm nor transformers): "
         "build the base model yourself and pass it: from_pretrained(directory, model=MyModel(...))"
     )
+
+
+def replay_recipe(
+    model: nn.Module,
+    steps: Sequence[RecipeStep],
+    source: str,
+    *,
+    path_map: Callable[[str], str | None] | None = None,
+) -> nn.Module:
+    """Apply the recorded ``hanify`` steps to a freshly built base model, rewriting exactly the recorded blocks.
+
+    Args:
+        model: the base model (built from its config, weights not loaded yet).
+        steps: the recipe's steps (:attr:`Recipe.steps`), in order.
+        source: what to name in errors (the file the recipe came from).
+        path_map: maps a recorded path to the path in ``model`` (``None``: not in this model),
+            e.g. to load a ``BertForSequenceClassification`` recipe into a ``BertModel``; the
+            steps' include/exclude patterns are then not applied (the paths already say what they chose).
+
+    Raises:
+        CheckpointError: a step does not reproduce its rewrites (a rule renamed or not registered,
+            another base model).
+    """
+    for i, step in enumerate(steps):
+        wanted = [(r.path if path_map is None else path_map(r.path), r.rule) for r in step.rewrites]
+        wanted = [(p, rule) for p, rule in wanted if p is not None]
+        if not wanted:
+            continue
+        paths = {p for p, _ in wanted}
+        config = step.config if path_map is None else dataclasses.replace(step.config, include=(), exclude=())
+        report = hanify(model, config, filter_fn=lambda _m, p, paths=paths: p in paths)
+        got = [(r.path, r.rule) for r in report.rewrites]
+        if got != wanted:
+            missing = sorted(set(wanted) - set(got))
+            raise CheckpointError(
+                f"{source}: step {i} of the recipe does not replay on the rebuilt {type(model).__name__}; "
+                f"not reproduced: {missing[:5]}. (Is a custom rule not registered, or a different base model?)"
+            )
+    return model
 
 
 def _resolve_directory(source: str | Path, revision: str | None) -> Path:
@@ -176,17 +313,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
             f"{han_file}: the rebuilt base model {type(model).__name__} already carries a hanify recipe "
             "that is not a prefix of the saved one; pass the plain base model with model=..."
         )
-    for i, step in enumerate(recipe.steps[len(done) :], start=len(done)):
-        wanted = [(r.path, r.rule) for r in step.rewrites]
-        paths = {p for p, _ in wanted}
-        report = hanify(model, step.config, filter_fn=lambda _m, p, paths=paths: p in paths)
-        got = [(r.path, r.rule) for r in report.rewrites]
-        if got != wanted:
-            missing = sorted(set(wanted) - set(got))
-            raise CheckpointError(
-                f"{han_file}: step {i} of the recipe does not replay on the rebuilt model; "
-                f"not reproduced: {missing[:5]}. (Is a custom rule not registered, or a different base model?)"
-            )
+    replay_recipe(model, recipe.steps[len(done) :], str(han_file))
     try:
         safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True)
     except SafetensorError as e:

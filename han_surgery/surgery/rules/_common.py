@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...layers import HanBlock, HanLayer, HouseholderLinear
+from ...layers import Abs, HanBlock, HanLayer, HouseholderLinear
 from ..config import HanConfig
-from ..modules import ResidualFree
+from ..modules import HanMixFfn2d, ResidualFree
 from ..registry import Candidate, Replacement, SkipCandidate
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "han_block",
     "finish",
     "inline_han_swaps",
+    "require_not_in_attention",
+    "mix_ffn_2d",
 ]
 
 
@@ -72,6 +74,25 @@ def require_square(d_in: int, hidden: int | str, d_out: int, what: str = "fc1") 
             f"{what} {d_in} -> {hidden} -> {d_out} but block output is {d_out}, input {d_in}: "
             "a Householder layer is square"
         )
+
+
+POSITION_MLP_MAX_INPUT = 4
+
+
+def require_not_in_attention(cand: Candidate, features: int) -> None:
+    """Skip a position-bias MLP: one inside an attention module that reads ``features <= 4`` inputs
+    (relative coordinates, ``2 -> h -> heads``: Swin-V2's and timm's rel-pos MLPs). It maps
+    coordinates to attention biases; it is not an FFN (a block called ``...Attention...`` may well
+    hold a real FFN, as MaxViT's and CaiT's do)."""
+    if features > POSITION_MLP_MAX_INPUT:
+        return
+    parts = cand.path.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        name = type(cand.root.get_submodule(".".join(parts[:i]))).__name__
+        if "Attention" in name:
+            raise SkipCandidate(
+                f"{features} inputs, inside {name} ({'.'.join(parts[:i])}): a position-bias MLP, not an FFN"
+            )
 
 
 def dropout_p(module: nn.Module | None) -> float:
@@ -173,3 +194,16 @@ def inline_han_swaps(
         q + act: nn.Identity(),
         q + down: (HanLayer if config.final_abs else HouseholderLinear)(features, **kw),
     }
+
+
+def mix_ffn_2d(features: int, kernel_size: int, config: HanConfig, drop: tuple[float, float]) -> HanMixFfn2d:
+    """``H2 |DW(|H1 x + b1|)| + b2`` on feature maps: a conv-layout Mix-FFN whose two activations became ``|.|``."""
+    require_reflections(features, config)
+    return HanMixFfn2d(
+        features,
+        kernel_size=kernel_size,
+        pre_conv=Abs(),
+        drop=block_dropout(config, drop),
+        final_abs=config.final_abs,
+        **config.han_kwargs(),
+    )

@@ -5,9 +5,13 @@ A module is taken for an FFN when its direct children are exactly
 * two or three projections (``nn.Linear``, 1x1 ``nn.Conv2d`` or transformers
   ``Conv1D``): ``d -> h`` (one, or two for a gated FFN) and ``h -> d`` (all
   1x1 convolutions: the block works on ``(N, C, H, W)`` and the replacement is
-  ``ChannelsFirst(HanBlock)``);
+  ``ChannelsFirst(HanBlock)``). A projection may come as a *unit*, a small module
+  holding the Linear / 1x1 conv first, then its norm and/or activation (the
+  ``ConvNorm`` / ``Conv2d_BN`` / ``ConvLayer`` of LeViT-style hybrids: EfficientViT-MSRA,
+  SHViT, RepViT, iFormer, EfficientViM): the norm goes with it, as in LeViT;
 * at least one activation module (GELU, ReLU, SiLU, ..., or a class whose name
-  says activation / GELU / ReLU / SiLU / Swish / Act);
+  says activation / GELU / ReLU / SiLU / Swish / Act), alone or inside a unit, and no
+  sigmoid gate (that is squeeze-excitation, not an FFN);
 * optionally dropouts, identities and norms;
 
 and nothing else (so attention, which has no activation module and 3-4
@@ -28,7 +32,7 @@ from torch import nn
 from ..config import HanConfig
 from ..modules import ChannelsFirst
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import dims, dropout_p, finish, han_block, require_square
+from ._common import dims, dropout_p, finish, han_block, require_not_in_attention, require_square
 
 ACTIVATIONS = (
     nn.GELU,
@@ -69,20 +73,49 @@ _NORM_NAME = re.compile(r"(layer|rms|batch|group|instance)?norm(\d*d?)?$")
 def _is_passive(m: nn.Module) -> bool:
     if isinstance(m, (nn.Dropout, nn.Identity, *NORMS)):
         return True
-    return _NORM_NAME.search(type(m).__name__.lower()) is not None and not any(_is_projection(c) for c in m.modules())
+    # named like a norm and holding no weights a norm would not have (LeViT-style ``ConvNorm`` units hold convs)
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    return _NORM_NAME.search(type(m).__name__.lower()) is not None and not any(
+        isinstance(c, layers) or _is_projection(c) for c in m.modules()
+    )
+
+
+def _projection(m: nn.Module) -> nn.Module | None:
+    """The Linear / 1x1 conv of a projection or a projection unit (first child a projection, then at most
+    a norm and an activation, nothing with other parameters), else ``None``."""
+    if _is_projection(m):
+        return m
+    children = list(m.children())
+    if not 2 <= len(children) <= 3 or not _is_projection(children[0]):
+        return None
+    rest = children[1:]
+    if not all(_is_passive(c) or _is_activation(c) for c in rest):
+        return None
+    return children[0]
+
+
+def _unit_activation(m: nn.Module) -> bool:
+    return not _is_projection(m) and any(_is_activation(c) for c in m.children())
 
 
 def _split(module: nn.Module):
     children = list(module.children())
-    projs = [c for c in children if _is_projection(c)]
-    acts = [c for c in children if not _is_projection(c) and _is_activation(c)]
-    rest = [c for c in children if not _is_projection(c) and not _is_activation(c)]
+    projs = [_projection(c) for c in children if _projection(c) is not None]
+    acts = [c for c in children if _projection(c) is None and _is_activation(c)]
+    rest = [c for c in children if _projection(c) is None and not _is_activation(c)]
     return projs, acts, rest
 
 
+def _is_sigmoid_gate(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)) or "sigmoid" in type(m).__name__.lower()
+
+
 def _looks_like_ffn(cand: Candidate) -> bool:
+    children = list(cand.module.children())
     projs, acts, rest = _split(cand.module)
-    return 2 <= len(projs) <= 3 and len(acts) >= 1 and all(_is_passive(c) for c in rest)
+    if not (2 <= len(projs) <= 3 and all(_is_passive(c) for c in rest)) or any(map(_is_sigmoid_gate, acts)):
+        return False
+    return bool(acts) or any(_projection(c) is not None and _unit_activation(c) for c in children)
 
 
 def _required_inputs(module: nn.Module) -> list[str]:
@@ -107,6 +140,7 @@ def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     shapes = [dims(p) for p in projs]
     *ups, down = shapes
     d_in, hidden = ups[0]
+    require_not_in_attention(cand, d_in)
     if any(u != ups[0] for u in ups) or down[0] != hidden:
         raise SkipCandidate(f"fallback: projections {shapes} are not d -> h (, d -> h) -> d")
     require_square(d_in, hidden, down[1], "first projection")

@@ -10,7 +10,10 @@ post-norm). Norm and residual:
   normalises the residual stream, not the FFN's input, so it is kept whatever
   ``drop_norm`` says; ``residual="drop"`` gives ``LayerNorm(dropout(Han(x)))``;
 * pre-norm (``layernorm_after`` in the parent layer: HF MobileViT): ``drop_norm``
-  turns it into ``Identity``; ``residual="drop"`` gives ``dropout(Han(norm(x)))``.
+  turns it into ``Identity``; ``residual="drop"`` gives ``dropout(Han(norm(x)))``;
+* an ``*Output`` that takes no residual (``forward(hidden_states)``: Swin-V2, whose layer adds
+  ``x + drop_path(layernorm_after(ffn(x)))``, a norm *after* the FFN): the norm is kept, the
+  residual cannot be dropped by a swap.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from ..registry import Candidate, Replacement, SkipCandidate, register_rule
 from ._common import dims, han_block, require_square
 
 PRE_NORM_ATTRS = ("layernorm_after",)
+OUTPUT_CHILDREN = ("dense", "dropout", "LayerNorm")  # all HanSplitOutput keeps of an ``*Output``
 
 
 def _is_split_ffn(cand: Candidate) -> bool:
@@ -37,6 +41,31 @@ def _is_split_ffn(cand: Candidate) -> bool:
     )
 
 
+def _no_residual_output(
+    cand: Candidate, config: HanConfig, features: int, out: nn.Module, params: list[str]
+) -> Replacement:
+    """An ``*Output`` without the residual input (Swin-V2): ``dense`` + ``dropout`` only; the layer adds the residual."""
+    extra = sorted(set(dict(out.named_children())) - {"dense", "dropout"})
+    if extra:
+        raise SkipCandidate(
+            f"{type(out).__name__}.forward({', '.join(params)}) takes no residual and has sub-modules {extra}"
+        )
+    if config.residual == "drop":
+        raise SkipCandidate(
+            f"residual='drop' not possible: {type(cand.parent).__name__} adds the residual itself; use residual='keep'"
+        )
+    dropout = getattr(out, "dropout", None)
+    split = HanSplitOutput(dropout if isinstance(dropout, nn.Module) else None, None, residual=False)
+    if config.dropout is not None:
+        split.dropout = nn.Dropout(config.dropout)
+    norm = "layernorm_after" if cand.sibling("layernorm_after") is not None else None
+    nb = {
+        "norm": f"{norm} (applied after the FFN) kept" if norm else "no norm found: left as is",
+        "residual": "kept (added by the layer)",
+    }
+    return Replacement({cand.path: han_block(features, config), cand.qualify("output"): split}, nb)
+
+
 @register_rule("hf.split_ffn", matcher=_is_split_ffn, changes=("norm", "residual"), priority=90)
 def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     """transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT, ...) -> ``HanBlock`` + ``HanSplitOutput``."""
@@ -45,7 +74,18 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     require_square(d_in, hidden, d_out, "intermediate.dense")
     params = list(inspect.signature(out.forward).parameters)
     if len(params) < 2:
-        raise SkipCandidate(f"{type(out).__name__}.forward({', '.join(params)}) does not take the residual input")
+        return _no_residual_output(cand, config, d_in, out, params)
+    required = [
+        p.name
+        for p in inspect.signature(out.forward).parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    extra = sorted(set(dict(out.named_children())) - set(OUTPUT_CHILDREN))
+    if len(required) > 2 or extra:
+        raise SkipCandidate(
+            f"{type(out).__name__} does more than dropout + residual + norm (forward({', '.join(params)}), "
+            f"sub-modules {extra}): HanSplitOutput would drop it"
+        )
     out_path = cand.qualify("output")
     post_norm = getattr(out, "LayerNorm", None)
     dropout = getattr(out, "dropout", None)

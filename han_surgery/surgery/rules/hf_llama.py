@@ -1,5 +1,6 @@
 """Gated MLPs of decoder LLMs: ``down_proj(act(gate_proj(x)) * up_proj(x))`` --
-LLaMA, Mistral, Qwen2, Gemma, ... (``gate_proj``, ``up_proj``, ``down_proj`` Linear).
+LLaMA, Mistral, Qwen2, Gemma, ... (``gate_proj``, ``up_proj``, ``down_proj`` Linear), and the
+fused form ``gate_up_proj`` (``d -> 2h``) + ``down_proj`` (Phi-3).
 
 The whole gated MLP becomes a ``HanBlock`` (the gate goes). The pre-norm is the
 layer's ``post_attention_layernorm`` (``x + mlp(norm(x))``); Gemma-2/3 layers have a
@@ -15,10 +16,12 @@ from ..config import HanConfig
 from ..registry import Candidate, Replacement, register_rule
 from ._common import Site, dims, finish, han_block, require_square
 
+GATED = (("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj"))
+
 
 def _is_gated_mlp(cand: Candidate) -> bool:
     m = cand.module
-    return all(isinstance(getattr(m, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))
+    return any(all(isinstance(getattr(m, a, None), nn.Linear) for a in names) for names in GATED)
 
 
 def _site(cand: Candidate) -> Site | None:
@@ -34,8 +37,12 @@ def _site(cand: Candidate) -> Site | None:
 
 @register_rule("hf.gated_mlp", matcher=_is_gated_mlp, changes=("norm", "residual"), priority=90)
 def build_gated_mlp(cand: Candidate, config: HanConfig) -> Replacement:
-    """LLaMA / Mistral / Qwen2 gated MLP (gate_proj, up_proj, down_proj) -> ``HanBlock``; ``post_attention_layernorm`` dropped."""
+    """LLaMA / Mistral / Qwen2 / Phi-3 gated MLP (gate_proj, up_proj or gate_up_proj, down_proj) -> ``HanBlock``; ``post_attention_layernorm`` dropped."""
     m = cand.module
-    (d_in, hidden), (_, d_out) = dims(m.up_proj), dims(m.down_proj)
-    require_square(d_in, hidden, d_out, "up_proj")
+    if isinstance(getattr(m, "up_proj", None), nn.Linear):
+        (d_in, hidden), (_, d_out) = dims(m.up_proj), dims(m.down_proj)
+        require_square(d_in, hidden, d_out, "up_proj")
+    else:
+        (d_in, hidden2), (_, d_out) = dims(m.gate_up_proj), dims(m.down_proj)
+        require_square(d_in, f"2x{hidden2 // 2}", d_out, "gate_up_proj")
     return finish(cand, config, han_block(d_in, config), _site(cand))

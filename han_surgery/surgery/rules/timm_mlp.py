@@ -29,7 +29,17 @@ from torch import nn
 from ..config import HanConfig
 from ..modules import ChannelsFirst, HanGatedMlp
 from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import Site, block_dropout, dims, dropout_p, finish, han_block, require_reflections, require_square
+from ._common import (
+    Site,
+    block_dropout,
+    dims,
+    dropout_p,
+    finish,
+    han_block,
+    require_not_in_attention,
+    require_reflections,
+    require_square,
+)
 
 _ADD = Site(norm="norm2")
 _GAMMA2 = Site(norm="norm2", gammas=("gamma_2",))
@@ -72,6 +82,7 @@ def build_timm_mlp(cand: Candidate, config: HanConfig) -> Replacement:
     """timm ``Mlp`` (fc1, act, drop, norm, fc2, drop; Linear or 1x1 Conv2d) -> ``HanBlock``."""
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
+    require_not_in_attention(cand, d_in)
     require_square(d_in, hidden, d_out)
     han = han_block(d_in, config, (dropout_p(m.drop1), dropout_p(m.drop2)))
     return finish(cand, config, _wrap(han, isinstance(m.fc1, nn.Conv2d)), timm_site(cand))

@@ -1,0 +1,175 @@
+"""Hanified transformers models load with transformers' own Auto classes once ``han_surgery`` is imported.
+
+:func:`han_surgery.save_pretrained` writes a hanified transformers model's ``config.json`` with
+``model_type = "han_surgery"``, the base model's config in ``base_config`` and the recipe in
+``han_recipe``. Importing this module registers
+
+* :class:`HanifiedConfig` with ``AutoConfig`` for that model type, and
+* for every ``AutoModel*`` class (``AutoModel``, ``AutoModelForSequenceClassification``,
+  ``AutoModelForCausalLM``, ...) a small dispatcher that picks the class that Auto class would pick
+  for the *base* config (``BertModel``, ``BertForSequenceClassification``, ...) and loads
+  ``Hanified<Class>``: that class, whose ``__init__`` replays the recipe after building the base
+  layers, so transformers' ``from_pretrained`` (dtype, device map, head/base prefixes, tied
+  weights, ...) loads ``model.safetensors`` into the Han modules.
+
+So ``AutoModel.from_pretrained(dir)``, ``AutoModelForSequenceClassification.from_pretrained(dir)``
+and ``pipeline("feature-extraction", model=dir)`` work with ``trust_remote_code=False``: no code
+from the folder runs. A recipe recorded on a task model (paths ``bert.encoder...``) replays on
+the base model (``encoder...``) and the other way round. ``save_pretrained`` of a ``Hanified*``
+model writes the same folder again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from safetensors import SafetensorError
+from torch import nn
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.models.auto import configuration_auto, modeling_auto
+from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
+
+from ..errors import CheckpointError
+from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
+from ..surgery.recipe import Recipe
+from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
+
+if TYPE_CHECKING:  # importing transformers' PreTrainedModel also imports accelerate: not at `import han_surgery`
+    from transformers import PreTrainedModel
+
+__all__ = ["HanifiedConfig", "hanified_class", "AUTO_CLASSES", "DISPATCHERS"]
+
+
+class HanifiedConfig(PreTrainedConfig):
+    """The ``config.json`` of a hanified transformers model: the base model's config and the recipe.
+
+    Attributes:
+        base_config: the base model's config as a dict (``model_type``, ``architectures``, ...).
+        han_recipe: the :class:`~han_surgery.surgery.recipe.Recipe` (the content of ``han_config.json``).
+    """
+
+    model_type = HF_HANIFIED_MODEL_TYPE
+    base_config: dict | None = None
+    han_recipe: dict | None = None
+
+    def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
+        """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``."""
+        if not isinstance(self.base_config, dict) or not isinstance(self.han_recipe, dict):
+            raise CheckpointError(
+                f"{source}: a '{HF_HANIFIED_MODEL_TYPE}' config needs '{HF_BASE_CONFIG_KEY}' and '{HF_RECIPE_KEY}' "
+                "objects (written by han_surgery.save_pretrained)"
+            )
+        base = transformers_base_config(self.base_config, source)
+        setattr(base, HF_RECIPE_KEY, self.han_recipe)
+        return base
+
+
+def _path_map(model: nn.Module, paths: list[str]):
+    """Map recipe paths recorded on a task model (``bert.encoder...``) to a base model and back."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if not prefix:
+        return None
+    saved_on_head = bool(paths) and all(p.startswith(prefix + ".") for p in paths)
+    is_head = isinstance(getattr(model, prefix, None), nn.Module)
+    if saved_on_head and not is_head:
+        return lambda p: p[len(prefix) + 1 :] if p.startswith(prefix + ".") else None
+    if is_head and not saved_on_head:
+        return lambda p: f"{prefix}.{p}"
+    return None
+
+
+class _Hanified:
+    """Mixed into ``Hanified<Base>``: replays the recipe carried by the config after the base ``__init__``."""
+
+    def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
+        super().__init__(config, *args, **kwargs)
+        folder = getattr(config, "_name_or_path", "") or "."
+        source = f"{Path(folder) / 'config.json'} ({HF_RECIPE_KEY})"
+        recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY, None), source)
+        paths = [r.path for step in recipe.steps for r in step.rewrites]
+        replay_recipe(self, recipe.steps, source, path_map=_path_map(self, paths))
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """Write the folder with :func:`han_surgery.save_pretrained` (the other arguments of transformers'
+        ``save_pretrained``, such as ``max_shard_size``, do not apply: one ``model.safetensors``)."""
+        if kwargs.get("is_main_process", True):
+            save_pretrained(self, save_directory)
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """``Hanified<Base>``: ``base`` whose ``__init__`` also replays the recipe in ``config.han_recipe`` (cached)."""
+    if base not in _CLASSES:
+        _CLASSES[base] = type(
+            f"Hanified{base.__name__}",
+            (_Hanified, base),
+            {"__module__": __name__, "__doc__": f"{base.__name__} rewritten by a han-surgery recipe."},
+        )
+    return _CLASSES[base]
+
+
+class _AutoDispatch:
+    """Registered in an ``AutoModel*`` class for :class:`HanifiedConfig`; loads ``Hanified<the class that
+    Auto class picks for the base config>``."""
+
+    config_class = HanifiedConfig
+    auto_class: type[_BaseAutoModelClass]
+
+    @classmethod
+    def _resolve(cls, config: HanifiedConfig, source: str) -> tuple[type, PreTrainedConfig]:
+        base_config = config.base_model_config(source)
+        try:
+            base = _get_model_class(base_config, cls.auto_class._model_mapping)
+        except KeyError:
+            raise ValueError(
+                f"{cls.auto_class.__name__} has no model for a {base_config.model_type!r} base model; this hanified "
+                f"model was saved from {config.architectures}"
+            ) from None
+        return hanified_class(base), base_config
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config: Any = None, **kwargs: Any
+    ) -> PreTrainedModel:
+        if not isinstance(config, HanifiedConfig):
+            config = HanifiedConfig.from_pretrained(pretrained_model_name_or_path)
+        folder = Path(str(pretrained_model_name_or_path))
+        model_class, base_config = cls._resolve(config, str(folder / "config.json"))
+        try:
+            return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
+        except SafetensorError as e:
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
+        except RuntimeError as e:  # transformers refuses tensors of the wrong shape with a RuntimeError
+            if "mismatch" not in str(e):
+                raise
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {model_class.__name__} ({e})") from None
+
+    @classmethod
+    def _from_config(cls, config: HanifiedConfig, **kwargs: Any) -> PreTrainedModel:
+        model_class, base_config = cls._resolve(config, "config")
+        return model_class._from_config(base_config, **kwargs)
+
+    from_config = _from_config
+
+
+AUTO_CLASSES: list[type[_BaseAutoModelClass]] = [
+    getattr(modeling_auto, name) for name in transformers_auto_map() if name != "AutoConfig"
+]
+"""Every ``AutoModel*`` class a hanified model is registered with."""
+
+DISPATCHERS: dict[str, type] = {
+    f"Hanified{auto.__name__}": type(
+        f"Hanified{auto.__name__}", (_AutoDispatch,), {"auto_class": auto, "__module__": __name__}
+    )
+    for auto in AUTO_CLASSES
+}
+"""``Hanified<AutoClass>`` -> the class registered in that Auto class (also module attributes, the names
+``config.json``'s ``auto_map`` and the generated ``han_surgery_auto.py`` use)."""
+globals().update(DISPATCHERS)
+
+configuration_auto.AutoConfig.register(HF_HANIFIED_MODEL_TYPE, HanifiedConfig, exist_ok=True)
+for _dispatch in DISPATCHERS.values():
+    _dispatch.auto_class.register(HanifiedConfig, _dispatch, exist_ok=True)

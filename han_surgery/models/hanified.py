@@ -1,0 +1,164 @@
+"""The timm entry point of hanified models: ``timm.create_model("local-dir:<dir>" | "hf-hub:<repo>", pretrained=True)``.
+
+:func:`han_surgery.save_pretrained` writes the ``config.json`` of a hanified timm model as timm's
+``save_for_hf`` does, except that ``architecture`` is ``"hanified"`` and ``model_args`` carry the
+base architecture and the recipe::
+
+    {"architecture": "hanified", "num_classes": 10, "pretrained_cfg": {...the base model's...},
+     "model_args": {"han_base": "vit_small_patch16_224", "han_recipe": {...han_config.json...}, "img_size": 224, ...}}
+
+timm reads that file itself (``local-dir:`` from a folder, ``hf-hub:`` from the Hub or its cache),
+then calls the entry point registered here, :func:`hanified`, with ``model_args`` as keyword
+arguments. It builds the base model with random weights (``pretrained=False``, the other
+``model_args`` checked by :func:`~han_surgery.folders.checked_timm_model_args`), replays the
+recipe, and loads ``model.safetensors`` (safetensors only, never a pickle) through timm's
+``load_pretrained`` (so ``num_classes=...`` re-initialises the classifier the timm way). The result
+computes bit for bit what the saved model did; its ``pretrained_cfg["architecture"]`` stays
+``"hanified"``, so timm's own ``save_for_hf`` / ``push_to_hf_hub`` write a folder that loads again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from safetensors import SafetensorError
+from timm.models import load_pretrained, register_model
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
+from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
+from ..surgery.recipe import Recipe
+from ..surgery.serialization import replay_recipe
+from ._checkpoint import checkpoint_filter_fn
+
+__all__ = ["hanified"]
+
+_SOURCE_KEYS = ("file", "url", "hf_hub_id", "hf_hub_filename", "source", "state_dict")
+
+
+def _describe(pretrained_cfg: dict[str, Any]) -> str:
+    """Where the model came from, for error messages: the folder's config.json or the Hub repo."""
+    if pretrained_cfg.get("source") == "hf-hub":
+        return f"hf-hub:{pretrained_cfg.get('hf_hub_id')} config.json"
+    if pretrained_cfg.get("file"):
+        path = Path(pretrained_cfg["file"])
+        return str(path / "config.json" if path.is_dir() else path)
+    return f"timm.create_model({TIMM_HANIFIED_ARCH!r}) arguments"
+
+
+def _load_safetensors(pretrained_cfg: dict[str, Any], cache_dir: str | Path | None) -> tuple[dict, str]:
+    """The checkpoint's tensors and the file they came from: ``model.safetensors`` of the folder
+    (``local-dir:``) or of the Hub repo (``hf-hub:``), or a ``.safetensors`` file named by
+    ``pretrained_cfg_overlay=dict(file=...)``. Anything else is refused: no pickle is read."""
+    import safetensors.torch
+
+    source, file = pretrained_cfg.get("source"), pretrained_cfg.get("file")
+    if source == "hf-hub":
+        from huggingface_hub import hf_hub_download
+        from timm.models._hub import hf_split
+
+        repo_id, revision = hf_split(pretrained_cfg["hf_hub_id"])
+        path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir))
+        name = f"hf-hub:{pretrained_cfg['hf_hub_id']}/{WEIGHTS_NAME}"
+    elif file:
+        path = Path(file) / WEIGHTS_NAME if Path(file).is_dir() else Path(file)
+        name = str(path)
+        if path.suffix != ".safetensors":
+            raise UnsafeCheckpointError(f"{path}: han-surgery loads safetensors files only, never a pickle")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+    else:
+        raise CheckpointError(
+            f"timm.create_model({TIMM_HANIFIED_ARCH!r}, pretrained=True) needs a checkpoint: load a folder with "
+            "'local-dir:<dir>', a Hub repo with 'hf-hub:<owner>/<name>', or pass pretrained_cfg_overlay=dict(file=...)"
+        )
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu"), name
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{name}: not a readable safetensors file ({e})") from None
+
+
+@register_model
+def hanified(
+    pretrained: bool = False,
+    *,
+    han_base: str | None = None,
+    han_recipe: dict[str, Any] | None = None,
+    pretrained_cfg: dict[str, Any] | None = None,
+    pretrained_cfg_overlay: dict[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    pretrained_model_args: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """A hanified timm model: the base architecture ``han_base`` rewritten by the recipe ``han_recipe``.
+
+    Not meant to be called by name: timm calls it with the ``model_args`` of a ``config.json``
+    written by :func:`han_surgery.save_pretrained` (see the module docstring).
+
+    Args:
+        pretrained: load ``model.safetensors`` from where ``pretrained_cfg`` points (timm sets it
+            for ``local-dir:`` and ``hf-hub:``).
+        han_base: the timm architecture the recipe starts from.
+        han_recipe: the content of ``han_config.json`` (:class:`~han_surgery.surgery.recipe.Recipe`).
+        pretrained_cfg, pretrained_cfg_overlay, cache_dir, pretrained_model_args: timm's.
+        **kwargs: the base model's constructor arguments (``num_classes``, ``img_size``, ...).
+
+    Raises:
+        ConfigError: called without ``han_base`` / ``han_recipe``.
+        CheckpointError: the recipe or the checkpoint is malformed, or does not fit the model.
+    """
+    cfg = dict(pretrained_cfg or {})
+    cfg.update(pretrained_cfg_overlay or {})
+    source = _describe(cfg)
+    if han_base is None or han_recipe is None:
+        raise ConfigError(
+            f"timm model {TIMM_HANIFIED_ARCH!r} is what han_surgery.save_pretrained writes for a hanified timm model; "
+            "load such a folder with timm.create_model('local-dir:<dir>' or 'hf-hub:<repo>', pretrained=True)"
+        )
+    recipe = Recipe.from_dict(han_recipe, source)
+    if recipe.base.library != "timm" or recipe.base.name != han_base:
+        raise CheckpointError(
+            f"{source}: model_args[{TIMM_RECIPE_ARG!r}] starts from {recipe.base.name!r} "
+            f"({recipe.base.library}), not from model_args[{TIMM_BASE_ARG!r}] = {han_base!r}"
+        )
+    if not isinstance(han_base, str) or not timm.is_model(han_base) or han_base == TIMM_HANIFIED_ARCH:
+        raise CheckpointError(f"{source}: model_args[{TIMM_BASE_ARG!r}] = {han_base!r} is not a timm architecture")
+    base_args = checked_timm_model_args(kwargs, source)
+    base_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and k != "architecture"}
+    try:
+        model = timm.create_model(han_base, pretrained=False, pretrained_cfg=base_cfg or None, **base_args)
+    except TypeError as e:  # an unknown constructor argument or pretrained_cfg field
+        raise CheckpointError(f"{source}: cannot build {han_base!r} from these arguments ({e})") from None
+    replay_recipe(model, recipe.steps, source)
+    model.to(dtype=getattr(torch, recipe.dtype))
+    if pretrained:
+        state_dict, name = _load_safetensors(cfg, cache_dir)
+
+        def fits(state: dict, model: nn.Module) -> dict:
+            try:
+                return checkpoint_filter_fn(state, model)
+            except ValueError as e:
+                raise CheckpointError(f"{name}: {e}") from None
+
+        load_cfg = {**model.pretrained_cfg, "state_dict": state_dict, "source": None}
+        for key in ("file", "url", "hf_hub_id", "hf_hub_filename"):
+            load_cfg.pop(key, None)
+        try:
+            load_pretrained(
+                model,
+                pretrained_cfg=load_cfg,
+                num_classes=getattr(model, "num_classes", 1000),
+                in_chans=base_args.get("in_chans", 3),
+                filter_fn=fits,
+                strict=True,
+            )
+        except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shapes
+            raise CheckpointError(f"{name}: does not fit the rebuilt model ({e})") from None
+    model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in ("source", "file", "hf_hub_id") if k in cfg}}
+    model.pretrained_cfg["architecture"] = TIMM_HANIFIED_ARCH
+    model.default_cfg = model.pretrained_cfg
+    model._model_args = {**getattr(model, "_model_args", {}), TIMM_BASE_ARG: han_base, TIMM_RECIPE_ARG: han_recipe}
+    return model

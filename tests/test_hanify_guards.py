@@ -1,0 +1,178 @@
+"""Guards the engine applies to every rule (issue 11, items 11, 14 and 15; issue 12, shared modules):
+
+* a new module takes the train/eval mode of the module it replaces;
+* a replacement that cannot be called the way its parent calls the old module is not swapped in;
+* ``torch.compile`` / ``DataParallel`` / ``DistributedDataParallel`` wrappers are looked through, so
+  the recipe lands on the model and ``save_pretrained`` works on the wrapper too;
+* a module reachable under several paths is replaced once and stays shared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from _surgery_zoo import ZOO, output_tensor
+from timm.layers import Mlp
+from torch import nn
+
+from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
+from han_surgery.surgery import Replacement, recipe_of, unregister_rule
+from han_surgery.surgery.engine import call_signature_problem, unwrap_model
+
+
+@pytest.mark.parametrize("name", ["timm/vit", "hf/bert", "hf/bart", "timm/convnext_convmlp", "custom/fallback"])
+def test_new_modules_take_the_mode_of_the_module_they_replace(name):
+    model, inputs, _ = ZOO[name]()
+    model.eval()
+    hanify(model, HanConfig(dropout=0.5))  # every new block has dropout: a training-mode one would show
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(output_tensor(model(**inputs)), output_tensor(model(**inputs)))
+
+    model, _, _ = ZOO[name]()
+    hanify(model.train(), HanConfig(dropout=0.5))
+    assert all(m.training for m in model.modules())
+
+
+class SizedFFN(nn.Module):
+    """An FFN called with the spatial size, like SegFormer's Mix-FFN: ``forward(x, height, width)``."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)
+
+    def forward(self, x, height, width):
+        return self.down(self.act(self.up(x))) * (height * width) ** 0
+
+
+class SizedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = SizedFFN()
+
+    def forward(self, x):
+        return x + self.ffn(x, 2, 3)
+
+
+def test_replacement_with_another_signature_is_not_swapped_in():
+    """Any rule, not only the fallback: here a user rule that ignores the extra inputs."""
+
+    @register_rule("test.sized", matcher=SizedFFN, priority=500)
+    def build(cand, config):
+        return Replacement({cand.path: HanBlock(8)})
+
+    try:
+        model = SizedNet()
+        report = hanify(model, HanConfig(rules=["test.sized"]))
+    finally:
+        unregister_rule("test.sized")
+    assert report.num_rewritten == 0 and isinstance(model.ffn, SizedFFN)
+    (skip,) = report.skipped
+    assert skip.rule == "test.sized"
+    assert "HanBlock.forward(x) cannot be called as SizedFFN.forward(x, height, width)" in skip.reason
+    assert model(torch.randn(2, 6, 8)).shape == (2, 6, 8)
+
+
+def test_segformer_mix_ffn_is_never_swapped_for_a_plain_block():
+    """Before the check, hf.mlp matched SegFormer's Mix-FFN (fc1, activation_fn, fc2), put a HanBlock in
+    its place, reported success, and the model crashed at its first forward."""
+    model, inputs, _ = ZOO["hf/segformer"]()
+    report = hanify(model, HanConfig(rules=["hf.mlp", "fallback.ffn"]))
+    assert report.num_rewritten == 0
+    assert report.skipped and all("cannot be called as SegformerMixMLP.forward" in s.reason for s in report.skipped)
+    output_tensor(model(**inputs))
+
+
+@pytest.mark.parametrize(
+    "old, new, ok",
+    [
+        (lambda x: x, lambda x: x, True),
+        (lambda x, h, w: x, lambda x: x, False),
+        (lambda x, mask=None: x, lambda x: x, False),  # the parent may pass the mask
+        (lambda x, h, w: x, lambda x, *args, **kwargs: x, True),
+        (lambda x, feat_size: x, lambda x, height, width=None: x, False),  # keyword name differs
+        (lambda hidden_states: hidden_states, lambda x: x, True),  # the first input goes by position
+        (lambda x, **kwargs: x, lambda x: x, False),
+        (lambda x, *args: x, lambda x: x, False),
+    ],
+)
+def test_call_signature_problem(old, new, ok):
+    def module(fn):
+        m = nn.Module()
+        m.forward = fn
+        return m
+
+    assert (call_signature_problem(module(old), module(new)) is None) == ok
+
+
+def test_hanify_looks_through_torch_compile_and_saves(tmp_path):
+    model, inputs, _ = ZOO["timm/vit"]()
+    model.eval()
+    compiled = torch.compile(model, backend="eager")  # the OptimizedModule wrapper, without inductor's compile time
+    report = hanify(compiled)
+    assert [r.path for r in report.rewrites] == ["blocks.0.mlp"]  # not "_orig_mod.blocks.0.mlp"
+    assert recipe_of(model) and unwrap_model(compiled) is model
+    save_pretrained(compiled, tmp_path)
+    loaded = from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs), model(**inputs))
+
+
+def test_hanify_looks_through_data_parallel_and_ddp(tmp_path):
+    import torch.distributed as dist
+
+    model, inputs, _ = ZOO["hf/bert"]()
+    wrapped = nn.DataParallel(model.eval())
+    assert [r.path for r in hanify(wrapped).rewrites][0] == "encoder.layer.0.intermediate"
+    save_pretrained(wrapped, tmp_path / "dp")
+    assert torch.equal(output_tensor(from_pretrained(tmp_path / "dp")(**inputs)), output_tensor(model(**inputs)))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model2, _, _ = ZOO["timm/vit"]()
+        ddp = nn.parallel.DistributedDataParallel(model2)
+        assert [r.path for r in hanify(ddp).rewrites] == ["blocks.0.mlp"]
+        save_pretrained(ddp, tmp_path / "ddp")
+        assert recipe_of(model2) and (tmp_path / "ddp" / "han_config.json").is_file()
+    finally:
+        dist.destroy_process_group()
+
+
+class SharedFFN(nn.Module):
+    """One ``Mlp`` held by two attributes (weight sharing by reference)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = Mlp(8, 16, 8)
+        self.second = self.first
+
+    def forward(self, x):
+        x = x + self.first(x)
+        return x + self.second(x)
+
+
+def test_shared_module_is_rewritten_once_and_stays_shared(tmp_path):
+    torch.manual_seed(0)
+    model = SharedFFN().eval()
+    report = hanify(model)
+    (rec,) = report.rewrites
+    assert isinstance(model.first, HanBlock) and model.second is model.first
+    assert "shared with second" in rec.neighbours["shared"] and "second" in rec.swapped
+    assert report.params_after == sum(p.numel() for p in model.parameters()) == 4 * 8
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path, model=SharedFFN())
+    assert loaded.second is loaded.first
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_albert_shared_layer_is_rewritten_once_and_the_report_says_so():
+    model, inputs, _ = ZOO["hf/albert"]()
+    config = model.config
+    report = hanify(model.eval())
+    (rec,) = report.rewrites  # one FFN, used by every layer
+    assert f"used by all {config.num_hidden_layers} layers" in rec.neighbours["shared"]
+    assert isinstance(model, T.AlbertModel)
+    output_tensor(model(**inputs)).sum()

