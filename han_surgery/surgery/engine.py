@@ -14,6 +14,9 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
    skipped too. Any other exception aborts the call with :class:`HanifyError`:
    nothing has been swapped yet.
 3. **swap** -- ``setattr`` every planned module (undone if a swap fails).
+   With ``calibration=`` data, the swaps happen one block at a time and each
+   new block is fitted to the block it replaces before the next one is swapped
+   in (:mod:`han_surgery.surgery.calibration`); a failure undoes every swap.
 
 A model in which no rule recognises anything (and which holds no Han module)
 raises :class:`NothingToRewriteError`. If candidates exist but every one is
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -136,6 +140,8 @@ def hanify(
     *,
     filter_fn: FilterFn | None = None,
     dry_run: bool = False,
+    calibration: Iterable[Any] | None = None,
+    calibration_config: Any | None = None,
 ) -> HanifyReport:
     """Replace the MLP/FFN blocks of ``model`` by Han-blocks ``H2 |H1 x + b1| + b2``, in place.
 
@@ -147,16 +153,33 @@ def hanify(
             candidate FFN after the include/exclude patterns; ``False`` skips it
             (as in torchao's ``quantize_``).
         dry_run: plan and report without touching the model.
+        calibration: calibrated surgery: an iterable of model inputs (a dict is
+            called as ``model(**batch)``, a tuple as ``model(*batch)``, a tensor
+            as ``model(batch)``; e.g. from
+            :func:`han_surgery.surgery.calibration.calibration_batches`). Each new
+            block is then fitted, in model order, to what the block it replaces
+            computed on the inputs the already-fitted blocks produce, instead of
+            keeping its random initialisation (see ``docs/CALIBRATION.md``).
+        calibration_config: a
+            :class:`~han_surgery.surgery.calibration.CalibrationConfig` (fit
+            steps, token sample size, ``max_fvu``, healing); recorded in the recipe.
 
     Returns:
-        A :class:`HanifyReport` (``print`` it for a table).
+        A :class:`HanifyReport` (``print`` it for a table); with calibration,
+        ``report.calibration`` holds the per-block fit.
 
     Raises:
         NothingToRewriteError: no rule recognises any module (and no Han module is present).
         ValueError: an include/exclude pattern matches no candidate (the message lists near names).
         HanifyError: a rule failed; the model is unchanged.
+        CalibrationDataError: the calibration data is empty or a batch has the
+            wrong type; the model is unchanged (as after any failure of the fit).
     """
     config = config if config is not None else HanConfig()
+    if calibration_config is not None and calibration is None:
+        raise ValueError("hanify: calibration_config given without calibration data (calibration=batches)")
+    if calibration is not None and dry_run:
+        raise ValueError("hanify: dry_run=True plans without touching the model; it cannot calibrate")
     rules = resolve_rules(config.rules)
     params_before = _count([model])
     matches, han_paths = _discover(model, rules)
@@ -252,15 +275,21 @@ def hanify(
         )
         return report
 
-    done: list[tuple[str, nn.Module]] = []
-    try:
-        for _, repl in planned:
-            for path, new in repl.swaps.items():
-                done.append((path, _set_module(model, path, new)))
-    except BaseException:
-        for path, old in reversed(done):
-            _set_module(model, path, old)
-        raise
+    step: dict[str, Any] = {}
+    if calibration is not None:
+        from .calibration import CalibrationConfig, calibrate_rewrites
+
+        calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
+        report.calibration, kept = calibrate_rewrites(model, planned, calibration, calibration_config)
+        for index in reversed(kept):
+            record = planned[index][0]
+            reason = next(b.reason for b in report.calibration.blocks if b.path == record.path)
+            report.skipped.append(SkipRecord(record.path, record.rule, f"kept by calibration: {reason}"))
+            del planned[index]
+        report.rewrites = [rec for rec, _ in planned]
+        step["calibration"] = calibration_config.to_dict()
+    else:
+        _swap_all(model, planned)
     report.params_after = _count([model])
     recipe = list(getattr(model, RECIPE_ATTR, []))
     recipe.append(
@@ -270,7 +299,21 @@ def hanify(
                 {"path": r.path, "rule": r.rule, "swapped": r.swapped, "neighbours": r.neighbours}
                 for r in report.rewrites
             ],
+            **step,
         }
     )
     object.__setattr__(model, RECIPE_ATTR, recipe)
     return report
+
+
+def _swap_all(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> None:
+    """Swap every planned module in; undo them all if one fails."""
+    done: list[tuple[str, nn.Module]] = []
+    try:
+        for _, repl in planned:
+            for path, new in repl.swaps.items():
+                done.append((path, _set_module(model, path, new)))
+    except BaseException:
+        for path, old in reversed(done):
+            _set_module(model, path, old)
+        raise

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .calibration.report import CalibrationReport
 
 __all__ = ["HanifyReport", "RewriteRecord", "SkipRecord"]
 
@@ -58,6 +61,9 @@ class HanifyReport:
         dry_run: ``True`` if the model was not touched.
         han_modules_found: Han modules already in the model before the call
             (non-zero on a second call, which then rewrites nothing).
+        calibration: with ``hanify(..., calibration=...)``, the per-block fit
+            (:class:`~han_surgery.surgery.calibration.CalibrationReport`); blocks it
+            kept as original are listed in ``skipped``.
     """
 
     rewrites: list[RewriteRecord] = field(default_factory=list)
@@ -66,6 +72,7 @@ class HanifyReport:
     params_after: int = 0
     dry_run: bool = False
     han_modules_found: int = 0
+    calibration: CalibrationReport | None = None
 
     @property
     def num_rewritten(self) -> int:
@@ -108,4 +115,6 @@ class HanifyReport:
             f"{self.params_after:,} ({verb} {self.params_after / max(self.params_before, 1):.1%} of before)"
             + (f"; {self.han_modules_found} Han modules were already present" if self.han_modules_found else "")
         )
+        if self.calibration is not None:
+            lines.append("\n" + str(self.calibration))
         return "\n".join(lines)
