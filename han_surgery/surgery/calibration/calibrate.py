@@ -75,6 +75,26 @@ def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str]) -> l
     return out
 
 
+def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
+    """Block ``index``'s token sample; seeded per block, so a second recording keeps the same positions."""
+    return TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
+
+
+def _original_inputs(
+    model: nn.Module, batches: list[Any], sites: list[Any], config: CalibrationConfig
+) -> dict[int, TokenReservoir]:
+    """Every site's input in the original model, sampled at the positions its later recording will keep."""
+    targets: dict[str, tuple[TokenReservoir, bool]] = {}
+    index_of: dict[str, int] = {}
+    for index, site in enumerate(sites):
+        if site is not None:
+            path = site.original_input_path or site.input_path
+            targets[path] = (_reservoir(config, index), site.channels_first)
+            index_of[path] = index
+    record_inputs(model, batches, targets)
+    return {index_of[path]: res for path, (res, _) in targets.items()}
+
+
 def calibrate_rewrites(
     model: nn.Module,
     planned: list[tuple[Any, Any]],
@@ -112,6 +132,7 @@ def calibrate_rewrites(
         sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
         stream_paths = [s.stream_path for s in sites if s is not None and s.stream_path]
         teacher = _teacher_states(model, heal_set, stream_paths) if config.heal_steps and stream_paths else None
+        originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
             swaps = [(path, _set_module(model, path, new)) for path, new in repl.swaps.items()]
@@ -122,7 +143,7 @@ def calibrate_rewrites(
                 fit.status = "not calibrated"
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
                 continue
-            reservoir = TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
+            reservoir = _reservoir(config, index)
             record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
             x = reservoir.sample
             if len(x) < 2:
@@ -131,9 +152,14 @@ def calibrate_rewrites(
                     "(is it on the forward path of these inputs?)"
                 )
             ref = next(site.fitted.parameters(), None)
-            x = x.to(
-                device=ref.device if ref is not None else x.device, dtype=ref.dtype if ref is not None else x.dtype
-            )
+            place = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+            x = x.to(**place)
+            x_original = originals[index].sample.to(**place) if index in originals else None
+            if x_original is not None and x_original.shape != x.shape:
+                raise CalibrationDataError(
+                    f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
+                    f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
+                )
             scores = fit_site(
                 site,
                 x,
@@ -143,6 +169,7 @@ def calibrate_rewrites(
                 holdout=config.holdout,
                 gen=gen,
                 start=config.start,
+                x_original=x_original,
             )
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
             fit.tokens = len(x)

@@ -29,6 +29,12 @@ class CalibrationConfig:
             the diagonal map ``g * x`` plus the side path), whose gain, bias and side path
             have closed forms; ``"random"``: its random initialisation (gain, bias and side
             path still set in closed form).
+        target: what each block is fitted to. ``"block"``: what the original block
+            computes on the inputs the calibrated model gives it (as GPTQ does);
+            ``"model"``: what the original *model* computes after that block on the
+            same tokens, so that the block also undoes what it can of the errors
+            of the blocks before it (costs one extra forward pass over the
+            recording batches).
         steps: Adam steps per block, after the closed-form start.
         lr: peak learning rate of those steps (cosine decay).
         batch_tokens: token rows per Adam step.
@@ -48,6 +54,7 @@ class CalibrationConfig:
     tokens_per_block: int = 16384
     record_batches: int | None = None
     start: str = "linear"
+    target: str = "block"
     steps: int = 300
     lr: float = 1e-2
     batch_tokens: int = 2048
@@ -72,6 +79,8 @@ class CalibrationConfig:
                 raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
         if self.start not in ("linear", "random"):
             raise ValueError(f"CalibrationConfig.start must be 'linear' or 'random', got {self.start!r}")
+        if self.target not in ("block", "model"):
+            raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
         if self.max_fvu is not None and self.max_fvu < 0:

@@ -182,28 +182,43 @@ def fit_site(
     holdout: float,
     gen: torch.Generator,
     start: str = "linear",
+    x_original: Tensor | None = None,
 ) -> SiteScores:
-    """Fit ``site.fitted`` to the site's old output on the rows ``x``; score it and the baselines on held-out rows."""
+    """Fit ``site.fitted`` on the rows ``x``; score it and the baselines on held-out rows.
+
+    The target is what the original block computes on ``x`` (the ``"block"`` target),
+    or, given ``x_original`` (the same tokens' inputs in the original model), what the
+    original *model* computes after the block: the post-norm's output
+    ``N(x_o + reference(x_o))``, or without a post-norm the branch that brings the
+    residual stream there, ``x_o + reference(x_o) - x`` (the ``"model"`` target, which
+    also asks the block to undo the errors of the blocks before it where it can).
+    """
     perm = torch.randperm(len(x), generator=gen).to(x.device)
     n_test = max(1, int(round(holdout * len(x))))
-    test, train = x[perm[:n_test]], x[perm[n_test:]]
-    if len(train) == 0:
+    if len(x) - n_test < 1:
         raise ValueError(f"calibration: only {len(x)} token(s) recorded at {site.input_path}; need at least 2")
+    parts = perm[n_test:], perm[:n_test]
+    (train, test) = (x[i] for i in parts)
     with torch.no_grad():
-        ref_train, ref_test = _rows(site.reference, train), _rows(site.reference, test)
-        y_train = site_output(site, train, ref_train)
-        y_test = site_output(site, test, ref_test)
+        if x_original is None:
+            branch_train, branch_test = _rows(site.reference, train), _rows(site.reference, test)
+        else:  # the branch that takes this residual stream to the original model's stream after the block
+            xo_train, xo_test = (x_original[i] for i in parts)
+            branch_train = xo_train + _rows(site.reference, xo_train) - train
+            branch_test = xo_test + _rows(site.reference, xo_test) - test
+        y_train = site_output(site, train, branch_train)
+        y_test = site_output(site, test, branch_test)
         if isinstance(site.fitted, HanBlock):
             if start == "linear":
                 linear_regime_start(site.fitted, train)
-            closed_form_start(site.fitted, train, ref_train if site.residual else ref_train + train)
+            closed_form_start(site.fitted, train, branch_train if site.residual else branch_train + train)
     _adam(site, train, y_train, steps, lr, batch, gen)
     with torch.no_grad():
         score = fvu(_rows(lambda t: site_output(site, t, new_branch(site, t)), test), y_test)
-        deleted = fvu(site_output(site, test, torch.zeros_like(ref_test)), y_test)
-        mean = fvu(site_output(site, test, ref_train.mean(0).expand_as(ref_test)), y_test)
+        deleted = fvu(site_output(site, test, torch.zeros_like(branch_test)), y_test)
+        mean = fvu(site_output(site, test, branch_train.mean(0).expand_as(branch_test)), y_test)
         linear = None
         if train.shape[1] <= 4096 and len(train) > train.shape[1]:
-            w, c = least_squares(train, ref_train)
+            w, c = least_squares(train, branch_train)
             linear = fvu(site_output(site, test, test @ w + c), y_test)
     return SiteScores(fit=score, deleted=deleted, mean=mean, linear=linear)

@@ -144,41 +144,53 @@ def _device_of(model: nn.Module) -> torch.device | None:
 def record_inputs(
     model: nn.Module,
     batches: Iterable[Any],
-    path: str,
-    reservoir: TokenReservoir,
+    path: str | dict[str, tuple[TokenReservoir, bool]],
+    reservoir: TokenReservoir | None = None,
     *,
     channels_first: bool = False,
-    max_batches: int | None = None,
 ) -> int:
     """Feed the input tokens of ``model.get_submodule(path)`` on each batch to ``reservoir``.
 
-    The forward stops right after the hook (the rest of the model does not run).
+    With one module the forward stops right after its hook (the rest of the model does
+    not run). ``path`` may instead map several module paths to ``(reservoir,
+    channels_first)``: they are all recorded in one full forward per batch.
 
     Returns:
         The number of batches run.
     """
-    module = model.get_submodule(path)
+    targets = path if isinstance(path, dict) else {path: (reservoir, channels_first)}
+    stop_after = None if isinstance(path, dict) else path
     device = _device_of(model)
     current: dict[str, Any] = {}
 
-    def hook(_module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], Tensor):
-            raise CalibrationDataError(f"calibration: {path} was called without a tensor as its first input")
-        reservoir.add(as_rows(args[0], current.get("mask"), channels_first))
-        raise _StopForward
+    def make_hook(name: str, res: TokenReservoir, cf: bool):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if name in current["seen"]:
+                return  # a module called twice per forward (shared weights): its first call is recorded
+            current["seen"].add(name)
+            if not args or not isinstance(args[0], Tensor):
+                raise CalibrationDataError(f"calibration: {name} was called without a tensor as its first input")
+            res.add(as_rows(args[0], current.get("mask"), cf))
+            if name == stop_after:
+                raise _StopForward
 
-    handle = module.register_forward_pre_hook(hook)
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(make_hook(name, res, cf))
+        for name, (res, cf) in targets.items()
+    ]
     count = 0
     try:
         for batch in batches:
-            if max_batches is not None and count >= max_batches:
-                break
             current["mask"] = token_mask(batch)
+            current["seen"] = set()
             try:
                 call_model(model, batch, device)
             except _StopForward:
                 pass
             count += 1
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return count

@@ -45,6 +45,10 @@ class CalibrationSite:
         post_norm: the norm the parent applies after the residual add (kept by
             the rewrite), or ``None``.
         channels_first: ``x`` is ``(N, d, H, W)``; its tokens are the pixels.
+        original_input_path: qualified name, in the *original* model, of the module
+            whose first input is the same point of the network (default
+            ``input_path``; the dropped pre-norm when the rewrite removed one, whose
+            input is the un-normalised ``x``). Used by the ``"model"`` target.
         stream_path: qualified name of the module whose output is the hidden
             state (residual stream) right after this block, e.g. the transformer
             layer holding the FFN; healing distils it. ``None``: not distilled.
@@ -56,6 +60,7 @@ class CalibrationSite:
     residual: bool = True
     post_norm: nn.Module | None = None
     channels_first: bool = False
+    original_input_path: str | None = None
     stream_path: str | None = None
 
 

@@ -102,13 +102,15 @@ def calibration_site(
     removed_norm: nn.Module | None,
     residual_dropped: bool,
     removed_scales: tuple[nn.Module, ...] = (),
+    removed_norm_path: str | None = None,
 ) -> tuple[CalibrationSite | None, str]:
     """The :class:`CalibrationSite` of an FFN module replaced by ``han`` (``finish``'s layout), or ``None`` and why.
 
     ``removed_norm`` is the parent's pre-norm when the rewrite took it off the
     FFN's input path (so the reference computes ``ffn(norm(x))``);
     ``removed_scales`` the layer scales on the branch that a dropped residual
-    turned into ``Identity`` (the reference applies them after the FFN).
+    turned into ``Identity`` (the reference applies them after the FFN);
+    ``removed_norm_path`` the qualified name of that norm.
     """
     inner = han.inner if isinstance(han, ChannelsFirst) else han
     if isinstance(inner, HanGatedMlp):
@@ -128,10 +130,15 @@ def calibration_site(
             residual=not residual_dropped,
             post_norm=post,
             channels_first=channels_first,
+            original_input_path=removed_norm_path if removed_norm is not None else None,
             stream_path=stream,
         ),
         "",
     )
+
+
+def _norm_path(cand: Candidate, site: Site | None) -> str | None:
+    return cand.qualify(site.norm) if site is not None and site.norm else None
 
 
 def finish(
@@ -167,7 +174,7 @@ def finish(
             nb["norm"] = f"{site.norm} kept"
     if config.residual == "keep":
         nb["residual"] = "kept"
-        calib, why = calibration_site(cand, han, site, dropped_norm, residual_dropped=False)
+        calib, why = calibration_site(cand, han, site, dropped_norm, False, (), _norm_path(cand, site))
         return CalibratedReplacement(
             swaps, nb, site=None if not_calibrated else calib, not_calibrated=not_calibrated or why
         )
@@ -209,7 +216,9 @@ def finish(
     if kept_norm is not None:
         calib, why = None, "residual='drop' with drop_norm=False: the recorded input is not the one the Han-block sees"
     else:
-        calib, why = calibration_site(cand, han, site, dropped_norm, True, tuple(removed_scales))
+        calib, why = calibration_site(
+            cand, han, site, dropped_norm, True, tuple(removed_scales), _norm_path(cand, site)
+        )
     return CalibratedReplacement(
         swaps, nb, site=None if not_calibrated else calib, not_calibrated=not_calibrated or why
     )
@@ -241,25 +250,26 @@ def inline_site(
     swaps: dict[str, nn.Module],
     up: str,
     old_chain: tuple[str, ...],
-    removed_norm: nn.Module | None = None,
+    removed_norm: str | None = None,
     post_norm: nn.Module | None = None,
 ) -> CalibrationSite:
     """The :class:`CalibrationSite` of an inline FFN rewritten by :func:`inline_han_swaps`.
 
     ``old_chain`` names the layer's modules the old FFN applied in order (e.g.
-    ``("fc1", "activation_fn", "fc2")``); ``removed_norm`` is a pre-norm the rewrite
-    dropped (the reference applies it first); ``post_norm`` the norm the layer applies
+    ``("fc1", "activation_fn", "fc2")``); ``removed_norm`` names the layer's pre-norm
+    when the rewrite dropped it (the reference applies it first); ``post_norm`` the norm the layer applies
     after adding the residual (post-norm layers), whose input residual is ``up``'s input.
     """
     q = f"{cand.path}." if cand.path else ""
     new = [swaps[q + name] for name in old_chain if not isinstance(swaps.get(q + name), nn.Identity)]
     old = [getattr(cand.module, name) for name in old_chain]
     if removed_norm is not None:
-        old.insert(0, removed_norm)
+        old.insert(0, getattr(cand.module, removed_norm))
     return CalibrationSite(
         input_path=q + up,
         fitted=new[0] if len(new) == 1 else nn.Sequential(*new),
         reference=nn.Sequential(*old),
         post_norm=post_norm,
+        original_input_path=q + removed_norm if removed_norm is not None else None,
         stream_path=cand.path or None,
     )

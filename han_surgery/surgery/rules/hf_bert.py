@@ -84,6 +84,7 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacement
         reference=nn.Sequential(*old_branch),
         residual=residual,
         post_norm=post_norm if isinstance(post_norm, nn.Module) else None,
+        original_input_path=cand.qualify(pre_attr) if dropped_norm is not None else None,
         stream_path=cand.parent_path or None,
     )
     return CalibratedReplacement(swaps, nb, site=site)

@@ -69,7 +69,7 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacemen
         swaps,
         "fc1",
         ("fc1", "activation_fn", "fc2"),
-        removed_norm=norm if pre and config.drop_norm else None,
+        removed_norm="final_layer_norm" if pre and config.drop_norm else None,
         post_norm=None if pre else norm,
     )
     return CalibratedReplacement(swaps, nb, site=site)
