@@ -21,6 +21,7 @@ from han_surgery.surgery.calibration import (
     closed_form_start,
     fvu,
     hidden_state_distillation_loss,
+    hidden_state_paths,
     record_inputs,
 )
 from han_surgery.surgery.calibration import calibrate as calibrate_module
@@ -361,12 +362,20 @@ def test_max_fvu_keeps_blocks_and_the_model_saves_and_reloads_bit_identically(tm
 
 
 # --------------------------------------------------------------------------------------- healing
-def test_healing_lowers_the_hidden_state_loss():
+def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters():
     model = _vit()
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    before = {n: p.clone() for n, p in model.named_parameters() if "mlp" not in n and "norm2" not in n}
     cfg = CalibrationConfig(steps=0, heal_steps=30, heal_lr=1e-2, tokens_per_block=1024, progress=False)
-    report = hanify(model, HanConfig(gain=True, side_rank=2), calibration=_images(2, 0), calibration_config=cfg)
+    report = hanify(model, HanConfig(gain=True, side_rank=2), calibration=_images(3, 0), calibration_config=cfg)
     first, last = report.calibration.heal_loss
-    assert report.calibration.heal_steps == 30 and last < 0.9 * first
+    assert report.calibration.heal_steps == 30 and report.calibration.heal_batches == 3 and last < 0.9 * first
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in before.items())  # the original weights did not move
+    assert [n for n, p in params.items() if not p.requires_grad] == ["blocks.0.attn.qkv.weight"]
+    tiny = CalibrationConfig(steps=0, heal_steps=1, heal_memory_mb=1e-3, progress=False)
+    report = hanify(_vit(), HanConfig(gain=True), calibration=_images(3, 0), calibration_config=tiny)
+    assert report.calibration.heal_batches == 1  # the teacher cache holds one batch
 
 
 def test_hidden_state_distillation_loss():
@@ -388,6 +397,9 @@ def test_hidden_state_distillation_loss():
 def test_hidden_states_records_module_outputs():
     model = _vit()
     x = torch.randn(2, 3, 32, 32)
+    assert hidden_state_paths(hanify(copy.deepcopy(model), dry_run=True)) == ["blocks.0", "blocks.1"]
+    bert, _, _ = ZOO["hf/bert"]()
+    assert hidden_state_paths(hanify(bert)) == ["encoder.layer.0", "encoder.layer.1"]
     with HiddenStates(model, ["blocks.0", "blocks.1"]) as hs:
         model(x)
         states = hs.states

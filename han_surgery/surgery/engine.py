@@ -265,6 +265,7 @@ def hanify(
             params_after=_count(repl.swaps.values()),
             swapped=list(repl.swaps),
             neighbours=dict(repl.neighbours),
+            stream=getattr(getattr(repl, "site", None), "stream_path", None),
         )
         planned.append((record, repl))
 

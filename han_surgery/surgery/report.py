@@ -22,6 +22,9 @@ class RewriteRecord:
         params_after: parameters of their replacements.
         swapped: every qualified name whose module was replaced.
         neighbours: what happened to the pre-norm and the residual, in words.
+        stream: the module whose output is the hidden state right after this block
+            (e.g. the transformer layer holding the FFN), when the rule knows it: the
+            module to hook for hidden-state distillation (same name in the original model).
     """
 
     path: str
@@ -30,6 +33,7 @@ class RewriteRecord:
     params_after: int
     swapped: list[str] = field(default_factory=list)
     neighbours: dict[str, str] = field(default_factory=dict)
+    stream: str | None = None
 
 
 @dataclass

@@ -20,7 +20,7 @@ from .calibrate import calibrate_rewrites, check_batches
 from .config import CalibrationConfig
 from .data import calibration_batches, read_texts
 from .fit import closed_form_start, fvu
-from .heal import HiddenStates, heal, hidden_state_distillation_loss
+from .heal import HiddenStates, heal, hidden_state_distillation_loss, hidden_state_paths
 from .record import CalibrationDataError, TokenReservoir, call_model, record_inputs
 from .report import BlockFit, CalibrationReport
 from .site import CalibratedReplacement, CalibrationSite, PixelRows
@@ -42,6 +42,7 @@ __all__ = [
     "fvu",
     "heal",
     "hidden_state_distillation_loss",
+    "hidden_state_paths",
     "HiddenStates",
     "read_texts",
     "record_inputs",

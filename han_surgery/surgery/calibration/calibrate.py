@@ -63,15 +63,21 @@ def _count(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str]) -> list[list[Tensor]]:
-    """The original model's outputs of ``paths`` on each batch, as token rows (padding removed)."""
+def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str], memory_mb: float) -> list[list[Tensor]]:
+    """The original model's outputs of ``paths`` on the first batches, as token rows (padding removed),
+    for as many batches as fit in ``memory_mb``."""
     device = next(model.parameters()).device
-    out = []
+    out: list[list[Tensor]] = []
+    used = 0
     with HiddenStates(model, paths) as hs:
         for batch in batches:
             call_model(model, batch, device)
             mask = token_mask(batch)
-            out.append([as_rows(s, mask).detach().float().cpu() for s in hs.states])
+            states = [as_rows(s, mask).detach().float().cpu() for s in hs.states]
+            used += sum(s.numel() * s.element_size() for s in states)
+            if out and used > memory_mb * 2**20:
+                break
+            out.append(states)
     return out
 
 
@@ -130,8 +136,11 @@ def calibrate_rewrites(
     try:
         model.eval()
         sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
-        stream_paths = [s.stream_path for s in sites if s is not None and s.stream_path]
-        teacher = _teacher_states(model, heal_set, stream_paths) if config.heal_steps and stream_paths else None
+        stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
+        teacher = None
+        if config.heal_steps and stream_paths:
+            teacher = _teacher_states(model, heal_set, stream_paths, config.heal_memory_mb)
+            heal_set = heal_set[: len(teacher)]
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
@@ -199,11 +208,16 @@ def calibrate_rewrites(
                 progress=config.progress,
             )
             report.heal_steps = config.heal_steps
+            report.heal_batches = len(heal_set)
     except BaseException:
         for path, old in reversed(done):
             _set_module(model, path, old)
         raise
     finally:
+        original = {id(p) for p, _ in grad_flags}
+        for p in model.parameters():  # new modules' parameters: trainable, as built
+            if id(p) not in original:
+                p.requires_grad_(True)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         model.train(was_training)

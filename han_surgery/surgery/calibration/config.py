@@ -47,6 +47,8 @@ class CalibrationConfig:
         heal_lr: peak learning rate of healing.
         heal_batches: calibration batches healing cycles through (``None``: all);
             the original model's hidden states on them are computed once and cached.
+        heal_memory_mb: the most memory that cache may take; healing uses only the
+            first batches whose hidden states fit (the report says how many).
         seed: seeds the token sampling, the holdout split and the minibatches.
         progress: show tqdm progress bars.
     """
@@ -63,6 +65,7 @@ class CalibrationConfig:
     heal_steps: int = 0
     heal_lr: float = 1e-3
     heal_batches: int | None = None
+    heal_memory_mb: float = 2048.0
     seed: int = 0
     progress: bool = True
 
@@ -85,7 +88,7 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
         if self.max_fvu is not None and self.max_fvu < 0:
             raise ValueError(f"CalibrationConfig.max_fvu must be None or >= 0, got {self.max_fvu!r}")
-        for name in ("lr", "heal_lr"):
+        for name in ("lr", "heal_lr", "heal_memory_mb"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"CalibrationConfig.{name} must be > 0, got {getattr(self, name)!r}")
 

@@ -5,7 +5,19 @@ Hidden states:
 * transformers models return them with ``model(**batch, output_hidden_states=True)``
   (``outputs.hidden_states``: the embeddings, then one per layer);
 * any model (timm included): :class:`HiddenStates` records the outputs of
-  chosen modules (e.g. ``[f"blocks.{i}" for i in range(depth)]``) with forward hooks.
+  chosen modules (e.g. ``[f"blocks.{i}" for i in range(depth)]``) with forward hooks;
+  :func:`hidden_state_paths` names the ones right after each block ``hanify`` rewrote
+  (the same names exist in the original model, the teacher).
+
+For ``finetune --distill hidden``::
+
+    report = hanify(student, config)
+    paths = hidden_state_paths(report)
+    with HiddenStates(student, paths) as s, HiddenStates(teacher, paths) as t:
+        logits = student(**batch)
+        with torch.no_grad():
+            teacher(**batch)
+        loss = task_loss + hidden_state_distillation_loss(s.states, t.states, mask=batch.get("attention_mask"))
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ from torch import Tensor, nn
 
 from .record import as_rows, call_model, token_mask
 
-__all__ = ["hidden_state_distillation_loss", "HiddenStates", "heal"]
+__all__ = ["hidden_state_distillation_loss", "hidden_state_paths", "HiddenStates", "heal"]
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -70,6 +82,12 @@ class HiddenStates:
         if missing:
             raise RuntimeError(f"HiddenStates: the forward did not run {missing}")
         return [self._values[p] for p in self.paths]
+
+
+def hidden_state_paths(report: Any) -> list[str]:
+    """The modules whose outputs are the hidden states right after the blocks a :class:`HanifyReport` rewrote
+    (``RewriteRecord.stream``, in model order, without repeats; rewrites whose rule does not know it are left out)."""
+    return list(dict.fromkeys(r.stream for r in report.rewrites if r.stream))
 
 
 def hidden_state_distillation_loss(

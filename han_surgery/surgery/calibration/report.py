@@ -50,6 +50,7 @@ class CalibrationReport:
     Attributes:
         blocks: one :class:`BlockFit` per candidate rewrite, in model order.
         heal_steps: end-to-end distillation steps run.
+        heal_batches: calibration batches healing cycled through.
         heal_loss: the distillation loss (mean over blocks of the hidden-state MSE
             divided by the original's variance) on the first and last heal step.
         seconds: wall time of the calibration (recording, fitting, healing).
@@ -58,6 +59,7 @@ class CalibrationReport:
 
     blocks: list[BlockFit] = field(default_factory=list)
     heal_steps: int = 0
+    heal_batches: int = 0
     heal_loss: tuple[float, float] | None = None
     seconds: float = 0.0
     batches: int = 0
@@ -89,6 +91,9 @@ class CalibrationReport:
         tail += f"; {self.batches} calibration batches; {self.seconds:.1f} s"
         if self.heal_steps:
             a, b = self.heal_loss or (float("nan"), float("nan"))
-            tail += f"; healing: {self.heal_steps} steps, hidden-state loss {a:.4f} -> {b:.4f}"
+            tail += (
+                f"; healing: {self.heal_steps} steps over {self.heal_batches} batches, "
+                f"hidden-state loss {a:.4f} -> {b:.4f}"
+            )
         lines.append(tail)
         return "\n".join(lines)
