@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -292,6 +293,31 @@ def test_a_failing_fit_leaves_the_model_exactly_as_before(monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert not hasattr(model, "_han_surgery_recipe")
+
+
+def test_a_failure_after_healing_all_parameters_restores_the_original_weights(monkeypatch):
+    model = _vit()
+    before = _state(model)
+    real_heal = calibrate_module.heal
+
+    def heal_then_fail(*args, **kwargs):
+        real_heal(*args, **kwargs)
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(calibrate_module, "heal", heal_then_fail)
+    cfg = CalibrationConfig(steps=0, heal_steps=2, heal_lr=0.1, heal_params="all", progress=False)
+    with pytest.raises(RuntimeError, match="late failure"):
+        hanify(model, HanConfig(gain=True), calibration=_images(2, 0), calibration_config=cfg)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    monkeypatch.undo()
+    healed = _vit()
+    hanify(
+        healed,
+        HanConfig(gain=True),
+        calibration=_images(2, 0),
+        calibration_config=dataclasses.replace(cfg, heal_lr=1e-3),
+    )
+    assert not torch.equal(healed.blocks[0].attn.qkv.weight, before["blocks.0.attn.qkv.weight"])  # it did train them
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,7 @@ def calibrate_rewrites(
     kept: list[int] = []
     fitted_modules: list[nn.Module] = []
     stream_paths: list[str] = []
+    snapshot: list[tuple[nn.Parameter, Tensor]] = []
     try:
         model.eval()
         sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
@@ -192,7 +193,12 @@ def calibrate_rewrites(
                 continue
             fitted_modules.append(site.fitted)
         if config.heal_steps and teacher is not None and fitted_modules:
-            params = list({id(p): p for m in fitted_modules for p in m.parameters()}.values())
+            new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
+            if config.heal_params == "all":  # every parameter the caller left trainable, and the new ones
+                snapshot = [(p, p.detach().clone()) for p, flag in grad_flags if flag]
+                params = list({**{id(p): p for p, _ in snapshot}, **new_params}.values())
+            else:
+                params = list(new_params.values())
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in params:
@@ -212,6 +218,9 @@ def calibrate_rewrites(
     except BaseException:
         for path, old in reversed(done):
             _set_module(model, path, old)
+        with torch.no_grad():
+            for p, value in snapshot:  # healing with heal_params="all" had trained them
+                p.copy_(value)
         raise
     finally:
         original = {id(p) for p, _ in grad_flags}

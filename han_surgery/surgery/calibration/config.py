@@ -45,6 +45,9 @@ class CalibrationConfig:
             the new parameters are trained so that every rewritten block's output
             hidden state matches the original model's (TinyBERT-style MSE).
         heal_lr: peak learning rate of healing.
+        heal_params: ``"new"``: healing trains only the new (Han) parameters;
+            ``"all"``: also every parameter of the model that was trainable (the
+            original weights are then changed too; on failure they are restored).
         heal_batches: calibration batches healing cycles through (``None``: all);
             the original model's hidden states on them are computed once and cached.
         heal_memory_mb: the most memory that cache may take; healing uses only the
@@ -64,6 +67,7 @@ class CalibrationConfig:
     max_fvu: float | None = None
     heal_steps: int = 0
     heal_lr: float = 1e-3
+    heal_params: str = "new"
     heal_batches: int | None = None
     heal_memory_mb: float = 2048.0
     seed: int = 0
@@ -82,6 +86,8 @@ class CalibrationConfig:
                 raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
         if self.start not in ("linear", "random"):
             raise ValueError(f"CalibrationConfig.start must be 'linear' or 'random', got {self.start!r}")
+        if self.heal_params not in ("new", "all"):
+            raise ValueError(f"CalibrationConfig.heal_params must be 'new' or 'all', got {self.heal_params!r}")
         if self.target not in ("block", "model"):
             raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
         if not 0.0 < self.holdout < 1.0:
