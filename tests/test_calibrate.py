@@ -511,10 +511,14 @@ def test_calibration_batches_from_text_and_images(tmp_path):
     (tmp_path / "b.csv").write_text("label,body\n1,hello\n")
     with pytest.raises(ValueError, match="sentence or text"):
         calibration_batches(tmp_path / "b.csv", tokenizer=tok)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "d.npz", images=rng.integers(0, 255, (40, 28, 28), dtype=np.uint8), labels=np.arange(40) % 10)
-    images = calibration_batches(tmp_path / "d.npz", num_samples=30, batch_size=16)
+    dataset = torch.utils.data.TensorDataset(torch.randn(40, 1, 28, 28), torch.arange(40) % 10)
+    images = calibration_batches(dataset, num_samples=30, batch_size=16)
     assert [b.shape for b in images] == [(16, 1, 28, 28), (14, 1, 28, 28)]
+    picked = torch.cat(images)
+    assert all(any(torch.equal(p, x) for x in dataset.tensors[0]) for p in picked[:3])  # inputs, labels dropped
+    np.savez(tmp_path / "d.npz", images=np.zeros((4, 28, 28), dtype=np.uint8), labels=np.zeros(4, dtype=np.int64))
+    with pytest.raises(ValueError, match="pass the dataset"):
+        calibration_batches(tmp_path / "d.npz")
     with pytest.raises(FileNotFoundError):
         calibration_batches(tmp_path / "missing.txt", tokenizer=tok)
 

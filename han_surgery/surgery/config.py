@@ -85,9 +85,14 @@ class HanConfig:
     final_abs: bool = False
     include: Sequence[str] = field(default_factory=tuple)
     exclude: Sequence[str] = field(default_factory=tuple)
-    gain: bool = False
-    input_scale: bool = False
-    side_rank: int = 0
+    gain: bool = field(default=False, metadata={"help": "give each Han-block a per-channel output gain (n parameters)"})
+    input_scale: bool = field(
+        default=False, metadata={"help": "give each Han-block a per-channel input scale (n parameters)"}
+    )
+    side_rank: int = field(
+        default=0,
+        metadata={"help": "add a rank-r linear side path B A x to each Han-block (2 n r parameters; 0: none)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.include, str):

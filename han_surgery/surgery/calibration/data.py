@@ -1,20 +1,22 @@
-"""``calibration_batches``: a data file -> a list of model inputs for ``hanify(model, config, calibration=...)``.
+"""``calibration_batches``: data -> a list of model inputs for ``hanify(model, config, calibration=...)``.
 
-=======================  ==================================================================
-the file is ...          read as
-=======================  ==================================================================
-``*.txt``                text, one sample per non-empty line
-``*.tsv`` / ``*.csv``    text from the column named ``sentence`` or ``text`` (header row)
-``*.jsonl``              text from the key ``sentence`` or ``text`` of each record
-``*.npz`` / a folder     images, exactly as ``han-surgery finetune --data`` reads them
-                         (``images``/``labels`` arrays, or an ``ImageFolder``): the
-                         training split's normalised ``(B, C, H, W)`` tensors
-=======================  ==================================================================
+==========================  ================================================================
+the source is ...           read as
+==========================  ================================================================
+a ``*.txt`` file            text, one sample per non-empty line
+a ``*.tsv`` / ``*.csv``     text from the column named ``sentence`` or ``text`` (header row)
+a ``*.jsonl`` file          text from the key ``sentence`` or ``text`` of each record
+a dataset                   any map-style dataset of ``(input, label)`` pairs or of inputs,
+                            e.g. ``han_surgery.finetune.load_data(path).train`` for the
+                            images (``.npz``, image folders) ``finetune --data`` reads:
+                            batches of its input tensors
+==========================  ================================================================
 
 Text batches are the tokenizer's output as a dict (``input_ids``, ``attention_mask``,
 ...), called as ``model(**batch)``; padding tokens are left out of the fit. Samples are
 drawn at random (``seed``); text is sorted by length before batching so that batches
-carry little padding. Labels are never needed.
+carry little padding. Labels are never needed. (Image files are read by the fine-tuning
+data layer, which sits above surgery: the command line passes its dataset here.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +76,7 @@ def read_texts(path: str | Path) -> list[str]:
 
 
 def calibration_batches(
-    path: str | Path,
+    source: str | Path | Sequence[Any],
     *,
     tokenizer: Any = None,
     num_samples: int = 2048,
@@ -81,10 +84,10 @@ def calibration_batches(
     max_length: int = 128,
     seed: int = 0,
 ) -> list[Any]:
-    """Calibration batches from a data file (see the module docstring for the formats).
+    """Calibration batches from a text file or a dataset (see the module docstring).
 
     Args:
-        path: the file (or image folder).
+        source: a text file, or a map-style dataset of inputs or ``(input, label)`` pairs.
         tokenizer: a transformers tokenizer; required for text.
         num_samples: samples drawn at random (all of them if the file has fewer).
         batch_size: samples per batch.
@@ -92,27 +95,32 @@ def calibration_batches(
         seed: which samples are drawn.
 
     Returns:
-        A list of batches: dicts of tensors (text) or ``(B, C, H, W)`` tensors (images).
+        A list of batches: dicts of tensors (text) or stacked input tensors (a dataset).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: unknown format, no text column, no tokenizer for text, or no samples.
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ValueError: not a text file, no text column, no tokenizer for text, or no samples.
     """
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"calibration data {path}: no such file or folder")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
             f"calibration_batches: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
         )
     rng = random.Random(seed)
-    if p.is_dir() or p.suffix.lower() == ".npz":
-        from ...finetune.data import load_data
-
-        train = load_data(p, seed=seed).train
-        index = sorted(rng.sample(range(len(train)), min(num_samples, len(train))))
-        images = torch.stack([train[i][0] for i in index])
-        return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    if not isinstance(source, (str, Path)):
+        if len(source) == 0:
+            raise ValueError("calibration_batches: the dataset is empty")
+        index = sorted(rng.sample(range(len(source)), min(num_samples, len(source))))
+        items = [source[i] for i in index]
+        inputs = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+        return list(inputs.split(batch_size))
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"calibration data {source}: no such file or folder")
+    if p.is_dir() or p.suffix.lower() not in (".txt", ".tsv", ".csv", ".jsonl"):
+        raise ValueError(
+            f"calibration data {p}: not a text file (.txt, .tsv, .csv, .jsonl). For images, pass the dataset: "
+            "calibration_batches(han_surgery.finetune.load_data(path).train)"
+        )
     texts = read_texts(p)
     if not texts:
         raise ValueError(f"calibration data {p}: no text samples")
