@@ -127,8 +127,10 @@ def calibrate_rewrites(
     gen = torch.Generator().manual_seed(config.seed)
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    record_set = batches if config.record_batches is None else batches[: config.record_batches]
-    heal_set = batches if config.heal_batches is None else batches[: config.heal_batches]
+    # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
+    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
+    record_set = batches if config.record_batches is None else order[: config.record_batches]
+    heal_set = order if config.heal_batches is None else order[: config.heal_batches]
     done: list[tuple[str, nn.Module]] = []  # (path, original module) of every swap made, to undo on failure
     kept: list[int] = []
     fitted_modules: list[nn.Module] = []

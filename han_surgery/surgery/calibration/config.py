@@ -21,9 +21,9 @@ class CalibrationConfig:
         tokens_per_block: the most token rows sampled (uniformly, reservoir) for
             each block's fit; bounds memory at ``tokens_per_block x d`` floats per
             block whatever the amount of data.
-        record_batches: calibration batches run to record each block's inputs
-            (``None``: all of them). Recording block ``i`` runs the model up to
-            block ``i``, so this bounds the cost of the sequential pass.
+        record_batches: calibration batches, drawn at random, run to record each
+            block's inputs (``None``: all of them). Recording block ``i`` runs the
+            model up to block ``i``, so this bounds the cost of the sequential pass.
         start: where a Han-block's fit starts. ``"linear"``: its Householder path in the
             linear regime (``H2 = H1^T``, ``b1`` above every pre-activation, so the block is
             the diagonal map ``g * x`` plus the side path), whose gain, bias and side path
@@ -48,10 +48,10 @@ class CalibrationConfig:
         heal_params: ``"new"``: healing trains only the new (Han) parameters;
             ``"all"``: also every parameter of the model that was trainable (the
             original weights are then changed too; on failure they are restored).
-        heal_batches: calibration batches healing cycles through (``None``: all);
+        heal_batches: calibration batches, drawn at random, healing cycles through (``None``: all);
             the original model's hidden states on them are computed once and cached.
-        heal_memory_mb: the most memory that cache may take; healing uses only the
-            first batches whose hidden states fit (the report says how many).
+        heal_memory_mb: the most memory that cache may take; healing uses only as
+            many of its (random) batches as fit (the report says how many).
         seed: seeds the token sampling, the holdout split and the minibatches.
         progress: show tqdm progress bars.
     """
