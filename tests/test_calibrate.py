@@ -559,7 +559,7 @@ def test_real_minilm_calibration_beats_deletion_and_plain_hanify():
     test_text = [line.split("\t", 1)[1] for line in lines[-1600::50]]  # 32 of the last files
     tok = AutoTokenizer.from_pretrained(gt.get_model_path())
     base = BertModel.from_pretrained(gt.get_model_path(), use_safetensors=True).eval()
-    enc = lambda texts: dict(tok(texts, padding=True, truncation=True, max_length=40, return_tensors="pt"))  # noqa: E731
+    enc = lambda texts: tok(texts, padding=True, truncation=True, max_length=40, return_tensors="pt")  # noqa: E731  (a BatchEncoding: a Mapping, not a dict)
     test = enc(test_text)
 
     @torch.no_grad()

@@ -10,7 +10,7 @@ original model's hidden states into the new parameters.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ __all__ = ["calibrate_rewrites", "check_batches"]
 
 def check_batches(calibration: Iterable[Any]) -> list[Any]:
     """The calibration batches as a list; a clear error if there are none or one has the wrong type."""
-    if isinstance(calibration, (Tensor, dict)):
+    if isinstance(calibration, (Tensor, Mapping)):
         raise CalibrationDataError(
             "hanify(calibration=...) takes an iterable of batches (e.g. a list or a DataLoader), "
             f"not a single {type(calibration).__name__}: wrap it in a list"
@@ -42,7 +42,7 @@ def check_batches(calibration: Iterable[Any]) -> list[Any]:
     if not batches:
         raise CalibrationDataError("hanify(calibration=...): the calibration data yielded no batch")
     for i, batch in enumerate(batches):
-        if not isinstance(batch, (dict, tuple, list, Tensor)):
+        if not isinstance(batch, (Mapping, tuple, list, Tensor)):
             raise CalibrationDataError(
                 f"calibration batch {i} is a {type(batch).__name__}: expected a dict (called as model(**batch)), "
                 "a tuple/list (model(*batch)) or a tensor (model(batch))"

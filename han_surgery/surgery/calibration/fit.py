@@ -27,7 +27,8 @@ def _rows(fn, x: Tensor) -> Tensor:
 
 
 def site_output(site: CalibrationSite, x: Tensor, branch: Tensor) -> Tensor:
-    """What the network sees of a branch output ``b = x + ...``-free: ``N(x + b)`` with a post-norm, else ``b``."""
+    """What the rest of the network sees of a branch output ``b``: ``N(x + b)`` with a post-norm, else ``b`` itself
+    (the residual add is the same before and after surgery, so the branch is what differs)."""
     return site.post_norm(x + branch) if site.post_norm is not None else branch
 
 

@@ -10,7 +10,7 @@ forward right there (nothing after the module runs).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -86,8 +86,8 @@ class TokenReservoir:
 def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _move(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}  # a plain dict: model(**batch) takes any mapping
     if isinstance(batch, (tuple, list)):
         return type(batch)(_move(v, device) for v in batch)
     return batch
@@ -98,7 +98,7 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
     ``model(*batch)``, a tensor as ``model(batch)`` (tensors moved to ``device``)."""
     if device is not None:
         batch = _move(batch, device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -112,7 +112,7 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
 
 def token_mask(batch: Any) -> Tensor | None:
     """The ``(B, L)`` boolean mask of real (non-padding) tokens of a transformers-style batch, if it has one."""
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
