@@ -358,6 +358,7 @@ def test_max_fvu_keeps_blocks_and_the_model_saves_and_reloads_bit_identically(tm
         model.blocks[0].mlp.fc1.weight.mul_(0.1)
         model.blocks[1].mlp.fc1.weight.mul_(10)
     cal, test = _images(2, 0), torch.cat(_images(1, 1))
+    probe_base = copy.deepcopy(model)
     probe = copy.deepcopy(model)
     torch.manual_seed(1)  # the Han blocks' initialisation
     fits = hanify(
@@ -375,6 +376,20 @@ def test_max_fvu_keeps_blocks_and_the_model_saves_and_reloads_bit_identically(tm
     assert [s.path for s in report.skipped] == [worst] and "max_fvu" in report.skipped[0].reason
     assert not isinstance(model.get_submodule(worst), HanBlock)
     assert report.params_after == sum(p.numel() for p in model.parameters())
+
+    within, over = (dataclasses.replace(cfg, keep_budget=b) for b in (report.params_before, 0))
+    torch.manual_seed(1)
+    assert [
+        b.path
+        for b in hanify(
+            copy.deepcopy(probe_base), HanConfig(gain=True, side_rank=4), calibration=cal, calibration_config=within
+        ).calibration.kept
+    ] == [worst]
+    torch.manual_seed(1)
+    tight = hanify(
+        copy.deepcopy(probe_base), HanConfig(gain=True, side_rank=4), calibration=cal, calibration_config=over
+    )
+    assert tight.calibration.kept == [] and "keep_budget" in tight.calibration.blocks[1].reason
 
     save_pretrained(model, tmp_path)
     step = json.loads((tmp_path / "han_config.json").read_text())["recipe"][0]

@@ -133,6 +133,7 @@ def calibrate_rewrites(
     heal_set = order if config.heal_batches is None else order[: config.heal_batches]
     done: list[tuple[str, nn.Module]] = []  # (path, original module) of every swap made, to undo on failure
     kept: list[int] = []
+    kept_cost = 0
     fitted_modules: list[nn.Module] = []
     stream_paths: list[str] = []
     snapshot: list[tuple[nn.Parameter, Tensor]] = []
@@ -186,13 +187,20 @@ def calibrate_rewrites(
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
             fit.tokens = len(x)
             if config.max_fvu is not None and scores.fit > config.max_fvu:
-                for path, old in reversed(swaps):
-                    _set_module(model, path, old)
-                del done[len(done) - len(swaps) :]
-                kept.append(index)
-                fit.status = "kept"
-                fit.reason = f"Han fit FVU {scores.fit:.3f} > max_fvu {config.max_fvu}"
-                continue
+                cost = record.params_before - record.params_after
+                if config.keep_budget is None or kept_cost + cost <= config.keep_budget:
+                    for path, old in reversed(swaps):
+                        _set_module(model, path, old)
+                    del done[len(done) - len(swaps) :]
+                    kept.append(index)
+                    kept_cost += cost
+                    fit.status = "kept"
+                    fit.reason = f"Han fit FVU {scores.fit:.3f} > max_fvu {config.max_fvu}"
+                    continue
+                fit.reason = (
+                    f"FVU {scores.fit:.3f} > max_fvu, but keeping it would cost {cost:,} parameters; "
+                    f"{config.keep_budget - kept_cost:,} left of keep_budget"
+                )
             fitted_modules.append(site.fitted)
         if config.heal_steps and teacher is not None and fitted_modules:
             new_params = {id(p): p for m in fitted_modules for p in m.parameters()}

@@ -29,18 +29,20 @@ class CalibrationConfig:
             the diagonal map ``g * x`` plus the side path), whose gain, bias and side path
             have closed forms; ``"random"``: its random initialisation (gain, bias and side
             path still set in closed form).
-        target: what each block is fitted to. ``"block"``: what the original block
-            computes on the inputs the calibrated model gives it (as GPTQ does);
-            ``"model"``: what the original *model* computes after that block on the
-            same tokens, so that the block also undoes what it can of the errors
-            of the blocks before it (costs one extra forward pass over the
-            recording batches).
+        target: what each block is fitted to. ``"model"`` (default): what the original
+            *model* computes after that block on the same tokens, so that the block
+            also undoes what it can of the errors of the blocks before it (one extra
+            forward pass over the recording batches); ``"block"``: what the original
+            block computes on the inputs the calibrated model gives it (as GPTQ does).
         steps: Adam steps per block, after the closed-form start.
         lr: peak learning rate of those steps (cosine decay).
         batch_tokens: token rows per Adam step.
         holdout: fraction of the sampled rows held out to score the fit (the FVU in the report).
         max_fvu: keep the original block where the fitted Han-block leaves more than this
             fraction of the block's output variance unexplained (``None``: replace every block).
+        keep_budget: the most parameters that blocks kept by ``max_fvu`` may cost, in all,
+            over their Han replacements (``None``: no limit). Blocks are decided in model
+            order; one that does not fit in what is left is replaced (the report says so).
         heal_steps: end-to-end distillation steps after the blockwise fit (0: none):
             the new parameters are trained so that every rewritten block's output
             hidden state matches the original model's (TinyBERT-style MSE).
@@ -57,14 +59,15 @@ class CalibrationConfig:
     """
 
     tokens_per_block: int = 16384
-    record_batches: int | None = None
+    record_batches: int | None = 16
     start: str = "linear"
-    target: str = "block"
-    steps: int = 300
+    target: str = "model"
+    steps: int = 200
     lr: float = 1e-2
     batch_tokens: int = 2048
     holdout: float = 0.125
     max_fvu: float | None = None
+    keep_budget: int | None = None
     heal_steps: int = 0
     heal_lr: float = 1e-3
     heal_params: str = "new"
@@ -92,6 +95,8 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
+        if self.keep_budget is not None and (not isinstance(self.keep_budget, int) or self.keep_budget < 0):
+            raise ValueError(f"CalibrationConfig.keep_budget must be None or an int >= 0, got {self.keep_budget!r}")
         if self.max_fvu is not None and self.max_fvu < 0:
             raise ValueError(f"CalibrationConfig.max_fvu must be None or >= 0, got {self.max_fvu!r}")
         for name in ("lr", "heal_lr", "heal_memory_mb"):
