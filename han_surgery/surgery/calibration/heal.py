@@ -155,7 +155,8 @@ def heal(
     The model runs in eval mode (no dropout); batches are cycled in order.
 
     Returns:
-        The loss of the first and of the last step.
+        The mean loss over the first pass through the batches and over the last one
+        (``min(steps, len(batches))`` steps each, so the two cover the same batches).
     """
     from tqdm.auto import tqdm
 
@@ -163,7 +164,7 @@ def heal(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     device = params[0].device
-    first = last = float("nan")
+    losses: list[float] = []
     with HiddenStates(model, paths) as hs:
         for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
             i = step % len(batches)
@@ -176,7 +177,6 @@ def heal(
             loss.backward()
             opt.step()
             sched.step()
-            last = loss.item()
-            if step == 0:
-                first = last
-    return first, last
+            losses.append(loss.item())
+    window = min(steps, len(batches))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window
