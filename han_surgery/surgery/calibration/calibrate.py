@@ -51,10 +51,9 @@ def check_batches(calibration: Iterable[Any]) -> list[Any]:
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = getattr(parent, attr)
-    setattr(parent, attr, module)
+    """Put ``module`` at ``path``; return the module that was there."""
+    old = model.get_submodule(path)
+    model.set_submodule(path, module, strict=True)
     return old
 
 
