@@ -11,7 +11,9 @@ Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
   diagonal of signs, so it is orthogonal too (almost everywhere).
 * :class:`HanLayer` -- ``|H x + b|``: orthogonal Jacobian and 1-Lipschitz.
 * :class:`HanBlock` -- the paper's FFN replacement ``H2 |H1 x + b1| + b2`` (the
-  Han-Mixer form adds a final ``|.|``), ``4n`` parameters.
+  Han-Mixer form adds a final ``|.|``), ``4n`` parameters; optionally with a
+  per-channel gain, a per-channel input scale and a low-rank linear side path
+  (:class:`LowRankLinear`), the extra degrees of freedom calibrated surgery fits.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 
 from .functional import householder_affine, householder_dense, unit_rows
 
-__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock"]
+__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "LowRankLinear"]
 
 HouseholderInit = Literal["orthogonal", "normal"]
 BiasInit = Literal["uniform", "zeros"]
@@ -137,23 +139,81 @@ class HanLayer(HouseholderLinear):
     apply_abs = True
 
 
+class LowRankLinear(nn.Module):
+    """A rank-``r`` linear map without bias: ``y = B (A x)``, ``A: (r, n)``, ``B: (n_out, r)``.
+
+    ``r (n + n_out)`` parameters and ``O((n + n_out) r)`` compute per row instead of
+    ``n n_out``. ``B`` starts at zero, so a fresh side path adds nothing.
+
+    Shapes: ``(..., n) -> (..., n_out)``. Parameters: ``down.weight`` ``(r, n)``,
+    ``up.weight`` ``(n_out, r)``.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        rank: int,
+        out_features: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        out_features = features if out_features is None else out_features
+        if not 1 <= rank <= min(features, out_features):
+            raise ValueError(
+                f"{type(self).__name__}: rank must be in [1, min(features, out_features)="
+                f"{min(features, out_features)}], got {rank}"
+            )
+        self.rank = rank
+        self.down = nn.Linear(features, rank, bias=False, device=device, dtype=dtype)
+        self.up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
+
+
 class HanBlock(nn.Module):
     """The paper's FFN replacement: ``H2 |H1 x + b1| + b2`` (optionally ``|...|`` again).
 
     ``x -> HanLayer -> drop1 -> HouseholderLinear (or HanLayer) -> drop2``
+
+    With the optional extras (all off by default; then the block, its
+    parameters and its ``state_dict`` keys are exactly the paper's)::
+
+        y = g * (H2 |H1 (s * x) + b1|) + b2 + B A x
+
+    ``s`` is a per-channel input scale (``input_scale``), ``g`` a per-channel
+    output gain (``gain``) and ``B A`` a rank-``r`` linear side path
+    (``side``, a :class:`LowRankLinear`). With a gain, ``b2`` moves out of
+    ``fc2`` to the block's own ``bias`` so that it is added after the gain
+    (with ``final_abs`` it stays inside: ``g * |H2 z + b2|``). A Householder
+    product is orthogonal, so the plain block's Jacobian has every singular
+    value 1 away from the kinks of ``|.|``; the extras let it express the small,
+    near-linear maps that the FFNs of pretrained models compute (see
+    ``docs/CALIBRATION.md``).
 
     Args:
         features: ``n`` (the block is square, ``(..., n) -> (..., n)``).
         reflections: reflections per Householder layer (1 = paper).
         bias: learn ``b1`` and ``b2``.
         final_abs: end with ``|.|``, the Han-Mixer block of the paper's
-            Section 5.3 (``|H2 |H1 x + b1| + b2|``).
+            Section 5.3 (``|H2 |H1 x + b1| + b2|``; the gain and side path
+            apply after it).
         drop: dropout probability after each layer, a float or a
             ``(drop1, drop2)`` pair, the placement of the FFN in the paper's
             Han-MobileViT (``H1, |.|, Dropout, H2, Dropout``) and of timm's ``Mlp``.
         init, bias_init: passed to both layers (see :class:`HouseholderLinear`).
+        gain: learn ``g`` (shape ``(n,)``, starts at 1): ``n`` parameters.
+        input_scale: learn ``s`` (shape ``(n,)``, starts at 1): ``n`` parameters.
+        side_rank: ``r > 0`` adds the side path ``B A x`` (``2 n r`` parameters,
+            starts at 0).
 
-    ``4n`` parameters for ``reflections=1`` and ``bias=True``, against
+    ``4n`` parameters for ``reflections=1`` and ``bias=True`` (plus ``n`` per
+    gain or input scale and ``2 n r`` for the side path), against
     ``2 n h + n + h`` for a ``n -> h -> n`` MLP.
     """
 
@@ -166,21 +226,48 @@ class HanBlock(nn.Module):
         drop: float | tuple[float, float] = 0.0,
         init: HouseholderInit = "orthogonal",
         bias_init: BiasInit = "uniform",
+        gain: bool = False,
+        input_scale: bool = False,
+        side_rank: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         drop1, drop2 = (drop, drop) if isinstance(drop, (int, float)) else drop
         kwargs = dict(bias=bias, reflections=reflections, init=init, bias_init=bias_init, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        if side_rank < 0:
+            raise ValueError(f"{type(self).__name__}: side_rank must be >= 0, got {side_rank}")
         self.features = features
         self.final_abs = final_abs
+        # Registered before the layers only when enabled, so that the default block's
+        # state_dict keys (fc1.*, fc2.*) are exactly those of the paper's block.
+        self.input_scale = nn.Parameter(torch.ones(features, **factory)) if input_scale else None
         self.fc1 = HanLayer(features, **kwargs)
         self.drop1 = nn.Dropout(drop1)
+        bias_after_gain = gain and bias and not final_abs
+        if bias_after_gain:
+            kwargs["bias"] = False
         self.fc2 = (HanLayer if final_abs else HouseholderLinear)(features, **kwargs)
+        self.gain = nn.Parameter(torch.ones(features, **factory)) if gain else None
+        self.bias = nn.Parameter(torch.empty(features, **factory)) if bias_after_gain else None
+        if self.bias is not None:
+            with torch.no_grad():  # initialised as fc2's bias would have been
+                bound = 1.0 / math.sqrt(features) if bias_init == "uniform" else 0.0
+                nn.init.uniform_(self.bias, -bound, bound)
+        self.side = LowRankLinear(features, side_rank, **factory) if side_rank else None
         self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.fc1(x))))
+        h = self.fc2(self.drop1(self.fc1(x if self.input_scale is None else x * self.input_scale)))
+        if self.gain is not None:
+            h = h * self.gain
+        if self.bias is not None:
+            h = h + self.bias
+        if self.side is not None:
+            h = h + self.side(x)
+        return self.drop2(h)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, final_abs={self.final_abs}"
+        extras = [name for name in ("input_scale", "gain") if getattr(self, name) is not None]
+        return f"features={self.features}, final_abs={self.final_abs}" + "".join(f", {e}=True" for e in extras)

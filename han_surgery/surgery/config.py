@@ -67,6 +67,18 @@ class HanConfig:
             rates of the block being replaced.
         final_abs: end each block with ``|.|`` (the paper's Han-Mixer block).
         include, exclude: name patterns, see the module docstring.
+        gain: give each Han-block a per-channel output gain ``g`` (``n``
+            parameters): ``y = g * (H2 |H1 x + b1| + b2)``. Off for the paper's models.
+        input_scale: give each Han-block a per-channel input scale ``s`` (``n``
+            parameters): ``|H1 (s * x) + b1|``. Off for the paper's models.
+        side_rank: ``r > 0`` adds a rank-``r`` linear side path ``B A x`` to each
+            Han-block (``2 n r`` parameters). Off (0) for the paper's models.
+
+    ``gain``, ``input_scale`` and ``side_rank`` are the extra degrees of
+    freedom that calibrated surgery (``hanify(model, config, calibration=...)``)
+    can fit to a pretrained FFN; see ``docs/CALIBRATION.md`` for what each buys.
+    They change the module structure, so they are part of the recipe that
+    ``from_pretrained`` replays.
 
     Raises:
         ConfigError: a field has an invalid value (also a ``ValueError``).
@@ -111,6 +123,14 @@ class HanConfig:
             "metavar": "PATTERN",
         },
     )
+    gain: bool = field(default=False, metadata={"help": "give each Han-block a per-channel output gain (n parameters)"})
+    input_scale: bool = field(
+        default=False, metadata={"help": "give each Han-block a per-channel input scale (n parameters)"}
+    )
+    side_rank: int = field(
+        default=0,
+        metadata={"help": "add a rank-r linear side path B A x to each Han-block (2 n r parameters; 0: none)"},
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.include, str):
@@ -131,6 +151,11 @@ class HanConfig:
             raise ConfigError(f"HanConfig.init must be 'orthogonal' or 'normal', got {self.init!r}")
         if self.bias_init not in ("uniform", "zeros"):
             raise ConfigError(f"HanConfig.bias_init must be 'uniform' or 'zeros', got {self.bias_init!r}")
+        if not isinstance(self.side_rank, int) or self.side_rank < 0:
+            raise ConfigError(f"HanConfig.side_rank must be an int >= 0, got {self.side_rank!r}")
+        for name in ("gain", "input_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"HanConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"HanConfig.dropout must be None or in [0, 1), got {self.dropout!r}")
         for pattern in (*self.include, *self.exclude):
@@ -160,3 +185,12 @@ class HanConfig:
     def han_kwargs(self) -> dict[str, Any]:
         """Keyword arguments shared by every Han module built from this config."""
         return {"reflections": self.reflections, "init": self.init, "bias_init": self.bias_init}
+
+    def block_extras(self) -> dict[str, Any]:
+        """The optional degrees of freedom of a :class:`~han_surgery.layers.HanBlock` (all off by default)."""
+        return {"gain": self.gain, "input_scale": self.input_scale, "side_rank": self.side_rank}
+
+    @property
+    def has_block_extras(self) -> bool:
+        """``True`` if any of ``gain``, ``input_scale``, ``side_rank`` is set."""
+        return self.gain or self.input_scale or self.side_rank > 0

@@ -19,6 +19,9 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
 3. **swap** -- ``setattr`` every planned module (undone if a swap fails). A
    module reachable under several paths (shared) is replaced at all of them
    by the one new module, so it stays shared.
+   With ``calibration=`` data, the swaps happen one block at a time and each
+   new block is fitted to the block it replaces before the next one is swapped
+   in (:mod:`han_surgery.surgery.calibration`); a failure undoes every swap.
 
 A wrapped model (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
 ``DistributedDataParallel``) is unwrapped first (:func:`unwrap_model`): the
@@ -31,9 +34,11 @@ skipped, the report is returned with zero rewrites and the reasons.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -202,6 +207,8 @@ def hanify(
     *,
     filter_fn: FilterFn | None = None,
     dry_run: bool = False,
+    calibration: Iterable[Any] | None = None,
+    calibration_config: Any | None = None,
 ) -> HanifyReport:
     """Replace the MLP/FFN blocks of ``model`` by Han-blocks ``H2 |H1 x + b1| + b2``, in place.
 
@@ -214,17 +221,34 @@ def hanify(
             candidate FFN after the include/exclude patterns; ``False`` skips it
             (as in torchao's ``quantize_``).
         dry_run: plan and report without touching the model.
+        calibration: calibrated surgery: an iterable of model inputs (a dict is
+            called as ``model(**batch)``, a tuple as ``model(*batch)``, a tensor
+            as ``model(batch)``; e.g. from
+            :func:`han_surgery.surgery.calibration.calibration_batches`). Each new
+            block is then fitted, in model order, to what the block it replaces
+            computed on the inputs the already-fitted blocks produce, instead of
+            keeping its random initialisation (see ``docs/CALIBRATION.md``).
+        calibration_config: a
+            :class:`~han_surgery.surgery.calibration.CalibrationConfig` (fit
+            steps, token sample size, ``max_fvu``, healing); recorded in the recipe.
 
     Returns:
-        A :class:`HanifyReport` (``print`` it for a table).
+        A :class:`HanifyReport` (``print`` it for a table); with calibration,
+        ``report.calibration`` holds the per-block fit.
 
     Raises:
         NothingToRewriteError: no rule recognises any module (and no Han module is present).
         ConfigError: an include/exclude pattern matches no candidate (the message lists near names).
         HanifyError: a rule failed; the model is unchanged.
+        CalibrationDataError: the calibration data is empty or a batch has the
+            wrong type; the model is unchanged (as after any failure of the fit).
     """
     model = unwrap_model(model)
     config = config if config is not None else HanConfig()
+    if calibration_config is not None and calibration is None:
+        raise ValueError("hanify: calibration_config given without calibration data (calibration=batches)")
+    if calibration is not None and dry_run:
+        raise ValueError("hanify: dry_run=True plans without touching the model; it cannot calibrate")
     rules = resolve_rules(config.rules)
     params_before = count_parameters(model)
     matches, han_paths = _discover(model, rules)
@@ -332,9 +356,10 @@ def hanify(
             params_after=count_parameters(repl.swaps.values()),
             swapped=[*repl.swaps, *(a for others in shared.values() for a in others)],
             neighbours=neighbours,
+            stream=getattr(getattr(repl, "site", None), "stream_path", None),
         )
         alias_swaps = {a: repl.swaps[p] for p, others in shared.items() for a in others}
-        planned.append((record, Replacement({**repl.swaps, **alias_swaps}, repl.neighbours)))
+        planned.append((record, dataclasses.replace(repl, swaps={**repl.swaps, **alias_swaps})))
 
     report.rewrites = [rec for rec, _ in planned]
     if dry_run or not planned:
@@ -343,6 +368,29 @@ def hanify(
         )
         return report
 
+    calibration_record: dict | None = None
+    if calibration is not None:
+        from .calibration import CalibrationConfig, calibrate_rewrites
+
+        calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
+        report.calibration, kept = calibrate_rewrites(model, planned, calibration, calibration_config)
+        for index in reversed(kept):
+            record = planned[index][0]
+            reason = next(b.reason for b in report.calibration.blocks if b.path == record.path)
+            report.skipped.append(SkipRecord(record.path, record.rule, f"kept by calibration: {reason}"))
+            del planned[index]
+        report.rewrites = [rec for rec, _ in planned]
+        calibration_record = calibration_config.to_dict()
+    else:
+        _swap_all(model, planned)
+    report.params_after = count_parameters(model)
+    rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
+    record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
+    return report
+
+
+def _swap_all(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> None:
+    """Swap every planned module in; undo them all if one fails."""
     done: list[tuple[str, nn.Module]] = []
     try:
         for _, repl in planned:
@@ -352,7 +400,3 @@ def hanify(
         for path, old in reversed(done):
             _set_module(model, path, old)
         raise
-    report.params_after = count_parameters(model)
-    rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
-    record_step(model, RecipeStep(config, rewrites))
-    return report

@@ -97,13 +97,19 @@ class RewriteEntry:
 
 @dataclass(frozen=True)
 class RecipeStep:
-    """One :func:`~han_surgery.hanify` call: its :class:`HanConfig` and the rewrites it made."""
+    """One :func:`~han_surgery.hanify` call: its :class:`HanConfig`, the rewrites it made and, for a
+    calibrated call, the :class:`~han_surgery.surgery.calibration.CalibrationConfig` it used (a record only:
+    the fitted weights are in the checkpoint, so loading never re-runs the fit)."""
 
     config: HanConfig
     rewrites: tuple[RewriteEntry, ...] = ()
+    calibration: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "rewrites": [r.to_dict() for r in self.rewrites]}
+        out = {"config": self.config.to_dict(), "rewrites": [r.to_dict() for r in self.rewrites]}
+        if self.calibration is not None:
+            out["calibration"] = dict(self.calibration)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> RecipeStep:
@@ -114,7 +120,11 @@ class RecipeStep:
             config = HanConfig.from_dict(data["config"])
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{source}: invalid HanConfig in the recipe ({e})") from None
-        return cls(config, tuple(RewriteEntry.from_dict(r, source) for r in data["rewrites"]))
+        calibration = data.get("calibration")
+        _require(
+            calibration is None or isinstance(calibration, dict), source, "a step's 'calibration' must be an object"
+        )
+        return cls(config, tuple(RewriteEntry.from_dict(r, source) for r in data["rewrites"]), calibration)
 
 
 @dataclass(frozen=True)

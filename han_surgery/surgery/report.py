@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .calibration.report import CalibrationReport
 
 from ..utils import format_table
 
@@ -21,6 +24,9 @@ class RewriteRecord:
         params_after: parameters of their replacements.
         swapped: every qualified name whose module was replaced.
         neighbours: what happened to the pre-norm and the residual, in words.
+        stream: the module whose output is the hidden state right after this block
+            (e.g. the transformer layer holding the FFN), when the rule knows it: the
+            module to hook for hidden-state distillation (same name in the original model).
     """
 
     path: str
@@ -29,6 +35,7 @@ class RewriteRecord:
     params_after: int
     swapped: list[str] = field(default_factory=list)
     neighbours: dict[str, str] = field(default_factory=dict)
+    stream: str | None = None
 
 
 @dataclass
@@ -52,6 +59,9 @@ class HanifyReport:
         dry_run: ``True`` if the model was not touched.
         han_modules_found: Han modules already in the model before the call
             (non-zero on a second call, which then rewrites nothing).
+        calibration: with ``hanify(..., calibration=...)``, the per-block fit
+            (:class:`~han_surgery.surgery.calibration.CalibrationReport`); blocks it
+            kept as original are listed in ``skipped``.
     """
 
     rewrites: list[RewriteRecord] = field(default_factory=list)
@@ -60,6 +70,7 @@ class HanifyReport:
     params_after: int = 0
     dry_run: bool = False
     han_modules_found: int = 0
+    calibration: CalibrationReport | None = None
 
     @property
     def num_rewritten(self) -> int:
@@ -102,4 +113,6 @@ class HanifyReport:
             f"{self.params_after:,} ({verb} {self.params_after / max(self.params_before, 1):.1%} of before)"
             + (f"; {self.han_modules_found} Han modules were already present" if self.han_modules_found else "")
         )
+        if self.calibration is not None:
+            lines.append("\n" + str(self.calibration))
         return "\n".join(lines)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...layers import Abs, HanBlock, HanLayer, HouseholderLinear
+from ..calibration.site import CalibratedReplacement, CalibrationSite, PixelRows
 from ..config import HanConfig
-from ..modules import HanMixFfn2d, ResidualFree
-from ..registry import Candidate, Replacement, SkipCandidate
+from ..modules import ChannelsFirst, HanGatedMlp, HanMixFfn2d, ResidualFree
+from ..registry import Candidate, SkipCandidate
 
 __all__ = [
     "Site",
@@ -19,8 +20,10 @@ __all__ = [
     "dropout_p",
     "block_dropout",
     "han_block",
+    "calibration_site",
     "finish",
     "inline_han_swaps",
+    "inline_site",
     "require_not_in_attention",
     "mix_ffn_2d",
 ]
@@ -101,9 +104,11 @@ def dropout_p(module: nn.Module | None) -> float:
 
 
 def require_reflections(features: int, config: HanConfig) -> None:
-    """Skip blocks narrower than the configured number of reflections."""
+    """Skip blocks narrower than the configured number of reflections (or side-path rank)."""
     if config.reflections > features:
         raise SkipCandidate(f"reflections={config.reflections} > width {features}")
+    if config.side_rank > features:
+        raise SkipCandidate(f"side_rank={config.side_rank} > width {features}")
 
 
 def block_dropout(config: HanConfig, inherited: tuple[float, float]) -> tuple[float, float]:
@@ -114,20 +119,77 @@ def block_dropout(config: HanConfig, inherited: tuple[float, float]) -> tuple[fl
 def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
     """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
     require_reflections(features, config)
-    return HanBlock(features, final_abs=config.final_abs, drop=block_dropout(config, drop), **config.han_kwargs())
+    return HanBlock(
+        features,
+        final_abs=config.final_abs,
+        drop=block_dropout(config, drop),
+        **config.han_kwargs(),
+        **config.block_extras(),
+    )
 
 
-def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None) -> Replacement:
+def calibration_site(
+    cand: Candidate,
+    han: nn.Module,
+    site: Site | None,
+    removed_norm: nn.Module | None,
+    residual_dropped: bool,
+    removed_scales: tuple[nn.Module, ...] = (),
+    removed_norm_path: str | None = None,
+) -> tuple[CalibrationSite | None, str]:
+    """The :class:`CalibrationSite` of an FFN module replaced by ``han`` (``finish``'s layout), or ``None`` and why.
+
+    ``removed_norm`` is the parent's pre-norm when the rewrite took it off the
+    FFN's input path (so the reference computes ``ffn(norm(x))``);
+    ``removed_scales`` the layer scales on the branch that a dropped residual
+    turned into ``Identity`` (the reference applies them after the FFN);
+    ``removed_norm_path`` the qualified name of that norm.
+    """
+    inner = han.inner if isinstance(han, ChannelsFirst) else han
+    if isinstance(inner, HanGatedMlp):
+        return None, "gMLP's spatial gating mixes tokens; calibration fits token by token"
+    if site is not None and site.transposed and removed_norm is not None:
+        return None, "the dropped norm normalises channels, but this token-mixing FFN sees tokens as features"
+    chain = [m for m in (removed_norm, cand.module, *removed_scales) if m is not None]
+    reference = chain[0] if len(chain) == 1 else nn.Sequential(*chain)
+    channels_first = isinstance(han, ChannelsFirst)
+    post = cand.sibling(site.post_norm) if site is not None and site.residual == "post" and site.post_norm else None
+    stream = cand.parent_path if site is not None and cand.parent_path else None
+    return (
+        CalibrationSite(
+            input_path=cand.path,
+            fitted=inner,
+            reference=PixelRows(reference) if channels_first else reference,
+            residual=not residual_dropped,
+            post_norm=post,
+            channels_first=channels_first,
+            original_input_path=removed_norm_path if removed_norm is not None else None,
+            stream_path=stream,
+        ),
+        "",
+    )
+
+
+def _norm_path(cand: Candidate, site: Site | None) -> str | None:
+    return cand.qualify(site.norm) if site is not None and site.norm else None
+
+
+def finish(
+    cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None, not_calibrated: str = ""
+) -> CalibratedReplacement:
     """The :class:`Replacement` for an FFN module whose parent is described by ``site``.
 
     Handles ``drop_norm`` (pre-norm -> ``Identity``) and ``residual="drop"``
     (FFN wrapped in :class:`ResidualFree`, layer scales -> ``Identity``);
-    raises :class:`SkipCandidate` when the residual cannot be dropped.
+    raises :class:`SkipCandidate` when the residual cannot be dropped. The
+    result carries the :class:`CalibrationSite` (see :func:`calibration_site`),
+    unless ``not_calibrated`` gives a reason why the block cannot be calibrated.
     """
     parent_name = type(cand.parent).__name__
     swaps: dict[str, nn.Module] = {cand.path: han}
     nb: dict[str, str] = {}
     kept_norm: nn.Module | None = None
+    dropped_norm: nn.Module | None = None
     if site is None:
         nb["norm"] = f"unknown parent {parent_name}: left as is"
     elif site.norm is None:
@@ -139,12 +201,16 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
         elif config.drop_norm:
             swaps[cand.qualify(site.norm)] = nn.Identity()
             nb["norm"] = f"{site.norm} ({type(norm).__name__}) -> Identity"
+            dropped_norm = norm
         else:
             kept_norm = norm
             nb["norm"] = f"{site.norm} kept"
     if config.residual == "keep":
         nb["residual"] = "kept"
-        return Replacement(swaps, nb)
+        calib, why = calibration_site(cand, han, site, dropped_norm, False, (), _norm_path(cand, site))
+        return CalibratedReplacement(
+            swaps, nb, site=None if not_calibrated else calib, not_calibrated=not_calibrated or why
+        )
 
     if site is None or site.residual not in ("add", "post"):
         why = (
@@ -168,32 +234,78 @@ def finish(cand: Candidate, config: HanConfig, han: nn.Module, site: Site | None
     if site.transposed and kept_norm is not None:
         raise SkipCandidate("residual='drop' with drop_norm=False is not possible on a transposed (token-mixing) FFN")
     removed = []
+    removed_scales = []
     for s in site.scales:
         m = cand.sibling(s)
         if m is not None and not isinstance(m, nn.Identity):
             swaps[cand.qualify(s)] = nn.Identity()
             removed.append(s)
+            removed_scales.append(m)
     if kept_norm is not None:
         swaps[cand.qualify(site.norm)] = nn.Identity()
         nb["norm"] = f"{site.norm} kept, moved into ResidualFree"
     swaps[cand.path] = ResidualFree(han, norm=kept_norm)
     nb["residual"] = "dropped (ResidualFree)" + (f", layer scale {', '.join(removed)} -> Identity" if removed else "")
-    return Replacement(swaps, nb)
+    if kept_norm is not None:
+        calib, why = None, "residual='drop' with drop_norm=False: the recorded input is not the one the Han-block sees"
+    else:
+        calib, why = calibration_site(
+            cand, han, site, dropped_norm, True, tuple(removed_scales), _norm_path(cand, site)
+        )
+    return CalibratedReplacement(
+        swaps, nb, site=None if not_calibrated else calib, not_calibrated=not_calibrated or why
+    )
 
 
 def inline_han_swaps(
     cand: Candidate, config: HanConfig, features: int, up: str, act: str, down: str
 ) -> dict[str, nn.Module]:
     """Swaps for an FFN written inline in its layer (``up``, ``act``, ``down`` are attribute names):
-    ``up -> HanLayer``, ``act -> Identity``, ``down -> HouseholderLinear`` (``HanLayer`` with ``final_abs``)."""
+    ``up -> HanLayer``, ``act -> Identity``, ``down -> HouseholderLinear`` (``HanLayer`` with ``final_abs``).
+
+    With block extras (``gain``, ``input_scale``, ``side_rank``) the whole block goes into ``up``
+    (``HanBlock``) and ``down`` becomes ``Identity``: the extras span both layers.
+    """
     require_reflections(features, config)
     kw = config.han_kwargs()
     q = f"{cand.path}." if cand.path else ""
+    if config.has_block_extras:
+        return {q + up: han_block(features, config), q + act: nn.Identity(), q + down: nn.Identity()}
     return {
         q + up: HanLayer(features, **kw),
         q + act: nn.Identity(),
         q + down: (HanLayer if config.final_abs else HouseholderLinear)(features, **kw),
     }
+
+
+def inline_site(
+    cand: Candidate,
+    swaps: dict[str, nn.Module],
+    up: str,
+    old_chain: tuple[str, ...],
+    removed_norm: str | None = None,
+    post_norm: nn.Module | None = None,
+) -> CalibrationSite:
+    """The :class:`CalibrationSite` of an inline FFN rewritten by :func:`inline_han_swaps`.
+
+    ``old_chain`` names the layer's modules the old FFN applied in order (e.g.
+    ``("fc1", "activation_fn", "fc2")``); ``removed_norm`` names the layer's pre-norm
+    when the rewrite dropped it (the reference applies it first); ``post_norm`` the norm the layer applies
+    after adding the residual (post-norm layers), whose input residual is ``up``'s input.
+    """
+    q = f"{cand.path}." if cand.path else ""
+    new = [swaps[q + name] for name in old_chain if not isinstance(swaps.get(q + name), nn.Identity)]
+    old = [getattr(cand.module, name) for name in old_chain]
+    if removed_norm is not None:
+        old.insert(0, getattr(cand.module, removed_norm))
+    return CalibrationSite(
+        input_path=q + up,
+        fitted=new[0] if len(new) == 1 else nn.Sequential(*new),
+        reference=nn.Sequential(*old),
+        post_norm=post_norm,
+        original_input_path=q + removed_norm if removed_norm is not None else None,
+        stream_path=cand.path or None,
+    )
 
 
 def mix_ffn_2d(features: int, kernel_size: int, config: HanConfig, drop: tuple[float, float]) -> HanMixFfn2d:

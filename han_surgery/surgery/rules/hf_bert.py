@@ -22,9 +22,10 @@ import inspect
 
 from torch import nn
 
+from ..calibration.site import CalibratedReplacement, CalibrationSite
 from ..config import HanConfig
 from ..modules import HanSplitOutput
-from ..registry import Candidate, Replacement, SkipCandidate, register_rule
+from ..registry import Candidate, SkipCandidate, register_rule
 from ._common import dims, han_block, require_square
 
 PRE_NORM_ATTRS = ("layernorm_after",)
@@ -43,7 +44,7 @@ def _is_split_ffn(cand: Candidate) -> bool:
 
 def _no_residual_output(
     cand: Candidate, config: HanConfig, features: int, out: nn.Module, params: list[str]
-) -> Replacement:
+) -> CalibratedReplacement:
     """An ``*Output`` without the residual input (Swin-V2): ``dense`` + ``dropout`` only; the layer adds the residual."""
     extra = sorted(set(dict(out.named_children())) - {"dense", "dropout"})
     if extra:
@@ -63,11 +64,15 @@ def _no_residual_output(
         "norm": f"{norm} (applied after the FFN) kept" if norm else "no norm found: left as is",
         "residual": "kept (added by the layer)",
     }
-    return Replacement({cand.path: han_block(features, config), cand.qualify("output"): split}, nb)
+    return CalibratedReplacement(
+        {cand.path: han_block(features, config), cand.qualify("output"): split},
+        nb,
+        not_calibrated="the layer normalises the FFN's output before its residual add (Swin-V2); not calibrated yet",
+    )
 
 
 @register_rule("hf.split_ffn", matcher=_is_split_ffn, changes=("norm", "residual"), priority=90)
-def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
+def build_split_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
     """transformers ``*Intermediate`` + ``*Output`` (BERT, RoBERTa, ELECTRA, MobileViT, ...) -> ``HanBlock`` + ``HanSplitOutput``."""
     inter, out = cand.module, cand.sibling("output")
     (d_in, hidden), (_, d_out) = dims(inter.dense), dims(out.dense)
@@ -92,11 +97,13 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     swaps: dict[str, nn.Module] = {}
     nb: dict[str, str] = {}
     pre_attr = next((a for a in PRE_NORM_ATTRS if isinstance(cand.sibling(a), nn.Module)), None)
+    dropped_norm = None
     if isinstance(post_norm, nn.Module):
         nb["norm"] = "post-norm output.LayerNorm kept (it normalises the residual stream)"
     elif pre_attr is not None and config.drop_norm and not isinstance(cand.sibling(pre_attr), nn.Identity):
         swaps[cand.qualify(pre_attr)] = nn.Identity()
         nb["norm"] = f"{pre_attr} ({type(cand.sibling(pre_attr)).__name__}) -> Identity"
+        dropped_norm = cand.sibling(pre_attr)
     elif pre_attr is not None:
         nb["norm"] = f"{pre_attr} kept"
     else:
@@ -112,4 +119,16 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     )
     if config.dropout is not None:
         swaps[out_path].dropout = nn.Dropout(config.dropout)
-    return Replacement(swaps, nb)
+    # The Han block sees the Intermediate's input x, which is also the Output's residual input.
+    # Old: norm(x + output.dense(intermediate(pre_norm(x)))); new: norm([x +] han(x)).
+    old_branch = [m for m in (dropped_norm, inter, out.dense) if m is not None]
+    site = CalibrationSite(
+        input_path=cand.path,
+        fitted=han,
+        reference=nn.Sequential(*old_branch),
+        residual=residual,
+        post_norm=post_norm if isinstance(post_norm, nn.Module) else None,
+        original_input_path=cand.qualify(pre_attr) if dropped_norm is not None else None,
+        stream_path=cand.parent_path or None,
+    )
+    return CalibratedReplacement(swaps, nb, site=site)

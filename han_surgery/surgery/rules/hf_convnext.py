@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..calibration.site import CalibratedReplacement
 from ..config import HanConfig
-from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import dims, inline_han_swaps, require_square
+from ..registry import Candidate, SkipCandidate, register_rule
+from ._common import dims, inline_han_swaps, inline_site, require_square
 
 
 def _is_convnext_layer(cand: Candidate) -> bool:
@@ -28,7 +29,7 @@ def _is_convnext_layer(cand: Candidate) -> bool:
 
 
 @register_rule("hf.convnext", matcher=_is_convnext_layer, changes=("norm",), priority=90)
-def build_convnext(cand: Candidate, config: HanConfig) -> Replacement:
+def build_convnext(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
     """transformers ConvNeXt(-V2) layer (pwconv1, act, [grn], pwconv2 inline) -> ``HanLayer``, ``Identity``, ``HouseholderLinear``."""
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.pwconv1), dims(m.pwconv2)
@@ -40,13 +41,22 @@ def build_convnext(cand: Candidate, config: HanConfig) -> Replacement:
     swaps = inline_han_swaps(cand, config, d_in, "pwconv1", "act", "pwconv2")
     q = f"{cand.path}." if cand.path else ""
     nb = {}
-    if isinstance(getattr(m, "grn", None), nn.Module):
+    has_grn = isinstance(getattr(m, "grn", None), nn.Module)
+    if has_grn:
         swaps[q + "grn"] = nn.Identity()
         nb["grn"] = "grn (norm over the hidden width) -> Identity"
-    if config.drop_norm and isinstance(getattr(m, "layernorm", None), nn.Module):
+    dropped = config.drop_norm and isinstance(getattr(m, "layernorm", None), nn.Module)
+    if dropped:
         swaps[q + "layernorm"] = nn.Identity()
         nb["norm"] = f"layernorm ({type(m.layernorm).__name__}) -> Identity"
     else:
         nb["norm"] = "layernorm kept"
     nb["residual"] = "kept"
-    return Replacement(swaps, nb)
+    if has_grn:  # GRN normalises over all pixels of an image: no token-by-token target
+        return CalibratedReplacement(
+            swaps, nb, not_calibrated="ConvNeXt-V2's GRN mixes pixels; calibration fits pixel by pixel"
+        )
+    site = inline_site(
+        cand, swaps, "pwconv1", ("pwconv1", "act", "pwconv2"), removed_norm="layernorm" if dropped else None
+    )
+    return CalibratedReplacement(swaps, nb, site=site)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..calibration.site import CalibratedReplacement
 from ..config import HanConfig
-from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import dims, inline_han_swaps, require_square
+from ..registry import Candidate, SkipCandidate, register_rule
+from ._common import dims, inline_han_swaps, inline_site, require_square
 
 # Class-name prefixes of layers that apply final_layer_norm *before* fc1.
 PRE_NORM_PREFIXES = ("Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM")
@@ -38,7 +39,7 @@ def _is_inline_ffn(cand: Candidate) -> bool:
 
 
 @register_rule("hf.inline_ffn", matcher=_is_inline_ffn, changes=("norm",), priority=90)
-def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
+def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
     """BART / Whisper-style layers (fc1, activation_fn, fc2 inline) -> ``HanLayer``, ``Identity``, ``HouseholderLinear``."""
     m = cand.module
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
@@ -56,10 +57,19 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     else:
         pre = name.startswith(PRE_NORM_PREFIXES) and not name.startswith(POST_NORM_PREFIXES)
     nb = {}
+    norm = m.final_layer_norm
     if pre and config.drop_norm:
         swaps[q + "final_layer_norm"] = nn.Identity()
         nb["norm"] = "final_layer_norm (pre-norm) -> Identity"
     else:
         nb["norm"] = "final_layer_norm kept" + ("" if pre else " (post-norm)")
     nb["residual"] = "kept"
-    return Replacement(swaps, nb)
+    site = inline_site(
+        cand,
+        swaps,
+        "fc1",
+        ("fc1", "activation_fn", "fc2"),
+        removed_norm="final_layer_norm" if pre and config.drop_norm else None,
+        post_norm=None if pre else norm,
+    )
+    return CalibratedReplacement(swaps, nb, site=site)

@@ -117,6 +117,8 @@ def build_timm_gated(cand: Candidate, config: HanConfig) -> Replacement:
     drop = (dropout_p(m.drop1), dropout_p(m.drop2))
     if isinstance(m.gate, mlp_mixer.SpatialGatingUnit):
         require_reflections(d_in, config)
+        if config.has_block_extras:
+            raise SkipCandidate("gain / input_scale / side_rank are not available on HanGatedMlp (gMLP)")
         proj = nn.Linear(m.gate.proj.in_features, m.gate.proj.out_features)
         proj.load_state_dict(m.gate.proj.state_dict())
         han = HanGatedMlp(
@@ -136,4 +138,6 @@ def build_timm_conv_mlp(cand: Candidate, config: HanConfig) -> Replacement:
     (d_in, hidden), (_, d_out) = dims(m.fc1), dims(m.fc2)
     require_square(d_in, hidden, d_out)
     han = han_block(d_in, config, (0.0, dropout_p(getattr(m, "drop", None) or getattr(m, "drop2", None))))
-    return finish(cand, config, _wrap(han, isinstance(m.fc1, nn.Conv2d)), timm_site(cand))
+    grn = "GlobalResponseNorm mixes the pixels of an image; calibration fits pixel by pixel"
+    not_calibrated = grn if isinstance(m, GlobalResponseNormMlp) else ""
+    return finish(cand, config, _wrap(han, isinstance(m.fc1, nn.Conv2d)), timm_site(cand), not_calibrated)

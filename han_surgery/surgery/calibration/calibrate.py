@@ -1,0 +1,243 @@
+"""Sequential calibration: swap the planned rewrites in one by one, fitting each to what the original block computed.
+
+Block ``i`` is fitted on the inputs that the already-rewritten (and fitted)
+blocks ``0 .. i-1`` produce, as GPTQ quantises layer by layer, so that errors
+do not compound unseen. Its target is what the *original* block computes on
+those same inputs. Optionally, a short end-to-end healing run then distils the
+original model's hidden states into the new parameters.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import CalibrationConfig
+from .fit import fit_site
+from .heal import HiddenStates, heal
+from .record import CalibrationDataError, TokenReservoir, as_rows, call_model, record_inputs, token_mask
+from .report import BlockFit, CalibrationReport
+from .site import CalibratedReplacement
+
+__all__ = ["calibrate_rewrites", "check_batches"]
+
+
+def check_batches(calibration: Iterable[Any]) -> list[Any]:
+    """The calibration batches as a list; a clear error if there are none or one has the wrong type."""
+    if isinstance(calibration, (Tensor, Mapping)):
+        raise CalibrationDataError(
+            "hanify(calibration=...) takes an iterable of batches (e.g. a list or a DataLoader), "
+            f"not a single {type(calibration).__name__}: wrap it in a list"
+        )
+    try:
+        batches = list(calibration)
+    except TypeError as e:
+        raise CalibrationDataError(
+            f"hanify(calibration=...) must be an iterable of batches, got {type(calibration).__name__}"
+        ) from e
+    if not batches:
+        raise CalibrationDataError("hanify(calibration=...): the calibration data yielded no batch")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (Mapping, tuple, list, Tensor)):
+            raise CalibrationDataError(
+                f"calibration batch {i} is a {type(batch).__name__}: expected a dict (called as model(**batch)), "
+                "a tuple/list (model(*batch)) or a tensor (model(batch))"
+            )
+    return batches
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at ``path``; return the module that was there."""
+    old = model.get_submodule(path)
+    model.set_submodule(path, module, strict=True)
+    return old
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str], memory_mb: float) -> list[list[Tensor]]:
+    """The original model's outputs of ``paths`` on the first batches, as token rows (padding removed),
+    for as many batches as fit in ``memory_mb``."""
+    device = next(model.parameters()).device
+    out: list[list[Tensor]] = []
+    used = 0
+    with HiddenStates(model, paths) as hs:
+        for batch in batches:
+            call_model(model, batch, device)
+            mask = token_mask(batch)
+            states = [as_rows(s, mask).detach().float().cpu() for s in hs.states]
+            used += sum(s.numel() * s.element_size() for s in states)
+            if out and used > memory_mb * 2**20:
+                break
+            out.append(states)
+    return out
+
+
+def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
+    """Block ``index``'s token sample; seeded per block, so a second recording keeps the same positions."""
+    return TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
+
+
+def _original_inputs(
+    model: nn.Module, batches: list[Any], sites: list[Any], config: CalibrationConfig
+) -> dict[int, TokenReservoir]:
+    """Every site's input in the original model, sampled at the positions its later recording will keep."""
+    targets: dict[str, tuple[TokenReservoir, bool]] = {}
+    index_of: dict[str, int] = {}
+    for index, site in enumerate(sites):
+        if site is not None:
+            path = site.original_input_path or site.input_path
+            targets[path] = (_reservoir(config, index), site.channels_first)
+            index_of[path] = index
+    record_inputs(model, batches, targets)
+    return {index_of[path]: res for path, (res, _) in targets.items()}
+
+
+def calibrate_rewrites(
+    model: nn.Module,
+    planned: list[tuple[Any, Any]],
+    calibration: Iterable[Any],
+    config: CalibrationConfig,
+) -> tuple[CalibrationReport, list[int]]:
+    """Swap ``planned`` rewrites into ``model`` one by one, fitting each; all or nothing.
+
+    Args:
+        model: the model (modified in place; restored exactly if anything fails).
+        planned: ``(RewriteRecord, Replacement)`` pairs from the engine's planning phase, in model order.
+        calibration: the calibration batches.
+        config: the fitting settings.
+
+    Returns:
+        The report and the indices (into ``planned``) of the rewrites that were
+        kept as original (not swapped in).
+    """
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    batches = check_batches(calibration)
+    report = CalibrationReport(batches=len(batches))
+    gen = torch.Generator().manual_seed(config.seed)
+    was_training = model.training
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
+    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
+    record_set = batches if config.record_batches is None else order[: config.record_batches]
+    heal_set = order if config.heal_batches is None else order[: config.heal_batches]
+    done: list[tuple[str, nn.Module]] = []  # (path, original module) of every swap made, to undo on failure
+    kept: list[int] = []
+    kept_cost = 0
+    fitted_modules: list[nn.Module] = []
+    stream_paths: list[str] = []
+    snapshot: list[tuple[nn.Parameter, Tensor]] = []
+    try:
+        model.eval()
+        sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
+        stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
+        teacher = None
+        if config.heal_steps and stream_paths:
+            teacher = _teacher_states(model, heal_set, stream_paths, config.heal_memory_mb)
+            heal_set = heal_set[: len(teacher)]
+        originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
+        bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
+        for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
+            swaps = [(path, _set_module(model, path, new)) for path, new in repl.swaps.items()]
+            done.extend(swaps)
+            fit = BlockFit(record.path, "fitted", params_original=record.params_before, params_han=record.params_after)
+            report.blocks.append(fit)
+            if site is None:
+                fit.status = "not calibrated"
+                fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
+                continue
+            reservoir = _reservoir(config, index)
+            record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
+            x = reservoir.sample
+            if len(x) < 2:
+                raise CalibrationDataError(
+                    f"calibration: {site.input_path} saw {len(x)} token(s) on the calibration batches "
+                    "(is it on the forward path of these inputs?)"
+                )
+            ref = next(site.fitted.parameters(), None)
+            place = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+            x = x.to(**place)
+            x_original = originals[index].sample.to(**place) if index in originals else None
+            if x_original is not None and x_original.shape != x.shape:
+                raise CalibrationDataError(
+                    f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
+                    f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
+                )
+            scores = fit_site(
+                site,
+                x,
+                steps=config.steps,
+                lr=config.lr,
+                batch=config.batch_tokens,
+                holdout=config.holdout,
+                gen=gen,
+                start=config.start,
+                x_original=x_original,
+            )
+            fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
+            fit.tokens = len(x)
+            if config.max_fvu is not None and scores.fit > config.max_fvu:
+                cost = record.params_before - record.params_after
+                if config.keep_budget is None or kept_cost + cost <= config.keep_budget:
+                    for path, old in reversed(swaps):
+                        _set_module(model, path, old)
+                    del done[len(done) - len(swaps) :]
+                    kept.append(index)
+                    kept_cost += cost
+                    fit.status = "kept"
+                    fit.reason = f"Han fit FVU {scores.fit:.3f} > max_fvu {config.max_fvu}"
+                    continue
+                fit.reason = (
+                    f"FVU {scores.fit:.3f} > max_fvu, but keeping it would cost {cost:,} parameters; "
+                    f"{config.keep_budget - kept_cost:,} left of keep_budget"
+                )
+            fitted_modules.append(site.fitted)
+        if config.heal_steps and teacher is not None and fitted_modules:
+            new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
+            if config.heal_params == "all":  # every parameter the caller left trainable, and the new ones
+                snapshot = [(p, p.detach().clone()) for p, flag in grad_flags if flag]
+                params = list({**{id(p): p for p, _ in snapshot}, **new_params}.values())
+            else:
+                params = list(new_params.values())
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in params:
+                p.requires_grad_(True)
+            report.heal_loss = heal(
+                model,
+                heal_set,
+                teacher,
+                stream_paths,
+                params,
+                steps=config.heal_steps,
+                lr=config.heal_lr,
+                progress=config.progress,
+            )
+            report.heal_steps = config.heal_steps
+            report.heal_batches = len(heal_set)
+    except BaseException:
+        for path, old in reversed(done):
+            _set_module(model, path, old)
+        with torch.no_grad():
+            for p, value in snapshot:  # healing with heal_params="all" had trained them
+                p.copy_(value)
+        raise
+    finally:
+        original = {id(p) for p, _ in grad_flags}
+        for p in model.parameters():  # new modules' parameters: trainable, as built
+            if id(p) not in original:
+                p.requires_grad_(True)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    report.seconds = time.perf_counter() - start
+    return report, kept

@@ -1,0 +1,117 @@
+"""``CalibrationConfig``: how calibrated surgery fits (not *what* it builds: that is :class:`HanConfig`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["CalibrationConfig"]
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of the fit that :func:`han_surgery.hanify` runs when given calibration data.
+
+    The recipe saved with the model records these (never the data). They change
+    the fitted weights, not the module structure: the structural options (gain,
+    input scale, side-path rank, reflections) live in :class:`HanConfig`.
+
+    Args:
+        tokens_per_block: the most token rows sampled (uniformly, reservoir) for
+            each block's fit; bounds memory at ``tokens_per_block x d`` floats per
+            block whatever the amount of data.
+        record_batches: calibration batches, drawn at random, run to record each
+            block's inputs (``None``: all of them). Recording block ``i`` runs the
+            model up to block ``i``, so this bounds the cost of the sequential pass.
+        start: where a Han-block's fit starts. ``"linear"``: its Householder path in the
+            linear regime (``H2 = H1^T``, ``b1`` above every pre-activation, so the block is
+            the diagonal map ``g * x`` plus the side path), whose gain, bias and side path
+            have closed forms; ``"random"``: its random initialisation (gain, bias and side
+            path still set in closed form).
+        target: what each block is fitted to. ``"model"`` (default): what the original
+            *model* computes after that block on the same tokens, so that the block
+            also undoes what it can of the errors of the blocks before it (one extra
+            forward pass over the recording batches); ``"block"``: what the original
+            block computes on the inputs the calibrated model gives it (as GPTQ does).
+        steps: Adam steps per block, after the closed-form start.
+        lr: peak learning rate of those steps (cosine decay).
+        batch_tokens: token rows per Adam step.
+        holdout: fraction of the sampled rows held out to score the fit (the FVU in the report).
+        max_fvu: keep the original block where the fitted Han-block leaves more than this
+            fraction of the block's output variance unexplained (``None``: replace every block).
+        keep_budget: the most parameters that blocks kept by ``max_fvu`` may cost, in all,
+            over their Han replacements (``None``: no limit). Blocks are decided in model
+            order; one that does not fit in what is left is replaced (the report says so).
+        heal_steps: end-to-end distillation steps after the blockwise fit (0: none):
+            the new parameters are trained so that every rewritten block's output
+            hidden state matches the original model's (TinyBERT-style MSE).
+        heal_lr: peak learning rate of healing.
+        heal_params: ``"new"``: healing trains only the new (Han) parameters;
+            ``"all"``: also every parameter of the model that was trainable (the
+            original weights are then changed too; on failure they are restored).
+        heal_batches: calibration batches, drawn at random, healing cycles through (``None``: all);
+            the original model's hidden states on them are computed once and cached.
+        heal_memory_mb: the most memory that cache may take; healing uses only as
+            many of its (random) batches as fit (the report says how many).
+        seed: seeds the token sampling, the holdout split and the minibatches.
+        progress: show tqdm progress bars.
+    """
+
+    tokens_per_block: int = 16384
+    record_batches: int | None = 16
+    start: str = "linear"
+    target: str = "model"
+    steps: int = 200
+    lr: float = 1e-2
+    batch_tokens: int = 2048
+    holdout: float = 0.125
+    max_fvu: float | None = None
+    keep_budget: int | None = None
+    heal_steps: int = 0
+    heal_lr: float = 1e-3
+    heal_params: str = "new"
+    heal_batches: int | None = None
+    heal_memory_mb: float = 2048.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_block", "batch_tokens"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"CalibrationConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("steps", "heal_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"CalibrationConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
+        for name in ("record_batches", "heal_batches"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
+        if self.start not in ("linear", "random"):
+            raise ValueError(f"CalibrationConfig.start must be 'linear' or 'random', got {self.start!r}")
+        if self.heal_params not in ("new", "all"):
+            raise ValueError(f"CalibrationConfig.heal_params must be 'new' or 'all', got {self.heal_params!r}")
+        if self.target not in ("block", "model"):
+            raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
+        if self.keep_budget is not None and (not isinstance(self.keep_budget, int) or self.keep_budget < 0):
+            raise ValueError(f"CalibrationConfig.keep_budget must be None or an int >= 0, got {self.keep_budget!r}")
+        if self.max_fvu is not None and self.max_fvu < 0:
+            raise ValueError(f"CalibrationConfig.max_fvu must be None or >= 0, got {self.max_fvu!r}")
+        for name in ("lr", "heal_lr", "heal_memory_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"CalibrationConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (what the recipe records)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"CalibrationConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
+        return cls(**data)

@@ -1,0 +1,138 @@
+"""``calibration_batches``: data -> a list of model inputs for ``hanify(model, config, calibration=...)``.
+
+==========================  ================================================================
+the source is ...           read as
+==========================  ================================================================
+a ``*.txt`` file            text, one sample per non-empty line
+a ``*.tsv`` / ``*.csv``     text from the column named ``sentence`` or ``text`` (header row)
+a ``*.jsonl`` file          text from the key ``sentence`` or ``text`` of each record
+a dataset                   any map-style dataset of ``(input, label)`` pairs or of inputs,
+                            e.g. ``han_surgery.finetune.load_data(path).train`` for the
+                            images (``.npz``, image folders) ``finetune --data`` reads:
+                            batches of its input tensors
+==========================  ================================================================
+
+Text batches are the tokenizer's output as a dict (``input_ids``, ``attention_mask``,
+...), called as ``model(**batch)``; padding tokens are left out of the fit. Samples are
+drawn at random (``seed``); text is sorted by length before batching so that batches
+carry little padding. Labels are never needed. (Image files are read by the fine-tuning
+data layer, which sits above surgery: the command line passes its dataset here.)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["calibration_batches", "read_texts"]
+
+TEXT_COLUMNS = ("sentence", "text")
+
+
+def _pick_column(header: list[str], source: Path) -> int:
+    lowered = [h.strip().lower() for h in header]
+    for name in TEXT_COLUMNS:
+        if name in lowered:
+            return lowered.index(name)
+    raise ValueError(f"{source}: no column named {' or '.join(TEXT_COLUMNS)} in the header {header}")
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """The text samples of a ``.txt`` / ``.tsv`` / ``.csv`` / ``.jsonl`` file (see the module docstring)."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".txt":
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix in (".tsv", ".csv"):
+        with open(p, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{p}: the file is empty")
+            col = _pick_column(header, p)
+            return [row[col] for row in reader if len(row) > col and row[col].strip()]
+    if suffix == ".jsonl":
+        texts = []
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}, line {n}: not valid JSON ({e.msg})") from None
+                key = next((k for k in TEXT_COLUMNS if isinstance(record, dict) and k in record), None)
+                if key is None:
+                    raise ValueError(f"{p}, line {n}: a record needs a {' or '.join(TEXT_COLUMNS)!r} key")
+                texts.append(str(record[key]))
+        return texts
+    raise ValueError(f"{p}: unknown text format {suffix!r} (use .txt, .tsv, .csv or .jsonl)")
+
+
+def calibration_batches(
+    source: str | Path | Sequence[Any],
+    *,
+    tokenizer: Any = None,
+    num_samples: int = 2048,
+    batch_size: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+) -> list[Any]:
+    """Calibration batches from a text file or a dataset (see the module docstring).
+
+    Args:
+        source: a text file, or a map-style dataset of inputs or ``(input, label)`` pairs.
+        tokenizer: a transformers tokenizer; required for text.
+        num_samples: samples drawn at random (all of them if the file has fewer).
+        batch_size: samples per batch.
+        max_length: text: tokens per sample at most (longer samples are truncated).
+        seed: which samples are drawn.
+
+    Returns:
+        A list of batches: dicts of tensors (text) or stacked input tensors (a dataset).
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        ValueError: not a text file, no text column, no tokenizer for text, or no samples.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(
+            f"calibration_batches: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
+        )
+    rng = random.Random(seed)
+    if not isinstance(source, (str, Path)):
+        if len(source) == 0:
+            raise ValueError("calibration_batches: the dataset is empty")
+        index = sorted(rng.sample(range(len(source)), min(num_samples, len(source))))
+        items = [source[i] for i in index]
+        inputs = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+        return list(inputs.split(batch_size))
+    p = Path(source).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"calibration data {source}: no such file or folder")
+    if p.is_dir() or p.suffix.lower() not in (".txt", ".tsv", ".csv", ".jsonl"):
+        raise ValueError(
+            f"calibration data {p}: not a text file (.txt, .tsv, .csv, .jsonl). For images, pass the dataset: "
+            "calibration_batches(han_surgery.finetune.load_data(path).train)"
+        )
+    texts = read_texts(p)
+    if not texts:
+        raise ValueError(f"calibration data {p}: no text samples")
+    if tokenizer is None:
+        raise ValueError(f"calibration data {p} is text: pass tokenizer= (e.g. AutoTokenizer.from_pretrained(...))")
+    texts = rng.sample(texts, min(num_samples, len(texts)))
+    texts.sort(key=len)
+    return [
+        dict(
+            tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(texts), batch_size)
+    ]

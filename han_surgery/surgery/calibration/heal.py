@@ -1,0 +1,182 @@
+"""Hidden-state distillation: the loss (for a fine-tune loop's ``--distill hidden``) and the short healing run.
+
+Hidden states:
+
+* transformers models return them with ``model(**batch, output_hidden_states=True)``
+  (``outputs.hidden_states``: the embeddings, then one per layer);
+* any model (timm included): :class:`HiddenStates` records the outputs of
+  chosen modules (e.g. ``[f"blocks.{i}" for i in range(depth)]``) with forward hooks;
+  :func:`hidden_state_paths` names the ones right after each block ``hanify`` rewrote
+  (the same names exist in the original model, the teacher).
+
+For ``finetune --distill hidden``::
+
+    report = hanify(student, config)
+    paths = hidden_state_paths(report)
+    with HiddenStates(student, paths) as s, HiddenStates(teacher, paths) as t:
+        logits = student(**batch)
+        with torch.no_grad():
+            teacher(**batch)
+        loss = task_loss + hidden_state_distillation_loss(s.states, t.states, mask=batch.get("attention_mask"))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .record import as_rows, call_model, token_mask
+
+__all__ = ["hidden_state_distillation_loss", "hidden_state_paths", "HiddenStates", "heal"]
+
+
+def _first_tensor(out: Any) -> Tensor:
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    hidden = getattr(out, "last_hidden_state", None)
+    if isinstance(hidden, Tensor):
+        return hidden
+    raise TypeError(f"cannot find the hidden-state tensor in a module output of type {type(out).__name__}")
+
+
+class HiddenStates:
+    """Record the outputs of modules of ``model`` (forward hooks), as a context manager.
+
+    ``with HiddenStates(model, ["blocks.0", "blocks.1"]) as hs: model(x)`` leaves
+    ``hs.states`` = ``[output of blocks.0, output of blocks.1]`` (the first tensor of
+    a tuple output), with the autograd graph attached. Each forward overwrites them.
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]) -> None:
+        self.model = model
+        self.paths = list(paths)
+        self._values: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> HiddenStates:
+        for path in self.paths:
+            module = self.model.get_submodule(path)
+            self._handles.append(module.register_forward_hook(self._hook(path)))
+        return self
+
+    def _hook(self, path: str):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            self._values[path] = _first_tensor(output)
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def states(self) -> list[Tensor]:
+        missing = [p for p in self.paths if p not in self._values]
+        if missing:
+            raise RuntimeError(f"HiddenStates: the forward did not run {missing}")
+        return [self._values[p] for p in self.paths]
+
+
+def hidden_state_paths(report: Any) -> list[str]:
+    """The modules whose outputs are the hidden states right after the blocks a :class:`HanifyReport` rewrote
+    (``RewriteRecord.stream``, in model order, without repeats; rewrites whose rule does not know it are left out)."""
+    return list(dict.fromkeys(r.stream for r in report.rewrites if r.stream))
+
+
+def hidden_state_distillation_loss(
+    student_hidden_states: Sequence[Tensor],
+    teacher_hidden_states: Sequence[Tensor],
+    layer_map: Sequence[tuple[int, int]] | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """TinyBERT-style hidden-state distillation: the mean over mapped layers of ``MSE(s, t) / Var(t)``.
+
+    Each term is the squared error summed over features, averaged over tokens,
+    divided by the teacher's total variance over those tokens, so every layer
+    counts the same whatever the scale of its residual stream (a term of 1 is
+    as bad as predicting the teacher's mean).
+
+    Args:
+        student_hidden_states, teacher_hidden_states: sequences of tensors
+            ``(..., d)`` (e.g. ``outputs.hidden_states`` of a transformers model
+            called with ``output_hidden_states=True``, or :class:`HiddenStates`).
+        layer_map: ``(student_index, teacher_index)`` pairs; default: pair equal
+            indices (the two sequences must then have the same length).
+        mask: optional ``(B, L)`` mask of real tokens, for ``(B, L, d)`` states.
+
+    Returns:
+        A scalar tensor (differentiable with respect to the student's states).
+    """
+    if layer_map is None:
+        if len(student_hidden_states) != len(teacher_hidden_states):
+            raise ValueError(
+                f"hidden_state_distillation_loss: {len(student_hidden_states)} student and "
+                f"{len(teacher_hidden_states)} teacher hidden states; pass layer_map=[(s, t), ...]"
+            )
+        layer_map = [(i, i) for i in range(len(student_hidden_states))]
+    if not layer_map:
+        raise ValueError("hidden_state_distillation_loss: no layers to distil")
+    terms = []
+    for s_idx, t_idx in layer_map:
+        s, t = student_hidden_states[s_idx], teacher_hidden_states[t_idx].detach()
+        if s.shape != t.shape:
+            raise ValueError(
+                f"hidden_state_distillation_loss: student state {s_idx} has shape {tuple(s.shape)}, "
+                f"teacher state {t_idx} {tuple(t.shape)}"
+            )
+        s, t = as_rows(s, mask), as_rows(t, mask)
+        var = (t - t.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+        terms.append((s.float() - t.float()).pow(2).sum(1).mean() / var.float())
+    return torch.stack(terms).mean()
+
+
+def heal(
+    model: nn.Module,
+    batches: Sequence[Any],
+    teacher_states: Sequence[list[Tensor]],
+    paths: Sequence[str],
+    params: Sequence[nn.Parameter],
+    *,
+    steps: int,
+    lr: float,
+    progress: bool = False,
+) -> tuple[float, float]:
+    """Train ``params`` (only them) for ``steps`` so that the outputs of ``paths`` match ``teacher_states``.
+
+    ``teacher_states[i]`` holds the original model's outputs of ``paths`` on
+    ``batches[i]`` (as token rows, padding removed, see :func:`record.as_rows`).
+    The model runs in eval mode (no dropout); batches are cycled in order.
+
+    Returns:
+        The mean loss over the first pass through the batches and over the last one
+        (``min(steps, len(batches))`` steps each, so the two cover the same batches).
+    """
+    from tqdm.auto import tqdm
+
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    device = params[0].device
+    losses: list[float] = []
+    with HiddenStates(model, paths) as hs:
+        for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
+            i = step % len(batches)
+            call_model(model, batches[i], device)
+            mask = token_mask(batches[i])
+            student = [as_rows(s, mask) for s in hs.states]
+            teacher = [t.to(device) for t in teacher_states[i]]
+            loss = hidden_state_distillation_loss(student, teacher)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    window = min(steps, len(batches))
+    return sum(losses[:window]) / window, sum(losses[-window:]) / window

@@ -1,0 +1,198 @@
+"""Recording a module's inputs on calibration batches, with a bounded token sample.
+
+:class:`TokenReservoir` keeps a uniform random sample of at most ``capacity``
+rows of a stream of ``(m, d)`` chunks (Vitter's Algorithm R, vectorised per
+chunk), so memory is ``capacity x d`` floats whatever the amount of data.
+:func:`record_inputs` runs the model on each batch with a forward pre-hook on
+one module, feeds that module's input tokens to a reservoir and stops the
+forward right there (nothing after the module runs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...errors import HanSurgeryError
+
+__all__ = ["TokenReservoir", "call_model", "record_inputs", "CalibrationDataError"]
+
+
+class CalibrationDataError(HanSurgeryError, TypeError):
+    """A calibration batch is of a type the model cannot be called with, or there were no batches."""
+
+
+class TokenReservoir:
+    """A uniform random sample of at most ``capacity`` rows from a stream of ``(m, d)`` chunks.
+
+    Every row seen so far is in the sample with the same probability
+    ``min(1, capacity / seen)`` (Algorithm R). Which rows are kept depends only
+    on the number of rows seen and on ``generator``, never on their values: two
+    reservoirs with the same seed fed chunks of the same sizes keep the same
+    positions.
+
+    Args:
+        capacity: the most rows kept.
+        generator: the source of randomness (a seeded ``torch.Generator``).
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator | None = None) -> None:
+        if capacity < 1:
+            raise ValueError(f"TokenReservoir: capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.generator = generator
+        self.seen = 0
+        self._rows: Tensor | None = None
+        self._filled = 0
+
+    def add(self, rows: Tensor) -> None:
+        """Offer ``rows`` (shape ``(m, d)``) to the sample; they are copied, detached, to float32 on CPU."""
+        rows = rows.detach()
+        m = rows.shape[0]
+        if m == 0:
+            return
+        if self._rows is None:
+            self._rows = torch.empty(self.capacity, rows.shape[1], dtype=torch.float32)
+        elif rows.shape[1] != self._rows.shape[1]:
+            raise ValueError(f"TokenReservoir: rows have {rows.shape[1]} features, earlier rows {self._rows.shape[1]}")
+        take = min(self.capacity - self._filled, m)
+        if take:
+            self._rows[self._filled : self._filled + take] = rows[:take].float().cpu()
+            self._filled += take
+        if take < m:
+            # Row number i (0-based over the stream) replaces slot r ~ U{0..i} if r < capacity.
+            index = torch.arange(self.seen + take, self.seen + m, dtype=torch.float64)
+            u = torch.rand(m - take, generator=self.generator, dtype=torch.float64)
+            slot = (u * (index + 1)).long()
+            hit = slot < self.capacity
+            if hit.any():
+                slots, sources = slot[hit], torch.nonzero(hit).squeeze(1) + take
+                # Later rows win a slot drawn twice in one chunk, as in the sequential algorithm.
+                winner = torch.full((self.capacity,), -1, dtype=torch.long)
+                winner.scatter_reduce_(0, slots, sources, reduce="amax")
+                keep = winner >= 0
+                self._rows[keep] = rows[winner[keep]].float().cpu()
+        self.seen += m
+
+    @property
+    def sample(self) -> Tensor:
+        """The sampled rows, ``(min(seen, capacity), d)`` float32."""
+        if self._rows is None:
+            return torch.empty(0, 0)
+        return self._rows[: self._filled]
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}  # a plain dict: model(**batch) takes any mapping
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_move(v, device) for v in batch)
+    return batch
+
+
+def call_model(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
+    """Call ``model`` on one calibration batch: a dict as ``model(**batch)``, a tuple or list as
+    ``model(*batch)``, a tensor as ``model(batch)`` (tensors moved to ``device``)."""
+    if device is not None:
+        batch = _move(batch, device)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    if isinstance(batch, Tensor):
+        return model(batch)
+    raise CalibrationDataError(
+        f"calibration batch of type {type(batch).__name__}: expected a dict (called as model(**batch)), "
+        "a tuple/list (model(*batch)) or a tensor (model(batch))"
+    )
+
+
+def token_mask(batch: Any) -> Tensor | None:
+    """The ``(B, L)`` boolean mask of real (non-padding) tokens of a transformers-style batch, if it has one."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
+
+
+def as_rows(x: Tensor, mask: Tensor | None = None, channels_first: bool = False) -> Tensor:
+    """The tokens of a module input as rows ``(T, d)``.
+
+    ``x`` is ``(..., d)``, or ``(N, d, H, W)`` with ``channels_first``. A ``(B, L)``
+    padding mask selects the real tokens of a ``(B, L, d)`` input; it is ignored
+    when the shapes do not line up (e.g. a block that sees another sequence).
+    """
+    if channels_first:
+        x = x.movedim(1, -1)
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(device=x.device, dtype=torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+class _StopForward(Exception):
+    """Raised by the recording hook once the module's input is recorded: nothing after it needs to run."""
+
+
+def _device_of(model: nn.Module) -> torch.device | None:
+    for t in model.parameters():
+        return t.device
+    return None
+
+
+@torch.no_grad()
+def record_inputs(
+    model: nn.Module,
+    batches: Iterable[Any],
+    path: str | dict[str, tuple[TokenReservoir, bool]],
+    reservoir: TokenReservoir | None = None,
+    *,
+    channels_first: bool = False,
+) -> int:
+    """Feed the input tokens of ``model.get_submodule(path)`` on each batch to ``reservoir``.
+
+    With one module the forward stops right after its hook (the rest of the model does
+    not run). ``path`` may instead map several module paths to ``(reservoir,
+    channels_first)``: they are all recorded in one full forward per batch.
+
+    Returns:
+        The number of batches run.
+    """
+    targets = path if isinstance(path, dict) else {path: (reservoir, channels_first)}
+    stop_after = None if isinstance(path, dict) else path
+    device = _device_of(model)
+    current: dict[str, Any] = {}
+
+    def make_hook(name: str, res: TokenReservoir, cf: bool):
+        def hook(_module: nn.Module, args: tuple) -> None:
+            if name in current["seen"]:
+                return  # a module called twice per forward (shared weights): its first call is recorded
+            current["seen"].add(name)
+            if not args or not isinstance(args[0], Tensor):
+                raise CalibrationDataError(f"calibration: {name} was called without a tensor as its first input")
+            res.add(as_rows(args[0], current.get("mask"), cf))
+            if name == stop_after:
+                raise _StopForward
+
+        return hook
+
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(make_hook(name, res, cf))
+        for name, (res, cf) in targets.items()
+    ]
+    count = 0
+    try:
+        for batch in batches:
+            current["mask"] = token_mask(batch)
+            current["seen"] = set()
+            try:
+                call_model(model, batch, device)
+            except _StopForward:
+                pass
+            count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return count

@@ -1,0 +1,100 @@
+"""``CalibrationReport``: per block, how well the fitted Han-block reproduces the original, next to three baselines."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["BlockFit", "CalibrationReport"]
+
+
+@dataclass
+class BlockFit:
+    """The calibration of one rewrite.
+
+    The four fractions of variance unexplained (FVU) are of the block's output
+    as the rest of the network sees it (after the post-norm in post-norm
+    models, the FFN branch in pre-norm ones), on held-out sampled tokens whose
+    inputs come from the already-calibrated blocks before it:
+
+    Attributes:
+        path: the rewritten FFN (as in :class:`~han_surgery.RewriteRecord`).
+        status: ``"fitted"``, ``"kept"`` (the original block stays: see ``reason``)
+            or ``"not calibrated"`` (replaced, left at its initialisation: see ``reason``).
+        fvu: the fitted Han-block.
+        deleted: the FFN's output set to 0.
+        mean: the FFN replaced by its mean output.
+        linear: the best dense ``d x d`` linear map + bias (least squares; ``None``
+            above 4096 features).
+        tokens: token rows sampled for the fit (and held out for scoring).
+        params_original, params_han: parameters of the replaced modules and of their replacements.
+        reason: why it was kept or not calibrated.
+    """
+
+    path: str
+    status: str
+    fvu: float | None = None
+    deleted: float | None = None
+    mean: float | None = None
+    linear: float | None = None
+    tokens: int = 0
+    params_original: int = 0
+    params_han: int = 0
+    reason: str = ""
+
+
+@dataclass
+class CalibrationReport:
+    """What calibrated surgery did (``print`` it for a table).
+
+    Attributes:
+        blocks: one :class:`BlockFit` per candidate rewrite, in model order.
+        heal_steps: end-to-end distillation steps run.
+        heal_batches: calibration batches healing cycled through.
+        heal_loss: the distillation loss (mean over blocks of the hidden-state MSE
+            divided by the original's variance), averaged over the first and over the
+            last pass through the healing batches.
+        seconds: wall time of the calibration (recording, fitting, healing).
+        batches: calibration batches given.
+    """
+
+    blocks: list[BlockFit] = field(default_factory=list)
+    heal_steps: int = 0
+    heal_batches: int = 0
+    heal_loss: tuple[float, float] | None = None
+    seconds: float = 0.0
+    batches: int = 0
+
+    @property
+    def kept(self) -> list[BlockFit]:
+        """The blocks whose original FFN was kept."""
+        return [b for b in self.blocks if b.status == "kept"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        from ..report import _table
+
+        def f(v: float | None) -> str:
+            return "-" if v is None else "n/a" if v != v else f"{v:.3f}"
+
+        rows = [
+            [b.path, b.status, f(b.fvu), f(b.deleted), f(b.mean), f(b.linear), f"{b.tokens:,}", b.reason]
+            for b in self.blocks
+        ]
+        lines = [
+            "CalibrationReport: fraction of each block's output variance unexplained (held-out tokens)",
+            _table(["path", "status", "Han fit", "deleted", "mean", "linear", "tokens", "note"], rows),
+        ]
+        fitted = sum(b.status == "fitted" for b in self.blocks)
+        tail = f"\n{fitted} fitted, {len(self.kept)} kept, {len(self.blocks) - fitted - len(self.kept)} not calibrated"
+        tail += f"; {self.batches} calibration batches; {self.seconds:.1f} s"
+        if self.heal_steps:
+            a, b = self.heal_loss or (float("nan"), float("nan"))
+            tail += (
+                f"; healing: {self.heal_steps} steps over {self.heal_batches} batches, "
+                f"hidden-state loss {a:.4f} -> {b:.4f}"
+            )
+        lines.append(tail)
+        return "\n".join(lines)
