@@ -1,7 +1,7 @@
 """Householder layers: the building blocks of Yu & Zhang, "A Lightweight and
 Gradient-Stable Neural Layer" (Neural Networks, 2024).
 
-Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
+Every layer here acts on one dimension (by default the last) of a tensor of shape ``(..., n)``.
 
 * :class:`HouseholderLinear` -- ``y = H_k ... H_1 x + b`` with
   ``H_i = I - 2 u_i u_i^T / ||u_i||^2``. Orthogonal, so ``||dy/dx||`` is exactly 1
@@ -12,6 +12,9 @@ Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
 * :class:`HanLayer` -- ``|H x + b|``: orthogonal Jacobian and 1-Lipschitz.
 * :class:`HanBlock` -- the paper's FFN replacement ``H2 |H1 x + b1| + b2`` (the
   Han-Mixer form adds a final ``|.|``), ``4n`` parameters.
+
+``dim`` (default ``-1``) is the dimension the reflections act on: ``HanBlock(N, dim=-2)``
+mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .functional import householder_affine, householder_dense, unit_rows
+from .functional import householder_affine, householder_chain, householder_dense, unit_rows
 
 __all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock"]
 
@@ -36,8 +39,8 @@ class HouseholderLinear(nn.Module):
     ``y = H_k ... H_1 x + b``, ``H_i = I - 2 u_i u_i^T / ||u_i||^2``.
 
     Args:
-        features: ``n``, the size of the last dimension (input and output: a
-            reflection is square).
+        features: ``n``, the size of the dimension the layer acts on (input and
+            output: a reflection is square).
         bias: learn ``b`` (shape ``(n,)``).
         reflections: ``k``, the number of reflections. ``1`` is the paper's layer
             (``n`` direction parameters); ``k = n`` can express any orthogonal
@@ -47,10 +50,11 @@ class HouseholderLinear(nn.Module):
             directions) or ``"normal"`` (i.i.d. Gaussian directions).
         bias_init: ``"uniform"`` (paper; ``U(-1/sqrt(n), 1/sqrt(n))``, as
             ``nn.Linear``) or ``"zeros"``.
+        dim: the dimension of the input the layer acts on (default: the last).
 
     Shapes:
-        input ``(..., n)`` -> output ``(..., n)``, in the input's dtype
-        (float32, bfloat16 or float16).
+        input ``(..., n)`` -> output ``(..., n)`` (``n`` at ``dim``), in the input's dtype
+        (float32, float64, bfloat16 or float16).
 
     Parameters:
         ``u``: ``(k, n)`` Householder vectors (any non-zero scale; a zero row is
@@ -66,6 +70,7 @@ class HouseholderLinear(nn.Module):
         reflections: int = 1,
         init: HouseholderInit = "orthogonal",
         bias_init: BiasInit = "uniform",
+        dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -85,6 +90,7 @@ class HouseholderLinear(nn.Module):
         self.reflections = reflections
         self.init = init
         self.bias_init = bias_init
+        self.dim = dim
         self.u = nn.Parameter(torch.empty(reflections, features, **factory))
         self.bias = nn.Parameter(torch.empty(features, **factory)) if bias else None
         self.reset_parameters()
@@ -104,7 +110,7 @@ class HouseholderLinear(nn.Module):
                     nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return householder_affine(x, unit_rows(self.u), self.bias, apply_abs=self.apply_abs)
+        return householder_affine(x, unit_rows(self.u), self.bias, apply_abs=self.apply_abs, dim=self.dim)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
@@ -116,7 +122,8 @@ class HouseholderLinear(nn.Module):
         return householder_dense(unit_rows(self.u))
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, reflections={self.reflections}, bias={self.bias is not None}"
+        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        return f"features={self.features}, reflections={self.reflections}, bias={self.bias is not None}{dim}"
 
 
 class Abs(nn.Module):
@@ -142,6 +149,10 @@ class HanBlock(nn.Module):
 
     ``x -> HanLayer -> drop1 -> HouseholderLinear (or HanLayer) -> drop2``
 
+    When neither dropout is active (``p = 0`` or eval mode), both layers run as one chain
+    (:func:`~han_surgery.functional.householder_chain`): one pass over memory for the block
+    and only the block's input saved for backward.
+
     Args:
         features: ``n`` (the block is square, ``(..., n) -> (..., n)``).
         reflections: reflections per Householder layer (1 = paper).
@@ -152,6 +163,7 @@ class HanBlock(nn.Module):
             ``(drop1, drop2)`` pair, the placement of the FFN in the paper's
             Han-MobileViT (``H1, |.|, Dropout, H2, Dropout``) and of timm's ``Mlp``.
         init, bias_init: passed to both layers (see :class:`HouseholderLinear`).
+        dim: the dimension of the input the block acts on (default: the last).
 
     ``4n`` parameters for ``reflections=1`` and ``bias=True``, against
     ``2 n h + n + h`` for a ``n -> h -> n`` MLP.
@@ -166,12 +178,15 @@ class HanBlock(nn.Module):
         drop: float | tuple[float, float] = 0.0,
         init: HouseholderInit = "orthogonal",
         bias_init: BiasInit = "uniform",
+        dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         drop1, drop2 = (drop, drop) if isinstance(drop, (int, float)) else drop
-        kwargs = dict(bias=bias, reflections=reflections, init=init, bias_init=bias_init, device=device, dtype=dtype)
+        kwargs = dict(
+            bias=bias, reflections=reflections, init=init, bias_init=bias_init, dim=dim, device=device, dtype=dtype
+        )
         self.features = features
         self.final_abs = final_abs
         self.fc1 = HanLayer(features, **kwargs)
@@ -180,7 +195,26 @@ class HanBlock(nn.Module):
         self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop2(self.fc2(self.drop1(self.fc1(x))))
+        if not self._fusable():
+            return self.drop2(self.fc2(self.drop1(self.fc1(x))))
+        fc1, fc2 = self.fc1, self.fc2
+        u = unit_rows(torch.stack([fc1.u, fc2.u]))
+        bias = torch.stack([fc1.bias, fc2.bias]) if fc1.bias is not None else None
+        return householder_chain(x, u, bias, (True, fc2.apply_abs), dim=fc1.dim)
+
+    def _fusable(self) -> bool:
+        """Both layers can run as one chain: no active dropout, and nothing swapped in or hooked on them."""
+        fc1, fc2 = self.fc1, self.fc2
+        return (
+            type(fc1) is HanLayer
+            and type(fc2) in (HanLayer, HouseholderLinear)
+            and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
+            and fc1.dim == fc2.dim
+            and fc1.u.shape == fc2.u.shape
+            and fc1.u.dtype == fc2.u.dtype
+            and (fc1.bias is None) == (fc2.bias is None)
+            and not (fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks)
+        )
 
     def extra_repr(self) -> str:
         return f"features={self.features}, final_abs={self.final_abs}"

@@ -1,4 +1,7 @@
-"""The math of the Householder layers: orthogonality, gradient stability, Lipschitz bound, exactness."""
+"""The math of the Householder layers: orthogonality, gradient stability, Lipschitz bound, exactness.
+
+Every test runs twice: on the compiled CPU kernel and on the PyTorch implementation (``kernel_path``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,13 @@ import math
 
 import pytest
 import torch
+from _kernel_paths import kernel_path  # noqa: F401  (fixture)
 from torch import nn
 
 from han_surgery import Abs, HanBlock, HanLayer, HouseholderLinear
 from han_surgery.functional import householder_affine, unit_rows, wy_factor
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
 
 REFLECTIONS = [1, 2, 8]
 
