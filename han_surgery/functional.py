@@ -124,8 +124,8 @@ class _HouseholderRows(torch.autograd.Function):
     """PyTorch implementation of one layer: ``z = x - ((x U^T) T) U + b``, optionally ``|z|``, for ``x`` of shape ``(N, n)``.
 
     ``U``: ``(k, n)``, ``T``: ``(k, k)``, ``b``: ``(n,)`` or ``None``, all in the accumulation
-    dtype (float32 for float16/bfloat16 ``x``, which is converted on the way in and the result
-    rounded on the way out).
+    dtype (float32 for float16/bfloat16 ``x``, which is converted on the way in); the result is
+    returned in ``out_dtype`` (``x``'s dtype, or the accumulation dtype inside a chain).
 
     Backward, with ``g = dL/dz`` (``g = dL/d|z| * sign(z)`` when ``apply_abs``),
     ``P = x U^T``, ``W = P T`` and ``G = g U^T``::
@@ -141,13 +141,15 @@ class _HouseholderRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype
+    ) -> Tensor:
         xa = x.to(u.dtype)
         p = xa @ u.transpose(0, 1)  # (N, k)
         z = _reflect_rows(xa, p @ t, u, b)
         ctx.apply_abs = apply_abs
         ctx.save_for_backward(x, u, t, b, p, z if apply_abs else None)
-        return (z.abs() if apply_abs else z).to(x.dtype)
+        return (z.abs() if apply_abs else z).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -160,7 +162,7 @@ class _HouseholderRows(torch.autograd.Function):
                 needs,
                 grad_out,
             )
-            return (*grads, None)
+            return (*grads, None, None)
         need_x, need_u, need_t, need_b = needs
         xa = x.to(u.dtype)
         w = p @ t
@@ -184,16 +186,16 @@ class _HouseholderRows(torch.autograd.Function):
             else:
                 gx = g.addmm_(g_ut, u, alpha=-1)  # reuse g's buffer, used last
             gx = gx.to(x.dtype)
-        return gx, gu, gt, gb, None
+        return gx, gu, gt, gb, None, None
 
 
-def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:
+def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype) -> Tensor:
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, u, t, b)):
-        return _HouseholderRows.apply(x, u, t, b, apply_abs)
+        return _HouseholderRows.apply(x, u, t, b, apply_abs, out_dtype)
     # inference: one (N, n) buffer, |.| in place, nothing saved
     xa = x.to(u.dtype)
     y = _reflect_rows(xa, (xa @ u.transpose(0, 1)) @ t, u, b)
-    return (y.abs_() if apply_abs else y).to(x.dtype)
+    return (y.abs_() if apply_abs else y).to(out_dtype)
 
 
 def _reference_chain(x3d: Tensor, u: Tensor, t: Tensor, b: Tensor, apply_abs: tuple[bool, ...]) -> Tensor:
@@ -242,9 +244,8 @@ def _use_cpu_kernel(x: Tensor) -> bool:
 def _use_triton(x: Tensor, k: int) -> bool:
     if x.device.type != "cuda" or not kernels.enabled() or torch.compiler.is_compiling():
         return False
-    from .kernels import triton_gpu
-
-    return triton_gpu.supports(x, k)
+    triton_gpu = kernels.triton_kernels()
+    return triton_gpu is not None and triton_gpu.supports(x, k)
 
 
 def _chain_cpu(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int) -> Tensor:
@@ -309,18 +310,17 @@ def householder_chain(
     b = bias.to(acc) if bias is not None else None
     if _use_cpu_kernel(x):
         return _chain_cpu(x, u, t, b, apply_abs, dim)
-    # One layer at a time, on rows of the last dimension.
+    # One layer at a time, on rows of the last dimension; inside the chain, results stay in the
+    # accumulation dtype (as in the kernel), so a float16 chain is rounded once.
     last = dim == x.dim() - 1
     moved = x if last else x.movedim(dim, -1)
     a = moved.reshape(-1, n)
     if not a.is_contiguous():
         a = a.contiguous()
-    if _use_triton(a, k):
-        from .kernels.triton_gpu import householder_rows as rows_fn
-    else:
-        rows_fn = _rows_torch
+    rows_fn = kernels.triton_kernels().householder_rows if _use_triton(a, k) else _rows_torch
     for layer in range(layers):
-        a = rows_fn(a, u[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer])
+        out_dtype = x.dtype if layer == layers - 1 else acc
+        a = rows_fn(a, u[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)
     out = a.reshape(moved.shape)
     return out if last else out.movedim(-1, dim)
 

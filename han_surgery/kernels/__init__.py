@@ -11,11 +11,16 @@ Without them (no compiler, no Triton, ``torch.compile``/``torch.export`` tracing
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
+from types import ModuleType
 
-__all__ = ["enabled", "disabled"]
+__all__ = ["enabled", "disabled", "triton_kernels"]
+
+logger = logging.getLogger(__name__)
 
 _enabled = True
+_triton: dict[str, ModuleType | None] = {}
 
 
 def enabled() -> bool:
@@ -32,3 +37,20 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def triton_kernels() -> ModuleType | None:
+    """:mod:`han_surgery.kernels.triton_gpu`, or ``None`` (after one warning) when Triton cannot be imported."""
+    if "module" not in _triton:
+        try:
+            from . import triton_gpu
+
+            _triton["module"] = triton_gpu
+        except Exception as exc:  # not installed, or no usable backend
+            logger.warning(
+                "han_surgery: Triton is unavailable (%s: %s); CUDA Householder layers use their PyTorch implementation",
+                type(exc).__name__,
+                exc,
+            )
+            _triton["module"] = None
+    return _triton["module"]
