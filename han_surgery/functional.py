@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .kernels import cpu as cpu_kernel
 
 __all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_chain", "householder_dense"]
 
@@ -198,47 +199,72 @@ def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bo
     return (y.abs_() if apply_abs else y).to(out_dtype)
 
 
-def _reference_chain(x3d: Tensor, u: Tensor, t: Tensor, b: Tensor, apply_abs: tuple[bool, ...]) -> Tensor:
+def _reference_chain(x3d: Tensor, u_hat: Tensor, t: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...]) -> Tensor:
     """The definition of a chain on ``(B, n, C)`` (vectors along the middle dimension), plain autograd."""
-    a = x3d.transpose(1, 2).to(u.dtype)
+    a = x3d.transpose(1, 2).to(u_hat.dtype)
     for layer, take_abs in enumerate(apply_abs):
-        a = _reference_rows(a, u[layer], t[layer], b[layer], take_abs)
+        a = _reference_rows(a, u_hat[layer], t[layer], b[layer] if b is not None else None, take_abs)
     return a.to(x3d.dtype).transpose(1, 2)
+
+
+def _chain_parameters(u: Tensor, bias: Tensor | None, normalize: bool, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """``(u_hat, T, b)`` in the accumulation dtype, differentiable: the PyTorch paths' view of a chain's parameters."""
+    u_hat = unit_rows(u) if normalize else u
+    # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
+    t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat).to(acc)
+    return u_hat.to(acc), t, bias.to(acc) if bias is not None else None
+
+
+_NO_BIAS = torch.empty(0)
 
 
 class _HouseholderChainCPU(torch.autograd.Function):
     """A chain of layers on ``x`` of shape ``(B, n, C)`` in the C++ kernel (see ``kernels/householder_cpu.cpp``).
 
-    ``u``: ``(L, k, n)``, ``t``: ``(L, k, k)``, ``b``: ``(L, n)``, in the accumulation dtype.
+    ``u``: ``(L, k, n)`` (unit rows, or raw directions normalised inside when ``normalize``),
+    ``b``: ``(L, n)`` or ``None``, in any float dtype: the kernel computes the unit rows and the
+    WY factors in float64, and returns the gradients of ``u`` and ``b`` in their own dtypes.
     Saves only its inputs: the backward recomputes every intermediate in cache.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor, apply_abs: tuple[bool, ...]) -> Tensor:  # type: ignore[override]
-        ctx.apply_abs = apply_abs
-        ctx.save_for_backward(x, u, t, b)
-        return torch.ops.han_surgery.householder_chain_forward(x, u, t, b, apply_abs)
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
+    ) -> Tensor:
+        ctx.apply_abs, ctx.normalize = apply_abs, normalize
+        ctx.save_for_backward(x, u, b)
+        return torch.ops.han_surgery.householder_chain_forward(
+            x, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+        )
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, u, t, b = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
+        x, u, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True
-            fn = lambda x, u, t, b: _reference_chain(x, u, t, b, ctx.apply_abs)  # noqa: E731
-            return (*_definition_grads(fn, (x, u, t, b), needs, grad_out), None)
-        need_params = any(needs[1:])
-        dx, du, dt, db = torch.ops.han_surgery.householder_chain_backward(
-            grad_out.contiguous(), x, u, t, b, ctx.apply_abs, needs[0], need_params
+
+            def definition(x: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
+                acc = _accumulation_dtype(x.dtype)
+                return _reference_chain(x, *_chain_parameters(u, b, ctx.normalize, acc), ctx.apply_abs)
+
+            return (*_definition_grads(definition, (x, u, b), needs, grad_out), None, None)
+        dx, du, db = torch.ops.han_surgery.householder_chain_backward(
+            grad_out.contiguous(),
+            x,
+            u,
+            b if b is not None else _NO_BIAS,
+            ctx.apply_abs,
+            ctx.normalize,
+            needs[0],
+            needs[1] or needs[2],
         )
-        return tuple(g if need else None for g, need in zip((dx, du, dt, db), needs, strict=True)) + (None,)
+        return dx if needs[0] else None, du if needs[1] else None, db if needs[2] else None, None, None
 
 
 def _use_cpu_kernel(x: Tensor) -> bool:
     if x.device.type != "cpu" or not kernels.enabled() or torch.compiler.is_compiling():
         return False
-    from .kernels import cpu
-
-    return cpu.available()
+    return cpu_kernel.available()
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
@@ -248,22 +274,30 @@ def _use_triton(x: Tensor, k: int) -> bool:
     return triton_gpu is not None and triton_gpu.supports(x, k)
 
 
-def _chain_cpu(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int) -> Tensor:
+def _chain_cpu(
+    x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int, normalize: bool
+) -> Tensor:
     n = x.shape[dim]
     x3d = x.reshape(math.prod(x.shape[:dim]), n, math.prod(x.shape[dim + 1 :]))
     if not x3d.is_contiguous():
         x3d = x3d.contiguous()
-    u, t = u.contiguous(), t.contiguous()
-    b = u.new_zeros(u.shape[0], n) if b is None else b.contiguous()
-    if torch.is_grad_enabled() and any(v.requires_grad for v in (x3d, u, t, b)):
-        y = _HouseholderChainCPU.apply(x3d, u, t, b, apply_abs)
+    if torch.is_grad_enabled() and (x3d.requires_grad or u.requires_grad or (b is not None and b.requires_grad)):
+        y = _HouseholderChainCPU.apply(x3d, u, b, apply_abs, normalize)
     else:
-        y = torch.ops.han_surgery.householder_chain_forward(x3d, u, t, b, apply_abs)
+        y = torch.ops.han_surgery.householder_chain_forward(
+            x3d, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+        )
     return y.view(x.shape)
 
 
 def householder_chain(
-    x: Tensor, u_hat: Tensor, bias: Tensor | None, apply_abs: Sequence[bool], *, dim: int = -1
+    x: Tensor,
+    u: Tensor,
+    bias: Tensor | None,
+    apply_abs: Sequence[bool],
+    *,
+    dim: int = -1,
+    normalize: bool = False,
 ) -> Tensor:
     """Apply ``L`` Householder layers in sequence along ``dim``: ``a <- f_l(H_{l,k} ... H_{l,1} a + b_l)``.
 
@@ -272,11 +306,14 @@ def householder_chain(
 
     Args:
         x: input of shape ``(..., n, ...)`` with ``n = x.shape[dim]``; float32/64, bfloat16, float16.
-        u_hat: unit Householder vectors, shape ``(L, k, n)`` (see :func:`unit_rows`).
+        u: Householder vectors, shape ``(L, k, n)``: unit rows (see :func:`unit_rows`), or any
+            non-zero directions with ``normalize=True`` (what the layers pass; a zero row is the
+            identity).
         bias: ``(L, n)`` biases, or ``None``.
         apply_abs: ``L`` flags.
         dim: the dimension the reflections act on. ``dim=-2`` on ``(B, N, C)`` mixes the ``N``
             tokens of every channel, without transposing ``x``.
+        normalize: normalise the rows of ``u`` first (``unit_rows``), inside the kernel on CPU.
 
     Returns:
         A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in the autocast
@@ -288,13 +325,13 @@ def householder_chain(
         # (which autocast does not cover) see the same dtypes.
         with torch.autocast(device_type, enabled=False):
             x = x.to(torch.get_autocast_dtype(device_type))
-            return householder_chain(x, u_hat, bias, apply_abs, dim=dim)
-    if u_hat.dim() != 3:
-        raise ValueError(f"householder_chain: u_hat must have shape (L, k, n), got {tuple(u_hat.shape)}")
-    layers, k, n = u_hat.shape
+            return householder_chain(x, u, bias, apply_abs, dim=dim, normalize=normalize)
+    if u.dim() != 3:
+        raise ValueError(f"householder_chain: u must have shape (L, k, n), got {tuple(u.shape)}")
+    layers, k, n = u.shape
     apply_abs = tuple(bool(a) for a in apply_abs)
     if len(apply_abs) != layers:
-        raise ValueError(f"householder_chain: {layers} layers of u_hat but {len(apply_abs)} apply_abs flags")
+        raise ValueError(f"householder_chain: {layers} layers of u but {len(apply_abs)} apply_abs flags")
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0 or x.shape[dim] != n:
         features = x.shape[dim] if x.dim() else 0
@@ -303,13 +340,10 @@ def householder_chain(
         )
     if bias is not None and bias.shape != (layers, n):
         raise ValueError(f"householder_chain: bias must have shape {(layers, n)}, got {tuple(bias.shape)}")
-    acc = _accumulation_dtype(x.dtype)
-    # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
-    t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat).to(acc)
-    u = u_hat.to(acc)
-    b = bias.to(acc) if bias is not None else None
     if _use_cpu_kernel(x):
-        return _chain_cpu(x, u, t, b, apply_abs, dim)
+        return _chain_cpu(x, u, bias, apply_abs, dim, normalize)
+    acc = _accumulation_dtype(x.dtype)
+    u_hat, t, b = _chain_parameters(u, bias, normalize, acc)
     # One layer at a time, on rows of the last dimension; inside the chain, results stay in the
     # accumulation dtype (as in the kernel), so a float16 chain is rounded once.
     last = dim == x.dim() - 1
@@ -320,7 +354,7 @@ def householder_chain(
     rows_fn = kernels.triton_kernels().householder_rows if _use_triton(a, k) else _rows_torch
     for layer in range(layers):
         out_dtype = x.dtype if layer == layers - 1 else acc
-        a = rows_fn(a, u[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)
+        a = rows_fn(a, u_hat[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)
     out = a.reshape(moved.shape)
     return out if last else out.movedim(-1, dim)
 

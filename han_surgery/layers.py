@@ -12,6 +12,8 @@ Every layer here acts on one dimension (by default the last) of a tensor of shap
 * :class:`HanLayer` -- ``|H x + b|``: orthogonal Jacobian and 1-Lipschitz.
 * :class:`HanBlock` -- the paper's FFN replacement ``H2 |H1 x + b1| + b2`` (the
   Han-Mixer form adds a final ``|.|``), ``4n`` parameters.
+* :class:`HanStack` -- ``depth`` Han-layers in sequence (the hidden stack of the paper's
+  HanNet) as one module: one kernel call and two parameter tensors for the whole stack.
 
 ``dim`` (default ``-1``) is the dimension the reflections act on: ``HanBlock(N, dim=-2)``
 mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
@@ -20,17 +22,44 @@ mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .functional import householder_affine, householder_chain, householder_dense, unit_rows
+from .functional import householder_chain, householder_dense, unit_rows
 
-__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock"]
+__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "HanStack"]
 
 HouseholderInit = Literal["orthogonal", "normal"]
 BiasInit = Literal["uniform", "zeros"]
+
+
+def _check_arguments(name: str, features: int, reflections: int, init: str, bias_init: str) -> None:
+    if features < 1:
+        raise ValueError(f"{name}: features must be >= 1, got {features}")
+    if not 1 <= reflections <= features:
+        raise ValueError(f"{name}: reflections must be in [1, features={features}], got {reflections}")
+    if init not in ("orthogonal", "normal"):
+        raise ValueError(f"{name}: init must be 'orthogonal' or 'normal', got {init!r}")
+    if bias_init not in ("uniform", "zeros"):
+        raise ValueError(f"{name}: bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+
+
+@torch.no_grad()
+def _init_householder(u: Tensor, bias: Tensor | None, init: str, bias_init: str) -> None:
+    """Initialise one layer's ``u`` ``(k, n)`` and ``bias`` ``(n,)`` (see :class:`HouseholderLinear`)."""
+    if init == "orthogonal":
+        nn.init.orthogonal_(u)
+    else:
+        nn.init.normal_(u)
+    if bias is not None:
+        if bias_init == "uniform":
+            bound = 1.0 / math.sqrt(u.shape[-1])
+            nn.init.uniform_(bias, -bound, bound)
+        else:
+            nn.init.zeros_(bias)
 
 
 class HouseholderLinear(nn.Module):
@@ -75,16 +104,7 @@ class HouseholderLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if features < 1:
-            raise ValueError(f"{type(self).__name__}: features must be >= 1, got {features}")
-        if not 1 <= reflections <= features:
-            raise ValueError(
-                f"{type(self).__name__}: reflections must be in [1, features={features}], got {reflections}"
-            )
-        if init not in ("orthogonal", "normal"):
-            raise ValueError(f"{type(self).__name__}: init must be 'orthogonal' or 'normal', got {init!r}")
-        if bias_init not in ("uniform", "zeros"):
-            raise ValueError(f"{type(self).__name__}: bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+        _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         factory = {"device": device, "dtype": dtype}
         self.features = features
         self.reflections = reflections
@@ -97,20 +117,11 @@ class HouseholderLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Re-initialise ``u`` and ``bias`` as set by ``init`` and ``bias_init``."""
-        with torch.no_grad():
-            if self.init == "orthogonal":
-                nn.init.orthogonal_(self.u)
-            else:
-                nn.init.normal_(self.u)
-            if self.bias is not None:
-                if self.bias_init == "uniform":
-                    bound = 1.0 / math.sqrt(self.features)
-                    nn.init.uniform_(self.bias, -bound, bound)
-                else:
-                    nn.init.zeros_(self.bias)
+        _init_householder(self.u, self.bias, self.init, self.bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        return householder_affine(x, unit_rows(self.u), self.bias, apply_abs=self.apply_abs, dim=self.dim)
+        bias = self.bias.unsqueeze(0) if self.bias is not None else None
+        return householder_chain(x, self.u.unsqueeze(0), bias, (self.apply_abs,), dim=self.dim, normalize=True)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
@@ -198,9 +209,10 @@ class HanBlock(nn.Module):
         if not self._fusable():
             return self.drop2(self.fc2(self.drop1(self.fc1(x))))
         fc1, fc2 = self.fc1, self.fc2
-        u = unit_rows(torch.stack([fc1.u, fc2.u]))
         bias = torch.stack([fc1.bias, fc2.bias]) if fc1.bias is not None else None
-        return householder_chain(x, u, bias, (True, fc2.apply_abs), dim=fc1.dim)
+        return householder_chain(
+            x, torch.stack([fc1.u, fc2.u]), bias, (True, fc2.apply_abs), dim=fc1.dim, normalize=True
+        )
 
     def _fusable(self) -> bool:
         """Both layers can run as one chain: no active dropout, and nothing swapped in or hooked on them."""
@@ -218,3 +230,96 @@ class HanBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, final_abs={self.final_abs}"
+
+
+class HanStack(nn.Module):
+    """``depth`` Han-layers of width ``n`` in sequence, ``a <- |H_{l,k} ... H_{l,1} a + b_l|``, as one chain.
+
+    The same function as ``nn.Sequential(*[HanLayer(n) for _ in range(depth)])`` with the same
+    parameters (:meth:`from_layers` converts), computed by one
+    :func:`~han_surgery.functional.householder_chain` call: one pass over memory forward, one
+    backward, only the input saved, and two parameter tensors for the whole stack instead of
+    ``2 * depth``. For deep stacks of narrow layers (the paper's HanNet: 19 Han-layers of width
+    200 at batch 100) the per-layer overhead of separate modules, autograd nodes and optimizer
+    updates is most of a training step.
+
+    Args:
+        features: ``n``.
+        depth: the number of Han-layers.
+        reflections, bias, init, bias_init, dim: as for :class:`HouseholderLinear`, for every layer.
+
+    Parameters:
+        ``u``: ``(depth, k, n)``; ``bias``: ``(depth, n)``.
+
+    Shapes: input ``(..., n)`` -> output ``(..., n)`` (``n`` at ``dim``).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        depth: int,
+        reflections: int = 1,
+        bias: bool = True,
+        init: HouseholderInit = "orthogonal",
+        bias_init: BiasInit = "uniform",
+        dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_arguments(type(self).__name__, features, reflections, init, bias_init)
+        if depth < 1:
+            raise ValueError(f"HanStack: depth must be >= 1, got {depth}")
+        factory = {"device": device, "dtype": dtype}
+        self.features, self.depth, self.reflections = features, depth, reflections
+        self.init, self.bias_init, self.dim = init, bias_init, dim
+        self.u = nn.Parameter(torch.empty(depth, reflections, features, **factory))
+        self.bias = nn.Parameter(torch.empty(depth, features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every layer as :class:`HanLayer` does."""
+        for layer in range(self.depth):
+            bias = self.bias[layer] if self.bias is not None else None
+            _init_householder(self.u[layer], bias, self.init, self.bias_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return householder_chain(x, self.u, self.bias, (True,) * self.depth, dim=self.dim, normalize=True)
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[nn.Module]) -> HanStack:
+        """A stack with the parameters of consecutive :class:`HanLayer` s (same width, reflections, dim and bias)."""
+        layers = list(layers)
+        if not layers or any(type(m) is not HanLayer for m in layers):
+            raise ValueError("HanStack.from_layers: expects a non-empty sequence of HanLayer modules")
+        first = layers[0]
+        key = (first.features, first.reflections, first.dim, first.bias is not None, first.u.dtype, first.u.device)
+        for m in layers:
+            if (m.features, m.reflections, m.dim, m.bias is not None, m.u.dtype, m.u.device) != key:
+                raise ValueError(
+                    "HanStack.from_layers: every layer needs the same features, reflections, dim, bias, dtype "
+                    f"and device; got {m} after {first}"
+                )
+        stack = cls(
+            first.features,
+            len(layers),
+            reflections=first.reflections,
+            bias=first.bias is not None,
+            init=first.init,
+            bias_init=first.bias_init,
+            dim=first.dim,
+            device=first.u.device,
+            dtype=first.u.dtype,
+        )
+        with torch.no_grad():
+            stack.u.copy_(torch.stack([m.u for m in layers]))
+            if stack.bias is not None:
+                stack.bias.copy_(torch.stack([m.bias for m in layers]))
+        return stack
+
+    def extra_repr(self) -> str:
+        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        return (
+            f"features={self.features}, depth={self.depth}, reflections={self.reflections}, "
+            f"bias={self.bias is not None}{dim}"
+        )
