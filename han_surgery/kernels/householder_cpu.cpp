@@ -115,10 +115,23 @@ inline acc_t sign_of(acc_t z) {
   return static_cast<acc_t>((z > acc_t(0)) - (z < acc_t(0)));
 }
 
+constexpr int64_t lanes(size_t bytes) { return static_cast<int64_t>(64 / bytes); }  // one 512-bit vector
+
+// Sum of a vector's lanes as a tree (log depth; the compiler's reduction epilogue adds them in order).
+template <typename acc_t, int64_t V>
+inline acc_t tree_sum(acc_t (&a)[V]) {
+#pragma GCC unroll 8
+  for (int64_t width = V / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int64_t v = 0; v < width; ++v) a[v] += a[v + width];
+  }
+  return a[0];
+}
+
 // a . b with four independent vector accumulators (one is latency-bound on the adds).
 template <typename acc_t>
 inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
-  constexpr int64_t V = 64 / sizeof(acc_t);  // one 512-bit vector
+  constexpr int64_t V = lanes(sizeof(acc_t));
   acc_t s0[V] = {}, s1[V] = {}, s2[V] = {}, s3[V] = {};
   int64_t i = 0;
   for (; i + 4 * V <= n; i += 4 * V) {
@@ -130,18 +143,31 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n
       s3[v] += a[i + 3 * V + v] * b[i + 3 * V + v];
     }
   }
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t v = 0; v < V; ++v) s += (s0[v] + s1[v]) + (s2[v] + s3[v]);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  for (; i + V <= n; i += V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) s0[v] += a[i + v] * b[i + v];
+  }
+  acc_t ta[V] = {}, tb[V] = {};  // the tail, zero-padded to one vector (no serial chain of adds)
+  for (int64_t v = 0; i + v < n; ++v) {
+    ta[v] = a[i + v];
+    tb[v] = b[i + v];
+  }
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) s0[v] = (s0[v] + s1[v]) + (s2[v] + s3[v]) + ta[v] * tb[v];
+  return tree_sum(s0);
 }
 
 template <typename acc_t>
 inline acc_t sum(const acc_t* __restrict a, int64_t n) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i];
+  constexpr int64_t V = lanes(sizeof(acc_t));
+  acc_t lane[V] = {};
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) lane[v] += a[i + v];
+  }
+  acc_t s = tree_sum(lane);
+  for (; i < n; ++i) s += a[i];
   return s;
 }
 
@@ -478,15 +504,24 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           acc_t* Gr = G + r * k;
           if (k == 1) {
             const acc_t w0 = w[(l * R + r) * k];
-            acc_t G0 = 0;
-            if (take_abs) {
-#pragma omp simd reduction(+ : G0)
-              for (int64_t i = 0; i < n; ++i) {
-                const acc_t gi = gsrc[i] * sign_of(a[i] - w0 * u[i] + b[i]);
-                g[i] = gi;
-                G0 += gi * u[i];
+            if (take_abs) {  // g = dL/dy * sign(z), z recomputed, and G = g . u, in one pass
+              constexpr int64_t V = lanes(sizeof(acc_t));
+              acc_t lane[V] = {};
+              int64_t i = 0;
+              for (; i + V <= n; i += V) {
+#pragma omp simd
+                for (int64_t v = 0; v < V; ++v) {
+                  const acc_t gi = gsrc[i + v] * sign_of(a[i + v] - w0 * u[i + v] + b[i + v]);
+                  g[i + v] = gi;
+                  lane[v] += gi * u[i + v];
+                }
               }
-              Gr[0] = G0;
+              for (int64_t v = 0; i + v < n; ++v) {
+                const acc_t gi = gsrc[i + v] * sign_of(a[i + v] - w0 * u[i + v] + b[i + v]);
+                g[i + v] = gi;
+                lane[v] += gi * u[i + v];
+              }
+              Gr[0] = tree_sum(lane);
             } else {
               if (gsrc != g) std::copy(gsrc, gsrc + n, g);
               Gr[0] = dot(g, u, n);
