@@ -17,7 +17,8 @@ A train step is ``zero_grad, forward, loss, backward, AdamW step``; inference is
 under ``torch.no_grad`` in eval mode. "Han, PyTorch path" is the Han model with the compiled
 kernels switched off (:func:`han_surgery.kernels.disabled`). Peak memory is measured in a
 separate process per variant: the growth of the peak resident set size over two training steps
-(parameters, gradients, optimizer state and activations), above the process after imports.
+(parameters, gradients, optimizer state and activations), above the process after imports
+(``VmHWM`` in ``/proc/self/status``, Linux).
 
     python benchmarks/model_speed.py [--threads 1] [--rounds 7] [--rows transformers paper] [--no-memory]
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -185,15 +185,27 @@ def measure(kind: str, name: str, batch: int, rounds: int, torch_path: bool, clo
     return times
 
 
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status`` (Linux), in MB.
+
+    Not ``getrusage``: Linux carries a parent's RSS high-water mark across fork+exec into the
+    child's ``ru_maxrss``, which would hide the child's own peak.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def memory_child(kind: str, name: str, variant: str, batch: int) -> None:
     """Prints the peak RSS growth (MB) of building ``variant`` and running two training steps."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_mb("VmRSS")
     work = build(kind, name, variant, batch)
     step = _train_step(work)
     step()
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (after - before) / 1024}))
+    print(json.dumps({"peak_mb": _status_mb("VmHWM") - before}))
 
 
 def peak_memory(kind: str, name: str, variant: str, batch: int, threads: int) -> float:

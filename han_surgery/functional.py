@@ -16,20 +16,25 @@ This costs ``O(N n k)`` flops and ``O(n k + k^2)`` memory and never materialises
 ``y = x - 2 (x . u) u + b``.
 
 :func:`householder_chain` applies ``L`` such layers one after the other (``a <- |H_l a + b_l|``
-or ``a <- H_l a + b_l``); a Han-block is a chain of two. Where it runs:
+or ``a <- H_l a + b_l``); a Han-block is a chain of two, a HanNet's hidden stack a chain of
+its depth. Where it runs:
 
-* CPU tensors: the C++/OpenMP kernel of :mod:`han_surgery.kernels.cpu` (built on first use). The
-  forward reads ``x`` once and writes ``y`` once; the backward reads ``x`` and ``dL/dy`` once,
-  recomputes the chain's intermediates in cache and writes ``dL/dx`` once. Only ``x`` is saved.
+* CPU tensors: the C++/OpenMP kernel of :mod:`han_surgery.kernels.cpu` (built on first use).
+  One operator call per direction for the whole chain: it normalises the rows of ``u`` and
+  builds ``T`` itself (in float64), the forward reads ``x`` once and writes ``y`` once, and the
+  backward reads ``x`` and ``dL/dy`` once, recomputes the chain's intermediates in cache and
+  writes ``dL/dx`` once. Only ``x`` is saved for backward.
 * CUDA tensors: the Triton kernels of :mod:`han_surgery.kernels.triton_gpu`, one layer at a time.
 * Otherwise (no compiler or Triton, under ``torch.compile``/``torch.export`` tracing, inside
   :func:`han_surgery.kernels.disabled`): :class:`_HouseholderRows`, matrix products and a
-  hand-written backward in PyTorch, one layer at a time.
+  hand-written backward in PyTorch, one layer at a time (what ``torch.compile`` and
+  ``torch.export`` trace).
 
 All paths compute in float32 at least: float16/bfloat16 inputs are projected and updated in
-float32 and rounded once at the end, so ``x . u`` cannot overflow the input dtype. Double
-backward (``create_graph=True``) differentiates the definition above with plain autograd.
-The tests run every property on each path (``tests/test_layers.py``, ``tests/test_numerics.py``).
+float32 and rounded once at the end of a chain, so ``x . u`` cannot overflow the input dtype.
+Double backward (``create_graph=True``) differentiates the definition above with plain
+autograd. The tests run every property on the kernel and on the PyTorch path
+(``tests/test_layers.py``, ``tests/test_numerics.py``, ``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
