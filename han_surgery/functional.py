@@ -4,37 +4,58 @@ A product of ``k`` Householder reflections is applied in *compact WY* form
 (Schreiber & Van Loan, 1989; Joffrain et al., "Accumulating Householder
 transformations, revisited", 2006)::
 
-    H_i = I - 2 u_i u_i^T              (u_i unit vectors, the columns of U in R^{n x k})
-    H_k ... H_1 = I - U T^T U^T         T^{-1} = triu(U^T U, 1) + I / 2   (k x k, upper triangular)
+    H_i = I - 2 u_i u_i^T              (u_i unit vectors, the rows of U in R^{k x n})
+    H_k ... H_1 = I - U^T T^T U          T^{-1} = triu(U U^T, 1) + I / 2   (k x k, upper triangular)
 
 so for row vectors ``x`` (shape ``(N, n)``)::
 
-    y = x (H_k ... H_1)^T + b = x - (x U) T U^T + b
+    y = x (H_k ... H_1)^T + b = x - ((x U^T) T) U + b
 
-This costs two skinny matrix products, ``O(N n k)`` flops and ``O(n k + k^2)``
-memory, and never materialises an ``n x n`` matrix. ``k = 1`` is the paper's
-Han-layer, for which ``T = [[2]]`` and ``y = x - 2 (x . u) u + b``.
+This costs ``O(N n k)`` flops and ``O(n k + k^2)`` memory and never materialises an
+``n x n`` matrix. ``k = 1`` is the paper's Han-layer, for which ``T = [[2]]`` and
+``y = x - 2 (x . u) u + b``.
 
-:func:`householder_affine` runs the large ``N``-sized work in one custom
-autograd function with a hand-written backward (few passes over memory and
-few fresh ``N x n`` buffers: see :class:`_HouseholderAffine`), while the tiny
-``U``/``T`` algebra stays in ordinary autograd. It works under
-``torch.autocast``, ``torch.compile`` and ``torch.export`` (see ``tests/test_layers.py``).
+:func:`householder_chain` applies ``L`` such layers one after the other (``a <- |H_l a + b_l|``
+or ``a <- H_l a + b_l``); a Han-block is a chain of two, a HanNet's hidden stack a chain of
+its depth. Where it runs:
+
+* CPU tensors: the C++/OpenMP kernel of :mod:`han_surgery.kernels.cpu` (built on first use).
+  One operator call per direction for the whole chain: it normalises the rows of ``u`` and
+  builds ``T`` itself (in float64), the forward reads ``x`` once and writes ``y`` once, and the
+  backward reads ``x`` and ``dL/dy`` once, recomputes the chain's intermediates in cache and
+  writes ``dL/dx`` once. Only ``x`` is saved for backward.
+* CUDA tensors: the Triton kernels of :mod:`han_surgery.kernels.triton_gpu`, one layer at a time.
+* Otherwise (no compiler or Triton, under ``torch.compile``/``torch.export`` tracing, inside
+  :func:`han_surgery.kernels.disabled`): :class:`_HouseholderRows`, matrix products and a
+  hand-written backward in PyTorch, one layer at a time (what ``torch.compile`` and
+  ``torch.export`` trace).
+
+All paths compute in float32 at least: float16/bfloat16 inputs are projected and updated in
+float32 and rounded once at the end of a chain, so ``x . u`` cannot overflow the input dtype.
+Double backward (``create_graph=True``) differentiates the definition above with plain
+autograd. The tests run every property on the kernel and on the PyTorch path
+(``tests/test_layers.py``, ``tests/test_numerics.py``, ``tests/test_kernels.py``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
 
-__all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_dense"]
+from . import kernels
+from .kernels import cpu as cpu_kernel
+
+__all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_chain", "householder_dense"]
 
 _TINY = 1e-30
 _HALF_TYPES = (torch.float16, torch.bfloat16)
 
 
 def unit_rows(u: Tensor) -> Tensor:
-    """Normalise each row of ``u`` (shape ``(k, n)``) to unit length, overflow- and zero-safe.
+    """Normalise each row of ``u`` (shape ``(..., k, n)``) to unit length, overflow- and zero-safe.
 
     Half-precision ``u`` is normalised in float32 (the result is float32).
 
@@ -55,136 +76,313 @@ def wy_factor(u_hat: Tensor) -> Tensor:
     """The ``k x k`` upper-triangular factor ``T`` of the compact WY form.
 
     Args:
-        u_hat: unit (or zero) Householder vectors as rows, shape ``(k, n)``.
+        u_hat: unit (or zero) Householder vectors as rows, shape ``(..., k, n)``.
 
     Returns:
-        ``T`` with ``H_1 H_2 ... H_k = I - U T U^T`` (``U = u_hat^T``), i.e.
-        ``T = (triu(U^T U, 1) + I/2)^{-1}``. The diagonal of ``T^{-1}`` is 1/2 for
-        every row, so ``T^{-1}`` is always invertible, zero rows included.
+        ``T`` of shape ``(..., k, k)`` with ``H_1 H_2 ... H_k = I - U T U^T`` (``U = u_hat^T``),
+        i.e. ``T = (triu(U^T U, 1) + I/2)^{-1}``. The diagonal of ``T^{-1}`` is 1/2 for every
+        row, so ``T^{-1}`` is always invertible, zero rows included.
     """
-    k = u_hat.shape[0]
+    k = u_hat.shape[-2]
     if k == 1:
-        return u_hat.new_full((1, 1), 2.0)
+        return u_hat.new_full((*u_hat.shape[:-2], 1, 1), 2.0)
     eye = torch.eye(k, dtype=u_hat.dtype, device=u_hat.device)
-    t_inv = torch.triu(u_hat @ u_hat.transpose(0, 1), diagonal=1) + 0.5 * eye
-    return torch.linalg.solve_triangular(t_inv, eye, upper=True)
+    t_inv = torch.triu(u_hat @ u_hat.transpose(-1, -2), diagonal=1) + 0.5 * eye
+    return torch.linalg.solve_triangular(t_inv, eye.expand_as(t_inv), upper=True)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF_TYPES else dtype
+
+
+def _reference_rows(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:
+    """The definition with plain, differentiable ops: ``f(x - ((x U^T) T) U + b)`` over the last dimension."""
+    z = x - ((x @ u.transpose(0, 1)) @ t) @ u
+    if b is not None:
+        z = z + b
+    return z.abs() if apply_abs else z
+
+
+def _definition_grads(
+    fn: Callable[..., Tensor], inputs: tuple[Tensor | None, ...], needs: Sequence[bool], grad_out: Tensor
+) -> tuple[Tensor | None, ...]:
+    """Gradients of ``fn(*inputs)`` by plain autograd, keeping the graph: the backward of a custom
+    function under ``create_graph=True``, so that double backward (gradient penalties,
+    ``gradgradcheck``) differentiates the definition."""
+    wrt = [v for v, need in zip(inputs, needs, strict=True) if need]
+    with torch.enable_grad():
+        out = fn(*inputs)
+    grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if need else None for need in needs)
 
 
 def _reflect_rows(x: Tensor, w: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
-    """``x - w U^T + b``: one new ``(N, n)`` tensor, two passes (``x + b``, then an in-place rank-k update).
+    """``x - w U + b``: one new ``(N, n)`` tensor, two passes (``x + b``, then an in-place rank-k update).
 
     Measured on CPU this beats ``addmm(x, ...)``, which copies ``x`` and then runs a separate update pass.
     """
     if b is None:
-        return torch.addmm(x, w, u.transpose(0, 1), alpha=-1)
-    return torch.add(x, b).addmm_(w, u.transpose(0, 1), alpha=-1)
+        return torch.addmm(x, w, u, alpha=-1)
+    return torch.add(x, b).addmm_(w, u, alpha=-1)
 
 
-class _HouseholderAffine(torch.autograd.Function):
-    """``z = x - (x U) T U^T + b``, optionally ``|z|``, for a 2-D ``x`` of shape ``(N, n)``.
+class _HouseholderRows(torch.autograd.Function):
+    """PyTorch implementation of one layer: ``z = x - ((x U^T) T) U + b``, optionally ``|z|``, for ``x`` of shape ``(N, n)``.
 
-    ``U``: ``(n, k)``; ``T``: ``(k, k)``; ``b``: ``(n,)`` or ``None``.
+    ``U``: ``(k, n)``, ``T``: ``(k, k)``, ``b``: ``(n,)`` or ``None``, all in the accumulation
+    dtype (float32 for float16/bfloat16 ``x``, which is converted on the way in); the result is
+    returned in ``out_dtype`` (``x``'s dtype, or the accumulation dtype inside a chain).
 
     Backward, with ``g = dL/dz`` (``g = dL/d|z| * sign(z)`` when ``apply_abs``),
-    ``P = x U``, ``W = P T`` and ``G = g U``::
+    ``P = x U^T``, ``W = P T`` and ``G = g U^T``::
 
-        dL/dx = g - G T^T U^T          (the transposed reflection product)
-        dL/dU = -(x^T (G T^T) + g^T W)
+        dL/dx = g - (G T^T) U
+        dL/dU = -((G T^T)^T x + W^T g)
         dL/dT = -P^T G
         dL/db = sum_rows g
 
-    Memory and passes: saved are ``x`` (which the caller keeps anyway in most
-    graphs), the ``(N, k)`` projections ``P`` and, with ``apply_abs``, ``z``.
-    Forward and backward each allocate one ``(N, n)`` tensor beyond their result
-    at most (``dL/dz`` becomes ``dL/dx`` in place), and inference (no input needs
-    grad) computes ``|z|`` in place and saves nothing: on CPU a fresh large
-    allocation (page faults) costs as much as the arithmetic.
+    Saved are ``x``, the ``(N, k)`` projections ``P`` and, with ``apply_abs``, ``z``. The
+    backward turns a fresh ``dL/dz`` buffer into ``dL/dx`` in place. Under ``create_graph=True``
+    it differentiates :func:`_reference_rows` instead.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool) -> Tensor:  # type: ignore[override]
-        p = x @ u  # (N, k)
-        z = _reflect_rows(x, p @ t, u, b)
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype
+    ) -> Tensor:
+        xa = x.to(u.dtype)
+        p = xa @ u.transpose(0, 1)  # (N, k)
+        z = _reflect_rows(xa, p @ t, u, b)
         ctx.apply_abs = apply_abs
-        ctx.has_bias = b is not None
-        if not apply_abs:
-            ctx.save_for_backward(x, u, t, p, None)
-            return z
-        # Keep z (its sign is abs's derivative); backward turns it into dL/dz in place.
-        ctx.save_for_backward(x, u, t, p, z)
-        return z.abs()
+        ctx.save_for_backward(x, u, t, b, p, z if apply_abs else None)
+        return (z.abs() if apply_abs else z).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, u, t, p, z = ctx.saved_tensors
-        need_x, need_u, need_t, need_b = ctx.needs_input_grad[:4]
+        x, u, t, b, p, z = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _definition_grads(
+                lambda x, u, t, b: _reference_rows(x.to(u.dtype), u, t, b, ctx.apply_abs).to(x.dtype),
+                (x, u, t, b),
+                needs,
+                grad_out,
+            )
+            return (*grads, None, None)
+        need_x, need_u, need_t, need_b = needs
+        xa = x.to(u.dtype)
         w = p @ t
-        # dL/dz = dL/d|z| * sign(z), in a fresh buffer that later becomes dL/dx (z itself
-        # stays intact, so backward can run again with retain_graph=True).
-        g = z.sign().mul_(grad_out) if ctx.apply_abs else grad_out
+        # dL/dz in a fresh buffer that later becomes dL/dx (z stays intact for retain_graph=True).
+        g = z.sign().mul_(grad_out) if ctx.apply_abs else grad_out.to(u.dtype)
         gx = gu = gt = gb = None
-        g_u = g @ u  # G = g U, (N, k)
+        g_u = g @ u.transpose(0, 1)  # G = g U^T, (N, k)
         g_ut = g_u @ t.transpose(0, 1)  # G T^T
         if need_u or need_b:
             # One pass over g gives both W^T g and the bias gradient sum_rows g.
             wg_b = torch.cat([w, torch.ones_like(w[:, :1])], 1).transpose(0, 1) @ g  # (k+1, n)
             if need_u:
-                # Built as (k, n) rows so that, transposed back to the parameter's (k, n)
-                # layout, the gradient is contiguous (what DDP's gradient buckets expect).
-                gu = -(g_ut.transpose(0, 1) @ x + wg_b[:-1]).transpose(0, 1)
-            if need_b and ctx.has_bias:
+                gu = -(g_ut.transpose(0, 1) @ xa + wg_b[:-1])
+            if need_b and b is not None:
                 gb = wg_b[-1]
         if need_t:
             gt = -(p.transpose(0, 1) @ g_u)
         if need_x:
-            if ctx.apply_abs:
-                gx = g.addmm_(g_ut, u.transpose(0, 1), alpha=-1)  # reuse g's buffer, used last
+            if g is grad_out:
+                gx = torch.addmm(g, g_ut, u, alpha=-1)
             else:
-                gx = torch.addmm(g, g_ut, u.transpose(0, 1), alpha=-1)
-        return gx, gu, gt, gb, None
+                gx = g.addmm_(g_ut, u, alpha=-1)  # reuse g's buffer, used last
+            gx = gx.to(x.dtype)
+        return gx, gu, gt, gb, None, None
 
 
-def householder_affine(x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, apply_abs: bool = False) -> Tensor:
-    """Apply ``y = H_k ... H_1 x + b`` (then ``|y|`` if ``apply_abs``) over the last dimension.
+def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype) -> Tensor:
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, u, t, b)):
+        return _HouseholderRows.apply(x, u, t, b, apply_abs, out_dtype)
+    # inference: one (N, n) buffer, |.| in place, nothing saved
+    xa = x.to(u.dtype)
+    y = _reflect_rows(xa, (xa @ u.transpose(0, 1)) @ t, u, b)
+    return (y.abs_() if apply_abs else y).to(out_dtype)
+
+
+def _reference_chain(x3d: Tensor, u_hat: Tensor, t: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...]) -> Tensor:
+    """The definition of a chain on ``(B, n, C)`` (vectors along the middle dimension), plain autograd."""
+    a = x3d.transpose(1, 2).to(u_hat.dtype)
+    for layer, take_abs in enumerate(apply_abs):
+        a = _reference_rows(a, u_hat[layer], t[layer], b[layer] if b is not None else None, take_abs)
+    return a.to(x3d.dtype).transpose(1, 2)
+
+
+def _chain_parameters(u: Tensor, bias: Tensor | None, normalize: bool, acc: torch.dtype) -> tuple[Tensor, ...]:
+    """``(u_hat, T, b)`` in the accumulation dtype, differentiable: the PyTorch paths' view of a chain's parameters."""
+    u_hat = unit_rows(u) if normalize else u
+    # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
+    t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat).to(acc)
+    return u_hat.to(acc), t, bias.to(acc) if bias is not None else None
+
+
+_NO_BIAS = torch.empty(0)
+
+
+class _HouseholderChainCPU(torch.autograd.Function):
+    """A chain of layers on ``x`` of shape ``(B, n, C)`` in the C++ kernel (see ``kernels/householder_cpu.cpp``).
+
+    ``u``: ``(L, k, n)`` (unit rows, or raw directions normalised inside when ``normalize``),
+    ``b``: ``(L, n)`` or ``None``, in any float dtype: the kernel computes the unit rows and the
+    WY factors in float64, and returns the gradients of ``u`` and ``b`` in their own dtypes.
+    Saves only its inputs: the backward recomputes every intermediate in cache.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
+    ) -> Tensor:
+        ctx.apply_abs, ctx.normalize = apply_abs, normalize
+        ctx.save_for_backward(x, u, b)
+        return torch.ops.han_surgery.householder_chain_forward(
+            x, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+        )
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, u, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True
+
+            def definition(x: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
+                acc = _accumulation_dtype(x.dtype)
+                return _reference_chain(x, *_chain_parameters(u, b, ctx.normalize, acc), ctx.apply_abs)
+
+            return (*_definition_grads(definition, (x, u, b), needs, grad_out), None, None)
+        dx, du, db = torch.ops.han_surgery.householder_chain_backward(
+            grad_out.contiguous(),
+            x,
+            u,
+            b if b is not None else _NO_BIAS,
+            ctx.apply_abs,
+            ctx.normalize,
+            needs[0],
+            needs[1] or needs[2],
+        )
+        return dx if needs[0] else None, du if needs[1] else None, db if needs[2] else None, None, None
+
+
+def _use_cpu_kernel(x: Tensor) -> bool:
+    if x.device.type != "cpu" or not kernels.enabled() or torch.compiler.is_compiling():
+        return False
+    return cpu_kernel.available()
+
+
+def _use_triton(x: Tensor, k: int) -> bool:
+    if x.device.type != "cuda" or not kernels.enabled() or torch.compiler.is_compiling():
+        return False
+    triton_gpu = kernels.triton_kernels()
+    return triton_gpu is not None and triton_gpu.supports(x, k)
+
+
+def _chain_cpu(
+    x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int, normalize: bool
+) -> Tensor:
+    n = x.shape[dim]
+    x3d = x.reshape(math.prod(x.shape[:dim]), n, math.prod(x.shape[dim + 1 :]))
+    if not x3d.is_contiguous():
+        x3d = x3d.contiguous()
+    if torch.is_grad_enabled() and (x3d.requires_grad or u.requires_grad or (b is not None and b.requires_grad)):
+        y = _HouseholderChainCPU.apply(x3d, u, b, apply_abs, normalize)
+    else:
+        y = torch.ops.han_surgery.householder_chain_forward(
+            x3d, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+        )
+    return y.view(x.shape)
+
+
+def householder_chain(
+    x: Tensor,
+    u: Tensor,
+    bias: Tensor | None,
+    apply_abs: Sequence[bool],
+    *,
+    dim: int = -1,
+    normalize: bool = False,
+) -> Tensor:
+    """Apply ``L`` Householder layers in sequence along ``dim``: ``a <- f_l(H_{l,k} ... H_{l,1} a + b_l)``.
+
+    ``f_l`` is ``|.|`` where ``apply_abs[l]`` is true (a Han-layer) and the identity otherwise;
+    a Han-block ``H2 |H1 x + b1| + b2`` is the chain ``apply_abs=(True, False)``.
 
     Args:
-        x: input of shape ``(..., n)``; any leading shape, float32/bfloat16/float16.
-        u_hat: unit Householder vectors as rows, shape ``(k, n)`` (see :func:`unit_rows`).
-        bias: optional ``(n,)`` bias ``b``.
-        apply_abs: fuse the element-wise ``|.|`` of a Han-layer.
+        x: input of shape ``(..., n, ...)`` with ``n = x.shape[dim]``; float32/64, bfloat16, float16.
+        u: Householder vectors, shape ``(L, k, n)``: unit rows (see :func:`unit_rows`), or any
+            non-zero directions with ``normalize=True`` (what the layers pass; a zero row is the
+            identity).
+        bias: ``(L, n)`` biases, or ``None``.
+        apply_abs: ``L`` flags.
+        dim: the dimension the reflections act on. ``dim=-2`` on ``(B, N, C)`` mixes the ``N``
+            tokens of every channel, without transposing ``x``.
+        normalize: normalise the rows of ``u`` first (``unit_rows``), inside the kernel on CPU.
 
     Returns:
-        A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in
-        the autocast dtype (as ``nn.Linear`` would be).
+        A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in the autocast
+        dtype (as ``nn.Linear`` would be).
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         # Compute in the autocast dtype with autocast off, so forward and backward
         # (which autocast does not cover) see the same dtypes.
         with torch.autocast(device_type, enabled=False):
-            return householder_affine(x.to(torch.get_autocast_dtype(device_type)), u_hat, bias, apply_abs=apply_abs)
-    n = x.shape[-1]
-    if u_hat.shape[-1] != n:
+            x = x.to(torch.get_autocast_dtype(device_type))
+            return householder_chain(x, u, bias, apply_abs, dim=dim, normalize=normalize)
+    if u.dim() != 3:
+        raise ValueError(f"householder_chain: u must have shape (L, k, n), got {tuple(u.shape)}")
+    layers, k, n = u.shape
+    apply_abs = tuple(bool(a) for a in apply_abs)
+    if len(apply_abs) != layers:
+        raise ValueError(f"householder_chain: {layers} layers of u but {len(apply_abs)} apply_abs flags")
+    dim = dim % x.dim() if x.dim() else 0
+    if x.dim() == 0 or x.shape[dim] != n:
+        features = x.shape[dim] if x.dim() else 0
         raise ValueError(
-            f"householder_affine: input has {n} features but the Householder vectors have {u_hat.shape[-1]}"
+            f"han_surgery.functional: input has {features} features but the Householder vectors have {n} (dim={dim})"
         )
-    dtype = x.dtype
-    # The small k x k algebra runs in at least float32, even for bfloat16/float16 weights.
-    t = wy_factor(u_hat.float() if u_hat.dtype in _HALF_TYPES else u_hat)
-    u = u_hat.transpose(0, 1).to(dtype)
-    t = t.to(dtype)
-    b = bias.to(dtype) if bias is not None else None
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, n)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x2d, u, t, b)):
-        y = _HouseholderAffine.apply(x2d, u, t, b, apply_abs)
-    else:  # inference: one (N, n) buffer, |.| in place, nothing saved
-        y = _reflect_rows(x2d, (x2d @ u) @ t, u, b)
-        if apply_abs:
-            y = y.abs_()
-    return y.reshape(*lead, n)
+    if bias is not None and bias.shape != (layers, n):
+        raise ValueError(f"householder_chain: bias must have shape {(layers, n)}, got {tuple(bias.shape)}")
+    if _use_cpu_kernel(x):
+        return _chain_cpu(x, u, bias, apply_abs, dim, normalize)
+    acc = _accumulation_dtype(x.dtype)
+    u_hat, t, b = _chain_parameters(u, bias, normalize, acc)
+    # One layer at a time, on rows of the last dimension; inside the chain, results stay in the
+    # accumulation dtype (as in the kernel), so a float16 chain is rounded once.
+    last = dim == x.dim() - 1
+    moved = x if last else x.movedim(dim, -1)
+    a = moved.reshape(-1, n)
+    if not a.is_contiguous():
+        a = a.contiguous()
+    rows_fn = kernels.triton_kernels().householder_rows if _use_triton(a, k) else _rows_torch
+    for layer in range(layers):
+        out_dtype = x.dtype if layer == layers - 1 else acc
+        a = rows_fn(a, u_hat[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)
+    out = a.reshape(moved.shape)
+    return out if last else out.movedim(-1, dim)
+
+
+def householder_affine(
+    x: Tensor, u_hat: Tensor, bias: Tensor | None = None, *, apply_abs: bool = False, dim: int = -1
+) -> Tensor:
+    """Apply ``y = H_k ... H_1 x + b`` (then ``|y|`` if ``apply_abs``) along ``dim`` (default: the last).
+
+    Args:
+        x: input of shape ``(..., n)`` (or ``n = x.shape[dim]``); float32/64, bfloat16, float16.
+        u_hat: unit Householder vectors as rows, shape ``(k, n)`` (see :func:`unit_rows`).
+        bias: optional ``(n,)`` bias ``b``.
+        apply_abs: fuse the element-wise ``|.|`` of a Han-layer.
+        dim: the dimension the reflections act on.
+
+    Returns:
+        A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in the autocast
+        dtype (as ``nn.Linear`` would be). One layer of :func:`householder_chain`.
+    """
+    return householder_chain(
+        x, u_hat.unsqueeze(0), bias.unsqueeze(0) if bias is not None else None, (apply_abs,), dim=dim
+    )
 
 
 def householder_dense(u_hat: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Householder layers: the building blocks of Yu & Zhang, "A Lightweight and
 Gradient-Stable Neural Layer" (Neural Networks, 2024).
 
-Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
+Every layer here acts on one dimension (by default the last) of a tensor of shape ``(..., n)``.
 
 * :class:`HouseholderLinear` -- ``y = H_k ... H_1 x + b`` with
   ``H_i = I - 2 u_i u_i^T / ||u_i||^2``. Orthogonal, so ``||dy/dx||`` is exactly 1
@@ -14,22 +14,54 @@ Every layer here acts on the last dimension of a tensor of shape ``(..., n)``.
   Han-Mixer form adds a final ``|.|``), ``4n`` parameters; optionally with a
   per-channel gain, a per-channel input scale and a low-rank linear side path
   (:class:`LowRankLinear`), the extra degrees of freedom calibrated surgery fits.
+* :class:`HanStack` -- ``depth`` Han-layers in sequence (the hidden stack of the paper's
+  HanNet) as one module: one kernel call and two parameter tensors for the whole stack.
+
+``dim`` (default ``-1``) is the dimension the reflections act on: ``HanBlock(N, dim=-2)``
+mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from .functional import householder_affine, householder_dense, unit_rows
+from .functional import householder_chain, householder_dense, unit_rows
 
-__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "LowRankLinear"]
+__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "HanStack", "LowRankLinear"]
 
 HouseholderInit = Literal["orthogonal", "normal"]
 BiasInit = Literal["uniform", "zeros"]
+
+
+def _check_arguments(name: str, features: int, reflections: int, init: str, bias_init: str) -> None:
+    if features < 1:
+        raise ValueError(f"{name}: features must be >= 1, got {features}")
+    if not 1 <= reflections <= features:
+        raise ValueError(f"{name}: reflections must be in [1, features={features}], got {reflections}")
+    if init not in ("orthogonal", "normal"):
+        raise ValueError(f"{name}: init must be 'orthogonal' or 'normal', got {init!r}")
+    if bias_init not in ("uniform", "zeros"):
+        raise ValueError(f"{name}: bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+
+
+@torch.no_grad()
+def _init_householder(u: Tensor, bias: Tensor | None, init: str, bias_init: str) -> None:
+    """Initialise one layer's ``u`` ``(k, n)`` and ``bias`` ``(n,)`` (see :class:`HouseholderLinear`)."""
+    if init == "orthogonal":
+        nn.init.orthogonal_(u)
+    else:
+        nn.init.normal_(u)
+    if bias is not None:
+        if bias_init == "uniform":
+            bound = 1.0 / math.sqrt(u.shape[-1])
+            nn.init.uniform_(bias, -bound, bound)
+        else:
+            nn.init.zeros_(bias)
 
 
 class HouseholderLinear(nn.Module):
@@ -38,8 +70,8 @@ class HouseholderLinear(nn.Module):
     ``y = H_k ... H_1 x + b``, ``H_i = I - 2 u_i u_i^T / ||u_i||^2``.
 
     Args:
-        features: ``n``, the size of the last dimension (input and output: a
-            reflection is square).
+        features: ``n``, the size of the dimension the layer acts on (input and
+            output: a reflection is square).
         bias: learn ``b`` (shape ``(n,)``).
         reflections: ``k``, the number of reflections. ``1`` is the paper's layer
             (``n`` direction parameters); ``k = n`` can express any orthogonal
@@ -49,10 +81,11 @@ class HouseholderLinear(nn.Module):
             directions) or ``"normal"`` (i.i.d. Gaussian directions).
         bias_init: ``"uniform"`` (paper; ``U(-1/sqrt(n), 1/sqrt(n))``, as
             ``nn.Linear``) or ``"zeros"``.
+        dim: the dimension of the input the layer acts on (default: the last).
 
     Shapes:
-        input ``(..., n)`` -> output ``(..., n)``, in the input's dtype
-        (float32, bfloat16 or float16).
+        input ``(..., n)`` -> output ``(..., n)`` (``n`` at ``dim``), in the input's dtype
+        (float32, float64, bfloat16 or float16).
 
     Parameters:
         ``u``: ``(k, n)`` Householder vectors (any non-zero scale; a zero row is
@@ -68,45 +101,29 @@ class HouseholderLinear(nn.Module):
         reflections: int = 1,
         init: HouseholderInit = "orthogonal",
         bias_init: BiasInit = "uniform",
+        dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if features < 1:
-            raise ValueError(f"{type(self).__name__}: features must be >= 1, got {features}")
-        if not 1 <= reflections <= features:
-            raise ValueError(
-                f"{type(self).__name__}: reflections must be in [1, features={features}], got {reflections}"
-            )
-        if init not in ("orthogonal", "normal"):
-            raise ValueError(f"{type(self).__name__}: init must be 'orthogonal' or 'normal', got {init!r}")
-        if bias_init not in ("uniform", "zeros"):
-            raise ValueError(f"{type(self).__name__}: bias_init must be 'uniform' or 'zeros', got {bias_init!r}")
+        _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         factory = {"device": device, "dtype": dtype}
         self.features = features
         self.reflections = reflections
         self.init = init
         self.bias_init = bias_init
+        self.dim = dim
         self.u = nn.Parameter(torch.empty(reflections, features, **factory))
         self.bias = nn.Parameter(torch.empty(features, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Re-initialise ``u`` and ``bias`` as set by ``init`` and ``bias_init``."""
-        with torch.no_grad():
-            if self.init == "orthogonal":
-                nn.init.orthogonal_(self.u)
-            else:
-                nn.init.normal_(self.u)
-            if self.bias is not None:
-                if self.bias_init == "uniform":
-                    bound = 1.0 / math.sqrt(self.features)
-                    nn.init.uniform_(self.bias, -bound, bound)
-                else:
-                    nn.init.zeros_(self.bias)
+        _init_householder(self.u, self.bias, self.init, self.bias_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        return householder_affine(x, unit_rows(self.u), self.bias, apply_abs=self.apply_abs)
+        bias = self.bias.unsqueeze(0) if self.bias is not None else None
+        return householder_chain(x, self.u.unsqueeze(0), bias, (self.apply_abs,), dim=self.dim, normalize=True)
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
@@ -118,7 +135,8 @@ class HouseholderLinear(nn.Module):
         return householder_dense(unit_rows(self.u))
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, reflections={self.reflections}, bias={self.bias is not None}"
+        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        return f"features={self.features}, reflections={self.reflections}, bias={self.bias is not None}{dim}"
 
 
 class Abs(nn.Module):
@@ -196,6 +214,10 @@ class HanBlock(nn.Module):
     near-linear maps that the FFNs of pretrained models compute (see
     ``docs/CALIBRATION.md``).
 
+    Without extras, and when neither dropout is active (``p = 0`` or eval mode), both layers run as one chain
+    (:func:`~han_surgery.functional.householder_chain`): one pass over memory for the block
+    and only the block's input saved for backward.
+
     Args:
         features: ``n`` (the block is square, ``(..., n) -> (..., n)``).
         reflections: reflections per Householder layer (1 = paper).
@@ -211,6 +233,8 @@ class HanBlock(nn.Module):
         input_scale: learn ``s`` (shape ``(n,)``, starts at 1): ``n`` parameters.
         side_rank: ``r > 0`` adds the side path ``B A x`` (``2 n r`` parameters,
             starts at 0).
+        dim: the dimension of the input the block acts on (default: the last; the extras need
+            the last).
 
     ``4n`` parameters for ``reflections=1`` and ``bias=True`` (plus ``n`` per
     gain or input scale and ``2 n r`` for the side path), against
@@ -229,15 +253,22 @@ class HanBlock(nn.Module):
         gain: bool = False,
         input_scale: bool = False,
         side_rank: int = 0,
+        dim: int = -1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         drop1, drop2 = (drop, drop) if isinstance(drop, (int, float)) else drop
-        kwargs = dict(bias=bias, reflections=reflections, init=init, bias_init=bias_init, device=device, dtype=dtype)
+        kwargs = dict(
+            bias=bias, reflections=reflections, init=init, bias_init=bias_init, dim=dim, device=device, dtype=dtype
+        )
         factory = {"device": device, "dtype": dtype}
         if side_rank < 0:
             raise ValueError(f"{type(self).__name__}: side_rank must be >= 0, got {side_rank}")
+        if (gain or input_scale or side_rank) and dim not in (-1,):
+            raise ValueError(
+                f"{type(self).__name__}: gain, input_scale and side_rank act on the last dimension; dim={dim}"
+            )
         self.features = features
         self.final_abs = final_abs
         # Registered before the layers only when enabled, so that the default block's
@@ -259,15 +290,132 @@ class HanBlock(nn.Module):
         self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc2(self.drop1(self.fc1(x if self.input_scale is None else x * self.input_scale)))
-        if self.gain is not None:
-            h = h * self.gain
-        if self.bias is not None:
-            h = h + self.bias
-        if self.side is not None:
-            h = h + self.side(x)
-        return self.drop2(h)
+        if not self._fusable():
+            z = self.fc2(self.drop1(self.fc1(x if self.input_scale is None else x * self.input_scale)))
+            if self.gain is not None:
+                z = z * self.gain
+            if self.bias is not None:
+                z = z + self.bias
+            if self.side is not None:
+                z = z + self.side(x)
+            return self.drop2(z)
+        fc1, fc2 = self.fc1, self.fc2
+        bias = torch.stack([fc1.bias, fc2.bias]) if fc1.bias is not None else None
+        return householder_chain(
+            x, torch.stack([fc1.u, fc2.u]), bias, (True, fc2.apply_abs), dim=fc1.dim, normalize=True
+        )
+
+    def _fusable(self) -> bool:
+        """Both layers can run as one chain: no extras, no active dropout, nothing swapped in or hooked on them."""
+        fc1, fc2 = self.fc1, self.fc2
+        return (
+            self.input_scale is None
+            and self.gain is None
+            and self.bias is None
+            and self.side is None
+            and type(fc1) is HanLayer
+            and type(fc2) in (HanLayer, HouseholderLinear)
+            and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
+            and fc1.dim == fc2.dim
+            and fc1.u.shape == fc2.u.shape
+            and fc1.u.dtype == fc2.u.dtype
+            and (fc1.bias is None) == (fc2.bias is None)
+            and not (fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks)
+        )
 
     def extra_repr(self) -> str:
         extras = [name for name in ("input_scale", "gain") if getattr(self, name) is not None]
         return f"features={self.features}, final_abs={self.final_abs}" + "".join(f", {e}=True" for e in extras)
+
+
+class HanStack(nn.Module):
+    """``depth`` Han-layers of width ``n`` in sequence, ``a <- |H_{l,k} ... H_{l,1} a + b_l|``, as one chain.
+
+    The same function as ``nn.Sequential(*[HanLayer(n) for _ in range(depth)])`` with the same
+    parameters (:meth:`from_layers` converts), computed by one
+    :func:`~han_surgery.functional.householder_chain` call: one pass over memory forward, one
+    backward, only the input saved, and two parameter tensors for the whole stack instead of
+    ``2 * depth``. For deep stacks of narrow layers (the paper's HanNet: 19 Han-layers of width
+    200 at batch 100) the per-layer overhead of separate modules, autograd nodes and optimizer
+    updates is most of a training step.
+
+    Args:
+        features: ``n``.
+        depth: the number of Han-layers.
+        reflections, bias, init, bias_init, dim: as for :class:`HouseholderLinear`, for every layer.
+
+    Parameters:
+        ``u``: ``(depth, k, n)``; ``bias``: ``(depth, n)``.
+
+    Shapes: input ``(..., n)`` -> output ``(..., n)`` (``n`` at ``dim``).
+    """
+
+    def __init__(
+        self,
+        features: int,
+        depth: int,
+        reflections: int = 1,
+        bias: bool = True,
+        init: HouseholderInit = "orthogonal",
+        bias_init: BiasInit = "uniform",
+        dim: int = -1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_arguments(type(self).__name__, features, reflections, init, bias_init)
+        if depth < 1:
+            raise ValueError(f"HanStack: depth must be >= 1, got {depth}")
+        factory = {"device": device, "dtype": dtype}
+        self.features, self.depth, self.reflections = features, depth, reflections
+        self.init, self.bias_init, self.dim = init, bias_init, dim
+        self.u = nn.Parameter(torch.empty(depth, reflections, features, **factory))
+        self.bias = nn.Parameter(torch.empty(depth, features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every layer as :class:`HanLayer` does."""
+        for layer in range(self.depth):
+            bias = self.bias[layer] if self.bias is not None else None
+            _init_householder(self.u[layer], bias, self.init, self.bias_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return householder_chain(x, self.u, self.bias, (True,) * self.depth, dim=self.dim, normalize=True)
+
+    @classmethod
+    def from_layers(cls, layers: Sequence[nn.Module]) -> HanStack:
+        """A stack with the parameters of consecutive :class:`HanLayer` s (same width, reflections, dim and bias)."""
+        layers = list(layers)
+        if not layers or any(type(m) is not HanLayer for m in layers):
+            raise ValueError("HanStack.from_layers: expects a non-empty sequence of HanLayer modules")
+        first = layers[0]
+        key = (first.features, first.reflections, first.dim, first.bias is not None, first.u.dtype, first.u.device)
+        for m in layers:
+            if (m.features, m.reflections, m.dim, m.bias is not None, m.u.dtype, m.u.device) != key:
+                raise ValueError(
+                    "HanStack.from_layers: every layer needs the same features, reflections, dim, bias, dtype "
+                    f"and device; got {m} after {first}"
+                )
+        stack = cls(
+            first.features,
+            len(layers),
+            reflections=first.reflections,
+            bias=first.bias is not None,
+            init=first.init,
+            bias_init=first.bias_init,
+            dim=first.dim,
+            device=first.u.device,
+            dtype=first.u.dtype,
+        )
+        with torch.no_grad():
+            stack.u.copy_(torch.stack([m.u for m in layers]))
+            if stack.bias is not None:
+                stack.bias.copy_(torch.stack([m.bias for m in layers]))
+        return stack
+
+    def extra_repr(self) -> str:
+        dim = f", dim={self.dim}" if self.dim != -1 else ""
+        return (
+            f"features={self.features}, depth={self.depth}, reflections={self.reflections}, "
+            f"bias={self.bias is not None}{dim}"
+        )

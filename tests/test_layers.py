@@ -1,4 +1,7 @@
-"""The math of the Householder layers: orthogonality, gradient stability, Lipschitz bound, exactness."""
+"""The math of the Householder layers: orthogonality, gradient stability, Lipschitz bound, exactness.
+
+Every test runs twice: on the compiled CPU kernel and on the PyTorch implementation (``kernel_path``).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,14 @@ import math
 
 import pytest
 import torch
+from _kernel_paths import kernel_path  # noqa: F401  (fixture)
 from torch import nn
 
 from han_surgery import Abs, HanBlock, HanLayer, HouseholderLinear
 from han_surgery.functional import householder_affine, unit_rows, wy_factor
+from han_surgery.layers import HanStack
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
 
 REFLECTIONS = [1, 2, 8]
 
@@ -299,3 +306,30 @@ def test_parameter_gradients_have_the_parameters_layout():
     layer(torch.randn(4, 16)).sum().backward()
     for p in layer.parameters():
         assert p.grad.stride() == p.stride() and p.grad.is_contiguous()
+
+
+def test_han_stack_is_a_sequence_of_han_layers():
+    torch.manual_seed(13)
+    layers = [HanLayer(12, reflections=2) for _ in range(5)]
+    stack = HanStack.from_layers(layers)
+    assert stack.u.shape == (5, 2, 12) and stack.bias.shape == (5, 12)
+    assert sum(p.numel() for p in stack.parameters()) == 5 * (2 * 12 + 12)
+    x = torch.randn(7, 12, requires_grad=True)
+    out = stack(x)
+    ref = nn.Sequential(*layers)(x)
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.square().sum(), [x, stack.u, stack.bias])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x] + [m.u for m in layers] + [m.bias for m in layers])
+    torch.testing.assert_close(grads[0], ref_grads[0])
+    torch.testing.assert_close(grads[1], torch.stack(ref_grads[1:6]))
+    torch.testing.assert_close(grads[2], torch.stack(ref_grads[6:]))
+    assert "depth=5" in repr(stack)
+
+
+def test_han_stack_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        HanStack(4, depth=0)
+    with pytest.raises(ValueError, match="expects a non-empty sequence of HanLayer"):
+        HanStack.from_layers([HouseholderLinear(4)])
+    with pytest.raises(ValueError, match="same features, reflections"):
+        HanStack.from_layers([HanLayer(4), HanLayer(4, reflections=2)])

@@ -119,6 +119,7 @@ class HanMixerBlock(nn.Module):
     ``x <- HanBlock_N(x^T)^T`` (mixes the ``N`` tokens of every channel), then
     ``x <- HanBlock_C(x)`` (mixes the ``C`` channels of every token). No LayerNorm, no
     residual: both maps are 1-Lipschitz with orthogonal Jacobians almost everywhere.
+    The token block acts on ``dim=-2`` directly, so ``x`` is never transposed or copied.
 
     Takes :class:`timm.models.mlp_mixer.MixerBlock`'s arguments so it can be a
     ``block_layer``; ``mlp_ratio``, ``mlp_layer``, ``norm_layer``, ``act_layer`` and
@@ -145,12 +146,11 @@ class HanMixerBlock(nn.Module):
     ) -> None:
         super().__init__()
         kw = dict(reflections=reflections, final_abs=True, drop=drop, device=device, dtype=dtype)
-        self.mlp_tokens = HanBlock(seq_len, **kw)
+        self.mlp_tokens = HanBlock(seq_len, dim=-2, **kw)
         self.mlp_channels = HanBlock(dim, **kw)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.mlp_tokens(x.transpose(1, 2)).transpose(1, 2)
-        return self.mlp_channels(x)
+        return self.mlp_channels(self.mlp_tokens(x))
 
 
 class HanMixer(MlpMixer):

@@ -1,0 +1,86 @@
+"""The C++/OpenMP CPU kernel, compiled on first use with :func:`torch.utils.cpp_extension.load`.
+
+``householder_cpu.cpp`` registers two operators, ``torch.ops.han_surgery.householder_chain_forward``
+and ``householder_chain_backward`` (see the source for the math). Nothing is compiled when
+``han_surgery`` is imported: the first Householder layer that runs on a CPU tensor calls
+:func:`available`, which builds the extension once (about 30 s with g++ and ninja; then cached in
+torch's extensions directory, ``TORCH_EXTENSIONS_DIR``) and loads it. Without a compiler, or when
+the build fails, :func:`available` logs one warning and returns ``False``, and the layers use
+their PyTorch implementation.
+
+The build targets the instruction set PyTorch itself uses on this machine
+(``torch.backends.cpu.get_cpu_capability()``), and that name is part of the extension's name, so
+a cache directory shared by different machines keeps one build per instruction set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+__all__ = ["available", "SOURCE", "ENV_VAR"]
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("householder_cpu.cpp")
+ENV_VAR = "HAN_SURGERY_CPU_KERNEL"
+"""Set to ``0`` to never build or use the CPU kernel (the PyTorch implementation runs instead)."""
+
+_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _build() -> None:
+    from torch.utils.cpp_extension import load  # imported here: it is slow and only needed once
+
+    isa = torch.backends.cpu.get_cpu_capability()
+    logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about 30 s)", isa)
+    load(
+        name=f"han_surgery_cpu_{isa.lower()}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        with_cuda=False,
+        verbose=False,
+    )
+
+
+def _first_error_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
+
+
+def available() -> bool:
+    """Whether the CPU kernel is loaded, building it on the first call; ``False`` (after one warning) if it cannot be."""
+    ready = _state.get("ready")
+    if ready is not None:
+        return ready
+    with _lock:
+        if "ready" in _state:
+            return _state["ready"]
+        if os.environ.get(ENV_VAR, "1") == "0":
+            _state["ready"] = False
+            return False
+        try:
+            _build()
+            _state["ready"] = True
+        except Exception as exc:  # no compiler, no ninja, a read-only cache, ...: fall back, once
+            logger.warning(
+                "han_surgery: could not build the CPU kernel (%s); Householder layers use their PyTorch "
+                "implementation (set %s=0 to skip the build)",
+                _first_error_line(exc),
+                ENV_VAR,
+            )
+            _state["ready"] = False
+        return _state["ready"]

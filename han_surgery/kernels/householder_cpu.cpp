@@ -1,0 +1,989 @@
+// Single-pass CPU kernels for a chain of Householder layers (han_surgery.kernels).
+//
+// A chain is L layers applied one after the other to every vector a of length n,
+//
+//     p = U a            (k projections, U: the k unit Householder vectors as rows)
+//     w = T^T p          (T: the k x k upper-triangular compact-WY factor)
+//     z = a - U^T w + b
+//     a <- |z| (if the layer has abs) or z,
+//
+// i.e. a <- f(H_k ... H_1 a + b). L = 1 is a HanLayer / HouseholderLinear, L = 2 a HanBlock.
+//
+// The input is viewed as (B, n, C), contiguous: the vectors run along the middle dimension.
+// C = 1 is the usual case (rows of a (N, n) matrix); C > 1 reflects along a non-last dimension
+// without a transpose (the token mixing of a Han-Mixer, x of shape (batch, tokens, channels)):
+// then a task is a tile of adjacent columns of one (n, C) slab, and the same math runs with
+// the tile's columns as the vector lanes.
+//
+// Forward reads x once and writes y once, with every intermediate in cache. Backward reads x
+// and dL/dy once and writes dL/dx once: it recomputes the chain's intermediates (nothing but x
+// is saved), then walks the layers back:
+//
+//     g <- g * sign(z)                    (abs layers)
+//     G = U g,  G' = T G
+//     dL/dU += -(G' a^T + w g^T)          dL/dT += -p G^T          dL/db += g
+//     g <- g - U^T G'                     (dL/da, the input gradient of the layer)
+//
+// Every update of the form out = base + sum_m c_m src_m goes through `combine`, which sums up
+// to 8 sources per pass in registers: on the machines measured, a loop that reads and writes
+// the same row again and again (one axpy per source) is store-bound and 10x slower.
+//
+// Parameter gradients are summed per task, in blocks of kFlushRows rows (each block summed on
+// its own, then added, so float32 sums of many rows stay accurate), and reduced in task order:
+// results are reproducible for a given number of threads.
+//
+// Low-precision inputs (float16, bfloat16) are computed in float32 (at::opmath_type): the
+// projections U a never overflow the input dtype. U, T and b come in that accumulation dtype.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+namespace han_surgery {
+namespace {
+
+constexpr int64_t kFlushRows = 64;         // rows summed per block of the parameter gradients
+constexpr int64_t kBlockRows = 8;          // rows per block of the row backward
+constexpr int64_t kWorkPerTask = 1 << 15;  // about this many multiply-adds per parallel task
+constexpr int64_t kTileElems = 1 << 16;    // scratch elements per column tile (C > 1)
+
+// ---------------------------------------------------------------------------------------------
+// Scratch memory
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread scratch, kept from one call to the next (no allocation per call or task).
+inline char* thread_scratch(size_t bytes) {
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<char, Free> buffer;
+  thread_local size_t capacity = 0;
+  if (bytes > capacity) {
+    capacity = std::max(bytes, 2 * capacity);
+    buffer.reset(static_cast<char*>(std::aligned_alloc(64, capacity)));
+    TORCH_CHECK(buffer != nullptr, "householder_chain: out of memory for ", capacity, " bytes of scratch");
+  }
+  return buffer.get();
+}
+
+// N arrays of acc_t from this thread's scratch, each 64-byte aligned (not initialised).
+template <typename acc_t, size_t N>
+std::array<acc_t*, N> scratch_arrays(const std::array<int64_t, N>& counts) {
+  const auto padded = [](int64_t count) { return (static_cast<size_t>(count) * sizeof(acc_t) + 63) / 64 * 64; };
+  size_t total = 0;
+  for (int64_t count : counts) total += padded(count);
+  char* base = thread_scratch(total);
+  std::array<acc_t*, N> out;
+  size_t offset = 0;
+  for (size_t i = 0; i < N; ++i) {
+    out[i] = reinterpret_cast<acc_t*>(base + offset);
+    offset += padded(counts[i]);
+  }
+  return out;
+}
+
+template <typename acc_t>
+struct Chain {
+  int64_t L, k, n;
+  const acc_t* u;  // (L, k, n)
+  const acc_t* t;  // (L, k, k)
+  const acc_t* b;  // (L, n)
+  std::vector<char> abs;
+  const acc_t* ul(int64_t l) const { return u + l * k * n; }
+  const acc_t* tl(int64_t l) const { return t + l * k * k; }
+  const acc_t* bl(int64_t l) const { return b + l * n; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Primitives
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+inline acc_t sign_of(acc_t z) {
+  return static_cast<acc_t>((z > acc_t(0)) - (z < acc_t(0)));
+}
+
+constexpr int64_t lanes(size_t bytes) { return static_cast<int64_t>(64 / bytes); }  // one 512-bit vector
+
+// Sum of a vector's lanes as a tree (log depth; the compiler's reduction epilogue adds them in order).
+template <typename acc_t, int64_t V>
+inline acc_t tree_sum(acc_t (&a)[V]) {
+#pragma GCC unroll 8
+  for (int64_t width = V / 2; width > 0; width /= 2) {
+#pragma omp simd
+    for (int64_t v = 0; v < width; ++v) a[v] += a[v + width];
+  }
+  return a[0];
+}
+
+// a . b with four independent vector accumulators (one is latency-bound on the adds).
+template <typename acc_t>
+inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
+  constexpr int64_t V = lanes(sizeof(acc_t));
+  acc_t s0[V] = {}, s1[V] = {}, s2[V] = {}, s3[V] = {};
+  int64_t i = 0;
+  for (; i + 4 * V <= n; i += 4 * V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) {
+      s0[v] += a[i + v] * b[i + v];
+      s1[v] += a[i + V + v] * b[i + V + v];
+      s2[v] += a[i + 2 * V + v] * b[i + 2 * V + v];
+      s3[v] += a[i + 3 * V + v] * b[i + 3 * V + v];
+    }
+  }
+  for (; i + V <= n; i += V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) s0[v] += a[i + v] * b[i + v];
+  }
+  acc_t ta[V] = {}, tb[V] = {};  // the tail, zero-padded to one vector (no serial chain of adds)
+  for (int64_t v = 0; i + v < n; ++v) {
+    ta[v] = a[i + v];
+    tb[v] = b[i + v];
+  }
+#pragma omp simd
+  for (int64_t v = 0; v < V; ++v) s0[v] = (s0[v] + s1[v]) + (s2[v] + s3[v]) + ta[v] * tb[v];
+  return tree_sum(s0);
+}
+
+template <typename acc_t>
+inline acc_t sum(const acc_t* __restrict a, int64_t n) {
+  constexpr int64_t V = lanes(sizeof(acc_t));
+  acc_t lane[V] = {};
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+#pragma omp simd
+    for (int64_t v = 0; v < V; ++v) lane[v] += a[i + v];
+  }
+  acc_t s = tree_sum(lane);
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+template <typename src_t, typename dst_t>
+inline void convert(const src_t* __restrict src, dst_t* __restrict dst, int64_t n) {
+  if constexpr (std::is_same_v<src_t, dst_t>) {
+    std::copy(src, src + n, dst);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+  }
+}
+
+// out = f(base + shift + sum_{m < M} coef[m] * src[m]) over `len` elements, in one pass; f is
+// |.| when ABS. `base` may be nullptr (zero) or `out` itself; sources must not be `out`.
+template <int M, bool ABS, typename acc_t>
+inline void combine_pass(acc_t* out, const acc_t* base, acc_t shift, const acc_t* const* src, const acc_t* coef,
+                         int64_t len) {
+  const acc_t* s[M > 0 ? M : 1];
+  acc_t c[M > 0 ? M : 1];
+  for (int m = 0; m < M; ++m) {
+    s[m] = src[m];
+    c[m] = coef[m];
+  }
+  if (base != nullptr) {
+#pragma omp simd
+    for (int64_t q = 0; q < len; ++q) {
+      acc_t v = base[q] + shift;
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) v += c[m] * s[m][q];
+      out[q] = ABS ? std::abs(v) : v;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t q = 0; q < len; ++q) {
+      acc_t v = shift;
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) v += c[m] * s[m][q];
+      out[q] = ABS ? std::abs(v) : v;
+    }
+  }
+}
+
+// out = f(base + shift + sum_{m < count} coef[m] * src[m]), eight sources per pass.
+template <typename acc_t>
+void combine(acc_t* out, const acc_t* base, acc_t shift, const acc_t* const* src, const acc_t* coef, int64_t count,
+             int64_t len, bool take_abs) {
+  int64_t first = 0;
+  do {
+    const int64_t m = std::min<int64_t>(8, count - first);
+    const acc_t* b = first == 0 ? base : out;
+    const acc_t sh = first == 0 ? shift : acc_t(0);
+    const bool ab = take_abs && first + m >= count;
+    const acc_t* const* s = src + first;
+    const acc_t* c = coef + first;
+#define HAN_COMBINE_CASE(M)                             \
+  case M:                                               \
+    if (ab) {                                           \
+      combine_pass<M, true>(out, b, sh, s, c, len);  \
+    } else {                                            \
+      combine_pass<M, false>(out, b, sh, s, c, len); \
+    }                                                   \
+    break;
+    switch (m) {
+      HAN_COMBINE_CASE(0)
+      HAN_COMBINE_CASE(1)
+      HAN_COMBINE_CASE(2)
+      HAN_COMBINE_CASE(3)
+      HAN_COMBINE_CASE(4)
+      HAN_COMBINE_CASE(5)
+      HAN_COMBINE_CASE(6)
+      HAN_COMBINE_CASE(7)
+      HAN_COMBINE_CASE(8)
+    }
+#undef HAN_COMBINE_CASE
+    first += m;
+  } while (first < count);
+}
+
+// out = |a| or a (out may be a).
+template <typename acc_t>
+inline void activate(const acc_t* a, acc_t* out, int64_t n, bool take_abs) {
+  if (take_abs) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = std::abs(a[i]);
+  } else if (out != a) {
+    std::copy(a, a + n, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameter-gradient sums
+// ---------------------------------------------------------------------------------------------
+
+template <typename acc_t>
+struct GradSums {
+  std::vector<acc_t> du, dt, db;     // totals of this task
+  std::vector<acc_t> bdu, bdt, bdb;  // the current block of rows
+  int64_t rows_in_block = 0;
+  GradSums(int64_t L, int64_t k, int64_t n)
+      : du(L * k * n), dt(L * k * k), db(L * n), bdu(L * k * n), bdt(L * k * k), bdb(L * n) {}
+  void rows_done(int64_t count) {
+    rows_in_block += count;
+    if (rows_in_block >= kFlushRows) flush();
+  }
+  void flush() {
+    add_and_clear(bdu, du);
+    add_and_clear(bdt, dt);
+    add_and_clear(bdb, db);
+    rows_in_block = 0;
+  }
+  static void add_and_clear(std::vector<acc_t>& from, std::vector<acc_t>& to) {
+    const int64_t m = static_cast<int64_t>(from.size());
+#pragma omp simd
+    for (int64_t i = 0; i < m; ++i) {
+      to[i] += from[i];
+      from[i] = 0;
+    }
+  }
+};
+
+// Hands a task's sums to its thread's slot (a thread may run more than one task).
+template <typename acc_t>
+void store_sums(std::vector<GradSums<acc_t>*>& slots, GradSums<acc_t>* s) {
+  if (s == nullptr) return;
+  s->flush();
+  GradSums<acc_t>*& slot = slots[at::get_thread_num()];
+  if (slot == nullptr) {
+    slot = s;
+    return;
+  }
+  GradSums<acc_t>::add_and_clear(s->du, slot->du);
+  GradSums<acc_t>::add_and_clear(s->dt, slot->dt);
+  GradSums<acc_t>::add_and_clear(s->db, slot->db);
+  delete s;
+}
+
+// Reduces the per-thread sums, in thread order, into the output gradients.
+template <typename acc_t>
+void reduce_sums(std::vector<GradSums<acc_t>*>& slots, acc_t* du, acc_t* dt, acc_t* db) {
+  for (GradSums<acc_t>* s : slots) {
+    if (s == nullptr) continue;
+    for (size_t i = 0; i < s->du.size(); ++i) du[i] += s->du[i];
+    for (size_t i = 0; i < s->dt.size(); ++i) dt[i] += s->dt[i];
+    for (size_t i = 0; i < s->db.size(); ++i) db[i] += s->db[i];
+    delete s;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows (C == 1)
+// ---------------------------------------------------------------------------------------------
+
+// Pointers and coefficients handed to `combine`, sized once per task.
+template <typename acc_t>
+struct Terms {
+  std::vector<const acc_t*> src;
+  std::vector<acc_t> coef;
+  explicit Terms(int64_t count) : src(count), coef(count) {}
+};
+
+// p = U a, w = T^T p for layer l.
+template <typename acc_t>
+inline void project(const Chain<acc_t>& c, int64_t l, const acc_t* a, acc_t* p, acc_t* w) {
+  const int64_t k = c.k, n = c.n;
+  const acc_t* u = c.ul(l);
+  const acc_t* t = c.tl(l);
+  for (int64_t j = 0; j < k; ++j) p[j] = dot(a, u + j * n, n);
+  for (int64_t j = 0; j < k; ++j) {
+    acc_t s = 0;
+    for (int64_t m = 0; m <= j; ++m) s += p[m] * t[m * k + j];  // T is upper triangular
+    w[j] = s;
+  }
+}
+
+// z = a - U^T w + b and out = |z| or z. z is kept when `z` is given; `out` may then be nullptr.
+// `out` may be `a` (in place).
+template <typename acc_t>
+inline void apply_layer(const Chain<acc_t>& c, int64_t l, const acc_t* a, const acc_t* w, acc_t* out, acc_t* z,
+                        Terms<acc_t>& terms) {
+  const int64_t k = c.k, n = c.n;
+  const acc_t* __restrict u = c.ul(l);
+  const acc_t* __restrict b = c.bl(l);
+  const bool take_abs = c.abs[l];
+  if (k == 1 && z == nullptr) {
+    const acc_t w0 = w[0];
+    if (take_abs) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = std::abs(a[i] - w0 * u[i] + b[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) out[i] = a[i] - w0 * u[i] + b[i];
+    }
+    return;
+  }
+  terms.src[0] = b;
+  terms.coef[0] = 1;
+  for (int64_t j = 0; j < k; ++j) {
+    terms.src[j + 1] = u + j * n;
+    terms.coef[j + 1] = -w[j];
+  }
+  if (z == nullptr) {
+    combine(out, a, acc_t(0), terms.src.data(), terms.coef.data(), k + 1, n, take_abs);
+    return;
+  }
+  combine(z, a, acc_t(0), terms.src.data(), terms.coef.data(), k + 1, n, false);
+  if (out != nullptr) activate(z, out, n, take_abs);
+}
+
+template <typename scalar_t, typename acc_t>
+void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and write y in place
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const int64_t grain = std::max<int64_t>(1, kWorkPerTask / (n * k * L));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    auto [buf, p, w] = scratch_arrays<acc_t, 3>({n, k, k});
+    Terms<acc_t> terms(k + 1);
+    for (int64_t r = r0; r < r1; ++r) {
+      const acc_t* a;
+      if constexpr (kDirect) {
+        a = x + r * n;
+      } else {
+        convert(x + r * n, buf, n);
+        a = buf;
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        project(c, l, a, p, w);
+        acc_t* out = buf;
+        if constexpr (kDirect) {
+          if (l == L - 1) out = y + r * n;
+        }
+        apply_layer(c, l, a, w, out, static_cast<acc_t*>(nullptr), terms);
+        a = out;
+      }
+      if constexpr (!kDirect) convert(buf, y + r * n, n);
+    }
+  });
+}
+
+// Parameter-gradient sums of layer l over a block of nr rows:
+//     du_j -= sum_r (G'_rj a_r + w_rj g_r),   db += sum_r g_r,   dT -= sum_r p_r G_r^T.
+template <typename acc_t>
+inline void accumulate_params(const Chain<acc_t>& c, int64_t l, int64_t nr, const acc_t* const* a_rows,
+                              const acc_t* g_rows, const acc_t* p, const acc_t* w, const acc_t* G, const acc_t* Gt,
+                              GradSums<acc_t>* s, Terms<acc_t>& terms) {
+  const int64_t k = c.k, n = c.n;
+  for (int64_t r = 0; r < nr; ++r) {
+    terms.src[r] = a_rows[r];
+    terms.src[nr + r] = g_rows + r * n;
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t r = 0; r < nr; ++r) {
+      terms.coef[r] = -Gt[r * k + j];
+      terms.coef[nr + r] = -w[r * k + j];
+    }
+    acc_t* du = s->bdu.data() + (l * k + j) * n;
+    combine(du, du, acc_t(0), terms.src.data(), terms.coef.data(), 2 * nr, n, false);
+  }
+  for (int64_t r = 0; r < nr; ++r) terms.coef[nr + r] = 1;
+  acc_t* db = s->bdb.data() + l * n;
+  combine(db, db, acc_t(0), terms.src.data() + nr, terms.coef.data() + nr, nr, n, false);
+  acc_t* dt = s->bdt.data() + l * k * k;
+  for (int64_t r = 0; r < nr; ++r)
+    for (int64_t m = 0; m < k; ++m)
+      for (int64_t j = 0; j < k; ++j) dt[m * k + j] -= p[r * k + m] * G[r * k + j];
+}
+
+// Backward over blocks of R rows. Per block: recompute the chain's inputs of layers 1..L-1 (and,
+// for k > 1, every z), then per layer from the last: g <- g * sign(z), G = U g, G' = T G; the
+// parameter sums; g <- g - U^T G' (written straight into dL/dx for layer 0). For k = 1, sign(z)
+// is recomputed on the fly (one fused pass that also computes G), which saves storing z.
+template <typename scalar_t, typename acc_t>
+void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t rows, const Chain<acc_t>& c,
+                   bool need_params, acc_t* du, acc_t* dt, acc_t* db) {
+  constexpr int64_t R = kBlockRows;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and dL/dy rows in place
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const int64_t grain = std::max<int64_t>(R, kWorkPerTask / (3 * n * k * L));
+  std::vector<GradSums<acc_t>*> slots(at::get_num_threads(), nullptr);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    auto [acts, zs, gbuf, p, w, G, Gt] =
+        scratch_arrays<acc_t, 7>({L * R * n, k > 1 ? L * R * n : 0, R * n, L * R * k, L * R * k, R * k, R * k});
+    GradSums<acc_t>* s = need_params ? new GradSums<acc_t>(L, k, n) : nullptr;
+    Terms<acc_t> terms(std::max<int64_t>(2 * R, k + 1));
+    const acc_t* a_rows[R];
+    for (int64_t b0 = r0; b0 < r1; b0 += R) {
+      const int64_t nr = std::min(R, r1 - b0);
+      // Forward recompute: acts[l][r] is the input of layer l >= 1 (layer 0 reads x).
+      for (int64_t r = 0; r < nr; ++r) {
+        const acc_t* cur;
+        if constexpr (kDirect) {
+          cur = x + (b0 + r) * n;
+        } else {
+          convert(x + (b0 + r) * n, acts + r * n, n);
+          cur = acts + r * n;
+        }
+        for (int64_t l = 0; l < L; ++l) {
+          acc_t* pl = p + (l * R + r) * k;
+          acc_t* wl = w + (l * R + r) * k;
+          project(c, l, cur, pl, wl);
+          acc_t* next = l + 1 < L ? acts + ((l + 1) * R + r) * n : nullptr;
+          if (k > 1) {
+            apply_layer(c, l, cur, wl, next, zs + (l * R + r) * n, terms);
+          } else if (next != nullptr) {
+            apply_layer(c, l, cur, wl, next, static_cast<acc_t*>(nullptr), terms);
+          }
+          cur = next;
+        }
+      }
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const acc_t* __restrict u = c.ul(l);
+        const acc_t* __restrict b = c.bl(l);
+        const acc_t* t = c.tl(l);
+        const bool take_abs = c.abs[l];
+        for (int64_t r = 0; r < nr; ++r) {
+          const acc_t* a;
+          if (l > 0) {
+            a = acts + (l * R + r) * n;
+          } else if constexpr (kDirect) {
+            a = x + (b0 + r) * n;
+          } else {
+            a = acts + r * n;
+          }
+          a_rows[r] = a;
+          acc_t* __restrict g = gbuf + r * n;
+          const acc_t* gsrc = g;  // dL/d(output of layer l)
+          if (l == L - 1) {
+            if constexpr (kDirect) {
+              gsrc = gy + (b0 + r) * n;
+            } else {
+              convert(gy + (b0 + r) * n, g, n);
+            }
+          }
+          acc_t* Gr = G + r * k;
+          if (k == 1) {
+            const acc_t w0 = w[(l * R + r) * k];
+            if (take_abs) {  // g = dL/dy * sign(z), z recomputed, and G = g . u, in one pass
+              constexpr int64_t V = lanes(sizeof(acc_t));
+              acc_t lane[V] = {};
+              int64_t i = 0;
+              for (; i + V <= n; i += V) {
+#pragma omp simd
+                for (int64_t v = 0; v < V; ++v) {
+                  const acc_t gi = gsrc[i + v] * sign_of(a[i + v] - w0 * u[i + v] + b[i + v]);
+                  g[i + v] = gi;
+                  lane[v] += gi * u[i + v];
+                }
+              }
+              for (int64_t v = 0; i + v < n; ++v) {
+                const acc_t gi = gsrc[i + v] * sign_of(a[i + v] - w0 * u[i + v] + b[i + v]);
+                g[i + v] = gi;
+                lane[v] += gi * u[i + v];
+              }
+              Gr[0] = tree_sum(lane);
+            } else {
+              if (gsrc != g) std::copy(gsrc, gsrc + n, g);
+              Gr[0] = dot(g, u, n);
+            }
+          } else {
+            const acc_t* __restrict z = zs + (l * R + r) * n;
+            if (take_abs) {
+#pragma omp simd
+              for (int64_t i = 0; i < n; ++i) g[i] = gsrc[i] * sign_of(z[i]);
+            } else if (gsrc != g) {
+              std::copy(gsrc, gsrc + n, g);
+            }
+            for (int64_t j = 0; j < k; ++j) Gr[j] = dot(g, u + j * n, n);
+          }
+          for (int64_t j = 0; j < k; ++j) {  // G' = T G
+            acc_t acc = 0;
+            for (int64_t m = j; m < k; ++m) acc += t[j * k + m] * Gr[m];
+            Gt[r * k + j] = acc;
+          }
+        }
+        if (s != nullptr) accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms);
+        if (l == 0 && dx == nullptr) break;
+        for (int64_t r = 0; r < nr; ++r) {  // g <- g - U^T G' (into dL/dx for layer 0)
+          acc_t* g = gbuf + r * n;
+          for (int64_t j = 0; j < k; ++j) {
+            terms.src[j] = u + j * n;
+            terms.coef[j] = -Gt[r * k + j];
+          }
+          acc_t* out = g;
+          if constexpr (kDirect) {
+            if (l == 0) out = dx + (b0 + r) * n;
+          }
+          combine(out, g, acc_t(0), terms.src.data(), terms.coef.data(), k, n, false);
+          if constexpr (!kDirect) {
+            if (l == 0) convert(g, dx + (b0 + r) * n, n);
+          }
+        }
+      }
+      if (s != nullptr) s->rows_done(nr);
+    }
+    store_sums(slots, s);
+  });
+  if (need_params) reduce_sums(slots, du, dt, db);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column tiles (C > 1): the vectors are the columns of each (n, C) slab; a task is a tile of
+// `cw` adjacent columns of one slab, each of its n rows a run of cw contiguous values.
+// ---------------------------------------------------------------------------------------------
+
+// P_j = sum_r u_j[r] A_r, W_j = sum_{m <= j} T[m, j] P_m, for the rows A_r of a tile.
+template <typename acc_t>
+inline void cols_project(const Chain<acc_t>& c, int64_t l, const acc_t* const* a_rows, int64_t cw, acc_t* P, acc_t* W,
+                         Terms<acc_t>& terms) {
+  const int64_t k = c.k, n = c.n;
+  const acc_t* u = c.ul(l);
+  const acc_t* t = c.tl(l);
+  for (int64_t j = 0; j < k; ++j) combine(P + j * cw, static_cast<const acc_t*>(nullptr), acc_t(0), a_rows, u + j * n, n, cw, false);
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t m = 0; m <= j; ++m) {
+      terms.src[m] = P + m * cw;
+      terms.coef[m] = t[m * k + j];
+    }
+    combine(W + j * cw, static_cast<const acc_t*>(nullptr), acc_t(0), terms.src.data(), terms.coef.data(), j + 1, cw, false);
+  }
+}
+
+// Row r of a tile: out_r = f(a_r + b[r] - sum_j u_j[r] W_j), or z_r = a_r + b[r] - ... when z_rows is given.
+template <typename acc_t>
+inline void cols_apply_row(const Chain<acc_t>& c, int64_t l, int64_t r, const acc_t* a_r, const acc_t* W, int64_t cw,
+                           acc_t* out_r, acc_t* z_r, Terms<acc_t>& terms) {
+  const int64_t k = c.k, n = c.n;
+  const acc_t* u = c.ul(l);
+  for (int64_t j = 0; j < k; ++j) {
+    terms.src[j] = W + j * cw;
+    terms.coef[j] = -u[j * n + r];
+  }
+  const acc_t br = c.bl(l)[r];
+  if (z_r == nullptr) {
+    combine(out_r, a_r, br, terms.src.data(), terms.coef.data(), k, cw, c.abs[l] != 0);
+  } else {
+    combine(z_r, a_r, br, terms.src.data(), terms.coef.data(), k, cw, false);
+    if (out_r != nullptr) activate(z_r, out_r, cw, c.abs[l] != 0);
+  }
+}
+
+inline int64_t tile_width(int64_t n, int64_t copies, int64_t C) {
+  int64_t cw = kTileElems / std::max<int64_t>(1, copies * n);
+  cw = std::max<int64_t>(16, cw - cw % 16);
+  return std::min(cw, C);
+}
+
+template <typename scalar_t, typename acc_t>
+void cols_forward(const scalar_t* x, scalar_t* y, int64_t B, int64_t C, const Chain<acc_t>& c) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const int64_t cw_max = tile_width(n, 1, C);
+  const int64_t tiles = (C + cw_max - 1) / cw_max;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t i0, int64_t i1) {
+    auto [A, P, W] = scratch_arrays<acc_t, 3>({n * cw_max, k * cw_max, k * cw_max});
+    Terms<acc_t> terms(std::max(n, k));
+    std::vector<const acc_t*> in_rows(n);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t bi = item / tiles, c0 = (item % tiles) * cw_max, cw = std::min(cw_max, C - c0);
+      const int64_t off = bi * n * C + c0;
+      for (int64_t r = 0; r < n; ++r) {
+        if constexpr (kDirect) {
+          in_rows[r] = x + off + r * C;
+        } else {
+          convert(x + off + r * C, A + r * cw, cw);
+          in_rows[r] = A + r * cw;
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        cols_project(c, l, in_rows.data(), cw, P, W, terms);
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t* out = A + r * cw;
+          if constexpr (kDirect) {
+            if (l == L - 1) out = y + off + r * C;
+          }
+          cols_apply_row(c, l, r, in_rows[r], W, cw, out, static_cast<acc_t*>(nullptr), terms);
+          in_rows[r] = out;
+        }
+      }
+      if constexpr (!kDirect) {
+        for (int64_t r = 0; r < n; ++r) convert(A + r * cw, y + off + r * C, cw);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void cols_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t B, int64_t C, const Chain<acc_t>& c,
+                   bool need_params, acc_t* du, acc_t* dt, acc_t* db) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const int64_t cw_max = tile_width(n, 2 * L + 1, C);
+  const int64_t tiles = (C + cw_max - 1) / cw_max;
+  std::vector<GradSums<acc_t>*> slots(at::get_num_threads(), nullptr);
+  at::parallel_for(0, B * tiles, 1, [&](int64_t i0, int64_t i1) {
+    const int64_t tile = n * cw_max, kt = k * cw_max;
+    // acts[l]: input of layer l (l >= 1, or a converted x); zs[l]: its pre-activation.
+    auto [acts, zs, g, P, W, G, Gt] = scratch_arrays<acc_t, 7>({L * tile, L * tile, tile, L * kt, L * kt, kt, kt});
+    GradSums<acc_t>* s = need_params ? new GradSums<acc_t>(L, k, n) : nullptr;
+    Terms<acc_t> terms(std::max(n, k));
+    std::vector<const acc_t*> in_rows(L * n), g_rows(n);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t bi = item / tiles, c0 = (item % tiles) * cw_max, cw = std::min(cw_max, C - c0);
+      const int64_t off = bi * n * C + c0;
+      for (int64_t r = 0; r < n; ++r) {
+        if constexpr (kDirect) {
+          in_rows[r] = x + off + r * C;
+        } else {
+          convert(x + off + r * C, acts + r * cw, cw);
+          in_rows[r] = acts + r * cw;
+        }
+        g_rows[r] = g + r * cw;
+      }
+      for (int64_t l = 0; l < L; ++l) {  // forward recompute
+        cols_project(c, l, in_rows.data() + l * n, cw, P + l * kt, W + l * kt, terms);
+        for (int64_t r = 0; r < n; ++r) {
+          acc_t* z_r = zs + l * tile + r * cw;
+          acc_t* next = nullptr;
+          if (l + 1 < L) next = c.abs[l] ? acts + (l + 1) * tile + r * cw : z_r;
+          cols_apply_row(c, l, r, in_rows[l * n + r], W + l * kt, cw, next == z_r ? nullptr : next, z_r, terms);
+          if (l + 1 < L) in_rows[(l + 1) * n + r] = next;
+        }
+      }
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const acc_t* u = c.ul(l);
+        const acc_t* t = c.tl(l);
+        const acc_t* Pl = P + l * kt;
+        const acc_t* Wl = W + l * kt;
+        for (int64_t r = 0; r < n; ++r) {  // g <- dL/dy * sign(z) (or dL/dy)
+          const acc_t* gsrc = g + r * cw;
+          if (l == L - 1) {
+            if constexpr (kDirect) {
+              gsrc = gy + off + r * C;
+            } else {
+              convert(gy + off + r * C, g + r * cw, cw);
+            }
+          }
+          acc_t* gr = g + r * cw;  // may be gsrc (in place)
+          if (c.abs[l]) {
+            const acc_t* z = zs + l * tile + r * cw;
+#pragma omp simd
+            for (int64_t q = 0; q < cw; ++q) gr[q] = gsrc[q] * sign_of(z[q]);
+          } else if (gsrc != gr) {
+            std::copy(gsrc, gsrc + cw, gr);
+          }
+        }
+        for (int64_t j = 0; j < k; ++j) {  // G_j = sum_r u_j[r] g_r
+          combine(G + j * cw, static_cast<const acc_t*>(nullptr), acc_t(0), g_rows.data(), u + j * n, n, cw, false);
+        }
+        for (int64_t j = 0; j < k; ++j) {  // G'_j = sum_{m >= j} T[j, m] G_m
+          for (int64_t m = j; m < k; ++m) {
+            terms.src[m - j] = G + m * cw;
+            terms.coef[m - j] = t[j * k + m];
+          }
+          combine(Gt + j * cw, static_cast<const acc_t*>(nullptr), acc_t(0), terms.src.data(), terms.coef.data(), k - j,
+                  cw, false);
+        }
+        if (s != nullptr) {
+          acc_t* du_l = s->bdu.data() + l * k * n;
+          acc_t* db_l = s->bdb.data() + l * n;
+          acc_t* dt_l = s->bdt.data() + l * k * k;
+          for (int64_t r = 0; r < n; ++r) {
+            const acc_t* a_r = in_rows[l * n + r];
+            const acc_t* g_r = g + r * cw;
+            for (int64_t j = 0; j < k; ++j) du_l[j * n + r] -= dot(Gt + j * cw, a_r, cw) + dot(Wl + j * cw, g_r, cw);
+            db_l[r] += sum(g_r, cw);
+          }
+          for (int64_t m = 0; m < k; ++m)
+            for (int64_t j = 0; j < k; ++j) dt_l[m * k + j] -= dot(Pl + m * cw, G + j * cw, cw);
+        }
+        if (l == 0 && dx == nullptr) break;
+        for (int64_t r = 0; r < n; ++r) {  // g_r <- g_r - sum_j u_j[r] G'_j (into dL/dx for layer 0)
+          for (int64_t j = 0; j < k; ++j) {
+            terms.src[j] = Gt + j * cw;
+            terms.coef[j] = -u[j * n + r];
+          }
+          acc_t* gr = g + r * cw;
+          acc_t* out = gr;
+          if constexpr (kDirect) {
+            if (l == 0) out = dx + off + r * C;
+          }
+          combine(out, gr, acc_t(0), terms.src.data(), terms.coef.data(), k, cw, false);
+          if constexpr (!kDirect) {
+            if (l == 0) convert(gr, dx + off + r * C, cw);
+          }
+        }
+      }
+      if (s != nullptr) s->rows_done(1);
+    }
+    store_sums(slots, s);
+  });
+  if (need_params) reduce_sums(slots, du, dt, db);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters: unit rows and the compact-WY factor, computed and differentiated in double
+// ---------------------------------------------------------------------------------------------
+
+constexpr double kTiny = 1e-30;  // as han_surgery.functional.unit_rows
+
+// The chain's parameters as the kernels use them, and what their backward needs.
+struct Prepared {
+  int64_t L = 0, k = 0, n = 0;
+  bool normalize = false;
+  std::vector<double> uhat;   // (L, k, n): the unit rows (u itself when not normalising)
+  std::vector<double> t;      // (L, k, k): T = (triu(U U^T, 1) + I/2)^{-1}
+  std::vector<double> scale;  // (L * k): max |u| of each row, clamped to kTiny
+  std::vector<double> norm;   // (L * k): || u / scale || of each row
+};
+
+// unit_rows (when normalize) and wy_factor of han_surgery.functional, for u of shape (L, k, n).
+Prepared prepare(const at::Tensor& u, bool normalize) {
+  Prepared P;
+  P.L = u.size(0), P.k = u.size(1), P.n = u.size(2), P.normalize = normalize;
+  const int64_t L = P.L, k = P.k, n = P.n;
+  const at::Tensor ud = u.to(at::kDouble).contiguous();
+  const double* src = ud.const_data_ptr<double>();
+  P.uhat.assign(src, src + L * k * n);
+  if (normalize) {
+    P.scale.resize(L * k);
+    P.norm.resize(L * k);
+    for (int64_t row = 0; row < L * k; ++row) {
+      double* v = P.uhat.data() + row * n;
+      double peak = 0;
+      for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(v[i]));
+      const double scale = std::max(peak, kTiny);
+      double sq = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        v[i] /= scale;
+        sq += v[i] * v[i];
+      }
+      const double norm = std::sqrt(sq);
+      for (int64_t i = 0; i < n; ++i) v[i] /= std::max(norm, kTiny);
+      P.scale[row] = scale;
+      P.norm[row] = norm;
+    }
+  }
+  P.t.assign(L * k * k, 0.0);
+  for (int64_t l = 0; l < L; ++l) {
+    double* t = P.t.data() + l * k * k;
+    const double* uh = P.uhat.data() + l * k * n;
+    if (k == 1) {
+      t[0] = 2.0;
+      continue;
+    }
+    std::vector<double> a(k * k, 0.0);  // A = triu(U U^T, 1) + I / 2
+    for (int64_t i = 0; i < k; ++i) {
+      a[i * k + i] = 0.5;
+      for (int64_t m = i + 1; m < k; ++m) {
+        double d = 0;
+        for (int64_t q = 0; q < n; ++q) d += uh[i * n + q] * uh[m * n + q];
+        a[i * k + m] = d;
+      }
+    }
+    for (int64_t col = 0; col < k; ++col) {  // T = A^{-1} by back substitution (upper triangular)
+      for (int64_t i = col; i >= 0; --i) {
+        double v = i == col ? 1.0 : 0.0;
+        for (int64_t m = i + 1; m <= col; ++m) v -= a[i * k + m] * t[m * k + col];
+        t[i * k + col] = v / a[i * k + i];
+      }
+    }
+  }
+  return P;
+}
+
+// du (double, (L, k, n)) from the kernels' dL/dU-hat and dL/dT: first through T (dA = -T^T dT T^T,
+// A_jm = u_j . u_m for j < m), then through the normalisation (dv = (du - u (u . du)) / ||v||,
+// du = dv / scale; the scale is a constant, as in unit_rows).
+template <typename acc_t>
+std::vector<double> parameter_backward(const Prepared& P, const acc_t* duhat_acc, const acc_t* dt_acc) {
+  const int64_t L = P.L, k = P.k, n = P.n;
+  std::vector<double> du(duhat_acc, duhat_acc + L * k * n);
+  if (k > 1) {
+    std::vector<double> m1(k * k), da(k * k);
+    for (int64_t l = 0; l < L; ++l) {
+      const double* t = P.t.data() + l * k * k;
+      const acc_t* dt = dt_acc + l * k * k;
+      for (int64_t i = 0; i < k; ++i)  // m1 = dT T^T
+        for (int64_t j = 0; j < k; ++j) {
+          double v = 0;
+          for (int64_t q = 0; q < k; ++q) v += static_cast<double>(dt[i * k + q]) * t[j * k + q];
+          m1[i * k + j] = v;
+        }
+      for (int64_t i = 0; i < k; ++i)  // dA = -T^T m1
+        for (int64_t j = 0; j < k; ++j) {
+          double v = 0;
+          for (int64_t q = 0; q < k; ++q) v += t[q * k + i] * m1[q * k + j];
+          da[i * k + j] = -v;
+        }
+      const double* uh = P.uhat.data() + l * k * n;
+      double* dul = du.data() + l * k * n;
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t m = j + 1; m < k; ++m) {
+          const double s = da[j * k + m];
+          for (int64_t q = 0; q < n; ++q) {
+            dul[j * n + q] += s * uh[m * n + q];
+            dul[m * n + q] += s * uh[j * n + q];
+          }
+        }
+    }
+  }
+  if (P.normalize) {
+    for (int64_t row = 0; row < L * k; ++row) {
+      const double* uh = P.uhat.data() + row * n;
+      double* d = du.data() + row * n;
+      const double norm = P.norm[row], scale = P.scale[row];
+      double proj = 0;
+      for (int64_t q = 0; q < n; ++q) proj += uh[q] * d[q];
+      if (norm <= kTiny) proj = 0;  // clamp_min passes no gradient to the norm
+      const double denom = std::max(norm, kTiny) * scale;
+      for (int64_t q = 0; q < n; ++q) d[q] = (d[q] - uh[q] * proj) / denom;
+    }
+  }
+  return du;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operators
+// ---------------------------------------------------------------------------------------------
+
+void check_args(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, at::IntArrayRef abs) {
+  TORCH_CHECK(x.device().is_cpu() && u.device().is_cpu() && b.device().is_cpu(),
+              "householder_chain (CPU kernel): all tensors must be on the CPU");
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "householder_chain: x must be a contiguous (B, n, C) tensor");
+  TORCH_CHECK(u.dim() == 3 && at::isFloatingType(u.scalar_type()),
+              "householder_chain: u must be a floating-point (L, k, n) tensor");
+  const int64_t L = u.size(0), n = u.size(2);
+  TORCH_CHECK(n == x.size(1), "householder_chain: x has ", x.size(1), " features but u has ", n);
+  TORCH_CHECK(b.numel() == 0 || (b.dim() == 2 && b.size(0) == L && b.size(1) == n),
+              "householder_chain: b must be an (L, n) tensor, or empty for no bias");
+  TORCH_CHECK(static_cast<int64_t>(abs.size()) == L, "householder_chain: one abs flag per layer");
+}
+
+// The kernels' view of the chain: parameters in acc_t (storage kept alive by the caller).
+template <typename acc_t>
+struct ChainStorage {
+  std::vector<acc_t> u, t, b;
+  Chain<acc_t> chain;
+  ChainStorage(const Prepared& P, const at::Tensor& bias, at::IntArrayRef abs)
+      : u(P.uhat.begin(), P.uhat.end()), t(P.t.begin(), P.t.end()), b(P.L * P.n, acc_t(0)) {
+    if (bias.numel() > 0) {
+      const at::Tensor bd = bias.to(at::kDouble).contiguous();
+      const double* src = bd.const_data_ptr<double>();
+      std::copy(src, src + P.L * P.n, b.begin());
+    }
+    chain = Chain<acc_t>{P.L, P.k, P.n, u.data(), t.data(), b.data(), std::vector<char>(abs.begin(), abs.end())};
+  }
+};
+
+at::Tensor chain_forward(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, at::IntArrayRef abs,
+                         bool normalize) {
+  check_args(x, u, b, abs);
+  const Prepared P = prepare(u, normalize);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t B = x.size(0), C = x.size(2);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "householder_chain_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChainStorage<acc_t> store(P, b, abs);
+    if (C == 1) {
+      rows_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), B, store.chain);
+    } else {
+      cols_forward<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), B, C, store.chain);
+    }
+  });
+  return y;
+}
+
+// Returns [dx, du, db]: dx in x's dtype (empty unless need_input), du in u's dtype and db in b's
+// dtype (empty unless need_params; db also when there is no bias).
+std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
+                                       const at::Tensor& b, at::IntArrayRef abs, bool normalize, bool need_input,
+                                       bool need_params) {
+  check_args(x, u, b, abs);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(),
+              "householder_chain: grad must be contiguous and match x");
+  const Prepared P = prepare(u, normalize);
+  const int64_t B = x.size(0), C = x.size(2), L = P.L, k = P.k, n = P.n;
+  at::Tensor dx = need_input ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor du = at::empty({0}, u.options()), db = at::empty({0}, b.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "householder_chain_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChainStorage<acc_t> store(P, b, abs);
+    std::vector<acc_t> duhat(need_params ? L * k * n : 0), dt(need_params ? L * k * k : 0), dbias(need_params ? L * n : 0);
+    scalar_t* dx_ptr = need_input ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    if (C == 1) {
+      rows_backward<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx_ptr, B,
+                                     store.chain, need_params, duhat.data(), dt.data(), dbias.data());
+    } else {
+      cols_backward<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx_ptr, B, C,
+                                     store.chain, need_params, duhat.data(), dt.data(), dbias.data());
+    }
+    if (need_params) {
+      const std::vector<double> du_d = parameter_backward(P, duhat.data(), dt.data());
+      at::Tensor du_t = at::empty({L, k, n}, u.options().dtype(at::kDouble));
+      std::copy(du_d.begin(), du_d.end(), du_t.mutable_data_ptr<double>());
+      du = du_t.to(u.scalar_type());
+      if (b.numel() > 0) {
+        at::Tensor db_t = at::empty({L, n}, b.options().dtype(at::kDouble));
+        std::copy(dbias.begin(), dbias.end(), db_t.mutable_data_ptr<double>());
+        db = db_t.to(b.scalar_type());
+      }
+    }
+  });
+  return {dx, du, db};
+}
+
+}  // namespace
+}  // namespace han_surgery
+
+TORCH_LIBRARY(han_surgery, m) {
+  m.def("householder_chain_forward(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor");
+  m.def(
+      "householder_chain_backward(Tensor grad, Tensor x, Tensor u, Tensor b, int[] abs, bool normalize, "
+      "bool need_input, bool need_params) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(han_surgery, CPU, m) {
+  m.impl("householder_chain_forward", &han_surgery::chain_forward);
+  m.impl("householder_chain_backward", &han_surgery::chain_backward);
+}

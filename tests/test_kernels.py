@@ -1,0 +1,234 @@
+"""The compiled kernels against the PyTorch implementation, and how they are chosen and built.
+
+* CPU kernel (``han_surgery/kernels/householder_cpu.cpp``): forward and every gradient equal the
+  PyTorch path over dtypes, reflections, chain lengths, bias, and both layouts (vectors along the
+  last dimension, or along a middle one, as in ``dim=-2`` token mixing).
+* Fallback: a failed build logs one warning and the layers keep working; the environment
+  variable switches the kernel off; importing ``han_surgery`` builds nothing.
+* Triton kernels: numerics on the CPU through ``TRITON_INTERPRET=1`` (a subprocess), and on a
+  GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from _kernel_paths import kernel_path  # noqa: F401  (fixture)
+
+from han_surgery import HanBlock, HanLayer, kernels
+from han_surgery.functional import householder_chain, unit_rows
+from han_surgery.kernels import cpu
+
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_cpu_kernel = pytest.mark.skipif(os.environ.get(cpu.ENV_VAR) == "0", reason=f"{cpu.ENV_VAR}=0")
+
+
+def chain_outputs(x, u, b, apply_abs, dim, grad):
+    """Forward and the gradients w.r.t. x, u and b of one householder_chain call."""
+    x, u = x.detach().requires_grad_(), u.detach().requires_grad_()
+    b = b.detach().requires_grad_() if b is not None else None
+    y = householder_chain(x, unit_rows(u), b, apply_abs, dim=dim)
+    y.backward(grad)
+    return [y.detach(), x.grad, u.grad] + ([b.grad] if b is not None else [])
+
+
+CASES = [
+    # shape, dim, k, apply_abs, bias
+    ((37, 24), -1, 1, (True,), True),
+    ((5, 6, 24), -1, 3, (True, False), True),
+    ((4, 64, 33), -1, 2, (False, True, True), False),
+    ((3, 13, 40), 1, 1, (True, True), True),  # token mixing layout: vectors along the middle
+    ((2, 9, 300), -2, 4, (True,), True),  # wider than one column tile
+    ((2, 3, 7, 5), 1, 2, (True, False), False),
+    ((600, 16), -1, 1, (True, True), True),  # many rows: several tasks and gradient blocks
+]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,dim,k,apply_abs,bias", CASES)
+def test_cpu_kernel_matches_the_pytorch_path(shape, dim, k, apply_abs, bias, dtype):
+    assert cpu.available()
+    torch.manual_seed(0)
+    n = shape[dim]
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    grad = torch.randn(shape, dtype=torch.float64).to(dtype)
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    u = torch.randn(len(apply_abs), k, n, dtype=param_dtype)
+    b = torch.randn(len(apply_abs), n, dtype=param_dtype) if bias else None
+    got = chain_outputs(x, u, b, apply_abs, dim, grad)
+    with kernels.disabled():
+        want = chain_outputs(x, u, b, apply_abs, dim, grad)
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        scale = w.double().abs().max().clamp_min(1.0)
+        assert (g.double() - w.double()).abs().max() <= tol * scale * (10 if dtype in (torch.float16,) else 1)
+
+
+@pytest.mark.usefixtures("kernel_path")
+def test_token_mixing_dim_equals_transposing():
+    torch.manual_seed(1)
+    block = HanBlock(7, dim=-2, final_abs=True)
+    x = torch.randn(3, 7, 10, requires_grad=True)
+    ref = HanBlock(7, final_abs=True)
+    ref.load_state_dict(block.state_dict())
+    out = block(x)
+    torch.testing.assert_close(out, ref(x.transpose(1, 2)).transpose(1, 2))
+    out.sum().backward()
+    assert x.grad is not None and "dim=-2" in repr(block.fc1)
+
+
+@pytest.mark.usefixtures("kernel_path")
+def test_fused_han_block_equals_its_layers_with_gradients():
+    torch.manual_seed(2)
+    block = HanBlock(20, reflections=2, drop=0.0)
+    x = torch.randn(9, 20, requires_grad=True)
+    assert block._fusable()
+    fused = block(x)
+    fused.square().sum().backward()
+    fused_grads = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    x.grad = None
+    layered = block.fc2(block.fc1(x))
+    layered.square().sum().backward()
+    torch.testing.assert_close(fused, layered)
+    for g, w in zip(fused_grads, [x.grad] + [p.grad for p in block.parameters()], strict=True):
+        torch.testing.assert_close(g, w)
+    assert not HanBlock(20, drop=0.1).train()._fusable()  # active dropout runs layer by layer
+    assert HanBlock(20, drop=0.1).eval()._fusable()
+
+
+@needs_cpu_kernel
+def test_cpu_kernel_is_reproducible_and_thread_count_only_reorders_sums():
+    assert cpu.available()
+    torch.manual_seed(3)
+    layer = HanLayer(96, reflections=2)
+    x = torch.randn(2048, 96, requires_grad=True)
+    results = {}
+    for threads in (1, 2, 2):
+        torch.set_num_threads(threads)
+        layer.zero_grad()
+        x.grad = None
+        out = layer(x)
+        out.backward(torch.ones_like(out))
+        results.setdefault(threads, []).append([out, x.grad.clone(), layer.u.grad.clone(), layer.bias.grad.clone()])
+    torch.set_num_threads(1)
+    for a, b in zip(*results[2], strict=True):
+        assert torch.equal(a, b)  # same thread count: bitwise identical
+    one, two = results[1][0], results[2][0]
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])  # rows are independent
+    for a, b in zip(one[2:], two[2:], strict=True):  # sums over rows: only their order differs
+        torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=1e-4)
+
+
+@pytest.fixture
+def fresh_kernel_state(monkeypatch):
+    """Forget whether the CPU kernel was built (restored afterwards; the loaded ops stay loaded)."""
+    monkeypatch.setattr(cpu, "_state", {})
+
+
+def test_build_failure_falls_back_with_one_warning(fresh_kernel_state, monkeypatch, caplog):
+    def broken_build():
+        raise RuntimeError("Error building extension 'han_surgery_cpu': error: no compiler")
+
+    monkeypatch.setattr(cpu, "_build", broken_build)
+    layer = HanLayer(8)
+    x = torch.randn(4, 8, requires_grad=True)
+    with caplog.at_level(logging.WARNING, logger="han_surgery.kernels.cpu"):
+        out = layer(x)
+        out.sum().backward()
+        layer(x)
+    warnings = [r for r in caplog.records if r.name == "han_surgery.kernels.cpu"]
+    assert len(warnings) == 1 and "could not build the CPU kernel" in warnings[0].getMessage()
+    assert "error: no compiler" in warnings[0].getMessage()
+    with kernels.disabled():
+        torch.testing.assert_close(out, layer(x))
+
+
+def test_environment_variable_switches_the_kernel_off(fresh_kernel_state, monkeypatch):
+    def must_not_build():
+        raise AssertionError("the kernel was built although it is switched off")
+
+    monkeypatch.setenv(cpu.ENV_VAR, "0")
+    monkeypatch.setattr(cpu, "_build", must_not_build)
+    assert not cpu.available()
+    assert HanLayer(4)(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_importing_han_surgery_builds_nothing():
+    code = "import han_surgery; from han_surgery.kernels import cpu; print(cpu._state)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "{}"
+
+
+TRITON_CHECK = textwrap.dedent(
+    """
+    import torch
+    from han_surgery.functional import unit_rows, wy_factor
+    from han_surgery.kernels import triton_gpu
+
+    torch.manual_seed(0)
+    for rows, n, k, apply_abs, bias, dtype in [
+        (37, 20, 1, True, True, torch.float64),
+        (70, 150, 3, False, True, torch.float64),
+        (5, 9, 2, True, False, torch.float64),
+        (33, 40, 4, True, True, torch.float16),
+    ]:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        u = unit_rows(torch.randn(k, n, dtype=acc)).requires_grad_()
+        t = wy_factor(u.detach()).requires_grad_()
+        b = torch.randn(n, dtype=acc, requires_grad=True) if bias else None
+        x = torch.randn(rows, n, dtype=dtype, requires_grad=True)
+        params = [u, t] + ([b] if bias else [])
+        y = triton_gpu.householder_rows(x, u, t, b, apply_abs)
+        xr = x.detach().to(acc).requires_grad_()
+        z = xr - ((xr @ u.T) @ t) @ u + (b if bias else 0)
+        ref = z.abs() if apply_abs else z
+        tol = 1e-9 if dtype == torch.float64 else 2e-2
+        torch.testing.assert_close(y.to(acc), ref.to(dtype).to(acc), atol=tol, rtol=tol)
+        grad = torch.randn(rows, n, dtype=dtype)
+        got = torch.autograd.grad(y, [x] + params, grad)
+        want = torch.autograd.grad(ref, [xr] + params, grad.to(acc))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.to(acc), w, atol=tol * 5, rtol=tol * 5)
+    print("triton ok")
+    """
+)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_numerics_in_the_interpreter():
+    """The CUDA kernels, run by Triton's interpreter on CPU tensors (small shapes: it is slow)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", TRITON_CHECK], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0 and "triton ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_layers_match_the_pytorch_path(dtype):
+    torch.manual_seed(4)
+    block = HanBlock(96, reflections=3, final_abs=True).cuda()
+    x = torch.randn(256, 96, device="cuda", dtype=dtype, requires_grad=True)
+    got = [block(x)]
+    got[0].float().square().sum().backward()
+    got += [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    x.grad = None
+    with kernels.disabled():
+        want = [block(x)]
+        want[0].float().square().sum().backward()
+    want += [x.grad] + [p.grad for p in block.parameters()]
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), atol=tol * w.abs().max().item(), rtol=tol)

@@ -1,0 +1,113 @@
+"""Numerics of the Householder layers beyond first-order float32 (issue 11, items 12 and 13).
+
+* Double backward: a gradient penalty through a ``HanBlock`` and ``gradgradcheck`` with
+  respect to ``x``, ``u`` and ``b`` match plain autograd through the definition.
+* Half precision: under fp16 autocast the projection ``x . u`` is accumulated in float32, so
+  a layer whose float32 result is representable in fp16 stays finite (as ``nn.Linear`` does).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _kernel_paths import kernel_path  # noqa: F401  (fixture)
+from torch import nn
+
+from han_surgery import HanBlock, HanLayer, HouseholderLinear
+from han_surgery.functional import householder_affine, unit_rows
+
+pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
+
+
+def reflection(u: torch.Tensor) -> torch.Tensor:
+    """``H_k ... H_1`` built from the definition with differentiable ops (the reference)."""
+    n = u.shape[-1]
+    out = torch.eye(n, dtype=u.dtype)
+    for row in u:
+        out = (torch.eye(n, dtype=u.dtype) - 2 * torch.outer(row, row) / row.dot(row)) @ out
+    return out
+
+
+def reference_block(block: HanBlock, x: torch.Tensor) -> torch.Tensor:
+    h = (x @ reflection(block.fc1.u).T + block.fc1.bias).abs()
+    return h @ reflection(block.fc2.u).T + block.fc2.bias
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradient_penalty_through_han_block_matches_the_definition(k):
+    torch.manual_seed(0)
+    block = HanBlock(8, reflections=k).double()
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for name, fn in (("han", block), ("reference", lambda v: reference_block(block, v))):
+        block.zero_grad()
+        x.grad = None
+        out = fn(x)
+        (gx,) = torch.autograd.grad(
+            (out * torch.linspace(-1, 1, 8, dtype=torch.float64)).pow(2).sum(), x, create_graph=True
+        )
+        gx.pow(2).sum().backward()  # a gradient penalty: needs the second derivative
+        grads[name] = [x.grad.clone()] + [p.grad.clone() for p in block.parameters()]
+    for got, want in zip(grads["han"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("apply_abs", [False, True])
+def test_gradgradcheck_wrt_input_vectors_and_bias(k, apply_abs):
+    torch.manual_seed(1)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(k, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, u, b):
+        return householder_affine(x, unit_rows(u), b, apply_abs=apply_abs)
+
+    assert torch.autograd.gradgradcheck(f, (x, u, b))
+
+
+@pytest.mark.parametrize("cls", [HouseholderLinear, HanLayer])
+def test_gradgradcheck_through_the_layers(cls):
+    torch.manual_seed(2)
+    layer = cls(5, reflections=2).double()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+
+    def f(x, u, b):
+        return torch.func.functional_call(layer, {"u": u, "bias": b}, (x,))
+
+    u = layer.u.detach().clone().requires_grad_()
+    b = layer.bias.detach().clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(f, (x, u, b))
+
+
+def test_fp16_autocast_projection_does_not_overflow():
+    """``x . u`` is 3000 * sqrt(768) = 8.3e4 > 65504 (fp16's max); the result itself is about 3e3."""
+    block = HanBlock(768)
+    with torch.no_grad():
+        block.fc1.u.fill_(1.0)
+        block.fc2.u.fill_(1.0)
+    x = torch.full((4, 768), 3000.0, requires_grad=True)
+    ref = block(x)
+    assert ref.abs().max() < 6e4  # representable in fp16
+    linear = nn.Linear(768, 768)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.isfinite(linear(x)).all()  # the dense peer stays finite
+        out = block(x)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, atol=0, rtol=2e-3)
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in block.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_accumulate_in_float32(dtype):
+    """Rows with a large common offset: float32 accumulation keeps the low-precision result close."""
+    torch.manual_seed(3)
+    layer = HanLayer(512)
+    x = torch.randn(16, 512) + 200.0
+    ref = layer(x)
+    out = layer.to(dtype)(x.to(dtype))
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
