@@ -50,7 +50,7 @@ def test_fc_net_parameter_counts():
 def test_data_paths_are_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
     assert common.default_data_dir() == tmp_path
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(common.PaperInputError, match="--data"):
         common.resolve_data_path(None, "checkerboard")
     (tmp_path / "checkerboard").mkdir()
     assert common.resolve_data_path(None, "checkerboard") == tmp_path / "checkerboard"
@@ -111,11 +111,15 @@ def test_regression_quick_on_any_csv(tmp_path):
         epochs=300,
         lrs="0.003",
         seeds=5,
+        train_fractions="1,0.5",
         schedule="epoch",
+        compile=False,
         threads=None,
     )
     res = regression.run(args)
-    assert [r["model"] for r in res["rows"]] == ["hannet", "fcnet1", "fcnet2"]
+    assert [(r["train_fraction"], r["model"]) for r in res["rows"]] == [
+        (f, m) for f in (1.0, 0.5) for m in ("hannet", "fcnet1", "fcnet2")
+    ]
     assert all(r["dataset"] == "mine" and r["features"] == 4 and np.isfinite(r["rmse_mean"]) for r in res["rows"])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"][0]["dropped_constant_columns"] == [2]
