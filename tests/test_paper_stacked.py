@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from han_surgery.layers import HanLayer, HouseholderLinear
-from han_surgery.paper import common, regression
+from han_surgery.paper import checkerboard, common, regression
 from han_surgery.paper.activations import GroupSort
 from han_surgery.paper.stacked import StackedAdam, StackedNet, StackedSGD
 
@@ -129,3 +129,38 @@ def test_stacked_regression_equals_single_runs(tmp_path, model, schedule, fracti
         for key in ("val_rmse", "test_rmse", "test_r2"):
             assert res[key] == pytest.approx(alone[key], rel=1e-4), key
     assert len({round(r["test_rmse"], 6) for r in stacked}) == len(grid)  # four different runs, not one copied
+
+
+def _board(tmp_path):
+    """A small checkerboard-like set (the real one is in ../shared/data; this test needs none)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(400, 2, generator=gen) * 2 - 1
+    y = (((x[:, :1] * 2).floor() + (x[:, 1:] * 2).floor()) % 2).repeat(1, 2)
+    return checkerboard.Checkerboard(x[:300], y[:300], x[300:], y[300:])
+
+
+def test_checkerboard_stack_equals_plain_sgd_runs(tmp_path):
+    """Rows a (fused HanLayer alone, unfused in the stack) and f2 (orthogonality penalty) at two lrs, stacked,
+    end where plain torch.optim.SGD runs of the same seed end."""
+    data = _board(tmp_path)
+    lrs, iters = (0.01, 0.05), 25
+    stacked = {**checkerboard.train_rows(["a", "b"], lrs, iters, data, eval_every=10)}
+    stacked.update(checkerboard.train_rows(["f2"], lrs, iters, data, eval_every=10))
+    for variant in ("a", "b", "f2"):
+        for res in stacked[variant]:
+            gen = common.seed_everything(0)
+            model = checkerboard.build_model(variant)
+            opt = torch.optim.SGD(model.parameters(), lr=res["lr"], momentum=0.9)
+            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[12, 17, 22], gamma=0.2)  # 50/70/90%
+            for _ in range(iters):
+                idx = torch.randperm(300, generator=gen)[:100]
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(data.x_train[idx]), data.y_train[idx])
+                if variant == "f2":
+                    loss = loss + 1e-2 * checkerboard.orthogonality_penalty(model)
+                loss.backward()
+                opt.step()
+                sched.step()
+            with torch.no_grad():
+                final = nn.functional.mse_loss(model(data.x_train), data.y_train).item()
+            assert res["final_train_loss"] == pytest.approx(final, rel=1e-4), (variant, res["lr"])

@@ -8,8 +8,9 @@ Data: the authors' 81 x 81 grid over ``[-1, 1]^2`` split 25% / 75% (``trainset.t
 * MSE on the two outputs; SGD, momentum 0.9, batch 100 (drawn without replacement each step),
   40,000 iterations, lr x0.2 at 50/70/90% of them.
 * The paper tries 10 initial learning rates (values not given) and keeps the best result. Ours:
-  :data:`LRS` (10 values, covering the authors' released grids) for every row; all 10 runs of
-  a row train together as one stacked computation (:class:`~.stacked.StackedNet`).
+  the authors' released grids, :data:`HAN_LRS` (4 values) for the 20 x 30 rows and :data:`FC_LRS`
+  (9 values) for the 6 x 100 ones. All runs of a row train together as one stacked computation
+  (:class:`~.stacked.StackedNet`), each exactly as it would alone.
 * Accuracy: the mean of the two outputs thresholded at 0.5 against the label. The test accuracy
   is measured every 100 iterations; the paper reports the best one over training and over the lr
   grid (selected on the test set). We report that (``paper_protocol_test_acc``) and, as a number
@@ -55,19 +56,22 @@ from .stacked import StackedLinear, StackedNet, StackedSGD
 __all__ = [
     "VARIANTS",
     "TABLE3",
-    "LRS",
+    "HAN_LRS",
+    "FC_LRS",
     "load_checkerboard",
     "build_model",
     "orthogonality_penalty",
     "accuracy",
-    "train_variant",
+    "skeleton",
+    "train_rows",
     "run",
     "add_arguments",
 ]
 
-# Ten initial learning rates: the paper tries 10 without listing them; these cover the authors'
-# released HanNet grid (0.025 ... 0.1) and FCNet grid (0.001 ... 0.25).
-LRS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25)
+# The paper tries 10 initial learning rates without listing them. The authors' released code
+# sweeps these for the 20 x 30 networks and for the FCNet; we use them for every row.
+HAN_LRS = (0.025, 0.05, 0.075, 0.1)
+FC_LRS = (0.001, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25)
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "a": {"label": "(a) Householder + ABS (HanNet)", "householder": True, "activation": "abs"},
@@ -137,8 +141,8 @@ def load_checkerboard(folder: str | Path | None = None) -> Checkerboard:
     return Checkerboard(*parts)
 
 
-def build_model(variant: str) -> nn.Sequential:
-    """The network of row ``variant`` (a key of :data:`VARIANTS`)."""
+def build_model(variant: str, fuse_abs: bool = True) -> nn.Sequential:
+    """The network of row ``variant`` (a key of :data:`VARIANTS`); ``fuse_abs``: see :func:`~.common.han_net`."""
     if variant not in VARIANTS:
         raise PaperInputError(f"unknown checkerboard variant {variant!r}; choose from {', '.join(VARIANTS)}")
     spec = VARIANTS[variant]
@@ -154,6 +158,7 @@ def build_model(variant: str) -> nn.Sequential:
         activation=spec["activation"],
         householder=spec["householder"],
         dense_init=spec.get("dense_init", "orthogonal"),
+        fuse_abs=fuse_abs,
     )
 
 
@@ -179,8 +184,16 @@ def accuracy(pred: Tensor, target: Tensor) -> Tensor:
     return ((pred.mean(dim=-1) > 0.5).float() == target.mean(dim=-1)).float().mean(dim=-1)
 
 
-def train_variant(
-    variant: str,
+def skeleton(variant: str) -> str:
+    """Rows with the same skeleton have the same parameter shapes and train in one stack."""
+    spec = VARIANTS[variant]
+    if "fc" in spec:
+        return "6x100"
+    return "householder 20x30" if spec["householder"] else "dense 20x30"
+
+
+def train_rows(
+    variants: list[str],
     lrs: tuple[float, ...],
     iters: int,
     data: Checkerboard,
@@ -190,41 +203,50 @@ def train_variant(
     ortho_weight: float = 1e-2,
     compile: bool = False,
     progress: bool = False,
-) -> list[dict[str, Any]]:
-    """Train row ``variant`` once per learning rate in ``lrs`` (one stacked computation); one result per lr.
+) -> dict[str, list[dict[str, Any]]]:
+    """Train every row of ``variants`` (one :func:`skeleton`) at every lr in ``lrs``, as one stacked computation.
 
-    Every lr starts from the same initial weights (seed ``seed``) and sees the same batches, as
-    separate runs with that seed would. Each result holds ``final_train_loss``,
-    ``final_train_acc``, ``final_test_acc``, ``best_test_acc`` (max over the evaluations every
-    ``eval_every`` iterations), ``best_iter``, ``diverged``, ``curve`` (iteration, train loss, test
-    accuracy) and ``board`` (the final model's class on all points, train then test order).
+    Every run of a row starts from the row's initial weights for seed ``seed``, and every run sees
+    the same batches, exactly as separate runs with that seed would. Returns, per row, one dict per
+    lr with ``final_train_loss``, ``final_train_acc``, ``final_test_acc``, ``best_test_acc`` (max
+    over the evaluations every ``eval_every`` iterations; -1 if the run diverged before the
+    first), ``best_iter``, ``diverged``, ``curve`` (iteration, train loss, test accuracy) and
+    ``board`` (the final model's class on all points, train then test order).
     """
-    size = len(lrs)
+    if len({skeleton(v) for v in variants}) != 1:
+        raise ValueError(f"train_rows: {variants} mix skeletons; train one skeleton per call")
+    runs = [(v, lr) for v in variants for lr in lrs]
+    size = len(runs)
+    members = []
+    for v in variants:
+        seed_everything(seed)
+        first = build_model(v, fuse_abs=False)
+        members.append(first)
+        for _ in lrs[1:]:
+            members.append(build_model(v, fuse_abs=False))
+            members[-1].load_state_dict(first.state_dict())
     gen = seed_everything(seed)
-    members = [build_model(variant)]
-    members += [build_model(variant) for _ in lrs[1:]]
-    for m in members[1:]:
-        m.load_state_dict(members[0].state_dict())
     net = StackedNet(members)
-    opt = StackedSGD(net.parameters(), member_lr=list(lrs), size=size, momentum=0.9)
+    opt = StackedSGD(net.parameters(), member_lr=[lr for _, lr in runs], size=size, momentum=0.9)
     milestones = [int(f * iters) for f in (0.5, 0.7, 0.9)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.2)
-    ortho = bool(VARIANTS[variant].get("ortho"))
+    ortho = torch.tensor([float(bool(VARIANTS[v].get("ortho"))) for v, _ in runs])
 
     def loss_fn(x: Tensor, y: Tensor) -> Tensor:
         per_member = ((net(x) - y) ** 2).mean(dim=(1, 2))
-        if ortho:
-            per_member = per_member + ortho_weight * orthogonality_penalty(net)
+        if ortho.any():
+            per_member = per_member + ortho_weight * ortho * orthogonality_penalty(net)
         return per_member.sum()
 
     step_loss = torch.compile(loss_fn) if compile else loss_fn
     n = data.x_train.shape[0]
     best_acc = torch.full((size,), -1.0)
     best_iter = torch.full((size,), -1, dtype=torch.long)
-    curves: list[list[tuple[int, float, float]]] = [[] for _ in lrs]
+    curves: list[list[tuple[int, float, float]]] = [[] for _ in runs]
     alive = torch.ones(size, dtype=torch.bool)
     t0 = time.perf_counter()
-    for it in tqdm(range(iters), desc=f"{variant} x{size}", leave=False, disable=not progress, mininterval=5.0):
+    desc = f"{','.join(variants)} x{len(lrs)}"
+    for it in tqdm(range(iters), desc=desc, leave=False, disable=not progress, mininterval=10.0):
         idx = torch.randperm(n, generator=gen)[:batch_size]
         opt.zero_grad(set_to_none=True)
         step_loss(data.x_train[idx], data.y_train[idx]).backward()
@@ -249,24 +271,26 @@ def train_variant(
     train_loss = ((train_pred - data.y_train) ** 2).mean(dim=(1, 2))
     train_acc, test_acc = accuracy(train_pred, data.y_train), accuracy(test_pred, data.y_test)
     boards = (torch.cat([train_pred, test_pred], dim=1).mean(dim=-1) > 0.5).numpy().astype(np.uint8)
-    return [
-        {
-            "variant": variant,
-            "lr": lr,
-            "seed": seed,
-            "iters": iters,
-            "diverged": not bool(alive[r]),
-            "final_train_loss": train_loss[r].item(),
-            "final_train_acc": train_acc[r].item(),
-            "final_test_acc": test_acc[r].item(),
-            "best_test_acc": best_acc[r].item(),
-            "best_iter": int(best_iter[r]),
-            "seconds": seconds,  # wall time of the whole stack
-            "curve": curves[r],
-            "board": boards[r],
-        }
-        for r, lr in enumerate(lrs)
-    ]
+    out: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r, (v, lr) in enumerate(runs):
+        out[v].append(
+            {
+                "variant": v,
+                "lr": lr,
+                "seed": seed,
+                "iters": iters,
+                "diverged": not bool(alive[r]),
+                "final_train_loss": train_loss[r].item(),
+                "final_train_acc": train_acc[r].item(),
+                "final_test_acc": test_acc[r].item(),
+                "best_test_acc": best_acc[r].item(),
+                "best_iter": int(best_iter[r]),
+                "seconds": seconds,  # wall time of the whole stack
+                "curve": curves[r],
+                "board": boards[r],
+            }
+        )
+    return out
 
 
 def _grid_image(points: Tensor, values: np.ndarray, size: int = 81) -> np.ndarray:
@@ -337,7 +361,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated rows (default: Table 3's seven and FCNet); also: " + ", ".join(VARIANTS),
     )
     parser.add_argument("--iters", type=int, default=40_000, help="SGD iterations per run (paper: 40,000)")
-    parser.add_argument("--lrs", default=None, help="initial lr grid (default: the 10 values of LRS)")
+    parser.add_argument(
+        "--lrs", default=None, help="initial lr grid for every row (default: the authors' HAN_LRS / FC_LRS per row)"
+    )
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--ortho-weight", type=float, default=1e-2, help="lambda of the OrthFC penalty (rows f1, f2)")
     parser.add_argument("--seed", type=int, default=0)
@@ -356,19 +382,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise PaperInputError(f"--variants: unknown {unknown or args.variants!r}; choose from {', '.join(VARIANTS)}")
     if args.iters < 1 or args.eval_every < 1:
         raise PaperInputError(f"--iters and --eval-every must be >= 1, got {args.iters} and {args.eval_every}")
-    lrs = _parse_lrs(args.lrs, "--lrs") or LRS
+    lrs = _parse_lrs(args.lrs, "--lrs")  # None: each row's default grid
     iters, eval_every = args.iters, args.eval_every
     if args.quick:
         iters, eval_every = 150, 50
-        lrs = _parse_lrs(args.lrs, "--lrs") or (0.01, 0.05)
+        lrs = lrs or (0.01, 0.05)
     data_dir = resolve_data_path(args.data, "checkerboard")
     data = load_checkerboard(data_dir)
     rows, table, boards, curves, titles = [], [], {}, {}, {}
+    trained: dict[str, list[dict[str, Any]]] = {}
     for v in tqdm(variants, desc="checkerboard rows", disable=len(variants) == 1 or args.quick):
-        runs = train_variant(
-            v, lrs, iters, data, args.seed, eval_every=eval_every, ortho_weight=args.ortho_weight,
-            compile=args.compile, progress=not args.quick,
+        row_lrs = lrs or (FC_LRS if skeleton(v) == "6x100" else HAN_LRS)
+        trained.update(
+            train_rows(
+                [v], row_lrs, iters, data, args.seed, eval_every=eval_every, ortho_weight=args.ortho_weight,
+                compile=args.compile, progress=not args.quick,
+            )
         )  # fmt: skip
+    for v in variants:
+        runs = trained[v]
         paper_pick = max(runs, key=lambda r: r["best_test_acc"])
         finite = [r for r in runs if np.isfinite(r["final_train_loss"])] or runs
         clean_pick = min(finite, key=lambda r: r["final_train_loss"])
@@ -407,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - t_start
     md = (
         f"# Checkerboard ({'quick smoke test' if args.quick else 'run'}: {iters} iterations, "
-        f"{len(lrs)} lrs, seed {args.seed})\n\n"
+        f"lrs {list(lrs) if lrs else 'per row'}, seed {args.seed})\n\n"
         + markdown_table(
             [
                 "model",
@@ -428,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {
             "iters": iters,
             "eval_every": eval_every,
-            "lrs": list(lrs),
+            "lrs": list(lrs) if lrs else {"20x30 rows": list(HAN_LRS), "6x100 rows": list(FC_LRS)},
             "batch_size": 100,
             "seed": args.seed,
             "ortho_weight": args.ortho_weight,

@@ -100,6 +100,7 @@ def han_net(
     activation: Activation = "abs",
     householder: bool = True,
     dense_init: DenseInit = "orthogonal",
+    fuse_abs: bool = True,
 ) -> nn.Sequential:
     """The paper's HanNet (and its ablations).
 
@@ -117,6 +118,9 @@ def han_net(
             (ablation "FC + activation" with the same skeleton).
         dense_init: init of every ``nn.Linear`` weight (``"orthogonal"``: the paper's HanNet).
             Householder vectors always use the paper's orthogonal init.
+        fuse_abs: with ``activation="abs"``, use :class:`~han_surgery.layers.HanLayer` (``|H x + b|``
+            in one module); ``False`` builds ``HouseholderLinear`` + ``Abs``, the same function with
+            the layer layout of the other activations (so the networks can be stacked together).
 
     Shapes: ``(N, in_features) -> (N, out_features)``.
     """
@@ -136,7 +140,7 @@ def han_net(
             lin = nn.Linear(fan_in, width)
             _init_dense(lin, dense_init)
             layers += [lin, make_activation(activation)]
-        elif activation == "abs":
+        elif activation == "abs" and fuse_abs:
             layers.append(HanLayer(width))
         else:
             layers += [HouseholderLinear(width), make_activation(activation)]

@@ -37,7 +37,15 @@ from ..functional import unit_rows
 from ..layers import Abs, HouseholderLinear
 from .activations import GroupSort
 
-__all__ = ["LAST_DIM_MODULES", "StackedLinear", "StackedHouseholder", "StackedNet", "StackedAdam", "StackedSGD"]
+__all__ = [
+    "LAST_DIM_MODULES",
+    "StackedLinear",
+    "StackedHouseholder",
+    "MemberwiseModules",
+    "StackedNet",
+    "StackedAdam",
+    "StackedSGD",
+]
 
 # Parameter-free modules that act element-wise or on the last dimension only, so that applying
 # them to an (R, B, n) stack is applying them to each member's (B, n) input.
@@ -128,6 +136,30 @@ class StackedHouseholder(nn.Module):
             layer.bias.copy_(self.bias[r])
 
 
+def _same_module(a: nn.Module, b: nn.Module) -> bool:
+    return type(a) is type(b) and a.extra_repr() == b.extra_repr()
+
+
+class MemberwiseModules(nn.Module):
+    """Parameter-free last-dimension modules that differ between members (e.g. ABS for some, ReLU for others).
+
+    Each module is applied to the slice of the stack that holds its members; ``(R, B, n) -> (R, B, n)``.
+    """
+
+    def __init__(self, column: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.per_member = nn.ModuleList(copy.deepcopy(m) for m in column)
+        self.runs: list[tuple[int, int]] = []  # [start, end) of consecutive members with the same module
+        for r, module in enumerate(column):
+            if self.runs and _same_module(column[self.runs[-1][0]], module):
+                self.runs[-1] = (self.runs[-1][0], r + 1)
+            else:
+                self.runs.append((r, r + 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([self.per_member[start](x[start:end]) for start, end in self.runs])
+
+
 class StackedNet(nn.Module):
     """``R`` ``nn.Sequential`` networks of one architecture, stacked into one batched network.
 
@@ -136,7 +168,8 @@ class StackedNet(nn.Module):
             member must have the same sequence of layer types and parameter shapes. Supported
             layers: ``nn.Linear``; :class:`~han_surgery.layers.HouseholderLinear` and
             :class:`~han_surgery.layers.HanLayer` with ``reflections=1`` (the paper's layer); the
-            parameter-free modules of :data:`LAST_DIM_MODULES`.
+            parameter-free modules of :data:`LAST_DIM_MODULES`, which may differ between members
+            (:class:`MemberwiseModules`: e.g. one stack of ABS and ReLU networks).
 
     Shapes:
         ``(R, B, in_features) -> (R, B, out_features)``: row ``r`` goes through member ``r``. A
@@ -156,6 +189,8 @@ class StackedNet(nn.Module):
                 )
             for j, (a, b) in enumerate(zip(first, member, strict=True)):
                 shapes_a, shapes_b = [p.shape for p in a.parameters()], [p.shape for p in b.parameters()]
+                if isinstance(a, LAST_DIM_MODULES) and isinstance(b, LAST_DIM_MODULES):
+                    continue  # activations may differ between members
                 if type(a) is not type(b) or shapes_a != shapes_b:
                     raise ValueError(
                         f"StackedNet: layer {r}.{j} is {type(b).__name__} {shapes_b} but layer 0.{j} is "
@@ -174,7 +209,8 @@ class StackedNet(nn.Module):
             elif isinstance(layer, nn.Linear):
                 layers.append(StackedLinear(column))
             elif isinstance(layer, LAST_DIM_MODULES):
-                layers.append(copy.deepcopy(layer))
+                same = all(_same_module(layer, m) for m in column)
+                layers.append(copy.deepcopy(layer) if same else MemberwiseModules(column))
             else:
                 raise TypeError(
                     f"StackedNet: layer 0.{j} ({type(layer).__name__}) is not supported; use nn.Linear, "
@@ -200,9 +236,11 @@ class StackedNet(nn.Module):
     def member(self, r: int) -> nn.Sequential:
         """Member ``r`` with its current weights, as a fresh ``nn.Sequential`` of the original layer types."""
         net = copy.deepcopy(self._template[0])
-        for stacked, layer in zip(self.layers, net, strict=True):
+        for j, (stacked, layer) in enumerate(zip(self.layers, net, strict=True)):
             if isinstance(stacked, (StackedLinear, StackedHouseholder)):
                 stacked.copy_to(layer, r)
+            elif isinstance(stacked, MemberwiseModules):
+                net[j] = copy.deepcopy(stacked.per_member[r])
         return net
 
 
@@ -220,7 +258,8 @@ class _StackedOptimizer(torch.optim.Optimizer):
 
     ``member_lr`` and ``weight_decay`` hold one value per member. The step of member ``r`` uses the
     learning rate ``lr * member_lr[r]``; ``lr`` (a float, 1 by default) is what ``torch.optim``'s
-    learning-rate schedulers scale.
+    learning-rate schedulers scale. Updates use ``torch._foreach_*`` ops (one call per operation
+    for all parameters), as ``torch.optim``'s ``foreach`` implementations do.
     """
 
     def __init__(self, params, defaults: dict, member_lr, weight_decay, size: int) -> None:
@@ -233,18 +272,34 @@ class _StackedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"stacked optimizer: parameter of shape {tuple(p.shape)} has no member dim {size}")
 
     @staticmethod
-    def _bcast(values: Tensor, like: Tensor) -> Tensor:
-        return values.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
+    def _per_param(values: Tensor, params: list[Tensor]) -> list[Tensor]:
+        """``values`` (one per member) as a view that broadcasts against each parameter."""
+        return [values.to(p.dtype).view(-1, *([1] * (p.dim() - 1))) for p in params]
+
+    def _grads_with_decay(self, group: dict, params: list[Tensor]) -> list[Tensor]:
+        """The gradients, plus ``weight_decay * p`` (L2, as ``torch.optim``'s ``weight_decay``) where it is non-zero."""
+        grads = [p.grad for p in params]
+        if bool((group["weight_decay"] != 0).any()):
+            grads = torch._foreach_add(
+                grads, torch._foreach_mul(params, self._per_param(group["weight_decay"], params))
+            )
+        return grads
 
 
 class StackedAdam(_StackedOptimizer):
     """``torch.optim.Adam`` (L2 weight decay added to the gradient, no AMSGrad) with per-member lr and weight decay.
 
+    Adam's step is linear in the learning rate: ``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``, with
+    ``m`` and ``v`` independent of ``lr``. So each step runs torch's fused Adam kernel
+    (``torch._fused_adam_``, what ``Adam(fused=True)`` calls) at ``lr = 1`` and then moves every
+    member from its old weights towards the result by its own learning rate,
+    ``p <- p_old + lr_r * (p_1 - p_old)``: several times faster on CPU than unfused updates.
+
     Args:
         params: stacked parameters, leading dimension ``R`` (e.g. ``StackedNet.parameters()``).
         member_lr: ``R`` learning rates (or one for all).
-        weight_decay: ``R`` weight decays (or one for all).
         size: ``R``.
+        weight_decay: ``R`` weight decays (or one for all).
     """
 
     def __init__(self, params, member_lr, size: int, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay=0.0):
@@ -254,27 +309,38 @@ class StackedAdam(_StackedOptimizer):
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         loss = None if closure is None else closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                grad = p.grad
-                wd = group["weight_decay"]
-                if bool((wd != 0).any()):
-                    grad = grad + self._bcast(wd, p) * p
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1 ** state["step"]
-                bias_correction2_sqrt = (1 - beta2 ** state["step"]) ** 0.5
-                denom = (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(group["eps"])
-                step_size = self._bcast(group["lr"] * group["member_lr"] / bias_correction1, p)
-                p.sub_(step_size * state["exp_avg"] / denom)
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(
+                        step=torch.zeros((), dtype=torch.float32),
+                        exp_avg=torch.zeros_like(p),
+                        exp_avg_sq=torch.zeros_like(p),
+                    )
+            steps = [self.state[p]["step"] for p in params]
+            torch._foreach_add_(steps, 1)
+            grads = self._grads_with_decay(group, params)
+            old = [p.clone() for p in params]
+            torch._fused_adam_(
+                params,
+                grads,
+                [self.state[p]["exp_avg"] for p in params],
+                [self.state[p]["exp_avg_sq"] for p in params],
+                [],
+                steps,
+                lr=1.0,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+            torch._foreach_lerp_(old, params, self._per_param(group["lr"] * group["member_lr"], params))
+            torch._foreach_copy_(params, old)
         return loss
 
 
@@ -291,19 +357,20 @@ class StackedSGD(_StackedOptimizer):
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                wd = group["weight_decay"]
-                if bool((wd != 0).any()):
-                    grad = grad + self._bcast(wd, p) * p
-                if group["momentum"]:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = grad.clone()
-                    else:
-                        state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                    grad = state["momentum_buffer"]
-                p.sub_(self._bcast(group["lr"] * group["member_lr"], p) * grad)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = self._grads_with_decay(group, params)
+            if group["momentum"]:
+                if "momentum_buffer" not in self.state[params[0]]:
+                    for p, g in zip(params, grads, strict=True):
+                        self.state[p]["momentum_buffer"] = g.clone()
+                    bufs = [self.state[p]["momentum_buffer"] for p in params]
+                else:
+                    bufs = [self.state[p]["momentum_buffer"] for p in params]
+                    torch._foreach_mul_(bufs, group["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                grads = bufs
+            update = torch._foreach_mul(grads, self._per_param(group["lr"] * group["member_lr"], params))
+            torch._foreach_sub_(params, update)
         return loss
