@@ -185,8 +185,11 @@ def test_cw_finds_small_misclassified_inputs(trained_classifier):
     assert attacks.robust_accuracy(model, x, y, attacks.cw_l2, c=10.0, steps=100, lr=0.05) < clean_acc
 
 
-def test_approximation_models_have_the_stated_sizes():
-    for d in (2, 3, 4):
-        assert common.count_parameters(fc1(d)) == d * d + d
-        assert common.count_parameters(han3(d)) == 6 * d
-        assert han3(d)(torch.randn(3, d)).min() >= 0
+def test_approximation_models_follow_the_paper():
+    """Input layer, hidden part, output layer: the hidden part has n^2 + n (FC-1) or 6n (Han-3) parameters."""
+    for d, n in ((2, 30), (4, 100)):
+        io = (d * n + n) + (n * d + d)
+        assert common.count_parameters(fc1(d, n)) == io + n * n + n
+        assert common.count_parameters(han3(d, n)) == io + 6 * n
+        assert sum(isinstance(m, HanLayer) for m in han3(d, n)) == 3
+        assert fc1(d, n)(torch.randn(3, d)).shape == han3(d, n)(torch.randn(3, d)).shape == (3, d)

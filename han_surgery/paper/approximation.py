@@ -173,7 +173,7 @@ def _ints(text: str, option: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", default="2,3,4", help="input dimensions d (paper: 2,3,4)")
-    parser.add_argument("--widths", default="30,100", help="hidden widths n (paper: 30 to 100)")
+    parser.add_argument("--widths", default="30", help="hidden widths n, comma-separated (paper: 30 to 100)")
     parser.add_argument("--epochs", type=int, default=1000, help="paper: 1,000 (20,000 steps of 100)")
     parser.add_argument("--n-train", type=int, default=2000, help="paper: 2,000")
     parser.add_argument("--n-test", type=int, default=10000, help="paper: 10,000")
