@@ -385,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lrs = _parse_lrs(args.lrs, "--lrs")  # None: each row's default grid
     iters, eval_every = args.iters, args.eval_every
     if args.quick:
-        iters, eval_every = 150, 50
+        iters, eval_every = 60, 30
         lrs = lrs or (0.01, 0.05)
     data_dir = resolve_data_path(args.data, "checkerboard")
     data = load_checkerboard(data_dir)

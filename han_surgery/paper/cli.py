@@ -75,14 +75,14 @@ def _add_experiments(parser: argparse.ArgumentParser) -> None:
         exp.set_defaults(exp_parser=exp)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     """The ``han-surgery paper`` parser (experiment modules are imported to build their sub-parsers)."""
-    parser = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_experiments(parser)
     return parser
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, prog: str = PROG) -> int:
     if getattr(args, "experiment", None) is None:
         args.paper_parser.print_help()
         return 2
@@ -90,23 +90,26 @@ def _run(args: argparse.Namespace) -> int:
     try:
         importlib.import_module(EXPERIMENTS[args.experiment][0]).run(args)
     except PaperInputError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``han-surgery paper ARGS...``; returns the exit status (2 for bad input)."""
-    parser = build_parser()
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    """Entry point of ``han-surgery paper ARGS...``; returns the exit status (2 for bad input).
+
+    ``prog`` is the command name used in usage and error lines.
+    """
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except PaperInputError as err:
-        print(f"{PROG}: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except SystemExit as done:  # --help
         return int(done.code or 0)
     args.paper_parser = parser
-    return _run(args)
+    return _run(args, prog)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

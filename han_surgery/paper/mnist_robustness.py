@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.epochs, None, args.pgd_steps, args.cw_steps, args.cw_digits,
     )  # fmt: skip
     if args.quick:
-        epochs, max_steps, pgd_steps, cw_steps, cw_digits = 1, 20, 3, 5, 50
+        epochs, max_steps, pgd_steps, cw_steps, cw_digits = 1, 12, 3, 5, 50
         x_te, y_te = x_te[:100], y_te[:100]
         linf, l2, cwc = linf[:2], l2[:1], cwc[:1]
     rows, timing = [], {}

@@ -377,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = _dataset_paths(args)
     max_steps = None
     if args.quick:
-        seeds, epochs, max_steps = seeds[:2], 1, 30
+        seeds, epochs, max_steps = seeds[:2], 1, 20
     rows, table, runs = [], [], []
     for path in paths:
         data = load_csv(path)
