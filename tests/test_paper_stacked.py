@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from han_surgery.functional import unit_rows
 from han_surgery.layers import HanLayer, HouseholderLinear
 from han_surgery.paper import checkerboard, common, regression
 from han_surgery.paper.activations import GroupSort
-from han_surgery.paper.stacked import StackedAdam, StackedNet, StackedSGD
+from han_surgery.paper.stacked import StackedAdam, StackedNet, StackedSGD, _StackedReflection
 
 
 def _members(size: int = 3) -> list[nn.Sequential]:
@@ -45,6 +46,17 @@ def test_stacked_forward_and_gradients_equal_the_members():
         for (name, p), stacked in zip(m.named_parameters(), stack.parameters(), strict=True):
             grad = stacked.grad[r].reshape(p.shape)
             torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("apply_abs", [True, False])
+def test_stacked_reflection_backward_is_the_gradient(apply_abs):
+    """The hand-written backward of the batched Householder layer against finite differences (float64)."""
+    gen = torch.Generator().manual_seed(0)
+    x, u, b = (
+        torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True) for s in ((3, 5, 7), (3, 7), (3, 7))
+    )
+    fn = lambda x, u, b: _StackedReflection.apply(x, unit_rows(u), b, apply_abs)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, u, b))
 
 
 def test_stacked_member_round_trip_and_shared_input():

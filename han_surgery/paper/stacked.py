@@ -1,9 +1,9 @@
 """Train ``R`` networks of one architecture as one batched computation.
 
 The paper's protocols train many small networks that differ only in seed and hyper-parameters
-(5 seeds x 2 learning rates per regression set, 10 learning rates per checkerboard row, 16
-optimiser settings per approximation cell). Trained one after the other on a CPU, each tiny step
-is dominated by per-operation overhead. :class:`StackedNet` holds ``R`` member networks with the
+(5 seeds x 2 learning rates per regression set and model, 4 or 9 learning rates per checkerboard
+row, 16 optimiser settings x 2 targets per approximation student). Trained one after the other on
+a CPU, each tiny step is dominated by per-operation overhead. :class:`StackedNet` holds ``R`` member networks with the
 same layer sequence as *stacked* parameters (a leading dimension of size ``R`` on every weight)
 and runs them in lockstep on an input of shape ``(R, B, features)``: one batched operation per
 layer for all ``R`` members. :class:`StackedAdam` and :class:`StackedSGD` are ``torch.optim``'s
