@@ -220,16 +220,17 @@ def _e_numbers(merged: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # Section 5.1, Table 6
 
 
-def mnist_section(r_: dict) -> str:
-    cfg = r_["config"]
-    rows = {row["model"]: row for row in r_["rows"]}
+def mnist_section(runs: list[dict]) -> str:
+    """One table for all MNIST runs of one protocol (the columns may come from separate commands)."""
+    cfg = runs[0]["config"]
+    rows = {row["model"]: row for r_ in runs for row in r_["rows"]}
     models = [m for m in mnist_robustness.MODELS if m in rows]
     labels = {"hannet": "HanNet VT", "fcnet": "FCNet VT", "fcnet-trades": "FCNet TRADES", "fcnet-at": "FCNet AT"}
     head = "| attack | " + " | ".join(f"{labels[m]}: paper | {labels[m]}: ours" for m in models) + " |"
     sep = "|---|" + "---|---|" * len(models)
     out = [
         "## 3. MNIST robustness (Section 5.1, Table 6)\n",
-        *_commands([r_]),
+        *_commands(runs),
         "",
         f"Accuracy %, {cfg['n_test']:,} test digits. Clean and Carlini-Wagner ({cfg['cw_steps']:,} steps, on "
         f"{cfg['cw_digits']:,} digits):\n",
@@ -275,7 +276,7 @@ def mnist_section(r_: dict) -> str:
             f"{han['clean']:.1f}% vs {fc['clean']:.1f}% (paper: 92.5% vs 96.4%), with "
             f"{rows['hannet']['params']:,} vs {rows['fcnet']['params']:,} parameters.\n"
         )
-    out.append(f"![mnist](results/{Path(r_['_folder']).name}/robustness.png)\n")
+    out += [f"![mnist](results/{Path(r_['_folder']).name}/robustness.png)\n" for r_ in runs]
     trades = cfg["trades"]
     out.append(
         f"Protocol (the paper's): Adam lr {cfg['lr']:g}, weight decay {cfg['weight_decay']:g}, batch "
@@ -419,8 +420,8 @@ def main() -> None:
         parts.append(approximation_section(found["approximation"]))
     if "checkerboard" in found:
         parts.append(checkerboard_section(found["checkerboard"]))
-    for res in found.get("mnist", []):
-        parts.append(mnist_section(res))
+    if "mnist" in found:
+        parts.append(mnist_section(found["mnist"]))
     if "regression" in found:
         parts.append(regression_section(found["regression"]))
     parts.append(
