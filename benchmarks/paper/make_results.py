@@ -46,8 +46,9 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 def _commands(runs: list[dict]) -> list[str]:
     return [
-        f"- `{r['command']}`: wall time {_wall(r['wall_seconds'])} "
-        f"([`{Path(r['_folder']).name}/`](results/{Path(r['_folder']).name}/))"
+        f"- `{r['command']}`: wall time {_wall(r['wall_seconds'])}"
+        + ("" if r.get("complete", True) else " **(interrupted: the rows it finished)**")
+        + f" ([`{Path(r['_folder']).name}/`](results/{Path(r['_folder']).name}/))"
         for r in runs
     ]
 

@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "accuracy": {k: 100 * v for k, v in acc.items()},
                 }
             )
-            results, md = _write(args, config, rows, time.perf_counter() - t_start)  # after every model
+            results, md = _write(args, config, rows, time.perf_counter() - t_start, len(rows) == len(models))
     finally:
         torch.set_flush_denormal(False)
     print(md)
@@ -307,9 +307,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write(
-    args: argparse.Namespace, config: dict[str, Any], rows: list[dict[str, Any]], wall: float
+    args: argparse.Namespace, config: dict[str, Any], rows: list[dict[str, Any]], wall: float, complete: bool
 ) -> tuple[dict[str, Any], str]:
-    """Write ``--out`` for the models done so far; return the results and their markdown table."""
+    """Write ``--out`` for the models done so far (after each one); return the results and their markdown table."""
     keys = list(rows[0]["accuracy"])
     table = [[_header(k)] + [f"{r['accuracy'][k]:.1f}" for r in rows] for k in keys]
     md = (
@@ -323,6 +323,7 @@ def _write(
     results = {
         "experiment": "mnist",
         "quick": bool(args.quick),
+        "complete": complete,
         "command": getattr(args, "command_line", None),
         "config": config,
         "rows": rows,

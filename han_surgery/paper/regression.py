@@ -378,7 +378,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_steps = None
     if args.quick:
         seeds, epochs, max_steps = seeds[:2], 1, 20
-    rows, table, runs = [], [], []
+    config = {
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "lrs": lrs,
+        "seeds": seeds,
+        "train_fractions": fractions,
+        "batch_size": 100,
+        "schedule": args.schedule,
+        "compile": bool(args.compile),
+        "datasets": [str(p) for p in paths],
+    }
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     for path in paths:
         data = load_csv(path)
         name = Path(path).stem
@@ -386,88 +398,77 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for m in models:
                 grid = [(seed, lr) for seed in seeds for lr in lrs]
                 stack = train_stacked(
-                    data,
-                    m,
-                    grid,
-                    epochs,
-                    schedule=args.schedule,
-                    train_fraction=fraction,
-                    max_steps=max_steps,
-                    compile=args.compile,
-                    progress=not args.quick,
-                )
+                    data, m, grid, epochs, schedule=args.schedule, train_fraction=fraction, max_steps=max_steps,
+                    compile=args.compile, progress=not args.quick,
+                )  # fmt: skip
                 runs += stack
                 per_seed = [min((r for r in stack if r["seed"] == s), key=lambda r: r["val_rmse"]) for s in seeds]
                 rmse_m, rmse_s = mean_std([r["test_rmse"] for r in per_seed])
                 r2_m, r2_s = mean_std([r["test_r2"] for r in per_seed])
-                group = "full" if fraction == 1 else "fewer"
-                paper = PAPER[group].get(name, {}).get(m)
-                row = {
-                    "dataset": name,
-                    "rows": int(data.x.shape[0]),
-                    "features": int(data.x.shape[1]),
-                    "dropped_constant_columns": data.dropped_columns,
-                    "train_fraction": fraction,
-                    "train_rows": int(int(data.x.shape[0] * 0.8) * fraction),
-                    "model": m,
-                    "label": MODELS[m],
-                    "params": stack[0]["params"],
-                    "paper_rmse": None if paper is None else paper[0],
-                    "paper_r2": None if paper is None else paper[1],
-                    "rmse_mean": rmse_m,
-                    "rmse_std": rmse_s,
-                    "r2_mean": r2_m,
-                    "r2_std": r2_s,
-                    "chosen_lrs": [r["lr"] for r in per_seed],
-                    "seconds": stack[0]["seconds"],
-                }
-                rows.append(row)
-                table.append(
-                    [
-                        name,
-                        f"{fraction:g}",
-                        MODELS[m],
-                        f"{row['params']:,}",
-                        "-" if paper is None else f"{paper[0]:.3f}",
-                        f"{rmse_m:.4g} ± {rmse_s:.2g}",
-                        "-" if paper is None else f"{paper[1]:.3f}",
-                        f"{r2_m:.4f} ± {r2_s:.2g}",
-                    ]
+                paper = PAPER["full" if fraction == 1 else "fewer"].get(name, {}).get(m)
+                rows.append(
+                    {
+                        "dataset": name,
+                        "rows": int(data.x.shape[0]),
+                        "features": int(data.x.shape[1]),
+                        "dropped_constant_columns": data.dropped_columns,
+                        "train_fraction": fraction,
+                        "train_rows": int(int(data.x.shape[0] * 0.8) * fraction),
+                        "model": m,
+                        "label": MODELS[m],
+                        "params": stack[0]["params"],
+                        "paper_rmse": None if paper is None else paper[0],
+                        "paper_r2": None if paper is None else paper[1],
+                        "rmse_mean": rmse_m,
+                        "rmse_std": rmse_s,
+                        "r2_mean": r2_m,
+                        "r2_std": r2_s,
+                        "chosen_lrs": [r["lr"] for r in per_seed],
+                        "seconds": stack[0]["seconds"],
+                    }
                 )
-    wall = time.perf_counter() - t_start
+                complete = len(rows) == len(paths) * len(fractions) * len(models)
+                results, md = _write(args, config, rows, runs, time.perf_counter() - t_start, complete)
+    print(md)
+    return results
+
+
+def _write(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    wall: float,
+    complete: bool,
+) -> tuple[dict[str, Any], str]:
+    """Write ``--out`` for the models done so far (after each one); return the results and their markdown table."""
+    table = [
+        [
+            r["dataset"],
+            f"{r['train_fraction']:g}",
+            r["label"],
+            f"{r['params']:,}",
+            "-" if r["paper_rmse"] is None else f"{r['paper_rmse']:.3f}",
+            f"{r['rmse_mean']:.4g} ± {r['rmse_std']:.2g}",
+            "-" if r["paper_r2"] is None else f"{r['paper_r2']:.3f}",
+            f"{r['r2_mean']:.4f} ± {r['r2_std']:.2g}",
+        ]
+        for r in rows
+    ]
+    headers = ["dataset", "train fraction", "model", "params", "paper RMSE", "ours: test RMSE (mean ± std)"]
+    headers += ["paper R^2", "ours: test R^2 (mean ± std)"]
     md = (
-        f"# Regression ({'quick smoke test' if args.quick else 'run'}: {epochs} epochs, lrs {lrs}, "
-        f"{len(seeds)} seeds, schedule '{args.schedule}')\n\n"
-        + markdown_table(
-            [
-                "dataset",
-                "train fraction",
-                "model",
-                "params",
-                "paper RMSE",
-                "ours: test RMSE (mean ± std)",
-                "paper R^2",
-                "ours: test R^2 (mean ± std)",
-            ],
-            table,
-        )
+        f"# Regression ({'quick smoke test' if args.quick else 'run'}: {config['epochs']} epochs, lrs "
+        f"{config['lrs']}, {len(config['seeds'])} seeds, schedule '{config['schedule']}')\n\n"
+        + markdown_table(headers, table)
         + f"\nWall time: {wall:.0f} s.\n"
     )
     results = {
         "experiment": "regression",
         "quick": bool(args.quick),
+        "complete": complete,
         "command": getattr(args, "command_line", None),
-        "config": {
-            "epochs": epochs,
-            "max_steps": max_steps,
-            "lrs": lrs,
-            "seeds": seeds,
-            "train_fractions": fractions,
-            "batch_size": 100,
-            "schedule": args.schedule,
-            "compile": bool(args.compile),
-            "datasets": [str(p) for p in paths],
-        },
+        "config": config,
         "rows": rows,
         "runs": runs,
         "wall_seconds": wall,
@@ -475,8 +476,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = write_results(args.out, results, md)
     if folder is not None:
         _plot(rows, folder / "rmse.png")
-    print(md)
-    return results
+    return results, md
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
