@@ -402,8 +402,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for v in variants:
         runs = trained[v]
         paper_pick = max(runs, key=lambda r: r["best_test_acc"])
-        finite = [r for r in runs if np.isfinite(r["final_train_loss"])] or runs
-        clean_pick = min(finite, key=lambda r: r["final_train_loss"])
+        finite = [r for r in runs if np.isfinite(r["final_train_loss"])]
+        all_diverged = not finite
+        clean_pick = min(finite or runs, key=lambda r: r["final_train_loss"])
         titles[v] = VARIANTS[v]["label"]
         boards[v] = clean_pick["board"]
         curves[v] = clean_pick["curve"]
@@ -416,8 +417,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             # best_test_acc stays -1 for a run that diverged before its first evaluation
             "paper_protocol_test_acc": 100 * paper_pick["best_test_acc"] if paper_pick["best_test_acc"] >= 0 else None,
             "paper_protocol_lr": paper_pick["lr"],
-            "final_test_acc": 100 * clean_pick["final_test_acc"],
-            "final_train_acc": 100 * clean_pick["final_train_acc"],
+            "final_test_acc": None if all_diverged else 100 * clean_pick["final_test_acc"],
+            "final_train_acc": None if all_diverged else 100 * clean_pick["final_train_acc"],
             "final_train_loss": clean_pick["final_train_loss"],
             "final_lr": clean_pick["lr"],
             "seconds": runs[0]["seconds"],
@@ -432,8 +433,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "all lrs diverged"
                 if row["paper_protocol_test_acc"] is None
                 else f"{row['paper_protocol_test_acc']:.2f} (lr {row['paper_protocol_lr']})",
-                f"{row['final_test_acc']:.2f} (lr {row['final_lr']})",
-                f"{row['final_train_acc']:.2f}",
+                "all lrs diverged" if all_diverged else f"{row['final_test_acc']:.2f} (lr {row['final_lr']})",
+                "-" if all_diverged else f"{row['final_train_acc']:.2f}",
             ]
         )
     wall = time.perf_counter() - t_start
