@@ -12,10 +12,13 @@ paper approximation --out docs/results/approximation
 
 # Table 3 (Section 4). Rows a, b, e, f1 and FCNet were run earlier, by the single-run trainer of the
 # same protocol (docs/results/checkerboard*/results.json keep their exact commands); today's
-# equivalent is the first line. The second adds rows c, d, f2; the third the diagnostics of row e.
+# equivalent is the first line. The second adds rows c, d, f2; the last two the diagnostics of row e.
 # paper checkerboard --variants a,b,e,f1,fcnet --compile --out docs/results/checkerboard
 paper checkerboard --variants c,d,f2 --compile --out docs/results/checkerboard_cdf2
-paper checkerboard --variants e-default,e-kaiming,e-6x100 --compile --out docs/results/checkerboard_e_diagnostics
+paper checkerboard --variants e-default,e-kaiming,e-6x100 --lrs 0.005,0.01,0.025,0.05 --compile \
+  --out docs/results/checkerboard_e_diagnostics
+paper checkerboard --variants e-default,e-6x100 --lrs 0.0005,0.001,0.0025,0.1,0.25 --compile \
+  --out docs/results/checkerboard_e_diagnostics_lrs
 
 # Table 6 (Section 5.1)
 paper mnist --out docs/results/mnist
