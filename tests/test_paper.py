@@ -193,3 +193,18 @@ def test_approximation_models_follow_the_paper():
         assert common.count_parameters(han3(d, n)) == io + 6 * n
         assert sum(isinstance(m, HanLayer) for m in han3(d, n)) == 3
         assert fc1(d, n)(torch.randn(3, d)).shape == han3(d, n)(torch.randn(3, d)).shape == (3, d)
+
+
+def test_cw_abort_early_stops_when_the_batch_loss_rises(trained_classifier):
+    """torchattacks' early abort (off by default) ends the optimisation long before ``steps``, a weaker attack."""
+    model, x, y = trained_classifier
+    calls = []
+    counting = nn.Sequential(nn.Identity(), model)
+    counting[0].register_forward_hook(lambda *_: calls.append(1))
+    full = attacks.robust_accuracy(counting, x, y, attacks.cw_l2, batch_size=100, c=1.0, steps=200, lr=0.05)
+    full_calls, calls[:] = len(calls), []
+    early = attacks.robust_accuracy(
+        counting, x, y, attacks.cw_l2, batch_size=100, c=1.0, steps=200, lr=0.05, abort_early=True
+    )
+    assert full_calls == 200 + 1  # 200 steps + the accuracy check
+    assert len(calls) < 200 and full <= early

@@ -176,6 +176,7 @@ def evaluate(
     cw_digits: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    cw_abort_early: bool = False,
 ) -> dict[str, float]:
     """Clean and robust accuracy in [0, 1]: keys ``clean``, ``pgd_linf@eps``, ``pgd_l2@eps``, ``cw@c``.
 
@@ -194,7 +195,7 @@ def evaluate(
     for kind, value in tqdm(jobs, desc="attacks", leave=False, disable=not progress):
         if kind == "cw":
             out[f"cw@{value}"] = robust_accuracy(
-                model, x[:cw_digits], y[:cw_digits], cw_l2, c=value, steps=cw_steps, lr=0.01
+                model, x[:cw_digits], y[:cw_digits], cw_l2, c=value, steps=cw_steps, lr=0.01, abort_early=cw_abort_early
             )
         else:
             attack = pgd_linf if kind == "pgd_linf" else pgd_l2
@@ -230,6 +231,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="CW attacks only this many test digits (a random subset; default all)",
+    )
+    parser.add_argument(
+        "--cw-abort-early",
+        action="store_true",
+        help="stop CW when the batch loss stops falling, as torchattacks' CW does (a weaker attack)",
     )
     parser.add_argument("--threads", type=int, default=None)
 
@@ -272,6 +278,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "pgd_steps": pgd_steps,
         "cw_steps": cw_steps,
         "cw_digits": min(cw_digits or len(x_te), len(x_te)),
+        "cw_abort_early": bool(args.cw_abort_early),
         "defence_eps_linf": DEFENCE_EPS,
         "trades": {"beta": TRADES_BETA, "steps": TRADES_STEPS, "alpha": TRADES_ALPHA},
         "flush_denormal": True,
@@ -288,7 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 seed=args.seed, max_steps=max_steps, progress=not args.quick,
             )  # fmt: skip
             t1 = time.perf_counter()
-            acc = evaluate(model, x_te, y_te, linf, l2, cwc, pgd_steps, cw_steps, cw_digits, args.seed, not args.quick)
+            acc = evaluate(
+                model, x_te, y_te, linf, l2, cwc, pgd_steps, cw_steps, cw_digits, args.seed, not args.quick,
+                cw_abort_early=args.cw_abort_early,
+            )  # fmt: skip
             rows.append(
                 {
                     "model": m,
