@@ -168,9 +168,10 @@ def checkerboard_section(runs: list[dict]) -> str:
         "20 x 30 rows, 9 for FCNet; the paper says it tried 10 without listing them); MaxMin = GroupSort(2); the "
         "OrthFC penalty `lambda * sum ||W^T W - I||_F^2` over the square dense layers with lambda = 0.01 (the "
         "paper's value was lost); one seed (0). Rows (a), (b), (e), (f1) and FCNet come from earlier runs of the same "
-        "protocol by the single-run trainer (`checkerboard`, `checkerboard_ablation*`); (c), (d), (f2) and the "
-        "diagnostics below from the stacked trainer, which reproduces single runs to float rounding "
-        "(tests/test_paper_stacked.py).\n"
+        "protocol by the single-run trainer (`checkerboard`, `checkerboard_ablation*`, commits bb62225 and bf1e37c; "
+        "their `--jobs` option, parallel processes, is gone); (c), (d), (f2) and the diagnostics below from the "
+        "stacked trainer, which reproduces single runs to float rounding (tests/test_paper_stacked.py); today's "
+        "command for the first five is `han-surgery paper checkerboard --variants a,b,e,f1,fcnet --compile`.\n"
     )
     if diagnostics:
         out.append("### Why is our (e) FC + ABS at 97% when the paper has 85.3%?\n")

@@ -181,7 +181,8 @@ def evaluate(
     """Clean and robust accuracy in [0, 1]: keys ``clean``, ``pgd_linf@eps``, ``pgd_l2@eps``, ``cw@c``.
 
     CW runs on the first ``cw_digits`` of ``x`` (all by default; a random subset when ``x`` is in
-    random order), with ``clean@cw`` the clean accuracy on that subset when it is one.
+    random order), with ``clean@cw`` the clean accuracy on that subset when it is one;
+    ``cw_abort_early``: see :func:`~.attacks.cw_l2`.
     """
     cw_digits = x.shape[0] if cw_digits is None else min(cw_digits, x.shape[0])
     for p in model.parameters():
