@@ -223,7 +223,15 @@ def _e_numbers(merged: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def mnist_section(runs: list[dict]) -> str:
-    """One table for all MNIST runs of one protocol (the columns may come from separate commands)."""
+    """One table for all MNIST runs of one protocol (the columns may come from separate commands).
+
+    Runs made with ``--cw-abort-early`` (torchattacks' CW) add rows to the CW table.
+    """
+    abort_runs = [r_ for r_ in runs if r_["config"].get("cw_abort_early")]
+    runs = [r_ for r_ in runs if not r_["config"].get("cw_abort_early")]
+    if not runs:
+        return ""
+    abort_rows = {row["model"]: row for r_ in abort_runs for row in r_["rows"]}
     cfg = runs[0]["config"]
     rows = {row["model"]: row for r_ in runs for row in r_["rows"]}
     models = [m for m in mnist_robustness.MODELS if m in rows]
@@ -232,10 +240,11 @@ def mnist_section(runs: list[dict]) -> str:
     sep = "|---|" + "---|---|" * len(models)
     out = [
         "## 3. MNIST robustness (Section 5.1, Table 6)\n",
-        *_commands(runs),
+        *_commands(runs + abort_runs),
         "",
         f"Accuracy %, {cfg['n_test']:,} test digits. Clean and Carlini-Wagner ({cfg['cw_steps']:,} steps, on "
-        f"{cfg['cw_digits']:,} digits):\n",
+        f'{cfg["cw_digits"]:,} digits; "early abort": the same attack stopped as torchattacks\' CW stops it, '
+        "see below):\n",
         head,
         sep,
     ]
@@ -245,6 +254,15 @@ def mnist_section(runs: list[dict]) -> str:
             f"{_pct(100 * paper[m] if m in paper else None)} | {_pct(rows[m]['accuracy'].get(key))}" for m in models
         ]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    for c in abort_runs[0]["config"]["cw_c"] if abort_runs else ():
+        key = f"cw@{c}"
+        paper = mnist_robustness.TABLE6.get(key, {})
+        cells = [
+            f"{_pct(100 * paper[m] if m in paper else None)} | "
+            f"{_pct(abort_rows[m]['accuracy'].get(key) if m in abort_rows else None)}"
+            for m in models
+        ]
+        out.append(f"| CW c={c:g}, early abort | " + " | ".join(cells) + " |")
     out += [
         "",
         f"PGD ({cfg['pgd_steps']} steps of 2.5 eps / {cfg['pgd_steps']}, random start). The paper's norms and eps "
