@@ -312,7 +312,11 @@ def mnist_section(runs: list[dict]) -> str:
         f"of the cross-entropy on the clean batch and on its FGSM (L-inf, eps {cfg['defence_eps_linf']:g}) version; "
         "the paper tuned HanNet's weight decay for robustness (clean accuracy kept above 0.9) without giving the "
         f"value, we use its general {cfg['weight_decay']:g}; CW is untargeted, Adam lr 0.01, kappa 0, fixed c (no "
-        "binary search); one seed (0). Attacks: `han_surgery/paper/attacks.py` (written after torchattacks 3.5.1, "
+        "binary search), all 1,000 steps. The paper does not say which CW implementation it ran; torchattacks' `CW` "
+        "(the common PyTorch one) stops at the first check, every steps / 10 steps, where the batch's total loss "
+        "has not fallen, and takes max_{j != y} Z_j over logits with the true class's set to 0 rather than "
+        'excluded. Both weaken it; the "early abort" rows (`--cw-abort-early`, HanNet and FCNet VT only, models '
+        "retrained with the same seed) apply the first. One seed (0). Attacks: `han_surgery/paper/attacks.py` (written after torchattacks 3.5.1, "
         "which pins `requests~=2.25`, so it is not a dependency).\n"
     )
     return "\n".join(out)
