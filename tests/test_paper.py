@@ -50,7 +50,7 @@ def test_fc_net_parameter_counts():
 def test_data_paths_are_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv(common.DATA_ENV, str(tmp_path))
     assert common.default_data_dir() == tmp_path
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(common.PaperInputError, match="--data"):
         common.resolve_data_path(None, "checkerboard")
     (tmp_path / "checkerboard").mkdir()
     assert common.resolve_data_path(None, "checkerboard") == tmp_path / "checkerboard"
@@ -111,11 +111,15 @@ def test_regression_quick_on_any_csv(tmp_path):
         epochs=300,
         lrs="0.003",
         seeds=5,
+        train_fractions="1,0.5",
         schedule="epoch",
+        compile=False,
         threads=None,
     )
     res = regression.run(args)
-    assert [r["model"] for r in res["rows"]] == ["hannet", "fcnet1", "fcnet2"]
+    assert [(r["train_fraction"], r["model"]) for r in res["rows"]] == [
+        (f, m) for f in (1.0, 0.5) for m in ("hannet", "fcnet1", "fcnet2")
+    ]
     assert all(r["dataset"] == "mine" and r["features"] == 4 and np.isfinite(r["rmse_mean"]) for r in res["rows"])
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["rows"][0]["dropped_constant_columns"] == [2]
@@ -181,8 +185,26 @@ def test_cw_finds_small_misclassified_inputs(trained_classifier):
     assert attacks.robust_accuracy(model, x, y, attacks.cw_l2, c=10.0, steps=100, lr=0.05) < clean_acc
 
 
-def test_approximation_models_have_the_stated_sizes():
-    for d in (2, 3, 4):
-        assert common.count_parameters(fc1(d)) == d * d + d
-        assert common.count_parameters(han3(d)) == 6 * d
-        assert han3(d)(torch.randn(3, d)).min() >= 0
+def test_approximation_models_follow_the_paper():
+    """Input layer, hidden part, output layer: the hidden part has n^2 + n (FC-1) or 6n (Han-3) parameters."""
+    for d, n in ((2, 30), (4, 100)):
+        io = (d * n + n) + (n * d + d)
+        assert common.count_parameters(fc1(d, n)) == io + n * n + n
+        assert common.count_parameters(han3(d, n)) == io + 6 * n
+        assert sum(isinstance(m, HanLayer) for m in han3(d, n)) == 3
+        assert fc1(d, n)(torch.randn(3, d)).shape == han3(d, n)(torch.randn(3, d)).shape == (3, d)
+
+
+def test_cw_abort_early_stops_when_the_batch_loss_rises(trained_classifier):
+    """torchattacks' early abort (off by default) ends the optimisation long before ``steps``, a weaker attack."""
+    model, x, y = trained_classifier
+    calls = []
+    counting = nn.Sequential(nn.Identity(), model)
+    counting[0].register_forward_hook(lambda *_: calls.append(1))
+    full = attacks.robust_accuracy(counting, x, y, attacks.cw_l2, batch_size=100, c=1.0, steps=200, lr=0.05)
+    full_calls, calls[:] = len(calls), []
+    early = attacks.robust_accuracy(
+        counting, x, y, attacks.cw_l2, batch_size=100, c=1.0, steps=200, lr=0.05, abort_early=True
+    )
+    assert full_calls == 200 + 1  # 200 steps + the accuracy check
+    assert len(calls) < 200 and full <= early

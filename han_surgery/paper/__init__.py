@@ -3,15 +3,19 @@
 One module per experiment, each with ``add_arguments(parser)`` and ``run(args) -> dict``,
 driven by ``han-surgery paper <experiment> [--quick] [--out DIR]`` (see :mod:`.cli`):
 
-* :mod:`.checkerboard` -- Section 4, Figure 1, Table 3 (HanNet vs FCNet, ablations).
-* :mod:`.regression` -- Table 9 (HanNet vs FCNet1/FCNet2 on UCI/StatLib CSVs).
-* :mod:`.mnist_robustness` -- Section 5.1, Table 6 (clean and PGD/CW robust accuracy).
-* :mod:`.approximation` -- Section 3.2, Table 2 (FC-1 and Han-3 fitting each other).
+* :mod:`.approximation` -- Section 3.2, Tables 1-2 (FC-1 and Han-3 fitting each other).
+* :mod:`.checkerboard` -- Section 4, Table 3 (HanNet vs FCNet, the seven ablation rows).
+* :mod:`.mnist_robustness` -- Section 5.1, Table 6 (clean, PGD and CW accuracy; TRADES and AT baselines).
+* :mod:`.regression` -- Section 5.2, Table 9 (HanNet vs FCNet1/FCNet2 on any numeric CSV).
+* :mod:`.han_mixer`, :mod:`.han_mobilevit` -- Sections 5.3-5.4, Tables 11-14 (on CIFAR or STL10
+  folders, :mod:`.image_data`; training in :mod:`.vision`).
 
-Model constructors shared by all of them (:func:`~.common.han_net`, :func:`~.common.fc_net`)
-live in :mod:`.common`. Nothing here reads data at import time; every data path is an argument.
+Shared pieces: model constructors (:func:`~.common.han_net`, :func:`~.common.fc_net`) and
+:class:`~.common.PaperInputError` in :mod:`.common`; :mod:`.stacked` trains many runs of one
+architecture as one batched computation; :mod:`.attacks`; :mod:`.activations` (GroupSort). Nothing
+here reads data at import time; every data path is an argument.
 """
 
-from .common import count_parameters, fc_net, han_net
+from .common import PaperInputError, count_parameters, fc_net, han_net
 
-__all__ = ["count_parameters", "fc_net", "han_net"]
+__all__ = ["PaperInputError", "count_parameters", "fc_net", "han_net"]

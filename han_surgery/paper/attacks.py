@@ -1,4 +1,4 @@
-"""White-box adversarial attacks for the robustness experiment: PGD (L-inf, L2) and Carlini-Wagner L2.
+"""White-box adversarial attacks for the robustness experiment: FGSM, PGD (L-inf, L2), Carlini-Wagner L2.
 
 Written after the reference algorithms (Madry et al. 2018; Carlini & Wagner 2017) and the
 defaults of torchattacks 3.5.1 (``PGD``, ``PGDL2``, ``CW``); torchattacks itself is not a dependency
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pgd_linf", "pgd_l2", "cw_l2", "robust_accuracy"]
+__all__ = ["fgsm", "pgd_linf", "pgd_l2", "trades_kl_linf", "cw_l2", "robust_accuracy"]
 
 
 def _flat_norm(t: Tensor) -> Tensor:
@@ -26,6 +26,41 @@ def _grad(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     loss = F.cross_entropy(model(x), y)
     (grad,) = torch.autograd.grad(loss, x)
     return grad
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float) -> Tensor:
+    """One signed-gradient step on the cross-entropy (Goodfellow et al. 2015): ``clip(x + eps sign(grad), 0, 1)``.
+
+    Leaves the model's mode (train / eval) as it is, so it can make training samples.
+    """
+    return (x.detach() + eps * _grad(model, x, y).sign()).clamp(0, 1).detach()
+
+
+def trades_kl_linf(
+    model: nn.Module,
+    x: Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """TRADES' inner maximisation (Zhang et al. 2019): PGD on ``KL(f(x) || f(x'))`` in the L-inf ball.
+
+    Starts at ``x + 0.001 N(0, I)`` and takes ``steps`` signed steps of ``alpha``, projecting to
+    ``||x' - x||_inf <= eps`` and ``[0, 1]``, as the authors' reference code does. The model's
+    mode is left as it is; its parameters receive no gradient.
+    """
+    x0 = x.detach()
+    with torch.no_grad():
+        p_clean = F.softmax(model(x0), dim=1)
+    adv = x0 + 0.001 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    for _ in range(steps):
+        adv = adv.detach().requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(adv), dim=1), p_clean, reduction="sum")
+        (grad,) = torch.autograd.grad(kl, adv)
+        adv = adv.detach() + alpha * grad.sign()
+        adv = (x0 + (adv - x0).clamp(-eps, eps)).clamp(0, 1)
+    return adv.detach()
 
 
 def pgd_linf(
@@ -88,13 +123,25 @@ def pgd_l2(
 
 
 def cw_l2(
-    model: nn.Module, x: Tensor, y: Tensor, c: float = 1.0, kappa: float = 0.0, steps: int = 100, lr: float = 0.01
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    c: float = 1.0,
+    kappa: float = 0.0,
+    steps: int = 100,
+    lr: float = 0.01,
+    abort_early: bool = False,
 ) -> Tensor:
     """Carlini-Wagner L2 attack (untargeted, fixed ``c``, no binary search, as torchattacks' ``CW``).
 
     Optimises ``w`` with Adam where ``x' = (tanh(w) + 1) / 2``, minimising
     ``||x' - x||_2^2 + c * max(Z_y - max_{j != y} Z_j, -kappa)``; returns, per example, the
     successful (misclassified) ``x'`` of smallest L2 distance found, or ``x`` itself if none.
+
+    ``abort_early`` stops, as torchattacks' ``CW`` does by default, at the first check (every
+    ``steps // 10`` steps) where the batch's total loss is not below 0.9999 x the previous check's.
+    Once most of a batch is misclassified its distance term grows and the total rises, so this
+    stops long before ``steps``: a much weaker attack. Off by default (all ``steps`` run).
     """
     model.eval()
     x0 = x.detach()
@@ -103,7 +150,8 @@ def cw_l2(
     best = x0.clone()
     best_dist = torch.full((x0.shape[0],), float("inf"), dtype=x0.dtype)
     onehot: Tensor | None = None
-    for _ in range(steps):
+    check_every, prev_loss = max(steps // 10, 1), float("inf")
+    for step in range(steps):
         adv = (torch.tanh(w) + 1) / 2
         logits = model(adv)
         if onehot is None:
@@ -120,6 +168,10 @@ def cw_l2(
             improved = success & (dist < best_dist)
             best_dist = torch.where(improved, dist, best_dist)
             best[improved] = adv.detach()[improved]
+        if abort_early and step % check_every == 0:
+            if loss.item() > 0.9999 * prev_loss:
+                break
+            prev_loss = loss.item()
     return best
 
 

@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from ..layers import Abs, HanLayer, HouseholderLinear
+from .activations import GroupSort
 
 __all__ = [
+    "PaperInputError",
     "Activation",
     "han_net",
     "fc_net",
@@ -46,19 +48,35 @@ __all__ = [
     "use_agg_backend",
 ]
 
-Activation = Literal["abs", "relu"]
+
+class PaperInputError(ValueError):
+    """Bad input to a paper experiment: an option value, a missing data file, an unreadable CSV.
+
+    The message says what is wrong and what to do; ``han-surgery paper`` prints it as one line on
+    stderr and exits with status 2 (see :func:`han_surgery.paper.cli.main`).
+    """
+
+
+Activation = str  # "abs", "relu", "maxmin" or "groupsort<k>" (see make_activation)
 DenseInit = Literal["orthogonal", "kaiming", "default"]
 
 DATA_ENV = "HAN_SURGERY_DATA"
 
 
 def make_activation(name: str) -> nn.Module:
-    """``"abs"`` -> :class:`~han_surgery.layers.Abs`, ``"relu"`` -> ``nn.ReLU``."""
+    """``"abs"`` -> :class:`~han_surgery.layers.Abs`, ``"relu"`` -> ``nn.ReLU``, ``"maxmin"`` ->
+    ``GroupSort(2)``, ``"groupsort<k>"`` (e.g. ``"groupsort5"``) -> ``GroupSort(k)`` (see :mod:`.activations`)."""
     if name == "abs":
         return Abs()
     if name == "relu":
         return nn.ReLU()
-    raise ValueError(f"han_surgery.paper.common: activation must be 'abs' or 'relu', got {name!r}")
+    if name == "maxmin":
+        return GroupSort(2)
+    if name.startswith("groupsort") and name[len("groupsort") :].isdigit():
+        return GroupSort(int(name[len("groupsort") :]))
+    raise ValueError(
+        f"han_surgery.paper.common: activation must be 'abs', 'relu', 'maxmin' or 'groupsort<k>', got {name!r}"
+    )
 
 
 def _init_dense(layer: nn.Linear, init: str) -> None:
@@ -82,6 +100,7 @@ def han_net(
     activation: Activation = "abs",
     householder: bool = True,
     dense_init: DenseInit = "orthogonal",
+    fuse_abs: bool = True,
 ) -> nn.Sequential:
     """The paper's HanNet (and its ablations).
 
@@ -99,6 +118,9 @@ def han_net(
             (ablation "FC + activation" with the same skeleton).
         dense_init: init of every ``nn.Linear`` weight (``"orthogonal"``: the paper's HanNet).
             Householder vectors always use the paper's orthogonal init.
+        fuse_abs: with ``activation="abs"``, use :class:`~han_surgery.layers.HanLayer` (``|H x + b|``
+            in one module); ``False`` builds ``HouseholderLinear`` + ``Abs``, the same function with
+            the layer layout of the other activations (so the networks can be stacked together).
 
     Shapes: ``(N, in_features) -> (N, out_features)``.
     """
@@ -118,7 +140,7 @@ def han_net(
             lin = nn.Linear(fan_in, width)
             _init_dense(lin, dense_init)
             layers += [lin, make_activation(activation)]
-        elif activation == "abs":
+        elif activation == "abs" and fuse_abs:
             layers.append(HanLayer(width))
         else:
             layers += [HouseholderLinear(width), make_activation(activation)]
@@ -168,12 +190,12 @@ def default_data_dir() -> Path:
 
 
 def resolve_data_path(given: str | os.PathLike[str] | None, *parts: str) -> Path:
-    """``given`` if passed, else ``default_data_dir() / parts``; raises a clear error if it is missing."""
+    """``given`` if passed, else ``default_data_dir() / parts``; raises :class:`PaperInputError` if it is missing."""
     path = Path(given) if given is not None else default_data_dir().joinpath(*parts)
     if not path.exists():
-        raise FileNotFoundError(
-            f"han_surgery.paper: data not found at {path}. Pass its location (--data / --csv) or set "
-            f"${DATA_ENV} to the folder that holds checkerboard/, regression/ and mnist/."
+        raise PaperInputError(
+            f"data not found at {path}; pass its location (--data / --csv) or set ${DATA_ENV} to the folder "
+            "that holds checkerboard/, regression/ and mnist/"
         )
     return path
 
