@@ -40,13 +40,14 @@ autograd. The tests run every property on the kernel and on the PyTorch path
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from . import kernels
 from .kernels import cpu as cpu_kernel
+from .kernels.grads import definition_grads
 
 __all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_chain", "householder_dense"]
 
@@ -103,19 +104,6 @@ def _reference_rows(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs
     return z.abs() if apply_abs else z
 
 
-def _definition_grads(
-    fn: Callable[..., Tensor], inputs: tuple[Tensor | None, ...], needs: Sequence[bool], grad_out: Tensor
-) -> tuple[Tensor | None, ...]:
-    """Gradients of ``fn(*inputs)`` by plain autograd, keeping the graph: the backward of a custom
-    function under ``create_graph=True``, so that double backward (gradient penalties,
-    ``gradgradcheck``) differentiates the definition."""
-    wrt = [v for v, need in zip(inputs, needs, strict=True) if need]
-    with torch.enable_grad():
-        out = fn(*inputs)
-    grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if need else None for need in needs)
-
-
 def _reflect_rows(x: Tensor, w: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
     """``x - w U + b``: one new ``(N, n)`` tensor, two passes (``x + b``, then an in-place rank-k update).
 
@@ -162,7 +150,7 @@ class _HouseholderRows(torch.autograd.Function):
         x, u, t, b, p, z = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True
-            grads = _definition_grads(
+            grads = definition_grads(
                 lambda x, u, t, b: _reference_rows(x.to(u.dtype), u, t, b, ctx.apply_abs).to(x.dtype),
                 (x, u, t, b),
                 needs,
@@ -252,7 +240,7 @@ class _HouseholderChainCPU(torch.autograd.Function):
                 acc = _accumulation_dtype(x.dtype)
                 return _reference_chain(x, *_chain_parameters(u, b, ctx.normalize, acc), ctx.apply_abs)
 
-            return (*_definition_grads(definition, (x, u, b), needs, grad_out), None, None)
+            return (*definition_grads(definition, (x, u, b), needs, grad_out), None, None)
         dx, du, db = torch.ops.han_surgery.householder_chain_backward(
             grad_out.contiguous(),
             x,

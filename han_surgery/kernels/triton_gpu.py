@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .grads import definition_grads
+
 __all__ = ["supports", "householder_rows", "MAX_REFLECTIONS"]
 
 MAX_REFLECTIONS = 64
@@ -294,13 +296,11 @@ class _HouseholderRowsTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        from ..functional import _definition_grads
-
         x, u, v, b = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the definition
             fn = lambda x, u, v, b: _reference(x, u, v, b, ctx.apply_abs).to(ctx.out_dtype)  # noqa: E731
-            return (*_definition_grads(fn, (x, u, v, b), needs, grad_out), None, None)
+            return (*definition_grads(fn, (x, u, v, b), needs, grad_out), None, None)
         dx, du, dv, db = _backward(grad_out.contiguous(), x, u, v, b, ctx.apply_abs, needs[0], any(needs[1:]))
         db = db if needs[3] and b is not None else None
         return dx, du if needs[1] else None, dv if needs[2] else None, db, None, None
