@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...utils import format_table
+
 __all__ = ["BlockFit", "CalibrationReport"]
 
 
@@ -74,8 +76,6 @@ class CalibrationReport:
         return asdict(self)
 
     def __str__(self) -> str:
-        from ..report import _table
-
         def f(v: float | None) -> str:
             return "-" if v is None else "n/a" if v != v else f"{v:.3f}"
 
@@ -85,7 +85,7 @@ class CalibrationReport:
         ]
         lines = [
             "CalibrationReport: fraction of each block's output variance unexplained (held-out tokens)",
-            _table(["path", "status", "Han fit", "deleted", "mean", "linear", "tokens", "note"], rows),
+            format_table(["path", "status", "Han fit", "deleted", "mean", "linear", "tokens", "note"], rows),
         ]
         fitted = sum(b.status == "fitted" for b in self.blocks)
         tail = f"\n{fitted} fitted, {len(self.kept)} kept, {len(self.blocks) - fitted - len(self.kept)} not calibrated"
