@@ -74,8 +74,8 @@ def load_calibration_batches(
         if path.is_file() and (suffix in TEXT_SUFFIXES or (suffix == ".csv" and tokenizer is not None)):
             if tokenizer is None:
                 raise ConfigError(
-                    f"--calibrate {path} is text, but {model_name} has no tokenizer (AutoTokenizer.from_pretrained "
-                    "found none in its folder): save one there with tokenizer.save_pretrained(folder)"
+                    f"--calibrate {path} is text, but {model_name} has no tokenizer in its folder: save one "
+                    "there with tokenizer.save_pretrained(folder)"
                 )
             source = path
         else:

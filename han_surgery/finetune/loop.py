@@ -224,7 +224,7 @@ def train_loop(
                         if teacher is not None:
                             with torch.no_grad():
                                 teacher_out = logits_of(teacher, inputs)
-                            kd = distillation_loss(out, teacher_out, data.task, distill_temperature)
+                            kd = distillation_term(inputs, out, teacher_out)
                             loss = (1 - distill_alpha) * loss + distill_alpha * kd
                     value = loss.detach().float()
                     if accelerator.num_processes > 1:  # every process stops together, before a NaN gradient is averaged

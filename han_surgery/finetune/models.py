@@ -171,10 +171,20 @@ def _check_data_kind(spec: str, family: str, data: DataBundle | None) -> None:
                          f"{data.kind} data: {hint}.")  # fmt: skip
 
 
+#: Files of which a folder with a tokenizer has at least one (``save_pretrained`` writes ``tokenizer_config.json``).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
-    """The transformers tokenizer saved in the folder ``path``, or ``None`` if it has none."""
+    """The transformers tokenizer saved in the folder ``path``, or ``None`` if it has none.
+
+    (Without tokenizer files, ``AutoTokenizer.from_pretrained`` may build a tokenizer that knows only its
+    special tokens: such a folder counts as having none.)
+    """
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
