@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Hanify a timm ViT, fine-tune it on MNIST 10k with `accelerate launch` (2 CPU processes) and
-# distillation from the original, and produce Hub-ready folders. Then write the results table
+# distillation from the original, plain and calibrated, and produce Hub-ready folders. Then write the results table
 # into examples/README.md (python examples/summarize_walkthrough.py).
 #
 #   bash examples/mnist_walkthrough.sh [DATA] [RUNS]
@@ -32,6 +32,11 @@ start=$(date +%s)
 
 # 4. The same, with knowledge distillation from the un-hanified original.
 "${LAUNCH[@]}" --model "$RUNS/base" --hanify --distill-from base --epochs "$FT_EPOCHS" --output-dir "$RUNS/hanified_distilled" "${COMMON[@]}"
+
+# 5. Calibrated surgery: each Han-block (with a per-channel gain, input scale and a rank-8 side path) is first
+#    fitted to the MLP it replaces on the training split, then healed by hidden-state and logit distillation.
+"${LAUNCH[@]}" --model "$RUNS/base" --hanify --gain --input-scale --side-rank 8 --calibrate train \
+    --distill-from base --distill both --epochs "$FT_EPOCHS" --output-dir "$RUNS/hanified_calibrated" "${COMMON[@]}"
 
 echo "walkthrough wall time: $(( $(date +%s) - start )) s" | tee "$RUNS/wall_time.txt"
 python examples/summarize_walkthrough.py "$RUNS" --data "$DATA" --readme examples/README.md

@@ -27,6 +27,10 @@ ROWS = [
     (None, "hanified, right after surgery (no training)"),
     ("hanified", "hanified + {epochs} epochs fine-tuning"),
     ("hanified_distilled", "hanified + {epochs} epochs fine-tuning, distilled from the base"),
+    (
+        "hanified_calibrated",
+        "calibrated hanify (gain, input scale, rank 8) + {epochs} epochs, logits + hidden distilled",
+    ),
 ]
 
 
@@ -51,7 +55,11 @@ def main() -> None:
     parser.add_argument("--readme", type=Path, default=None)
     args = parser.parse_args()
 
-    results = {name: json.loads((args.runs / name / "results.json").read_text()) for name, _ in ROWS if name}
+    results = {
+        name: json.loads((args.runs / name / "results.json").read_text())
+        for name, _ in ROWS
+        if name and (args.runs / name / "results.json").is_file()  # older runs have no calibrated row
+    }
     base = results["base"]
     lines = [
         "| model | parameters | held-out accuracy | held-out loss | optimizer steps | wall time |",
@@ -61,6 +69,8 @@ def main() -> None:
         if name is None:
             acc, params = accuracy_after_surgery(args.runs / "base", args.data, seed=0)
             lines.append(f"| {label} | {params:,} | {acc:.2%} | | 0 | |")
+            continue
+        if name not in results:
             continue
         r = results[name]
         label = label.format(epochs=r["epochs"])

@@ -37,9 +37,12 @@ __all__ = ["add_dataclass_arguments", "dataclass_kwargs", "to_argv", "flag_name"
 T = TypeVar("T")
 
 
-def flag_name(field: dataclasses.Field) -> str:
-    """``--output-dir`` for the field ``output_dir`` (or ``metadata["flag"]``)."""
-    return "--" + field.metadata.get("flag", field.name.replace("_", "-"))
+def flag_name(field: dataclasses.Field, prefix: str = "") -> str:
+    """``--output-dir`` for the field ``output_dir`` (or ``metadata["flag"]``); ``prefix="calibration-"`` gives
+    ``--calibration-steps`` for ``steps`` (the prefix goes before the field's name, not before ``metadata["flag"]``)."""
+    if "flag" in field.metadata:
+        return "--" + field.metadata["flag"]
+    return "--" + prefix + field.name.replace("_", "-")
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -93,6 +96,7 @@ def add_dataclass_arguments(
     *,
     exclude: Sequence[str] = (),
     dest_prefix: str = "",
+    flag_prefix: str = "",
 ) -> None:
     """Add one option per field of the dataclass ``cls`` to ``parser`` (or an argument group).
 
@@ -103,6 +107,8 @@ def add_dataclass_arguments(
         dest_prefix: prefix of each option's ``dest`` in the namespace, so that two dataclasses
             can share one parser (read the values back with :func:`dataclass_kwargs` and the
             same prefix).
+        flag_prefix: prefix of each flag after the dashes (``"calibration-"``: ``--calibration-steps``),
+            for a dataclass whose field names would clash with another's on the same parser.
 
     A field without a default becomes a required option. Fields with ``metadata["group"]`` go into
     an argument group of that title (created once per parser).
@@ -147,7 +153,7 @@ def add_dataclass_arguments(
         for key in ("nargs", "const", "choices"):
             if key in meta:
                 kwargs[key] = meta[key]
-        target.add_argument(flag_name(field), **kwargs)
+        target.add_argument(flag_name(field, flag_prefix), **kwargs)
 
 
 def dataclass_kwargs(namespace: argparse.Namespace, cls: type, *, dest_prefix: str = "") -> dict[str, Any]:
@@ -162,8 +168,9 @@ def dataclass_kwargs(namespace: argparse.Namespace, cls: type, *, dest_prefix: s
     return out
 
 
-def to_argv(obj: Any, *, exclude: Sequence[str] = ()) -> list[str]:
-    """The flags that rebuild the dataclass instance ``obj`` from its defaults (non-default fields only)."""
+def to_argv(obj: Any, *, exclude: Sequence[str] = (), flag_prefix: str = "") -> list[str]:
+    """The flags that rebuild the dataclass instance ``obj`` from its defaults (non-default fields only;
+    ``flag_prefix`` as in :func:`add_dataclass_arguments`)."""
     argv: list[str] = []
     for field, tp in _cli_fields(type(obj)):
         if field.name in exclude:
@@ -177,7 +184,7 @@ def to_argv(obj: Any, *, exclude: Sequence[str] = ()) -> list[str]:
             default = dataclasses.MISSING
         if value == default or (_is_sequence(tp) and default is not None and list(value or ()) == list(default)):
             continue
-        flag = flag_name(field)
+        flag = flag_name(field, flag_prefix)
         if tp is bool:
             argv.append(flag if value else "--no-" + flag[2:])
         elif value is None:

@@ -2,8 +2,10 @@
 han_surgery.finetune``) and ``han-surgery push DIR REPO_ID``.
 
 The fine-tune flags are derived from :class:`~han_surgery.finetune.FinetuneConfig`'s fields and
-the surgery flags (with ``--hanify``) from :class:`~han_surgery.HanConfig`'s, so the CLI and the
-Python API never drift apart.
+the surgery flags (with ``--hanify``) from :class:`~han_surgery.HanConfig`'s and the calibration flags
+(with ``--calibrate``) from :class:`~han_surgery.surgery.calibration.CalibrationData`'s and
+:class:`~han_surgery.surgery.calibration.CalibrationConfig`'s, so the CLI and the Python API never
+drift apart.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs, flag_name
 from ..errors import ConfigError
 from ..finetune.config import SURGERY, FinetuneConfig
 from ..surgery.config import HanConfig
+from ._calibration import add_calibration_arguments, calibration_from_args
 from ._common import run_command
 
 __all__ = ["build_parser", "config_from_args", "finetune", "push", "main"]
@@ -38,6 +41,12 @@ def build_parser(prog: str = "han-surgery finetune") -> argparse.ArgumentParser:
         help="apply han_surgery.hanify before training (the options below configure it)",
     )
     add_dataclass_arguments(surgery, HanConfig, dest_prefix=HAN_PREFIX)
+    add_calibration_arguments(
+        parser,
+        data_help="with --hanify: fit each new block to the one it replaces on DATA: 'train' (the training split of "
+        "--data; ./train for a path of that name), a text file (.txt, .tsv, .csv, .jsonl; tokenised with the model's "
+        "tokenizer), an image folder or .npz",
+    )
     return parser
 
 
@@ -50,7 +59,10 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         flags = [flag_name(f) for f in dataclasses.fields(HanConfig) if f.name in han_kwargs]
         raise ConfigError(f"{', '.join(flags)} configure the surgery: add --hanify")
     hanify = HanConfig(**han_kwargs) if args.hanify else None
-    return FinetuneConfig(**dataclass_kwargs(args, FinetuneConfig), hanify=hanify)
+    calibrate, calibration = calibration_from_args(args)
+    return FinetuneConfig(
+        **dataclass_kwargs(args, FinetuneConfig), hanify=hanify, calibrate=calibrate, calibration=calibration
+    )
 
 
 def finetune(argv: Sequence[str] | None = None, prog: str = "han-surgery finetune") -> int:

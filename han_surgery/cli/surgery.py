@@ -4,6 +4,12 @@
 download -- unless ``--pretrained`` is given), ``local-dir:<folder>`` or a folder: one written by
 ``han_surgery.save_pretrained``, by transformers' ``save_pretrained`` or by timm's
 ``save_for_hf`` (safetensors only). The surgery options are the fields of ``HanConfig``.
+
+``hanify --calibrate DATA`` fits each new block to the block it replaces on ``DATA`` (calibrated
+surgery, see docs/CALIBRATION.md): a text file (``.txt``, ``.tsv``/``.csv`` with a ``sentence`` or
+``text`` column, ``.jsonl``), tokenised with the tokenizer saved in the model folder, or what
+``finetune --data`` reads (an image folder, ``.npz``). The fit's options are the fields of
+``CalibrationConfig``, prefixed: ``--calibration-steps``, ``--calibration-max-fvu``, ...
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
 from ..errors import ConfigError
 from ..fileio import LOCK_NAME, FolderLock, publish_files
 from ..folders import HAN_CONFIG_NAME
+from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
+from ._calibration import add_calibration_arguments, calibration_from_args
 from ._common import positive_int, run_command
 
 __all__ = ["build_parser", "inspect", "hanify"]
@@ -43,6 +51,11 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
             "-o", "--output", required=True, help="folder to write (model.safetensors, han_config.json, config.json)"
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the -o folder if it is not empty")
+        add_calibration_arguments(
+            parser,
+            data_help="fit each new block to the one it replaces on DATA: a text file (.txt, .tsv, .csv, .jsonl; "
+            "tokenised with the tokenizer in the model folder), an image folder or .npz",
+        )
     return parser
 
 
@@ -52,6 +65,7 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     from ..surgery.serialization import save_pretrained
 
     config = HanConfig(**dataclass_kwargs(args, HanConfig))
+    calibration_data, calibration_config = calibration_from_args(args) if write else (None, None)
     out = Path(args.output).expanduser() if write else None
     if out is not None:  # before any work: never overwrite a folder the user made without --overwrite
         if out.exists() and not out.is_dir():
@@ -59,9 +73,12 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
         if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
             raise ConfigError(f"-o {out} already exists and is not empty: pass --overwrite to replace it")
         FolderLock(out, "-o").check()
+    batches = None
+    if calibration_data is not None:  # before the model loads: a bad DATA fails fast
+        batches = _calibration_batches(args.source, calibration_data, calibration_config.seed)
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
     start = time.perf_counter()
-    report = hanify_model(model, config, dry_run=not write)
+    report = hanify_model(model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config)
     elapsed = time.perf_counter() - start
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
@@ -74,6 +91,16 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
             names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=args.overwrite)
         print(f"saved to {out} ({', '.join(names)})")
     return 0
+
+
+def _calibration_batches(source: str, data: CalibrationData, seed: int) -> list:
+    """``--calibrate``'s batches; text is tokenised with the tokenizer saved in the ``source`` folder."""
+    from ..finetune.calibration import load_calibration_batches
+    from ..finetune.models import load_tokenizer
+
+    folder = Path(source.removeprefix("local-dir:")).expanduser()
+    tokenizer = load_tokenizer(folder) if folder.is_dir() else None
+    return load_calibration_batches(data, tokenizer=tokenizer, model_name=source, seed=seed)
 
 
 def inspect(argv: Sequence[str] | None = None, prog: str = "han-surgery inspect") -> int:

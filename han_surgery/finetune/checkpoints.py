@@ -68,6 +68,8 @@ class TrainProgress:
         batches_done: micro-batches of ``epoch`` this process has consumed.
         running_loss, running_count: the sum and count of micro-batch losses since the last logged
             ``train_loss`` (so the first value logged after a resume is the uninterrupted run's).
+        running_hidden: the sum of the micro-batches' hidden-state distillation terms over the same
+            window (``--distill hidden`` / ``both``; logged as ``distill_hidden_loss``).
         metrics_lines: lines of ``metrics.jsonl`` written so far.
         num_processes, global_batch: the run's layout; a checkpoint only resumes under the same.
     """
@@ -78,6 +80,7 @@ class TrainProgress:
         self.batches_done = 0
         self.running_loss = 0.0
         self.running_count = 0
+        self.running_hidden = 0.0
         self.metrics_lines = 0
         self.num_processes = num_processes
         self.global_batch = global_batch
@@ -93,8 +96,8 @@ class TrainProgress:
                 f"run has {self.num_processes} with {self.global_batch}. Relaunch with the same number of processes, "
                 "--batch-size and --grad-accum to continue exactly."
             )
-        for key in vars(self):
-            setattr(self, key, state[key])
+        for key in vars(self):  # a key newer than the checkpoint (running_hidden) keeps its start value
+            setattr(self, key, state.get(key, getattr(self, key)))
 
 
 def check_output_dir(config: FinetuneConfig) -> Path:

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import ConfigError
+from ..surgery.calibration.config import CalibrationConfig
+from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "RESUME_FIELDS"]
@@ -46,7 +48,10 @@ class FinetuneConfig:
     """A fine-tuning run: model, optional surgery, data, training, checkpoints, distillation, output.
 
     Only ``model``, ``data`` and ``output_dir`` are required. ``hanify`` is the surgery applied
-    before training (a :class:`~han_surgery.HanConfig`; ``None``: none). The global batch is
+    before training (a :class:`~han_surgery.HanConfig`; ``None``: none). With ``calibrate`` (a
+    :class:`~han_surgery.surgery.calibration.CalibrationData`; its ``source`` ``"train"`` is the
+    training split of ``data``) the surgery is calibrated, as ``calibration`` (a
+    :class:`~han_surgery.surgery.calibration.CalibrationConfig`) says. The global batch is
     ``batch_size x processes x grad_accum``.
 
     Raises:
@@ -71,6 +76,12 @@ class FinetuneConfig:
     )
     # --- surgery
     hanify: HanConfig | None = field(default=None, metadata={"cli": False, "help": "the surgery before training"})
+    calibrate: CalibrationData | None = field(
+        default=None, metadata={"cli": False, "help": "calibrated surgery: the data the new blocks are fitted on"}
+    )
+    calibration: CalibrationConfig | None = field(
+        default=None, metadata={"cli": False, "help": "calibrated surgery: how the new blocks are fitted"}
+    )
     # --- data
     data: str = _required(
         "image folder, .npz (images, labels), numeric .csv (target last), or .csv/.jsonl (text, label)", DATA
@@ -120,8 +131,19 @@ class FinetuneConfig:
     distill_from: str | None = _opt(
         None, "teacher: 'base' (the --model before --hanify) or any --model spec", DISTILLATION, metavar="MODEL"
     )
-    distill_alpha: float = _opt(0.5, "weight a of the distillation term: (1-a) task loss + a T^2 KL", DISTILLATION)
-    distill_temperature: float = _opt(2.0, "softmax temperature T of the distillation term", DISTILLATION)
+    distill: Literal["logits", "hidden", "both"] = _opt(
+        "logits",
+        "what is distilled: the logits (T^2 KL), the hidden state after every rewritten block (TinyBERT-style "
+        "MSE / Var(teacher), needs --hanify), or both",
+        DISTILLATION,
+    )
+    distill_alpha: float = _opt(
+        0.5, "weight a of the distillation term: (1-a) task loss + a (T^2 KL and/or w hidden)", DISTILLATION
+    )
+    distill_temperature: float = _opt(2.0, "softmax temperature T of the logits term", DISTILLATION)
+    distill_hidden_weight: float = _opt(
+        1.0, "weight w of the hidden-state term inside the distillation term", DISTILLATION
+    )
     # --- output
     push_to_hub: str | None = _opt(
         None, "upload the output folder to this Hub repo <user>/<name>", OUTPUT, metavar="REPO_ID"
@@ -133,6 +155,10 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if isinstance(self.hanify, dict):
             self.hanify = HanConfig.from_dict(self.hanify)
+        if isinstance(self.calibrate, dict):
+            self.calibrate = CalibrationData(**self.calibrate)
+        if isinstance(self.calibration, dict):
+            self.calibration = CalibrationConfig.from_dict(self.calibration)
         for name in ("model", "data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')}: give a non-empty string")
@@ -152,6 +178,7 @@ class FinetuneConfig:
         self._check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
         self._check_range("distill_alpha", self.distill_alpha, low=0.0, high=1.0, high_closed=True)
         self._check_range("distill_temperature", self.distill_temperature, low=0.0, low_open=True)
+        self._check_range("distill_hidden_weight", self.distill_hidden_weight, low=0.0, low_open=True)
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError("--epochs and --max-steps: give one of them, not both")
         if self.resume is not None and self.overwrite:
@@ -159,6 +186,18 @@ class FinetuneConfig:
         if self.distill_from == "base" and self.hanify is None:
             raise ConfigError(
                 "--distill-from base distils from the model before --hanify; add --hanify, or name a teacher"
+            )
+        if self.calibrate is not None and self.hanify is None:
+            raise ConfigError("--calibrate fits the blocks --hanify makes: add --hanify")
+        if self.calibration is not None and self.calibrate is None:
+            raise ConfigError("the calibration settings need the data to fit on: add --calibrate DATA")
+        if self.distill not in ("logits", "hidden", "both"):
+            raise ConfigError(f"--distill must be logits, hidden or both, got {self.distill!r}")
+        if self.distill != "logits" and self.distill_from is None:
+            raise ConfigError(f"--distill {self.distill} needs a teacher: add --distill-from base (or a model)")
+        if self.distill != "logits" and self.hanify is None:
+            raise ConfigError(
+                f"--distill {self.distill} matches the hidden states after the blocks --hanify rewrites: add --hanify"
             )
         if self.push_to_hub is not None and (self.push_to_hub.count("/") != 1 or self.push_to_hub.startswith("/")):
             raise ConfigError(f"--push-to-hub {self.push_to_hub}: give a repo id as <user or org>/<name>")
@@ -189,7 +228,9 @@ class FinetuneConfig:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (``hanify`` as the HanConfig dict); :meth:`from_dict` inverts it."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["hanify"] = self.hanify.to_dict() if self.hanify is not None else None
+        for name in ("hanify", "calibrate", "calibration"):
+            value = getattr(self, name)
+            out[name] = dataclasses.asdict(value) if value is not None else None
         return json.loads(json.dumps(out))
 
     @classmethod

@@ -20,6 +20,7 @@ from ..dataclass_cli import to_argv
 from ..errors import HanSurgeryError
 from ..fileio import folder_problems
 from ..folders import CONFIG_NAME, WEIGHTS_NAME, read_json_object
+from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.report import HanifyReport
 from .config import FinetuneConfig, FinetuneResult
 from .data import DataBundle
@@ -57,6 +58,9 @@ def command_line(config: FinetuneConfig, num_processes: int = 1) -> str:
     argv = to_argv(config, exclude=("resume", "overwrite"))
     if config.hanify is not None:
         argv += ["--hanify", *to_argv(config.hanify)]
+    if config.calibrate is not None:
+        argv += ["--calibrate", config.calibrate.source, *to_argv(config.calibrate, flag_prefix=FLAG_PREFIX)]
+        argv += to_argv(config.calibration or CalibrationConfig(), flag_prefix=FLAG_PREFIX)
     return " ".join([launcher, *map(shlex.quote, argv)])
 
 

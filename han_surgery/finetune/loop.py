@@ -9,6 +9,7 @@ continues as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..surgery.calibration.heal import HiddenStates, hidden_state_distillation_loss
 from .checkpoints import FinetuneError, TrainProgress
 from .data import DataBundle
 
@@ -121,6 +123,8 @@ class TrainingState:
         progress: the loop position (registered for checkpointing).
         total_steps, epochs: the run's length in optimizer steps and epochs.
         teacher: the distillation teacher (frozen, eval mode), or ``None``.
+        hidden_paths: the modules whose outputs are distilled (``--distill hidden`` / ``both``),
+            named the same in the (unwrapped) model and the teacher; ``None``: logits only.
     """
 
     model: nn.Module
@@ -132,6 +136,7 @@ class TrainingState:
     total_steps: int
     epochs: int
     teacher: nn.Module | None = None
+    hidden_paths: list[str] | None = None
 
 
 def train_loop(
@@ -140,16 +145,24 @@ def train_loop(
     data: DataBundle,
     *,
     label_smoothing: float = 0.0,
+    distill: str = "logits",
     distill_alpha: float = 0.5,
     distill_temperature: float = 2.0,
+    distill_hidden_weight: float = 1.0,
     on_step: Callable[[TrainProgress], None] | None = None,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], float]:
     """Train from ``state.progress`` to ``state.total_steps``; evaluate after every epoch.
 
+    With a teacher the loss is ``(1 - a) task + a D``, where ``D`` is, as ``distill`` says, the logits
+    term ``T^2 KL`` (``"logits"``), ``w`` times the hidden-state term (``"hidden"``: TinyBERT-style
+    ``MSE / Var(teacher)`` of the outputs of ``state.hidden_paths``, recorded with forward hooks, so
+    timm and transformers models alike), or their sum (``"both"``).
+
     Logs ``train_loss`` (the mean over the last 10 optimizer steps' micro-batches, averaged over
-    processes) and ``lr`` every 10 steps, and the held-out metrics after each epoch, through
-    ``accelerator.log``. ``on_step`` is called after every optimizer step (checkpointing).
+    processes; ``distill_hidden_loss`` likewise, when hidden states are distilled) and ``lr`` every
+    10 steps, and the held-out metrics after each epoch, through ``accelerator.log``. ``on_step`` is
+    called after every optimizer step (checkpointing).
 
     Returns:
         The last metrics (``train_loss`` and the held-out ones) and the training wall time in seconds.
@@ -173,64 +186,89 @@ def train_loop(
         accelerator.log(values, step=progress.global_step)
         progress.metrics_lines += 1  # one metrics.jsonl line per call (written by the main process)
 
-    done = progress.global_step >= state.total_steps
-    while not done and progress.epoch < state.epochs:
-        train_loader.set_epoch(progress.epoch)
-        loader: Any = train_loader
-        if progress.batches_done:  # resumed mid-epoch: same permutation, minus the batches already seen
-            from accelerate import skip_first_batches
+    hidden_paths = state.hidden_paths if teacher is not None and distill != "logits" else None
+    hooks = contextlib.ExitStack()  # the forward hooks that record the hidden states, removed at the end
+    if hidden_paths:
+        student_states = hooks.enter_context(HiddenStates(accelerator.unwrap_model(model), hidden_paths))
+        teacher_states = hooks.enter_context(HiddenStates(teacher, hidden_paths))
 
-            loader = (
-                skip_first_batches(train_loader, progress.batches_done)
-                if progress.batches_done < len(train_loader)
-                else []
-            )
-        for inputs, target in loader:
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    out = logits_of(model, inputs)
-                    loss = task_loss(out, target, data.task, label_smoothing)
-                    if teacher is not None:
-                        with torch.no_grad():
-                            teacher_out = logits_of(teacher, inputs)
-                        kd = distillation_loss(out, teacher_out, data.task, distill_temperature)
-                        loss = (1 - distill_alpha) * loss + distill_alpha * kd
-                value = loss.detach().float()
-                if accelerator.num_processes > 1:  # every process stops together, before a NaN gradient is averaged
-                    value = accelerator.reduce(value, "sum")
-                if not torch.isfinite(value):
-                    raise NonFiniteLossError(progress.global_step + 1, progress.epoch, value.item())
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            progress.batches_done += 1
-            progress.running_loss += loss.detach().float().item()
-            progress.running_count += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            progress.global_step += 1
-            bar.update(1)
-            if progress.global_step % 10 == 0 or progress.global_step == state.total_steps:
-                mean = torch.tensor(progress.running_loss / progress.running_count, device=accelerator.device)
-                train_loss = accelerator.reduce(mean, "mean").item()
-                bar.set_postfix(loss=f"{train_loss:.4f}")
-                log({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch})
-                metrics["train_loss"] = train_loss
-                progress.running_loss, progress.running_count = 0.0, 0
-            if on_step is not None:
-                on_step(progress)
-            if progress.global_step >= state.total_steps:
-                done = True
-                break
-        if not done or progress.batches_done >= len(train_loader):
-            progress.epoch += 1
-            progress.batches_done = 0
-        eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
-        metrics.update(eval_metrics)
-        log({**eval_metrics, "epoch": progress.epoch})
-        summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-        accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: {summary}", flush=True)
+    def distillation_term(inputs: Any, out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+        term = torch.zeros((), device=out.device)
+        if distill in ("logits", "both"):
+            term = term + distillation_loss(out, teacher_out, data.task, distill_temperature)
+        if hidden_paths:
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            hidden = hidden_state_distillation_loss(student_states.states, teacher_states.states, mask=mask)
+            progress.running_hidden += hidden.detach().float().item()
+            term = term + distill_hidden_weight * hidden
+        return term
+
+    done = progress.global_step >= state.total_steps
+    with hooks:
+        while not done and progress.epoch < state.epochs:
+            train_loader.set_epoch(progress.epoch)
+            loader: Any = train_loader
+            if progress.batches_done:  # resumed mid-epoch: same permutation, minus the batches already seen
+                from accelerate import skip_first_batches
+
+                loader = (
+                    skip_first_batches(train_loader, progress.batches_done)
+                    if progress.batches_done < len(train_loader)
+                    else []
+                )
+            for inputs, target in loader:
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = logits_of(model, inputs)
+                        loss = task_loss(out, target, data.task, label_smoothing)
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_out = logits_of(teacher, inputs)
+                            kd = distillation_term(inputs, out, teacher_out)
+                            loss = (1 - distill_alpha) * loss + distill_alpha * kd
+                    value = loss.detach().float()
+                    if accelerator.num_processes > 1:  # every process stops together, before a NaN gradient is averaged
+                        value = accelerator.reduce(value, "sum")
+                    if not torch.isfinite(value):
+                        raise NonFiniteLossError(progress.global_step + 1, progress.epoch, value.item())
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                progress.batches_done += 1
+                progress.running_loss += loss.detach().float().item()
+                progress.running_count += 1
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                progress.global_step += 1
+                bar.update(1)
+                if progress.global_step % 10 == 0 or progress.global_step == state.total_steps:
+                    means = [
+                        progress.running_loss / progress.running_count,
+                        progress.running_hidden / progress.running_count,
+                    ]
+                    means = accelerator.reduce(torch.tensor(means, device=accelerator.device), "mean").tolist()
+                    train_loss = means[0]
+                    bar.set_postfix(loss=f"{train_loss:.4f}")
+                    values = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch}
+                    if hidden_paths:
+                        values["distill_hidden_loss"] = means[1]
+                    log(values)
+                    metrics.update({k: v for k, v in values.items() if k not in ("lr", "epoch")})
+                    progress.running_loss, progress.running_count, progress.running_hidden = 0.0, 0, 0.0
+                if on_step is not None:
+                    on_step(progress)
+                if progress.global_step >= state.total_steps:
+                    done = True
+                    break
+            if not done or progress.batches_done >= len(train_loader):
+                progress.epoch += 1
+                progress.batches_done = 0
+            eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
+            metrics.update(eval_metrics)
+            log({**eval_metrics, "epoch": progress.epoch})
+            summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
+            accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: {summary}", flush=True)
     bar.close()
     if "eval_loss" not in metrics:  # resumed from the last step's checkpoint: the final evaluation is still due
         eval_metrics = evaluate(accelerator, model, state.eval_loader, data)

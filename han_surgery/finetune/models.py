@@ -36,7 +36,7 @@ from ..pretrained import create_timm_model
 from ..surgery.serialization import save_pretrained
 from .data import DataBundle
 
-__all__ = ["ModelError", "BuiltModel", "build_model", "save_model"]
+__all__ = ["ModelError", "BuiltModel", "build_model", "load_tokenizer", "save_model"]
 
 Family = Literal["timm", "transformers", "tabular"]
 
@@ -141,7 +141,7 @@ def build_model(
         model = load_folder(folder)
         model.train()
         _fit_head(model, data)
-        tokenizer = _tokenizer(path) if family == "transformers" else None
+        tokenizer = load_tokenizer(path) if family == "transformers" else None
         hanified = folder.kind == "hanified"
         return BuiltModel(model, family, str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
     if spec.startswith("local-dir:") or ("/" in spec and not timm.is_model(spec)):
@@ -171,9 +171,20 @@ def _check_data_kind(spec: str, family: str, data: DataBundle | None) -> None:
                          f"{data.kind} data: {hint}.")  # fmt: skip
 
 
-def _tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+#: Files of which a folder with a tokenizer has at least one (``save_pretrained`` writes ``tokenizer_config.json``).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The transformers tokenizer saved in the folder ``path``, or ``None`` if it has none.
+
+    (Without tokenizer files, ``AutoTokenizer.from_pretrained`` may build a tokenizer that knows only its
+    special tokens: such a folder counts as having none.)
+    """
     from transformers import AutoTokenizer
 
+    if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
@@ -201,7 +212,7 @@ def _load_transformers(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
         raise CheckpointError(f"{path}: transformers cannot load it: {first}{hint}") from None
-    return BuiltModel(model, "transformers", str(path), tokenizer=_tokenizer(path, trust_remote_code))
+    return BuiltModel(model, "transformers", str(path), tokenizer=load_tokenizer(path, trust_remote_code))
 
 
 def save_model(

@@ -33,9 +33,11 @@ from torch import nn
 from ..errors import ConfigError, HanifyError
 from ..fileio import atomic_write_text, publish_files
 from ..folders import WEIGHTS_NAME
+from ..surgery.calibration.heal import hidden_state_paths
 from ..surgery.engine import hanify
 from ..surgery.report import HanifyReport
 from ..utils import count_parameters
+from .calibration import load_calibration_batches
 from .checkpoints import (
     ARGS_FILE,
     FinetuneError,
@@ -98,17 +100,24 @@ def load_run_data(config: FinetuneConfig) -> DataBundle:
 
 @dataclass
 class Student:
-    """The model step's result: the model to train, the surgery report, the teacher, the parameter counts."""
+    """The model step's result: the model to train, the surgery report, the teacher, the parameter counts,
+    and (``--distill hidden`` / ``both``) the modules whose outputs are distilled (the same in both models)."""
 
     built: BuiltModel
     han_report: HanifyReport | None
     teacher: nn.Module | None
     params_base: int
     params: int
+    hidden_paths: list[str] | None = None
 
 
 def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
-    """The model step: build ``config.model`` for ``data``, apply ``config.hanify``, build the teacher."""
+    """The model step: build ``config.model`` for ``data``, apply ``config.hanify`` (calibrated on
+    ``config.calibrate``), build the teacher.
+
+    A resumed run rebuilds the model the same way (the calibration runs again: the checkpoint then
+    overwrites the weights, but kept blocks, ``max_fvu``, decide the structure) and the teacher too.
+    """
     built = build_model(
         config.model,
         data,
@@ -124,8 +133,18 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
             raise FinetuneError(
                 f"--hanify: {config.model} is already hanified (it has han_config.json); drop --hanify."
             )
+        batches = None
+        if config.calibrate is not None:
+            batches = load_calibration_batches(
+                config.calibrate,
+                tokenizer=built.tokenizer,
+                train=data.train,
+                model_name=f"--model {config.model}",
+                image_size=config.image_size,
+                seed=config.calibration.seed if config.calibration else 0,
+            )
         try:
-            han_report = hanify(built.model, config.hanify)
+            han_report = hanify(built.model, config.hanify, calibration=batches, calibration_config=config.calibration)
         except (ConfigError, HanifyError) as e:
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
         built.hanified = True
@@ -133,7 +152,28 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
         teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
-    return Student(built, han_report, teacher, params_base, count_parameters(built.model))
+    hidden_paths = _hidden_paths(config, han_report, teacher)
+    return Student(built, han_report, teacher, params_base, count_parameters(built.model), hidden_paths)
+
+
+def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: nn.Module | None) -> list[str] | None:
+    """``--distill hidden`` / ``both``: the modules after the rewritten blocks; the teacher must have them too."""
+    if config.distill == "logits" or report is None or teacher is None:
+        return None
+    paths = hidden_state_paths(report)
+    if not paths:
+        raise FinetuneError(
+            f"--distill {config.distill}: the rules that rewrote {config.model} do not name the hidden state after "
+            "each block; use --distill logits"
+        )
+    names = dict(teacher.named_modules())
+    missing = [p for p in paths if p not in names]
+    if missing:
+        raise FinetuneError(
+            f"--distill {config.distill}: the teacher --distill-from {config.distill_from} has no module "
+            f"{', '.join(missing[:3])}: hidden states are distilled between models of the same architecture"
+        )
+    return paths
 
 
 def build_loaders(config: FinetuneConfig, data: DataBundle, built: BuiltModel) -> tuple[Any, Any]:
@@ -178,7 +218,10 @@ def prepare_training(
     teacher = student.teacher
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
-    return TrainingState(model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps, epochs, teacher)
+    return TrainingState(
+        model, optimizer, scheduler, train_loader, eval_loader, progress, total_steps, epochs, teacher,
+        student.hidden_paths,
+    )  # fmt: skip
 
 
 def _setup_summary(accelerator: Any, config: FinetuneConfig, state: TrainingState) -> dict[str, Any]:
@@ -201,8 +244,10 @@ def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup:
     model = f"model: {config.model} ({built.family}{', hanified' if built.hanified else ''}), parameters {student.params_base:,}"
     if report is not None:
         model += f" -> {student.params:,} after hanify ({report.num_rewritten} block(s) rewritten)"
+    if report is not None and report.calibration is not None:
+        model += f", calibrated on {config.calibrate.source}"
     if student.teacher is not None:
-        model += f"; distilling from {config.distill_from}"
+        model += f"; distilling {config.distill} from {config.distill_from}"
     schedule = (
         f"schedule: {setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s) x {setup['steps_per_epoch']} "
         f"steps), lr {config.lr} {config.schedule}"
@@ -319,8 +364,10 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 state,
                 data,
                 label_smoothing=config.label_smoothing,
+                distill=config.distill,
                 distill_alpha=config.distill_alpha,
                 distill_temperature=config.distill_temperature,
+                distill_hidden_weight=config.distill_hidden_weight,
                 on_step=checkpoint,
                 show_progress=config.progress,
             )

@@ -9,7 +9,7 @@ optionally the whole model is then healed by hidden-state distillation. See
 Public API:
 
 * :class:`CalibrationConfig` -- the fitting settings (recorded in the recipe);
-* :func:`calibration_batches` -- a data file -> calibration batches;
+* :func:`calibration_batches` -- a data file -> calibration batches (:class:`CalibrationData`: its arguments);
 * :func:`hidden_state_distillation_loss`, :class:`HiddenStates` -- hidden-state
   distillation for a fine-tune loop;
 * :class:`CalibrationReport`, :class:`BlockFit` -- what the fit achieved, per block;
@@ -18,7 +18,7 @@ Public API:
 
 from .calibrate import calibrate_rewrites, check_batches
 from .config import CalibrationConfig
-from .data import calibration_batches, read_texts
+from .data import CalibrationData, calibration_batches, read_texts
 from .fit import closed_form_start, fvu
 from .heal import HiddenStates, heal, hidden_state_distillation_loss, hidden_state_paths
 from .record import CalibrationDataError, TokenReservoir, call_model, record_inputs
@@ -27,6 +27,7 @@ from .site import CalibratedReplacement, CalibrationSite, PixelRows
 
 __all__ = [
     "CalibrationConfig",
+    "CalibrationData",
     "CalibrationReport",
     "BlockFit",
     "CalibrationSite",

@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-__all__ = ["CalibrationConfig"]
+from ...errors import ConfigError
+
+__all__ = ["CalibrationConfig", "FLAG_PREFIX"]
+
+#: The command-line flags of :class:`CalibrationConfig` and ``CalibrationData`` are ``--calibration-<field>``.
+FLAG_PREFIX = "calibration-"
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class CalibrationConfig:
     """Settings of the fit that :func:`han_surgery.hanify` runs when given calibration data.
 
-    The recipe saved with the model records these (never the data). They change
+    The recipe saved with the model records these (never the data). Every field is also a
+    flag of ``han-surgery hanify --calibrate`` and ``finetune --calibrate``, prefixed
+    (``steps`` -> ``--calibration-steps``; see :mod:`han_surgery.dataclass_cli`). They change
     the fitted weights, not the module structure: the structural options (gain,
     input scale, side-path rank, reflections) live in :class:`HanConfig`.
 
@@ -58,25 +69,37 @@ class CalibrationConfig:
         progress: show tqdm progress bars.
     """
 
-    tokens_per_block: int = 16384
-    record_batches: int | None = 16
-    start: str = "linear"
-    target: str = "model"
-    steps: int = 200
-    lr: float = 1e-2
-    batch_tokens: int = 2048
-    holdout: float = 0.125
-    max_fvu: float | None = None
-    keep_budget: int | None = None
-    heal_steps: int = 0
-    heal_lr: float = 1e-3
-    heal_params: str = "new"
-    heal_batches: int | None = None
-    heal_memory_mb: float = 2048.0
-    seed: int = 0
-    progress: bool = True
+    tokens_per_block: int = _field(16384, "token rows sampled per block for its fit (bounds memory)")
+    record_batches: int | None = _field(16, "calibration batches, drawn at random, run to record each block's inputs")
+    start: Literal["linear", "random"] = _field(
+        "linear", "where each fit starts: the block's linear regime (closed forms) or its random init"
+    )
+    target: Literal["model", "block"] = _field(
+        "model", "fit each block to what the original model computes after it, or to the original block alone"
+    )
+    steps: int = _field(200, "Adam steps per block after the closed-form start")
+    lr: float = _field(1e-2, "peak learning rate of those steps (cosine decay)")
+    batch_tokens: int = _field(2048, "token rows per Adam step")
+    holdout: float = _field(0.125, "fraction of the sampled rows held out to score each fit")
+    max_fvu: float | None = _field(
+        None, "keep the original block where the fit leaves more than this fraction of variance unexplained"
+    )
+    keep_budget: int | None = _field(None, "the most parameters the blocks kept by max-fvu may cost in all")
+    heal_steps: int = _field(0, "end-to-end hidden-state distillation steps after the blockwise fit (0: none)")
+    heal_lr: float = _field(1e-3, "peak learning rate of healing")
+    heal_params: Literal["new", "all"] = _field("new", "what healing trains: the new (Han) parameters, or all")
+    heal_batches: int | None = _field(None, "calibration batches healing cycles through (default: all)")
+    heal_memory_mb: float = _field(2048.0, "the most memory the cache of the original model's states may take")
+    seed: int = _field(0, "seeds the sampling of data and tokens, the holdout split and the minibatches")
+    progress: bool = _field(True, "show progress bars")
 
     def __post_init__(self) -> None:
+        try:
+            self._check()
+        except ValueError as e:  # a ConfigError (also a ValueError): the command line prints it as one line
+            raise ConfigError(str(e)) from None
+
+    def _check(self) -> None:
         for name in ("tokens_per_block", "batch_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"CalibrationConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -113,5 +136,5 @@ class CalibrationConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"CalibrationConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
+            raise ConfigError(f"CalibrationConfig.from_dict: unknown fields {unknown}; known: {sorted(names)}")
         return cls(**data)

@@ -9,7 +9,8 @@ a ``*.jsonl`` file          text from the key ``sentence`` or ``text`` of each r
 a dataset                   any map-style dataset of ``(input, label)`` pairs or of inputs,
                             e.g. ``han_surgery.finetune.load_data(path).train`` for the
                             images (``.npz``, image folders) ``finetune --data`` reads:
-                            batches of its input tensors
+                            batches of its input tensors; inputs that are strings (the
+                            text ``finetune --data`` reads) are tokenised as a file's are
 ==========================  ================================================================
 
 Text batches are the tokenizer's output as a dict (``input_ids``, ``attention_mask``,
@@ -25,12 +26,15 @@ import csv
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["calibration_batches", "read_texts"]
+from ...errors import ConfigError
+
+__all__ = ["CalibrationData", "calibration_batches", "read_texts"]
 
 TEXT_COLUMNS = ("sentence", "text")
 
@@ -75,6 +79,29 @@ def read_texts(path: str | Path) -> list[str]:
     raise ValueError(f"{p}: unknown text format {suffix!r} (use .txt, .tsv, .csv or .jsonl)")
 
 
+@dataclass
+class CalibrationData:
+    """Which calibration data, and how much of it: the arguments of :func:`calibration_batches`.
+
+    ``source`` is a string (a file, a folder, or a name the caller resolves, such as
+    ``finetune --calibrate train``); the other fields are also flags of ``han-surgery hanify`` and
+    ``finetune``, prefixed (``num_samples`` -> ``--calibration-num-samples``).
+    """
+
+    source: str = field(metadata={"cli": False, "help": "the calibration data (--calibrate DATA)"})
+    num_samples: int = field(default=2048, metadata={"help": "calibration samples drawn at random"})
+    batch_size: int = field(default=32, metadata={"help": "calibration samples per batch"})
+    max_length: int = field(default=128, metadata={"help": "text: tokens per calibration sample at most"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str) or not self.source:
+            raise ConfigError(f"CalibrationData.source: give a non-empty string, got {self.source!r}")
+        for name in ("num_samples", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"CalibrationData.{name} must be an int >= 1, got {value!r}")
+
+
 def calibration_batches(
     source: str | Path | Sequence[Any],
     *,
@@ -111,8 +138,12 @@ def calibration_batches(
             raise ValueError("calibration_batches: the dataset is empty")
         index = sorted(rng.sample(range(len(source)), min(num_samples, len(source))))
         items = [source[i] for i in index]
-        inputs = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
-        return list(inputs.split(batch_size))
+        inputs = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
+        if isinstance(inputs[0], str):
+            if tokenizer is None:
+                raise ValueError("calibration_batches: the dataset holds text: pass tokenizer=")
+            return _tokenize(inputs, tokenizer, batch_size, max_length)
+        return list(torch.stack(inputs).split(batch_size))
     p = Path(source).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"calibration data {source}: no such file or folder")
@@ -126,8 +157,12 @@ def calibration_batches(
         raise ValueError(f"calibration data {p}: no text samples")
     if tokenizer is None:
         raise ValueError(f"calibration data {p} is text: pass tokenizer= (e.g. AutoTokenizer.from_pretrained(...))")
-    texts = rng.sample(texts, min(num_samples, len(texts)))
-    texts.sort(key=len)
+    return _tokenize(rng.sample(texts, min(num_samples, len(texts))), tokenizer, batch_size, max_length)
+
+
+def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of ``tokenizer`` output, the texts sorted by length first (little padding)."""
+    texts = sorted(texts, key=len)
     return [
         dict(
             tokenizer(

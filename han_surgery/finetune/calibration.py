@@ -1,0 +1,90 @@
+"""``--calibrate DATA``: the calibration batches of ``han-surgery hanify`` and ``finetune``.
+
+Calibrated surgery (``hanify(model, config, calibration=batches)``, see ``docs/CALIBRATION.md``)
+takes model inputs; this module turns what a user names on the command line into them. It sits
+in the fine-tuning layer because image files are read by :func:`~.data.load_data`.
+
+=================================  ==============================================================
+``DATA`` is ...                    the batches are
+=================================  ==============================================================
+``train``                          ``finetune`` only: the inputs of the training split of
+                                   ``--data`` (images, tabular rows, or text, tokenised); write
+                                   ``./train`` for a file or folder of that name
+a ``.txt``, ``.tsv`` or ``.jsonl``  text (see :func:`~han_surgery.surgery.calibration.calibration_batches`),
+file                               tokenised with the model's tokenizer (the one saved in its folder)
+a ``.csv`` file                    text when the model has a tokenizer, else what ``--data`` reads
+anything else                      what ``finetune --data`` reads (an image folder, ``.npz``):
+                                   the inputs of its training split, labels dropped
+=================================  ==============================================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..surgery.calibration.data import CalibrationData, calibration_batches
+
+__all__ = ["TRAIN_SPLIT", "TEXT_SUFFIXES", "load_calibration_batches"]
+
+#: ``--calibrate train``: the fine-tune's own training split.
+TRAIN_SPLIT = "train"
+#: Files that always hold text (``.csv`` holds text only for a model with a tokenizer).
+TEXT_SUFFIXES = (".txt", ".tsv", ".jsonl")
+
+
+def load_calibration_batches(
+    data: CalibrationData,
+    *,
+    tokenizer: Any = None,
+    train: Any = None,
+    model_name: str = "the model",
+    image_size: int | None = None,
+    seed: int = 0,
+) -> list[Any]:
+    """The batches ``data`` names (see the module docstring), for ``hanify(..., calibration=...)``.
+
+    Args:
+        data: the source and how many samples, per batch, of what length.
+        tokenizer: the model's tokenizer, or ``None`` if it has none (text then is an error).
+        train: the training split of a fine-tune (``--calibrate train``); ``None`` outside one.
+        model_name: how error messages name the model (``--model`` or the hanify source).
+        image_size: image folders: the square size to resize to (as ``finetune --image-size``).
+        seed: which samples are drawn.
+
+    Raises:
+        ConfigError: the file or folder is missing, empty, text without a tokenizer, or ``train``
+            outside a fine-tune.
+        DataError: ``finetune``'s reader cannot read the file or folder (the message names it).
+    """
+    kwargs = dict(num_samples=data.num_samples, batch_size=data.batch_size, max_length=data.max_length, seed=seed)
+    if data.source == TRAIN_SPLIT:
+        if train is None:
+            raise ConfigError(
+                f"--calibrate {TRAIN_SPLIT} means the training split of finetune --data; here give a file or folder "
+                f"(write ./{TRAIN_SPLIT} for one of that name)"
+            )
+        source: Any = train
+    else:
+        path = Path(data.source).expanduser()
+        if not path.exists():
+            raise ConfigError(f"--calibrate {data.source}: no such file or folder")
+        suffix = path.suffix.lower()
+        if path.is_file() and (suffix in TEXT_SUFFIXES or (suffix == ".csv" and tokenizer is not None)):
+            if tokenizer is None:
+                raise ConfigError(
+                    f"--calibrate {path} is text, but {model_name} has no tokenizer in its folder: save one "
+                    "there with tokenizer.save_pretrained(folder)"
+                )
+            source = path
+        else:
+            from .data import load_data
+
+            source = load_data(path, image_size=image_size, seed=seed).train
+    try:
+        return calibration_batches(source, tokenizer=tokenizer, **kwargs)
+    except (OSError, ValueError) as e:  # calibration_batches' own errors are plain ValueErrors
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"--calibrate {data.source}: {' '.join(str(e).split())}") from None

