@@ -59,6 +59,7 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "calibrated gain+scale r=32, block target": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(target="block")),
     "calibrated gain+scale r=64": (HanConfig(**EXTRAS, side_rank=64), CalibrationConfig()),
     "calibrated gain+scale r=32 +heal": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(heal_steps=60)),
+    "calibrated +heal all": (HanConfig(), CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")),
     "calibrated gain+scale r=32 +heal all": (
         HanConfig(**EXTRAS, side_rank=32),
         CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),
