@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..layers import Abs, HanLayer, HouseholderLinear
+from ..utils import count_parameters
 from .activations import GroupSort
 
 __all__ = [
@@ -176,11 +177,6 @@ def fc_net(
     _init_dense(head, init)
     layers.append(head)
     return nn.Sequential(*layers)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of scalar parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters())
 
 
 def default_data_dir() -> Path:
