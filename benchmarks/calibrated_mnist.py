@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from han_surgery import HanConfig, hanify
-from han_surgery.finetune import load_data, load_model
+from han_surgery import HanConfig, hanify, load_model
+from han_surgery.finetune import load_data
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
