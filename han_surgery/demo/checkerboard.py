@@ -142,9 +142,7 @@ def step_checkerboard(fast: bool = False, out_dir: str | Path = ".") -> dict[str
             ]
         )
     print(
-        format_table(
-            ["model", "params", "steps", "test accuracy over training", "train acc", "full run", "time"], rows
-        )
+        format_table(["model", "params", "steps", "test accuracy over training", "train acc", "full run", "time"], rows)
     )
     path = _plot(models, board, Path(out_dir) / "checkerboard.png")
     print(f"\nBoards (class of every grid point): {path.resolve()}")
