@@ -96,7 +96,7 @@ def _plot(models: dict[str, nn.Module], board: Board, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4))
-    for ax, (name, model) in zip(axes, models.items()):
+    for ax, (name, model) in zip(axes, models.items(), strict=True):
         with torch.no_grad():
             cls = model(board.grid).argmax(dim=1).reshape(81, 81).numpy()
         ax.imshow(cls.T, origin="lower", extent=(-1, 1, -1, 1), cmap="gray")

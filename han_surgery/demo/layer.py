@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..layers import Abs, HanBlock, HanLayer, HouseholderLinear
+from ..layers import HanBlock, HanLayer, HouseholderLinear
 from ..utils import count_parameters, format_table
 from ._format import section
 
@@ -78,7 +78,7 @@ def step_layer_speed(rounds: int = 7) -> dict[str, float]:
             module(x).backward(grad)
             times[name].append(time.perf_counter() - start)
     base = times["nn.Linear"]
-    ratios = {k: statistics.median(b / t for b, t in zip(base, v)) for k, v in times.items()}
+    ratios = {k: statistics.median(b / t for b, t in zip(base, v, strict=True)) for k, v in times.items()}
     print(
         format_table(
             ["layer", "params", "median ms", "speed vs nn.Linear (median of per-round ratios)"],
