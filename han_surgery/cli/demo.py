@@ -12,14 +12,17 @@ __all__ = ["demo"]
 
 def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> int:
     """Run :func:`han_surgery.demo.run_demo`."""
-    argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, description="Run the no-download demo of han-surgery."
-    ).parse_args(argv)
+    )
+    parser.add_argument("--fast", action="store_true", help="shorter training (about half the time)")
+    parser.add_argument("--out-dir", default=".", help="where checkerboard.png is written (default: .)")
+    args = parser.parse_args(argv)
 
     def body() -> int:
         from ..demo import run_demo
 
-        run_demo()
+        run_demo(fast=args.fast, out_dir=args.out_dir)
         return 0
 
     return run_command(prog, body)
