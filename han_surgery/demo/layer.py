@@ -88,5 +88,8 @@ def step_layer_speed(rounds: int = 7) -> dict[str, float]:
             ],
         )
     )
-    print(f"({rounds} interleaved rounds, {torch.get_num_threads()} threads; k=8: reflections=8 in HanConfig)")
+    print(
+        f"({rounds} interleaved rounds, {torch.get_num_threads()} threads; the calibrated surgery above uses k=1, "
+        "the default; k=8 is HanConfig(reflections=8))"
+    )
     return ratios
