@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..kernels import cpu as cpu_kernel
 from .checkerboard import step_checkerboard
 from .finetune import step_finetune
 from .layer import step_layer_properties, step_layer_speed
@@ -27,6 +28,12 @@ def run_demo(fast: bool = False, out_dir: str | Path = ".") -> dict[str, Any]:
     start = time.perf_counter()
     print(f"han-surgery demo (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     results: dict[str, Any] = {}
+    print("CPU kernel: loading (compiled on first use, about 30 s, then cached) ...", end=" ", flush=True)
+    kernel_start = time.perf_counter()
+    ready = cpu_kernel.available()
+    print(
+        f"{'ready' if ready else 'not available, using the PyTorch path'} ({time.perf_counter() - kernel_start:.1f} s)"
+    )
     step_layer_properties()
     results["checkerboard"] = step_checkerboard(fast=fast, out_dir=out_dir)
     results["surgery"] = step_surgery_minilm()
