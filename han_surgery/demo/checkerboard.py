@@ -26,7 +26,7 @@ from ._format import section
 
 __all__ = ["Board", "make_board", "han_net_stacked", "train_full_batch", "step_checkerboard", "FULL_RUN"]
 
-#: Final-model test accuracy (%) of the full 40k-iteration runs, paper protocol (docs/RESULTS.md, section 1).
+#: Final-model test accuracy (%) of the full 40k-iteration runs, paper protocol (docs/RESULTS.md, section 2).
 FULL_RUN = {"HanNet": 99.72, "FCNet": 84.37}
 
 
