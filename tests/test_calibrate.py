@@ -414,6 +414,7 @@ def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in before.items())  # the original weights did not move
     assert [n for n, p in params.items() if not p.requires_grad] == ["blocks.0.attn.qkv.weight"]
+    assert all(p.grad is None for p in params.values())  # no gradient of the fit leaks into the caller's training
     tiny = CalibrationConfig(steps=0, heal_steps=1, heal_memory_mb=1e-3, progress=False)
     report = hanify(_vit(), HanConfig(gain=True), calibration=_images(3, 0), calibration_config=tiny)
     assert report.calibration.heal_batches == 1  # the teacher cache holds one batch

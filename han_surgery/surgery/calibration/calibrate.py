@@ -126,6 +126,7 @@ def calibrate_rewrites(
     gen = torch.Generator().manual_seed(config.seed)
     was_training = model.training
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    grads_before = {id(p): p.grad for p in model.parameters()}
     # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
     order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
     record_set = batches if config.record_batches is None else order[: config.record_batches]
@@ -238,6 +239,8 @@ def calibrate_rewrites(
                 p.requires_grad_(True)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
+        for p in model.parameters():  # the fit's and healing's gradients must not leak into the caller's first step
+            p.grad = grads_before.get(id(p))
         model.train(was_training)
     report.seconds = time.perf_counter() - start
     return report, kept
