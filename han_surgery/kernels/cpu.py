@@ -40,7 +40,15 @@ _state: dict[str, bool] = {}
 
 
 def _build() -> None:
-    from torch.utils.cpp_extension import load  # imported here: it is slow and only needed once
+    # Imported here: it is slow and only needed once. On a CUDA build of torch without a GPU its import warns
+    # "No CUDA runtime is found"; this kernel is CPU-only, so that warning is noise here.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        cpp_logger.setLevel(level)
 
     isa = torch.backends.cpu.get_cpu_capability()
     logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about 30 s)", isa)
