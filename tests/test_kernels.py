@@ -50,6 +50,8 @@ CASES = [
     ((2, 9, 300), -2, 4, (True,), True),  # wider than one column tile
     ((2, 3, 7, 5), 1, 2, (True, False), False),
     ((600, 16), -1, 1, (True, True), True),  # many rows: several tasks and gradient blocks
+    ((203, 48), -1, 5, (True, False), True),  # k > 1 over row groups, with a partial last group
+    ((19, 100), -1, 16, (True,), True),  # many reflections, a vector tail
 ]
 
 

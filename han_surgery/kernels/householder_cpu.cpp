@@ -26,7 +26,9 @@
 //
 // Every update of the form out = base + sum_m c_m src_m goes through `combine`, which sums up
 // to 8 sources per pass in registers: on the machines measured, a loop that reads and writes
-// the same row again and again (one axpy per source) is store-bound and 10x slower.
+// the same row again and again (one axpy per source) is store-bound and 10x slower. With k > 1
+// reflections per layer, rows go in groups that share each load of U, their accumulators in
+// registers (see "Row groups"): without that, k = 16 cost 3x k = 1 instead of 1.7x (forward).
 //
 // Parameter gradients are summed per task, in blocks of kFlushRows rows (each block summed on
 // its own, then added, so float32 sums of many rows stay accurate), and reduced in task order:
@@ -47,7 +49,9 @@
 #include <array>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -56,6 +60,19 @@ namespace {
 
 constexpr int64_t kFlushRows = 64;         // rows summed per block of the parameter gradients
 constexpr int64_t kBlockRows = 8;          // rows per block of the row backward
+// Register blocking of the row groups (k > 1, see "Row groups"): rows that share each load of U,
+// directions per dot-product pass, vector chunks per row in flight in an update (accumulators:
+// kSharedRows x kDirections and kSharedRows x kChunksInFlight 512-bit vectors).
+#ifdef __AVX512F__
+constexpr int64_t kSharedRows = 8;
+constexpr int kDirections = 2;
+constexpr int kChunksInFlight = 2;
+#else
+constexpr int64_t kSharedRows = 4;
+constexpr int kDirections = 1;
+constexpr int kChunksInFlight = 1;
+#endif
+static_assert(kBlockRows % kSharedRows == 0, "a backward block is whole groups of rows");
 constexpr int64_t kWorkPerTask = 1 << 15;  // about this many multiply-adds per parallel task
 constexpr int64_t kTileElems = 1 << 16;    // scratch elements per column tile (C > 1)
 
@@ -343,48 +360,233 @@ inline void project(const Chain<acc_t>& c, int64_t l, const acc_t* a, acc_t* p, 
   }
 }
 
-// z = a - U^T w + b and out = |z| or z. z is kept when `z` is given; `out` may then be nullptr.
-// `out` may be `a` (in place).
+// One reflection (k = 1): out = f(a - w0 u + b), f = |.| for abs layers. `out` may be `a` (in place).
+// (k > 1 goes through the row groups below.)
 template <typename acc_t>
-inline void apply_layer(const Chain<acc_t>& c, int64_t l, const acc_t* a, const acc_t* w, acc_t* out, acc_t* z,
-                        Terms<acc_t>& terms) {
-  const int64_t k = c.k, n = c.n;
+inline void apply_reflection(const Chain<acc_t>& c, int64_t l, const acc_t* a, acc_t w0, acc_t* out) {
+  const int64_t n = c.n;
   const acc_t* __restrict u = c.ul(l);
   const acc_t* __restrict b = c.bl(l);
-  const bool take_abs = c.abs[l];
-  if (k == 1 && z == nullptr) {
-    const acc_t w0 = w[0];
-    if (take_abs) {
+  if (c.abs[l]) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = std::abs(a[i] - w0 * u[i] + b[i]);
-    } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::abs(a[i] - w0 * u[i] + b[i]);
+  } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) out[i] = a[i] - w0 * u[i] + b[i];
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] - w0 * u[i] + b[i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row groups (k > 1): R rows share every load of U. Per row, the k dot products U a and the
+// k-term update a - U^T w each read all of U (k n values, from L1/L2) for k n multiply-adds, so
+// those loads, not the arithmetic, bound them; over a group of R rows each value of U is loaded
+// once for R multiply-adds, with one accumulator register per row.
+// ---------------------------------------------------------------------------------------------
+
+// Calls f(std::integral_constant<int, nr>{}) for 1 <= nr <= kSharedRows.
+template <typename F>
+inline void with_group_size(int64_t nr, F&& f) {
+  switch (nr) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+#ifdef __AVX512F__
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+#endif
+    default: TORCH_CHECK(false, "householder_chain: bad row group size ", nr);
+  }
+}
+
+// One 512-bit vector of acc_t as a GCC/Clang vector type: the compiler keeps a group's
+// accumulators in registers (as two 256-bit halves without AVX-512), which arrays under
+// `omp simd` do not guarantee.
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(64)));
+  static constexpr int64_t V = lanes(sizeof(acc_t));
+  static type load(const acc_t* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(type));
+    return v;
+  }
+  static void store(acc_t* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
+};
+
+// out[r * stride + j] = a_r . u_j for r < R, j < J (u_j = u + j n): each load of a row of the
+// group serves J directions and each load of u R rows.
+template <int R, int J, typename acc_t>
+inline void dot_rows(const acc_t* const* a, const acc_t* __restrict u, int64_t n, acc_t* out, int64_t stride) {
+  using W = Vec<acc_t>;
+  constexpr int64_t V = W::V;
+  typename W::type s[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) s[r][j] = typename W::type{};
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    typename W::type uv[J];
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) uv[j] = W::load(u + j * n + i);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const typename W::type av = W::load(a[r] + i);
+#pragma GCC unroll 4
+      for (int j = 0; j < J; ++j) s[r][j] += av * uv[j];
     }
-    return;
   }
-  terms.src[0] = b;
-  terms.coef[0] = 1;
-  for (int64_t j = 0; j < k; ++j) {
-    terms.src[j + 1] = u + j * n;
-    terms.coef[j + 1] = -w[j];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < J; ++j) {
+      acc_t lane[V];
+      W::store(lane, s[r][j]);
+      for (int64_t v = 0; i + v < n; ++v) lane[v] += a[r][i + v] * u[j * n + i + v];
+      out[r * stride + j] = tree_sum(lane);
+    }
   }
-  if (z == nullptr) {
-    combine(out, a, acc_t(0), terms.src.data(), terms.coef.data(), k + 1, n, take_abs);
-    return;
+}
+
+// p[r k + j] = a_r . u_j for r < R and all k directions.
+template <int R, typename acc_t>
+inline void project_dots(const acc_t* const* a, const acc_t* u, int64_t k, int64_t n, acc_t* p) {
+  int64_t j = 0;
+  for (; j + kDirections <= k; j += kDirections) dot_rows<R, kDirections>(a, u + j * n, n, p + j, k);
+  for (; j < k; ++j) dot_rows<R, 1>(a, u + j * n, n, p + j, k);
+}
+
+// For r < R: zv = a_r + b - sum_j coef[r k + j] u_j (b may be nullptr: zero); z_r = zv when z is
+// given, out_r = |zv| (ABS) or zv when out is given (out_r may be a_r: each chunk is read before it
+// is written). C chunks of V values per row are in flight, so each broadcast coefficient serves C
+// multiply-adds and each load of u R of them.
+template <int R, bool ABS, typename acc_t>
+inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, const acc_t* coef, int64_t k,
+                        int64_t n, acc_t* const* out, acc_t* const* z) {
+  using W = Vec<acc_t>;
+  using vec = typename W::type;
+  constexpr int64_t V = W::V;
+  constexpr int C = kChunksInFlight;
+  int64_t i = 0;
+  for (; i + C * V <= n; i += C * V) {
+    vec acc[R][C];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int q = 0; q < C; ++q) {
+        acc[r][q] = W::load(a[r] + i + q * V);
+        if (b != nullptr) acc[r][q] += W::load(b + i + q * V);
+      }
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      vec uj[C];
+#pragma GCC unroll 4
+      for (int q = 0; q < C; ++q) uj[q] = W::load(u + j * n + i + q * V);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const acc_t cr = coef[r * k + j];
+#pragma GCC unroll 4
+        for (int q = 0; q < C; ++q) acc[r][q] -= cr * uj[q];
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 4
+      for (int q = 0; q < C; ++q) {
+        if (z != nullptr) W::store(z[r] + i + q * V, acc[r][q]);
+        if (out != nullptr) W::store(out[r] + i + q * V, ABS ? (acc[r][q] < 0 ? -acc[r][q] : acc[r][q]) : acc[r][q]);
+      }
+    }
   }
-  combine(z, a, acc_t(0), terms.src.data(), terms.coef.data(), k + 1, n, false);
-  if (out != nullptr) activate(z, out, n, take_abs);
+  for (int r = 0; r < R; ++r) {  // the tail, fewer than C V values
+    for (int64_t q = i; q < n; ++q) {
+      acc_t zv = a[r][q] + (b != nullptr ? b[q] : acc_t(0));
+      for (int64_t j = 0; j < k; ++j) zv -= coef[r * k + j] * u[j * n + q];
+      if (z != nullptr) z[r][q] = zv;
+      if (out != nullptr) out[r][q] = ABS ? std::abs(zv) : zv;
+    }
+  }
+}
+
+// p_r = U a_r, w_r = T^T p_r for the R rows of a group (p, w: R x k, row-major).
+template <int R, typename acc_t>
+inline void project_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, acc_t* p, acc_t* w) {
+  const int64_t k = c.k, n = c.n;
+  const acc_t* u = c.ul(l);
+  const acc_t* t = c.tl(l);
+  project_dots<R>(a, u, k, n, p);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      acc_t s = 0;
+      for (int64_t m = 0; m <= j; ++m) s += p[r * k + m] * t[m * k + j];  // T is upper triangular
+      w[r * k + j] = s;
+    }
+  }
+}
+
+// One layer over a group: z_r = a_r - U^T w_r + b, out_r = f(z_r) (either may be nullptr).
+template <int R, typename acc_t>
+inline void apply_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, const acc_t* w, acc_t* const* out,
+                       acc_t* const* z) {
+  if (c.abs[l] && out != nullptr) {
+    update_rows<R, true>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z);
+  } else {
+    update_rows<R, false>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z);
+  }
+}
+
+
+// Forward for k > 1, over groups of kSharedRows rows (see "Row groups").
+template <typename scalar_t, typename acc_t>
+void rows_forward_grouped(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+  constexpr int64_t G = kSharedRows;
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const int64_t grain = std::max<int64_t>(G, kWorkPerTask / (n * k * L));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    auto [buf, p, w] = scratch_arrays<acc_t, 3>({G * n, G * k, G * k});
+    const acc_t* a[G];
+    acc_t* out[G];
+    for (int64_t g0 = r0; g0 < r1; g0 += G) {
+      const int64_t nr = std::min(G, r1 - g0);
+      for (int64_t r = 0; r < nr; ++r) {
+        if constexpr (kDirect) {
+          a[r] = x + (g0 + r) * n;
+        } else {
+          convert(x + (g0 + r) * n, buf + r * n, n);
+          a[r] = buf + r * n;
+        }
+      }
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t r = 0; r < nr; ++r) {
+          out[r] = buf + r * n;
+          if constexpr (kDirect) {
+            if (l == L - 1) out[r] = y + (g0 + r) * n;
+          }
+        }
+        with_group_size(nr, [&](auto R) {
+          project_rows<R.value>(c, l, a, p, w);
+          apply_rows<R.value>(c, l, a, w, out, static_cast<acc_t* const*>(nullptr));
+        });
+        for (int64_t r = 0; r < nr; ++r) a[r] = out[r];
+      }
+      if constexpr (!kDirect) {
+        for (int64_t r = 0; r < nr; ++r) convert(buf + r * n, y + (g0 + r) * n, n);
+      }
+    }
+  });
 }
 
 template <typename scalar_t, typename acc_t>
 void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and write y in place
   const int64_t n = c.n, k = c.k, L = c.L;
+  if (k > 1) {
+    rows_forward_grouped(x, y, rows, c);
+    return;
+  }
   const int64_t grain = std::max<int64_t>(1, kWorkPerTask / (n * k * L));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     auto [buf, p, w] = scratch_arrays<acc_t, 3>({n, k, k});
-    Terms<acc_t> terms(k + 1);
     for (int64_t r = r0; r < r1; ++r) {
       const acc_t* a;
       if constexpr (kDirect) {
@@ -399,7 +601,7 @@ void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_
         if constexpr (kDirect) {
           if (l == L - 1) out = y + r * n;
         }
-        apply_layer(c, l, a, w, out, static_cast<acc_t*>(nullptr), terms);
+        apply_reflection(c, l, a, w[0], out);
         a = out;
       }
       if constexpr (!kDirect) convert(buf, y + r * n, n);
@@ -407,18 +609,74 @@ void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_
   });
 }
 
+// The backward of one layer over a group, in one pass over the chunks of its rows, for every j < k:
+//     du_j -= sum_{r < R} (Gt[r k + j] a_r + w[r k + j] g_r)     (DU; du_j = du + j n)
+//     g_out_r = g_r - sum_j Gt[r k + j] u_j                        (DG; g_out_r may be g_r)
+// Each chunk of the group's source rows is loaded once, into registers, for all k directions.
+template <int R, bool DU, bool DG, typename acc_t>
+inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const acc_t* const* a,
+                          const acc_t* const* g, const acc_t* Gt, const acc_t* w, acc_t* const* g_out) {
+  using W = Vec<acc_t>;
+  using vec = typename W::type;
+  constexpr int64_t V = W::V;
+  int64_t i = 0;
+  for (; i + V <= n; i += V) {
+    vec av[R], gv[R], gn[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (DU) av[r] = W::load(a[r] + i);
+      gv[r] = W::load(g[r] + i);
+      gn[r] = gv[r];
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      if constexpr (DU) {
+        acc_t* d = du + j * n + i;
+        vec acc = W::load(d);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc -= Gt[r * k + j] * av[r] + w[r * k + j] * gv[r];
+        W::store(d, acc);
+      }
+      if constexpr (DG) {
+        const vec uj = W::load(u + j * n + i);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) gn[r] -= Gt[r * k + j] * uj;
+      }
+    }
+    if constexpr (DG) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) W::store(g_out[r] + i, gn[r]);
+    }
+  }
+  for (int64_t q = i; q < n; ++q) {  // the tail, fewer than V values
+    for (int64_t j = 0; j < k; ++j) {
+      if constexpr (DU) {
+        acc_t acc = du[j * n + q];
+        for (int r = 0; r < R; ++r) acc -= Gt[r * k + j] * a[r][q] + w[r * k + j] * g[r][q];
+        du[j * n + q] = acc;
+      }
+    }
+    if constexpr (DG) {
+      for (int r = 0; r < R; ++r) {
+        acc_t gq = g[r][q];
+        for (int64_t j = 0; j < k; ++j) gq -= Gt[r * k + j] * u[j * n + q];
+        g_out[r][q] = gq;
+      }
+    }
+  }
+}
+
 // Parameter-gradient sums of layer l over a block of nr rows:
-//     du_j -= sum_r (G'_rj a_r + w_rj g_r),   db += sum_r g_r,   dT -= sum_r p_r G_r^T.
+//     du_j -= sum_r (G'_rj a_r + w_rj g_r) (unless with_du is false),   db += sum_r g_r,   dT -= sum_r p_r G_r^T.
 template <typename acc_t>
 inline void accumulate_params(const Chain<acc_t>& c, int64_t l, int64_t nr, const acc_t* const* a_rows,
                               const acc_t* g_rows, const acc_t* p, const acc_t* w, const acc_t* G, const acc_t* Gt,
-                              GradSums<acc_t>* s, Terms<acc_t>& terms) {
+                              GradSums<acc_t>* s, Terms<acc_t>& terms, bool with_du = true) {
   const int64_t k = c.k, n = c.n;
   for (int64_t r = 0; r < nr; ++r) {
     terms.src[r] = a_rows[r];
     terms.src[nr + r] = g_rows + r * n;
   }
-  for (int64_t j = 0; j < k; ++j) {
+  if (with_du) for (int64_t j = 0; j < k; ++j) {
     for (int64_t r = 0; r < nr; ++r) {
       terms.coef[r] = -Gt[r * k + j];
       terms.coef[nr + r] = -w[r * k + j];
@@ -433,6 +691,45 @@ inline void accumulate_params(const Chain<acc_t>& c, int64_t l, int64_t nr, cons
   for (int64_t r = 0; r < nr; ++r)
     for (int64_t m = 0; m < k; ++m)
       for (int64_t j = 0; j < k; ++j) dt[m * k + j] -= p[r * k + m] * G[r * k + j];
+}
+
+// The backward's forward recompute for k > 1 over one block of nr <= kBlockRows rows, in groups:
+// acts[l][r] the input of layer l >= 1 (layer 0 reads x, or acts[0][r] when x is converted),
+// zs[l][r] its pre-activation, p and w its projections (the layouts of rows_backward).
+template <typename scalar_t, typename acc_t>
+void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int64_t nr, acc_t* acts, acc_t* zs,
+                       acc_t* p, acc_t* w) {
+  constexpr int64_t R = kBlockRows;
+  const int64_t n = c.n, k = c.k, L = c.L;
+  const acc_t* cur[R];
+  for (int64_t r = 0; r < nr; ++r) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      cur[r] = x + (b0 + r) * n;
+    } else {
+      convert(x + (b0 + r) * n, acts + r * n, n);
+      cur[r] = acts + r * n;
+    }
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    acc_t* z[R];
+    acc_t* next[R];
+    const bool last = l + 1 == L;
+    for (int64_t r = 0; r < nr; ++r) {
+      z[r] = zs + (l * R + r) * n;
+      next[r] = last ? nullptr : acts + ((l + 1) * R + r) * n;
+    }
+    for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
+      with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
+        acc_t* pl = p + (l * R + q0) * k;
+        acc_t* wl = w + (l * R + q0) * k;
+        project_rows<Rg.value>(c, l, cur + q0, pl, wl);
+        apply_rows<Rg.value>(c, l, cur + q0, wl, last ? static_cast<acc_t* const*>(nullptr) : next + q0, z + q0);
+      });
+    }
+    if (!last) {
+      for (int64_t r = 0; r < nr; ++r) cur[r] = next[r];
+    }
+  }
 }
 
 // Backward over blocks of R rows. Per block: recompute the chain's inputs of layers 1..L-1 (and,
@@ -456,7 +753,9 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
     for (int64_t b0 = r0; b0 < r1; b0 += R) {
       const int64_t nr = std::min(R, r1 - b0);
       // Forward recompute: acts[l][r] is the input of layer l >= 1 (layer 0 reads x).
-      for (int64_t r = 0; r < nr; ++r) {
+      if (k > 1) {
+        recompute_grouped<scalar_t>(c, x, b0, nr, acts, zs, p, w);
+      } else for (int64_t r = 0; r < nr; ++r) {
         const acc_t* cur;
         if constexpr (kDirect) {
           cur = x + (b0 + r) * n;
@@ -469,11 +768,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           acc_t* wl = w + (l * R + r) * k;
           project(c, l, cur, pl, wl);
           acc_t* next = l + 1 < L ? acts + ((l + 1) * R + r) * n : nullptr;
-          if (k > 1) {
-            apply_layer(c, l, cur, wl, next, zs + (l * R + r) * n, terms);
-          } else if (next != nullptr) {
-            apply_layer(c, l, cur, wl, next, static_cast<acc_t*>(nullptr), terms);
-          }
+          if (next != nullptr) apply_reflection(c, l, cur, wl[0], next);
           cur = next;
         }
       }
@@ -534,16 +829,63 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
             } else if (gsrc != g) {
               std::copy(gsrc, gsrc + n, g);
             }
-            for (int64_t j = 0; j < k; ++j) Gr[j] = dot(g, u + j * n, n);
           }
-          for (int64_t j = 0; j < k; ++j) {  // G' = T G
+        }
+        if (k > 1) {  // G = U g, over groups of rows
+          const acc_t* g_rows[R];
+          for (int64_t r = 0; r < nr; ++r) g_rows[r] = gbuf + r * n;
+          for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
+            with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
+              project_dots<Rg.value>(g_rows + q0, u, k, n, G + q0 * k);
+            });
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {  // G' = T G
+          for (int64_t j = 0; j < k; ++j) {
             acc_t acc = 0;
-            for (int64_t m = j; m < k; ++m) acc += t[j * k + m] * Gr[m];
+            for (int64_t m = j; m < k; ++m) acc += t[j * k + m] * G[r * k + m];
             Gt[r * k + j] = acc;
           }
         }
+        const bool need_dg = l > 0 || dx != nullptr;
+        if (k > 1) {  // du sums and g <- g - U^T G' (into dL/dx for layer 0) in one pass, over groups of rows
+          if (s != nullptr) {
+            accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms, false);
+          }
+          const acc_t* g_in[R];
+          acc_t* g_out[R];
+          for (int64_t r = 0; r < nr; ++r) {
+            g_in[r] = gbuf + r * n;
+            g_out[r] = gbuf + r * n;
+            if constexpr (kDirect) {
+              if (l == 0) g_out[r] = dx + (b0 + r) * n;
+            }
+          }
+          acc_t* du_l = s != nullptr ? s->bdu.data() + l * k * n : nullptr;
+          const acc_t* wl = w + l * R * k;
+          for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
+            with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
+              constexpr int RG = decltype(Rg)::value;
+              const auto args = std::make_tuple(du_l, u, k, n, a_rows + q0, g_in + q0, Gt + q0 * k, wl + q0 * k,
+                                                static_cast<acc_t* const*>(g_out + q0));
+              if (du_l != nullptr && need_dg) {
+                std::apply(backprop_rows<RG, true, true, acc_t>, args);
+              } else if (du_l != nullptr) {
+                std::apply(backprop_rows<RG, true, false, acc_t>, args);
+              } else if (need_dg) {
+                std::apply(backprop_rows<RG, false, true, acc_t>, args);
+              }
+            });
+          }
+          if constexpr (!kDirect) {
+            if (l == 0 && need_dg) {
+              for (int64_t r = 0; r < nr; ++r) convert(gbuf + r * n, dx + (b0 + r) * n, n);
+            }
+          }
+          continue;
+        }
         if (s != nullptr) accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms);
-        if (l == 0 && dx == nullptr) break;
+        if (!need_dg) break;
         for (int64_t r = 0; r < nr; ++r) {  // g <- g - U^T G' (into dL/dx for layer 0)
           acc_t* g = gbuf + r * n;
           for (int64_t j = 0; j < k; ++j) {
