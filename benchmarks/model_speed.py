@@ -16,9 +16,12 @@ alike; ratios are the median over rounds of the per-round ratio):
 A train step is ``zero_grad, forward, loss, backward, AdamW step``; inference is a forward
 under ``torch.no_grad`` in eval mode. "Han, PyTorch path" is the Han model with the compiled
 kernels switched off (:func:`han_surgery.kernels.disabled`). Peak memory is measured in a
-separate process per variant: the growth of the peak resident set size over two training steps
-(parameters, gradients, optimizer state and activations), above the process after imports
-(``VmHWM`` in ``/proc/self/status``, Linux).
+separate process per variant: the growth of the peak resident set size over building the model
+and two training steps (parameters, gradients, optimizer state and activations), above the
+process after imports (transformers included; ``VmHWM`` in ``/proc/self/status``, Linux). The
+child runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed tensors to the
+system at once: without it, glibc's adaptive threshold keeps the hanified model's freed FFN
+weights in the heap, and the resident set measures the allocator's history, not live memory.
 
     python benchmarks/model_speed.py [--threads 1] [--rounds 7] [--rows transformers paper] [--no-memory]
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -199,6 +203,8 @@ def _status_mb(field: str) -> float:
 
 def memory_child(kind: str, name: str, variant: str, batch: int) -> None:
     """Prints the peak RSS growth (MB) of building ``variant`` and running two training steps."""
+    if kind == "surgery" and name == "bert_base":
+        import transformers  # noqa: F401  (imported before the baseline, as timm is)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_mb("VmRSS")
     work = build(kind, name, variant, batch)
@@ -210,7 +216,8 @@ def memory_child(kind: str, name: str, variant: str, batch: int) -> None:
 
 def peak_memory(kind: str, name: str, variant: str, batch: int, threads: int) -> float:
     cmd = [sys.executable, __file__, "--memory-child", kind, name, variant, str(batch), "--threads", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the resident set
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
