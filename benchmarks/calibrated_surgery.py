@@ -172,6 +172,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--heal-steps", type=int, default=None, help="Override heal_steps of the variants that heal (a budget sweep)."
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,10 +208,13 @@ def main() -> None:
                 hanify(model, han_config)
             else:
                 cal_config = dataclasses.replace(cal_config, seed=args.seed)
+                if args.heal_steps is not None and cal_config.heal_steps:
+                    cal_config = dataclasses.replace(cal_config, heal_steps=args.heal_steps)
                 report = hanify(model, han_config, calibration=cal, calibration_config=cal_config).calibration
             seconds = time.perf_counter() - start
         row = {
             "variant": variant,
+            "heal_steps": cal_config.heal_steps if variant not in ("original", "deleted") and cal_config else 0,
             "params": sum(p.numel() for p in model.parameters()),
             "ffn_params": ffn_params(model) if variant in ("original", "deleted") else None,
             "calibrate_s": seconds,
