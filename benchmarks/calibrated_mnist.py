@@ -11,7 +11,7 @@ that folder exists. Every MLP block is then replaced (pre-norm dropped, residual
   training images, per structural option;
 
 each scored on the walkthrough's 1,000 held-out digits right after surgery, and after one
-epoch of fine-tuning on the 9,000 training digits (all parameters, AdamW lr 1e-3 with 30
+epoch of fine-tuning on the 9,000 training digits (all parameters, AdamW lr ``--heal-lr`` (1e-3) with 30
 warm-up steps and cosine decay, batch 64; loss = cross-entropy + the hidden-state
 distillation of :func:`hidden_state_distillation_loss` against the base model, block by
 block, TinyBERT-style).
@@ -49,6 +49,8 @@ VARIANTS: dict[str, HanConfig] = {
     "calibrated gain+scale": HanConfig(**EXTRAS),
     "calibrated gain+scale r=8": HanConfig(**EXTRAS, side_rank=8),
     "calibrated gain+scale r=16": HanConfig(**EXTRAS, side_rank=16),
+    "calibrated gain+scale r=32": HanConfig(**EXTRAS, side_rank=32),
+    "calibrated gain+scale r=64": HanConfig(**EXTRAS, side_rank=64),
 }
 
 
@@ -72,14 +74,16 @@ def accuracy(model: nn.Module, dataset) -> float:
     return hits / len(dataset)
 
 
-def heal_one_epoch(model: nn.Module, teacher: nn.Module, dataset, seed: int, batch_size: int = 64) -> float:
+def heal_one_epoch(
+    model: nn.Module, teacher: nn.Module, dataset, seed: int, lr: float = 1e-3, batch_size: int = 64
+) -> float:
     """One epoch of fine-tuning: cross-entropy + block-by-block hidden-state distillation from ``teacher``."""
     paths = [f"blocks.{i}" for i in range(len(model.blocks))]
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
     )
     steps = len(loader)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--num-calibration", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="Adam steps per block.")
     parser.add_argument("--no-heal", action="store_true", help="Skip the one-epoch fine-tunes.")
+    parser.add_argument("--heal-lr", type=float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -146,7 +151,7 @@ def main() -> None:
             "fvu": [b.fvu for b in report.blocks] if report else None,
         }
         if not args.no_heal:
-            row["heal_s"] = heal_one_epoch(model, base, data.train, args.seed)
+            row["heal_s"] = heal_one_epoch(model, base, data.train, args.seed, lr=args.heal_lr)
             row["acc_1_epoch"] = accuracy(model, data.eval)
         rows.append(row)
         print(json.dumps(row), flush=True)
