@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--num-calibration", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="Adam steps per block.")
     parser.add_argument("--no-heal", action="store_true", help="Skip the one-epoch fine-tunes.")
+    parser.add_argument(
+        "--max-fvu", type=float, default=None, help="Keep the MLPs whose fit leaves more variance unexplained."
+    )
     parser.add_argument("--heal-lr", type=float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -141,7 +144,7 @@ def main() -> None:
             hanify(model)
             report = None
         else:
-            cfg = CalibrationConfig(steps=args.steps, seed=args.seed, progress=False)
+            cfg = CalibrationConfig(steps=args.steps, max_fvu=args.max_fvu, seed=args.seed, progress=False)
             report = hanify(model, config, calibration=calibration, calibration_config=cfg).calibration
         row = {
             "variant": name,
@@ -149,6 +152,7 @@ def main() -> None:
             "calibrate_s": time.perf_counter() - start,
             "acc": accuracy(model, data.eval),
             "fvu": [b.fvu for b in report.blocks] if report else None,
+            "kept": [b.path for b in report.kept] if report else None,
         }
         if not args.no_heal:
             row["heal_s"] = heal_one_epoch(model, base, data.train, args.seed, lr=args.heal_lr)
