@@ -51,6 +51,7 @@ VARIANTS: dict[str, HanConfig] = {
     "calibrated gain+scale r=16": HanConfig(**EXTRAS, side_rank=16),
     "calibrated gain+scale r=32": HanConfig(**EXTRAS, side_rank=32),
     "calibrated gain+scale r=64": HanConfig(**EXTRAS, side_rank=64),
+    "calibrated gain+scale r=16, first MLP kept": HanConfig(**EXTRAS, side_rank=16, exclude=("blocks.0.mlp",)),
 }
 
 
