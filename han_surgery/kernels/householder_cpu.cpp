@@ -51,7 +51,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -380,7 +379,8 @@ inline void apply_reflection(const Chain<acc_t>& c, int64_t l, const acc_t* a, a
 // Row groups (k > 1): R rows share every load of U. Per row, the k dot products U a and the
 // k-term update a - U^T w each read all of U (k n values, from L1/L2) for k n multiply-adds, so
 // those loads, not the arithmetic, bound them; over a group of R rows each value of U is loaded
-// once for R multiply-adds, with one accumulator register per row.
+// once for R multiply-adds, with the group's accumulators in registers (kSharedRows x kDirections
+// of them in a dot-product pass, kSharedRows x kChunksInFlight in an update).
 // ---------------------------------------------------------------------------------------------
 
 // Calls f(std::integral_constant<int, nr>{}) for 1 <= nr <= kSharedRows.
@@ -533,7 +533,6 @@ inline void apply_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, 
     update_rows<R, false>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z);
   }
 }
-
 
 // Forward for k > 1, over groups of kSharedRows rows (see "Row groups").
 template <typename scalar_t, typename acc_t>
@@ -865,15 +864,16 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           const acc_t* wl = w + l * R * k;
           for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
             with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
-              constexpr int RG = decltype(Rg)::value;
-              const auto args = std::make_tuple(du_l, u, k, n, a_rows + q0, g_in + q0, Gt + q0 * k, wl + q0 * k,
-                                                static_cast<acc_t* const*>(g_out + q0));
+              const auto run = [&](auto with_du, auto with_dg) {
+                backprop_rows<Rg.value, with_du.value, with_dg.value>(du_l, u, k, n, a_rows + q0, g_in + q0,
+                                                                      Gt + q0 * k, wl + q0 * k, g_out + q0);
+              };
               if (du_l != nullptr && need_dg) {
-                std::apply(backprop_rows<RG, true, true, acc_t>, args);
+                run(std::true_type{}, std::true_type{});
               } else if (du_l != nullptr) {
-                std::apply(backprop_rows<RG, true, false, acc_t>, args);
+                run(std::true_type{}, std::false_type{});
               } else if (need_dg) {
-                std::apply(backprop_rows<RG, false, true, acc_t>, args);
+                run(std::false_type{}, std::true_type{});
               }
             });
           }
