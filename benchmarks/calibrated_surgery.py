@@ -44,6 +44,7 @@ from han_surgery.surgery.calibration import CalibrationConfig
 ROOT = Path(__file__).resolve().parents[1]
 BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"
 EXTRAS = dict(gain=True, input_scale=True)
+FIRST_FFN = "encoder.layer.0.intermediate"  # kept (not rewritten) by the "first FFN kept" variants
 
 # name -> (HanConfig, CalibrationConfig or None for plain hanify). "original" and "deleted" are special.
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
@@ -60,6 +61,11 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "calibrated gain+scale r=64": (HanConfig(**EXTRAS, side_rank=64), CalibrationConfig()),
     "calibrated gain+scale r=32 +heal": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(heal_steps=60)),
     "calibrated +heal all": (HanConfig(), CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")),
+    "calibrated, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), CalibrationConfig()),
+    "calibrated +heal all, first FFN kept": (
+        HanConfig(exclude=(FIRST_FFN,)),
+        CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all"),
+    ),
     "calibrated gain+scale r=32 +heal all": (
         HanConfig(**EXTRAS, side_rank=32),
         CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),

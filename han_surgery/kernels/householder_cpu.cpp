@@ -857,7 +857,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
             g_in[r] = gbuf + r * n;
             g_out[r] = gbuf + r * n;
             if constexpr (kDirect) {
-              if (l == 0) g_out[r] = dx + (b0 + r) * n;
+              if (l == 0 && need_dg) g_out[r] = dx + (b0 + r) * n;
             }
           }
           acc_t* du_l = s != nullptr ? s->bdu.data() + l * k * n : nullptr;
