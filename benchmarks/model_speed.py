@@ -49,7 +49,7 @@ from torch import nn
 
 import han_surgery
 from han_surgery import kernels
-from han_surgery.layers import HanLayer, HanStack
+from han_surgery.layers import stack_han_layers
 from han_surgery.paper.common import fc_net, han_net
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -90,9 +90,7 @@ def _hannet(stacked: bool, features: int = 8, batch: int = 100) -> Workload:
     """The paper's regression HanNet (depth 20, width 200), its Han-layers as modules or as one HanStack."""
     net = han_net(features, 200, 20, 1, dense_first=1, dense_last=0)
     if stacked:
-        mods = list(net)
-        idx = [i for i, m in enumerate(mods) if isinstance(m, HanLayer)]
-        net = nn.Sequential(*mods[: idx[0]], HanStack.from_layers(mods[idx[0] : idx[-1] + 1]), *mods[idx[-1] + 1 :])
+        net = stack_han_layers(net)
     return _regression(net, features, batch)
 
 

@@ -24,7 +24,7 @@ mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from .functional import householder_chain, householder_dense, unit_rows
 
-__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "HanStack", "LowRankLinear"]
+__all__ = ["HouseholderLinear", "Abs", "HanLayer", "HanBlock", "HanStack", "LowRankLinear", "stack_han_layers"]
 
 HouseholderInit = Literal["orthogonal", "normal"]
 BiasInit = Literal["uniform", "zeros"]
@@ -419,3 +419,25 @@ class HanStack(nn.Module):
             f"features={self.features}, depth={self.depth}, reflections={self.reflections}, "
             f"bias={self.bias is not None}{dim}"
         )
+
+
+def stack_han_layers(modules: Iterable[nn.Module]) -> nn.Sequential:
+    """``modules`` as an ``nn.Sequential`` in which each run of consecutive :class:`HanLayer` s is one :class:`HanStack`.
+
+    The function computed is unchanged (:meth:`HanStack.from_layers` copies the parameters); a HanNet
+    such as ``han_net(2, 30, 20, 2)`` then runs its Han-layers as one operator per direction. The layers
+    of a run must share width, reflections, dim, bias, dtype and device (``ValueError`` otherwise).
+    """
+    out: list[nn.Module] = []
+    run: list[nn.Module] = []
+    for module in modules:
+        if type(module) is HanLayer:
+            run.append(module)
+            continue
+        if run:
+            out.append(HanStack.from_layers(run))
+            run = []
+        out.append(module)
+    if run:
+        out.append(HanStack.from_layers(run))
+    return nn.Sequential(*out)

@@ -14,7 +14,7 @@ from torch import nn
 
 from han_surgery import Abs, HanBlock, HanLayer, HouseholderLinear
 from han_surgery.functional import householder_affine, unit_rows, wy_factor
-from han_surgery.layers import HanStack
+from han_surgery.layers import HanStack, stack_han_layers
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
 
@@ -324,6 +324,16 @@ def test_han_stack_is_a_sequence_of_han_layers():
     torch.testing.assert_close(grads[1], torch.stack(ref_grads[1:6]))
     torch.testing.assert_close(grads[2], torch.stack(ref_grads[6:]))
     assert "depth=5" in repr(stack)
+
+
+def test_stack_han_layers_turns_each_run_into_one_stack():
+    torch.manual_seed(5)
+    modules = [nn.Linear(3, 8), Abs(), *(HanLayer(8) for _ in range(4)), nn.Linear(8, 8), HanLayer(8), HanLayer(8)]
+    stacked = stack_han_layers(modules)
+    assert [type(m) for m in stacked] == [nn.Linear, Abs, HanStack, nn.Linear, HanStack]
+    assert [m.depth for m in stacked if isinstance(m, HanStack)] == [4, 2]
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(stacked(x), nn.Sequential(*modules)(x))
 
 
 def test_han_stack_bad_arguments_are_clear():

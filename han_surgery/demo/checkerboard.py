@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..layers import HanLayer, HanStack
+from ..layers import stack_han_layers
 from ..paper.common import fc_net, han_net
 from ..utils import count_parameters, format_table
 from ._format import section
 
-__all__ = ["Board", "make_board", "han_net_stacked", "train_full_batch", "step_checkerboard", "FULL_RUN"]
+__all__ = ["Board", "make_board", "train_full_batch", "step_checkerboard", "FULL_RUN"]
 
 #: Final-model test accuracy (%) of the full 40k-iteration runs, paper protocol (docs/RESULTS.md, section 2).
 FULL_RUN = {"HanNet": 99.72, "FCNet": 84.37}
@@ -52,20 +52,6 @@ def make_board(seed: int = 0, train_fraction: float = 0.25) -> Board:
     tr, te = perm[:n_train], perm[n_train:]
     x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
     return Board(x_t[tr], y_t[tr], x_t[te], y_t[te], x_t)
-
-
-def han_net_stacked() -> nn.Sequential:
-    """The paper's checkerboard HanNet (``han_net(2, 30, 20, 2)``) with its 17 Han-layers as one :class:`HanStack`."""
-    layers, run = [], []
-    for module in han_net(2, 30, 20, 2):
-        if type(module) is HanLayer:
-            run.append(module)
-            continue
-        if run:
-            layers.append(HanStack.from_layers(run))
-            run = []
-        layers.append(module)
-    return nn.Sequential(*layers)
 
 
 def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -119,7 +105,7 @@ def step_checkerboard(fast: bool = False, out_dir: str | Path = ".") -> dict[str
     # (model, steps, lr). The FCNet's test accuracy is flat from ~750 steps on (see its curve), so it
     # gets fewer steps; the HanNet keeps improving while its lr is high, so it gets more.
     runs = {
-        "HanNet": (han_net_stacked, 1500 if fast else 3000, 0.03),
+        "HanNet": (lambda: stack_han_layers(han_net(2, 30, 20, 2)), 1500 if fast else 3000, 0.03),
         "FCNet": (lambda: fc_net(2, 100, 6, 2, activation="relu", init="kaiming"), 500 if fast else 1000, 3e-3),
     }
     rows, models, result = [], {}, {}
