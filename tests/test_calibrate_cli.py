@@ -12,11 +12,11 @@ import torch
 from _finetune_cli import cli as finetune_cli
 from _finetune_cli import config as finetune_config
 from _finetune_cli import run_argv
+from _toy_data import TINY_VIT, make_images
 from safetensors.torch import load_file
 
 from han_surgery import HanConfig, from_pretrained, hanify
 from han_surgery.cli import main
-from han_surgery.demo.finetune import TINY_VIT, make_images
 from han_surgery.loading import load_model
 from han_surgery.surgery.calibration import (
     CalibrationConfig,

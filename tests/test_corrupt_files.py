@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _toy_data import make_images
 from safetensors.torch import load_file, save_file
 
 import han_surgery
 from han_surgery.cli import main
-from han_surgery.demo.finetune import make_images
 
 
 @pytest.fixture(scope="module")

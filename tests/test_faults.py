@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 from _finetune_cli import cli
+from _toy_data import TINY_VIT, make_images
 from safetensors.torch import load_file
 
-from han_surgery.demo.finetune import TINY_VIT, make_images
 from han_surgery.fileio import folder_problems
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,9 @@ import pytest
 import timm
 import torch
 from _finetune_cli import cli, run_argv
+from _toy_data import TINY_VIT as TINY_VIT_KWARGS
+from _toy_data import make_images
 from safetensors.torch import load_file
-
-from han_surgery.demo.finetune import TINY_VIT as TINY_VIT_KWARGS
-from han_surgery.demo.finetune import make_images
 
 # qkv_bias=False: the key bias of softmax attention has an identically zero gradient (a shift of every logit
 # in a row), so its float32 rounding noise is all Adam sees there and it normalises it to steps of ~lr. Without it,

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from _finetune_cli import config as config_from_argv
+from _toy_data import TINY_VIT, make_images
 
 from han_surgery import ConfigError, HanConfig
-from han_surgery.demo.finetune import TINY_VIT, make_images
 from han_surgery.finetune import FinetuneConfig
 from han_surgery.finetune.hub import command_line
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from _finetune_cli import cli
-
-from han_surgery.demo.finetune import TINY_VIT, make_images
+from _toy_data import TINY_VIT, make_images
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}

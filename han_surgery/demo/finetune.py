@@ -11,22 +11,9 @@ from pathlib import Path
 
 from ._format import section
 
-__all__ = ["MNIST", "TINY_VIT", "finetune_command", "make_images", "step_finetune"]
+__all__ = ["MNIST", "finetune_command", "step_finetune"]
 
 MNIST = Path(__file__).with_name("data") / "mnist_2500.npz"
-#: A tiny ViT for tests' toy runs (``make_images``).
-TINY_VIT = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "qkv_bias": False}
-
-
-def make_images(path: Path, n: int = 480, seed: int = 0) -> Path:
-    """Four classes of noisy 16x16 grey images (class k: pixels uniform in [45k, 45k + 100)); for tests."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    images = (rng.random((n, 16, 16)) * 100 + 45 * labels[:, None, None]).astype(np.uint8)
-    np.savez(path, images=images, labels=labels)
-    return path
 
 
 def finetune_command(output_dir: Path, epochs: int) -> list[str]:
