@@ -345,6 +345,16 @@ struct Terms {
   explicit Terms(int64_t count) : src(count), coef(count) {}
 };
 
+// w = T^T p for one vector's k projections (T: the k x k upper-triangular WY factor).
+template <typename acc_t>
+inline void apply_wy_factor(const acc_t* t, int64_t k, const acc_t* p, acc_t* w) {
+  for (int64_t j = 0; j < k; ++j) {
+    acc_t s = 0;
+    for (int64_t m = 0; m <= j; ++m) s += p[m] * t[m * k + j];
+    w[j] = s;
+  }
+}
+
 // p = U a, w = T^T p for layer l.
 template <typename acc_t>
 inline void project(const Chain<acc_t>& c, int64_t l, const acc_t* a, acc_t* p, acc_t* w) {
@@ -352,11 +362,7 @@ inline void project(const Chain<acc_t>& c, int64_t l, const acc_t* a, acc_t* p, 
   const acc_t* u = c.ul(l);
   const acc_t* t = c.tl(l);
   for (int64_t j = 0; j < k; ++j) p[j] = dot(a, u + j * n, n);
-  for (int64_t j = 0; j < k; ++j) {
-    acc_t s = 0;
-    for (int64_t m = 0; m <= j; ++m) s += p[m] * t[m * k + j];  // T is upper triangular
-    w[j] = s;
-  }
+  apply_wy_factor(t, k, p, w);
 }
 
 // One reflection (k = 1): out = f(a - w0 u + b), f = |.| for abs layers. `out` may be `a` (in place).
@@ -514,13 +520,7 @@ inline void project_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a
   const acc_t* u = c.ul(l);
   const acc_t* t = c.tl(l);
   project_dots<R>(a, u, k, n, p);
-  for (int r = 0; r < R; ++r) {
-    for (int64_t j = 0; j < k; ++j) {
-      acc_t s = 0;
-      for (int64_t m = 0; m <= j; ++m) s += p[r * k + m] * t[m * k + j];  // T is upper triangular
-      w[r * k + j] = s;
-    }
-  }
+  for (int r = 0; r < R; ++r) apply_wy_factor(t, k, p + r * k, w + r * k);
 }
 
 // One layer over a group: z_r = a_r - U^T w_r + b, out_r = f(z_r) (either may be nullptr).
