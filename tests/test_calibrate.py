@@ -420,6 +420,34 @@ def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters
     assert report.calibration.heal_batches == 1  # the teacher cache holds one batch
 
 
+def test_healing_all_but_embeddings_leaves_the_embedding_tables_and_trains_the_rest():
+    model = _bert()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    cfg = CalibrationConfig(steps=0, heal_steps=5, heal_lr=1e-2, heal_params="all-but-embeddings", progress=False)
+    hanify(model, HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+    params = dict(model.named_parameters())
+    tables = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    assert tables == [f"embeddings.{t}_embeddings" for t in ("word", "position", "token_type")]
+    for name in (f"{t}.weight" for t in tables):
+        assert torch.equal(params[name], before[name]) and params[name].requires_grad, name
+    assert not torch.equal(
+        params["encoder.layer.0.attention.self.query.weight"], before["encoder.layer.0.attention.self.query.weight"]
+    )
+    assert not torch.equal(params["embeddings.LayerNorm.weight"], before["embeddings.LayerNorm.weight"])
+    assert all(p.requires_grad for p in params.values())
+    with pytest.raises(ValueError, match="heal_params must be one of"):
+        CalibrationConfig(heal_params="embeddings")
+
+
+def test_healing_schedule_warms_up_then_decays_to_zero():
+    from han_surgery.surgery.calibration.heal import warmup_cosine
+
+    factors = [warmup_cosine(s, steps=100, warmup=5) for s in range(100)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0]) and factors[5] == 1.0
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:])) and factors[-1] == pytest.approx(0.0, abs=1e-3)
+    assert warmup_cosine(0, steps=1, warmup=1) == 1.0
+
+
 def test_hidden_state_distillation_loss():
     torch.manual_seed(0)
     t = [torch.randn(2, 5, 8), torch.randn(2, 5, 8) * 100]

@@ -204,8 +204,11 @@ def calibrate_rewrites(
             fitted_modules.append(site.fitted)
         if config.heal_steps and teacher is not None and fitted_modules:
             new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
-            if config.heal_params == "all":  # every parameter the caller left trainable, and the new ones
-                snapshot = [(p, p.detach().clone()) for p, flag in grad_flags if flag]
+            if config.heal_params != "new":  # every parameter the caller left trainable, and the new ones
+                frozen = set()
+                if config.heal_params == "all-but-embeddings":
+                    frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+                snapshot = [(p, p.detach().clone()) for p, flag in grad_flags if flag and id(p) not in frozen]
                 params = list({**{id(p): p for p, _ in snapshot}, **new_params}.values())
             else:
                 params = list(new_params.values())
@@ -229,7 +232,7 @@ def calibrate_rewrites(
         for path, old in reversed(done):
             _set_module(model, path, old)
         with torch.no_grad():
-            for p, value in snapshot:  # healing with heal_params="all" had trained them
+            for p, value in snapshot:  # healing with heal_params="all..." had trained them
                 p.copy_(value)
         raise
     finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from .record import as_rows, call_model, token_mask
 
-__all__ = ["hidden_state_distillation_loss", "hidden_state_paths", "HiddenStates", "heal"]
+__all__ = ["hidden_state_distillation_loss", "hidden_state_paths", "HiddenStates", "heal", "warmup_cosine"]
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -137,6 +138,14 @@ def hidden_state_distillation_loss(
     return torch.stack(terms).mean()
 
 
+def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
+    """The learning-rate factor at ``step`` (0-based) of ``steps``: ``(step + 1) / warmup`` for the first
+    ``warmup`` steps, then ``(1 + cos(pi * t)) / 2`` with ``t`` going from 0 to 1 over the rest."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def heal(
     model: nn.Module,
     batches: Sequence[Any],
@@ -152,7 +161,9 @@ def heal(
 
     ``teacher_states[i]`` holds the original model's outputs of ``paths`` on
     ``batches[i]`` (as token rows, padding removed, see :func:`record.as_rows`).
-    The model runs in eval mode (no dropout); batches are cycled in order.
+    The model runs in eval mode (no dropout); batches are cycled in order. AdamW (no weight
+    decay) at ``lr`` after a linear warm-up over the first 5% of the steps, then cosine decay
+    (:func:`warmup_cosine`).
 
     Returns:
         The mean loss over the first pass through the batches and over the last one
@@ -162,7 +173,7 @@ def heal(
 
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps, warmup=max(1, steps // 20)))
     device = params[0].device
     losses: list[float] = []
     with HiddenStates(model, paths) as hs:
