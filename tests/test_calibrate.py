@@ -439,6 +439,54 @@ def test_healing_all_but_embeddings_leaves_the_embedding_tables_and_trains_the_r
         CalibrationConfig(heal_params="embeddings")
 
 
+def test_token_replacer_keeps_the_ends_and_padding_and_draws_from_the_calibration_ids():
+    from han_surgery.surgery.calibration.heal import TokenReplacer
+
+    ids = torch.tensor([[1, 10, 11, 12, 13, 2, 0, 0], [0, 0, 1, 20, 21, 22, 23, 2]])  # right and left padding
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    replaceable = TokenReplacer.replaceable(batch)
+    assert replaceable.tolist() == [[0, 1, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 0]]
+    replacer = TokenReplacer.from_batches([batch], 0.99, torch.Generator().manual_seed(0))
+    assert sorted(replacer.vocabulary.tolist()) == [10, 11, 12, 13, 20, 21, 22, 23]
+    out = replacer(batch)
+    assert torch.equal(out["input_ids"][~replaceable], ids[~replaceable])  # ends and padding untouched
+    assert (out["input_ids"][replaceable] != ids[replaceable]).any()
+    assert set(out["input_ids"][replaceable].tolist()) <= set(replacer.vocabulary.tolist())
+    assert out["attention_mask"] is mask and torch.equal(batch["input_ids"], ids)  # the batch itself is not changed
+    big = {"input_ids": torch.randint(5, 100, (64, 50))}
+    share = TokenReplacer(torch.arange(200, 300), 0.15, torch.Generator().manual_seed(1))(big)["input_ids"] >= 200
+    assert 0.12 < share[:, 1:-1].float().mean() < 0.18
+
+
+def test_healing_with_token_replacement_trains_on_the_altered_batches(monkeypatch):
+    seen = []
+    real_heal = calibrate_module.heal
+
+    def spy(*args, augment=None, teacher=None, **kwargs):
+        seen.append((augment, teacher))
+        return real_heal(*args, augment=augment, teacher=teacher, **kwargs)
+
+    monkeypatch.setattr(calibrate_module, "heal", spy)
+    base, cal = _bert(), _tokens(2, 0)
+    models = {}
+    for rate in (0.0, 0.3):
+        model = copy.deepcopy(base)
+        cfg = CalibrationConfig(steps=0, heal_steps=4, heal_lr=1e-2, heal_augment=rate, progress=False)
+        hanify(model, HanConfig(), calibration=cal, calibration_config=cfg)
+        models[rate] = model
+    (no_aug, no_teacher), (replacer, teacher) = seen
+    assert no_aug is None and no_teacher is None and replacer.rate == 0.3
+    assert all(torch.equal(p, q) for p, q in zip(teacher.parameters(), base.parameters()))  # the original model
+    assert not torch.equal(*(m.encoder.layer[0].intermediate.fc1.u for m in models.values()))
+    before = _state(base)
+    with pytest.raises(CalibrationDataError, match="no 2-D integer 'input_ids'"):
+        hanify(base, HanConfig(), calibration=[{"inputs_embeds": torch.randn(2, 5, 32)}], calibration_config=cfg)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    with pytest.raises(ValueError, match="heal_augment must be in"):
+        CalibrationConfig(heal_augment=1.0)
+
+
 def test_healing_schedule_warms_up_then_decays_to_zero():
     from han_surgery.surgery.calibration.heal import warmup_cosine
 

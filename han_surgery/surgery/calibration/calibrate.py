@@ -9,6 +9,7 @@ original model's hidden states into the new parameters.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from .config import CalibrationConfig
 from .fit import fit_site
-from .heal import HiddenStates, heal
+from .heal import HiddenStates, TokenReplacer, heal
 from .record import CalibrationDataError, TokenReservoir, as_rows, call_model, record_inputs, token_mask
 from .report import BlockFit, CalibrationReport
 from .site import CalibratedReplacement
@@ -48,6 +49,17 @@ def check_batches(calibration: Iterable[Any]) -> list[Any]:
                 "a tuple/list (model(*batch)) or a tensor (model(batch))"
             )
     return batches
+
+
+def _check_token_batches(batches: list[Any]) -> None:
+    """heal_augment replaces token ids: every batch must be a dict with a 2-D integer ``input_ids``."""
+    for i, batch in enumerate(batches):
+        ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+        if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
+            raise CalibrationDataError(
+                f"CalibrationConfig.heal_augment replaces token ids, but calibration batch {i} has no 2-D integer "
+                "'input_ids': use heal_augment=0 for this data"
+            )
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
@@ -137,6 +149,9 @@ def calibrate_rewrites(
     fitted_modules: list[nn.Module] = []
     stream_paths: list[str] = []
     snapshot: list[tuple[nn.Parameter, Tensor]] = []
+    replacer, original = None, None
+    if config.heal_steps and config.heal_augment:
+        _check_token_batches(batches)
     try:
         model.eval()
         sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
@@ -145,6 +160,11 @@ def calibrate_rewrites(
         if config.heal_steps and stream_paths:
             teacher = _teacher_states(model, heal_set, stream_paths, config.heal_memory_mb)
             heal_set = heal_set[: len(teacher)]
+            if config.heal_augment:
+                replacer = TokenReplacer.from_batches(
+                    heal_set, config.heal_augment, torch.Generator().manual_seed(config.seed)
+                )
+                original = copy.deepcopy(model)  # the teacher of the augmented steps
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
@@ -225,6 +245,8 @@ def calibrate_rewrites(
                 steps=config.heal_steps,
                 lr=config.heal_lr,
                 progress=config.progress,
+                augment=replacer,
+                teacher=original,
             )
             report.heal_steps = config.heal_steps
             report.heal_batches = len(heal_set)

@@ -67,6 +67,13 @@ class CalibrationConfig:
             of a vocabulary's rows, so training the table moves those rows away from the
             ones it never saw, and its optimizer step over the whole table costs as much
             as the rest of a small model's (all-MiniLM-L6-v2: 0.12 vs 0.21 s per step).
+        heal_augment: the fraction of tokens replaced, on every other healing step, by random
+            tokens of the calibration text (:class:`~han_surgery.surgery.calibration.heal.TokenReplacer`;
+            token-id batches only, 0: no augmentation). A copy of the original model, kept
+            for the length of healing, computes the targets of those steps, so they cost
+            one more forward. With a few thousand sentences, healing starts to fit them;
+            these altered sentences make it generalise better (all-MiniLM-L6-v2: held-out
+            cosine 0.854 vs 0.838 at about the same time).
         heal_batches: calibration batches, drawn at random, healing cycles through (``None``: all);
             the original model's hidden states on them are computed once and cached.
         heal_memory_mb: the most memory that cache may take; healing uses only as
@@ -95,6 +102,9 @@ class CalibrationConfig:
     heal_lr: float = _field(1e-3, "peak learning rate of healing")
     heal_params: Literal["new", "all", "all-but-embeddings"] = _field(
         "new", "what healing trains: the new (Han) parameters, all, or all but the nn.Embedding tables"
+    )
+    heal_augment: float = _field(
+        0.0, "fraction of tokens replaced by random calibration tokens on every other healing step (0: none)"
     )
     heal_batches: int | None = _field(None, "calibration batches healing cycles through (default: all)")
     heal_memory_mb: float = _field(2048.0, "the most memory the cache of the original model's states may take")
@@ -126,6 +136,8 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
+        if not 0.0 <= self.heal_augment < 1.0:
+            raise ValueError(f"CalibrationConfig.heal_augment must be in [0, 1), got {self.heal_augment!r}")
         if self.keep_budget is not None and (not isinstance(self.keep_budget, int) or self.keep_budget < 0):
             raise ValueError(f"CalibrationConfig.keep_budget must be None or an int >= 0, got {self.keep_budget!r}")
         if self.max_fvu is not None and self.max_fvu < 0:

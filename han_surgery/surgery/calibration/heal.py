@@ -23,7 +23,7 @@ For ``finetune --distill hidden``::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -32,7 +32,14 @@ from torch import Tensor, nn
 
 from .record import as_rows, call_model, token_mask
 
-__all__ = ["hidden_state_distillation_loss", "hidden_state_paths", "HiddenStates", "heal", "warmup_cosine"]
+__all__ = [
+    "hidden_state_distillation_loss",
+    "hidden_state_paths",
+    "HiddenStates",
+    "heal",
+    "TokenReplacer",
+    "warmup_cosine",
+]
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -138,6 +145,54 @@ def hidden_state_distillation_loss(
     return torch.stack(terms).mean()
 
 
+class TokenReplacer:
+    """Token-replacement augmentation for healing on token-id batches (as TinyBERT augments its distillation data).
+
+    ``replacer(batch)`` returns a copy of ``batch`` (a dict with ``input_ids`` ``(B, L)``
+    and, optionally, ``attention_mask``) in which each token is replaced, with
+    probability ``rate``, by a token id drawn uniformly from ``vocabulary``. The first
+    and the last real token of each sequence (``[CLS]`` / ``[SEP]``, BOS / EOS) and padding
+    are never replaced. :meth:`from_batches` takes the vocabulary from the ids the
+    calibration batches hold at those replaceable positions, so the altered text uses
+    only words of the calibration text.
+
+    Args:
+        vocabulary: 1-D tensor of the token ids to draw from.
+        rate: the probability that a replaceable token is replaced, in ``[0, 1)``.
+        generator: the source of randomness (a seeded ``torch.Generator``).
+    """
+
+    def __init__(self, vocabulary: Tensor, rate: float, generator: torch.Generator | None = None) -> None:
+        if vocabulary.dim() != 1 or vocabulary.numel() == 0:
+            raise ValueError("TokenReplacer: the vocabulary must be a non-empty 1-D tensor of token ids")
+        self.vocabulary, self.rate, self.generator = vocabulary, rate, generator
+
+    @staticmethod
+    def replaceable(batch: Mapping[str, Any]) -> Tensor:
+        """The ``(B, L)`` mask of the positions that may be replaced: real tokens, not the first or last of a row."""
+        ids = batch["input_ids"]
+        mask = token_mask(batch)
+        real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.clone()
+        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        first = real.long().argmax(1, keepdim=True)  # the first real position of each row (left padding too)
+        last = real.long().cumsum(1).argmax(1, keepdim=True)  # and the last
+        return real & (positions > first) & (positions < last)
+
+    @classmethod
+    def from_batches(cls, batches: Sequence[Any], rate: float, generator: torch.Generator | None = None):
+        """A replacer whose vocabulary is every id at a replaceable position of ``batches``."""
+        ids = [b["input_ids"][cls.replaceable(b)] for b in batches]
+        return cls(torch.unique(torch.cat(ids)).cpu(), rate, generator)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        ids = batch["input_ids"]
+        hit = (torch.rand(ids.shape, generator=self.generator) < self.rate).to(ids.device) & self.replaceable(batch)
+        draws = torch.randint(len(self.vocabulary), (int(hit.sum()),), generator=self.generator)
+        new = ids.clone()
+        new[hit] = self.vocabulary[draws].to(device=ids.device, dtype=ids.dtype)
+        return {**batch, "input_ids": new}
+
+
 def warmup_cosine(step: int, *, steps: int, warmup: int) -> float:
     """The learning-rate factor at ``step`` (0-based) of ``steps``: ``(step + 1) / warmup`` for the first
     ``warmup`` steps, then ``(1 + cos(pi * t)) / 2`` with ``t`` going from 0 to 1 over the rest."""
@@ -156,11 +211,16 @@ def heal(
     steps: int,
     lr: float,
     progress: bool = False,
+    augment: Callable[[Any], Any] | None = None,
+    teacher: nn.Module | None = None,
 ) -> tuple[float, float]:
     """Train ``params`` (only them) for ``steps`` so that the outputs of ``paths`` match ``teacher_states``.
 
     ``teacher_states[i]`` holds the original model's outputs of ``paths`` on
     ``batches[i]`` (as token rows, padding removed, see :func:`record.as_rows`).
+    With ``augment`` (e.g. a :class:`TokenReplacer`) and ``teacher`` (the original
+    model), every other step (the odd ones) trains on ``augment(batch)`` instead, its
+    targets computed by running ``teacher`` on it.
     The model runs in eval mode (no dropout); batches are cycled in order. AdamW (no weight
     decay) at ``lr`` after a linear warm-up over the first 5% of the steps, then cosine decay
     (:func:`warmup_cosine`).
@@ -179,11 +239,18 @@ def heal(
     with HiddenStates(model, paths) as hs:
         for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
             i = step % len(batches)
-            call_model(model, batches[i], device)
-            mask = token_mask(batches[i])
+            batch = batches[i]
+            mask = token_mask(batch)
+            if augment is not None and teacher is not None and step % 2 == 1:
+                batch = augment(batch)
+                with torch.no_grad(), HiddenStates(teacher, paths) as original:
+                    call_model(teacher, batch, device)
+                    targets = [as_rows(s, mask) for s in original.states]
+            else:
+                targets = [t.to(device) for t in teacher_states[i]]
+            call_model(model, batch, device)
             student = [as_rows(s, mask) for s in hs.states]
-            teacher = [t.to(device) for t in teacher_states[i]]
-            loss = hidden_state_distillation_loss(student, teacher)
+            loss = hidden_state_distillation_loss(student, targets)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
