@@ -29,6 +29,7 @@
 // the same row again and again (one axpy per source) is store-bound and 10x slower. With k > 1
 // reflections per layer, rows go in groups that share each load of U, their accumulators in
 // registers (see "Row groups"): without that, k = 16 cost 3x k = 1 instead of 1.7x (forward).
+// The forward of short rows (n <= 128) goes in groups at k = 1 too (forward_in_row_groups).
 //
 // Parameter gradients are summed per task, in blocks of kFlushRows rows (each block summed on
 // its own, then added, so float32 sums of many rows stay accurate), and reduced in task order:
@@ -72,6 +73,7 @@ constexpr int kDirections = 1;
 constexpr int kChunksInFlight = 1;
 #endif
 static_assert(kBlockRows % kSharedRows == 0, "a backward block is whole groups of rows");
+constexpr int64_t kGroupedMaxFeatures = 128;  // k = 1 layers this narrow run their forward in row groups too
 constexpr int64_t kWorkPerTask = 1 << 15;  // about this many multiply-adds per parallel task
 constexpr int64_t kTileElems = 1 << 16;    // scratch elements per column tile (C > 1)
 
@@ -389,6 +391,14 @@ inline void apply_reflection(const Chain<acc_t>& c, int64_t l, const acc_t* a, a
 // of them in a dot-product pass, kSharedRows x kChunksInFlight in an update).
 // ---------------------------------------------------------------------------------------------
 
+// Whether the forward runs rows in groups: always with k > 1 (they share each load of U); with one
+// reflection when rows are short, so that the group's independent rows hide the latency of each
+// row's dot product -> update -> next layer chain (forward 1.5-2.4x faster at n = 16 to 128, one
+// thread; even at n = 200, and slower at n = 768, where one row has work enough). The backward
+// groups rows only for k > 1: at k = 1 its fused per-row pass is as fast or faster at every n
+// measured.
+inline bool forward_in_row_groups(int64_t k, int64_t n) { return k > 1 || n <= kGroupedMaxFeatures; }
+
 // Calls f(std::integral_constant<int, nr>{}) for 1 <= nr <= kSharedRows.
 template <typename F>
 inline void with_group_size(int64_t nr, F&& f) {
@@ -503,7 +513,25 @@ inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, c
       }
     }
   }
-  for (int r = 0; r < R; ++r) {  // the tail, fewer than C V values
+  for (; i + V <= n; i += V) {  // one chunk per row in flight
+    vec acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc[r] = W::load(a[r] + i);
+      if (b != nullptr) acc[r] += W::load(b + i);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const vec uj = W::load(u + j * n + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] -= coef[r * k + j] * uj;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (z != nullptr) W::store(z[r] + i, acc[r]);
+      if (out != nullptr) W::store(out[r] + i, ABS ? (acc[r] < 0 ? -acc[r] : acc[r]) : acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {  // the tail, fewer than V values
     for (int64_t q = i; q < n; ++q) {
       acc_t zv = a[r][q] + (b != nullptr ? b[q] : acc_t(0));
       for (int64_t j = 0; j < k; ++j) zv -= coef[r * k + j] * u[j * n + q];
@@ -579,7 +607,7 @@ template <typename scalar_t, typename acc_t>
 void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and write y in place
   const int64_t n = c.n, k = c.k, L = c.L;
-  if (k > 1) {
+  if (forward_in_row_groups(k, n)) {
     rows_forward_grouped(x, y, rows, c);
     return;
   }
@@ -741,18 +769,19 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
   constexpr int64_t R = kBlockRows;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and dL/dy rows in place
   const int64_t n = c.n, k = c.k, L = c.L;
+  const bool grouped = k > 1;  // see forward_in_row_groups
   const int64_t grain = std::max<int64_t>(R, kWorkPerTask / (3 * n * k * L));
   std::vector<GradSums<acc_t>*> slots(at::get_num_threads(), nullptr);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     auto [acts, zs, gbuf, p, w, G, Gt] =
-        scratch_arrays<acc_t, 7>({L * R * n, k > 1 ? L * R * n : 0, R * n, L * R * k, L * R * k, R * k, R * k});
+        scratch_arrays<acc_t, 7>({L * R * n, grouped ? L * R * n : 0, R * n, L * R * k, L * R * k, R * k, R * k});
     GradSums<acc_t>* s = need_params ? new GradSums<acc_t>(L, k, n) : nullptr;
     Terms<acc_t> terms(std::max<int64_t>(2 * R, k + 1));
     const acc_t* a_rows[R];
     for (int64_t b0 = r0; b0 < r1; b0 += R) {
       const int64_t nr = std::min(R, r1 - b0);
       // Forward recompute: acts[l][r] is the input of layer l >= 1 (layer 0 reads x).
-      if (k > 1) {
+      if (grouped) {
         recompute_grouped<scalar_t>(c, x, b0, nr, acts, zs, p, w);
       } else for (int64_t r = 0; r < nr; ++r) {
         const acc_t* cur;
@@ -796,7 +825,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
             }
           }
           acc_t* Gr = G + r * k;
-          if (k == 1) {
+          if (!grouped) {
             const acc_t w0 = w[(l * R + r) * k];
             if (take_abs) {  // g = dL/dy * sign(z), z recomputed, and G = g . u, in one pass
               constexpr int64_t V = lanes(sizeof(acc_t));
@@ -830,7 +859,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
             }
           }
         }
-        if (k > 1) {  // G = U g, over groups of rows
+        if (grouped) {  // G = U g, over groups of rows
           const acc_t* g_rows[R];
           for (int64_t r = 0; r < nr; ++r) g_rows[r] = gbuf + r * n;
           for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
@@ -847,7 +876,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           }
         }
         const bool need_dg = l > 0 || dx != nullptr;
-        if (k > 1) {  // du sums and g <- g - U^T G' (into dL/dx for layer 0) in one pass, over groups of rows
+        if (grouped) {  // du sums and g <- g - U^T G' (into dL/dx for layer 0) in one pass, over groups of rows
           if (s != nullptr) {
             accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms, false);
           }
