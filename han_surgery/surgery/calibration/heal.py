@@ -179,7 +179,9 @@ class TokenReplacer:
         return real & (positions > first) & (positions < last)
 
     @classmethod
-    def from_batches(cls, batches: Sequence[Any], rate: float, generator: torch.Generator | None = None):
+    def from_batches(
+        cls, batches: Sequence[Any], rate: float, generator: torch.Generator | None = None
+    ) -> TokenReplacer:
         """A replacer whose vocabulary is every id at a replaceable position of ``batches``."""
         ids = [b["input_ids"][cls.replaceable(b)] for b in batches]
         return cls(torch.unique(torch.cat(ids)).cpu(), rate, generator)
