@@ -119,6 +119,13 @@ def main() -> None:
         "--max-fvu", type=float, default=None, help="Keep the MLPs whose fit leaves more variance unexplained."
     )
     parser.add_argument("--heal-lr", type=float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes.")
+    parser.add_argument(
+        "--calibration-heal-steps",
+        type=int,
+        default=0,
+        help="In-hanify healing steps (CalibrationConfig.heal_steps, every parameter, lr 2e-3): distillation of the "
+        "base's hidden states on the unlabelled calibration images, before the accuracy right after surgery.",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
@@ -145,7 +152,15 @@ def main() -> None:
             hanify(model)
             report = None
         else:
-            cfg = CalibrationConfig(steps=args.steps, max_fvu=args.max_fvu, seed=args.seed, progress=False)
+            cfg = CalibrationConfig(
+                steps=args.steps,
+                max_fvu=args.max_fvu,
+                seed=args.seed,
+                progress=False,
+                heal_steps=args.calibration_heal_steps,
+                heal_lr=2e-3,
+                heal_params="all",
+            )
             report = hanify(model, config, calibration=calibration, calibration_config=cfg).calibration
         row = {
             "variant": name,
