@@ -66,7 +66,7 @@ class CalibrationConfig:
             modules (token and position lookups). A calibration set touches only a few
             of a vocabulary's rows, so training the table moves those rows away from the
             ones it never saw, and its optimizer step over the whole table costs as much
-            as the rest of a small model's (all-MiniLM-L6-v2, 400 healing steps on two
+            as the rest of a small model's (all-MiniLM-L6-v2, its embedding module frozen, 400 healing steps on two
             threads: the whole ``hanify`` call 82 s instead of 140 s).
         heal_augment: the fraction of tokens replaced, on every other healing step, by random
             tokens of the calibration text (:class:`~han_surgery.surgery.calibration.heal.TokenReplacer`;
