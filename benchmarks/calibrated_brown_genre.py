@@ -32,6 +32,7 @@ from torch import nn
 
 from han_surgery import HanConfig, hanify
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
+from han_surgery.surgery.calibration.config import HEAL_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"
@@ -136,6 +137,13 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=1)
     parser.add_argument("--heal-epochs", type=int, default=1)
     parser.add_argument("--heal-steps", type=int, default=0, help="In-hanify healing steps (CalibrationConfig).")
+    parser.add_argument("--heal-lr", type=float, default=1e-3, help="CalibrationConfig.heal_lr of in-hanify healing.")
+    parser.add_argument(
+        "--heal-params", default="new", choices=HEAL_PARAMS, help="CalibrationConfig.heal_params of in-hanify healing."
+    )
+    parser.add_argument(
+        "--heal-augment", type=float, default=0.0, help="CalibrationConfig.heal_augment of in-hanify healing."
+    )
     parser.add_argument("--side-rank", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
@@ -189,7 +197,14 @@ def main() -> None:
     for heal_steps in sorted({0, args.heal_steps}):
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        cfg = CalibrationConfig(heal_steps=heal_steps, seed=args.seed, progress=False)
+        cfg = CalibrationConfig(
+            heal_steps=heal_steps,
+            heal_lr=args.heal_lr,
+            heal_params=args.heal_params,
+            heal_augment=args.heal_augment if heal_steps else 0.0,
+            seed=args.seed,
+            progress=False,
+        )
         hanify(model, config, calibration=cal, calibration_config=cfg)
         row(
             f"calibrated (gain, input scale, side rank {args.side_rank}), {heal_steps} in-hanify heal steps",
