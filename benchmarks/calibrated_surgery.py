@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"
 EXTRAS = dict(gain=True, input_scale=True)
 FIRST_FFN = "encoder.layer.0.intermediate"  # kept (not rewritten) by the "first FFN kept" variants
+# Healing every weight for 150 steps at lr 3e-4 (--heal-steps overrides the steps).
+HEAL_ALL = CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")
 # Healing every weight but the embedding tables, at a higher learning rate, on every other step on sentences with
 # 15% of their tokens replaced: the setting of the 10-minute runs.
 HEAL_BODY = CalibrationConfig(heal_steps=2400, heal_lr=2e-3, heal_params="all-but-embeddings", heal_augment=0.15)
@@ -63,14 +65,11 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "calibrated gain+scale r=32, block target": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(target="block")),
     "calibrated gain+scale r=64": (HanConfig(**EXTRAS, side_rank=64), CalibrationConfig()),
     "calibrated gain+scale r=32 +heal": (HanConfig(**EXTRAS, side_rank=32), CalibrationConfig(heal_steps=60)),
-    "calibrated +heal all": (HanConfig(), CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")),
+    "calibrated +heal all": (HanConfig(), HEAL_ALL),
     "calibrated +heal body": (HanConfig(), HEAL_BODY),
     "calibrated, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), CalibrationConfig()),
     "calibrated +heal body, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), HEAL_BODY),
-    "calibrated +heal all, first FFN kept": (
-        HanConfig(exclude=(FIRST_FFN,)),
-        CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all"),
-    ),
+    "calibrated +heal all, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), HEAL_ALL),
     "calibrated gain+scale r=32 +heal all": (
         HanConfig(**EXTRAS, side_rank=32),
         CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),
