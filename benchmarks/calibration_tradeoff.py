@@ -1,13 +1,15 @@
 """Where calibrated surgery stops paying: blocks kept vs parameters vs fidelity, on the real all-MiniLM-L6-v2.
 
-One calibrated run with every FFN replaced gives each block's fit (FVU). Then, for
-k = 1 .. 6, ``CalibrationConfig(max_fvu=...)`` is set between the k-th and (k+1)-th
-worst FVU, so that the blocks that fit worst keep their original FFN (a kept block
-changes the inputs of the blocks after it, so every point is its own calibrated run).
-Each point is scored as in ``calibrated_surgery.py`` (cosine of the sentence
-embeddings to the original's, on Brown sentences of other sample files) and plotted
-against the model's parameter count, next to deleting the FFNs, plain hanify and
-the original.
+For each way of choosing the blocks to keep (``CalibrationConfig.keep_by``), one calibrated
+run with every FFN replaced gives each block's cost: its own fit's FVU (``"block"``), or how
+much swapping it in raises the FVU of the last hidden state (``"output"``). Then, for
+k = 1 .. 5, ``CalibrationConfig(max_fvu=...)`` is set between the k-th and (k+1)-th
+largest cost, so that the costliest blocks keep their original FFN (a kept block changes
+the inputs of the blocks after it, so every point is its own calibrated run, and with
+``"output"`` the costs after it change too: the point says how many were kept). Each point
+is scored as in ``calibrated_surgery.py`` (cosine of the sentence embeddings to the
+original's, on Brown sentences of other sample files) and plotted against the model's
+parameter count, next to deleting the FFNs, plain hanify and the original.
 
 Usage (from the repository root)::
 
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep-by", nargs="+", choices=("block", "output"), default=["block", "output"])
     parser.add_argument("--out", type=Path, default=None, help="PNG to write.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -53,17 +56,18 @@ def main() -> None:
     ref = embed(base, scored)
     han_config = HanConfig(gain=True, input_scale=True, side_rank=args.side_rank)
 
-    def point(label: str, model, kept: int | None, seconds: float | None = None) -> dict:
-        row = {"label": label, "params": sum(p.numel() for p in model.parameters()), "kept": kept}
+    def point(label: str, model, kept: int | None, seconds: float | None = None, keep_by: str | None = None) -> dict:
+        row = {"label": label, "keep_by": keep_by, "params": sum(p.numel() for p in model.parameters()), "kept": kept}
         row.update(scores(embed(model, scored), ref), seconds=seconds)
         print(json.dumps(row), flush=True)
         return row
 
-    def calibrated(max_fvu: float | None) -> tuple[torch.nn.Module, list, float]:
+    def calibrated(max_fvu: float | None, keep_by: str) -> tuple[torch.nn.Module, list, float]:
         model = copy.deepcopy(base)
         torch.manual_seed(args.seed)
         cfg = CalibrationConfig(
             max_fvu=max_fvu,
+            keep_by=keep_by,
             record_batches=args.record_batches,
             heal_steps=args.heal_steps,
             seed=args.seed,
@@ -77,14 +81,21 @@ def main() -> None:
     plain = copy.deepcopy(base)
     hanify(plain)
     rows.append(point("plain hanify", plain, 0))
-    model, blocks, seconds = calibrated(None)
-    rows.append(point("calibrated, 0 kept", model, 0, seconds))
-    fvus = sorted((b.fvu for b in blocks), reverse=True)
-    for k in range(1, len(fvus)):
-        threshold = (fvus[k - 1] + fvus[k]) / 2
-        model, blocks, seconds = calibrated(threshold)
-        kept = sum(b.status == "kept" for b in blocks)
-        rows.append(point(f"calibrated, max_fvu {threshold:.3f}", model, kept, seconds))
+    for keep_by in args.keep_by:
+        model, blocks, seconds = calibrated(None, keep_by)
+        rows.append(point(f"calibrated ({keep_by}), 0 kept", model, 0, seconds, keep_by))
+        if keep_by == "block":
+            costs = [b.fvu for b in blocks]
+        else:  # the rise of the last hidden state's FVU that each swap caused
+            running = [0.0] + [b.output_fvu for b in blocks]
+            costs = [after - before for before, after in zip(running[:-1], running[1:], strict=True)]
+        print(json.dumps({"keep_by": keep_by, "costs": [round(c, 4) for c in costs]}), flush=True)
+        costs = sorted(costs, reverse=True)
+        for k in range(1, len(costs)):
+            threshold = (costs[k - 1] + costs[k]) / 2
+            model, blocks, seconds = calibrated(threshold, keep_by)
+            kept = sum(b.status == "kept" for b in blocks)
+            rows.append(point(f"calibrated ({keep_by}), max_fvu {threshold:.3f}", model, kept, seconds, keep_by))
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -96,16 +107,19 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        cal_rows = [r for r in rows if r["label"].startswith("calibrated")]
-        ax.plot([r["params"] / 1e6 for r in cal_rows], [r["cosine"] for r in cal_rows], "o-", label="calibrated")
-        for r in cal_rows:
-            ax.annotate(
-                f"{r['kept']} kept", (r["params"] / 1e6, r["cosine"]), textcoords="offset points", xytext=(4, -12)
-            )
+        names = {"block": "kept by own fit (FVU)", "output": "kept by rise of the last state's FVU"}
+        for keep_by in args.keep_by:
+            cal_rows = sorted((r for r in rows if r["keep_by"] == keep_by), key=lambda r: r["params"])
+            x, y = [r["params"] / 1e6 for r in cal_rows], [r["cosine"] for r in cal_rows]
+            ax.plot(x, y, "o-", label=f"calibrated, {names[keep_by]}")
+            for r in cal_rows:
+                ax.annotate(
+                    f"{r['kept']}", (r["params"] / 1e6, r["cosine"]), textcoords="offset points", xytext=(4, -12)
+                )
         for r, marker in zip(rows[:3], ("*", "x", "s"), strict=True):
             ax.plot(r["params"] / 1e6, r["cosine"], marker, markersize=10, label=r["label"])
         ax.set_xlabel("parameters (millions)")
-        ax.set_ylabel("cosine to the original embeddings")
+        ax.set_ylabel("cosine to the original embeddings (numbers: FFNs kept)")
         ax.set_title(f"all-MiniLM-L6-v2: FFNs kept vs parameters vs fidelity (side rank {args.side_rank})")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")

@@ -402,6 +402,47 @@ def test_max_fvu_keeps_blocks_and_the_model_saves_and_reloads_bit_identically(tm
         assert torch.equal(model.eval()(test), loaded(test))
 
 
+def test_keep_by_output_scores_the_last_hidden_state_and_keeps_the_block_that_moves_it_most():
+    base = _vit()
+    cal = _images(2, 0)
+    probe = copy.deepcopy(base)
+    torch.manual_seed(1)
+    cfg = CalibrationConfig(keep_by="output", **FAST)
+    blocks = hanify(probe, HanConfig(gain=True), calibration=cal, calibration_config=cfg).calibration.blocks
+    assert all(b.status == "fitted" and b.output_fvu is not None for b in blocks)
+    with torch.no_grad(), HiddenStates(base, ["blocks.1"]) as ref, HiddenStates(probe, ["blocks.1"]) as new:
+        rows = []
+        for batch in cal:
+            base(batch), probe(batch)
+            rows.append((new.states[0].reshape(-1, 32), ref.states[0].reshape(-1, 32)))
+    last = fvu(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
+    assert blocks[-1].output_fvu == pytest.approx(last, rel=1e-4)  # blocks.1's output: the last hidden state
+    rises = [blocks[0].output_fvu, blocks[1].output_fvu - blocks[0].output_fvu]
+    worst = max(range(2), key=rises.__getitem__)
+    threshold = sum(rises) / 2  # between the two rises: the block that raises it most is kept
+    torch.manual_seed(1)
+    model = copy.deepcopy(base)
+    kept = hanify(
+        model, HanConfig(gain=True), calibration=cal, calibration_config=dataclasses.replace(cfg, max_fvu=threshold)
+    ).calibration.blocks
+    assert kept[worst].status == "kept" and "last hidden state" in kept[worst].reason
+    assert all(b.status == "fitted" for b in kept[:worst])  # the blocks before it: the same fits, the same rises
+    assert not isinstance(model.get_submodule(kept[worst].path), HanBlock)
+    assert "last state" in str(hanify(copy.deepcopy(base), calibration=cal, calibration_config=cfg).calibration)
+
+
+def test_keep_by_output_needs_the_hidden_state_after_each_block():
+    import timm
+
+    model = nn.Sequential(timm.layers.Mlp(8, 16))  # at the root: no module holds the stream after it
+    before = _state(model)
+    with pytest.raises(CalibrationDataError, match="'0' do not name it.*keep_by='block'"):
+        hanify(model, calibration=[torch.randn(4, 8)], calibration_config=CalibrationConfig(keep_by="output"))
+    assert _state(model).keys() == before.keys() and all(torch.equal(_state(model)[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="keep_by"):
+        CalibrationConfig(keep_by="model")
+
+
 # --------------------------------------------------------------------------------------- healing
 def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters():
     model = _vit()

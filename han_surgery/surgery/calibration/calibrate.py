@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import CalibrationConfig
-from .fit import fit_site
+from .fit import fit_site, fvu
 from .heal import HiddenStates, TokenReplacer, heal
 from .record import CalibrationDataError, TokenReservoir, as_rows, call_model, record_inputs, token_mask
 from .report import BlockFit, CalibrationReport
@@ -92,6 +92,18 @@ def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str], memo
     return out
 
 
+@torch.no_grad()
+def _output_fvu(model: nn.Module, batches: list[Any], path: str, reference: list[Tensor]) -> float:
+    """FVU of ``model``'s output of ``path`` on ``batches`` (token rows), against the ``reference`` rows of each."""
+    device = next(model.parameters()).device
+    with HiddenStates(model, [path]) as hs:
+        rows = []
+        for batch in batches[: len(reference)]:
+            call_model(model, batch, device)
+            rows.append(as_rows(hs.states[0], token_mask(batch)).float().cpu())
+    return fvu(torch.cat(rows), torch.cat(reference))
+
+
 def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
     """Block ``index``'s token sample; seeded per block, so a second recording keeps the same positions."""
     return TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
@@ -147,15 +159,24 @@ def calibrate_rewrites(
     kept: list[int] = []
     kept_cost = 0
     fitted_modules: list[nn.Module] = []
-    stream_paths: list[str] = []
     snapshot: list[tuple[nn.Parameter, Tensor]] = []
     replacer, original = None, None
     if config.heal_steps and config.heal_augment:
         _check_token_batches(batches)
+    sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
+    stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
+    if config.keep_by == "output" and not stream_paths:
+        paths = ", ".join(repr(record.path) for record, _ in planned[:3]) + (", ..." if len(planned) > 3 else "")
+        raise CalibrationDataError(
+            f"calibration: keep_by='output' measures the hidden state after the last rewritten block, but the "
+            f"rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use keep_by='block'"
+        )
     try:
         model.eval()
-        sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
-        stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
+        output_ref: list[Tensor] = []  # keep_by="output": the original's last hidden state, per recording batch
+        output_fvu = 0.0
+        if config.keep_by == "output":
+            output_ref = [s[0] for s in _teacher_states(model, record_set, stream_paths[-1:], config.heal_memory_mb)]
         teacher = None
         if config.heal_steps and stream_paths:
             teacher = _teacher_states(model, heal_set, stream_paths, config.heal_memory_mb)
@@ -206,7 +227,11 @@ def calibrate_rewrites(
             )
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
             fit.tokens = len(x)
-            if config.max_fvu is not None and scores.fit > config.max_fvu:
+            cost_fvu, measure = scores.fit, "Han fit FVU"
+            if output_ref:
+                fit.output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
+                cost_fvu, measure = fit.output_fvu - output_fvu, "last hidden state's FVU rise"
+            if config.max_fvu is not None and cost_fvu > config.max_fvu:
                 cost = record.params_before - record.params_after
                 if config.keep_budget is None or kept_cost + cost <= config.keep_budget:
                     for path, old in reversed(swaps):
@@ -215,12 +240,14 @@ def calibrate_rewrites(
                     kept.append(index)
                     kept_cost += cost
                     fit.status = "kept"
-                    fit.reason = f"Han fit FVU {scores.fit:.3f} > max_fvu {config.max_fvu}"
+                    fit.reason = f"{measure} {cost_fvu:.3f} > max_fvu {config.max_fvu}"
                     continue
                 fit.reason = (
-                    f"FVU {scores.fit:.3f} > max_fvu, but keeping it would cost {cost:,} parameters; "
+                    f"{measure} {cost_fvu:.3f} > max_fvu, but keeping it would cost {cost:,} parameters; "
                     f"{config.keep_budget - kept_cost:,} left of keep_budget"
                 )
+            if fit.output_fvu is not None:
+                output_fvu = fit.output_fvu
             fitted_modules.append(site.fitted)
         if config.heal_steps and teacher is not None and fitted_modules:
             new_params = {id(p): p for m in fitted_modules for p in m.parameters()}

@@ -29,6 +29,10 @@ class BlockFit:
         linear: the best dense ``d x d`` linear map + bias (least squares; ``None``
             above 4096 features).
         tokens: token rows sampled for the fit (and held out for scoring).
+        output_fvu: with ``CalibrationConfig(keep_by="output")``, the FVU of the hidden state after
+            the last rewritten block (against the original model's, on the recording batches)
+            right after this block was swapped in, with the blocks before it as decided and the
+            ones after it still original; a kept block is scored before it is put back.
         params_original, params_han: parameters of the replaced modules and of their replacements.
         reason: why it was kept or not calibrated.
     """
@@ -40,6 +44,7 @@ class BlockFit:
     mean: float | None = None
     linear: float | None = None
     tokens: int = 0
+    output_fvu: float | None = None
     params_original: int = 0
     params_han: int = 0
     reason: str = ""
@@ -79,13 +84,18 @@ class CalibrationReport:
         def f(v: float | None) -> str:
             return "-" if v is None else "n/a" if v != v else f"{v:.3f}"
 
+        output = any(b.output_fvu is not None for b in self.blocks)
         rows = [
-            [b.path, b.status, f(b.fvu), f(b.deleted), f(b.mean), f(b.linear), f"{b.tokens:,}", b.reason]
+            [b.path, b.status, f(b.fvu), f(b.deleted), f(b.mean), f(b.linear)]
+            + ([f(b.output_fvu)] if output else [])
+            + [f"{b.tokens:,}", b.reason]
             for b in self.blocks
         ]
+        head = ["path", "status", "Han fit", "deleted", "mean", "linear"] + (["last state"] if output else [])
         lines = [
-            "CalibrationReport: fraction of each block's output variance unexplained (held-out tokens)",
-            format_table(["path", "status", "Han fit", "deleted", "mean", "linear", "tokens", "note"], rows),
+            "CalibrationReport: fraction of each block's output variance unexplained (held-out tokens)"
+            + ("; 'last state': of the hidden state after the last rewritten block" if output else ""),
+            format_table(head + ["tokens", "note"], rows),
         ]
         fitted = sum(b.status == "fitted" for b in self.blocks)
         tail = f"\n{fitted} fitted, {len(self.kept)} kept, {len(self.blocks) - fitted - len(self.kept)} not calibrated"
