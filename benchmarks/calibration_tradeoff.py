@@ -6,7 +6,8 @@ much swapping it in raises the FVU of the last hidden state (``"output"``). Then
 k = 1 .. 5, ``CalibrationConfig(max_fvu=...)`` is set between the k-th and (k+1)-th
 largest cost, so that the costliest blocks keep their original FFN (a kept block changes
 the inputs of the blocks after it, so every point is its own calibrated run, and with
-``"output"`` the costs after it change too: the point says how many were kept). Each point
+``"output"`` the costs after it change too: the point says how many were kept, and counts
+that no midpoint gave are searched for by bisection, ``--bisect`` runs each). Each point
 is scored as in ``calibrated_surgery.py`` (cosine of the sentence embeddings to the
 original's, on Brown sentences of other sample files) and plotted against the model's
 parameter count, next to deleting the FFNs, plain hanify and the original.
@@ -28,7 +29,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrated_surgery import BROWN, batches, brown_split, delete_ffns, embed, load_minilm, scores  # noqa: E402
+from calibrated_surgery import (  # noqa: E402
+    BROWN,
+    batches,
+    brown_split,
+    delete_ffns,
+    embed,
+    ffn_params,
+    load_minilm,
+    scores,
+)
 
 from han_surgery import HanConfig, hanify  # noqa: E402
 from han_surgery.surgery.calibration import CalibrationConfig  # noqa: E402
@@ -45,6 +55,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-by", nargs="+", choices=("block", "output"), default=["block", "output"])
+    parser.add_argument("--bisect", type=int, default=2, help="extra runs per count of kept blocks not yet seen")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write.")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -57,7 +68,10 @@ def main() -> None:
     han_config = HanConfig(gain=True, input_scale=True, side_rank=args.side_rank)
 
     def point(label: str, model, kept: int | None, seconds: float | None = None, keep_by: str | None = None) -> dict:
-        row = {"label": label, "keep_by": keep_by, "params": sum(p.numel() for p in model.parameters()), "kept": kept}
+        params = sum(p.numel() for p in model.parameters())
+        if label == "FFNs deleted":  # zeroed, not removed: count them out
+            params -= ffn_params(model)
+        row = {"label": label, "keep_by": keep_by, "params": params, "kept": kept}
         row.update(scores(embed(model, scored), ref), seconds=seconds)
         print(json.dumps(row), flush=True)
         return row
@@ -81,7 +95,8 @@ def main() -> None:
     plain = copy.deepcopy(base)
     hanify(plain)
     rows.append(point("plain hanify", plain, 0))
-    for keep_by in args.keep_by:
+
+    def sweep(keep_by: str) -> None:
         model, blocks, seconds = calibrated(None, keep_by)
         rows.append(point(f"calibrated ({keep_by}), 0 kept", model, 0, seconds, keep_by))
         if keep_by == "block":
@@ -91,11 +106,29 @@ def main() -> None:
             costs = [after - before for before, after in zip(running[:-1], running[1:], strict=True)]
         print(json.dumps({"keep_by": keep_by, "costs": [round(c, 4) for c in costs]}), flush=True)
         costs = sorted(costs, reverse=True)
-        for k in range(1, len(costs)):
-            threshold = (costs[k - 1] + costs[k]) / 2
+        tried: dict[float, int] = {}  # threshold -> blocks kept
+
+        def run(threshold: float) -> None:
             model, blocks, seconds = calibrated(threshold, keep_by)
-            kept = sum(b.status == "kept" for b in blocks)
-            rows.append(point(f"calibrated ({keep_by}), max_fvu {threshold:.3f}", model, kept, seconds, keep_by))
+            tried[threshold] = sum(b.status == "kept" for b in blocks)
+            label = f"calibrated ({keep_by}), max_fvu {threshold:.4f}"
+            rows.append(point(label, model, tried[threshold], seconds, keep_by))
+
+        for k in range(1, len(costs)):
+            run((costs[k - 1] + costs[k]) / 2)
+        # A kept block changes the costs of the blocks after it, so some counts may be missed: bisect for them.
+        for k in range(1, len(costs)):
+            for _ in range(args.bisect):
+                if k in tried.values():
+                    break
+                below = [t for t, n in tried.items() if n > k] or [0.0]  # thresholds that keep more
+                above = [t for t, n in tried.items() if n < k] or [2 * max(costs)]
+                if max(below) >= min(above):
+                    break
+                run((max(below) + min(above)) / 2)
+
+    for keep_by in args.keep_by:
+        sweep(keep_by)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +142,8 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         names = {"block": "kept by own fit (FVU)", "output": "kept by rise of the last state's FVU"}
         for keep_by in args.keep_by:
-            cal_rows = sorted((r for r in rows if r["keep_by"] == keep_by), key=lambda r: r["params"])
+            cal_rows = [r for r in rows if r["keep_by"] == keep_by]
+            cal_rows = sorted({(r["params"], r["cosine"]): r for r in cal_rows}.values(), key=lambda r: r["params"])
             x, y = [r["params"] / 1e6 for r in cal_rows], [r["cosine"] for r in cal_rows]
             ax.plot(x, y, "o-", label=f"calibrated, {names[keep_by]}")
             for r in cal_rows:
