@@ -78,6 +78,16 @@ def test_hanify_calibrate_writes_a_folder_that_reloads_bit_identically(bert, sen
     assert all(torch.equal(reloaded[k], v) for k, v in saved.items())
 
 
+def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences, tmp_path, capsys):
+    out = tmp_path / "out"
+    keep = ["--calibration-keep-by", "output", "--calibration-max-fvu", "0"]  # any rise keeps the block
+    assert main(["hanify", str(bert), "-o", str(out), "--calibrate", str(sentences), *FAST, *SAMPLES, *keep]) == 0
+    printed = capsys.readouterr().out
+    assert "last state" in printed and "0 fitted, 2 kept" in printed and "last hidden state's FVU rise" in printed
+    (step,) = json.loads((out / "han_config.json").read_text())["recipe"]
+    assert step["calibration"]["keep_by"] == "output" and step["calibration"]["max_fvu"] == 0
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
