@@ -14,7 +14,8 @@ parameter count, next to deleting the FFNs, plain hanify and the original.
 
 Usage (from the repository root)::
 
-    python benchmarks/calibration_tradeoff.py --out docs/calibration_tradeoff.png --json docs/results/calibration_tradeoff.json
+    python benchmarks/calibration_tradeoff.py --threads 2 --out docs/calibration_tradeoff.png \
+        --json docs/results/calibration/tradeoff.json
 """
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ def main() -> None:
 
         def run(threshold: float) -> None:
             model, blocks, seconds = calibrated(threshold, keep_by)
-            tried[threshold] = sum(b.status == "kept" for b in blocks)
+            kept = [b.path for b in blocks if b.status == "kept"]
+            tried[threshold] = len(kept)
             label = f"calibrated ({keep_by}), max_fvu {threshold:.4f}"
-            rows.append(point(label, model, tried[threshold], seconds, keep_by))
+            rows.append({**point(label, model, len(kept), seconds, keep_by), "kept_blocks": kept})
 
         for k in range(1, len(costs)):
             run((costs[k - 1] + costs[k]) / 2)

@@ -60,9 +60,11 @@ class CalibrationConfig:
             target, on the recording batches, with the blocks decided so far in place). A block's
             own FVU understates what an early block costs: its error reaches every block after it.
             all-MiniLM-L6-v2 (gain, input scale, side rank 32, no healing): own FVU 0.10, 0.23,
-            0.35, 0.37, 0.39, 0.54 for blocks 0-5, but the last state's FVU rises by 0.14, 0.18,
-            0.12, -0.01, 0.11, 0.05. ``"output"`` costs one more forward pass over the recording
-            batches per block; the report's ``output_fvu`` column gives the running FVU.
+            0.33, 0.36, 0.38, 0.53 for blocks 0-5, but the last state's FVU rises by 0.10, 0.13,
+            0.12, 0.03, 0.10, 0.03; with two FFNs kept, cosine to the original 0.823 instead of
+            0.810, with four 0.924 instead of 0.894 (docs/CALIBRATION.md). ``"output"`` costs one
+            more forward pass over the recording batches per block; the report's ``output_fvu``
+            column gives the running FVU.
         keep_budget: the most parameters that blocks kept by ``max_fvu`` may cost, in all,
             over their Han replacements (``None``: no limit). Blocks are decided in model
             order; one that does not fit in what is left is replaced (the report says so).
