@@ -118,6 +118,12 @@ def main() -> None:
     parser.add_argument(
         "--max-fvu", type=float, default=None, help="Keep the MLPs whose fit leaves more variance unexplained."
     )
+    parser.add_argument(
+        "--keep-by",
+        choices=("block", "output"),
+        default="block",
+        help="What --max-fvu is compared with (CalibrationConfig.keep_by).",
+    )
     parser.add_argument("--heal-lr", type=float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes.")
     parser.add_argument(
         "--calibration-heal-steps",
@@ -155,6 +161,7 @@ def main() -> None:
             cfg = CalibrationConfig(
                 steps=args.steps,
                 max_fvu=args.max_fvu,
+                keep_by=args.keep_by,
                 seed=args.seed,
                 progress=False,
                 heal_steps=args.calibration_heal_steps,
@@ -168,6 +175,7 @@ def main() -> None:
             "calibrate_s": time.perf_counter() - start,
             "acc": accuracy(model, data.eval),
             "fvu": [b.fvu for b in report.blocks] if report else None,
+            "output_fvu": [b.output_fvu for b in report.blocks] if report else None,
             "kept": [b.path for b in report.kept] if report else None,
         }
         if not args.no_heal:
