@@ -443,6 +443,20 @@ def test_keep_by_output_needs_the_hidden_state_after_each_block():
         CalibrationConfig(keep_by="model")
 
 
+def test_keep_by_output_charges_a_block_only_for_its_own_rise_after_a_block_left_uncalibrated():
+    model, inputs, _ = ZOO["timm/mixer"]()  # token-mixing MLP: swapped in as built; channel MLP: fitted
+    model.eval()
+    cfg = CalibrationConfig(keep_by="output", steps=3, progress=False)
+    torch.manual_seed(0)
+    first, second = hanify(copy.deepcopy(model), calibration=[inputs], calibration_config=cfg).calibration.blocks
+    assert (first.status, second.status) == ("not calibrated", "fitted") and first.output_fvu > 0
+    rise = second.output_fvu - first.output_fvu
+    threshold = (max(rise, 0.0) + second.output_fvu) / 2  # above its rise, below the FVU it ends at
+    torch.manual_seed(0)
+    report = hanify(model, calibration=[inputs], calibration_config=dataclasses.replace(cfg, max_fvu=threshold))
+    assert [b.status for b in report.calibration.blocks] == ["not calibrated", "fitted"]
+
+
 # --------------------------------------------------------------------------------------- healing
 def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters():
     model = _vit()

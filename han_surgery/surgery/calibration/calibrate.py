@@ -196,6 +196,8 @@ def calibrate_rewrites(
             if site is None:
                 fit.status = "not calibrated"
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
+                if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
+                    fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
                 continue
             reservoir = _reservoir(config, index)
             record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)

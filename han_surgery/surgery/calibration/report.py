@@ -32,7 +32,8 @@ class BlockFit:
         output_fvu: with ``CalibrationConfig(keep_by="output")``, the FVU of the hidden state after
             the last rewritten block (against the original model's, on the recording batches)
             right after this block was swapped in, with the blocks before it as decided and the
-            ones after it still original; a kept block is scored before it is put back.
+            ones after it still original; a kept block is scored before it is put back, and a
+            block left uncalibrated is scored too (the next block's rise starts from there).
         params_original, params_han: parameters of the replaced modules and of their replacements.
         reason: why it was kept or not calibrated.
     """
