@@ -185,6 +185,13 @@ def main() -> None:
     parser.add_argument(
         "--heal-steps", type=int, default=None, help="Override heal_steps of the variants that heal (a budget sweep)."
     )
+    parser.add_argument(
+        "--max-fvu",
+        type=float,
+        default=None,
+        help="Set max_fvu of the calibrated variants: keep the FFNs that cost more (see --keep-by).",
+    )
+    parser.add_argument("--keep-by", choices=("block", "output"), default="block", help="CalibrationConfig.keep_by.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -220,6 +227,8 @@ def main() -> None:
                 cal_config = dataclasses.replace(cal_config, seed=args.seed)
                 if args.heal_steps is not None and cal_config.heal_steps:
                     cal_config = dataclasses.replace(cal_config, heal_steps=args.heal_steps)
+                if args.max_fvu is not None:
+                    cal_config = dataclasses.replace(cal_config, max_fvu=args.max_fvu, keep_by=args.keep_by)
                 report = hanify(model, han_config, calibration=cal, calibration_config=cal_config).calibration
             seconds = time.perf_counter() - start
         row = {
@@ -231,6 +240,9 @@ def main() -> None:
             "fvu": [b.fvu for b in report.blocks] if report else None,
             "baselines": [(b.deleted, b.mean, b.linear) for b in report.blocks] if report else None,
             "heal_loss": report.heal_loss if report else None,
+            "max_fvu": args.max_fvu if report else None,
+            "keep_by": args.keep_by if report and args.max_fvu is not None else None,
+            "kept": [b.path for b in report.kept] if report else None,
         }
         for name, bl in scored.items():
             row[name] = scores(embed(model, bl), refs[name])
