@@ -74,8 +74,8 @@ def _count(module: nn.Module) -> int:
 
 
 @torch.no_grad()
-def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str], memory_mb: float) -> list[list[Tensor]]:
-    """The original model's outputs of ``paths`` on the first batches, as token rows (padding removed),
+def _state_rows(model: nn.Module, batches: list[Any], paths: list[str], memory_mb: float) -> list[list[Tensor]]:
+    """``model``'s outputs of ``paths`` on the first batches, as float32 CPU token rows (padding removed),
     for as many batches as fit in ``memory_mb``."""
     device = next(model.parameters()).device
     out: list[list[Tensor]] = []
@@ -92,16 +92,10 @@ def _teacher_states(model: nn.Module, batches: list[Any], paths: list[str], memo
     return out
 
 
-@torch.no_grad()
 def _output_fvu(model: nn.Module, batches: list[Any], path: str, reference: list[Tensor]) -> float:
     """FVU of ``model``'s output of ``path`` on ``batches`` (token rows), against the ``reference`` rows of each."""
-    device = next(model.parameters()).device
-    with HiddenStates(model, [path]) as hs:
-        rows = []
-        for batch in batches[: len(reference)]:
-            call_model(model, batch, device)
-            rows.append(as_rows(hs.states[0], token_mask(batch)).float().cpu())
-    return fvu(torch.cat(rows), torch.cat(reference))
+    rows = _state_rows(model, batches[: len(reference)], [path], float("inf"))
+    return fvu(torch.cat([r[0] for r in rows]), torch.cat(reference))
 
 
 def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
@@ -160,7 +154,7 @@ def calibrate_rewrites(
     kept_cost = 0
     fitted_modules: list[nn.Module] = []
     snapshot: list[tuple[nn.Parameter, Tensor]] = []
-    replacer, original = None, None
+    replacer, augment_teacher = None, None
     if config.heal_steps and config.heal_augment:
         _check_token_batches(batches)
     sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
@@ -176,16 +170,16 @@ def calibrate_rewrites(
         output_ref: list[Tensor] = []  # keep_by="output": the original's last hidden state, per recording batch
         output_fvu = 0.0
         if config.keep_by == "output":
-            output_ref = [s[0] for s in _teacher_states(model, record_set, stream_paths[-1:], config.heal_memory_mb)]
+            output_ref = [s[0] for s in _state_rows(model, record_set, stream_paths[-1:], config.heal_memory_mb)]
         teacher = None
         if config.heal_steps and stream_paths:
-            teacher = _teacher_states(model, heal_set, stream_paths, config.heal_memory_mb)
+            teacher = _state_rows(model, heal_set, stream_paths, config.heal_memory_mb)
             heal_set = heal_set[: len(teacher)]
             if config.heal_augment:
                 replacer = TokenReplacer.from_batches(
                     heal_set, config.heal_augment, torch.Generator().manual_seed(config.seed)
                 )
-                original = copy.deepcopy(model)  # the teacher of the augmented steps
+                augment_teacher = copy.deepcopy(model)  # the original model: targets of the augmented steps
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
@@ -275,7 +269,7 @@ def calibrate_rewrites(
                 lr=config.heal_lr,
                 progress=config.progress,
                 augment=replacer,
-                teacher=original,
+                teacher=augment_teacher,
             )
             report.heal_steps = config.heal_steps
             report.heal_batches = len(heal_set)
