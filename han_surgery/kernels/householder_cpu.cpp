@@ -1149,6 +1149,8 @@ struct Prepared {
 };
 
 // unit_rows (when normalize) and wy_factor of han_surgery.functional, for u of shape (L, k, n).
+// Runs on every call, forward and backward, so its loops are vectorised: as serial scalar loops they
+// took 9 of the 23 us of a 19-layer, one-row forward at n = 200 (the per-call cost of small models).
 Prepared prepare(const at::Tensor& u, bool normalize) {
   Prepared P;
   P.L = u.size(0), P.k = u.size(1), P.n = u.size(2), P.normalize = normalize;
@@ -1162,15 +1164,14 @@ Prepared prepare(const at::Tensor& u, bool normalize) {
     for (int64_t row = 0; row < L * k; ++row) {
       double* v = P.uhat.data() + row * n;
       double peak = 0;
+#pragma omp simd reduction(max : peak)
       for (int64_t i = 0; i < n; ++i) peak = std::max(peak, std::abs(v[i]));
       const double scale = std::max(peak, kTiny);
-      double sq = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        v[i] /= scale;
-        sq += v[i] * v[i];
-      }
-      const double norm = std::sqrt(sq);
-      for (int64_t i = 0; i < n; ++i) v[i] /= std::max(norm, kTiny);
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) v[i] /= scale;
+      const double norm = std::sqrt(dot(v, v, n));
+      const double inv_norm = 1.0 / std::max(norm, kTiny);  // one division per row, not per value
+      for (int64_t i = 0; i < n; ++i) v[i] *= inv_norm;
       P.scale[row] = scale;
       P.norm[row] = norm;
     }
@@ -1244,11 +1245,9 @@ std::vector<double> parameter_backward(const Prepared& P, const acc_t* duhat_acc
       const double* uh = P.uhat.data() + row * n;
       double* d = du.data() + row * n;
       const double norm = P.norm[row], scale = P.scale[row];
-      double proj = 0;
-      for (int64_t q = 0; q < n; ++q) proj += uh[q] * d[q];
-      if (norm <= kTiny) proj = 0;  // clamp_min passes no gradient to the norm
-      const double denom = std::max(norm, kTiny) * scale;
-      for (int64_t q = 0; q < n; ++q) d[q] = (d[q] - uh[q] * proj) / denom;
+      const double proj = norm <= kTiny ? 0.0 : dot(uh, d, n);  // clamp_min passes no gradient to the norm
+      const double inv_denom = 1.0 / (std::max(norm, kTiny) * scale);
+      for (int64_t q = 0; q < n; ++q) d[q] = (d[q] - uh[q] * proj) * inv_denom;
     }
   }
   return du;
