@@ -7,7 +7,9 @@ k = 1 .. 5, ``CalibrationConfig(max_fvu=...)`` is set between the k-th and (k+1)
 largest cost, so that the costliest blocks keep their original FFN (a kept block changes
 the inputs of the blocks after it, so every point is its own calibrated run, and with
 ``"output"`` the costs after it change too: the point says how many were kept, and counts
-that no midpoint gave are searched for by bisection, ``--bisect`` runs each). Each point
+that no midpoint gave are searched for by bisection, ``--bisect`` runs each). A third way,
+``greedy``, asks for each count directly: ``CalibrationConfig(keep_by="output", keep_count=k)``
+chooses the k blocks one calibration pass at a time (nested sets, every count). Each point
 is scored as in ``calibrated_surgery.py`` (cosine of the sentence embeddings to the
 original's, on Brown sentences of other sample files) and plotted against the model's
 parameter count, next to deleting the FFNs, plain hanify and the original.
@@ -55,7 +57,9 @@ def main() -> None:
     parser.add_argument("--heal-steps", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-by", nargs="+", choices=("block", "output"), default=["block", "output"])
+    parser.add_argument(
+        "--keep-by", nargs="+", choices=("block", "output", "greedy"), default=["block", "output", "greedy"]
+    )
     parser.add_argument("--bisect", type=int, default=2, help="extra runs per count of kept blocks not yet seen")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write.")
     parser.add_argument("--json", type=Path, default=None)
@@ -77,12 +81,15 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row
 
-    def calibrated(max_fvu: float | None, keep_by: str) -> tuple[torch.nn.Module, list, float]:
+    def calibrated(
+        max_fvu: float | None, keep_by: str, keep_count: int | None = None
+    ) -> tuple[torch.nn.Module, list, float]:
         model = copy.deepcopy(base)
         torch.manual_seed(args.seed)
         cfg = CalibrationConfig(
             max_fvu=max_fvu,
             keep_by=keep_by,
+            keep_count=keep_count,
             record_batches=args.record_batches,
             heal_steps=args.heal_steps,
             seed=args.seed,
@@ -97,7 +104,18 @@ def main() -> None:
     hanify(plain)
     rows.append(point("plain hanify", plain, 0))
 
+    def greedy() -> None:
+        for k in range(1, 6):
+            model, blocks, seconds = calibrated(None, "output", keep_count=k)
+            kept = [b.path for b in blocks if b.status == "kept"]
+            rows.append(
+                {**point(f"calibrated, keep_count {k}", model, len(kept), seconds, "greedy"), "kept_blocks": kept}
+            )
+
     def sweep(keep_by: str) -> None:
+        if keep_by == "greedy":
+            greedy()
+            return
         model, blocks, seconds = calibrated(None, keep_by)
         rows.append(point(f"calibrated ({keep_by}), 0 kept", model, 0, seconds, keep_by))
         if keep_by == "block":
@@ -142,7 +160,11 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = {"block": "kept by own fit (FVU)", "output": "kept by rise of the last state's FVU"}
+        names = {
+            "block": "kept by own fit (FVU)",
+            "output": "kept by rise of the last state's FVU",
+            "greedy": "kept greedily by that rise (keep_count)",
+        }
         for keep_by in args.keep_by:
             cal_rows = [r for r in rows if r["keep_by"] == keep_by]
             cal_rows = sorted({(r["params"], r["cosine"]): r for r in cal_rows}.values(), key=lambda r: r["params"])

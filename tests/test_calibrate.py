@@ -431,6 +431,53 @@ def test_keep_by_output_scores_the_last_hidden_state_and_keeps_the_block_that_mo
     assert "last state" in str(hanify(copy.deepcopy(base), calibration=cal, calibration_config=cfg).calibration)
 
 
+def test_keep_count_keeps_the_blocks_that_move_the_last_hidden_state_most_one_pass_each():
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, depth=3, embed_dim=32, num_heads=2, img_size=32, patch_size=8
+    ).eval()
+    cal = _images(2, 0)
+    cfg = CalibrationConfig(keep_by="output", **FAST)
+    torch.manual_seed(1)
+    blocks = hanify(copy.deepcopy(base), HanConfig(gain=True), calibration=cal, calibration_config=cfg).calibration
+    fvus = [0.0] + [b.output_fvu for b in blocks.blocks]
+    first = max(range(3), key=lambda i: fvus[i + 1] - fvus[i])  # the largest rise with every block replaced
+    for count in (1, 2):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        report = hanify(
+            model,
+            HanConfig(gain=True),
+            calibration=cal,
+            calibration_config=dataclasses.replace(cfg, keep_count=count),
+        )
+        kept = [b.path for b in report.calibration.kept]
+        assert len(kept) == count and f"blocks.{first}.mlp" in kept  # nested: the first choice stays
+        assert all("keep_count" in b.reason for b in report.calibration.kept)
+        assert sorted(s.path for s in report.skipped) == kept and [r.path for r in report.rewrites] == [
+            b.path for b in report.calibration.blocks if b.status == "fitted"
+        ]
+        for b in report.calibration.blocks:
+            assert isinstance(model.get_submodule(b.path), HanBlock) == (b.status == "fitted")
+        for path in kept:  # kept as they were: the choosing passes ran on copies
+            ours, theirs = _state(model.get_submodule(path)), _state(base.get_submodule(path))
+            assert ours.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    everything = hanify(
+        copy.deepcopy(base), calibration=cal, calibration_config=dataclasses.replace(cfg, keep_count=5)
+    ).calibration
+    assert [b.status for b in everything.blocks] == ["kept"] * 3  # more than there are: all of them
+    for bad, match in (
+        (dict(keep_count=1), "keep_by='output'"),
+        (dict(keep_count=1, keep_by="output", max_fvu=0.1), "one or the other"),
+        (dict(keep_count=1, keep_by="output", keep_budget=10), "one or the other"),
+        (dict(keep_count=-1, keep_by="output"), "int >= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            CalibrationConfig(**bad)
+
+
 def test_keep_by_output_needs_the_hidden_state_after_each_block():
     import timm
 

@@ -10,6 +10,7 @@ original model's hidden states into the new parameters.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -118,11 +119,46 @@ def _original_inputs(
     return {index_of[path]: res for path, (res, _) in targets.items()}
 
 
+def _choose_kept(
+    model: nn.Module, planned: list[tuple[Any, Any]], batches: list[Any], config: CalibrationConfig
+) -> dict[int, str]:
+    """``keep_count``: the indices (into ``planned``) of the blocks to keep, each with the reason.
+
+    One calibration pass (no healing) per block chosen, each on a copy of ``model`` and
+    ``planned`` with the blocks chosen so far kept: the fitted block whose swap raised the
+    last hidden state's FVU most is chosen next. ``model`` is not touched.
+    """
+    from tqdm.auto import tqdm
+
+    trial = dataclasses.replace(config, keep_count=None, heal_steps=0, progress=False)
+    chosen: dict[int, str] = {}
+    count = config.keep_count or 0
+    for turn in tqdm(range(count), desc="choosing blocks to keep", disable=not config.progress, leave=False):
+        trial_model, trial_planned = copy.deepcopy((model, planned))
+        report, _ = calibrate_rewrites(trial_model, trial_planned, batches, trial, chosen=chosen)
+        best, best_rise, before = -1, float("-inf"), 0.0
+        for index, block in enumerate(report.blocks):
+            if block.output_fvu is None:  # kept: the last hidden state is as before
+                continue
+            rise, before = block.output_fvu - before, block.output_fvu
+            if block.status == "fitted" and rise > best_rise:
+                best, best_rise = index, rise
+        if best < 0:  # every block that can be fitted is kept already
+            break
+        chosen[best] = (
+            f"keep_count: swapping it in raised the last hidden state's FVU by {best_rise:.3f}, the most of the "
+            f"blocks still replaced (choice {turn + 1} of {count})"
+        )
+    return chosen
+
+
 def calibrate_rewrites(
     model: nn.Module,
     planned: list[tuple[Any, Any]],
     calibration: Iterable[Any],
     config: CalibrationConfig,
+    *,
+    chosen: Mapping[int, str] | None = None,
 ) -> tuple[CalibrationReport, list[int]]:
     """Swap ``planned`` rewrites into ``model`` one by one, fitting each; all or nothing.
 
@@ -131,6 +167,8 @@ def calibrate_rewrites(
         planned: ``(RewriteRecord, Replacement)`` pairs from the engine's planning phase, in model order.
         calibration: the calibration batches.
         config: the fitting settings.
+        chosen: indices (into ``planned``) of blocks to keep as they are, with the reason
+            (default: those ``config.keep_count`` chooses).
 
     Returns:
         The report and the indices (into ``planned``) of the rewrites that were
@@ -165,6 +203,8 @@ def calibrate_rewrites(
             f"calibration: keep_by='output' measures the hidden state after the last rewritten block, but the "
             f"rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use keep_by='block'"
         )
+    if chosen is None:
+        chosen = _choose_kept(model, planned, batches, config) if config.keep_count else {}
     try:
         model.eval()
         output_ref: list[Tensor] = []  # keep_by="output": the original's last hidden state, per recording batch
@@ -192,6 +232,13 @@ def calibrate_rewrites(
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
                     fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
+                continue
+            if index in chosen:
+                for path, old in reversed(swaps):
+                    _set_module(model, path, old)
+                del done[len(done) - len(swaps) :]
+                kept.append(index)
+                fit.status, fit.reason = "kept", chosen[index]
                 continue
             reservoir = _reservoir(config, index)
             record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)

@@ -65,6 +65,15 @@ class CalibrationConfig:
             0.810, with four 0.924 instead of 0.894 (docs/CALIBRATION.md). ``"output"`` costs one
             more forward pass over the recording batches per block; the report's ``output_fvu``
             column gives the running FVU.
+        keep_count: keep exactly this many original blocks, chosen one at a time (``None``:
+            ``max_fvu`` decides). A calibration pass on a copy of the model, with the blocks
+            chosen so far kept and every other one replaced, measures how much each swap raises
+            the last hidden state's FVU (as ``keep_by="output"`` does); the block with the largest
+            rise is chosen, and the passes repeat. So the kept sets are nested (the two blocks kept
+            by ``keep_count=2`` are among the three of ``keep_count=3``) and every count can be
+            asked for, which no ``max_fvu`` threshold guarantees: a kept block changes the rises of
+            the blocks after it. Costs ``keep_count`` calibration passes (no healing) before the
+            real one. Needs ``keep_by="output"``; not with ``max_fvu`` or ``keep_budget``.
         keep_budget: the most parameters that blocks kept by ``max_fvu`` may cost, in all,
             over their Han replacements (``None``: no limit). Blocks are decided in model
             order; one that does not fit in what is left is replaced (the report says so).
@@ -111,6 +120,11 @@ class CalibrationConfig:
     holdout: float = _field(0.125, "fraction of the sampled rows held out to score each fit")
     max_fvu: float | None = _field(
         None, "keep the original block where the fit leaves more than this fraction of variance unexplained"
+    )
+    keep_count: int | None = _field(
+        None,
+        "keep this many original blocks, each chosen by a calibration pass as the one that moves the last "
+        "hidden state most (needs keep-by output)",
     )
     keep_budget: int | None = _field(None, "the most parameters the blocks kept by max-fvu may cost in all")
     keep_by: Literal["block", "output"] = _field(
@@ -160,6 +174,19 @@ class CalibrationConfig:
             raise ValueError(f"CalibrationConfig.heal_augment must be in [0, 1), got {self.heal_augment!r}")
         if self.keep_budget is not None and (not isinstance(self.keep_budget, int) or self.keep_budget < 0):
             raise ValueError(f"CalibrationConfig.keep_budget must be None or an int >= 0, got {self.keep_budget!r}")
+        if self.keep_count is not None:
+            if not isinstance(self.keep_count, int) or self.keep_count < 0:
+                raise ValueError(f"CalibrationConfig.keep_count must be None or an int >= 0, got {self.keep_count!r}")
+            if self.keep_by != "output":
+                raise ValueError(
+                    "CalibrationConfig.keep_count chooses blocks by the rise of the last hidden state's FVU: "
+                    "set keep_by='output'"
+                )
+            if self.max_fvu is not None or self.keep_budget is not None:
+                raise ValueError(
+                    "CalibrationConfig.keep_count says how many blocks to keep; max_fvu and keep_budget decide it "
+                    "another way: set one or the other"
+                )
         if self.max_fvu is not None and self.max_fvu < 0:
             raise ValueError(f"CalibrationConfig.max_fvu must be None or >= 0, got {self.max_fvu!r}")
         for name in ("lr", "heal_lr", "heal_memory_mb"):
