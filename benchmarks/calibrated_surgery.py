@@ -192,6 +192,12 @@ def main() -> None:
         help="Set max_fvu of the calibrated variants: keep the FFNs that cost more (see --keep-by).",
     )
     parser.add_argument("--keep-by", choices=("block", "output"), default="block", help="CalibrationConfig.keep_by.")
+    parser.add_argument(
+        "--keep-count",
+        type=int,
+        default=None,
+        help="Set keep_count of the calibrated variants (with keep_by='output'): keep that many FFNs, chosen greedily.",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,6 +235,8 @@ def main() -> None:
                     cal_config = dataclasses.replace(cal_config, heal_steps=args.heal_steps)
                 if args.max_fvu is not None:
                     cal_config = dataclasses.replace(cal_config, max_fvu=args.max_fvu, keep_by=args.keep_by)
+                if args.keep_count is not None:
+                    cal_config = dataclasses.replace(cal_config, keep_count=args.keep_count, keep_by="output")
                 report = hanify(model, han_config, calibration=cal, calibration_config=cal_config).calibration
             seconds = time.perf_counter() - start
         row = {
@@ -241,7 +249,8 @@ def main() -> None:
             "baselines": [(b.deleted, b.mean, b.linear) for b in report.blocks] if report else None,
             "heal_loss": report.heal_loss if report else None,
             "max_fvu": args.max_fvu if report else None,
-            "keep_by": args.keep_by if report and args.max_fvu is not None else None,
+            "keep_by": cal_config.keep_by if report else None,
+            "keep_count": args.keep_count if report else None,
             "kept": [b.path for b in report.kept] if report else None,
         }
         for name, bl in scored.items():
