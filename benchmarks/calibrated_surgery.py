@@ -268,14 +268,18 @@ def main() -> None:
             print(
                 f"| {r['variant']} | {s['cosine']:.3f} | {s['spearman']:.3f} | {s['same_nn']:.3f} | {r['params']:,} | {t} |"
             )
-    print("\nper-block FVU (Han fit; deleted / mean / best linear):")
-    for r in rows:
-        if r["fvu"]:
-            base_s = ", ".join(f"{d:.2f}/{m:.2f}/{lin:.2f}" for d, m, lin in r["baselines"])
-            print(f"{r['variant']}: {', '.join(f'{v:.3f}' for v in r['fvu'])}   [{base_s}]")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
+
+    def f(v: float | None, digits: int) -> str:
+        return "kept" if v is None else f"{v:.{digits}f}"  # a block kept by keep_count is never fitted
+
+    print("\nper-block FVU (Han fit; deleted / mean / best linear):")
+    for r in rows:
+        if r["fvu"]:
+            base_s = ", ".join("/".join(f(v, 2) for v in b) for b in r["baselines"])
+            print(f"{r['variant']}: {', '.join(f(v, 3) for v in r['fvu'])}   [{base_s}]")
 
 
 if __name__ == "__main__":
