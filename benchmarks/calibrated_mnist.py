@@ -14,10 +14,11 @@ each scored on the walkthrough's 1,000 held-out digits right after surgery, and 
 epoch of fine-tuning on the 9,000 training digits (all parameters, AdamW lr ``--heal-lr`` (1e-3) and
 weight decay ``--heal-wd`` (0.05) with 30 warm-up steps and cosine decay, batch 64; loss = cross-entropy +
 the hidden-state distillation of :func:`hidden_state_distillation_loss` against the base model, block by
-block, TinyBERT-style, + ``--heal-kd`` (0) x the KD term on the base's logits). The base model gets the same epoch too (its own copy as the teacher):
-the control that says what the epoch does to a model that lost nothing. ``--seeds N`` runs each
-epoch N times (data orders ``seed`` .. ``seed + N - 1``) from the same starting weights and reports
-the mean and every run: one run on 1,000 digits is noisy (binomial standard error about 0.7 points).
+block, TinyBERT-style, + ``--heal-kd`` (0) x the KD term on the base's logits). The base model gets the
+same epoch too (its own copy as the teacher): the control that says what the epoch does to a model that
+lost nothing. ``--seeds N`` runs each epoch N times (data orders ``seed`` .. ``seed + N - 1``) from the
+same starting weights and reports the mean and every run: one run on 1,000 digits is noisy (binomial
+standard error about 0.7 points).
 
 Usage (from the repository root)::
 

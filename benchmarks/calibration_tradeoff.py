@@ -58,7 +58,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--keep-by", nargs="+", choices=("block", "output", "greedy"), default=["block", "output", "greedy"]
+        "--keep-by",
+        nargs="+",
+        choices=("block", "output", "greedy"),
+        default=["block", "output", "greedy"],
+        help="how the kept blocks are chosen: max_fvu thresholds on the own fit (block) or on the last state's "
+        "rise (output), or keep_count (greedy)",
     )
     parser.add_argument("--bisect", type=int, default=2, help="extra runs per count of kept blocks not yet seen")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write.")
