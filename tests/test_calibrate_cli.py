@@ -87,6 +87,14 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
     (step,) = json.loads((out / "han_config.json").read_text())["recipe"]
     assert step["calibration"]["keep_by"] == "output" and step["calibration"]["max_fvu"] == 0
 
+    out = tmp_path / "count"
+    keep = ["--calibration-keep-by", "output", "--calibration-keep-count", "1"]
+    assert main(["hanify", str(bert), "-o", str(out), "--calibrate", str(sentences), *FAST, *SAMPLES, *keep]) == 0
+    printed = capsys.readouterr().out
+    assert "1 fitted, 1 kept" in printed and "keep_count: swapping it in raised" in printed
+    (step,) = json.loads((out / "han_config.json").read_text())["recipe"]
+    assert step["calibration"]["keep_count"] == 1 and len(step["rewrites"]) == 1
+
 
 @pytest.mark.parametrize(
     "case, message",
@@ -98,6 +106,7 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("train", "--calibrate train means the training split of finetune --data"),
         ("flag-alone", "--calibration-steps configure calibrated surgery: add --calibrate DATA"),
         ("bad-value", "CalibrationConfig.steps must be an int >= 0"),
+        ("keep-count-by-own-fit", "keep_count chooses blocks by the rise of the last hidden state's FVU"),
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -117,6 +126,8 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         data = "train"
     elif case == "bad-value":
         extra = ["--calibration-steps", "-1"]
+    elif case == "keep-count-by-own-fit":
+        extra = ["--calibration-keep-count", "1"]
     calibrate = [] if case == "flag-alone" else ["--calibrate", data]
     extra = ["--calibration-steps", "3"] if case == "flag-alone" else extra
     out = tmp_path / "out"
