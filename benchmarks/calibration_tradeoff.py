@@ -44,7 +44,7 @@ from calibrated_surgery import (  # noqa: E402
 )
 
 from han_surgery import HanConfig, hanify  # noqa: E402
-from han_surgery.surgery.calibration import CalibrationConfig  # noqa: E402
+from han_surgery.surgery.calibration import CalibrationConfig, CalibrationReport  # noqa: E402
 
 
 def main() -> None:
@@ -88,7 +88,7 @@ def main() -> None:
 
     def calibrated(
         max_fvu: float | None, keep_by: str, keep_count: int | None = None
-    ) -> tuple[torch.nn.Module, list, float]:
+    ) -> tuple[torch.nn.Module, CalibrationReport, float]:
         model = copy.deepcopy(base)
         torch.manual_seed(args.seed)
         cfg = CalibrationConfig(
@@ -102,7 +102,7 @@ def main() -> None:
         )
         start = time.perf_counter()
         report = hanify(model, han_config, calibration=cal, calibration_config=cfg).calibration
-        return model, report.blocks, time.perf_counter() - start
+        return model, report, time.perf_counter() - start
 
     rows = [point("original", base, 6), point("FFNs deleted", delete_ffns(base), 0)]
     plain = copy.deepcopy(base)
@@ -111,8 +111,8 @@ def main() -> None:
 
     def greedy() -> None:
         for k in range(1, 6):
-            model, blocks, seconds = calibrated(None, "output", keep_count=k)
-            kept = [b.path for b in blocks if b.status == "kept"]
+            model, report, seconds = calibrated(None, "output", keep_count=k)
+            kept = [b.path for b in report.kept]
             rows.append(
                 {**point(f"calibrated, keep_count {k}", model, len(kept), seconds, "greedy"), "kept_blocks": kept}
             )
@@ -121,20 +121,19 @@ def main() -> None:
         if keep_by == "greedy":
             greedy()
             return
-        model, blocks, seconds = calibrated(None, keep_by)
+        model, report, seconds = calibrated(None, keep_by)
         rows.append(point(f"calibrated ({keep_by}), 0 kept", model, 0, seconds, keep_by))
         if keep_by == "block":
-            costs = [b.fvu for b in blocks]
+            costs = [b.fvu for b in report.blocks]
         else:  # the rise of the last hidden state's FVU that each swap caused
-            running = [0.0] + [b.output_fvu for b in blocks]
-            costs = [after - before for before, after in zip(running[:-1], running[1:], strict=True)]
+            costs = report.output_rises()
         print(json.dumps({"keep_by": keep_by, "costs": [round(c, 4) for c in costs]}), flush=True)
         costs = sorted(costs, reverse=True)
         tried: dict[float, int] = {}  # threshold -> blocks kept
 
         def run(threshold: float) -> None:
-            model, blocks, seconds = calibrated(threshold, keep_by)
-            kept = [b.path for b in blocks if b.status == "kept"]
+            model, report, seconds = calibrated(threshold, keep_by)
+            kept = [b.path for b in report.kept]
             tried[threshold] = len(kept)
             label = f"calibrated ({keep_by}), max_fvu {threshold:.4f}"
             rows.append({**point(label, model, len(kept), seconds, keep_by), "kept_blocks": kept})

@@ -14,8 +14,10 @@ from torch import nn
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, save_pretrained
 from han_surgery.layers import LowRankLinear
 from han_surgery.surgery.calibration import (
+    BlockFit,
     CalibrationConfig,
     CalibrationDataError,
+    CalibrationReport,
     HiddenStates,
     TokenReservoir,
     calibration_batches,
@@ -429,6 +431,18 @@ def test_keep_by_output_scores_the_last_hidden_state_and_keeps_the_block_that_mo
     assert all(b.status == "fitted" for b in kept[:worst])  # the blocks before it: the same fits, the same rises
     assert not isinstance(model.get_submodule(kept[worst].path), HanBlock)
     assert "last state" in str(hanify(copy.deepcopy(base), calibration=cal, calibration_config=cfg).calibration)
+
+
+def test_output_rises_start_each_block_from_the_last_state_its_predecessors_left():
+    blocks = [
+        BlockFit("a", "fitted", output_fvu=0.25),
+        BlockFit("b", "kept", output_fvu=0.75),  # kept by max_fvu: scored, then put back
+        BlockFit("c", "kept"),  # kept by keep_count: never scored
+        BlockFit("d", "not calibrated", output_fvu=0.5),
+        BlockFit("e", "fitted", output_fvu=0.375),
+    ]
+    assert CalibrationReport(blocks=blocks).output_rises() == [0.25, 0.5, None, 0.25, -0.125]
+    assert CalibrationReport(blocks=[BlockFit("a", "fitted", fvu=0.1)]).output_rises() == [None]
 
 
 def test_keep_count_keeps_the_blocks_that_move_the_last_hidden_state_most_one_pass_each():

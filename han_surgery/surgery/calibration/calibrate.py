@@ -136,17 +136,13 @@ def _choose_kept(
     for turn in tqdm(range(count), desc="choosing blocks to keep", disable=not config.progress, leave=False):
         trial_model, trial_planned = copy.deepcopy((model, planned))
         report, _ = calibrate_rewrites(trial_model, trial_planned, batches, trial, chosen=chosen)
-        best, best_rise, before = -1, float("-inf"), 0.0
-        for index, block in enumerate(report.blocks):
-            if block.output_fvu is None:  # kept: the last hidden state is as before
-                continue
-            rise, before = block.output_fvu - before, block.output_fvu
-            if block.status == "fitted" and rise > best_rise:
-                best, best_rise = index, rise
-        if best < 0:  # every block that can be fitted is kept already
+        rises = report.output_rises()
+        fitted = [i for i, block in enumerate(report.blocks) if block.status == "fitted"]
+        if not fitted:  # every block that can be fitted is kept already
             break
+        best = max(fitted, key=rises.__getitem__)  # the first of equals
         chosen[best] = (
-            f"keep_count: swapping it in raised the last hidden state's FVU by {best_rise:.3f}, the most of the "
+            f"keep_count: swapping it in raised the last hidden state's FVU by {rises[best]:.3f}, the most of the "
             f"blocks still replaced (choice {turn + 1} of {count})"
         )
     return chosen
@@ -223,22 +219,19 @@ def calibrate_rewrites(
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
-            swaps = [(path, _set_module(model, path, new)) for path, new in repl.swaps.items()]
-            done.extend(swaps)
             fit = BlockFit(record.path, "fitted", params_original=record.params_before, params_han=record.params_after)
             report.blocks.append(fit)
+            if index in chosen:  # never swapped in
+                kept.append(index)
+                fit.status, fit.reason = "kept", chosen[index]
+                continue
+            swaps = [(path, _set_module(model, path, new)) for path, new in repl.swaps.items()]
+            done.extend(swaps)
             if site is None:
                 fit.status = "not calibrated"
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
                     fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
-                continue
-            if index in chosen:
-                for path, old in reversed(swaps):
-                    _set_module(model, path, old)
-                del done[len(done) - len(swaps) :]
-                kept.append(index)
-                fit.status, fit.reason = "kept", chosen[index]
                 continue
             reservoir = _reservoir(config, index)
             record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)

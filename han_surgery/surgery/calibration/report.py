@@ -78,6 +78,23 @@ class CalibrationReport:
         """The blocks whose original FFN was kept."""
         return [b for b in self.blocks if b.status == "kept"]
 
+    def output_rises(self) -> list[float | None]:
+        """Per block, in model order: how much swapping it in raised ``output_fvu``, the last hidden
+        state's FVU (``keep_by="output"``); ``None`` where it was not scored (``keep_by="block"``, or a
+        block ``keep_count`` kept unfitted). A block kept by ``max_fvu`` shows the rise it would have
+        caused; the next block's rise starts from the FVU before it.
+        """
+        rises: list[float | None] = []
+        running = 0.0
+        for b in self.blocks:
+            if b.output_fvu is None:
+                rises.append(None)
+                continue
+            rises.append(b.output_fvu - running)
+            if b.status != "kept":
+                running = b.output_fvu
+        return rises
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
