@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    if args.epochs < 1 or args.seeds < 1:
+        parser.error("--epochs and --seeds must be at least 1")
     torch.set_num_threads(args.threads)
     if not (args.base / "model.safetensors").is_file():
         train_base(args.base, args.data, args.threads)
@@ -179,7 +181,7 @@ def main() -> None:
     after = "acc_1_epoch" if args.epochs == 1 else f"acc_{args.epochs}_epochs"  # the JSON key
 
     def one_epoch(row: dict, model: nn.Module) -> None:
-        """Fine-tunes copies of ``model`` for one epoch, once per seed, and records the accuracies."""
+        """Fine-tunes copies of ``model`` for ``--epochs`` epochs, once per seed, and records the accuracies."""
         runs, seconds = [], 0.0
         for seed in range(args.seed, args.seed + args.seeds):
             tuned = copy.deepcopy(model)
