@@ -272,14 +272,14 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=1))
 
-    def f(v: float | None, digits: int) -> str:
+    def fvu_cell(v: float | None, digits: int) -> str:
         return "kept" if v is None else f"{v:.{digits}f}"  # a block kept by keep_count is never fitted
 
     print("\nper-block FVU (Han fit; deleted / mean / best linear):")
     for r in rows:
         if r["fvu"]:
-            base_s = ", ".join("/".join(f(v, 2) for v in b) for b in r["baselines"])
-            print(f"{r['variant']}: {', '.join(f(v, 3) for v in r['fvu'])}   [{base_s}]")
+            base_s = ", ".join("/".join(fvu_cell(v, 2) for v in b) for b in r["baselines"])
+            print(f"{r['variant']}: {', '.join(fvu_cell(v, 3) for v in r['fvu'])}   [{base_s}]")
 
 
 if __name__ == "__main__":

@@ -118,9 +118,6 @@ def main() -> None:
             )
 
     def sweep(keep_by: str) -> None:
-        if keep_by == "greedy":
-            greedy()
-            return
         model, report, seconds = calibrated(None, keep_by)
         rows.append(point(f"calibrated ({keep_by}), 0 kept", model, 0, seconds, keep_by))
         if keep_by == "block":
@@ -152,7 +149,10 @@ def main() -> None:
                 run((max(below) + min(above)) / 2)
 
     for keep_by in args.keep_by:
-        sweep(keep_by)
+        if keep_by == "greedy":
+            greedy()
+        else:
+            sweep(keep_by)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
