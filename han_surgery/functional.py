@@ -23,7 +23,8 @@ its depth. Where it runs:
   One operator call per direction for the whole chain: it normalises the rows of ``u`` and
   builds ``T`` itself (in float64), the forward reads ``x`` once and writes ``y`` once, and the
   backward reads ``x`` and ``dL/dy`` once, recomputes the chain's intermediates in cache and
-  writes ``dL/dx`` once. Only ``x`` is saved for backward.
+  writes ``dL/dx`` once. Only ``x`` is saved for backward (a single layer with ``k > 1`` also saves
+  its projections and ``sign(z)``: see :class:`_HouseholderChainCPU`).
 * CUDA tensors: the Triton kernels of :mod:`han_surgery.kernels.triton_gpu`, one layer at a time.
 * Otherwise (no compiler or Triton, under ``torch.compile``/``torch.export`` tracing, inside
   :func:`han_surgery.kernels.disabled`): :class:`_HouseholderRows`, matrix products and a
@@ -217,7 +218,9 @@ class _HouseholderChainCPU(torch.autograd.Function):
     ``u``: ``(L, k, n)`` (unit rows, or raw directions normalised inside when ``normalize``),
     ``b``: ``(L, n)`` or ``None``, in any float dtype: the kernel computes the unit rows and the
     WY factors in float64, and returns the gradients of ``u`` and ``b`` in their own dtypes.
-    Saves only its inputs: the backward recomputes every intermediate in cache.
+    Saves its inputs, and the backward recomputes the intermediates in cache; a single layer with
+    ``k > 1`` reflections on rows also saves its projections ``U x`` (``(B, k)``) and ``sign(z)``
+    (int8, a quarter of ``x`` in float32), which spares the backward a third of its arithmetic.
     """
 
     @staticmethod
@@ -225,14 +228,17 @@ class _HouseholderChainCPU(torch.autograd.Function):
         ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
     ) -> Tensor:
         ctx.apply_abs, ctx.normalize = apply_abs, normalize
-        ctx.save_for_backward(x, u, b)
-        return torch.ops.han_surgery.householder_chain_forward(
-            x, u, b if b is not None else _NO_BIAS, apply_abs, normalize
-        )
+        bias = b if b is not None else _NO_BIAS
+        if u.shape[0] == 1 and u.shape[1] > 1 and x.shape[2] == 1:
+            y, p, sign = torch.ops.han_surgery.householder_layer_forward_saving(x, u, bias, apply_abs, normalize)
+            ctx.save_for_backward(x, u, b, p, sign)
+            return y
+        ctx.save_for_backward(x, u, b, _NO_BIAS, _NO_BIAS)
+        return torch.ops.han_surgery.householder_chain_forward(x, u, bias, apply_abs, normalize)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, u, b = ctx.saved_tensors
+        x, u, b, saved_p, saved_sign = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True
 
@@ -250,6 +256,8 @@ class _HouseholderChainCPU(torch.autograd.Function):
             ctx.normalize,
             needs[0],
             needs[1] or needs[2],
+            saved_p,
+            saved_sign,
         )
         return dx if needs[0] else None, du if needs[1] else None, db if needs[2] else None, None, None
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -52,6 +53,9 @@ CASES = [
     ((600, 16), -1, 1, (True, True), True),  # many rows: several tasks and gradient blocks
     ((203, 48), -1, 5, (True, False), True),  # k > 1 over row groups, with a partial last group
     ((19, 100), -1, 16, (True,), True),  # many reflections, a vector tail
+    # one layer, k > 1, on rows: the forward saves U x and sign(z) for the backward
+    ((203, 48), -1, 3, (True,), False),
+    ((70, 40), -1, 4, (False,), True),  # no abs: projections only
 ]
 
 
@@ -75,6 +79,40 @@ def test_cpu_kernel_matches_the_pytorch_path(shape, dim, k, apply_abs, bias, dty
         assert g.dtype == w.dtype and g.shape == w.shape
         scale = w.double().abs().max().clamp_min(1.0)
         assert (g.double() - w.double()).abs().max() <= tol * scale * (10 if dtype in (torch.float16,) else 1)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_single_layer_saves_projections_and_signs_and_abs_has_zero_gradient_at_zero(dtype):
+    """HanLayer(k > 1): the forward keeps U x and sign(z) (int8) for the backward, which then must
+    give |.| the PyTorch path's zero gradient where z is exactly 0 (zero rows, zero bias)."""
+    assert cpu.available()
+    torch.manual_seed(0)
+    layer = HanLayer(32, reflections=4).to(dtype)
+    torch.nn.init.zeros_(layer.bias)
+    x = torch.randn(50, 32, dtype=dtype)
+    x[::7] = 0  # z = 0 there
+    grad = torch.randn(50, 32, dtype=dtype)
+    results = []
+    for use_kernel in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not use_kernel:
+                stack.enter_context(kernels.disabled())
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(xi)
+            if use_kernel:
+                saved = y.grad_fn.next_functions[0][0].saved_tensors  # y is a view of the Function's output
+                signs = [t for t in saved if t.dtype == torch.int8]
+                assert len(signs) == 1 and signs[0].shape == (50, 32) and (signs[0][::7] == 0).all()
+                assert any(t.shape == (50, 4) for t in saved)
+            y.backward(grad)
+            results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for got, want in zip(*results, strict=True):
+        scale = want.double().abs().max().clamp_min(1.0)
+        assert (got.double() - want.double()).abs().max() <= tol * scale
+    assert (results[0][1][::7] == 0).all() and (results[1][1][::7] == 0).all()  # sign(0) = 0 stops the gradient
 
 
 @pytest.mark.usefixtures("kernel_path")

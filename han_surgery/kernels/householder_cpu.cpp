@@ -17,7 +17,8 @@
 //
 // Forward reads x once and writes y once, with every intermediate in cache. Backward reads x
 // and dL/dy once and writes dL/dx once: it recomputes the chain's intermediates (nothing but x
-// is saved), then walks the layers back:
+// is saved; one layer with k > 1 may keep U x and sign(z) instead, see "Saved projections and
+// signs"), then walks the layers back:
 //
 //     g <- g * sign(z)                    (abs layers)
 //     G = U g,  G' = T G
@@ -430,6 +431,12 @@ struct Vec {
     return v;
   }
   static void store(acc_t* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
+  // sign(v) lane by lane as V int8 values (-1, 0 or 1) at p.
+  static void store_sign(int8_t* p, const type& v) {
+    typedef int8_t bytes __attribute__((vector_size(V)));
+    const bytes s = __builtin_convertvector((v < 0) - (v > 0), bytes);  // a true comparison is -1
+    std::memcpy(p, &s, sizeof(bytes));
+  }
 };
 
 // out[r * stride + j] = a_r . u_j for r < R, j < J (u_j = u + j n): each load of a row of the
@@ -472,12 +479,12 @@ inline void project_dots(const acc_t* const* a, const acc_t* u, int64_t k, int64
 }
 
 // For r < R: zv = a_r + b - sum_j coef[r k + j] u_j (b may be nullptr: zero); z_r = zv when z is
-// given, out_r = |zv| (ABS) or zv when out is given (out_r may be a_r: each chunk is read before it
-// is written). C chunks of V values per row are in flight, so each broadcast coefficient serves C
+// given, sign_r = sign(zv) (int8) when sign is given, out_r = |zv| (ABS) or zv when out is given
+// (out_r may be a_r: each chunk is read before it is written). C chunks of V values per row are in flight, so each broadcast coefficient serves C
 // multiply-adds and each load of u R of them.
 template <int R, bool ABS, typename acc_t>
 inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, const acc_t* coef, int64_t k,
-                        int64_t n, acc_t* const* out, acc_t* const* z) {
+                        int64_t n, acc_t* const* out, acc_t* const* z, int8_t* const* sign = nullptr) {
   using W = Vec<acc_t>;
   using vec = typename W::type;
   constexpr int64_t V = W::V;
@@ -509,6 +516,7 @@ inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, c
 #pragma GCC unroll 4
       for (int q = 0; q < C; ++q) {
         if (z != nullptr) W::store(z[r] + i + q * V, acc[r][q]);
+        if (sign != nullptr) W::store_sign(sign[r] + i + q * V, acc[r][q]);
         if (out != nullptr) W::store(out[r] + i + q * V, ABS ? (acc[r][q] < 0 ? -acc[r][q] : acc[r][q]) : acc[r][q]);
       }
     }
@@ -528,6 +536,7 @@ inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, c
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       if (z != nullptr) W::store(z[r] + i, acc[r]);
+      if (sign != nullptr) W::store_sign(sign[r] + i, acc[r]);
       if (out != nullptr) W::store(out[r] + i, ABS ? (acc[r] < 0 ? -acc[r] : acc[r]) : acc[r]);
     }
   }
@@ -536,6 +545,7 @@ inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, c
       acc_t zv = a[r][q] + (b != nullptr ? b[q] : acc_t(0));
       for (int64_t j = 0; j < k; ++j) zv -= coef[r * k + j] * u[j * n + q];
       if (z != nullptr) z[r][q] = zv;
+      if (sign != nullptr) sign[r][q] = static_cast<int8_t>(sign_of(zv));
       if (out != nullptr) out[r][q] = ABS ? std::abs(zv) : zv;
     }
   }
@@ -551,26 +561,30 @@ inline void project_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a
   for (int r = 0; r < R; ++r) apply_wy_factor(t, k, p + r * k, w + r * k);
 }
 
-// One layer over a group: z_r = a_r - U^T w_r + b, out_r = f(z_r) (either may be nullptr).
+// One layer over a group: z_r = a_r - U^T w_r + b, out_r = f(z_r), sign_r = sign(z_r) (any may be nullptr).
 template <int R, typename acc_t>
 inline void apply_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, const acc_t* w, acc_t* const* out,
-                       acc_t* const* z) {
+                       acc_t* const* z, int8_t* const* sign = nullptr) {
   if (c.abs[l] && out != nullptr) {
-    update_rows<R, true>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z);
+    update_rows<R, true>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z, sign);
   } else {
-    update_rows<R, false>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z);
+    update_rows<R, false>(a, c.bl(l), c.ul(l), w, c.k, c.n, out, z, sign);
   }
 }
 
-// Forward for k > 1, over groups of kSharedRows rows (see "Row groups").
+// Forward for k > 1, over groups of kSharedRows rows (see "Row groups"). For one layer (L = 1) it can
+// also keep what the backward would otherwise recompute (see "Saved projections and signs"): the
+// projections p = U x of every row in p_out (rows x k) and sign(z) in sign_out (rows x n, int8).
 template <typename scalar_t, typename acc_t>
-void rows_forward_grouped(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
+void rows_forward_grouped(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c,
+                          acc_t* p_out = nullptr, int8_t* sign_out = nullptr) {
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
   constexpr int64_t G = kSharedRows;
   const int64_t n = c.n, k = c.k, L = c.L;
   const int64_t grain = std::max<int64_t>(G, kWorkPerTask / (n * k * L));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     auto [buf, p, w] = scratch_arrays<acc_t, 3>({G * n, G * k, G * k});
+    int8_t* sign[G];
     const acc_t* a[G];
     acc_t* out[G];
     for (int64_t g0 = r0; g0 < r1; g0 += G) {
@@ -583,6 +597,9 @@ void rows_forward_grouped(const scalar_t* x, scalar_t* y, int64_t rows, const Ch
           a[r] = buf + r * n;
         }
       }
+      if (sign_out != nullptr) {
+        for (int64_t r = 0; r < nr; ++r) sign[r] = sign_out + (g0 + r) * n;
+      }
       for (int64_t l = 0; l < L; ++l) {
         for (int64_t r = 0; r < nr; ++r) {
           out[r] = buf + r * n;
@@ -592,10 +609,12 @@ void rows_forward_grouped(const scalar_t* x, scalar_t* y, int64_t rows, const Ch
         }
         with_group_size(nr, [&](auto R) {
           project_rows<R.value>(c, l, a, p, w);
-          apply_rows<R.value>(c, l, a, w, out, static_cast<acc_t* const*>(nullptr));
+          apply_rows<R.value>(c, l, a, w, out, static_cast<acc_t* const*>(nullptr),
+                              sign_out != nullptr ? sign : static_cast<int8_t* const*>(nullptr));
         });
         for (int64_t r = 0; r < nr; ++r) a[r] = out[r];
       }
+      if (p_out != nullptr) std::copy(p, p + nr * k, p_out + g0 * k);
       if constexpr (!kDirect) {
         for (int64_t r = 0; r < nr; ++r) convert(buf + r * n, y + (g0 + r) * n, n);
       }
@@ -763,9 +782,14 @@ void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int
 // for k > 1, every z), then per layer from the last: g <- g * sign(z), G = U g, G' = T G; the
 // parameter sums; g <- g - U^T G' (written straight into dL/dx for layer 0). For k = 1, sign(z)
 // is recomputed on the fly (one fused pass that also computes G), which saves storing z.
+//
+// Saved projections and signs (one layer, k > 1): when the forward kept p = U x and sign(z) of every
+// row (saved_p, saved_sign; saved_sign only for an abs layer), the backward takes them instead of
+// recomputing: it skips two of its six k n multiply-adds per row for 1 + 4k/n bytes per value kept.
 template <typename scalar_t, typename acc_t>
 void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t rows, const Chain<acc_t>& c,
-                   bool need_params, acc_t* du, acc_t* dt, acc_t* db) {
+                   bool need_params, acc_t* du, acc_t* dt, acc_t* db, const acc_t* saved_p = nullptr,
+                   const int8_t* saved_sign = nullptr) {
   constexpr int64_t R = kBlockRows;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and dL/dy rows in place
   const int64_t n = c.n, k = c.k, L = c.L;
@@ -781,7 +805,13 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
     for (int64_t b0 = r0; b0 < r1; b0 += R) {
       const int64_t nr = std::min(R, r1 - b0);
       // Forward recompute: acts[l][r] is the input of layer l >= 1 (layer 0 reads x).
-      if (grouped) {
+      if (grouped && saved_p != nullptr) {  // L = 1: p and w from the forward's p; dL/dy * sign(z) below
+        for (int64_t r = 0; r < nr; ++r) {
+          std::copy(saved_p + (b0 + r) * k, saved_p + (b0 + r + 1) * k, p + r * k);
+          apply_wy_factor(c.tl(0), k, p + r * k, w + r * k);
+          if constexpr (!kDirect) convert(x + (b0 + r) * n, acts + r * n, n);
+        }
+      } else if (grouped) {
         recompute_grouped<scalar_t>(c, x, b0, nr, acts, zs, p, w);
       } else for (int64_t r = 0; r < nr; ++r) {
         const acc_t* cur;
@@ -851,7 +881,11 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
             }
           } else {
             const acc_t* __restrict z = zs + (l * R + r) * n;
-            if (take_abs) {
+            if (take_abs && saved_sign != nullptr) {
+              const int8_t* __restrict sr = saved_sign + (b0 + r) * n;
+#pragma omp simd
+              for (int64_t i = 0; i < n; ++i) g[i] = gsrc[i] * static_cast<acc_t>(sr[i]);
+            } else if (take_abs) {
 #pragma omp simd
               for (int64_t i = 0; i < n; ++i) g[i] = gsrc[i] * sign_of(z[i]);
             } else if (gsrc != g) {
@@ -1304,16 +1338,50 @@ at::Tensor chain_forward(const at::Tensor& x, const at::Tensor& u, const at::Ten
   return y;
 }
 
+// One layer with k > 1 on rows (C = 1), keeping for the backward what it would otherwise recompute:
+// returns [y, p, sign]: p = U x of every row, (B, k) in the accumulation dtype, and sign(z) as int8,
+// (B, n) (empty for a layer without abs). See "Saved projections and signs".
+std::vector<at::Tensor> layer_forward_saving(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b,
+                                             at::IntArrayRef abs, bool normalize) {
+  check_args(x, u, b, abs);
+  const int64_t B = x.size(0), C = x.size(2), L = u.size(0), k = u.size(1), n = u.size(2);
+  TORCH_CHECK(L == 1 && k > 1 && C == 1, "householder_layer_forward_saving: one layer, k > 1, on rows (C = 1)");
+  const Prepared P = prepare(u, normalize);
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor p = at::empty({B, k}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  at::Tensor sign = at::empty({abs[0] ? B : 0, n}, x.options().dtype(at::kChar));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "householder_layer_forward_saving", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const ChainStorage<acc_t> store(P, b, abs);
+    rows_forward_grouped<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), B,
+                                          store.chain, p.mutable_data_ptr<acc_t>(),
+                                          abs[0] ? sign.mutable_data_ptr<int8_t>() : nullptr);
+  });
+  return {y, p, sign};
+}
+
 // Returns [dx, du, db]: dx in x's dtype (empty unless need_input), du in u's dtype and db in b's
-// dtype (empty unless need_params; db also when there is no bias).
+// dtype (empty unless need_params; db also when there is no bias). saved_p and saved_sign are
+// layer_forward_saving's p and sign, or empty tensors (then the backward recomputes them).
 std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& u,
                                        const at::Tensor& b, at::IntArrayRef abs, bool normalize, bool need_input,
-                                       bool need_params) {
+                                       bool need_params, const at::Tensor& saved_p, const at::Tensor& saved_sign) {
   check_args(x, u, b, abs);
   TORCH_CHECK(grad.sizes() == x.sizes() && grad.scalar_type() == x.scalar_type() && grad.is_contiguous(),
               "householder_chain: grad must be contiguous and match x");
   const Prepared P = prepare(u, normalize);
   const int64_t B = x.size(0), C = x.size(2), L = P.L, k = P.k, n = P.n;
+  const bool saved = saved_p.numel() > 0;
+  if (saved) {
+    TORCH_CHECK(L == 1 && k > 1 && C == 1, "householder_chain_backward: saved projections need one layer, k > 1, C = 1");
+    TORCH_CHECK(saved_p.sizes() == at::IntArrayRef({B, k}) && saved_p.is_contiguous() &&
+                    saved_p.scalar_type() == at::toOpMathType(x.scalar_type()),
+                "householder_chain_backward: saved_p must be the forward's contiguous (B, k) projections");
+    TORCH_CHECK(abs[0] ? (saved_sign.sizes() == at::IntArrayRef({B, n}) && saved_sign.scalar_type() == at::kChar &&
+                          saved_sign.is_contiguous())
+                       : saved_sign.numel() == 0,
+                "householder_chain_backward: saved_sign must be the forward's (B, n) int8 signs (empty without abs)");
+  }
   at::Tensor dx = need_input ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor du = at::empty({0}, u.options()), db = at::empty({0}, b.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "householder_chain_backward", [&] {
@@ -1323,7 +1391,9 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor&
     scalar_t* dx_ptr = need_input ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     if (C == 1) {
       rows_backward<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx_ptr, B,
-                                     store.chain, need_params, duhat.data(), dt.data(), dbias.data());
+                                     store.chain, need_params, duhat.data(), dt.data(), dbias.data(),
+                                     saved ? saved_p.const_data_ptr<acc_t>() : nullptr,
+                                     saved && abs[0] ? saved_sign.const_data_ptr<int8_t>() : nullptr);
     } else {
       cols_backward<scalar_t, acc_t>(grad.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx_ptr, B, C,
                                      store.chain, need_params, duhat.data(), dt.data(), dbias.data());
@@ -1348,12 +1418,14 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor&
 
 TORCH_LIBRARY(han_surgery, m) {
   m.def("householder_chain_forward(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor");
+  m.def("householder_layer_forward_saving(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor[]");
   m.def(
       "householder_chain_backward(Tensor grad, Tensor x, Tensor u, Tensor b, int[] abs, bool normalize, "
-      "bool need_input, bool need_params) -> Tensor[]");
+      "bool need_input, bool need_params, Tensor saved_p, Tensor saved_sign) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(han_surgery, CPU, m) {
   m.impl("householder_chain_forward", &han_surgery::chain_forward);
+  m.impl("householder_layer_forward_saving", &han_surgery::layer_forward_saving);
   m.impl("householder_chain_backward", &han_surgery::chain_backward);
 }
