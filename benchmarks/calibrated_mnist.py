@@ -58,6 +58,9 @@ VARIANTS: dict[str, HanConfig] = {
     "calibrated gain+scale r=32": HanConfig(**EXTRAS, side_rank=32),
     "calibrated gain+scale r=64": HanConfig(**EXTRAS, side_rank=64),
     "calibrated gain+scale r=16, first MLP kept": HanConfig(**EXTRAS, side_rank=16, exclude=("blocks.0.mlp",)),
+    "calibrated gain+scale r=16, first two MLPs kept": HanConfig(
+        **EXTRAS, side_rank=16, exclude=("blocks.0.mlp", "blocks.1.mlp")
+    ),
 }
 
 
