@@ -480,8 +480,8 @@ inline void project_dots(const acc_t* const* a, const acc_t* u, int64_t k, int64
 
 // For r < R: zv = a_r + b - sum_j coef[r k + j] u_j (b may be nullptr: zero); z_r = zv when z is
 // given, sign_r = sign(zv) (int8) when sign is given, out_r = |zv| (ABS) or zv when out is given
-// (out_r may be a_r: each chunk is read before it is written). C chunks of V values per row are in flight, so each broadcast coefficient serves C
-// multiply-adds and each load of u R of them.
+// (out_r may be a_r: each chunk is read before it is written). C chunks of V values per row are in
+// flight, so each broadcast coefficient serves C multiply-adds and each load of u R of them.
 template <int R, bool ABS, typename acc_t>
 inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, const acc_t* coef, int64_t k,
                         int64_t n, acc_t* const* out, acc_t* const* z, int8_t* const* sign = nullptr) {
