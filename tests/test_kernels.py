@@ -53,6 +53,9 @@ CASES = [
     ((600, 16), -1, 1, (True, True), True),  # many rows: several tasks and gradient blocks
     ((203, 48), -1, 5, (True, False), True),  # k > 1 over row groups, with a partial last group
     ((19, 100), -1, 16, (True,), True),  # many reflections, a vector tail
+    # k = 1 in row groups: short rows (forward and backward), deep chains (forward); rows end in a partial vector
+    ((50, 30), -1, 1, (True, True, True), True),
+    ((37, 200), -1, 1, (True, True, True, False), True),
     # one layer, k > 1, on rows: the forward saves U x and sign(z) for the backward
     ((203, 48), -1, 3, (True,), False),
     ((70, 40), -1, 4, (False,), True),  # no abs: projections only

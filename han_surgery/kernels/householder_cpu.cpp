@@ -30,7 +30,9 @@
 // the same row again and again (one axpy per source) is store-bound and 10x slower. With k > 1
 // reflections per layer, rows go in groups that share each load of U, their accumulators in
 // registers (see "Row groups"): without that, k = 16 cost 3x k = 1 instead of 1.7x (forward).
-// The forward of short rows (n <= 128) goes in groups at k = 1 too (forward_in_row_groups).
+// At k = 1, short rows (n <= 128) go in groups too, and so does the forward of deep chains
+// (forward_in_row_groups). Rows whose length is not a multiple of the vector width end in one
+// partial vector (masked loads and stores with AVX-512), not a scalar loop.
 //
 // Parameter gradients are summed per task, in blocks of kFlushRows rows (each block summed on
 // its own, then added, so float32 sums of many rows stay accurate), and reduced in task order:
@@ -46,6 +48,10 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -74,7 +80,8 @@ constexpr int kDirections = 1;
 constexpr int kChunksInFlight = 1;
 #endif
 static_assert(kBlockRows % kSharedRows == 0, "a backward block is whole groups of rows");
-constexpr int64_t kGroupedMaxFeatures = 128;  // k = 1 layers this narrow run their forward in row groups too
+constexpr int64_t kGroupedMaxFeatures = 128;  // k = 1 layers this narrow run in row groups too
+constexpr int64_t kGroupedMinLayers = 3;      // and k = 1 chains this deep run their forward in row groups
 constexpr int64_t kWorkPerTask = 1 << 15;  // about this many multiply-adds per parallel task
 constexpr int64_t kTileElems = 1 << 16;    // scratch elements per column tile (C > 1)
 
@@ -147,6 +154,68 @@ inline acc_t tree_sum(acc_t (&a)[V]) {
   return a[0];
 }
 
+// One 512-bit vector of acc_t as a GCC/Clang vector type: the compiler keeps a group's
+// accumulators in registers (as two 256-bit halves without AVX-512), which arrays under
+// `omp simd` do not guarantee.
+template <typename acc_t>
+struct Vec {
+  typedef acc_t type __attribute__((vector_size(64)));
+  static constexpr int64_t V = lanes(sizeof(acc_t));
+  static type load(const acc_t* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(type));
+    return v;
+  }
+  static void store(acc_t* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
+  // sign(v) lane by lane as V int8 values (-1, 0 or 1) at p.
+  static void store_sign(int8_t* p, const type& v) {
+    const bytes s = signs(v);
+    std::memcpy(p, &s, sizeof(bytes));
+  }
+  // The tail of a row, m < V values: lanes m.. read as zero and are not written. With AVX-512, masked
+  // loads and stores; a row's tail as scalar loops cost as much as the rest of the row at n = 30
+  // (4.8x the forward of n = 32) and 12-15% at n = 200.
+  static type load_part(const acc_t* p, int64_t m) {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return reinterpret_cast<type>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1), p));
+    } else if constexpr (std::is_same_v<acc_t, double>) {
+      return reinterpret_cast<type>(_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << m) - 1), p));
+    }
+#endif
+    type v{};
+    std::memcpy(&v, p, m * sizeof(acc_t));
+    return v;
+  }
+  static void store_part(acc_t* p, const type& v, int64_t m) {
+#ifdef __AVX512F__
+    if constexpr (std::is_same_v<acc_t, float>) {
+      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1), reinterpret_cast<__m512>(v));
+      return;
+    } else if constexpr (std::is_same_v<acc_t, double>) {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << m) - 1), reinterpret_cast<__m512d>(v));
+      return;
+    }
+#endif
+    std::memcpy(p, &v, m * sizeof(acc_t));
+  }
+  static void store_sign_part(int8_t* p, const type& v, int64_t m) {
+    const bytes s = signs(v);
+    std::memcpy(p, &s, m);
+  }
+  // sign(v) lane by lane, as acc_t values.
+  static type sign(const type& v) { return __builtin_convertvector((v < 0) - (v > 0), type); }
+  static acc_t sum(const type& v) {
+    acc_t lane[V];
+    store(lane, v);
+    return tree_sum(lane);
+  }
+
+ private:
+  typedef int8_t bytes __attribute__((vector_size(V)));
+  static bytes signs(const type& v) { return __builtin_convertvector((v < 0) - (v > 0), bytes); }  // true is -1
+};
+
 // a . b with four independent vector accumulators (one is latency-bound on the adds).
 template <typename acc_t>
 inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n) {
@@ -167,9 +236,9 @@ inline acc_t dot(const acc_t* __restrict a, const acc_t* __restrict b, int64_t n
     for (int64_t v = 0; v < V; ++v) s0[v] += a[i + v] * b[i + v];
   }
   acc_t ta[V] = {}, tb[V] = {};  // the tail, zero-padded to one vector (no serial chain of adds)
-  for (int64_t v = 0; i + v < n; ++v) {
-    ta[v] = a[i + v];
-    tb[v] = b[i + v];
+  if (i < n) {
+    Vec<acc_t>::store(ta, Vec<acc_t>::load_part(a + i, n - i));
+    Vec<acc_t>::store(tb, Vec<acc_t>::load_part(b + i, n - i));
   }
 #pragma omp simd
   for (int64_t v = 0; v < V; ++v) s0[v] = (s0[v] + s1[v]) + (s2[v] + s3[v]) + ta[v] * tb[v];
@@ -393,12 +462,16 @@ inline void apply_reflection(const Chain<acc_t>& c, int64_t l, const acc_t* a, a
 // ---------------------------------------------------------------------------------------------
 
 // Whether the forward runs rows in groups: always with k > 1 (they share each load of U); with one
-// reflection when rows are short, so that the group's independent rows hide the latency of each
-// row's dot product -> update -> next layer chain (forward 1.5-2.4x faster at n = 16 to 128, one
-// thread; even at n = 200, and slower at n = 768, where one row has work enough). The backward
-// groups rows only for k > 1: at k = 1 its fused per-row pass is as fast or faster at every n
-// measured.
-inline bool forward_in_row_groups(int64_t k, int64_t n) { return k > 1 || n <= kGroupedMaxFeatures; }
+// reflection when rows are short or the chain deep, so that the group's independent rows hide the
+// latency of each row's dot product -> update -> next layer chain. One thread, the tails of rows as
+// partial vectors: 19 layers at 100 or 2,048 rows, 1.6-1.8x faster at n = 200 to 1024 (4x at n = 30);
+// one or two layers of 8192 rows are memory-bound, and as fast or slower in groups at n = 384 and 768.
+// The backward groups k = 1 rows only when they are short: 2x faster at n = 30, 1.2x at 64, level at
+// 128, 7% slower at n = 200 and 19 layers, where its fused per-row pass has work enough.
+inline bool forward_in_row_groups(int64_t k, int64_t n, int64_t L) {
+  return k > 1 || n <= kGroupedMaxFeatures || L >= kGroupedMinLayers;
+}
+inline bool backward_in_row_groups(int64_t k, int64_t n) { return k > 1 || n <= kGroupedMaxFeatures; }
 
 // Calls f(std::integral_constant<int, nr>{}) for 1 <= nr <= kSharedRows.
 template <typename F>
@@ -417,27 +490,6 @@ inline void with_group_size(int64_t nr, F&& f) {
     default: TORCH_CHECK(false, "householder_chain: bad row group size ", nr);
   }
 }
-
-// One 512-bit vector of acc_t as a GCC/Clang vector type: the compiler keeps a group's
-// accumulators in registers (as two 256-bit halves without AVX-512), which arrays under
-// `omp simd` do not guarantee.
-template <typename acc_t>
-struct Vec {
-  typedef acc_t type __attribute__((vector_size(64)));
-  static constexpr int64_t V = lanes(sizeof(acc_t));
-  static type load(const acc_t* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(type));
-    return v;
-  }
-  static void store(acc_t* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
-  // sign(v) lane by lane as V int8 values (-1, 0 or 1) at p.
-  static void store_sign(int8_t* p, const type& v) {
-    typedef int8_t bytes __attribute__((vector_size(V)));
-    const bytes s = __builtin_convertvector((v < 0) - (v > 0), bytes);  // a true comparison is -1
-    std::memcpy(p, &s, sizeof(bytes));
-  }
-};
 
 // out[r * stride + j] = a_r . u_j for r < R, j < J (u_j = u + j n): each load of a row of the
 // group serves J directions and each load of u R rows.
@@ -460,14 +512,16 @@ inline void dot_rows(const acc_t* const* a, const acc_t* __restrict u, int64_t n
       for (int j = 0; j < J; ++j) s[r][j] += av * uv[j];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < J; ++j) {
-      acc_t lane[V];
-      W::store(lane, s[r][j]);
-      for (int64_t v = 0; i + v < n; ++v) lane[v] += a[r][i + v] * u[j * n + i + v];
-      out[r * stride + j] = tree_sum(lane);
+  if (i < n) {  // the tail, fewer than V values
+    typename W::type uv[J];
+    for (int j = 0; j < J; ++j) uv[j] = W::load_part(u + j * n + i, n - i);
+    for (int r = 0; r < R; ++r) {
+      const typename W::type av = W::load_part(a[r] + i, n - i);
+      for (int j = 0; j < J; ++j) s[r][j] += av * uv[j];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) out[r * stride + j] = W::sum(s[r][j]);
 }
 
 // p[r k + j] = a_r . u_j for r < R and all k directions.
@@ -540,13 +594,24 @@ inline void update_rows(const acc_t* const* a, const acc_t* b, const acc_t* u, c
       if (out != nullptr) W::store(out[r] + i, ABS ? (acc[r] < 0 ? -acc[r] : acc[r]) : acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) {  // the tail, fewer than V values
-    for (int64_t q = i; q < n; ++q) {
-      acc_t zv = a[r][q] + (b != nullptr ? b[q] : acc_t(0));
-      for (int64_t j = 0; j < k; ++j) zv -= coef[r * k + j] * u[j * n + q];
-      if (z != nullptr) z[r][q] = zv;
-      if (sign != nullptr) sign[r][q] = static_cast<int8_t>(sign_of(zv));
-      if (out != nullptr) out[r][q] = ABS ? std::abs(zv) : zv;
+  if (i < n) {  // the tail, fewer than V values
+    const int64_t m = n - i;
+    vec acc[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      acc[r] = W::load_part(a[r] + i, m);
+      if (b != nullptr) acc[r] += W::load_part(b + i, m);
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const vec uj = W::load_part(u + j * n + i, m);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r] -= coef[r * k + j] * uj;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if (z != nullptr) W::store_part(z[r] + i, acc[r], m);
+      if (sign != nullptr) W::store_sign_part(sign[r] + i, acc[r], m);
+      if (out != nullptr) W::store_part(out[r] + i, ABS ? (acc[r] < 0 ? -acc[r] : acc[r]) : acc[r], m);
     }
   }
 }
@@ -572,7 +637,7 @@ inline void apply_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, 
   }
 }
 
-// Forward for k > 1, over groups of kSharedRows rows (see "Row groups"). For one layer (L = 1) it can
+// Forward over groups of kSharedRows rows (see "Row groups" and forward_in_row_groups). For one layer (L = 1) it can
 // also keep what the backward would otherwise recompute (see "Saved projections and signs"): the
 // projections p = U x of every row in p_out (rows x k) and sign(z) in sign_out (rows x n, int8).
 template <typename scalar_t, typename acc_t>
@@ -626,7 +691,7 @@ template <typename scalar_t, typename acc_t>
 void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_t>& c) {
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and write y in place
   const int64_t n = c.n, k = c.k, L = c.L;
-  if (forward_in_row_groups(k, n)) {
+  if (forward_in_row_groups(k, n, L)) {
     rows_forward_grouped(x, y, rows, c);
     return;
   }
@@ -693,20 +758,32 @@ inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const
       for (int r = 0; r < R; ++r) W::store(g_out[r] + i, gn[r]);
     }
   }
-  for (int64_t q = i; q < n; ++q) {  // the tail, fewer than V values
+  if (i < n) {  // the tail, fewer than V values: the same with partial vectors
+    const int64_t m = n - i;
+    vec av[R], gv[R], gn[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      if constexpr (DU) av[r] = W::load_part(a[r] + i, m);
+      gv[r] = W::load_part(g[r] + i, m);
+      gn[r] = gv[r];
+    }
     for (int64_t j = 0; j < k; ++j) {
       if constexpr (DU) {
-        acc_t acc = du[j * n + q];
-        for (int r = 0; r < R; ++r) acc -= Gt[r * k + j] * a[r][q] + w[r * k + j] * g[r][q];
-        du[j * n + q] = acc;
+        acc_t* d = du + j * n + i;
+        vec acc = W::load_part(d, m);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc -= Gt[r * k + j] * av[r] + w[r * k + j] * gv[r];
+        W::store_part(d, acc, m);
+      }
+      if constexpr (DG) {
+        const vec uj = W::load_part(u + j * n + i, m);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) gn[r] -= Gt[r * k + j] * uj;
       }
     }
     if constexpr (DG) {
-      for (int r = 0; r < R; ++r) {
-        acc_t gq = g[r][q];
-        for (int64_t j = 0; j < k; ++j) gq -= Gt[r * k + j] * u[j * n + q];
-        g_out[r][q] = gq;
-      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) W::store_part(g_out[r] + i, gn[r], m);
     }
   }
 }
@@ -793,7 +870,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
   constexpr int64_t R = kBlockRows;
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and dL/dy rows in place
   const int64_t n = c.n, k = c.k, L = c.L;
-  const bool grouped = k > 1;  // see forward_in_row_groups
+  const bool grouped = backward_in_row_groups(k, n);
   const int64_t grain = std::max<int64_t>(R, kWorkPerTask / (3 * n * k * L));
   std::vector<GradSums<acc_t>*> slots(at::get_num_threads(), nullptr);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -869,10 +946,14 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
                   lane[v] += gi * u[i + v];
                 }
               }
-              for (int64_t v = 0; i + v < n; ++v) {
-                const acc_t gi = gsrc[i + v] * sign_of(a[i + v] - w0 * u[i + v] + b[i + v]);
-                g[i + v] = gi;
-                lane[v] += gi * u[i + v];
+              if (i < n) {  // the tail, as one partial vector
+                using W = Vec<acc_t>;
+                const int64_t m = n - i;
+                const auto ut = W::load_part(u + i, m);
+                const auto gt = W::load_part(gsrc + i, m) *
+                                W::sign(W::load_part(a + i, m) - w0 * ut + W::load_part(b + i, m));
+                W::store_part(g + i, gt, m);
+                W::store(lane, W::load(lane) + gt * ut);
               }
               Gr[0] = tree_sum(lane);
             } else {
