@@ -818,7 +818,8 @@ inline void accumulate_params(const Chain<acc_t>& c, int64_t l, int64_t nr, cons
 
 // The backward's forward recompute for k > 1 over one block of nr <= kBlockRows rows, in groups:
 // acts[l][r] the input of layer l >= 1 (layer 0 reads x, or acts[0][r] when x is converted),
-// zs[l][r] its pre-activation, p and w its projections (the layouts of rows_backward).
+// zs[l][r] its pre-activation (unless zs is nullptr), p and w its projections (the layouts of
+// rows_backward).
 template <typename scalar_t, typename acc_t>
 void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int64_t nr, acc_t* acts, acc_t* zs,
                        acc_t* p, acc_t* w) {
@@ -838,7 +839,7 @@ void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int
     acc_t* next[R];
     const bool last = l + 1 == L;
     for (int64_t r = 0; r < nr; ++r) {
-      z[r] = zs + (l * R + r) * n;
+      z[r] = zs != nullptr ? zs + (l * R + r) * n : nullptr;
       next[r] = last ? nullptr : acts + ((l + 1) * R + r) * n;
     }
     for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
@@ -846,7 +847,10 @@ void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int
         acc_t* pl = p + (l * R + q0) * k;
         acc_t* wl = w + (l * R + q0) * k;
         project_rows<Rg.value>(c, l, cur + q0, pl, wl);
-        apply_rows<Rg.value>(c, l, cur + q0, wl, last ? static_cast<acc_t* const*>(nullptr) : next + q0, z + q0);
+        if (!last || zs != nullptr) {
+          apply_rows<Rg.value>(c, l, cur + q0, wl, last ? static_cast<acc_t* const*>(nullptr) : next + q0,
+                               zs != nullptr ? z + q0 : static_cast<acc_t* const*>(nullptr));
+        }
       });
     }
     if (!last) {
@@ -871,6 +875,9 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
   constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;  // read x and dL/dy rows in place
   const int64_t n = c.n, k = c.k, L = c.L;
   const bool grouped = backward_in_row_groups(k, n);
+  // The forward recompute in row groups where the forward itself runs so (a deep chain's per-row
+  // backward pass then reads the same acts, p and w, and recomputes sign(z) on the fly).
+  const bool recompute_in_groups = grouped || forward_in_row_groups(k, n, L);
   const int64_t grain = std::max<int64_t>(R, kWorkPerTask / (3 * n * k * L));
   std::vector<GradSums<acc_t>*> slots(at::get_num_threads(), nullptr);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -888,8 +895,8 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           apply_wy_factor(c.tl(0), k, p + r * k, w + r * k);
           if constexpr (!kDirect) convert(x + (b0 + r) * n, acts + r * n, n);
         }
-      } else if (grouped) {
-        recompute_grouped<scalar_t>(c, x, b0, nr, acts, zs, p, w);
+      } else if (recompute_in_groups) {
+        recompute_grouped<scalar_t>(c, x, b0, nr, acts, grouped ? zs : nullptr, p, w);
       } else for (int64_t r = 0; r < nr; ++r) {
         const acc_t* cur;
         if constexpr (kDirect) {
