@@ -173,8 +173,8 @@ struct Vec {
     std::memcpy(p, &s, sizeof(bytes));
   }
   // The tail of a row, m < V values: lanes m.. read as zero and are not written. With AVX-512, masked
-  // loads and stores; a row's tail as scalar loops cost as much as the rest of the row at n = 30
-  // (4.8x the forward of n = 32) and 12-15% at n = 200.
+  // loads and stores (with scalar loops for the tails, a 19-layer forward at n = 30 took 4-5x the time
+  // of one at n = 32).
   static type load_part(const acc_t* p, int64_t m) {
 #ifdef __AVX512F__
     if constexpr (std::is_same_v<acc_t, float>) {
