@@ -105,7 +105,8 @@ def test_single_layer_saves_projections_and_signs_and_abs_has_zero_gradient_at_z
             layer.zero_grad()
             y = layer(xi)
             if use_kernel:
-                saved = y.grad_fn.next_functions[0][0].saved_tensors  # y is a view of the Function's output
+                assert "HouseholderChainCPU" in type(y.grad_fn).__name__  # one node: the kernel's Function
+                saved = y.grad_fn.saved_tensors
                 signs = [t for t in saved if t.dtype == torch.int8]
                 assert len(signs) == 1 and signs[0].shape == (50, 32) and (signs[0][::7] == 0).all()
                 assert any(t.shape == (50, 4) for t in saved)
