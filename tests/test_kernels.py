@@ -119,6 +119,29 @@ def test_single_layer_saves_projections_and_signs_and_abs_has_zero_gradient_at_z
     assert (results[0][1][::7] == 0).all() and (results[1][1][::7] == 0).all()  # sign(0) = 0 stops the gradient
 
 
+@needs_cpu_kernel
+@pytest.mark.parametrize("k", [1, 4])
+def test_non_contiguous_input_matches_the_pytorch_path(k):
+    """A transposed (non-contiguous) input: the kernel's Function copies it to rows and gives dL/dx in its shape."""
+    assert cpu.available()
+    torch.manual_seed(0)
+    layer = HanLayer(24, reflections=k).double()
+    base = torch.randn(24, 30, dtype=torch.float64)
+    grad = torch.randn(30, 24, dtype=torch.float64)
+    results = []
+    for use_kernel in (True, False):
+        with contextlib.ExitStack() as stack:
+            if not use_kernel:
+                stack.enter_context(kernels.disabled())
+            leaf = base.clone().requires_grad_()
+            layer.zero_grad()
+            y = layer(leaf.t())
+            y.backward(grad)
+            results.append([y.detach(), leaf.grad] + [p.grad for p in layer.parameters()])
+    for got, want in zip(*results, strict=True):
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
+
+
 @pytest.mark.usefixtures("kernel_path")
 def test_token_mixing_dim_equals_transposing():
     torch.manual_seed(1)
