@@ -222,32 +222,29 @@ def _as_3d(x: Tensor, dim: int) -> Tensor:
 
 
 class _HouseholderChainCPU(torch.autograd.Function):
-    """A chain of layers along dimension ``dim`` (``>= 0``) of ``x`` in the C++ kernel (see ``kernels/householder_cpu.cpp``).
+    """A chain of layers on ``x`` of shape ``(B, n, C)`` in the C++ kernel (see ``kernels/householder_cpu.cpp``).
 
     ``u``: ``(L, k, n)`` (unit rows, or raw directions normalised inside when ``normalize``),
     ``b``: ``(L, n)`` or ``None``, in any float dtype: the kernel computes the unit rows and the
     WY factors in float64, and returns the gradients of ``u`` and ``b`` in their own dtypes.
-    ``x`` is viewed as ``(B, n, C)`` inside, so the graph holds one node, not three.
     Saves its inputs, and the backward recomputes the intermediates in cache; a single layer with
     ``k > 1`` reflections on rows also saves its projections ``U x`` (``(B, k)``) and ``sign(z)``
     (int8, a quarter of ``x`` in float32), which spares the backward a third of its arithmetic.
+    (Its output is never a view, so callers may modify it in place.)
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool, dim: int
+        ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
     ) -> Tensor:
-        x3d = _as_3d(x, dim)
-        ctx.apply_abs, ctx.normalize, ctx.dim = apply_abs, normalize, dim
-        ctx.shape3d = x3d.shape if x.is_contiguous() else None  # the backward views x and dL/dy so again
+        ctx.apply_abs, ctx.normalize = apply_abs, normalize
         bias = b if b is not None else _NO_BIAS
-        if u.shape[0] == 1 and u.shape[1] > 1 and x3d.shape[2] == 1:
-            y, p, sign = torch.ops.han_surgery.householder_layer_forward_saving(x3d, u, bias, apply_abs, normalize)
+        if u.shape[0] == 1 and u.shape[1] > 1 and x.shape[2] == 1:
+            y, p, sign = torch.ops.han_surgery.householder_layer_forward_saving(x, u, bias, apply_abs, normalize)
             ctx.save_for_backward(x, u, b, p, sign)
-        else:
-            y = torch.ops.han_surgery.householder_chain_forward(x3d, u, bias, apply_abs, normalize)
-            ctx.save_for_backward(x, u, b)
-        return y.view(x.shape)
+            return y
+        ctx.save_for_backward(x, u, b)
+        return torch.ops.han_surgery.householder_chain_forward(x, u, bias, apply_abs, normalize)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
@@ -258,17 +255,12 @@ class _HouseholderChainCPU(torch.autograd.Function):
 
             def definition(x: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
                 acc = _accumulation_dtype(x.dtype)
-                parameters = _chain_parameters(u, b, ctx.normalize, acc)
-                return _reference_chain(_as_3d(x, ctx.dim), *parameters, ctx.apply_abs).reshape(x.shape)
+                return _reference_chain(x, *_chain_parameters(u, b, ctx.normalize, acc), ctx.apply_abs)
 
-            return (*definition_grads(definition, (x, u, b), needs, grad_out), None, None, None)
-        if ctx.shape3d is not None:
-            x3d, grad3d = x.view(ctx.shape3d), grad_out.contiguous().view(ctx.shape3d)
-        else:
-            x3d, grad3d = _as_3d(x, ctx.dim), _as_3d(grad_out, ctx.dim)
+            return (*definition_grads(definition, (x, u, b), needs, grad_out), None, None)
         dx, du, db = torch.ops.han_surgery.householder_chain_backward(
-            grad3d,
-            x3d,
+            grad_out.contiguous(),
+            x,
             u,
             b if b is not None else _NO_BIAS,
             ctx.apply_abs,
@@ -278,14 +270,7 @@ class _HouseholderChainCPU(torch.autograd.Function):
             saved_p,
             saved_sign,
         )
-        return (
-            dx.view(x.shape) if needs[0] else None,
-            du if needs[1] else None,
-            db if needs[2] else None,
-            None,
-            None,
-            None,
-        )
+        return dx if needs[0] else None, du if needs[1] else None, db if needs[2] else None, None, None
 
 
 def _use_cpu_kernel(x: Tensor) -> bool:
@@ -304,11 +289,13 @@ def _use_triton(x: Tensor, k: int) -> bool:
 def _chain_cpu(
     x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int, normalize: bool
 ) -> Tensor:
+    x3d = _as_3d(x, dim)
     if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad or (b is not None and b.requires_grad)):
-        return _HouseholderChainCPU.apply(x, u, b, apply_abs, normalize, dim)
-    y = torch.ops.han_surgery.householder_chain_forward(
-        _as_3d(x, dim), u, b if b is not None else _NO_BIAS, apply_abs, normalize
-    )
+        y = _HouseholderChainCPU.apply(x3d, u, b, apply_abs, normalize)
+    else:
+        y = torch.ops.han_surgery.householder_chain_forward(
+            x3d, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+        )
     return y.view(x.shape)
 
 
