@@ -209,7 +209,7 @@ def _chain_parameters(u: Tensor, bias: Tensor | None, normalize: bool, acc: torc
     return u_hat.to(acc), t, bias.to(acc) if bias is not None else None
 
 
-_NO_BIAS = torch.empty(0)
+_EMPTY = torch.empty(0)  # what the CPU operators take for "no bias" and "nothing saved"
 
 
 def _as_3d(x: Tensor, dim: int) -> Tensor:
@@ -238,7 +238,7 @@ class _HouseholderChainCPU(torch.autograd.Function):
         ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
     ) -> Tensor:
         ctx.apply_abs, ctx.normalize = apply_abs, normalize
-        bias = b if b is not None else _NO_BIAS
+        bias = b if b is not None else _EMPTY
         if u.shape[0] == 1 and u.shape[1] > 1 and x.shape[2] == 1:
             y, p, sign = torch.ops.han_surgery.householder_layer_forward_saving(x, u, bias, apply_abs, normalize)
             ctx.save_for_backward(x, u, b, p, sign)
@@ -249,7 +249,7 @@ class _HouseholderChainCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, u, b, *saved = ctx.saved_tensors
-        saved_p, saved_sign = saved or (_NO_BIAS, _NO_BIAS)
+        saved_p, saved_sign = saved or (_EMPTY, _EMPTY)
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True
 
@@ -262,7 +262,7 @@ class _HouseholderChainCPU(torch.autograd.Function):
             grad_out.contiguous(),
             x,
             u,
-            b if b is not None else _NO_BIAS,
+            b if b is not None else _EMPTY,
             ctx.apply_abs,
             ctx.normalize,
             needs[0],
@@ -294,7 +294,7 @@ def _chain_cpu(
         y = _HouseholderChainCPU.apply(x3d, u, b, apply_abs, normalize)
     else:
         y = torch.ops.han_surgery.householder_chain_forward(
-            x3d, u, b if b is not None else _NO_BIAS, apply_abs, normalize
+            x3d, u, b if b is not None else _EMPTY, apply_abs, normalize
         )
     return y.view(x.shape)
 

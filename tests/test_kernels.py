@@ -42,6 +42,16 @@ def chain_outputs(x, u, b, apply_abs, dim, grad):
     return [y.detach(), x.grad, u.grad] + ([b.grad] if b is not None else [])
 
 
+def layer_outputs(layer, x, grad, use_kernel, view=lambda t: t):
+    """Output and the gradients w.r.t. x and the parameters of ``layer(view(x))``, on the kernel or the PyTorch path."""
+    with contextlib.nullcontext() if use_kernel else kernels.disabled():
+        leaf = x.detach().clone().requires_grad_()
+        layer.zero_grad()
+        y = layer(view(leaf))
+        y.backward(grad)
+    return [y.detach(), leaf.grad] + [p.grad for p in layer.parameters()]
+
+
 CASES = [
     # shape, dim, k, apply_abs, bias
     ((37, 24), -1, 1, (True,), True),
@@ -96,21 +106,12 @@ def test_single_layer_saves_projections_and_signs_and_abs_has_zero_gradient_at_z
     x = torch.randn(50, 32, dtype=dtype)
     x[::7] = 0  # z = 0 there
     grad = torch.randn(50, 32, dtype=dtype)
-    results = []
-    for use_kernel in (True, False):
-        with contextlib.ExitStack() as stack:
-            if not use_kernel:
-                stack.enter_context(kernels.disabled())
-            xi = x.clone().requires_grad_()
-            layer.zero_grad()
-            y = layer(xi)
-            if use_kernel:
-                saved = y.grad_fn.next_functions[0][0].saved_tensors  # y is a view of the Function's output
-                signs = [t for t in saved if t.dtype == torch.int8]
-                assert len(signs) == 1 and signs[0].shape == (50, 32) and (signs[0][::7] == 0).all()
-                assert any(t.shape == (50, 4) for t in saved)
-            y.backward(grad)
-            results.append([y.detach(), xi.grad] + [p.grad for p in layer.parameters()])
+    y = layer(x.clone().requires_grad_())
+    saved = y.grad_fn.next_functions[0][0].saved_tensors  # y is a view of the Function's output
+    signs = [t for t in saved if t.dtype == torch.int8]
+    assert len(signs) == 1 and signs[0].shape == (50, 32) and (signs[0][::7] == 0).all()
+    assert any(t.shape == (50, 4) for t in saved)
+    results = [layer_outputs(layer, x, grad, use_kernel) for use_kernel in (True, False)]
     tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
     for got, want in zip(*results, strict=True):
         scale = want.double().abs().max().clamp_min(1.0)
@@ -140,16 +141,7 @@ def test_non_contiguous_input_matches_the_pytorch_path(k):
     layer = HanLayer(24, reflections=k).double()
     base = torch.randn(24, 30, dtype=torch.float64)
     grad = torch.randn(30, 24, dtype=torch.float64)
-    results = []
-    for use_kernel in (True, False):
-        with contextlib.ExitStack() as stack:
-            if not use_kernel:
-                stack.enter_context(kernels.disabled())
-            leaf = base.clone().requires_grad_()
-            layer.zero_grad()
-            y = layer(leaf.t())
-            y.backward(grad)
-            results.append([y.detach(), leaf.grad] + [p.grad for p in layer.parameters()])
+    results = [layer_outputs(layer, base, grad, use_kernel, view=torch.t) for use_kernel in (True, False)]
     for got, want in zip(*results, strict=True):
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-12)
 
