@@ -25,9 +25,10 @@
 //     dL/dU += -(G' a^T + w g^T)          dL/dT += -p G^T          dL/db += g
 //     g <- g - U^T G'                     (dL/da, the input gradient of the layer)
 //
-// Every update of the form out = base + sum_m c_m src_m goes through `combine`, which sums up
-// to 8 sources per pass in registers: on the machines measured, a loop that reads and writes
-// the same row again and again (one axpy per source) is store-bound and 10x slower. With k > 1
+// Updates of the form out = base + sum_m c_m src_m sum many sources per pass in registers
+// (`combine`, up to 8 at a time; a group's rows in `update_rows` and `backprop_rows`): on the
+// machines measured, a loop that reads and writes the same row again and again (one axpy per
+// source) is store-bound and 10x slower. With k > 1
 // reflections per layer, rows go in groups that share each load of U, their accumulators in
 // registers (see "Row groups"): without that, k = 16 cost 3x k = 1 instead of 1.7x (forward).
 // At k = 1, short rows (n <= 128) go in groups too, and so does the forward of deep chains
@@ -721,11 +722,11 @@ void rows_forward(const scalar_t* x, scalar_t* y, int64_t rows, const Chain<acc_
 }
 
 // The backward of one layer over a group, in one pass over the chunks of its rows, for every j < k:
-//     du_j -= sum_{r < R} (Gt[r k + j] a_r + w[r k + j] g_r)     (DU; du_j = du + j n)
-//     g_out_r = g_r - sum_j Gt[r k + j] u_j                        (DG; g_out_r may be g_r)
+//     du_j -= sum_{r < R} (Gt[r k + j] a_r + w[r k + j] g_r),  db += sum_{r < R} g_r   (DU; du_j = du + j n)
+//     g_out_r = g_r - sum_j Gt[r k + j] u_j                                           (DG; g_out_r may be g_r)
 // Each chunk of the group's source rows is loaded once, into registers, for all k directions.
 template <int R, bool DU, bool DG, typename acc_t>
-inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const acc_t* const* a,
+inline void backprop_rows(acc_t* du, acc_t* db, const acc_t* u, int64_t k, int64_t n, const acc_t* const* a,
                           const acc_t* const* g, const acc_t* Gt, const acc_t* w, acc_t* const* g_out) {
   using W = Vec<acc_t>;
   using vec = typename W::type;
@@ -738,6 +739,12 @@ inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const
       if constexpr (DU) av[r] = W::load(a[r] + i);
       gv[r] = W::load(g[r] + i);
       gn[r] = gv[r];
+    }
+    if constexpr (DU) {
+      vec s = W::load(db + i);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s += gv[r];
+      W::store(db + i, s);
     }
     for (int64_t j = 0; j < k; ++j) {
       if constexpr (DU) {
@@ -767,6 +774,12 @@ inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const
       gv[r] = W::load_part(g[r] + i, m);
       gn[r] = gv[r];
     }
+    if constexpr (DU) {
+      vec s = W::load_part(db + i, m);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s += gv[r];
+      W::store_part(db + i, s, m);
+    }
     for (int64_t j = 0; j < k; ++j) {
       if constexpr (DU) {
         acc_t* d = du + j * n + i;
@@ -788,32 +801,37 @@ inline void backprop_rows(acc_t* du, const acc_t* u, int64_t k, int64_t n, const
   }
 }
 
-// Parameter-gradient sums of layer l over a block of nr rows:
-//     du_j -= sum_r (G'_rj a_r + w_rj g_r) (unless with_du is false),   db += sum_r g_r,   dT -= sum_r p_r G_r^T.
+// The same as backprop_rows (DU when du is given, DG when g_out is), one source at a time: the
+// parameter sums with `combine` over all nr rows, then each row's g on its own. For shallow chains
+// of long rows (memory-bound), where backprop_rows' 2R + 2 streams measured 3-8% slower
+// (one layer, 8192 x 768).
 template <typename acc_t>
-inline void accumulate_params(const Chain<acc_t>& c, int64_t l, int64_t nr, const acc_t* const* a_rows,
-                              const acc_t* g_rows, const acc_t* p, const acc_t* w, const acc_t* G, const acc_t* Gt,
-                              GradSums<acc_t>* s, Terms<acc_t>& terms, bool with_du = true) {
-  const int64_t k = c.k, n = c.n;
+inline void backprop_each_row(acc_t* du, acc_t* db, const acc_t* u, int64_t k, int64_t n, int64_t nr,
+                              const acc_t* const* a, const acc_t* const* g, const acc_t* Gt, const acc_t* w,
+                              acc_t* const* g_out, Terms<acc_t>& terms) {
   for (int64_t r = 0; r < nr; ++r) {
-    terms.src[r] = a_rows[r];
-    terms.src[nr + r] = g_rows + r * n;
+    terms.src[r] = a[r];
+    terms.src[nr + r] = g[r];
   }
-  if (with_du) for (int64_t j = 0; j < k; ++j) {
-    for (int64_t r = 0; r < nr; ++r) {
-      terms.coef[r] = -Gt[r * k + j];
-      terms.coef[nr + r] = -w[r * k + j];
+  if (du != nullptr) {
+    for (int64_t j = 0; j < k; ++j) {
+      for (int64_t r = 0; r < nr; ++r) {
+        terms.coef[r] = -Gt[r * k + j];
+        terms.coef[nr + r] = -w[r * k + j];
+      }
+      combine(du + j * n, du + j * n, acc_t(0), terms.src.data(), terms.coef.data(), 2 * nr, n, false);
     }
-    acc_t* du = s->bdu.data() + (l * k + j) * n;
-    combine(du, du, acc_t(0), terms.src.data(), terms.coef.data(), 2 * nr, n, false);
+    for (int64_t r = 0; r < nr; ++r) terms.coef[nr + r] = 1;
+    combine(db, db, acc_t(0), terms.src.data() + nr, terms.coef.data() + nr, nr, n, false);
   }
-  for (int64_t r = 0; r < nr; ++r) terms.coef[nr + r] = 1;
-  acc_t* db = s->bdb.data() + l * n;
-  combine(db, db, acc_t(0), terms.src.data() + nr, terms.coef.data() + nr, nr, n, false);
-  acc_t* dt = s->bdt.data() + l * k * k;
-  for (int64_t r = 0; r < nr; ++r)
-    for (int64_t m = 0; m < k; ++m)
-      for (int64_t j = 0; j < k; ++j) dt[m * k + j] -= p[r * k + m] * G[r * k + j];
+  if (g_out == nullptr) return;
+  for (int64_t r = 0; r < nr; ++r) {
+    for (int64_t j = 0; j < k; ++j) {
+      terms.src[j] = u + j * n;
+      terms.coef[j] = -Gt[r * k + j];
+    }
+    combine(g_out[r], g[r], acc_t(0), terms.src.data(), terms.coef.data(), k, n, false);
+  }
 }
 
 // The backward's forward recompute for k > 1 over one block of nr <= kBlockRows rows, in groups:
@@ -860,9 +878,12 @@ void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int
 }
 
 // Backward over blocks of R rows. Per block: recompute the chain's inputs of layers 1..L-1 (and,
-// for k > 1, every z), then per layer from the last: g <- g * sign(z), G = U g, G' = T G; the
-// parameter sums; g <- g - U^T G' (written straight into dL/dx for layer 0). For k = 1, sign(z)
-// is recomputed on the fly (one fused pass that also computes G), which saves storing z.
+// for k > 1, every z), then per layer from the last: g <- g * sign(z), G = U g, G' = T G; then
+// the parameter sums and g <- g - U^T G' (written straight into dL/dx for layer 0) in one pass
+// over each group of rows (`backprop_rows`; 19 layers of 100 rows at n = 200, backward 1.07-1.13x
+// faster than a pass for each), or for shallow chains of long rows one sum at a time
+// (`backprop_each_row`). For k = 1, sign(z) is recomputed on the fly (one fused pass per row
+// that also computes G), which saves storing z.
 //
 // Saved projections and signs (one layer, k > 1): when the forward kept p = U x and sign(z) of every
 // row (saved_p, saved_sign; saved_sign only for an abs layer), the backward takes them instead of
@@ -884,7 +905,7 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
     auto [acts, zs, gbuf, p, w, G, Gt] =
         scratch_arrays<acc_t, 7>({L * R * n, grouped ? L * R * n : 0, R * n, L * R * k, L * R * k, R * k, R * k});
     GradSums<acc_t>* s = need_params ? new GradSums<acc_t>(L, k, n) : nullptr;
-    Terms<acc_t> terms(std::max<int64_t>(2 * R, k + 1));
+    Terms<acc_t> terms(recompute_in_groups ? 0 : std::max<int64_t>(2 * R, k));
     const acc_t* a_rows[R];
     for (int64_t b0 = r0; b0 < r1; b0 += R) {
       const int64_t nr = std::min(R, r1 - b0);
@@ -998,58 +1019,46 @@ void rows_backward(const scalar_t* gy, const scalar_t* x, scalar_t* dx, int64_t 
           }
         }
         const bool need_dg = l > 0 || dx != nullptr;
-        if (grouped) {  // du sums and g <- g - U^T G' (into dL/dx for layer 0) in one pass, over groups of rows
-          if (s != nullptr) {
-            accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms, false);
-          }
-          const acc_t* g_in[R];
-          acc_t* g_out[R];
-          for (int64_t r = 0; r < nr; ++r) {
-            g_in[r] = gbuf + r * n;
-            g_out[r] = gbuf + r * n;
-            if constexpr (kDirect) {
-              if (l == 0 && need_dg) g_out[r] = dx + (b0 + r) * n;
-            }
-          }
-          acc_t* du_l = s != nullptr ? s->bdu.data() + l * k * n : nullptr;
-          const acc_t* wl = w + l * R * k;
-          for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
-            with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
-              const auto run = [&](auto with_du, auto with_dg) {
-                backprop_rows<Rg.value, with_du.value, with_dg.value>(du_l, u, k, n, a_rows + q0, g_in + q0,
-                                                                      Gt + q0 * k, wl + q0 * k, g_out + q0);
-              };
-              if (du_l != nullptr && need_dg) {
-                run(std::true_type{}, std::true_type{});
-              } else if (du_l != nullptr) {
-                run(std::true_type{}, std::false_type{});
-              } else if (need_dg) {
-                run(std::false_type{}, std::true_type{});
-              }
-            });
-          }
-          if constexpr (!kDirect) {
-            if (l == 0 && need_dg) {
-              for (int64_t r = 0; r < nr; ++r) convert(gbuf + r * n, dx + (b0 + r) * n, n);
-            }
-          }
-          continue;
+        if (s != nullptr) {  // dT -= sum_r p_r G_r^T (du and db below)
+          acc_t* dt = s->bdt.data() + l * k * k;
+          const acc_t* pl = p + l * R * k;
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t m = 0; m < k; ++m)
+              for (int64_t j = 0; j < k; ++j) dt[m * k + j] -= pl[r * k + m] * G[r * k + j];
         }
-        if (s != nullptr) accumulate_params(c, l, nr, a_rows, gbuf, p + l * R * k, w + l * R * k, G, Gt, s, terms);
-        if (!need_dg) break;
-        for (int64_t r = 0; r < nr; ++r) {  // g <- g - U^T G' (into dL/dx for layer 0)
-          acc_t* g = gbuf + r * n;
-          for (int64_t j = 0; j < k; ++j) {
-            terms.src[j] = u + j * n;
-            terms.coef[j] = -Gt[r * k + j];
-          }
-          acc_t* out = g;
+        // du, db sums and g <- g - U^T G' (into dL/dx for layer 0), in one pass over each group of rows
+        const acc_t* g_in[R];
+        acc_t* g_out[R];
+        for (int64_t r = 0; r < nr; ++r) {
+          g_in[r] = gbuf + r * n;
+          g_out[r] = gbuf + r * n;
           if constexpr (kDirect) {
-            if (l == 0) out = dx + (b0 + r) * n;
+            if (l == 0 && need_dg) g_out[r] = dx + (b0 + r) * n;
           }
-          combine(out, g, acc_t(0), terms.src.data(), terms.coef.data(), k, n, false);
-          if constexpr (!kDirect) {
-            if (l == 0) convert(g, dx + (b0 + r) * n, n);
+        }
+        acc_t* du_l = s != nullptr ? s->bdu.data() + l * k * n : nullptr;
+        acc_t* db_l = s != nullptr ? s->bdb.data() + l * n : nullptr;
+        const acc_t* wl = w + l * R * k;
+        if (!recompute_in_groups) {
+          backprop_each_row(du_l, db_l, u, k, n, nr, a_rows, g_in, Gt, wl, need_dg ? g_out : nullptr, terms);
+        } else for (int64_t q0 = 0; q0 < nr; q0 += kSharedRows) {
+          with_group_size(std::min(kSharedRows, nr - q0), [&](auto Rg) {
+            const auto run = [&](auto with_du, auto with_dg) {
+              backprop_rows<Rg.value, with_du.value, with_dg.value>(du_l, db_l, u, k, n, a_rows + q0, g_in + q0,
+                                                                    Gt + q0 * k, wl + q0 * k, g_out + q0);
+            };
+            if (du_l != nullptr && need_dg) {
+              run(std::true_type{}, std::true_type{});
+            } else if (du_l != nullptr) {
+              run(std::true_type{}, std::false_type{});
+            } else if (need_dg) {
+              run(std::false_type{}, std::true_type{});
+            }
+          });
+        }
+        if constexpr (!kDirect) {
+          if (l == 0 && need_dg) {
+            for (int64_t r = 0; r < nr; ++r) convert(gbuf + r * n, dx + (b0 + r) * n, n);
           }
         }
       }
