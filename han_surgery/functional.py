@@ -24,7 +24,8 @@ its depth. Where it runs:
   builds ``T`` itself (in float64), the forward reads ``x`` once and writes ``y`` once, and the
   backward reads ``x`` and ``dL/dy`` once, recomputes the chain's intermediates in cache and
   writes ``dL/dx`` once. Only ``x`` is saved for backward (a single layer with ``k > 1`` also saves
-  its projections and ``sign(z)``: see :class:`_HouseholderChainCPU`).
+  its projections and ``sign(z)``). The operator's autograd is C++ too (no Python autograd.Function
+  per call); double backward goes through :func:`_chain_backward_backward`.
 * CUDA tensors: the Triton kernels of :mod:`han_surgery.kernels.triton_gpu`, one layer at a time.
 * Otherwise (no compiler or Triton, under ``torch.compile``/``torch.export`` tracing, inside
   :func:`han_surgery.kernels.disabled`): :class:`_HouseholderRows`, matrix products and a
@@ -209,7 +210,7 @@ def _chain_parameters(u: Tensor, bias: Tensor | None, normalize: bool, acc: torc
     return u_hat.to(acc), t, bias.to(acc) if bias is not None else None
 
 
-_EMPTY = torch.empty(0)  # what the CPU operators take for "no bias" and "nothing saved"
+_EMPTY = torch.empty(0)  # what the CPU operators take for "no bias"
 
 
 def _as_3d(x: Tensor, dim: int) -> Tensor:
@@ -221,56 +222,47 @@ def _as_3d(x: Tensor, dim: int) -> Tensor:
     return x3d if x3d.is_contiguous() else x3d.contiguous()
 
 
-class _HouseholderChainCPU(torch.autograd.Function):
-    """A chain of layers on ``x`` of shape ``(B, n, C)`` in the C++ kernel (see ``kernels/householder_cpu.cpp``).
+def _chain_backward_setup(ctx, inputs: tuple, output) -> None:
+    grad, x, u, b, apply_abs, normalize = inputs[:6]
+    ctx.save_for_backward(grad, x, u, b)
+    ctx.apply_abs, ctx.normalize = tuple(bool(a) for a in apply_abs), normalize
 
-    ``u``: ``(L, k, n)`` (unit rows, or raw directions normalised inside when ``normalize``),
-    ``b``: ``(L, n)`` or ``None``, in any float dtype: the kernel computes the unit rows and the
-    WY factors in float64, and returns the gradients of ``u`` and ``b`` in their own dtypes.
-    Saves its inputs, and the backward recomputes the intermediates in cache; a single layer with
-    ``k > 1`` reflections on rows also saves its projections ``U x`` (``(B, k)``) and ``sign(z)``
-    (int8, a quarter of ``x`` in float32), which spares the backward a third of its arithmetic.
-    (Its output is never a view, so callers may modify it in place.)
+
+def _chain_backward_backward(ctx, grads: list[Tensor | None]) -> tuple[Tensor | None, ...]:
+    """The derivative of the CPU kernel's backward operator (double backward), through the definition.
+
+    The operator maps ``(grad, x, u, b)`` to the chain's gradients ``(dx, du, db)``, the VJP of
+    :func:`_reference_chain`; this is the VJP of that VJP: given the incoming ``(ddx, ddu, ddb)``,
+    the partial derivatives of ``<dx, ddx> + <du, ddu> + <db, ddb>`` with respect to ``grad``, ``x``,
+    ``u`` and ``b`` (``None`` for the operator's other arguments). ``torch.func.vjp`` keeps them
+    partial (not through ``grad``'s own dependence on ``x``) and differentiable (higher orders).
     """
+    grad, x, u, b = ctx.saved_tensors
+    acc = _accumulation_dtype(x.dtype)
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx, x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], normalize: bool
-    ) -> Tensor:
-        ctx.apply_abs, ctx.normalize = apply_abs, normalize
-        bias = b if b is not None else _EMPTY
-        if u.shape[0] == 1 and u.shape[1] > 1 and x.shape[2] == 1:
-            y, p, sign = torch.ops.han_surgery.householder_layer_forward_saving(x, u, bias, apply_abs, normalize)
-            ctx.save_for_backward(x, u, b, p, sign)
-            return y
-        ctx.save_for_backward(x, u, b)
-        return torch.ops.han_surgery.householder_chain_forward(x, u, bias, apply_abs, normalize)
+    def definition(x: Tensor, u: Tensor, *b: Tensor) -> Tensor:  # b: the bias, or nothing
+        return _reference_chain(x, *_chain_parameters(u, b[0] if b else None, ctx.normalize, acc), ctx.apply_abs)
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, u, b, *saved = ctx.saved_tensors
-        saved_p, saved_sign = saved or (_EMPTY, _EMPTY)
-        needs = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True
+    def backward_operator(grad: Tensor, *primals: Tensor) -> tuple[Tensor, ...]:
+        return torch.func.vjp(definition, *primals)[1](grad)
 
-            def definition(x: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
-                acc = _accumulation_dtype(x.dtype)
-                return _reference_chain(x, *_chain_parameters(u, b, ctx.normalize, acc), ctx.apply_abs)
+    outputs, vjp = torch.func.vjp(backward_operator, grad, x, u, *([b] if b.numel() > 0 else []))
+    # Cotangents of the operator's outputs (dx, du[, db]); zeros for those it left empty (not asked for).
+    cotangents = tuple(
+        dd if dd is not None and dd.shape == out.shape else torch.zeros_like(out)
+        for out, dd in zip(outputs, grads, strict=False)
+    )
+    seconds = (*vjp(cotangents), None)[:4]  # grad, x, u, b
+    return (*(d if need else None for d, need in zip(seconds, ctx.needs_input_grad[:4], strict=True)), *(None,) * 6)
 
-            return (*definition_grads(definition, (x, u, b), needs, grad_out), None, None)
-        dx, du, db = torch.ops.han_surgery.householder_chain_backward(
-            grad_out.contiguous(),
-            x,
-            u,
-            b if b is not None else _EMPTY,
-            ctx.apply_abs,
-            ctx.normalize,
-            needs[0],
-            needs[1] or needs[2],
-            saved_p,
-            saved_sign,
-        )
-        return dx if needs[0] else None, du if needs[1] else None, db if needs[2] else None, None, None
+
+def _register_double_backward() -> None:
+    torch.library.register_autograd(
+        "han_surgery::householder_chain_backward", _chain_backward_backward, setup_context=_chain_backward_setup
+    )
+
+
+cpu_kernel.on_load(_register_double_backward)
 
 
 def _use_cpu_kernel(x: Tensor) -> bool:
@@ -289,13 +281,10 @@ def _use_triton(x: Tensor, k: int) -> bool:
 def _chain_cpu(
     x: Tensor, u: Tensor, b: Tensor | None, apply_abs: tuple[bool, ...], dim: int, normalize: bool
 ) -> Tensor:
-    x3d = _as_3d(x, dim)
-    if torch.is_grad_enabled() and (x.requires_grad or u.requires_grad or (b is not None and b.requires_grad)):
-        y = _HouseholderChainCPU.apply(x3d, u, b, apply_abs, normalize)
-    else:
-        y = torch.ops.han_surgery.householder_chain_forward(
-            x3d, u, b if b is not None else _EMPTY, apply_abs, normalize
-        )
+    # Differentiable (its autograd is in the C++ source); the output is never a view, so callers may modify it in place.
+    y = torch.ops.han_surgery.householder_chain_forward(
+        _as_3d(x, dim), u, b if b is not None else _EMPTY, apply_abs, normalize
+    )
     return y.view(x.shape)
 
 

@@ -80,6 +80,45 @@ def test_gradgradcheck_through_the_layers(cls):
     assert torch.autograd.gradgradcheck(f, (x, u, b))
 
 
+def definition_layer(layer: HanLayer, x: torch.Tensor) -> torch.Tensor:
+    y = x @ reflection(layer.u).T + (layer.bias if layer.bias is not None else 0)
+    return y.abs()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("input_requires_grad", [True, False])
+def test_penalty_on_parameter_gradients_matches_the_definition(k, bias, input_requires_grad):
+    """Double backward through the parameters only (meta-learning, gradient-norm penalties on
+    weights): the second derivatives, with and without a bias, whether x requires grad or not."""
+    torch.manual_seed(4)
+    layer = HanLayer(8, reflections=k, bias=bias).double()
+    x = torch.randn(6, 8, dtype=torch.float64, requires_grad=input_requires_grad)
+    grads = {}
+    for name, fn in (("han", layer), ("reference", lambda v: definition_layer(layer, v))):
+        layer.zero_grad()
+        x.grad = None
+        params = list(layer.parameters())
+        first = torch.autograd.grad(fn(x).pow(3).sum(), params, create_graph=True)
+        sum(g.pow(2).sum() for g in first).backward()
+        grads[name] = [p.grad.clone() for p in params] + ([x.grad.clone()] if input_requires_grad else [])
+    for got, want in zip(grads["han"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+
+
+def test_third_derivative_through_han_block_matches_the_definition():
+    torch.manual_seed(5)
+    block = HanBlock(6, reflections=2).double()
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    results = []
+    for fn in (block, lambda v: reference_block(block, v)):
+        (g1,) = torch.autograd.grad(fn(x).pow(3).sum(), x, create_graph=True)
+        (g2,) = torch.autograd.grad(g1.pow(2).sum(), x, create_graph=True)
+        (g3,) = torch.autograd.grad(g2.pow(2).sum(), x)
+        results.append(g3)
+    torch.testing.assert_close(*results, atol=1e-8, rtol=1e-9)
+
+
 def test_fp16_autocast_projection_does_not_overflow():
     """``x . u`` is 3000 * sqrt(768) = 8.3e4 > 65504 (fp16's max); the result itself is about 3e3."""
     block = HanBlock(768)

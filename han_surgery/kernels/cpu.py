@@ -1,7 +1,9 @@
 """The C++/OpenMP CPU kernel, compiled on first use with :func:`torch.utils.cpp_extension.load`.
 
 ``householder_cpu.cpp`` registers two operators, ``torch.ops.han_surgery.householder_chain_forward``
-and ``householder_chain_backward`` (see the source for the math). Nothing is compiled when
+(differentiable: its autograd is C++ too) and ``householder_chain_backward`` (see the source for the
+math). Code that needs the operators registered first (an autograd formula) passes a callback to
+:func:`on_load`. Nothing is compiled when
 ``han_surgery`` is imported: the first Householder layer that runs on a CPU tensor calls
 :func:`available`, which builds the extension once (about 30 s with g++ and ninja; then cached in
 torch's extensions directory, ``TORCH_EXTENSIONS_DIR``) and loads it. Without a compiler, or when
@@ -18,11 +20,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-__all__ = ["available", "SOURCE", "ENV_VAR"]
+__all__ = ["available", "on_load", "SOURCE", "ENV_VAR"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ _ISA_FLAGS = {
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
+_on_load: list[Callable[[], None]] = []
+
+
+def on_load(callback: Callable[[], None]) -> None:
+    """Run ``callback()`` once the kernel is loaded: now if it already is, else right after the build."""
+    if _state.get("ready"):
+        callback()
+    else:
+        _on_load.append(callback)
 
 
 def _build() -> None:
@@ -82,6 +94,8 @@ def available() -> bool:
             return False
         try:
             _build()
+            while _on_load:  # each once, even if the state is reset and the kernel loaded again
+                _on_load.pop(0)()
             _state["ready"] = True
         except Exception as exc:  # no compiler, no ninja, a read-only cache, ...: fall back, once
             logger.warning(
