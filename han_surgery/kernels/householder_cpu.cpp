@@ -665,7 +665,7 @@ inline void apply_rows(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, 
 
 // k = 1: layer l over a group (out_r = f(z_r)) fused with the next layer's projections: p_next and
 // w_next (R values each) for layer l + 1 from the values as they are written, so a deep chain reads
-// each layer's output once instead of twice (19 layers of 100 rows at n = 200: forward 1.3x faster).
+// each layer's output once instead of twice (19 layers at n = 200: forward 1.1-1.3x faster).
 template <int R, typename acc_t>
 inline void apply_rows_then_project(const Chain<acc_t>& c, int64_t l, const acc_t* const* a, const acc_t* w,
                                     acc_t* const* out, acc_t* p_next, acc_t* w_next) {
@@ -847,7 +847,7 @@ inline void backprop_rows(acc_t* du, acc_t* db, const acc_t* u, int64_t k, int64
 
 // The same as backprop_rows (DU when du is given, DG when g_out is), one source at a time: the
 // parameter sums with `combine` over all nr rows, then each row's g on its own. For shallow chains
-// of long rows (memory-bound), where backprop_rows' 2R + 2 streams measured 3-8% slower
+// of long rows (memory-bound), where backprop_rows' 2R + 2 streams measured 2-5% slower
 // (one layer, 8192 x 768).
 template <typename acc_t>
 inline void backprop_each_row(acc_t* du, acc_t* db, const acc_t* u, int64_t k, int64_t n, int64_t nr,
