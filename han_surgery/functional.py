@@ -31,6 +31,8 @@ its depth. Where it runs:
   :func:`han_surgery.kernels.disabled`): :class:`_HouseholderRows`, matrix products and a
   hand-written backward in PyTorch, one layer at a time (what ``torch.compile`` and
   ``torch.export`` trace).
+* Inside ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``functional_call``
+  under them): the definition with plain differentiable ops, which every transform takes.
 
 All paths compute in float32 at least: float16/bfloat16 inputs are projected and updated in
 float32 and rounded once at the end of a chain, so ``x . u`` cannot overflow the input dtype.
@@ -186,6 +188,8 @@ class _HouseholderRows(torch.autograd.Function):
 
 
 def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype) -> Tensor:
+    if _in_functorch_transform():  # grad, vmap, jvp, jacrev, ...: the definition, which they all differentiate
+        return _reference_rows(x.to(u.dtype), u, t, b, apply_abs).to(out_dtype)
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, u, t, b)):
         return _HouseholderRows.apply(x, u, t, b, apply_abs, out_dtype)
     # inference: one (N, n) buffer, |.| in place, nothing saved
@@ -265,14 +269,19 @@ def _register_double_backward() -> None:
 cpu_kernel.on_load(_register_double_backward)
 
 
+def _in_functorch_transform() -> bool:
+    """Inside ``torch.func`` transforms, which take plain differentiable ops, not custom autograd functions."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _use_cpu_kernel(x: Tensor) -> bool:
-    if x.device.type != "cpu" or not kernels.enabled() or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or not kernels.enabled() or torch.compiler.is_compiling() or _in_functorch_transform():
         return False
     return cpu_kernel.available()
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
-    if x.device.type != "cuda" or not kernels.enabled() or torch.compiler.is_compiling():
+    if x.device.type != "cuda" or not kernels.enabled() or torch.compiler.is_compiling() or _in_functorch_transform():
         return False
     triton_gpu = kernels.triton_kernels()
     return triton_gpu is not None and triton_gpu.supports(x, k)
