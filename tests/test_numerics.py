@@ -152,6 +152,7 @@ def test_half_inputs_accumulate_in_float32(dtype):
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # raised inside torch.func.jvp
 def test_torch_func_transforms_match_autograd():
     """``torch.func``: parameter gradients (``grad`` of ``functional_call``), per-sample input gradients
     (``vmap(grad)``) and forward-mode ``jvp`` agree with ordinary autograd on the layer."""
