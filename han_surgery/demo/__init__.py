@@ -28,7 +28,7 @@ def run_demo(fast: bool = False, out_dir: str | Path = ".") -> dict[str, Any]:
     start = time.perf_counter()
     print(f"han-surgery demo (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     results: dict[str, Any] = {}
-    print("CPU kernel: loading (compiled on first use, about 30 s, then cached) ...", end=" ", flush=True)
+    print("CPU kernel: loading (compiled on first use, about a minute, then cached) ...", end=" ", flush=True)
     kernel_start = time.perf_counter()
     ready = cpu_kernel.available()
     print(

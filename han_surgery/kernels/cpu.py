@@ -5,7 +5,7 @@
 math). Code that needs the operators registered first (an autograd formula) passes a callback to
 :func:`on_load`. Nothing is compiled when
 ``han_surgery`` is imported: the first Householder layer that runs on a CPU tensor calls
-:func:`available`, which builds the extension once (about 30 s with g++ and ninja; then cached in
+:func:`available`, which builds the extension once (about a minute with g++ and ninja; then cached in
 torch's extensions directory, ``TORCH_EXTENSIONS_DIR``) and loads it. Without a compiler, or when
 the build fails, :func:`available` logs one warning and returns ``False``, and the layers use
 their PyTorch implementation.
@@ -63,7 +63,7 @@ def _build() -> None:
         cpp_logger.setLevel(level)
 
     isa = torch.backends.cpu.get_cpu_capability()
-    logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about 30 s)", isa)
+    logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about a minute)", isa)
     load(
         name=f"han_surgery_cpu_{isa.lower()}",
         sources=[str(SOURCE)],
