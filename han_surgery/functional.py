@@ -274,14 +274,17 @@ def _in_functorch_transform() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _kernels_allowed() -> bool:
+    """Whether a compiled kernel may run here: not switched off, not under tracing or ``torch.func`` transforms."""
+    return kernels.enabled() and not torch.compiler.is_compiling() and not _in_functorch_transform()
+
+
 def _use_cpu_kernel(x: Tensor) -> bool:
-    if x.device.type != "cpu" or not kernels.enabled() or torch.compiler.is_compiling() or _in_functorch_transform():
-        return False
-    return cpu_kernel.available()
+    return x.device.type == "cpu" and _kernels_allowed() and cpu_kernel.available()
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
-    if x.device.type != "cuda" or not kernels.enabled() or torch.compiler.is_compiling() or _in_functorch_transform():
+    if x.device.type != "cuda" or not _kernels_allowed():
         return False
     triton_gpu = kernels.triton_kernels()
     return triton_gpu is not None and triton_gpu.supports(x, k)

@@ -878,10 +878,10 @@ inline void backprop_each_row(acc_t* du, acc_t* db, const acc_t* u, int64_t k, i
   }
 }
 
-// The backward's forward recompute for k > 1 over one block of nr <= kBlockRows rows, in groups:
-// acts[l][r] the input of layer l >= 1 (layer 0 reads x, or acts[0][r] when x is converted),
-// zs[l][r] its pre-activation (unless zs is nullptr), p and w its projections (the layouts of
-// rows_backward).
+// The backward's forward recompute in row groups over one block of nr <= kBlockRows rows (k > 1,
+// and k = 1 where the forward runs in groups): acts[l][r] the input of layer l >= 1 (layer 0 reads
+// x, or acts[0][r] when x is converted), zs[l][r] its pre-activation (unless zs is nullptr), p and
+// w its projections (the layouts of rows_backward).
 template <typename scalar_t, typename acc_t>
 void recompute_grouped(const Chain<acc_t>& c, const scalar_t* x, int64_t b0, int64_t nr, acc_t* acts, acc_t* zs,
                        acc_t* p, acc_t* w) {
@@ -1570,7 +1570,6 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor&
   });
   return {dx, du, db};
 }
-
 
 // ---------------------------------------------------------------------------------------------
 // Autograd
