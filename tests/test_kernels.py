@@ -63,6 +63,9 @@ CASES = [
     ((600, 16), -1, 1, (True, True), True),  # many rows: several tasks and gradient blocks
     ((203, 48), -1, 5, (True, False), True),  # k > 1 over row groups, with a partial last group
     ((19, 100), -1, 16, (True,), True),  # many reflections, a vector tail
+    # k >= 16: projections from U transposed; the directions end in a partial vector (float: 20 of 32, double: 20 of 24)
+    ((45, 64), -1, 20, (True, False), True),
+    ((203, 48), -1, 17, (True,), True),  # one layer (saved projections), a partial last group and directions vector
     # k = 1 in row groups: short rows (forward and backward), deep chains (forward); rows end in a partial vector
     ((50, 30), -1, 1, (True, True, True), True),
     ((37, 200), -1, 1, (True, True, True, False), True),
