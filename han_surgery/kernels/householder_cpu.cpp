@@ -83,7 +83,7 @@ constexpr int kDirections = 1;
 constexpr int kChunksInFlight = 1;
 #endif
 static_assert(kBlockRows % kSharedRows == 0, "a backward block is whole groups of rows");
-constexpr int64_t kTransposedMinDirections = 16;  // k from which projections read U transposed
+constexpr int64_t kTransposedMinDirections = 16;  // k from which projections read U transposed (k = 8: 0.92-0.94x)
 constexpr int64_t kGroupedMaxFeatures = 128;  // k = 1 layers this narrow run in row groups too
 constexpr int64_t kGroupedMinLayers = 3;      // and k = 1 chains this deep run their forward in row groups
 constexpr int64_t kWorkPerTask = 1 << 15;  // about this many multiply-adds per parallel task
