@@ -143,18 +143,30 @@ def test_stacked_regression_equals_single_runs(tmp_path, model, schedule, fracti
     assert len({round(r["test_rmse"], 6) for r in stacked}) == len(grid)  # four different runs, not one copied
 
 
-def _board(tmp_path):
+def _board(tmp_path, dtype: torch.dtype = torch.float32):
     """A small checkerboard-like set (the real one is in ../shared/data; this test needs none)."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(400, 2, generator=gen) * 2 - 1
+    x = (torch.rand(400, 2, generator=gen) * 2 - 1).to(dtype)
     y = (((x[:, :1] * 2).floor() + (x[:, 1:] * 2).floor()) % 2).repeat(1, 2)
     return checkerboard.Checkerboard(x[:300], y[:300], x[300:], y[300:])
 
 
-def test_checkerboard_stack_equals_plain_sgd_runs(tmp_path):
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_checkerboard_stack_equals_plain_sgd_runs(tmp_path, float64_default):
     """Rows a (fused HanLayer alone, unfused in the stack) and f2 (orthogonality penalty) at two lrs, stacked,
-    end where plain torch.optim.SGD runs of the same seed end."""
-    data = _board(tmp_path)
+    end where plain torch.optim.SGD runs of the same seed end.
+
+    In float64: in float32 the fused kernel and the unfused ops round differently, and 25 momentum steps
+    amplify that to a 6e-4 relative difference of row a's loss on an AMD EPYC (0 on the Intel CPUs CI had
+    used), so a float32 check would test the CPU, not the trainer. In float64 the runs agree to 1e-8."""
+    data = _board(tmp_path, torch.float64)
     lrs, iters = (0.01, 0.05), 25
     stacked = {**checkerboard.train_rows(["a", "b"], lrs, iters, data, eval_every=10)}
     stacked.update(checkerboard.train_rows(["f2"], lrs, iters, data, eval_every=10))
@@ -175,4 +187,4 @@ def test_checkerboard_stack_equals_plain_sgd_runs(tmp_path):
                 sched.step()
             with torch.no_grad():
                 final = nn.functional.mse_loss(model(data.x_train), data.y_train).item()
-            assert res["final_train_loss"] == pytest.approx(final, rel=1e-4), (variant, res["lr"])
+            assert res["final_train_loss"] == pytest.approx(final, rel=1e-7), (variant, res["lr"])
