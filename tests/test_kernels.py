@@ -230,6 +230,18 @@ def test_build_failure_falls_back_with_one_warning(fresh_kernel_state, monkeypat
         torch.testing.assert_close(out, layer(x))
 
 
+def test_build_failure_names_the_compiler_diagnostic():
+    """torch's build error starts with the whole compiler command; the warning shows the ``error:`` line."""
+    exc = RuntimeError(
+        "Error building extension 'han_surgery_cpu_avx512': [1/2] c++ -MMD -O3 -c householder_cpu.cpp -o h.o\n"
+        "FAILED: householder_cpu.o\n"
+        "householder_cpu.cpp:1732:42: error: no match for 'operator*'\n"
+        "ninja: build stopped: subcommand failed."
+    )
+    assert cpu._first_error_line(exc) == "RuntimeError: householder_cpu.cpp:1732:42: error: no match for 'operator*'"
+    assert cpu._first_error_line(RuntimeError("no compiler found")) == "RuntimeError: no compiler found"
+
+
 def test_environment_variable_switches_the_kernel_off(fresh_kernel_state, monkeypatch):
     def must_not_build():
         raise AssertionError("the kernel was built although it is switched off")

@@ -76,9 +76,12 @@ def _build() -> None:
 
 
 def _first_error_line(exc: Exception) -> str:
+    """The line of a failed build worth showing: the compiler's first ``error:`` diagnostic if there is one
+    (torch's message starts with the whole compiler command, which also contains "error" in its wording)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    diagnostics = [line for line in lines if "error:" in line.lower()]
     errors = [line for line in lines if "error" in line.lower()]
-    return f"{type(exc).__name__}: {(errors or lines or [''])[0][:300]}"
+    return f"{type(exc).__name__}: {(diagnostics or errors or lines or [''])[0][:300]}"
 
 
 def available() -> bool:
