@@ -200,6 +200,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
     args = parser.parse_args()
+    if args.max_fvu is not None and args.keep_count is not None:
+        parser.error("--max-fvu and --keep-count are two ways to choose the FFNs kept: give one")
     torch.set_num_threads(args.threads)
 
     tokenizer, base = load_minilm()
