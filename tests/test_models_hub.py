@@ -85,6 +85,16 @@ def test_local_dir_roundtrip(saved, name):
     assert torch.equal(_forward(loaded, x), y)
 
 
+def test_han_surgery_save_pretrained_loads_through_local_dir(saved, tmp_path):
+    """``han_mobilevit_*``'s constructor hanifies: the folder's recipe starts with that step, which
+    the timm entry point must not replay a second time (it raised CheckpointError)."""
+    model, x, y, _ = saved["han_mobilevit_xxs"]
+    han_surgery.save_pretrained(model, tmp_path)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert torch.equal(_forward(loaded, x), y)
+    assert torch.equal(_forward(han_surgery.from_pretrained(tmp_path), x), y)
+
+
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_pretrained_cfg_overlay_file(saved, name):
     """The overlay names the file and its class count (else timm re-initialises a 10-class head)."""

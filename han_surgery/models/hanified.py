@@ -31,7 +31,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
 from ..surgery.recipe import Recipe
-from ..surgery.serialization import replay_recipe
+from ..surgery.serialization import replay_remaining_steps
 from ._checkpoint import checkpoint_filter_fn
 
 __all__ = ["hanified"]
@@ -132,7 +132,7 @@ def hanified(
         model = timm.create_model(han_base, pretrained=False, pretrained_cfg=base_cfg or None, **base_args)
     except TypeError as e:  # an unknown constructor argument or pretrained_cfg field
         raise CheckpointError(f"{source}: cannot build {han_base!r} from these arguments ({e})") from None
-    replay_recipe(model, recipe.steps, source)
+    replay_remaining_steps(model, recipe.steps, source)
     model.to(dtype=getattr(torch, recipe.dtype))
     if pretrained:
         state_dict, name = _load_safetensors(cfg, cache_dir)

@@ -61,6 +61,7 @@ __all__ = [
     "save_pretrained",
     "from_pretrained",
     "replay_recipe",
+    "replay_remaining_steps",
     "hanified_timm_config",
     "hanified_transformers_config",
     "transformers_base_config",
@@ -257,6 +258,25 @@ def replay_recipe(
     return model
 
 
+def replay_remaining_steps(model: nn.Module, steps: Sequence[RecipeStep], source: str) -> nn.Module:
+    """:func:`replay_recipe` for the steps the freshly built ``model`` does not carry yet.
+
+    A base whose constructor already hanifies (e.g. ``han_mobilevit_xxs``, registered with timm)
+    carries the recipe's first steps: those are skipped, the rest replayed.
+
+    Raises:
+        CheckpointError: the steps ``model`` carries are not the first steps of ``steps``, or a
+            remaining step does not replay.
+    """
+    done = [s.to_dict() for s in recipe_of(model)]
+    if [s.to_dict() for s in steps[: len(done)]] != done:
+        raise CheckpointError(
+            f"{source}: the rebuilt base model {type(model).__name__} already carries a hanify recipe "
+            "that is not a prefix of the saved one; pass the plain base model with model=..."
+        )
+    return replay_recipe(model, steps[len(done) :], source)
+
+
 def _resolve_directory(source: str | Path, revision: str | None) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
@@ -306,14 +326,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     if model is None:
         model = _build_base(folder, recipe.base)
     model.to(dtype=getattr(torch, recipe.dtype))
-    # A base whose constructor already hanifies (e.g. timm-registered Han models) carries the first steps.
-    done = [s.to_dict() for s in recipe_of(model)]
-    if [s.to_dict() for s in recipe.steps[: len(done)]] != done:
-        raise CheckpointError(
-            f"{han_file}: the rebuilt base model {type(model).__name__} already carries a hanify recipe "
-            "that is not a prefix of the saved one; pass the plain base model with model=..."
-        )
-    replay_recipe(model, recipe.steps[len(done) :], str(han_file))
+    replay_remaining_steps(model, recipe.steps, str(han_file))
     try:
         safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True)
     except SafetensorError as e:
