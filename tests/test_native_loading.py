@@ -96,6 +96,16 @@ def test_timm_local_dir_is_bit_identical(folders):
         assert torch.equal(other.forward_features(io["images"]), model.forward_features(io["images"]))
 
 
+def test_timm_features_only_is_refused_with_what_to_do_instead(folders):
+    """The caller's ``features_only`` is not the folder's fault: the message says so and names the way out."""
+    tmp, io = folders
+    with pytest.raises(han_surgery.ConfigError, match=r"features_only=True\) is not supported.*forward_intermediates"):
+        timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True, features_only=True)
+    model = timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert len(model.forward_intermediates(io["images"], indices=1, intermediates_only=True)) == 1
+
+
 def test_timm_own_save_for_hf_of_a_natively_loaded_model_loads_again(folders, tmp_path):
     tmp, io = folders
     model = timm.create_model(f"local-dir:{tmp / 'vit'}", pretrained=True).eval()

@@ -126,6 +126,11 @@ def hanified(
         )
     if not isinstance(han_base, str) or not timm.is_model(han_base) or han_base == TIMM_HANIFIED_ARCH:
         raise CheckpointError(f"{source}: model_args[{TIMM_BASE_ARG!r}] = {han_base!r} is not a timm architecture")
+    if kwargs.get("features_only"):  # the caller's argument, not the folder's: timm merges them
+        raise ConfigError(
+            f"{source}: timm.create_model(..., features_only=True) is not supported for a hanified model; load it "
+            "without features_only and take features with model.forward_intermediates(x, indices=...)"
+        )
     base_args = checked_timm_model_args(kwargs, source)
     base_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and k != "architecture"}
     try:
