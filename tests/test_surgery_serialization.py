@@ -7,7 +7,9 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from _surgery_zoo import ZOO, CustomNet, output_tensor
+import transformers as T
+from _surgery_zoo import BERTLIKE, SEQ2SEQ, ZOO, CustomNet, output_tensor
+from safetensors import safe_open
 from torch import nn
 
 from han_surgery import CheckpointError, HanConfig, from_pretrained, hanify, save_pretrained
@@ -45,6 +47,62 @@ def test_round_trip_is_bit_identical(tmp_path, name, config):
     assert type(loaded) is type(model) and not loaded.training
     assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
     _same_outputs(model, loaded, inputs)
+
+
+TIED = {  # a model whose head is tied to its input embeddings, the Auto class of that head, other Auto classes
+    "gpt2": (
+        lambda: T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)),
+        T.AutoModelForCausalLM,
+        [T.AutoModel, T.AutoModelForSequenceClassification],
+    ),
+    "bart": (
+        lambda: T.BartForConditionalGeneration(T.BartConfig(**SEQ2SEQ)),
+        T.AutoModelForSeq2SeqLM,
+        [T.AutoModel, T.AutoModelForSequenceClassification],
+    ),
+    "t5": (
+        lambda: T.T5ForConditionalGeneration(
+            T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)
+        ),
+        T.AutoModelForSeq2SeqLM,
+        [T.AutoModel],
+    ),
+    "bert": (
+        lambda: T.BertForMaskedLM(T.BertConfig(**{**BERTLIKE, "num_hidden_layers": 1})),
+        T.AutoModelForMaskedLM,
+        [T.AutoModel, T.AutoModelForSequenceClassification],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(TIED))
+def test_tied_weights_are_saved_under_the_names_transformers_keeps(tmp_path, name):
+    """Of tied tensors the file holds the name transformers' save_pretrained keeps (GPT-2: ``transformer.wte.weight``,
+    not ``lm_head.weight``), so the base model and the other heads load the saved embeddings, not random ones."""
+    torch.manual_seed(0)
+    build, head_auto, other_autos = TIED[name]
+    model = build().eval()
+    model.save_pretrained(tmp_path / "plain")  # transformers' own choice of names
+    hanify(model)
+    save_pretrained(model, tmp_path / "han")
+    tied = {n for pair in model.all_tied_weights_keys.items() for n in pair}
+    kept = {}
+    for folder in ("plain", "han"):
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
+            kept[folder] = tied & set(f.keys())
+    assert kept["han"] == kept["plain"]
+
+    ids = torch.randint(3, 90, (1, 6))
+    inputs = {"input_ids": ids, **({"decoder_input_ids": ids} if model.config.is_encoder_decoder else {})}
+    for loaded in (from_pretrained(tmp_path / "han"), head_auto.from_pretrained(tmp_path / "han")):
+        _same_outputs(model, loaded, inputs)
+    saved, prefix = model.state_dict(), model.base_model_prefix + "."
+    for auto in other_autos:  # every tensor these share with the saved model is the saved one
+        loaded = auto.from_pretrained(tmp_path / "han")
+        assert torch.equal(loaded.get_input_embeddings().weight, model.get_input_embeddings().weight), auto.__name__
+        for key, value in loaded.state_dict().items():
+            key = key if key in saved else prefix + key
+            assert key not in saved or torch.equal(value, saved[key]), (auto.__name__, key)
 
 
 def test_bfloat16_round_trip(tmp_path):

@@ -18,7 +18,9 @@ A saved directory holds
 
 ``from_pretrained`` builds the base model from ``config.json`` with random weights (no
 download), replays the recipe (:func:`replay_recipe`), then loads ``model.safetensors`` with
-``strict=True``: the result computes bit for bit what the saved model did. It also reads the
+``strict=True``: the result computes bit for bit what the saved model did. Of tied weights
+(GPT-2's ``lm_head.weight`` / ``transformer.wte.weight``) the file holds the name transformers'
+``save_pretrained`` keeps, so a base model or another head loads them too. It also reads the
 folders earlier versions wrote (``config.json`` = the base model's own config).
 """
 
@@ -120,9 +122,32 @@ def save_pretrained(
         config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
     if config is not None:
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    safetensors.torch.save_model(model, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    _save_weights(model, directory / WEIGHTS_NAME)
     recipe.write(directory)
     return directory
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    """``safetensors.torch.save_model``, keeping of each group of tied tensors the name transformers keeps.
+
+    safetensors cannot store one tensor under several names, and ``save_model`` keeps the
+    alphabetically first (GPT-2: ``lm_head.weight``), so a base model (``transformer.wte.weight``) or
+    another head would load without its embeddings. transformers' ``save_pretrained`` keeps the
+    source of each tie and drops the names tied to it (``all_tied_weights_keys``: tied name ->
+    source; GPT-2 ``lm_head.weight`` -> ``transformer.wte.weight``; T5 ``shared.weight``, BART
+    ``model.shared.weight``), and so does this. As ``save_model`` does, each dropped name is recorded in the metadata with the
+    name kept; shared tensors transformers does not declare keep safetensors' choice.
+    """
+    state_dict = model.state_dict()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    sources = [name for name in tied.values() if name not in tied]
+    dropped = safetensors.torch._remove_duplicate_names(state_dict, preferred_names=sources, discard_names=list(tied))
+    metadata = {"format": "pt"}
+    for kept, names in dropped.items():
+        for name in names:
+            metadata[name] = kept
+            del state_dict[name]
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata=metadata)
 
 
 def hanified_timm_config(
