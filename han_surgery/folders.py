@@ -51,6 +51,7 @@ __all__ = [
     "read_timm_config",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
+    "GENERATION_CONFIG_NAME",
     "HAN_CONFIG_NAME",
     "TABULAR_CONFIG_KEY",
     "PICKLE_SUFFIXES",
@@ -63,6 +64,7 @@ __all__ = [
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 HAN_CONFIG_NAME = "han_config.json"
 TABULAR_CONFIG_KEY = "han_surgery_tabular"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

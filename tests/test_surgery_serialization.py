@@ -105,6 +105,45 @@ def test_tied_weights_are_saved_under_the_names_transformers_keeps(tmp_path, nam
             assert key not in saved or torch.equal(value, saved[key]), (auto.__name__, key)
 
 
+def _generative(name):
+    if name == "gpt2":
+        config = T.GPT2Config(
+            n_embd=32, n_layer=1, n_head=2, vocab_size=100, bos_token_id=1, eos_token_id=2, pad_token_id=0
+        )
+        model = T.GPT2LMHeadModel(config)
+        model.generation_config.max_new_tokens = 5
+        return model.eval(), T.AutoModelForCausalLM
+    model = T.BartForConditionalGeneration(T.BartConfig(**SEQ2SEQ))
+    model.generation_config.num_beams = 3
+    model.generation_config.max_new_tokens = 4
+    return model.eval(), T.AutoModelForSeq2SeqLM
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bart"])
+def test_generation_config_is_saved_and_loaded(tmp_path, name):
+    """``generation_config.json`` (as transformers writes it) comes back on both loading paths: generate() is unchanged."""
+    torch.manual_seed(0)
+    model, auto = _generative(name)
+    hanify(model)
+    save_pretrained(model, tmp_path)
+    assert (tmp_path / "generation_config.json").is_file()
+    ids = torch.randint(3, 90, (2, 6))
+    expected = model.generate(ids)
+    for loaded in (from_pretrained(tmp_path), auto.from_pretrained(tmp_path)):
+        assert loaded.generation_config.to_diff_dict() == model.generation_config.to_diff_dict()
+        assert torch.equal(loaded.generate(ids), expected)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"generation_config\.json"):
+        from_pretrained(tmp_path)
+
+
+def test_models_that_cannot_generate_get_no_generation_config(tmp_path):
+    model, _, _ = ZOO["hf/bert"]()
+    hanify(model)
+    save_pretrained(model, tmp_path)
+    assert not (tmp_path / "generation_config.json").exists()
+
+
 def test_bfloat16_round_trip(tmp_path):
     model, inputs, _ = ZOO["hf/llama"]()
     model.to(torch.bfloat16)

@@ -5,6 +5,9 @@ A saved directory holds
 * ``model.safetensors`` -- every tensor of the hanified model (never a pickle);
 * ``han_config.json`` -- the :class:`~han_surgery.surgery.recipe.Recipe`: each :func:`hanify`
   call applied (its :class:`HanConfig` and the rewrites), plus which base model to build;
+* ``generation_config.json`` -- transformers models that can ``generate()``: their
+  ``GenerationConfig`` (beam count, start / end / padding tokens, ...), as transformers'
+  ``save_pretrained`` writes it;
 * ``config.json`` -- what the model's own library needs to load the folder natively, once
   ``han_surgery`` is imported:
 
@@ -18,10 +21,11 @@ A saved directory holds
 
 ``from_pretrained`` builds the base model from ``config.json`` with random weights (no
 download), replays the recipe (:func:`replay_recipe`), then loads ``model.safetensors`` with
-``strict=True``: the result computes bit for bit what the saved model did. Of tied weights
-(GPT-2's ``lm_head.weight`` / ``transformer.wte.weight``) the file holds the name transformers'
-``save_pretrained`` keeps, so a base model or another head loads them too. It also reads the
-folders earlier versions wrote (``config.json`` = the base model's own config).
+``strict=True`` and ``generation_config.json`` (if any): the result computes bit for bit (and
+generates) what the saved model did. Of tied weights (GPT-2's ``lm_head.weight`` /
+``transformer.wte.weight``) the file holds the name transformers' ``save_pretrained`` keeps, so a
+base model or another head loads them too. It also reads the folders earlier versions wrote
+(``config.json`` = the base model's own config).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import nn
 from ..errors import CheckpointError, UnsafeCheckpointError
 from ..folders import (
     CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
     HAN_CONFIG_NAME,
     HF_BASE_CONFIG_KEY,
     HF_HANIFIED_MODEL_TYPE,
@@ -87,7 +92,8 @@ def save_pretrained(
     model_args: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a hanified model to ``directory`` (``model.safetensors``, ``han_config.json``, ``config.json``).
+    """Write a hanified model to ``directory`` (``model.safetensors``, ``han_config.json``, ``config.json``;
+    ``generation_config.json`` for a transformers model that can ``generate()``).
 
     Args:
         model: a model :func:`hanify` has rewritten (timm, transformers, or any
@@ -113,6 +119,8 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     recipe = Recipe(base=BaseModelSpec.of(model), steps=tuple(steps), dtype=_dtype_name(model))
+    if _can_generate(model):  # as transformers' save_pretrained; first: an invalid one is refused before other writes
+        model.generation_config.save_pretrained(directory)
     config = None
     if recipe.base.library == "transformers":
         config = hanified_transformers_config(model, recipe)
@@ -125,6 +133,26 @@ def save_pretrained(
     _save_weights(model, directory / WEIGHTS_NAME)
     recipe.write(directory)
     return directory
+
+
+def _can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers model with ``generate()`` (and so a ``generation_config``)."""
+    can_generate = getattr(model, "can_generate", None)
+    return callable(can_generate) and bool(can_generate()) and getattr(model, "generation_config", None) is not None
+
+
+def _load_generation_config(model: nn.Module, directory: Path) -> None:
+    """Give a model that can generate the ``generation_config.json`` saved with it, as transformers'
+    ``from_pretrained`` does (folders written before it was saved keep the one built from the config)."""
+    path = directory / GENERATION_CONFIG_NAME
+    if not (path.is_file() and _can_generate(model)):
+        return
+    from transformers import GenerationConfig
+
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, TypeError) as e:  # transformers says "not a valid JSON file" with an OSError
+        raise CheckpointError(f"{path}: not a valid generation config ({e})") from None
 
 
 def _save_weights(model: nn.Module, path: Path) -> None:
@@ -358,4 +386,5 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: does not fit the rebuilt model ({e})") from None
+    _load_generation_config(model, directory)
     return model.eval()
