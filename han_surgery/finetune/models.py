@@ -29,7 +29,14 @@ from typing import Any, Literal
 from torch import nn
 
 from ..errors import CheckpointError, HanSurgeryError
-from ..folders import CONFIG_NAME, TABULAR_CONFIG_KEY, WEIGHTS_NAME, inspect_model_folder
+from ..folders import (
+    CONFIG_NAME,
+    TABULAR_CONFIG_KEY,
+    WEIGHTS_NAME,
+    checked_timm_model_args,
+    checked_transformers_model_kwargs,
+    inspect_model_folder,
+)
 from ..loading import load_folder
 from ..models.tabular import TabularNet
 from ..pretrained import create_timm_model
@@ -70,7 +77,7 @@ _TABULAR_RE = re.compile(r"^(mlp|hannet)(?::(\d+)x(\d+))?$")
 
 
 def _timm_create(name: str, data: DataBundle | None, pretrained: bool, extra: dict[str, Any]) -> nn.Module:
-    kwargs: dict[str, Any] = dict(extra)
+    kwargs: dict[str, Any] = checked_timm_model_args(extra, f"--model {name}", name="--model-kwargs")
     if data is not None:
         kwargs.setdefault("num_classes", data.num_outputs)
         if data.in_chans is not None:
@@ -136,8 +143,16 @@ def build_model(
         folder = inspect_model_folder(path)
         family: Family = folder.base_library if folder.base_library in ("timm", "transformers", "tabular") else "timm"
         _check_data_kind(spec, family, data)
-        if folder.kind == "transformers":
-            return _load_transformers(path, data, model_kwargs, trust_remote_code)
+        if model_kwargs and family != "transformers":
+            raise ModelError(
+                f"--model {spec}: --model-kwargs applies to timm model names and transformers folders; this folder "
+                f"({folder.kind}) is rebuilt from its own config.json. Drop --model-kwargs."
+            )
+        if model_kwargs:
+            checked_transformers_model_kwargs(model_kwargs, folder.config, f"--model {spec}")
+        if folder.kind == "transformers" or (family == "transformers" and data is not None):
+            # a hanified transformers folder gets a classification head too (the recipe replays on the base model)
+            return _load_transformers(path, data, model_kwargs, trust_remote_code, hanified=folder.kind == "hanified")
         model = load_folder(folder)
         model.train()
         _fit_head(model, data)
@@ -192,7 +207,12 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 
 
 def _load_transformers(
-    path: Path, data: DataBundle | None, model_kwargs: dict[str, Any], trust_remote_code: bool = False
+    path: Path,
+    data: DataBundle | None,
+    model_kwargs: dict[str, Any],
+    trust_remote_code: bool = False,
+    *,
+    hanified: bool = False,
 ) -> BuiltModel:
     from transformers import AutoModelForSequenceClassification
 
@@ -204,6 +224,12 @@ def _load_transformers(
         if data.class_names:
             kwargs["id2label"] = dict(enumerate(data.class_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(data.class_names)}
+    if hanified:  # the Hanified* class is built from the base config: the head size and overrides go there
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path))
+        config.base_config = {**config.base_config, **kwargs}
+        kwargs = {"config": config}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
@@ -212,7 +238,8 @@ def _load_transformers(
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
         raise CheckpointError(f"{path}: transformers cannot load it: {first}{hint}") from None
-    return BuiltModel(model, "transformers", str(path), tokenizer=load_tokenizer(path, trust_remote_code))
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    return BuiltModel(model, "transformers", str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
 
 
 def save_model(
