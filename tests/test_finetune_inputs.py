@@ -238,3 +238,146 @@ def test_pretrained_weights_offline_fail_fast(
     assert "not in the local Hugging Face cache and the Hub cannot be reached" in err
     assert elapsed < 15, elapsed
     assert not (tmp_path / "o").exists()
+
+
+# ---- review of finetune: --model-kwargs allow-listed, nothing half-written left behind, checks before training
+
+
+TINY = ["--model-kwargs", '{"patch_size": 4, "embed_dim": 16, "depth": 1, "num_heads": 2}']
+
+
+@pytest.mark.parametrize("key", ["checkpoint_path", "pretrained_cfg_overlay", "cache_dir"])
+def test_model_kwargs_that_load_files_are_refused(
+    key: str, toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The allow-list of a folder's config.json model_args applies to --model-kwargs too: timm would read the file."""
+    plain = tmp_path / "plain.pth"
+    torch.save({"w": torch.zeros(1)}, plain)
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", "test_resnet", "--model-kwargs", json.dumps({key: str(plain)}),
+                         "--data", str(toy_npz), "--max-steps", "1", "--batch-size", "8", "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--model test_resnet: --model-kwargs[{key!r}] is not a model constructor argument" in err
+    assert not out.exists()
+
+
+def test_model_kwargs_of_a_folder_model_are_refused(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import timm
+    from timm.models import save_for_hf
+
+    folder = tmp_path / "resnet"
+    save_for_hf(timm.create_model("test_resnet", num_classes=3, in_chans=1), str(folder), safe_serialization=True)
+    code, err = finetune(capsys, "--model", str(folder), "--model-kwargs", '{"drop_rate": 0.1}', "--data",
+                         str(toy_npz), "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and "--model-kwargs applies to timm model names and transformers folders" in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs", "message"),
+    [
+        ("test_resnet", '{"drop_rate": "abc"}', "--model test_resnet does not accept inputs of shape 2x1x8x8"),
+        ("test_resnet", '{"num_classes": -5}', "needs 3 value(s) per row: check --model-kwargs (num_classes)"),
+        ("test_vit", "{}", "(AssertionError: Input height (8) should be divisible by patch size (16).): check "
+         "--image-size"),
+    ],
+)  # fmt: skip
+def test_a_model_that_does_not_fit_the_data_fails_before_the_output_folder(
+    model: str, kwargs: str, message: str, toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """One forward on two rows before anything is written: a bad --model-kwargs value, a headless model, an image
+    size the patches do not divide are one line each, not a traceback in the first step or a silently wrong run."""
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", model, "--model-kwargs", kwargs, "--data", str(toy_npz), "--max-steps",
+                         "1", "--batch-size", "8", "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_batch_larger_than_the_split_leaves_the_output_folder_as_it_was(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            out.mkdir()
+        code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--batch-size", "64",
+                             "--output-dir", str(out))  # fmt: skip
+        assert code == 2 and "fewer than one batch of 64" in err
+        assert out.exists() == existed and (not existed or not any(out.iterdir()))
+
+
+def test_a_failure_in_training_removes_what_the_run_wrote(
+    toy_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """NaN loss in the first step: the folder the run created is removed, an empty one emptied again; the corrected
+    command then runs into it."""
+    from han_surgery.finetune import loop
+
+    real = loop.task_loss
+    monkeypatch.setattr(loop, "task_loss", lambda out, *a, **k: real(out, *a, **k) * float("nan"))
+    args = ["--model", "test_vit", *TINY, "--data", str(toy_npz), "--max-steps", "1", "--batch-size", "8"]
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        code, err = finetune(capsys, *args, "--output-dir", str(out))
+        assert code == 2 and "the loss became nan at optimizer step 1" in err, err
+    assert not (tmp_path / "new").exists() and not any((tmp_path / "empty").iterdir())
+    monkeypatch.setattr(loop, "task_loss", real)
+    code, err = finetune(capsys, *args, "--output-dir", str(tmp_path / "new"))
+    assert code == 0, err
+
+
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for c in ("cat", "dog"):
+        (images / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / c / f"{i}.png")
+    (images / "dog" / "3.png").write_bytes(b"not a png")
+    code, err = finetune(capsys, "--model", "test_resnet", "--data", str(images), "--image-size", "8", "--epochs",
+                         "1", "--batch-size", "2", "--val-fraction", "0.25", "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{images / 'dog' / '3.png'}: not a readable image (UnidentifiedImageError)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_into_a_folder_without_checkpoint_changes_nothing(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tracker_config.json").write_text("my own file\n")
+    code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--batch-size", "8",
+                         "--output-dir", str(out), "--resume")  # fmt: skip
+    assert code == 2 and "no checkpoint in" in err
+    assert sorted(p.name for p in out.iterdir()) == ["tracker_config.json"]
+    assert (out / "tracker_config.json").read_text() == "my own file\n"
+
+
+def test_overwrite_unlinks_a_symlink_without_following_it(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "data.txt").write_text("keep")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "link").symlink_to(important, target_is_directory=True)
+    code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--max-steps", "1",
+                         "--batch-size", "8", "--output-dir", str(out), "--overwrite")  # fmt: skip
+    assert code == 0, err
+    assert (important / "data.txt").read_text() == "keep"
+    assert not (out / "link").exists() and not (out / "link").is_symlink() and (out / "model.safetensors").is_file()
+    assert not (out / ".han-surgery.lock").exists()
+
+
+def test_hanify_that_rewrites_nothing_is_refused_before_training(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--max-steps", "1",
+                         "--batch-size", "8", "--output-dir", str(tmp_path / "o"), "--hanify", "--exclude", "*")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "--hanify rewrote nothing in test_vit" in err, err
+    assert not (tmp_path / "o").exists()

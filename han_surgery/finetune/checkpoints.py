@@ -41,6 +41,8 @@ __all__ = [
     "TrainProgress",
     "check_output_dir",
     "prepare_output_dir",
+    "empty_folder",
+    "discard_partial_output",
     "checkpoint_problem",
     "find_checkpoints",
     "check_resume_config",
@@ -131,13 +133,36 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
         if lock.took_over is not None:
             print(f"note: took over the lock left in {out} by a run that died (pid {lock.took_over.get('pid')})")
         if config.overwrite:
-            for entry in out.iterdir():
-                if entry.is_dir():
-                    shutil.rmtree(entry)
-                elif entry.name != LOCK_NAME:
-                    entry.unlink()
+            try:
+                empty_folder(out)
+            except BaseException:
+                lock.release()
+                raise
     accelerator.wait_for_everyone()
     return out, lock
+
+
+def empty_folder(out: Path) -> None:
+    """Remove everything in ``out`` but its lock file; a symbolic link is removed, never followed."""
+    for entry in out.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        elif entry.name != LOCK_NAME:
+            entry.unlink()
+
+
+def discard_partial_output(out: Path, *, existed: bool) -> None:
+    """After a failed run: leave ``out`` as the user had it before the run, unless it holds a checkpoint.
+
+    A folder the run created is removed; one that existed (empty, or emptied for ``overwrite``) is emptied
+    again, so the corrected command can run into it. Call it after the lock is released.
+    """
+    if any((out / CHECKPOINT_DIR).glob("step_*")):  # resumable: the message names the checkpoint
+        return
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+    elif out.is_dir():
+        empty_folder(out)
 
 
 def _step_of(path: Path) -> int | None:

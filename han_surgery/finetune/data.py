@@ -207,6 +207,16 @@ def load_npz(
     )
 
 
+def read_image(path: str) -> Any:
+    """torchvision's image loader, with a one-line :class:`DataError` naming a file PIL cannot read."""
+    from torchvision.datasets.folder import default_loader
+
+    try:
+        return default_loader(path)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError, so is a truncated file
+        raise DataError(f"{path}: not a readable image ({type(e).__name__}); remove or replace the file.") from None
+
+
 def load_image_folder(
     path: Path, *, image_size: int | None, val_fraction: float, seed: int, max_samples: int | None
 ) -> DataBundle:
@@ -224,7 +234,7 @@ def load_image_folder(
 
     def folder(root: Path) -> Any:
         try:
-            return datasets.ImageFolder(str(root), transform=transform)
+            return datasets.ImageFolder(str(root), transform=transform, loader=read_image)
         except FileNotFoundError as e:
             raise DataError(
                 f"{root}: no classes found ({e}). An image folder needs one sub-folder per class with the "

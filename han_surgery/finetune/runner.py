@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import default_collate
 
-from ..errors import ConfigError, HanifyError
+from ..errors import ConfigError, HanifyError, HanSurgeryError
 from ..fileio import atomic_write_text, publish_files
 from ..folders import WEIGHTS_NAME
 from ..surgery.calibration.heal import hidden_state_paths
@@ -44,6 +45,7 @@ from .checkpoints import (
     TrainProgress,
     check_finite_parameters,
     check_output_dir,
+    discard_partial_output,
     prepare_output_dir,
     resume,
     save_checkpoint,
@@ -51,7 +53,7 @@ from .checkpoints import (
 from .config import FinetuneConfig, FinetuneResult
 from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
 from .hub import CARD_NAME, RESULTS_NAME, base_model_id, push_folder, write_model_card
-from .loop import NonFiniteLossError, TrainingState, lr_lambda, train_loop
+from .loop import NonFiniteLossError, TrainingState, logits_of, lr_lambda, train_loop
 from .models import BuiltModel, build_model, save_model
 from .tracking import init_trackers
 
@@ -62,6 +64,8 @@ __all__ = [
     "load_run_data",
     "build_student",
     "build_loaders",
+    "check_loaders",
+    "check_forward",
     "prepare_training",
     "export",
     "timm_data_config",
@@ -147,6 +151,11 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
             han_report = hanify(built.model, config.hanify, calibration=batches, calibration_config=config.calibration)
         except (ConfigError, HanifyError) as e:
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
+        if han_report.num_rewritten == 0:
+            raise FinetuneError(
+                f"--hanify rewrote nothing in {config.model}: no block was left to rewrite (check --include / "
+                "--exclude / --rules with han-surgery inspect); drop --hanify to fine-tune the model as it is."
+            )
         built.hanified = True
     if config.distill_from and teacher is None:
         teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
@@ -191,16 +200,61 @@ def build_loaders(config: FinetuneConfig, data: DataBundle, built: BuiltModel) -
     return train_loader, eval_loader
 
 
-def prepare_training(
-    accelerator: Any, config: FinetuneConfig, student: Student, loaders: tuple[Any, Any]
-) -> TrainingState:
-    """The optimisation step: AdamW, the schedule, ``accelerator.prepare``, the loop position."""
-    train_loader, eval_loader = loaders
+def check_loaders(accelerator: Any, config: FinetuneConfig, loaders: tuple[Any, Any]) -> None:
+    """At least one training batch for each process (checked before the output folder is touched)."""
+    train_loader = loaders[0]
     if len(train_loader) < accelerator.num_processes:
         raise FinetuneError(
             f"The training split has {len(train_loader.dataset)} rows: fewer than one batch of {config.batch_size} for "
             f"each of {accelerator.num_processes} processes. Lower --batch-size or --val-fraction."
         )
+
+
+def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) -> None:
+    """Run the model once on two training rows (eval mode, no gradient) before the output folder is touched.
+
+    A model that does not accept the data's inputs (an image size its patches do not divide, a bad
+    ``--model-kwargs`` value) or whose output does not have one value per class (``num_classes`` in
+    ``--model-kwargs``) fails here, in one line, instead of in the first training step.
+    """
+    built = student.built
+    collate = make_text_collate(built.tokenizer, config.max_length) if data.kind == "text" else default_collate
+    inputs, _ = collate([data.train[i] for i in range(min(2, len(data.train)))])  # no DataLoader: no RNG drawn
+    shape = (
+        "token ids " + "x".join(map(str, inputs["input_ids"].shape))
+        if isinstance(inputs, dict)
+        else "x".join(map(str, inputs.shape))
+    )
+    model, training = built.model, built.model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = logits_of(model, inputs)
+    except HanSurgeryError:
+        raise
+    except Exception as e:  # the model's own failure, e.g. timm's AssertionError on the input size
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        hint = "check --image-size and --model-kwargs" if data.kind == "image" else "check --model-kwargs"
+        raise FinetuneError(
+            f"--model {config.model} does not accept inputs of shape {shape} from --data {config.data} "
+            f"({type(e).__name__}: {first}): {hint}."
+        ) from None
+    finally:
+        model.train(training)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[-1] != data.num_outputs:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FinetuneError(
+            f"--model {config.model} outputs {got} for a batch of {shape}, but --data {config.data} needs "
+            f"{data.num_outputs} value(s) per row: check --model-kwargs (num_classes) and --num-classes."
+        )
+
+
+def prepare_training(
+    accelerator: Any, config: FinetuneConfig, student: Student, loaders: tuple[Any, Any]
+) -> TrainingState:
+    """The optimisation step: AdamW, the schedule, ``accelerator.prepare``, the loop position."""
+    train_loader, eval_loader = loaders
+    check_loaders(accelerator, config, loaders)
     model = student.built.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
@@ -323,32 +377,40 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             is written in that case (an existing output folder is only emptied, for ``overwrite``, once the
             data and the model have loaded).
         NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay.
+
+    A run that fails after it took the output folder leaves it as it was (removed if the run created it,
+    emptied if it was empty or emptied for ``overwrite``), unless it resumed or wrote a checkpoint.
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
     start = time.perf_counter()
-    check_output_dir(config)  # fail before any work
+    out = check_output_dir(config)  # fail before any work
+    existed = out.is_dir()
     accelerator = make_accelerator(config)
     lock = None
+    prepared = exported = False
     try:
         set_seed(config.seed)
         data = load_run_data(config)
         student = build_student(config, data)
         loaders = build_loaders(config, data, student.built)
+        check_loaders(accelerator, config, loaders)
+        check_forward(config, data, student)
         out, lock = prepare_output_dir(config, accelerator)
+        prepared = True
         state = prepare_training(accelerator, config, student, loaders)
         setup = _setup_summary(accelerator, config, state)
         accelerator.print(_describe(config, data, student, setup), flush=True)
-        if config.resume is None and accelerator.is_main_process:  # what --resume compares against
-            config.to_json(out / ARGS_FILE)
-        init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
         last_checkpoint = None
-        if config.resume is not None:
+        if config.resume is not None:  # before anything is written into the folder
             if (out / WEIGHTS_NAME).is_file() and not (out / COMPLETION_MARKER).is_file():
                 accelerator.print(f"note: the final save into {out} was interrupted; it is written again", flush=True)
             last_checkpoint = resume(accelerator, out, config, state.progress)
+        elif accelerator.is_main_process:  # what --resume compares against
+            config.to_json(out / ARGS_FILE)
+        init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
 
         def checkpoint(progress: TrainProgress) -> None:
             nonlocal last_checkpoint
@@ -391,6 +453,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             export(accelerator, config, out, student, data, state.model, result)
             accelerator.print(f"saved the model folder {out}", flush=True)
         accelerator.wait_for_everyone()
+        exported = True
         if lock is not None:  # the folder is complete: release it before the (slow, optional) upload
             lock.release()
         try:
@@ -400,6 +463,12 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         finally:
             accelerator.end_training()  # closes the trackers (and the process group, when distributed)
         return result
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        if prepared and not exported and config.resume is None and accelerator.is_main_process:
+            discard_partial_output(out, existed=existed)  # the corrected command can run into it again
+        raise
     finally:
         if lock is not None:
             lock.release()
