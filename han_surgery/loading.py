@@ -12,12 +12,17 @@ The source is one of
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .fileio import safetensors_problem
 from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder, read_timm_config
 from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
@@ -39,16 +44,14 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
 
             base = TabularNet(**folder.config[TABULAR_CONFIG_KEY])
         return from_pretrained(folder.path, model=base)
-    if not (folder.path / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder.path / WEIGHTS_NAME}: missing")
+    weights = folder.path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing")
+    problem = safetensors_problem(weights)  # a truncated or garbage file, named before any library reads it
+    if problem:
+        raise CheckpointError(problem)
     if folder.kind == "timm":
-        import timm
-
-        pretrained_cfg, name, model_args = read_timm_config(folder.path)  # model_args allow-listed
-        # pretrained_cfg now points at the folder ("local-dir"): timm loads its safetensors.
-        if num_classes is not None:
-            model_args["num_classes"] = num_classes
-        return timm.create_model(name, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
+        return _load_timm_folder(folder.path, num_classes)
     if folder.kind == "tabular":
         from safetensors.torch import load_model as load_safetensors
 
@@ -66,11 +69,101 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
             f"{folder.path / 'config.json'}: architectures={folder.config.get('architectures')} names no "
             "transformers model class"
         )
+    with _held_transformers_logs() as held:
+        try:
+            model = cls.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False)
+        except SafetensorError as e:
+            raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+        except RuntimeError as e:  # size mismatches between config.json and the weights (the report is dropped)
+            if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
+                held.release()
+                raise
+            raise CheckpointError(
+                f"{weights}: its tensor shapes do not fit {folder.path / 'config.json'} "
+                f"({_mismatch_summary(held.records, e)})"
+            ) from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder.path}: transformers cannot load it: {_first_line(e)}") from None
+        held.release()
+    return model
+
+
+class _HeldLogs:
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        self.handlers = handlers
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+    def release(self) -> None:
+        """Emit the held records after all (the load went on, or failed for a reason we do not explain)."""
+        records, self.records = self.records, []
+        for h in self.handlers:
+            h.removeFilter(self)
+        for record in records:
+            for h in self.handlers:
+                if record.levelno >= h.level:
+                    h.handle(record)
+
+
+@contextlib.contextmanager
+def _held_transformers_logs() -> Iterator[_HeldLogs]:
+    """Hold what transformers logs during a load: on a shape mismatch its multi-line report is replaced by one line."""
+    handlers = list(logging.getLogger("transformers").handlers)
+    held = _HeldLogs(handlers)
+    for h in handlers:
+        h.addFilter(held)
     try:
-        return cls.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{folder.path}: transformers cannot load it: {first}") from None
+        yield held
+    finally:
+        for h in handlers:
+            h.removeFilter(held)
+
+
+def _mismatch_summary(records: list[logging.LogRecord], error: BaseException) -> str:
+    rows = [line for r in records for line in r.getMessage().splitlines() if "size mismatch" in line]
+    if not rows:
+        return _first_line(error)
+    key, *_, detail = (c.strip() for c in rows[0].split("|"))
+    more = f"; {len(rows) - 1} more" if len(rows) > 1 else ""
+    return f"{key}: {detail.replace('Reinit due to size mismatch - ', '')}{more}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
+    """A timm ``save_for_hf`` folder: its ``config.json``'s architecture and ``model_args``, its safetensors."""
+    import timm
+
+    config_file = path / "config.json"
+    pretrained_cfg, name, model_args = read_timm_config(path)  # model_args allow-listed
+    if ":" in name or not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." would make timm look elsewhere
+        raise CheckpointError(f"{config_file}: architecture {name!r} is not a timm model name")
+    # pretrained_cfg now points at the folder ("local-dir"): timm loads its safetensors.
+    if num_classes is not None:
+        model_args["num_classes"] = num_classes
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
+    except (TypeError, ValueError) as e:  # a model_args value or keyword the constructor refuses
+        raise CheckpointError(
+            f"{config_file}: timm cannot build {name!r} from its model_args ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
+        lines = [line.strip() for line in str(e).splitlines()]
+        lines = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+        if not lines:
+            raise
+        more = f"; {len(lines) - 1} more" if len(lines) > 1 else ""
+        raise CheckpointError(
+            f"{path / WEIGHTS_NAME}: does not fit the model {config_file} describes ({lines[0].rstrip('.')}{more})"
+        ) from None
 
 
 def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:

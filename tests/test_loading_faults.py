@@ -155,3 +155,70 @@ def test_transformers_base_config_must_be_an_object(saved, tmp_path):
     for load in (from_pretrained, T.AutoModel.from_pretrained):
         with pytest.raises(CheckpointError, match=r"config\.json: .*base_config"):
             load(d)
+
+
+# ---------------------------------------------------------------------- plain (not hanified) folders
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> dict[str, Path]:
+    """A timm ``save_for_hf`` folder and a transformers ``save_pretrained`` folder, both tiny."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("plain")
+    save_for_hf(timm.create_model("test_vit", pretrained=False), str(root / "timm"), safe_serialization=True)
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    T.BertModel(config).save_pretrained(root / "transformers")
+    return {"timm": root / "timm", "transformers": root / "transformers"}
+
+
+def _edit_config(edit: Callable[[dict], None]) -> Callable[[Path], str]:
+    def mutate(d: Path) -> str:
+        config = json.loads((d / "config.json").read_text())
+        edit(config)
+        (d / "config.json").write_text(json.dumps(config))
+        return "config.json"
+
+    return mutate
+
+
+def _model_args(**changes: object) -> Callable[[Path], str]:
+    return _edit_config(lambda c: c["model_args"].update(changes))
+
+
+def _shape_fault(d: Path) -> str:  # config.json describes a model the weights do not fit
+    if (d / "config.json").read_text().count('"model_args"'):
+        _model_args(embed_dim=128)(d)
+    else:
+        _edit_config(lambda c: c.update(intermediate_size=100))(d)
+    return "model.safetensors"
+
+
+PLAIN_FAULTS: dict[str, tuple[tuple[str, ...], Callable[[Path], str]]] = {
+    "truncated": (("timm", "transformers"), truncate),
+    "garbage": (("timm", "transformers"), garbage),
+    "config_shape": (("timm", "transformers"), _shape_fault),
+    "unknown_architecture": (("timm",), _edit_config(lambda c: c.update(architecture="no_such_arch"))),
+    "hub_architecture": (("timm",), _edit_config(lambda c: c.update(architecture="hf-hub:timm/test_vit.r160_in1k"))),
+    "local_dir_architecture": (("timm",), _edit_config(lambda c: c.update(architecture="local-dir:/tmp"))),
+    "arg_of_wrong_type": (("timm",), _model_args(depth="abc")),
+    "unknown_arg": (("timm",), _model_args(bogus_kw=3)),
+}
+
+
+@pytest.mark.parametrize(
+    "family, fault", [(family, fault) for fault, (families, _) in PLAIN_FAULTS.items() for family in families]
+)
+def test_corrupt_plain_folder_is_one_line_naming_the_file(plain, tmp_path, capsys, family, fault):
+    """``inspect`` / ``hanify`` of a broken timm or transformers folder: one line naming the file, exit 2."""
+    from han_surgery.cli import main
+
+    d = _copy(plain, family, tmp_path)
+    file = PLAIN_FAULTS[fault][1](d)
+    with pytest.raises(CheckpointError, match=f"^{d / file}"):
+        load_model(d)
+    capsys.readouterr()
+    assert main(["hanify", str(d), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # progress bar
+    assert len(lines) == 1 and lines[0].startswith(f"han-surgery hanify: {d / file}"), err
+    assert not (tmp_path / "out").exists()
