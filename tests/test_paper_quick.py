@@ -133,3 +133,33 @@ def test_user_errors_end_as_one_line_and_exit_2(tmp_path, capsys):
 def test_help_returns_0(capsys):
     assert main(["--help"]) == 0
     assert "checkerboard" in capsys.readouterr().out
+
+
+def test_out_is_checked_before_the_experiment_runs(tmp_path, capsys, monkeypatch):
+    """A user's folder is never written into without --overwrite; a file or an unwritable --out fails up front."""
+    from han_surgery.paper import approximation
+
+    ran = []
+    monkeypatch.setattr(approximation, "run", lambda args: ran.append(args.out))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"my": "data"}')
+    (tmp_path / "afile.txt").write_text("mine")
+    assert "pass --overwrite" in _error_line(capsys, ["approximation", "--quick", "--out", str(mine)])
+    assert "is a file, not a folder" in _error_line(capsys, ["approximation", "--out", str(tmp_path / "afile.txt")])
+    assert "cannot write in /proc" in _error_line(capsys, ["approximation", "--out", "/proc/hanout"])
+    assert ran == [] and (mine / "results.json").read_text() == '{"my": "data"}'
+    # --overwrite, an empty or new folder, or a folder an earlier paper run wrote: the experiment runs
+    assert main(["approximation", "--quick", "--out", str(mine), "--overwrite"]) == 0
+    (tmp_path / "empty").mkdir()
+    assert main(["approximation", "--quick", "--out", str(tmp_path / "empty")]) == 0
+    assert main(["approximation", "--quick", "--out", str(tmp_path / "new" / "sub")]) == 0
+    (mine / "results.json").write_text('{"command": "han-surgery paper approximation --quick"}')
+    assert main(["approximation", "--quick", "--out", str(mine)]) == 0
+    assert len(ran) == 4
+
+
+def test_damaged_npz_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04garbage")  # the zip magic, then nothing a zip holds
+    assert "is not an MNIST .npz" in _error_line(capsys, ["mnist", "--quick", "--data", str(bad)])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..errors import ConfigError
+from ..fileio import output_folder_problem
 from ._common import run_command
 
 __all__ = ["demo"]
@@ -22,6 +24,9 @@ def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> i
     def body() -> int:
         from ..demo import run_demo
 
+        problem = output_folder_problem(args.out_dir)  # before the training, not after it
+        if problem:
+            raise ConfigError(f"--out-dir {args.out_dir}: {problem}")
         run_demo(fast=args.fast, out_dir=args.out_dir)
         return 0
 

@@ -90,6 +90,7 @@ def _plot(models: dict[str, nn.Module], board: Board, path: Path) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

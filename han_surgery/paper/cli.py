@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
+from ..fileio import output_folder_problem
 from .common import PaperInputError
 
-__all__ = ["EXPERIMENTS", "PROG", "build_parser", "main"]
+__all__ = ["EXPERIMENTS", "PROG", "build_parser", "check_out", "main"]
 
 PROG = "han-surgery paper"
 
@@ -62,6 +65,30 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
+def check_out(out: str | None, *, overwrite: bool) -> None:
+    """Refuse ``--out`` before the experiment runs: a file, a place no folder can be made, or a non-empty folder
+    that an earlier ``han-surgery paper`` run did not write (its ``results.json`` names the command), unless
+    ``overwrite``."""
+    if out is None:
+        return
+    folder = Path(out).expanduser()
+    problem = output_folder_problem(folder)
+    if problem:
+        raise PaperInputError(f"--out {out}: {problem}")
+    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        previous = json.loads((folder / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and str(previous.get("command", "")).startswith(PROG + " "):
+        return  # an earlier run's results: replaced
+    raise PaperInputError(
+        f"--out {out} already exists, is not empty and was not written by '{PROG}': pass --overwrite to write "
+        "results.json, results.md and the plots into it anyway, or choose another folder"
+    )
+
+
 def _add_experiments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="experiment", metavar="<experiment>")
     for name, (module_name, help_text) in EXPERIMENTS.items():
@@ -71,6 +98,11 @@ def _add_experiments(parser: argparse.ArgumentParser) -> None:
         )
         exp.add_argument("--quick", action="store_true", help="a few steps: a smoke test (seconds)")
         exp.add_argument("--out", default=None, help="folder for results.json, results.md and PNG plots")
+        exp.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="write into a non-empty --out that no earlier paper run wrote (its files of the same names are replaced)",
+        )
         module.add_arguments(exp)
         exp.set_defaults(exp_parser=exp)
 
@@ -88,6 +120,7 @@ def _run(args: argparse.Namespace, prog: str = PROG) -> int:
         return 2
     args.command_line = command_line(args)
     try:
+        check_out(args.out, overwrite=args.overwrite)
         importlib.import_module(EXPERIMENTS[args.experiment][0]).run(args)
     except PaperInputError as err:
         print(f"{prog}: {err}", file=sys.stderr)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def load_mnist(
     try:
         with np.load(path, allow_pickle=False) as npz:
             images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # BadZipFile: a damaged zip
         raise PaperInputError(
             f"{path} is not an MNIST .npz with arrays 'images' (N, 28, 28) uint8 and 'labels' (N,) ({err})"
         ) from err
