@@ -87,3 +87,11 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "hanify", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["inspect", "test_vit"])
+
+
+@pytest.mark.parametrize("value", ["1000000000", "99999999999999999999999"])
+def test_absurd_num_classes_is_refused_by_the_parser(value, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", "test_vit", "--num-classes", value])
+    assert e.value.code == 2
+    assert "--num-classes: expected at most 1,000,000 classes" in capsys.readouterr().err

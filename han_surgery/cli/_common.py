@@ -10,9 +10,10 @@ from typing import Any
 
 from ..errors import HanSurgeryError
 
-__all__ = ["run_command", "positive_int", "EXIT_USER_ERROR"]
+__all__ = ["run_command", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
 
 EXIT_USER_ERROR = 2
+MAX_NUM_CLASSES = 1_000_000  # a classifier this wide is already gigabytes
 
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:
@@ -46,4 +47,12 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def num_classes(text: str) -> int:
+    """``argparse`` type: a classifier size, 1 to :data:`MAX_NUM_CLASSES`."""
+    value = positive_int(text)
+    if value > MAX_NUM_CLASSES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_CLASSES:,} classes, got {text}")
     return value

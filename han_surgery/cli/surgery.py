@@ -29,7 +29,7 @@ from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import positive_int, run_command
+from ._common import num_classes, run_command
 
 __all__ = ["build_parser", "inspect", "hanify"]
 
@@ -46,7 +46,7 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
     parser.add_argument(
         "--pretrained", action="store_true", help="timm names only: load timm's pretrained weights (needs the Hub)"
     )
-    parser.add_argument("--num-classes", type=positive_int, default=None, help="timm only: classifier size")
+    parser.add_argument("--num-classes", type=num_classes, default=None, help="timm only: classifier size")
     add_dataclass_arguments(parser.add_argument_group("surgery (HanConfig)"), HanConfig)
     if write:
         parser.add_argument(
