@@ -163,3 +163,17 @@ def test_damaged_npz_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"PK\x03\x04garbage")  # the zip magic, then nothing a zip holds
     assert "is not an MNIST .npz" in _error_line(capsys, ["mnist", "--quick", "--data", str(bad)])
+
+
+def test_regression_csv_too_small_for_the_split_is_one_line(tmp_path, capsys):
+    """An empty CSV has no numpy warning before the error; 6 rows (1 test row: R^2 -inf) are refused."""
+    from han_surgery.paper.regression import MIN_ROWS, split_sizes
+
+    ok = [n for n in range(2, 200) if (lambda tr, te, va: tr >= 2 and te >= 2 and va >= 1)(*split_sizes(n))]
+    assert ok == list(range(MIN_ROWS, 200))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert f"needs >= {MIN_ROWS} rows" in _error_line(capsys, ["regression", "--quick", "--csv", str(empty)])
+    few = tmp_path / "few.csv"
+    few.write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(6)))
+    assert "got shape (6, 2)" in _error_line(capsys, ["regression", "--quick", "--csv", str(few)])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,18 +106,23 @@ class RegressionData:
 def load_csv(path: str | Path) -> RegressionData:
     """Read a header-less CSV (features..., target), drop constant columns, standardise the features.
 
-    Any number of rows (at least 5) and columns (at least one feature) is accepted; anything else
+    Any number of rows (at least ``MIN_ROWS``, 16) and columns (at least one feature) is accepted; anything else
     raises :class:`~.common.PaperInputError` naming the file.
     """
     try:
-        arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        with warnings.catch_warnings():  # an empty file: numpy warns, then the row count below says it once
+            warnings.simplefilter("ignore", UserWarning)
+            arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise PaperInputError(
             f"{path} is not a readable numeric CSV ({err}); give comma-separated numbers without a header, "
             "features first and the target last"
         ) from err
-    if arr.shape[1] < 2 or arr.shape[0] < 5:
-        raise PaperInputError(f"{path} needs >= 5 rows and >= 2 columns (features, target), got shape {arr.shape}")
+    if arr.shape[1] < 2 or arr.shape[0] < MIN_ROWS:
+        raise PaperInputError(
+            f"{path} needs >= {MIN_ROWS} rows and >= 2 columns (features, target), got shape {arr.shape}: the "
+            "protocol's split (80% train, the rest 60/40 test/validation) must leave >= 2 test rows for R^2"
+        )
     if not np.isfinite(arr).all():
         raise PaperInputError(f"{path} contains NaN or infinite values; remove or impute them first")
     x, y = arr[:, :-1], arr[:, -1:]
@@ -130,6 +136,16 @@ def load_csv(path: str | Path) -> RegressionData:
     )
 
 
+def split_sizes(n: int, train: float = 0.8, test_of_rest: float = 0.6) -> tuple[int, int, int]:
+    """``(train, test, validation)`` row counts of :func:`split` for ``n`` rows."""
+    n_train = int(n * train)
+    n_test = int((n - n_train) * test_of_rest)
+    return n_train, n_test, n - n_train - n_test
+
+
+MIN_ROWS = 16  # the fewest rows whose split has >= 2 test and >= 1 validation rows (checked in the tests)
+
+
 def split(
     n: int, gen: torch.Generator, train: float = 0.8, test_of_rest: float = 0.6, train_fraction: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,8 +155,7 @@ def split(
     prefix of the random permutation); the test and validation rows are unchanged.
     """
     perm = torch.randperm(n, generator=gen)
-    n_train = int(n * train)
-    n_test = int((n - n_train) * test_of_rest)
+    n_train, n_test, _ = split_sizes(n, train, test_of_rest)
     kept = max(1, int(n_train * train_fraction))
     return perm[:kept], perm[n_train : n_train + n_test], perm[n_train + n_test :]
 
