@@ -115,7 +115,20 @@ def _reflect_rows(x: Tensor, w: Tensor, u: Tensor, b: Tensor | None) -> Tensor:
     """
     if b is None:
         return torch.addmm(x, w, u, alpha=-1)
-    return torch.add(x, b).addmm_(w, u, alpha=-1)
+    return _subtract_product_(torch.add(x, b), w, u)
+
+
+def _subtract_product_(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``z -= a @ b`` in place, returning ``z`` (a buffer of this module's own, not shared with autograd).
+
+    In eager mode ``addmm(z, ..., out=z)``, the computation of ``z.addmm_(...)``: FLOP counting
+    (:class:`torch.utils.flop_counter.FlopCounterMode`) has a formula for ``aten.addmm`` and none for
+    ``aten.addmm_``. Under ``torch.compile``/``torch.export`` tracing ``addmm_``: an ``out=`` call in a
+    traced graph fails when the graph later runs with gradients (out= variants do not support autograd).
+    """
+    if torch.compiler.is_compiling():
+        return z.addmm_(a, b, alpha=-1)
+    return torch.addmm(z, a, b, alpha=-1, out=z)
 
 
 class _HouseholderRows(torch.autograd.Function):
@@ -170,10 +183,10 @@ class _HouseholderRows(torch.autograd.Function):
         g_u = g @ u.transpose(0, 1)  # G = g U^T, (N, k)
         g_ut = g_u @ t.transpose(0, 1)  # G T^T
         if need_u or need_b:
-            # One pass over g gives both W^T g and the bias gradient sum_rows g.
-            wg_b = torch.cat([w, torch.ones_like(w[:, :1])], 1).transpose(0, 1) @ g  # (k+1, n)
+            # One pass over g gives both W^T g and, with a bias, the bias gradient sum_rows g.
+            wg_b = (torch.cat([w, torch.ones_like(w[:, :1])], 1) if b is not None else w).transpose(0, 1) @ g
             if need_u:
-                gu = -(g_ut.transpose(0, 1) @ xa + wg_b[:-1])
+                gu = -(g_ut.transpose(0, 1) @ xa + wg_b[: w.shape[1]])
             if need_b and b is not None:
                 gb = wg_b[-1]
         if need_t:
@@ -182,7 +195,7 @@ class _HouseholderRows(torch.autograd.Function):
             if g is grad_out:
                 gx = torch.addmm(g, g_ut, u, alpha=-1)
             else:
-                gx = g.addmm_(g_ut, u, alpha=-1)  # reuse g's buffer, used last
+                gx = _subtract_product_(g, g_ut, u)  # reuse g's buffer, used last
             gx = gx.to(x.dtype)
         return gx, gu, gt, gb, None, None
 
