@@ -51,6 +51,7 @@ from torch import Tensor
 
 from . import kernels
 from .kernels import cpu as cpu_kernel
+from .kernels import flops as _flops  # noqa: F401  (registers the CPU operators' FLOP formulas)
 from .kernels.grads import definition_grads
 
 __all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_chain", "householder_dense"]

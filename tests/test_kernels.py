@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 from _kernel_paths import kernel_path  # noqa: F401  (fixture)
+from torch.utils.flop_counter import FlopCounterMode
 
 from han_surgery import HanBlock, HanLayer, kernels
 from han_surgery.functional import householder_chain, unit_rows
-from han_surgery.kernels import cpu
+from han_surgery.kernels import cpu, flops
+from han_surgery.layers import HanStack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +183,81 @@ def test_fused_han_block_equals_its_layers_with_gradients():
         torch.testing.assert_close(g, w)
     assert not HanBlock(20, drop=0.1).train()._fusable()  # active dropout runs layer by layer
     assert HanBlock(20, drop=0.1).eval()._fusable()
+
+
+def flop_counts(module, x, use_kernel, backward):
+    """FlopCounterMode's totals ``(forward, backward)`` for ``module(x)``, on the kernel or the PyTorch path."""
+    with contextlib.nullcontext() if use_kernel else kernels.disabled():
+        with FlopCounterMode(display=False) as forward:
+            y = module(x)
+        if not backward:
+            return forward.get_total_flops(), None
+        with FlopCounterMode(display=False) as backward_counter:
+            y.backward(torch.ones_like(y))
+    return forward.get_total_flops(), backward_counter.get_total_flops()
+
+
+FLOP_CASES = [
+    # module, input shape, (rows, n, k, layers, bias) of each of its chains
+    (lambda: HanLayer(12), (5, 12), [(5, 12, 1, 1, True)]),
+    (lambda: HanLayer(12, reflections=3), (2, 3, 12), [(6, 12, 3, 1, True)]),  # one layer, k > 1: forward_saving
+    (lambda: HanBlock(12, reflections=2, bias=False), (5, 12), [(5, 12, 2, 2, False)]),
+    (lambda: HanBlock(7, dim=-2, final_abs=True), (3, 7, 4), [(12, 7, 1, 2, True)]),  # vectors along the middle
+    (lambda: HanStack(10, depth=3, reflections=2), (4, 10), [(4, 10, 2, 3, True)]),
+]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("x_grad", [True, False])
+@pytest.mark.parametrize("make,shape,chains", FLOP_CASES)
+def test_flop_counter_counts_the_kernel_as_the_pytorch_path(make, shape, chains, x_grad):
+    """FlopCounterMode sees the CPU kernel's operators (registered FLOP formulas) and counts what it counts for the
+    PyTorch path, forward and backward: 2 FLOPs per MAC of han_surgery.kernels.flops' formulas, not zero."""
+    assert cpu.available()
+    torch.manual_seed(5)
+    module = make()
+    x = torch.randn(shape, requires_grad=x_grad)
+    want_forward = sum(2 * flops.forward_macs(rows, n, k, layers) for rows, n, k, layers, _ in chains)
+    want_backward = sum(
+        2 * flops.backward_macs(rows, n, k, layers, bias=bias, need_input=x_grad) for rows, n, k, layers, bias in chains
+    )
+    kernel, torch_path = (flop_counts(module, x, use_kernel, backward=True) for use_kernel in (True, False))
+    assert kernel == torch_path == (want_forward, want_backward)
+    assert want_forward > 0 and want_backward > 0
+    with torch.no_grad():  # inference: the kernel's forward without autograd
+        assert flop_counts(module, x, True, backward=False) == flop_counts(module, x, False, backward=False)
+
+
+def test_flop_formulas():
+    """One Han-layer (k = 1) of width n: x.u and the update, 2n + 1 MACs per row (T = [[2]] is a 1 x 1 product)."""
+    assert flops.forward_macs(rows=64, features=512) == 64 * (2 * 512 + 1)
+    # k = 4, two layers: per row and layer 2kn + k^2, per layer the Gram matrix U U^T (k^2 n)
+    assert flops.forward_macs(rows=3, features=8, reflections=4, layers=2) == 2 * (3 * (64 + 16) + 128)
+    assert flops.backward_macs(rows=3, features=8, need_params=False) == 3 * (1 + 8 + 1 + 8)
+    assert flops.backward_macs(rows=3, features=8, bias=False, need_input=False) == 3 * (1 + 8 + 1 + 8 + 8)
+
+
+@needs_cpu_kernel
+def test_flop_formulas_are_registered_before_the_kernel_is_built():
+    """FlopCounterMode copies the formulas when it is created: one created before the first Householder layer runs
+    (which builds or loads the kernel) counts the kernel too."""
+    code = textwrap.dedent(
+        """
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+        from han_surgery import HanLayer
+        from han_surgery.kernels import cpu
+
+        assert cpu._state == {}
+        with FlopCounterMode(display=False) as counter:
+            HanLayer(8)(torch.randn(3, 8))
+        print(cpu.available(), counter.get_total_flops())
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["True", str(2 * flops.forward_macs(rows=3, features=8))]
 
 
 @needs_cpu_kernel

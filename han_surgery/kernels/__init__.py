@@ -3,6 +3,9 @@
 * CPU: a C++/OpenMP kernel (:mod:`.cpu`, ``householder_cpu.cpp``) that applies a whole chain of
   Householder layers in one pass over memory. Built on first use, never at import time.
 * CUDA: Triton kernels (:mod:`.triton_gpu`), used when ``triton`` is installed.
+* :mod:`.flops`: FLOP formulas of the CPU kernel's operators, so that
+  :class:`torch.utils.flop_counter.FlopCounterMode` counts them as it counts the PyTorch implementation
+  (the Triton kernels are not counted: count CUDA models inside :func:`disabled`).
 
 Without them (no compiler, no Triton, ``torch.compile``/``torch.export`` tracing, or
 :func:`disabled`), the layers run their PyTorch implementation, which computes the same function.

@@ -1,9 +1,12 @@
 """The C++/OpenMP CPU kernel, compiled on first use with :func:`torch.utils.cpp_extension.load`.
 
-``householder_cpu.cpp`` registers two operators, ``torch.ops.han_surgery.householder_chain_forward``
-(differentiable: its autograd is C++ too) and ``householder_chain_backward`` (see the source for the
-math). Code that needs the operators registered first (an autograd formula) passes a callback to
-:func:`on_load`. Nothing is compiled when
+``householder_cpu.cpp`` implements three operators, ``torch.ops.han_surgery.householder_chain_forward``
+(differentiable: its autograd is C++ too), ``householder_layer_forward_saving`` (the forward of one layer
+with ``k > 1`` that also returns what its backward reuses) and ``householder_chain_backward`` (see the
+source for the math). Their schemas are defined here, at import, so that
+:mod:`han_surgery.kernels.flops` can register their FLOP formulas before the extension is built; the
+extension adds their implementations. Code that needs the implementations registered first (an autograd
+formula) passes a callback to :func:`on_load`. Nothing is compiled when
 ``han_surgery`` is imported: the first Householder layer that runs on a CPU tensor calls
 :func:`available`, which builds the extension once (about a minute with g++ and ninja; then cached in
 torch's extensions directory, ``TORCH_EXTENSIONS_DIR``) and loads it. Without a compiler, or when
@@ -37,6 +40,15 @@ _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mprefer-vector-width=512"],
     "AVX2": ["-mavx2", "-mfma"],
 }
+
+# The operators' schemas (householder_cpu.cpp registers their CPU and autograd kernels when it is loaded).
+_LIBRARY = torch.library.Library("han_surgery", "DEF")
+_LIBRARY.define("householder_chain_forward(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor")
+_LIBRARY.define("householder_layer_forward_saving(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor[]")
+_LIBRARY.define(
+    "householder_chain_backward(Tensor grad, Tensor x, Tensor u, Tensor b, int[] abs, bool normalize, "
+    "bool need_input, bool need_params, Tensor saved_p, Tensor saved_sign) -> Tensor[]"
+)
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}

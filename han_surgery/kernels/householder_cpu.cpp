@@ -47,6 +47,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -1680,10 +1681,32 @@ std::vector<at::Tensor> chain_backward(const at::Tensor& grad, const at::Tensor&
 // Autograd
 // ---------------------------------------------------------------------------------------------
 
+// The operators, called through the dispatcher below autograd: a Python __torch_dispatch__ mode
+// (torch.utils.flop_counter.FlopCounterMode, whose FLOP formulas han_surgery.kernels.flops registers)
+// sees each call, which a direct C++ call would hide from it. Without such a mode this goes straight to
+// the CPU kernel (a dispatcher lookup, no Python).
+at::Tensor call_forward(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, at::IntArrayRef abs,
+                        bool normalize) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("han_surgery::householder_chain_forward", "")
+                             .typed<decltype(chain_forward)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, u, b, abs, normalize);
+}
+
+std::vector<at::Tensor> call_forward_saving(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b,
+                                            at::IntArrayRef abs, bool normalize) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("han_surgery::householder_layer_forward_saving", "")
+                             .typed<decltype(layer_forward_saving)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(x, u, b, abs, normalize);
+}
+
 // The forward operator's autograd: its backward is the backward operator, called from C++ (no
 // Python per call; a Python autograd.Function cost 40-60 us per training step, 19 layers at
-// n = 200 and 100 rows). Under create_graph=True the backward operator is called through the
-// dispatcher instead, so that its own autograd formula (registered from Python by
+// n = 200 and 100 rows): below autograd as above, except under create_graph=True, where it goes
+// through autograd so that its own autograd formula (registered from Python by
 // han_surgery.functional: differentiating the chain's definition) records the graph for double
 // backward. Saves x, u and b; a single layer with k > 1 on rows also its projections and signs.
 class ChainFunction : public torch::autograd::Function<ChainFunction> {
@@ -1693,12 +1716,12 @@ class ChainFunction : public torch::autograd::Function<ChainFunction> {
     ctx->saved_data["abs"] = abs.vec();
     ctx->saved_data["normalize"] = normalize;
     if (u.size(0) == 1 && u.size(1) > 1 && x.size(2) == 1) {
-      std::vector<at::Tensor> out = layer_forward_saving(x, u, b, abs, normalize);
+      std::vector<at::Tensor> out = call_forward_saving(x, u, b, abs, normalize);
       ctx->save_for_backward({x, u, b, out[1], out[2]});
       return out[0];
     }
     ctx->save_for_backward({x, u, b});
-    return chain_forward(x, u, b, abs, normalize);
+    return call_forward(x, u, b, abs, normalize);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -1712,14 +1735,15 @@ class ChainFunction : public torch::autograd::Function<ChainFunction> {
     const at::Tensor none = at::empty({0}, x.options());
     const at::Tensor& p = saved.size() > 3 ? saved[3] : none;
     const at::Tensor& sign = saved.size() > 3 ? saved[4] : none;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("han_surgery::householder_chain_backward", "")
+                               .typed<decltype(chain_backward)>();
     std::vector<at::Tensor> d;
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      static const auto op = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow("han_surgery::householder_chain_backward", "")
-                                 .typed<decltype(chain_backward)>();
       d = op.call(grad, x, u, b, abs, normalize, need_x, need_u || need_b, p, sign);
     } else {
-      d = chain_backward(grad, x, u, b, abs, normalize, need_x, need_u || need_b, p, sign);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      d = op.call(grad, x, u, b, abs, normalize, need_x, need_u || need_b, p, sign);
     }
     const at::Tensor undefined;
     return {need_x ? d[0] : undefined, need_u ? d[1] : undefined, need_b ? d[2] : undefined, undefined, undefined};
@@ -1729,7 +1753,7 @@ class ChainFunction : public torch::autograd::Function<ChainFunction> {
 at::Tensor chain_forward_autograd(const at::Tensor& x, const at::Tensor& u, const at::Tensor& b, at::IntArrayRef abs,
                                   bool normalize) {
   if (!at::GradMode::is_enabled() || !(x.requires_grad() || u.requires_grad() || b.requires_grad())) {
-    return chain_forward(x, u, b, abs, normalize);  // nothing to differentiate: nothing saved
+    return call_forward(x, u, b, abs, normalize);  // nothing to differentiate: nothing saved
   }
   return ChainFunction::apply(x, u, b, abs, normalize);
 }
@@ -1737,15 +1761,12 @@ at::Tensor chain_forward_autograd(const at::Tensor& x, const at::Tensor& u, cons
 }  // namespace
 }  // namespace han_surgery
 
-TORCH_LIBRARY(han_surgery, m) {
-  m.def("householder_chain_forward(Tensor x, Tensor u, Tensor b, int[] abs, bool normalize) -> Tensor");
-  m.def(
-      "householder_chain_backward(Tensor grad, Tensor x, Tensor u, Tensor b, int[] abs, bool normalize, "
-      "bool need_input, bool need_params, Tensor saved_p, Tensor saved_sign) -> Tensor[]");
-}
-
+// The operators' schemas are defined from Python (han_surgery.kernels.cpu, at import), so that
+// their FLOP formulas can be registered before the first FlopCounterMode is created, whether or
+// not this extension has been built yet; this file implements them.
 TORCH_LIBRARY_IMPL(han_surgery, CPU, m) {
   m.impl("householder_chain_forward", &han_surgery::chain_forward);
+  m.impl("householder_layer_forward_saving", &han_surgery::layer_forward_saving);
   m.impl("householder_chain_backward", &han_surgery::chain_backward);
 }
 
