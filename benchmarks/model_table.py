@@ -4,8 +4,10 @@ MACs are counted with :class:`torch.utils.flop_counter.FlopCounterMode` (matrix 
 convolutions and attention, a multiply-add being 2 FLOPs, so MACs = FLOPs / 2) for one image
 at the model's default input size, in eval mode. PyTorch has no FLOP formula for its CPU
 flash-attention kernel, so one is supplied (:func:`_sdpa_cpu`, the standard
-``sdpa_flop_count``). Element-wise work (norms, activations, ``|.|``, softmax,
-bias adds) is not counted, as usual for MAC tables.
+``sdpa_flop_count``). Householder layers count by the formulas that :mod:`han_surgery.kernels.flops`
+registers (``2kn + k^2`` MACs per vector of width ``n`` with ``k`` reflections), the same on the CPU
+kernel and inside :func:`han_surgery.kernels.disabled`. Element-wise work (norms, activations, ``|.|``,
+softmax, bias adds) is not counted, as usual for MAC tables.
 
 Usage (from the repository root)::
 
