@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,9 @@ from torch import nn
 from han_surgery.layers import HanLayer, HouseholderLinear
 from han_surgery.paper import attacks, checkerboard, common, regression
 from han_surgery.paper.approximation import fc1, han3
+from han_surgery.paper.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_han_net_matches_the_authors_checkerboard_net():
@@ -208,3 +213,21 @@ def test_cw_abort_early_stops_when_the_batch_loss_rises(trained_classifier):
     )
     assert full_calls == 200 + 1  # 200 steps + the accuracy check
     assert len(calls) < 200 and full <= early
+
+
+def test_full_runs_sh_lists_the_recorded_command_of_every_result_folder():
+    """benchmarks/paper/full_runs.sh runs, for each docs/results/<name>/results.json, the command it records, with
+    ``--out docs/results/<name>`` and without ``--jobs`` (an option since removed); and nothing else. Each parses."""
+    recorded = []
+    for path in sorted((ROOT / "docs" / "results").glob("*/results.json")):
+        argv = shlex.split(json.loads(path.read_text())["command"])
+        argv[argv.index("--out") + 1] = f"docs/results/{path.parent.name}"
+        if "--jobs" in argv:
+            del argv[argv.index("--jobs") : argv.index("--jobs") + 2]
+        recorded.append(argv)
+    script = (ROOT / "benchmarks" / "paper" / "full_runs.sh").read_text().replace("\\\n", " ")
+    listed = [shlex.split(line)[3:] for line in script.splitlines() if line.startswith("nice -n 19 han-surgery paper")]
+    assert sorted(listed) == sorted(recorded) and len(recorded) == 12
+    parser = build_parser()
+    for argv in listed:
+        parser.parse_args(argv[2:])  # an unknown flag raises PaperInputError
