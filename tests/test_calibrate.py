@@ -28,6 +28,7 @@ from han_surgery.surgery.calibration import (
     record_inputs,
 )
 from han_surgery.surgery.calibration import calibrate as calibrate_module
+from han_surgery.surgery.modules import HanMixFfn
 
 FAST = dict(steps=60, tokens_per_block=4096, progress=False)
 
@@ -659,6 +660,15 @@ def test_hidden_states_records_module_outputs():
         ("hf/convnext", "fitted", False),
         ("hf/convnextv2", "not calibrated", False),  # GRN mixes pixels
         ("custom/fallback", "fitted", False),
+        ("timm/levit", "fitted", False),  # Linear + BatchNorm pairs: LinearNorm needs (B, N, d)
+        ("timm/levit_conv", "fitted", False),
+        # a depthwise conv mixes tokens (pixels): replaced, not fitted
+        ("timm/pvt_v2", "not calibrated", False),  # forward(x, feat_size)
+        ("hf/segformer", "not calibrated", False),  # forward(h, height, width)
+        ("timm/efficientformerv2", "not calibrated", False),  # (N, C, H, W) Mix-FFN
+        ("timm/efficientvit", "not calibrated", False),
+        ("timm/fastvit", "not calibrated", False),  # the conv in front of the MLP
+        ("timm/mambaout", "not calibrated", False),
     ],
 )
 def test_every_rule_family_calibrates(name, expected, extras):
@@ -680,6 +690,63 @@ def test_every_rule_family_calibrates(name, expected, extras):
         assert set(statuses) == {expected}
     with torch.no_grad():
         assert torch.isfinite(output_tensor(model(**inputs))).all()
+
+
+def _glpn():
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.GLPNConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[16, 32],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+    )
+    return T.GLPNModel(cfg).eval()
+
+
+@pytest.mark.parametrize("target", ["model", "block"])
+def test_token_mixing_blocks_are_replaced_and_reported_not_calibrated(target):
+    """Mix-FFNs (a depthwise conv inside) mix tokens: the fit is per token, so they are replaced, not fitted."""
+    model = _glpn()
+    report = hanify(
+        model,
+        calibration=[{"pixel_values": torch.randn(2, 3, 64, 64)}],
+        calibration_config=CalibrationConfig(steps=2, target=target, progress=False),
+    )
+    assert report.num_rewritten == 2 and all(isinstance(b.mlp, HanMixFfn) for s in model.encoder.block for b in s)
+    for b in report.calibration.blocks:
+        assert b.status == "not calibrated" and "depthwise conv" in b.reason and "token by token" in b.reason, b
+    with torch.no_grad():
+        assert torch.isfinite(model(pixel_values=torch.randn(1, 3, 64, 48)).last_hidden_state).all()
+
+
+def test_levit_linear_mlp_calibrates_as_its_conv_twin():
+    """LeViT's Linear + BatchNorm1d pairs are fitted against the same old computation as the 1x1-conv variant."""
+    models = [ZOO["timm/levit"]()[0].eval(), ZOO["timm/levit_conv"]()[0].eval()]
+    with torch.no_grad():
+        for m in models[0].modules():  # untrained: ln2's BatchNorm scales by 0, nothing to fit
+            if isinstance(m, nn.BatchNorm1d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+        twin = models[1].state_dict()
+        models[1].load_state_dict({k: v.reshape(twin[k].shape) for k, v in models[0].state_dict().items()})
+    x = torch.randn(4, 3, 64, 64)
+    fits = []
+    for model in models:
+        torch.manual_seed(1)
+        report = hanify(
+            model, HanConfig(gain=True), calibration=[x], calibration_config=CalibrationConfig(steps=5, progress=False)
+        )
+        fits.append(report.calibration.blocks[0])
+    linear, conv = fits
+    assert linear.status == conv.status == "fitted" and linear.tokens == conv.tokens == 4 * 16
+    for score in ("fvu", "deleted", "mean", "linear"):
+        assert getattr(linear, score) == pytest.approx(getattr(conv, score), rel=1e-4), score
 
 
 def test_residual_drop_is_calibrated_against_the_whole_old_block():

@@ -23,7 +23,7 @@ from .fit import closed_form_start, fvu
 from .heal import HiddenStates, heal, hidden_state_distillation_loss, hidden_state_paths
 from .record import CalibrationDataError, TokenReservoir, call_model, record_inputs
 from .report import BlockFit, CalibrationReport
-from .site import CalibratedReplacement, CalibrationSite, PixelRows
+from .site import CalibratedReplacement, CalibrationSite, PixelRows, SequenceRows
 
 __all__ = [
     "CalibrationConfig",
@@ -34,6 +34,7 @@ __all__ = [
     "CalibratedReplacement",
     "CalibrationDataError",
     "PixelRows",
+    "SequenceRows",
     "TokenReservoir",
     "calibrate_rewrites",
     "calibration_batches",

@@ -13,8 +13,9 @@ so that blocks fitted before it are in place) the site defines
 where ``N`` is the post-norm of post-norm models (BERT, DistilBERT, BART: the
 fit is scored after it, as the network sees it) or nothing (pre-norm models:
 the branch output is scored, the residual add being the same on both sides).
-Every one of these functions must act on each token (row) independently: a
-block that mixes tokens (gMLP's spatial gating, ConvNeXt-V2's GRN) has no site.
+Every one of these functions must act on each token (row) independently: a block
+that mixes tokens (gMLP's spatial gating, a Mix-FFN's depthwise conv, ConvNeXt-V2's GRN)
+has no site.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ..registry import Replacement
 
-__all__ = ["CalibrationSite", "CalibratedReplacement", "PixelRows"]
+__all__ = ["CalibrationSite", "CalibratedReplacement", "PixelRows", "SequenceRows"]
 
 
 @dataclass
@@ -91,3 +92,18 @@ class PixelRows(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x[:, :, None, None])[:, :, 0, 0]
+
+
+class SequenceRows(nn.Module):
+    """Apply a module that expects ``(B, N, C)`` sequences to rows ``(T, C)``, as one sequence of ``T`` tokens.
+
+    ``y = inner(x[None])[0]``; only valid for modules that act on each token independently
+    (LeViT's Linear + BatchNorm pairs in eval mode, which flatten ``(B, N)`` for the BatchNorm).
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x[None])[0]

@@ -9,7 +9,7 @@ from torch import nn
 from ...layers import Abs, HanBlock, HanLayer, HouseholderLinear
 from ..calibration.site import CalibratedReplacement, CalibrationSite, PixelRows
 from ..config import HanConfig
-from ..modules import ChannelsFirst, HanGatedMlp, HanMixFfn2d, ResidualFree
+from ..modules import ChannelsFirst, HanConvMlp, HanGatedMlp, HanMixFfn, HanMixFfn2d, ResidualFree
 from ..registry import Candidate, SkipCandidate
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "block_dropout",
     "han_block",
     "calibration_site",
+    "token_mixing_reason",
     "finish",
     "inline_han_swaps",
     "inline_site",
@@ -128,6 +129,22 @@ def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0
     )
 
 
+# New modules whose output at a token depends on other tokens: calibration fits token by token (rows), so a
+# rewrite that puts one of them in has no calibration site.
+TOKEN_MIXING: tuple[tuple[type[nn.Module], str], ...] = (
+    (HanGatedMlp, "gMLP's spatial gating mixes tokens"),
+    (HanMixFfn, "the depthwise conv inside this Mix-FFN mixes neighbouring tokens (pixels)"),
+    (HanConvMlp, "the depthwise conv (kept) in front of this MLP mixes neighbouring pixels"),
+)
+
+
+def token_mixing_reason(module: nn.Module) -> str:
+    """Why a rewrite that puts ``module`` in cannot be calibrated (``""``: it acts on each token on its own)."""
+    inner = module.inner if isinstance(module, ChannelsFirst) else module
+    what = next((why for kind, why in TOKEN_MIXING if isinstance(inner, kind)), "")
+    return f"{what}; calibration fits token by token" if what else ""
+
+
 def calibration_site(
     cand: Candidate,
     han: nn.Module,
@@ -146,8 +163,9 @@ def calibration_site(
     ``removed_norm_path`` the qualified name of that norm.
     """
     inner = han.inner if isinstance(han, ChannelsFirst) else han
-    if isinstance(inner, HanGatedMlp):
-        return None, "gMLP's spatial gating mixes tokens; calibration fits token by token"
+    mixing = token_mixing_reason(han)
+    if mixing:
+        return None, mixing
     if site is not None and site.transposed and removed_norm is not None:
         return None, "the dropped norm normalises channels, but this token-mixing FFN sees tokens as features"
     chain = [m for m in (removed_norm, cand.module, *removed_scales) if m is not None]

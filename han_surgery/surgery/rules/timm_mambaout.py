@@ -6,7 +6,8 @@ It becomes :class:`~han_surgery.surgery.modules.HanGatedConvBlock` around
 ``HanMixFfn`` = ``H2 |DW(H1 x + b1)| + b2``: the gate goes (as in LLaMA's gated MLPs), the projections
 become reflections, and the depthwise conv stays, at width ``d`` (identity at first), so the block
 still mixes tokens. ``drop_norm`` turns the block's ``norm`` into ``Identity``; ``residual="drop"``
-returns the branch alone (layer scale -> ``Identity``).
+returns the branch alone (layer scale -> ``Identity``). The depthwise conv mixes tokens, so calibrated
+surgery replaces the block without fitting it ("not calibrated").
 """
 
 from __future__ import annotations
@@ -14,14 +15,15 @@ from __future__ import annotations
 from timm.models.mambaout import GatedConvBlock
 from torch import nn
 
+from ..calibration.site import CalibratedReplacement
 from ..config import HanConfig
 from ..modules import HanGatedConvBlock, HanMixFfn
-from ..registry import Candidate, Replacement, SkipCandidate, register_rule
-from ._common import block_dropout, dims, require_reflections
+from ..registry import Candidate, SkipCandidate, register_rule
+from ._common import block_dropout, dims, require_reflections, token_mixing_reason
 
 
 @register_rule("timm.mambaout_block", matcher=GatedConvBlock, changes=("norm", "residual"), priority=100)
-def build_mambaout_block(cand: Candidate, config: HanConfig) -> Replacement:
+def build_mambaout_block(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
     """timm MambaOut ``GatedConvBlock`` (gated MLP with a depthwise conv, its own norm and residual) -> ``HanGatedConvBlock``."""
     m = cand.module
     (d_in, _), (_, d_out) = dims(m.fc1), dims(m.fc2)
@@ -46,4 +48,4 @@ def build_mambaout_block(cand: Candidate, config: HanConfig) -> Replacement:
         "residual": "kept" if residual else "dropped (the block returns Han(x)), layer scale -> Identity",
         "gate": f"gate removed; depthwise {k}x{k} conv kept at width {d_in}",
     }
-    return Replacement({cand.path: block}, nb)
+    return CalibratedReplacement({cand.path: block}, nb, not_calibrated=token_mixing_reason(ffn))
