@@ -12,6 +12,7 @@ from _surgery_zoo import ZOO, output_tensor
 from torch import nn
 
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, save_pretrained
+from han_surgery.errors import ConfigError
 from han_surgery.layers import LowRankLinear
 from han_surgery.surgery.calibration import (
     BlockFit,
@@ -341,6 +342,24 @@ def test_bad_calibration_data_is_a_clear_error_and_changes_nothing(data, match):
     assert all(isinstance(b.mlp, nn.Module) and not isinstance(b.mlp, HanBlock) for b in model.blocks)
 
 
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(lr="a"), r"CalibrationConfig.lr must be a finite number in \(0, inf\), got 'a'"),
+        (dict(max_fvu=float("nan")), "CalibrationConfig.max_fvu must be None or a finite number"),
+        (dict(heal_lr=float("inf")), "CalibrationConfig.heal_lr must be a finite number"),
+        (dict(steps=True), "CalibrationConfig.steps must be an int >= 0, got True"),
+        (dict(record_batches=2.0), "CalibrationConfig.record_batches must be None or an int >= 1"),
+        (dict(seed="0"), "CalibrationConfig.seed must be an int"),
+        (dict(progress="no"), "CalibrationConfig.progress must be True or False"),
+    ],
+)
+def test_calibration_config_fields_of_the_wrong_type_are_config_errors_naming_the_field(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        CalibrationConfig(**bad)
+    assert CalibrationConfig(heal_memory_mb=float("inf")).heal_memory_mb == float("inf")  # no bound on the cache
+
+
 def test_config_checks():
     with pytest.raises(ValueError, match="without calibration data"):
         hanify(_vit(), calibration_config=CalibrationConfig())
@@ -600,7 +619,7 @@ def test_healing_with_token_replacement_trains_on_the_altered_batches(monkeypatc
     with pytest.raises(CalibrationDataError, match="no 2-D integer 'input_ids'"):
         hanify(base, HanConfig(), calibration=[{"inputs_embeds": torch.randn(2, 5, 32)}], calibration_config=cfg)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
-    with pytest.raises(ValueError, match="heal_augment must be in"):
+    with pytest.raises(ValueError, match="heal_augment must be a finite number in"):
         CalibrationConfig(heal_augment=1.0)
 
 

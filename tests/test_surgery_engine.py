@@ -10,6 +10,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from han_surgery import HanBlock, HanConfig, HanifyReport, hanify, register_rule
+from han_surgery.errors import ConfigError
 from han_surgery.surgery import (
     HanifyError,
     NothingToRewriteError,
@@ -266,6 +267,36 @@ def test_config_validation_and_round_trip():
             HanConfig(**bad)
     with pytest.raises(ValueError, match="unknown fields"):
         HanConfig.from_dict({"residul": "keep"})
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(dropout="0.1"), r"HanConfig.dropout must be None or a finite number in \[0, 1\), got '0.1'"),
+        (dict(dropout=float("nan")), "HanConfig.dropout must be None or a finite number"),
+        (dict(reflections=True), "HanConfig.reflections must be an int >= 1, got True"),  # bool is an int subclass
+        (dict(side_rank=1.0), "HanConfig.side_rank must be an int >= 0"),
+        (dict(drop_norm="no"), "HanConfig.drop_norm must be True or False"),
+        (dict(include=None), r"HanConfig.include must be a pattern or a list of patterns \(str\), got None \(use \(\)"),
+        (dict(exclude=[1]), "HanConfig.exclude must be a pattern or a list of patterns"),
+        (dict(rules=3), "HanConfig.rules must be a pattern or a list of patterns"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_are_config_errors_naming_the_field(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        HanConfig(**bad)
+
+
+def test_hanify_with_a_dict_for_a_config_says_to_build_the_dataclass():
+
+    model = TwoMlps()
+    snap = _snapshot(model)
+    with pytest.raises(ConfigError, match=r"config must be a HanConfig, not a dict: pass HanConfig\(\*\*\.\.\.\)"):
+        hanify(model, {"reflections": 2})
+    with pytest.raises(ConfigError, match="calibration_config must be a CalibrationConfig, not a dict"):
+        hanify(model, calibration=[torch.randn(2, 96)], calibration_config={"steps": 2})
+    _assert_unchanged(model, snap)
+    assert hanify(model, HanConfig(**{"reflections": 2})).num_rewritten == 2
 
 
 def test_report_table_and_totals():

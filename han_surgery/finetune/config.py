@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..checks import check_number
 from ..errors import ConfigError
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
@@ -172,13 +172,13 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
-        self._check_range("lr", self.lr, low=0.0, low_open=True)
-        self._check_range("weight_decay", self.weight_decay, low=0.0)
-        self._check_range("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
-        self._check_range("val_fraction", self.val_fraction, low=0.0, high=1.0, low_open=True)
-        self._check_range("distill_alpha", self.distill_alpha, low=0.0, high=1.0, high_closed=True)
-        self._check_range("distill_temperature", self.distill_temperature, low=0.0, low_open=True)
-        self._check_range("distill_hidden_weight", self.distill_hidden_weight, low=0.0, low_open=True)
+        check_number("--lr", self.lr, 0.0, low_open=True)
+        check_number("--weight-decay", self.weight_decay, 0.0)
+        check_number("--label-smoothing", self.label_smoothing, 0.0, 1.0)
+        check_number("--val-fraction", self.val_fraction, 0.0, 1.0, low_open=True)
+        check_number("--distill-alpha", self.distill_alpha, 0.0, 1.0, high_closed=True)
+        check_number("--distill-temperature", self.distill_temperature, 0.0, low_open=True)
+        check_number("--distill-hidden-weight", self.distill_hidden_weight, 0.0, low_open=True)
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError("--epochs and --max-steps: give one of them, not both")
         if self.resume is not None and self.overwrite:
@@ -201,24 +201,6 @@ class FinetuneConfig:
             )
         if self.push_to_hub is not None and (self.push_to_hub.count("/") != 1 or self.push_to_hub.startswith("/")):
             raise ConfigError(f"--push-to-hub {self.push_to_hub}: give a repo id as <user or org>/<name>")
-
-    @staticmethod
-    def _check_range(
-        name: str,
-        value: Any,
-        *,
-        low: float,
-        high: float = math.inf,
-        low_open: bool = False,
-        high_closed: bool = False,
-    ) -> None:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if ok:
-            ok = (value > low if low_open else value >= low) and (value <= high if high_closed else value < high)
-        if not ok:
-            lo, hi = "(" if low_open else "[", "]" if high_closed else ")"
-            bound = f"{lo}{low:g}, {high:g}{hi}" if math.isfinite(high) else f"{lo}{low:g}, inf)"
-            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number in {bound}, got {value!r}")
 
     @property
     def eval_batch(self) -> int:

@@ -24,11 +24,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..checks import check_bool, check_int, check_number
 from ..errors import ConfigError
 
 __all__ = ["HanConfig", "match_pattern"]
 
 Residual = Literal["keep", "drop"]
+
+
+def _patterns(name: str, value: Any) -> tuple[str, ...]:
+    """``value`` (one pattern or an iterable of them) as a tuple of strings; a ``ConfigError`` otherwise."""
+    patterns = (value,) if isinstance(value, str) else value
+    try:
+        patterns = tuple(patterns)
+    except TypeError:
+        patterns = None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        none = " (use () for none)" if value is None else ""
+        raise ConfigError(f"HanConfig.{name} must be a pattern or a list of patterns (str), got {value!r}{none}")
+    return patterns
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -133,31 +147,21 @@ class HanConfig:
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.include, str):
-            self.include = (self.include,)
-        if isinstance(self.exclude, str):
-            self.exclude = (self.exclude,)
-        if isinstance(self.rules, str):
-            self.rules = (self.rules,)
-        self.include = tuple(self.include)
-        self.exclude = tuple(self.exclude)
-        if self.rules is not None:
-            self.rules = tuple(self.rules)
+        for name in ("rules", "include", "exclude"):
+            value = getattr(self, name)
+            if name != "rules" or value is not None:
+                setattr(self, name, _patterns(name, value))
         if self.residual not in ("keep", "drop"):
             raise ConfigError(f"HanConfig.residual must be 'keep' or 'drop', got {self.residual!r}")
-        if not isinstance(self.reflections, int) or self.reflections < 1:
-            raise ConfigError(f"HanConfig.reflections must be an int >= 1, got {self.reflections!r}")
+        check_int("HanConfig.reflections", self.reflections, 1)
         if self.init not in ("orthogonal", "normal"):
             raise ConfigError(f"HanConfig.init must be 'orthogonal' or 'normal', got {self.init!r}")
         if self.bias_init not in ("uniform", "zeros"):
             raise ConfigError(f"HanConfig.bias_init must be 'uniform' or 'zeros', got {self.bias_init!r}")
-        if not isinstance(self.side_rank, int) or self.side_rank < 0:
-            raise ConfigError(f"HanConfig.side_rank must be an int >= 0, got {self.side_rank!r}")
-        for name in ("gain", "input_scale"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"HanConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.dropout is not None and not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"HanConfig.dropout must be None or in [0, 1), got {self.dropout!r}")
+        check_int("HanConfig.side_rank", self.side_rank, 0)
+        for name in ("drop_norm", "final_abs", "gain", "input_scale"):
+            check_bool(f"HanConfig.{name}", getattr(self, name))
+        check_number("HanConfig.dropout", self.dropout, 0.0, 1.0, optional=True)
         for pattern in (*self.include, *self.exclude):
             if pattern.startswith("re:"):
                 try:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -201,6 +201,13 @@ def _check_patterns(config: HanConfig, model: nn.Module, candidate_paths: list[s
                 )
 
 
+def _require_type(name: str, value: Any, cls: type) -> None:
+    """A ``ConfigError`` unless ``value`` is a ``cls`` (a dict of its fields is the likely mistake)."""
+    if not isinstance(value, cls):
+        how = f": pass {cls.__name__}(**...) or {cls.__name__}.from_dict(...)" if isinstance(value, Mapping) else ""
+        raise ConfigError(f"hanify: {name} must be a {cls.__name__}, not a {type(value).__name__}{how}")
+
+
 def hanify(
     model: nn.Module,
     config: HanConfig | None = None,
@@ -238,13 +245,19 @@ def hanify(
 
     Raises:
         NothingToRewriteError: no rule recognises any module (and no Han module is present).
-        ConfigError: an include/exclude pattern matches no candidate (the message lists near names).
+        ConfigError: an include/exclude pattern matches no candidate (the message lists near names), or
+            ``config`` / ``calibration_config`` is not a ``HanConfig`` / ``CalibrationConfig`` (e.g. a dict).
         HanifyError: a rule failed; the model is unchanged.
         CalibrationDataError: the calibration data is empty or a batch has the
             wrong type; the model is unchanged (as after any failure of the fit).
     """
     model = unwrap_model(model)
     config = config if config is not None else HanConfig()
+    _require_type("config", config, HanConfig)
+    if calibration_config is not None:
+        from .calibration.config import CalibrationConfig
+
+        _require_type("calibration_config", calibration_config, CalibrationConfig)
     if calibration_config is not None and calibration is None:
         raise ValueError("hanify: calibration_config given without calibration data (calibration=batches)")
     if calibration is not None and dry_run:

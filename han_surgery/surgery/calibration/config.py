@@ -6,12 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ...checks import check_bool, check_int, check_number
 from ...errors import ConfigError
 
 __all__ = ["CalibrationConfig", "FLAG_PREFIX"]
 
 #: The command-line flags of :class:`CalibrationConfig` and ``CalibrationData`` are ``--calibration-<field>``.
 FLAG_PREFIX = "calibration-"
+START = ("linear", "random")
+TARGET = ("model", "block")
 HEAL_PARAMS = ("new", "all", "all-but-embeddings")
 KEEP_BY = ("block", "output")
 
@@ -144,54 +147,33 @@ class CalibrationConfig:
     progress: bool = _field(True, "show progress bars")
 
     def __post_init__(self) -> None:
-        try:
-            self._check()
-        except ValueError as e:  # a ConfigError (also a ValueError): the command line prints it as one line
-            raise ConfigError(str(e)) from None
-
-    def _check(self) -> None:
-        for name in ("tokens_per_block", "batch_tokens"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"CalibrationConfig.{name} must be an int >= 1, got {getattr(self, name)!r}")
-        for name in ("steps", "heal_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"CalibrationConfig.{name} must be an int >= 0, got {getattr(self, name)!r}")
-        for name in ("record_batches", "heal_batches"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"CalibrationConfig.{name} must be None or an int >= 1, got {value!r}")
-        if self.start not in ("linear", "random"):
-            raise ValueError(f"CalibrationConfig.start must be 'linear' or 'random', got {self.start!r}")
-        if self.heal_params not in HEAL_PARAMS:
-            raise ValueError(f"CalibrationConfig.heal_params must be one of {HEAL_PARAMS}, got {self.heal_params!r}")
-        if self.keep_by not in KEEP_BY:
-            raise ValueError(f"CalibrationConfig.keep_by must be one of {KEEP_BY}, got {self.keep_by!r}")
-        if self.target not in ("block", "model"):
-            raise ValueError(f"CalibrationConfig.target must be 'block' or 'model', got {self.target!r}")
-        if not 0.0 < self.holdout < 1.0:
-            raise ValueError(f"CalibrationConfig.holdout must be in (0, 1), got {self.holdout!r}")
-        if not 0.0 <= self.heal_augment < 1.0:
-            raise ValueError(f"CalibrationConfig.heal_augment must be in [0, 1), got {self.heal_augment!r}")
-        if self.keep_budget is not None and (not isinstance(self.keep_budget, int) or self.keep_budget < 0):
-            raise ValueError(f"CalibrationConfig.keep_budget must be None or an int >= 0, got {self.keep_budget!r}")
+        q = "CalibrationConfig."
+        for name, low in (("tokens_per_block", 1), ("batch_tokens", 1), ("steps", 0), ("heal_steps", 0)):
+            check_int(q + name, getattr(self, name), low)
+        for name, low in (("record_batches", 1), ("heal_batches", 1), ("keep_budget", 0), ("keep_count", 0)):
+            check_int(q + name, getattr(self, name), low, optional=True)
+        check_int(q + "seed", self.seed)
+        for name in ("lr", "heal_lr"):
+            check_number(q + name, getattr(self, name), 0.0, low_open=True)
+        check_number(q + "heal_memory_mb", self.heal_memory_mb, 0.0, low_open=True, high_closed=True)
+        check_number(q + "holdout", self.holdout, 0.0, 1.0, low_open=True)
+        check_number(q + "heal_augment", self.heal_augment, 0.0, 1.0)
+        check_number(q + "max_fvu", self.max_fvu, 0.0, optional=True)
+        check_bool(q + "progress", self.progress)
+        for name, choices in (("start", START), ("target", TARGET), ("heal_params", HEAL_PARAMS), ("keep_by", KEEP_BY)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{q}{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.keep_count is not None:
-            if not isinstance(self.keep_count, int) or self.keep_count < 0:
-                raise ValueError(f"CalibrationConfig.keep_count must be None or an int >= 0, got {self.keep_count!r}")
             if self.keep_by != "output":
-                raise ValueError(
+                raise ConfigError(
                     "CalibrationConfig.keep_count chooses blocks by the rise of the last hidden state's FVU: "
                     "set keep_by='output'"
                 )
             if self.max_fvu is not None or self.keep_budget is not None:
-                raise ValueError(
+                raise ConfigError(
                     "CalibrationConfig.keep_count says how many blocks to keep; max_fvu and keep_budget decide it "
                     "another way: set one or the other"
                 )
-        if self.max_fvu is not None and self.max_fvu < 0:
-            raise ValueError(f"CalibrationConfig.max_fvu must be None or >= 0, got {self.max_fvu!r}")
-        for name in ("lr", "heal_lr", "heal_memory_mb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"CalibrationConfig.{name} must be > 0, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (what the recipe records)."""

@@ -1,0 +1,57 @@
+"""Field checks shared by the config dataclasses (``HanConfig``, ``CalibrationConfig``, ``FinetuneConfig``).
+
+Each raises a :class:`~han_surgery.errors.ConfigError` that names the field (``name``: ``"HanConfig.dropout"``,
+or a flag, ``"--lr"``) and the values it takes. ``bool`` is never taken for a number (it is an ``int``
+subclass: ``reflections=True`` is a mistake, not 1), and neither is a string that looks like one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["check_bool", "check_int", "check_number"]
+
+
+def _none_or(optional: bool) -> str:
+    return "None or " if optional else ""
+
+
+def check_int(name: str, value: Any, low: int | None = None, *, optional: bool = False) -> None:
+    """``value`` is an ``int`` (not a ``bool``) ``>= low`` (or ``None``, with ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ConfigError(f"{name} must be {_none_or(optional)}an int{bound}, got {value!r}")
+
+
+def check_number(
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_closed: bool = False,
+    optional: bool = False,
+) -> None:
+    """``value`` is an ``int`` or ``float`` (not a ``bool``, not NaN) in the interval from ``low`` to ``high``
+    (open or closed at each end; ``high=inf, high_closed=True`` also takes infinity), or ``None`` with ``optional``."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:  # NaN fails every comparison
+        ok = (value > low if low_open else value >= low) and (value <= high if high_closed else value < high)
+    if not ok:
+        finite = "" if high_closed and high == math.inf else "finite "
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}{']' if high_closed else ')'}"
+        raise ConfigError(f"{name} must be {_none_or(optional)}a {finite}number in {bound}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be True or False, got {value!r}")
