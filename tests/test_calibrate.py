@@ -16,6 +16,7 @@ from han_surgery.errors import ConfigError
 from han_surgery.layers import LowRankLinear
 from han_surgery.surgery.calibration import (
     BlockFit,
+    CalibrationBatchError,
     CalibrationConfig,
     CalibrationDataError,
     CalibrationReport,
@@ -358,6 +359,33 @@ def test_calibration_config_fields_of_the_wrong_type_are_config_errors_naming_th
     with pytest.raises(ConfigError, match=match):
         CalibrationConfig(**bad)
     assert CalibrationConfig(heal_memory_mb=float("inf")).heal_memory_mb == float("inf")  # no bound on the cache
+
+
+@pytest.mark.parametrize(
+    "data, failing, match, cause",
+    [  # a DataLoader of (images, labels) gives lists: called as model(images, labels)
+        ([[torch.randn(2, 3, 32, 32), torch.tensor([0, 1])]], 0, r"pass inputs only, not \(inputs, labels\)", None),
+        ([torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)], 1, r"called as model\(batch\)", AssertionError),
+        ([{"x": torch.randn(2, 3, 32, 32)}, {"x": torch.randn(2, 3, 32, 32), "y": 1}], 1, "keys must be", TypeError),
+    ],
+)
+def test_a_batch_the_model_raises_on_is_a_data_error_naming_it_and_changes_nothing(data, failing, match, cause):
+    model = _vit()
+    before = _state(model)
+    with pytest.raises(CalibrationBatchError, match=f"on calibration batch {failing}: .*{match}") as info:
+        hanify(model, calibration=data, calibration_config=CalibrationConfig(steps=2, progress=False))
+    assert isinstance(info.value, CalibrationDataError) and info.value.__cause__ is info.value.error
+    assert cause is None or isinstance(info.value.__cause__, cause)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(type(b.mlp).__name__ == "Mlp" for b in model.blocks)
+
+
+def test_an_out_of_vocabulary_batch_is_a_data_error_naming_it():
+    model = _bert()
+    data = _tokens(2, 0) + [{"input_ids": torch.tensor([[1, 2, 500]])}]
+    with pytest.raises(CalibrationBatchError, match="IndexError on calibration batch 2: .*within the vocabulary"):
+        hanify(model, calibration=data, calibration_config=CalibrationConfig(steps=2, progress=False))
+    assert type(model.encoder.layer[0].intermediate).__name__ == "BertIntermediate"
 
 
 def test_config_checks():

@@ -248,8 +248,9 @@ def hanify(
         ConfigError: an include/exclude pattern matches no candidate (the message lists near names), or
             ``config`` / ``calibration_config`` is not a ``HanConfig`` / ``CalibrationConfig`` (e.g. a dict).
         HanifyError: a rule failed; the model is unchanged.
-        CalibrationDataError: the calibration data is empty or a batch has the
-            wrong type; the model is unchanged (as after any failure of the fit).
+        CalibrationDataError: the calibration data is empty, a batch has the
+            wrong type, or the model raised on a batch (``CalibrationBatchError``, naming
+            it); the model is unchanged (as after any failure of the fit).
     """
     model = unwrap_model(model)
     config = config if config is not None else HanConfig()

@@ -21,7 +21,7 @@ from .config import CalibrationConfig
 from .data import CalibrationData, calibration_batches, read_texts
 from .fit import closed_form_start, fvu
 from .heal import HiddenStates, heal, hidden_state_distillation_loss, hidden_state_paths
-from .record import CalibrationDataError, TokenReservoir, call_model, record_inputs
+from .record import CalibrationBatchError, CalibrationDataError, TokenReservoir, call_model, record_inputs
 from .report import BlockFit, CalibrationReport
 from .site import CalibratedReplacement, CalibrationSite, PixelRows, SequenceRows
 
@@ -33,6 +33,7 @@ __all__ = [
     "CalibrationSite",
     "CalibratedReplacement",
     "CalibrationDataError",
+    "CalibrationBatchError",
     "PixelRows",
     "SequenceRows",
     "TokenReservoir",

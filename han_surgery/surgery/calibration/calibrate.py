@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from .config import CalibrationConfig
 from .fit import fit_site, fvu
 from .heal import HiddenStates, TokenReplacer, heal
-from .record import CalibrationDataError, TokenReservoir, as_rows, call_model, record_inputs, token_mask
+from .record import (
+    CalibrationBatchError,
+    CalibrationDataError,
+    TokenReservoir,
+    as_rows,
+    call_model,
+    record_inputs,
+    token_mask,
+)
 from .report import BlockFit, CalibrationReport
 from .site import CalibratedReplacement
 
@@ -313,12 +321,14 @@ def calibrate_rewrites(
             )
             report.heal_steps = config.heal_steps
             report.heal_batches = len(heal_set)
-    except BaseException:
+    except BaseException as err:
         for path, old in reversed(done):
             _set_module(model, path, old)
         with torch.no_grad():
             for p, value in snapshot:  # healing with heal_params="all..." had trained them
                 p.copy_(value)
+        if isinstance(err, CalibrationBatchError) and err.index is None:  # which of the caller's batches
+            err.index = next((i for i, batch in enumerate(batches) if batch is err.batch), None)
         raise
     finally:
         original = {id(p) for p, _ in grad_flags}

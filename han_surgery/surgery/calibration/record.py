@@ -18,11 +18,39 @@ from torch import Tensor, nn
 
 from ...errors import HanSurgeryError
 
-__all__ = ["TokenReservoir", "call_model", "record_inputs", "CalibrationDataError"]
+__all__ = ["TokenReservoir", "call_model", "record_inputs", "CalibrationDataError", "CalibrationBatchError"]
 
 
 class CalibrationDataError(HanSurgeryError, TypeError):
     """A calibration batch is of a type the model cannot be called with, or there were no batches."""
+
+
+_HOW_CALLED = (  # (batch type, how it is called and what to check)
+    (
+        Mapping,
+        "a dict batch is called as model(**batch): its keys must be the model's arguments and its values inputs "
+        "it takes (token ids within the vocabulary)",
+    ),
+    ((tuple, list), "a tuple/list batch is called as model(*batch): pass inputs only, not (inputs, labels)"),
+    (Tensor, "a tensor batch is called as model(batch): it must be an input the model takes (shape, dtype)"),
+)
+
+
+class CalibrationBatchError(CalibrationDataError):
+    """The model raised on a calibration batch; its exception is the ``__cause__``.
+
+    ``index`` is the batch's position in ``hanify(calibration=...)``, set by the calibration (which
+    knows the whole list; ``None`` for a batch it made itself, e.g. one with tokens replaced).
+    """
+
+    def __init__(self, batch: Any, error: BaseException, index: int | None = None) -> None:
+        super().__init__(batch, error)
+        self.batch, self.error, self.index = batch, error, index
+
+    def __str__(self) -> str:
+        which = f"calibration batch {self.index}" if self.index is not None else "a calibration batch"
+        hint = next((how for kind, how in _HOW_CALLED if isinstance(self.batch, kind)), "")
+        return f"the model raised {type(self.error).__name__} on {which}: {self.error} ({hint})"
 
 
 class TokenReservoir:
@@ -97,15 +125,23 @@ def _move(batch: Any, device: torch.device) -> Any:
 
 def call_model(model: nn.Module, batch: Any, device: torch.device | None = None) -> Any:
     """Call ``model`` on one calibration batch: a dict as ``model(**batch)``, a tuple or list as
-    ``model(*batch)``, a tensor as ``model(batch)`` (tensors moved to ``device``)."""
-    if device is not None:
-        batch = _move(batch, device)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    if isinstance(batch, Tensor):
-        return model(batch)
+    ``model(*batch)``, a tensor as ``model(batch)`` (tensors moved to ``device``).
+
+    Raises:
+        CalibrationBatchError: the model raised on the batch (chained: its exception is the cause).
+    """
+    moved = _move(batch, device) if device is not None else batch
+    try:
+        if isinstance(moved, Mapping):
+            return model(**moved)
+        if isinstance(moved, (tuple, list)):
+            return model(*moved)
+        if isinstance(moved, Tensor):
+            return model(moved)
+    except (HanSurgeryError, _StopForward):  # raised by our own hooks
+        raise
+    except Exception as err:
+        raise CalibrationBatchError(batch, err) from err  # the caller's batch, not the moved copy
     raise CalibrationDataError(
         f"calibration batch of type {type(batch).__name__}: expected a dict (called as model(**batch)), "
         "a tuple/list (model(*batch)) or a tensor (model(batch))"
