@@ -60,6 +60,18 @@ LLM = dict(
 )
 SMALL = {k: v for k, v in BERTLIKE.items() if k != "vocab_size"}
 DECODER = dict(LLM, head_dim=16, max_position_embeddings=64)
+# SegFormer-style encoders (Mix-FFNs): SegFormer, GLPN
+MIX_FFN_ENCODER = dict(
+    num_encoder_blocks=2,
+    depths=[1, 1],
+    sr_ratios=[2, 1],
+    hidden_sizes=[16, 32],
+    patch_sizes=[7, 3],
+    strides=[4, 2],
+    num_attention_heads=[1, 2],
+    mlp_ratios=[2, 2],
+    decoder_hidden_size=16,
+)
 AUDIO = dict(
     BERTLIKE,
     conv_dim=(16, 16),
@@ -419,20 +431,7 @@ ZOO = {
     ),
     # the families issue 12 found refused or broken
     "hf/albert": _auto("albert", 1, embedding_size=16, **BERTLIKE),
-    "hf/segformer": _auto(
-        "segformer",
-        2,
-        PIXELS(32),
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[16, 32],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-    ),
+    "hf/segformer": _auto("segformer", 2, PIXELS(32), **MIX_FFN_ENCODER),
     "hf/mixtral": _auto("mixtral", 2, num_local_experts=4, num_experts_per_tok=2, **DECODER),
     "hf/qwen2_moe": _auto(
         "qwen2_moe",

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from _surgery_zoo import ZOO, output_tensor
+from _surgery_zoo import MIX_FFN_ENCODER, ZOO, output_tensor
 from torch import nn
 
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, save_pretrained
@@ -743,17 +743,7 @@ def _glpn():
     import transformers as T
 
     torch.manual_seed(0)
-    cfg = T.GLPNConfig(
-        num_encoder_blocks=2,
-        depths=[1, 1],
-        sr_ratios=[2, 1],
-        hidden_sizes=[16, 32],
-        patch_sizes=[7, 3],
-        strides=[4, 2],
-        num_attention_heads=[1, 2],
-        mlp_ratios=[2, 2],
-        decoder_hidden_size=16,
-    )
+    cfg = T.GLPNConfig(**MIX_FFN_ENCODER)
     return T.GLPNModel(cfg).eval()
 
 
