@@ -92,7 +92,7 @@ def test_regression_loader_drops_constant_columns_and_standardises(tmp_path):
     torch.testing.assert_close(data.x.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(data.x.std(0), torch.ones(4), atol=1e-4, rtol=0)
     bad = tmp_path / "bad.csv"
-    np.savetxt(bad, np.ones((10, 3)), delimiter=",")
+    np.savetxt(bad, np.ones((20, 3)), delimiter=",")  # enough rows for the split: the constant target is refused
     with pytest.raises(ValueError, match="constant"):
         regression.load_csv(bad)
 
