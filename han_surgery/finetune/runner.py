@@ -367,7 +367,9 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says and write a Hub-ready folder into ``config.output_dir``.
 
     Works the same in one process and under ``accelerate launch`` (each process calls ``run``). The
-    output folder is locked for the whole run (a second run into it is refused, naming this one).
+    output folder is locked for the whole run (a second run into it is refused, naming this one). A run
+    that fails after it took the output folder leaves it as it was (removed if the run created it,
+    emptied if it was empty or emptied for ``overwrite``), unless it resumed or wrote a checkpoint.
 
     Returns:
         The :class:`~.config.FinetuneResult` (also written as ``results.json``).
@@ -377,9 +379,6 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             is written in that case (an existing output folder is only emptied, for ``overwrite``, once the
             data and the model have loaded).
         NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay.
-
-    A run that fails after it took the output folder leaves it as it was (removed if the run created it,
-    emptied if it was empty or emptied for ``overwrite``), unless it resumed or wrote a checkpoint.
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
