@@ -50,7 +50,11 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
     add_dataclass_arguments(parser.add_argument_group("surgery (HanConfig)"), HanConfig)
     if write:
         parser.add_argument(
-            "-o", "--output", required=True, help="folder to write (model.safetensors, han_config.json, config.json)"
+            "-o",
+            "--output",
+            required=True,
+            help="folder to write (model.safetensors, han_config.json, config.json; a model folder's tokenizer "
+            "and image processor too)",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the -o folder if it is not empty")
         add_calibration_arguments(
