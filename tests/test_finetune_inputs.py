@@ -308,6 +308,15 @@ def test_batch_larger_than_the_split_leaves_the_output_folder_as_it_was(
         assert out.exists() == existed and (not existed or not any(out.iterdir()))
 
 
+def test_batch_of_one_row_with_batchnorm_is_one_line(toy_npz: Path, tmp_path: Path, capsys) -> None:
+    """BatchNorm cannot normalise one row in training: refused before the output folder (was a traceback)."""
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", "test_resnet", "--data", str(toy_npz), "--batch-size", "1",
+                         "--max-steps", "1", "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "--batch-size 1: --model test_resnet has BatchNorm layers" in err
+    assert not out.exists()
+
+
 def test_a_failure_in_training_removes_what_the_run_wrote(
     toy_npz: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

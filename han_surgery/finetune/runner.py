@@ -215,9 +215,15 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
 
     A model that does not accept the data's inputs (an image size its patches do not divide, a bad
     ``--model-kwargs`` value) or whose output does not have one value per class (``num_classes`` in
-    ``--model-kwargs``) fails here, in one line, instead of in the first training step.
+    ``--model-kwargs``) fails here, in one line, instead of in the first training step; so does a
+    batch of one row for a model with BatchNorm layers (they cannot normalise one row in training).
     """
     built = student.built
+    if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.model.modules()):
+        raise FinetuneError(
+            f"--batch-size 1: --model {config.model} has BatchNorm layers, which need at least 2 rows per batch "
+            "in training. Use --batch-size 2 or more."
+        )
     collate = make_text_collate(built.tokenizer, config.max_length) if data.kind == "text" else default_collate
     inputs, _ = collate([data.train[i] for i in range(min(2, len(data.train)))])  # no DataLoader: no RNG drawn
     shape = (
