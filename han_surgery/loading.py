@@ -172,17 +172,26 @@ def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int
     Args:
         source: a timm model name, ``local-dir:<folder>``, or a folder.
         pretrained: timm names only: load timm's pretrained weights (needs the Hub or its cache).
-        num_classes: timm only: the classifier size.
+        num_classes: timm names and plain timm folders only: the classifier size.
 
     Raises:
-        ConfigError: ``source`` is neither a folder nor a timm model name (the message lists near names).
+        ConfigError: ``source`` is neither a folder nor a timm model name (the message lists near names),
+            or ``pretrained`` / ``num_classes`` is given for a folder that does not take it.
         CheckpointError: the folder cannot be loaded (the message names the file).
     """
     text = str(source)
     spec = text.removeprefix("local-dir:")
     path = Path(spec).expanduser()
     if path.is_dir():
-        return load_folder(inspect_model_folder(path), num_classes=num_classes)
+        folder = inspect_model_folder(path)
+        if pretrained:
+            raise ConfigError(f"pretrained=True (--pretrained) is for timm model names; {path} is a folder: drop it")
+        if num_classes is not None and folder.kind != "timm":
+            raise ConfigError(
+                f"num_classes (--num-classes) gives a plain timm folder a new classifier; {path} is a "
+                f"{folder.kind} folder, whose classifier size it would not change: drop it"
+            )
+        return load_folder(folder, num_classes=num_classes)
     if text.startswith("local-dir:") or path.exists():
         raise CheckpointError(f"{spec}: not a folder")
     import timm

@@ -45,6 +45,17 @@ def test_hanify_a_transformers_directory(tmp_path, capsys):
         assert torch.isfinite(loaded(**inputs).last_hidden_state).all()
 
 
+def test_timm_only_options_on_a_folder_that_ignores_them_are_refused(tmp_path, capsys):
+    """--num-classes / --pretrained were silently ignored for a transformers (or hanified) folder."""
+    model, _, _ = ZOO["hf/distilbert"]()
+    model.save_pretrained(tmp_path / "base")
+    capsys.readouterr()  # transformers' save progress bar
+    for flags, message in ((["--num-classes", "3"], "num_classes (--num-classes)"), (["--pretrained"], "--pretrained")):
+        assert main(["inspect", str(tmp_path / "base"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "drop it" in err, err
+
+
 def test_hanify_a_timm_save_for_hf_directory(tmp_path, capsys):
     import timm
     from timm.models import save_for_hf
