@@ -21,6 +21,9 @@ import pytest
 import torch
 from _finetune_cli import cli, run_argv
 
+from han_surgery.errors import ConfigError
+from han_surgery.finetune import FinetuneConfig
+
 
 def regression_csv(path: Path, n: int = 240) -> Path:
     rng = np.random.default_rng(0)
@@ -137,6 +140,21 @@ def test_push_refuses_an_unfinished_folder(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(HubUploadError, match="missing config.json; missing README.md"):
         push_folder(tmp_path, "someone/x")
+
+
+def test_push_refuses_a_file_and_a_bad_repo_id_before_the_network(tmp_path: Path, capsys) -> None:
+    from han_surgery.cli import main
+    from han_surgery.finetune.hub import HubUploadError, push_folder
+
+    (tmp_path / "afile.txt").write_text("x")
+    with pytest.raises(HubUploadError, match="a file, not a folder"):
+        push_folder(tmp_path / "afile.txt", "someone/x")
+    for repo in ("a/b/c", "someone/re po!"):
+        assert main(["push", str(tmp_path), repo]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Nothing was uploaded" in err and "retry later" not in err, err
+    with pytest.raises(ConfigError, match="not a Hub repo id"):
+        FinetuneConfig(model="test_vit", data="d", output_dir="o", push_to_hub="someone/re po!")
 
 
 def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) -> None:

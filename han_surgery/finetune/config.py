@@ -20,7 +20,7 @@ from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "RESUME_FIELDS"]
+__all__ = ["FinetuneConfig", "FinetuneResult", "RESUME_FIELDS", "repo_id_problem"]
 
 MODEL, SURGERY, DATA, TRAINING, CHECKPOINTS, DISTILLATION, OUTPUT = (
     "model",
@@ -41,6 +41,19 @@ def _opt(default: Any, help: str, group: str, **meta: Any) -> Any:
 
 def _required(help: str, group: str, **meta: Any) -> Any:
     return field(metadata={"help": help, "group": group, **meta})
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a Hub model repo id ``<user or org>/<name>`` (``None`` if it is one)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if repo_id.count("/") != 1 or repo_id.startswith("/"):
+        return "give a repo id as <user or org>/<name>"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        return f"not a Hub repo id ({e})"
+    return None
 
 
 @dataclass(kw_only=True)
@@ -199,8 +212,8 @@ class FinetuneConfig:
             raise ConfigError(
                 f"--distill {self.distill} matches the hidden states after the blocks --hanify rewrites: add --hanify"
             )
-        if self.push_to_hub is not None and (self.push_to_hub.count("/") != 1 or self.push_to_hub.startswith("/")):
-            raise ConfigError(f"--push-to-hub {self.push_to_hub}: give a repo id as <user or org>/<name>")
+        if self.push_to_hub is not None and (problem := repo_id_problem(self.push_to_hub)):
+            raise ConfigError(f"--push-to-hub {self.push_to_hub}: {problem}")
 
     @property
     def eval_batch(self) -> int:

@@ -22,7 +22,7 @@ from ..fileio import folder_problems
 from ..folders import CONFIG_NAME, WEIGHTS_NAME, read_json_object
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.report import HanifyReport
-from .config import FinetuneConfig, FinetuneResult
+from .config import FinetuneConfig, FinetuneResult, repo_id_problem
 from .data import DataBundle
 from .models import BuiltModel
 
@@ -232,7 +232,11 @@ def push_folder(
 
     directory = Path(directory)
     if not directory.is_dir():
-        raise HubUploadError(f"{directory} is not a finished model folder: no such folder.")
+        what = "a file, not a folder" if directory.exists() else "no such folder"
+        raise HubUploadError(f"{directory} is not a finished model folder: {what}.")
+    problem = repo_id_problem(repo_id)
+    if problem:
+        raise HubUploadError(f"{repo_id}: {problem}. Nothing was uploaded.")
     problems = folder_problems(directory, required=(WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
     if problems:
         raise HubUploadError(
