@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 from pathlib import Path
@@ -37,6 +38,7 @@ ROWS = [
 @torch.no_grad()
 def accuracy_after_surgery(base_dir: Path, data_path: str, seed: int) -> tuple[float, int]:
     model = load_model(base_dir).eval()
+    torch.manual_seed(seed)  # the Han-blocks' random init: the same row on every rerun
     han_surgery.hanify(model)  # the runs' recipe: HanConfig() defaults
     model.eval()
     data = load_data(data_path, seed=seed)
@@ -85,13 +87,15 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.machine()}."
     )
     reduction = results["hanified"]["params"] / base["params"]
+    load = os.getloadavg()  # measured, not assumed: a quiet machine and a busy one give different wall times
     table = "\n".join(
         [
             *lines,
             "",
             f"Hanified models have {reduction:.1%} of the base's parameters. Setup: {setup} {wall}.",
-            "Timings are from a shared machine with 2 CPU cores busy with other jobs (run under `nice -n 10`);",
-            "read them as an upper bound. Held-out split: 1,000 of the 10,000 digits, fixed by `--seed 0`.",
+            f"Load average when this table was written (1 / 15 min): {load[0]:.2f} / {load[2]:.2f} on {os.cpu_count()} "
+            "CPUs; wall times move with the machine's load. Held-out split: 1,000 of the 10,000 digits, fixed by "
+            "`--seed 0`.",
         ]
     )
     print(table)
