@@ -108,6 +108,17 @@ def test_tabular_csv_regression_is_standardised_with_train_statistics(tmp_path: 
     assert len(data.eval) == 20
 
 
+def test_task_and_num_classes_that_the_data_cannot_take_are_refused(toy_npz: Path, tmp_path: Path) -> None:
+    """Image data trains as classification only, a regression target has no classes: both were silently ignored."""
+    with pytest.raises(DataError, match=r"--task regression: .* is image data, which trains as classification only"):
+        load_data(toy_npz, task="regression")
+    path = tmp_path / "reg.csv"
+    np.savetxt(path, np.random.default_rng(0).normal(size=(40, 3)), delimiter=",")
+    with pytest.raises(DataError, match=r"--num-classes 3: .* is a regression task, which has no classes"):
+        load_data(path, num_classes=3)
+    assert load_data(toy_npz, task="classification").task == "classification"
+
+
 def test_tabular_csv_with_header_and_integer_target_is_classification(tmp_path: Path) -> None:
     path = tmp_path / "cls.csv"
     path.write_text("a,b,label\n" + "".join(f"{i},{i % 5},{i % 3}\n" for i in range(30)))

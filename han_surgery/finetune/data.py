@@ -485,6 +485,10 @@ def load_data(
             f"--data {path}: unknown format {suffix!r}. Use an image folder, an .npz with 'images'/'labels', "
             f"a numeric .csv (target last), or a .csv/.jsonl with 'text' and 'label'."
         )
+    if task != "auto" and task != bundle.task:  # image and text data are classification only
+        raise DataError(f"--task {task}: --data {path} is {bundle.kind} data, which trains as {bundle.task} only.")
+    if num_classes is not None and bundle.task != "classification":
+        raise DataError(f"--num-classes {num_classes}: --data {path} is a {bundle.task} task, which has no classes.")
     _warn_if_one_class(bundle, max_samples)
     return bundle
 
