@@ -18,6 +18,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "HanifyError",
     "NothingToRewriteError",
+    "first_line",
 ]
 
 
@@ -43,3 +44,10 @@ class HanifyError(HanSurgeryError, RuntimeError):
 
 class NothingToRewriteError(HanSurgeryError, ValueError):
     """No registered rule recognises any module of the model."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of ``str(error)`` (a library's message may run on for pages), or the exception's type name
+    if it has no message: what a one-line error quotes from the exception it wraps."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

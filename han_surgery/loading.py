@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .fileio import safetensors_problem
 from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder, read_timm_config
 from .pretrained import create_timm_model
@@ -83,7 +83,7 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
                 f"({_mismatch_summary(held.records, e)})"
             ) from None
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{folder.path}: transformers cannot load it: {_first_line(e)}") from None
+            raise CheckpointError(f"{folder.path}: transformers cannot load it: {first_line(e)}") from None
         held.release()
     return model
 
@@ -125,15 +125,10 @@ def _held_transformers_logs() -> Iterator[_HeldLogs]:
 def _mismatch_summary(records: list[logging.LogRecord], error: BaseException) -> str:
     rows = [line for r in records for line in r.getMessage().splitlines() if "size mismatch" in line]
     if not rows:
-        return _first_line(error)
+        return first_line(error)
     key, *_, detail = (c.strip() for c in rows[0].split("|"))
     more = f"; {len(rows) - 1} more" if len(rows) > 1 else ""
     return f"{key}: {detail.replace('Reinit due to size mismatch - ', '')}{more}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
@@ -153,7 +148,7 @@ def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
         raise CheckpointError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     except (TypeError, ValueError) as e:  # a model_args value or keyword the constructor refuses
         raise CheckpointError(
-            f"{config_file}: timm cannot build {name!r} from its model_args ({type(e).__name__}: {_first_line(e)})"
+            f"{config_file}: timm cannot build {name!r} from its model_args ({type(e).__name__}: {first_line(e)})"
         ) from None
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
         lines = [line.strip() for line in str(e).splitlines()]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
-from ..errors import ConfigError, NothingToRewriteError
+from ..errors import ConfigError, NothingToRewriteError, first_line
 from ..fileio import LOCK_NAME, FolderLock, output_folder_problem, publish_files
 from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
@@ -150,8 +150,7 @@ def _save_processor(source: Path, staging: Path) -> None:
     try:
         processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        message = f"{source / 'preprocessor_config.json'} was not copied: transformers cannot load it ({first})"
+        message = f"{source / 'preprocessor_config.json'} was not copied: transformers cannot load it ({first_line(e)})"
         warnings.warn(message, stacklevel=2)
         return
     processor.save_pretrained(str(staging))

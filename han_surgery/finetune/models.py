@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..errors import CheckpointError, HanSurgeryError
+from ..errors import CheckpointError, HanSurgeryError, first_line
 from ..folders import (
     CONFIG_NAME,
     TABULAR_CONFIG_KEY,
@@ -235,9 +235,8 @@ def _load_transformers(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
         )
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
-        raise CheckpointError(f"{path}: transformers cannot load it: {first}{hint}") from None
+        raise CheckpointError(f"{path}: transformers cannot load it: {first_line(e)}{hint}") from None
     tokenizer = load_tokenizer(path, trust_remote_code)
     return BuiltModel(model, "transformers", str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
 
