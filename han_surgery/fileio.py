@@ -37,6 +37,7 @@ __all__ = [
     "json_problem",
     "folder_problems",
     "output_folder_problem",
+    "empty_folder",
 ]
 
 LOCK_NAME = ".han-surgery.lock"
@@ -72,13 +73,7 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
         raise ValueError(f"publish_files: {staging} has no {marker}")
     (target / marker).unlink(missing_ok=True)
     if replace:
-        for entry in target.iterdir():
-            if entry.is_symlink():  # a link is removed, never followed
-                entry.unlink()
-            elif entry.is_dir() and entry.resolve() != staging.resolve():
-                shutil.rmtree(entry)
-            elif entry.is_file() and entry.name != LOCK_NAME:
-                entry.unlink()
+        empty_folder(target, keep=staging)
     for name in [n for n in names if n != marker] + [marker]:
         dest = target / name
         if dest.is_symlink():
@@ -90,6 +85,19 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
         os.replace(staging / name, dest)
     staging.rmdir()
     return names
+
+
+def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
+    """Remove everything in ``folder`` but its lock file and the folder ``keep`` (e.g. a staging folder
+    inside it); a symbolic link is removed, never followed."""
+    keep = Path(keep).resolve() if keep is not None else None
+    for entry in Path(folder).iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            entry.unlink()
+        elif entry.resolve() != keep:
+            shutil.rmtree(entry)
 
 
 def output_folder_problem(path: str | Path) -> str | None:

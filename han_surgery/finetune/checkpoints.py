@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import HanSurgeryError
-from ..fileio import LOCK_NAME, FolderLock, atomic_write_text
+from ..fileio import LOCK_NAME, FolderLock, atomic_write_text, empty_folder
 from .config import RESUME_FIELDS, FinetuneConfig
 from .tracking import METRICS_FILE
 
@@ -41,7 +41,6 @@ __all__ = [
     "TrainProgress",
     "check_output_dir",
     "prepare_output_dir",
-    "empty_folder",
     "discard_partial_output",
     "checkpoint_problem",
     "find_checkpoints",
@@ -140,15 +139,6 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
                 raise
     accelerator.wait_for_everyone()
     return out, lock
-
-
-def empty_folder(out: Path) -> None:
-    """Remove everything in ``out`` but its lock file; a symbolic link is removed, never followed."""
-    for entry in out.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        elif entry.name != LOCK_NAME:
-            entry.unlink()
 
 
 def discard_partial_output(out: Path, *, existed: bool) -> None:
