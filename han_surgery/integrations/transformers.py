@@ -30,8 +30,9 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto import configuration_auto, modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
+from ..surgery.engine import register_hanified_class
 from ..surgery.recipe import Recipe
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
 
@@ -90,18 +91,51 @@ class _Hanified:
         paths = [r.path for step in recipe.steps for r in step.rewrites]
         replay_recipe(self, recipe.steps, source, path_map=_path_map(self, paths))
 
-    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
-        """Write the folder with :func:`han_surgery.save_pretrained` (the other arguments of transformers'
-        ``save_pretrained``, such as ``max_shard_size``, do not apply: one ``model.safetensors``)."""
-        if kwargs.get("is_main_process", True):
-            save_pretrained(self, save_directory)
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        is_main_process: bool = True,
+        state_dict: dict[str, Any] | None = None,
+        push_to_hub: bool = False,
+        variant: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the folder with :func:`han_surgery.save_pretrained`, so that ``AutoModel*.from_pretrained``
+        loads it back hanified; transformers' ``Trainer``, ``push_to_hub`` and sentence-transformers' ``save``
+        call this too.
+
+        ``is_main_process`` and ``state_dict`` (the weights to write, as ``Trainer`` and accelerate pass
+        them) are honoured; ``push_to_hub=True`` (with ``repo_id``, ``commit_message``, ``private``,
+        ``token``, ``create_pr``) uploads the written folder through transformers' ``push_to_hub``.
+        Always one ``model.safetensors``: ``max_shard_size`` and the other serialization options do not
+        apply, and ``variant`` or ``safe_serialization=False`` raise a :class:`~han_surgery.ConfigError`.
+        """
+        if variant is not None or kwargs.get("safe_serialization", True) is False:
+            option = f"variant={variant!r}" if variant is not None else "safe_serialization=False"
+            raise ConfigError(
+                f"{type(self).__name__}.save_pretrained: {option} is not supported for a hanified model; "
+                "it is always saved as one model.safetensors"
+            )
+        if not is_main_process:
+            return
+        save_pretrained(self, save_directory, state_dict=state_dict)
+        if push_to_hub:
+            hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+            self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub)
 
 
 _CLASSES: dict[type, type] = {}
 
 
 def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """``Hanified<Base>``: ``base`` whose ``__init__`` also replays the recipe in ``config.han_recipe`` (cached)."""
+    """``Hanified<Base>``: ``base`` whose ``__init__`` also replays the recipe in ``config.han_recipe``, and whose
+    ``save_pretrained`` writes a hanified folder (cached; a ``Hanified*`` class is returned as it is).
+
+    :func:`han_surgery.hanify` gives a transformers model this class, so transformers' own saving
+    (``model.save_pretrained``, ``Trainer``, ``push_to_hub``) writes a folder that loads back hanified.
+    """
+    if issubclass(base, _Hanified):
+        return base
     if base not in _CLASSES:
         _CLASSES[base] = type(
             f"Hanified{base.__name__}",
@@ -109,6 +143,25 @@ def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
             {"__module__": __name__, "__doc__": f"{base.__name__} rewritten by a han-surgery recipe."},
         )
     return _CLASSES[base]
+
+
+@register_hanified_class
+def _hanified_class_of(model: nn.Module) -> type | None:
+    """After ``hanify``: a transformers model becomes a ``Hanified<Class>`` (see :func:`hanified_class`)."""
+    from transformers import PreTrainedModel
+
+    return hanified_class(type(model)) if isinstance(model, PreTrainedModel) else None
+
+
+def __getattr__(name: str) -> type:
+    """``Hanified<Base>`` for a class ``transformers`` exports (``HanifiedBertModel``), so that a hanified
+    model pickles (``torch.save(model)``, multiprocessing) and unpickles in a fresh process."""
+    import transformers
+
+    base = getattr(transformers, name[len("Hanified") :], None) if name.startswith("Hanified") else None
+    if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+        return hanified_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _AutoDispatch:

