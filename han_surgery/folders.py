@@ -6,8 +6,10 @@ all call :func:`inspect_model_folder`, which reads only JSON (never a pickle) an
 =================  =====================================================================
 kind               the folder holds
 =================  =====================================================================
-``"hanified"``     ``han_config.json`` (written by :func:`han_surgery.save_pretrained`): a
-                   base model plus the recipe that rewrote it; ``base_library`` says whose
+``"hanified"``     ``han_config.json`` (written by :func:`han_surgery.save_pretrained`), or a
+                   timm ``config.json`` naming :data:`TIMM_HANIFIED_ARCH` with the recipe in
+                   ``model_args`` (timm's ``save_for_hf`` of a hanified model): a base model
+                   plus the recipe that rewrote it; ``base_library`` says whose
 ``"timm"``         a timm ``config.json`` with ``architecture`` (``save_for_hf``)
 ``"transformers"`` a transformers ``config.json`` with ``model_type`` (``save_pretrained``)
 ``"tabular"``      a ``config.json`` with ``han_surgery_tabular`` (the fine-tune command's
@@ -277,7 +279,8 @@ class ModelFolder:
         path: the folder.
         kind: see the module docstring.
         config: the parsed ``config.json`` (``{}`` if a hanified folder of a custom model has none).
-        han_config: the parsed ``han_config.json`` (hanified folders only).
+        han_config: the recipe (hanified folders only): the parsed ``han_config.json``, or, in a folder
+            timm's ``save_for_hf`` wrote of a hanified model, ``config.json``'s ``model_args["han_recipe"]``.
         base_library: hanified folders: ``"timm"``, ``"transformers"``, ``"tabular"`` or ``None``
             (a custom ``nn.Module``); otherwise equal to ``kind``.
     """
@@ -320,6 +323,11 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         if _config_kind(config) == "tabular":
             library = "tabular"
         return ModelFolder(directory, "hanified", config, han_config, library)
+    model_args = config.get("model_args")
+    if config.get("architecture") == TIMM_HANIFIED_ARCH and isinstance(model_args, dict):
+        recipe = model_args.get(TIMM_RECIPE_ARG)  # timm's save_for_hf of a hanified model: the recipe is in config.json
+        if isinstance(recipe, dict):
+            return ModelFolder(directory, "hanified", config, recipe, "timm")
     if not config_file.is_file():
         raise CheckpointError(
             f"{directory}: no {CONFIG_NAME} and no {HAN_CONFIG_NAME}: expected a folder written by "

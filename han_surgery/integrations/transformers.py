@@ -32,7 +32,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_mode
 
 from ..errors import CheckpointError, ConfigError
 from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
-from ..surgery.engine import register_hanified_class
+from ..surgery.engine import register_hanify_hook
 from ..surgery.recipe import Recipe
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
 
@@ -145,12 +145,13 @@ def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
     return _CLASSES[base]
 
 
-@register_hanified_class
-def _hanified_class_of(model: nn.Module) -> type | None:
+@register_hanify_hook
+def _adopt_hanified_class(model: nn.Module) -> None:
     """After ``hanify``: a transformers model becomes a ``Hanified<Class>`` (see :func:`hanified_class`)."""
     from transformers import PreTrainedModel
 
-    return hanified_class(type(model)) if isinstance(model, PreTrainedModel) else None
+    if isinstance(model, PreTrainedModel):
+        model.__class__ = hanified_class(type(model))
 
 
 def __getattr__(name: str) -> type:

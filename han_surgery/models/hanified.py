@@ -30,8 +30,9 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
+from ..surgery.engine import register_hanify_hook
 from ..surgery.recipe import Recipe
-from ..surgery.serialization import replay_remaining_steps
+from ..surgery.serialization import recipe_for, replay_remaining_steps
 from ._checkpoint import checkpoint_filter_fn
 
 __all__ = ["hanified"]
@@ -163,7 +164,23 @@ def hanified(
         except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shapes
             raise CheckpointError(f"{name}: does not fit the rebuilt model ({e})") from None
     model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in ("source", "file", "hf_hub_id") if k in cfg}}
-    model.pretrained_cfg["architecture"] = TIMM_HANIFIED_ARCH
-    model.default_cfg = model.pretrained_cfg
-    model._model_args = {**getattr(model, "_model_args", {}), TIMM_BASE_ARG: han_base, TIMM_RECIPE_ARG: han_recipe}
+    _mark_hanified(model, han_base, han_recipe)
     return model
+
+
+def _mark_hanified(model: nn.Module, base: str, recipe: dict[str, Any]) -> None:
+    """Name the ``"hanified"`` entry point in ``model.pretrained_cfg`` and the base and recipe in its
+    ``model_args``: timm's ``save_for_hf`` / ``push_to_hf_hub`` then write a folder that loads back hanified."""
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": TIMM_HANIFIED_ARCH}
+    model.default_cfg = model.pretrained_cfg
+    model._model_args = {**getattr(model, "_model_args", {}), TIMM_BASE_ARG: base, TIMM_RECIPE_ARG: recipe}
+
+
+@register_hanify_hook
+def _mark_hanified_timm_model(model: nn.Module) -> None:
+    """After ``hanify``: a timm model (one timm's factory built: it has a ``pretrained_cfg`` naming its
+    architecture) is marked as :func:`_mark_hanified` says, with its recipe so far."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        recipe = recipe_for(model)
+        _mark_hanified(model, recipe.base.name, recipe.to_dict())

@@ -400,34 +400,25 @@ def hanify(
     report.params_after = count_parameters(model)
     rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
     record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
-    _adopt_hanified_class(model)
+    for hook in _HANIFY_HOOKS:
+        hook(model)
     return report
 
 
-def _adopt_hanified_class(model: nn.Module) -> None:
-    """Give ``model`` the class the first :func:`register_hanified_class` hook returns for it (if any)."""
-    for hook in _HANIFIED_CLASS_HOOKS:
-        cls = hook(model)
-        if cls is not None:
-            if not issubclass(cls, type(model)):
-                raise TypeError(f"hanified-class hook {hook!r} returned {cls!r}, not a subclass of {type(model)!r}")
-            model.__class__ = cls
-            return
+_HANIFY_HOOKS: list[Callable[[nn.Module], None]] = []
 
 
-_HANIFIED_CLASS_HOOKS: list[Callable[[nn.Module], type | None]] = []
+def register_hanify_hook(hook: Callable[[nn.Module], None]) -> Callable[[nn.Module], None]:
+    """Register ``hook(model)``, called (in registration order) after each ``hanify`` step that rewrote
+    ``model``, once its recipe has the step; usable as a decorator.
 
-
-def register_hanified_class(hook: Callable[[nn.Module], type | None]) -> Callable[[nn.Module], type | None]:
-    """Register ``hook(model) -> subclass of type(model) | None``, called after each ``hanify`` step that
-    rewrote ``model``: the first class returned becomes the model's class.
-
-    :mod:`han_surgery.integrations.transformers` registers one that gives a transformers model its
-    ``Hanified<Class>``, so that transformers' own ``model.save_pretrained`` -- and ``Trainer``,
-    ``push_to_hub`` and sentence-transformers, which call it -- write a folder that
-    ``AutoModel*.from_pretrained`` loads back hanified, not the base model's folder with random FFNs.
+    The library integrations use it so that the libraries' own saving writes a folder that loads
+    back hanified: :mod:`han_surgery.integrations.transformers` gives a transformers model its
+    ``Hanified<Class>`` (for ``model.save_pretrained``, ``Trainer``, ``push_to_hub``), and
+    :mod:`han_surgery.models.hanified` marks a timm model's ``pretrained_cfg`` and ``model_args``
+    (for ``timm.models.save_for_hf`` / ``push_to_hf_hub``).
     """
-    _HANIFIED_CLASS_HOOKS.append(hook)
+    _HANIFY_HOOKS.append(hook)
     return hook
 
 

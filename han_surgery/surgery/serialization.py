@@ -85,6 +85,11 @@ def _dtype_name(model: nn.Module) -> str:
     return "float32"
 
 
+def recipe_for(model: nn.Module) -> Recipe:
+    """The :class:`Recipe` of a hanified ``model`` as it is now: its base, its steps, its dtype."""
+    return Recipe(base=BaseModelSpec.of(model), steps=tuple(recipe_of(model)), dtype=_dtype_name(model))
+
+
 def save_pretrained(
     model: nn.Module,
     directory: str | Path,
@@ -121,7 +126,7 @@ def save_pretrained(
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(base=BaseModelSpec.of(model), steps=tuple(steps), dtype=_dtype_name(model))
+    recipe = recipe_for(model)
     if _can_generate(model):  # as transformers' save_pretrained; first: an invalid one is refused before other writes
         model.generation_config.save_pretrained(directory)
     config = None
@@ -376,7 +381,9 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
             f"(it is a plain {folder.kind} folder: load it with its library, then call hanify)"
         )
     han_file = directory / HAN_CONFIG_NAME
-    recipe = Recipe.read(directory)
+    if not han_file.is_file():  # timm's save_for_hf of a hanified model: the recipe is in config.json
+        han_file = f"{directory / CONFIG_NAME} (model_args[{TIMM_RECIPE_ARG!r}])"
+    recipe = Recipe.from_dict(folder.han_config, str(han_file))
     if not (directory / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: missing")
     if model is None:

@@ -1,6 +1,11 @@
-"""A hanified transformers model saved with transformers' own API loads back hanified.
+"""A hanified model saved with its library's own API loads back hanified.
 
-``hanify`` gives a transformers model its ``Hanified<Class>`` (a subclass of its class), whose
+timm: ``hanify`` marks a timm model's ``pretrained_cfg`` (``architecture = "hanified"``) and its
+``model_args`` (the base and the recipe), which timm's ``save_for_hf`` writes into ``config.json``:
+``timm.create_model("local-dir:...")`` and :func:`han_surgery.from_pretrained` rebuild it. Before,
+``save_for_hf`` wrote the base architecture, and the folder did not load (missing FFN keys).
+
+transformers: ``hanify`` gives a transformers model its ``Hanified<Class>`` (a subclass of its class), whose
 ``save_pretrained`` writes han-surgery's folder. So every route that ends in ``model.save_pretrained``
 -- the user's own call, ``Trainer.save_model``, ``model.push_to_hub``, sentence-transformers' ``save`` --
 writes a folder that ``AutoModel`` loads bit-identically. Before, they wrote the base model's
@@ -15,6 +20,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 import transformers as T
 from safetensors.torch import load_file
@@ -22,8 +28,11 @@ from safetensors.torch import load_file
 import han_surgery
 from han_surgery import hanify
 from han_surgery.errors import ConfigError
+from han_surgery.folders import inspect_model_folder
 from han_surgery.surgery.calibration.record import CalibrationDataError
+from han_surgery.surgery.recipe import recipe_of
 
+IMAGES = torch.randn(2, 3, 160, 160)
 IDS = torch.tensor([[1, 5, 9, 14, 3, 2], [1, 7, 7, 21, 2, 0]])
 
 
@@ -45,6 +54,46 @@ def output(model: T.PreTrainedModel) -> torch.Tensor:
     with torch.no_grad():
         out = model(input_ids=IDS)
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def hanified_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    hanify(model, han_surgery.HanConfig(include=("blocks.0.mlp",)))  # two steps: both must replay
+    hanify(model)
+    return model
+
+
+def test_timm_save_for_hf_of_a_freshly_hanified_model(tmp_path):
+    model = hanified_vit()
+    assert model.pretrained_cfg["architecture"] == "hanified" and model._model_args["han_base"] == "test_vit"
+    timm.models.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    assert not (tmp_path / "han_config.json").exists()  # timm's own folder: the recipe is in config.json
+    assert inspect_model_folder(tmp_path).kind == "hanified"
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    rebuilt = han_surgery.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(IMAGES), model(IMAGES))
+        assert torch.equal(rebuilt(IMAGES), model(IMAGES))
+    assert len(recipe_of(rebuilt)) == 2
+
+
+def test_timm_push_to_hf_hub_uploads_a_folder_that_loads_hanified(monkeypatch, tmp_path):
+    """timm's ``push_to_hf_hub`` (its ``save_for_hf`` and model card) against a fake at the ``HfApi`` boundary."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "file_exists", lambda self, **kw: False)
+    monkeypatch.setattr(
+        HfApi, "upload_folder", lambda self, repo_id, folder_path, **kw: shutil.copytree(folder_path, hub / repo_id)
+    )
+    model = hanified_vit()
+    timm.models.push_to_hf_hub(model, "me/vit-han")
+    again = timm.create_model(f"local-dir:{hub / 'me/vit-han'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(again(IMAGES), model(IMAGES))
 
 
 def test_hanify_gives_a_transformers_model_its_hanified_class():
