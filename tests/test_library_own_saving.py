@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 import han_surgery
 from han_surgery import hanify
-from han_surgery.errors import ConfigError
+from han_surgery.errors import CheckpointError, ConfigError
 from han_surgery.folders import inspect_model_folder
 from han_surgery.surgery.calibration.record import CalibrationDataError
 from han_surgery.surgery.recipe import recipe_of
@@ -219,3 +219,17 @@ def test_sentence_transformers_save_and_load_real_minilm(tmp_path):
     again = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert type(again[0].auto_model).__name__ == "HanifiedBertModel"
     assert torch.allclose(again.encode(sentences, convert_to_tensor=True), before, atol=1e-6)
+
+
+def test_the_hanified_class_itself_loads_a_hanified_folder_and_says_what_else_to_do(tmp_path):
+    model = hanified_bert()
+    model.save_pretrained(tmp_path / "han")
+    again = type(model).from_pretrained(tmp_path / "han").eval()  # HanifiedBertModel.from_pretrained
+    assert torch.equal(output(again), output(model))
+    with pytest.raises(
+        ConfigError, match=r"HanifiedBertModel\(config\): .* Build BertModel\(config\) and call han_surgery"
+    ):
+        type(model)(model.config)  # a fresh model's config carries no recipe
+    tiny_bert().save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match=r"config.json: .* a plain transformers folder loads with its own class"):
+        type(model).from_pretrained(tmp_path / "plain")

@@ -279,3 +279,24 @@ def test_remote_code_file_is_generated_from_the_package(folders):
         assert cls is getattr(integration, cls.__name__)
         if auto_class != "AutoConfig":
             assert getattr(T, auto_class)._model_mapping[integration.HanifiedConfig] is cls
+
+
+def test_transformers_hub_arguments_reach_the_hanified_config(folders, tmp_path):
+    """``revision`` / ``cache_dir`` / ``local_files_only`` apply to ``config.json`` as to the weights, through the
+    Auto classes and through a ``Hanified*`` class's own ``from_pretrained`` (which failed on any hanified folder:
+    its ``config_class`` is the base model's, without the recipe)."""
+    tmp, io = folders
+    populate_hf_cache(tmp_path, REPO_HF, tmp / "base")  # main: the base model
+    other = tmp_path / ("models--" + REPO_HF.replace("/", "--")) / "snapshots" / ("f" * 40)
+    other.mkdir(parents=True)
+    for f in (tmp / "cls").iterdir():  # another revision: the classifier
+        (other / f.name).write_bytes(f.read_bytes())
+    batch = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    hub = {"cache_dir": str(tmp_path), "local_files_only": True}
+    with torch.no_grad():
+        main = T.AutoModel.from_pretrained(REPO_HF, **hub).eval()
+        assert torch.equal(main(**batch).last_hidden_state, io["base"])
+        cls = T.AutoModelForSequenceClassification.from_pretrained(REPO_HF, revision="f" * 40, **hub).eval()
+        assert torch.equal(cls(**batch).logits, io["cls"])
+        again = type(cls).from_pretrained(REPO_HF, revision="f" * 40, **hub).eval()  # the Hanified* class itself
+        assert torch.equal(again(**batch).logits, io["cls"])

@@ -59,7 +59,8 @@ class HanifiedConfig(PreTrainedConfig):
         if not isinstance(self.base_config, dict) or not isinstance(self.han_recipe, dict):
             raise CheckpointError(
                 f"{source}: a '{HF_HANIFIED_MODEL_TYPE}' config needs '{HF_BASE_CONFIG_KEY}' and '{HF_RECIPE_KEY}' "
-                "objects (written by han_surgery.save_pretrained)"
+                "objects (written by han_surgery.save_pretrained); a plain transformers folder loads with its own "
+                "class or AutoModel*, and then han_surgery.hanify rewrites it"
             )
         base = transformers_base_config(self.base_config, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
@@ -84,12 +85,40 @@ class _Hanified:
     """Mixed into ``Hanified<Base>``: replays the recipe carried by the config after the base ``__init__``."""
 
     def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
+        if getattr(config, HF_RECIPE_KEY, None) is None:
+            base = next(c for c in type(self).__mro__ if c.__module__.startswith("transformers."))
+            raise ConfigError(
+                f"{type(self).__name__}(config): the config carries no han-surgery recipe ({HF_RECIPE_KEY!r}). "
+                f"Build {base.__name__}(config) and call han_surgery.hanify on it, or load a hanified folder "
+                f"with {type(self).__name__}.from_pretrained / AutoModel*.from_pretrained"
+            )
         super().__init__(config, *args, **kwargs)
         folder = getattr(config, "_name_or_path", "") or "."
         source = f"{Path(folder) / 'config.json'} ({HF_RECIPE_KEY})"
-        recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY, None), source)
+        recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY), source)
         paths = [r.path for step in recipe.steps for r in step.rewrites]
         replay_recipe(self, recipe.steps, source, path_map=_path_map(self, paths))
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config: Any = None, **kwargs: Any
+    ) -> PreTrainedModel:
+        """transformers' ``from_pretrained``, reading the base config and the recipe from a hanified
+        ``config.json`` (unless ``config`` is given); one :class:`~han_surgery.CheckpointError` naming
+        the file for weights that are unreadable or do not fit."""
+        folder = Path(str(pretrained_model_name_or_path))
+        if config is None:
+            config = _hanified_config(pretrained_model_name_or_path, kwargs).base_model_config(
+                str(folder / "config.json")
+            )
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
+        except SafetensorError as e:
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
+        except RuntimeError as e:  # transformers refuses tensors of the wrong shape with a RuntimeError
+            if "mismatch" not in str(e):
+                raise
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {cls.__name__} ({e})") from None
 
     def save_pretrained(
         self,
@@ -122,6 +151,15 @@ class _Hanified:
         if push_to_hub:
             hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
             self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub)
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+def _hanified_config(pretrained_model_name_or_path: str | Path, kwargs: dict[str, Any]) -> HanifiedConfig:
+    """The :class:`HanifiedConfig` of a folder or Hub repo, read with the caller's Hub arguments (``revision``, ...)."""
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    return HanifiedConfig.from_pretrained(pretrained_model_name_or_path, **hub)
 
 
 _CLASSES: dict[type, type] = {}
@@ -189,17 +227,9 @@ class _AutoDispatch:
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config: Any = None, **kwargs: Any
     ) -> PreTrainedModel:
         if not isinstance(config, HanifiedConfig):
-            config = HanifiedConfig.from_pretrained(pretrained_model_name_or_path)
-        folder = Path(str(pretrained_model_name_or_path))
-        model_class, base_config = cls._resolve(config, str(folder / "config.json"))
-        try:
-            return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
-        except SafetensorError as e:
-            raise CheckpointError(f"{folder / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
-        except RuntimeError as e:  # transformers refuses tensors of the wrong shape with a RuntimeError
-            if "mismatch" not in str(e):
-                raise
-            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {model_class.__name__} ({e})") from None
+            config = _hanified_config(pretrained_model_name_or_path, kwargs)
+        model_class, base_config = cls._resolve(config, str(Path(str(pretrained_model_name_or_path)) / "config.json"))
+        return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
 
     @classmethod
     def _from_config(cls, config: HanifiedConfig, **kwargs: Any) -> PreTrainedModel:
