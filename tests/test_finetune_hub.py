@@ -266,6 +266,8 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     out = tmp_path / "run"
     assert cli([*args, "--output-dir", str(out), "--model-kwargs", '{"hidden_dropout_prob": 0.2}']) == 0
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
-    assert type(model).__name__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2
+    assert (
+        type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2
+    )
     batch = tokenizer(["row 1 is good"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, 3) and set(model.config.id2label.values()) == set(labels)

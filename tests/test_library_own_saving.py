@@ -98,8 +98,10 @@ def test_timm_push_to_hf_hub_uploads_a_folder_that_loads_hanified(monkeypatch, t
 
 def test_hanify_gives_a_transformers_model_its_hanified_class():
     model = hanified_bert()
-    assert type(model).__name__ == "HanifiedBertModel" and isinstance(model, T.BertModel)
+    assert type(model).__qualname__ == "HanifiedBertModel" and isinstance(model, T.BertModel)
     assert type(model).__module__ == "han_surgery.integrations.transformers"
+    # transformers looks models up by class name (Trainer, pipelines): the name stays the base's
+    assert type(model).__name__ == model._get_name() == "BertModel" and repr(model).startswith("BertModel(")
     before = type(model)
     assert hanify(model).rewrites == [] and type(model) is before  # a second call keeps the class
 
@@ -193,11 +195,63 @@ def test_a_hanified_model_pickles_into_a_fresh_process(tmp_path):
     code = (
         "import sys, torch\n"
         f"model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
-        "print(type(model).__name__, 'han_surgery' in sys.modules)\n"
+        "print(type(model).__qualname__, 'han_surgery' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["HanifiedBertModel", "True"]
+
+
+class MyClassifier(T.BertPreTrainedModel):
+    """A user's own transformers model class (not exported by transformers)."""
+
+    def __init__(self, config: T.BertConfig) -> None:
+        super().__init__(config)
+        self.bert, self.head = T.BertModel(config), torch.nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bert(input_ids=input_ids).last_hidden_state[:, 0])
+
+
+def test_a_hanified_model_of_a_users_own_class_pickles():
+    model = MyClassifier(tiny_bert().config).eval()
+    hanify(model)
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and type(model).__qualname__ == "HanifiedMyClassifier"
+    with torch.no_grad():
+        assert torch.equal(again(IDS), model(IDS))
+
+
+def test_trainer_treats_a_hanified_causal_lm_as_one():
+    """``Trainer`` shifts the labels of a causal LM, found by class name, before label smoothing."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=40, n_positions=16)).eval()
+    hanify(model)
+    args = T.TrainingArguments(output_dir="unused", use_cpu=True, report_to=[], label_smoothing_factor=0.1)
+    with torch.no_grad():
+        loss = T.Trainer(model=model, args=args).compute_loss(model, {"input_ids": IDS, "labels": IDS})
+        expected = LabelSmoother(0.1)(model(input_ids=IDS), IDS, shift_labels=True)
+    assert torch.allclose(loss, expected)
+
+
+def test_timm_save_for_hf_after_a_cast_loads_losslessly(tmp_path):
+    """A model hanified in float16 and trained on in float32 loads in float32 (timm's way), not rounded to float16."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=3).eval().half()
+    hanify(model)
+    model.float()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)  # float32 updates float16 cannot hold
+    timm.models.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert next(again.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        assert torch.equal(again(IMAGES), model(IMAGES))
+        assert torch.equal(han_surgery.from_pretrained(tmp_path)(IMAGES), model(IMAGES))
 
 
 def test_a_failed_hanify_keeps_the_class():
@@ -217,7 +271,7 @@ def test_sentence_transformers_save_and_load_real_minilm(tmp_path):
     before = model.encode(sentences, convert_to_tensor=True)
     model.save(str(tmp_path / "st"))
     again = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
-    assert type(again[0].auto_model).__name__ == "HanifiedBertModel"
+    assert type(again[0].auto_model).__qualname__ == "HanifiedBertModel"
     assert torch.allclose(again.encode(sentences, convert_to_tensor=True), before, atol=1e-6)
 
 

@@ -123,7 +123,7 @@ def test_transformers_auto_classes_are_bit_identical(folders):
     cls = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls").eval()
     base = T.AutoModel.from_pretrained(tmp / "base").eval()
     base_of_cls = T.AutoModel.from_pretrained(tmp / "cls").eval()  # recipe paths "bert.encoder..." -> "encoder..."
-    assert type(cls).__name__ == "HanifiedBertForSequenceClassification"
+    assert type(cls).__qualname__ == "HanifiedBertForSequenceClassification"
     assert isinstance(cls, T.BertForSequenceClassification) and isinstance(base, T.BertModel)
     with torch.no_grad():
         assert torch.equal(cls(**batch).logits, io["cls"])

@@ -41,7 +41,7 @@ def test_hanify_a_transformers_directory(tmp_path, capsys):
     assert main(["hanify", str(tmp_path / "base"), "-o", str(tmp_path / "han"), "--residual", "drop"]) == 0
     assert "hf.distilbert_ffn" in capsys.readouterr().out
     loaded = from_pretrained(tmp_path / "han")
-    assert type(loaded).__name__ == "HanifiedDistilBertModel" and isinstance(loaded, transformers.DistilBertModel)
+    assert type(loaded).__qualname__ == "HanifiedDistilBertModel" and isinstance(loaded, transformers.DistilBertModel)
     with torch.no_grad():
         assert torch.isfinite(loaded(**inputs).last_hidden_state).all()
 

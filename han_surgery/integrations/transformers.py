@@ -21,6 +21,7 @@ model writes the same folder again.
 
 from __future__ import annotations
 
+import copyreg
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,13 +85,15 @@ def _path_map(model: nn.Module, paths: list[str]):
 class _Hanified:
     """Mixed into ``Hanified<Base>``: replays the recipe carried by the config after the base ``__init__``."""
 
+    _han_base: type  # the transformers class this one extends (set by hanified_class)
+
     def __init__(self, config: PreTrainedConfig, *args: Any, **kwargs: Any) -> None:
         if getattr(config, HF_RECIPE_KEY, None) is None:
-            base = next(c for c in type(self).__mro__ if c.__module__.startswith("transformers."))
+            base = type(self)._han_base
             raise ConfigError(
-                f"{type(self).__name__}(config): the config carries no han-surgery recipe ({HF_RECIPE_KEY!r}). "
+                f"{type(self).__qualname__}(config): the config carries no han-surgery recipe ({HF_RECIPE_KEY!r}). "
                 f"Build {base.__name__}(config) and call han_surgery.hanify on it, or load a hanified folder "
-                f"with {type(self).__name__}.from_pretrained / AutoModel*.from_pretrained"
+                f"with {type(self).__qualname__}.from_pretrained / AutoModel*.from_pretrained"
             )
         super().__init__(config, *args, **kwargs)
         folder = getattr(config, "_name_or_path", "") or "."
@@ -118,7 +121,7 @@ class _Hanified:
         except RuntimeError as e:  # transformers refuses tensors of the wrong shape with a RuntimeError
             if "mismatch" not in str(e):
                 raise
-            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {cls.__name__} ({e})") from None
+            raise CheckpointError(f"{folder / WEIGHTS_NAME}: does not fit {cls.__qualname__} ({e})") from None
 
     def save_pretrained(
         self,
@@ -134,22 +137,23 @@ class _Hanified:
         call this too.
 
         ``is_main_process`` and ``state_dict`` (the weights to write, as ``Trainer`` and accelerate pass
-        them) are honoured; ``push_to_hub=True`` (with ``repo_id``, ``commit_message``, ``private``,
-        ``token``, ``create_pr``) uploads the written folder through transformers' ``push_to_hub``.
+        them) are honoured; ``push_to_hub=True`` (with ``repo_id``, ``commit_message``, ``commit_description``,
+        ``private``, ``token``, ``revision``, ``create_pr``) uploads the written folder through transformers' ``push_to_hub``.
         Always one ``model.safetensors``: ``max_shard_size`` and the other serialization options do not
         apply, and ``variant`` or ``safe_serialization=False`` raise a :class:`~han_surgery.ConfigError`.
         """
         if variant is not None or kwargs.get("safe_serialization", True) is False:
             option = f"variant={variant!r}" if variant is not None else "safe_serialization=False"
             raise ConfigError(
-                f"{type(self).__name__}.save_pretrained: {option} is not supported for a hanified model; "
+                f"{type(self).__qualname__}.save_pretrained: {option} is not supported for a hanified model; "
                 "it is always saved as one model.safetensors"
             )
         if not is_main_process:
             return
         save_pretrained(self, save_directory, state_dict=state_dict)
         if push_to_hub:
-            hub = {k: kwargs[k] for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+            keys = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
+            hub = {k: kwargs[k] for k in keys if k in kwargs}
             self.push_to_hub(kwargs.get("repo_id", Path(save_directory).name), **hub)
 
 
@@ -171,16 +175,48 @@ def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
 
     :func:`han_surgery.hanify` gives a transformers model this class, so transformers' own saving
     (``model.save_pretrained``, ``Trainer``, ``push_to_hub``) writes a folder that loads back hanified.
+
+    Its ``__name__`` is the base's (``"BertModel"``), because transformers looks models up by class name
+    (``Trainer`` shifts the labels of causal LMs, pipelines pick how to decode); its ``__qualname__``
+    says ``HanifiedBertModel``. It pickles as ``hanified_class(base)``, so wherever ``base`` pickles.
     """
     if issubclass(base, _Hanified):
         return base
     if base not in _CLASSES:
-        _CLASSES[base] = type(
-            f"Hanified{base.__name__}",
+        _CLASSES[base] = _metaclass_for(type(base))(
+            base.__name__,
             (_Hanified, base),
-            {"__module__": __name__, "__doc__": f"{base.__name__} rewritten by a han-surgery recipe."},
+            {
+                "__module__": __name__,
+                "__qualname__": f"Hanified{base.__name__}",
+                "__doc__": f"{base.__name__} rewritten by a han-surgery recipe.",
+                "_han_base": base,
+            },
         )
     return _CLASSES[base]
+
+
+class _HanifiedMeta(type):
+    """The metaclass of the ``Hanified<Base>`` classes, for :func:`_reduce_hanified_class`."""
+
+
+def _reduce_hanified_class(cls: type) -> tuple[Any, tuple[type]]:
+    """Pickle a ``Hanified<Base>`` class as ``hanified_class(base)`` (it is made at run time: no module holds it)."""
+    return hanified_class, (cls._han_base,)
+
+
+_METACLASSES: dict[type, type] = {type: _HanifiedMeta}
+
+
+def _metaclass_for(base_meta: type) -> type:
+    """:class:`_HanifiedMeta`, or a subclass that also derives from a base class's own metaclass."""
+    if base_meta not in _METACLASSES:
+        _METACLASSES[base_meta] = type(f"Hanified{base_meta.__name__}", (_HanifiedMeta, base_meta), {})
+        copyreg.pickle(_METACLASSES[base_meta], _reduce_hanified_class)
+    return _METACLASSES[base_meta]
+
+
+copyreg.pickle(_HanifiedMeta, _reduce_hanified_class)
 
 
 @register_hanify_hook
@@ -190,17 +226,6 @@ def _adopt_hanified_class(model: nn.Module) -> None:
 
     if isinstance(model, PreTrainedModel):
         model.__class__ = hanified_class(type(model))
-
-
-def __getattr__(name: str) -> type:
-    """``Hanified<Base>`` for a class ``transformers`` exports (``HanifiedBertModel``), so that a hanified
-    model pickles (``torch.save(model)``, multiprocessing) and unpickles in a fresh process."""
-    import transformers
-
-    base = getattr(transformers, name[len("Hanified") :], None) if name.startswith("Hanified") else None
-    if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
-        return hanified_class(base)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _AutoDispatch:

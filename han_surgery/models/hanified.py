@@ -19,6 +19,7 @@ computes bit for bit what the saved model did; its ``pretrained_cfg["architectur
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -182,5 +183,7 @@ def _mark_hanified_timm_model(model: nn.Module) -> None:
     architecture) is marked as :func:`_mark_hanified` says, with its recipe so far."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("architecture"):
-        recipe = recipe_for(model)
+        # float32, not the dtype now: the model may be cast before save_for_hf, which loads it as timm loads any
+        # save_for_hf folder, in float32 (lossless for float16 / bfloat16 weights)
+        recipe = dataclasses.replace(recipe_for(model), dtype="float32")
         _mark_hanified(model, recipe.base.name, recipe.to_dict())
