@@ -239,6 +239,11 @@ def hanify(
             :class:`~han_surgery.surgery.calibration.CalibrationConfig` (fit
             steps, token sample size, ``max_fvu``, healing); recorded in the recipe.
 
+    After a step that rewrote something, the model's library can save it with its own API (see
+    :func:`register_hanify_hook`): a transformers model becomes a ``Hanified<Class>`` (a subclass, same
+    ``__name__``) whose ``save_pretrained`` writes a hanified folder; a timm model's ``pretrained_cfg``
+    names the ``"hanified"`` entry point and its ``model_args`` the base and the recipe, for ``save_for_hf``.
+
     Returns:
         A :class:`HanifyReport` (``print`` it for a table); with calibration,
         ``report.calibration`` holds the per-block fit.
