@@ -287,3 +287,30 @@ def test_the_hanified_class_itself_loads_a_hanified_folder_and_says_what_else_to
     tiny_bert().save_pretrained(tmp_path / "plain")
     with pytest.raises(CheckpointError, match=r"config.json: .* a plain transformers folder loads with its own class"):
         type(model).from_pretrained(tmp_path / "plain")
+
+
+def test_peft_lora_on_a_hanified_model_saves_and_merges(tmp_path):
+    """PEFT's usual flow after surgery: LoRA on attention, the adapter saved and reloaded onto the hanified
+    folder, then merged and saved with transformers' own ``save_pretrained``."""
+    peft = pytest.importorskip("peft")
+    model = hanified_bert(T.BertForSequenceClassification)
+    model.save_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"])
+    )
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+    lora.train()
+    for _ in range(3):
+        lora(input_ids=IDS, labels=torch.tensor([0, 2])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    lora.eval()
+    tuned = output(lora)
+    lora.save_pretrained(tmp_path / "adapter")
+    base = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    assert torch.allclose(output(peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()), tuned, atol=1e-6)
+    merged = lora.merge_and_unload()
+    assert type(merged).__qualname__ == "HanifiedBertForSequenceClassification"
+    merged.save_pretrained(tmp_path / "merged")
+    again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(output(again), tuned, atol=1e-5)
