@@ -214,11 +214,21 @@ class MyClassifier(T.BertPreTrainedModel):
         return self.head(self.bert(input_ids=input_ids).last_hidden_state[:, 0])
 
 
-def test_a_hanified_model_of_a_users_own_class_pickles():
-    model = MyClassifier(tiny_bert().config).eval()
+class Registering(type):
+    """A metaclass of the user's (the Hanified class's metaclass must derive from it)."""
+
+
+class MyRegisteredClassifier(MyClassifier, metaclass=Registering):
+    pass
+
+
+@pytest.mark.parametrize("cls", [MyClassifier, MyRegisteredClassifier])
+def test_a_hanified_model_of_a_users_own_class_pickles(cls):
+    model = cls(tiny_bert().config).eval()
     hanify(model)
     again = pickle.loads(pickle.dumps(model))
-    assert type(again) is type(model) and type(model).__qualname__ == "HanifiedMyClassifier"
+    assert type(again) is type(model) and type(model).__qualname__ == f"Hanified{cls.__name__}"
+    assert isinstance(type(model), Registering) == (cls is MyRegisteredClassifier)
     with torch.no_grad():
         assert torch.equal(again(IDS), model(IDS))
 
