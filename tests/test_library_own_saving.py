@@ -299,6 +299,7 @@ def test_the_hanified_class_itself_loads_a_hanified_folder_and_says_what_else_to
         type(model).from_pretrained(tmp_path / "plain")
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft calls it
 def test_peft_lora_on_a_hanified_model_saves_and_merges(tmp_path):
     """PEFT's usual flow after surgery: LoRA on attention, the adapter saved and reloaded onto the hanified
     folder, then merged and saved with transformers' own ``save_pretrained``."""
