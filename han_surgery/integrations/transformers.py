@@ -139,8 +139,9 @@ class _Hanified:
         ``is_main_process`` and ``state_dict`` (the weights to write, as ``Trainer`` and accelerate pass
         them) are honoured; ``push_to_hub=True`` (with ``repo_id``, ``commit_message``,
         ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``) uploads the written
-        folder through transformers' ``push_to_hub``. Always one ``model.safetensors``: ``max_shard_size`` and the other serialization options do not
-        apply, and ``variant`` or ``safe_serialization=False`` raise a :class:`~han_surgery.ConfigError`.
+        folder through transformers' ``push_to_hub``. Always one ``model.safetensors``: ``max_shard_size``
+        and the other serialization options do not apply, and ``variant`` or ``safe_serialization=False``
+        raise a :class:`~han_surgery.ConfigError`.
         """
         if variant is not None or kwargs.get("safe_serialization", True) is False:
             option = f"variant={variant!r}" if variant is not None else "safe_serialization=False"
