@@ -165,6 +165,13 @@ class _HouseholderRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        # The forward ran with autocast off (householder_chain turns it off), and so does the backward: in eager
+        # mode it already does, but torch.compile traces it under the caller's autocast (bfloat16 x float32).
+        with torch.autocast(grad_out.device.type, enabled=False):
+            return _HouseholderRows._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):  # type: ignore[no-untyped-def]
         x, u, t, b, p, z = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True

@@ -300,6 +300,22 @@ def test_autocast_forward_and_backward(dtype):
     assert (out.float() - ref).norm() / ref.norm() < 3e-2
 
 
+def test_torch_compile_under_autocast_trains():
+    """A compiled training step under CPU autocast: the backward ran in mixed bfloat16/float32 and raised."""
+    torch.manual_seed(13)
+    net = nn.Sequential(nn.Linear(16, 32), HanBlock(32, reflections=2), nn.Linear(32, 4))
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = torch.compile(net, backend="aot_eager")(x)
+    out.float().sum().backward()
+    grads = [p.grad for p in net.parameters()]
+    net.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x).float().sum().backward()  # eager, the same dtypes
+    for compiled, eager in zip(grads, (p.grad for p in net.parameters()), strict=True):
+        torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+
+
 def test_parameter_gradients_have_the_parameters_layout():
     """DDP's gradient buckets expect each gradient laid out like its parameter."""
     layer = HanLayer(16, reflections=3)

@@ -301,7 +301,8 @@ class _HouseholderRowsTriton(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: differentiate the definition
             fn = lambda x, u, v, b: _reference(x, u, v, b, ctx.apply_abs).to(ctx.out_dtype)  # noqa: E731
             return (*definition_grads(fn, (x, u, v, b), needs, grad_out), None, None)
-        dx, du, dv, db = _backward(grad_out.contiguous(), x, u, v, b, ctx.apply_abs, needs[0], any(needs[1:]))
+        with torch.autocast(grad_out.device.type, enabled=False):  # as the forward (see functional._HouseholderRows)
+            dx, du, dv, db = _backward(grad_out.contiguous(), x, u, v, b, ctx.apply_abs, needs[0], any(needs[1:]))
         db = db if needs[3] and b is not None else None
         return dx, du if needs[1] else None, dv if needs[2] else None, db, None, None
 
