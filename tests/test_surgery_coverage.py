@@ -197,6 +197,16 @@ def test_options_reach_the_blocks():
     assert torch.count_nonzero(han.fc1.bias) == 0
 
 
+def test_config_dropout_is_applied_once_after_each_han_layer_of_a_split_ffn():
+    """BERT's ``*Output`` keeps the dropout after the FFN, so the block's own ``drop2`` stays 0 (it was ``p`` too:
+    two dropouts in a row, 75% zeros at ``p = 0.5``)."""
+    model, _, _ = ZOO["hf/bert"]()
+    hanify(model, HanConfig(dropout=0.3))
+    layer = model.encoder.layer[0]
+    rates = (layer.intermediate.drop1.p, layer.intermediate.drop2.p, layer.output.dropout.p)
+    assert rates == (0.3, 0.0, 0.3)
+
+
 def test_dtype_is_kept():
     model, _, _ = ZOO["hf/llama"]()
     model.to(torch.bfloat16)

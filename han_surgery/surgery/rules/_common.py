@@ -117,13 +117,20 @@ def block_dropout(config: HanConfig, inherited: tuple[float, float]) -> tuple[fl
     return (config.dropout, config.dropout) if config.dropout is not None else inherited
 
 
-def han_block(features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0)) -> HanBlock:
-    """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set)."""
+def han_block(
+    features: int, config: HanConfig, drop: tuple[float, float] = (0.0, 0.0), *, output_dropout_outside: bool = False
+) -> HanBlock:
+    """``HanBlock(features)`` configured by ``config`` (dropout inherited unless ``config.dropout`` is set).
+
+    ``output_dropout_outside``: the dropout after the second layer is a module the rule keeps outside the
+    block (transformers' ``*Output.dropout``), so the block's own ``drop2`` stays 0: one dropout there, not two.
+    """
     require_reflections(features, config)
+    drop1, drop2 = block_dropout(config, drop)
     return HanBlock(
         features,
         final_abs=config.final_abs,
-        drop=block_dropout(config, drop),
+        drop=(drop1, 0.0 if output_dropout_outside else drop2),
         **config.han_kwargs(),
         **config.block_extras(),
     )

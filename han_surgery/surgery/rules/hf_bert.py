@@ -65,7 +65,7 @@ def _no_residual_output(
         "residual": "kept (added by the layer)",
     }
     return CalibratedReplacement(
-        {cand.path: han_block(features, config), cand.qualify("output"): split},
+        {cand.path: han_block(features, config, output_dropout_outside=True), cand.qualify("output"): split},
         nb,
         not_calibrated="the layer normalises the FFN's output before its residual add (Swin-V2); not calibrated yet",
     )
@@ -110,7 +110,7 @@ def build_split_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacement
         nb["norm"] = "no norm found: left as is"
     residual = config.residual == "keep"
     nb["residual"] = "kept" if residual else "dropped (HanSplitOutput adds no input)"
-    han = han_block(d_in, config, (0.0, 0.0))
+    han = han_block(d_in, config, (0.0, 0.0), output_dropout_outside=True)
     swaps[cand.path] = han
     swaps[out_path] = HanSplitOutput(
         dropout if isinstance(dropout, nn.Module) else None,
