@@ -290,6 +290,22 @@ def _register_double_backward() -> None:
 cpu_kernel.on_load(_register_double_backward)
 
 
+def _chain_forward_before_load(x: Tensor, u: Tensor, b: Tensor, apply_abs: list[int], normalize: bool) -> Tensor:
+    """``householder_chain_forward`` called before the extension is loaded: by a graph that recorded the operator
+    (``torch.jit.trace`` saved, then ``torch.jit.load`` in a fresh process), not by han-surgery (whose layers load
+    the extension first). Loads it and calls the operator again, or computes the definition where it cannot be
+    built (no compiler, ``HAN_SURGERY_CPU_KERNEL=0``). Registered for ``CompositeExplicitAutograd``: the
+    extension's own CPU kernel takes precedence once loaded."""
+    if cpu_kernel.available():
+        return torch.ops.han_surgery.householder_chain_forward(x, u, b, apply_abs, normalize)
+    acc = _accumulation_dtype(x.dtype)
+    params = _chain_parameters(u, b if b.numel() > 0 else None, normalize, acc)
+    return _reference_chain(x, *params, tuple(bool(a) for a in apply_abs)).contiguous()
+
+
+cpu_kernel.define_fallback("householder_chain_forward", _chain_forward_before_load)
+
+
 def _in_functorch_transform() -> bool:
     """Inside ``torch.func`` transforms, which take plain differentiable ops, not custom autograd functions."""
     return torch._C._are_functorch_transforms_active()

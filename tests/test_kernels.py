@@ -335,6 +335,39 @@ def test_importing_han_surgery_builds_nothing():
     assert out.stdout.strip() == "{}"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # jit is deprecated
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_a_traced_model_runs_in_a_fresh_process(tmp_path, kernel):
+    """A ``torch.jit.trace`` records the CPU operator. In a fresh process (``import han_surgery``, no layer run
+    yet) it raised "Could not run 'han_surgery::householder_chain_forward' with arguments from the 'CPU'
+    backend"; now the operator loads the extension, or computes the definition where there is none."""
+    if not cpu.available():
+        pytest.skip("the CPU kernel is not built here: a trace records no operator")
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(8, 16), HanBlock(16, reflections=2), nn.Linear(16, 3)).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
+    assert "han_surgery::householder_chain_forward" in str(traced.inlined_graph)
+    traced.save(str(tmp_path / "traced.pt"))
+    code = textwrap.dedent(
+        f"""
+        import warnings; warnings.simplefilter("ignore")
+        import torch, han_surgery
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        with torch.no_grad():
+            y = torch.jit.load({str(tmp_path / "traced.pt")!r})(io["x"])
+        torch.testing.assert_close(y, io["y"], atol=1e-6, rtol=1e-6)
+        print("OK")
+        """
+    )
+    env = {**os.environ, cpu.ENV_VAR: kernel}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "OK", done.stderr[-2000:]
+
+
 TRITON_CHECK = textwrap.dedent(
     """
     import torch

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "on_load", "SOURCE", "ENV_VAR"]
+__all__ = ["available", "on_load", "define_fallback", "SOURCE", "ENV_VAR"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,13 @@ _LIBRARY.define(
     "householder_chain_backward(Tensor grad, Tensor x, Tensor u, Tensor b, int[] abs, bool normalize, "
     "bool need_input, bool need_params, Tensor saved_p, Tensor saved_sign) -> Tensor[]"
 )
+
+
+def define_fallback(name: str, fn: Callable[..., object]) -> None:
+    """Register ``fn`` as operator ``name``'s ``CompositeExplicitAutograd`` kernel: what runs while the extension
+    (whose CPU kernel takes precedence) is not loaded."""
+    _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
