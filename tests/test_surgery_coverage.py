@@ -207,6 +207,22 @@ def test_config_dropout_is_applied_once_after_each_han_layer_of_a_split_ffn():
     assert rates == (0.3, 0.0, 0.3)
 
 
+def test_timm_fx_feature_extraction_of_a_hanified_model():
+    """timm's FX feature extractor traces around the Han modules (it failed on ``HanBlock``'s shape checks)."""
+    from timm.models import create_feature_extractor
+
+    model, inputs, _ = ZOO["timm/vit"]()
+    x = inputs["x"]
+    hanify(model.eval())
+    features = create_feature_extractor(model, return_nodes={"blocks.0": "b0"})
+    seen = {}
+    model.blocks[0].register_forward_hook(lambda _m, _i, out: seen.update(b0=out))
+    with torch.no_grad():
+        got = features(x)["b0"]
+        model(x)
+    torch.testing.assert_close(got, seen["b0"], rtol=0, atol=0)
+
+
 def test_dtype_is_kept():
     model, _, _ = ZOO["hf/llama"]()
     model.to(torch.bfloat16)
