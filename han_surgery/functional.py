@@ -171,7 +171,7 @@ class _HouseholderRows(torch.autograd.Function):
             return _HouseholderRows._backward(ctx, grad_out)
 
     @staticmethod
-    def _backward(ctx, grad_out: Tensor):  # type: ignore[no-untyped-def]
+    def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, u, t, b, p, z = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph=True
@@ -294,9 +294,9 @@ def _chain_forward_before_load(x: Tensor, u: Tensor, b: Tensor, apply_abs: list[
     """``householder_chain_forward`` called before the extension is loaded: by a graph that recorded the operator
     (``torch.jit.trace`` saved, then ``torch.jit.load`` in a fresh process), not by han-surgery (whose layers load
     the extension first). Loads it and calls the operator again, or computes the definition where it cannot be
-    built (no compiler, ``HAN_SURGERY_CPU_KERNEL=0``). Registered for ``CompositeExplicitAutograd``: the
+    built (no compiler, ``HAN_SURGERY_CPU_KERNEL=0``) or the tensors are not on the CPU. Registered for ``CompositeExplicitAutograd``: the
     extension's own CPU kernel takes precedence once loaded."""
-    if cpu_kernel.available():
+    if x.device.type == "cpu" and cpu_kernel.available():  # (a CUDA tensor would come back here: the definition)
         return torch.ops.han_surgery.householder_chain_forward(x, u, b, apply_abs, normalize)
     acc = _accumulation_dtype(x.dtype)
     params = _chain_parameters(u, b if b.numel() > 0 else None, normalize, acc)
