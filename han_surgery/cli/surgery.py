@@ -116,7 +116,8 @@ def _source_folder(source: str) -> Path | None:
 
 def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwrite: bool) -> None:
     """``save_pretrained`` into a staging folder inside ``out`` with the source folder's tokenizer, image
-    processor and sentence-transformers pipeline, then publish; a failure leaves neither the staging folder nor an ``out`` it created."""
+    processor and sentence-transformers pipeline, then publish; a failure leaves neither the staging folder
+    nor an ``out`` it created."""
     from ..surgery.serialization import save_pretrained
 
     created = not out.exists()
