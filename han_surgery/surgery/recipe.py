@@ -26,6 +26,7 @@ A reader refuses a file whose ``format_version`` is newer than :data:`RECIPE_FOR
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,20 @@ class RecipeStep:
     config: HanConfig
     rewrites: tuple[RewriteEntry, ...] = ()
     calibration: dict[str, Any] | None = None
+
+    def under(self, prefix: str) -> RecipeStep | None:
+        """This step as seen from the sub-module at ``prefix`` (``"0.auto_model"``): the rewrites wholly inside
+        it, their paths relative to it, and no include/exclude patterns (they were written for the whole model;
+        the recorded paths say what was chosen). ``None`` if no rewrite lies inside."""
+        head = prefix + "."
+        inside = tuple(
+            RewriteEntry(r.path[len(head) :], r.rule, tuple(p[len(head) :] for p in r.swapped), dict(r.neighbours))
+            for r in self.rewrites
+            if r.path.startswith(head) and all(p.startswith(head) for p in r.swapped)
+        )
+        if not inside:
+            return None
+        return RecipeStep(dataclasses.replace(self.config, include=(), exclude=()), inside, self.calibration)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"config": self.config.to_dict(), "rewrites": [r.to_dict() for r in self.rewrites]}
