@@ -78,6 +78,18 @@ def test_timm_save_for_hf_of_a_freshly_hanified_model(tmp_path):
     assert len(recipe_of(rebuilt)) == 2
 
 
+def test_a_timm_backbone_inside_a_hanified_module_saves_itself(tmp_path):
+    """``hanify(module)`` marks the timm model inside (its part of the recipe, relative to it) for ``save_for_hf``."""
+    torch.manual_seed(0)
+    module = torch.nn.ModuleDict({"backbone": timm.create_model("test_vit", pretrained=False, num_classes=0)}).eval()
+    hanify(module)
+    backbone = module["backbone"]
+    assert backbone.pretrained_cfg["architecture"] == "hanified" and len(recipe_of(backbone)) == 1
+    timm.models.save_for_hf(backbone, str(tmp_path), safe_serialization=True)
+    with torch.no_grad():
+        assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(IMAGES), backbone(IMAGES))
+
+
 def test_timm_push_to_hf_hub_uploads_a_folder_that_loads_hanified(monkeypatch, tmp_path):
     """timm's ``push_to_hf_hub`` (its ``save_for_hf`` and model card) against a fake at the ``HfApi`` boundary."""
     from huggingface_hub import HfApi

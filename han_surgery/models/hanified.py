@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
 from ..surgery.engine import register_hanify_hook
-from ..surgery.recipe import Recipe
+from ..surgery.recipe import Recipe, recipe_of, record_step
 from ..surgery.serialization import recipe_for, replay_remaining_steps
 from ._checkpoint import checkpoint_filter_fn
 
@@ -177,13 +177,33 @@ def _mark_hanified(model: nn.Module, base: str, recipe: dict[str, Any]) -> None:
     model._model_args = {**getattr(model, "_model_args", {}), TIMM_BASE_ARG: base, TIMM_RECIPE_ARG: recipe}
 
 
+def _is_timm_model(module: nn.Module) -> bool:
+    """Built by timm's factory: it has a ``pretrained_cfg`` naming its architecture."""
+    cfg = getattr(module, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and bool(cfg.get("architecture"))
+
+
 @register_hanify_hook
 def _mark_hanified_timm_model(model: nn.Module) -> None:
-    """After ``hanify``: a timm model (one timm's factory built: it has a ``pretrained_cfg`` naming its
-    architecture) is marked as :func:`_mark_hanified` says, with its recipe so far."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("architecture"):
+    """After ``hanify``: a timm model is marked as :func:`_mark_hanified` says, with its recipe so far.
+
+    So is each outermost timm model *inside* ``model`` that the step rewrote (a backbone in a user's module),
+    with the step recorded on it too, relative to it (:meth:`~han_surgery.surgery.recipe.RecipeStep.under`),
+    for ``save_for_hf(model.backbone)``."""
+    if _is_timm_model(model):
+        parts = [model]
+    else:
+        step, parts, outer = recipe_of(model)[-1], [], []
+        for prefix, sub in model.named_modules():
+            if not prefix or not _is_timm_model(sub) or any(prefix.startswith(p + ".") for p in outer):
+                continue
+            outer.append(prefix)
+            inside = step.under(prefix)
+            if inside is not None:
+                record_step(sub, inside)
+                parts.append(sub)
+    for part in parts:
         # float32, not the dtype now: the model may be cast before save_for_hf, which loads it as timm loads any
         # save_for_hf folder, in float32 (lossless for float16 / bfloat16 weights)
-        recipe = dataclasses.replace(recipe_for(model), dtype="float32")
-        _mark_hanified(model, recipe.base.name, recipe.to_dict())
+        recipe = dataclasses.replace(recipe_for(part), dtype="float32")
+        _mark_hanified(part, recipe.base.name, recipe.to_dict())
