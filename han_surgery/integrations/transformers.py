@@ -34,7 +34,7 @@ from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_mode
 from ..errors import CheckpointError, ConfigError
 from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
 from ..surgery.engine import register_hanify_hook
-from ..surgery.recipe import Recipe, recipe_of, record_step
+from ..surgery.recipe import Recipe, record_last_step_on_parts
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
 
 if TYPE_CHECKING:  # importing transformers' PreTrainedModel also imports accelerate: not at `import han_surgery`
@@ -230,19 +230,11 @@ def _adopt_hanified_class(model: nn.Module) -> None:
     has it do."""
     from transformers import PreTrainedModel
 
-    if isinstance(model, PreTrainedModel):
-        model.__class__ = hanified_class(type(model))
-        return
-    step = recipe_of(model)[-1]
-    outer: list[str] = []
-    for prefix, sub in model.named_modules():
-        if not isinstance(sub, PreTrainedModel) or any(prefix.startswith(p + ".") for p in outer):
-            continue
-        outer.append(prefix)
-        inside = step.under(prefix)
-        if inside is not None:
-            record_step(sub, inside)
-            sub.__class__ = hanified_class(type(sub))
+    def is_part(module: nn.Module) -> bool:
+        return isinstance(module, PreTrainedModel)
+
+    for part in [model] if is_part(model) else record_last_step_on_parts(model, is_part):
+        part.__class__ = hanified_class(type(part))
 
 
 class _AutoDispatch:

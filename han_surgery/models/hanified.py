@@ -32,7 +32,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
 from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
 from ..surgery.engine import register_hanify_hook
-from ..surgery.recipe import Recipe, recipe_of, record_step
+from ..surgery.recipe import Recipe, record_last_step_on_parts
 from ..surgery.serialization import recipe_for, replay_remaining_steps
 from ._checkpoint import checkpoint_filter_fn
 
@@ -190,19 +190,7 @@ def _mark_hanified_timm_model(model: nn.Module) -> None:
     So is each outermost timm model *inside* ``model`` that the step rewrote (a backbone in a user's module),
     with the step recorded on it too, relative to it (:meth:`~han_surgery.surgery.recipe.RecipeStep.under`),
     for ``save_for_hf(model.backbone)``."""
-    if _is_timm_model(model):
-        parts = [model]
-    else:
-        step, parts, outer = recipe_of(model)[-1], [], []
-        for prefix, sub in model.named_modules():
-            if not prefix or not _is_timm_model(sub) or any(prefix.startswith(p + ".") for p in outer):
-                continue
-            outer.append(prefix)
-            inside = step.under(prefix)
-            if inside is not None:
-                record_step(sub, inside)
-                parts.append(sub)
-    for part in parts:
+    for part in [model] if _is_timm_model(model) else record_last_step_on_parts(model, _is_timm_model):
         # float32, not the dtype now: the model may be cast before save_for_hf, which loads it as timm loads any
         # save_for_hf folder, in float32 (lossless for float16 / bfloat16 weights)
         recipe = dataclasses.replace(recipe_for(part), dtype="float32")

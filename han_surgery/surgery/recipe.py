@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,22 @@ class Recipe:
 def recipe_of(model: nn.Module) -> list[RecipeStep]:
     """The hanify steps applied to ``model`` so far (empty if none)."""
     return list(getattr(model, RECIPE_ATTR, ()))
+
+
+def record_last_step_on_parts(model: nn.Module, is_part: Callable[[nn.Module], bool]) -> list[nn.Module]:
+    """Record ``model``'s last step on each outermost sub-module for which ``is_part`` holds (a transformers or
+    timm model inside a user's module) and that the step rewrote inside, relative to it
+    (:meth:`RecipeStep.under`); return those parts. A part then saves itself with its library's API."""
+    step, parts, outer = recipe_of(model)[-1], [], []
+    for prefix, sub in model.named_modules():
+        if not prefix or not is_part(sub) or any(prefix.startswith(p + ".") for p in outer):
+            continue
+        outer.append(prefix)
+        inside = step.under(prefix)
+        if inside is not None:
+            record_step(sub, inside)
+            parts.append(sub)
+    return parts
 
 
 def record_step(model: nn.Module, step: RecipeStep) -> None:
