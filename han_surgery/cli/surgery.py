@@ -192,8 +192,9 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
             if file.suffix not in (".json", ".safetensors"):
                 warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
                 continue
-            (staging / path / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(file, staging / path / file.relative_to(folder))
+            target = staging / path / file.relative_to(folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
 
 
 def _calibration_batches(source: str, data: CalibrationData, seed: int, tokenizer: Any = None) -> list:
