@@ -52,7 +52,11 @@ def _check_arguments(name: str, features: int, reflections: int, init: str, bias
 @torch.no_grad()
 def _init_householder(u: Tensor, bias: Tensor | None, init: str, bias_init: str) -> None:
     """Initialise one layer's ``u`` ``(k, n)`` and ``bias`` ``(n,)`` (see :class:`HouseholderLinear`)."""
-    if init == "orthogonal":
+    if init == "orthogonal" and u.dtype in (torch.float16, torch.bfloat16):
+        # torch's QR has no half-precision kernels: draw in float32, then round (a model built under
+        # ``torch.set_default_dtype(torch.bfloat16)`` or ``from_config(..., dtype=torch.bfloat16)``)
+        u.copy_(nn.init.orthogonal_(torch.empty(u.shape, dtype=torch.float32, device=u.device)))
+    elif init == "orthogonal":
         nn.init.orthogonal_(u)
     else:
         nn.init.normal_(u)

@@ -157,6 +157,23 @@ def test_low_precision_forward_close_to_fp32(dtype):
     assert rel < 2e-2, rel
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layers_build_under_a_half_precision_default_dtype(dtype):
+    # transformers' from_config(..., dtype=torch.bfloat16) builds every module under that default
+    # dtype, and torch's QR (behind orthogonal_) has no half-precision kernel on CPU
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        torch.manual_seed(7)
+        block = HanBlock(64, reflections=3, gain=True, side_rank=4)
+    finally:
+        torch.set_default_dtype(previous)
+    u = block.fc1.u
+    assert u.dtype == dtype and all(p.dtype == dtype for p in block.parameters())
+    torch.testing.assert_close(u.float() @ u.float().T, torch.eye(3), atol=2e-2, rtol=0)  # orthonormal, rounded
+    assert torch.isfinite(block(torch.randn(2, 64, dtype=dtype))).all()
+
+
 def test_low_precision_input_with_fp32_parameters_backward():
     layer = HanLayer(64)
     x = torch.randn(8, 64, dtype=torch.bfloat16, requires_grad=True)
