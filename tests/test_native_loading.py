@@ -141,6 +141,33 @@ def test_transformers_save_pretrained_of_a_natively_loaded_model(folders, tmp_pa
         assert torch.equal(again(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits, io["cls"])
 
 
+def test_transformers_config_arguments_apply_to_the_base_config(folders):
+    """``from_pretrained(dir, num_labels=5)`` and the other config arguments do on a hanified folder what they do on
+    a plain one (they were dropped: a 3-label head stayed 3), through the Auto classes, a ``Hanified*`` class and an
+    edited ``AutoConfig``; the backbone keeps its saved weights."""
+    tmp, io = folders
+    batch = {"input_ids": io["input_ids"], "attention_mask": io["attention_mask"]}
+    saved = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls").eval()
+    five = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls", num_labels=5, ignore_mismatched_sizes=True)
+    assert five.classifier.out_features == five.config.num_labels == 5
+    named = T.AutoModelForSequenceClassification.from_pretrained(tmp / "base", id2label={0: "neg", 1: "pos"}).eval()
+    assert named.config.id2label == {0: "neg", 1: "pos"} and named.classifier.out_features == 2
+    again = type(saved).from_pretrained(tmp / "base", num_labels=4, problem_type="multi_label_classification")
+    assert again.classifier.out_features == 4 and again.config.problem_type == "multi_label_classification"
+    config = T.AutoConfig.from_pretrained(tmp / "cls")
+    assert config.num_labels == 3  # read as the base model's
+    config.num_labels = 6
+    six = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls", config=config, ignore_mismatched_sizes=True)
+    assert six.classifier.out_features == 6
+    with torch.no_grad():
+        hidden = T.AutoModel.from_pretrained(tmp / "base", output_hidden_states=True, attn_implementation="eager")
+        assert hidden.config._attn_implementation == "eager"
+        out = hidden.eval()(**batch)
+        assert len(out.hidden_states) == 3
+        torch.testing.assert_close(out.last_hidden_state, io["base"])  # eager vs sdpa: close, not bit-identical
+        assert torch.equal(five.eval().bert(**batch).last_hidden_state, saved.bert(**batch).last_hidden_state)
+
+
 def test_transformers_pipeline_feature_extraction(folders):
     tmp, io = folders
     features = T.pipeline("feature-extraction", model=str(tmp / "base"), framework="pt")

@@ -55,17 +55,60 @@ class HanifiedConfig(PreTrainedConfig):
     base_config: dict | None = None
     han_recipe: dict | None = None
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """transformers' ``from_dict``, with the keyword arguments that name a config attribute
+        (``num_labels``, ``id2label``, ``output_hidden_states``, ``hidden_dropout_prob``, ...) applied to the
+        *base* model's config, by transformers' own rule: so ``AutoModelFor*.from_pretrained(dir, num_labels=5)``
+        and ``AutoConfig.from_pretrained(dir, num_labels=5)`` do what they do on a plain folder.
+        ``attn_implementation`` and the loading's own arguments (``dtype``, ...) are left to ``from_pretrained``."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        base = config_dict.get(HF_BASE_CONFIG_KEY)
+        offered = {k: v for k, v in kwargs.items() if k not in _LOADING_KWARGS and k not in _PASSED_ON_KWARGS}
+        if isinstance(base, dict) and offered:
+            unused = dict(offered)
+            applied = transformers_base_config(base, "config.json", unused)
+            if len(unused) < len(offered):
+                config_dict = {**config_dict, HF_BASE_CONFIG_KEY: applied.to_dict()}
+            kwargs = {k: v for k, v in kwargs.items() if k not in offered or k in unused}
+        passed_on = {k: kwargs.pop(k) for k in _PASSED_ON_KWARGS if k in kwargs}
+        if not return_unused:
+            return super().from_dict(config_dict, **kwargs)
+        config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
+        return config, {**unused, **passed_on}
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if isinstance(self.base_config, dict):  # the task fields read as the base model's, and edits to them count
+            for key in _TASK_FIELDS:
+                if key in self.base_config:
+                    setattr(self, key, self.base_config[key])
+
     def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
-        """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``."""
+        """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``.
+
+        Its task fields (``id2label``, ``label2id``, ``problem_type``, so ``num_labels``) are this config's,
+        which start as the base model's: ``config.num_labels = 5`` counts."""
         if not isinstance(self.base_config, dict) or not isinstance(self.han_recipe, dict):
             raise CheckpointError(
                 f"{source}: a '{HF_HANIFIED_MODEL_TYPE}' config needs '{HF_BASE_CONFIG_KEY}' and '{HF_RECIPE_KEY}' "
                 "objects (written by han_surgery.save_pretrained); a plain transformers folder loads with its own "
                 "class or AutoModel*, and then han_surgery.hanify rewrites it"
             )
-        base = transformers_base_config(self.base_config, source)
+        task = {key: getattr(self, key) for key in _TASK_FIELDS if key in self.base_config or getattr(self, key)}
+        base = transformers_base_config({**self.base_config, **task}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
+
+
+_TASK_FIELDS = ("id2label", "label2id", "problem_type")
+"""The fields of a :class:`HanifiedConfig` mirrored from, and written back to, its base config."""
+
+_LOADING_KWARGS = frozenset({"dtype", "torch_dtype", "quantization_config", "_from_auto", "_from_pipeline"})
+"""``from_pretrained`` arguments that also name config fields but belong to the loading (as in transformers)."""
+
+_PASSED_ON_KWARGS = ("attn_implementation", "experts_implementation")
+"""Config arguments that transformers' ``from_pretrained`` sets on the config it is given: passed on to it."""
 
 
 def _path_map(model: nn.Module, paths: list[str]):
@@ -111,9 +154,8 @@ class _Hanified:
         the file for weights that are unreadable or do not fit."""
         folder = Path(str(pretrained_model_name_or_path))
         if config is None:
-            config = _hanified_config(pretrained_model_name_or_path, kwargs).base_model_config(
-                str(folder / "config.json")
-            )
+            hanified, kwargs = _hanified_config(pretrained_model_name_or_path, kwargs)
+            config = hanified.base_model_config(str(folder / "config.json"))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         except SafetensorError as e:
@@ -161,10 +203,18 @@ class _Hanified:
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
-def _hanified_config(pretrained_model_name_or_path: str | Path, kwargs: dict[str, Any]) -> HanifiedConfig:
-    """The :class:`HanifiedConfig` of a folder or Hub repo, read with the caller's Hub arguments (``revision``, ...)."""
+def _hanified_config(
+    pretrained_model_name_or_path: str | Path, kwargs: dict[str, Any]
+) -> tuple[HanifiedConfig, dict[str, Any]]:
+    """The :class:`HanifiedConfig` of a folder or Hub repo, read with the caller's Hub arguments (``revision``, ...)
+    and config arguments (:meth:`HanifiedConfig.from_dict`), and the ``from_pretrained`` arguments left for the model."""
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    return HanifiedConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+    kept = {k: v for k, v in kwargs.items() if k in _LOADING_KWARGS}
+    offered = {k: v for k, v in kwargs.items() if k not in hub and k not in kept}
+    config, unused = HanifiedConfig.from_pretrained(
+        pretrained_model_name_or_path, return_unused_kwargs=True, **hub, **offered
+    )
+    return config, {**hub, **kept, **unused}
 
 
 _CLASSES: dict[type, type] = {}
@@ -261,7 +311,7 @@ class _AutoDispatch:
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config: Any = None, **kwargs: Any
     ) -> PreTrainedModel:
         if not isinstance(config, HanifiedConfig):
-            config = _hanified_config(pretrained_model_name_or_path, kwargs)
+            config, kwargs = _hanified_config(pretrained_model_name_or_path, kwargs)
         model_class, base_config = cls._resolve(config, str(Path(str(pretrained_model_name_or_path)) / "config.json"))
         return model_class.from_pretrained(pretrained_model_name_or_path, *model_args, config=base_config, **kwargs)
 

@@ -226,9 +226,15 @@ def hanified_transformers_config(model: nn.Module, recipe: Recipe) -> dict[str, 
     }
 
 
-def transformers_base_config(config: dict[str, Any], source: str) -> Any:
+def transformers_base_config(config: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Any:
     """The base model's ``PretrainedConfig`` from a ``config.json`` dict: ``base_config`` of a hanified
-    one, or the dict itself (folders of earlier versions)."""
+    one, or the dict itself (folders of earlier versions).
+
+    ``overrides``: keyword arguments of a ``from_pretrained`` call. Those that name a config attribute
+    (``num_labels``, ``output_hidden_states``, ``attn_implementation``, ...) are set on the config and
+    removed from the dict, by transformers' own rule (``PretrainedConfig.from_dict``), as
+    ``from_pretrained`` does with a config it reads itself; the rest stay for the model.
+    """
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -243,7 +249,12 @@ def transformers_base_config(config: dict[str, Any], source: str) -> Any:
             f"(transformers {transformers.__version__})"
         )
     try:
-        return CONFIG_MAPPING[model_type].from_dict(config)
+        if not overrides:
+            return CONFIG_MAPPING[model_type].from_dict(config)
+        result, unused = CONFIG_MAPPING[model_type].from_dict(dict(config), return_unused_kwargs=True, **overrides)
+        for key in set(overrides) - set(unused):
+            del overrides[key]
+        return result
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: not a valid {model_type} config ({type(e).__name__}: {e})") from None
 
