@@ -9,7 +9,8 @@ kind               the folder holds
 ``"hanified"``     ``han_config.json`` (written by :func:`han_surgery.save_pretrained`), or a
                    timm ``config.json`` naming :data:`TIMM_HANIFIED_ARCH` with the recipe in
                    ``model_args`` (timm's ``save_for_hf`` of a hanified model): a base model
-                   plus the recipe that rewrote it; ``base_library`` says whose
+                   plus the recipe that rewrote it; ``base_library`` says whose. Where both
+                   record a recipe and they differ (a folder saved twice), a ``CheckpointError``
 ``"timm"``         a timm ``config.json`` with ``architecture`` (``save_for_hf``)
 ``"transformers"`` a transformers ``config.json`` with ``model_type`` (``save_pretrained``)
 ``"tabular"``      a ``config.json`` with ``han_surgery_tabular`` (the fine-tune command's
@@ -302,6 +303,18 @@ def _config_kind(config: dict[str, Any]) -> str | None:
     return None
 
 
+def _recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe a hanified ``config.json`` carries: timm's (``model_args["han_recipe"]``) or transformers'
+    (``"han_recipe"`` beside ``model_type = "han_surgery"``); ``None`` for any other config."""
+    if config.get("architecture") == TIMM_HANIFIED_ARCH and isinstance(config.get("model_args"), dict):
+        recipe = config["model_args"].get(TIMM_RECIPE_ARG)
+    elif config.get("model_type") == HF_HANIFIED_MODEL_TYPE:
+        recipe = config.get(HF_RECIPE_KEY)
+    else:
+        return None
+    return recipe if isinstance(recipe, dict) else None
+
+
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Decide what the folder ``path`` holds (see the module docstring); reads JSON files only.
 
@@ -318,16 +331,21 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     han_file = directory / HAN_CONFIG_NAME
     if han_file.is_file():
         han_config = read_json_object(han_file)
+        embedded = _recipe_in_config(config)
+        if embedded is not None and any(han_config.get(k) != embedded.get(k) for k in ("base", "recipe")):
+            raise CheckpointError(
+                f"{han_file}: its recipe is not the one in {config_file}, which timm's and transformers' loaders "
+                f"read: the folder was saved twice (timm's save_for_hf and push_to_hf_hub leave {HAN_CONFIG_NAME} "
+                f"as it was). Delete {HAN_CONFIG_NAME} if {CONFIG_NAME} and the weights are the later save"
+            )
         base = han_config.get("base")
         library = base.get("library") if isinstance(base, dict) else None
         if _config_kind(config) == "tabular":
             library = "tabular"
         return ModelFolder(directory, "hanified", config, han_config, library)
-    model_args = config.get("model_args")
-    if config.get("architecture") == TIMM_HANIFIED_ARCH and isinstance(model_args, dict):
-        recipe = model_args.get(TIMM_RECIPE_ARG)  # timm's save_for_hf of a hanified model: the recipe is in config.json
-        if isinstance(recipe, dict):
-            return ModelFolder(directory, "hanified", config, recipe, "timm")
+    recipe = _recipe_in_config(config)
+    if recipe is not None and config.get("architecture") == TIMM_HANIFIED_ARCH:
+        return ModelFolder(directory, "hanified", config, recipe, "timm")  # timm's save_for_hf of a hanified model
     if not config_file.is_file():
         raise CheckpointError(
             f"{directory}: no {CONFIG_NAME} and no {HAN_CONFIG_NAME}: expected a folder written by "

@@ -78,6 +78,24 @@ def test_timm_save_for_hf_of_a_freshly_hanified_model(tmp_path):
     assert len(recipe_of(rebuilt)) == 2
 
 
+def test_timm_save_for_hf_over_a_han_surgery_folder_is_refused_until_the_stale_file_goes(tmp_path):
+    """timm's ``save_for_hf`` into a folder that ``han_surgery.save_pretrained`` wrote before leaves its
+    ``han_config.json``, whose recipe then differs from the one ``config.json`` (written with the weights) carries:
+    an error that says which to delete (the stale recipe rebuilt another model, without an error, when both have the
+    same parameters)."""
+    han_surgery.save_pretrained(hanified_vit(), tmp_path)
+    torch.manual_seed(1)
+    newer = timm.create_model("test_vit", pretrained=False, num_classes=3).eval()
+    hanify(newer, han_surgery.HanConfig(final_abs=True))  # same parameters, other function
+    timm.models.save_for_hf(newer, str(tmp_path), safe_serialization=True)
+    with pytest.raises(CheckpointError, match="han_config.json: its recipe is not the one in .*config.json.*Delete"):
+        han_surgery.from_pretrained(tmp_path)
+    (tmp_path / "han_config.json").unlink()
+    with torch.no_grad():
+        assert torch.equal(han_surgery.from_pretrained(tmp_path)(IMAGES), newer(IMAGES))
+        assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(IMAGES), newer(IMAGES))
+
+
 def test_a_timm_backbone_inside_a_hanified_module_saves_itself(tmp_path):
     """``hanify(module)`` marks the timm model inside (its part of the recipe, relative to it) for ``save_for_hf``."""
     torch.manual_seed(0)

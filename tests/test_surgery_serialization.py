@@ -242,6 +242,9 @@ def test_replay_mismatch_is_reported(tmp_path):
     data = json.loads((tmp_path / "han_config.json").read_text())
     data["recipe"][0]["rewrites"][0]["path"] = "blocks.7.mlp"
     (tmp_path / "han_config.json").write_text(json.dumps(data))
+    config = json.loads((tmp_path / "config.json").read_text())  # the same recipe, as timm's loader reads it
+    config["model_args"]["han_recipe"] = data
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not replay"):
         from_pretrained(tmp_path)
 
