@@ -7,7 +7,7 @@ The source is one of
 * ``local-dir:<folder>`` or a folder: whatever :func:`~han_surgery.folders.inspect_model_folder`
   finds there -- a hanified folder (:func:`~han_surgery.from_pretrained`), a timm ``save_for_hf``
   folder, a transformers ``save_pretrained`` folder (the class named in ``architectures``,
-  safetensors only, no code from the folder), or a fine-tuned tabular network.
+  safetensors only, one file or shards, no code from the folder), or a fine-tuned tabular network.
 """
 
 from __future__ import annotations
@@ -23,11 +23,42 @@ from torch import nn
 
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import safetensors_problem
-from .folders import TABULAR_CONFIG_KEY, WEIGHTS_NAME, ModelFolder, inspect_model_folder, read_timm_config
+from .folders import (
+    TABULAR_CONFIG_KEY,
+    WEIGHTS_NAME,
+    ModelFolder,
+    inspect_model_folder,
+    read_json_object,
+    read_timm_config,
+)
 from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
 
 __all__ = ["load_model", "load_folder"]
+
+
+SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
+"""What transformers' ``save_pretrained(..., max_shard_size=...)`` writes beside the shards it lists."""
+
+
+def _weight_files(folder: ModelFolder) -> list[Path]:
+    """The safetensors files of a plain folder: ``model.safetensors``, or for a transformers folder the shards its
+    ``model.safetensors.index.json`` lists (file names in the folder only)."""
+    weights = folder.path / WEIGHTS_NAME
+    index = folder.path / SHARDED_WEIGHTS_INDEX
+    if weights.is_file() or folder.kind != "transformers" or not index.is_file():
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: missing")
+        return [weights]
+    weight_map = read_json_object(index).get("weight_map")
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in this folder")
+    shards = [folder.path / name for name in sorted(names)]
+    missing = next((shard for shard in shards if not shard.is_file()), None)
+    if missing is not None:
+        raise CheckpointError(f"{missing}: missing (a shard {index.name} lists)")
+    return shards
 
 
 def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Module:
@@ -44,12 +75,12 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
 
             base = TabularNet(**folder.config[TABULAR_CONFIG_KEY])
         return from_pretrained(folder.path, model=base)
-    weights = folder.path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise CheckpointError(f"{weights}: missing")
-    problem = safetensors_problem(weights)  # a truncated or garbage file, named before any library reads it
-    if problem:
-        raise CheckpointError(problem)
+    files = _weight_files(folder)
+    weights = files[0] if len(files) == 1 else folder.path / SHARDED_WEIGHTS_INDEX
+    for file in files:
+        problem = safetensors_problem(file)  # a truncated or garbage file, named before any library reads it
+        if problem:
+            raise CheckpointError(problem)
     if folder.kind == "timm":
         return _load_timm_folder(folder.path, num_classes)
     if folder.kind == "tabular":

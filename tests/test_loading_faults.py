@@ -222,3 +222,20 @@ def test_corrupt_plain_folder_is_one_line_naming_the_file(plain, tmp_path, capsy
     lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]  # progress bar
     assert len(lines) == 1 and lines[0].startswith(f"han-surgery hanify: {d / file}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_transformers_folder_loads_and_a_missing_shard_is_named(tmp_path):
+    """``save_pretrained(max_shard_size=...)`` writes shards and an index (most Hub LLM repos hold that): ``load_model``
+    (so ``hanify`` / ``inspect`` / ``finetune --model``) loads it as transformers does; it asked for a
+    ``model.safetensors``."""
+    torch.manual_seed(0)
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    model = T.BertModel(config).eval()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
+    loaded = load_model(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=f"^{shards[-1]}: missing"):
+        load_model(tmp_path / "sharded")
