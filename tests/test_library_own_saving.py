@@ -96,6 +96,24 @@ def test_timm_save_for_hf_over_a_han_surgery_folder_is_refused_until_the_stale_f
         assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(IMAGES), newer(IMAGES))
 
 
+def test_timm_local_dir_with_another_img_size_resamples_pos_embed_as_timm_does(tmp_path):
+    """``create_model("local-dir:...", pretrained=True, img_size=...)``: the base architecture's own checkpoint filter
+    (a ViT's resamples ``pos_embed``) adapts the checkpoint, as for a plain folder; it failed with a shape mismatch."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    model = hanified_vit()
+    timm.models.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    bigger = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, img_size=192).eval()
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert bigger.pos_embed.shape != saved["pos_embed"].shape
+    assert torch.equal(bigger.pos_embed, checkpoint_filter_fn(dict(saved), bigger)["pos_embed"])
+    assert torch.equal(bigger.blocks[1].mlp.fc1.u, saved["blocks.1.mlp.fc1.u"])
+    with torch.no_grad():
+        assert bigger(torch.randn(1, 3, 192, 192)).shape == (1, 3)
+    with pytest.raises(CheckpointError, match="does not fit"):  # what no filter adapts is still refused
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True, qkv_bias=False)
+
+
 def test_a_timm_backbone_inside_a_hanified_module_saves_itself(tmp_path):
     """``hanify(module)`` marks the timm model inside (its part of the recipe, relative to it) for ``save_for_hf``."""
     torch.manual_seed(0)

@@ -19,7 +19,10 @@ computes bit for bit what the saved model did; its ``pretrained_cfg["architectur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +151,12 @@ def hanified(
             try:
                 return checkpoint_filter_fn(state, model)
             except ValueError as e:
-                raise CheckpointError(f"{name}: {e}") from None
+                problem = e
+            adapt = _base_filter_fn(han_base)  # e.g. a ViT's: pos_embed resampled for another img_size
+            if adapt is not None:
+                with contextlib.suppress(Exception):  # not adaptable: the first problem is the one to report
+                    return checkpoint_filter_fn(adapt(state, model), model)
+            raise CheckpointError(f"{name}: {problem}") from None
 
         load_cfg = {**model.pretrained_cfg, "state_dict": state_dict, "source": None}
         for key in ("file", "url", "hf_hub_id", "hf_hub_filename"):
@@ -167,6 +175,14 @@ def hanified(
     model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in ("source", "file", "hf_hub_id") if k in cfg}}
     _mark_hanified(model, han_base, han_recipe)
     return model
+
+
+def _base_filter_fn(arch: str) -> Callable[[dict, nn.Module], dict] | None:
+    """The ``checkpoint_filter_fn`` of the timm module that defines ``arch``, which timm's builder gives its
+    loader: it adapts a checkpoint to the model's arguments (a ViT's ``pos_embed`` to another ``img_size``)."""
+    module = sys.modules.get(getattr(timm.models.model_entrypoint(arch), "__module__", ""), None)
+    adapt = getattr(module, "checkpoint_filter_fn", None)
+    return adapt if callable(adapt) else None
 
 
 def _mark_hanified(model: nn.Module, base: str, recipe: dict[str, Any]) -> None:
