@@ -271,3 +271,32 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     )
     batch = tokenizer(["row 1 is good"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, 3) and set(model.config.id2label.values()) == set(labels)
+
+
+def test_model_card_base_model_of_a_hanified_folder_is_its_base(tmp_path: Path) -> None:
+    """``base_model:`` in the card of a run on a local hanified folder names the base model (timm's
+    ``model_args["han_base"]``, a transformers base config's Hub id), never ``hanified`` or a local path."""
+    from types import SimpleNamespace
+
+    import timm
+    import transformers as T
+
+    from han_surgery import hanify, save_pretrained
+    from han_surgery.finetune.hub import base_model_id
+
+    def card_base(folder: Path) -> str:
+        return base_model_id(SimpleNamespace(pretrained=False, model=str(folder)), SimpleNamespace(model=None))
+
+    vit = timm.create_model("test_vit", pretrained=False)
+    hanify(vit)
+    save_pretrained(vit, tmp_path / "vit")
+    assert card_base(tmp_path / "vit") == "test_vit"
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    bert = T.BertModel(config)
+    bert.config._name_or_path = "owner/tiny-bert"  # as from_pretrained("owner/tiny-bert") leaves it
+    hanify(bert)
+    save_pretrained(bert, tmp_path / "bert")
+    assert card_base(tmp_path / "bert") == "owner/tiny-bert"
+    bert.config._name_or_path = str(tmp_path / "bert")  # loaded from a folder: no Hub id to name
+    save_pretrained(bert, tmp_path / "local")
+    assert card_base(tmp_path / "local") == "local"

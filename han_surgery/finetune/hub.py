@@ -19,7 +19,14 @@ from typing import Any
 from ..dataclass_cli import to_argv
 from ..errors import HanSurgeryError
 from ..fileio import folder_problems
-from ..folders import CONFIG_NAME, WEIGHTS_NAME, read_json_object
+from ..folders import (
+    CONFIG_NAME,
+    HF_BASE_CONFIG_KEY,
+    TIMM_BASE_ARG,
+    TIMM_HANIFIED_ARCH,
+    WEIGHTS_NAME,
+    read_json_object,
+)
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.report import HanifyReport
 from .config import FinetuneConfig, FinetuneResult, repo_id_problem
@@ -77,13 +84,29 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     path = Path(spec).expanduser()
     if not path.is_dir():
         return spec
-    # a local folder: name what it was built from (the base model's Hub id is not known offline)
-    for name, key in ((RESULTS_NAME, "base_model"), (CONFIG_NAME, "architecture"), (CONFIG_NAME, "_name_or_path")):
-        if (path / name).is_file():
-            value = read_json_object(path / name).get(key)
-            if isinstance(value, str) and value:
-                return value
+    # a local folder: name what it was built from (the base model's Hub id is not known offline); for a hanified
+    # folder, its base model (timm's model_args["han_base"], transformers' base_config), never a local path
+    results = read_json_object(path / RESULTS_NAME) if (path / RESULTS_NAME).is_file() else {}
+    saved = read_json_object(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
+    model_args = saved.get("model_args") if isinstance(saved.get("model_args"), dict) else {}
+    base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
+    candidates = (
+        results.get("base_model"),
+        model_args.get(TIMM_BASE_ARG),
+        saved.get("architecture"),
+        base_config.get("_name_or_path"),
+        saved.get("_name_or_path"),
+    )
+    for value in candidates:
+        if isinstance(value, str) and value and value != TIMM_HANIFIED_ARCH and not _is_local_path(value):
+            return value
     return path.name
+
+
+def _is_local_path(value: str) -> bool:
+    """``_name_or_path`` holds the folder a model was loaded from when it was not a Hub id."""
+    path = Path(value).expanduser()
+    return path.is_absolute() or value.startswith(".") or path.exists()
 
 
 def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
