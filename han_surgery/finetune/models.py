@@ -224,13 +224,7 @@ def _load_transformers(
         if data.class_names:
             kwargs["id2label"] = dict(enumerate(data.class_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(data.class_names)}
-    if hanified:  # the Hanified* class is built from the base config: the head size and overrides go there
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(path))
-        config.base_config = {**config.base_config, **kwargs}
-        kwargs = {"config": config}
-    try:
+    try:  # a hanified folder's config applies these to its base model's config, as a plain one does
         model = AutoModelForSequenceClassification.from_pretrained(
             str(path), use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
         )

@@ -83,20 +83,27 @@ class HanifiedConfig(PreTrainedConfig):
             for key in _TASK_FIELDS:
                 if key in self.base_config:
                     setattr(self, key, self.base_config[key])
+        self._mirrored = {key: getattr(self, key) for key in _TASK_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("_mirrored", None)
+        return output
 
     def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
         """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``.
 
-        Its task fields (``id2label``, ``label2id``, ``problem_type``, so ``num_labels``) are this config's,
-        which start as the base model's: ``config.num_labels = 5`` counts."""
+        Its task fields (``id2label``, ``label2id``, ``problem_type``, so ``num_labels``) read as the base
+        model's, and an edit to them counts (``config.num_labels = 5``), as does one to ``base_config``."""
         if not isinstance(self.base_config, dict) or not isinstance(self.han_recipe, dict):
             raise CheckpointError(
                 f"{source}: a '{HF_HANIFIED_MODEL_TYPE}' config needs '{HF_BASE_CONFIG_KEY}' and '{HF_RECIPE_KEY}' "
                 "objects (written by han_surgery.save_pretrained); a plain transformers folder loads with its own "
                 "class or AutoModel*, and then han_surgery.hanify rewrites it"
             )
-        task = {key: getattr(self, key) for key in _TASK_FIELDS if key in self.base_config or getattr(self, key)}
-        base = transformers_base_config({**self.base_config, **task}, source)
+        mirrored = getattr(self, "_mirrored", {})
+        edited = {key: getattr(self, key) for key in _TASK_FIELDS if getattr(self, key) != mirrored.get(key)}
+        base = transformers_base_config({**self.base_config, **edited}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
 
