@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,20 @@ def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
             entry.unlink()
         elif entry.resolve() != keep:
             shutil.rmtree(entry)
+
+
+def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str | None:
+    """``"<flag> <path>"`` for the first of ``inputs`` (flag -> path, ``local-dir:`` allowed, ``None`` skipped)
+    that is the existing ``folder`` or lies below it, which emptying ``folder`` would delete; else ``None``."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return None
+    root = folder.resolve()
+    for flag, value in inputs.items():
+        path = Path(value.removeprefix("local-dir:")).expanduser() if value else None
+        if path is not None and path.exists() and (path.resolve() == root or root in path.resolve().parents):
+            return f"{flag} {value}"
+    return None
 
 
 def output_folder_problem(path: str | Path) -> str | None:

@@ -225,6 +225,24 @@ def test_resume_without_checkpoint_and_contradicting_flags(
     assert "contradict" in capsys.readouterr().err
 
 
+def test_output_dir_is_checked_before_any_work(toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """An --output-dir that holds the data or the model is refused with --overwrite (which deleted the user's
+    images, then failed on a missing file), and one that cannot be created is one line (it was a traceback after
+    the data and the model had loaded)."""
+    data = tmp_path / "mine" / "toy.npz"
+    data.parent.mkdir()
+    data.write_bytes(toy.read_bytes())
+    for out in (data.parent, tmp_path):
+        assert cli(common(data, out, "--overwrite")) == 2
+        err = capsys.readouterr().err
+        assert f"holds --data {data}: --overwrite would delete it" in err and err.count("\n") == 1, err
+    assert data.read_bytes() == toy.read_bytes()
+    (tmp_path / "afile").write_text("mine")
+    assert cli(common(data, tmp_path / "afile" / "run")) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir cannot create" in err and "is a file, not a folder" in err and err.count("\n") == 1, err
+
+
 def held_out(toy: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from han_surgery.finetune.data import load_data
 

@@ -144,6 +144,29 @@ def test_overwrite_removes_symlinks_without_following_them(tmp_path, capsys):
     from_pretrained(out)
 
 
+def test_overwrite_refuses_an_output_folder_that_holds_the_source_or_the_calibration_data(tmp_path, capsys):
+    """``-o SRC --overwrite`` emptied the source folder (its README and any file not re-written were lost); a
+    ``--calibrate`` file inside ``-o`` was deleted too. Refused before any work, everything left as it was."""
+    source = tmp_path / "vit"
+    assert main(["hanify", "test_vit", "-o", str(source)]) == 0
+    (source / "README.md").write_text("mine")
+    sentences = tmp_path / "run" / "text.txt"
+    sentences.parent.mkdir()
+    sentences.write_text("one\ntwo\n")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    capsys.readouterr()
+    for argv, held in [
+        ([str(source), "-o", str(source)], f"holds the source {source}"),
+        ([f"local-dir:{source}", "-o", str(tmp_path)], f"holds the source local-dir:{source}"),
+        (["test_vit", "-o", str(sentences.parent), "--calibrate", str(sentences)], f"holds --calibrate {sentences}"),
+    ]:
+        assert main(["hanify", *argv, "--overwrite"]) == 2
+        captured = capsys.readouterr()
+        assert held in captured.err and "--overwrite would delete it" in captured.err and not captured.out
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    assert sentences.read_text() == "one\ntwo\n"
+
+
 def test_hanify_a_sentence_transformers_folder_keeps_its_pipeline(tmp_path, capsys):
     """The real all-MiniLM-L6-v2 folder: ``SentenceTransformer(out)`` loads its pooling, its normalisation and its
     ``max_seq_length`` around the hanified transformer (before: a default pipeline, without normalisation)."""

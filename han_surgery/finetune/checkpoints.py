@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import HanSurgeryError
-from ..fileio import LOCK_NAME, FolderLock, atomic_write_text, empty_folder
+from ..fileio import LOCK_NAME, FolderLock, atomic_write_text, empty_folder, input_held_by, output_folder_problem
 from .config import RESUME_FIELDS, FinetuneConfig
 from .tracking import METRICS_FILE
 
@@ -104,8 +104,22 @@ class TrainProgress:
 def check_output_dir(config: FinetuneConfig) -> Path:
     """Fail early (nothing read or written yet) if the output folder cannot be used; return its path."""
     out = Path(config.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise FinetuneError(f"--output-dir {out} is a file, not a folder.")
+    problem = output_folder_problem(out)  # a file, or a place where no folder can be made
+    if problem is not None:
+        raise FinetuneError(f"--output-dir {problem}.")
+    held = config.overwrite and input_held_by(
+        out,
+        {
+            "--data": config.data,
+            "--model": config.model,
+            "--calibrate": config.calibrate.source if config.calibrate is not None else None,
+            "--distill-from": config.distill_from,
+        },
+    )
+    if held:
+        raise FinetuneError(
+            f"--output-dir {out} holds {held}: --overwrite would delete it. Choose another --output-dir."
+        )
     if out.is_dir():
         FolderLock(out).check()  # another live run writes into it
         entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
