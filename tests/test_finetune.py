@@ -164,6 +164,26 @@ def test_two_processes_match_one_process_at_the_same_global_batch(
     assert "accelerate launch --multi_gpu --num_processes 2 -m han_surgery.finetune" in (out / "README.md").read_text()
 
 
+def test_sigterm_mid_training_cleans_up_as_ctrl_c(toy: Path, tmp_path: Path) -> None:
+    """``kill`` / ``timeout`` / a scheduler's preemption send SIGTERM: the run stops as for Ctrl-C, one line, exit
+    143, and the unfinished folder (no checkpoint yet) is removed so that the same command runs again (it was left
+    half-written, and the rerun was refused as a non-empty folder with nothing to resume)."""
+    out = tmp_path / "run"
+    argv = common(toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "100000", "--batch-size", "8")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "han_surgery.finetune", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV
+    )
+    deadline = time.monotonic() + 180
+    while not (out / "metrics.jsonl").is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err.decode()[-2000:]
+    assert err.decode().strip().splitlines()[-1] == "han-surgery finetune: terminated"
+    assert not out.exists()
+
+
 def test_sigkill_mid_training_then_resume_equals_uninterrupted(toy: Path, tmp_path: Path) -> None:
     """Dropout on, gradient accumulation 2: a run killed with SIGKILL after its first checkpoint and resumed with
     ``--resume`` ends with exactly the weights of a run that was never interrupted (same process count and

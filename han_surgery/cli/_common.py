@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import HanSurgeryError
@@ -27,16 +30,42 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
         print(f"{prog}: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _terminate_like_interrupt():
             warnings.showwarning = show_warning
             return int(body() or 0)
     except HanSurgeryError as e:
         message = " ".join(str(e).split())
         print(f"{prog}: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler's preemption), raised where the command runs, so that its
+    clean-up runs as for Ctrl-C: an unfinished output folder without a checkpoint is removed, locks released."""
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the command runs (main thread only; the previous handler is
+    restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def positive_int(text: str) -> int:
