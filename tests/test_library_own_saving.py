@@ -144,6 +144,35 @@ def test_timm_push_to_hf_hub_uploads_a_folder_that_loads_hanified(monkeypatch, t
         assert torch.equal(again(IMAGES), model(IMAGES))
 
 
+def test_an_auto_class_loads_part_of_a_hanified_encoder_decoder(tmp_path):
+    """``AutoModelForTextEncoding`` of a hanified T5 (its encoder) and ``AutoModelForCausalLM`` of a hanified BART (its
+    decoder) load as from a plain folder: the recipe's paths in the other half are not replayed (they failed the
+    load); the part saves and loads back hanified."""
+    torch.manual_seed(0)
+    t5 = T.T5ForConditionalGeneration(
+        T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)
+    ).eval()
+    bart_config = T.BartConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+                               max_position_embeddings=64)  # fmt: skip
+    bart = T.BartForConditionalGeneration(bart_config).eval()
+    for model in (t5, bart):
+        hanify(model)
+        model.save_pretrained(tmp_path / type(model).__name__)
+    encoder = T.AutoModelForTextEncoding.from_pretrained(tmp_path / "T5ForConditionalGeneration").eval()
+    decoder = T.AutoModelForCausalLM.from_pretrained(tmp_path / "BartForConditionalGeneration").eval()
+    assert type(encoder).__qualname__ == "HanifiedT5EncoderModel"
+    assert type(decoder).__qualname__ == "HanifiedBartForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(encoder(input_ids=IDS).last_hidden_state, t5.encoder(input_ids=IDS).last_hidden_state)
+    ours, theirs = decoder.model.decoder.layers.state_dict(), bart.model.decoder.layers.state_dict()
+    assert any(k.endswith(".u") for k in ours) and all(torch.equal(v, theirs[k]) for k, v in ours.items())
+    encoder.save_pretrained(tmp_path / "encoder")
+    with torch.no_grad():
+        again = T.AutoModelForTextEncoding.from_pretrained(tmp_path / "encoder").eval()
+        assert torch.equal(again(input_ids=IDS).last_hidden_state, encoder(input_ids=IDS).last_hidden_state)
+
+
 def test_hanify_gives_a_transformers_model_its_hanified_class():
     model = hanified_bert()
     assert type(model).__qualname__ == "HanifiedBertModel" and isinstance(model, T.BertModel)

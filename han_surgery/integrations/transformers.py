@@ -22,6 +22,7 @@ model writes the same folder again.
 from __future__ import annotations
 
 import copyreg
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +133,21 @@ def _path_map(model: nn.Module, paths: list[str]):
     return None
 
 
+def _in_part(model: nn.Module, path_map: Callable[[str], str | None] | None) -> Callable[[str], str | None]:
+    """``path_map``, also dropping the recorded paths in a part of the saved model that ``model`` does not have
+    (the decoder, for ``AutoModelForTextEncoding`` of a T5 model; the encoder, for ``AutoModelForCausalLM`` of a
+    BART one), as transformers ignores those weights. A path whose parent module is there must still replay."""
+    modules = {name for name, _ in model.named_modules()}
+
+    def mapped(path: str) -> str | None:
+        path = path if path_map is None else path_map(path)
+        if path is None or (path not in modules and path.rpartition(".")[0] not in modules):
+            return None
+        return path
+
+    return mapped
+
+
 class _Hanified:
     """Mixed into ``Hanified<Base>``: replays the recipe carried by the config after the base ``__init__``."""
 
@@ -150,7 +166,10 @@ class _Hanified:
         source = f"{Path(folder) / 'config.json'} ({HF_RECIPE_KEY})"
         recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY), source)
         paths = [r.path for step in recipe.steps for r in step.rewrites]
-        replay_recipe(self, recipe.steps, source, path_map=_path_map(self, paths))
+        path_map = _path_map(self, paths)
+        if recipe.base.name != type(self)._han_base.__name__:  # maybe a part (T5EncoderModel of a T5 seq2seq model)
+            path_map = _in_part(self, path_map)
+        replay_recipe(self, recipe.steps, source, path_map=path_map)
 
     @classmethod
     def from_pretrained(
