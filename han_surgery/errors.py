@@ -19,6 +19,7 @@ __all__ = [
     "HanifyError",
     "NothingToRewriteError",
     "first_line",
+    "for_option",
 ]
 
 
@@ -51,3 +52,14 @@ def first_line(error: BaseException) -> str:
     if it has no message: what a one-line error quotes from the exception it wraps."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def for_option(error: HanSurgeryError, option: str, as_option: str) -> HanSurgeryError:
+    """``error`` as raised for ``as_option``: where its message starts with ``option`` (a reader that two options
+    share, such as ``--model``'s for ``--distill-from``), it names ``as_option`` instead; same type, no traceback."""
+    message = str(error)
+    if message.startswith(option + " "):
+        message = as_option + message[len(option) :]
+    renamed = type(error)(message)
+    renamed.__suppress_context__ = True
+    return renamed

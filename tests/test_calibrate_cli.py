@@ -107,6 +107,7 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("flag-alone", "--calibration-steps configure calibrated surgery: add --calibrate DATA"),
         ("bad-value", "CalibrationConfig.steps must be an int >= 0"),
         ("keep-count-by-own-fit", "keep_count chooses blocks by the rise of the last hidden state's FVU"),
+        ("finetune-reader", r"^han-surgery hanify: --calibrate .*config.json: unknown format '.json'"),
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -128,6 +129,8 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         extra = ["--calibration-steps", "-1"]
     elif case == "keep-count-by-own-fit":
         extra = ["--calibration-keep-count", "1"]
+    elif case == "finetune-reader":  # read by finetune's --data reader, whose messages name --data
+        data = str(Path(bert) / "config.json")
     calibrate = [] if case == "flag-alone" else ["--calibrate", data]
     extra = ["--calibration-steps", "3"] if case == "flag-alone" else extra
     out = tmp_path / "out"
@@ -191,6 +194,16 @@ def test_finetune_calibrate_distill_hidden_logs_a_decreasing_hidden_loss_and_res
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)  # bit-identical
 
 
+def test_calibration_images_are_every_sample_of_the_file(tmp_path, capsys):
+    """``hanify --calibrate images.npz`` calibrates on every image: finetune's reader held out 10% for an evaluation
+    that calibration never runs."""
+    from han_surgery.finetune.calibration import load_calibration_batches
+    from han_surgery.surgery.calibration import CalibrationData
+
+    ten = make_images(tmp_path / "ten.npz", n=10)
+    assert sum(len(b) for b in load_calibration_batches(CalibrationData(source=str(ten), batch_size=4))) == 10
+
+
 def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):
     assert finetune_config(_finetune(toy, tmp_path / "x")).calibrate.source == "train"
     base = ["--model", "test_vit", "--data", str(toy), "--output-dir", str(tmp_path / "y")]
@@ -199,6 +212,7 @@ def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):
         (["--hanify", "--distill", "hidden"], "--distill hidden needs a teacher"),
         (["--distill-from", "test_vit", "--distill", "both"], "add --hanify"),
         (["--hanify", "--calibration-lr", "0.1"], "add --calibrate DATA"),
+        (["--hanify", "--distill-from", str(tmp_path / "nope")], f"--distill-from {tmp_path / 'nope'}: no such folder"),
     ]:
         assert finetune_cli(base + extra) == 2
         err = capsys.readouterr().err

@@ -20,10 +20,13 @@ anything else                      what ``finetune --data`` reads (an image fold
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from torch.utils.data import ConcatDataset
+
+from ..errors import ConfigError, for_option
 from ..surgery.calibration.data import CalibrationData, calibration_batches
 
 __all__ = ["TRAIN_SPLIT", "TEXT_SUFFIXES", "load_calibration_batches"]
@@ -79,9 +82,15 @@ def load_calibration_batches(
                 )
             source = path
         else:
-            from .data import load_data
+            from .data import DataError, DataWarning, load_data
 
-            source = load_data(path, image_size=image_size, seed=seed).train
+            try:
+                with warnings.catch_warnings():  # the labels are dropped: a single class does not matter
+                    warnings.simplefilter("ignore", DataWarning)
+                    bundle = load_data(path, image_size=image_size, seed=seed)
+                source = ConcatDataset([bundle.train, bundle.eval])  # no evaluation here: every sample may calibrate
+            except DataError as e:  # finetune's reader: its messages name --data
+                raise for_option(e, "--data", "--calibrate") from None
     try:
         return calibration_batches(source, tokenizer=tokenizer, **kwargs)
     except (OSError, ValueError) as e:  # calibration_batches' own errors are plain ValueErrors

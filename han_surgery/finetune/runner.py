@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..errors import ConfigError, HanifyError, HanSurgeryError
+from ..errors import ConfigError, HanifyError, HanSurgeryError, for_option
 from ..fileio import atomic_write_text, publish_files
 from ..folders import WEIGHTS_NAME
 from ..surgery.calibration.heal import hidden_state_paths
@@ -158,7 +158,10 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
             )
         built.hanified = True
     if config.distill_from and teacher is None:
-        teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
+        try:
+            teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
+        except HanSurgeryError as e:  # build_model's messages name --model
+            raise for_option(e, "--model", "--distill-from") from None
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
     hidden_paths = _hidden_paths(config, han_report, teacher)
