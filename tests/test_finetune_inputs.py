@@ -401,3 +401,42 @@ def test_hanify_that_rewrites_nothing_is_refused_before_training(
                          "--batch-size", "8", "--output-dir", str(tmp_path / "o"), "--hanify", "--exclude", "*")  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and "--hanify rewrote nothing in test_vit" in err, err
     assert not (tmp_path / "o").exists()
+
+
+# ---- review of the data readers: every unreadable --data / --calibrate file is one line, never a traceback
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "data.npz: the file is empty; save the arrays with np.savez(path, images=..., labels=...)"),
+        (bytes(range(256)) * 4, "data.npz: not a .npz file (np.savez writes a zip archive of arrays)"),
+        (b"\x80\x04K\x01.", "data.npz: not a .npz file"),  # a pickle: np.load's error suggested unpickling it
+        (b"\x93NUMPY\x01\x00", "data.npz: a single .npy array, not an .npz with 'images' and 'labels'"),
+        (b"PK\x03\x04" + b"x" * 64, "data.npz: not a readable .npz file (File is not a zip file)"),
+    ],
+    ids=["empty", "random-bytes", "pickle", "npy", "damaged-zip"],
+)
+def test_an_npz_that_is_not_one_is_one_line(
+    content: bytes, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An empty file was an EOFError traceback; other bytes surfaced numpy's advice to load them with pickle."""
+    from han_surgery.cli import main
+
+    path = tmp_path / "data.npz"
+    path.write_bytes(content)
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(path), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert "allow_pickle" not in err and "unsafely" not in err
+    assert main(["hanify", "test_vit", "-o", str(tmp_path / "h"), "--calibrate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "h").exists()
+
+
+def test_an_npz_of_objects_is_refused_without_advice_to_unpickle(tmp_path: Path) -> None:
+    path = tmp_path / "objects.npz"
+    np.savez(path, images=np.array([object()] * 4, dtype=object), labels=np.arange(4))
+    with pytest.raises(DataError, match="it holds Python objects, which han-surgery never unpickles") as e:
+        load_data(path)
+    assert "allow_pickle" not in str(e.value)

@@ -26,6 +26,7 @@ import json
 import math
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from ..errors import HanSurgeryError
+from ..errors import HanSurgeryError, first_line
 
 __all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
 
@@ -159,9 +160,28 @@ def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
     return ((x - IMAGE_MEAN) / IMAGE_STD).permute(0, 3, 1, 2).contiguous()
 
 
-def load_npz(
-    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
-) -> DataBundle:
+#: The first bytes of a zip archive (what ``np.savez`` writes), as ``np.load`` tells an .npz from other files.
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_NPZ_HINT = "save the arrays with np.savez(path, images=..., labels=...)"
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The ``images`` and ``labels`` arrays of an .npz; anything else (not a zip, objects, damage) is a DataError.
+
+    The file type is checked here, not left to ``np.load``: for a file that is not a zip it falls back to a
+    pickle, and its error then suggests loading that pickle, which han-surgery never does.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or first_line(e)}).") from None
+    if not head:
+        raise DataError(f"{path}: the file is empty; {_NPZ_HINT}.")
+    if head == b"\x93NUMPY":
+        raise DataError(f"{path}: a single .npy array, not an .npz with 'images' and 'labels'; {_NPZ_HINT}.")
+    if head[:4] not in _ZIP_MAGIC:
+        raise DataError(f"{path}: not a .npz file (np.savez writes a zip archive of arrays); {_NPZ_HINT}.")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"images", "labels"} - set(f.files)
@@ -171,12 +191,29 @@ def load_npz(
                     f"(has {f.files})."
                 )
             images, labels = f["images"], f["labels"]
-    except ValueError as e:  # object arrays (pickles, never loaded), or not an npz at all
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path}: not a readable .npz of numeric arrays ({e}).") from None
-    except (OSError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+    except DataError:
+        raise
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # an object array: a pickle inside the archive, never loaded
+            raise DataError(
+                f"{path}: not a readable .npz of numeric arrays (it holds Python objects, which han-surgery never "
+                "unpickles); save numeric arrays with np.savez(path, images=..., labels=...)."
+            ) from None
+        raise DataError(f"{path}: not a readable .npz of numeric arrays ({first_line(e)}); {_NPZ_HINT}.") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged or truncated archive
+        raise DataError(
+            f"{path}: not a readable .npz file ({first_line(e)}): the archive is damaged or truncated; save it again."
+        ) from None
+    for name, array in (("images", images), ("labels", labels)):
+        if not isinstance(array, np.ndarray):  # a zip member that is not an .npy file: np.load gives its bytes
+            raise DataError(f"{path}: '{name}' is not a NumPy array; {_NPZ_HINT}.")
+    return images, labels
+
+
+def load_npz(
+    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+) -> DataBundle:
+    images, labels = _read_npz(path)
     for name, array in (("images", images), ("labels", labels)):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: '{name}' has dtype {array.dtype}; expected numbers.")
