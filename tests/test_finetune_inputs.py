@@ -440,3 +440,17 @@ def test_an_npz_of_objects_is_refused_without_advice_to_unpickle(tmp_path: Path)
     with pytest.raises(DataError, match="it holds Python objects, which han-surgery never unpickles") as e:
         load_data(path)
     assert "allow_pickle" not in str(e.value)
+
+
+def test_a_jsonl_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The CSV reader caught a decoding error; the JSONL one let UnicodeDecodeError through as a traceback."""
+    path = tmp_path / "latin1.jsonl"
+    good = "".join(json.dumps({"text": f"text {i}", "label": i % 2}) + "\n" for i in range(10))
+    path.write_bytes(good.encode() + json.dumps({"text": "café", "label": 0}, ensure_ascii=False).encode("latin-1"))
+    code, err = finetune(capsys, "--model", "mlp", "--data", str(path), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    byte = len(good) + len('{"text": "caf')  # where the Latin-1 "é" is
+    assert f"latin1.jsonl: not a UTF-8 text file (byte {byte}): is it binary?" in err
+    upper = tmp_path / "T.JSONL"  # read as JSONL whatever the case of its suffix, as load_data routes it
+    upper.write_text(good)
+    assert load_data(upper).num_outputs == 2

@@ -22,6 +22,7 @@ and what to change.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import warnings
@@ -310,15 +311,28 @@ def load_image_folder(
 
 
 # ---------------------------------------------------------------------------------------- tabular
-def _read_csv_rows(path: Path) -> list[list[str]]:
+def _read_text(path: Path) -> str:
+    """The whole file decoded as UTF-8; a file that is not UTF-8 is a :class:`DataError` naming the first bad byte."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            sample = f.read(4096)
-            f.seek(0)
-            delimiter = "," if "," in sample or "\t" not in sample else "\t"
-            rows = [row for row in csv.reader(f, delimiter=delimiter) if row and any(c.strip() for c in row)]
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or first_line(e)}).") from None
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}): is it binary?") from None
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    text = _read_text(path)
+    sample = text[:4096]
+    delimiter = "," if "," in sample or "\t" not in sample else "\t"
+    try:
+        rows = [
+            row
+            for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+            if row and any(c.strip() for c in row)
+        ]
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e}).") from None
     if not rows:
@@ -433,15 +447,14 @@ def make_text_collate(tokenizer: Any, max_length: int) -> Any:
 
 
 def _text_records(path: Path) -> list[dict[str, Any]]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         records = []
-        with open(path, encoding="utf-8", errors="strict") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
         return records
     try:
         with open(path, newline="", encoding="utf-8") as f:
