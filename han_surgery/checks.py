@@ -12,7 +12,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_bool", "check_int", "check_number"]
+__all__ = ["check_bool", "check_int", "check_number", "MAX_NUM_CLASSES"]
+
+#: The most classes a classifier may have (``--num-classes``, or the labels of ``finetune --data``): a classifier
+#: this wide is already gigabytes, and a larger count is a mistake (a stray label, an id instead of a class index).
+MAX_NUM_CLASSES = 1_000_000
 
 
 def _none_or(optional: bool) -> str:

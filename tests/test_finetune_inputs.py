@@ -454,3 +454,34 @@ def test_a_jsonl_that_is_not_utf8_is_one_line(tmp_path: Path, capsys: pytest.Cap
     upper = tmp_path / "T.JSONL"  # read as JSONL whatever the case of its suffix, as load_data routes it
     upper.write_text(good)
     assert load_data(upper).num_outputs == 2
+
+
+def test_labels_that_would_make_a_huge_classifier_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The number of classes was the largest label + 1, unbounded: a stray id allocated terabytes (or overflowed)."""
+    from han_surgery.checks import MAX_NUM_CLASSES
+
+    npz = tmp_path / "ids.npz"
+    np.savez(npz, images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 10**10, 1]))
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(npz), "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "ids.npz: labels go up to 10000000000" in err and "re-map them to 0..K-1" in err
+    np.savez(npz, images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0.0, 1.0, 1e30, 1.0]))
+    with pytest.raises(DataError, match=r"ids.npz: labels go up to 1000000000000000019884624838656"):
+        load_data(npz)
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("0", "1", "9" * 25)))
+    with pytest.raises(DataError, match=r"t.jsonl: labels go up to 9{25}"):
+        load_data(text)
+    table = tmp_path / "table.csv"
+    table.write_text("".join(f"{i},{i % 2 * 1e10}\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"table.csv \(last column\): labels go up to 10000000000"):
+        load_data(table, task="classification")
+    np.savez(npz, images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, MAX_NUM_CLASSES - 1, 1]))
+    assert load_data(npz).num_outputs == MAX_NUM_CLASSES  # the largest classifier allowed
+
+
+def test_text_labels_that_only_look_like_integers_are_class_names(tmp_path: Path) -> None:
+    """'²' is a digit that int() refuses, '--1' was stripped to one: both were tracebacks; now they are names."""
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("1", "²", "--1", "1")))
+    assert load_data(text, val_fraction=0.25).class_names == ["--1", "1", "²"]

@@ -11,12 +11,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ..checks import MAX_NUM_CLASSES
 from ..errors import HanSurgeryError
 
 __all__ = ["run_command", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
 
 EXIT_USER_ERROR = 2
-MAX_NUM_CLASSES = 1_000_000  # a classifier this wide is already gigabytes
 
 
 def run_command(prog: str, body: Callable[[], int | None]) -> int:

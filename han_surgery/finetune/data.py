@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from ..checks import MAX_NUM_CLASSES
 from ..errors import HanSurgeryError, first_line
 
 __all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
@@ -127,17 +128,30 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], li
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
+def _too_many_classes(source: str, hi: int) -> DataError:
+    return DataError(
+        f"{source}: labels go up to {hi}, a classifier of {hi + 1:,} classes (at most {MAX_NUM_CLASSES:,}): "
+        "re-map them to 0..K-1 for K classes."
+    )
+
+
 def check_labels(labels: np.ndarray, num_classes: int | None, source: str) -> int:
-    """Check integer class labels are in ``[0, num_classes)``; return ``num_classes`` (inferred if None)."""
+    """Check integer class labels are in ``[0, num_classes)``; return ``num_classes`` (inferred if None).
+
+    An inferred count is at most :data:`~han_surgery.checks.MAX_NUM_CLASSES`: ``max label + 1`` of a stray
+    label (an id, not a class index) would otherwise allocate a classifier of billions of rows.
+    """
     if labels.size == 0:
         raise DataError(f"{source}: no labels.")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0):
-            labels = labels.astype(np.int64)
-        else:
-            raise DataError(f"{source}: class labels must be integers, got dtype {labels.dtype}.")
+    if not np.issubdtype(labels.dtype, np.integer) and not (
+        np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0)
+    ):
+        raise DataError(f"{source}: class labels must be integers, got dtype {labels.dtype}.")
+    # Compared as they are: integral floats beyond int64 (1e30) would wrap around if cast first.
     lo, hi = int(labels.min()), int(labels.max())
     if num_classes is None:
+        if hi >= MAX_NUM_CLASSES:
+            raise _too_many_classes(source, hi)
         num_classes = hi + 1
     if lo < 0 or hi >= num_classes:
         bad = labels[(labels < 0) | (labels >= num_classes)]
@@ -476,8 +490,14 @@ def load_text(
         records = records[:max_samples]
     raw = [r["label"] for r in records]
     class_names = None
-    if all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in raw):
-        labels = np.array([int(v) for v in raw], dtype=np.int64)
+    # isdecimal, not isdigit: int() takes every decimal digit, but not "²" (a digit, not a decimal).
+    if all(isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw):
+        ints = [int(v) for v in raw]
+        if max(ints) >= 2**63:  # beyond int64: out of range whatever the number of classes
+            raise _too_many_classes(str(path), max(ints))
+        if min(ints) < -(2**63):
+            raise DataError(f"{path}: label {min(ints)} is negative: re-map the labels to 0..K-1 for K classes.")
+        labels = np.array(ints, dtype=np.int64)
     else:
         class_names = sorted({str(v) for v in raw})
         ids = {name: i for i, name in enumerate(class_names)}
