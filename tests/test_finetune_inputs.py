@@ -10,7 +10,7 @@ import pytest
 import torch
 from _finetune_cli import cli
 
-from han_surgery.finetune.data import DataError, load_data
+from han_surgery.finetune.data import DataError, DataWarning, load_data
 
 
 def finetune(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
@@ -485,3 +485,46 @@ def test_text_labels_that_only_look_like_integers_are_class_names(tmp_path: Path
     text = tmp_path / "t.jsonl"
     text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("1", "²", "--1", "1")))
     assert load_data(text, val_fraction=0.25).class_names == ["--1", "1", "²"]
+
+
+def _image_folder(root: Path, classes: tuple[str, ...], n: int) -> Path:
+    from PIL import Image
+
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (40 * c, 10 * i, 0)).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_with_train_alone_is_split_like_a_flat_one(tmp_path: Path) -> None:
+    """It was read as one class named 'train' (and trained to accuracy 1.0)."""
+    _image_folder(tmp_path / "only" / "train", ("cat", "dog"), 4)
+    data = load_data(tmp_path / "only", image_size=8, val_fraction=0.25)
+    assert (data.name, data.num_outputs, data.class_names) == ("only", 2, ["cat", "dog"])
+    assert (len(data.train), len(data.eval)) == (6, 2)
+
+
+@pytest.mark.parametrize("layout", ["flat", "train-only", "train-val"])
+def test_an_image_folder_of_one_class_is_refused(layout: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "images"
+    if layout == "flat":
+        _image_folder(root, ("cat",), 4)
+    else:
+        _image_folder(root / "train", ("cat",), 4)
+    if layout == "train-val":
+        _image_folder(root / "val", ("cat",), 2)
+    code, err = finetune(capsys, "--model", "test_resnet", "--data", str(root), "--image-size", "8",
+                         "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{root}: one class folder (cat/) found; classification needs at least 2" in err
+    assert f"{root}/<class>/<image>.png" in err and f"{root}/train/<class>/<image>.png with {root}/val/" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_samples_that_leaves_one_class_of_an_image_folder_warns(tmp_path: Path) -> None:
+    """The warning skipped image folders: --max-samples takes the first images of train/, which go class by class."""
+    _image_folder(tmp_path / "split" / "train", ("cat", "dog"), 4)
+    _image_folder(tmp_path / "split" / "val", ("cat", "dog"), 1)
+    with pytest.warns(DataWarning, match=r"split: the training split holds only class \[0\] of 2 \(--max-samples 3"):
+        load_data(tmp_path / "split", image_size=8, max_samples=3)

@@ -4,7 +4,8 @@
 ``--data`` is ...          read as
 =========================  ==================================================================
 a folder                   torchvision ``ImageFolder`` (``<root>/<class>/<image>``); a folder
-                           with ``train/`` and ``val/`` (or ``test/``) subfolders uses that split
+                           with ``train/`` and ``val/`` (or ``test/``) subfolders uses that split;
+                           one with ``train/`` alone is split as a flat one. At least 2 classes
 ``*.npz``                  ``images`` uint8/float ``(N, H, W)`` or ``(N, H, W, C)`` and ``labels``
                            int ``(N,)`` (e.g. ``mnist10k.npz``)
 ``*.csv`` (numbers only)   tabular: features first, target in the last column; an optional
@@ -293,16 +294,20 @@ def load_image_folder(
                 f"images inside: {root}/<class name>/<image>.png"
             ) from None
 
-    split_dirs = [path / "train", next((path / n for n in ("val", "validation", "test") if (path / n).is_dir()), None)]
-    if split_dirs[0].is_dir() and split_dirs[1] is not None:
-        train, held = folder(split_dirs[0]), folder(split_dirs[1])
+    train_dir = path / "train"
+    held_dir = next((path / n for n in ("val", "validation", "test") if (path / n).is_dir()), None)
+    if train_dir.is_dir() and held_dir is not None:
+        train, held = folder(train_dir), folder(held_dir)
         if held.classes != train.classes:
-            raise DataError(f"{path}: train/ has classes {train.classes} but {split_dirs[1].name}/ has {held.classes}.")
+            raise DataError(f"{path}: train/ has classes {train.classes} but {held_dir.name}/ has {held.classes}.")
         train_set, eval_set, classes = train, held, train.classes
         if max_samples:
             train_set = Subset(train, list(range(min(max_samples, len(train)))))
     else:
-        full = folder(path)
+        # <dir>/train/<class>/ without a held-out folder: train/ is the class root, split as a flat folder is
+        # (ImageFolder would read it as one class named "train"). Every sub-folder counts, as for ImageFolder.
+        only_train = train_dir.is_dir() and [e.name for e in path.iterdir() if e.is_dir()] == ["train"]
+        full = folder(train_dir if only_train else path)
         n = min(len(full), max_samples) if max_samples else len(full)
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:n].tolist()
         train_idx, val_idx = split_indices(n, val_fraction, seed)
@@ -310,6 +315,12 @@ def load_image_folder(
             Subset(full, [perm[i] for i in train_idx]),
             Subset(full, [perm[i] for i in val_idx]),
             full.classes,
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"{path}: one class folder ({classes[0]}/) found; classification needs at least 2. Lay the images out "
+            f"as {path}/<class>/<image>.png (split by --val-fraction), or {path}/train/<class>/<image>.png with "
+            f"{path}/val/<class>/<image>.png."
         )
     return DataBundle(
         train=train_set,
@@ -571,12 +582,22 @@ def _warn_if_one_class(bundle: DataBundle, max_samples: int | None) -> None:
     if bundle.task != "classification" or not isinstance(bundle.train, Subset):
         return
     dataset = bundle.train.dataset
-    labels = dataset.labels if isinstance(dataset, TextDataset) else getattr(dataset, "tensors", (None, None))[1]
+    if isinstance(dataset, TextDataset):
+        labels = dataset.labels
+    elif isinstance(dataset, TensorDataset):
+        labels = dataset.tensors[1]
+    else:  # an image folder: torchvision's ImageFolder keeps its labels as .targets
+        labels = getattr(dataset, "targets", None)
     if labels is None:
         return
     present = {int(labels[i]) for i in bundle.train.indices}
     if len(present) < 2:
-        why = f" (--max-samples {max_samples} kept the first rows; is the file sorted by label?)" if max_samples else ""
+        if not max_samples:
+            why = ""
+        elif bundle.kind == "image" and bundle.class_names:  # ImageFolder lists the images class by class
+            why = f" (--max-samples {max_samples} kept too few images to hold every class)"
+        else:
+            why = f" (--max-samples {max_samples} kept the first rows; is the file sorted by label?)"
         warnings.warn(
             f"{bundle.name}: the training split holds only class {sorted(present)} of {bundle.num_outputs}{why}",
             DataWarning,
