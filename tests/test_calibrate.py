@@ -898,3 +898,19 @@ def test_real_minilm_calibration_beats_deletion_and_plain_hanify():
     assert [b.status for b in report.calibration.blocks] == ["fitted", "fitted"]
     assert all(b.fvu < b.deleted for b in report.calibration.blocks), report.calibration
     assert cos["cal"] > cos["deleted"] and cos["cal"] > cos["plain"] + 0.2, cos
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.tsv", "a.csv", "a.jsonl"])
+def test_read_texts_drops_a_byte_order_mark(name, tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the header read '\ufeffsentence' and had no sentence column."""
+    from han_surgery.surgery.calibration import read_texts
+
+    texts = ["first sample", "second sample"]
+    body = {
+        "a.txt": "\n".join(texts),
+        "a.tsv": "sentence\tgenre\n" + "".join(f"{t}\tx\n" for t in texts),
+        "a.csv": "sentence,genre\n" + "".join(f"{t},x\n" for t in texts),
+        "a.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts),
+    }[name]
+    (tmp_path / name).write_text("\ufeff" + body, encoding="utf-8")
+    assert read_texts(tmp_path / name) == texts

@@ -528,3 +528,31 @@ def test_max_samples_that_leaves_one_class_of_an_image_folder_warns(tmp_path: Pa
     _image_folder(tmp_path / "split" / "val", ("cat", "dog"), 1)
     with pytest.warns(DataWarning, match=r"split: the training split holds only class \[0\] of 2 \(--max-samples 3"):
         load_data(tmp_path / "split", image_size=8, max_samples=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("t.tsv", "text\tlabel\n" + "".join(f"text {i}, with a comma\t{i % 2}\n" for i in range(10))),
+        ("t.csv", "Text,Label\n" + "".join(f"text {i},{i % 2}\n" for i in range(10))),
+        ("t.csv", "text, label\n" + "".join(f"text {i}, {i % 2}\n" for i in range(10))),
+        ("t.csv", "\ufefftext,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(10))),  # Excel's CSV UTF-8
+    ],
+    ids=["tsv", "capitalised", "spaces", "bom"],
+)
+def test_text_csv_is_read_as_it_is_detected(name: str, content: str, tmp_path: Path) -> None:
+    """Detection understood tabs and Text / ' label' headers; reading (comma-only, exact keys) then refused them."""
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    data = load_data(path, val_fraction=0.2)
+    assert (data.kind, data.num_outputs, data.class_names, len(data.train) + len(data.eval)) == ("text", 2, None, 10)
+    assert data.train[0][0].startswith("text ") and data.train[0][1] in (0, 1)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_cell(tmp_path: Path) -> None:
+    table = tmp_path / "table.csv"
+    table.write_text("\ufeff" + "".join(f"{i},{i % 5},{i % 3}\n" for i in range(30)), encoding="utf-8")
+    assert load_data(table).num_features == 2  # was: "non-numeric cell '\ufeff0'"
+    text = tmp_path / "t.jsonl"
+    text.write_text("\ufeff" + "".join(json.dumps({"text": "x", "label": i % 2}) + "\n" for i in range(10)))
+    assert load_data(text).num_outputs == 2  # was: "line 1: not valid JSON (Unexpected UTF-8 BOM)"

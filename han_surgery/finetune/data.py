@@ -15,6 +15,9 @@ a folder                   torchvision ``ImageFolder`` (``<root>/<class>/<image>
 with a ``text`` column     and ``label`` (int, or strings mapped to ids in sorted order)
 =========================  ==================================================================
 
+A CSV is tab-separated when its first line holds more tabs than commas (a ``.tsv``), and may start
+with a UTF-8 byte-order mark; header names are matched ignoring case and surrounding spaces.
+
 The held-out split is a fixed random ``val_fraction`` of the rows drawn from ``seed``, so it does
 not depend on the number of processes. Every problem raises :class:`DataError`, which names the file
 and what to change.
@@ -22,6 +25,7 @@ and what to change.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -337,32 +341,37 @@ def load_image_folder(
 
 # ---------------------------------------------------------------------------------------- tabular
 def _read_text(path: Path) -> str:
-    """The whole file decoded as UTF-8; a file that is not UTF-8 is a :class:`DataError` naming the first bad byte."""
+    """The whole file decoded as UTF-8, less a byte-order mark (Excel's "CSV UTF-8" writes one); a file that is
+    not UTF-8 is a :class:`DataError` naming the first bad byte."""
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read the file ({e.strerror or first_line(e)}).") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
     try:
-        return data.decode("utf-8")
+        return data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}): is it binary?") from None
+        raise DataError(f"{path}: not a UTF-8 text file (byte {bom + e.start}): is it binary?") from None
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:
+    """The non-blank rows of a CSV, or of a TSV: tab-separated when the first line holds more tabs than commas."""
     text = _read_text(path)
-    sample = text[:4096]
-    delimiter = "," if "," in sample or "\t" not in sample else "\t"
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = "\t" if first.count("\t") > first.count(",") else ","
     try:
-        rows = [
-            row
-            for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-            if row and any(c.strip() for c in row)
-        ]
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = [row for row in reader if row and any(c.strip() for c in row)]
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e}).") from None
     if not rows:
         raise DataError(f"{path}: the file is empty.")
     return rows
+
+
+def _header_keys(row: list[str]) -> list[str]:
+    """A header row as field names: ``Text``, `` label`` and ``LABEL`` all name ``text`` / ``label``."""
+    return [c.strip().lower() for c in row]
 
 
 def _is_number(cell: str) -> bool:
@@ -471,8 +480,9 @@ def make_text_collate(tokenizer: Any, max_length: int) -> Any:
     return collate
 
 
-def _text_records(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".jsonl":
+def _text_records(path: Path, rows: list[list[str]] | None = None) -> list[dict[str, Any]]:
+    """The records of a .jsonl, or of a CSV/TSV (``rows`` from :func:`_read_csv_rows`, header first)."""
+    if rows is None and path.suffix.lower() == ".jsonl":
         records = []
         for n, line in enumerate(_read_text(path).split("\n"), 1):
             if line.strip():
@@ -481,17 +491,21 @@ def _text_records(path: Path) -> list[dict[str, Any]]:
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
         return records
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}): is it binary?") from None
+    header, *body = rows if rows is not None else _read_csv_rows(path)
+    keys = _header_keys(header)  # a short row lacks the fields it misses, and load_text names it
+    return [dict(zip(keys, row, strict=False)) for row in body]
 
 
 def load_text(
-    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+    path: Path,
+    *,
+    num_classes: int | None,
+    val_fraction: float,
+    seed: int,
+    max_samples: int | None,
+    rows: list[list[str]] | None = None,
 ) -> DataBundle:
-    records = _text_records(path)
+    records = _text_records(path, rows)
     if not records:
         raise DataError(f"{path}: no rows.")
     for n, r in enumerate(records, 1):
@@ -499,7 +513,7 @@ def load_text(
             raise DataError(f"{path}, record {n}: text data needs the fields 'text' and 'label', got {r!r:.120}.")
     if max_samples:
         records = records[:max_samples]
-    raw = [r["label"] for r in records]
+    raw = [r["label"].strip() if isinstance(r["label"], str) else r["label"] for r in records]  # "a, 1": " 1"
     class_names = None
     # isdecimal, not isdigit: int() takes every decimal digit, but not "²" (a digit, not a decimal).
     if all(isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw):
@@ -556,9 +570,9 @@ def load_data(
         bundle = load_text(p, num_classes=num_classes, **kw)
     elif suffix in (".csv", ".tsv", ".txt"):
         rows = _read_csv_rows(p)
-        header = [c.strip().lower() for c in rows[0]]
+        header = _header_keys(rows[0])
         if "text" in header and "label" in header:
-            bundle = load_text(p, num_classes=num_classes, **kw)
+            bundle = load_text(p, num_classes=num_classes, rows=rows, **kw)
         else:
             bundle = load_tabular_csv(p, rows, task=task, num_classes=num_classes, **kw)
     else:

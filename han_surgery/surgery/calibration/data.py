@@ -48,13 +48,17 @@ def _pick_column(header: list[str], source: Path) -> int:
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """The text samples of a ``.txt`` / ``.tsv`` / ``.csv`` / ``.jsonl`` file (see the module docstring)."""
+    """The text samples of a ``.txt`` / ``.tsv`` / ``.csv`` / ``.jsonl`` file (see the module docstring).
+
+    Files are UTF-8; a byte-order mark (Excel's "CSV UTF-8" writes one) is dropped, not read as part of the
+    first sample or header name.
+    """
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if suffix in (".tsv", ".csv"):
-        with open(p, newline="", encoding="utf-8") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_MINIMAL)
             header = next(reader, None)
             if header is None:
@@ -63,7 +67,7 @@ def read_texts(path: str | Path) -> list[str]:
             return [row[col] for row in reader if len(row) > col and row[col].strip()]
     if suffix == ".jsonl":
         texts = []
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
