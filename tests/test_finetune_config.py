@@ -60,6 +60,7 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
         ({"label_smoothing": 2.0}, "--label-smoothing must be a finite number in [0, 1)"),
         ({"warmup_steps": -5}, "--warmup-steps must be an integer >= 0"),
         ({"batch_size": 0}, "--batch-size must be a positive integer"),
+        ({"num_classes": 10**10}, "--num-classes must be at most 1,000,000"),
         ({"distill_temperature": 0.0}, "--distill-temperature"),
         ({"epochs": 1, "max_steps": 3}, "give one of them, not both"),
         ({"resume": "latest", "overwrite": True}, "contradict"),

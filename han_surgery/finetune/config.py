@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checks import check_number
+from ..checks import MAX_NUM_CLASSES, check_number
 from ..errors import ConfigError
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
@@ -183,6 +183,8 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.num_classes is not None and self.num_classes > MAX_NUM_CLASSES:  # as the command line's type
+            raise ConfigError(f"--num-classes must be at most {MAX_NUM_CLASSES:,}, got {self.num_classes}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"--warmup-steps must be an integer >= 0, got {self.warmup_steps!r}")
         check_number("--lr", self.lr, 0.0, low_open=True)
