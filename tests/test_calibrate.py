@@ -277,6 +277,8 @@ def test_block_i_is_fitted_on_the_inputs_the_fitted_blocks_before_it_produce(mon
 # --------------------------------------------------------------------------------- all or nothing
 def test_a_failing_fit_leaves_the_model_exactly_as_before(monkeypatch):
     model = _vit().train()
+    model.blocks[0].eval()  # a part frozen in eval mode (a frozen backbone, frozen BatchNorms)
+    modes = {n: m.training for n, m in model.named_modules()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     model.blocks[0].attn.qkv.weight.requires_grad_(False)
     flags["blocks.0.attn.qkv.weight"] = False
@@ -296,8 +298,63 @@ def test_a_failing_fit_leaves_the_model_exactly_as_before(monkeypatch):
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(model.get_submodule(n) is m for n, m in modules.items() if n)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert {n: m.training for n, m in model.named_modules()} == modes  # every module's, not only the root's
     assert not hasattr(model, "_han_surgery_recipe")
+
+
+def test_calibration_keeps_every_module_mode_and_the_rules_requires_grad():
+    """A successful calibration leaves each module in its mode (it called ``model.train(was_training)``, which set
+    every child alike) and the new blocks' parameters as their rule built them (it made them all trainable)."""
+    from han_surgery import register_rule
+    from han_surgery.surgery import Replacement, unregister_rule
+
+    model = _vit().train()
+    model.blocks[0].eval()
+    hanify(model, HanConfig(), calibration=_images(2, 0), calibration_config=CalibrationConfig(**FAST))
+    assert not any(m.training for m in model.blocks[0].modules())  # the replaced FFN's mode, as without calibration
+    assert all(m.training for m in model.blocks[1].modules()) and model.training
+
+    class TwoLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    @register_rule("test.frozen_fc2", matcher=TwoLayer, priority=500)
+    def build(candidate, config):
+        block = HanBlock(8)
+        block.fc2.requires_grad_(False)  # the rule's choice
+        return Replacement({candidate.path: block}, {})
+
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(TwoLayer())
+        batches = [torch.randn(16, 8) for _ in range(2)]
+        hanify(
+            net, HanConfig(rules=["test.frozen_fc2"]), calibration=batches, calibration_config=CalibrationConfig(**FAST)
+        )
+    finally:
+        unregister_rule("test.frozen_fc2")
+    assert net[0].fc1.u.requires_grad and not net[0].fc2.u.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_calibration_fits_in_float32(dtype):
+    """Adam on half-precision weights turned every fitted weight to NaN at its first step, reported as 'fitted';
+    the fit now runs in float32 and the result is cast back."""
+    reference = _vit()
+    half = copy.deepcopy(reference).to(dtype)
+    config = CalibrationConfig(**FAST)
+    rep32 = hanify(reference, HanConfig(gain=True), calibration=_images(2, 0), calibration_config=config)
+    rep16 = hanify(
+        half, HanConfig(gain=True), calibration=[b.to(dtype) for b in _images(2, 0)], calibration_config=config
+    )
+    assert all(torch.isfinite(p).all() and p.dtype == dtype for p in half.parameters())
+    for a, b in zip(rep32.calibration.blocks, rep16.calibration.blocks, strict=True):
+        assert b.status == "fitted" and abs(a.fvu - b.fvu) < 0.1, (a.fvu, b.fvu)
 
 
 def test_a_failure_after_healing_all_parameters_restores_the_original_weights(monkeypatch):

@@ -9,10 +9,11 @@ original model's hidden states into the new parameters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -76,6 +77,25 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     old = model.get_submodule(path)
     model.set_submodule(path, module, strict=True)
     return old
+
+
+@contextlib.contextmanager
+def _float32(site: Any) -> Iterator[Callable[[Tensor | None], Tensor | None]]:
+    """Fit a half-precision site in float32: its modules (the new block, the replaced FFN, the post-norm) are cast
+    to float32 for the fit and back after it (exact for the ones it does not change); yields the cast for rows."""
+    modules = [m for m in (site.fitted, site.reference, site.post_norm) if isinstance(m, nn.Module)]
+    dtypes = [next((t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), None) for m in modules]
+    half = [(m, dtype) for m, dtype in zip(modules, dtypes, strict=True) if dtype in (torch.float16, torch.bfloat16)]
+    if not half:
+        yield lambda x: x
+        return
+    for m, _ in half:
+        m.float()
+    try:
+        yield lambda x: x.float() if x is not None else None
+    finally:
+        for m, dtype in half:
+            m.to(dtype)
 
 
 def _count(module: nn.Module) -> int:
@@ -184,8 +204,11 @@ def calibrate_rewrites(
     batches = check_batches(calibration)
     report = CalibrationReport(batches=len(batches))
     gen = torch.Generator().manual_seed(config.seed)
-    was_training = model.training
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    # every module's mode and every parameter's flag, the new blocks' as their rules built them: restored at the end
+    everything = [*model.modules(), *(m for _, repl in planned for new in repl.swaps.values() for m in new.modules())]
+    modes = {id(m): (m, m.training) for m in everything}
+    grad_flags = list({id(p): (p, p.requires_grad) for m in everything for p in m.parameters(recurse=False)}.values())
+    original = {id(p) for p in model.parameters()}
     grads_before = {id(p): p.grad for p in model.parameters()}
     # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
     order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
@@ -258,17 +281,23 @@ def calibrate_rewrites(
                     f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
                     f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
                 )
-            scores = fit_site(
-                site,
-                x,
-                steps=config.steps,
-                lr=config.lr,
-                batch=config.batch_tokens,
-                holdout=config.holdout,
-                gen=gen,
-                start=config.start,
-                x_original=x_original,
-            )
+            with _float32(site) as to_float32:  # Adam on half-precision weights turns them to NaN at once
+                scores = fit_site(
+                    site,
+                    to_float32(x),
+                    steps=config.steps,
+                    lr=config.lr,
+                    batch=config.batch_tokens,
+                    holdout=config.holdout,
+                    gen=gen,
+                    start=config.start,
+                    x_original=to_float32(x_original),
+                )
+            if not all(bool(torch.isfinite(p).all()) for p in site.fitted.parameters()):
+                raise CalibrationDataError(
+                    f"calibration: the fit of {record.path} diverged (non-finite weights); check the calibration "
+                    "batches for inf / NaN, or lower CalibrationConfig.lr"
+                )
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
             fit.tokens = len(x)
             cost_fvu, measure = scores.fit, "Han fit FVU"
@@ -299,7 +328,11 @@ def calibrate_rewrites(
                 frozen = set()
                 if config.heal_params == "all-but-embeddings":
                     frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-                snapshot = [(p, p.detach().clone()) for p, flag in grad_flags if flag and id(p) not in frozen]
+                snapshot = [
+                    (p, p.detach().clone())
+                    for p, flag in grad_flags
+                    if flag and id(p) in original and id(p) not in frozen
+                ]
                 params = list({**{id(p): p for p, _ in snapshot}, **new_params}.values())
             else:
                 params = list(new_params.values())
@@ -331,14 +364,11 @@ def calibrate_rewrites(
             err.index = next((i for i, batch in enumerate(batches) if batch is err.batch), None)
         raise
     finally:
-        original = {id(p) for p, _ in grad_flags}
-        for p in model.parameters():  # new modules' parameters: trainable, as built
-            if id(p) not in original:
-                p.requires_grad_(True)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
         for p in model.parameters():  # the fit's and healing's gradients must not leak into the caller's first step
             p.grad = grads_before.get(id(p))
-        model.train(was_training)
+        for module, training in modes.values():  # not model.train(...): that would set every child alike
+            module.training = training
     report.seconds = time.perf_counter() - start
     return report, kept
