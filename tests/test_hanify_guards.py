@@ -17,6 +17,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
+from han_surgery.errors import ConfigError
 from han_surgery.surgery import Replacement, recipe_of, unregister_rule
 from han_surgery.surgery.engine import call_signature_problem, unwrap_model
 
@@ -33,6 +34,23 @@ def test_new_modules_take_the_mode_of_the_module_they_replace(name):
     model, _, _ = ZOO[name]()
     hanify(model.train(), HanConfig(dropout=0.5))
     assert all(m.training for m in model.modules())
+
+
+def test_a_reused_module_keeps_its_own_mode_and_a_dry_run_changes_no_mode():
+    """FastViT's rule keeps the original ``ConvMlp.conv`` (depthwise conv + BatchNorm) inside its replacement:
+    setting the replacement's mode set that BatchNorm's too, even in a dry run (frozen BatchNorms came back to
+    train mode)."""
+    model, _, _ = ZOO["timm/fastvit"]()
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    hanify(model, dry_run=True)
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    reused = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    report = hanify(model)
+    assert report.rewrites and all(not m.training for m in reused)
 
 
 class SizedFFN(nn.Module):
@@ -119,7 +137,7 @@ def test_hanify_looks_through_torch_compile_and_saves(tmp_path):
         assert torch.equal(loaded(**inputs), model(**inputs))
 
 
-def test_hanify_looks_through_data_parallel_and_ddp(tmp_path):
+def test_hanify_looks_through_data_parallel_and_refuses_ddp(tmp_path):
     import torch.distributed as dist
 
     model, inputs, _ = ZOO["hf/bert"]()
@@ -132,7 +150,13 @@ def test_hanify_looks_through_data_parallel_and_ddp(tmp_path):
     try:
         model2, _, _ = ZOO["timm/vit"]()
         ddp = nn.parallel.DistributedDataParallel(model2)
-        assert [r.path for r in hanify(ddp).rewrites] == ["blocks.0.mlp"]
+        assert [r.path for r in hanify(ddp, dry_run=True).rewrites] == ["blocks.0.mlp"]
+        # DDP all-reduces the parameters it found when it was built: the new blocks' would never be averaged
+        with pytest.raises(ConfigError, match=r"DistributedDataParallel.*hanify\(ddp.module\) and wrap the result"):
+            hanify(ddp)
+        assert not recipe_of(model2) and not isinstance(model2.blocks[0].mlp, HanBlock)
+        hanify(ddp.module)
+        ddp = nn.parallel.DistributedDataParallel(model2)
         save_pretrained(ddp, tmp_path / "ddp")
         assert recipe_of(model2) and (tmp_path / "ddp" / "han_config.json").is_file()
     finally:

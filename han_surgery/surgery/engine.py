@@ -23,9 +23,10 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
    new block is fitted to the block it replaces before the next one is swapped
    in (:mod:`han_surgery.surgery.calibration`); a failure undoes every swap.
 
-A wrapped model (``torch.compile``'s ``OptimizedModule``, ``DataParallel``,
-``DistributedDataParallel``) is unwrapped first (:func:`unwrap_model`): the
-rewrites and the recipe land on the model itself, with its own paths.
+A wrapped model (``torch.compile``'s ``OptimizedModule``, ``DataParallel``) is unwrapped
+first (:func:`unwrap_model`): the rewrites and the recipe land on the model itself, with
+its own paths. ``DistributedDataParallel`` is refused (but for a dry run): it registered
+the parameters it all-reduces when it was built, so hanify its ``module`` and wrap again.
 
 A model in which no rule recognises anything (and which holds no Han module)
 raises :class:`NothingToRewriteError`. If candidates exist but every one is
@@ -59,14 +60,20 @@ FilterFn = Callable[[nn.Module, str], bool]
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``) and ``DataParallel`` /
     ``DistributedDataParallel`` (``module``), however deeply nested; any other module is returned as is."""
-    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return _wrapper_chain(model)[-1]
+
+
+def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """``model``, the module it wraps, the one that wraps, ...: the last is the model itself."""
+    chain = [model]
     while True:
-        if isinstance(model, wrappers):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo OptimizedModule
             model = model._orig_mod
         else:
-            return model
+            return chain
+        chain.append(model)
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -257,6 +264,12 @@ def hanify(
             wrong type, or the model raised on a batch (``CalibrationBatchError``, naming
             it); the model is unchanged (as after any failure of the fit).
     """
+    if not dry_run and any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model)):
+        raise ConfigError(
+            "hanify: the model is wrapped in DistributedDataParallel, which registered its parameters when it was "
+            "built: the new blocks' gradients would not be averaged across processes. Call hanify(ddp.module) and "
+            "wrap the result again (accelerate: hanify before accelerator.prepare)"
+        )
     model = unwrap_model(model)
     config = config if config is not None else HanConfig()
     _require_type("config", config, HanConfig)
@@ -285,6 +298,7 @@ def hanify(
     _check_patterns(config, model, [c.path for c, _ in matches], han_paths)
 
     modules = dict(model.named_modules())
+    originals = {id(m) for m in modules.values()}
     aliases = _aliases(model)
     planned: list[tuple[RewriteRecord, Replacement]] = []
     claimed: set[str] = set()
@@ -355,7 +369,9 @@ def hanify(
         claimed.update(repl.swaps)
         claimed.update(a for others in shared.values() for a in others)
         for path, new in repl.swaps.items():
-            new.train(modules[path].training)  # a model in eval() stays in eval(): no dropout switched on
+            for part in new.modules():  # a model in eval() stays in eval(): no dropout switched on
+                if id(part) not in originals:  # a module of the model that the rule reuses keeps its own mode
+                    part.training = modules[path].training
             ref = _reference_tensor(modules[path])
             ref = ref if ref is not None else _reference_tensor(cand.module)
             if ref is not None:
