@@ -607,6 +607,10 @@ def test_keep_by_output_needs_the_hidden_state_after_each_block():
     assert _state(model).keys() == before.keys() and all(torch.equal(_state(model)[k], v) for k, v in before.items())
     with pytest.raises(ValueError, match="keep_by"):
         CalibrationConfig(keep_by="model")
+    # healing distils the same hidden states: it was skipped without a word while the recipe recorded heal_steps
+    with pytest.raises(CalibrationDataError, match="heal_steps=5 distils .*'0' do not name it.*heal_steps=0"):
+        hanify(model, calibration=[torch.randn(4, 8)], calibration_config=CalibrationConfig(heal_steps=5))
+    assert all(torch.equal(_state(model)[k], v) for k, v in before.items()) and isinstance(model[0], timm.layers.Mlp)
 
 
 def test_keep_by_output_charges_a_block_only_for_its_own_rise_after_a_block_left_uncalibrated():

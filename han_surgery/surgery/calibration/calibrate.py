@@ -230,6 +230,12 @@ def calibrate_rewrites(
             f"calibration: keep_by='output' measures the hidden state after the last rewritten block, but the "
             f"rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use keep_by='block'"
         )
+    if config.heal_steps and not stream_paths:
+        paths = ", ".join(repr(record.path) for record, _ in planned[:3]) + (", ..." if len(planned) > 3 else "")
+        raise CalibrationDataError(
+            f"calibration: heal_steps={config.heal_steps} distils the hidden state after each rewritten block, but "
+            f"the rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use heal_steps=0"
+        )
     if chosen is None:
         chosen = _choose_kept(model, planned, batches, config) if config.keep_count else {}
     try:
