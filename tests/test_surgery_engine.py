@@ -81,6 +81,35 @@ def test_rule_raising_midway_leaves_model_exactly_as_before():
     assert hanify(model).num_rewritten == 2  # and the model is still good for a real run
 
 
+def test_a_rule_that_returns_no_replacement_or_a_raising_filter_is_a_hanify_error_naming_the_path():
+    """A builder returning ``None`` was an ``AttributeError`` without a path; an exception from ``filter_fn`` came out
+    bare. Both name the candidate now, and the model is unchanged."""
+    model = ZOO["timm/vit"]()[0]
+    snap = _snapshot(model)
+
+    @register_rule("test.returns_none", matcher=Mlp, priority=10_000)
+    def returns_none(cand, config):
+        return None
+
+    try:
+        with pytest.raises(
+            HanifyError, match=r"test\.returns_none.*blocks\.0\.mlp.*returned NoneType, not a Replacement"
+        ):
+            hanify(model)
+    finally:
+        unregister_rule("test.returns_none")
+    _assert_unchanged(model, snap)
+
+    def filter_fn(module, path):
+        raise KeyError("oops")
+
+    with pytest.raises(HanifyError, match=r"filter_fn raised on 'blocks\.0\.mlp': KeyError\('oops'\).*unchanged"):
+        hanify(model, filter_fn=filter_fn)
+    _assert_unchanged(model, snap)
+    with pytest.raises(ConfigError, match="dry_run=True plans without touching the model"):
+        hanify(model, dry_run=True, calibration=[torch.randn(1, 3, 32, 32)])
+
+
 def test_dry_run_does_not_touch_the_model_and_predicts_the_real_run():
     model = ZOO["hf/bert"]()[0]
     snap = _snapshot(model)

@@ -63,6 +63,16 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return _wrapper_chain(model)[-1]
 
 
+def _call_filter(filter_fn: FilterFn, cand: Candidate) -> bool:
+    """``filter_fn(module, path)``; an exception it raises becomes a :class:`HanifyError` naming the path."""
+    try:
+        return bool(filter_fn(cand.module, cand.path))
+    except Exception as e:
+        raise HanifyError(
+            f"filter_fn raised on {cand.path!r}: {e!r}. Nothing was swapped: the model is unchanged."
+        ) from e
+
+
 def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
     """``model``, the module it wraps, the one that wraps, ...: the last is the model itself."""
     chain = [model]
@@ -278,9 +288,9 @@ def hanify(
 
         _require_type("calibration_config", calibration_config, CalibrationConfig)
     if calibration_config is not None and calibration is None:
-        raise ValueError("hanify: calibration_config given without calibration data (calibration=batches)")
+        raise ConfigError("hanify: calibration_config given without calibration data (calibration=batches)")
     if calibration is not None and dry_run:
-        raise ValueError("hanify: dry_run=True plans without touching the model; it cannot calibrate")
+        raise ConfigError("hanify: dry_run=True plans without touching the model; it cannot calibrate")
     rules = resolve_rules(config.rules)
     params_before = count_parameters(model)
     matches, han_paths = _discover(model, rules)
@@ -308,7 +318,7 @@ def hanify(
             reason = "not matched by HanConfig.include"
         elif any(match_pattern(p, cand.path) for p in config.exclude):
             reason = f"excluded by {[p for p in config.exclude if match_pattern(p, cand.path)][0]!r}"
-        elif filter_fn is not None and not filter_fn(cand.module, cand.path):
+        elif filter_fn is not None and not _call_filter(filter_fn, cand):
             reason = "filter_fn returned False"
         elif cand.parent is None:
             reason = "the model itself is the FFN: wrap it in a parent module to replace it"
@@ -327,6 +337,13 @@ def hanify(
                     f"rule {rule.name!r} failed on {cand.path!r} ({type(cand.module).__name__}): {e!r}. "
                     "Nothing was swapped: the model is unchanged."
                 ) from e
+            if reason is None and not (
+                isinstance(repl, Replacement) and all(isinstance(m, nn.Module) for m in repl.swaps.values())
+            ):
+                raise HanifyError(
+                    f"rule {rule.name!r} on {cand.path!r} returned {type(repl).__name__}, not a Replacement of "
+                    "modules (or raise SkipCandidate to leave the candidate); model unchanged"
+                )
         if reason is not None:
             report.skipped.append(SkipRecord(cand.path, rule.name, reason))
             continue
