@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import transformers as T
@@ -51,6 +53,19 @@ def test_a_reused_module_keeps_its_own_mode_and_a_dry_run_changes_no_mode():
     reused = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     report = hanify(model)
     assert report.rewrites and all(not m.training for m in reused)
+
+
+def test_hooks_on_a_replaced_module_are_named_in_a_warning():
+    """Forward hooks on an FFN (or a dropped norm) went with it without a word."""
+    model, _, _ = ZOO["timm/vit"]()
+    model.blocks[0].mlp.register_forward_hook(lambda module, args, output: None)
+    model.blocks[0].mlp.fc1.register_forward_pre_hook(lambda module, args: None)
+    with pytest.warns(UserWarning, match=r"2 forward/backward hook\(s\) registered on blocks\.0\.mlp or its sub"):
+        hanify(model)
+    model, _, _ = ZOO["timm/vit"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hook, no warning
+        hanify(model)
 
 
 class SizedFFN(nn.Module):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -435,6 +436,7 @@ def hanify(
         calibration_record = calibration_config.to_dict()
     else:
         _swap_all(model, planned)
+    _warn_dropped_hooks(modules, planned)
     report.params_after = count_parameters(model)
     rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
     record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
@@ -458,6 +460,31 @@ def register_hanify_hook(hook: Callable[[nn.Module], None]) -> Callable[[nn.Modu
     """
     _HANIFY_HOOKS.append(hook)
     return hook
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _warn_dropped_hooks(modules: Mapping[str, nn.Module], planned: list[tuple[RewriteRecord, Replacement]]) -> None:
+    """Warn, per replaced module, about the forward / backward hooks registered on it or its sub-modules (and not on
+    a module its replacement reuses): they went with it."""
+    seen: set[int] = set()
+    for _, repl in planned:
+        for path, new in repl.swaps.items():
+            old = modules[path]
+            if id(old) in seen:  # a shared module, replaced under each of its names
+                continue
+            seen.add(id(old))
+            reused = {id(m) for m in new.modules()}
+            count = sum(
+                len(getattr(m, name, None) or {}) for m in old.modules() if id(m) not in reused for name in _HOOK_DICTS
+            )
+            if count:
+                warnings.warn(
+                    f"hanify: {count} forward/backward hook(s) registered on {path} or its sub-modules went with the "
+                    "replaced module; register them on the new one if they are still needed",
+                    stacklevel=3,
+                )
 
 
 def _swap_all(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> None:
