@@ -471,8 +471,8 @@ def _warn_dropped_hooks(modules: Mapping[str, nn.Module], planned: list[tuple[Re
     seen: set[int] = set()
     for _, repl in planned:
         for path, new in repl.swaps.items():
-            old = modules[path]
-            if id(old) in seen:  # a shared module, replaced under each of its names
+            old = modules.get(path)  # named_modules() names a shared module once
+            if old is None or id(old) in seen:
                 continue
             seen.add(id(old))
             reused = {id(m) for m in new.modules()}
