@@ -317,7 +317,20 @@ def _kernels_allowed() -> bool:
 
 
 def _use_cpu_kernel(x: Tensor) -> bool:
-    return x.device.type == "cpu" and _kernels_allowed() and cpu_kernel.available()
+    # an empty input takes the PyTorch path: the kernel's tiling divides by its zero width
+    return x.device.type == "cpu" and x.numel() > 0 and _kernels_allowed() and cpu_kernel.available()
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` would give ``x`` here, or ``None``: autocast off, a device it does not know
+    (``meta``), or an input it never casts (float64, as ``nn.Linear``'s stays float64)."""
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    try:
+        enabled = torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return None
+    return torch.get_autocast_dtype(x.device.type) if enabled else None
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
@@ -366,13 +379,12 @@ def householder_chain(
         A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in the autocast
         dtype (as ``nn.Linear`` would be).
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    autocast_dtype = _autocast_dtype(x)
+    if autocast_dtype is not None:
         # Compute in the autocast dtype with autocast off, so forward and backward
         # (which autocast does not cover) see the same dtypes.
-        with torch.autocast(device_type, enabled=False):
-            x = x.to(torch.get_autocast_dtype(device_type))
-            return householder_chain(x, u, bias, apply_abs, dim=dim, normalize=normalize)
+        with torch.autocast(x.device.type, enabled=False):
+            return householder_chain(x.to(autocast_dtype), u, bias, apply_abs, dim=dim, normalize=normalize)
     if u.dim() != 3:
         raise ValueError(f"householder_chain: u must have shape (L, k, n), got {tuple(u.shape)}")
     layers, k, n = u.shape

@@ -195,6 +195,29 @@ def test_any_leading_shape_and_non_contiguous_input():
     assert layer(torch.randn(10)).shape == (10,)
 
 
+@pytest.mark.parametrize("shape, dim", [((2, 5, 0), 1), ((0, 5), -1), ((2, 5, 0, 3), 1), ((2, 0, 5), -1)])
+def test_empty_inputs_on_every_path(shape, dim):
+    """An input with a zero-size dimension after ``dim`` killed the process (SIGFPE) in the CPU kernel."""
+    layer = HanBlock(5, dim=dim)
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and layer.fc1.u.grad.abs().sum() == 0
+
+
+def test_float64_stays_float64_under_autocast_and_meta_tensors_run():
+    """Autocast never casts float64 (``nn.Linear``'s output stays float64); the layer cast it to bfloat16. A forward
+    on the ``meta`` device (shape inference) failed asking autocast about that device."""
+    layer = HanLayer(8).double()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float64 and torch.equal(out, layer(x))
+    meta = HanBlock(8, reflections=2, device="meta")
+    assert meta(torch.empty(3, 8, device="meta")).shape == (3, 8)
+
+
 def test_inference_path_equals_autograd_path():
     torch.manual_seed(6)
     layer = HanLayer(32, reflections=3)
