@@ -166,6 +166,22 @@ def test_dense_checkpoint_into_han_model_fails_clearly(tmp_path):
         )
 
 
+def test_pretrained_strict_false_loads_a_partial_checkpoint_as_for_the_dense_peer(tmp_path):
+    """``pretrained_strict=False`` lets missing keys through, as timm does for ``mobilevit_xxs``; the Han models'
+    checkpoint check refused them before timm's flag was read. Shapes that differ are refused either way."""
+    model = timm.create_model("han_mobilevit_xxs", num_classes=10)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "final_conv.conv.weight"}
+    save_file(state, str(tmp_path / "partial.safetensors"))
+    overlay = dict(file=str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"1 missing keys \(final_conv\.conv\.weight\)"):
+        timm.create_model("han_mobilevit_xxs", pretrained=True, num_classes=10, pretrained_cfg_overlay=overlay)
+    loaded = timm.create_model(
+        "han_mobilevit_xxs", pretrained=True, pretrained_strict=False, num_classes=10, pretrained_cfg_overlay=overlay
+    )
+    key = "stages.2.1.transformer.0.mlp.ffn.fc1.u"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+
+
 def test_shape_mismatch_fails_clearly(tmp_path):
     """A 32x32 Han-Mixer (64 tokens) checkpoint does not fit a 64x64 one (256 tokens)."""
     d = _save(timm.create_model("han_mixer_m0h16_32"), tmp_path / "m32")

@@ -29,12 +29,14 @@ def _short(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + more
 
 
-def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module, strict: bool = True) -> dict[str, Tensor]:
     """Return ``state_dict`` unchanged if it fits ``model``, else raise a ``ValueError`` saying why.
 
     The classifier (``pretrained_cfg["classifier"]``) and the first conv
     (``pretrained_cfg["first_conv"]``) are not checked: timm re-initialises the former when
-    ``num_classes`` differs and adapts the latter when ``in_chans`` differs.
+    ``num_classes`` differs and adapts the latter when ``in_chans`` differs. With ``strict=False``
+    (``create_model(..., pretrained_strict=False)``) missing and unexpected keys pass, as
+    ``load_state_dict(strict=False)`` lets them; shapes that differ never do.
     """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture") or type(model).__name__
@@ -44,8 +46,8 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
         return not any(key == s or key.startswith(s + ".") for s in skip)
 
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict and checked(k)]
-    unexpected = [k for k in state_dict if k not in expected and checked(k)]
+    missing = [k for k in expected if k not in state_dict and checked(k)] if strict else []
+    unexpected = [k for k in state_dict if k not in expected and checked(k)] if strict else []
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
         for k, v in expected.items()

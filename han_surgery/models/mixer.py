@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -230,7 +231,7 @@ def _create_han_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> 
         HanMixer,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get("pretrained_strict", True)),
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -24,6 +24,7 @@ Registered: ``han_mobilevit_xxs``, ``han_mobilevit_xs``, ``han_mobilevit_s``.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -72,7 +73,7 @@ def _create_han_mobilevit(variant: str, pretrained: bool = False, **kwargs: Any)
         variant,
         pretrained,
         model_cfg=timm_mobilevit_cfgs[base],
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get("pretrained_strict", True)),
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
