@@ -173,6 +173,11 @@ def test_features_only(name, img, n_out):
 def test_img_size_must_fit_the_stem():
     with pytest.raises(ValueError, match="img_size 30 must be a multiple of the stem's stride 4"):
         timm.create_model("han_mixer_m2h16_32", img_size=30)
+    # an input of another size is refused as by timm's PatchEmbed (29-31 px went through the ceil-division stem)
+    model = timm.create_model("han_mixer_m0h16_32", num_classes=10)
+    for size in (30, 64):
+        with pytest.raises(AssertionError, match=rf"Input height \({size}\) doesn't match model \(32\)"):
+            model(torch.randn(1, 3, size, size))
 
 
 def test_features_only_without_blocks_fails_clearly():

@@ -110,6 +110,13 @@ class ConvStem(nn.Module):
         return h, w
 
     def forward(self, x: Tensor) -> Tensor:
+        # as timm's PatchEmbed: the token count is fixed, and a ceil-division stem maps 29-32 px to the same grid
+        torch._assert(
+            x.shape[-2] == self.img_size[0], f"Input height ({x.shape[-2]}) doesn't match model ({self.img_size[0]})."
+        )
+        torch._assert(
+            x.shape[-1] == self.img_size[1], f"Input width ({x.shape[-1]}) doesn't match model ({self.img_size[1]})."
+        )
         x = self.proj(self.convs(x))
         return x.flatten(2).transpose(1, 2)
 
