@@ -10,7 +10,7 @@ neither the fine-tuning stack nor the paper experiments.
 
 from . import integrations, models  # noqa: F401  (register han_* and "hanified" with timm, and the Auto classes)
 from .errors import CheckpointError, ConfigError, HanifyError, HanSurgeryError, NothingToRewriteError
-from .layers import Abs, HanBlock, HanLayer, HouseholderLinear
+from .layers import Abs, HanBlock, HanLayer, HanStack, HouseholderLinear, stack_han_layers
 from .loading import load_model
 from .surgery import HanConfig, HanifyReport, from_pretrained, hanify, register_rule, save_pretrained
 from .utils import count_parameters
@@ -20,7 +20,9 @@ __all__ = [
     "Abs",
     "HanBlock",
     "HanLayer",
+    "HanStack",
     "HouseholderLinear",
+    "stack_han_layers",
     "HanConfig",
     "HanifyReport",
     "hanify",

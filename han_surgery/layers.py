@@ -39,6 +39,9 @@ BiasInit = Literal["uniform", "zeros"]
 
 
 def _check_arguments(name: str, features: int, reflections: int, init: str, bias_init: str) -> None:
+    for arg, value in (("features", features), ("reflections", reflections)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name}: {arg} must be an int, got {value!r}")
     if features < 1:
         raise ValueError(f"{name}: features must be >= 1, got {features}")
     if not 1 <= reflections <= features:

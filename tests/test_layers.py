@@ -12,9 +12,8 @@ import torch
 from _kernel_paths import kernel_path  # noqa: F401  (fixture)
 from torch import nn
 
-from han_surgery import Abs, HanBlock, HanLayer, HouseholderLinear
+from han_surgery import Abs, HanBlock, HanLayer, HanStack, HouseholderLinear, stack_han_layers
 from han_surgery.functional import householder_affine, unit_rows, wy_factor
-from han_surgery.layers import HanStack, stack_han_layers
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
 
@@ -254,6 +253,9 @@ def test_bad_arguments_are_clear():
         HouseholderLinear(4, reflections=5)
     with pytest.raises(ValueError, match="features must be >= 1"):
         HanLayer(0)
+    for bad in (True, 2.0):  # a TypeError from torch.empty, deep inside, before
+        with pytest.raises(ValueError, match=rf"HanLayer: reflections must be an int, got {bad!r}"):
+            HanLayer(8, reflections=bad)
     with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
         HanLayer(4)(torch.randn(2, 5))
 
