@@ -85,7 +85,10 @@ class HouseholderLinear(nn.Module):
             matrix with determinant ``(-1)^n``. Costs ``O(n k)`` per row and is
             computed in compact WY form, never as an ``n x n`` matrix.
         init: ``"orthogonal"`` (paper; ``u`` rows are random orthonormal
-            directions) or ``"normal"`` (i.i.d. Gaussian directions).
+            directions) or ``"normal"`` (i.i.d. Gaussian directions). With orthonormal
+            rows the product is ``I - 2 U^T U``, the reflection through a random
+            ``k``-dimensional subspace (symmetric, eigenvalues +-1); for ``k = n`` that is
+            ``-I`` whatever the seed, so use ``"normal"`` for a random orthogonal start.
         bias_init: ``"uniform"`` (paper; ``U(-1/sqrt(n), 1/sqrt(n))``, as
             ``nn.Linear``) or ``"zeros"``.
         dim: the dimension of the input the layer acts on (default: the last).
