@@ -202,6 +202,14 @@ def test_calibration_images_are_every_sample_of_the_file(tmp_path, capsys):
 
     ten = make_images(tmp_path / "ten.npz", n=10)
     assert sum(len(b) for b in load_calibration_batches(CalibrationData(source=str(ten), batch_size=4))) == 10
+    # unlabelled images in one folder: no classes are needed (finetune's reader asks for two)
+    from PIL import Image
+
+    (tmp_path / "calib" / "unlabelled").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "calib" / "unlabelled" / f"{i}.png")
+    (batch,) = load_calibration_batches(CalibrationData(source=str(tmp_path / "calib")), image_size=8)
+    assert batch.shape == (3, 3, 8, 8)
 
 
 def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):

@@ -87,7 +87,7 @@ def load_calibration_batches(
             try:
                 with warnings.catch_warnings():  # the labels are dropped: a single class does not matter
                     warnings.simplefilter("ignore", DataWarning)
-                    bundle = load_data(path, image_size=image_size, seed=seed)
+                    bundle = load_data(path, image_size=image_size, seed=seed, unlabelled=True)
                 source = ConcatDataset([bundle.train, bundle.eval])  # no evaluation here: every sample may calibrate
             except DataError as e:  # finetune's reader: its messages name --data
                 raise for_option(e, "--data", "--calibrate") from None

@@ -275,7 +275,13 @@ def read_image(path: str) -> Any:
 
 
 def load_image_folder(
-    path: Path, *, image_size: int | None, val_fraction: float, seed: int, max_samples: int | None
+    path: Path,
+    *,
+    image_size: int | None,
+    val_fraction: float,
+    seed: int,
+    max_samples: int | None,
+    min_classes: int = 2,
 ) -> DataBundle:
     from torchvision import datasets, transforms
 
@@ -320,7 +326,7 @@ def load_image_folder(
             Subset(full, [perm[i] for i in val_idx]),
             full.classes,
         )
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataError(
             f"{path}: one class folder ({classes[0]}/) found; classification needs at least 2. Lay the images out "
             f"as {path}/<class>/<image>.png (split by --val-fraction), or {path}/train/<class>/<image>.png with "
@@ -551,8 +557,12 @@ def load_data(
     seed: int = 0,
     image_size: int | None = None,
     max_samples: int | None = None,
+    unlabelled: bool = False,
 ) -> DataBundle:
     """Read ``--data`` (see the module docstring for the formats) into a :class:`DataBundle`.
+
+    ``unlabelled``: the caller drops the labels (calibration): an image folder may then hold a single class
+    folder (``<dir>/images/*.png``).
 
     Warns (:class:`DataWarning`) when the training split holds a single class, e.g. because
     ``max_samples`` took the first rows of a file sorted by label.
@@ -563,7 +573,7 @@ def load_data(
     kw = dict(val_fraction=val_fraction, seed=seed, max_samples=max_samples)
     suffix = p.suffix.lower()
     if p.is_dir():
-        bundle = load_image_folder(p, image_size=image_size, **kw)
+        bundle = load_image_folder(p, image_size=image_size, min_classes=1 if unlabelled else 2, **kw)
     elif suffix == ".npz":
         bundle = load_npz(p, num_classes=num_classes, **kw)
     elif suffix == ".jsonl":
