@@ -357,6 +357,25 @@ def test_half_precision_calibration_fits_in_float32(dtype):
         assert b.status == "fitted" and abs(a.fvu - b.fvu) < 0.1, (a.fvu, b.fvu)
 
 
+def test_a_kept_block_keeps_the_weights_its_model_keeps_in_float32(tmp_path):
+    """T5 in float16 keeps ``wo`` in float32 (``_keep_in_fp32_modules``); the fit in float32 cast the whole FFN back
+    to the dtype of its first weight, so even a kept block came back changed."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    T.T5EncoderModel(
+        T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, vocab_size=100)
+    ).save_pretrained(tmp_path)
+    model = T.T5EncoderModel.from_pretrained(tmp_path, dtype=torch.float16).eval()
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["encoder.block.0.layer.1.DenseReluDense.wo.weight"] == torch.float32
+    batches = [{"input_ids": torch.randint(0, 100, (2, 12))} for _ in range(2)]
+    config = CalibrationConfig(steps=5, progress=False, max_fvu=1e-12, tokens_per_block=64, batch_tokens=32)
+    report = hanify(model, calibration=batches, calibration_config=config)
+    assert {b.status for b in report.calibration.blocks} == {"kept"}
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+
+
 def test_a_failure_after_healing_all_parameters_restores_the_original_weights(monkeypatch):
     model = _vit()
     before = _state(model)

@@ -81,21 +81,26 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def _float32(site: Any) -> Iterator[Callable[[Tensor | None], Tensor | None]]:
-    """Fit a half-precision site in float32: its modules (the new block, the replaced FFN, the post-norm) are cast
-    to float32 for the fit and back after it (exact for the ones it does not change); yields the cast for rows."""
+    """Fit a half-precision site in float32: the half-precision tensors of its modules (the new block, the replaced
+    FFN, the post-norm) are float32 for the fit and their own dtype again after it (exact for the ones the fit does
+    not change; a module that keeps some weights in float32 keeps them so); yields the cast for rows."""
     modules = [m for m in (site.fitted, site.reference, site.post_norm) if isinstance(m, nn.Module)]
-    dtypes = [next((t.dtype for t in [*m.parameters(), *m.buffers()] if t.is_floating_point()), None) for m in modules]
-    half = [(m, dtype) for m, dtype in zip(modules, dtypes, strict=True) if dtype in (torch.float16, torch.bfloat16)]
+    half = {
+        id(t): (t, t.dtype)
+        for m in modules
+        for t in [*m.parameters(), *m.buffers()]
+        if t.dtype in (torch.float16, torch.bfloat16)
+    }
     if not half:
         yield lambda x: x
         return
-    for m, _ in half:
-        m.float()
+    for t, _ in half.values():
+        t.data = t.data.float()
     try:
         yield lambda x: x.float() if x is not None else None
     finally:
-        for m, dtype in half:
-            m.to(dtype)
+        for t, dtype in half.values():
+            t.data = t.data.to(dtype)
 
 
 def _count(module: nn.Module) -> int:
