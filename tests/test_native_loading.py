@@ -141,7 +141,7 @@ def test_transformers_save_pretrained_of_a_natively_loaded_model(folders, tmp_pa
         assert torch.equal(again(input_ids=io["input_ids"], attention_mask=io["attention_mask"]).logits, io["cls"])
 
 
-def test_transformers_config_arguments_apply_to_the_base_config(folders):
+def test_transformers_config_arguments_apply_to_the_base_config(folders, tmp_path):
     """``from_pretrained(dir, num_labels=5)`` and the other config arguments do on a hanified folder what they do on
     a plain one (they were dropped: a 3-label head stayed 3), through the Auto classes, a ``Hanified*`` class and an
     edited ``AutoConfig``; the backbone keeps its saved weights."""
@@ -159,6 +159,12 @@ def test_transformers_config_arguments_apply_to_the_base_config(folders):
     config.num_labels = 6
     six = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls", config=config, ignore_mismatched_sizes=True)
     assert six.classifier.out_features == 6
+    config.save_pretrained(tmp_path / "config")  # the edit is saved where it is read again
+    assert T.AutoConfig.from_pretrained(tmp_path / "config").num_labels == 6
+    attentions = T.AutoModel.from_pretrained(tmp / "base", output_attentions=True).eval()
+    assert attentions.config._attn_implementation == "eager"  # what output_attentions chooses, as on a plain folder
+    with torch.no_grad():
+        assert len(attentions(**batch).attentions) == 2
     with torch.no_grad():
         hidden = T.AutoModel.from_pretrained(tmp / "base", output_hidden_states=True, attn_implementation="eager")
         assert hidden.config._attn_implementation == "eager"

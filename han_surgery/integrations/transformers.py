@@ -70,7 +70,11 @@ class HanifiedConfig(PreTrainedConfig):
             unused = dict(offered)
             applied = transformers_base_config(base, "config.json", unused)
             if len(unused) < len(offered):
-                config_dict = {**config_dict, HF_BASE_CONFIG_KEY: applied.to_dict()}
+                base = applied.to_dict()
+                chosen = getattr(applied, "_attn_implementation_internal", None)
+                if chosen is not None:  # what output_attentions=True chose (eager): to_dict does not keep it
+                    base["attn_implementation"] = chosen
+                config_dict = {**config_dict, HF_BASE_CONFIG_KEY: base}
             kwargs = {k: v for k, v in kwargs.items() if k not in offered or k in unused}
         passed_on = {k: kwargs.pop(k) for k in _PASSED_ON_KWARGS if k in kwargs}
         if not return_unused:
@@ -89,7 +93,14 @@ class HanifiedConfig(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("_mirrored", None)
+        if isinstance(output.get(HF_BASE_CONFIG_KEY), dict):  # an edit to the labels is saved where it is read
+            output[HF_BASE_CONFIG_KEY] = {**output[HF_BASE_CONFIG_KEY], **self._edited_task_fields()}
         return output
+
+    def _edited_task_fields(self) -> dict[str, Any]:
+        """The task fields changed on this config since it was built (``config.num_labels = 5``)."""
+        mirrored = getattr(self, "_mirrored", {})
+        return {key: getattr(self, key) for key in _TASK_FIELDS if getattr(self, key) != mirrored.get(key)}
 
     def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
         """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``.
@@ -102,9 +113,7 @@ class HanifiedConfig(PreTrainedConfig):
                 "objects (written by han_surgery.save_pretrained); a plain transformers folder loads with its own "
                 "class or AutoModel*, and then han_surgery.hanify rewrites it"
             )
-        mirrored = getattr(self, "_mirrored", {})
-        edited = {key: getattr(self, key) for key in _TASK_FIELDS if getattr(self, key) != mirrored.get(key)}
-        base = transformers_base_config({**self.base_config, **edited}, source)
+        base = transformers_base_config({**self.base_config, **self._edited_task_fields()}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
 
