@@ -34,14 +34,14 @@ from .folders import (
 from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
 
-__all__ = ["load_model", "load_folder"]
+__all__ = ["load_model", "load_folder", "weight_files"]
 
 
 SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
 """What transformers' ``save_pretrained(..., max_shard_size=...)`` writes beside the shards it lists."""
 
 
-def _weight_files(folder: ModelFolder) -> list[Path]:
+def weight_files(folder: ModelFolder) -> list[Path]:
     """The safetensors files of a plain folder: ``model.safetensors``, or for a transformers folder the shards its
     ``model.safetensors.index.json`` lists (file names in the folder only)."""
     weights = folder.path / WEIGHTS_NAME
@@ -75,7 +75,7 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
 
             base = TabularNet(**folder.config[TABULAR_CONFIG_KEY])
         return from_pretrained(folder.path, model=base)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     weights = files[0] if len(files) == 1 else folder.path / SHARDED_WEIGHTS_INDEX
     for file in files:
         problem = safetensors_problem(file)  # a truncated or garbage file, named before any library reads it

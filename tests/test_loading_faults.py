@@ -236,6 +236,12 @@ def test_sharded_transformers_folder_loads_and_a_missing_shard_is_named(tmp_path
     assert len(shards) > 1 and not (tmp_path / "sharded" / "model.safetensors").exists()
     loaded = load_model(tmp_path / "sharded")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    from han_surgery.finetune.models import build_model
+
+    classifier = build_model(str(tmp_path / "sharded")).model  # finetune --model: a head on the sharded backbone
+    assert all(torch.equal(v, classifier.bert.state_dict()[k]) for k, v in model.state_dict().items())
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"^{shards[-1]}: missing"):
         load_model(tmp_path / "sharded")
+    with pytest.raises(CheckpointError, match=f"^{shards[-1]}: missing"):
+        build_model(str(tmp_path / "sharded"))

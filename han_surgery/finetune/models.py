@@ -37,7 +37,7 @@ from ..folders import (
     checked_transformers_model_kwargs,
     inspect_model_folder,
 )
-from ..loading import load_folder
+from ..loading import load_folder, weight_files
 from ..models.tabular import TabularNet
 from ..pretrained import create_timm_model
 from ..surgery.serialization import save_pretrained
@@ -152,6 +152,7 @@ def build_model(
             checked_transformers_model_kwargs(model_kwargs, folder.config, f"--model {spec}")
         if folder.kind == "transformers" or (family == "transformers" and data is not None):
             # a hanified transformers folder gets a classification head too (the recipe replays on the base model)
+            weight_files(folder)  # model.safetensors, or a sharded folder's index and shards: named if missing
             return _load_transformers(path, data, model_kwargs, trust_remote_code, hanified=folder.kind == "hanified")
         model = load_folder(folder)
         model.train()
@@ -216,8 +217,6 @@ def _load_transformers(
 ) -> BuiltModel:
     from transformers import AutoModelForSequenceClassification
 
-    if not (path / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{path / WEIGHTS_NAME}: missing")
     kwargs = dict(model_kwargs)
     if data is not None:
         kwargs["num_labels"] = data.num_outputs
