@@ -117,20 +117,23 @@ def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str |
 def output_folder_problem(path: str | Path) -> str | None:
     """Why the folder ``path`` could not be created or written (``None`` if it can): checked before any work.
 
-    The nearest existing ancestor must be a folder in which a folder can be made: a probe folder is
-    created there and removed at once (``path`` itself is not created). The answer names the culprit.
+    An existing folder must be writable (``os.access``: no probe inside it, where another process, a rank of
+    the same run, may be checking that it is empty); otherwise the nearest existing ancestor must be a folder
+    in which a folder can be made: a probe folder is created there and removed at once (``path`` itself is not
+    created). The answer names the culprit.
     """
     path = Path(path).expanduser()
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             return f"{path} is a file, not a folder"
-        parent = path
-    else:
-        parent = path.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-        if not parent.is_dir():
-            return f"cannot create {path}: {parent} is a file, not a folder"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"cannot write in {path}: permission denied (or a read-only file system)"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create {path}: {parent} is a file, not a folder"
     try:
         probe = Path(tempfile.mkdtemp(prefix=".han-surgery-probe-", dir=parent))
     except OSError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +96,19 @@ def test_absurd_num_classes_is_refused_by_the_parser(value, capsys: pytest.Captu
         main(["inspect", "test_vit", "--num-classes", value])
     assert e.value.code == 2
     assert "--num-classes: expected at most 1,000,000 classes" in capsys.readouterr().err
+
+
+def test_checking_an_existing_output_folder_creates_nothing_in_it(tmp_path, monkeypatch) -> None:
+    """Every rank of a run checks its output folder, then that it is empty: a probe folder made inside it showed up
+    in another rank's emptiness check (one rank refused, the other waited). An existing folder is checked with
+    os.access; only a folder still to be made is probed, in its parent."""
+    import tempfile
+
+    from han_surgery.fileio import output_folder_problem
+
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(Path(k["dir"])) or real(*a, **k))
+    assert output_folder_problem(tmp_path) is None and made == []
+    assert output_folder_problem(tmp_path / "new" / "run") is None and made == [tmp_path]
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
