@@ -100,6 +100,13 @@ def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
             shutil.rmtree(entry)
 
 
+def csv_delimiter(text: str) -> str:
+    """The delimiter of a CSV / TSV file's ``text``: a tab when its first non-blank line holds more tabs than commas
+    (so a ``.csv`` of tab-separated columns, or a ``.tsv`` whose text holds commas, reads right), else a comma."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return "\t" if first.count("\t") > first.count(",") else ","
+
+
 def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str | None:
     """``"<flag> <path>"`` for the first of ``inputs`` (flag -> path, ``local-dir:`` allowed, ``None`` skipped)
     that is the existing ``folder`` or lies below it, which emptying ``folder`` would delete; else ``None``."""

@@ -994,3 +994,14 @@ def test_read_texts_drops_a_byte_order_mark(name, tmp_path):
     }[name]
     (tmp_path / name).write_text("\ufeff" + body, encoding="utf-8")
     assert read_texts(tmp_path / name) == texts
+
+
+def test_read_texts_takes_the_delimiter_from_the_first_line_as_finetune_does(tmp_path):
+    """A tab-separated ``.csv`` (and a ``.tsv`` whose text holds commas) reads as ``finetune --data`` reads it; the
+    calibration reader chose the delimiter by suffix and found no text column."""
+    from han_surgery.surgery.calibration import read_texts
+
+    (tmp_path / "tabs.csv").write_text("text\tlabel\nhello there, friend\t1\ngood bye\t0\n", encoding="utf-8")
+    (tmp_path / "commas.tsv").write_text("text\tlabel\na, b and c\t1\n", encoding="utf-8")
+    assert read_texts(tmp_path / "tabs.csv") == ["hello there, friend", "good bye"]
+    assert read_texts(tmp_path / "commas.tsv") == ["a, b and c"]

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from ..checks import MAX_NUM_CLASSES
 from ..errors import HanSurgeryError, first_line
+from ..fileio import csv_delimiter
 
 __all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
 
@@ -363,10 +364,8 @@ def _read_text(path: Path) -> str:
 def _read_csv_rows(path: Path) -> list[list[str]]:
     """The non-blank rows of a CSV, or of a TSV: tab-separated when the first line holds more tabs than commas."""
     text = _read_text(path)
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    delimiter = "\t" if first.count("\t") > first.count(",") else ","
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
         rows = [row for row in reader if row and any(c.strip() for c in row)]
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e}).") from None

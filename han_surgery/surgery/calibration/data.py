@@ -23,6 +23,7 @@ data layer, which sits above surgery: the command line passes its dataset here.)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from ...errors import ConfigError
+from ...fileio import csv_delimiter
 
 __all__ = ["CalibrationData", "calibration_batches", "read_texts"]
 
@@ -58,13 +60,13 @@ def read_texts(path: str | Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if suffix in (".tsv", ".csv"):
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", quoting=csv.QUOTE_MINIMAL)
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{p}: the file is empty")
-            col = _pick_column(header, p)
-            return [row[col] for row in reader if len(row) > col and row[col].strip()]
+        text = p.read_text(encoding="utf-8-sig")  # as finetune --data reads it: the delimiter from the first line
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), quoting=csv.QUOTE_MINIMAL)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{p}: the file is empty")
+        col = _pick_column(header, p)
+        return [row[col] for row in reader if len(row) > col and row[col].strip()]
     if suffix == ".jsonl":
         texts = []
         with open(p, encoding="utf-8-sig") as f:
