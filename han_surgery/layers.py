@@ -40,7 +40,7 @@ BiasInit = Literal["uniform", "zeros"]
 
 def _check_arguments(name: str, features: int, reflections: int, init: str, bias_init: str) -> None:
     for arg, value in (("features", features), ("reflections", reflections)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # an int or a NumPy integer
             raise ValueError(f"{name}: {arg} must be an int, got {value!r}")
     if features < 1:
         raise ValueError(f"{name}: features must be >= 1, got {features}")

@@ -256,6 +256,8 @@ def test_bad_arguments_are_clear():
     for bad in (True, 2.0):  # a TypeError from torch.empty, deep inside, before
         with pytest.raises(ValueError, match=rf"HanLayer: reflections must be an int, got {bad!r}"):
             HanLayer(8, reflections=bad)
+    np = pytest.importorskip("numpy")
+    assert HanLayer(np.int64(8), reflections=np.int64(2)).u.shape == (2, 8)  # NumPy integers are integers
     with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
         HanLayer(4)(torch.randn(2, 5))
 
