@@ -334,7 +334,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
-    if x.device.type != "cuda" or not _kernels_allowed():
+    if x.device.type != "cuda" or x.numel() == 0 or not _kernels_allowed():  # empty: the PyTorch path, as on CPU
         return False
     triton_gpu = kernels.triton_kernels()
     return triton_gpu is not None and triton_gpu.supports(x, k)
