@@ -7,12 +7,21 @@ subclass: ``reflections=True`` is a mistake, not 1), and neither is a string tha
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_bool", "check_int", "check_number", "MAX_NUM_CLASSES"]
+__all__ = [
+    "check_bool",
+    "check_int",
+    "check_number",
+    "MAX_NUM_CLASSES",
+    "positive_int",
+    "positive_float",
+    "non_negative_float",
+]
 
 #: The most classes a classifier may have (``--num-classes``, or the labels of ``finetune --data``): a classifier
 #: this wide is already gigabytes, and a larger count is a mistake (a stray label, an id instead of a class index).
@@ -59,3 +68,35 @@ def check_bool(name: str, value: Any) -> None:
     """``value`` is ``True`` or ``False``."""
     if not isinstance(value, bool):
         raise ConfigError(f"{name} must be True or False, got {value!r}")
+
+
+# ``argparse`` types: a bad value becomes the parser's one-line usage error, never a traceback from deep inside.
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _finite_float(text: str, low: float, low_open: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or (value <= low if low_open else value < low):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type: a finite number > 0 (a learning rate)."""
+    return _finite_float(text, 0.0, True, "a positive number")
+
+
+def non_negative_float(text: str) -> float:
+    """``argparse`` type: a finite number >= 0 (a weight decay, a penalty weight)."""
+    return _finite_float(text, 0.0, False, "a number >= 0")

@@ -157,6 +157,31 @@ def test_out_is_checked_before_the_experiment_runs(tmp_path, capsys, monkeypatch
     (mine / "results.json").write_text('{"command": "han-surgery paper approximation --quick"}')
     assert main(["approximation", "--quick", "--out", str(mine)]) == 0
     assert len(ran) == 4
+    # another experiment's folder is not replaced without --overwrite: its plots would stay beside the new results
+    (mine / "results.json").write_text('{"command": "han-surgery paper checkerboard --quick"}')
+    assert "not written by 'han-surgery paper approximation'" in _error_line(
+        capsys, ["approximation", "--quick", "--out", str(mine)]
+    )
+    assert len(ran) == 4
+
+
+def test_bad_numbers_are_one_line_and_ctrl_c_is_one_line(capsys, monkeypatch):
+    """--threads -1, --lr -1 and --lrs -0.1 ended in tracebacks from torch (or ran and reported nonsense); Ctrl-C
+    printed a traceback."""
+    from han_surgery.cli import main as cli_main
+    from han_surgery.paper import checkerboard
+
+    assert "expected a positive integer, got -1" in _error_line(capsys, ["checkerboard", "--threads", "-1"])
+    assert "expected a positive number, got -1" in _error_line(capsys, ["mnist", "--lr", "-1"])
+    assert "expected a number >= 0, got nan" in _error_line(capsys, ["mixer", "--weight-decay", "nan"])
+    assert "--lrs needs positive learning rates" in _error_line(capsys, ["regression", "--quick", "--lrs", "-0.1"])
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkerboard, "run", interrupted)
+    assert cli_main(["paper", "checkerboard", "--quick"]) == 130
+    assert capsys.readouterr().err == "han-surgery paper: interrupted\n"
 
 
 def test_damaged_npz_is_one_line(tmp_path, capsys):

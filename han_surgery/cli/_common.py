@@ -11,7 +11,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..checks import MAX_NUM_CLASSES
+from ..checks import MAX_NUM_CLASSES, positive_int
 from ..errors import HanSurgeryError
 
 __all__ = ["run_command", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
@@ -66,17 +66,6 @@ def _terminate_like_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def num_classes(text: str) -> int:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import positive_int
 from ..layers import HanLayer
 from .common import PaperInputError, count_parameters, markdown_table, seed_everything, use_agg_backend, write_results
 from .stacked import StackedAdam, StackedNet, StackedSGD
@@ -179,7 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=10000, help="paper: 10,000")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

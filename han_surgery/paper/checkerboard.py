@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import non_negative_float, positive_int
 from .common import (
     PaperInputError,
     count_parameters,
@@ -365,10 +366,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lrs", default=None, help="initial lr grid for every row (default: the authors' HAN_LRS / FC_LRS per row)"
     )
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--ortho-weight", type=float, default=1e-2, help="lambda of the OrthFC penalty (rows f1, f2)")
+    parser.add_argument(
+        "--ortho-weight", type=non_negative_float, default=1e-2, help="lambda of the OrthFC penalty (rows f1, f2)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -65,10 +65,10 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def check_out(out: str | None, *, overwrite: bool) -> None:
+def check_out(out: str | None, *, overwrite: bool, experiment: str | None = None) -> None:
     """Refuse ``--out`` before the experiment runs: a file, a place no folder can be made, or a non-empty folder
-    that an earlier ``han-surgery paper`` run did not write (its ``results.json`` names the command), unless
-    ``overwrite``."""
+    that an earlier ``han-surgery paper`` run of the same ``experiment`` did not write (its ``results.json`` names
+    the command; another experiment's plots would stay beside the new results), unless ``overwrite``."""
     if out is None:
         return
     folder = Path(out).expanduser()
@@ -81,10 +81,11 @@ def check_out(out: str | None, *, overwrite: bool) -> None:
         previous = json.loads((folder / "results.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         previous = None
-    if isinstance(previous, dict) and str(previous.get("command", "")).startswith(PROG + " "):
+    writer = f"{PROG} {experiment}" if experiment else PROG
+    if isinstance(previous, dict) and str(previous.get("command", "")).startswith(writer + " "):
         return  # an earlier run's results: replaced
     raise PaperInputError(
-        f"--out {out} already exists, is not empty and was not written by '{PROG}': pass --overwrite to write "
+        f"--out {out} already exists, is not empty and was not written by '{writer}': pass --overwrite to write "
         "results.json, results.md and the plots into it anyway, or choose another folder"
     )
 
@@ -120,7 +121,7 @@ def _run(args: argparse.Namespace, prog: str = PROG) -> int:
         return 2
     args.command_line = command_line(args)
     try:
-        check_out(args.out, overwrite=args.overwrite)
+        check_out(args.out, overwrite=args.overwrite, experiment=args.experiment)
         importlib.import_module(EXPERIMENTS[args.experiment][0]).run(args)
     except PaperInputError as err:
         print(f"{prog}: {err}", file=sys.stderr)

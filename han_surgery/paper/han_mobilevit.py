@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..checks import positive_int
 from .common import PaperInputError
 from .image_data import ImageDataset
 from .vision import Recipe, TableSpec, add_training_arguments, run_table
@@ -69,7 +70,9 @@ SPEC = TableSpec(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_training_arguments(parser)
-    parser.add_argument("--image-size", type=int, default=256, help="input side after resizing (timm's MobileViT: 256)")
+    parser.add_argument(
+        "--image-size", type=positive_int, default=256, help="input side after resizing (timm's MobileViT: 256)"
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

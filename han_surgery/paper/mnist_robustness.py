@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import non_negative_float, positive_float, positive_int
 from .attacks import cw_l2, fgsm, pgd_l2, pgd_linf, robust_accuracy, trades_kl_linf
 from .common import (
     PaperInputError,
@@ -219,8 +220,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="path of mnist10k.npz (default ../shared/data/mnist/mnist10k.npz)")
     parser.add_argument("--models", default=",".join(MODELS), help="columns of Table 6: " + ", ".join(MODELS))
     parser.add_argument("--epochs", type=int, default=100, help="paper: 100")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam lr (paper: 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=1e-3, help="Adam weight decay (paper: 1e-3)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam lr (paper: 1e-3)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=1e-3, help="Adam weight decay (paper: 1e-3)")
     parser.add_argument("--batch-size", type=int, default=256, help="paper: 256")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--linf-eps", default=",".join(map(str, LINF_EPS)))
@@ -239,7 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop CW when the batch loss stops falling, as torchattacks' CW does (a weaker attack)",
     )
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

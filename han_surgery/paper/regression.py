@@ -28,6 +28,7 @@ HanNet here is the authors' regression HanNet: one dense ``d -> 200`` layer then
 from __future__ import annotations
 
 import argparse
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..checks import positive_int
 from .common import (
     PaperInputError,
     count_parameters,
@@ -359,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--schedule", choices=SCHEDULES, default="epoch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked step (faster for HanNet)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 
 
 def _dataset_paths(args: argparse.Namespace) -> list[Path]:
@@ -388,6 +390,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.epochs < 1 or args.seeds < 1:
         raise PaperInputError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
     lrs, seeds, epochs = _floats(args.lrs, "--lrs"), list(range(args.seeds)), args.epochs
+    if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
+        raise PaperInputError(f"--lrs needs positive learning rates, got {args.lrs!r}")
     _milestones(args.schedule, epochs)
     paths = _dataset_paths(args)
     max_steps = None

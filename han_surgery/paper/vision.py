@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ..checks import non_negative_float, positive_float
 from .common import PaperInputError, count_parameters, markdown_table, write_results
 from .image_data import ImageDataset, load_image_dataset
 
@@ -177,8 +178,8 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--epochs", type=int, default=None, help="default: the paper's for the dataset")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the dataset")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW lr (paper: 1e-3)")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (paper: 0.1)")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW lr (paper: 1e-3)")
+    parser.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     parser.add_argument("--seed", type=int, default=0)
