@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from han_surgery import Abs, HanLayer, kernels
+from han_surgery.checks import positive_int
 from han_surgery.kernels import cpu
 
 
@@ -128,10 +129,10 @@ def measure(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=8192)
-    parser.add_argument("--widths", type=int, nargs="+", default=[384, 768, 1024])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--rows", type=positive_int, default=8192)
+    parser.add_argument("--widths", type=positive_int, nargs="+", default=[384, 768, 1024])
+    parser.add_argument("--rounds", type=positive_int, default=15)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),

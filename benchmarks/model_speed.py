@@ -49,6 +49,7 @@ from torch import nn
 
 import han_surgery
 from han_surgery import kernels
+from han_surgery.checks import positive_int
 from han_surgery.layers import stack_han_layers
 from han_surgery.paper.common import fc_net, han_net
 
@@ -227,8 +228,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["transformers", "paper"])
     parser.add_argument("--only", nargs="+", default=None, help="run only rows whose label contains one of these")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--rounds", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="process: CPU time (use with --threads 1)"
     )
