@@ -100,11 +100,15 @@ def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
             shutil.rmtree(entry)
 
 
-def csv_delimiter(text: str) -> str:
-    """The delimiter of a CSV / TSV file's ``text``: a tab when its first non-blank line holds more tabs than commas
-    (so a ``.csv`` of tab-separated columns, or a ``.tsv`` whose text holds commas, reads right), else a comma."""
+def csv_delimiter(text: str, suffix: str) -> str:
+    """The delimiter of a CSV / TSV file's ``text``: the one its first non-blank line holds more of (so a ``.csv``
+    of tab-separated columns, or a ``.tsv`` whose text holds commas, reads right); where that line holds as many
+    of each (a one-column header), the file's ``suffix`` decides: a tab for ``.tsv``, else a comma."""
     first = next((line for line in text.splitlines() if line.strip()), "")
-    return "\t" if first.count("\t") > first.count(",") else ","
+    tabs, commas = first.count("\t"), first.count(",")
+    if tabs == commas:
+        return "\t" if suffix.lower() == ".tsv" else ","
+    return "\t" if tabs > commas else ","
 
 
 def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str | None:

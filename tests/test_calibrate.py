@@ -1003,5 +1003,7 @@ def test_read_texts_takes_the_delimiter_from_the_first_line_as_finetune_does(tmp
 
     (tmp_path / "tabs.csv").write_text("text\tlabel\nhello there, friend\t1\ngood bye\t0\n", encoding="utf-8")
     (tmp_path / "commas.tsv").write_text("text\tlabel\na, b and c\t1\n", encoding="utf-8")
+    (tmp_path / "one.tsv").write_text("sentence\nHello, world, again\n", encoding="utf-8")  # `cut -f2` of a TSV
     assert read_texts(tmp_path / "tabs.csv") == ["hello there, friend", "good bye"]
     assert read_texts(tmp_path / "commas.tsv") == ["a, b and c"]
+    assert read_texts(tmp_path / "one.tsv") == ["Hello, world, again"]  # one column: the suffix decides

@@ -362,10 +362,10 @@ def _read_text(path: Path) -> str:
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:
-    """The non-blank rows of a CSV, or of a TSV: tab-separated when the first line holds more tabs than commas."""
+    """The non-blank rows of a CSV or TSV file, split as :func:`~han_surgery.fileio.csv_delimiter` says."""
     text = _read_text(path)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text))
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text, path.suffix))
         rows = [row for row in reader if row and any(c.strip() for c in row)]
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e}).") from None

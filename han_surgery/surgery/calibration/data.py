@@ -61,7 +61,9 @@ def read_texts(path: str | Path) -> list[str]:
         return [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if suffix in (".tsv", ".csv"):
         text = p.read_text(encoding="utf-8-sig")  # as finetune --data reads it: the delimiter from the first line
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text), quoting=csv.QUOTE_MINIMAL)
+        reader = csv.reader(
+            io.StringIO(text, newline=""), delimiter=csv_delimiter(text, suffix), quoting=csv.QUOTE_MINIMAL
+        )
         header = next(reader, None)
         if header is None:
             raise ValueError(f"{p}: the file is empty")
