@@ -13,6 +13,7 @@ error naming the package, not a list of unexpected keys.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -165,6 +166,9 @@ def test_transformers_config_arguments_apply_to_the_base_config(folders, tmp_pat
     assert attentions.config._attn_implementation == "eager"  # what output_attentions chooses, as on a plain folder
     with torch.no_grad():
         assert len(attentions(**batch).attentions) == 2
+    T.AutoConfig.from_pretrained(tmp / "base", output_attentions=True).save_pretrained(tmp_path / "attn")
+    written = json.loads((tmp_path / "attn" / "config.json").read_text())["base_config"]
+    assert written["output_attentions"] and "attn_implementation" not in written  # as a plain config saves it
     with torch.no_grad():
         hidden = T.AutoModel.from_pretrained(tmp / "base", output_hidden_states=True, attn_implementation="eager")
         assert hidden.config._attn_implementation == "eager"

@@ -66,21 +66,20 @@ class HanifiedConfig(PreTrainedConfig):
         return_unused = kwargs.pop("return_unused_kwargs", False)
         base = config_dict.get(HF_BASE_CONFIG_KEY)
         offered = {k: v for k, v in kwargs.items() if k not in _LOADING_KWARGS and k not in _PASSED_ON_KWARGS}
+        chosen = None
         if isinstance(base, dict) and offered:
             unused = dict(offered)
             applied = transformers_base_config(base, "config.json", unused)
             if len(unused) < len(offered):
-                base = applied.to_dict()
+                config_dict = {**config_dict, HF_BASE_CONFIG_KEY: applied.to_dict()}
+                # what output_attentions=True chose (eager): to_dict drops it, and it is this load's, never saved
                 chosen = getattr(applied, "_attn_implementation_internal", None)
-                if chosen is not None:  # what output_attentions=True chose (eager): to_dict does not keep it
-                    base["attn_implementation"] = chosen
-                config_dict = {**config_dict, HF_BASE_CONFIG_KEY: base}
             kwargs = {k: v for k, v in kwargs.items() if k not in offered or k in unused}
         passed_on = {k: kwargs.pop(k) for k in _PASSED_ON_KWARGS if k in kwargs}
-        if not return_unused:
-            return super().from_dict(config_dict, **kwargs)
         config, unused = super().from_dict(config_dict, return_unused_kwargs=True, **kwargs)
-        return config, {**unused, **passed_on}
+        if chosen is not None:
+            config._base_attn_implementation = chosen
+        return (config, {**unused, **passed_on}) if return_unused else config
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -93,6 +92,7 @@ class HanifiedConfig(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("_mirrored", None)
+        output.pop("_base_attn_implementation", None)
         if isinstance(output.get(HF_BASE_CONFIG_KEY), dict):  # an edit to the labels is saved where it is read
             output[HF_BASE_CONFIG_KEY] = {**output[HF_BASE_CONFIG_KEY], **self._edited_task_fields()}
         return output
@@ -113,7 +113,9 @@ class HanifiedConfig(PreTrainedConfig):
                 "objects (written by han_surgery.save_pretrained); a plain transformers folder loads with its own "
                 "class or AutoModel*, and then han_surgery.hanify rewrites it"
             )
-        base = transformers_base_config({**self.base_config, **self._edited_task_fields()}, source)
+        chosen = getattr(self, "_base_attn_implementation", None)
+        attn = {"attn_implementation": chosen} if chosen is not None else {}
+        base = transformers_base_config({**self.base_config, **self._edited_task_fields(), **attn}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
 
