@@ -210,6 +210,9 @@ def test_calibration_images_are_every_sample_of_the_file(tmp_path, capsys):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "calib" / "unlabelled" / f"{i}.png")
     (batch,) = load_calibration_batches(CalibrationData(source=str(tmp_path / "calib")), image_size=8)
     assert batch.shape == (3, 3, 8, 8)
+    (tmp_path / "calib" / "unlabelled").rename(tmp_path / "calib" / "train")  # images right in train/: not classes
+    (batch,) = load_calibration_batches(CalibrationData(source=str(tmp_path / "calib")), image_size=8)
+    assert batch.shape == (3, 3, 8, 8)
 
 
 def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):

@@ -317,7 +317,11 @@ def load_image_folder(
     else:
         # <dir>/train/<class>/ without a held-out folder: train/ is the class root, split as a flat folder is
         # (ImageFolder would read it as one class named "train"). Every sub-folder counts, as for ImageFolder.
-        only_train = train_dir.is_dir() and [e.name for e in path.iterdir() if e.is_dir()] == ["train"]
+        only_train = (
+            train_dir.is_dir()
+            and [e.name for e in path.iterdir() if e.is_dir()] == ["train"]
+            and any(e.is_dir() for e in train_dir.iterdir())  # train/<class>/...; train/*.png is one folder of images
+        )
         full = folder(train_dir if only_train else path)
         n = min(len(full), max_samples) if max_samples else len(full)
         perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:n].tolist()
