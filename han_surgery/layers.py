@@ -24,8 +24,9 @@ mixes the ``N`` tokens of a ``(B, N, C)`` tensor without transposing it.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +39,17 @@ HouseholderInit = Literal["orthogonal", "normal"]
 BiasInit = Literal["uniform", "zeros"]
 
 
+def _as_int(name: str, arg: str, value: Any) -> int:
+    """``value`` as an ``int``: an ``int`` or a NumPy integer, never a ``bool``, a float or a tensor."""
+    if isinstance(value, (bool, torch.Tensor)) or (hasattr(value, "ndim") and value.ndim != 0):
+        raise ValueError(f"{name}: {arg} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: {arg} must be an int, got {value!r}") from None
+
+
 def _check_arguments(name: str, features: int, reflections: int, init: str, bias_init: str) -> None:
-    for arg, value in (("features", features), ("reflections", reflections)):
-        if isinstance(value, bool) or not hasattr(type(value), "__index__"):  # an int or a NumPy integer
-            raise ValueError(f"{name}: {arg} must be an int, got {value!r}")
     if features < 1:
         raise ValueError(f"{name}: features must be >= 1, got {features}")
     if not 1 <= reflections <= features:
@@ -116,6 +124,8 @@ class HouseholderLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        features = _as_int(type(self).__name__, "features", features)
+        reflections = _as_int(type(self).__name__, "reflections", reflections)
         _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         factory = {"device": device, "dtype": dtype}
         self.features = features
@@ -373,6 +383,8 @@ class HanStack(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        features = _as_int(type(self).__name__, "features", features)
+        reflections = _as_int(type(self).__name__, "reflections", reflections)
         _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         if depth < 1:
             raise ValueError(f"HanStack: depth must be >= 1, got {depth}")

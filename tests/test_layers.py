@@ -257,7 +257,11 @@ def test_bad_arguments_are_clear():
         with pytest.raises(ValueError, match=rf"HanLayer: reflections must be an int, got {bad!r}"):
             HanLayer(8, reflections=bad)
     np = pytest.importorskip("numpy")
-    assert HanLayer(np.int64(8), reflections=np.int64(2)).u.shape == (2, 8)  # NumPy integers are integers
+    layer = HanLayer(np.int64(8), reflections=np.int64(2))  # NumPy integers are integers, stored as ints
+    assert layer.u.shape == (2, 8) and type(layer.features) is int and type(layer.reflections) is int
+    for bad in (np.array(8.0), torch.tensor(8)):
+        with pytest.raises(ValueError, match="features must be an int"):
+            HanLayer(bad)
     with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
         HanLayer(4)(torch.randn(2, 5))
 
