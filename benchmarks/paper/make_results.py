@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,9 @@ def _commands(runs: list[dict]) -> list[str]:
         changed = []
         if " --jobs " in r["command"]:
             changed.append("`--jobs` has since been removed: drop it to rerun")
-        if f"--out docs/results/{name}" not in r["command"]:
+        words = shlex.split(r["command"])
+        out = words[words.index("--out") + 1] if "--out" in words[:-1] else None
+        if out is None or Path(out) != Path("docs/results") / name:
             changed.append(f"its results were copied to `docs/results/{name}`")
         lines.append(
             f"- `{r['command']}`: wall time {_wall(r['wall_seconds'])}"
