@@ -15,7 +15,7 @@ a folder                   torchvision ``ImageFolder`` (``<root>/<class>/<image>
 with a ``text`` column     and ``label`` (int, or strings mapped to ids in sorted order)
 =========================  ==================================================================
 
-A CSV is tab-separated when its first line holds more tabs than commas (a ``.tsv``), and may start
+A CSV is tab-separated when its first line holds more tabs than commas (or as many, in a ``.tsv``), and may start
 with a UTF-8 byte-order mark; header names are matched ignoring case and surrounding spaces.
 
 The held-out split is a fixed random ``val_fraction`` of the rows drawn from ``seed``, so it does
