@@ -54,6 +54,7 @@ __all__ = [
     "checked_transformers_model_kwargs",
     "read_timm_config",
     "WEIGHTS_NAME",
+    "SHARDED_WEIGHTS_INDEX",
     "CONFIG_NAME",
     "GENERATION_CONFIG_NAME",
     "HAN_CONFIG_NAME",
@@ -67,6 +68,7 @@ __all__ = [
 ]
 
 WEIGHTS_NAME = "model.safetensors"
+SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"  # transformers' save_pretrained(max_shard_size=...)
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 HAN_CONFIG_NAME = "han_config.json"

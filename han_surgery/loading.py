@@ -24,6 +24,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import safetensors_problem
 from .folders import (
+    SHARDED_WEIGHTS_INDEX,
     TABULAR_CONFIG_KEY,
     WEIGHTS_NAME,
     ModelFolder,
@@ -35,10 +36,6 @@ from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
 
 __all__ = ["load_model", "load_folder", "weight_files"]
-
-
-SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"
-"""What transformers' ``save_pretrained(..., max_shard_size=...)`` writes beside the shards it lists."""
 
 
 def weight_files(folder: ModelFolder) -> list[Path]:

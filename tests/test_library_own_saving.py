@@ -173,6 +173,20 @@ def test_an_auto_class_loads_part_of_a_hanified_encoder_decoder(tmp_path):
         assert torch.equal(again(input_ids=IDS).last_hidden_state, encoder(input_ids=IDS).last_hidden_state)
 
 
+def test_saving_over_a_sharded_folder_removes_its_shards(tmp_path):
+    """Saving a hanified model into a folder that held sharded weights left the shards and their index beside the
+    new ``model.safetensors``: an upload took them too, and a loader that reads the index first the old weights."""
+    model = tiny_bert()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    (tmp_path / "notes.txt").write_text("mine")
+    hanify(model)
+    model.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("model-*.safetensors")) and not (tmp_path / "model.safetensors.index.json").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"  # only what the index listed
+    assert torch.equal(output(T.AutoModel.from_pretrained(tmp_path)), output(model))
+
+
 def test_hanify_gives_a_transformers_model_its_hanified_class():
     model = hanified_bert()
     assert type(model).__qualname__ == "HanifiedBertModel" and isinstance(model, T.BertModel)

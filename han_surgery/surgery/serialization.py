@@ -50,12 +50,14 @@ from ..folders import (
     HF_HANIFIED_MODEL_TYPE,
     HF_RECIPE_KEY,
     HF_REMOTE_CODE_MODULE,
+    SHARDED_WEIGHTS_INDEX,
     TIMM_BASE_ARG,
     TIMM_HANIFIED_ARCH,
     TIMM_RECIPE_ARG,
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
+    read_json_object,
     read_timm_config,
     transformers_auto_map,
     transformers_remote_code,
@@ -138,9 +140,27 @@ def save_pretrained(
         config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
     if config is not None:
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _drop_stale_shards(directory)
     _save_weights(model, directory / WEIGHTS_NAME, state_dict)
     recipe.write(directory)
     return directory
+
+
+def _drop_stale_shards(directory: Path) -> None:
+    """Remove the sharded weights an earlier save left in ``directory`` (the index and the shards it lists, file
+    names only), as transformers' ``save_pretrained`` does: a loader that reads the index first, and an upload of
+    the folder, would take them."""
+    index = directory / SHARDED_WEIGHTS_INDEX
+    if not index.is_file():
+        return
+    try:
+        weight_map = read_json_object(index).get("weight_map")
+    except CheckpointError:
+        weight_map = None
+    for name in set(weight_map.values()) if isinstance(weight_map, dict) else ():
+        if isinstance(name, str) and name and Path(name).name == name and name != WEIGHTS_NAME:
+            (directory / name).unlink(missing_ok=True)
+    index.unlink()
 
 
 def _can_generate(model: nn.Module) -> bool:
