@@ -441,3 +441,9 @@ def test_peft_lora_on_a_hanified_model_saves_and_merges(tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     again = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     assert torch.allclose(output(again), tuned, atol=1e-5)
+    # without a task_type PEFT records the class as (module, name), which AutoPeftModel imports back: the module
+    # had no attribute of that name
+    loaded = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    peft.get_peft_model(loaded, peft.LoraConfig(r=4, target_modules=["query"])).save_pretrained(tmp_path / "auto")
+    auto = peft.AutoPeftModel.from_pretrained(tmp_path / "auto", import_allowlist=["han_surgery"])
+    assert type(auto.base_model.model).__qualname__ == "HanifiedBertForSequenceClassification"

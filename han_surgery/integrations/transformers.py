@@ -378,3 +378,15 @@ globals().update(DISPATCHERS)
 configuration_auto.AutoConfig.register(HF_HANIFIED_MODEL_TYPE, HanifiedConfig, exist_ok=True)
 for _dispatch in DISPATCHERS.values():
     _dispatch.auto_class.register(HanifiedConfig, _dispatch, exist_ok=True)
+
+
+def __getattr__(name: str) -> type:
+    """``Hanified<Class>`` by its ``__name__`` in this module (``GPT2LMHeadModel``): what a library that records a
+    model's class as (``__module__``, ``__name__``) imports back, as PEFT's ``AutoPeftModel*`` does."""
+    if not name.startswith("_"):
+        import transformers
+
+        base = getattr(transformers, name, None)
+        if isinstance(base, type) and issubclass(base, transformers.PreTrainedModel):
+            return hanified_class(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
