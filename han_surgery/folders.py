@@ -63,6 +63,7 @@ __all__ = [
     "FolderKind",
     "ModelFolder",
     "inspect_model_folder",
+    "recipe_in_config",
     "read_json_object",
     "refuse_pickles",
 ]
@@ -305,7 +306,7 @@ def _config_kind(config: dict[str, Any]) -> str | None:
     return None
 
 
-def _recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:
+def recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:
     """The recipe a hanified ``config.json`` carries: timm's (``model_args["han_recipe"]``) or transformers'
     (``"han_recipe"`` beside ``model_type = "han_surgery"``); ``None`` for any other config."""
     if config.get("architecture") == TIMM_HANIFIED_ARCH and isinstance(config.get("model_args"), dict):
@@ -333,7 +334,7 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     han_file = directory / HAN_CONFIG_NAME
     if han_file.is_file():
         han_config = read_json_object(han_file)
-        embedded = _recipe_in_config(config)
+        embedded = recipe_in_config(config)
         if embedded is not None and any(han_config.get(k) != embedded.get(k) for k in ("base", "recipe")):
             raise CheckpointError(
                 f"{han_file}: its recipe is not the one in {config_file}, which timm's and transformers' loaders "
@@ -345,7 +346,7 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
         if _config_kind(config) == "tabular":
             library = "tabular"
         return ModelFolder(directory, "hanified", config, han_config, library)
-    recipe = _recipe_in_config(config)
+    recipe = recipe_in_config(config)
     if recipe is not None and config.get("architecture") == TIMM_HANIFIED_ARCH:
         return ModelFolder(directory, "hanified", config, recipe, "timm")  # timm's save_for_hf of a hanified model
     if not config_file.is_file():

@@ -96,6 +96,18 @@ def test_timm_save_for_hf_over_a_han_surgery_folder_is_refused_until_the_stale_f
         assert torch.equal(timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()(IMAGES), newer(IMAGES))
 
 
+def test_a_plain_save_over_a_hanified_folder_names_the_stale_file(tmp_path):
+    """transformers' own save of a *plain* model into a hanified folder leaves ``han_config.json``: loading it with
+    han-surgery failed on missing keys without saying why."""
+    hanified_bert().save_pretrained(tmp_path)
+    tiny_bert().save_pretrained(tmp_path)  # a plain BertModel, into the same folder
+    assert (tmp_path / "han_config.json").exists()
+    with pytest.raises(
+        CheckpointError, match="config.json is a plain config: .*han_config.json is left from an earlier"
+    ):
+        han_surgery.from_pretrained(tmp_path)
+
+
 def test_timm_local_dir_with_another_img_size_resamples_pos_embed_as_timm_does(tmp_path):
     """``create_model("local-dir:...", pretrained=True, img_size=...)``: the base architecture's own checkpoint filter
     (a ViT's resamples ``pos_embed``) adapts the checkpoint, as for a plain folder; it failed with a shape mismatch."""

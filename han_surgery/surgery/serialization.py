@@ -59,6 +59,7 @@ from ..folders import (
     inspect_model_folder,
     read_json_object,
     read_timm_config,
+    recipe_in_config,
     transformers_auto_map,
     transformers_remote_code,
 )
@@ -426,6 +427,14 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     except SafetensorError as e:
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
-        raise CheckpointError(f"{directory / WEIGHTS_NAME}: does not fit the rebuilt model ({e})") from None
+        stale = folder.config and recipe_in_config(folder.config) is None and (directory / HAN_CONFIG_NAME).is_file()
+        hint = (
+            f". {CONFIG_NAME} is a plain config: if the library's own save_pretrained / save_for_hf wrote it and the "
+            f"weights again, {HAN_CONFIG_NAME} is left from an earlier save; delete it and load the folder with "
+            "that library"
+            if stale
+            else ""
+        )
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: does not fit the rebuilt model ({e}){hint}") from None
     _load_generation_config(model, directory)
     return model.eval()
