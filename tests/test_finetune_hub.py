@@ -74,6 +74,10 @@ def test_tabular_run_writes_a_folder_that_loads_back(finished: tuple[Path, dict,
         mse = torch.nn.functional.mse_loss(model(x), y).item()
     assert math.sqrt(mse) * data.target_std[0] == pytest.approx(results["eval_rmse"], rel=1e-5)
     assert (out / "checkpoints").is_dir()
+    import han_surgery
+
+    with pytest.raises(han_surgery.CheckpointError, match=r"plain tabular folder: han_surgery\.load_model\(folder\)"):
+        han_surgery.from_pretrained(out)  # it said "load it with its library"
     from accelerate.utils import is_tensorboard_available
 
     if is_tensorboard_available():  # the second tracker, next to metrics.jsonl

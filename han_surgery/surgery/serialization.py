@@ -408,9 +408,14 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     directory = _resolve_directory(directory, revision)
     folder = inspect_model_folder(directory)
     if folder.kind != "hanified":
+        how = (
+            "han_surgery.load_model(folder) loads it (a network han-surgery finetune trained)"
+            if folder.kind == "tabular"
+            else "load it with its library, then call hanify"
+        )
         raise CheckpointError(
             f"{directory} has no {HAN_CONFIG_NAME}: it was not written by han_surgery.save_pretrained "
-            f"(it is a plain {folder.kind} folder: load it with its library, then call hanify)"
+            f"(it is a plain {folder.kind} folder: {how})"
         )
     han_file = directory / HAN_CONFIG_NAME
     if not han_file.is_file():  # timm's save_for_hf of a hanified model: the recipe is in config.json
