@@ -269,6 +269,11 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
 
     out = tmp_path / "run"
     assert cli([*args, "--output-dir", str(out), "--model-kwargs", '{"hidden_dropout_prob": 0.2}']) == 0
+    # --max-steps 1: it said "1 optimizer steps (1 epoch(s) x N steps)"
+    import re
+
+    out_text = capsys.readouterr().out
+    assert re.search(r"schedule: 1 optimizer steps \(--max-steps; an epoch is \d+ steps\)", out_text), out_text
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
     assert (
         type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2

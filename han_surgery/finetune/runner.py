@@ -311,10 +311,13 @@ def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup:
         model += f", calibrated on {config.calibrate.source}"
     if student.teacher is not None:
         model += f"; distilling {config.distill} from {config.distill_from}"
-    schedule = (
-        f"schedule: {setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s) x {setup['steps_per_epoch']} "
-        f"steps), lr {config.lr} {config.schedule}"
-        + (f", checkpoint every {config.checkpoint_every} steps" if config.checkpoint_every else "")
+    length = (
+        f"--max-steps; an epoch is {setup['steps_per_epoch']} steps"
+        if config.max_steps
+        else f"{setup['epochs']} epoch(s) x {setup['steps_per_epoch']} steps"
+    )
+    schedule = f"schedule: {setup['total_steps']} optimizer steps ({length}), lr {config.lr} {config.schedule}" + (
+        f", checkpoint every {config.checkpoint_every} steps" if config.checkpoint_every else ""
     )
     return "\n".join(
         [
