@@ -64,6 +64,7 @@ __all__ = [
     "ModelFolder",
     "inspect_model_folder",
     "recipe_in_config",
+    "shard_files",
     "read_json_object",
     "refuse_pickles",
 ]
@@ -304,6 +305,20 @@ def _config_kind(config: dict[str, Any]) -> str | None:
     if "model_type" in config:
         return "transformers"
     return None
+
+
+def shard_files(directory: Path) -> list[Path]:
+    """The shards that ``directory``'s ``model.safetensors.index.json`` lists, sorted (file names in the folder only).
+
+    Raises:
+        CheckpointError: the index is unreadable, names no shard, or names something other than a file name.
+    """
+    index = directory / SHARDED_WEIGHTS_INDEX
+    weight_map = read_json_object(index).get("weight_map")
+    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in this folder")
+    return [directory / name for name in sorted(names)]
 
 
 def recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:

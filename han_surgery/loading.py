@@ -29,8 +29,8 @@ from .folders import (
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
-    read_json_object,
     read_timm_config,
+    shard_files,
 )
 from .pretrained import create_timm_model
 from .surgery.serialization import from_pretrained
@@ -47,11 +47,7 @@ def weight_files(folder: ModelFolder) -> list[Path]:
         if not weights.is_file():
             raise CheckpointError(f"{weights}: missing")
         return [weights]
-    weight_map = read_json_object(index).get("weight_map")
-    names = set(weight_map.values()) if isinstance(weight_map, dict) else set()
-    if not names or not all(isinstance(n, str) and n and Path(n).name == n for n in names):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files in this folder")
-    shards = [folder.path / name for name in sorted(names)]
+    shards = shard_files(folder.path)
     missing = next((shard for shard in shards if not shard.is_file()), None)
     if missing is not None:
         raise CheckpointError(f"{missing}: missing (a shard {index.name} lists)")

@@ -57,9 +57,9 @@ from ..folders import (
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
-    read_json_object,
     read_timm_config,
     recipe_in_config,
+    shard_files,
     transformers_auto_map,
     transformers_remote_code,
 )
@@ -155,12 +155,12 @@ def _drop_stale_shards(directory: Path) -> None:
     if not index.is_file():
         return
     try:
-        weight_map = read_json_object(index).get("weight_map")
-    except CheckpointError:
-        weight_map = None
-    for name in set(weight_map.values()) if isinstance(weight_map, dict) else ():
-        if isinstance(name, str) and name and Path(name).name == name and name != WEIGHTS_NAME:
-            (directory / name).unlink(missing_ok=True)
+        shards = shard_files(directory)
+    except CheckpointError:  # an index that names something else than file names here: only the index goes
+        shards = []
+    for shard in shards:
+        if shard.name != WEIGHTS_NAME:
+            shard.unlink(missing_ok=True)
     index.unlink()
 
 
