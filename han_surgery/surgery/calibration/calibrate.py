@@ -229,17 +229,21 @@ def calibrate_rewrites(
         _check_token_batches(batches)
     sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
     stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
-    if config.keep_by == "output" and not stream_paths:
+    if not stream_paths and (config.keep_by == "output" or config.heal_steps):  # both need the hidden states
+        if config.keep_by == "output":
+            need, instead = (
+                "keep_by='output' measures the hidden state after the last rewritten block",
+                "keep_by='block'",
+            )
+        else:
+            need, instead = (
+                f"heal_steps={config.heal_steps} distils the hidden state after each rewritten block",
+                "heal_steps=0",
+            )
         paths = ", ".join(repr(record.path) for record, _ in planned[:3]) + (", ..." if len(planned) > 3 else "")
         raise CalibrationDataError(
-            f"calibration: keep_by='output' measures the hidden state after the last rewritten block, but the "
-            f"rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use keep_by='block'"
-        )
-    if config.heal_steps and not stream_paths:
-        paths = ", ".join(repr(record.path) for record, _ in planned[:3]) + (", ..." if len(planned) > 3 else "")
-        raise CalibrationDataError(
-            f"calibration: heal_steps={config.heal_steps} distils the hidden state after each rewritten block, but "
-            f"the rules that rewrite {paths or 'nothing'} do not name it (RewriteRecord.stream); use heal_steps=0"
+            f"calibration: {need}, but the rules that rewrite {paths or 'nothing'} do not name it "
+            f"(RewriteRecord.stream); use {instead}"
         )
     if chosen is None:
         chosen = _choose_kept(model, planned, batches, config) if config.keep_count else {}
