@@ -142,12 +142,15 @@ def test_package_layers_have_no_cycles() -> None:
     [
         "import han_surgery",
         "from han_surgery.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+        "import han_surgery, timm\nhan_surgery.hanify(timm.create_model('vit_tiny_patch16_224', depth=1))",
     ],
-    ids=["import", "cli-help"],
+    ids=["import", "cli-help", "hanify-timm"],
 )
 def test_import_and_help_load_neither_the_paper_nor_finetune(code: str) -> None:
+    """Nor does hanify on a timm model load transformers' modeling code (and accelerate with it: 44 MB and about a
+    second; no transformers model can exist before ``transformers.modeling_utils`` is imported)."""
     probe = code + "\nimport sys\nprint(sorted(m for m in sys.modules if m.startswith(('han_surgery.paper', "
-    probe += "'han_surgery.finetune', 'han_surgery.demo', 'accelerate'))))"
+    probe += "'han_surgery.finetune', 'han_surgery.demo', 'accelerate', 'transformers.modeling_utils'))))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 

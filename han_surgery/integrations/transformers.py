@@ -37,6 +37,7 @@ from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY,
 from ..surgery.engine import register_hanify_hook
 from ..surgery.recipe import Recipe, record_last_step_on_parts
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
+from ..utils import is_transformers_model
 
 if TYPE_CHECKING:  # importing transformers' PreTrainedModel also imports accelerate: not at `import han_surgery`
     from transformers import PreTrainedModel
@@ -315,12 +316,7 @@ def _adopt_hanified_class(model: nn.Module) -> None:
     ``SentenceTransformer``'s encoder, a user's wrapper module), with the step recorded on it too, relative
     to it (:meth:`~han_surgery.surgery.recipe.RecipeStep.under`): it saves itself, as ``SentenceTransformer.save``
     has it do."""
-    from transformers import PreTrainedModel
-
-    def is_part(module: nn.Module) -> bool:
-        return isinstance(module, PreTrainedModel)
-
-    for part in [model] if is_part(model) else record_last_step_on_parts(model, is_part):
+    for part in [model] if is_transformers_model(model) else record_last_step_on_parts(model, is_transformers_model):
         part.__class__ = hanified_class(type(part))
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..folders import HAN_CONFIG_NAME, TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, read_json_object
+from ..utils import is_transformers_model
 from ..version import __version__
 from .config import HanConfig
 
@@ -177,10 +178,7 @@ class BaseModelSpec:
         A model loaded natively from a hanified folder names its base: transformers' ``Hanified<Base>``
         classes subclass the base class; timm's ``"hanified"`` models keep it in ``model_args["han_base"]``.
         """
-        import sys
-
-        transformers = sys.modules.get("transformers")
-        if transformers is not None and isinstance(model, transformers.PreTrainedModel):
+        if is_transformers_model(model):
             base = next(c for c in type(model).__mro__ if c.__module__.startswith("transformers."))
             return cls("transformers", base.__name__)
         cfg = getattr(model, "pretrained_cfg", None)
