@@ -22,6 +22,9 @@ process after imports (transformers included; ``VmHWM`` in ``/proc/self/status``
 child runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed tensors to the
 system at once: without it, glibc's adaptive threshold keeps the hanified model's freed FFN
 weights in the heap, and the resident set measures the allocator's history, not live memory.
+For the surgery rows a third variant gives the floor of any FFN surgery: the hanified model with
+every Han-block replaced by a branch that outputs zeros and has no parameters (the FFNs deleted;
+their dropped pre-norms stay dropped), so what is left is the attention, norms, embeddings and head.
 
     python benchmarks/model_speed.py [--threads 1] [--rounds 7] [--rows transformers paper] [--no-memory]
 
@@ -50,7 +53,7 @@ from torch import nn
 import han_surgery
 from han_surgery import kernels
 from han_surgery.checks import positive_int
-from han_surgery.layers import stack_han_layers
+from han_surgery.layers import HanBlock, stack_han_layers
 from han_surgery.paper.common import fc_net, han_net
 
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
@@ -100,16 +103,32 @@ def _regression(net: nn.Module, features: int = 8, batch: int = 100) -> Workload
     return Workload(net, (x, y), lambda m, t: F.mse_loss(m(t[0]), t[1]), lambda m, t: m(t[0]))
 
 
+class ZeroBranch(nn.Module):
+    """An FFN branch deleted: outputs zeros of its input's shape, holds no parameter and saves nothing."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def _delete_han_blocks(model: nn.Module) -> None:
+    """Every :class:`~han_surgery.layers.HanBlock` of a hanified model replaced by a :class:`ZeroBranch`."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, HanBlock):
+            model.set_submodule(name, ZeroBranch())
+
+
 def build(kind: str, name: str, variant: str, batch: int) -> Workload:
-    """``variant``: ``"peer"`` (the original / dense model) or ``"han"``."""
+    """``variant``: ``"peer"`` (the original / dense model), ``"han"``, or (surgery rows) ``"deleted"``."""
     torch.manual_seed(0)
     if kind == "surgery":
         if name == "bert_base":
             work = _bert(batch, 128)
         else:
             work = _image_workload(timm.create_model(name), batch)
-        if variant == "han":
+        if variant in ("han", "deleted"):
             han_surgery.hanify(work.model, han_surgery.HanConfig())
+        if variant == "deleted":
+            _delete_han_blocks(work.model)
         return work
     if name == "hannet":
         return _hannet(stacked=False) if variant == "han" else _regression(fc_net(8, 50, 5, 1))
@@ -272,19 +291,26 @@ def main() -> None:
             if not args.no_memory:
                 row["peak MB peer"] = peak_memory(kind, name, "peer", batch, threads)
                 row["peak MB han"] = peak_memory(kind, name, "han", batch, threads)
+                if kind == "surgery":
+                    row["peak MB FFNs deleted"] = peak_memory(kind, name, "deleted", batch, threads)
             report[label].update(row)
             print("  " + ", ".join(f"{k} {v:.2f}" for k, v in row.items()) + "\n", flush=True)
             table.append((label, row))
     print(f"| pair ({threads} threads, {args.rounds} rounds) | train step peer / Han | inference peer / Han", end="")
     print(" | Han train, PyTorch path / kernels" if not args.no_torch_path else "", end="")
-    print(" | peak training memory, peer -> Han |" if not args.no_memory else " |")
+    print(" | peak training memory, peer -> Han (FFNs deleted) |" if not args.no_memory else " |")
     print("|---|---|---|" + ("---|" if not args.no_torch_path else "") + ("---|" if not args.no_memory else ""))
     for label, row in table:
         cells = [f"{row['train peer/han']:.2f}x", f"{row['inference peer/han']:.2f}x"]
         if not args.no_torch_path:
             cells.append(f"{row['train torch-path/kernel']:.2f}x")
         if not args.no_memory:
-            cells.append(f"{row['peak MB peer']:.0f} -> {row['peak MB han']:.0f} MB")
+            peer_mb, han_mb = row["peak MB peer"], row["peak MB han"]
+            memory = f"{peer_mb:.0f} -> {han_mb:.0f} MB ({han_mb / peer_mb:.0%})"
+            if "peak MB FFNs deleted" in row:
+                deleted_mb = row["peak MB FFNs deleted"]
+                memory += f" ({deleted_mb:.0f} MB, {deleted_mb / peer_mb:.0%})"
+            cells.append(memory)
         print(f"| {label} | " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"threads": threads, "rounds": args.rounds, "rows": report}, indent=1))
