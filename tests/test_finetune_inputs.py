@@ -108,6 +108,35 @@ def test_tabular_csv_regression_is_standardised_with_train_statistics(tmp_path: 
     assert len(data.eval) == 20
 
 
+def test_exported_tabular_model_takes_raw_rows(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The fine-tune trains on standardised rows; the exported folder's network takes raw rows and predicts in the
+    data's units (load_model gave standardised outputs for raw rows, off by orders of magnitude). Fine-tuning that
+    folder again does not standardise twice."""
+    from han_surgery import load_model
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 100, (600, 2))
+    y = 1000 + 50 * x[:, 0] - 20 * x[:, 1]
+    path = tmp_path / "raw.csv"
+    np.savetxt(path, np.column_stack([x, y]), delimiter=",")
+    common = ["--data", str(path), "--epochs", "8", "--lr", "3e-3", "--batch-size", "32", "--seed", "0"]
+    code, err = finetune(capsys, "--model", "mlp", *common, "--output-dir", str(tmp_path / "a"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "a" / "config.json").read_text())["han_surgery_tabular"]
+    assert set(config) >= {"feature_mean", "feature_std", "target_mean", "target_std"}
+    model = load_model(tmp_path / "a").eval()
+    with torch.no_grad():
+        pred = model(torch.as_tensor(x, dtype=torch.float32))[:, 0].numpy()
+    assert np.sqrt(np.mean((pred - y) ** 2)) < 0.1 * y.std()  # standardised outputs: an error of about 3,300
+    code, err = finetune(
+        capsys, "--model", str(tmp_path / "a"), *common, "--epochs", "1", "--output-dir", str(tmp_path / "b")
+    )
+    assert code == 0, err
+    with torch.no_grad():
+        again = load_model(tmp_path / "b").eval()(torch.as_tensor(x, dtype=torch.float32))[:, 0].numpy()
+    assert np.sqrt(np.mean((again - y) ** 2)) < 0.1 * y.std()
+
+
 def test_task_and_num_classes_that_the_data_cannot_take_are_refused(toy_npz: Path, tmp_path: Path) -> None:
     """Image data trains as classification only, a regression target has no classes: both were silently ignored."""
     with pytest.raises(DataError, match=r"--task regression: .* is image data, which trains as classification only"):
@@ -556,3 +585,21 @@ def test_a_byte_order_mark_is_not_part_of_the_first_cell(tmp_path: Path) -> None
     text = tmp_path / "t.jsonl"
     text.write_text("\ufeff" + "".join(json.dumps({"text": "x", "label": i % 2}) + "\n" for i in range(10)))
     assert load_data(text).num_outputs == 2  # was: "line 1: not valid JSON (Unexpected UTF-8 BOM)"
+
+
+def test_tabular_net_standardization_arguments_are_checked() -> None:
+    from han_surgery import ConfigError
+    from han_surgery.models.tabular import TabularNet
+
+    with pytest.raises(ConfigError, match="feature_mean must be 2 finite numbers"):
+        TabularNet(2, 1, feature_mean=[0.0], feature_std=[1.0])
+    with pytest.raises(ConfigError, match="go together"):
+        TabularNet(2, 1, target_mean=[0.0])
+    with pytest.raises(ConfigError, match="feature_std must be positive"):
+        TabularNet(2, 1, feature_mean=[0.0, 0.0], feature_std=[1.0, 0.0])
+    net = TabularNet(2, 1, feature_mean=[1.0, 2.0], feature_std=[2.0, 4.0], target_mean=[10.0], target_std=[3.0])
+    plain = net.without_standardization()
+    x = torch.randn(5, 2)
+    expected = plain((x - torch.tensor([1.0, 2.0])) / torch.tensor([2.0, 4.0])) * 3.0 + 10.0
+    assert torch.allclose(net(x), expected) and "feature_mean" not in plain.config
+    assert set(net.state_dict()) == set(plain.state_dict())  # the statistics live in config.json, not the weights

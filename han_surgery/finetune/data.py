@@ -107,6 +107,17 @@ class DataBundle:
             **{k: v for k, v in self.extra.items() if k in ("feature_mean", "feature_std")},
         }
 
+    def standardization(self) -> dict[str, list[float]]:
+        """Tabular data: the training split's feature (and, for regression, target) means and standard
+        deviations the rows were standardised with, as :class:`~han_surgery.models.tabular.TabularNet` takes
+        them; ``{}`` for other data."""
+        if self.kind != "tabular":
+            return {}
+        stats = {k: self.extra[k] for k in ("feature_mean", "feature_std")}
+        if self.target_mean is not None and self.target_std is not None:
+            stats.update(target_mean=self.target_mean, target_std=self.target_std)
+        return stats
+
     def describe(self) -> str:
         what = {
             "image": f"images {self.in_chans}x{self.image_size[0]}x{self.image_size[1]}"

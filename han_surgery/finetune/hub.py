@@ -130,7 +130,11 @@ def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained({src})"
         )
     where = f'huggingface_hub.snapshot_download("{repo_id}")' if repo_id else f'"{folder}"'
-    return f"import huggingface_hub, han_surgery\n\nmodel = han_surgery.load_model({where})"
+    return (
+        f"import huggingface_hub, han_surgery\n\nmodel = han_surgery.load_model({where})\n"
+        "# takes raw rows (the training CSV's feature columns, in order): the training split's\n"
+        "# standardisation is inside the model (config.json); regression outputs are in the data's units"
+    )
 
 
 def render_model_card(

@@ -155,6 +155,8 @@ def build_model(
             weight_files(folder)  # model.safetensors, or a sharded folder's index and shards: named if missing
             return _load_transformers(path, data, model_kwargs, trust_remote_code, hanified=folder.kind == "hanified")
         model = load_folder(folder)
+        if isinstance(model, TabularNet):  # trained on standardised rows here; exported with this data's statistics
+            model = model.without_standardization()
         model.train()
         _fit_head(model, data)
         tokenizer = load_tokenizer(path) if family == "transformers" else None
@@ -235,7 +237,12 @@ def _load_transformers(
 
 
 def save_model(
-    built: BuiltModel, model: nn.Module, directory: str | Path, *, data_config: dict[str, Any] | None = None
+    built: BuiltModel,
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    data_config: dict[str, Any] | None = None,
+    standardization: dict[str, list[float]] | None = None,
 ) -> None:
     """Write ``model`` into ``directory`` in its library's format (``model.safetensors`` + ``config.json``).
 
@@ -244,7 +251,8 @@ def save_model(
     (the preprocessing the model was trained with, e.g. ``{"input_size": (1, 28, 28), "mean": (0.5,),
     "std": (0.5,)}``) goes into ``config.json``'s ``pretrained_cfg``; transformers models go through
     ``save_pretrained``, built-in tabular models as safetensors plus their constructor arguments in
-    ``config.json``.
+    ``config.json``, with ``standardization`` (:meth:`DataBundle.standardization`) among them: the
+    folder's network then takes raw rows (see :class:`~han_surgery.models.tabular.TabularNet`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -261,6 +269,7 @@ def save_model(
 
         save_safetensors(model, str(directory / WEIGHTS_NAME))
     if built.family == "tabular":  # our own config: what TabularNet needs to be rebuilt
-        (directory / CONFIG_NAME).write_text(json.dumps({TABULAR_CONFIG_KEY: model.config}, indent=2) + "\n")
+        tabular = {**model.config, **(standardization or {})}
+        (directory / CONFIG_NAME).write_text(json.dumps({TABULAR_CONFIG_KEY: tabular}, indent=2) + "\n")
     if built.tokenizer is not None:
         built.tokenizer.save_pretrained(str(directory))

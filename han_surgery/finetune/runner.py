@@ -365,7 +365,13 @@ def export(
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    save_model(student.built, accelerator.unwrap_model(model), staging, data_config=timm_data_config(data))
+    save_model(
+        student.built,
+        accelerator.unwrap_model(model),
+        staging,
+        data_config=timm_data_config(data),
+        standardization=data.standardization(),
+    )
     atomic_write_text(staging / RESULTS_NAME, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     if student.han_report is not None:
         (staging / "hanify_report.txt").write_text(str(student.han_report) + "\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -10,7 +11,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..layers import Abs, HanLayer
 
-__all__ = ["TabularNet"]
+__all__ = ["STANDARDIZATION_KEYS", "TabularNet"]
+
+#: The ``config`` entries of a network that takes raw rows (see :class:`TabularNet`).
+STANDARDIZATION_KEYS = ("feature_mean", "feature_std", "target_mean", "target_std")
 
 
 class TabularNet(nn.Module):
@@ -22,6 +26,13 @@ class TabularNet(nn.Module):
 
     ``config`` holds the constructor arguments; the fine-tune command saves it in ``config.json``
     under ``han_surgery_tabular`` so that the folder can be rebuilt.
+
+    The standardisation statistics make the network take raw rows: with ``feature_mean`` and
+    ``feature_std`` (``F`` values each) the input is ``(x - mean) / std`` first, and with ``target_mean``
+    and ``target_std`` (``num_outputs`` values each, regression) the output is ``y * std + mean``, in the
+    data's units. ``han-surgery finetune`` trains the network on standardised rows without them and
+    exports it with the training split's statistics, so ``han_surgery.load_model(folder)(raw_rows)`` gives
+    predictions in the data's units. They are buffers outside the ``state_dict`` (kept in ``config``).
     """
 
     def __init__(
@@ -31,6 +42,11 @@ class TabularNet(nn.Module):
         width: int = 128,
         depth: int = 2,
         kind: Literal["mlp", "hannet"] = "mlp",
+        *,
+        feature_mean: Sequence[float] | None = None,
+        feature_std: Sequence[float] | None = None,
+        target_mean: Sequence[float] | None = None,
+        target_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.config = {
@@ -40,6 +56,26 @@ class TabularNet(nn.Module):
             "depth": depth,
             "kind": kind,
         }
+        stats = {"feature_mean": feature_mean, "feature_std": feature_std}
+        stats.update(target_mean=target_mean, target_std=target_std)
+        for pair, size in (
+            (("feature_mean", "feature_std"), in_features),
+            (("target_mean", "target_std"), num_outputs),
+        ):
+            given = [stats[key] is not None for key in pair]
+            if any(given) and not all(given):
+                raise ConfigError(f"TabularNet: {pair[0]} and {pair[1]} go together; got only one of them.")
+            for key in pair:
+                values = stats[key]
+                if values is None:
+                    continue
+                tensor = torch.as_tensor(values, dtype=torch.float32)
+                if tensor.shape != (size,) or not bool(torch.isfinite(tensor).all()):
+                    raise ConfigError(f"TabularNet: {key} must be {size} finite numbers, got {list(values)!r:.80}.")
+                if key.endswith("_std") and not bool((tensor > 0).all()):
+                    raise ConfigError(f"TabularNet: {key} must be positive, got {list(values)!r:.80}.")
+                self.config[key] = [float(v) for v in values]
+                self.register_buffer(key, tensor, persistent=False)
         if kind == "mlp":
             layers: list[nn.Module] = []
             for i in range(depth):
@@ -52,4 +88,16 @@ class TabularNet(nn.Module):
         self.head = nn.Linear(width, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        """``(B, F) -> (B, num_outputs)``; raw rows and outputs in the data's units with the statistics set."""
+        if "feature_mean" in self.config:
+            x = (x - self.feature_mean) / self.feature_std
+        y = self.head(self.body(x))
+        if "target_mean" in self.config:
+            y = y * self.target_std + self.target_mean
+        return y
+
+    def without_standardization(self) -> TabularNet:
+        """A network with the same weights and no statistics: it takes and gives standardised values."""
+        plain = TabularNet(**{k: v for k, v in self.config.items() if k not in STANDARDIZATION_KEYS})
+        plain.load_state_dict(self.state_dict())
+        return plain.train(self.training)
