@@ -603,3 +603,35 @@ def test_tabular_net_standardization_arguments_are_checked() -> None:
     expected = plain((x - torch.tensor([1.0, 2.0])) / torch.tensor([2.0, 4.0])) * 3.0 + 10.0
     assert torch.allclose(net(x), expected) and "feature_mean" not in plain.config
     assert set(net.state_dict()) == set(plain.state_dict())  # the statistics live in config.json, not the weights
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.full((6, 8, 8), 300, np.int64), r"integer 'images' must hold 0\.\.255, found 300\.\.300"),
+        (np.full((6, 8, 8), 200.0, np.float32), r"float 'images' must be in \[0, 1\], found 200\.\.200; divide by 255"),
+        (np.full((6, 8, 8), -0.5, np.float32), r"found -0\.5\.\.-0\.5; give the raw pixels"),
+        (np.zeros((6, 3, 8, 8), np.uint8), r"look channels-first \(N, C, H, W\).*transpose\(0, 2, 3, 1\)"),
+    ],
+    ids=["int64-above-255", "float-0-255", "float-normalised", "channels-first"],
+)
+def test_npz_images_outside_the_documented_forms_are_refused(images: np.ndarray, message: str, tmp_path: Path) -> None:
+    """They trained silently before: int64 or float 0..255 reached the model as [-1, 509], (N, C, H, W) as 28-channel
+    images three pixels wide."""
+    path = tmp_path / "x.npz"
+    np.savez(path, images=images, labels=np.arange(6) % 2)
+    with pytest.raises(DataError, match=message):
+        load_data(path)
+
+
+def test_npz_integer_images_of_any_dtype_are_scaled_like_uint8(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 8, 8, 3))
+    loaded = {}
+    for dtype in (np.uint8, np.int64, np.int32):
+        path = tmp_path / f"{np.dtype(dtype).name}.npz"
+        np.savez(path, images=pixels.astype(dtype), labels=np.arange(6) % 2)
+        data = load_data(path, seed=0)
+        loaded[dtype] = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    assert torch.equal(loaded[np.uint8], loaded[np.int64]) and torch.equal(loaded[np.uint8], loaded[np.int32])
+    assert loaded[np.int64].min() >= -1 and loaded[np.int64].max() <= 1

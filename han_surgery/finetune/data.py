@@ -181,14 +181,41 @@ def check_labels(labels: np.ndarray, num_classes: int | None, source: str) -> in
 
 
 # ----------------------------------------------------------------------------------------- images
+_CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: what a channels-last axis holds
+
+
 def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
-    """``(N, H, W)`` or ``(N, H, W, C)`` (uint8 0..255 or float 0..1) -> normalised float ``(N, C, H, W)``."""
+    """``(N, H, W)`` or ``(N, H, W, C)`` (integers 0..255 or floats 0..1) -> normalised float ``(N, C, H, W)``.
+
+    Anything else is a :class:`DataError`, not a silently different input: integers above 255 (16-bit
+    images), floats outside ``[0, 1]`` (0..255 stored as floats, or images already normalised), and a
+    channels-first ``(N, C, H, W)`` array (it would read as ``C``-pixel-wide images of ``W`` channels).
+    """
     if images.ndim == 3:
         images = images[:, :, :, None]
     if images.ndim != 4:
         raise DataError(f"{source}: 'images' must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    x = x.float() / 255.0 if images.dtype == np.uint8 else x.float()
+    if images.shape[-1] not in _CHANNELS and images.shape[1] in _CHANNELS:
+        raise DataError(
+            f"{source}: 'images' of shape {images.shape} look channels-first (N, C, H, W); save them channels-last, "
+            "(N, H, W, C): images.transpose(0, 2, 3, 1)."
+        )
+    if images.size and (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
+        lo, hi = int(images.min()), int(images.max())
+        if lo < 0 or hi > 255:
+            raise DataError(
+                f"{source}: integer 'images' must hold 0..255, found {lo}..{hi}; scale them to 0..255 (uint8) "
+                "or to floats in [0, 1]."
+            )
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).float() / 255.0
+    elif images.size and np.issubdtype(images.dtype, np.floating):
+        lo, hi = float(images.min()), float(images.max())
+        if lo < 0 or hi > 1:
+            hint = "divide by 255" if hi > 1 and lo >= 0 else "give the raw pixels (the reader normalises them)"
+            raise DataError(f"{source}: float 'images' must be in [0, 1], found {lo:g}..{hi:g}; {hint}.")
+        x = torch.from_numpy(np.ascontiguousarray(images)).float()
+    else:
+        raise DataError(f"{source}: 'images' must be integers 0..255 or floats in [0, 1], got dtype {images.dtype}.")
     return ((x - IMAGE_MEAN) / IMAGE_STD).permute(0, 3, 1, 2).contiguous()
 
 
