@@ -635,3 +635,6 @@ def test_npz_integer_images_of_any_dtype_are_scaled_like_uint8(tmp_path: Path) -
         loaded[dtype] = torch.stack([data.train[i][0] for i in range(len(data.train))])
     assert torch.equal(loaded[np.uint8], loaded[np.int64]) and torch.equal(loaded[np.uint8], loaded[np.int32])
     assert loaded[np.int64].min() >= -1 and loaded[np.int64].max() <= 1
+    np.savez(tmp_path / "bool.npz", images=np.ones((6, 8, 8), bool), labels=np.arange(6) % 2)
+    data = load_data(tmp_path / "bool.npz", seed=0)
+    assert torch.equal(data.train[0][0], torch.ones(1, 8, 8))  # True is white (1.0, normalised to 1), not 1/255

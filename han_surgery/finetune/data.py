@@ -200,7 +200,9 @@ def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
             f"{source}: 'images' of shape {images.shape} look channels-first (N, C, H, W); save them channels-last, "
             "(N, H, W, C): images.transpose(0, 2, 3, 1)."
         )
-    if images.size and (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
+    if images.dtype == np.bool_:  # a binary image: False 0.0, True 1.0
+        images = images.astype(np.float32)
+    if images.size and np.issubdtype(images.dtype, np.integer):
         lo, hi = int(images.min()), int(images.max())
         if lo < 0 or hi > 255:
             raise DataError(
