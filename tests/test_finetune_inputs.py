@@ -510,10 +510,14 @@ def test_labels_that_would_make_a_huge_classifier_are_refused(tmp_path: Path, ca
 
 
 def test_text_labels_that_only_look_like_integers_are_class_names(tmp_path: Path) -> None:
-    """'²' is a digit that int() refuses, '--1' was stripped to one: both were tracebacks; now they are names."""
+    """'²' is a digit that int() refuses, '--1' was stripped to one: both were tracebacks; now they are names (and
+    beside a class number, a mix the reader refuses)."""
     text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("a", "²", "--1", "a")))
+    assert load_data(text, val_fraction=0.25).class_names == ["--1", "a", "²"]
     text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("1", "²", "--1", "1")))
-    assert load_data(text, val_fraction=0.25).class_names == ["--1", "1", "²"]
+    with pytest.raises(DataError, match=r"mix class numbers \('1', record 1\) and class names \('²', record 2\)"):
+        load_data(text, val_fraction=0.25)
 
 
 def _image_folder(root: Path, classes: tuple[str, ...], n: int) -> Path:
@@ -638,3 +642,23 @@ def test_npz_integer_images_of_any_dtype_are_scaled_like_uint8(tmp_path: Path) -
     np.savez(tmp_path / "bool.npz", images=np.ones((6, 8, 8), bool), labels=np.arange(6) % 2)
     data = load_data(tmp_path / "bool.npz", seed=0)
     assert torch.equal(data.train[0][0], torch.ones(1, 8, 8))  # True is white (1.0, normalised to 1), not 1/255
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,\n", r"record 10: empty label"),
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', r"record 2: empty label"),
+        (
+            "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,cat\n",
+            r"mix class numbers \('0', record 1\) and class names \('cat', record 10\)",
+        ),  # fmt: skip
+    ],
+    ids=["csv-blank", "jsonl-null", "numbers-and-names"],
+)
+def test_text_labels_blank_or_mixed_are_refused(content: str, message: str, tmp_path: Path) -> None:
+    """A blank label became class '' (sorted first), so every numeric label trained as the class after it."""
+    path = tmp_path / ("t.jsonl" if content.startswith("{") else "t.csv")
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_data(path)

@@ -563,9 +563,19 @@ def load_text(
     if max_samples:
         records = records[:max_samples]
     raw = [r["label"].strip() if isinstance(r["label"], str) else r["label"] for r in records]  # "a, 1": " 1"
+    for n, v in enumerate(raw, 1):
+        if v is None or v == "":  # else a class '' (sorted first) renumbers every other class
+            raise DataError(f"{path}, record {n}: empty label; every row needs one (drop or fill the row).")
     class_names = None
     # isdecimal, not isdigit: int() takes every decimal digit, but not "²" (a digit, not a decimal).
-    if all(isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw):
+    numeric = [isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw]
+    if any(numeric) and not all(numeric):
+        number, name = raw[numeric.index(True)], raw[numeric.index(False)]
+        raise DataError(
+            f"{path}: the labels mix class numbers ({number!r}, record {numeric.index(True) + 1}) and class names "
+            f"({name!r}, record {numeric.index(False) + 1}); use one or the other."
+        )
+    if all(numeric):
         ints = [int(v) for v in raw]
         if max(ints) >= 2**63:  # beyond int64: out of range whatever the number of classes
             raise _too_many_classes(str(path), max(ints))
