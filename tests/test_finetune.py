@@ -354,6 +354,9 @@ def test_han_model_by_name_trains_and_reloads_with_timm(tmp_path: Path) -> None:
         loss = torch.nn.functional.cross_entropy(model(x), y).item()
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
     assert model.num_classes == 3
+    # --max-steps 3 stopped inside the first epoch: logged as a fraction of it, not as "epoch 0"
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_loss" in last and 0 < last["epoch"] < 1
 
 
 def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:

@@ -250,7 +250,8 @@ def train_loop(
                     means = accelerator.reduce(torch.tensor(means, device=accelerator.device), "mean").tolist()
                     train_loss = means[0]
                     bar.set_postfix(loss=f"{train_loss:.4f}")
-                    values = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": progress.epoch}
+                    epoch = _epochs_done(progress, len(train_loader))
+                    values = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}
                     if hidden_paths:
                         values["distill_hidden_loss"] = means[1]
                     log(values)
@@ -266,12 +267,19 @@ def train_loop(
                 progress.batches_done = 0
             eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
             metrics.update(eval_metrics)
-            log({**eval_metrics, "epoch": progress.epoch})
+            epoch = _epochs_done(progress, len(train_loader))
+            log({**eval_metrics, "epoch": epoch})
             summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-            accelerator.print(f"epoch {progress.epoch} step {progress.global_step}: {summary}", flush=True)
+            accelerator.print(f"epoch {epoch:g} step {progress.global_step}: {summary}", flush=True)
     bar.close()
     if "eval_loss" not in metrics:  # resumed from the last step's checkpoint: the final evaluation is still due
         eval_metrics = evaluate(accelerator, model, state.eval_loader, data)
         metrics.update(eval_metrics)
-        log({**eval_metrics, "epoch": progress.epoch})
+        log({**eval_metrics, "epoch": _epochs_done(progress, len(state.train_loader))})
     return metrics, time.perf_counter() - start
+
+
+def _epochs_done(progress: TrainProgress, batches_per_epoch: int) -> float:
+    """Epochs trained so far, counting a partial one (as transformers' Trainer logs them): 1 after the first
+    whole epoch, 0.14 when ``--max-steps`` stopped a seventh of the way into it."""
+    return round(progress.epoch + progress.batches_done / max(batches_per_epoch, 1), 2)
