@@ -265,6 +265,7 @@ def calibrate_rewrites(
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
         for index, ((record, repl), site) in enumerate(zip(bar, sites, strict=True)):
+            original_rows = originals.pop(index, None)  # read by this block only: freed after its fit
             fit = BlockFit(record.path, "fitted", params_original=record.params_before, params_han=record.params_after)
             report.blocks.append(fit)
             if index in chosen:  # never swapped in
@@ -279,6 +280,7 @@ def calibrate_rewrites(
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
                     fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
                 continue
+            reservoir = x = x_original = None  # the last block's rows, freed before this block's are drawn
             reservoir = _reservoir(config, index)
             record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
             x = reservoir.sample
@@ -290,7 +292,7 @@ def calibrate_rewrites(
             ref = next(site.fitted.parameters(), None)
             place = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
             x = x.to(**place)
-            x_original = originals[index].sample.to(**place) if index in originals else None
+            x_original = original_rows.sample.to(**place) if original_rows is not None else None
             if x_original is not None and x_original.shape != x.shape:
                 raise CalibrationDataError(
                     f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
