@@ -145,13 +145,17 @@ def calibration_batches(
         if len(source) == 0:
             raise ValueError("calibration_batches: the dataset is empty")
         index = sorted(rng.sample(range(len(source)), min(num_samples, len(source))))
-        items = [source[i] for i in index]
-        inputs = [item[0] if isinstance(item, (tuple, list)) else item for item in items]
-        if isinstance(inputs[0], str):
+
+        def sample(i: int) -> Any:
+            item = source[i]
+            return item[0] if isinstance(item, (tuple, list)) else item
+
+        if isinstance(sample(index[0]), str):
             if tokenizer is None:
                 raise ValueError("calibration_batches: the dataset holds text: pass tokenizer=")
-            return _tokenize(inputs, tokenizer, batch_size, max_length)
-        return list(torch.stack(inputs).split(batch_size))
+            return _tokenize([sample(i) for i in index], tokenizer, batch_size, max_length)
+        # batch by batch: a dataset that decodes images on access holds one batch of samples beside the stacked ones
+        return [torch.stack([sample(i) for i in index[j : j + batch_size]]) for j in range(0, len(index), batch_size)]
     p = Path(source).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"calibration data {source}: no such file or folder")
