@@ -379,3 +379,34 @@ def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:
     assert results["mixed_precision"] == "bf16" and math.isfinite(results["eval_loss"])
     w = weights(out)
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values())
+
+
+@pytest.mark.parametrize("hanify", [False, True], ids=["plain", "hanified"])
+def test_image_folder_export_reproduces_the_run_through_timms_own_preprocessing(tmp_path: Path, hanify: bool) -> None:
+    """timm's documented recipe on the raw files -- resolve_data_config + create_transform -- gives the tensors the run
+    trained and evaluated on (the export said bicubic where the run resized bilinearly), and the class names reach
+    pretrained_cfg["label_names"] (they were only in results.json)."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from han_surgery.finetune.data import load_data
+
+    root, rng = tmp_path / "shapes", np.random.default_rng(0)
+    for c, name in enumerate(["zeta", "alpha", "mid"]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):  # non-square, larger than --image-size: resized and centre-cropped
+            pixels = (rng.random((30, 41, 3)) * 120 + 60 * c).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    out = tmp_path / "run"
+    argv = common(root, out, "--model-kwargs", TINY_VIT, "--image-size", "16", "--max-steps", "2", "--batch-size", "8")
+    run_argv(argv + (["--hanify"] if hanify else []))
+    if hanify:
+        import han_surgery  # noqa: F401  (registers the "hanified" timm model)
+    model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert model.pretrained_cfg["label_names"] == ["alpha", "mid", "zeta"]  # class order: sorted folder names
+    transform = create_transform(**resolve_data_config({}, model=model))
+    data = load_data(root, image_size=16, seed=0)
+    for i in range(len(data.eval)):
+        path, _ = data.eval.dataset.samples[data.eval.indices[i]]
+        with Image.open(path) as image:
+            torch.testing.assert_close(transform(image.convert("RGB")), data.eval[i][0], atol=1e-6, rtol=0)

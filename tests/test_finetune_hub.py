@@ -211,6 +211,8 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
             "16",
             "--lr",
             "3e-3",
+            "--max-length",
+            "6",  # cuts every text ("[CLS] the film was great and fine [SEP]" is 8 tokens)
             "--no-progress",
             "--no-tensorboard",
         ]
@@ -219,21 +221,23 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     model = han_surgery.from_pretrained(out)
     assert model.config.id2label == {0: "bad", 1: "good"}
     tok = AutoTokenizer.from_pretrained(out)
+    assert tok.model_max_length == 6  # the exported tokenizer cuts texts where the run did (it said 512)
     data = load_data(data_path, seed=0)
     texts = [data.eval[i][0] for i in range(len(data.eval))]
     y = torch.tensor([data.eval[i][1] for i in range(len(data.eval))])
     with torch.no_grad():
-        logits = model(**tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")).logits
+        logits = model(**tok(texts, padding=True, truncation=True, return_tensors="pt")).logits
     assert torch.nn.functional.cross_entropy(logits, y).item() == pytest.approx(results["eval_loss"], rel=1e-4)
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "transformers" and "text-classification" in card.data.tags
     snippet = card.text.split("```python\n")[-1].split("```")[0].replace("path/to/this/folder", str(out))
+    assert "cut to 6 tokens" in snippet
     namespace: dict = {}
     exec(snippet, namespace)  # the card's "How to load it", as written: the Auto classes after `import han_surgery`
     with torch.no_grad():
-        batch = namespace["tokenizer"](texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+        batch = namespace["tokenizer"](texts, padding=True, truncation=True, return_tensors="pt")
         assert torch.equal(namespace["model"].eval()(**batch).logits, logits)
 
 

@@ -337,3 +337,15 @@ def test_transformers_hub_arguments_reach_the_hanified_config(folders, tmp_path)
         assert torch.equal(cls(**batch).logits, io["cls"])
         again = type(cls).from_pretrained(REPO_HF, revision="f" * 40, **hub).eval()  # the Hanified* class itself
         assert torch.equal(again(**batch).logits, io["cls"])
+
+
+def test_model_card_snippet_imports_han_surgery_for_its_own_timm_models():
+    """A han_* model fine-tuned without --hanify is a timm model only han_surgery registers: the card's snippet
+    failed in a fresh process with "Unknown model (han_mixer_m0h0_32)"."""
+    for name, needs_import in (("han_mixer_m0h0_32", True), ("han_mobilevit_xxs", True), ("test_vit", False)):
+        built = BuiltModel(timm.create_model(name, num_classes=3), "timm", name)
+        assert ("import han_surgery" in load_snippet(built, None)) == needs_import, name
+    code = load_snippet(BuiltModel(timm.create_model("han_mixer_m0h0_32"), "timm", "x"), None)
+    probe = code.replace('timm.create_model("local-dir:path/to/this/folder", pretrained=True)', "None")
+    probe += "\nimport timm\nassert timm.is_model('han_mixer_m0h0_32')\n"
+    subprocess.run([sys.executable, "-c", probe], check=True)  # a fresh process: the import is what registers it

@@ -109,7 +109,7 @@ def _is_local_path(value: str) -> bool:
     return path.is_absolute() or value.startswith(".") or path.exists()
 
 
-def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
+def load_snippet(built: BuiltModel, repo_id: str | None, max_length: int | None = None) -> str:
     """The model card's "How to load it" code: the library's own loader (with ``import han_surgery`` first
     for hanified models, which registers them with it), from the Hub repo ``repo_id`` or this folder."""
     folder = "path/to/this/folder"
@@ -118,6 +118,8 @@ def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
         head = "import timm\n"
         if built.hanified:
             head += "import han_surgery  # pip install han-surgery: registers the 'hanified' timm model\n"
+        elif _registered_by_han_surgery(built.model):
+            head += "import han_surgery  # pip install han-surgery: registers the han_* timm models\n"
         return f'{head}\nmodel = timm.create_model("{name}", pretrained=True)'
     if built.family == "transformers":
         src = f'"{repo_id}"' if repo_id else f'"{folder}"'
@@ -128,6 +130,12 @@ def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
             f"{head}from transformers import AutoModelForSequenceClassification, AutoTokenizer\n\n"
             f"model = AutoModelForSequenceClassification.from_pretrained({src})\n"
             f"tokenizer = AutoTokenizer.from_pretrained({src})"
+            + (
+                f"\n# trained and evaluated on texts cut to {max_length} tokens (the tokenizer's model_max_length):\n"
+                "# tokenizer(texts, truncation=True), or pipeline(..., truncation=True), cuts them the same way"
+                if max_length
+                else ""
+            )
         )
     where = f'huggingface_hub.snapshot_download("{repo_id}")' if repo_id else f'"{folder}"'
     return (
@@ -135,6 +143,18 @@ def load_snippet(built: BuiltModel, repo_id: str | None) -> str:
         "# takes raw rows (the training CSV's feature columns, in order): the training split's\n"
         "# standardisation is inside the model (config.json); regression outputs are in the data's units"
     )
+
+
+def _registered_by_han_surgery(model: Any) -> bool:
+    """Whether ``model`` is a timm architecture han_surgery registers (``han_mixer_*``, ``han_mobilevit_*``):
+    timm knows its name only after ``import han_surgery``."""
+    import timm
+
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(name, str) or not timm.is_model(name):
+        return False
+    return timm.models.model_entrypoint(name).__module__.startswith("han_surgery.")
 
 
 def render_model_card(
@@ -230,7 +250,7 @@ def render_model_card(
         train_runtime=result.train_runtime_s,
         total_runtime=result.total_runtime_s,
         command=command_line(config, setup.get("num_processes", 1)),
-        load_snippet=load_snippet(built, repo_id),
+        load_snippet=load_snippet(built, repo_id, config.max_length if data.kind == "text" else None),
     )
 
 

@@ -243,25 +243,35 @@ def save_model(
     *,
     data_config: dict[str, Any] | None = None,
     standardization: dict[str, list[float]] | None = None,
+    label_names: list[str] | None = None,
+    max_length: int | None = None,
 ) -> None:
     """Write ``model`` into ``directory`` in its library's format (``model.safetensors`` + ``config.json``).
 
     Hanified models go through :func:`han_surgery.save_pretrained` (adds ``han_config.json``); plain
     timm models through ``timm.models.save_for_hf``. For timm models, hanified or not, ``data_config``
     (the preprocessing the model was trained with, e.g. ``{"input_size": (1, 28, 28), "mean": (0.5,),
-    "std": (0.5,)}``) goes into ``config.json``'s ``pretrained_cfg``; transformers models go through
+    "std": (0.5,)}``) goes into ``config.json``'s ``pretrained_cfg``, and ``label_names`` (the class names, in
+    class order) beside it, as timm's ``save_for_hf(model_config=...)`` writes them; ``max_length`` (text: the
+    token limit the run cut texts to) becomes the saved tokenizer's ``model_max_length``; transformers models go through
     ``save_pretrained``, built-in tabular models as safetensors plus their constructor arguments in
     ``config.json``, with ``standardization`` (:meth:`DataBundle.standardization`) among them: the
     folder's network then takes raw rows (see :class:`~han_surgery.models.tabular.TabularNet`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    timm_model_config = {"label_names": list(label_names)} if label_names else None
     if built.hanified:
-        save_pretrained(model, directory, data_config=data_config if built.family == "timm" else None)
+        if built.family == "timm":
+            save_pretrained(model, directory, data_config=data_config, model_config=timm_model_config)
+        else:
+            save_pretrained(model, directory)
     elif built.family == "timm":
         from timm.models import save_for_hf
 
-        save_for_hf(model, str(directory), safe_serialization=True, data_config=data_config)
+        save_for_hf(
+            model, str(directory), safe_serialization=True, data_config=data_config, model_config=timm_model_config
+        )
     elif built.family == "transformers":
         model.save_pretrained(str(directory), safe_serialization=True)
     else:
@@ -272,4 +282,6 @@ def save_model(
         tabular = {**model.config, **(standardization or {})}
         (directory / CONFIG_NAME).write_text(json.dumps({TABULAR_CONFIG_KEY: tabular}, indent=2) + "\n")
     if built.tokenizer is not None:
+        if max_length is not None:  # so that tokenizer(texts, truncation=True) cuts texts where the run did
+            built.tokenizer.model_max_length = max_length
         built.tokenizer.save_pretrained(str(directory))

@@ -333,11 +333,19 @@ def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup:
 
 
 def timm_data_config(data: DataBundle) -> dict[str, Any] | None:
-    """The preprocessing of :mod:`.data` images, for timm's ``pretrained_cfg`` in ``config.json``."""
+    """The preprocessing of :mod:`.data` images, for timm's ``pretrained_cfg`` in ``config.json``: what
+    ``timm.data.create_transform(**resolve_data_config({}, model=model))`` then does to an image file is what the
+    run did (a bilinear resize of the shorter side, a centre crop, ``(x - 0.5) / 0.5``)."""
     if data.kind != "image" or data.image_size is None:
         return None
     c = data.in_chans or 3
-    return {"input_size": (c, *data.image_size), "mean": (IMAGE_MEAN,) * c, "std": (IMAGE_STD,) * c, "crop_pct": 1.0}
+    return {
+        "input_size": (c, *data.image_size),
+        "interpolation": "bilinear",  # torchvision's Resize default; timm's architectures mostly say bicubic
+        "mean": (IMAGE_MEAN,) * c,
+        "std": (IMAGE_STD,) * c,
+        "crop_pct": 1.0,
+    }
 
 
 EXPORT_STAGING = ".export.tmp"
@@ -371,6 +379,8 @@ def export(
         staging,
         data_config=timm_data_config(data),
         standardization=data.standardization(),
+        label_names=data.class_names if data.kind == "image" else None,
+        max_length=config.max_length if data.kind == "text" else None,
     )
     atomic_write_text(staging / RESULTS_NAME, json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
     if student.han_report is not None:

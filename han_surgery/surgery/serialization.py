@@ -99,6 +99,7 @@ def save_pretrained(
     *,
     model_args: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a hanified model to ``directory`` (``model.safetensors``, ``han_config.json``, ``config.json``;
@@ -114,6 +115,8 @@ def save_pretrained(
         data_config: timm only -- the preprocessing the model now expects
             (``input_size``, ``mean``, ``std``, ...), written into ``pretrained_cfg``
             as ``save_for_hf(data_config=...)`` does.
+        model_config: timm only -- what ``save_for_hf(model_config=...)`` takes, e.g. ``{"label_names":
+            [...]}`` (one name per class, in ``config.json``; ``pretrained_cfg["label_names"]`` once loaded).
         state_dict: the weights to write (default ``model.state_dict()``), e.g. gathered by accelerate's
             ``get_state_dict``, as transformers' ``save_pretrained(state_dict=...)``.
 
@@ -138,7 +141,9 @@ def save_pretrained(
         code = transformers_remote_code(__version__)
         (directory / f"{HF_REMOTE_CODE_MODULE}.py").write_text(code, encoding="utf-8")
     elif recipe.base.library == "timm":
-        config = hanified_timm_config(model, recipe, model_args=model_args, data_config=data_config)
+        config = hanified_timm_config(
+            model, recipe, model_args=model_args, data_config=data_config, model_config=model_config
+        )
     if config is not None:
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _drop_stale_shards(directory)
@@ -213,6 +218,7 @@ def hanified_timm_config(
     *,
     model_args: dict[str, Any] | None = None,
     data_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` of a hanified timm model: timm's own (``save_config_for_hf``) with
     ``architecture = "hanified"`` and the base and the recipe in ``model_args``."""
@@ -222,7 +228,7 @@ def hanified_timm_config(
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / CONFIG_NAME
-        save_config_for_hf(model, str(path), model_args=model_args, data_config=data_config)
+        save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
         config = json.loads(path.read_text(encoding="utf-8"))
     args = {k: v for k, v in config.get("model_args", {}).items() if k not in (TIMM_BASE_ARG, TIMM_RECIPE_ARG)}
     config["architecture"] = TIMM_HANIFIED_ARCH
