@@ -316,9 +316,22 @@ def _kernels_allowed() -> bool:
     return kernels.enabled() and not torch.compiler.is_compiling() and not _in_functorch_transform()
 
 
-def _use_cpu_kernel(x: Tensor) -> bool:
+#: Reflections per layer up to which the CPU kernel runs. Beyond, the PyTorch path's matrix products win: its
+#: per-call compact-WY set-up (``T``, O(k^2 n + k^3)) is scalar, and so are the per-row k-term updates (one run at
+#: n = 768, 2048 rows, one thread: PyTorch path / kernel 1.08x at k = 64, 0.79x at 96, 0.67x at 128; at k = n = 768
+#: the kernel took 10x the PyTorch path's time for forward+backward). The Triton kernels stop at 64 too.
+MAX_CPU_KERNEL_REFLECTIONS = 64
+
+
+def _use_cpu_kernel(x: Tensor, reflections: int) -> bool:
     # an empty input takes the PyTorch path: the kernel's tiling divides by its zero width
-    return x.device.type == "cpu" and x.numel() > 0 and _kernels_allowed() and cpu_kernel.available()
+    return (
+        x.device.type == "cpu"
+        and x.numel() > 0
+        and reflections <= MAX_CPU_KERNEL_REFLECTIONS
+        and _kernels_allowed()
+        and cpu_kernel.available()
+    )
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -399,7 +412,7 @@ def householder_chain(
         )
     if bias is not None and bias.shape != (layers, n):
         raise ValueError(f"householder_chain: bias must have shape {(layers, n)}, got {tuple(bias.shape)}")
-    if _use_cpu_kernel(x):
+    if _use_cpu_kernel(x, k):
         return _chain_cpu(x, u, bias, apply_abs, dim, normalize)
     acc = _accumulation_dtype(x.dtype)
     u_hat, t, b = _chain_parameters(u, bias, normalize, acc)

@@ -429,3 +429,22 @@ def test_cuda_layers_match_the_pytorch_path(dtype):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), atol=tol * w.abs().max().item(), rtol=tol)
+
+
+@needs_cpu_kernel
+def test_more_than_64_reflections_take_the_pytorch_path(monkeypatch):
+    """Beyond 64 reflections per layer the kernel's scalar compact-WY set-up and k-term row updates lose to the
+    PyTorch path's matrix products (10x at k = n = 768), so the dispatch takes the latter; results agree."""
+    from han_surgery import functional
+    from han_surgery.layers import HouseholderLinear
+
+    calls = []
+    chain_cpu = functional._chain_cpu
+    monkeypatch.setattr(functional, "_chain_cpu", lambda x, u, *a: calls.append(u.shape[1]) or chain_cpu(x, u, *a))
+    x = torch.randn(6, 80, dtype=torch.float64)
+    for k in (64, 65):
+        layer = HouseholderLinear(80, reflections=k).double()
+        y = layer(x)
+        with kernels.disabled():
+            torch.testing.assert_close(y, layer(x))
+    assert calls == [64]
