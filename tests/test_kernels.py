@@ -317,6 +317,50 @@ def test_build_failure_names_the_compiler_diagnostic():
     )
     assert cpu._first_error_line(exc) == "RuntimeError: householder_cpu.cpp:1732:42: error: no match for 'operator*'"
     assert cpu._first_error_line(RuntimeError("no compiler found")) == "RuntimeError: no compiler found"
+    no_compiler = RuntimeError(  # what torch raises on a machine without c++ (the command line came first)
+        "Error building extension 'han_surgery_cpu_avx512': [1/2] c++ -MMD -MF householder_cpu.o.d "
+        "-DTORCH_EXTENSION_NAME=han_surgery_cpu_avx512 -isystem /venv/torch/include -O3 -c householder_cpu.cpp\n"
+        "FAILED: householder_cpu.o\n"
+        "c++ -MMD -MF householder_cpu.o.d -I/venv/include -c householder_cpu.cpp -o householder_cpu.o\n"
+        "/bin/sh: 1: c++: not found\n"
+        "ninja: build stopped: subcommand failed."
+    )
+    assert cpu._first_error_line(no_compiler) == "RuntimeError: /bin/sh: 1: c++: not found"
+
+
+def test_disabled_applies_to_its_own_thread_and_overlapping_blocks_restore_the_kernels():
+    """A module-wide flag saved and restored left the kernels off for good when two threads' blocks overlapped
+    without nesting (A enters, B enters, A leaves, B leaves), and switched them off for every thread meanwhile."""
+    import threading
+
+    steps = [threading.Event() for _ in range(4)]
+    seen = {}
+
+    def thread_a():
+        with kernels.disabled():
+            steps[0].set()
+            steps[1].wait(5)
+        steps[2].set()
+
+    def thread_b():
+        steps[0].wait(5)
+        with kernels.disabled():
+            steps[1].set()
+            steps[2].wait(5)
+        seen["b after"] = kernels.enabled()
+        steps[3].set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    steps[1].wait(5)
+    seen["main while both inside"] = kernels.enabled()
+    for t in threads:
+        t.join(5)
+    assert seen == {"main while both inside": True, "b after": True} and kernels.enabled()
+    with kernels.disabled(), kernels.disabled():
+        assert not kernels.enabled()
+    assert kernels.enabled()
 
 
 def test_environment_variable_switches_the_kernel_off(fresh_kernel_state, monkeypatch):

@@ -14,6 +14,7 @@ Without them (no compiler, no Triton, ``torch.compile``/``torch.export`` tracing
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from collections.abc import Iterator
 from types import ModuleType
@@ -22,24 +23,29 @@ __all__ = ["enabled", "disabled", "triton_kernels"]
 
 logger = logging.getLogger(__name__)
 
-_enabled = True
+# How many disabled() blocks the current thread (or asyncio task) is inside: a context variable, so that one
+# thread's block neither switches the kernels off for the others nor, when blocks of two threads overlap
+# without nesting, leaves them off for good (a module-wide flag saved and restored did both).
+_disabled_depth: contextvars.ContextVar[int] = contextvars.ContextVar("han_surgery_kernels_disabled", default=0)
 _triton: dict[str, ModuleType | None] = {}
 
 
 def enabled() -> bool:
-    """Whether :mod:`han_surgery.functional` may use the compiled kernels (``True`` unless inside :func:`disabled`)."""
-    return _enabled
+    """Whether :mod:`han_surgery.functional` may use the compiled kernels here (``True`` unless this thread is
+    inside :func:`disabled`)."""
+    return _disabled_depth.get() == 0
 
 
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
-    """Run the PyTorch implementation of the layers inside this block (for tests and side-by-side benchmarks)."""
-    global _enabled
-    previous, _enabled = _enabled, False
+    """Run the PyTorch implementation of the layers inside this block (for tests and side-by-side benchmarks).
+
+    It applies to the thread (or asyncio task) that enters it; other threads keep the kernels."""
+    token = _disabled_depth.set(_disabled_depth.get() + 1)
     try:
         yield
     finally:
-        _enabled = previous
+        _disabled_depth.reset(token)
 
 
 def triton_kernels() -> ModuleType | None:

@@ -71,36 +71,43 @@ def on_load(callback: Callable[[], None]) -> None:
 
 
 def _build() -> None:
-    # Imported here: it is slow and only needed once. On a CUDA build of torch without a GPU its import warns
-    # "No CUDA runtime is found"; this kernel is CPU-only, so that warning is noise here.
+    # torch's extension logger is quieted for the import and the build: on a CUDA build of torch without a GPU its
+    # import warns "No CUDA runtime is found" (this kernel is CPU-only), and without a C++ compiler it prints a
+    # banner about an incompatible compiler before the build fails; the one warning of available() says why.
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
     cpp_logger.setLevel(logging.ERROR)
     try:
         from torch.utils.cpp_extension import load
+
+        isa = torch.backends.cpu.get_cpu_capability()
+        logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about a minute)", isa)
+        load(
+            name=f"han_surgery_cpu_{isa.lower()}",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            with_cuda=False,
+            verbose=False,
+        )
     finally:
         cpp_logger.setLevel(level)
 
-    isa = torch.backends.cpu.get_cpu_capability()
-    logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about a minute)", isa)
-    load(
-        name=f"han_surgery_cpu_{isa.lower()}",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        with_cuda=False,
-        verbose=False,
-    )
+
+#: What a build's output says when a tool or a file is missing or cannot be written (``/bin/sh: 1: c++: not found``).
+_MISSING = ("not found", "no such file", "permission denied", "read-only file system", "no space left")
 
 
 def _first_error_line(exc: Exception) -> str:
-    """The line of a failed build worth showing: the compiler's first ``error:`` diagnostic if there is one
-    (torch's message starts with the whole compiler command, which also contains "error" in its wording)."""
+    """The line of a failed build worth showing: the compiler's first ``error:`` diagnostic if there is one, else
+    the shell's line naming a missing tool or file (torch's message starts with the whole compiler command, which
+    also contains "error" in its wording)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     diagnostics = [line for line in lines if "error:" in line.lower()]
+    missing = [line for line in lines if any(m in line.lower() for m in _MISSING) and " -I" not in line]
     errors = [line for line in lines if "error" in line.lower()]
-    return f"{type(exc).__name__}: {(diagnostics or errors or lines or [''])[0][:300]}"
+    return f"{type(exc).__name__}: {(diagnostics or missing or errors or lines or [''])[0][:300]}"
 
 
 def available() -> bool:
