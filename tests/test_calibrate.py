@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import gc
 import json
+import math
 
 import pytest
 import torch
@@ -222,6 +223,40 @@ def _bert():
 def _tokens(n, seed):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": torch.randint(0, 100, (8, 12), generator=g)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_healing_a_half_precision_model_trains_float32_masters(dtype):
+    """AdamW on float16 weights themselves turned them to NaN after its first step, and hanify returned the model so;
+    healing now steps float32 copies (the weights keep their dtype) and lowers the loss."""
+    model = _bert().to(dtype)
+    cfg = CalibrationConfig(**{**FAST, "heal_steps": 6, "heal_lr": 1e-3, "heal_params": "all"})
+    report = hanify(model, HanConfig(gain=True, side_rank=4), calibration=_tokens(2, 0), calibration_config=cfg)
+    first, last = report.calibration.heal_loss
+    assert math.isfinite(first) and math.isfinite(last) and last < first
+    assert all(p.dtype == dtype and bool(torch.isfinite(p).all()) for p in model.parameters())
+    with torch.no_grad():
+        assert bool(torch.isfinite(model(**_tokens(1, 1)[0]).last_hidden_state).all())
+
+
+def test_healing_that_diverges_leaves_the_model_unchanged(monkeypatch):
+    """All or nothing: healing that ends with non-finite weights is an error, and the model is as before."""
+    model = _bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    heal = calibrate_module.heal
+
+    def diverging(*args, **kw):
+        result = heal(*args, **kw)
+        with torch.no_grad():
+            args[4][0].fill_(float("nan"))  # params
+        return result
+
+    monkeypatch.setattr(calibrate_module, "heal", diverging)
+    cfg = CalibrationConfig(**{**FAST, "heal_steps": 2, "heal_params": "all"})
+    with pytest.raises(CalibrationDataError, match="healing diverged"):
+        hanify(model, HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_calibrated_bert_post_norm_beats_plain_hanify_and_deletion():

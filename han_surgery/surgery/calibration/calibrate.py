@@ -369,6 +369,11 @@ def calibrate_rewrites(
                 augment=replacer,
                 teacher=augment_teacher,
             )
+            if not all(bool(torch.isfinite(p).all()) for p in params):
+                raise CalibrationDataError(
+                    "calibration: healing diverged (non-finite weights); lower CalibrationConfig.heal_lr, or check "
+                    "the calibration batches for inf / NaN"
+                )
             report.heal_steps = config.heal_steps
             report.heal_batches = len(heal_set)
     except BaseException as err:

@@ -227,6 +227,10 @@ def heal(
     decay) at ``lr`` after a linear warm-up over the first 5% of the steps, then cosine decay
     (:func:`warmup_cosine`).
 
+    Half-precision parameters (float16, bfloat16) are trained through float32 master copies, as mixed-precision
+    training keeps them: AdamW on float16 weights themselves turns them to NaN within a step or two (its ``eps``
+    and second moments underflow).
+
     Returns:
         The mean loss over the first pass through the batches and over the last one
         (``min(steps, len(batches))`` steps each, so the two cover the same batches).
@@ -234,7 +238,11 @@ def heal(
     from tqdm.auto import tqdm
 
     params = list(params)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    half = [p for p in params if p.dtype in (torch.float16, torch.bfloat16)]
+    masters = {id(p): p.detach().float() for p in half}
+    for master in masters.values():
+        master.requires_grad_(True)
+    opt = torch.optim.AdamW([masters.get(id(p), p) for p in params], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps, warmup=max(1, steps // 20)))
     device = params[0].device
     losses: list[float] = []
@@ -254,8 +262,15 @@ def heal(
             student = [as_rows(s, mask) for s in hs.states]
             loss = hidden_state_distillation_loss(student, targets)
             opt.zero_grad(set_to_none=True)
+            for p in half:
+                p.grad = None
             loss.backward()
+            for p in half:  # the half-precision gradient onto the master, the stepped master back onto the weight
+                masters[id(p)].grad = p.grad.float() if p.grad is not None else None
             opt.step()
+            with torch.no_grad():
+                for p in half:
+                    p.copy_(masters[id(p)])
             sched.step()
             losses.append(loss.item())
     window = min(steps, len(batches))
