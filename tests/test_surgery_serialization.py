@@ -302,3 +302,26 @@ def test_timm_data_config_is_written_for_timm_and_hub_loaders(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())["pretrained_cfg"]
     assert cfg["input_size"] == [1, 32, 32] and cfg["mean"] == [0.5] and cfg["std"] == [0.25]
     assert from_pretrained(tmp_path).pretrained_cfg["std"] == [0.25]
+
+
+def test_bf16_rope_model_reloads_bit_identically(tmp_path):
+    """han_surgery.from_pretrained cast the whole rebuilt model to the saved dtype, the rotary inv_freq too, which
+    transformers keeps in float32: a bf16 Llama's logits moved by up to 4e-3 (AutoModel's loading was exact)."""
+    import transformers as T
+
+    import han_surgery
+
+    cfg = T.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=100,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = T.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).eval()
+    han_surgery.hanify(model)
+    han_surgery.save_pretrained(model, tmp_path / "han")
+    loaded = han_surgery.from_pretrained(tmp_path / "han")
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32 and loaded.lm_head.weight.dtype == torch.bfloat16
