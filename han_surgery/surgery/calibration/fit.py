@@ -155,12 +155,22 @@ class SiteScores:
 
 
 def _adam(site: CalibrationSite, x: Tensor, y: Tensor, steps: int, lr: float, batch: int, gen: torch.Generator) -> None:
+    """``steps`` Adam steps on the fitted block from its closed-form start (cosine decay); the start is kept if the
+    steps end worse on the training rows (a short run at the full learning rate can: 20 steps took a Gemma-2
+    block's FVU from 0.65 to 29)."""
     params = [p for p in site.fitted.parameters() if p.requires_grad]
     if not params or steps == 0:
         return
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     var = (y - y.mean(0)).pow(2).sum(1).mean().clamp_min(1e-30)
+
+    def objective() -> float:
+        with torch.no_grad():
+            return fvu(_rows(lambda t: site_output(site, t, new_branch(site, t)), x), y)
+
+    site.fitted.eval()
+    start = [p.detach().clone() for p in params], objective()
     site.fitted.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen, device=x.device)
@@ -171,6 +181,10 @@ def _adam(site: CalibrationSite, x: Tensor, y: Tensor, steps: int, lr: float, ba
         opt.step()
         sched.step()
     site.fitted.eval()
+    if not objective() <= start[1]:  # worse, or not finite
+        with torch.no_grad():
+            for p, value in zip(params, start[0], strict=True):
+                p.copy_(value)
 
 
 def fit_site(
