@@ -296,7 +296,8 @@ def _chain_forward_before_load(x: Tensor, u: Tensor, b: Tensor, apply_abs: list[
     the extension first). Loads it and calls the operator again, or computes the definition where it cannot be
     built (no compiler, ``HAN_SURGERY_CPU_KERNEL=0``) or the tensors are not on the CPU. Registered for ``CompositeExplicitAutograd``: the
     extension's own CPU kernel takes precedence once loaded."""
-    if x.device.type == "cpu" and cpu_kernel.available():  # (a CUDA tensor would come back here: the definition)
+    on_cpu = all(t.device.type == "cpu" for t in (x, u, b))  # (any other device would come back here: the definition)
+    if on_cpu and cpu_kernel.available():
         return torch.ops.han_surgery.householder_chain_forward(x, u, b, apply_abs, normalize)
     acc = _accumulation_dtype(x.dtype)
     params = _chain_parameters(u, b if b.numel() > 0 else None, normalize, acc)
@@ -312,8 +313,15 @@ def _in_functorch_transform() -> bool:
 
 
 def _kernels_allowed() -> bool:
-    """Whether a compiled kernel may run here: not switched off, not under tracing or ``torch.func`` transforms."""
-    return kernels.enabled() and not torch.compiler.is_compiling() and not _in_functorch_transform()
+    """Whether a compiled kernel may run here: not switched off, not under ``torch.compile`` / ``torch.export`` /
+    ``torch.jit.trace`` tracing (their graphs hold standard ops only, so that a saved trace or exported program
+    loads without han_surgery, in libtorch too), not inside ``torch.func`` transforms."""
+    return (
+        kernels.enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and not _in_functorch_transform()
+    )
 
 
 #: Reflections per layer up to which the CPU kernel runs. Beyond, the PyTorch path's matrix products win: its
@@ -323,10 +331,12 @@ def _kernels_allowed() -> bool:
 MAX_CPU_KERNEL_REFLECTIONS = 64
 
 
-def _use_cpu_kernel(x: Tensor, reflections: int) -> bool:
-    # an empty input takes the PyTorch path: the kernel's tiling divides by its zero width
+def _use_cpu_kernel(x: Tensor, u: Tensor, reflections: int) -> bool:
+    # an empty input takes the PyTorch path: the kernel's tiling divides by its zero width; so do parameters on
+    # another device than x (meta ones not yet loaded, CUDA ones), where PyTorch's ops name the mismatch
     return (
         x.device.type == "cpu"
+        and u.device.type == "cpu"
         and x.numel() > 0
         and reflections <= MAX_CPU_KERNEL_REFLECTIONS
         and _kernels_allowed()
@@ -412,7 +422,7 @@ def householder_chain(
         )
     if bias is not None and bias.shape != (layers, n):
         raise ValueError(f"householder_chain: bias must have shape {(layers, n)}, got {tuple(bias.shape)}")
-    if _use_cpu_kernel(x, k):
+    if _use_cpu_kernel(x, u, k) and (bias is None or bias.device.type == "cpu"):
         return _chain_cpu(x, u, bias, apply_abs, dim, normalize)
     acc = _accumulation_dtype(x.dtype)
     u_hat, t, b = _chain_parameters(u, bias, normalize, acc)
