@@ -272,6 +272,24 @@ def test_a_fit_whose_steps_end_worse_keeps_its_closed_form_start():
     assert all(a <= 1.1 * b for a, b in zip(fvus[20], fvus[0], strict=True)), fvus
 
 
+@pytest.mark.parametrize("model_type", ["gpt_neox", "falcon", "phi"])
+def test_decoders_whose_layers_no_rule_names_can_be_healed(model_type):
+    """Healing and keep_by="output" were refused ("do not name it (RewriteRecord.stream)") for these families: their
+    FFN's parent layer is not in a rule's site table. The layer's output is the hidden state after the FFN all the
+    same."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    config = T.AutoConfig.for_model(
+        model_type, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=100
+    )
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    cfg = CalibrationConfig(**{**FAST, "heal_steps": 3, "keep_by": "output", "max_fvu": 100.0})
+    report = hanify(model, HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+    assert report.calibration.heal_steps == 3 and len(report.calibration.blocks) == 2
+    assert all(b.output_fvu is not None for b in report.calibration.blocks)
+
+
 def test_calibrated_bert_post_norm_beats_plain_hanify_and_deletion():
     model = _bert()
     cal, test = _tokens(4, 0), _tokens(1, 1)[0]

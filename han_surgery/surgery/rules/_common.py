@@ -179,7 +179,10 @@ def calibration_site(
     reference = chain[0] if len(chain) == 1 else nn.Sequential(*chain)
     channels_first = isinstance(han, ChannelsFirst)
     post = cand.sibling(site.post_norm) if site is not None and site.residual == "post" and site.post_norm else None
-    stream = cand.parent_path if site is not None and cand.parent_path else None
+    # the layer holding the FFN: its output is the hidden state after it (also where no Site names the layer: Phi,
+    # Falcon and GPT-NeoX could not be healed); a ModuleList / ModuleDict never runs, so it has no output to match
+    holder = not isinstance(cand.parent, (nn.ModuleList, nn.ModuleDict))
+    stream = cand.parent_path if cand.parent_path and holder else None
     return (
         CalibrationSite(
             input_path=cand.path,
