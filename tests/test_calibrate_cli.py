@@ -253,3 +253,20 @@ def test_hidden_loss_is_exactly_zero_when_student_equals_teacher(bert):
                 next(model.parameters()).add_(0.1)
             model(**batch) if isinstance(batch, dict) else model(batch)
             assert hidden_state_distillation_loss(s.states, t.states, mask=mask).item() > 0.0
+
+
+def test_hanify_calibrate_an_encoder_decoder_gives_its_decoder_the_text(tokenizer, sentences, tmp_path, capsys):
+    """T5's decoder needs its own inputs: --calibrate on a T5 folder failed with T5's "You must specify exactly one of
+    input_ids or inputs_embeds"; the text now goes through the decoder too, shifted right (with_decoder_inputs)."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.T5Config(
+        vocab_size=30522, d_model=32, d_ff=32, d_kv=16, num_layers=1, num_heads=2, decoder_start_token_id=0
+    )
+    T.T5Model(cfg).save_pretrained(tmp_path / "t5")
+    tokenizer.save_pretrained(tmp_path / "t5")
+    out = tmp_path / "out"
+    argv = ["hanify", str(tmp_path / "t5"), "-o", str(out), "--gain", "--calibrate", str(sentences), *FAST, *SAMPLES]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "2 fitted, 0 kept" in capsys.readouterr().out  # the encoder's FFN and the decoder's

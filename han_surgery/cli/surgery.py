@@ -94,6 +94,10 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     if calibration_data is not None:  # before the model loads: a bad DATA fails fast
         batches = _calibration_batches(args.source, calibration_data, calibration_config.seed, tokenizer)
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
+    if batches is not None:
+        from ..surgery.calibration import with_decoder_inputs
+
+        batches = with_decoder_inputs(batches, model)  # T5's decoder needs its own inputs
     start = time.perf_counter()
     report = hanify_model(model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config)
     elapsed = time.perf_counter() - start

@@ -10,6 +10,7 @@ Public API:
 
 * :class:`CalibrationConfig` -- the fitting settings (recorded in the recipe);
 * :func:`calibration_batches` -- a data file -> calibration batches (:class:`CalibrationData`: its arguments);
+  :func:`with_decoder_inputs` adds an encoder-decoder's decoder inputs to them;
 * :func:`hidden_state_distillation_loss`, :class:`HiddenStates` -- hidden-state
   distillation for a fine-tune loop;
 * :class:`CalibrationReport`, :class:`BlockFit` -- what the fit achieved, per block;
@@ -18,7 +19,7 @@ Public API:
 
 from .calibrate import calibrate_rewrites, check_batches
 from .config import CalibrationConfig
-from .data import CalibrationData, calibration_batches, read_texts
+from .data import CalibrationData, calibration_batches, read_texts, with_decoder_inputs
 from .fit import closed_form_start, fvu
 from .heal import HiddenStates, heal, hidden_state_distillation_loss, hidden_state_paths
 from .record import CalibrationBatchError, CalibrationDataError, TokenReservoir, call_model, record_inputs
@@ -49,4 +50,5 @@ __all__ = [
     "HiddenStates",
     "read_texts",
     "record_inputs",
+    "with_decoder_inputs",
 ]

@@ -172,6 +172,34 @@ def calibration_batches(
     return _tokenize(rng.sample(texts, min(num_samples, len(texts))), tokenizer, batch_size, max_length)
 
 
+def with_decoder_inputs(batches: list[Any], model: Any) -> list[Any]:
+    """For an encoder-decoder transformers model (T5, BART, ...): each batch of ``input_ids`` also gets
+    ``decoder_input_ids``, the same tokens shifted right behind the decoder's start token (and a
+    ``decoder_attention_mask`` shifted alike), so that the decoder's FFNs see the text too: T5 raises without
+    them. Other models, and batches that carry decoder inputs or no ``input_ids``, are returned as they are.
+
+    ``input_ids`` ``(B, L)`` -> ``decoder_input_ids`` ``(B, L)`` = ``[start, ids[:, :-1]]``.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False):
+        return batches
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None) or 0
+    out = []
+    for batch in batches:
+        if not isinstance(batch, dict) or "input_ids" not in batch or "decoder_input_ids" in batch:
+            out.append(batch)
+            continue
+        ids = batch["input_ids"]
+        shifted = {"decoder_input_ids": torch.cat([ids.new_full((ids.shape[0], 1), start), ids[:, :-1]], 1)}
+        if "attention_mask" in batch:
+            mask = batch["attention_mask"]
+            shifted["decoder_attention_mask"] = torch.cat([mask.new_ones((mask.shape[0], 1)), mask[:, :-1]], 1)
+        out.append({**batch, **shifted})
+    return out
+
+
 def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     """Batches of ``tokenizer`` output, the texts sorted by length first (little padding)."""
     texts = sorted(texts, key=len)
