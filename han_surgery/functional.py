@@ -209,7 +209,9 @@ class _HouseholderRows(torch.autograd.Function):
 
 
 def _rows_torch(x: Tensor, u: Tensor, t: Tensor, b: Tensor | None, apply_abs: bool, out_dtype: torch.dtype) -> Tensor:
-    if _in_functorch_transform():  # grad, vmap, jvp, jacrev, ...: the definition, which they all differentiate
+    # grad, vmap, jvp, jacrev, ...: the definition, which they all differentiate; torch.jit.trace too, which records
+    # a Python autograd.Function as an op it can neither check nor save
+    if _in_functorch_transform() or torch.jit.is_tracing():
         return _reference_rows(x.to(u.dtype), u, t, b, apply_abs).to(out_dtype)
     if torch.is_grad_enabled() and any(v is not None and v.requires_grad for v in (x, u, t, b)):
         return _HouseholderRows.apply(x, u, t, b, apply_abs, out_dtype)

@@ -388,19 +388,23 @@ def test_a_traced_model_holds_standard_ops_and_loads_without_han_surgery(tmp_pat
     nn = torch.nn
     model = nn.Sequential(nn.Linear(8, 16), HanBlock(16, reflections=2), nn.Linear(16, 3)).eval()
     x = torch.randn(4, 8)
+    traced = torch.jit.trace(model, x)  # gradients on (the default): traced with its checks, and saved
     with torch.no_grad():
-        traced = torch.jit.trace(model, x)
         torch.save({"x": x, "y": model(x)}, tmp_path / "io.pt")
-    assert "han_surgery::" not in str(traced.inlined_graph)  # no operator of ours (module names stay)
+        assert "han_surgery::" not in str(torch.jit.trace(model, x).inlined_graph)  # no operator of ours
+    assert "han_surgery::" not in str(traced.inlined_graph)
     traced.save(str(tmp_path / "traced.pt"))
     code = textwrap.dedent(
         f"""
         import sys, warnings; warnings.simplefilter("ignore")
         import torch
         io = torch.load({str(tmp_path / "io.pt")!r})
+        loaded = torch.jit.load({str(tmp_path / "traced.pt")!r})
         with torch.no_grad():
-            y = torch.jit.load({str(tmp_path / "traced.pt")!r})(io["x"])
+            y = loaded(io["x"])
         torch.testing.assert_close(y, io["y"], atol=1e-6, rtol=1e-6)
+        loaded(io["x"]).sum().backward()  # the trace's graph differentiates too
+        assert all(p.grad is not None for p in loaded.parameters())
         assert "han_surgery" not in sys.modules
         print("OK")
         """

@@ -288,9 +288,10 @@ def transformers_base_config(config: dict[str, Any], source: str, overrides: dic
 
 
 def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)``, except that a transformers model's buffers outside its state dict (a rotary embedding's
-    ``inv_freq``) keep the dtype they were built in, as transformers' ``from_pretrained(dtype=...)`` leaves them: cast
-    to bfloat16, they moved a bf16 Llama's logits by up to 4e-3 from the saved model's."""
+    """``model.to(dtype)``, except that a transformers model's buffers outside its state dict keep the dtype they
+    were built in: a rotary embedding's ``inv_freq`` stays float32, as transformers' ``from_pretrained(dtype=...)``
+    leaves it (cast to bfloat16, it moved a bf16 Llama's logits by up to 4e-3 from the saved model's). Gemma's
+    ``embed_scale`` stays float32 too, where transformers has it in the model's dtype; its forward casts it."""
     keep = []
     if is_transformers_model(model):
         persistent = set(model.state_dict())
