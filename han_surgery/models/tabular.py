@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Literal
 
@@ -97,7 +98,9 @@ class TabularNet(nn.Module):
         return y
 
     def without_standardization(self) -> TabularNet:
-        """A network with the same weights and no statistics: it takes and gives standardised values."""
-        plain = TabularNet(**{k: v for k, v in self.config.items() if k not in STANDARDIZATION_KEYS})
-        plain.load_state_dict(self.state_dict())
-        return plain.train(self.training)
+        """A copy with the same modules and weights and no statistics: it takes and gives standardised values."""
+        plain = copy.deepcopy(self)
+        for key in STANDARDIZATION_KEYS:
+            plain.config.pop(key, None)
+            plain._buffers.pop(key, None)
+        return plain
