@@ -202,16 +202,15 @@ def _images_to_tensor(images: np.ndarray, source: str) -> torch.Tensor:
         )
     if images.dtype == np.bool_:  # a binary image: False 0.0, True 1.0
         images = images.astype(np.float32)
-    if images.size and np.issubdtype(images.dtype, np.integer):
-        lo, hi = int(images.min()), int(images.max())
+    lo, hi = (images.min(), images.max()) if images.size else (0, 0)  # the range checks below; none if empty
+    if np.issubdtype(images.dtype, np.integer):
         if lo < 0 or hi > 255:
             raise DataError(
                 f"{source}: integer 'images' must hold 0..255, found {lo}..{hi}; scale them to 0..255 (uint8) "
                 "or to floats in [0, 1]."
             )
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).float() / 255.0
-    elif images.size and np.issubdtype(images.dtype, np.floating):
-        lo, hi = float(images.min()), float(images.max())
+    elif np.issubdtype(images.dtype, np.floating):
         if lo < 0 or hi > 1:
             hint = "divide by 255" if hi > 1 and lo >= 0 else "give the raw pixels (the reader normalises them)"
             raise DataError(f"{source}: float 'images' must be in [0, 1], found {lo:g}..{hi:g}; {hint}.")
