@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import safetensors.torch
@@ -325,3 +326,36 @@ def test_bf16_rope_model_reloads_bit_identically(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
     assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32 and loaded.lm_head.weight.dtype == torch.bfloat16
+
+
+def _peak_rss_growth_mb(fn) -> float:
+    """How far ``fn()`` raises this process's peak resident set above its resident set before (Linux)."""
+    from pathlib import Path
+
+    def status_mb(field: str) -> float:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1]) / 1024
+
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current resident set
+    before = status_mb("VmRSS")
+    fn()
+    return status_mb("VmHWM") - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("name", ["hf/bert", "hf/llama"])
+def test_transformers_base_is_built_without_its_dense_weights(tmp_path, name):
+    """from_pretrained built the transformers base model with random weights before replaying the recipe: for a
+    bf16 BERT-base +468 MB and 1.2 s, against AutoModel's +14 MB. Its parameters are now built on the meta device,
+    as transformers builds them: with 2 GiB of dense FFN weights in the config (a 2**22-wide intermediate) the
+    load stays far below that."""
+    model, inputs, _ = ZOO[name]()
+    hanify(model)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["base_config"]["intermediate_size"] = 2**22  # 2 layers x 2 matrices x 32 x 2**22 float32 = 2 GiB
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = []
+    assert _peak_rss_growth_mb(lambda: loaded.append(from_pretrained(tmp_path))) < 256
+    assert not any(t.is_meta for t in [*loaded[0].parameters(), *loaded[0].buffers()])
+    _same_outputs(model, loaded[0], inputs)

@@ -303,17 +303,26 @@ def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
+    """The base model, built from the folder's config. A transformers model's parameters are left on the meta
+    device (accelerate's ``init_empty_weights``, buffers built for real), as transformers' own ``from_pretrained``
+    builds it: neither the dense model nor its random init is ever computed; :func:`_materialize_parameters`
+    gives the hanified model's parameters memory before the weights are loaded. A timm model is built with
+    random init, as timm's own ``create_model(pretrained=True)`` builds it."""
     config_file = folder.path / CONFIG_NAME
     if base.library in ("timm", "transformers") and not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (the {base.library} base model's config)")
     if base.library == "transformers":
         import transformers
+        from accelerate import init_empty_weights
 
         config = transformers_base_config(folder.config, str(config_file))
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
-        return cls(config)
+        with init_empty_weights(include_buffers=False):
+            model = cls(config)
+        model.tie_weights()  # the constructor does not tie meta parameters
+        return model
     if base.library == "timm":
         import timm
 
@@ -332,6 +341,21 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
         f"{folder.path} was saved from a {base.name} (neither timm nor transformers): "
         "build the base model yourself and pass it: from_pretrained(directory, model=MyModel(...))"
     )
+
+
+def _materialize_parameters(model: nn.Module) -> None:
+    """Give every parameter on the meta device uninitialised CPU memory of its shape and dtype, in place.
+
+    A parameter shared by several modules (tied weights) stays shared. Buffers are left alone (``init_empty_weights``
+    built them for real; ``Module.to_empty`` would replace a rotary embedding's computed ``inv_freq`` with garbage).
+    """
+    made: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), param.requires_grad)
+                module._parameters[name] = made[id(param)]
 
 
 def replay_recipe(
@@ -449,6 +473,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
         model = _build_base(folder, recipe.base)
     _to_saved_dtype(model, getattr(torch, recipe.dtype))
     replay_remaining_steps(model, recipe.steps, str(han_file))
+    _materialize_parameters(model)
     try:
         safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True)
     except SafetensorError as e:
