@@ -13,7 +13,7 @@ import torch
 from _surgery_zoo import MIX_FFN_ENCODER, ZOO, output_tensor
 from torch import nn
 
-from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, save_pretrained
+from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
 from han_surgery.errors import ConfigError
 from han_surgery.layers import LowRankLinear
 from han_surgery.surgery.calibration import (
@@ -1126,3 +1126,71 @@ def test_read_texts_takes_the_delimiter_from_the_first_line_as_finetune_does(tmp
     assert read_texts(tmp_path / "tabs.csv") == ["hello there, friend", "good bye"]
     assert read_texts(tmp_path / "commas.tsv") == ["a, b and c"]
     assert read_texts(tmp_path / "one.tsv") == ["Hello, world, again"]  # one column: the suffix decides
+
+
+class _TwoArgFFN(nn.Module):
+    """An FFN called as ``ffn(x, residual)`` (BLOOM's): its own forward cannot be a site's reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x, residual):
+        return residual + self.down(torch.relu(self.up(x)))
+
+
+class _TwoArgHan(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.han = HanBlock(8)
+
+    def forward(self, x, residual):
+        return residual + self.han(x)
+
+
+class _TwoArgNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ffn = _TwoArgFFN()
+
+    def forward(self, x):
+        return self.ffn(x, x)
+
+
+@pytest.mark.parametrize(
+    "site_kwargs, error, message",
+    [
+        (  # the old module as the reference: it needs two inputs
+            dict(input_path="ffn"),
+            "HanifyError",
+            r"calibration of 'ffn' failed in the CalibrationSite of rule 'test.two_arg': TypeError\(.*residual",
+        ),
+        (  # the Han-block inside the wrapper: the original model has no such module
+            dict(input_path="ffn.han"),
+            "CalibrationDataError",
+            r"_TwoArgNet has no module 'ffn.han' to record the inputs of .* original_input_path",
+        ),
+    ],
+)
+def test_a_broken_calibration_site_names_the_block_and_the_rule(site_kwargs, error, message):
+    """A user's site whose reference cannot take the rows, or whose input_path names a module only the rewritten
+    model has, raised the bare TypeError / AttributeError, naming neither the block nor the rule."""
+    from han_surgery.surgery import unregister_rule
+    from han_surgery.surgery.calibration import CalibratedReplacement, CalibrationSite
+
+    @register_rule("test.two_arg", matcher=_TwoArgFFN, priority=500)
+    def build(cand, config):
+        new = _TwoArgHan()
+        site = CalibrationSite(fitted=new.han, reference=cand.module, **site_kwargs)
+        return CalibratedReplacement({cand.path: new}, site=site)
+
+    net = _TwoArgNet()
+    before = copy.deepcopy(net.state_dict())
+    try:
+        with pytest.raises(Exception, match=message) as info:
+            hanify(net, HanConfig(rules=["test.two_arg"]), calibration=[torch.randn(6, 8)] * 2,
+                   calibration_config=CalibrationConfig(**FAST))  # fmt: skip
+    finally:
+        unregister_rule("test.two_arg")
+    assert type(info.value).__name__ == error
+    assert isinstance(net.ffn, _TwoArgFFN) and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())

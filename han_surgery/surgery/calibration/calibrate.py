@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...errors import HanifyError, HanSurgeryError
 from .config import CalibrationConfig
 from .fit import fit_site, fvu
 from .heal import HiddenStates, TokenReplacer, heal
@@ -135,6 +136,64 @@ def _output_fvu(model: nn.Module, batches: list[Any], path: str, reference: list
 def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
     """Block ``index``'s token sample; seeded per block, so a second recording keeps the same positions."""
     return TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
+
+
+@contextlib.contextmanager
+def _naming_the_block(record: Any) -> Iterator[None]:
+    """An exception from a rule's calibration site (its reference, its paths, its fitted module) names the block and
+    the rule, as a failing builder does; han-surgery's own errors pass as they are."""
+    try:
+        yield
+    except HanSurgeryError:
+        raise
+    except Exception as e:
+        raise HanifyError(
+            f"calibration of {record.path!r} failed in the CalibrationSite of rule {record.rule!r}: {e!r}. The model "
+            "is unchanged. (A rule of your own: its site's reference must take the rows (tokens, d) the fitted module "
+            "takes, and input_path / original_input_path name modules of the rewritten / original model.)"
+        ) from e
+
+
+def _fit_block(
+    model: nn.Module,
+    site: Any,
+    record_set: list[Any],
+    original_rows: TokenReservoir | None,
+    config: CalibrationConfig,
+    gen: torch.Generator,
+    index: int,
+) -> tuple[Any, int]:
+    """Record one swapped-in block's input rows and fit its site to them: ``(scores, number of rows)``."""
+    reservoir = _reservoir(config, index)
+    record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
+    x = reservoir.sample
+    if len(x) < 2:
+        raise CalibrationDataError(
+            f"calibration: {site.input_path} saw {len(x)} token(s) on the calibration batches "
+            "(is it on the forward path of these inputs?)"
+        )
+    ref = next(site.fitted.parameters(), None)
+    place = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    x = x.to(**place)
+    x_original = original_rows.sample.to(**place) if original_rows is not None else None
+    if x_original is not None and x_original.shape != x.shape:
+        raise CalibrationDataError(
+            f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
+            f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
+        )
+    with _float32(site) as to_float32:  # Adam on half-precision weights turns them to NaN at once
+        scores = fit_site(
+            site,
+            to_float32(x),
+            steps=config.steps,
+            lr=config.lr,
+            batch=config.batch_tokens,
+            holdout=config.holdout,
+            gen=gen,
+            start=config.start,
+            x_original=to_float32(x_original),
+        )
+    return scores, len(x)
 
 
 def _original_inputs(
@@ -280,43 +339,15 @@ def calibrate_rewrites(
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
                     fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
                 continue
-            reservoir = x = x_original = None  # the last block's rows, freed before this block's are drawn
-            reservoir = _reservoir(config, index)
-            record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
-            x = reservoir.sample
-            if len(x) < 2:
-                raise CalibrationDataError(
-                    f"calibration: {site.input_path} saw {len(x)} token(s) on the calibration batches "
-                    "(is it on the forward path of these inputs?)"
-                )
-            ref = next(site.fitted.parameters(), None)
-            place = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-            x = x.to(**place)
-            x_original = original_rows.sample.to(**place) if original_rows is not None else None
-            if x_original is not None and x_original.shape != x.shape:
-                raise CalibrationDataError(
-                    f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
-                    f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
-                )
-            with _float32(site) as to_float32:  # Adam on half-precision weights turns them to NaN at once
-                scores = fit_site(
-                    site,
-                    to_float32(x),
-                    steps=config.steps,
-                    lr=config.lr,
-                    batch=config.batch_tokens,
-                    holdout=config.holdout,
-                    gen=gen,
-                    start=config.start,
-                    x_original=to_float32(x_original),
-                )
+            with _naming_the_block(record):  # the rows it draws are freed when it returns
+                scores, tokens = _fit_block(model, site, record_set, original_rows, config, gen, index)
             if not all(bool(torch.isfinite(p).all()) for p in site.fitted.parameters()):
                 raise CalibrationDataError(
                     f"calibration: the fit of {record.path} diverged (non-finite weights); check the calibration "
                     "batches for inf / NaN, or lower CalibrationConfig.lr"
                 )
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
-            fit.tokens = len(x)
+            fit.tokens = tokens
             cost_fvu, measure = scores.fit, "Han fit FVU"
             if output_ref:
                 fit.output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)

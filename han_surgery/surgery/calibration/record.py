@@ -214,10 +214,19 @@ def record_inputs(
 
         return hook
 
-    handles = [
-        model.get_submodule(name).register_forward_pre_hook(make_hook(name, res, cf))
-        for name, (res, cf) in targets.items()
-    ]
+    handles = []
+    for name, (res, cf) in targets.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            for handle in handles:
+                handle.remove()
+            raise CalibrationDataError(
+                f"calibration: {type(model).__name__} has no module {name!r} to record the inputs of (a "
+                "CalibrationSite's input_path, a path in the rewritten model; where the original model has no module "
+                "there, its original_input_path must name the same point in the original model)"
+            ) from None
+        handles.append(module.register_forward_pre_hook(make_hook(name, res, cf)))
     count = 0
     try:
         for batch in batches:
