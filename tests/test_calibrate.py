@@ -823,6 +823,39 @@ def test_hidden_state_distillation_loss():
         hidden_state_distillation_loss(t[:1], t)
 
 
+def test_hidden_state_distillation_loss_split_over_processes_is_the_whole_batchs():
+    """Data-parallel, each process normalised by its own micro-batch's teacher variance and token count: 2 processes
+    x 8 trained other weights than 1 x 16 (3.8e-2 apart after 40 steps; --distill logits: 1.2e-7). With all_reduce
+    the two halves' terms average, value and gradient, to the whole batch's. Two processes are simulated: each one's
+    all_reduce adds the other's statistics (captured from a one-process call on its half)."""
+    torch.manual_seed(0)
+    teacher = [torch.randn(4, 6, 8) * 3 + 1, torch.randn(4, 6, 8) * 50]
+    student = [(t + torch.randn_like(t)).requires_grad_() for t in teacher]
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 3 + [0] * 3, [1] * 6])  # halves with 10 and 9 tokens
+    whole = hidden_state_distillation_loss(student, teacher, mask=mask)
+    (expected,) = torch.autograd.grad(whole, student[1])
+    halves = [slice(0, 2), slice(2, 4)]
+    sent = []
+    for half in halves:  # what each process sends to the all-reduce
+        hidden_state_distillation_loss(
+            [s[half] for s in student], [t[half] for t in teacher], mask=mask[half], all_reduce=lambda x: sent.append(x) or x
+        )  # fmt: skip
+    terms = [
+        hidden_state_distillation_loss(
+            [s[half] for s in student],
+            [t[half] for t in teacher],
+            mask=mask[half],
+            all_reduce=lambda x: sent[0] + sent[1],
+        )  # fmt: skip
+        for half in halves
+    ]
+    torch.testing.assert_close(torch.stack(terms).mean(), whole)
+    (averaged,) = torch.autograd.grad(torch.stack(terms).mean(), student[1])  # DDP averages the two gradients
+    torch.testing.assert_close(averaged, expected)
+    one = hidden_state_distillation_loss(student, teacher, mask=mask, all_reduce=lambda x: x)  # one process
+    torch.testing.assert_close(one, whole)
+
+
 def test_hidden_states_records_module_outputs():
     model = _vit()
     x = torch.randn(2, 3, 32, 32)

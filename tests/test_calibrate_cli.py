@@ -181,6 +181,8 @@ def test_finetune_calibrate_distill_hidden_logs_a_decreasing_hidden_loss_and_res
     assert "CalibrationReport" in (out / "hanify_report.txt").read_text()
     card = (out / "README.md").read_text()
     assert "--calibrate train" in card and "--distill hidden" in card
+    assert "1.0 x (MSE / Var(teacher) of the hidden state after every rewritten block)" in card  # the recipe
+    assert "KL" not in card  # it said "T^2 KL(teacher || student)", the logits term, which this run did not use
 
     # interrupted after step 10: --resume rebuilds the teacher, redoes the calibration and continues to step 30,
     # ending exactly where the uninterrupted run did (the calibration's gradients must not leak into the first step)
@@ -270,3 +272,11 @@ def test_hanify_calibrate_an_encoder_decoder_gives_its_decoder_the_text(tokenize
     argv = ["hanify", str(tmp_path / "t5"), "-o", str(out), "--gain", "--calibrate", str(sentences), *FAST, *SAMPLES]
     assert main(argv) == 0, capsys.readouterr().err
     assert "2 fitted, 0 kept" in capsys.readouterr().out  # the encoder's FFN and the decoder's
+
+
+def test_no_progress_hides_the_calibration_bars_too(toy, tmp_path, capfd):
+    """``--no-progress`` hid the training bar but not the calibration's ("calibrating: ..."), which every process
+    under accelerate launch drew; now only the first process draws it, and none with --no-progress."""
+    argv = [a for a in _finetune(toy, tmp_path / "run", "--max-steps", "1") if a != "--no-calibration-progress"]
+    run_argv(argv)
+    assert "calibrating" not in capfd.readouterr().err

@@ -241,9 +241,13 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # each process's running sums since the last logged train_loss (its own micro-batches): restored per process
+    running = torch.tensor([[progress.running_loss, progress.running_hidden]], dtype=torch.float64)
+    running = accelerator.gather(running.to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_FILE, json.dumps(progress.state_dict(), indent=2) + "\n")
+        state = {**progress.state_dict(), "running_by_process": running}
+        atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps({"files": files}, indent=2) + "\n")
         if final.exists():
@@ -277,7 +281,10 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         refused = isinstance(e, pickle.UnpicklingError)
         why = "it holds a pickle that is not plain tensors (refused: loading it could run code)" if refused else str(e)
         raise FinetuneError(f"--resume: cannot load {checkpoint}: {why}") from None
-    progress.load_state_dict(json.loads((checkpoint / STATE_FILE).read_text()))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    progress.load_state_dict(state)
+    if isinstance(state.get("running_by_process"), list):  # the same number of processes (checked above)
+        progress.running_loss, progress.running_hidden = state["running_by_process"][accelerator.process_index]
     if accelerator.is_main_process:
         _truncate_metrics(out / METRICS_FILE, progress.metrics_lines)
     accelerator.print(

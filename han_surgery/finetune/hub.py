@@ -210,9 +210,19 @@ def render_model_card(
     setup = result.setup
     distill_line = None
     if config.distill_from:
+        terms = []
+        if config.distill in ("logits", "both"):
+            terms.append(
+                "MSE(student, teacher outputs)"
+                if data.task == "regression"
+                else f"T^2 KL(teacher || student), T = {config.distill_temperature}"
+            )
+        if config.distill in ("hidden", "both"):
+            weight = f"{config.distill_hidden_weight} x " if config.distill_hidden_weight != 1 else ""
+            terms.append(f"{weight}MSE / Var(teacher) of the hidden state after every rewritten block")
         distill_line = (
             f"knowledge distillation from `{config.distill_from}`: loss = (1 - {config.distill_alpha}) x task loss + "
-            f"{config.distill_alpha} x T^2 KL(teacher || student), T = {config.distill_temperature}"
+            f"{config.distill_alpha} x ({' + '.join(terms)})"
         )
     recipe = (
         f"{setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s)), AdamW lr {config.lr} ({config.schedule}"

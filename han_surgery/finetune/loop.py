@@ -192,13 +192,18 @@ def train_loop(
         student_states = hooks.enter_context(HiddenStates(accelerator.unwrap_model(model), hidden_paths))
         teacher_states = hooks.enter_context(HiddenStates(teacher, hidden_paths))
 
+    # the hidden term's token count and teacher variance are the global batch's, as with one process
+    all_reduce = (lambda x: accelerator.reduce(x, "sum")) if accelerator.num_processes > 1 else None
+
     def distillation_term(inputs: Any, out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
         term = torch.zeros((), device=out.device)
         if distill in ("logits", "both"):
             term = term + distillation_loss(out, teacher_out, data.task, distill_temperature)
         if hidden_paths:
             mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
-            hidden = hidden_state_distillation_loss(student_states.states, teacher_states.states, mask=mask)
+            hidden = hidden_state_distillation_loss(
+                student_states.states, teacher_states.states, mask=mask, all_reduce=all_reduce
+            )
             progress.running_hidden += hidden.detach().float().item()
             term = term + distill_hidden_weight * hidden
         return term

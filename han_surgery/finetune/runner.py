@@ -19,6 +19,7 @@ export            :func:`export`: the Hub-ready folder (weights, config, card, m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -34,6 +35,7 @@ from torch.utils.data import default_collate
 from ..errors import ConfigError, HanifyError, HanSurgeryError, for_option
 from ..fileio import atomic_write_text, publish_files
 from ..folders import WEIGHTS_NAME
+from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.heal import hidden_state_paths
 from ..surgery.engine import hanify
 from ..surgery.report import HanifyReport
@@ -115,12 +117,15 @@ class Student:
     hidden_paths: list[str] | None = None
 
 
-def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
+def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bool = True) -> Student:
     """The model step: build ``config.model`` for ``data``, apply ``config.hanify`` (calibrated on
     ``config.calibrate``), build the teacher.
 
     A resumed run rebuilds the model the same way (the calibration runs again: the checkpoint then
     overwrites the weights, but kept blocks, ``max_fvu``, decide the structure) and the teacher too.
+    Under ``accelerate launch`` every process calibrates its own copy (the same data and seed give every
+    process the same weights); ``show_progress=False`` (``--no-progress``, and every process but the
+    first) hides the calibration's progress bars.
     """
     built = build_model(
         config.model,
@@ -147,8 +152,11 @@ def build_student(config: FinetuneConfig, data: DataBundle) -> Student:
                 image_size=config.image_size,
                 seed=config.calibration.seed if config.calibration else 0,
             )
+        calibration_config = config.calibration
+        if batches is not None and not (show_progress and config.progress):
+            calibration_config = dataclasses.replace(calibration_config or CalibrationConfig(), progress=False)
         try:
-            han_report = hanify(built.model, config.hanify, calibration=batches, calibration_config=config.calibration)
+            han_report = hanify(built.model, config.hanify, calibration=batches, calibration_config=calibration_config)
         except (ConfigError, HanifyError) as e:
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
         if han_report.num_rewritten == 0:
@@ -391,6 +399,9 @@ def export(
     publish_files(staging, out, marker=COMPLETION_MARKER)
 
 
+_process_group_ended = False  # a run under accelerate launch ended its process group (end_training)
+
+
 def run(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune as ``config`` says and write a Hub-ready folder into ``config.output_dir``.
 
@@ -412,16 +423,26 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import set_seed
 
+    global _process_group_ended
+    if _process_group_ended:
+        raise FinetuneError(
+            "run(): a run in this process has ended, and with it the process group of accelerate launch (a new one "
+            "cannot be joined): launch one process group per run"
+        )
     start = time.perf_counter()
     out = check_output_dir(config)  # fail before any work
     existed = out.is_dir()
     accelerator = make_accelerator(config)
+    if config.mixed_precision is None and accelerator.mixed_precision != "no":
+        # what accelerate's config or launcher chose: recorded in training_args.json, compared on --resume, and in
+        # the model card's command, which would otherwise rerun (or resume) the run in float32
+        config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
     lock = None
     prepared = exported = False
     try:
         set_seed(config.seed)
         data = load_run_data(config)
-        student = build_student(config, data)
+        student = build_student(config, data, show_progress=accelerator.is_local_main_process)
         loaders = build_loaders(config, data, student.built)
         check_loaders(accelerator, config, loaders)
         check_forward(config, data, student)
@@ -489,6 +510,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 accelerator.print(f"pushed to {url}", flush=True)
         finally:
             accelerator.end_training()  # closes the trackers (and the process group, when distributed)
+            _process_group_ended = _process_group_ended or accelerator.num_processes > 1
         return result
     except BaseException:
         if lock is not None:

@@ -103,6 +103,8 @@ def hidden_state_distillation_loss(
     teacher_hidden_states: Sequence[Tensor],
     layer_map: Sequence[tuple[int, int]] | None = None,
     mask: Tensor | None = None,
+    *,
+    all_reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """TinyBERT-style hidden-state distillation: the mean over mapped layers of ``MSE(s, t) / Var(t)``.
 
@@ -118,6 +120,12 @@ def hidden_state_distillation_loss(
         layer_map: ``(student_index, teacher_index)`` pairs; default: pair equal
             indices (the two sequences must then have the same length).
         mask: optional ``(B, L)`` mask of real tokens, for ``(B, L, d)`` states.
+        all_reduce: in a data-parallel run, sums a tensor over the processes (e.g.
+            ``lambda x: accelerator.reduce(x, "sum")``). The token count and the teacher's
+            variance are then those of the whole global batch, and each process's term is
+            ``P x`` its tokens' share of the squared error, so that the gradients DDP averages
+            over the ``P`` processes, and the mean of their terms, are what one process computes
+            on the whole batch.
 
     Returns:
         A scalar tensor (differentiable with respect to the student's states).
@@ -131,7 +139,7 @@ def hidden_state_distillation_loss(
         layer_map = [(i, i) for i in range(len(student_hidden_states))]
     if not layer_map:
         raise ValueError("hidden_state_distillation_loss: no layers to distil")
-    terms = []
+    pairs = []
     for s_idx, t_idx in layer_map:
         s, t = student_hidden_states[s_idx], teacher_hidden_states[t_idx].detach()
         if s.shape != t.shape:
@@ -139,9 +147,26 @@ def hidden_state_distillation_loss(
                 f"hidden_state_distillation_loss: student state {s_idx} has shape {tuple(s.shape)}, "
                 f"teacher state {t_idx} {tuple(t.shape)}"
             )
-        s, t = as_rows(s, mask), as_rows(t, mask)
-        var = (t - t.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
-        terms.append((s.float() - t.float()).pow(2).sum(1).mean() / var.float())
+        pairs.append((as_rows(s, mask), as_rows(t, mask)))
+    if all_reduce is None:
+        terms = []
+        for s, t in pairs:
+            var = (t - t.mean(0)).pow(2).sum(1).mean().clamp_min(1e-12)
+            terms.append((s.float() - t.float()).pow(2).sum(1).mean() / var.float())
+        return torch.stack(terms).mean()
+    # per layer: token count, per-feature sums and sums of squares of the teacher; then the process count
+    local = [torch.cat([t.new_tensor([len(t)], dtype=torch.float64), t.double().sum(0), t.double().pow(2).sum(0)])
+             for _, t in pairs]  # fmt: skip
+    total = all_reduce(torch.cat([*local, local[0].new_ones(1)]))
+    processes = total[-1]
+    terms, offset = [], 0
+    for (s, t), part in zip(pairs, local, strict=True):
+        n, d = total[offset], t.shape[1]
+        sums, squares = total[offset + 1 : offset + 1 + d], total[offset + 1 + d : offset + len(part)]
+        offset += len(part)
+        var = (squares / n - (sums / n).pow(2)).sum().clamp_min(1e-12)
+        error = (s.float() - t.float()).pow(2).sum()
+        terms.append(error * (processes / (n * var)).float())
     return torch.stack(terms).mean()
 
 
