@@ -14,7 +14,7 @@ from _surgery_zoo import MIX_FFN_ENCODER, ZOO, output_tensor
 from torch import nn
 
 from han_surgery import HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
-from han_surgery.errors import ConfigError
+from han_surgery.errors import ConfigError, HanifyError
 from han_surgery.layers import LowRankLinear
 from han_surgery.surgery.calibration import (
     BlockFit,
@@ -1159,6 +1159,23 @@ def test_read_texts_takes_the_delimiter_from_the_first_line_as_finetune_does(tmp
     assert read_texts(tmp_path / "tabs.csv") == ["hello there, friend", "good bye"]
     assert read_texts(tmp_path / "commas.tsv") == ["a, b and c"]
     assert read_texts(tmp_path / "one.tsv") == ["Hello, world, again"]  # one column: the suffix decides
+
+
+def test_running_out_of_memory_in_a_fit_is_not_renamed(monkeypatch):
+    """Errors in a block's fit are HanifyErrors naming the block, but not running out of memory: a caller retries
+    that with fewer tokens (``except torch.OutOfMemoryError``). Built-in rules get no advice meant for one's own."""
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    model = _vit()
+    monkeypatch.setattr(calibrate_module, "fit_site", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        hanify(model, HanConfig(), calibration=_images(2, 0), calibration_config=CalibrationConfig(**FAST))
+    monkeypatch.setattr(calibrate_module, "fit_site", lambda *a, **k: 1 / 0)
+    with pytest.raises(HanifyError, match=r"calibration of 'blocks.0.mlp' failed .* rule 'timm.mlp'") as info:
+        hanify(model, HanConfig(), calibration=_images(2, 0), calibration_config=CalibrationConfig(**FAST))
+    assert "Your rule" not in str(info.value)
 
 
 class _TwoArgFFN(nn.Module):

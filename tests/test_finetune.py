@@ -415,24 +415,30 @@ def test_bf16_mixed_precision_on_cpu(toy: Path, tmp_path: Path) -> None:
 def test_mixed_precision_chosen_by_accelerate_is_recorded(
     toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """Set in accelerate's config or on the launcher (ACCELERATE_MIXED_PRECISION), bf16 was not in
-    training_args.json: a --resume launched without it went on in float32 without a word, and the model card's
-    command reran the run in float32."""
+    """Chosen by accelerate's config or the launcher (ACCELERATE_MIXED_PRECISION), bf16 was recorded nowhere but in
+    results.json: a --resume launched without it went on in float32 without a word, and the model card's command
+    reran the run in float32. The checkpoints now record it (training_args.json stays the options given)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     out = tmp_path / "bf16"
     argv = common(
         toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "4", "--batch-size", "16", "--checkpoint-every", "2"
     )
     assert run_argv(argv)["mixed_precision"] == "bf16"
-    assert json.loads((out / "training_args.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((out / "training_args.json").read_text())["mixed_precision"] is None  # as given
     assert "--mixed-precision bf16" in (out / "README.md").read_text()
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     capsys.readouterr()
     assert cli([*argv, "--resume"]) == 2
-    assert (
-        "--resume: options differ from the interrupted run (--mixed-precision 'bf16' -> None)"
-        in capsys.readouterr().err
-    )
+    err = capsys.readouterr().err
+    assert "written with mixed precision bf16; this run has no" in err and "--mixed-precision bf16" in err, err
+    # a checkpoint written before the precision was recorded resumes as before
+    state_file = out / "checkpoints" / "step_0000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["mixed_precision"]
+    state_file.write_text(json.dumps(state))
+    from han_surgery.finetune.checkpoints import TrainProgress
+
+    TrainProgress(1, 16, "no").load_state_dict(state)
 
 
 def test_a_second_run_after_one_under_accelerate_launch_is_one_clear_error(

@@ -164,6 +164,38 @@ def test_second_call_is_a_no_op_for_a_users_own_replacement_class():
     _assert_unchanged(model, snap)
 
 
+def test_a_later_call_rewrites_an_ffn_a_users_replacement_wraps():
+    """What a rule swapped in is not a candidate again, but what it holds still is: here the original FFN inside a
+    user's wrapper, which a second call with the built-in rules rewrites (and a saved model with those two steps
+    replays)."""
+
+    class Scaled(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.scale = inner, nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    register_rule("test.scaled", matcher=Mlp, priority=10_000)(
+        lambda cand, config: Replacement({cand.path: Scaled(cand.module)})
+    )
+    try:
+        model = TwoMlps()
+        hanify(model, HanConfig(rules=["test.scaled"]))
+        report = hanify(model, HanConfig(rules=["timm.*"]))
+    finally:
+        unregister_rule("test.scaled")
+    assert [r.path for r in report.rewrites] == ["a.inner", "b.inner"] and isinstance(model.a.inner, HanBlock)
+
+
+def test_a_second_call_counts_han_modules_not_the_norms_the_first_dropped():
+    model = ZOO["hf/llama"]()[0]
+    hanify(model, HanConfig(include=["model.layers.0.*"]))  # the MLP and its pre-norm (-> Identity)
+    assert hanify(model, HanConfig(include=["model.layers.1.*"])).han_modules_found == 1
+    assert hanify(model).han_modules_found == 2
+
+
 @pytest.mark.parametrize("name, pattern", [("timm/swin", "layers.0.*"), ("hf/bart", "encoder.layers.0")])
 def test_second_call_with_the_same_patterns_is_a_no_op(name, pattern):
     model = ZOO[name]()[0]
@@ -285,6 +317,10 @@ def test_a_built_in_rule_name_cannot_be_taken():
         register_rule("test.mine", matcher=Mlp, builder=build, override=True)
     finally:
         unregister_rule("test.mine")
+    register_rule("test.reused", matcher=Mlp, builder=rule.builder)  # a built-in builder under a name of one's own
+    unregister_rule("test.reused")
+    register_rule("test.reused", matcher=Mlp, builder=build)  # does not make that name a built-in one
+    unregister_rule("test.reused")
 
 
 def test_declared_changes_are_enforced():

@@ -72,10 +72,12 @@ class TrainProgress:
         running_hidden: the sum of the micro-batches' hidden-state distillation terms over the same
             window (``--distill hidden`` / ``both``; logged as ``distill_hidden_loss``).
         metrics_lines: lines of ``metrics.jsonl`` written so far.
-        num_processes, global_batch: the run's layout; a checkpoint only resumes under the same.
+        num_processes, global_batch, mixed_precision: the run's layout (the mixed precision in effect, whether
+            ``--mixed-precision`` or accelerate's config or launcher chose it); a checkpoint only resumes under the
+            same.
     """
 
-    def __init__(self, num_processes: int = 1, global_batch: int = 0) -> None:
+    def __init__(self, num_processes: int = 1, global_batch: int = 0, mixed_precision: str = "no") -> None:
         self.global_step = 0
         self.epoch = 0
         self.batches_done = 0
@@ -85,6 +87,7 @@ class TrainProgress:
         self.metrics_lines = 0
         self.num_processes = num_processes
         self.global_batch = global_batch
+        self.mixed_precision = mixed_precision
 
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -96,6 +99,13 @@ class TrainProgress:
                 f"--resume: the checkpoint was written by {saved[0]} process(es) with global batch {saved[1]}; this "
                 f"run has {self.num_processes} with {self.global_batch}. Relaunch with the same number of processes, "
                 "--batch-size and --grad-accum to continue exactly."
+            )
+        saved_precision = state.get("mixed_precision")  # checkpoints written before it was recorded: not checked
+        if saved_precision is not None and saved_precision != self.mixed_precision:
+            raise FinetuneError(
+                f"--resume: the checkpoint was written with mixed precision {saved_precision}; this run has "
+                f"{self.mixed_precision} (from --mixed-precision, or accelerate's config or launcher). Relaunch with "
+                f"--mixed-precision {saved_precision} to continue exactly."
             )
         for key in vars(self):  # a key newer than the checkpoint (running_hidden) keeps its start value
             setattr(self, key, state.get(key, getattr(self, key)))

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,13 @@ class HubUploadError(HanSurgeryError, RuntimeError):
     """The upload to the Hub failed; the local folder is untouched and can be pushed again later."""
 
 
-def command_line(config: FinetuneConfig, num_processes: int = 1) -> str:
+def command_line(config: FinetuneConfig, num_processes: int = 1, mixed_precision: str | None = None) -> str:
     """The command that reruns ``config`` (non-default options only): ``han-surgery finetune ...``, or
-    ``accelerate launch --multi_gpu --num_processes N -m han_surgery.finetune ...`` for several processes."""
+    ``accelerate launch --multi_gpu --num_processes N -m han_surgery.finetune ...`` for several processes.
+    ``mixed_precision``: the one the run had, named when accelerate's config or launcher chose it (not
+    ``--mixed-precision``), so that the command reruns the run elsewhere."""
+    if config.mixed_precision is None and mixed_precision not in (None, "no"):
+        config = dataclasses.replace(config, mixed_precision=mixed_precision)
     launcher = (
         f"accelerate launch --multi_gpu --num_processes {num_processes} -m han_surgery.finetune"
         if num_processes > 1
@@ -259,7 +264,7 @@ def render_model_card(
         ),
         train_runtime=result.train_runtime_s,
         total_runtime=result.total_runtime_s,
-        command=command_line(config, setup.get("num_processes", 1)),
+        command=command_line(config, setup.get("num_processes", 1), setup.get("mixed_precision")),
         load_snippet=load_snippet(built, repo_id, config.max_length if data.kind == "text" else None),
     )
 

@@ -285,7 +285,7 @@ def prepare_training(
     schedule = lr_lambda(config.warmup_steps, total_steps, config.schedule)
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
-    progress = TrainProgress(accelerator.num_processes, global_batch)
+    progress = TrainProgress(accelerator.num_processes, global_batch, accelerator.mixed_precision)
     teacher = student.teacher
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
@@ -433,10 +433,6 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     out = check_output_dir(config)  # fail before any work
     existed = out.is_dir()
     accelerator = make_accelerator(config)
-    if config.mixed_precision is None and accelerator.mixed_precision != "no":
-        # what accelerate's config or launcher chose: recorded in training_args.json, compared on --resume, and in
-        # the model card's command, which would otherwise rerun (or resume) the run in float32
-        config = dataclasses.replace(config, mixed_precision=accelerator.mixed_precision)
     lock = None
     prepared = exported = False
     try:

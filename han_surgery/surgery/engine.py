@@ -174,8 +174,9 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-#: Set on every module ``hanify`` swaps in: not a candidate for a later call (what makes repeating a call a no-op for a
-#: user's own replacement classes too, which ``HAN_MODULE_TYPES`` does not list).
+#: Set on every module ``hanify`` swaps in: not itself a candidate for a later call (what makes repeating a call a
+#: no-op for a user's own replacement classes too, which ``HAN_MODULE_TYPES`` does not list). Its sub-modules are still
+#: looked at: a wrapper a rule put around the original FFN leaves that FFN to a later call.
 SWAPPED_IN = "_han_surgery_swapped_in"
 
 
@@ -198,9 +199,11 @@ def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate
         parents[path] = module
         if _under(path, blocked):
             continue
-        if isinstance(module, HAN_MODULE_TYPES) or getattr(module, SWAPPED_IN, False):
+        if isinstance(module, HAN_MODULE_TYPES):
             han_paths.append(path)
             blocked.add(path)
+            continue
+        if getattr(module, SWAPPED_IN, False):  # not a candidate again; what it holds still is (an FFN it wraps)
             continue
         parent_path, _, attr = path.rpartition(".")
         parent = parents.get(parent_path) if path else None

@@ -143,7 +143,7 @@ class Rule:
 _RULES: dict[str, Rule] = {}
 _ORDER: dict[str, int] = {}
 _counter = 0
-_BUILTIN_NAMES: set[str] = set()  # registered by han_surgery.surgery.rules: not to be taken over
+_BUILTIN_NAMES: frozenset[str] = frozenset()  # the rules han_surgery.surgery.rules registers: not to be taken over
 
 
 def register_rule(
@@ -187,9 +187,7 @@ def register_rule(
         global _counter
         if name in _RULES and not override:
             raise ValueError(f"register_rule: a rule named {name!r} exists already; pass override=True to replace it")
-        if (getattr(fn, "__module__", None) or "").startswith(__package__ + ".rules."):
-            _BUILTIN_NAMES.add(name)
-        elif name in _BUILTIN_NAMES:
+        if name in _BUILTIN_NAMES and not (getattr(fn, "__module__", None) or "").startswith(__package__ + ".rules."):
             raise ValueError(
                 f"register_rule: {name!r} is the name of a built-in rule (a saved model rewritten by your rule would "
                 "load back rewritten by the built-in one): register yours under a name of its own, with a higher "
@@ -210,6 +208,17 @@ def register_rule(
         return fn
 
     return decorator
+
+
+def _freeze_builtin_rules() -> None:
+    """Called once, by :mod:`han_surgery.surgery.rules` after it registered them: the rules now known are built in."""
+    global _BUILTIN_NAMES
+    _BUILTIN_NAMES = frozenset(_RULES)
+
+
+def is_builtin_rule(name: str) -> bool:
+    """``True`` for the name of a rule han-surgery ships (``"timm.mlp"``), ``False`` for a user's rule."""
+    return name in _BUILTIN_NAMES
 
 
 def unregister_rule(name: str) -> None:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import HanifyError, HanSurgeryError
+from ..registry import is_builtin_rule
 from .config import CalibrationConfig
 from .fit import fit_site, fvu
 from .heal import HiddenStates, TokenReplacer, heal
@@ -140,17 +141,23 @@ def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
 
 @contextlib.contextmanager
 def _naming_the_block(record: Any) -> Iterator[None]:
-    """An exception from a rule's calibration site (its reference, its paths, its fitted module) names the block and
-    the rule, as a failing builder does; han-surgery's own errors pass as they are."""
+    """An exception from a block's fit (a rule's calibration site: its reference, its paths, its fitted module) names
+    the block and the rule, as a failing builder does. han-surgery's own errors, and running out of memory (which a
+    caller may retry with fewer tokens), pass as they are."""
     try:
         yield
-    except HanSurgeryError:
+    except (HanSurgeryError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:
+        hint = (
+            ""
+            if is_builtin_rule(record.rule)
+            else " (Your rule: its site's reference must take the rows (tokens, d) the fitted module takes, and "
+            "input_path / original_input_path name modules of the rewritten / original model.)"
+        )
         raise HanifyError(
             f"calibration of {record.path!r} failed in the CalibrationSite of rule {record.rule!r}: {e!r}. The model "
-            "is unchanged. (A rule of your own: its site's reference must take the rows (tokens, d) the fitted module "
-            "takes, and input_path / original_input_path name modules of the rewritten / original model.)"
+            f"is unchanged.{hint}"
         ) from e
 
 

@@ -25,6 +25,7 @@ module                    family
 ========================  =========================================================================================
 """
 
+from ..registry import _freeze_builtin_rules
 from . import (  # noqa: F401
     fallback,
     hf_albert,
@@ -46,3 +47,5 @@ from . import (  # noqa: F401
     timm_mlp,
     timm_pvt,
 )
+
+_freeze_builtin_rules()
