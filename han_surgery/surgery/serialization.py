@@ -19,8 +19,9 @@ A saved directory holds
     :mod:`han_surgery.integrations.transformers`), the base model's config in ``base_config``,
     the recipe in ``han_recipe``: ``AutoModel*.from_pretrained(dir)`` and ``pipeline(...)`` load it.
 
-``from_pretrained`` builds the base model from ``config.json`` with random weights (no
-download), replays the recipe (:func:`replay_recipe`), then loads ``model.safetensors`` with
+``from_pretrained`` builds the base model from ``config.json`` (no download; a transformers model with its
+parameters on the meta device, a timm model with random weights), replays the recipe (:func:`replay_recipe`), gives
+the parameters still on meta memory, then loads ``model.safetensors`` with
 ``strict=True`` and ``generation_config.json`` (if any): the result computes bit for bit (and
 generates) what the saved model did. Of tied weights (GPT-2's ``lm_head.weight`` /
 ``transformer.wte.weight``) the file holds the name transformers' ``save_pretrained`` keeps, so a
