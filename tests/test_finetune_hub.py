@@ -13,6 +13,7 @@ The folder they upload comes from a real (tiny, tabular) fine-tuning run, which 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,16 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     with torch.no_grad():
         batch = namespace["tokenizer"](texts, padding=True, truncation=True, return_tensors="pt")
         assert torch.equal(namespace["model"].eval()(**batch).logits, logits)
+
+    # that 2-class folder fine-tuned on 3 classes: its head starts afresh (a traceback from transformers before:
+    # "You set `ignore_mismatched_sizes` to `False`"), as timm's does for another num_classes
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps({"text": r["text"], "label": ["bad", "good", "meh"][i % 3]}) + "\n"
+                             for i, r in enumerate(rows)))  # fmt: skip
+    again = tmp_path / "again"
+    argv = ["--model", str(out), "--data", str(three), "--output-dir", str(again), "--max-steps", "1", "--no-progress"]
+    run_argv([*argv, "--no-tensorboard", "--max-length", "6"])
+    assert han_surgery.from_pretrained(again).config.id2label == {0: "bad", 1: "good", 2: "meh"}
 
 
 def test_a_hanified_transformers_base_model_gets_a_classification_head(

@@ -226,8 +226,10 @@ def _load_transformers(
             kwargs["id2label"] = dict(enumerate(data.class_names))
             kwargs["label2id"] = {n: i for i, n in enumerate(data.class_names)}
     try:  # a hanified folder's config applies these to its base model's config, as a plain one does
+        # a classifier head of another size (a folder fine-tuned on another task) starts afresh, as timm's does for
+        # num_classes; transformers names the weights it re-initialised
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, **kwargs
+            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **kwargs
         )
     except (OSError, ValueError) as e:
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
