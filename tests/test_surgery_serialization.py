@@ -218,6 +218,25 @@ def test_hub_repo_id_downloads_only_json_and_safetensors(tmp_path, monkeypatch):
     _same_outputs(model, loaded, inputs)
 
 
+def test_a_repo_the_hub_cannot_give_is_a_checkpoint_error_naming_it(tmp_path, monkeypatch):
+    """Offline without the repo in the cache, or a repo id the Hub refuses: huggingface_hub's own exception escaped,
+    naming neither the repo nor the revision."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+
+    def offline(repo_id, revision=None, allow_patterns=None):
+        raise LocalEntryNotFoundError("Cannot find an appropriate cached snapshot folder\nfor the specified revision")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CheckpointError, match="^from_pretrained: someone/x@v2: Cannot find an appropriate cached"):
+        from_pretrained("someone/x", revision="v2")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="^from_pretrained: some one/x: "):
+        from_pretrained("some one/x")  # the Hub's id rules (HFValidationError), checked before any network
+
+
 def test_pickle_only_directory_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not even opened")
     (tmp_path / "han_config.json").write_text("{}")

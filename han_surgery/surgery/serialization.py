@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import CheckpointError, UnsafeCheckpointError
+from ..errors import CheckpointError, UnsafeCheckpointError, first_line
 from ..folders import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -447,9 +447,13 @@ def _resolve_directory(source: str | Path, revision: str | None) -> Path:
     if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"from_pretrained: {source} is not a directory (nor a Hub repo id 'owner/name')")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    # JSON and safetensors only: a pickle is never even downloaded.
-    return Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    try:  # JSON and safetensors only: a pickle is never even downloaded.
+        return Path(snapshot_download(text, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError) as e:
+        at = f"@{revision}" if revision else ""
+        raise CheckpointError(f"from_pretrained: {text}{at}: {first_line(e)}") from None
 
 
 def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, revision: str | None = None) -> nn.Module:
