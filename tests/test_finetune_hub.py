@@ -102,7 +102,9 @@ def test_push_command_calls_create_repo_and_upload_folder(
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self: HfApi, **kw: object) -> CommitInfo:
-        calls.append(("upload_folder", kw))
+        folder = Path(str(kw["folder_path"]))  # what would land in the repo, read while it exists
+        uploaded = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        calls.append(("upload_folder", {**kw, "files": uploaded}))
         return CommitInfo(
             commit_url=f"https://huggingface.co/{kw['repo_id']}/commit/abc",
             commit_message="m",
@@ -117,8 +119,17 @@ def test_push_command_calls_create_repo_and_upload_folder(
     assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
     assert calls[0][1] == {"repo_id": "someone/han-hannet", "repo_type": "model", "private": True, "exist_ok": True}
     upload = calls[1][1]
-    assert upload["folder_path"] == str(out) and upload["repo_id"] == "someone/han-hannet"
+    assert upload["repo_id"] == "someone/han-hannet"
     assert "checkpoints/*" in upload["ignore_patterns"]  # training state stays local
+    files = upload.pop("files")
+    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert {k: v for k, v in local.items() if k != "README.md"} == {k: v for k, v in files.items() if k != "README.md"}
+    # The card was written for the local folder (no --push-to-hub): the uploaded one loads from the repo, under its
+    # name. It said han_surgery.load_model("path/to/this/folder") on the Hub.
+    card = files["README.md"].decode()
+    assert 'han_surgery.load_model(huggingface_hub.snapshot_download("someone/han-hannet"))' in card
+    assert "path/to/this/folder" not in card and "\n# han-hannet\n" in card and "- name: han-hannet" in card
+    assert "path/to/this/folder" in (out / "README.md").read_text()  # the folder itself is left as it was
 
 
 def test_push_without_network_fails_clearly_and_keeps_the_folder(
@@ -325,3 +336,14 @@ def test_model_card_base_model_of_a_hanified_folder_is_its_base(tmp_path: Path) 
     bert.config._name_or_path = str(tmp_path / "bert")  # loaded from a folder: no Hub id to name
     save_pretrained(bert, tmp_path / "local")
     assert card_base(tmp_path / "local") == "local"
+
+
+def test_a_card_written_for_one_repo_is_retargeted_to_another(finished: tuple[Path, dict, Path]) -> None:
+    """--push-to-hub a/b failed (offline), the user pushes to c/d later: the card named a/b."""
+    from han_surgery.finetune.hub import card_for_repo
+
+    for_ab = card_for_repo((finished[0] / "README.md").read_text(), "someone/first", None)
+    assert 'snapshot_download("someone/first")' in for_ab and "- name: first" in for_ab
+    for_cd = card_for_repo(for_ab, "other/second", "someone/first")
+    assert "someone/first" not in for_cd and 'snapshot_download("other/second")' in for_cd
+    assert "- name: second" in for_cd and "\n# second\n" in for_cd

@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shlex
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ from ..folders import (
 )
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.report import HanifyReport
+from .checkpoints import ARGS_FILE
 from .config import FinetuneConfig, FinetuneResult, repo_id_problem
 from .data import DataBundle
 from .models import BuiltModel
@@ -117,7 +121,7 @@ def _is_local_path(value: str) -> bool:
 def load_snippet(built: BuiltModel, repo_id: str | None, max_length: int | None = None) -> str:
     """The model card's "How to load it" code: the library's own loader (with ``import han_surgery`` first
     for hanified models, which registers them with it), from the Hub repo ``repo_id`` or this folder."""
-    folder = "path/to/this/folder"
+    folder = FOLDER_PLACEHOLDER
     if built.family == "timm":
         name = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{folder}"
         head = "import timm\n"
@@ -276,6 +280,51 @@ def write_model_card(directory: str | Path, **kwargs: Any) -> Path:
     return path
 
 
+FOLDER_PLACEHOLDER = "path/to/this/folder"  # where a card written without --push-to-hub loads the model from
+
+
+def card_for_repo(text: str, repo_id: str, written_for: str | None) -> str:
+    """The model card ``text`` with its name and "How to load it" pointing at the Hub repo ``repo_id``.
+
+    A card is written when the run ends: for ``--push-to-hub``'s repo (``written_for``), or without one for the
+    local folder (``local-dir:path/to/this/folder``, ``"path/to/this/folder"``) under the output folder's name.
+    ``han-surgery push`` uploads it to ``repo_id``, which may be neither.
+    """
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text)
+    old_name, new_name = card.data.model_name, repo_id.split("/")[-1]
+    for before, after in (
+        (f"local-dir:{FOLDER_PLACEHOLDER}", f"hf-hub:{repo_id}"),
+        (f'han_surgery.load_model("{FOLDER_PLACEHOLDER}")', f'han_surgery.load_model(huggingface_hub.snapshot_download("{repo_id}"))'),
+        (f'"{FOLDER_PLACEHOLDER}"', f'"{repo_id}"'),
+        *(((f"hf-hub:{written_for}", f"hf-hub:{repo_id}"), (f'"{written_for}"', f'"{repo_id}"')) if written_for else ()),
+    ):  # fmt: skip
+        card.text = card.text.replace(before, after)
+    if old_name and old_name != new_name:
+        card.data.model_name = new_name
+        card.text = card.text.replace(f"\n# {old_name}\n", f"\n# {new_name}\n", 1)
+    return str(card)
+
+
+@contextlib.contextmanager
+def _staged_for(directory: Path, repo_id: str) -> Iterator[Path]:
+    """``directory`` as it should land in ``repo_id``: a temporary folder of links to its files, with the model card
+    pointed at ``repo_id`` (:func:`card_for_repo`). The folder itself is not touched."""
+    args = read_json_object(directory / ARGS_FILE) if (directory / ARGS_FILE).is_file() else {}
+    written_for = args.get("push_to_hub") if isinstance(args.get("push_to_hub"), str) else None
+    with tempfile.TemporaryDirectory(prefix="han-surgery-push-") as tmp:
+        staged = Path(tmp)
+        for path in directory.rglob("*"):
+            if path.is_file() and path != directory / CARD_NAME:
+                target = staged / path.relative_to(directory)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.symlink_to(path.resolve())
+        card = (directory / CARD_NAME).read_text(encoding="utf-8")
+        (staged / CARD_NAME).write_text(card_for_repo(card, repo_id, written_for), encoding="utf-8")
+        yield staged
+
+
 def push_folder(
     directory: str | Path,
     repo_id: str,
@@ -307,13 +356,14 @@ def push_folder(
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        commit = api.upload_folder(
-            folder_path=str(directory),
-            repo_id=repo_id,
-            repo_type="model",
-            ignore_patterns=UPLOAD_IGNORE,
-            commit_message=commit_message,
-        )
+        with _staged_for(directory, repo_id) as staged:
+            commit = api.upload_folder(
+                folder_path=str(staged),
+                repo_id=repo_id,
+                repo_type="model",
+                ignore_patterns=UPLOAD_IGNORE,
+                commit_message=commit_message,
+            )
     except Exception as e:  # network, auth and HTTP errors all end the same way for the user
         raise HubUploadError(
             f"Upload of {directory} to the Hub repo {repo_id} failed: {type(e).__name__}: {e}. "
