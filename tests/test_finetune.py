@@ -94,7 +94,7 @@ def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "timm"
     assert {"han-surgery", "householder"} <= set(card.data.tags)
-    assert card.data.base_model == "test_vit"
+    assert card.data.base_model is None and "base model (`test_vit`)" in card.text  # not a Hub repo: body only
     assert card.data.datasets == ["toy"]
     measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert measured["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-6)
@@ -344,7 +344,7 @@ def test_hanify_with_distillation_from_the_original_then_from_pretrained(
     assert loss == pytest.approx(results["eval_loss"], rel=1e-5)
 
     card = ModelCard.load(out / "README.md")
-    assert card.data.base_model == "test_vit" and "han-layer" in card.data.tags
+    assert card.data.base_model is None and "han-layer" in card.data.tags
     assert card.data.library_name == "timm" and "knowledge distillation from `base`" in card.text
     snippet = card.text.split("```python\n")[-1].split("```")[0].replace("path/to/this/folder", str(out))
     namespace: dict = {}

@@ -347,3 +347,17 @@ def test_a_card_written_for_one_repo_is_retargeted_to_another(finished: tuple[Pa
     for_cd = card_for_repo(for_ab, "other/second", "someone/first")
     assert "someone/first" not in for_cd and 'snapshot_download("other/second")' in for_cd
     assert "- name: second" in for_cd and "\n# second\n" in for_cd
+
+
+def test_card_base_model_is_set_only_to_a_hub_repo_id(finished: tuple[Path, dict, Path]) -> None:
+    """``base_model: hannet:16x3`` (or a timm architecture, or a folder's name) is no Hub model, and the Hub's check of
+    the card's metadata, which runs before an upload, can refuse it: the name stays in the card's body."""
+    from huggingface_hub import ModelCard
+
+    from han_surgery.finetune.hub import _is_hub_model_id
+
+    card = ModelCard.load(finished[0] / "README.md")
+    assert card.data.base_model is None and "base model (`hannet:16x3`)" in card.text
+    assert _is_hub_model_id("timm/vit_tiny_patch16_224.augreg_in21k")
+    assert _is_hub_model_id("sentence-transformers/all-MiniLM-L6-v2")
+    assert not any(map(_is_hub_model_id, ["hannet:16x3", "test_vit", "vit_tiny_patch16_224", "a/b/c"]))

@@ -2,10 +2,12 @@
 
 * :func:`render_model_card` renders ``han_surgery/model_cards/template.md`` with huggingface_hub's
   ``ModelCard.from_template``: YAML metadata (``library_name``, ``tags`` with ``han-surgery`` and
-  ``householder``, ``base_model``, ``datasets``, ``metrics`` and a ``model-index`` with the measured
-  values) and a body with the parameters before/after, the recipe and how to load the model.
+  ``householder``, ``base_model`` when it is a Hub repo id, ``datasets``, ``metrics`` and a ``model-index``
+  with the measured values) and a body with the base model, the parameters before/after, the recipe and how to
+  load the model.
 * :func:`push_folder` uploads a folder with ``HfApi.create_repo`` + ``HfApi.upload_folder`` (token
-  from ``hf auth login`` or ``HF_TOKEN``); checkpoints are not uploaded. Failures (no network, no
+  from ``hf auth login`` or ``HF_TOKEN``); checkpoints are not uploaded, and the card goes up pointed at the
+  repo (:func:`card_for_repo`). Failures (no network, no
   token, no permission) raise :class:`HubUploadError` and leave the local folder as it is.
 * ``han-surgery push <dir> <repo_id>`` is :func:`push_folder` on the command line.
 """
@@ -112,6 +114,19 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     return path.name
 
 
+def _is_hub_model_id(value: str) -> bool:
+    """Whether ``value`` can be the ``base_model`` of a card: a Hub repo id ``owner/name`` (timm's weights,
+    a transformers model from the Hub), not a timm architecture or a spec (``hannet:16x3``, which the Hub's
+    metadata check refuses)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return value.count("/") == 1
+
+
 def _is_local_path(value: str) -> bool:
     """``_name_or_path`` holds the folder a model was loaded from when it was not a Hub id."""
     path = Path(value).expanduser()
@@ -209,7 +224,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name=_library_name(built),
         tags=sorted(set(tags)),
-        base_model=base_model,
+        base_model=base_model if _is_hub_model_id(base_model) else None,  # the Hub links it to that repo
         datasets=[data.name],
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
