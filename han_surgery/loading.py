@@ -216,6 +216,13 @@ def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int
     import timm
 
     if not timm.is_model(text):
+        repo = text.removeprefix("hf-hub:")
+        if text.startswith("hf-hub:") or repo.count("/") == 1:  # a Hub repo: this takes folders and timm names
+            raise ConfigError(
+                f"{text!r}: no such folder, and not a timm model name. A Hub repo is not downloaded here: download "
+                f"it (hf download {repo.split('@')[0]} --local-dir <folder>) and pass the folder, or load it in "
+                "Python with han_surgery.from_pretrained (a hanified repo) or timm.create_model('hf-hub:...')"
+            )
         near = difflib.get_close_matches(text, timm.list_models(), n=5, cutoff=0.5)
         raise ConfigError(
             f"{text!r} is neither a folder nor a timm model name"

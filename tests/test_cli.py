@@ -70,6 +70,9 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> No
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--lr", "nan"], "han-surgery finetune: --lr"),
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--include", "x"], "add --hanify"),
         (["push", "/no/such/folder", "a/b"], "han-surgery push: /no/such/folder is not a finished model folder"),
+        # a Hub repo (timm's hf-hub: spec, or owner/name) is not downloaded here: say so (it listed near timm names)
+        (["inspect", "hf-hub:someone/vit"], "no such folder, and not a timm model name. A Hub repo is not downloaded"),
+        (["hanify", "someone/vit", "-o", "x"], "(hf download someone/vit --local-dir <folder>) and pass the folder"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys: pytest.CaptureFixture) -> None:
