@@ -185,6 +185,21 @@ def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
         ) from None
 
 
+def hub_repo_hint(spec: str) -> str:
+    """For a model spec that may name a Hub repo (``hf-hub:owner/name[@rev]``, ``owner/name``), the sentence that says
+    how to get it, since folders and timm names are what is loaded here; ``""`` for anything else (a path that
+    starts with ``.``, ``/`` or ``~`` is a path)."""
+    repo = spec.removeprefix("hf-hub:")
+    if spec.startswith((".", "/", "~")) or not (spec.startswith("hf-hub:") or repo.count("/") == 1):
+        return ""
+    name, _, revision = repo.partition("@")
+    download = f"hf download {name}" + (f" --revision {revision}" if revision else "") + " --local-dir <folder>"
+    return (
+        f" If it is a Hub repo: it is not downloaded here; download it ({download}) and pass the folder, or load it "
+        "in Python with han_surgery.from_pretrained (a hanified repo) or timm.create_model('hf-hub:...')"
+    )
+
+
 def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int | None = None) -> nn.Module:
     """Build the model named by ``source`` (see the module docstring).
 
@@ -216,13 +231,9 @@ def load_model(source: str | Path, *, pretrained: bool = False, num_classes: int
     import timm
 
     if not timm.is_model(text):
-        repo = text.removeprefix("hf-hub:")
-        if text.startswith("hf-hub:") or repo.count("/") == 1:  # a Hub repo: this takes folders and timm names
-            raise ConfigError(
-                f"{text!r}: no such folder, and not a timm model name. A Hub repo is not downloaded here: download "
-                f"it (hf download {repo.split('@')[0]} --local-dir <folder>) and pass the folder, or load it in "
-                "Python with han_surgery.from_pretrained (a hanified repo) or timm.create_model('hf-hub:...')"
-            )
+        hint = hub_repo_hint(text)
+        if hint:
+            raise ConfigError(f"{text!r}: no such folder, and not a timm model name.{hint}")
         near = difflib.get_close_matches(text, timm.list_models(), n=5, cutoff=0.5)
         raise ConfigError(
             f"{text!r} is neither a folder nor a timm model name"

@@ -71,8 +71,13 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> No
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--include", "x"], "add --hanify"),
         (["push", "/no/such/folder", "a/b"], "han-surgery push: /no/such/folder is not a finished model folder"),
         # a Hub repo (timm's hf-hub: spec, or owner/name) is not downloaded here: say so (it listed near timm names)
-        (["inspect", "hf-hub:someone/vit"], "no such folder, and not a timm model name. A Hub repo is not downloaded"),
+        (
+            ["inspect", "hf-hub:someone/vit@v2"],
+            "If it is a Hub repo: it is not downloaded here; download it (hf "
+            "download someone/vit --revision v2 --local-dir <folder>)",
+        ),  # fmt: skip
         (["hanify", "someone/vit", "-o", "x"], "(hf download someone/vit --local-dir <folder>) and pass the folder"),
+        (["inspect", "./vit"], "'./vit' is neither a folder nor a timm model name"),  # a path, no Hub hint
     ],
 )
 def test_user_errors_are_one_line_with_exit_code_2(argv, message, capsys: pytest.CaptureFixture) -> None:

@@ -346,25 +346,37 @@ def test_model_card_base_model_of_a_hanified_folder_is_its_base(tmp_path: Path) 
 
 
 def test_a_card_written_for_one_repo_is_retargeted_to_another(finished: tuple[Path, dict, Path]) -> None:
-    """--push-to-hub a/b failed (offline), the user pushes to c/d later: the card named a/b."""
+    """--push-to-hub a/b failed (offline), the user pushes to c/d later: the card named a/b. What the user edited in
+    the card (its title, a comment in its YAML) is uploaded as they left it, and a card that needs no change as is."""
     from han_surgery.finetune.hub import card_for_repo
 
-    for_ab = card_for_repo((finished[0] / "README.md").read_text(), "someone/first", None)
+    local = (finished[0] / "README.md").read_text()
+    for_ab = card_for_repo(local, "someone/first", None, finished[0].name)
     assert 'snapshot_download("someone/first")' in for_ab and "- name: first" in for_ab
+    assert for_ab.replace("someone/first", "x").count("\n") == local.count("\n")  # the rest as it was
     for_cd = card_for_repo(for_ab, "other/second", "someone/first")
     assert "someone/first" not in for_cd and 'snapshot_download("other/second")' in for_cd
     assert "- name: second" in for_cd and "\n# second\n" in for_cd
+    edited = for_ab.replace("- name: first", "- name: My model  # the user's").replace("\n# first\n", "\n# Mine\n")
+    pushed = card_for_repo(edited, "other/second", "someone/first")
+    assert "- name: My model  # the user's" in pushed and "\n# Mine\n" in pushed
+    assert card_for_repo("# My own card\n", "other/second", None, "run") == "# My own card\n"
 
 
 def test_card_base_model_is_set_only_to_a_hub_repo_id(finished: tuple[Path, dict, Path]) -> None:
-    """``base_model: hannet:16x3`` (or a timm architecture, or a folder's name) is no Hub model, and the Hub's check of
-    the card's metadata, which runs before an upload, can refuse it: the name stays in the card's body."""
+    """``base_model: hannet:16x3`` (or a timm architecture, a folder's name, a relative path in a transformers
+    folder's ``_name_or_path``) is no Hub model, and the Hub's check of the card's metadata, which runs before an
+    upload, can refuse it: only timm's Hub weights are named there; the body names the base."""
+    from types import SimpleNamespace
+
     from huggingface_hub import ModelCard
 
-    from han_surgery.finetune.hub import _is_hub_model_id
+    from han_surgery.finetune.hub import hub_base_model
 
     card = ModelCard.load(finished[0] / "README.md")
     assert card.data.base_model is None and "base model (`hannet:16x3`)" in card.text
-    assert _is_hub_model_id("timm/vit_tiny_patch16_224.augreg_in21k")
-    assert _is_hub_model_id("sentence-transformers/all-MiniLM-L6-v2")
-    assert not any(map(_is_hub_model_id, ["hannet:16x3", "test_vit", "vit_tiny_patch16_224", "a/b/c"]))
+    timm_model = SimpleNamespace(model=SimpleNamespace(pretrained_cfg={"hf_hub_id": "timm/vit_tiny.augreg_in21k"}))
+    assert hub_base_model(SimpleNamespace(pretrained=True), timm_model) == "timm/vit_tiny.augreg_in21k"
+    assert hub_base_model(SimpleNamespace(pretrained=False), timm_model) is None  # random init: not those weights
+    transformers_model = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(_name_or_path="models/bert")))
+    assert hub_base_model(SimpleNamespace(pretrained=False), transformers_model) is None

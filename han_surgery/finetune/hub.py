@@ -2,7 +2,7 @@
 
 * :func:`render_model_card` renders ``han_surgery/model_cards/template.md`` with huggingface_hub's
   ``ModelCard.from_template``: YAML metadata (``library_name``, ``tags`` with ``han-surgery`` and
-  ``householder``, ``base_model`` when it is a Hub repo id, ``datasets``, ``metrics`` and a ``model-index``
+  ``householder``, ``base_model`` for timm's Hub weights, ``datasets``, ``metrics`` and a ``model-index``
   with the measured values) and a body with the base model, the parameters before/after, the recipe and how to
   load the model.
 * :func:`push_folder` uploads a folder with ``HfApi.create_repo`` + ``HfApi.upload_folder`` (token
@@ -114,17 +114,14 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     return path.name
 
 
-def _is_hub_model_id(value: str) -> bool:
-    """Whether ``value`` can be the ``base_model`` of a card: a Hub repo id ``owner/name`` (timm's weights,
-    a transformers model from the Hub), not a timm architecture or a spec (``hannet:16x3``, which the Hub's
-    metadata check refuses)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return value.count("/") == 1
+def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
+    """The card's ``base_model`` (the Hub links the card to that repo): the Hub repo of timm's pretrained weights
+    the run started from. ``None`` otherwise: an architecture, a spec (``hannet:16x3``) or a local folder is no Hub
+    repo, and neither need be a transformers folder's ``_name_or_path`` (a relative path such as ``models/bert``
+    looks like one), so the card names those in its body only."""
+    cfg = getattr(built.model, "pretrained_cfg", None) or {}
+    hub_id = cfg.get("hf_hub_id") if config.pretrained else None
+    return hub_id if isinstance(hub_id, str) and hub_id.count("/") == 1 else None
 
 
 def _is_local_path(value: str) -> bool:
@@ -224,7 +221,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name=_library_name(built),
         tags=sorted(set(tags)),
-        base_model=base_model if _is_hub_model_id(base_model) else None,  # the Hub links it to that repo
+        base_model=hub_base_model(config, built),
         datasets=[data.name],
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
@@ -298,28 +295,31 @@ def write_model_card(directory: str | Path, **kwargs: Any) -> Path:
 FOLDER_PLACEHOLDER = "path/to/this/folder"  # where a card written without --push-to-hub loads the model from
 
 
-def card_for_repo(text: str, repo_id: str, written_for: str | None) -> str:
+def card_for_repo(text: str, repo_id: str, written_for: str | None, written_name: str | None = None) -> str:
     """The model card ``text`` with its name and "How to load it" pointing at the Hub repo ``repo_id``.
 
     A card is written when the run ends: for ``--push-to-hub``'s repo (``written_for``), or without one for the
-    local folder (``local-dir:path/to/this/folder``, ``"path/to/this/folder"``) under the output folder's name.
-    ``han-surgery push`` uploads it to ``repo_id``, which may be neither.
+    local folder (``local-dir:path/to/this/folder``, ``"path/to/this/folder"``) under the output folder's name
+    (``written_name``). ``han-surgery push`` uploads it to ``repo_id``, which may be neither. Only what the run wrote
+    is replaced, in the text as it is: a name or a line the user edited, and everything else, stays as they left it.
     """
-    from huggingface_hub import ModelCard
-
-    card = ModelCard(text)
-    old_name, new_name = card.data.model_name, repo_id.split("/")[-1]
-    for before, after in (
+    replacements = [
         (f"local-dir:{FOLDER_PLACEHOLDER}", f"hf-hub:{repo_id}"),
         (f'han_surgery.load_model("{FOLDER_PLACEHOLDER}")', f'han_surgery.load_model(huggingface_hub.snapshot_download("{repo_id}"))'),
         (f'"{FOLDER_PLACEHOLDER}"', f'"{repo_id}"'),
-        *(((f"hf-hub:{written_for}", f"hf-hub:{repo_id}"), (f'"{written_for}"', f'"{repo_id}"')) if written_for else ()),
-    ):  # fmt: skip
-        card.text = card.text.replace(before, after)
-    if old_name and old_name != new_name:
-        card.data.model_name = new_name
-        card.text = card.text.replace(f"\n# {old_name}\n", f"\n# {new_name}\n", 1)
-    return str(card)
+    ]  # fmt: skip
+    if written_for:
+        replacements += [(f"hf-hub:{written_for}", f"hf-hub:{repo_id}"), (f'"{written_for}"', f'"{repo_id}"')]
+    old_name = written_for.split("/")[-1] if written_for else written_name
+    new_name = repo_id.split("/")[-1]
+    if old_name and old_name != new_name:  # the model-index entry and the title the template wrote
+        replacements += [
+            (f"\n- name: {old_name}\n", f"\n- name: {new_name}\n"),
+            (f"\n# {old_name}\n", f"\n# {new_name}\n"),
+        ]
+    for before, after in replacements:
+        text = text.replace(before, after)
+    return text
 
 
 @contextlib.contextmanager
@@ -328,6 +328,7 @@ def _staged_for(directory: Path, repo_id: str) -> Iterator[Path]:
     pointed at ``repo_id`` (:func:`card_for_repo`). The folder itself is not touched."""
     args = read_json_object(directory / ARGS_FILE) if (directory / ARGS_FILE).is_file() else {}
     written_for = args.get("push_to_hub") if isinstance(args.get("push_to_hub"), str) else None
+    written_name = Path(args["output_dir"]).name if isinstance(args.get("output_dir"), str) else None
     with tempfile.TemporaryDirectory(prefix="han-surgery-push-") as tmp:
         staged = Path(tmp)
         for path in directory.rglob("*"):
@@ -336,7 +337,7 @@ def _staged_for(directory: Path, repo_id: str) -> Iterator[Path]:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.symlink_to(path.resolve())
         card = (directory / CARD_NAME).read_text(encoding="utf-8")
-        (staged / CARD_NAME).write_text(card_for_repo(card, repo_id, written_for), encoding="utf-8")
+        (staged / CARD_NAME).write_text(card_for_repo(card, repo_id, written_for, written_name), encoding="utf-8")
         yield staged
 
 

@@ -37,7 +37,7 @@ from ..folders import (
     checked_transformers_model_kwargs,
     inspect_model_folder,
 )
-from ..loading import load_folder, weight_files
+from ..loading import hub_repo_hint, load_folder, weight_files
 from ..models.tabular import TabularNet
 from ..pretrained import create_timm_model
 from ..surgery.serialization import save_pretrained
@@ -163,7 +163,7 @@ def build_model(
         hanified = folder.kind == "hanified"
         return BuiltModel(model, family, str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
     if spec.startswith("local-dir:") or ("/" in spec and not timm.is_model(spec)):
-        raise ModelError(f"--model {spec}: no such folder.")
+        raise ModelError(f"--model {spec}: no such folder.{hub_repo_hint(spec)}")
     if not timm.is_model(spec):
         close = difflib.get_close_matches(spec, timm.list_models(), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
