@@ -53,6 +53,7 @@ __all__ = [
     "checked_timm_model_args",
     "checked_transformers_model_kwargs",
     "read_timm_config",
+    "may_name_hub_repo",
     "WEIGHTS_NAME",
     "SHARDED_WEIGHTS_INDEX",
     "CONFIG_NAME",
@@ -86,6 +87,13 @@ HF_RECIPE_KEY = "han_recipe"
 HF_REMOTE_CODE_MODULE = "han_surgery_auto"
 
 FolderKind = Literal["hanified", "timm", "transformers", "tabular"]
+
+
+def may_name_hub_repo(spec: str) -> bool:
+    """Whether ``spec`` (no existing path) has the shape of a Hub repo id ``owner/name`` rather than of a local path:
+    one ``/``, and not starting with ``.``, ``/`` or ``~``. Shape only: :func:`huggingface_hub.utils.validate_repo_id`
+    has the Hub's own rules."""
+    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from .folders import (
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
+    may_name_hub_repo,
     read_timm_config,
     shard_files,
 )
@@ -189,10 +190,9 @@ def hub_repo_hint(spec: str) -> str:
     """For a model spec that may name a Hub repo (``hf-hub:owner/name[@rev]``, ``owner/name``), the sentence that says
     how to get it, since folders and timm names are what is loaded here; ``""`` for anything else (a path that
     starts with ``.``, ``/`` or ``~`` is a path)."""
-    repo = spec.removeprefix("hf-hub:")
-    if spec.startswith((".", "/", "~")) or not (spec.startswith("hf-hub:") or repo.count("/") == 1):
+    if not (spec.startswith("hf-hub:") or may_name_hub_repo(spec)):
         return ""
-    name, _, revision = repo.partition("@")
+    name, _, revision = spec.removeprefix("hf-hub:").partition("@")
     download = f"hf download {name}" + (f" --revision {revision}" if revision else "") + " --local-dir <folder>"
     return (
         f" If it is a Hub repo: it is not downloaded here; download it ({download}) and pass the folder, or load it "

@@ -59,6 +59,7 @@ from ..folders import (
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
+    may_name_hub_repo,
     read_timm_config,
     recipe_in_config,
     shard_files,
@@ -444,7 +445,7 @@ def _resolve_directory(source: str | Path, revision: str | None) -> Path:
     if path.is_dir():
         return path
     text = str(source)
-    if path.exists() or text.count("/") != 1 or text.startswith((".", "/", "~")):
+    if path.exists() or not may_name_hub_repo(text):
         raise CheckpointError(f"from_pretrained: {source} is not a directory (nor a Hub repo id 'owner/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
