@@ -1014,6 +1014,14 @@ def test_calibration_batches_from_text_and_images(tmp_path):
     with pytest.raises(FileNotFoundError):
         calibration_batches(tmp_path / "missing.txt", tokenizer=tok)
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield torch.zeros(2)
+
+    for source in (Stream(), (torch.zeros(2) for _ in range(3))):
+        with pytest.raises(ValueError, match="is not a map-style dataset .* go straight to hanify"):
+            calibration_batches(source)  # type: ignore[arg-type]
+
 
 def test_calibration_batches_hold_one_batch_of_decoded_samples_at_a_time():
     """A dataset that decodes on access (image files): every sample was kept until all were stacked, twice the

@@ -288,6 +288,11 @@ def test_user_rule_outranks_fallback_and_registry_checks():
             register_rule("test.gate", matcher=Gate, builder=build_gate)
         with pytest.raises(ValueError, match="subset"):
             register_rule("test.other", matcher=Gate, builder=build_gate, changes=("bias",))
+        with pytest.raises(ValueError, match=r"not the string 'norm': write changes=\('norm',\)"):
+            register_rule("test.other", matcher=Gate, builder=build_gate, changes="norm")  # type: ignore[arg-type]
+        assert "test.other" not in [r.name for r in list_rules()]
+        swaps = {"1": HanBlock(8)}  # any mapping; the Replacement holds its own dict
+        assert Replacement(swaps).swaps == swaps and Replacement(swaps).swaps is not swaps
     finally:
         unregister_rule("test.gate")
 
@@ -420,6 +425,17 @@ def test_hanify_with_a_dict_for_a_config_says_to_build_the_dataclass():
     assert hanify(model, HanConfig(**{"reflections": 2})).num_rewritten == 2
 
 
+def test_public_annotations_resolve_at_run_time():
+    """get_type_hints (pydantic, jsonargparse) failed on HanifyReport: CalibrationReport was imported for type
+    checkers only."""
+    import typing
+
+    from han_surgery.surgery.calibration import CalibrationConfig, CalibrationReport
+
+    assert typing.get_type_hints(HanifyReport)["calibration"] == CalibrationReport | None
+    assert typing.get_type_hints(hanify)["calibration_config"] == CalibrationConfig | None
+
+
 def test_report_table_and_totals():
     report = hanify(TwoMlps())
     assert isinstance(report, HanifyReport)
@@ -470,3 +486,15 @@ def test_fallback_skips_an_ffn_whose_forward_takes_the_residual():
     report = hanify(model)
     assert report.num_rewritten == 0
     assert "forward(x, residual) takes 2 inputs" in report.skipped[0].reason
+
+
+def test_split_output_without_its_residual_input_names_the_argument():
+    """BertOutput(h) says 'missing input_tensor'; after hanify, HanSplitOutput(h) added None to a tensor."""
+    from han_surgery.surgery.modules import HanSplitOutput
+
+    out = HanSplitOutput(nn.Dropout(0.0), nn.LayerNorm(4))
+    h = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="missing the argument 'input_tensor'"):
+        out(h)
+    assert torch.equal(out(h, h), nn.functional.layer_norm(2 * h, (4,), out.LayerNorm.weight, out.LayerNorm.bias))
+    assert torch.equal(HanSplitOutput(None, None, residual=False)(h), h)

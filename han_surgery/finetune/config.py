@@ -39,10 +39,6 @@ def _opt(default: Any, help: str, group: str, **meta: Any) -> Any:
     return field(default=default, metadata={"help": help, "group": group, **meta})
 
 
-def _required(help: str, group: str, **meta: Any) -> Any:
-    return field(metadata={"help": help, "group": group, **meta})
-
-
 def repo_id_problem(repo_id: str) -> str | None:
     """Why ``repo_id`` is not a Hub model repo id ``<user or org>/<name>`` (``None`` if it is one)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -73,10 +69,13 @@ class FinetuneConfig:
     """
 
     # --- model
-    model: str = _required(
-        "timm or Han model name, local-dir:<folder>, a folder saved by han_surgery.save_pretrained, timm save_for_hf "
-        "or transformers save_pretrained, or mlp[:WxD] / hannet[:WxD] for tabular data",
-        MODEL,
+    # required fields are spelled `field(metadata=...)` so that type checkers see they have no default
+    model: str = field(
+        metadata={
+            "help": "timm or Han model name, local-dir:<folder>, a folder saved by han_surgery.save_pretrained, timm "
+            "save_for_hf or transformers save_pretrained, or mlp[:WxD] / hannet[:WxD] for tabular data",
+            "group": MODEL,
+        }
     )
     pretrained: bool = _opt(
         False, "load timm's pretrained weights for a timm name (needs the Hub or a warm cache)", MODEL
@@ -96,8 +95,11 @@ class FinetuneConfig:
         default=None, metadata={"cli": False, "help": "calibrated surgery: how the new blocks are fitted"}
     )
     # --- data
-    data: str = _required(
-        "image folder, .npz (images, labels), numeric .csv (target last), or .csv/.jsonl (text, label)", DATA
+    data: str = field(
+        metadata={
+            "help": "image folder, .npz (images, labels), numeric .csv (target last), or .csv/.jsonl (text, label)",
+            "group": DATA,
+        }
     )
     task: Literal["auto", "classification", "regression"] = _opt(
         "auto", "for numeric CSVs: what the last column is (auto: classification for <= 20 integer values)", DATA
@@ -108,7 +110,7 @@ class FinetuneConfig:
     image_size: int | None = _opt(None, "resize image-folder images to this square size (default 224)", DATA)
     max_length: int = _opt(128, "token limit for text data", DATA)
     # --- training
-    output_dir: str = _required("where the model folder, metrics and checkpoints go", TRAINING)
+    output_dir: str = field(metadata={"help": "where the model folder, metrics and checkpoints go", "group": TRAINING})
     overwrite: bool = _opt(False, "replace an existing --output-dir", TRAINING)
     epochs: int | None = _opt(None, "passes over the training split (default 1; or give --max-steps)", TRAINING)
     max_steps: int | None = _opt(None, "optimizer steps to run (instead of --epochs)", TRAINING)

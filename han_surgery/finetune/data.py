@@ -75,8 +75,8 @@ class DataBundle:
         target_mean, target_std: regression only, to report errors in the data's units.
     """
 
-    train: Dataset
-    eval: Dataset
+    train: Dataset[Any]
+    eval: Dataset[Any]
     kind: Literal["image", "tabular", "text"]
     task: Task
     num_outputs: int

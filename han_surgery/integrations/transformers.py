@@ -24,7 +24,7 @@ from __future__ import annotations
 import copyreg
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from safetensors import SafetensorError
 from torch import nn
@@ -256,9 +256,10 @@ def _hanified_config(
 
 
 _CLASSES: dict[type, type] = {}
+ModelClassT = TypeVar("ModelClassT", bound="PreTrainedModel")
 
 
-def hanified_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+def hanified_class(base: type[ModelClassT]) -> type[ModelClassT]:
     """``Hanified<Base>``: ``base`` whose ``__init__`` also replays the recipe in ``config.han_recipe``, and whose
     ``save_pretrained`` writes a hanified folder (cached; a ``Hanified*`` class is returned as it is).
 

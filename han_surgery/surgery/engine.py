@@ -47,6 +47,7 @@ from torch import nn
 
 from ..errors import ConfigError, HanifyError, NothingToRewriteError
 from ..utils import count_parameters, replace_parameters
+from .calibration.config import CalibrationConfig
 from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
 from .recipe import RecipeStep, RewriteEntry, record_step
@@ -251,7 +252,7 @@ def hanify(
     filter_fn: FilterFn | None = None,
     dry_run: bool = False,
     calibration: Iterable[Any] | None = None,
-    calibration_config: Any | None = None,
+    calibration_config: CalibrationConfig | None = None,
 ) -> HanifyReport:
     """Replace the MLP/FFN blocks of ``model`` by Han-blocks ``H2 |H1 x + b1| + b2``, in place.
 

@@ -91,6 +91,11 @@ class HanSplitOutput(nn.Module):
     def forward(self, hidden_states: Tensor, input_tensor: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
         hidden_states = self.dropout(hidden_states)
         if self.residual:
+            if input_tensor is None:
+                raise TypeError(
+                    "HanSplitOutput.forward() missing the argument 'input_tensor' (the residual branch it adds back, "
+                    "as the *Output module it replaced took it)"
+                )
             hidden_states = hidden_states + input_tensor
         return self.LayerNorm(hidden_states)
 

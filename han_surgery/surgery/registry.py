@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 from torch import nn
 
@@ -56,7 +57,8 @@ __all__ = [
     "resolve_rules",
 ]
 
-NEIGHBOURS = frozenset({"norm", "residual"})
+Neighbour = Literal["norm", "residual"]
+NEIGHBOURS: frozenset[str] = frozenset({"norm", "residual"})
 
 
 class SkipCandidate(Exception):
@@ -107,16 +109,19 @@ class Replacement:
             path plus neighbours (e.g. ``{"blocks.0.mlp": HanBlock(192),
             "blocks.0.norm2": nn.Identity()}``). A new module may hold a module
             of the original model (e.g. a kept norm moved into a wrapper); it
-            must not modify it.
+            must not modify it. Any mapping is taken (and copied into a ``dict``).
         neighbours: what happened to the norm and the residual, in words
             (``{"norm": "blocks.0.norm2 -> Identity", "residual": "kept"}``).
     """
 
-    swaps: dict[str, nn.Module]
+    swaps: Mapping[str, nn.Module]
     neighbours: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.swaps = dict(self.swaps)
 
-Matcher = type | tuple | str | Callable[[Candidate], bool]
+
+Matcher = type[nn.Module] | tuple[type[nn.Module], ...] | str | Callable[[Candidate], bool]
 Builder = Callable[[Candidate, HanConfig], Replacement]
 
 
@@ -146,12 +151,38 @@ _counter = 0
 _BUILTIN_NAMES: frozenset[str] = frozenset()  # the rules han_surgery.surgery.rules registers: not to be taken over
 
 
+@overload
+def register_rule(
+    name: str,
+    *,
+    matcher: Matcher,
+    builder: Builder,
+    changes: Iterable[Neighbour] = (),
+    priority: int = 0,
+    description: str = "",
+    override: bool = False,
+) -> Rule: ...
+
+
+@overload
+def register_rule(
+    name: str,
+    *,
+    matcher: Matcher,
+    builder: None = None,
+    changes: Iterable[Neighbour] = (),
+    priority: int = 0,
+    description: str = "",
+    override: bool = False,
+) -> Callable[[Builder], Builder]: ...
+
+
 def register_rule(
     name: str,
     *,
     matcher: Matcher,
     builder: Builder | None = None,
-    changes: Iterable[str] = (),
+    changes: Iterable[Neighbour] = (),
     priority: int = 0,
     description: str = "",
     override: bool = False,
@@ -168,7 +199,8 @@ def register_rule(
             higher ``priority``.
         matcher: module class(es), a name pattern, or ``matcher(candidate) -> bool``.
         builder: ``builder(candidate, config) -> Replacement`` (omit to use as a decorator).
-        changes: neighbours the rule may change, a subset of ``{"norm", "residual"}``.
+        changes: neighbours the rule may change, a subset of ``{"norm", "residual"}``
+            (a tuple such as ``("norm",)``, not a bare string).
         priority: rules are tried from the highest priority down (ties: in
             registration order); the first that matches a module owns it.
         description: one line for ``list_rules`` and the docs.
@@ -177,10 +209,15 @@ def register_rule(
         The :class:`Rule` (direct call) or the decorator (which returns the
         builder unchanged, so it stays a plain function).
     """
-    changes = frozenset(changes)
-    if not changes <= NEIGHBOURS:
+    if isinstance(changes, str):
         raise ValueError(
-            f"register_rule({name!r}): changes must be a subset of {sorted(NEIGHBOURS)}, got {sorted(changes)}"
+            f"register_rule({name!r}): changes must be a collection of neighbour names, not the string "
+            f"{changes!r}: write changes=({changes!r},)"
+        )
+    allowed = frozenset[str](changes)
+    if not allowed <= NEIGHBOURS:
+        raise ValueError(
+            f"register_rule({name!r}): changes must be a subset of {sorted(NEIGHBOURS)}, got {sorted(allowed)}"
         )
 
     def _register(fn: Builder) -> Rule:
@@ -193,7 +230,7 @@ def register_rule(
                 "load back rewritten by the built-in one): register yours under a name of its own, with a higher "
                 "priority to take its modules"
             )
-        rule = Rule(name, matcher, fn, changes, priority, description or (fn.__doc__ or "").strip().split("\n")[0])
+        rule = Rule(name, matcher, fn, allowed, priority, description or (fn.__doc__ or "").strip().split("\n")[0])
         _RULES[name] = rule
         if name not in _ORDER:
             _ORDER[name] = _counter

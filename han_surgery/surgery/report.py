@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .calibration.report import CalibrationReport
+from typing import Any
 
 from ..utils import format_table
+from .calibration.report import CalibrationReport
 
 __all__ = ["HanifyReport", "RewriteRecord", "SkipRecord"]
 

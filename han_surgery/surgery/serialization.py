@@ -36,7 +36,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import safetensors.torch
 import torch
@@ -457,6 +457,17 @@ def _resolve_directory(source: str | Path, revision: str | None) -> Path:
         raise CheckpointError(f"from_pretrained: {text}{at}: {first_line(e)}") from None
 
 
+ModelT = TypeVar("ModelT", bound=nn.Module)
+
+
+@overload
+def from_pretrained(directory: str | Path, *, model: ModelT, revision: str | None = None) -> ModelT: ...
+
+
+@overload
+def from_pretrained(directory: str | Path, *, model: None = None, revision: str | None = None) -> nn.Module: ...
+
+
 def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, revision: str | None = None) -> nn.Module:
     """Rebuild a model saved by :func:`save_pretrained`: base model, recipe replayed, weights loaded.
 
@@ -472,7 +483,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
             ``hanify`` in ``__init__``), those steps are not replayed again.
 
     Returns:
-        The hanified model in ``eval()`` mode, on CPU, in the saved dtype.
+        The hanified model in ``eval()`` mode, on CPU, in the saved dtype: ``model`` itself when it is given.
 
     Raises:
         UnsafeCheckpointError: the directory only holds ``.bin``/``.pt`` files.

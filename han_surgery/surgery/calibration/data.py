@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from ...errors import ConfigError
 from ...fileio import csv_delimiter
@@ -111,7 +112,7 @@ class CalibrationData:
 
 
 def calibration_batches(
-    source: str | Path | Sequence[Any],
+    source: str | Path | Sequence[Any] | Dataset[Any],
     *,
     tokenizer: Any = None,
     num_samples: int = 2048,
@@ -122,7 +123,8 @@ def calibration_batches(
     """Calibration batches from a text file or a dataset (see the module docstring).
 
     Args:
-        source: a text file, or a map-style dataset of inputs or ``(input, label)`` pairs.
+        source: a text file, or a map-style dataset (a ``Dataset`` with ``__len__``, or a list) of inputs or
+            ``(input, label)`` pairs.
         tokenizer: a transformers tokenizer; required for text.
         num_samples: samples drawn at random (all of them if the file has fewer).
         batch_size: samples per batch.
@@ -134,7 +136,8 @@ def calibration_batches(
 
     Raises:
         FileNotFoundError: ``source`` is a path that does not exist.
-        ValueError: not a text file, no text column, no tokenizer for text, or no samples.
+        ValueError: not a text file, no text column, no tokenizer for text, no samples, or a dataset without
+            ``__len__`` (an ``IterableDataset``).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(
@@ -142,6 +145,12 @@ def calibration_batches(
         )
     rng = random.Random(seed)
     if not isinstance(source, (str, Path)):
+        if not (hasattr(source, "__len__") and hasattr(source, "__getitem__")):
+            raise ValueError(
+                f"calibration_batches: {type(source).__name__} is not a map-style dataset (no __len__ or "
+                "__getitem__); pass a text file, a Dataset with __len__, or a list of samples. Model inputs already "
+                "batched (any iterable) go straight to hanify(model, calibration=...)"
+            )
         if len(source) == 0:
             raise ValueError("calibration_batches: the dataset is empty")
         index = sorted(rng.sample(range(len(source)), min(num_samples, len(source))))

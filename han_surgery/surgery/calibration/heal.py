@@ -25,12 +25,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .record import as_rows, call_model, token_mask
+
+if TYPE_CHECKING:  # the report module imports this package
+    from ..report import HanifyReport
 
 __all__ = [
     "hidden_state_distillation_loss",
@@ -92,7 +95,7 @@ class HiddenStates:
         return [self._values[p] for p in self.paths]
 
 
-def hidden_state_paths(report: Any) -> list[str]:
+def hidden_state_paths(report: HanifyReport) -> list[str]:
     """The modules whose outputs are the hidden states right after the blocks a :class:`HanifyReport` rewrote
     (``RewriteRecord.stream``, in model order, without repeats; rewrites whose rule does not know it are left out)."""
     return list(dict.fromkeys(r.stream for r in report.rewrites if r.stream))
