@@ -416,6 +416,8 @@ def householder_chain(
     apply_abs = tuple(bool(a) for a in apply_abs)
     if len(apply_abs) != layers:
         raise ValueError(f"householder_chain: {layers} layers of u but {len(apply_abs)} apply_abs flags")
+    if not x.is_floating_point():
+        raise TypeError(f"han_surgery.functional: input must be a floating-point tensor, got {x.dtype}")
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0 or x.shape[dim] != n:
         features = x.shape[dim] if x.dim() else 0

@@ -264,6 +264,9 @@ def test_bad_arguments_are_clear():
             HanLayer(bad)
     with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
         HanLayer(4)(torch.randn(2, 5))
+    for k in (1, 2):  # token ids by mistake: the kernel said '"householder_chain_forward" not implemented for Long'
+        with pytest.raises(TypeError, match="input must be a floating-point tensor, got torch.int64"):
+            HanLayer(4, reflections=k)(torch.ones(2, 4, dtype=torch.long))
 
 
 def test_han_block_structure_and_dropout_placement():

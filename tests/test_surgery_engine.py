@@ -421,6 +421,8 @@ def test_hanify_with_a_dict_for_a_config_says_to_build_the_dataclass():
         hanify(model, {"reflections": 2})
     with pytest.raises(ConfigError, match="calibration_config must be a CalibrationConfig, not a dict"):
         hanify(model, calibration=[torch.randn(2, 96)], calibration_config={"steps": 2})
+    with pytest.raises(ConfigError, match="hanify: model must be a Module, not a NoneType"):
+        hanify(None)  # type: ignore[arg-type]  # was "TypeError: 'NoneType' object is not iterable"
     _assert_unchanged(model, snap)
     assert hanify(model, HanConfig(**{"reflections": 2})).num_rewritten == 2
 

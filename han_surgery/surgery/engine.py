@@ -294,6 +294,7 @@ def hanify(
             wrong type, or the model raised on a batch (``CalibrationBatchError``, naming
             it); the model is unchanged (as after any failure of the fit).
     """
+    _require_type("model", model, nn.Module)
     if not dry_run and any(isinstance(m, nn.parallel.DistributedDataParallel) for m in _wrapper_chain(model)):
         raise ConfigError(
             "hanify: the model is wrapped in DistributedDataParallel, which registered its parameters when it was "
