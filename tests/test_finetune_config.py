@@ -116,3 +116,32 @@ def test_output_folder_step_refuses_a_folder_with_files(tmp_path: Path) -> None:
     assert fresh.is_dir() and (fresh / ".han-surgery.lock").is_file()  # the run holds the folder
     lock.release()
     assert list(fresh.iterdir()) == []
+
+
+def test_a_teacher_whose_classifier_starts_untrained_cannot_teach_logits(toy: Path, tmp_path: Path) -> None:
+    """``--distill-from base`` on a model given a new head for this data's labels (the README's own
+    ``--pretrained`` example): the default ``--distill logits`` taught the student the random head's logits."""
+    import timm
+    from timm.models import save_for_hf
+
+    from han_surgery.finetune.checkpoints import FinetuneError
+    from han_surgery.finetune.runner import build_student, load_run_data
+
+    folder = tmp_path / "ten_classes"  # a trained folder for 10 labels; the toy data has 4
+    save_for_hf(timm.create_model("test_vit", num_classes=10, **TINY_VIT), str(folder), safe_serialization=True)
+    common = dict(model=str(folder), data=str(toy), output_dir=str(tmp_path / "o"), hanify=HanConfig())
+    data = load_run_data(FinetuneConfig(**common))
+    for distill in ("logits", "both"):
+        config = FinetuneConfig(**common, distill_from="base", distill=distill)
+        with pytest.raises(FinetuneError, match=f"--distill {distill}: the teacher base .* new, untrained classifier"):
+            build_student(config, data)
+        with pytest.raises(FinetuneError, match="new, untrained classifier"):  # another folder as the teacher
+            build_student(FinetuneConfig(**common, distill_from=str(folder), distill=distill), data)
+    student = build_student(FinetuneConfig(**common, distill_from="base", distill="hidden"), data)
+    assert student.built.random_weights == "head" and student.hidden_paths
+    with pytest.raises(FinetuneError, match="--distill-from test_vit: its weights are random"):
+        build_student(FinetuneConfig(**common, distill_from="test_vit"), data)
+    four = tmp_path / "four_classes"  # a head that fits: every weight loaded, logits may be distilled
+    save_for_hf(timm.create_model("test_vit", num_classes=4, **TINY_VIT), str(four), safe_serialization=True)
+    student = build_student(FinetuneConfig(**{**common, "model": str(four)}, distill_from="base"), data)
+    assert student.built.random_weights == "none" and student.teacher is not None

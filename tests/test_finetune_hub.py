@@ -314,6 +314,12 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     )
     batch = tokenizer(["row 1 is good"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, 3) and set(model.config.id2label.values()) == set(labels)
+    from han_surgery.finetune import load_data
+    from han_surgery.finetune.models import build_model
+
+    bundle = load_data(str(data))  # which weights start random, as a --distill-from teacher is checked for
+    assert build_model(str(base), bundle).random_weights == "head"  # a BertModel: transformers adds the classifier
+    assert build_model(str(out), bundle).random_weights == "none"  # a classifier for these three labels
 
 
 def test_model_card_base_model_of_a_hanified_folder_is_its_base(tmp_path: Path) -> None:

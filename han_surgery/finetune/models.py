@@ -63,6 +63,9 @@ class BuiltModel:
         tokenizer: text models: the tokenizer saved beside the weights.
         hanified: whether ``han_config.json`` describes surgery applied to it (before or in this run).
         loaded_hanified: it was already hanified when loaded (no surgery in this run).
+        random_weights: which weights start random: ``"none"`` (all loaded), ``"head"`` (the classifier, new
+            for this data's labels: timm's ``reset_classifier``, or the weights transformers initialised), or
+            ``"all"`` (a timm name without ``pretrained``, a tabular network).
     """
 
     model: nn.Module
@@ -71,6 +74,7 @@ class BuiltModel:
     tokenizer: Any = None
     hanified: bool = False
     loaded_hanified: bool = False
+    random_weights: Literal["none", "head", "all"] = "none"
 
 
 _TABULAR_RE = re.compile(r"^(mlp|hannet)(?::(\d+)x(\d+))?$")
@@ -100,13 +104,24 @@ def _timm_create(name: str, data: DataBundle | None, pretrained: bool, extra: di
     raise AssertionError("unreachable")
 
 
-def _fit_head(model: nn.Module, data: DataBundle | None) -> None:
+def _fit_head(model: nn.Module, data: DataBundle | None) -> bool:
+    """A new classifier for ``data``'s labels where the model's has another size; ``True`` if it made one."""
     if (
         data is not None
         and hasattr(model, "reset_classifier")
         and getattr(model, "num_classes", None) != data.num_outputs
     ):
         model.reset_classifier(data.num_outputs)
+        return True
+    return False
+
+
+def _timm_random_weights(model: nn.Module, pretrained: bool) -> Literal["none", "head", "all"]:
+    """What a timm model built with ``pretrained`` holds at random: timm loads no classifier of another size."""
+    if not pretrained:
+        return "all"
+    trained = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+    return "head" if trained is not None and trained != getattr(model, "num_classes", trained) else "none"
 
 
 def build_model(
@@ -135,7 +150,10 @@ def build_model(
             raise ModelError(f"--model {spec}: the built-in '{m.group(1)}' model is for tabular CSV data.")
         width, depth = int(m.group(2) or 128), int(m.group(3) or 2)
         return BuiltModel(
-            TabularNet(data.num_features, data.num_outputs, width, depth, kind=m.group(1)), "tabular", spec
+            TabularNet(data.num_features, data.num_outputs, width, depth, kind=m.group(1)),
+            "tabular",
+            spec,
+            random_weights="all",
         )
 
     path = Path(spec.removeprefix("local-dir:")).expanduser()
@@ -158,10 +176,18 @@ def build_model(
         if isinstance(model, TabularNet):  # trained on standardised rows here; exported with this data's statistics
             model = model.without_standardization()
         model.train()
-        _fit_head(model, data)
+        new_head = _fit_head(model, data)
         tokenizer = load_tokenizer(path) if family == "transformers" else None
         hanified = folder.kind == "hanified"
-        return BuiltModel(model, family, str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
+        return BuiltModel(
+            model,
+            family,
+            str(path),
+            tokenizer,
+            hanified=hanified,
+            loaded_hanified=hanified,
+            random_weights="head" if new_head else "none",
+        )
     if spec.startswith("local-dir:") or ("/" in spec and not timm.is_model(spec)):
         raise ModelError(f"--model {spec}: no such folder.{hub_repo_hint(spec)}")
     if not timm.is_model(spec):
@@ -174,7 +200,7 @@ def build_model(
         )
     _check_data_kind(spec, "timm", data)
     model = _timm_create(spec, data, pretrained, model_kwargs)
-    return BuiltModel(model, "timm", spec)
+    return BuiltModel(model, "timm", spec, random_weights=_timm_random_weights(model, pretrained))
 
 
 #: The data each model family trains on.
@@ -247,7 +273,16 @@ def _load_transformers(
             f"{' ...' if len(other) > 4 else ''} (only a classifier head of another number of labels starts afresh)"
         )
     tokenizer = load_tokenizer(path, trust_remote_code)
-    return BuiltModel(model, "transformers", str(path), tokenizer, hanified=hanified, loaded_hanified=hanified)
+    fresh = info.get("missing_keys") or info.get("mismatched_keys")  # what transformers initialised: the head
+    return BuiltModel(
+        model,
+        "transformers",
+        str(path),
+        tokenizer,
+        hanified=hanified,
+        loaded_hanified=hanified,
+        random_weights="head" if fresh else "none",
+    )
 
 
 def save_model(

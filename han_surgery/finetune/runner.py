@@ -136,6 +136,8 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
     )
     params_base = count_parameters(built.model)
     teacher = copy.deepcopy(built.model) if config.distill_from == "base" else None
+    if teacher is not None:
+        _check_teacher(config, built)
     han_report = None
     if config.hanify is not None:
         if built.hanified:
@@ -167,13 +169,35 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         built.hanified = True
     if config.distill_from and teacher is None:
         try:
-            teacher = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code).model
+            teacher_built = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code)
         except HanSurgeryError as e:  # build_model's messages name --model
             raise for_option(e, "--model", "--distill-from") from None
+        _check_teacher(config, teacher_built)
+        teacher = teacher_built.model
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
     hidden_paths = _hidden_paths(config, han_report, teacher)
     return Student(built, han_report, teacher, params_base, count_parameters(built.model), hidden_paths)
+
+
+def _check_teacher(config: FinetuneConfig, teacher: BuiltModel) -> None:
+    """Refuse a teacher with nothing to teach: a random classifier's logits, or random weights altogether.
+
+    A timm name built without ``--pretrained`` for ``base`` is let through: it is how the toy runs of the tests and
+    examples exercise distillation on a machine without weights (the run's first lines say the teacher is random).
+    """
+    name = "base (the --model before --hanify)" if config.distill_from == "base" else config.distill_from
+    if teacher.random_weights == "all" and config.distill_from != "base":
+        raise FinetuneError(
+            f"--distill-from {config.distill_from}: its weights are random (a timm name without pretrained weights, "
+            "or a built-in tabular network); name a trained model folder as the teacher"
+        )
+    if teacher.random_weights == "head" and config.distill in ("logits", "both"):
+        raise FinetuneError(
+            f"--distill {config.distill}: the teacher {name} gets a new, untrained classifier for this data's "
+            "labels, so its logits teach nothing; distil its body with --distill hidden, or "
+            "name a teacher fine-tuned on these labels"
+        )
 
 
 def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: nn.Module | None) -> list[str] | None:
@@ -319,6 +343,8 @@ def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup:
         model += f", calibrated on {config.calibrate.source}"
     if student.teacher is not None:
         model += f"; distilling {config.distill} from {config.distill_from}"
+        if config.distill_from == "base" and built.random_weights == "all":
+            model += " (whose weights are random: no pretrained weights were loaded)"
     length = (
         f"--max-steps; an epoch is {setup['steps_per_epoch']} steps"
         if config.max_steps
