@@ -516,7 +516,7 @@ def test_text_labels_that_only_look_like_integers_are_class_names(tmp_path: Path
     text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("a", "²", "--1", "a")))
     assert load_data(text, val_fraction=0.25).class_names == ["--1", "a", "²"]
     text.write_text("".join(json.dumps({"text": "x", "label": v}) + "\n" for v in ("1", "²", "--1", "1")))
-    with pytest.raises(DataError, match=r"mix class numbers \('1', record 1\) and class names \('²', record 2\)"):
+    with pytest.raises(DataError, match=r"mix class numbers \('1', line 1\) and class names \('²', line 2\)"):
         load_data(text, val_fraction=0.25)
 
 
@@ -647,14 +647,22 @@ def test_npz_integer_images_of_any_dtype_are_scaled_like_uint8(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ("text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,\n", r"record 10: empty label"),
-        ('{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', r"record 2: empty label"),
+        (
+            "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,\n",
+            r"row 10 after the header: empty label",
+        ),
+        ('{"text": "a", "label": 1}\n\n{"text": "b", "label": null}\n', r"line 3: empty label"),  # blank lines count
+        ('{"text": "a", "label": 1}\n{"text": null, "label": 2}\n', r"line 2: empty text"),  # was trained as "None"
+        (
+            "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + " ,1\n",
+            r"row 10 after the header: empty text",
+        ),
         (
             "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,cat\n",
-            r"mix class numbers \('0', record 1\) and class names \('cat', record 10\)",
+            r"mix class numbers \('0', row 1 after the header\) and class names \('cat', row 10 after the header\)",
         ),  # fmt: skip
     ],
-    ids=["csv-blank", "jsonl-null", "numbers-and-names"],
+    ids=["csv-blank", "jsonl-null", "jsonl-null-text", "csv-blank-text", "numbers-and-names"],
 )
 def test_text_labels_blank_or_mixed_are_refused(content: str, message: str, tmp_path: Path) -> None:
     """A blank label became class '' (sorted first), so every numeric label trained as the class after it."""

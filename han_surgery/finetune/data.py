@@ -528,20 +528,24 @@ def make_text_collate(tokenizer: Any, max_length: int) -> Any:
     return collate
 
 
-def _text_records(path: Path, rows: list[list[str]] | None = None) -> list[dict[str, Any]]:
-    """The records of a .jsonl, or of a CSV/TSV (``rows`` from :func:`_read_csv_rows`, header first)."""
+def _text_records(path: Path, rows: list[list[str]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of a .jsonl, or of a CSV/TSV (``rows`` from :func:`_read_csv_rows`, header first), and where
+    each is, for messages: ``"line N"`` of a .jsonl, ``"row N after the header"`` of a CSV (blank rows skipped)."""
     if rows is None and path.suffix.lower() == ".jsonl":
-        records = []
+        records, places = [], []
         for n, line in enumerate(_read_text(path).split("\n"), 1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
-        return records
+                places.append(f"line {n}")
+        return records, places
     header, *body = rows if rows is not None else _read_csv_rows(path)
     keys = _header_keys(header)  # a short row lacks the fields it misses, and load_text names it
-    return [dict(zip(keys, row, strict=False)) for row in body]
+    return [dict(zip(keys, row, strict=False)) for row in body], [
+        f"row {n} after the header" for n in range(1, len(body) + 1)
+    ]
 
 
 def load_text(
@@ -553,26 +557,28 @@ def load_text(
     max_samples: int | None,
     rows: list[list[str]] | None = None,
 ) -> DataBundle:
-    records = _text_records(path, rows)
+    records, places = _text_records(path, rows)
     if not records:
         raise DataError(f"{path}: no rows.")
-    for n, r in enumerate(records, 1):
+    for r, where in zip(records, places, strict=True):
         if not isinstance(r, dict) or "text" not in r or "label" not in r:
-            raise DataError(f"{path}, record {n}: text data needs the fields 'text' and 'label', got {r!r:.120}.")
+            raise DataError(f"{path}, {where}: text data needs the fields 'text' and 'label', got {r!r:.120}.")
+        if r["text"] is None or not str(r["text"]).strip():  # else trained on as "" or "None"
+            raise DataError(f"{path}, {where}: empty text; every row needs one (drop or fill the row).")
     if max_samples:
         records = records[:max_samples]
     raw = [r["label"].strip() if isinstance(r["label"], str) else r["label"] for r in records]  # "a, 1": " 1"
-    for n, v in enumerate(raw, 1):
+    for v, where in zip(raw, places, strict=False):
         if v is None or v == "":  # else a class '' (sorted first) renumbers every other class
-            raise DataError(f"{path}, record {n}: empty label; every row needs one (drop or fill the row).")
+            raise DataError(f"{path}, {where}: empty label; every row needs one (drop or fill the row).")
     class_names = None
     # isdecimal, not isdigit: int() takes every decimal digit, but not "²" (a digit, not a decimal).
     numeric = [isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw]
     if any(numeric) and not all(numeric):
         number, name = raw[numeric.index(True)], raw[numeric.index(False)]
         raise DataError(
-            f"{path}: the labels mix class numbers ({number!r}, record {numeric.index(True) + 1}) and class names "
-            f"({name!r}, record {numeric.index(False) + 1}); use one or the other."
+            f"{path}: the labels mix class numbers ({number!r}, {places[numeric.index(True)]}) and class names "
+            f"({name!r}, {places[numeric.index(False)]}); use one or the other."
         )
     if all(numeric):
         ints = [int(v) for v in raw]
