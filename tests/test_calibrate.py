@@ -313,6 +313,47 @@ def test_calibrated_bert_post_norm_beats_plain_hanify_and_deletion():
     assert errs["cal"] < 0.5 * min(errs["deleted"], errs["plain"]), errs
 
 
+def test_the_calibration_seed_makes_the_new_weights_the_same_every_time():
+    """The new blocks' random init came from torch's global generator, unseeded by CalibrationConfig.seed: two
+    identical `han-surgery hanify --calibrate ... --calibration-seed 0` runs saved different weights."""
+    model, cal = _bert(), _tokens(3, 0)
+    runs = []
+    for draws in (0, 5):  # whatever the global generator's state before the call
+        torch.randn(draws)
+        state = torch.get_rng_state()
+        copy_ = copy.deepcopy(model)
+        hanify(copy_, calibration=cal, calibration_config=CalibrationConfig(**FAST, seed=3))
+        assert torch.equal(torch.get_rng_state(), state)  # and the caller's generator is left as it was
+        runs.append(_state(copy_))
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    other = copy.deepcopy(model)
+    hanify(other, calibration=cal, calibration_config=CalibrationConfig(**FAST, seed=4))
+    assert not torch.equal(
+        _state(other)["encoder.layer.0.intermediate.fc1.u"], runs[0]["encoder.layer.0.intermediate.fc1.u"]
+    )
+
+
+def test_a_calibration_that_keeps_every_block_leaves_no_recipe_step():
+    """Every block kept: the model is the original, so it is not a hanified model (no step, no Hanified class)."""
+    from han_surgery.surgery import recipe_of
+
+    model = _bert()
+    report = hanify(model, calibration=_tokens(2, 0), calibration_config=CalibrationConfig(**FAST, max_fvu=0.0))
+    assert report.num_rewritten == 0 and len(report.skipped) == 2
+    assert recipe_of(model) == [] and type(model).__qualname__ == "BertModel"
+
+
+def test_calibration_leaves_the_callers_gradients_as_they_were():
+    """The fit backpropagates through the kept post-LayerNorm: its gradient was added into the caller's .grad."""
+    model = _bert()
+    model(**_tokens(1, 5)[0]).last_hidden_state.sum().backward()
+    before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    hanify(model, calibration=_tokens(3, 0), calibration_config=CalibrationConfig(**FAST))
+    after = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert after.keys() <= before.keys() and "encoder.layer.0.output.LayerNorm.weight" in after
+    assert all(torch.equal(after[n], before[n]) for n in after)
+
+
 def test_block_i_is_fitted_on_the_inputs_the_fitted_blocks_before_it_produce(monkeypatch):
     model = _vit()
     cal = _images(2, 0)

@@ -81,11 +81,14 @@ def test_hanify_calibrate_writes_a_folder_that_reloads_bit_identically(bert, sen
 def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences, tmp_path, capsys):
     out = tmp_path / "out"
     keep = ["--calibration-keep-by", "output", "--calibration-max-fvu", "0"]  # any rise keeps the block
-    assert main(["hanify", str(bert), "-o", str(out), "--calibrate", str(sentences), *FAST, *SAMPLES, *keep]) == 0
-    printed = capsys.readouterr().out
+    # every block kept: the model is as it was; it was saved, exit 0, as a "hanified" folder with an empty step
+    assert main(["hanify", str(bert), "-o", str(out), "--calibrate", str(sentences), *FAST, *SAMPLES, *keep]) == 2
+    printed, err = capsys.readouterr()
     assert "last state" in printed and "0 fitted, 2 kept" in printed and "last hidden state's FVU rise" in printed
-    (step,) = json.loads((out / "han_config.json").read_text())["recipe"]
-    assert step["calibration"]["keep_by"] == "output" and step["calibration"]["max_fvu"] == 0
+    assert (
+        "\nhan-surgery hanify: nothing was rewritten (2 candidate block(s) skipped: kept by calibration" in "\n" + err
+    )
+    assert not out.exists()
 
     out = tmp_path / "count"
     keep = ["--calibration-keep-by", "output", "--calibration-keep-count", "1"]

@@ -455,3 +455,35 @@ def test_user_rule_that_reads_the_old_weights_reloads(tmp_path):
         return Replacement({cand.path: new})
 
     _user_rule_round_trip(tmp_path, build)
+
+
+def test_a_block_shared_under_two_paths_is_shared_again_when_loaded(tmp_path):
+    """``blocks[1].mlp = blocks[0].mlp``: hanify rewrites it once and shares the replacement, save_pretrained wrote
+    it, and loading failed (missing blocks.1.mlp weights): the base rebuilt from its config holds two MLPs."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False).eval()
+    model.blocks[1].mlp = model.blocks[0].mlp
+    assert hanify(model).rewrites[0].swapped == ["blocks.0.mlp", "blocks.0.norm2", "blocks.1.mlp"]
+    save_pretrained(model, tmp_path / "tied")
+    x = torch.randn(2, 3, *model.pretrained_cfg["input_size"][1:])
+    for loaded in (
+        from_pretrained(tmp_path / "tied"),
+        timm.create_model(f"local-dir:{tmp_path / 'tied'}", pretrained=True).eval(),
+    ):
+        assert loaded.blocks[1].mlp is loaded.blocks[0].mlp
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+    # a split FFN (BERT): intermediate and output are each shared, each takes the replacement of its own kind
+    bert = T.BertModel(T.BertConfig(**BERTLIKE)).eval()
+    bert.encoder.layer[1].intermediate = bert.encoder.layer[0].intermediate
+    bert.encoder.layer[1].output = bert.encoder.layer[0].output
+    hanify(bert)
+    save_pretrained(bert, tmp_path / "bert")
+    loaded = from_pretrained(tmp_path / "bert")
+    layers = loaded.encoder.layer
+    assert layers[1].intermediate is layers[0].intermediate and layers[1].output is layers[0].output
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).last_hidden_state, bert(ids).last_hidden_state)

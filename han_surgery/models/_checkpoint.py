@@ -29,6 +29,22 @@ def _short(items: list[str]) -> str:
     return ", ".join(items[:_SHOW]) + more
 
 
+def _with_shared_names(state_dict: dict[str, Tensor], model: nn.Module, expected: dict[str, Any]) -> dict[str, Tensor]:
+    """``state_dict`` with every name of a tensor the model shares under several names (a block reachable
+    at two paths): safetensors stores a shared tensor once, under one of them, and ``load_state_dict``
+    wants them all."""
+    names_of: dict[int, list[str]] = {}
+    for name, tensor in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        if name in expected:
+            names_of.setdefault(id(tensor), []).append(name)
+    filled = dict(state_dict)
+    for names in names_of.values():
+        stored = next((n for n in names if n in state_dict), None)
+        for name in names if stored is not None and len(names) > 1 else ():
+            filled.setdefault(name, state_dict[stored])
+    return filled
+
+
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module, strict: bool = True) -> dict[str, Tensor]:
     """Return ``state_dict`` unchanged if it fits ``model``, else raise a ``ValueError`` saying why.
 
@@ -46,6 +62,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module, strict
         return not any(key == s or key.startswith(s + ".") for s in skip)
 
     expected = model.state_dict()
+    state_dict = _with_shared_names(state_dict, model, expected)
     missing = [k for k in expected if k not in state_dict and checked(k)] if strict else []
     unexpected = [k for k in state_dict if k not in expected and checked(k)] if strict else []
     shapes = [

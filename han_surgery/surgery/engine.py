@@ -275,6 +275,9 @@ def hanify(
         calibration_config: a
             :class:`~han_surgery.surgery.calibration.CalibrationConfig` (fit
             steps, token sample size, ``max_fvu``, healing); recorded in the recipe.
+            Its ``seed`` also seeds the new blocks' random initialisation (torch's generators
+            are seeded with it for the call and then restored), so the same call on the same
+            model and data gives the same weights.
 
     After a step that rewrote something, the model's library can save it with its own API (see
     :func:`register_hanify_hook`): a transformers model becomes a ``Hanified<Class>`` (a subclass, same
@@ -305,13 +308,29 @@ def hanify(
     config = config if config is not None else HanConfig()
     _require_type("config", config, HanConfig)
     if calibration_config is not None:
-        from .calibration.config import CalibrationConfig
-
         _require_type("calibration_config", calibration_config, CalibrationConfig)
     if calibration_config is not None and calibration is None:
         raise ConfigError("hanify: calibration_config given without calibration data (calibration=batches)")
     if calibration is not None and dry_run:
         raise ConfigError("hanify: dry_run=True plans without touching the model; it cannot calibrate")
+    if calibration is None:
+        return _rewrite(model, config, filter_fn, dry_run, None, None)
+    calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
+    cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # the caller's generators come back as they were
+        torch.manual_seed(calibration_config.seed)
+        return _rewrite(model, config, filter_fn, dry_run, calibration, calibration_config)
+
+
+def _rewrite(
+    model: nn.Module,
+    config: HanConfig,
+    filter_fn: FilterFn | None,
+    dry_run: bool,
+    calibration: Iterable[Any] | None,
+    calibration_config: CalibrationConfig | None,
+) -> HanifyReport:
+    """:func:`hanify` once its arguments are checked (``model`` unwrapped)."""
     rules = resolve_rules(config.rules)
     params_before = count_parameters(model)
     matches, han_paths = _discover(model, rules)
@@ -444,7 +463,7 @@ def hanify(
 
     calibration_record: dict | None = None
     if calibration is not None:
-        from .calibration import CalibrationConfig, calibrate_rewrites
+        from .calibration import calibrate_rewrites
 
         calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
         report.calibration, kept = calibrate_rewrites(model, planned, calibration, calibration_config)
@@ -459,6 +478,8 @@ def hanify(
         _swap_all(model, planned)
     _warn_dropped_hooks(modules, planned)
     report.params_after = count_parameters(model)
+    if not report.rewrites:  # calibration kept every block: the model is as it was, no step to record
+        return report
     rewrites = tuple(RewriteEntry(r.path, r.rule, tuple(r.swapped), dict(r.neighbours)) for r in report.rewrites)
     record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
     for hook in _HANIFY_HOOKS:

@@ -68,9 +68,10 @@ from ..folders import (
 )
 from ..utils import is_transformers_model, replace_parameters
 from ..version import __version__
-from .engine import hanify, unwrap_model
+from .engine import _set_module, hanify, unwrap_model
 from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of
 from .registry import list_rules
+from .report import HanifyReport
 
 __all__ = [
     "save_pretrained",
@@ -410,6 +411,7 @@ def replay_recipe(
             continue
         paths = {p for p, _ in wanted}
         config = step.config if path_map is None else dataclasses.replace(step.config, include=(), exclude=())
+        before = dict(model.named_modules())
         report = hanify(model, config, filter_fn=lambda _m, p, paths=paths: p in paths)
         got = [(r.path, r.rule) for r in report.rewrites]
         if got != wanted:
@@ -418,7 +420,41 @@ def replay_recipe(
                 f"{source}: step {i} of the recipe does not replay on the rebuilt {type(model).__name__}; "
                 f"not reproduced: {missing[:5]}. (Is a custom rule not registered, or a different base model?)"
             )
+        _share_again(model, step, report, before, source, path_map)
     return model
+
+
+def _share_again(
+    model: nn.Module,
+    step: RecipeStep,
+    report: HanifyReport,
+    before: dict[str, nn.Module],
+    source: str,
+    path_map: Callable[[str], str | None] | None,
+) -> None:
+    """A module that was shared under several paths when it was rewritten (its other paths are in the
+    recorded ``swapped``) is shared again: a base rebuilt from its config holds a separate module at each
+    other path, which the replay, rewriting the recorded paths only, left as it was. Each such path takes
+    the replacement of the swapped path whose module had the same class (BERT's ``intermediate`` and
+    ``output`` alike); none or several is a ``CheckpointError``."""
+    replayed = {r.path: list(r.swapped) for r in report.rewrites}
+    for entry in step.rewrites:
+        path = entry.path if path_map is None else path_map(entry.path)
+        if path is None:
+            continue
+        for recorded in entry.swapped:
+            alias = recorded if path_map is None else path_map(recorded)
+            if alias is None or alias in replayed[path]:
+                continue
+            there = before.get(alias)
+            like = [p for p in replayed[path] if there is not None and type(before.get(p)) is type(there)]
+            if len(like) != 1:
+                found = "no module" if there is None else f"a {type(there).__name__}"
+                raise CheckpointError(
+                    f"{source}: {recorded} shared a module rewritten with {entry.path} when the model was saved, but "
+                    f"the rebuilt {type(model).__name__} has {found} there: pass the model built as it was with model=..."
+                )
+            _set_module(model, alias, model.get_submodule(like[0]))
 
 
 def replay_remaining_steps(model: nn.Module, steps: Sequence[RecipeStep], source: str) -> nn.Module:

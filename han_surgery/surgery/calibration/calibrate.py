@@ -314,6 +314,8 @@ def calibrate_rewrites(
     if chosen is None:
         chosen = _choose_kept(model, planned, batches, config) if config.keep_count else {}
     try:
+        for p in model.parameters():  # else the fit's backward adds into the caller's own .grad tensors, in place
+            p.grad = None
         model.eval()
         output_ref: list[Tensor] = []  # keep_by="output": the original's last hidden state, per recording batch
         output_fvu = 0.0

@@ -105,7 +105,9 @@ class CalibrationConfig:
         heal_memory_mb: the most memory that cache may take; healing uses only as
             many of its (random) batches as fit (the report says how many). ``keep_by="output"``
             caches the original's last hidden state on the recording batches under the same bound.
-        seed: seeds the token sampling, the holdout split and the minibatches.
+        seed: seeds the new blocks' random initialisation (torch's generators, for the ``hanify`` call),
+            the token sampling, the holdout split and the minibatches: the same seed, model and data give
+            the same weights.
         progress: show tqdm progress bars.
     """
 
@@ -143,7 +145,9 @@ class CalibrationConfig:
     )
     heal_batches: int | None = _field(None, "calibration batches healing cycles through (default: all)")
     heal_memory_mb: float = _field(2048.0, "the most memory the cache of the original model's states may take")
-    seed: int = _field(0, "seeds the sampling of data and tokens, the holdout split and the minibatches")
+    seed: int = _field(
+        0, "seeds the new blocks' init, the sampling of data and tokens, the holdout split and the minibatches"
+    )
     progress: bool = _field(True, "show progress bars")
 
     def __post_init__(self) -> None:
