@@ -386,3 +386,24 @@ def test_card_base_model_is_set_only_to_a_hub_repo_id(finished: tuple[Path, dict
     assert hub_base_model(SimpleNamespace(pretrained=False), timm_model) is None  # random init: not those weights
     transformers_model = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(_name_or_path="models/bert")))
     assert hub_base_model(SimpleNamespace(pretrained=False), transformers_model) is None
+
+
+def test_model_card_license_is_the_base_weights_license_or_none(tmp_path: Path) -> None:
+    """Every card said ``license: apache-2.0``, a folder fine-tuned from a cc-by-nc-4.0 model too."""
+    from types import SimpleNamespace
+
+    from han_surgery.finetune.hub import base_license
+
+    folder = tmp_path / "nc"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# a model\n")
+    loaded = SimpleNamespace(random_weights="none", model=torch.nn.Linear(2, 2))
+    assert base_license(SimpleNamespace(pretrained=False, model=str(folder)), loaded) == "cc-by-nc-4.0"
+    (folder / "README.md").write_text("# no YAML\n")
+    assert base_license(SimpleNamespace(pretrained=False, model=f"local-dir:{folder}"), loaded) is None
+    timm_model = torch.nn.Linear(2, 2)
+    timm_model.pretrained_cfg = {"license": "apache-2.0"}
+    weights = SimpleNamespace(random_weights="head", model=timm_model)
+    assert base_license(SimpleNamespace(pretrained=True, model="vit_tiny_patch16_224"), weights) == "apache-2.0"
+    scratch = SimpleNamespace(random_weights="all", model=timm_model)
+    assert base_license(SimpleNamespace(pretrained=False, model="vit_tiny_patch16_224"), scratch) is None

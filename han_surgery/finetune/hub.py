@@ -124,6 +124,27 @@ def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
     return hub_id if isinstance(hub_id, str) and hub_id.count("/") == 1 else None
 
 
+def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
+    """The card's ``license``: the licence of the weights the run started from, where it is known (timm's
+    ``pretrained_cfg["license"]`` with ``--pretrained``; the ``license:`` of a model folder's own README.md).
+    ``None`` otherwise (weights trained from scratch are the user's to license): the card then has none."""
+    if built.random_weights == "all":
+        return None
+    if config.pretrained:
+        value = (getattr(built.model, "pretrained_cfg", None) or {}).get("license")
+        return value if isinstance(value, str) and value else None
+    readme = Path(config.model.removeprefix("local-dir:")).expanduser() / CARD_NAME
+    if not readme.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        value = ModelCard.load(readme).data.license
+    except Exception:  # noqa: BLE001 (a README without YAML, or YAML the Hub would refuse: no licence to carry)
+        return None
+    return value if isinstance(value, str) and value else None
+
+
 def _is_local_path(value: str) -> bool:
     """``_name_or_path`` holds the folder a model was loaded from when it was not a Hub id."""
     path = Path(value).expanduser()
@@ -226,7 +247,7 @@ def render_model_card(
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
         eval_results=eval_results or None,
-        license="apache-2.0",
+        license=base_license(config, built),
     )
     setup = result.setup
     distill_line = None
