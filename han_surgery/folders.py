@@ -234,6 +234,18 @@ _TRANSFORMERS_META_KEYS = frozenset(
 )
 
 
+def _config_class_settings(model_type: Any) -> set[str]:
+    """The settings of transformers' config class for ``model_type`` (none for a type it does not know)."""
+    if not isinstance(model_type, str):
+        return set()
+    from transformers import AutoConfig
+
+    try:
+        return set(AutoConfig.for_model(model_type).to_dict())
+    except (ValueError, KeyError):
+        return set()
+
+
 def checked_transformers_model_kwargs(
     model_kwargs: dict[str, Any], config: dict[str, Any], source: str
 ) -> dict[str, Any]:
@@ -242,13 +254,16 @@ def checked_transformers_model_kwargs(
     ``from_pretrained(dir, **kwargs)`` gives a key that is a config attribute to the config and every other
     key to its own loading machinery (``cache_dir``, ``revision``, ``from_tf``, ``state_dict``,
     ``trust_remote_code``, ...) or the model's constructor. Only config overrides are allowed: keys of the
-    folder's ``config.json`` (of its ``base_config`` for a hanified folder), with plain JSON values.
+    folder's ``config.json`` (of its ``base_config`` for a hanified folder) or settings its ``model_type``'s
+    config class has (``classifier_dropout`` of a ``BertConfig``, which ``save_pretrained`` leaves out of the
+    file at its default), with plain JSON values.
 
     Raises:
         CheckpointError: a key that is not a config attribute, or a value that is not plain JSON data.
     """
     base = config.get(HF_BASE_CONFIG_KEY)
-    allowed = set(base if isinstance(base, dict) else config) - _TRANSFORMERS_META_KEYS
+    saved = base if isinstance(base, dict) else config
+    allowed = (set(saved) | _config_class_settings(saved.get("model_type"))) - _TRANSFORMERS_META_KEYS
     for key, value in model_kwargs.items():
         if key not in allowed:
             raise CheckpointError(

@@ -287,6 +287,9 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     cfg = T.BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
     T.BertModel(cfg).save_pretrained(base)
+    saved = json.loads((base / "config.json").read_text())
+    saved.pop("classifier_dropout")  # as in all-MiniLM-L6-v2's config.json (older transformers left it out)
+    (base / "config.json").write_text(json.dumps(saved))
     assert main(["hanify", str(base), "-o", str(hanified)]) == 0
     tokenizer.save_pretrained(hanified)
     data = tmp_path / "text.jsonl"
@@ -312,6 +315,11 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     assert (
         type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2
     )
+    # a setting of BertConfig that this config.json does not hold (it was refused as not a setting)
+    tokenizer.save_pretrained(base)
+    kwargs = ["--model-kwargs", '{"classifier_dropout": 0.3}']
+    assert cli([*args[:1], str(base), *args[2:], "--output-dir", str(tmp_path / "plain"), *kwargs]) == 0
+    assert T.AutoConfig.from_pretrained(tmp_path / "plain").classifier_dropout == 0.3
     batch = tokenizer(["row 1 is good"], return_tensors="pt")
     assert model(**batch).logits.shape == (1, 3) and set(model.config.id2label.values()) == set(labels)
     from han_surgery.finetune import load_data
