@@ -484,6 +484,25 @@ def test_a_kept_block_keeps_the_weights_its_model_keeps_in_float32(tmp_path):
     assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
 
 
+def test_an_encoder_decoder_without_decoder_inputs_is_told_how_to_add_them():
+    """T5 on encoder-only batches says 'You must specify exactly one of input_ids or inputs_embeds' (input_ids was
+    given: the decoder's are missing); the error now names with_decoder_inputs."""
+    import transformers as T
+
+    from han_surgery.surgery.calibration import CalibrationBatchError, with_decoder_inputs
+
+    torch.manual_seed(0)
+    model = T.T5Model(T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)).eval()
+    batches = [{"input_ids": torch.randint(2, 100, (2, 6))}]
+    before = _state(model)
+    with pytest.raises(
+        CalibrationBatchError, match=r"decoder needs inputs too: .*with_decoder_inputs\(batches, model\)"
+    ):
+        hanify(model, calibration=batches, calibration_config=CalibrationConfig(**FAST))
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+    hanify(model, calibration=with_decoder_inputs(batches, model), calibration_config=CalibrationConfig(**FAST))
+
+
 def test_a_failure_after_healing_all_parameters_restores_the_original_weights(monkeypatch):
     model = _vit()
     before = _state(model)

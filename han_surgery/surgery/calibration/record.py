@@ -43,13 +43,13 @@ class CalibrationBatchError(CalibrationDataError):
     knows the whole list; ``None`` for a batch it made itself, e.g. one with tokens replaced).
     """
 
-    def __init__(self, batch: Any, error: BaseException, index: int | None = None) -> None:
+    def __init__(self, batch: Any, error: BaseException, index: int | None = None, hint: str = "") -> None:
         super().__init__(batch, error)
-        self.batch, self.error, self.index = batch, error, index
+        self.batch, self.error, self.index, self.hint = batch, error, index, hint
 
     def __str__(self) -> str:
         which = f"calibration batch {self.index}" if self.index is not None else "a calibration batch"
-        hint = next((how for kind, how in _HOW_CALLED if isinstance(self.batch, kind)), "")
+        hint = self.hint or next((how for kind, how in _HOW_CALLED if isinstance(self.batch, kind)), "")
         return f"the model raised {type(self.error).__name__} on {which}: {self.error} ({hint})"
 
 
@@ -141,7 +141,16 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
     except (HanSurgeryError, _StopForward):  # raised by our own hooks
         raise
     except Exception as err:
-        raise CalibrationBatchError(batch, err) from err  # the caller's batch, not the moved copy
+        hint = ""
+        decoder_keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and not (
+            isinstance(batch, Mapping) and any(k in batch for k in decoder_keys)
+        ):
+            hint = (
+                "an encoder-decoder model's decoder needs inputs too: "
+                "han_surgery.surgery.calibration.with_decoder_inputs(batches, model) adds them"
+            )
+        raise CalibrationBatchError(batch, err, hint=hint) from err  # the caller's batch, not the moved copy
     raise CalibrationDataError(
         f"calibration batch of type {type(batch).__name__}: expected a dict (called as model(**batch)), "
         "a tuple/list (model(*batch)) or a tensor (model(batch))"
