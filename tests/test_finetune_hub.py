@@ -311,6 +311,8 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
 
     out_text = capsys.readouterr().out
     assert re.search(r"schedule: 1 optimizer steps \(--max-steps; an epoch is \d+ steps\)", out_text), out_text
+    card = (out / "README.md").read_text()  # it said "(1 epoch(s))" for any part of an epoch
+    assert re.search(r"1 optimizer steps \(0\.\d+ epochs of \d+ steps\)", card), card
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
     assert (
         type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2

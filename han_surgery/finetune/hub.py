@@ -266,8 +266,14 @@ def render_model_card(
             f"knowledge distillation from `{config.distill_from}`: loss = (1 - {config.distill_alpha}) x task loss + "
             f"{config.distill_alpha} x ({' + '.join(terms)})"
         )
+    per_epoch = setup.get("steps_per_epoch")
+    passes = (
+        f"{setup['total_steps'] / per_epoch:.3g} epochs of {per_epoch} steps"  # --max-steps: rarely whole epochs
+        if config.max_steps and per_epoch
+        else f"{setup['epochs']} epoch(s)"
+    )
     recipe = (
-        f"{setup['total_steps']} optimizer steps ({setup['epochs']} epoch(s)), AdamW lr {config.lr} ({config.schedule}"
+        f"{setup['total_steps']} optimizer steps ({passes}), AdamW lr {config.lr} ({config.schedule}"
         f"{f', {config.warmup_steps} warm-up steps' if config.warmup_steps else ''}), weight decay "
         f"{config.weight_decay}, global batch {setup['global_batch_size']}, seed {config.seed}"
     )
