@@ -313,6 +313,13 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     assert re.search(r"schedule: 1 optimizer steps \(--max-steps; an epoch is \d+ steps\)", out_text), out_text
     card = (out / "README.md").read_text()  # it said "(1 epoch(s))" for any part of an epoch
     assert re.search(r"1 optimizer steps \(0\.\d+ epochs of \d+ steps\)", card), card
+    # the folder was hanified before this run: the card said "A fine-tuned <base>", the surgery unmentioned
+    assert (
+        "replaced by Han-blocks (`han_surgery.hanify`, in an earlier run), fine-tuned further from the hanified "
+        "folder `han-bert`"
+        in card
+        and "| base model (`han-bert`) |" in card
+    )
     model = T.AutoModelForSequenceClassification.from_pretrained(out)
     assert (
         type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2

@@ -277,11 +277,17 @@ def render_model_card(
         f"{f', {config.warmup_steps} warm-up steps' if config.warmup_steps else ''}), weight decay "
         f"{config.weight_decay}, global batch {setup['global_batch_size']}, seed {config.seed}"
     )
-    summary = (
-        f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
-        if built.hanified and not built.loaded_hanified
-        else f"A fine-tuned `{base_model}`."
-    )
+    started_from = base_model  # the model the parameter table's first row counts
+    if built.loaded_hanified:  # the surgery was an earlier run's: this one started from its hanified folder
+        started_from = Path(config.model.removeprefix("local-dir:")).name or config.model
+        summary = (
+            f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`, in an earlier run), "
+            f"fine-tuned further from the hanified folder `{started_from}`."
+        )
+    elif built.hanified:
+        summary = f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
+    else:
+        summary = f"A fine-tuned `{base_model}`."
     params = f"{result.params:,}" + (f" ({result.params / result.params_base:.1%})" if result.params_base else "")
     return ModelCard.from_template(
         card_data,
@@ -293,7 +299,7 @@ def render_model_card(
         val_fraction_pct=f"{config.val_fraction:.0%}",
         seed=config.seed,
         result_rows=metric_rows,
-        base_model_name=base_model,
+        base_model_name=started_from,
         params_base=f"{result.params_base:,}",
         params=params,
         han_report=str(han_report).strip() if han_report is not None else None,
