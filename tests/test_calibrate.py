@@ -313,7 +313,7 @@ def test_calibrated_bert_post_norm_beats_plain_hanify_and_deletion():
     assert errs["cal"] < 0.5 * min(errs["deleted"], errs["plain"]), errs
 
 
-def test_the_calibration_seed_makes_the_new_weights_the_same_every_time():
+def test_the_calibration_seed_makes_the_new_weights_the_same_every_time(monkeypatch):
     """The new blocks' random init came from torch's global generator, unseeded by CalibrationConfig.seed: two
     identical `han-surgery hanify --calibrate ... --calibration-seed 0` runs saved different weights."""
     model, cal = _bert(), _tokens(3, 0)
@@ -327,7 +327,11 @@ def test_the_calibration_seed_makes_the_new_weights_the_same_every_time():
         runs.append(_state(copy_))
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     other = copy.deepcopy(model)
+    seeded: list[int] = []  # a CPU model must not reseed the accelerators' generators, which nothing restores
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
     hanify(other, calibration=cal, calibration_config=CalibrationConfig(**FAST, seed=4))
+    assert seeded == []
     assert not torch.equal(
         _state(other)["encoder.layer.0.intermediate.fc1.u"], runs[0]["encoder.layer.0.intermediate.fc1.u"]
     )

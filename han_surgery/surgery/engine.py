@@ -318,7 +318,11 @@ def hanify(
     calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
     cuda = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):  # the caller's generators come back as they were
-        torch.manual_seed(calibration_config.seed)
+        # Seed only the generators the new blocks draw from, and that fork_rng restores: torch.manual_seed would
+        # also (lazily) reseed every other accelerator's generator and leave it so.
+        torch.default_generator.manual_seed(calibration_config.seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(calibration_config.seed)
         return _rewrite(model, config, filter_fn, dry_run, calibration, calibration_config)
 
 
