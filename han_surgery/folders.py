@@ -234,14 +234,24 @@ _TRANSFORMERS_META_KEYS = frozenset(
 )
 
 
+#: Keys ``from_pretrained`` takes as loading arguments (dtype, attention kernel, quantization), or that change
+#: what the model returns (tuples instead of outputs, extra states): never ``--model-kwargs``, even where a
+#: config.json holds them.
+_TRANSFORMERS_LOADING_KEYS = frozenset(
+    {"dtype", "torch_dtype", "attn_implementation", "_attn_implementation", "quantization_config", "return_dict",
+     "output_hidden_states", "output_attentions", "torchscript", "device_map"}
+)  # fmt: skip
+
+
 def _config_class_settings(model_type: Any) -> set[str]:
-    """The settings of transformers' config class for ``model_type`` (none for a type it does not know)."""
+    """The settings particular to transformers' config class for ``model_type`` (``classifier_dropout`` of a
+    ``BertConfig``), not those every ``PretrainedConfig`` has; none for a type it does not know."""
     if not isinstance(model_type, str):
         return set()
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     try:
-        return set(AutoConfig.for_model(model_type).to_dict())
+        return set(AutoConfig.for_model(model_type).to_dict()) - set(PretrainedConfig().to_dict())
     except (ValueError, KeyError):
         return set()
 
@@ -263,7 +273,8 @@ def checked_transformers_model_kwargs(
     """
     base = config.get(HF_BASE_CONFIG_KEY)
     saved = base if isinstance(base, dict) else config
-    allowed = (set(saved) | _config_class_settings(saved.get("model_type"))) - _TRANSFORMERS_META_KEYS
+    allowed = set(saved) | _config_class_settings(saved.get("model_type"))
+    allowed -= _TRANSFORMERS_META_KEYS | _TRANSFORMERS_LOADING_KEYS
     for key, value in model_kwargs.items():
         if key not in allowed:
             raise CheckpointError(

@@ -424,3 +424,16 @@ def test_model_card_license_is_the_base_weights_license_or_none(tmp_path: Path) 
     assert base_license(SimpleNamespace(pretrained=True, model="vit_tiny_patch16_224"), weights) == "apache-2.0"
     scratch = SimpleNamespace(random_weights="all", model=timm_model)
     assert base_license(SimpleNamespace(pretrained=False, model="vit_tiny_patch16_224"), scratch) is None
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype", "attn_implementation", "quantization_config", "return_dict"])
+def test_model_kwargs_of_a_transformers_folder_refuse_loading_arguments(key: str) -> None:
+    """Only config settings go to ``from_pretrained``: taking every setting of the config class let through the
+    keys ``from_pretrained`` reads as loading arguments (a dtype, a quantization config) or that change what the
+    model returns (``return_dict=False``: tuples the training loop cannot read), even where config.json holds them."""
+    from han_surgery.folders import CheckpointError, checked_transformers_model_kwargs
+
+    config = {"model_type": "bert", "hidden_size": 32, "dtype": "float32", "return_dict": True}
+    assert checked_transformers_model_kwargs({"classifier_dropout": 0.1}, config, "x") == {"classifier_dropout": 0.1}
+    with pytest.raises(CheckpointError, match=rf"--model-kwargs\['{key}'\] is not a setting"):
+        checked_transformers_model_kwargs({key: None}, config, "x")
