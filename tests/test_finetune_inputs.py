@@ -71,6 +71,9 @@ def test_csv_with_non_numeric_cell(tmp_path: Path, capsys: pytest.CaptureFixture
     code, err = finetune(capsys, "--model", "mlp", "--data", str(path), "--output-dir", str(tmp_path / "o"))
     assert code == 2
     assert "table.csv, line 2, column 2: non-numeric cell 'abc'" in err
+    path.write_text("a,b,y\n\n1.0,2.0,0.5\n\n3.0,abc,0.1\n")  # blank lines count: the editor's line 5
+    with pytest.raises(DataError, match=r"table\.csv, line 5, column 2: non-numeric cell 'abc'"):
+        load_data(path)
 
 
 def test_existing_output_dir_is_refused_without_overwrite(
@@ -649,20 +652,24 @@ def test_npz_integer_images_of_any_dtype_are_scaled_like_uint8(tmp_path: Path) -
     [
         (
             "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,\n",
-            r"row 10 after the header: empty label",
+            r"line 11: empty label",
         ),
+        (
+            "text,label\n\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + '"two\nlines",1\n' + "t 9,\n",
+            r"line 14: empty label",
+        ),  # the editor's line: blank lines and a quoted line break count
         ('{"text": "a", "label": 1}\n\n{"text": "b", "label": null}\n', r"line 3: empty label"),  # blank lines count
         ('{"text": "a", "label": 1}\n{"text": null, "label": 2}\n', r"line 2: empty text"),  # was trained as "None"
         (
             "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + " ,1\n",
-            r"row 10 after the header: empty text",
+            r"line 11: empty text",
         ),
         (
             "text,label\n" + "".join(f"t {i},{i % 3}\n" for i in range(9)) + "t 9,cat\n",
-            r"mix class numbers \('0', row 1 after the header\) and class names \('cat', row 10 after the header\)",
+            r"mix class numbers \('0', line 2\) and class names \('cat', line 11\)",
         ),  # fmt: skip
     ],
-    ids=["csv-blank", "jsonl-null", "jsonl-null-text", "csv-blank-text", "numbers-and-names"],
+    ids=["csv-blank", "csv-blank-lines", "jsonl-null", "jsonl-null-text", "csv-blank-text", "numbers-and-names"],
 )
 def test_text_labels_blank_or_mixed_are_refused(content: str, message: str, tmp_path: Path) -> None:
     """A blank label became class '' (sorted first), so every numeric label trained as the class after it."""

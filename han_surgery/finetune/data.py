@@ -404,12 +404,22 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not a UTF-8 text file (byte {bom + e.start}): is it binary?") from None
 
 
-def _read_csv_rows(path: Path) -> list[list[str]]:
-    """The non-blank rows of a CSV or TSV file, split as :func:`~han_surgery.fileio.csv_delimiter` says."""
+#: A CSV row as ``(line, cells)``: the file line it starts on (1-based, as an editor numbers them), its cells.
+CsvRow = tuple[int, list[str]]
+
+
+def _read_csv_rows(path: Path) -> list[CsvRow]:
+    """The non-blank rows of a CSV or TSV file, split as :func:`~han_surgery.fileio.csv_delimiter` says, each
+    with the line it starts on (blank lines and quoted line breaks counted, so messages name the editor's line)."""
     text = _read_text(path)
+    rows: list[CsvRow] = []
     try:
         reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text, path.suffix))
-        rows = [row for row in reader if row and any(c.strip() for c in row)]
+        start = 1
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                rows.append((start, row))
+            start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(f"{path}: not a readable CSV ({e}).") from None
     if not rows:
@@ -432,7 +442,7 @@ def _is_number(cell: str) -> bool:
 
 def load_tabular_csv(
     path: Path,
-    rows: list[list[str]],
+    rows: list[CsvRow],
     *,
     task: str,
     num_classes: int | None,
@@ -441,34 +451,31 @@ def load_tabular_csv(
     max_samples: int | None,
 ) -> DataBundle:
     header = None
-    if not any(_is_number(c) for c in rows[0]):
-        header, rows = rows[0], rows[1:]
+    if not any(_is_number(c) for c in rows[0][1]):
+        header, rows = rows[0][1], rows[1:]
     if not rows:
         raise DataError(f"{path}: only a header row, no data.")
-    width = len(rows[0])
+    width = len(rows[0][1])
     if width < 2:
         raise DataError(
             f"{path}: a tabular CSV needs at least one feature column and the target last; got {width} column(s)."
         )
     values = np.empty((len(rows), width), dtype=np.float64)
-    first_line = 2 if header else 1
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(rows):
         if len(row) != width:
-            raise DataError(
-                f"{path}, line {i + first_line}: {len(row)} cells, expected {width} like the first data row."
-            )
+            raise DataError(f"{path}, line {line}: {len(row)} cells, expected {width} like the first data row.")
         for j, cell in enumerate(row):
             try:
                 values[i, j] = float(cell)
             except ValueError:
                 raise DataError(
-                    f"{path}, line {i + first_line}, column {j + 1}: non-numeric cell {cell!r}. A tabular CSV holds "
+                    f"{path}, line {line}, column {j + 1}: non-numeric cell {cell!r}. A tabular CSV holds "
                     f"numbers only (features, then the target last); encode categories as numbers first. "
                     f"(For text classification use columns named 'text' and 'label'.)"
                 ) from None
     if not np.all(np.isfinite(values)):
         i, j = np.argwhere(~np.isfinite(values))[0]
-        raise DataError(f"{path}, line {i + first_line}, column {j + 1}: {values[i, j]} is not a finite number.")
+        raise DataError(f"{path}, line {rows[i][0]}, column {j + 1}: {values[i, j]} is not a finite number.")
     if max_samples:
         values = values[:max_samples]
     features, target = values[:, :-1], values[:, -1]
@@ -528,9 +535,9 @@ def make_text_collate(tokenizer: Any, max_length: int) -> Any:
     return collate
 
 
-def _text_records(path: Path, rows: list[list[str]] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+def _text_records(path: Path, rows: list[CsvRow] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of a .jsonl, or of a CSV/TSV (``rows`` from :func:`_read_csv_rows`, header first), and where
-    each is, for messages: ``"line N"`` of a .jsonl, ``"row N after the header"`` of a CSV (blank rows skipped)."""
+    each is, for messages: ``"line N"``, the file line it starts on."""
     if rows is None and path.suffix.lower() == ".jsonl":
         records, places = [], []
         for n, line in enumerate(_read_text(path).split("\n"), 1):
@@ -541,11 +548,9 @@ def _text_records(path: Path, rows: list[list[str]] | None = None) -> tuple[list
                     raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
                 places.append(f"line {n}")
         return records, places
-    header, *body = rows if rows is not None else _read_csv_rows(path)
+    (_, header), *body = rows if rows is not None else _read_csv_rows(path)
     keys = _header_keys(header)  # a short row lacks the fields it misses, and load_text names it
-    return [dict(zip(keys, row, strict=False)) for row in body], [
-        f"row {n} after the header" for n in range(1, len(body) + 1)
-    ]
+    return [dict(zip(keys, row, strict=False)) for _, row in body], [f"line {line}" for line, _ in body]
 
 
 def load_text(
@@ -555,7 +560,7 @@ def load_text(
     val_fraction: float,
     seed: int,
     max_samples: int | None,
-    rows: list[list[str]] | None = None,
+    rows: list[CsvRow] | None = None,
 ) -> DataBundle:
     records, places = _text_records(path, rows)
     if not records:
@@ -638,7 +643,7 @@ def load_data(
         bundle = load_text(p, num_classes=num_classes, **kw)
     elif suffix in (".csv", ".tsv", ".txt"):
         rows = _read_csv_rows(p)
-        header = _header_keys(rows[0])
+        header = _header_keys(rows[0][1])
         if "text" in header and "label" in header:
             bundle = load_text(p, num_classes=num_classes, rows=rows, **kw)
         else:
