@@ -365,7 +365,9 @@ def test_model_card_base_model_of_a_hanified_folder_is_its_base(tmp_path: Path) 
     assert card_base(tmp_path / "bert") == "owner/tiny-bert"
     bert.config._name_or_path = str(tmp_path / "bert")  # loaded from a folder: no Hub id to name
     save_pretrained(bert, tmp_path / "local")
-    assert card_base(tmp_path / "local") == "local"
+    # its architecture, not the hanified folder's own name: the card said "`local` with its MLP blocks replaced ...,
+    # fine-tuned further from the hanified folder `local`"
+    assert card_base(tmp_path / "local") == "BertModel"
 
 
 def test_a_card_written_for_one_repo_is_retargeted_to_another(finished: tuple[Path, dict, Path]) -> None:
@@ -424,6 +426,32 @@ def test_model_card_license_is_the_base_weights_license_or_none(tmp_path: Path) 
     assert base_license(SimpleNamespace(pretrained=True, model="vit_tiny_patch16_224"), weights) == "apache-2.0"
     scratch = SimpleNamespace(random_weights="all", model=timm_model)
     assert base_license(SimpleNamespace(pretrained=False, model="vit_tiny_patch16_224"), scratch) is None
+    # a folder's weights are the folder's, --pretrained or not: timm's pretrained_cfg names a licence even for
+    # random weights (it named apache-2.0 for a folder without a README)
+    timm_folder = SimpleNamespace(random_weights="none", model=timm_model)
+    assert base_license(SimpleNamespace(pretrained=True, model=f"local-dir:{folder}"), timm_folder) is None
+
+
+def test_model_card_license_of_a_hanified_folder_is_its_base_folders(tmp_path: Path) -> None:
+    """``han-surgery hanify base -o out`` writes no README: fine-tuning ``out`` lost the base's licence. A hanified
+    transformers folder whose base was loaded from a local folder takes that folder's README licence."""
+    from types import SimpleNamespace
+
+    import transformers as T
+
+    from han_surgery.cli import main
+    from han_surgery.finetune.hub import base_license
+
+    base, hanified = tmp_path / "bert", tmp_path / "han-bert"
+    T.BertModel(
+        T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(base)
+    (base / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# a model\n")
+    assert main(["hanify", str(base), "-o", str(hanified)]) == 0
+    loaded = SimpleNamespace(random_weights="none", model=torch.nn.Linear(2, 2))
+    assert base_license(SimpleNamespace(pretrained=False, model=str(hanified)), loaded) == "cc-by-nc-4.0"
+    (base / "README.md").unlink()  # no licence anywhere: none
+    assert base_license(SimpleNamespace(pretrained=False, model=str(hanified)), loaded) is None
 
 
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype", "attn_implementation", "quantization_config", "return_dict"])

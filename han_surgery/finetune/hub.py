@@ -111,6 +111,10 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     for value in candidates:
         if isinstance(value, str) and value and value != TIMM_HANIFIED_ARCH and not _is_local_path(value):
             return value
+    # a hanified transformers folder made from a local one: its architecture (the card names this folder too)
+    architectures = base_config.get("architectures")
+    if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
+        return architectures[0]
     return path.name
 
 
@@ -126,14 +130,32 @@ def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
 
 def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
     """The card's ``license``: the licence of the weights the run started from, where it is known (timm's
-    ``pretrained_cfg["license"]`` with ``--pretrained``; the ``license:`` of a model folder's own README.md).
-    ``None`` otherwise (weights trained from scratch are the user's to license): the card then has none."""
+    ``pretrained_cfg["license"]`` with ``--pretrained`` on a timm name; the ``license:`` of a model folder's own
+    README.md, or of its base's folder for a hanified transformers folder). ``None`` otherwise (weights trained from scratch are the user's to license): the card then has none."""
     if built.random_weights == "all":
         return None
-    if config.pretrained:
-        value = (getattr(built.model, "pretrained_cfg", None) or {}).get("license")
+    folder = Path(config.model.removeprefix("local-dir:")).expanduser()
+    if not folder.is_dir():  # a timm name: its Hub weights' licence, if --pretrained loaded them
+        value = (getattr(built.model, "pretrained_cfg", None) or {}).get("license") if config.pretrained else None
         return value if isinstance(value, str) and value else None
-    readme = Path(config.model.removeprefix("local-dir:")).expanduser() / CARD_NAME
+    # A folder's weights are its own (timm's pretrained_cfg in its config.json names a licence even for random
+    # weights): the licence of its README, else, for a hanified transformers folder (`han-surgery hanify -o` writes
+    # no README), that of the local folder its base was loaded from.
+    saved = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
+    base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
+    base_path = base_config.get("_name_or_path")
+    folders = [folder]
+    if isinstance(base_path, str) and base_path and Path(base_path).expanduser().is_dir():
+        folders.append(Path(base_path).expanduser())
+    for directory in folders:
+        value = _readme_license(directory / CARD_NAME)
+        if value is not None:
+            return value
+    return None
+
+
+def _readme_license(readme: Path) -> str | None:
+    """The ``license:`` of a model card's YAML, if it has one."""
     if not readme.is_file():
         return None
     from huggingface_hub import ModelCard
