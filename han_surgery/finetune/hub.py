@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shlex
 import tempfile
 from collections.abc import Iterator
@@ -101,11 +102,16 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     saved = read_json_object(path / CONFIG_NAME) if (path / CONFIG_NAME).is_file() else {}
     model_args = saved.get("model_args") if isinstance(saved.get("model_args"), dict) else {}
     base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
+    base_path = base_config.get("_name_or_path")
+    base_folder = _local_folder(base_path)
     candidates = (
         results.get("base_model"),
         model_args.get(TIMM_BASE_ARG),
         saved.get("architecture"),
-        base_config.get("_name_or_path"),
+        # a transformers folder: the title of its own card (a config.json's _name_or_path is where the weights
+        # were loaded from before they were saved here: all-MiniLM-L6-v2's names the model it was trained from)
+        None if base_config else _card_title(path),
+        _card_title(base_folder) if base_folder else base_path,  # a hanified one: its base's
         saved.get("_name_or_path"),
     )
     for value in candidates:
@@ -116,6 +122,14 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     if isinstance(architectures, list) and architectures and isinstance(architectures[0], str):
         return architectures[0]
     return path.name
+
+
+def _local_folder(value: Any) -> Path | None:
+    """``value`` as an existing local folder (a config's ``_name_or_path``), else ``None``."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_dir() else None
 
 
 def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
@@ -143,28 +157,39 @@ def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
     # no README), that of the local folder its base was loaded from.
     saved = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
     base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
-    base_path = base_config.get("_name_or_path")
-    folders = [folder]
-    if isinstance(base_path, str) and base_path and Path(base_path).expanduser().is_dir():
-        folders.append(Path(base_path).expanduser())
-    for directory in folders:
-        value = _readme_license(directory / CARD_NAME)
-        if value is not None:
+    for directory in (folder, _local_folder(base_config.get("_name_or_path"))):
+        card = _folder_card(directory) if directory else None
+        value = card.data.license if card else None
+        if isinstance(value, str) and value:
             return value
     return None
 
 
-def _readme_license(readme: Path) -> str | None:
-    """The ``license:`` of a model card's YAML, if it has one."""
+def _folder_card(folder: Path) -> Any:
+    """The ``huggingface_hub.ModelCard`` of a model folder's README.md; ``None`` if it has none or it does not
+    parse (a README without YAML, or YAML the Hub would refuse)."""
+    readme = folder / CARD_NAME
     if not readme.is_file():
         return None
     from huggingface_hub import ModelCard
 
     try:
-        value = ModelCard.load(readme).data.license
-    except Exception:  # noqa: BLE001 (a README without YAML, or YAML the Hub would refuse: no licence to carry)
+        return ModelCard.load(readme)
+    except Exception:  # noqa: BLE001 (nothing to read from it)
         return None
-    return value if isinstance(value, str) and value else None
+
+
+def _card_title(folder: Path) -> str | None:
+    """The model a folder's card is about: its ``model-index`` name, else the card's first ``# `` heading."""
+    card = _folder_card(folder)
+    if card is None:
+        return None
+    name = getattr(card.data, "model_name", None)
+    if isinstance(name, str) and name.strip():
+        return name.strip()
+    heading = next((line[2:].strip() for line in card.text.splitlines() if line.startswith("# ")), "")
+    heading = re.sub(r"^model card for\s+", "", heading, flags=re.IGNORECASE)  # huggingface_hub's template
+    return heading if heading and heading.lower() not in ("model card", "model id") else None
 
 
 def _is_local_path(value: str) -> bool:
