@@ -145,7 +145,8 @@ def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
 def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
     """The card's ``license``: the licence of the weights the run started from, where it is known (timm's
     ``pretrained_cfg["license"]`` with ``--pretrained`` on a timm name; the ``license:`` of a model folder's own
-    README.md, or of its base's folder for a hanified transformers folder). ``None`` otherwise (weights trained from scratch are the user's to license): the card then has none."""
+    README.md, or of its base's folder for a hanified transformers folder). ``None`` otherwise (weights trained
+    from scratch are the user's to license): the card then has none."""
     if built.random_weights == "all":
         return None
     folder = Path(config.model.removeprefix("local-dir:")).expanduser()
