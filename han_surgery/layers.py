@@ -92,12 +92,12 @@ class HouseholderLinear(nn.Module):
             (``n`` direction parameters); ``k = n`` can express any orthogonal
             matrix with determinant ``(-1)^n``. Costs ``O(n k)`` per row and is
             computed in compact WY form, never as an ``n x n`` matrix.
-        init: ``"orthogonal"`` (paper; ``u`` rows are random orthonormal
+        init: ``"orthogonal"`` (the authors' code; ``u`` rows are random orthonormal
             directions) or ``"normal"`` (i.i.d. Gaussian directions). With orthonormal
             rows the product is ``I - 2 U^T U``, the reflection through a random
             ``k``-dimensional subspace (symmetric, eigenvalues +-1); for ``k = n`` that is
             ``-I`` whatever the seed, so use ``"normal"`` for a random orthogonal start.
-        bias_init: ``"uniform"`` (paper; ``U(-1/sqrt(n), 1/sqrt(n))``, as
+        bias_init: ``"uniform"`` (the authors' code; ``U(-1/sqrt(n), 1/sqrt(n))``, as
             ``nn.Linear``) or ``"zeros"``.
         dim: the dimension of the input the layer acts on (default: the last).
 
@@ -246,8 +246,8 @@ class HanBlock(nn.Module):
             Section 5.3 (``|H2 |H1 x + b1| + b2|``; the gain and side path
             apply after it).
         drop: dropout probability after each layer, a float or a
-            ``(drop1, drop2)`` pair, the placement of the FFN in the paper's
-            Han-MobileViT (``H1, |.|, Dropout, H2, Dropout``) and of timm's ``Mlp``.
+            ``(drop1, drop2)`` pair, placed as in timm's ``Mlp`` (``H1, |.|,
+            Dropout, H2, Dropout``).
         init, bias_init: passed to both layers (see :class:`HouseholderLinear`).
         gain: learn ``g`` (shape ``(n,)``, starts at 1): ``n`` parameters.
         input_scale: learn ``s`` (shape ``(n,)``, starts at 1): ``n`` parameters.

@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_han_net_matches_the_authors_checkerboard_net():
     net = common.han_net(2, 30, 20, 2)
-    hans = [m for m in net if isinstance(m, HanLayer)]
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    assert len(hans) == 17 and len(linears) == 4  # dense, dense, 17 Han, dense, head
+    # dense + ABS, dense + ABS, 17 Han-layers (each |H x + b|), dense + ABS, dense head: in this order
+    expected = ["Linear", "Abs"] * 2 + ["HanLayer"] * 17 + ["Linear", "Abs", "Linear"]
+    assert [type(m).__name__ for m in net] == expected
     # 2*30+30 + 2*(30*30+30) + 17*2*30 + 30*2+2
     assert common.count_parameters(net) == 90 + 2 * 930 + 17 * 60 + 62 == 3032
     assert net(torch.randn(5, 2)).shape == (5, 2)
@@ -196,7 +197,14 @@ def test_approximation_models_follow_the_paper():
         io = (d * n + n) + (n * d + d)
         assert common.count_parameters(fc1(d, n)) == io + n * n + n
         assert common.count_parameters(han3(d, n)) == io + 6 * n
-        assert sum(isinstance(m, HanLayer) for m in han3(d, n)) == 3
+        # input layer, the hidden part, output layer, in this order (the input and output layers are plain dense)
+        assert [type(m).__name__ for m in fc1(d, n)] == ["Linear", "Linear", "ReLU", "Linear"]
+        assert [type(m).__name__ for m in han3(d, n)] == ["Linear", "HanLayer", "HanLayer", "HanLayer", "Linear"]
+        assert [(m.in_features, m.out_features) for m in fc1(d, n) if isinstance(m, nn.Linear)] == [
+            (d, n),
+            (n, n),
+            (n, d),
+        ]
         assert fc1(d, n)(torch.randn(3, d)).shape == han3(d, n)(torch.randn(3, d)).shape == (3, d)
 
 

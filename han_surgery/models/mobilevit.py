@@ -1,11 +1,13 @@
-"""Han-MobileViT: timm's MobileViT (v1) with the paper's Hanformer blocks.
+"""Han-MobileViT: timm's MobileViT (v1) with Han-blocks in place of its transformer MLPs.
 
 Every transformer block inside timm's ``MobileVitBlock`` (a ``vision_transformer.Block``)
 
     x = x + DropPath(Attn(LN1(x)))
     x = x + DropPath(MLP(LN2(x)))          MLP: d -> 2d -> d, SiLU
 
-becomes the Hanformer block of Yu & Zhang (Section 5.3):
+becomes (Yu & Zhang, Section 5.4: the MLP block ``LN -> dense -> Swish -> dense`` replaced one-for-one
+by a Han-block; the paper is silent on the residual around it, which we drop, as its Han-Mixer blocks
+have no skip):
 
     x = x + DropPath(Attn(LN1(x)))          (timm's modules, unchanged)
     x = H2 |H1 x + b1| + b2                 (HanBlock; LN2 and the FFN residual dropped)

@@ -18,8 +18,9 @@ decay {0, 1e-3}, batch 100, 1,000 epochs (20,000 steps), lr x0.2 at 6/10 and 9/1
 The 16 settings x 2 targets of one student kind train together as two stacked computations (one
 per optimizer, :class:`~.stacked.StackedNet`).
 
-Our choices where the paper is silent: the target is a randomly initialised model of its kind
-(the paper calls it "trained" without saying on what); SGD uses momentum 0.9; the kept run is
+Where we differ: the target is a randomly initialised model of its kind, where the paper's is
+"trained" (on data it does not name), so our errors are on targets of another scale than its.
+Our choices where the paper is silent: SGD uses momentum 0.9; the kept run is
 the one with the lowest final *training* RMSE (``test_rmse``; the lowest *test* RMSE over the
 grid is recorded too, as ``best_test_rmse``); width ``n`` from ``--widths`` (the paper uses 30 to
 100 without saying which one Table 2 shows).

@@ -33,7 +33,7 @@ class ResidualFree(nn.Module):
     """``y = ffn(norm(x)) - x``: cancels the residual its parent adds around it.
 
     Put in place of the FFN of a block computing ``x + branch(x)``, the block
-    then computes ``ffn(norm(x))`` (the paper's Hanformer, no residual). The
+    then computes ``ffn(norm(x))`` (Han-MobileViT's block, no residual). The
     forward result differs from ``ffn(norm(x))`` by one rounding of the add;
     the gradient through the cancelled path is exactly zero. Any stochastic
     depth / dropout the parent applies to the branch still applies to it.
