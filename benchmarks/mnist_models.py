@@ -162,8 +162,11 @@ def markdown(rows: list[dict], args: argparse.Namespace, n_train: int, n_test: i
     for r in rows:
         spec = r["spec"]
         base = next((b for b in rows if b["spec"].baseline_of == spec.name), None)
-        ratio = f"{r['params'] / base['params']:.2f}x" if base else "(baseline)"
-        if spec.baseline_of and spec.baseline_of not in by_name:
+        if base:  # a Han model whose baseline ran
+            ratio = f"{r['params'] / base['params']:.2f}x"
+        elif spec.baseline_of in by_name:  # a baseline whose Han model ran
+            ratio = "(baseline)"
+        else:  # the other of its pair was not run
             ratio = ""
         lines.append(
             f"| {spec.label} | {spec.img_size}x{spec.img_size} | {r['params']:,} | {ratio} | "
@@ -189,7 +192,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--n-train", type=int, default=8000)
     parser.add_argument("--n-test", type=int, default=2000)
-    parser.add_argument("--models", nargs="*", default=None, help="subset of: " + " ".join(s.name for s in SPECS))
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        default=None,
+        choices=[s.name for s in SPECS],
+        help="a subset of the models (default: all)",
+    )
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=OUT, help="markdown file to write ('-' to skip)")
     args = parser.parse_args(argv)
@@ -216,7 +225,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         if str(args.out) != "-":  # after every model, so a long run leaves its finished rows behind
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(markdown(rows, args, len(data[0]), len(data[2])))
-    if str(args.out) != "-":
+    if str(args.out) != "-" and rows:
         print(f"wrote {args.out}")
     return rows
 

@@ -8,13 +8,17 @@
 # DATA defaults to ../shared/data/mnist/mnist10k.npz (10,000 real MNIST digits, `images` (N,28,28)
 # uint8 and `labels`); any .npz with the same keys works. About 4 minutes on 2 quiet CPU cores (229 s at
 # 111c008), twice that or more when they are busy (BASE_EPOCHS=3 FT_EPOCHS=2 for a shorter version).
+#
+# Runs with the `python` on PATH (an activated venv; `PYTHON=.venv/bin/python bash examples/mnist_walkthrough.sh`
+# after `make demo` or `make test` without one). DATA and RUNS may be relative to the current directory.
 set -euo pipefail
+PYTHON=${PYTHON:-python}
+DATA=$(realpath -m "${1:-$(dirname "$0")/../../shared/data/mnist/mnist10k.npz}")
+RUNS=$(realpath -m "${2:-$(dirname "$0")/../runs/mnist}")
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/mnist/mnist10k.npz}
-RUNS=${2:-runs/mnist}
 BASE_EPOCHS=${BASE_EPOCHS:-10}   # the base model, from scratch
 FT_EPOCHS=${FT_EPOCHS:-3}        # each fine-tune after it
-LAUNCH=(accelerate launch --config_file examples/accelerate_cpu_2proc.yaml -m han_surgery.finetune)
+LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file examples/accelerate_cpu_2proc.yaml -m han_surgery.finetune)
 # A 4-block ViT from timm's vit_tiny_patch16_224, resized for 28x28 digits (7x7 patches: 16 tokens).
 VIT='{"patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4}'
 COMMON=(--data "$DATA" --batch-size 32 --lr 1e-3 --warmup-steps 30 --seed 0 --checkpoint-every 100 --overwrite)
@@ -39,4 +43,4 @@ start=$(date +%s)
     --distill-from base --distill both --epochs "$FT_EPOCHS" --output-dir "$RUNS/hanified_calibrated" "${COMMON[@]}"
 
 echo "walkthrough wall time: $(( $(date +%s) - start )) s" | tee "$RUNS/wall_time.txt"
-python examples/summarize_walkthrough.py "$RUNS" --data "$DATA" --readme examples/README.md
+"$PYTHON" examples/summarize_walkthrough.py "$RUNS" --data "$DATA" --readme examples/README.md

@@ -36,7 +36,8 @@ ROWS = [
 
 
 @torch.no_grad()
-def accuracy_after_surgery(base_dir: Path, data_path: str, seed: int) -> tuple[float, int]:
+def accuracy_after_surgery(base_dir: Path, data_path: str, seed: int) -> tuple[float, int, int, int]:
+    """Held-out accuracy and parameters of the base hanified with no training; held-out and total samples."""
     model = load_model(base_dir).eval()
     torch.manual_seed(seed)  # the Han-blocks' random init: the same row on every rerun
     han_surgery.hanify(model)  # the runs' recipe: HanConfig() defaults
@@ -47,7 +48,8 @@ def accuracy_after_surgery(base_dir: Path, data_path: str, seed: int) -> tuple[f
         batch = [data.eval[i] for i in range(start, min(start + 250, len(data.eval)))]
         x, y = torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
         hits += (model(x).argmax(-1) == y).sum().item()
-    return hits / len(data.eval), sum(p.numel() for p in model.parameters())
+    n_eval = len(data.eval)
+    return hits / n_eval, sum(p.numel() for p in model.parameters()), n_eval, len(data.train) + n_eval
 
 
 def main() -> None:
@@ -62,14 +64,22 @@ def main() -> None:
         for name, _ in ROWS
         if name and (args.runs / name / "results.json").is_file()  # older runs have no calibrated row
     }
+    missing = [name for name in ("base", "hanified") if name not in results]
+    if missing:
+        parser.error(
+            f"no {', '.join(f'{args.runs}/{m}/results.json' for m in missing)}: give the runs folder of a finished "
+            "examples/mnist_walkthrough.sh"
+        )
     base = results["base"]
+    split = ""
     lines = [
         "| model | parameters | held-out accuracy | held-out loss | optimizer steps | wall time |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, label in ROWS:
         if name is None:
-            acc, params = accuracy_after_surgery(args.runs / "base", args.data, seed=0)
+            acc, params, n_eval, n_total = accuracy_after_surgery(args.runs / "base", args.data, seed=0)
+            split = f"Held-out split: {n_eval:,} of the {n_total:,} samples, fixed by `--seed 0`."
             lines.append(f"| {label} | {params:,} | {acc:.2%} | | 0 | |")
             continue
         if name not in results:
@@ -86,16 +96,19 @@ def main() -> None:
         f"{base['global_batch_size']}, {base['steps_per_epoch']} steps per epoch, mixed precision {base['mixed_precision']}; "
         f"torch {torch.__version__}, {platform.machine()}."
     )
-    reduction = results["hanified"]["params"] / base["params"]
+    shares = ", ".join(
+        f"{name.replace('_', ' ')} {results[name]['params'] / base['params']:.1%}"
+        for name in ("hanified", "hanified_calibrated")
+        if name in results
+    )
     load = os.getloadavg()  # measured, not assumed: a quiet machine and a busy one give different wall times
     table = "\n".join(
         [
             *lines,
             "",
-            f"Hanified models have {reduction:.1%} of the base's parameters. Setup: {setup} {wall}.",
+            f"Parameters against the base's: {shares}. Setup: {setup} {wall}.",
             f"Load average when this table was written (1 / 15 min): {load[0]:.2f} / {load[2]:.2f} on {os.cpu_count()} "
-            "CPUs; wall times move with the machine's load. Held-out split: 1,000 of the 10,000 digits, fixed by "
-            "`--seed 0`.",
+            f"CPUs; wall times move with the machine's load. {split}",
         ]
     )
     print(table)

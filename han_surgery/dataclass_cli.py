@@ -85,8 +85,8 @@ def _default_text(field: dataclasses.Field) -> str:
         return ""
     if default is None or default == () or default == {}:
         return ""
-    if isinstance(default, bool):
-        return ""  # BooleanOptionalAction prints its own default
+    if isinstance(default, bool):  # a True default is the --flag / --no-flag pair; a False one a plain switch
+        return " (default: on)" if default else ""
     return f" (default: {default})"
 
 

@@ -120,3 +120,11 @@ def test_checking_an_existing_output_folder_creates_nothing_in_it(tmp_path, monk
     assert output_folder_problem(tmp_path) is None and made == []
     assert output_folder_problem(tmp_path / "new" / "run") is None and made == [tmp_path]
     assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_help_gives_every_default_including_the_on_switches(capsys: pytest.CaptureFixture) -> None:
+    """An on-by-default switch (``--drop-norm``) says so: argparse prints no default where it is SUPPRESS."""
+    actions = {a.option_strings[0]: a for a in surgery_parser("h", write=True)._actions if a.option_strings}
+    assert actions["--drop-norm"].help.endswith("(default: on)")
+    assert "default" not in actions["--final-abs"].help  # an off switch: its flag turns it on
+    assert actions["--reflections"].help.endswith("(default: 1)")

@@ -163,6 +163,13 @@ def test_out_is_checked_before_the_experiment_runs(tmp_path, capsys, monkeypatch
         capsys, ["approximation", "--quick", "--out", str(mine)]
     )
     assert len(ran) == 4
+    # a full run's results (hours of work) are not replaced by a --quick smoke test without --overwrite
+    (mine / "results.json").write_text('{"command": "han-surgery paper approximation --threads 1", "quick": false}')
+    assert "holds the results of a full run" in _error_line(capsys, ["approximation", "--quick", "--out", str(mine)])
+    assert len(ran) == 4
+    assert main(["approximation", "--out", str(mine)]) == 0  # a full run replaces them (a rerun)
+    assert main(["approximation", "--quick", "--out", str(mine), "--overwrite"]) == 0
+    assert len(ran) == 6
 
 
 def test_bad_numbers_are_one_line_and_ctrl_c_is_one_line(capsys, monkeypatch):

@@ -228,6 +228,9 @@ def test_patterns_matching_nothing_list_near_names(kind):
     with pytest.raises(ValueError, match=rf"{kind} pattern 'blocks.0.mpl' matches no candidate.*blocks\.0\.mlp"):
         hanify(model, HanConfig(**{kind: ["blocks.0.mpl"]}))
     _assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="matches no candidate") as info:  # nothing near: no empty list
+        hanify(model, HanConfig(**{kind: ["zzzz"]}))
+    assert "Near names" not in str(info.value) and "Candidates: ['blocks.0.mlp'" in str(info.value)
 
 
 def test_include_exclude_glob_regex_and_filter_fn():

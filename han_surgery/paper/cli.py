@@ -65,10 +65,11 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def check_out(out: str | None, *, overwrite: bool, experiment: str | None = None) -> None:
+def check_out(out: str | None, *, overwrite: bool, experiment: str | None = None, quick: bool = False) -> None:
     """Refuse ``--out`` before the experiment runs: a file, a place no folder can be made, or a non-empty folder
     that an earlier ``han-surgery paper`` run of the same ``experiment`` did not write (its ``results.json`` names
-    the command; another experiment's plots would stay beside the new results), unless ``overwrite``."""
+    the command; another experiment's plots would stay beside the new results), or, for a ``quick`` run, one
+    that holds a full run's results, unless ``overwrite``."""
     if out is None:
         return
     folder = Path(out).expanduser()
@@ -83,6 +84,11 @@ def check_out(out: str | None, *, overwrite: bool, experiment: str | None = None
         previous = None
     writer = f"{PROG} {experiment}" if experiment else PROG
     if isinstance(previous, dict) and str(previous.get("command", "")).startswith(writer + " "):
+        if quick and previous.get("quick") is False:
+            raise PaperInputError(
+                f"--out {out} holds the results of a full run ({previous['command']}): a --quick run would replace "
+                "them; choose another folder, or pass --overwrite"
+            )
         return  # an earlier run's results: replaced
     raise PaperInputError(
         f"--out {out} already exists, is not empty and was not written by '{writer}': pass --overwrite to write "
@@ -102,7 +108,8 @@ def _add_experiments(parser: argparse.ArgumentParser) -> None:
         exp.add_argument(
             "--overwrite",
             action="store_true",
-            help="write into a non-empty --out that no earlier paper run wrote (its files of the same names are replaced)",
+            help="write into a non-empty --out that no earlier run of this experiment wrote, or replace a full "
+            "run's results with a --quick run's (files of the same names are replaced)",
         )
         module.add_arguments(exp)
         exp.set_defaults(exp_parser=exp)
@@ -121,7 +128,7 @@ def _run(args: argparse.Namespace, prog: str = PROG) -> int:
         return 2
     args.command_line = command_line(args)
     try:
-        check_out(args.out, overwrite=args.overwrite, experiment=args.experiment)
+        check_out(args.out, overwrite=args.overwrite, experiment=args.experiment, quick=args.quick)
         importlib.import_module(EXPERIMENTS[args.experiment][0]).run(args)
     except PaperInputError as err:
         print(f"{prog}: {err}", file=sys.stderr)

@@ -230,10 +230,10 @@ def _check_patterns(config: HanConfig, model: nn.Module, candidate_paths: list[s
     for kind, patterns in (("include", config.include), ("exclude", config.exclude)):
         for pattern in patterns:
             if not any(match_pattern(pattern, p) for p in (*candidate_paths, *done)):
-                names = candidate_paths or [n for n, _ in model.named_modules() if n]
+                near = _near(pattern, candidate_paths or [n for n, _ in model.named_modules() if n])
                 raise ConfigError(
                     f"HanConfig.{kind} pattern {pattern!r} matches no candidate block. "
-                    f"Near names: {_near(pattern, names)}. Candidates: {candidate_paths[:8]}"
+                    f"{f'Near names: {near}. ' if near else ''}Candidates: {candidate_paths[:8]}"
                     f"{' ...' if len(candidate_paths) > 8 else ''} (globs match whole names; prefix 're:' for a regex)"
                 )
 
