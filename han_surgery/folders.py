@@ -252,7 +252,7 @@ def _config_class_settings(model_type: Any) -> set[str]:
 
     try:
         return set(AutoConfig.for_model(model_type).to_dict()) - set(PretrainedConfig().to_dict())
-    except (ValueError, KeyError):
+    except Exception:  # noqa: BLE001 (an unknown type, or a config class that needs arguments: none known)
         return set()
 
 
@@ -276,6 +276,11 @@ def checked_transformers_model_kwargs(
     allowed = set(saved) | _config_class_settings(saved.get("model_type"))
     allowed -= _TRANSFORMERS_META_KEYS | _TRANSFORMERS_LOADING_KEYS
     for key, value in model_kwargs.items():
+        if key in _TRANSFORMERS_LOADING_KEYS:
+            raise CheckpointError(
+                f"{source}: --model-kwargs[{key!r}] is one of from_pretrained's loading or output arguments (dtype, "
+                "attention kernel, quantization, what the model returns), not a setting of the model. Remove it."
+            )
         if key not in allowed:
             raise CheckpointError(
                 f"{source}: --model-kwargs[{key!r}] is not a setting of the model's config.json; for a transformers "

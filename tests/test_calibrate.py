@@ -504,6 +504,11 @@ def test_an_encoder_decoder_without_decoder_inputs_is_told_how_to_add_them():
     ):
         hanify(model, calibration=batches, calibration_config=CalibrationConfig(**FAST))
     assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+    # another error of an encoder-decoder model (token ids outside the vocabulary) keeps the usual hint
+    out_of_vocabulary = [{"input_ids": torch.randint(200, 300, (2, 6))}]
+    with pytest.raises(CalibrationBatchError, match="IndexError") as info:
+        hanify(model, calibration=out_of_vocabulary, calibration_config=CalibrationConfig(**FAST))
+    assert "decoder needs inputs" not in str(info.value) and "within the vocabulary" in str(info.value)
     hanify(model, calibration=with_decoder_inputs(batches, model), calibration_config=CalibrationConfig(**FAST))
 
 

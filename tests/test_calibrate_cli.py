@@ -199,6 +199,15 @@ def test_finetune_calibrate_distill_hidden_logs_a_decreasing_hidden_loss_and_res
     assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)  # bit-identical
 
 
+def test_finetune_whose_calibration_keeps_every_block_says_so(toy, tmp_path, capsys):
+    """It said "no block was left to rewrite (check --include / --exclude / --rules ...)": the patterns were fine."""
+    keep = ["--calibration-keep-by", "output", "--calibration-max-fvu", "0", "--max-steps", "1"]
+    assert finetune_cli(_finetune(toy, tmp_path / "run", *keep)) == 2
+    err = capsys.readouterr().err
+    assert "rewrote nothing" in err and "calibration kept every block (kept by calibration" in err, err
+    assert "--include" not in err and err.count("\n") == 1
+
+
 def test_calibration_images_are_every_sample_of_the_file(tmp_path, capsys):
     """``hanify --calibrate images.npz`` calibrates on every image: finetune's reader held out 10% for an evaluation
     that calibration never runs."""

@@ -454,17 +454,38 @@ def test_model_card_license_of_a_hanified_folder_is_its_base_folders(tmp_path: P
     assert base_license(SimpleNamespace(pretrained=False, model=str(hanified)), loaded) is None
 
 
-@pytest.mark.parametrize("key", ["dtype", "torch_dtype", "attn_implementation", "quantization_config", "return_dict"])
+LOADING_KEYS = ["dtype", "torch_dtype", "attn_implementation", "_attn_implementation", "quantization_config",
+                "return_dict", "output_hidden_states", "output_attentions", "torchscript", "device_map"]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", LOADING_KEYS)
 def test_model_kwargs_of_a_transformers_folder_refuse_loading_arguments(key: str) -> None:
     """Only config settings go to ``from_pretrained``: taking every setting of the config class let through the
     keys ``from_pretrained`` reads as loading arguments (a dtype, a quantization config) or that change what the
     model returns (``return_dict=False``: tuples the training loop cannot read), even where config.json holds them."""
     from han_surgery.folders import CheckpointError, checked_transformers_model_kwargs
 
-    config = {"model_type": "bert", "hidden_size": 32, "dtype": "float32", "return_dict": True}
+    config = {"model_type": "bert", "hidden_size": 32, **{k: None for k in LOADING_KEYS}}  # config.json may hold them
     assert checked_transformers_model_kwargs({"classifier_dropout": 0.1}, config, "x") == {"classifier_dropout": 0.1}
-    with pytest.raises(CheckpointError, match=rf"--model-kwargs\['{key}'\] is not a setting"):
+    with pytest.raises(CheckpointError, match=rf"--model-kwargs\['{key}'\] is one of from_pretrained's loading"):
         checked_transformers_model_kwargs({key: None}, config, "x")
+
+
+def test_model_kwargs_of_a_model_type_whose_config_class_does_not_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AutoConfig.for_model`` raises more than ValueError / KeyError (a strict dataclass's validation error of
+    huggingface_hub): the folder's own config.json keys are still allowed, not a traceback."""
+    import transformers
+
+    from han_surgery.folders import CheckpointError, checked_transformers_model_kwargs
+
+    def refuse(model_type: str) -> None:
+        raise Exception(f"cannot build a {model_type} config without arguments")  # noqa: TRY002
+
+    monkeypatch.setattr(transformers.AutoConfig, "for_model", refuse)
+    config = {"model_type": "odd", "hidden_size": 32}
+    assert checked_transformers_model_kwargs({"hidden_size": 64}, config, "x") == {"hidden_size": 64}
+    with pytest.raises(CheckpointError, match="is not a setting"):
+        checked_transformers_model_kwargs({"classifier_dropout": 0.1}, config, "x")
 
 
 def test_model_card_names_a_transformers_folder_by_its_own_card(tmp_path: Path) -> None:
@@ -490,3 +511,74 @@ def test_model_card_names_a_transformers_folder_by_its_own_card(tmp_path: Path) 
     assert base_model_id(SimpleNamespace(pretrained=False, model=str(plain)), built) == "owner/bert"
     (plain / "README.md").write_text("# Model Card for my-bert\n")
     assert base_model_id(SimpleNamespace(pretrained=False, model=str(plain)), built) == "my-bert"
+
+
+def test_card_title_survives_a_folder_of_that_name_code_comments_long_headings_and_bad_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card title equal to a folder in the current directory (``git clone .../all-MiniLM-L6-v2``, run from its
+    parent) was taken for a local path and dropped; a ``# comment`` in a code block was a title; a title over 255
+    bytes raised OSError (after training, losing the run); a model-index the Hub would refuse lost the licence;
+    a hanified folder made from a relative base path lost its base's name and licence outside that directory."""
+    from types import SimpleNamespace
+
+    from han_surgery.cli import main
+    from han_surgery.finetune.hub import base_license, base_model_id
+
+    built = SimpleNamespace(random_weights="none", model=torch.nn.Linear(2, 2))
+
+    def named(folder: Path) -> str:
+        return base_model_id(SimpleNamespace(pretrained=False, model=str(folder)), built)
+
+    base = tmp_path / "work" / "tiny-bert"
+    base.parent.mkdir()
+    _tiny_bert_folder(base)
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny-bert\n\nA small model.\n")
+    monkeypatch.chdir(base.parent)  # the folder "tiny-bert" exists here, as the title does
+    assert named(Path("tiny-bert")) == named(base) == "tiny-bert"
+    assert main(["hanify", "tiny-bert", "-o", "han"]) == 0  # the base recorded by its relative path
+    monkeypatch.chdir(tmp_path)  # elsewhere, the base is found beside the hanified folder
+    han = SimpleNamespace(pretrained=False, model=str(base.parent / "han"))
+    assert base_model_id(han, built) == "tiny-bert" and base_license(han, built) == "mit"
+
+    (base / "README.md").write_text("---\nlicense: mit\n---\n## Usage\n\n```python\n# Load the model\nx = 1\n```\n")
+    assert named(base) != "Load the model"
+    (base / "README.md").write_text("---\nlicense: mit\n---\n# " + "A sentence embedding model " * 12 + "\n")
+    assert named(base).startswith("A sentence embedding model")  # 324 characters: no OSError
+    (base / "README.md").write_text(
+        "---\nlicense: cc-by-nc-4.0\nmodel-index:\n- name: tiny-bert\n  results:\n  - task:\n"
+        "      type: text-classification\n    metrics:\n    - type: accuracy\n      value: 0.9\n---\n# tiny-bert\n"
+    )
+    assert base_license(SimpleNamespace(pretrained=False, model=str(base)), built) == "cc-by-nc-4.0"
+
+
+def _tiny_bert_folder(folder: Path) -> None:
+    """A transformers ``save_pretrained`` folder of a 1-layer BertModel (random weights)."""
+    import transformers as T
+
+    cfg = T.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    T.BertModel(cfg).save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())
+    saved["_name_or_path"] = "owner/trained-from"  # as all-MiniLM-L6-v2's names the model it was trained from
+    (folder / "config.json").write_text(json.dumps(saved))
+
+
+def test_epoch_counts_in_the_card_are_plain_numbers() -> None:
+    from han_surgery.finetune.hub import _epochs
+
+    assert [_epochs(x) for x in (1234.0, 2.5, 1.0, 0.3333, 0.0476)] == ["1234", "2.5", "1", "0.33", "0.048"]
+
+
+def test_model_kwargs_that_add_layers_to_a_transformers_folder_are_refused(tmp_path: Path) -> None:
+    """``--model-kwargs '{"num_hidden_layers": 2}'`` on a 1-layer folder trained with layer 1 at random (and
+    called that "the head", so a distillation teacher built so passed the teacher checks): only a classifier head
+    may start afresh."""
+    from han_surgery.finetune.models import build_model
+    from han_surgery.folders import CheckpointError
+
+    folder = tmp_path / "bert"
+    _tiny_bert_folder(folder)
+    assert build_model(str(folder), model_kwargs={"hidden_dropout_prob": 0.2}).random_weights == "head"
+    with pytest.raises(CheckpointError, match=r"weights the folder does not have: bert\.encoder\.layer\.1\."):
+        build_model(str(folder), model_kwargs={"num_hidden_layers": 2})

@@ -83,6 +83,11 @@ def command_line(config: FinetuneConfig, num_processes: int = 1, mixed_precision
     return " ".join([launcher, *map(shlex.quote, argv)])
 
 
+def _epochs(value: float) -> str:
+    """An epoch count for prose: ``1234``, ``2.5``, ``0.048`` (``.3g`` wrote 1234 as ``1.23e+03``)."""
+    return f"{value:.2f}".rstrip("0").rstrip(".") if value >= 0.1 else f"{value:.2g}"
+
+
 def _library_name(built: BuiltModel) -> str:
     return {"timm": "timm", "transformers": "transformers", "tabular": "pytorch"}[built.family]
 
@@ -103,19 +108,22 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     model_args = saved.get("model_args") if isinstance(saved.get("model_args"), dict) else {}
     base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
     base_path = base_config.get("_name_or_path")
-    base_folder = _local_folder(base_path)
+    base_folder = _base_folder(path, base_path)
+    # (name, whether it may be a local path to skip): card titles are names, whatever folders exist here
     candidates = (
-        results.get("base_model"),
-        model_args.get(TIMM_BASE_ARG),
-        saved.get("architecture"),
+        (results.get("base_model"), True),
+        (model_args.get(TIMM_BASE_ARG), True),
+        (saved.get("architecture"), True),
         # a transformers folder: the title of its own card (a config.json's _name_or_path is where the weights
         # were loaded from before they were saved here: all-MiniLM-L6-v2's names the model it was trained from)
-        None if base_config else _card_title(path),
-        _card_title(base_folder) if base_folder else base_path,  # a hanified one: its base's
-        saved.get("_name_or_path"),
+        (None if base_config else _card_title(path), False),
+        (_card_title(base_folder), False) if base_folder else (base_path, True),  # a hanified one: its base's
+        (saved.get("_name_or_path"), True),
     )
-    for value in candidates:
-        if isinstance(value, str) and value and value != TIMM_HANIFIED_ARCH and not _is_local_path(value):
+    for value, maybe_path in candidates:
+        if not isinstance(value, str) or not value or value == TIMM_HANIFIED_ARCH:
+            continue
+        if not (maybe_path and _is_local_path(value)):
             return value
     # a hanified transformers folder made from a local one: its architecture (the card names this folder too)
     architectures = base_config.get("architectures")
@@ -124,12 +132,20 @@ def base_model_id(config: FinetuneConfig, built: BuiltModel) -> str:
     return path.name
 
 
-def _local_folder(value: Any) -> Path | None:
-    """``value`` as an existing local folder (a config's ``_name_or_path``), else ``None``."""
-    if not isinstance(value, str) or not value:
+def _base_folder(folder: Path, name_or_path: Any) -> Path | None:
+    """The local folder a hanified transformers folder was made from (its base config's ``_name_or_path``), else
+    ``None``. A relative path is the one ``han-surgery hanify`` was given, from the directory it ran in: tried
+    from here, then from beside ``folder`` (``hanify base -o han`` run in the folder that holds both)."""
+    if not isinstance(name_or_path, str) or not name_or_path:
         return None
-    path = Path(value).expanduser()
-    return path if path.is_dir() else None
+    path = Path(name_or_path).expanduser()
+    for candidate in (path,) if path.is_absolute() else (path, folder.parent / path):
+        try:
+            if candidate.is_dir():
+                return candidate
+        except OSError:  # a name no file system takes (over 255 bytes): not a folder
+            return None
+    return None
 
 
 def hub_base_model(config: FinetuneConfig, built: BuiltModel) -> str | None:
@@ -158,7 +174,7 @@ def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
     # no README), that of the local folder its base was loaded from.
     saved = read_json_object(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else {}
     base_config = saved.get(HF_BASE_CONFIG_KEY) if isinstance(saved.get(HF_BASE_CONFIG_KEY), dict) else {}
-    for directory in (folder, _local_folder(base_config.get("_name_or_path"))):
+    for directory in (folder, _base_folder(folder, base_config.get("_name_or_path"))):
         card = _folder_card(directory) if directory else None
         value = card.data.license if card else None
         if isinstance(value, str) and value:
@@ -174,8 +190,8 @@ def _folder_card(folder: Path) -> Any:
         return None
     from huggingface_hub import ModelCard
 
-    try:
-        return ModelCard.load(readme)
+    try:  # metadata the Hub would refuse (a model-index result without a dataset) still has a licence
+        return ModelCard.load(readme, ignore_metadata_errors=True)
     except Exception:  # noqa: BLE001 (nothing to read from it)
         return None
 
@@ -188,7 +204,14 @@ def _card_title(folder: Path) -> str | None:
     name = getattr(card.data, "model_name", None)
     if isinstance(name, str) and name.strip():
         return name.strip()
-    heading = next((line[2:].strip() for line in card.text.splitlines() if line.startswith("# ")), "")
+    heading, fence = "", ""
+    for line in card.text.splitlines():  # the first "# " line outside a code block (where it is a comment)
+        marker = line.lstrip()[:3]
+        if marker in ("```", "~~~"):
+            fence = "" if fence == marker else fence or marker
+        elif not fence and line.startswith("# "):
+            heading = line[2:].strip()
+            break
     heading = re.sub(r"^model card for\s+", "", heading, flags=re.IGNORECASE)  # huggingface_hub's template
     return heading if heading and heading.lower() not in ("model card", "model id") else None
 
@@ -196,7 +219,10 @@ def _card_title(folder: Path) -> str | None:
 def _is_local_path(value: str) -> bool:
     """``_name_or_path`` holds the folder a model was loaded from when it was not a Hub id."""
     path = Path(value).expanduser()
-    return path.is_absolute() or value.startswith(".") or path.exists()
+    try:
+        return path.is_absolute() or value.startswith(".") or path.exists()
+    except OSError:  # a name no file system takes (over 255 bytes): not a path
+        return False
 
 
 def load_snippet(built: BuiltModel, repo_id: str | None, max_length: int | None = None) -> str:
@@ -316,7 +342,7 @@ def render_model_card(
         )
     per_epoch = setup.get("steps_per_epoch")
     passes = (
-        f"{setup['total_steps'] / per_epoch:.3g} epochs of {per_epoch} steps"  # --max-steps: rarely whole epochs
+        f"{_epochs(setup['total_steps'] / per_epoch)} epochs of {per_epoch} steps"  # --max-steps: rarely whole epochs
         if config.max_steps and per_epoch
         else f"{setup['epochs']} epoch(s)"
     )

@@ -272,6 +272,18 @@ def _load_transformers(
             f"{path}: its weights do not fit the model its config (and --model-kwargs) builds: {', '.join(other[:4])}"
             f"{' ...' if len(other) > 4 else ''} (only a classifier head of another number of labels starts afresh)"
         )
+    # weights of the body the folder does not hold (--model-kwargs num_hidden_layers above its own) would start at
+    # random too; a pooler may (a folder saved without one: BertModel(add_pooling_layer=False))
+    body = f"{model.base_model_prefix}." if model.base_model_prefix else None
+    missing_body = sorted(
+        k for k in info.get("missing_keys", ()) if body and k.startswith(body) and ".pooler." not in k
+    )
+    if missing_body:
+        raise CheckpointError(
+            f"{path}: the model its config (and --model-kwargs) builds has weights the folder does not have: "
+            f"{', '.join(missing_body[:4])}{' ...' if len(missing_body) > 4 else ''} (only a classifier head starts "
+            "afresh: give --model-kwargs that keep the architecture)"
+        )
     tokenizer = load_tokenizer(path, trust_remote_code)
     fresh = info.get("missing_keys") or info.get("mismatched_keys")  # what transformers initialised: the head
     return BuiltModel(

@@ -162,9 +162,16 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         except (ConfigError, HanifyError) as e:
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
         if han_report.num_rewritten == 0:
+            reasons = sorted({s.reason for s in han_report.skipped})
+            if any(r.startswith("kept by calibration") for r in reasons):
+                why = (
+                    f"calibration kept every block ({'; '.join(reasons[:3])}): raise --calibration-max-fvu or "
+                    "--calibration-keep-budget, or lower --calibration-keep-count"
+                )
+            else:
+                why = "no block was left to rewrite (check --include / --exclude / --rules with han-surgery inspect)"
             raise FinetuneError(
-                f"--hanify rewrote nothing in {config.model}: no block was left to rewrite (check --include / "
-                "--exclude / --rules with han-surgery inspect); drop --hanify to fine-tune the model as it is."
+                f"--hanify rewrote nothing in {config.model}: {why}; drop --hanify to fine-tune the model as it is."
             )
         built.hanified = True
     if config.distill_from and teacher is None:

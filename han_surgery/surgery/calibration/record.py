@@ -143,8 +143,15 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
     except Exception as err:
         hint = ""
         decoder_keys = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False) and not (
-            isinstance(batch, Mapping) and any(k in batch for k in decoder_keys)
+        # a missing input is a ValueError naming input_ids / inputs_embeds (T5: "You must specify exactly one of
+        # input_ids or inputs_embeds", about the decoder's); other errors keep the hint of how the batch was called
+        missing_input = isinstance(err, ValueError) and any(
+            word in str(err) for word in ("input_ids", "inputs_embeds", "decoder")
+        )
+        if (
+            missing_input
+            and getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+            and not (isinstance(batch, Mapping) and any(k in batch for k in decoder_keys))
         ):
             hint = (
                 "an encoder-decoder model's decoder needs inputs too: "
