@@ -94,7 +94,10 @@ def test_output_folder_is_hub_ready_and_loads_back_in_timm(reference: tuple[Path
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "timm"
     assert {"han-surgery", "householder"} <= set(card.data.tags)
-    assert card.data.base_model is None and "base model (`test_vit`)" in card.text  # not a Hub repo: body only
+    assert card.data.base_model is None  # not a Hub repo: body only
+    # test_vit as --model-kwargs changed it, trained from random weights (it said "A fine-tuned `test_vit`")
+    built_as = f"test_vit --model-kwargs '{json.dumps(json.loads(TINY_VIT))}'"
+    assert f"base model (`{built_as}`)" in card.text and f"`{built_as}` trained from scratch" in card.text
     assert card.data.datasets == ["toy"]
     measured = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert measured["accuracy"] == pytest.approx(results["eval_accuracy"], abs=1e-6)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import shlex
 import tempfile
@@ -352,6 +353,8 @@ def render_model_card(
         f"{config.weight_decay}, global batch {setup['global_batch_size']}, seed {config.seed}"
     )
     started_from = base_model  # the model the parameter table's first row counts
+    if config.model_kwargs:  # the architecture is the named one changed by --model-kwargs: say so
+        started_from = f"{base_model} --model-kwargs '{json.dumps(config.model_kwargs)}'"
     if built.loaded_hanified:  # the surgery was an earlier run's: this one started from its hanified folder
         started_from = Path(config.model.removeprefix("local-dir:")).name or config.model
         summary = (
@@ -359,9 +362,13 @@ def render_model_card(
             f"fine-tuned further from the hanified folder `{started_from}`."
         )
     elif built.hanified:
-        summary = f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
+        summary = (
+            f"`{started_from}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`), then fine-tuned."
+        )
+    elif built.random_weights == "all":
+        summary = f"`{started_from}` trained from scratch (from random weights)."
     else:
-        summary = f"A fine-tuned `{base_model}`."
+        summary = f"A fine-tuned `{started_from}`."
     params = f"{result.params:,}" + (f" ({result.params / result.params_base:.1%})" if result.params_base else "")
     return ModelCard.from_template(
         card_data,
