@@ -6,8 +6,8 @@
 #   bash examples/mnist_walkthrough.sh [DATA] [RUNS]
 #
 # DATA defaults to ../shared/data/mnist/mnist10k.npz (10,000 real MNIST digits, `images` (N,28,28)
-# uint8 and `labels`); any .npz with the same keys works. About 4 minutes on 2 quiet CPU cores (229 s at
-# 111c008), twice that or more when they are busy (BASE_EPOCHS=3 FT_EPOCHS=2 for a shorter version).
+# uint8 and `labels`); any .npz with the same keys works. About 4 minutes on 2 quiet CPU cores (238 s at
+# 888aeb9), twice that or more when they are busy (BASE_EPOCHS=3 FT_EPOCHS=2 for a shorter version).
 #
 # Runs with the `python` on PATH (an activated venv; `PYTHON=.venv/bin/python bash examples/mnist_walkthrough.sh`
 # after `make demo` or `make test` without one). DATA and RUNS may be relative to the current directory.
