@@ -13,9 +13,9 @@ Data: the authors' 81 x 81 grid over ``[-1, 1]^2`` split 25% / 75% (``trainset.t
   (:class:`~.stacked.StackedNet`), each exactly as it would alone.
 * Accuracy: the mean of the two outputs thresholded at 0.5 against the label. The test accuracy
   is measured every 100 iterations; we read the paper's "best result kept" as the best one over
-  training and over the lr grid (selected on the test set). We report that (``paper_protocol_test_acc``) and, as a number
-  that does not select on the test set, the accuracy of the *final* model at the lr with the
-  lowest final training loss (``final_test_acc``).
+  training and over the lr grid (selected on the test set). We report that
+  (``paper_protocol_test_acc``) and, as a number that does not select on the test set, the
+  accuracy of the *final* model at the lr with the lowest final training loss (``final_test_acc``).
 
 Table 3 rows, all on the 20 x 30 skeleton (the paper gives no other protocol change):
 (a) Householder + ABS (= HanNet), (b) Householder + ReLU, (c) Householder + MaxMin, (d)
