@@ -14,7 +14,8 @@ transformers' ``HfArgumentParser`` does, with three differences that suit a mult
 * an option that is not given is absent from the namespace (``argparse.SUPPRESS``), so the
   dataclass's own default applies and its ``__post_init__`` validates the values.
 
-Field metadata read here: ``help``; ``metavar``; ``group`` (the ``--help`` section the option is
+Field metadata read here: ``help`` (where it names another field by its flag, ``--max-fvu``, the
+flag is spelled as this parser has it, ``--calibration-max-fvu``); ``metavar``; ``group`` (the ``--help`` section the option is
 listed in); ``flag`` (another flag name); ``cli`` (``False``: no flag); ``nargs`` and ``const``
 (passed to ``add_argument``, for options such as ``--resume [CHECKPOINT]``).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -114,6 +116,9 @@ def add_dataclass_arguments(
     an argument group of that title (created once per parser).
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
+    # a help text names another field by its unprefixed flag (--max-fvu): give it this parser's spelling
+    fields_by_flag = {flag_name(f): flag_name(f, flag_prefix) for f, _ in _cli_fields(cls)}
+    mention = re.compile(r"(?<![\w-])--[a-z][\w-]*")
     for field, tp in _cli_fields(cls):
         if field.name in exclude:
             continue
@@ -125,7 +130,10 @@ def add_dataclass_arguments(
             target = groups[meta["group"]]
         kwargs: dict[str, Any] = {
             "dest": dest_prefix + field.name,
-            "help": (meta.get("help", "") + _default_text(field)).replace("%", "%%"),
+            "help": (
+                mention.sub(lambda m: fields_by_flag.get(m.group(), m.group()), meta.get("help", ""))
+                + _default_text(field)
+            ).replace("%", "%%"),
         }
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         if required:

@@ -128,3 +128,12 @@ def test_help_gives_every_default_including_the_on_switches(capsys: pytest.Captu
     assert actions["--drop-norm"].help.endswith("(default: on)")
     assert "default" not in actions["--final-abs"].help  # an off switch: its flag turns it on
     assert actions["--reflections"].help.endswith("(default: 1)")
+
+
+def test_a_help_text_names_other_fields_by_the_flags_this_command_has() -> None:
+    """CalibrationConfig's help said "needs keep-by output" where hanify's flag is --calibration-keep-by."""
+    from han_surgery.cli.surgery import build_parser as surgery_parser
+
+    actions = {a.option_strings[0]: a for a in surgery_parser("h", write=True)._actions if a.option_strings}
+    assert "(needs --calibration-keep-by output)" in actions["--calibration-keep-count"].help
+    assert actions["--calibration-keep-by"].help.startswith("what --calibration-max-fvu is compared with")

@@ -129,11 +129,11 @@ class CalibrationConfig:
     keep_count: int | None = _field(
         None,
         "keep this many original blocks, each chosen by a calibration pass as the one that moves the last "
-        "hidden state most (needs keep-by output)",
+        "hidden state most (needs --keep-by output)",
     )
-    keep_budget: int | None = _field(None, "the most parameters the blocks kept by max-fvu may cost in all")
+    keep_budget: int | None = _field(None, "the most parameters the blocks kept by --max-fvu may cost in all")
     keep_by: Literal["block", "output"] = _field(
-        "block", "what max-fvu is compared with: the block's own fit, or the rise of the last hidden state's FVU"
+        "block", "what --max-fvu is compared with: the block's own fit, or the rise of the last hidden state's FVU"
     )
     heal_steps: int = _field(0, "end-to-end hidden-state distillation steps after the blockwise fit (0: none)")
     heal_lr: float = _field(1e-3, "peak learning rate of healing")
