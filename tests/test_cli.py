@@ -137,3 +137,9 @@ def test_a_help_text_names_other_fields_by_the_flags_this_command_has() -> None:
     actions = {a.option_strings[0]: a for a in surgery_parser("h", write=True)._actions if a.option_strings}
     assert "(needs --calibration-keep-by output)" in actions["--calibration-keep-count"].help
     assert actions["--calibration-keep-by"].help.startswith("what --calibration-max-fvu is compared with")
+
+
+def test_inspect_help_describes_inspect_only() -> None:
+    """inspect --help explained hanify's --calibrate, an option inspect does not have."""
+    assert "--calibrate" not in surgery_parser("i", write=False).description
+    assert "--calibrate DATA" in surgery_parser("h", write=True).description

@@ -40,7 +40,8 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
         prog=prog,
-        description=__doc__.replace("``", "`"),
+        # inspect plans only: the paragraph on hanify --calibrate is hanify's
+        description=(__doc__ if write else __doc__.split("\n\n``hanify --calibrate")[0]).replace("``", "`"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", help="a timm model name, local-dir:<folder>, or a model folder")
