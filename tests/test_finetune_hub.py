@@ -411,7 +411,7 @@ def test_model_card_license_is_the_base_weights_license_or_none(tmp_path: Path) 
     """Every card said ``license: apache-2.0``, a folder fine-tuned from a cc-by-nc-4.0 model too."""
     from types import SimpleNamespace
 
-    from han_surgery.finetune.hub import base_license
+    from han_surgery.finetune.hub import base_license, base_license_metadata
 
     folder = tmp_path / "nc"
     folder.mkdir()
@@ -430,6 +430,13 @@ def test_model_card_license_is_the_base_weights_license_or_none(tmp_path: Path) 
     # random weights (it named apache-2.0 for a folder without a README)
     timm_folder = SimpleNamespace(random_weights="none", model=timm_model)
     assert base_license(SimpleNamespace(pretrained=True, model=f"local-dir:{folder}"), timm_folder) is None
+    # license: other keeps the name and link that say which licence it is (they were dropped)
+    link = "https://example.com/acme-license"
+    (folder / "README.md").write_text(f"---\nlicense: other\nlicense_name: acme\nlicense_link: {link}\n---\n# m\n")
+    other = SimpleNamespace(pretrained=False, model=str(folder))
+    assert base_license_metadata(other, loaded) == {"license": "other", "license_name": "acme", "license_link": link}
+    (folder / "README.md").write_text("---\nlicense: other\nlicense_name: acme\nlicense_link: LICENSE.md\n---\n")
+    assert base_license_metadata(other, loaded) == {"license": "other", "license_name": "acme"}  # not this repo's file
 
 
 def test_model_card_license_of_a_hanified_folder_is_its_base_folders(tmp_path: Path) -> None:

@@ -164,12 +164,18 @@ def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
     ``pretrained_cfg["license"]`` with ``--pretrained`` on a timm name; the ``license:`` of a model folder's own
     README.md, or of its base's folder for a hanified transformers folder). ``None`` otherwise (weights trained
     from scratch are the user's to license): the card then has none."""
+    return base_license_metadata(config, built).get("license")
+
+
+def base_license_metadata(config: FinetuneConfig, built: BuiltModel) -> dict[str, str]:
+    """The card's licence fields (see :func:`base_license`): ``license``, and for ``license: other`` the
+    ``license_name`` and (an absolute URL) ``license_link`` the base's card gives; empty where none is known."""
     if built.random_weights == "all":
-        return None
+        return {}
     folder = Path(config.model.removeprefix("local-dir:")).expanduser()
     if not folder.is_dir():  # a timm name: its Hub weights' licence, if --pretrained loaded them
         value = (getattr(built.model, "pretrained_cfg", None) or {}).get("license") if config.pretrained else None
-        return value if isinstance(value, str) and value else None
+        return {"license": value} if isinstance(value, str) and value else {}
     # A folder's weights are its own (timm's pretrained_cfg in its config.json names a licence even for random
     # weights): the licence of its README, else, for a hanified transformers folder (`han-surgery hanify -o` writes
     # no README), that of the local folder its base was loaded from.
@@ -179,8 +185,14 @@ def base_license(config: FinetuneConfig, built: BuiltModel) -> str | None:
         card = _folder_card(directory) if directory else None
         value = card.data.license if card else None
         if isinstance(value, str) and value:
-            return value
-    return None
+            fields = {"license": value}
+            for key in ("license_name", "license_link") if value == "other" else ():
+                detail = getattr(card.data, key, None)
+                # a relative link names a file of the base's repo, which this folder does not have
+                if isinstance(detail, str) and detail and (key == "license_name" or "://" in detail):
+                    fields[key] = detail
+            return fields
+    return {}
 
 
 def _folder_card(folder: Path) -> Any:
@@ -322,7 +334,7 @@ def render_model_card(
         metrics=[m for m, _ in metric_rows if " " not in m],
         model_name=model_name,
         eval_results=eval_results or None,
-        license=base_license(config, built),
+        **base_license_metadata(config, built),
     )
     setup = result.setup
     distill_line = None
