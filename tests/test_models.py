@@ -134,6 +134,25 @@ def test_hanformer_block_math():
     assert not torch.allclose(block(x), h + expected)
 
 
+def test_hanformer_block_with_the_residual_kept(tmp_path):
+    """The paper's text replaces MobileViT's MLP block one-for-one and is silent on the skip around it:
+    ``han_residual=True`` keeps it (x + Han(x)), same parameters, and round-trips through timm's folders."""
+    torch.manual_seed(0)
+    model = timm.create_model("han_mobilevit_xxs", han_residual=True).eval()
+    assert n_params(model) == n_params(timm.create_model("han_mobilevit_xxs"))
+    block = model.stages[2][1].transformer[0]
+    assert isinstance(block.mlp, HanBlock) and isinstance(block.norm2, nn.Identity)
+    x = torch.randn(2, 5, block.norm1.weight.numel())
+    h = x + block.attn(block.norm1(x))
+    torch.testing.assert_close(block(x), h + block.mlp(h))
+    from timm.models import save_for_hf
+
+    save_for_hf(model, str(tmp_path), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    images = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(again(images), model(images), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "name,img",
     [("han_mixer_m2h16_32", 32), ("han_mixer_m0h0_32", 32), ("han_mobilevit_xxs", 64)],

@@ -545,7 +545,7 @@ def main() -> None:
                 "46-52% (compare the two columns). The paper's MobileViT implementation is not in its text; "
                 "[`model_cards/MODELS.md`](../model_cards/MODELS.md) gives the arithmetic. The Han rows also drop the "
                 "residual around each replaced MLP, our reading (the paper's text says the MLP block is replaced "
-                "one-for-one and is silent on the skip; its Han-Mixer blocks have none)."
+                "one-for-one and is silent on the skip; its Han-Mixer blocks have none; `han_residual=True` keeps it)."
             ),
         )
     )

@@ -7,7 +7,7 @@ Every transformer block inside timm's ``MobileVitBlock`` (a ``vision_transformer
 
 becomes (Yu & Zhang, Section 5.4: the MLP block ``LN -> dense -> Swish -> dense`` replaced one-for-one
 by a Han-block; the paper is silent on the residual around it, which we drop, as its Han-Mixer blocks
-have no skip):
+have no skip; ``han_residual=True`` keeps it, ``x = x + DropPath(H2 |H1 x + b1| + b2)``):
 
     x = x + DropPath(Attn(LN1(x)))          (timm's modules, unchanged)
     x = H2 |H1 x + b1| + b2                 (HanBlock; LN2 and the FFN residual dropped)
@@ -39,13 +39,14 @@ from ._checkpoint import checkpoint_filter_fn
 __all__ = ["HanMobileVit", "hanformer_config"]
 
 
-def hanformer_config(reflections: int = 1) -> HanConfig:
-    """The surgery that makes a timm MobileViT (v1) a Han-MobileViT: every transformer MLP, no LN2, no residual."""
+def hanformer_config(reflections: int = 1, residual: bool = False) -> HanConfig:
+    """The surgery that makes a timm MobileViT (v1) a Han-MobileViT: every transformer MLP, no LN2, and no
+    residual around it unless ``residual`` (``x + Han(x)``: the paper is silent on the skip)."""
     return HanConfig(
         rules=["timm.mlp"],
         include=("*.transformer.*.mlp",),
         drop_norm=True,
-        residual="drop",
+        residual="keep" if residual else "drop",
         reflections=reflections,
     )
 
@@ -56,16 +57,18 @@ class HanMobileVit(ByobNet):
     Args:
         cfg: a MobileViT ``ByoModelCfg`` (timm's ``mobilevit_xxs``/``xs``/``s``).
         han_reflections: Householder reflections per Han layer (1 = paper).
+        han_residual: keep the residual around each Han-block (``x + Han(x)``); default ``False``:
+            ``x = Han(x)``, our reading of the paper's one-for-one replacement (see the module docstring).
         **kwargs: ``ByobNet``'s arguments (``num_classes``, ``in_chans``, ``global_pool``,
             ``drop_rate``, ``drop_path_rate``, ...).
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``, ``H`` and ``W`` multiples of 32.
     """
 
-    def __init__(self, cfg: ByoModelCfg, han_reflections: int = 1, **kwargs: Any) -> None:
+    def __init__(self, cfg: ByoModelCfg, han_reflections: int = 1, han_residual: bool = False, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
-        self.han_reflections = han_reflections
-        hanify(self, hanformer_config(han_reflections))
+        self.han_reflections, self.han_residual = han_reflections, han_residual
+        hanify(self, hanformer_config(han_reflections, residual=han_residual))
 
 
 def _create_han_mobilevit(variant: str, pretrained: bool = False, **kwargs: Any) -> HanMobileVit:
