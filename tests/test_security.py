@@ -143,3 +143,59 @@ def test_from_pretrained_never_runs_code_of_a_hanified_folder(tmp_path: Path) ->
         [sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, env=ENV, timeout=120
     )
     assert "refused:" in proc.stdout and not marker.exists(), proc.stdout[-1500:] + proc.stderr[-1500:]
+
+
+def _run_with_checkpoints(tmp_path: Path) -> tuple[list[str], Path]:
+    data = make_images(tmp_path / "toy.npz", n=64)
+    out = tmp_path / "run"
+    opts = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(data), "--output-dir",
+            str(out), "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-progress",
+            "--no-tensorboard"]  # fmt: skip
+    assert cli(opts) == 0
+    return opts, out
+
+
+def test_resume_into_a_folder_the_user_made_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--output-dir mine --resume <a run's checkpoint>`` replaced the user's README.md and config.json, cut their
+    metrics.jsonl and deleted their checkpoints/step_1 by checkpoint rotation: --resume skipped the non-empty check."""
+    opts, out = _run_with_checkpoints(tmp_path)
+    mine = tmp_path / "mine"
+    (mine / "checkpoints" / "step_1").mkdir(parents=True)
+    (mine / "checkpoints" / "step_1" / "data.txt").write_text("my experiment")
+    (mine / "README.md").write_text("# my notes")
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    checkpoint = sorted((out / "checkpoints").iterdir())[0]
+    argv = [*opts[:opts.index("--output-dir")], "--output-dir", str(mine), "--max-steps", "4", "--batch-size", "8",
+            "--checkpoint-every", "1", "--keep-checkpoints", "1", "--no-progress", "--resume", str(checkpoint)]  # fmt: skip
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "not the folder of a han-surgery finetune run" in err and err.count("\n") == 1, err
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
+
+
+def test_resume_refuses_pickled_weights_and_a_random_state_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A checkpoint with pytorch_model.bin instead of model.safetensors resumed (accelerate falls back to the pickle);
+    a crafted random_states_0.pkl was ignored with a warning (accelerate catches the error) and the run went on."""
+    opts, out = _run_with_checkpoints(tmp_path)
+    latest = sorted((out / "checkpoints").iterdir())[0]
+    weights = latest / "model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(weights)), latest / "pytorch_model.bin")
+    weights.unlink()
+    _rehash(latest)
+    assert cli([*opts, "--resume", str(latest)]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and err.count("\n") == 1, err
+
+    (tmp_path / "second").mkdir()
+    opts2, out2 = _run_with_checkpoints(tmp_path / "second")
+    latest = sorted((out2 / "checkpoints").iterdir())[0]
+    marker = tmp_path / "pwned"
+    torch.save({"state": Payload(marker)}, latest / "random_states_0.pkl")
+    _rehash(latest)
+    assert cli([*opts2, "--resume", str(latest)]) == 2
+    err = capsys.readouterr().err
+    assert "random_states_0.pkl" in err and err.count("\n") == 1 and not marker.exists(), err

@@ -138,6 +138,11 @@ def check_output_dir(config: FinetuneConfig) -> Path:
                 f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume "
                 "to continue its run."
             )
+        if config.resume is not None and entries and not (out / ARGS_FILE).is_file():
+            raise FinetuneError(
+                f"--resume: {out} is not the folder of a han-surgery finetune run (it has no {ARGS_FILE}): --resume "
+                "continues a run in that run's own --output-dir; nothing was changed"
+            )
     elif config.resume is not None:
         raise FinetuneError(f"--resume: {out} does not exist: there is no run to continue.")
     return out
@@ -263,7 +268,10 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        done = sorted((p for p in final.parent.glob("step_*") if _step_of(p) is not None), key=_step_of)
+        done = sorted(  # only the checkpoints this code wrote (a manifest): never a folder of another name's
+            (p for p in final.parent.glob("step_*") if _step_of(p) is not None and (p / MANIFEST_FILE).is_file()),
+            key=_step_of,
+        )
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -285,6 +293,9 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         accelerator.print(f"--resume: skipping {candidate.name}: {problem}", flush=True)
     if checkpoint is None:
         raise FinetuneError(f"--resume: no intact checkpoint in {out / CHECKPOINT_DIR} ({'; '.join(skipped)}).")
+    problem = _unsafe_state_problem(checkpoint)
+    if problem is not None:
+        raise FinetuneError(f"--resume: cannot load {checkpoint}: {problem}")
     try:
         accelerator.load_state(str(checkpoint), load_kwargs={"weights_only": True})
     except Exception as e:  # torch refuses a pickle that is not plain tensors/numbers; or the state does not fit
@@ -303,6 +314,26 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         flush=True,
     )
     return checkpoint
+
+
+def _unsafe_state_problem(checkpoint: Path) -> str | None:
+    """Why accelerate's ``load_state`` must not read ``checkpoint`` (``None`` if it may): model weights only as
+    a pickle (it falls back to ``pytorch_model.bin``, which han-surgery never writes), or a random-state pickle
+    that does not load as plain data (accelerate would skip it with a log line and resume with other RNG states)."""
+    pickled = sorted(p.name for p in checkpoint.glob("pytorch_model*.bin"))
+    if pickled or not any(checkpoint.glob("model*.safetensors")):
+        return (
+            f"its model weights are {', '.join(pickled) or 'missing'}, not model.safetensors (han-surgery's "
+            "checkpoints keep them as safetensors and never unpickle weights)"
+        )
+    from accelerate.utils import load as accelerate_load
+
+    for path in sorted(checkpoint.glob("random_states_*.pkl")):
+        try:
+            accelerate_load(path, map_location="cpu")  # weights_only=True, numpy's RNG state allowed
+        except Exception:  # noqa: BLE001 (refused by the weights_only unpickler, or unreadable)
+            return f"{path.name} is not a random state of plain numbers (refused: loading it could run code)"
+    return None
 
 
 def _truncate_metrics(path: Path, lines: int) -> None:
