@@ -404,7 +404,7 @@ def test_resume_into_a_folder_without_checkpoint_changes_nothing(
     (out / "tracker_config.json").write_text("my own file\n")
     code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--batch-size", "8",
                          "--output-dir", str(out), "--resume")  # fmt: skip
-    assert code == 2 and "no checkpoint in" in err
+    assert code == 2 and "not the folder of a han-surgery finetune run" in err  # the user's, not a run's
     assert sorted(p.name for p in out.iterdir()) == ["tracker_config.json"]
     assert (out / "tracker_config.json").read_text() == "my own file\n"
 
