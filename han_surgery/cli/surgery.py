@@ -188,21 +188,41 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
     if not paths or not all(isinstance(p, str) for p in paths):
         warnings.warn(f"{modules_file} was not copied: not a sentence-transformers module list", stacklevel=2)
         return
+    roots = _own_roots(source)
     for name in SENTENCE_TRANSFORMERS_FILES:
-        if (source / name).is_file():
+        if (source / name).is_file() and _inside(source / name, roots):
             shutil.copyfile(source / name, staging / name)
     for path in paths:  # "" is the transformer itself, saved above
         folder = source / path
         if not path or Path(path).is_absolute() or ".." in Path(path).parts or not folder.is_dir():
+            continue
+        if not _inside(folder, roots):
+            warnings.warn(f"{folder} was not copied: it links to outside {source}", stacklevel=2)
             continue
         (staging / path).mkdir(parents=True, exist_ok=True)
         for file in sorted(f for f in folder.rglob("*") if f.is_file()):
             if file.suffix not in (".json", ".safetensors"):
                 warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
                 continue
+            if not _inside(file, roots):
+                warnings.warn(f"{file} was not copied: it links to outside {source}", stacklevel=2)
+                continue
             target = staging / path / file.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
+
+
+def _own_roots(source: Path) -> tuple[Path, ...]:
+    """Where the files of the model folder ``source`` may really live: the folder itself, and for a snapshot of
+    the Hub cache (``models--org--name/snapshots/<revision>``, whose files link to ``../../blobs``) its repo."""
+    real = source.resolve()
+    return (real, real.parent.parent) if real.parent.name == "snapshots" else (real,)
+
+
+def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
+    """Whether ``path``, links followed, lies in one of ``roots`` (a link to a secret elsewhere does not)."""
+    real = path.resolve()
+    return any(real == root or root in real.parents for root in roots)
 
 
 def _calibration_batches(source: str, data: CalibrationData, seed: int, tokenizer: Any = None) -> list:
