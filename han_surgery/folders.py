@@ -298,7 +298,9 @@ def read_timm_config(directory: str | Path) -> tuple[dict[str, Any], str, dict[s
     :func:`checked_timm_model_args` (han-surgery's ``han_base`` / ``han_recipe`` kept as they are).
 
     Raises:
-        CheckpointError: the file is missing or malformed, or ``model_args`` holds a key that is not allowed.
+        CheckpointError: the file is missing or malformed, its architecture is not a registered timm model name
+            (``local-dir:<elsewhere>`` or ``hf-hub:<repo>`` would make timm read another folder or the Hub), or
+            ``model_args`` holds a key that is not allowed.
     """
     from timm.models._hub import _parse_model_cfg
 
@@ -311,6 +313,10 @@ def read_timm_config(directory: str | Path) -> tuple[dict[str, Any], str, dict[s
         pretrained_cfg, name, model_args = _parse_model_cfg(config, {"file": str(path.parent), "source": "local-dir"})
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a timm model config ({type(e).__name__}: {e})") from None
+    import timm
+
+    if ":" in name or not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." would make timm look elsewhere
+        raise CheckpointError(f"{path}: architecture {name!r} is not a timm model name")
     keep = (TIMM_BASE_ARG, TIMM_RECIPE_ARG) if name == TIMM_HANIFIED_ARCH else ()
     return pretrained_cfg, name, checked_timm_model_args(model_args, str(path), keep=keep)
 
@@ -372,6 +378,20 @@ def recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:
     return recipe if isinstance(recipe, dict) else None
 
 
+def _check_timm_wrapper(config: Any, source: str) -> None:
+    """transformers' ``timm_wrapper`` config hands its ``architecture`` and ``model_args`` to ``timm.create_model``
+    when the model is built: the same checks as a timm folder's (no ``checkpoint_path`` for timm to load, no
+    ``local-dir:`` / ``hf-hub:`` name)."""
+    if not isinstance(config, dict) or config.get("model_type") != "timm_wrapper":
+        return
+    import timm
+
+    name = config.get("architecture")
+    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+        raise CheckpointError(f"{source}: timm_wrapper architecture {name!r} is not a timm model name")
+    checked_timm_model_args(config.get("model_args") or {}, source)
+
+
 def inspect_model_folder(path: str | Path) -> ModelFolder:
     """Decide what the folder ``path`` holds (see the module docstring); reads JSON files only.
 
@@ -385,6 +405,8 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     refuse_pickles(directory)
     config_file = directory / CONFIG_NAME
     config = read_json_object(config_file) if config_file.is_file() else {}
+    for transformers_config in (config, config.get(HF_BASE_CONFIG_KEY)):
+        _check_timm_wrapper(transformers_config, str(config_file))
     han_file = directory / HAN_CONFIG_NAME
     if han_file.is_file():
         han_config = read_json_object(han_file)

@@ -161,9 +161,7 @@ def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
     import timm
 
     config_file = path / "config.json"
-    pretrained_cfg, name, model_args = read_timm_config(path)  # model_args allow-listed
-    if ":" in name or not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." would make timm look elsewhere
-        raise CheckpointError(f"{config_file}: architecture {name!r} is not a timm model name")
+    pretrained_cfg, name, model_args = read_timm_config(path)  # a timm model name; model_args allow-listed
     # pretrained_cfg now points at the folder ("local-dir"): timm loads its safetensors.
     if num_classes is not None:
         model_args["num_classes"] = num_classes

@@ -199,3 +199,50 @@ def test_resume_refuses_pickled_weights_and_a_random_state_it_cannot_read(
     assert cli([*opts2, "--resume", str(latest)]) == 2
     err = capsys.readouterr().err
     assert "random_states_0.pkl" in err and err.count("\n") == 1 and not marker.exists(), err
+
+
+@pytest.mark.parametrize("architecture", ["local-dir:{elsewhere}", "hf-hub:someone/tracker"])
+def test_a_timm_folder_cannot_point_timm_at_another_folder_or_the_hub(
+    tmp_path: Path, capsys: pytest.CaptureFixture, architecture: str
+) -> None:
+    """A hanified timm folder's config.json with ``architecture: "local-dir:<elsewhere>"`` made timm read the
+    other folder's config (its model_args unchecked); ``hf-hub:<repo>`` reached for the Hub (a traceback
+    offline). Every loader now refuses a name that is not a registered timm model."""
+    import han_surgery
+    from han_surgery.cli import main
+    from han_surgery.folders import CheckpointError
+
+    folder = tmp_path / "han"
+    assert main(["hanify", "test_vit", "-o", str(folder)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "config.json").write_text(json.dumps({"architecture": "test_vit", "model_args": {}}))
+    config = json.loads((folder / "config.json").read_text())
+    config["architecture"] = architecture.format(elsewhere=elsewhere)
+    (folder / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match="is not a timm model name"):
+        han_surgery.from_pretrained(folder)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a timm model name" in err and err.count("\n") == 1, err
+
+
+def test_a_timm_wrapper_folder_cannot_make_timm_load_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """transformers' timm_wrapper passes its config's model_args to timm.create_model: ``checkpoint_path`` made
+    timm torch.load any file the config named (inspect, load_model, from_pretrained all built it)."""
+    transformers = pytest.importorskip("transformers")
+    import han_surgery
+    from han_surgery.cli import main
+    from han_surgery.folders import CheckpointError
+
+    folder = tmp_path / "tw"
+    transformers.TimmWrapperModel(transformers.TimmWrapperConfig(architecture="test_vit")).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_args"] = {"checkpoint_path": str(tmp_path / "weights.pth")}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="checkpoint_path"):
+        han_surgery.load_model(folder)
+    capsys.readouterr()
+    assert main(["inspect", str(folder)]) == 2
+    assert "checkpoint_path" in capsys.readouterr().err

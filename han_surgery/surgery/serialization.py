@@ -340,6 +340,10 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
                     f"{config_file}: model_args[{TIMM_BASE_ARG!r}] = {name!r}, but {HAN_CONFIG_NAME} "
                     f"was saved from {base.name!r}"
                 )
+        elif name != base.name:
+            raise CheckpointError(
+                f"{config_file}: architecture {name!r}, but {HAN_CONFIG_NAME} was saved from {base.name!r}"
+            )
         pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("file", "source")}
         return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     raise CheckpointError(
