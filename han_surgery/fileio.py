@@ -196,7 +196,10 @@ class FolderLock:
             return  # stale
         if pid == os.getpid() and host == socket.gethostname():
             return
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+        try:
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(holder["started"])))
+        except (KeyError, TypeError, ValueError, OverflowError, OSError):  # a lock file not written by us
+            started = "at an unknown time"
         raise FolderInUseError(
             f"{self.what} {self.folder} is in use by another han-surgery run (pid {pid} on {host}, started {started}: "
             f"{holder.get('command', '?')}). Wait for it to finish, or choose another folder; if that process is "

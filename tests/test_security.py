@@ -246,3 +246,32 @@ def test_a_timm_wrapper_folder_cannot_make_timm_load_a_file(tmp_path: Path, caps
     capsys.readouterr()
     assert main(["inspect", str(folder)]) == 2
     assert "checkpoint_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("started", ['"yesterday"', "1e300", "null"])
+def test_a_lock_file_not_written_by_han_surgery_is_a_clear_error(tmp_path: Path, started: str) -> None:
+    """A lock file with ``"started": "yesterday"`` raised TypeError, ``1e300`` OverflowError (tracebacks); ``null``
+    showed the current time as the holder's start."""
+    from han_surgery.errors import HanSurgeryError
+    from han_surgery.fileio import LOCK_NAME, FolderLock
+
+    (tmp_path / LOCK_NAME).write_text(f'{{"pid": 1, "host": "elsewhere", "started": {started}, "command": "x"}}')
+    with pytest.raises(HanSurgeryError, match="started at an unknown time"):
+        FolderLock(tmp_path).check()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("global_step", '"4"'), ("metrics_lines", '"x"'), ("running_by_process", "[[1.0]]")]
+)
+def test_resume_from_a_crafted_trainer_state_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, key: str, value: str
+) -> None:
+    opts, out = _run_with_checkpoints(tmp_path)
+    checkpoint = sorted((out / "checkpoints").iterdir())[0]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state[key] = json.loads(value)
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    _rehash(checkpoint)
+    assert cli([*opts, "--resume", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume:" in err and key in err and err.count("\n") == 1, err

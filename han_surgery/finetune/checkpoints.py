@@ -107,8 +107,15 @@ class TrainProgress:
                 f"{self.mixed_precision} (from --mixed-precision, or accelerate's config or launcher). Relaunch with "
                 f"--mixed-precision {saved_precision} to continue exactly."
             )
-        for key in vars(self):  # a key newer than the checkpoint (running_hidden) keeps its start value
-            setattr(self, key, state.get(key, getattr(self, key)))
+        for key, current in list(vars(self).items()):  # a key newer than the checkpoint keeps its start value
+            value = state.get(key, current)
+            kinds = (int, float) if isinstance(current, float) else type(current)
+            if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, int) and value < 0):
+                raise FinetuneError(
+                    f"--resume: the checkpoint's {STATE_FILE} holds {key} = {value!r:.40}, not a state han-surgery "
+                    "wrote; resume from another checkpoint"
+                )
+            setattr(self, key, value)
 
 
 def check_output_dir(config: FinetuneConfig) -> Path:
@@ -303,9 +310,15 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         why = "it holds a pickle that is not plain tensors (refused: loading it could run code)" if refused else str(e)
         raise FinetuneError(f"--resume: cannot load {checkpoint}: {why}") from None
     state = json.loads((checkpoint / STATE_FILE).read_text())
+    if not isinstance(state, dict):
+        raise FinetuneError(f"--resume: {checkpoint / STATE_FILE} is not a state han-surgery wrote")
     progress.load_state_dict(state)
-    if isinstance(state.get("running_by_process"), list):  # the same number of processes (checked above)
-        progress.running_loss, progress.running_hidden = state["running_by_process"][accelerator.process_index]
+    running = state.get("running_by_process")
+    if isinstance(running, list):  # the same number of processes (checked above)
+        mine = running[accelerator.process_index] if accelerator.process_index < len(running) else None
+        if not (isinstance(mine, list) and len(mine) == 2 and all(isinstance(v, (int, float)) for v in mine)):
+            raise FinetuneError(f"--resume: {checkpoint / STATE_FILE} holds running_by_process = {running!r:.60}")
+        progress.running_loss, progress.running_hidden = mine
     if accelerator.is_main_process:
         _truncate_metrics(out / METRICS_FILE, progress.metrics_lines)
     accelerator.print(
