@@ -125,6 +125,23 @@ def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str |
     return None
 
 
+def too_wide_to_empty(folder: str | Path) -> str | None:
+    """Why ``--overwrite`` must not empty the existing ``folder`` (``None`` if it may): it is the current directory
+    or one of its ancestors, the home directory, or the file system's root, where a run's files are not all
+    there is (``--output-dir . --overwrite`` deleted a project's sources)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return None
+    real, cwd = folder.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        return "the current directory" if real == cwd else "a parent of the current directory"
+    if real == Path.home().resolve():
+        return "the home directory"
+    if real == Path(real.anchor):
+        return "the file system's root"
+    return None
+
+
 def output_folder_problem(path: str | Path) -> str | None:
     """Why the folder ``path`` could not be created or written (``None`` if it can): checked before any work.
 

@@ -275,3 +275,32 @@ def test_resume_from_a_crafted_trainer_state_is_a_clear_error(
     assert cli([*opts, "--resume", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "--resume:" in err and key in err and err.count("\n") == 1, err
+
+
+def test_overwrite_never_empties_the_current_directory_or_home(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finetune --output-dir . --overwrite`` from a project folder deleted its sources."""
+    from han_surgery.cli import main
+
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "main.py").write_text("print('mine')\n")
+    data = make_images(tmp_path / "toy.npz", n=32)
+    monkeypatch.chdir(project / "src")
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    train = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(data), "--max-steps", "1",
+             "--batch-size", "8", "--no-progress", "--no-tensorboard", "--overwrite", "--output-dir"]  # fmt: skip
+    for out, what in ((".", "the current directory"), ("..", "a parent of the current directory")):
+        assert cli([*train, out]) == 2
+        err = capsys.readouterr().err
+        assert f"is {what}: --overwrite would delete everything in it" in err and err.count("\n") == 1, err
+        assert main(["hanify", "test_vit", "-o", out, "--overwrite"]) == 2
+        assert f"is {what}" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path / "project")
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    assert main(["hanify", "test_vit", "-o", str(tmp_path / "home"), "--overwrite"]) == 2
+    assert "is the home directory" in capsys.readouterr().err
+    assert (project / "src" / "main.py").read_text() == "print('mine')\n"
+    assert (tmp_path / "home" / "notes.txt").read_text() == "mine"

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
 from ..errors import ConfigError, NothingToRewriteError, first_line
-from ..fileio import LOCK_NAME, FolderLock, input_held_by, output_folder_problem, publish_files
+from ..fileio import LOCK_NAME, FolderLock, input_held_by, output_folder_problem, publish_files, too_wide_to_empty
 from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
@@ -81,6 +81,9 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
             raise ConfigError(f"-o {out}: {problem}")
         if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
             raise ConfigError(f"-o {out} already exists and is not empty: pass --overwrite to replace it")
+        wide = args.overwrite and too_wide_to_empty(out)
+        if wide:
+            raise ConfigError(f"-o {out} is {wide}: --overwrite would delete everything in it; write to a new folder")
         held = args.overwrite and input_held_by(out, {"the source": args.source, "--calibrate": args.calibrate})
         if held:
             raise ConfigError(f"-o {out} holds {held}: --overwrite would delete it; write to another folder")

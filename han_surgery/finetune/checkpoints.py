@@ -28,7 +28,15 @@ from typing import Any
 import torch
 
 from ..errors import HanSurgeryError
-from ..fileio import LOCK_NAME, FolderLock, atomic_write_text, empty_folder, input_held_by, output_folder_problem
+from ..fileio import (
+    LOCK_NAME,
+    FolderLock,
+    atomic_write_text,
+    empty_folder,
+    input_held_by,
+    output_folder_problem,
+    too_wide_to_empty,
+)
 from .config import RESUME_FIELDS, FinetuneConfig
 from .tracking import METRICS_FILE
 
@@ -136,6 +144,11 @@ def check_output_dir(config: FinetuneConfig) -> Path:
     if held:
         raise FinetuneError(
             f"--output-dir {out} holds {held}: --overwrite would delete it. Choose another --output-dir."
+        )
+    wide = config.overwrite and too_wide_to_empty(out)
+    if wide:
+        raise FinetuneError(
+            f"--output-dir {out} is {wide}: --overwrite would delete everything in it. Choose a folder of the run's own."
         )
     if out.is_dir():
         FolderLock(out).check()  # another live run writes into it
