@@ -228,3 +228,24 @@ def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys):
     copied = [p for p in (tmp_path / "han").rglob("*") if p.is_file()]
     assert not any("s3cr3t" in p.read_text(errors="ignore") for p in copied)
     assert (tmp_path / "han" / "1_Pooling" / "config.json").is_file()  # the cache's own links: followed
+
+
+def test_hanify_o_filled_while_the_run_worked_is_not_replaced(tmp_path, monkeypatch, capsys):
+    """-o was checked empty only when the run started: a folder the user (or a second run into the same -o) put
+    there while the model loaded was replaced (a directory named config.json was rmtree'd)."""
+    from han_surgery.cli import surgery
+
+    out = tmp_path / "out"
+    real_save = surgery._save
+
+    def save_after_the_user_wrote(model, out_, *args, **kwargs):
+        (out_ / "config.json").mkdir(parents=True)
+        (out_ / "config.json" / "thesis.tex").write_text("mine")
+        return real_save(model, out_, *args, **kwargs)
+
+    monkeypatch.setattr(surgery, "_save", save_after_the_user_wrote)
+    assert main(["hanify", "test_vit", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is no longer empty (config.json appeared while this run worked)" in err and err.count("\n") == 1, err
+    assert (out / "config.json" / "thesis.tex").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

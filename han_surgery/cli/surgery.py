@@ -135,6 +135,12 @@ def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwri
     staging = out / ".hanify.tmp"
     try:
         with FolderLock(out, "-o"):
+            filled = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, staging.name))
+            if filled and not overwrite:  # checked empty when the run started; another run or the user wrote since
+                raise ConfigError(
+                    f"-o {out} is no longer empty ({', '.join(filled[:3])}{' ...' if len(filled) > 3 else ''} "
+                    "appeared while this run worked): nothing was written; pass --overwrite to replace it"
+                )
             if staging.is_symlink():
                 staging.unlink()
             elif staging.exists():
