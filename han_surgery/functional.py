@@ -346,16 +346,20 @@ def _use_cpu_kernel(x: Tensor, u: Tensor, reflections: int) -> bool:
     )
 
 
+def _autocast_on(x: Tensor) -> bool:
+    """Whether ``torch.autocast`` is on for ``x``'s device (``False`` for a device it does not know: ``meta``)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     """The dtype ``torch.autocast`` would give ``x`` here, or ``None``: autocast off, a device it does not know
     (``meta``), or an input it never casts (float64, as ``nn.Linear``'s stays float64)."""
-    if not x.is_floating_point() or x.dtype == torch.float64:
+    if not x.is_floating_point() or x.dtype == torch.float64 or not _autocast_on(x):
         return None
-    try:
-        enabled = torch.is_autocast_enabled(x.device.type)
-    except RuntimeError:  # "unknown device type for autocast"
-        return None
-    return torch.get_autocast_dtype(x.device.type) if enabled else None
+    return torch.get_autocast_dtype(x.device.type)
 
 
 def _use_triton(x: Tensor, k: int) -> bool:
@@ -410,6 +414,9 @@ def householder_chain(
         # (which autocast does not cover) see the same dtypes.
         with torch.autocast(x.device.type, enabled=False):
             return householder_chain(x.to(autocast_dtype), u, bias, apply_abs, dim=dim, normalize=normalize)
+    if _autocast_on(x):  # an input autocast does not cast (float64): the algebra on u must not be cast either
+        with torch.autocast(x.device.type, enabled=False):
+            return householder_chain(x, u, bias, apply_abs, dim=dim, normalize=normalize)
     if u.dim() != 3:
         raise ValueError(f"householder_chain: u must have shape (L, k, n), got {tuple(u.shape)}")
     layers, k, n = u.shape
@@ -418,6 +425,11 @@ def householder_chain(
         raise ValueError(f"householder_chain: {layers} layers of u but {len(apply_abs)} apply_abs flags")
     if not x.is_floating_point():
         raise TypeError(f"han_surgery.functional: input must be a floating-point tensor, got {x.dtype}")
+    if x.dim() and not -x.dim() <= dim < x.dim():  # as torch's own dim arguments: no wrapping around
+        raise IndexError(
+            f"han_surgery.functional: dim {dim} is out of range for an input of {x.dim()} dimensions "
+            f"(expected in [{-x.dim()}, {x.dim() - 1}])"
+        )
     dim = dim % x.dim() if x.dim() else 0
     if x.dim() == 0 or x.shape[dim] != n:
         features = x.shape[dim] if x.dim() else 0
@@ -442,7 +454,7 @@ def householder_chain(
         out_dtype = x.dtype if layer == layers - 1 else acc
         a = rows_fn(a, u_hat[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)
     out = a.reshape(moved.shape)
-    return out if last else out.movedim(-1, dim)
+    return out if last else out.movedim(-1, dim).contiguous()  # contiguous, as the kernel's
 
 
 def householder_affine(

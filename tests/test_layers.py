@@ -217,6 +217,30 @@ def test_float64_stays_float64_under_autocast_and_meta_tensors_run():
     assert meta(torch.empty(3, 8, device="meta")).shape == (3, 8)
 
 
+def test_float64_input_with_float32_parameters_under_autocast_is_exact():
+    """A float64 input is not cast, so autocast stayed on around the k x k algebra of the float32 directions: on
+    the PyTorch path ``U U^T`` ran in bfloat16 and the output was off by about 1e-2 (k > 1)."""
+    torch.manual_seed(0)
+    layer = HanLayer(16, reflections=4)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_a_dim_outside_the_input_is_an_error_and_the_output_is_contiguous():
+    """``dim=2`` on a 2-D input was wrapped to ``dim=0`` (the wrong axis, silently); with ``dim`` not last the
+    PyTorch path returned a non-contiguous view where the kernel's output is contiguous (``.view`` failed on one)."""
+    with pytest.raises(IndexError, match="out of range"):
+        HanLayer(4, dim=2)(torch.randn(4, 4))
+    with pytest.raises(IndexError, match="out of range"):
+        HanBlock(4, dim=-3)(torch.randn(5, 4))
+    out = HanBlock(8, dim=-2)(torch.randn(2, 8, 16))
+    assert out.is_contiguous() and out.view(2, -1).shape == (2, 128)
+
+
 def test_inference_path_equals_autograd_path():
     torch.manual_seed(6)
     layer = HanLayer(32, reflections=3)
