@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -205,7 +206,10 @@ class FolderLock:
 
     def check(self) -> None:
         """Raise :class:`FolderInUseError` if a live process holds the lock (does not take it)."""
-        holder = self.holder()
+        self._refuse_if_live(self.holder())
+
+    def _refuse_if_live(self, holder: dict[str, Any] | None) -> None:
+        """Raise :class:`FolderInUseError` if ``holder`` (a lock file's content) is a live process's."""
         if holder is None:
             return
         pid, host = holder.get("pid"), holder.get("host")
@@ -226,13 +230,30 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         """Take the lock (creating ``folder`` if needed)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
+        for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                self.check()  # raises if a live process holds it
-                self.took_over = self.holder()
-                self.path.unlink(missing_ok=True)
+                stale = self.holder()
+                self._refuse_if_live(stale)  # raises if a live process holds it
+                # Take over exactly the file judged stale: another run may have taken it over since. Move it
+                # away (atomic: one run moves a given file), then compare; a live lock moved by mistake goes back.
+                grave = self.path.with_name(f"{self.path.name}.{os.getpid()}.{time.monotonic_ns()}.stale")
+                try:
+                    os.rename(self.path, grave)
+                except FileNotFoundError:  # another run moved it first: try to create it again
+                    continue
+                try:
+                    moved = json.loads(grave.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    moved = None
+                if moved != stale:
+                    with contextlib.suppress(FileExistsError):
+                        os.link(grave, self.path)  # give the live lock back (unless yet another run made one)
+                    grave.unlink(missing_ok=True)
+                    continue  # the next attempt names the live holder
+                grave.unlink(missing_ok=True)
+                self.took_over = stale
                 continue
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 payload = {

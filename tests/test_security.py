@@ -304,3 +304,30 @@ def test_overwrite_never_empties_the_current_directory_or_home(
     assert "is the home directory" in capsys.readouterr().err
     assert (project / "src" / "main.py").read_text() == "print('mine')\n"
     assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_two_runs_taking_over_a_dead_runs_lock_do_not_both_hold_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A judged-stale lock was deleted after the judgement: if another run had taken it over in between, its live
+    lock was deleted and both runs wrote into the folder. The takeover now moves the exact stale file away."""
+    import socket
+
+    from han_surgery.fileio import LOCK_NAME, FolderInUseError, FolderLock
+
+    lock_file = tmp_path / LOCK_NAME
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname(), "started": 0, "command": "dead run"}
+    live = {"pid": os.getppid(), "host": socket.gethostname(), "started": 1.0, "command": "run B"}
+    lock_file.write_text(json.dumps(dead))
+    judge = FolderLock._refuse_if_live
+
+    def judge_then_lose_the_race(self: FolderLock, holder: dict | None) -> None:
+        judge(self, holder)  # judged stale...
+        if json.loads(lock_file.read_text())["command"] == "dead run":
+            lock_file.write_text(json.dumps(live))  # ...and run B takes it over before this run moves it
+
+    monkeypatch.setattr(FolderLock, "_refuse_if_live", judge_then_lose_the_race)
+    with pytest.raises(FolderInUseError, match="run B"):
+        FolderLock(tmp_path).acquire()
+    assert json.loads(lock_file.read_text()) == live  # run B still holds it
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
