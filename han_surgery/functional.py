@@ -32,7 +32,8 @@ its depth. Where it runs:
   hand-written backward in PyTorch, one layer at a time (what ``torch.compile`` and
   ``torch.export`` trace).
 * Inside ``torch.func`` transforms (``grad``, ``vmap``, ``jvp``, ``jacrev``, ``functional_call``
-  under them): the definition with plain differentiable ops, which every transform takes.
+  under them) and forward-mode AD (``torch.autograd.forward_ad.dual_level``): the definition with
+  plain differentiable ops, which every transform takes.
 
 All paths compute in float32 at least: float16/bfloat16 inputs are projected and updated in
 float32 and rounded once at the end of a chain, so ``x . u`` cannot overflow the input dtype.
@@ -310,8 +311,9 @@ cpu_kernel.define_fallback("householder_chain_forward", _chain_forward_before_lo
 
 
 def _in_functorch_transform() -> bool:
-    """Inside ``torch.func`` transforms, which take plain differentiable ops, not custom autograd functions."""
-    return torch._C._are_functorch_transforms_active()
+    """Inside ``torch.func`` transforms, which take plain differentiable ops, not custom autograd functions; or
+    inside a ``torch.autograd.forward_ad.dual_level()`` (forward-mode AD: the functions have no ``jvp``)."""
+    return torch._C._are_functorch_transforms_active() or getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
 
 
 def _kernels_allowed() -> bool:

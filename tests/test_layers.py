@@ -241,6 +241,21 @@ def test_a_dim_outside_the_input_is_an_error_and_the_output_is_contiguous():
     assert out.is_contiguous() and out.view(2, -1).shape == (2, 128)
 
 
+def test_forward_mode_ad_with_dual_tensors():
+    """``torch.autograd.forward_ad`` raised on both paths (custom autograd Functions without a jvp); inside a dual
+    level the layers run their plain definition, as inside ``torch.func`` transforms."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    block = HanBlock(6, reflections=2).double()
+    x, tangent = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64)
+    _, expected = torch.func.jvp(block, (x,), (tangent,))
+    with fwAD.dual_level():
+        out = fwAD.unpack_dual(block(fwAD.make_dual(x, tangent)))
+    torch.testing.assert_close(out.primal, block(x))
+    torch.testing.assert_close(out.tangent, expected)
+
+
 def test_inference_path_equals_autograd_path():
     torch.manual_seed(6)
     layer = HanLayer(32, reflections=3)
