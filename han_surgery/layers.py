@@ -326,7 +326,8 @@ class HanBlock(nn.Module):
         )
 
     def _fusable(self) -> bool:
-        """Both layers can run as one chain: no extras, no active dropout, nothing swapped in or hooked on them."""
+        """Both layers can run as one chain: no extras, no active dropout, nothing swapped in or hooked on them
+        (torch hooks, or a ``forward`` patched on the instance as accelerate's offloading does)."""
         fc1, fc2 = self.fc1, self.fc2
         return (
             self.input_scale is None
@@ -341,6 +342,9 @@ class HanBlock(nn.Module):
             and fc1.u.dtype == fc2.u.dtype
             and (fc1.bias is None) == (fc2.bias is None)
             and not (fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks)
+            # a forward patched on the instance (accelerate's offloading hooks load the weights there)
+            and "forward" not in vars(fc1)
+            and "forward" not in vars(fc2)
         )
 
     def extra_repr(self) -> str:

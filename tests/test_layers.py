@@ -256,6 +256,21 @@ def test_forward_mode_ad_with_dual_tensors():
     torch.testing.assert_close(out.tangent, expected)
 
 
+def test_a_han_block_whose_layers_accelerate_hooks_runs_them(tmp_path):
+    """accelerate's offloading (``device_map`` with ``"disk"``, or ``"cpu"`` beside a GPU) patches each module's
+    ``forward`` (no torch hook): the block's fused path read ``fc1.u`` / ``fc2.u`` itself, so their weights stayed
+    on ``meta`` and the forward failed. Disk-offload a block's layers and compare."""
+    from accelerate import disk_offload
+
+    torch.manual_seed(0)
+    block = HanBlock(8).eval()
+    x = torch.randn(3, 8)
+    expected = block(x)
+    disk_offload(block, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    assert block.fc1.u.device.type == "meta"
+    torch.testing.assert_close(block(x), expected)
+
+
 def test_inference_path_equals_autograd_path():
     torch.manual_seed(6)
     layer = HanLayer(32, reflections=3)
