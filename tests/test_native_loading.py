@@ -160,6 +160,9 @@ def test_transformers_config_arguments_apply_to_the_base_config(folders, tmp_pat
     config.num_labels = 6
     six = T.AutoModelForSequenceClassification.from_pretrained(tmp / "cls", config=config, ignore_mismatched_sizes=True)
     assert six.classifier.out_features == 6
+    # the same edited config given to the Hanified class itself (it raised AttributeError: no vocab_size)
+    six_again = type(saved).from_pretrained(tmp / "cls", config=config, ignore_mismatched_sizes=True)
+    assert six_again.classifier.out_features == 6 and type(six_again) is type(saved)
     config.save_pretrained(tmp_path / "config")  # the edit is saved where it is read again
     assert T.AutoConfig.from_pretrained(tmp_path / "config").num_labels == 6
     attentions = T.AutoModel.from_pretrained(tmp / "base", output_attentions=True).eval()

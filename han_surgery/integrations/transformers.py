@@ -188,12 +188,15 @@ class _Hanified:
         cls, pretrained_model_name_or_path: str | Path, *model_args: Any, config: Any = None, **kwargs: Any
     ) -> PreTrainedModel:
         """transformers' ``from_pretrained``, reading the base config and the recipe from a hanified
-        ``config.json`` (unless ``config`` is given); one :class:`~han_surgery.CheckpointError` naming
+        ``config.json`` (unless ``config`` is given: the base config, or the ``HanifiedConfig``
+        ``AutoConfig.from_pretrained`` gives); one :class:`~han_surgery.CheckpointError` naming
         the file for weights that are unreadable or do not fit."""
         folder = Path(str(pretrained_model_name_or_path))
         if config is None:
             hanified, kwargs = _hanified_config(pretrained_model_name_or_path, kwargs)
             config = hanified.base_model_config(str(folder / "config.json"))
+        elif isinstance(config, HanifiedConfig):  # AutoConfig.from_pretrained(dir), edited: its base config
+            config = config.base_model_config(str(folder / "config.json"))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, config=config, **kwargs)
         except SafetensorError as e:
