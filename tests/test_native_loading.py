@@ -352,3 +352,18 @@ def test_model_card_snippet_imports_han_surgery_for_its_own_timm_models():
     probe = code.replace('timm.create_model("local-dir:path/to/this/folder", pretrained=True)', "None")
     probe += "\nimport timm\nassert timm.is_model('han_mixer_m0h0_32')\n"
     subprocess.run([sys.executable, "-c", probe], check=True)  # a fresh process: the import is what registers it
+
+
+def test_a_bfloat16_hanified_folder_says_so_in_its_config(tmp_path):
+    """transformers writes the weights' dtype into config.json; a hanified folder wrote ``"dtype": null``, so
+    ``AutoModel.from_config(AutoConfig.from_pretrained(dir))`` silently built float32."""
+    torch.manual_seed(0)
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=100)  # fmt: skip
+    model = T.BertModel(config).to(torch.bfloat16)
+    hanify(model)
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["dtype"] == written["base_config"]["dtype"] == "bfloat16"
+    rebuilt = T.AutoModel.from_config(T.AutoConfig.from_pretrained(tmp_path))
+    assert next(rebuilt.parameters()).dtype == torch.bfloat16

@@ -249,9 +249,11 @@ def hanified_transformers_config(model: nn.Module, recipe: Recipe) -> dict[str, 
     base_config = model.config.to_dict()
     base_config.pop(HF_RECIPE_KEY, None)  # a natively loaded model's config carries the recipe it was built with
     base_config["architectures"] = [recipe.base.name]
+    base_config["dtype"] = recipe.dtype  # the weights' dtype, as transformers' save_pretrained records it
     return {
         "model_type": HF_HANIFIED_MODEL_TYPE,
         "architectures": [recipe.base.name],
+        "dtype": recipe.dtype,
         HF_BASE_CONFIG_KEY: base_config,
         HF_RECIPE_KEY: recipe.to_dict(),
         "auto_map": transformers_auto_map(),
