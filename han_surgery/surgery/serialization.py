@@ -250,15 +250,32 @@ def hanified_transformers_config(model: nn.Module, recipe: Recipe) -> dict[str, 
     base_config.pop(HF_RECIPE_KEY, None)  # a natively loaded model's config carries the recipe it was built with
     base_config["architectures"] = [recipe.base.name]
     base_config["dtype"] = recipe.dtype  # the weights' dtype, as transformers' save_pretrained records it
+    tokenizer = _tokenizer_class(base_config)
     return {
         "model_type": HF_HANIFIED_MODEL_TYPE,
         "architectures": [recipe.base.name],
         "dtype": recipe.dtype,
+        # AutoTokenizer, given a tokenizer_config.json without a class, asks config.json: not for "han_surgery"
+        **({"tokenizer_class": tokenizer} if tokenizer else {}),
         HF_BASE_CONFIG_KEY: base_config,
         HF_RECIPE_KEY: recipe.to_dict(),
         "auto_map": transformers_auto_map(),
         "transformers_version": base_config.get("transformers_version"),
     }
+
+
+def _tokenizer_class(base_config: dict[str, Any]) -> str | None:
+    """The tokenizer class transformers' AutoTokenizer would pick for the base model's config, by name, or ``None``:
+    the config's own ``tokenizer_class``, else the model type's in transformers' tokenizer mapping."""
+    if isinstance(base_config.get("tokenizer_class"), str):
+        return base_config["tokenizer_class"]
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    names = TOKENIZER_MAPPING_NAMES.get(base_config.get("model_type"))
+    for name in names if isinstance(names, tuple) else (names,):  # (slow, fast) in earlier transformers
+        if isinstance(name, str):
+            return name
+    return None
 
 
 def transformers_base_config(config: dict[str, Any], source: str, overrides: dict[str, Any] | None = None) -> Any:
