@@ -386,3 +386,16 @@ def test_auto_tokenizer_finds_the_tokenizer_of_a_hanified_folder_without_a_token
     tokenizer = T.AutoTokenizer.from_pretrained(tmp_path)
     assert type(tokenizer).__name__.startswith("BertTokenizer")
     assert tokenizer("Householder")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_a_class_that_has_none_of_the_hanified_blocks_warns(tmp_path):
+    """LlamaForQuestionAnswering names its body ``transformer``, not ``model``: loading a hanified Llama folder with
+    it dropped every recorded block, silently, and gave a "Hanified" model without one Han-block."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, intermediate_size=64)  # fmt: skip
+    model = T.LlamaForCausalLM(config)
+    hanify(model)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="none of the 1 block"):
+        T.AutoModelForQuestionAnswering.from_pretrained(tmp_path)

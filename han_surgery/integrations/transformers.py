@@ -22,6 +22,7 @@ model writes the same folder again.
 from __future__ import annotations
 
 import copyreg
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -181,6 +182,14 @@ class _Hanified:
         path_map = _path_map(self, paths)
         if recipe.base.name != type(self)._han_base.__name__:  # maybe a part (T5EncoderModel of a T5 seq2seq model)
             path_map = _in_part(self, path_map)
+        if paths and path_map is not None and all(path_map(p) is None for p in paths):
+            warnings.warn(
+                f"{type(self).__qualname__}: none of the {len(paths)} block(s) the recipe in {source} rewrote "
+                f"({paths[0]}, ...) is in this model, so it has no Han-block: its body is named otherwise than "
+                f"{recipe.base.name}'s (transformers leaves those weights random too). Load the folder with "
+                f"{recipe.base.name} or a class whose body it shares",
+                stacklevel=2,
+            )
         replay_recipe(self, recipe.steps, source, path_map=path_map)
 
     @classmethod
