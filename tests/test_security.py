@@ -46,13 +46,19 @@ def _rehash(checkpoint: Path) -> None:
     (checkpoint / "checkpoint_manifest.json").write_text(json.dumps({"files": files}))
 
 
-def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _run_with_checkpoints(tmp_path: Path) -> tuple[list[str], Path]:
+    """A two-step fine-tune of a tiny ViT with a checkpoint after each step: (its arguments, its folder)."""
     data = make_images(tmp_path / "toy.npz", n=64)
     out = tmp_path / "run"
     opts = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(data), "--output-dir",
             str(out), "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-progress",
             "--no-tensorboard"]  # fmt: skip
     assert cli(opts) == 0
+    return opts, out
+
+
+def test_resume_never_unpickles_code_from_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    opts, out = _run_with_checkpoints(tmp_path)
     marker = tmp_path / "pwned"
     for checkpoint in (out / "checkpoints").iterdir():
         # every pickle accelerate reads back, and the file older versions registered their loop state in
@@ -143,16 +149,6 @@ def test_from_pretrained_never_runs_code_of_a_hanified_folder(tmp_path: Path) ->
         [sys.executable, "-c", code], input="y\ny\n", capture_output=True, text=True, env=ENV, timeout=120
     )
     assert "refused:" in proc.stdout and not marker.exists(), proc.stdout[-1500:] + proc.stderr[-1500:]
-
-
-def _run_with_checkpoints(tmp_path: Path) -> tuple[list[str], Path]:
-    data = make_images(tmp_path / "toy.npz", n=64)
-    out = tmp_path / "run"
-    opts = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT), "--data", str(data), "--output-dir",
-            str(out), "--max-steps", "2", "--batch-size", "8", "--checkpoint-every", "1", "--no-progress",
-            "--no-tensorboard"]  # fmt: skip
-    assert cli(opts) == 0
-    return opts, out
 
 
 def test_resume_into_a_folder_the_user_made_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
