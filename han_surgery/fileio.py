@@ -131,7 +131,7 @@ def too_wide_to_empty(folder: str | Path) -> str | None:
     or one of its ancestors, the home directory, or the file system's root, where a run's files are not all
     there is (``--output-dir . --overwrite`` deleted a project's sources)."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if not folder.is_dir() or not any(p.name != LOCK_NAME for p in folder.iterdir()):  # nothing to delete
         return None
     real, cwd = folder.resolve(), Path.cwd().resolve()
     if real == cwd or real in cwd.parents:
@@ -235,6 +235,9 @@ class FolderLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 stale = self.holder()
+                if stale is None:  # empty: maybe a run that has just created it is writing it; read it again
+                    time.sleep(0.2)
+                    stale = self.holder()
                 self._refuse_if_live(stale)  # raises if a live process holds it
                 # Take over exactly the file judged stale: another run may have taken it over since. Move it
                 # away (atomic: one run moves a given file), then compare; a live lock moved by mistake goes back.

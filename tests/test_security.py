@@ -300,6 +300,10 @@ def test_overwrite_never_empties_the_current_directory_or_home(
     assert "is the home directory" in capsys.readouterr().err
     assert (project / "src" / "main.py").read_text() == "print('mine')\n"
     assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"  # nothing to delete: the current directory is fine
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert main(["hanify", "test_vit", "-o", ".", "--overwrite"]) == 0 and (empty / "han_config.json").is_file()
 
 
 def test_two_runs_taking_over_a_dead_runs_lock_do_not_both_hold_it(
@@ -327,3 +331,16 @@ def test_two_runs_taking_over_a_dead_runs_lock_do_not_both_hold_it(
         FolderLock(tmp_path).acquire()
     assert json.loads(lock_file.read_text()) == live  # run B still holds it
     assert [p.name for p in tmp_path.iterdir()] == [LOCK_NAME]
+
+
+def test_a_run_started_from_another_runs_checkpoint_can_be_resumed(tmp_path: Path) -> None:
+    """``--output-dir B --resume A/checkpoints/step_1`` into an empty B wrote no training_args.json, so B's own later
+    ``--resume`` was refused as "not the folder of a han-surgery finetune run"."""
+    opts, out = _run_with_checkpoints(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    argv = [*opts]
+    argv[argv.index("--output-dir") + 1] = str(second)
+    assert cli([*argv, "--resume", str(sorted((out / "checkpoints").iterdir())[0])]) == 0
+    assert (second / "training_args.json").is_file()
+    assert cli([*argv, "--resume"]) == 0  # B's own run, continued from its own newest checkpoint

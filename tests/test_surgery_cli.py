@@ -195,7 +195,8 @@ def test_hanify_a_sentence_transformers_folder_keeps_its_pipeline(tmp_path, caps
     torch.testing.assert_close(embeddings, pooled, atol=1e-5, rtol=1e-5)
 
 
-def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys):
+@pytest.mark.parametrize("subfolder", ["", "sub"])  # a model in a snapshot, or in a subfolder of one
+def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys, subfolder):
     """A sentence-transformers folder whose module files or module folders are symlinks to elsewhere (a secret
     in the user's home) had them copied into the output, which ``han-surgery push`` then uploads. Links inside
     the folder, and a Hub cache snapshot's links to its own blobs, are still followed."""
@@ -207,7 +208,7 @@ def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys):
     (secret / "credentials.json").write_text('{"token": "s3cr3t"}')
     # a Hub-cache-like layout: snapshots/<rev>/ with every file a link into blobs/
     repo = tmp_path / "models--me--minilm"
-    source, blobs = repo / "snapshots" / "abc", repo / "blobs"
+    source, blobs = repo / "snapshots" / "abc" / subfolder, repo / "blobs"
     blobs.mkdir(parents=True)
     for file in Path(gt_minilm.get_model_path()).rglob("*"):
         if file.is_file():
@@ -228,6 +229,7 @@ def test_hanify_copies_no_file_from_outside_the_source_folder(tmp_path, capsys):
     copied = [p for p in (tmp_path / "han").rglob("*") if p.is_file()]
     assert not any("s3cr3t" in p.read_text(errors="ignore") for p in copied)
     assert (tmp_path / "han" / "1_Pooling" / "config.json").is_file()  # the cache's own links: followed
+    assert (tmp_path / "han" / "modules.json").is_file() and not (tmp_path / "han" / "3_Dir").exists()
 
 
 def test_hanify_o_filled_while_the_run_worked_is_not_replaced(tmp_path, monkeypatch, capsys):

@@ -199,8 +199,12 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
         return
     roots = _own_roots(source)
     for name in SENTENCE_TRANSFORMERS_FILES:
-        if (source / name).is_file() and _inside(source / name, roots):
-            shutil.copyfile(source / name, staging / name)
+        if not (source / name).is_file():
+            continue
+        if not _inside(source / name, roots):
+            warnings.warn(f"{source / name} was not copied: it links to outside {source}", stacklevel=2)
+            continue
+        shutil.copyfile(source / name, staging / name)
     for path in paths:  # "" is the transformer itself, saved above
         folder = source / path
         if not path or Path(path).is_absolute() or ".." in Path(path).parts or not folder.is_dir():
@@ -208,7 +212,6 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
         if not _inside(folder, roots):
             warnings.warn(f"{folder} was not copied: it links to outside {source}", stacklevel=2)
             continue
-        (staging / path).mkdir(parents=True, exist_ok=True)
         for file in sorted(f for f in folder.rglob("*") if f.is_file()):
             if file.suffix not in (".json", ".safetensors"):
                 warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
@@ -222,10 +225,12 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
 
 
 def _own_roots(source: Path) -> tuple[Path, ...]:
-    """Where the files of the model folder ``source`` may really live: the folder itself, and for a snapshot of
-    the Hub cache (``models--org--name/snapshots/<revision>``, whose files link to ``../../blobs``) its repo."""
+    """Where the files of the model folder ``source`` may really live: the folder itself, and for a folder in a
+    snapshot of the Hub cache (``models--org--name/snapshots/<revision>[/<subfolder>]``, whose files link to
+    ``blobs/`` beside ``snapshots/``) its repo."""
     real = source.resolve()
-    return (real, real.parent.parent) if real.parent.name == "snapshots" else (real,)
+    snapshots = next((p for p in real.parents if p.name == "snapshots"), None)
+    return (real, snapshots.parent) if snapshots is not None else (real,)
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:

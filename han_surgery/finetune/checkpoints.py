@@ -126,6 +126,12 @@ class TrainProgress:
             setattr(self, key, value)
 
 
+def _is_run_folder(out: Path) -> bool:
+    """Whether ``out`` is a fine-tune's own folder: its ``training_args.json``, or a checkpoint it wrote (a run
+    that an earlier version started from another run's checkpoint has no ``training_args.json``)."""
+    return (out / ARGS_FILE).is_file() or any((out / CHECKPOINT_DIR).glob(f"step_*/{MANIFEST_FILE}"))
+
+
 def check_output_dir(config: FinetuneConfig) -> Path:
     """Fail early (nothing read or written yet) if the output folder cannot be used; return its path."""
     out = Path(config.output_dir).expanduser()
@@ -158,7 +164,7 @@ def check_output_dir(config: FinetuneConfig) -> Path:
                 f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume "
                 "to continue its run."
             )
-        if config.resume is not None and entries and not (out / ARGS_FILE).is_file():
+        if config.resume is not None and entries and not _is_run_folder(out):
             raise FinetuneError(
                 f"--resume: {out} is not the folder of a han-surgery finetune run (it has no {ARGS_FILE}): --resume "
                 "continues a run in that run's own --output-dir; nothing was changed"

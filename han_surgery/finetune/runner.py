@@ -485,6 +485,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             if (out / WEIGHTS_NAME).is_file() and not (out / COMPLETION_MARKER).is_file():
                 accelerator.print(f"note: the final save into {out} was interrupted; it is written again", flush=True)
             last_checkpoint = resume(accelerator, out, config, state.progress)
+            if accelerator.is_main_process and not (out / ARGS_FILE).is_file():  # started from another run's
+                config.to_json(out / ARGS_FILE)  # checkpoint: this folder's run is this one, resumable in turn
         elif accelerator.is_main_process:  # what --resume compares against
             config.to_json(out / ARGS_FILE)
         init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
