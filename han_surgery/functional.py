@@ -356,14 +356,6 @@ def _autocast_on(x: Tensor) -> bool:
         return False
 
 
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype ``torch.autocast`` would give ``x`` here, or ``None``: autocast off, a device it does not know
-    (``meta``), or an input it never casts (float64, as ``nn.Linear``'s stays float64)."""
-    if not x.is_floating_point() or x.dtype == torch.float64 or not _autocast_on(x):
-        return None
-    return torch.get_autocast_dtype(x.device.type)
-
-
 def _use_triton(x: Tensor, k: int) -> bool:
     if x.device.type != "cuda" or x.numel() == 0 or not _kernels_allowed():  # empty: the PyTorch path, as on CPU
         return False
@@ -410,13 +402,12 @@ def householder_chain(
         A tensor of the same shape and dtype as ``x``; under ``torch.autocast`` in the autocast
         dtype (as ``nn.Linear`` would be).
     """
-    autocast_dtype = _autocast_dtype(x)
-    if autocast_dtype is not None:
-        # Compute in the autocast dtype with autocast off, so forward and backward
-        # (which autocast does not cover) see the same dtypes.
-        with torch.autocast(x.device.type, enabled=False):
-            return householder_chain(x.to(autocast_dtype), u, bias, apply_abs, dim=dim, normalize=normalize)
-    if _autocast_on(x):  # an input autocast does not cast (float64): the algebra on u must not be cast either
+    if _autocast_on(x):
+        # Compute in the autocast dtype with autocast off, so forward and backward (which autocast does not
+        # cover) see the same dtypes; an input autocast never casts (float64, as nn.Linear's stays float64)
+        # stays as it is, and the algebra on u is not cast either.
+        if x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):
             return householder_chain(x, u, bias, apply_abs, dim=dim, normalize=normalize)
     if u.dim() != 3:
