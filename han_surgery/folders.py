@@ -313,9 +313,7 @@ def read_timm_config(directory: str | Path) -> tuple[dict[str, Any], str, dict[s
         pretrained_cfg, name, model_args = _parse_model_cfg(config, {"file": str(path.parent), "source": "local-dir"})
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise CheckpointError(f"{path}: not a timm model config ({type(e).__name__}: {e})") from None
-    import timm
-
-    if ":" in name or not timm.is_model(name):  # "hf-hub:..." / "local-dir:..." would make timm look elsewhere
+    if not _is_timm_name(name):
         raise CheckpointError(f"{path}: architecture {name!r} is not a timm model name")
     keep = (TIMM_BASE_ARG, TIMM_RECIPE_ARG) if name == TIMM_HANIFIED_ARCH else ()
     return pretrained_cfg, name, checked_timm_model_args(model_args, str(path), keep=keep)
@@ -378,16 +376,22 @@ def recipe_in_config(config: dict[str, Any]) -> dict[str, Any] | None:
     return recipe if isinstance(recipe, dict) else None
 
 
+def _is_timm_name(name: Any) -> bool:
+    """Whether ``name`` is a registered timm model name: not ``hf-hub:...`` / ``local-dir:...``, which would make
+    timm read another folder or the Hub."""
+    import timm
+
+    return isinstance(name, str) and ":" not in name and timm.is_model(name)
+
+
 def _check_timm_wrapper(config: Any, source: str) -> None:
     """transformers' ``timm_wrapper`` config hands its ``architecture`` and ``model_args`` to ``timm.create_model``
     when the model is built: the same checks as a timm folder's (no ``checkpoint_path`` for timm to load, no
     ``local-dir:`` / ``hf-hub:`` name)."""
     if not isinstance(config, dict) or config.get("model_type") != "timm_wrapper":
         return
-    import timm
-
     name = config.get("architecture")
-    if not isinstance(name, str) or ":" in name or not timm.is_model(name):
+    if not _is_timm_name(name):
         raise CheckpointError(f"{source}: timm_wrapper architecture {name!r} is not a timm model name")
     checked_timm_model_args(config.get("model_args") or {}, source)
 
