@@ -112,6 +112,12 @@ def csv_delimiter(text: str, suffix: str) -> str:
     return "\t" if tabs > commas else ","
 
 
+def lies_in(path: str | Path, *roots: Path) -> bool:
+    """Whether ``path``, links followed, is one of the resolved folders ``roots`` or lies below one."""
+    real = Path(path).resolve()
+    return any(real == root or root in real.parents for root in roots)
+
+
 def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str | None:
     """``"<flag> <path>"`` for the first of ``inputs`` (flag -> path, ``local-dir:`` allowed, ``None`` skipped)
     that is the existing ``folder`` or lies below it, which emptying ``folder`` would delete; else ``None``."""
@@ -121,7 +127,7 @@ def input_held_by(folder: str | Path, inputs: Mapping[str, str | None]) -> str |
     root = folder.resolve()
     for flag, value in inputs.items():
         path = Path(value.removeprefix("local-dir:")).expanduser() if value else None
-        if path is not None and path.exists() and (path.resolve() == root or root in path.resolve().parents):
+        if path is not None and path.exists() and lies_in(path, root):
             return f"{flag} {value}"
     return None
 
@@ -134,7 +140,7 @@ def too_wide_to_empty(folder: str | Path) -> str | None:
     if not folder.is_dir() or not any(p.name != LOCK_NAME for p in folder.iterdir()):  # nothing to delete
         return None
     real, cwd = folder.resolve(), Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
+    if lies_in(cwd, real):
         return "the current directory" if real == cwd else "a parent of the current directory"
     if real == Path.home().resolve():
         return "the home directory"

@@ -25,7 +25,15 @@ from typing import Any
 
 from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
 from ..errors import ConfigError, NothingToRewriteError, first_line
-from ..fileio import LOCK_NAME, FolderLock, input_held_by, output_folder_problem, publish_files, too_wide_to_empty
+from ..fileio import (
+    LOCK_NAME,
+    FolderLock,
+    input_held_by,
+    lies_in,
+    output_folder_problem,
+    publish_files,
+    too_wide_to_empty,
+)
 from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
@@ -201,7 +209,7 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
     for name in SENTENCE_TRANSFORMERS_FILES:
         if not (source / name).is_file():
             continue
-        if not _inside(source / name, roots):
+        if not lies_in(source / name, *roots):
             warnings.warn(f"{source / name} was not copied: it links to outside {source}", stacklevel=2)
             continue
         shutil.copyfile(source / name, staging / name)
@@ -209,14 +217,14 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
         folder = source / path
         if not path or Path(path).is_absolute() or ".." in Path(path).parts or not folder.is_dir():
             continue
-        if not _inside(folder, roots):
+        if not lies_in(folder, *roots):
             warnings.warn(f"{folder} was not copied: it links to outside {source}", stacklevel=2)
             continue
         for file in sorted(f for f in folder.rglob("*") if f.is_file()):
             if file.suffix not in (".json", ".safetensors"):
                 warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
                 continue
-            if not _inside(file, roots):
+            if not lies_in(file, *roots):
                 warnings.warn(f"{file} was not copied: it links to outside {source}", stacklevel=2)
                 continue
             target = staging / path / file.relative_to(folder)
@@ -231,12 +239,6 @@ def _own_roots(source: Path) -> tuple[Path, ...]:
     real = source.resolve()
     snapshots = next((p for p in real.parents if p.name == "snapshots"), None)
     return (real, snapshots.parent) if snapshots is not None else (real,)
-
-
-def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
-    """Whether ``path``, links followed, lies in one of ``roots`` (a link to a secret elsewhere does not)."""
-    real = path.resolve()
-    return any(real == root or root in real.parents for root in roots)
 
 
 def _calibration_batches(source: str, data: CalibrationData, seed: int, tokenizer: Any = None) -> list:
