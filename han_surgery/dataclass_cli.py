@@ -71,6 +71,10 @@ def _is_sequence(tp: Any) -> bool:
     return origin in (list, tuple, Sequence, typing.Sequence) or tp in (list, tuple)
 
 
+#: A flag named in a help text (``--max-fvu``).
+_FLAG_MENTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
 def _cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return [
@@ -116,10 +120,10 @@ def add_dataclass_arguments(
     an argument group of that title (created once per parser).
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
+    fields = _cli_fields(cls)
     # a help text names another field by its unprefixed flag (--max-fvu): give it this parser's spelling
-    fields_by_flag = {flag_name(f): flag_name(f, flag_prefix) for f, _ in _cli_fields(cls)}
-    mention = re.compile(r"(?<![\w-])--[a-z][\w-]*")
-    for field, tp in _cli_fields(cls):
+    fields_by_flag = {flag_name(f): flag_name(f, flag_prefix) for f, _ in fields}
+    for field, tp in fields:
         if field.name in exclude:
             continue
         meta = field.metadata
@@ -131,7 +135,7 @@ def add_dataclass_arguments(
         kwargs: dict[str, Any] = {
             "dest": dest_prefix + field.name,
             "help": (
-                mention.sub(lambda m: fields_by_flag.get(m.group(), m.group()), meta.get("help", ""))
+                _FLAG_MENTION.sub(lambda m: fields_by_flag.get(m.group(), m.group()), meta.get("help", ""))
                 + _default_text(field)
             ).replace("%", "%%"),
         }
