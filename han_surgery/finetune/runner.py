@@ -38,7 +38,7 @@ from ..folders import WEIGHTS_NAME
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.heal import hidden_state_paths
 from ..surgery.engine import hanify
-from ..surgery.report import HanifyReport
+from ..surgery.report import KEPT_BY_CALIBRATION, HanifyReport
 from ..utils import count_parameters
 from .calibration import load_calibration_batches
 from .checkpoints import (
@@ -163,7 +163,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
             raise FinetuneError(f"--hanify on {config.model}: {e}") from None
         if han_report.num_rewritten == 0:
             reasons = sorted({s.reason for s in han_report.skipped})
-            if any(r.startswith("kept by calibration") for r in reasons):
+            if any(r.startswith(KEPT_BY_CALIBRATION) for r in reasons):
                 why = (
                     f"calibration kept every block ({'; '.join(reasons[:3])}): raise --calibration-max-fvu or "
                     "--calibration-keep-budget, or lower --calibration-keep-count"

@@ -52,7 +52,7 @@ from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
 from .recipe import RecipeStep, RewriteEntry, record_step
 from .registry import Candidate, Replacement, Rule, SkipCandidate, resolve_rules
-from .report import HanifyReport, RewriteRecord, SkipRecord
+from .report import KEPT_BY_CALIBRATION, HanifyReport, RewriteRecord, SkipRecord
 
 __all__ = ["hanify", "unwrap_model", "call_signature_problem", "HanifyError", "NothingToRewriteError"]
 
@@ -474,7 +474,7 @@ def _rewrite(
         for index in reversed(kept):
             record = planned[index][0]
             reason = next(b.reason for b in report.calibration.blocks if b.path == record.path)
-            report.skipped.append(SkipRecord(record.path, record.rule, f"kept by calibration: {reason}"))
+            report.skipped.append(SkipRecord(record.path, record.rule, f"{KEPT_BY_CALIBRATION}: {reason}"))
             del planned[index]
         report.rewrites = [rec for rec, _ in planned]
         calibration_record = calibration_config.to_dict()

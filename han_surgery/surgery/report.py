@@ -8,7 +8,10 @@ from typing import Any
 from ..utils import format_table
 from .calibration.report import CalibrationReport
 
-__all__ = ["HanifyReport", "RewriteRecord", "SkipRecord"]
+__all__ = ["HanifyReport", "RewriteRecord", "SkipRecord", "KEPT_BY_CALIBRATION"]
+
+#: How a :class:`SkipRecord`'s reason starts when calibration kept the original block (``max_fvu`` and friends).
+KEPT_BY_CALIBRATION = "kept by calibration"
 
 
 @dataclass
