@@ -488,3 +488,69 @@ def test_image_folder_export_reproduces_the_run_through_timms_own_preprocessing(
         path, _ = data.eval.dataset.samples[data.eval.indices[i]]
         with Image.open(path) as image:
             torch.testing.assert_close(transform(image.convert("RGB")), data.eval[i][0], atol=1e-6, rtol=0)
+
+
+def test_the_last_partial_accumulation_group_of_an_epoch_is_a_mean(tmp_path: Path, monkeypatch) -> None:
+    """accelerate divides every loss by --grad-accum, and an epoch of 1 micro-batch under --grad-accum 2 stepped on
+    half its gradient. With the group averaged, that run takes exactly the steps of --grad-accum 1."""
+    from han_surgery.finetune.loop import accumulation_scale
+
+    assert [accumulation_scale(i, 7, 3) for i in range(7)] == [1, 1, 1, 1, 1, 1, 3.0]
+    assert [accumulation_scale(i, 5, 2) for i in range(5)] == [1, 1, 1, 1, 2.0]
+    assert {accumulation_scale(i, 6, 3) for i in range(6)} == {1} and accumulation_scale(0, 1, 1) == 1
+    data = make_images(tmp_path / "ten.npz", n=10)  # 8 training rows: one micro-batch of 8 per epoch
+    grads: list[list[torch.Tensor]] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    runs = []
+    for accum in ("2", "1"):
+        grads = []
+        argv = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT_KWARGS), "--data", str(data),
+                "--val-fraction", "0.2", "--batch-size", "8", "--grad-accum", accum, "--epochs", "2",
+                "--output-dir", str(tmp_path / accum), "--no-progress", "--no-tensorboard"]  # fmt: skip
+        assert cli(argv) == 0
+        runs.append(grads)
+    assert len(runs[0]) == len(runs[1]) == 2
+    for by_two, by_one in zip(*runs):
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(by_two, by_one, strict=True))
+
+
+def test_resuming_an_older_checkpoint_replaces_the_newer_ones_and_their_events(tmp_path: Path, monkeypatch) -> None:
+    """``--resume step_1`` in a folder holding steps 1-4: rotation kept the highest step numbers, so the new run's
+    own checkpoints were deleted as soon as written (a later ``--resume`` went back to the abandoned run); and
+    TensorBoard showed the abandoned run's steps beside the new ones (metrics.jsonl was trimmed, the events not)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from han_surgery.finetune import runner
+
+    data = make_images(tmp_path / "toy.npz", n=64)
+    out = tmp_path / "run"
+    argv = ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT_KWARGS), "--data", str(data),
+            "--output-dir", str(out), "--max-steps", "12", "--batch-size", "8", "--checkpoint-every", "3",
+            "--no-progress", "--tensorboard"]  # fmt: skip
+    assert cli([*argv, "--keep-checkpoints", "10"]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1] == "step_0000012"
+    written: list[tuple[str, list[str]]] = []
+    save = runner.save_checkpoint
+
+    def spy(*args, **kwargs):
+        path = save(*args, **kwargs)
+        written.append((path.name, sorted(p.name for p in path.parent.iterdir())))
+        return path
+
+    monkeypatch.setattr(runner, "save_checkpoint", spy)
+    assert cli([*argv, "--keep-checkpoints", "2", "--resume", str(out / "checkpoints" / "step_0000003")]) == 0
+    assert written == [
+        ("step_0000006", ["step_0000003", "step_0000006"]),
+        ("step_0000009", ["step_0000006", "step_0000009"]),
+        ("step_0000012", ["step_0000009", "step_0000012"]),
+    ]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train_loss")] == [10, 12] and steps.count(10) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -558,12 +559,19 @@ def test_an_image_folder_of_one_class_is_refused(layout: str, tmp_path: Path, ca
     assert not (tmp_path / "o").exists()
 
 
-def test_max_samples_that_leaves_one_class_of_an_image_folder_warns(tmp_path: Path) -> None:
-    """The warning skipped image folders: --max-samples takes the first images of train/, which go class by class."""
-    _image_folder(tmp_path / "split" / "train", ("cat", "dog"), 4)
-    _image_folder(tmp_path / "split" / "val", ("cat", "dog"), 1)
-    with pytest.warns(DataWarning, match=r"split: the training split holds only class \[0\] of 2 \(--max-samples 3"):
-        load_data(tmp_path / "split", image_size=8, max_samples=3)
+def test_max_samples_of_a_train_val_image_folder_draws_from_every_class(tmp_path: Path) -> None:
+    """--max-samples took the first images of train/, which ImageFolder lists class by class: 8 of 3 x 4 images
+    trained on two classes (evaluated on three), and the warning only fired when one class was left."""
+    _image_folder(tmp_path / "split" / "train", ("cat", "dog", "owl"), 4)
+    _image_folder(tmp_path / "split" / "val", ("cat", "dog", "owl"), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        bundle = load_data(tmp_path / "split", image_size=8, max_samples=8)
+    drawn = [bundle.train.dataset.targets[i] for i in bundle.train.indices]
+    assert len(drawn) == 8 and set(drawn) == {0, 1, 2}
+    assert load_data(tmp_path / "split", image_size=8, max_samples=8).train.indices == bundle.train.indices  # seeded
+    with pytest.warns(DataWarning, match=r"split: the training split holds only class(es)? \[[\d, ]+\] of 3 \(--max-s"):
+        load_data(tmp_path / "split", image_size=8, max_samples=2)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ import torch
 from _finetune_cli import cli
 from _toy_data import TINY_VIT, make_images
 
+from han_surgery.finetune import FinetuneConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
 
@@ -344,3 +346,30 @@ def test_a_run_started_from_another_runs_checkpoint_can_be_resumed(tmp_path: Pat
     assert cli([*argv, "--resume", str(sorted((out / "checkpoints").iterdir())[0])]) == 0
     assert (second / "training_args.json").is_file()
     assert cli([*argv, "--resume"]) == 0  # B's own run, continued from its own newest checkpoint
+
+
+def test_a_run_started_from_another_runs_checkpoint_must_use_that_runs_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Into an empty folder there was no training_args.json to compare with, so ``--resume A/checkpoints/step_1``
+    took any --data, --lr, --batch-size (a changed micro-batch count skipped the wrong batches) without a word;
+    the lr even came back from the checkpoint while training_args.json and the card recorded the new one."""
+    opts, out = _run_with_checkpoints(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    argv = [*opts]
+    argv[argv.index("--output-dir") + 1] = str(second)
+    step_1 = str(sorted((out / "checkpoints").iterdir())[0])
+    capsys.readouterr()
+    assert cli([*argv, "--lr", "0.5", "--resume", step_1]) == 2
+    assert "--lr" in capsys.readouterr().err
+    assert not (second / "training_args.json").exists()
+    # a checkpoint that records no options (written before they were kept in it) falls back to its run's folder
+    state_file = Path(step_1) / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("options")["lr"] == FinetuneConfig.from_json(out / "training_args.json").lr
+    state_file.write_text(json.dumps(state))
+    _rehash(Path(step_1))
+    assert cli([*argv, "--label-smoothing", "0.1", "--resume", step_1]) == 2
+    assert "--label-smoothing" in capsys.readouterr().err
+    assert cli([*argv, "--resume", step_1]) == 0

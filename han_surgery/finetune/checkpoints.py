@@ -10,7 +10,7 @@
   half-written checkpoint that looks complete.
 * :func:`resume` takes the newest checkpoint whose manifest verifies (a corrupt newer one is reported and
   skipped), checks that the run's options are the interrupted run's (:data:`~.config.RESUME_FIELDS`,
-  against ``training_args.json``), loads it with ``weights_only=True`` unpickling only (no file in a
+  as the checkpoint records them), loads it with ``weights_only=True`` unpickling only (no file in a
   checkpoint can run code; han-surgery's own state is JSON), and trims ``metrics.jsonl`` to what had been
   written at that checkpoint, so the resumed run's metrics equal an uninterrupted run's.
 """
@@ -53,6 +53,7 @@ __all__ = [
     "checkpoint_problem",
     "find_checkpoints",
     "check_resume_config",
+    "resume_options",
     "save_checkpoint",
     "resume",
     "check_finite_parameters",
@@ -80,6 +81,8 @@ class TrainProgress:
         running_hidden: the sum of the micro-batches' hidden-state distillation terms over the same
             window (``--distill hidden`` / ``both``; logged as ``distill_hidden_loss``).
         metrics_lines: lines of ``metrics.jsonl`` written so far.
+        last_train: the last logged training values (``train_loss``, ``distill_hidden_loss``), which the run's
+            results report (a run resumed from its last step's checkpoint logs none of its own).
         num_processes, global_batch, mixed_precision: the run's layout (the mixed precision in effect, whether
             ``--mixed-precision`` or accelerate's config or launcher chose it); a checkpoint only resumes under the
             same.
@@ -93,6 +96,7 @@ class TrainProgress:
         self.running_count = 0
         self.running_hidden = 0.0
         self.metrics_lines = 0
+        self.last_train: dict[str, float] = {}
         self.num_processes = num_processes
         self.global_batch = global_batch
         self.mixed_precision = mixed_precision
@@ -118,7 +122,11 @@ class TrainProgress:
         for key, current in list(vars(self).items()):  # a key newer than the checkpoint keeps its start value
             value = state.get(key, current)
             kinds = (int, float) if isinstance(current, float) else type(current)
-            if isinstance(value, bool) or not isinstance(value, kinds) or (isinstance(value, int) and value < 0):
+            if isinstance(value, dict):  # last_train: names to numbers
+                bad = not all(isinstance(k, str) and type(v) in (int, float) for k, v in value.items())
+            else:
+                bad = isinstance(value, bool) or (isinstance(value, int) and value < 0)
+            if bad or not isinstance(value, kinds):
                 raise FinetuneError(
                     f"--resume: the checkpoint's {STATE_FILE} holds {key} = {value!r:.40}, not a state han-surgery "
                     "wrote; resume from another checkpoint"
@@ -256,12 +264,29 @@ def find_checkpoints(out: Path, resume: str) -> list[Path]:
     return candidates[::-1]
 
 
-def check_resume_config(out: Path, config: FinetuneConfig) -> None:
-    """Raise :class:`FinetuneError` if an option in :data:`RESUME_FIELDS` differs from the interrupted run's."""
-    path = out / ARGS_FILE
-    if not path.is_file():
-        return
-    saved = FinetuneConfig.from_json(path).to_dict()
+def resume_options(config: FinetuneConfig) -> dict[str, Any]:
+    """The options a checkpoint records (and :func:`check_resume_config` compares): :data:`RESUME_FIELDS`."""
+    values = config.to_dict()
+    return {k: values[k] for k in RESUME_FIELDS}
+
+
+def check_resume_config(checkpoint: Path, config: FinetuneConfig) -> None:
+    """Raise :class:`FinetuneError` if an option in :data:`RESUME_FIELDS` differs from those of the run that
+    wrote ``checkpoint``: the options its ``trainer_state.json`` records, or (a checkpoint written before they
+    were recorded there) its run folder's ``training_args.json``; a checkpoint with neither is refused."""
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        state = None
+    saved = state.get("options") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        args = checkpoint.parent.parent / ARGS_FILE
+        if not args.is_file():
+            raise FinetuneError(
+                f"--resume: {checkpoint} records no options and its run folder has no {ARGS_FILE}: this run cannot "
+                "check that it continues that one. Start a new run instead."
+            )
+        saved = FinetuneConfig.from_json(args).to_dict()
     now = config.to_dict()
     changed = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}"
@@ -274,8 +299,14 @@ def check_resume_config(out: Path, config: FinetuneConfig) -> None:
         )
 
 
-def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: int) -> Path:
-    """Write ``<out>/checkpoints/step_N`` (see the module docstring); keep the newest ``keep``."""
+def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: int, options: dict[str, Any]) -> Path:
+    """Write ``<out>/checkpoints/step_N`` (see the module docstring) with the run's ``options``
+    (:func:`resume_options`); keep the newest ``keep``.
+
+    Checkpoints of a later step than ``N`` are removed first: they belong to the trajectory this run resumed
+    before (``--resume`` of an older checkpoint), which this run replaces (it would overwrite them one by one),
+    and a later plain ``--resume`` must continue this run, not that one.
+    """
     final = out / CHECKPOINT_DIR / f"step_{progress.global_step:07d}"
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
@@ -287,7 +318,7 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
     running = accelerator.gather(running.to(accelerator.device)).tolist()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {**progress.state_dict(), "running_by_process": running}
+        state = {**progress.state_dict(), "running_by_process": running, "options": options}
         atomic_write_text(tmp / STATE_FILE, json.dumps(state, indent=2) + "\n")
         files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
         atomic_write_text(tmp / MANIFEST_FILE, json.dumps({"files": files}, indent=2) + "\n")
@@ -298,7 +329,12 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
             (p for p in final.parent.glob("step_*") if _step_of(p) is not None and (p / MANIFEST_FILE).is_file()),
             key=_step_of,
         )
-        for old in done[:-keep]:
+        abandoned = [p for p in done if _step_of(p) > progress.global_step]
+        if abandoned:
+            names = ", ".join(p.name for p in abandoned)
+            accelerator.print(f"removing {names}: checkpoints of the run this one resumed before", flush=True)
+        current = [p for p in done if p not in abandoned]
+        for old in abandoned + current[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -307,7 +343,6 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
 def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainProgress) -> Path:
     """Continue the interrupted run in ``out`` from its newest intact checkpoint (see the module docstring)."""
     assert config.resume is not None
-    check_resume_config(out, config)
     skipped: list[str] = []
     checkpoint = None
     for candidate in find_checkpoints(out, config.resume):
@@ -319,6 +354,7 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         accelerator.print(f"--resume: skipping {candidate.name}: {problem}", flush=True)
     if checkpoint is None:
         raise FinetuneError(f"--resume: no intact checkpoint in {out / CHECKPOINT_DIR} ({'; '.join(skipped)}).")
+    check_resume_config(checkpoint, config)
     problem = _unsafe_state_problem(checkpoint)
     if problem is not None:
         raise FinetuneError(f"--resume: cannot load {checkpoint}: {problem}")

@@ -351,8 +351,9 @@ def load_image_folder(
         if held.classes != train.classes:
             raise DataError(f"{path}: train/ has classes {train.classes} but {held_dir.name}/ has {held.classes}.")
         train_set, eval_set, classes = train, held, train.classes
-        if max_samples:
-            train_set = Subset(train, list(range(min(max_samples, len(train)))))
+        if max_samples:  # a seeded draw, as from a flat folder: ImageFolder lists the images class by class
+            generator = torch.Generator().manual_seed(seed)
+            train_set = Subset(train, torch.randperm(len(train), generator=generator)[:max_samples].tolist())
     else:
         # <dir>/train/<class>/ without a held-out folder: train/ is the class root, split as a flat folder is
         # (ImageFolder would read it as one class named "train"). Every sub-folder counts, as for ImageFolder.
@@ -657,7 +658,7 @@ def load_data(
         raise DataError(f"--task {task}: --data {path} is {bundle.kind} data, which trains as {bundle.task} only.")
     if num_classes is not None and bundle.task != "classification":
         raise DataError(f"--num-classes {num_classes}: --data {path} is a {bundle.task} task, which has no classes.")
-    _warn_if_one_class(bundle, max_samples)
+    _warn_if_classes_missing(bundle, max_samples)
     return bundle
 
 
@@ -665,7 +666,9 @@ class DataWarning(UserWarning):
     """The data loads, but training on it is probably not what was meant."""
 
 
-def _warn_if_one_class(bundle: DataBundle, max_samples: int | None) -> None:
+def _warn_if_classes_missing(bundle: DataBundle, max_samples: int | None) -> None:
+    """Warn when the training split lacks a class (most often: ``--max-samples`` took the first rows of a file
+    sorted by label, or too few images)."""
     if bundle.task != "classification" or not isinstance(bundle.train, Subset):
         return
     dataset = bundle.train.dataset
@@ -677,16 +680,17 @@ def _warn_if_one_class(bundle: DataBundle, max_samples: int | None) -> None:
         labels = getattr(dataset, "targets", None)
     if labels is None:
         return
-    present = {int(labels[i]) for i in bundle.train.indices}
-    if len(present) < 2:
+    present = sorted({int(labels[i]) for i in bundle.train.indices})
+    if len(present) < max(bundle.num_outputs, 2):
         if not max_samples:
             why = ""
-        elif bundle.kind == "image" and bundle.class_names:  # ImageFolder lists the images class by class
+        elif bundle.kind == "image" and bundle.class_names:  # a random draw of the images
             why = f" (--max-samples {max_samples} kept too few images to hold every class)"
         else:
             why = f" (--max-samples {max_samples} kept the first rows; is the file sorted by label?)"
+        which = f"class {present}" if len(present) == 1 else f"classes {present}"
         warnings.warn(
-            f"{bundle.name}: the training split holds only class {sorted(present)} of {bundle.num_outputs}{why}",
+            f"{bundle.name}: the training split holds only {which} of {bundle.num_outputs}{why}",
             DataWarning,
             stacklevel=3,
         )

@@ -179,7 +179,7 @@ def train_loop(
         dynamic_ncols=True,
         disable=not show_progress or not accelerator.is_local_main_process,
     )
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(progress.last_train)  # resumed: what the run had logged
     start = time.perf_counter()
 
     def log(values: dict[str, float]) -> None:
@@ -236,7 +236,10 @@ def train_loop(
                         value = accelerator.reduce(value, "sum")
                     if not torch.isfinite(value):
                         raise NonFiniteLossError(progress.global_step + 1, progress.epoch, value.item())
-                    accelerator.backward(loss)
+                    scale = accumulation_scale(
+                        progress.batches_done, len(train_loader), accelerator.gradient_accumulation_steps
+                    )
+                    accelerator.backward(loss * scale if scale != 1 else loss)
                     optimizer.step()
                     optimizer.zero_grad()
                 progress.batches_done += 1
@@ -260,7 +263,8 @@ def train_loop(
                     if hidden_paths:
                         values["distill_hidden_loss"] = means[1]
                     log(values)
-                    metrics.update({k: v for k, v in values.items() if k not in ("lr", "epoch")})
+                    progress.last_train = {k: v for k, v in values.items() if k not in ("lr", "epoch")}
+                    metrics.update(progress.last_train)
                     progress.running_loss, progress.running_count, progress.running_hidden = 0.0, 0, 0.0
                 if on_step is not None:
                     on_step(progress)
@@ -282,6 +286,19 @@ def train_loop(
         metrics.update(eval_metrics)
         log({**eval_metrics, "epoch": _epochs_done(progress, len(state.train_loader))})
     return metrics, time.perf_counter() - start
+
+
+def accumulation_scale(index: int, batches_per_epoch: int, accumulation_steps: int) -> float:
+    """The factor on micro-batch ``index``'s loss (0-based, in its epoch) that makes each optimizer step the mean
+    of its micro-batches' gradients.
+
+    accelerate divides every loss by ``accumulation_steps``, and the last group of an epoch whose
+    ``batches_per_epoch`` is not a multiple of it holds only ``r = batches_per_epoch % accumulation_steps``
+    micro-batches (accelerate steps at the end of the loader): their gradient would be ``r / accumulation_steps``
+    of a mean. They get ``accumulation_steps / r``; every other micro-batch 1.
+    """
+    partial = batches_per_epoch % accumulation_steps
+    return accumulation_steps / partial if partial and index >= batches_per_epoch - partial else 1.0
 
 
 def _epochs_done(progress: TrainProgress, batches_per_epoch: int) -> float:

@@ -50,6 +50,7 @@ from .checkpoints import (
     discard_partial_output,
     prepare_output_dir,
     resume,
+    resume_options,
     save_checkpoint,
 )
 from .config import FinetuneConfig, FinetuneResult
@@ -489,7 +490,8 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 config.to_json(out / ARGS_FILE)  # checkpoint: this folder's run is this one, resumable in turn
         elif accelerator.is_main_process:  # what --resume compares against
             config.to_json(out / ARGS_FILE)
-        init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard)
+        resumed_step = state.progress.global_step if config.resume is not None else None
+        init_trackers(accelerator, out, config.to_dict(), tensorboard=config.tensorboard, resumed_step=resumed_step)
 
         def checkpoint(progress: TrainProgress) -> None:
             nonlocal last_checkpoint
@@ -497,7 +499,9 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 bad = check_finite_parameters(state.model)
                 if bad is not None:
                     raise FinetuneError(f"parameter {bad} became non-finite at step {progress.global_step}")
-                last_checkpoint = save_checkpoint(accelerator, out, progress, config.keep_checkpoints)
+                last_checkpoint = save_checkpoint(
+                    accelerator, out, progress, config.keep_checkpoints, resume_options(config)
+                )
 
         try:
             metrics, train_time = train_loop(

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "jsonl_tracker_class", "init_trackers", "truncate_metrics"]
+__all__ = ["METRICS_FILE", "jsonl_tracker_class", "init_trackers"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -49,17 +49,15 @@ def jsonl_tracker_class() -> type:
     return JSONLTracker
 
 
-def truncate_metrics(directory: Path, step: int) -> None:
-    """Drop the ``metrics.jsonl`` lines a killed run wrote after ``step`` (so a resumed run reads as one run)."""
-    path = directory / METRICS_FILE
-    if path.is_file():
-        lines = path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and (json.loads(ln).get("step") or 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+def init_trackers(
+    accelerator: Any, out: Path, hparams: dict[str, Any], *, tensorboard: bool, resumed_step: int | None = None
+) -> None:
+    """Start the run's trackers: :func:`jsonl_tracker_class` in ``out``, plus TensorBoard in ``out/logs``.
 
-
-def init_trackers(accelerator: Any, out: Path, hparams: dict[str, Any], *, tensorboard: bool) -> None:
-    """Start the run's trackers: :func:`jsonl_tracker_class` in ``out``, plus TensorBoard in ``out/logs``."""
+    ``resumed_step``: the step of the checkpoint a resumed run continues from. ``metrics.jsonl`` is trimmed to it
+    by the resume; TensorBoard's writer is told to purge the interrupted run's events after it (``purge_step``),
+    so its plots show one run, not both.
+    """
     from accelerate.tracking import filter_trackers
     from accelerate.utils import is_tensorboard_available
 
@@ -68,4 +66,5 @@ def init_trackers(accelerator: Any, out: Path, hparams: dict[str, Any], *, tenso
         trackers.append("tensorboard")
     accelerator.log_with = filter_trackers(trackers, accelerator.logging_dir)
     flat = {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers("finetune", config=flat)
+    purge = {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step is not None else {}
+    accelerator.init_trackers("finetune", config=flat, init_kwargs=purge)
