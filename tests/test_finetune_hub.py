@@ -589,3 +589,90 @@ def test_model_kwargs_that_add_layers_to_a_transformers_folder_are_refused(tmp_p
     assert build_model(str(folder), model_kwargs={"hidden_dropout_prob": 0.2}).random_weights == "head"
     with pytest.raises(CheckpointError, match=r"weights the folder does not have: bert\.encoder\.layer\.1\."):
         build_model(str(folder), model_kwargs={"num_hidden_layers": 2})
+
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, dict]]:
+    """``HfApi.create_repo`` / ``HfApi.upload_folder`` replaced by fakes that record their arguments (and, for the
+    upload, the staged files' contents); the list they record into."""
+    from huggingface_hub import CommitInfo, HfApi
+
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self: HfApi, repo_id: str, **kw: object) -> str:
+        calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self: HfApi, **kw: object) -> CommitInfo:
+        folder = Path(str(kw["folder_path"]))
+        files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        calls.append(("upload_folder", {**kw, "files": files}))
+        url = f"https://huggingface.co/{kw['repo_id']}/commit/abc"
+        return CommitInfo(commit_url=url, commit_message="m", commit_description="", oid="abc")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_reads_every_local_file_before_creating_the_repo(
+    finished: tuple[Path, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A card that is not UTF-8, or a training_args.json that is no JSON object, is the folder's problem: the push
+    says so in one line, with no "retry later / log in" hint, and no (empty, public) repo is created on the Hub
+    first. Fake at the HfApi boundary."""
+    import shutil
+
+    from han_surgery.cli import main
+
+    calls = fake_hub(monkeypatch)
+    for name, content in (("README.md", b"\xff\xfe not UTF-8\n"), ("training_args.json", b"[1, 2]")):
+        folder = tmp_path / name
+        shutil.copytree(finished[0], folder, ignore=shutil.ignore_patterns("checkpoints"))
+        (folder / name).write_bytes(content)
+        assert main(["push", str(folder), "someone/x"]) == 2
+        err = capsys.readouterr().err
+        assert calls == [], name  # nothing reached the Hub: no repo was created
+        assert err.count("\n") == 1 and "not a finished model folder" in err and name in err, err
+        assert "Nothing was uploaded" in err and "retry later" not in err and "log in" not in err, err
+
+
+def test_push_without_private_leaves_visibility_to_the_hub_and_a_quoted_name_is_renamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """``private=None`` unless asked (huggingface_hub: public unless the organisation's default is private), from
+    ``--push-to-hub`` and ``han-surgery push`` alike; ``--private`` (``private=True``) makes it private. A card
+    whose model-index name YAML quotes (``'2024'``) is renamed when pushed to another repo, and a numeric-looking
+    new name is quoted so that it stays a string; the rest of the card is as it was. Fake at the HfApi boundary."""
+    from huggingface_hub import ModelCard
+
+    from han_surgery.cli import main
+    from han_surgery.finetune.hub import card_for_repo, push_folder
+
+    calls = fake_hub(monkeypatch)
+    csv = regression_csv(tmp_path / "reg.csv", n=80)
+    out = tmp_path / "2024"
+    assert cli(argv(csv, out, "--push-to-hub", "someone/2024", epochs=1)) == 0
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["private"] is None  # --push-to-hub without --private
+    local = (out / "README.md").read_text()
+    assert "\n- name: '2024'\n" in local and "\n# 2024\n" in local  # as ModelCardData writes that name
+    calls.clear()
+    assert main(["push", str(out), "me/renamed"]) == 0
+    assert calls[0][1] == {"repo_id": "me/renamed", "repo_type": "model", "private": None, "exist_ok": True}
+    card = calls[1][1]["files"]["README.md"].decode()
+    assert ModelCard(card).data.model_name == "renamed"
+    assert card.count("\n") == local.count("\n")  # only the name and the repo change; the rest is as it was
+    changed = [(a, b) for a, b in zip(local.splitlines(), card.splitlines()) if a != b]
+    assert [b for _, b in changed] == [
+        "- name: renamed",
+        "# renamed",
+        'model = han_surgery.load_model(huggingface_hub.snapshot_download("me/renamed"))',
+    ], changed
+    calls.clear()
+    push_folder(out, "me/x", private=True)
+    assert calls[0][1]["private"] is True
+    # the card of a run without --push-to-hub (`--output-dir q/2024`) names the folder: renamed the same way
+    renamed = card_for_repo(local, "me/renamed", None, "2024")
+    assert ModelCard(renamed).data.model_name == "renamed" and "\n# renamed\n" in renamed
+    numeric = card_for_repo(card, "me/2025", "me/renamed")  # a new name YAML would read as a number: quoted
+    assert ModelCard(numeric).data.model_name == "2025" and "\n# 2025\n" in numeric

@@ -85,13 +85,18 @@ def push(argv: Sequence[str] | None = None, prog: str = "han-surgery push") -> i
     )
     parser.add_argument("directory", help="a folder written by han-surgery finetune")
     parser.add_argument("repo_id", help="<user or org>/<name> of the model repo (created if missing)")
-    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo as private (without it: public, unless the organization's default is private; "
+        "a repo that exists keeps its visibility)",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:
         from ..finetune.hub import push_folder
 
-        url = push_folder(args.directory, args.repo_id, private=args.private)
+        url = push_folder(args.directory, args.repo_id, private=True if args.private else None)
         print(f"pushed {args.directory} to {url}")
         return 0
 

@@ -14,18 +14,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
 import shlex
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ..dataclass_cli import to_argv
-from ..errors import HanSurgeryError
+from ..errors import CheckpointError, HanSurgeryError
 from ..fileio import folder_problems
 from ..folders import (
     CONFIG_NAME,
@@ -438,48 +436,105 @@ def card_for_repo(text: str, repo_id: str, written_for: str | None, written_name
         replacements += [(f"hf-hub:{written_for}", f"hf-hub:{repo_id}"), (f'"{written_for}"', f'"{repo_id}"')]
     old_name = written_for.split("/")[-1] if written_for else written_name
     new_name = repo_id.split("/")[-1]
-    if old_name and old_name != new_name:  # the model-index entry and the title the template wrote
-        replacements += [
-            (f"\n- name: {old_name}\n", f"\n- name: {new_name}\n"),
-            (f"\n# {old_name}\n", f"\n# {new_name}\n"),
-        ]
     for before, after in replacements:
         text = text.replace(before, after)
+    if old_name and old_name != new_name:  # the model-index entry and the title the template wrote
+        text = _renamed_in_model_index(text, old_name, new_name).replace(f"\n# {old_name}\n", f"\n# {new_name}\n")
     return text
 
 
-@contextlib.contextmanager
-def _staged_for(directory: Path, repo_id: str) -> Iterator[Path]:
-    """``directory`` as it should land in ``repo_id``: a temporary folder of links to its files, with the model card
-    pointed at ``repo_id`` (:func:`card_for_repo`). The folder itself is not touched."""
-    args = read_json_object(directory / ARGS_FILE) if (directory / ARGS_FILE).is_file() else {}
+def _renamed_in_model_index(text: str, old_name: str, new_name: str) -> str:
+    """``text`` with its model-index name ``new_name`` if huggingface_hub reads it as ``old_name``, else as it is.
+
+    huggingface_hub parses the card and writes the new name (quoted as it quotes one: ``'2024'`` stays a string);
+    only that value changes in the text, so the rest of the YAML (its order, a comment) stays as it was. A name
+    in any spelling YAML gives it (``2024``, ``'2024'``, ``"2024"``) is found.
+    """
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK, yaml_dump
+
+    def model_name(card_text: str) -> Any:
+        try:
+            return ModelCard(card_text, ignore_metadata_errors=True).data.model_name
+        except Exception:  # noqa: BLE001 (metadata huggingface_hub cannot read: no name to rename)
+            return None
+
+    block = REGEX_YAML_BLOCK.search(text)
+    name = model_name(text) if block else None
+    if name is None or str(name) != old_name:  # no model-index, or the user renamed it: left as it is
+        return text
+    yaml_text = block.group(2)
+    index = re.search(r"^model-index:", yaml_text, flags=re.MULTILINE)
+    if index is None:
+        return text
+    spellings = (old_name, "'" + old_name.replace("'", "''") + "'", json.dumps(old_name))
+    entry = re.compile(
+        rf"^([ \t]*-[ \t]+name:[ \t]+)(?:{'|'.join(map(re.escape, spellings))})(?=[ \t]*(?:#[^\r\n]*)?\r?$)",
+        flags=re.MULTILINE,
+    )
+    value = yaml_dump({"name": new_name}).partition(":")[2].strip()  # as huggingface_hub writes it
+    renamed = entry.sub(lambda m: m.group(1) + value, yaml_text[index.start() :], count=1)
+    start = block.start(2) + index.start()
+    result = text[:start] + renamed + text[block.end(2) :]
+    return result if model_name(result) == new_name else text
+
+
+def _card_to_upload(directory: Path, repo_id: str) -> str:
+    """The model card of ``directory`` as it should land in ``repo_id`` (:func:`card_for_repo`), read with the
+    ``training_args.json`` that says what it was written for. Raises :class:`HubUploadError` naming the file
+    that cannot be read: nothing has been sent to the Hub yet."""
+
+    def not_finished(problem: str) -> HubUploadError:
+        return HubUploadError(f"{directory} is not a finished model folder: {problem}. Nothing was uploaded.")
+
+    try:
+        args = read_json_object(directory / ARGS_FILE) if (directory / ARGS_FILE).is_file() else {}
+    except CheckpointError as e:  # it names the file and what is wrong with it
+        raise not_finished(str(e)) from None
+    card_path = directory / CARD_NAME
+    try:
+        card = card_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise not_finished(f"{card_path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise not_finished(f"{card_path}: cannot be read ({e})") from None
     written_for = args.get("push_to_hub") if isinstance(args.get("push_to_hub"), str) else None
     written_name = Path(args["output_dir"]).name if isinstance(args.get("output_dir"), str) else None
-    with tempfile.TemporaryDirectory(prefix="han-surgery-push-") as tmp:
-        staged = Path(tmp)
-        for path in directory.rglob("*"):
-            if path.is_file() and path != directory / CARD_NAME:
-                target = staged / path.relative_to(directory)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to(path.resolve())
-        card = (directory / CARD_NAME).read_text(encoding="utf-8")
-        (staged / CARD_NAME).write_text(card_for_repo(card, repo_id, written_for, written_name), encoding="utf-8")
-        yield staged
+    return card_for_repo(card, repo_id, written_for, written_name)
+
+
+def _stage(directory: Path, staged: Path, card: str) -> None:
+    """Fill the empty folder ``staged`` with ``directory`` as it should land in the repo: links to its files, and
+    the model card ``card`` (:func:`_card_to_upload`). The folder itself is not touched."""
+    for path in directory.rglob("*"):
+        if path.is_file() and path != directory / CARD_NAME:
+            target = staged / path.relative_to(directory)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path.resolve())
+    (staged / CARD_NAME).write_text(card, encoding="utf-8")
 
 
 def push_folder(
     directory: str | Path,
     repo_id: str,
     *,
-    private: bool = False,
+    private: bool | None = None,
     token: str | None = None,
     commit_message: str = "Upload model fine-tuned with han-surgery",
 ) -> str:
     """Upload ``directory`` (without ``checkpoints/``) to the Hub model repo ``repo_id``; return the commit URL.
 
+    ``private``: ``True`` creates the repo private; ``None`` (the default) leaves it to the Hub, as
+    ``HfApi.create_repo`` does: public unless the organization's default is private (``False``: public). A repo
+    that exists keeps its visibility.
+
+    Every local file is checked and read before the Hub is contacted, so a folder that cannot be uploaded creates
+    no repo.
+
     Raises:
         HubUploadError: the folder is incomplete (a missing file, a safetensors file whose size does not match its
-            header, unreadable JSON, a run still writing it), or the Hub could not be reached / refused the upload.
+            header, unreadable JSON, a model card that is not UTF-8, a run still writing it), or the Hub could not
+            be reached / refused the upload.
     """
     from huggingface_hub import HfApi
 
@@ -495,10 +550,18 @@ def push_folder(
         raise HubUploadError(
             f"{directory} is not a finished model folder: {'; '.join(problems)}. Nothing was uploaded."
         )
-    api = HfApi(token=token)
-    try:
-        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        with _staged_for(directory, repo_id) as staged:
+    card = _card_to_upload(directory, repo_id)
+    with tempfile.TemporaryDirectory(prefix="han-surgery-push-") as tmp:
+        staged = Path(tmp)
+        try:
+            _stage(directory, staged, card)
+        except OSError as e:
+            raise HubUploadError(
+                f"{directory}: its files could not be prepared for the upload ({e}). Nothing was uploaded."
+            ) from None
+        api = HfApi(token=token)
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
             commit = api.upload_folder(
                 folder_path=str(staged),
                 repo_id=repo_id,
@@ -506,10 +569,10 @@ def push_folder(
                 ignore_patterns=UPLOAD_IGNORE,
                 commit_message=commit_message,
             )
-    except Exception as e:  # network, auth and HTTP errors all end the same way for the user
-        raise HubUploadError(
-            f"Upload of {directory} to the Hub repo {repo_id} failed: {type(e).__name__}: {e}. "
-            f"The local folder is complete; retry later with `han-surgery push {directory} {repo_id}` "
-            f"(log in with `hf auth login` or set HF_TOKEN)."
-        ) from e
+        except Exception as e:  # network, auth and HTTP errors all end the same way for the user
+            raise HubUploadError(
+                f"Upload of {directory} to the Hub repo {repo_id} failed: {type(e).__name__}: {e}. "
+                f"The local folder is complete; retry later with `han-surgery push {directory} {repo_id}` "
+                f"(log in with `hf auth login` or set HF_TOKEN)."
+            ) from e
     return str(getattr(commit, "commit_url", commit))

@@ -541,7 +541,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             lock.release()
         try:
             if config.push_to_hub and accelerator.is_main_process:
-                url = push_folder(out, config.push_to_hub, private=config.private)
+                url = push_folder(out, config.push_to_hub, private=config.private or None)
                 accelerator.print(f"pushed to {url}", flush=True)
         finally:
             accelerator.end_training()  # closes the trackers (and the process group, when distributed)
