@@ -113,8 +113,9 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
 
 
 def refuse_pickles(directory: Path) -> None:
-    """Raise :class:`UnsafeCheckpointError` if ``directory`` has pickle weights but no ``model.safetensors``."""
-    if (directory / WEIGHTS_NAME).is_file():
+    """Raise :class:`UnsafeCheckpointError` if ``directory`` has pickle weights but no safetensors weights
+    (``model.safetensors``, or the index of its shards)."""
+    if (directory / WEIGHTS_NAME).is_file() or (directory / SHARDED_WEIGHTS_INDEX).is_file():
         return
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -328,7 +329,8 @@ class ModelFolder:
         kind: see the module docstring.
         config: the parsed ``config.json`` (``{}`` if a hanified folder of a custom model has none).
         han_config: the recipe (hanified folders only): the parsed ``han_config.json``, or, in a folder
-            timm's ``save_for_hf`` wrote of a hanified model, ``config.json``'s ``model_args["han_recipe"]``.
+            timm's ``save_for_hf`` wrote of a hanified model, ``config.json``'s ``model_args["han_recipe"]`` (in a
+            hanified transformers folder without ``han_config.json``, its ``"han_recipe"``).
         base_library: hanified folders: ``"timm"``, ``"transformers"``, ``"tabular"`` or ``None``
             (a custom ``nn.Module``); otherwise equal to ``kind``.
     """
@@ -427,8 +429,9 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
             library = "tabular"
         return ModelFolder(directory, "hanified", config, han_config, library)
     recipe = recipe_in_config(config)
-    if recipe is not None and config.get("architecture") == TIMM_HANIFIED_ARCH:
-        return ModelFolder(directory, "hanified", config, recipe, "timm")  # timm's save_for_hf of a hanified model
+    if recipe is not None:  # timm's save_for_hf of a hanified model, or a transformers one without han_config.json
+        library = "timm" if config.get("architecture") == TIMM_HANIFIED_ARCH else "transformers"
+        return ModelFolder(directory, "hanified", config, recipe, library)
     if not config_file.is_file():
         raise CheckpointError(
             f"{directory}: no {CONFIG_NAME} and no {HAN_CONFIG_NAME}: expected a folder written by "

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -107,6 +108,8 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
                 f"{weights}: its tensor shapes do not fit {folder.path / 'config.json'} "
                 f"({_mismatch_summary(held.records, e)})"
             ) from None
+        except StrictDataclassError as e:  # transformers' config field validation (no ValueError)
+            raise CheckpointError(f"{folder.path / 'config.json'}: not a valid config ({first_line(e)})") from None
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder.path}: transformers cannot load it: {first_line(e)}") from None
         held.release()

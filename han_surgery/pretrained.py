@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from torch import nn
 
-from .errors import HanSurgeryError
+from .errors import ConfigError, HanSurgeryError
 
 __all__ = ["HubUnavailableError", "hub_reachable", "create_timm_model"]
 
@@ -53,14 +53,26 @@ def create_timm_model(name: str, *, pretrained: bool = False, **kwargs: Any) -> 
     pretrained weights are not cached and the Hub cannot be reached.
 
     Raises:
+        ConfigError: ``name`` has a tag timm does not know (``vit_tiny_patch16_224.bogus``), or ``pretrained=True``
+            for an architecture timm has no weights for.
         HubUnavailableError: ``pretrained=True`` and the weights cannot be had.
     """
     import timm
 
+    arch, tag = timm.models.split_model_name_tag(name)
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...)"
+        tags = ", ".join(timm.list_pretrained(f"{arch}.*")) or "none"
+        raise ConfigError(f"{name}: timm has no weights tagged {tag!r} for {arch} (its tags: {tags})") from None
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
-    cfg = timm.models.get_pretrained_cfg(name)
-    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        raise ConfigError(
+            f"--pretrained {name}: timm has no pretrained weights for it; leave out --pretrained for random weights, "
+            "or pick a name `timm.list_pretrained()` lists"
+        )
+    hub_id = cfg.hf_hub_id
     where = f"hf-hub:{hub_id}" if hub_id else "timm's download URL"
     if hub_id and not _cached(hub_id) and not hub_reachable():
         offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else ""

@@ -143,3 +143,22 @@ def test_inspect_help_describes_inspect_only() -> None:
     """inspect --help explained hanify's --calibrate, an option inspect does not have."""
     assert "--calibrate" not in surgery_parser("i", write=False).description
     assert "--calibrate DATA" in surgery_parser("h", write=True).description
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["inspect", "levit_256d", "--pretrained"], "--pretrained levit_256d: timm has no pretrained weights for it"),
+        (["inspect", "vit_tiny_patch16_224.bogus_tag"], "vit_tiny_patch16_224.bogus_tag: timm has no weights tagged"),
+    ],
+)
+def test_a_timm_name_without_such_weights_is_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture, monkeypatch
+) -> None:
+    """timm raises RuntimeError for both (an architecture without weights, an unknown tag): a traceback, exit 1."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"han-surgery inspect: {message}"), err
+    if "bogus" in argv[1]:
+        assert "vit_tiny_patch16_224.augreg_in21k" in err  # the tags it has

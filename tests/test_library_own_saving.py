@@ -14,6 +14,7 @@ writes a folder that ``AutoModel`` loads bit-identically. Before, they wrote the
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import subprocess
@@ -459,3 +460,36 @@ def test_peft_lora_on_a_hanified_model_saves_and_merges(tmp_path):
     peft.get_peft_model(loaded, peft.LoraConfig(r=4, target_modules=["query"])).save_pretrained(tmp_path / "auto")
     auto = peft.AutoPeftModel.from_pretrained(tmp_path / "auto", import_allowlist=["han_surgery"])
     assert type(auto.base_model.model).__qualname__ == "HanifiedBertForSequenceClassification"
+
+
+def test_timm_create_model_runtime_arguments_work_on_a_hanified_folder(tmp_path):
+    """timm hands ``device``, ``dtype`` and ``pretrained_strict`` (and ``features_only=False``) to the entry point
+    beside the folder's model_args: the hanified one refused them as if config.json held them."""
+    model = hanified_vit()
+    timm.models.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    spec = f"local-dir:{tmp_path}"
+    cast = timm.create_model(spec, pretrained=True, dtype=torch.bfloat16, device="cpu").eval()
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    loose = timm.create_model(spec, pretrained=True, pretrained_strict=False, features_only=False).eval()
+    with torch.no_grad():
+        assert torch.equal(loose(IMAGES), model(IMAGES))
+        assert torch.allclose(cast(IMAGES.bfloat16()).float(), model(IMAGES), atol=0.1)
+    # the folder's own model_args may still not hold them
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_args"]["dtype"] = "float16"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config.json: model_args\['dtype'\] is not a model constructor"):
+        timm.create_model(spec, pretrained=True)
+
+
+def test_a_hanified_transformers_folder_without_han_config_json_is_still_hanified(tmp_path):
+    """config.json alone is enough for transformers (a user may upload just it and the weights; han-surgery's own
+    message says to delete a stale han_config.json): han-surgery read such a folder as a plain BERT folder, built
+    dense FFNs with random weights and dropped the trained Han-blocks."""
+    model = hanified_bert(T.BertForSequenceClassification)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "han_config.json").unlink()
+    folder = inspect_model_folder(tmp_path)
+    assert (folder.kind, folder.base_library) == ("hanified", "transformers")
+    assert torch.equal(output(han_surgery.from_pretrained(tmp_path)), output(model))
+    assert torch.equal(output(han_surgery.load_model(str(tmp_path))), output(model))

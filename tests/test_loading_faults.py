@@ -202,6 +202,7 @@ PLAIN_FAULTS: dict[str, tuple[tuple[str, ...], Callable[[Path], str]]] = {
     "local_dir_architecture": (("timm",), _edit_config(lambda c: c.update(architecture="local-dir:/tmp"))),
     "arg_of_wrong_type": (("timm",), _model_args(depth="abc")),
     "unknown_arg": (("timm",), _model_args(bogus_kw=3)),
+    "value_of_wrong_type": (("transformers",), _edit_config(lambda c: c.update(hidden_size="abc"))),
 }
 
 
@@ -240,8 +241,41 @@ def test_sharded_transformers_folder_loads_and_a_missing_shard_is_named(tmp_path
 
     classifier = build_model(str(tmp_path / "sharded")).model  # finetune --model: a head on the sharded backbone
     assert all(torch.equal(v, classifier.bert.state_dict()[k]) for k, v in model.state_dict().items())
+    # a Trainer checkpoint's pickles beside the shards are never read, and do not make the folder "pickle only"
+    for name in ("optimizer.pt", "training_args.bin"):
+        (tmp_path / "sharded" / name).write_bytes(b"never unpickled")
+    loaded = load_model(tmp_path / "sharded")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     shards[-1].unlink()
     with pytest.raises(CheckpointError, match=f"^{shards[-1]}: missing"):
         load_model(tmp_path / "sharded")
     with pytest.raises(CheckpointError, match=f"^{shards[-1]}: missing"):
         build_model(str(tmp_path / "sharded"))
+
+
+HANIFIED_CONFIG_FAULTS = {
+    "transformers": {
+        "value_of_wrong_type": lambda c: c["base_config"].update(hidden_size="abc"),
+        "heads_do_not_divide": lambda c: c["base_config"].update(num_attention_heads=3),
+    },
+    "timm": {"arg_of_wrong_type": lambda c: c["model_args"].update(depth="x")},
+}
+
+
+@pytest.mark.parametrize(
+    "family, fault", [(family, fault) for family, faults in HANIFIED_CONFIG_FAULTS.items() for fault in faults]
+)
+def test_a_hanified_config_the_base_model_cannot_be_built_from_is_one_line(saved, tmp_path, capsys, family, fault):
+    """A config.json value the base model's constructor rejects (transformers' strict config validation is no
+    ValueError; BERT's head check and timm's constructor raise inside the build): tracebacks from ``inspect``."""
+    from han_surgery.cli import main
+
+    d = _copy(saved, family, tmp_path)
+    _edit_config(HANIFIED_CONFIG_FAULTS[family][fault])(d)
+    for load in (from_pretrained, load_model):
+        with pytest.raises(CheckpointError, match=f"^{d / 'config.json'}"):
+            load(d)
+    capsys.readouterr()
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"han-surgery inspect: {d / 'config.json'}"), err

@@ -131,11 +131,16 @@ def hanified(
         )
     if not isinstance(han_base, str) or not timm.is_model(han_base) or han_base == TIMM_HANIFIED_ARCH:
         raise CheckpointError(f"{source}: model_args[{TIMM_BASE_ARG!r}] = {han_base!r} is not a timm architecture")
-    if kwargs.get("features_only"):  # the caller's argument, not the folder's: timm merges them
+    if pretrained_model_args is not None:  # the folder's own model_args (timm merged the caller's over them)
+        checked_timm_model_args(pretrained_model_args, source, keep=(TIMM_BASE_ARG, TIMM_RECIPE_ARG))
+    if kwargs.pop("features_only", False):  # the caller's argument, not the folder's: timm merges them
         raise ConfigError(
             f"{source}: timm.create_model(..., features_only=True) is not supported for a hanified model; load it "
             "without features_only and take features with model.forward_intermediates(x, indices=...)"
         )
+    # where to put the model and how strictly to load it: the caller's, as timm's builder takes them
+    device, dtype = kwargs.pop("device", None), _torch_dtype(kwargs.pop("dtype", None), source)
+    strict = kwargs.pop("pretrained_strict", True)
     base_args = checked_timm_model_args(kwargs, source)
     base_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and k != "architecture"}
     try:
@@ -168,13 +173,25 @@ def hanified(
                 num_classes=getattr(model, "num_classes", 1000),
                 in_chans=base_args.get("in_chans", 3),
                 filter_fn=fits,
-                strict=True,
+                strict=strict,
             )
         except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shapes
             raise CheckpointError(f"{name}: does not fit the rebuilt model ({e})") from None
     model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in ("source", "file", "hf_hub_id") if k in cfg}}
     _mark_hanified(model, han_base, han_recipe)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
     return model
+
+
+def _torch_dtype(value: Any, source: str) -> torch.dtype | None:
+    """``timm.create_model(..., dtype=...)``: a ``torch.dtype``, or its name (``"bfloat16"``, ``"torch.bfloat16"``)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"{source}: dtype={value!r} is not a torch dtype (e.g. torch.bfloat16)")
+    return dtype
 
 
 def _base_filter_fn(arch: str) -> Callable[[dict, nn.Module], dict] | None:

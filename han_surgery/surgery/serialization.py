@@ -34,12 +34,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import safetensors.torch
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -307,8 +308,10 @@ def transformers_base_config(config: dict[str, Any], source: str, overrides: dic
         for key in set(overrides) - set(unused):
             del overrides[key]
         return result
-    except (TypeError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{source}: not a valid {model_type} config ({type(e).__name__}: {e})") from None
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:  # strict: transformers' field validation
+        raise CheckpointError(
+            f"{source}: not a valid {model_type} config ({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -341,11 +344,10 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
-        if not empty:
-            return cls(config)
-        with _empty_parameters():
+        with _base_build_errors(config_file, base.name), _empty_parameters() if empty else contextlib.nullcontext():
             model = cls(config)
-        model.tie_weights()  # the constructor does not tie meta parameters
+        if empty:
+            model.tie_weights()  # the constructor does not tie meta parameters
         return model
     if base.library == "timm":
         import timm
@@ -364,11 +366,24 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
                 f"{config_file}: architecture {name!r}, but {HAN_CONFIG_NAME} was saved from {base.name!r}"
             )
         pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("file", "source")}
-        return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+        with _base_build_errors(config_file, name):
+            return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     raise CheckpointError(
         f"{folder.path} was saved from a {base.name} (neither timm nor transformers): "
         "build the base model yourself and pass it: from_pretrained(directory, model=MyModel(...))"
     )
+
+
+@contextlib.contextmanager
+def _base_build_errors(config_file: Path, name: str) -> Iterator[None]:
+    """A base model's constructor rejecting what ``config_file`` holds (a value of the wrong type, heads that do
+    not divide the width) is a :class:`CheckpointError` naming the file."""
+    try:
+        yield
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise CheckpointError(
+            f"{config_file}: cannot build {name} from it ({type(e).__name__}: {first_line(e)})"
+        ) from None
 
 
 def _empty_parameters() -> contextlib.AbstractContextManager:
@@ -562,8 +577,9 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
             f"(it is a plain {folder.kind} folder: {how})"
         )
     han_file = directory / HAN_CONFIG_NAME
-    if not han_file.is_file():  # timm's save_for_hf of a hanified model: the recipe is in config.json
-        han_file = f"{directory / CONFIG_NAME} (model_args[{TIMM_RECIPE_ARG!r}])"
+    if not han_file.is_file():  # the recipe is in config.json (timm's save_for_hf of a hanified model)
+        key = f"model_args[{TIMM_RECIPE_ARG!r}]" if folder.base_library == "timm" else repr(HF_RECIPE_KEY)
+        han_file = f"{directory / CONFIG_NAME} ({key})"
     recipe = Recipe.from_dict(folder.han_config, str(han_file))
     if not (directory / WEIGHTS_NAME).is_file():
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: missing")
