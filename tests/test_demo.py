@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -41,3 +42,39 @@ def test_demo_out_dir_that_cannot_be_written_fails_before_training(where, tmp_pa
     assert main(["demo", "--fast", "--out-dir", out]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"han-surgery demo: --out-dir {out}: ") and err.count("\n") == 1, err
+
+
+def test_a_failed_fine_tune_step_is_one_line_and_the_child_does_not_import_from_the_cwd(tmp_path, monkeypatch):
+    """The step raised RuntimeError (a traceback, exit 1), and its child ran with the current folder first on
+    sys.path, so a local accelerate.py broke it alone."""
+    import han_surgery.demo.finetune as step
+    from han_surgery.errors import HanSurgeryError
+
+    (tmp_path / "shadowed.py").write_text("raise SystemExit(5)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(step, "finetune_command", lambda out, epochs: [sys.executable, "-c", "import shadowed"])
+    with pytest.raises(HanSurgeryError, match="the fine-tune step failed with exit code 1"):
+        step.step_finetune(fast=True)
+
+
+def test_the_boards_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, capsys):
+    """matplotlib is in the [demo] extra only: a plain install trained the boards, then failed with a traceback."""
+    from han_surgery.demo.checkerboard import write_boards
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_boards({}, make_board(seed=0), tmp_path) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "checkerboard.png").exists()
+
+
+@pytest.mark.parametrize("flag", [["--out-dir", "~/boards"], ["--out-dir=~/boards"]])
+def test_out_dir_tilde_is_the_home_folder(flag, tmp_path, monkeypatch):
+    """It was checked expanded but written literally, into a folder named '~' in the current directory."""
+    import han_surgery.demo
+    from han_surgery.cli import main
+
+    seen = {}
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(han_surgery.demo, "run_demo", lambda fast, out_dir: seen.update(out=out_dir))
+    assert main(["demo", "--fast", *flag]) == 0
+    assert seen["out"] == str(tmp_path / "home" / "boards")

@@ -181,7 +181,15 @@ def test_bad_numbers_are_one_line_and_ctrl_c_is_one_line(capsys, monkeypatch):
     assert "expected a positive integer, got -1" in _error_line(capsys, ["checkerboard", "--threads", "-1"])
     assert "expected a positive number, got -1" in _error_line(capsys, ["mnist", "--lr", "-1"])
     assert "expected a number >= 0, got nan" in _error_line(capsys, ["mixer", "--weight-decay", "nan"])
-    assert "--lrs needs positive learning rates" in _error_line(capsys, ["regression", "--quick", "--lrs", "-0.1"])
+    assert "--lrs takes finite, positive numbers" in _error_line(capsys, ["regression", "--quick", "--lrs", "-0.1"])
+    # nan and inf ran and reported "all lrs diverged" / attacks at eps=nan, exit 0
+    assert "--lrs takes finite, positive numbers" in _error_line(capsys, ["checkerboard", "--quick", "--lrs", "nan"])
+    assert "--lrs takes finite, positive numbers" in _error_line(capsys, ["checkerboard", "--quick", "--lrs", "inf"])
+    for option in ("--linf-eps", "--l2-eps", "--cw-c"):
+        assert f"{option} takes finite, non-negative numbers" in _error_line(
+            capsys, ["mnist", "--quick", option, "nan"]
+        )
+    assert "--train-fractions takes finite, positive" in _error_line(capsys, ["regression", "--train-fractions", "0"])
 
     def interrupted(args):
         raise KeyboardInterrupt
@@ -209,3 +217,23 @@ def test_regression_csv_too_small_for_the_split_is_one_line(tmp_path, capsys):
     few = tmp_path / "few.csv"
     few.write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(6)))
     assert "got shape (6, 2)" in _error_line(capsys, ["regression", "--quick", "--csv", str(few)])
+
+
+def test_out_with_a_tilde_is_written_where_it_was_checked_and_plots_need_matplotlib(tmp_path, capsys, monkeypatch):
+    """``--out=~/x`` (the shell leaves the ~) was checked in the home folder but written into ./~/x; without
+    matplotlib an experiment ran for up to an hour and then failed with an ImportError traceback."""
+    import sys
+
+    from han_surgery.paper import approximation, han_mixer
+
+    ran = []
+    monkeypatch.setattr(approximation, "run", lambda args: ran.append(args.out))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["approximation", "--quick", "--out=~/pa"]) == 0
+    assert ran == [str(tmp_path / "home" / "pa")]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    line = _error_line(capsys, ["approximation", "--quick", "--out", str(tmp_path / "p")])
+    assert "writes PNG plots, which need matplotlib" in line and len(ran) == 1
+    monkeypatch.setattr(han_mixer, "run", lambda args: ran.append(args.out))  # no plots: matplotlib not needed
+    assert main(["mixer", "--quick", "--out", str(tmp_path / "m")]) == 0 and len(ran) == 2

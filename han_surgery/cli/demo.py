@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 
 from ..errors import ConfigError
@@ -24,10 +25,11 @@ def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> i
     def body() -> int:
         from ..demo import run_demo
 
-        problem = output_folder_problem(args.out_dir)  # before the training, not after it
+        out_dir = os.path.expanduser(args.out_dir)  # the shell leaves ~ in --out-dir=~/x
+        problem = output_folder_problem(out_dir)  # before the training, not after it
         if problem:
             raise ConfigError(f"--out-dir {args.out_dir}: {problem}")
-        run_demo(fast=args.fast, out_dir=args.out_dir)
+        run_demo(fast=args.fast, out_dir=out_dir)
         return 0
 
     return run_command(prog, body)

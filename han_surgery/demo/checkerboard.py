@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,9 +76,20 @@ def train_full_batch(model: nn.Module, board: Board, steps: int, lr: float, eval
     return curve
 
 
-def _plot(models: dict[str, nn.Module], board: Board, path: Path) -> Path:
-    import matplotlib
+def write_boards(models: dict[str, nn.Module], board: Board, out_dir: Path) -> Path | None:
+    """Plot each model's class of every grid point into ``out_dir/checkerboard.png``; return its path, or ``None``
+    (with a note) when matplotlib, which only the ``[demo]`` extra installs, is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("\nBoards not drawn: matplotlib is not installed (pip install 'han-surgery[demo]').")
+        return None
+    path = _plot(matplotlib, models, board, Path(out_dir) / "checkerboard.png")
+    print(f"\nBoards (class of every grid point): {path.resolve()}")
+    return path
 
+
+def _plot(matplotlib: Any, models: dict[str, nn.Module], board: Board, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -136,8 +148,7 @@ def step_checkerboard(fast: bool = False, out_dir: str | Path = ".") -> dict[str
     print(
         format_table(["model", "params", "steps", "test accuracy over training", "train acc", "full run", "time"], rows)
     )
-    path = _plot(models, board, Path(out_dir) / "checkerboard.png")
-    print(f"\nBoards (class of every grid point): {path.resolve()}")
+    write_boards(models, board, Path(out_dir))
     print(
         "Not the paper's protocol: full-batch Adam + cross-entropy + one-cycle lr for a few thousand steps,\n"
         "instead of SGD (batch 100, MSE) for 40,000 iterations, where the HanNet needs ~8k iterations to\n"

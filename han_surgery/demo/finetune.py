@@ -9,9 +9,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..errors import HanSurgeryError
 from ._format import section
 
-__all__ = ["MNIST", "finetune_command", "step_finetune"]
+__all__ = ["MNIST", "DemoStepError", "finetune_command", "step_finetune"]
+
+
+class DemoStepError(HanSurgeryError, RuntimeError):
+    """A step of the demo failed (the CLI prints it as one line, exit code 2)."""
+
 
 MNIST = Path(__file__).with_name("data") / "mnist_2500.npz"
 
@@ -36,10 +42,15 @@ def step_finetune(fast: bool = False) -> list[float]:
         out = Path(tmp) / "mnist-resnet"
         command = finetune_command(out, epochs=2 if fast else 3)
         print("$ " + shlex.join(["python", *command[1:]]), flush=True)
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+        # run in the empty temporary folder: `python -m` puts the working directory first on sys.path, where a
+        # user's own accelerate.py or timm.py would shadow the real ones in the child alone
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False, cwd=tmp)
         print(done.stdout, end="")
         if done.returncode != 0:
-            raise RuntimeError(f"the fine-tune command failed with exit code {done.returncode}")
+            raise DemoStepError(
+                f"the fine-tune step failed with exit code {done.returncode} (its output is above); "
+                f"run `han-surgery finetune` with the printed options to see why"
+            )
         accuracies = [float(a) for a in re.findall(r"eval_accuracy ([0-9.]+)", done.stdout)]
         files = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
         print(f"\nHub-ready folder (`han-surgery push <dir> <user>/<repo>`): {', '.join(files)}")

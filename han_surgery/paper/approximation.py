@@ -45,6 +45,9 @@ from .stacked import StackedAdam, StackedNet, StackedSGD
 
 __all__ = ["TABLE2", "fc1", "han3", "fit_grid", "run", "add_arguments"]
 
+#: ``--out`` also gets PNG plots (matplotlib), which :func:`~.cli.check_out` checks for before the run.
+WRITES_PLOTS = True
+
 # (student, target) pairs in the paper's column order.
 PAIRS = (("fc1", "fc1"), ("han3", "fc1"), ("fc1", "han3"), ("han3", "han3"))
 LABELS = {"fc1": "FC-1", "han3": "Han-3"}

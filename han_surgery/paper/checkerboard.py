@@ -47,6 +47,7 @@ from .common import (
     fc_net,
     han_net,
     markdown_table,
+    parse_floats,
     resolve_data_path,
     seed_everything,
     use_agg_backend,
@@ -68,6 +69,9 @@ __all__ = [
     "run",
     "add_arguments",
 ]
+
+#: ``--out`` also gets PNG plots (matplotlib), which :func:`~.cli.check_out` checks for before the run.
+WRITES_PLOTS = True
 
 # The paper tries 10 initial learning rates without listing them. The authors' released code
 # sweeps these for the 20 x 30 networks and for the FCNet; we use them for every row.
@@ -340,18 +344,6 @@ def plot_curves(curves: dict[str, list[tuple[int, float, float]]], titles: dict[
     plt.close(fig)
 
 
-def _parse_lrs(text: str | None, option: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as err:
-        raise PaperInputError(f"{option} takes comma-separated learning rates, got {text!r}") from err
-    if not values or any(v <= 0 for v in values):
-        raise PaperInputError(f"{option} needs positive learning rates, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", default=None, help="folder with trainset.txt / testset.txt (default ../shared/data/checkerboard)"
@@ -385,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise PaperInputError(f"--variants: unknown {unknown or args.variants!r}; choose from {', '.join(VARIANTS)}")
     if args.iters < 1 or args.eval_every < 1:
         raise PaperInputError(f"--iters and --eval-every must be >= 1, got {args.iters} and {args.eval_every}")
-    lrs = _parse_lrs(args.lrs, "--lrs")  # None: each row's default grid
+    lrs = None if args.lrs is None else parse_floats(args.lrs, "--lrs", positive=True)  # None: each row's grid
     iters, eval_every = args.iters, args.eval_every
     if args.quick:
         iters, eval_every = 60, 30

@@ -65,17 +65,28 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-def check_out(out: str | None, *, overwrite: bool, experiment: str | None = None, quick: bool = False) -> None:
+def check_out(
+    out: str | None, *, overwrite: bool, experiment: str | None = None, quick: bool = False, plots: bool = False
+) -> None:
     """Refuse ``--out`` before the experiment runs: a file, a place no folder can be made, or a non-empty folder
     that an earlier ``han-surgery paper`` run of the same ``experiment`` did not write (its ``results.json`` names
     the command; another experiment's plots would stay beside the new results), or, for a ``quick`` run, one
-    that holds a full run's results, unless ``overwrite``."""
+    that holds a full run's results, unless ``overwrite``; and, where the experiment ``plots``, a Python without
+    matplotlib."""
     if out is None:
         return
     folder = Path(out).expanduser()
     problem = output_folder_problem(folder)
     if problem:
         raise PaperInputError(f"--out {out}: {problem}")
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise PaperInputError(
+                f"--out {out}: this experiment also writes PNG plots, which need matplotlib: pip install "
+                "'han-surgery[dev]', or leave out --out to print the results only"
+            ) from None
     if overwrite or not folder.is_dir() or not any(folder.iterdir()):
         return
     try:
@@ -127,9 +138,13 @@ def _run(args: argparse.Namespace, prog: str = PROG) -> int:
         args.paper_parser.print_help()
         return 2
     args.command_line = command_line(args)
+    module = importlib.import_module(EXPERIMENTS[args.experiment][0])
+    plots = getattr(module, "WRITES_PLOTS", False)
     try:
-        check_out(args.out, overwrite=args.overwrite, experiment=args.experiment, quick=args.quick)
-        importlib.import_module(EXPERIMENTS[args.experiment][0]).run(args)
+        check_out(args.out, overwrite=args.overwrite, experiment=args.experiment, quick=args.quick, plots=plots)
+        if args.out is not None:  # the folder checked is the one written (the shell leaves ~ in --out=~/x)
+            args.out = str(Path(args.out).expanduser())
+        module.run(args)
     except PaperInputError as err:
         print(f"{prog}: {err}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ __all__ = [
     "markdown_table",
     "write_results",
     "mean_std",
+    "parse_floats",
     "use_agg_backend",
 ]
 
@@ -217,6 +218,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def parse_floats(text: str, option: str, *, positive: bool, allow_empty: bool = False) -> tuple[float, ...]:
+    """A comma-separated list of finite numbers, each ``> 0`` (``positive``) or ``>= 0``: a command-line value.
+
+    Raises:
+        PaperInputError: naming ``option``: not numbers, a value out of range (nan and inf included), or none.
+    """
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise PaperInputError(f"{option} takes comma-separated numbers, got {text!r}") from err
+    if not values and not allow_empty:
+        raise PaperInputError(f"{option} needs at least one value")
+    if not all(math.isfinite(v) and (v > 0 if positive else v >= 0) for v in values):
+        kind = "positive" if positive else "non-negative"
+        raise PaperInputError(f"{option} takes finite, {kind} numbers, got {text!r}")
+    return values
 
 
 def use_agg_backend() -> Any:

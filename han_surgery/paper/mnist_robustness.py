@@ -47,6 +47,7 @@ from .common import (
     fc_net,
     han_net,
     markdown_table,
+    parse_floats,
     resolve_data_path,
     seed_everything,
     use_agg_backend,
@@ -54,6 +55,9 @@ from .common import (
 )
 
 __all__ = ["MODELS", "TABLE6", "load_mnist", "build_model", "train_model", "evaluate", "run", "add_arguments"]
+
+#: ``--out`` also gets PNG plots (matplotlib), which :func:`~.cli.check_out` checks for before the run.
+WRITES_PLOTS = True
 
 MODELS = {
     "hannet": "HanNet VT (20 Han-layers, width 784)",
@@ -206,16 +210,6 @@ def evaluate(
     return out
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError as err:
-        raise PaperInputError(f"{option} takes comma-separated numbers, got {text!r}") from err
-    if any(v < 0 for v in values):
-        raise PaperInputError(f"{option} takes non-negative values, got {text!r}")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="path of mnist10k.npz (default ../shared/data/mnist/mnist10k.npz)")
     parser.add_argument("--models", default=",".join(MODELS), help="columns of Table 6: " + ", ".join(MODELS))
@@ -255,8 +249,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for option in ("epochs", "batch_size", "pgd_steps", "cw_steps", "cw_digits"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             raise PaperInputError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
-    linf, l2 = _floats(args.linf_eps, "--linf-eps"), _floats(args.l2_eps, "--l2-eps")
-    cwc = _floats(args.cw_c, "--cw-c")
+    linf, l2, cwc = (
+        parse_floats(text, option, positive=False, allow_empty=True)
+        for text, option in ((args.linf_eps, "--linf-eps"), (args.l2_eps, "--l2-eps"), (args.cw_c, "--cw-c"))
+    )
     x_tr, y_tr, x_te, y_te = load_mnist(args.data)
     epochs, max_steps, pgd_steps, cw_steps, cw_digits = (
         args.epochs, None, args.pgd_steps, args.cw_steps, args.cw_digits,

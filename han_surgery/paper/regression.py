@@ -28,7 +28,6 @@ HanNet here is the authors' regression HanNet: one dense ``d -> 200`` layer then
 from __future__ import annotations
 
 import argparse
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from .common import (
     han_net,
     markdown_table,
     mean_std,
+    parse_floats,
     resolve_data_path,
     seed_everything,
     use_agg_backend,
@@ -67,6 +67,9 @@ __all__ = [
     "run",
     "add_arguments",
 ]
+
+#: ``--out`` also gets PNG plots (matplotlib), which :func:`~.cli.check_out` checks for before the run.
+WRITES_PLOTS = True
 
 DATASETS = ("bikesharing", "calhousing", "elevators")
 
@@ -329,16 +332,6 @@ def train_stacked(
     ]
 
 
-def _floats(text: str, option: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise PaperInputError(f"{option} takes comma-separated numbers, got {text!r}") from err
-    if not values:
-        raise PaperInputError(f"{option} needs at least one value")
-    return values
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="folder with the CSVs (default ../shared/data/regression)")
     parser.add_argument("--datasets", default=",".join(DATASETS), help="CSV names (without .csv) in --data")
@@ -384,14 +377,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise PaperInputError(f"--models takes a comma-separated subset of {', '.join(MODELS)}, got {args.models!r}")
-    fractions = _floats(args.train_fractions, "--train-fractions")
+    fractions = list(parse_floats(args.train_fractions, "--train-fractions", positive=True))
     if any(not 0 < f <= 1 for f in fractions):
         raise PaperInputError(f"--train-fractions must lie in (0, 1], got {args.train_fractions!r}")
     if args.epochs < 1 or args.seeds < 1:
         raise PaperInputError(f"--epochs and --seeds must be >= 1, got {args.epochs} and {args.seeds}")
-    lrs, seeds, epochs = _floats(args.lrs, "--lrs"), list(range(args.seeds)), args.epochs
-    if not all(math.isfinite(lr) and lr > 0 for lr in lrs):
-        raise PaperInputError(f"--lrs needs positive learning rates, got {args.lrs!r}")
+    lrs, seeds, epochs = list(parse_floats(args.lrs, "--lrs", positive=True)), list(range(args.seeds)), args.epochs
     _milestones(args.schedule, epochs)
     paths = _dataset_paths(args)
     max_steps = None
