@@ -34,7 +34,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["add_dataclass_arguments", "dataclass_kwargs", "to_argv", "flag_name", "json_object"]
+__all__ = ["add_dataclass_arguments", "construct", "dataclass_kwargs", "to_argv", "flag_name", "json_object"]
 
 T = TypeVar("T")
 
@@ -178,6 +178,23 @@ def dataclass_kwargs(namespace: argparse.Namespace, cls: type, *, dest_prefix: s
             value = values[key]
             out[field.name] = tuple(value) if _is_sequence(tp) and isinstance(value, list) else value
     return out
+
+
+def construct(cls: type[T], kwargs: dict[str, Any], *, flag_prefix: str = "", flags: dict[str, str] | None = None) -> T:
+    """``cls(**kwargs)`` for a command line: a :class:`~han_surgery.errors.ConfigError` naming ``Cls.field`` (the
+    Python API's words) names the field's flag instead (``HanConfig.reflections`` -> ``--reflections``;
+    ``flag_prefix`` as for :func:`add_dataclass_arguments`; ``flags`` maps fields whose option is spelled
+    otherwise, such as ``{"source": "--calibrate"}``)."""
+    from .errors import ConfigError
+
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
+        message = re.sub(rf"\b{cls.__name__}\.(\w+)", lambda m: by_name.get(m.group(1), m.group()), str(e))
+        renamed = type(e)(message)
+        renamed.__suppress_context__ = True
+        raise renamed from None
 
 
 def to_argv(obj: Any, *, exclude: Sequence[str] = (), flag_prefix: str = "") -> list[str]:

@@ -605,8 +605,8 @@ def test_config_checks():
         hanify(_vit(), calibration_config=CalibrationConfig())
     with pytest.raises(ValueError, match="dry_run"):
         hanify(_vit(), calibration=_images(1, 0), dry_run=True)
-    with pytest.raises(ValueError, match="tokens_per_block"):
-        CalibrationConfig(tokens_per_block=0)
+    with pytest.raises(ValueError, match="tokens_per_block must be an int >= 16, got 2"):
+        CalibrationConfig(tokens_per_block=2)  # a fit on one row scored on one: NaN, blamed on the lr
     with pytest.raises(ValueError, match="side_rank"):
         HanConfig(side_rank=-1)
     cfg = CalibrationConfig(max_fvu=0.2, heal_steps=3)

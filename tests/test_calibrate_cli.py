@@ -108,8 +108,9 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("timm", "has no tokenizer"),
         ("train", "--calibrate train means the training split of finetune --data"),
         ("flag-alone", "--calibration-steps configure calibrated surgery: add --calibrate DATA"),
-        ("bad-value", "CalibrationConfig.steps must be an int >= 0"),
-        ("keep-count-by-own-fit", "keep_count chooses blocks by the rise of the last hidden state's FVU"),
+        ("bad-value", "--calibration-steps must be an int >= 0"),  # the flag, not CalibrationConfig.steps
+        ("too-few-tokens", "--calibration-tokens-per-block must be an int >= 16, got 2"),  # fitted on 1, scored on 1
+        ("keep-count-by-own-fit", "--calibration-keep-count chooses blocks by the rise of the last hidden state's"),
         ("finetune-reader", r"^han-surgery hanify: --calibrate .*config.json: unknown format '.json'"),
     ],
 )
@@ -130,6 +131,8 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         data = "train"
     elif case == "bad-value":
         extra = ["--calibration-steps", "-1"]
+    elif case == "too-few-tokens":
+        extra = ["--calibration-tokens-per-block", "2"]
     elif case == "keep-count-by-own-fit":
         extra = ["--calibration-keep-count", "1"]
     elif case == "finetune-reader":  # read by finetune's --data reader, whose messages name --data
@@ -292,3 +295,34 @@ def test_no_progress_hides_the_calibration_bars_too(toy, tmp_path, capfd):
     argv = [a for a in _finetune(toy, tmp_path / "run", "--max-steps", "1") if a != "--no-calibration-progress"]
     run_argv(argv)
     assert "calibrating" not in capfd.readouterr().err
+
+
+def test_calibrating_an_already_hanified_folder_is_refused(bert, sentences, tmp_path, capsys):
+    """Nothing was rewritten, so nothing was calibrated: it printed "0 block(s) rewritten", saved a copy and exited
+    0 without a word about the calibration that never ran."""
+    once = tmp_path / "once"
+    assert main(["hanify", str(bert), "-o", str(once)]) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["hanify", str(once), "-o", str(again), "--calibrate", str(sentences), *FAST, *SAMPLES]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--calibrate: no block was rewritten, so none was calibrated" in err, err
+    assert "already hanified" in err and not again.exists()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("s.text", "--calibrate {path}: unknown format '.text'. Calibration takes text (.txt, one sample per line"),
+        ("sentences", "has no tokenizer: text calibrates a transformers model whose folder holds one"),
+    ],
+)
+def test_calibration_data_errors_speak_of_calibration(data, message, sentences, tmp_path, capsys):
+    """They reused finetune's --data messages: an unknown format asked for a .csv/.jsonl with 'text' and 'label'
+    (calibration needs no labels), and a timm name was said to have 'no tokenizer in its folder'."""
+    path = tmp_path / "s.text"
+    path.write_text("one sentence\nanother one\n")
+    path = path if data == "s.text" else sentences
+    assert main(["hanify", "test_vit", "-o", str(tmp_path / "o"), "--calibrate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(path=path) in err, err

@@ -63,13 +63,24 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> No
     [
         (
             ["inspect", "test_vit", "--reflections", "0"],
-            "han-surgery inspect: HanConfig.reflections must be an int >= 1",
+            "han-surgery inspect: --reflections must be an int >= 1",  # the flag, not HanConfig.reflections
+        ),
+        (
+            ["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--hanify", "--dropout", "2"],
+            "han-surgery finetune: --dropout must be None or a finite number in [0, 1)",
         ),
         (["inspect", "test_vit", "--include", "re:("], "han-surgery inspect: HanConfig: invalid regular expression"),
         (["inspect", "test_vit", "--rules", "timm.nope"], "han-surgery inspect: HanConfig.rules: 'timm.nope'"),
+        (["inspect", "test_vit", "--rules", "bogus"], "names no registered rule; the rules are ['fallback.ffn', "),
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--lr", "nan"], "han-surgery finetune: --lr"),
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--include", "x"], "add --hanify"),
         (["push", "/no/such/folder", "a/b"], "han-surgery push: /no/such/folder is not a finished model folder"),
+        # an empty path meant the current directory: hanify -o "" saved into it, demo --out-dir "" wrote there
+        (["inspect", ""], "han-surgery inspect: source: give a non-empty string"),
+        (["hanify", "test_vit", "-o", " "], "han-surgery hanify: --output: give a non-empty string"),
+        (["push", "", "a/b"], "han-surgery push: directory: give a non-empty string"),
+        (["demo", "--out-dir", ""], "han-surgery demo: --out-dir: give a non-empty string"),
+        (["paper", "approximation", "--out", ""], "han-surgery paper: --out: give a non-empty folder name"),
         # a Hub repo (timm's hf-hub: spec, or owner/name) is not downloaded here: say so (it listed near timm names)
         (
             ["inspect", "hf-hub:someone/vit@v2"],

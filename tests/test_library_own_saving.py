@@ -24,7 +24,7 @@ import pytest
 import timm
 import torch
 import transformers as T
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import han_surgery
 from han_surgery import hanify
@@ -474,6 +474,15 @@ def test_timm_create_model_runtime_arguments_work_on_a_hanified_folder(tmp_path)
     with torch.no_grad():
         assert torch.equal(loose(IMAGES), model(IMAGES))
         assert torch.allclose(cast(IMAGES.bfloat16()).float(), model(IMAGES), atol=0.1)
+    # pretrained_strict=False loads a checkpoint with a key missing, as timm's own models do
+    state = load_file(tmp_path / "model.safetensors")
+    missing = next(k for k in state if k.endswith("norm.bias"))
+    del state[missing]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing"):
+        timm.create_model(spec, pretrained=True)
+    partial = timm.create_model(spec, pretrained=True, pretrained_strict=False)
+    assert torch.equal(partial.state_dict()["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
     # the folder's own model_args may still not hold them
     config = json.loads((tmp_path / "config.json").read_text())
     config["model_args"]["dtype"] = "float16"

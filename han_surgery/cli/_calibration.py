@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs, flag_name
+from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs, flag_name
 from ..errors import ConfigError
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
@@ -20,6 +20,7 @@ __all__ = ["CALIBRATION", "add_calibration_arguments", "calibration_from_args"]
 
 CALIBRATION = "calibrated surgery (with --calibrate; see docs/CALIBRATION.md)"
 _DATA_DEST, _FIT_DEST = "calibration_data.", "calibration."
+_DATA_FLAGS = {"source": "--calibrate"}  # CalibrationData's field whose flag is not --calibration-<name>
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, *, data_help: str) -> None:
@@ -48,4 +49,7 @@ def calibration_from_args(args: argparse.Namespace) -> tuple[CalibrationData | N
             ]
             raise ConfigError(f"{', '.join(given)} configure calibrated surgery: add --calibrate DATA")
         return None, None
-    return CalibrationData(source=args.calibrate, **data_kwargs), CalibrationConfig(**fit_kwargs)
+    data = construct(
+        CalibrationData, {"source": args.calibrate, **data_kwargs}, flag_prefix=FLAG_PREFIX, flags=_DATA_FLAGS
+    )
+    return data, construct(CalibrationConfig, fit_kwargs, flag_prefix=FLAG_PREFIX)

@@ -14,7 +14,7 @@ from typing import Any
 from ..checks import MAX_NUM_CLASSES, positive_int
 from ..errors import HanSurgeryError
 
-__all__ = ["run_command", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
+__all__ = ["run_command", "require_text", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
 
 EXIT_USER_ERROR = 2
 
@@ -43,6 +43,21 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+def require_text(**values: str | None) -> None:
+    """Refuse an empty (or blank) value of a path or name argument, named by its option (keyword ``out_dir``:
+    ``--out-dir``; ``source``: ``source``): as a path, ``""`` would silently mean the current directory."""
+    from ..errors import ConfigError
+
+    for name, value in values.items():
+        if value is not None and not value.strip():
+            option = f"--{name.replace('_', '-')}" if name not in POSITIONAL else name
+            raise ConfigError(f"{option}: give a non-empty string")
+
+
+#: Arguments :func:`require_text` names without dashes.
+POSITIONAL = frozenset({"source", "directory", "repo_id"})
 
 
 class Terminated(KeyboardInterrupt):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from ..errors import ConfigError
 from ..fileio import output_folder_problem
-from ._common import run_command
+from ._common import require_text, run_command
 
 __all__ = ["demo"]
 
@@ -25,6 +25,7 @@ def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> i
     def body() -> int:
         from ..demo import run_demo
 
+        require_text(out_dir=args.out_dir)
         out_dir = os.path.expanduser(args.out_dir)  # the shell leaves ~ in --out-dir=~/x
         problem = output_folder_problem(out_dir)  # before the training, not after it
         if problem:

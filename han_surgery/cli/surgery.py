@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
+from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs
 from ..errors import ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
     LOCK_NAME,
@@ -38,7 +38,7 @@ from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import num_classes, run_command
+from ._common import num_classes, require_text, run_command
 
 __all__ = ["build_parser", "inspect", "hanify"]
 
@@ -80,7 +80,8 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     from ..surgery.engine import hanify as hanify_model
     from ..surgery.recipe import recipe_of
 
-    config = HanConfig(**dataclass_kwargs(args, HanConfig))
+    require_text(source=args.source, output=getattr(args, "output", None))
+    config = construct(HanConfig, dataclass_kwargs(args, HanConfig))
     calibration_data, calibration_config = calibration_from_args(args) if write else (None, None)
     out = Path(args.output).expanduser() if write else None
     if out is not None:  # before any work: never overwrite a folder the user made without --overwrite
@@ -115,6 +116,11 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     elapsed = time.perf_counter() - start
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
+    if batches is not None and not report.rewrites and not report.skipped and report.han_modules_found:
+        raise ConfigError(  # no candidate at all: the calibration asked for never ran
+            f"--calibrate: no block was rewritten, so none was calibrated ({args.source} is already hanified: "
+            f"{report.han_modules_found} Han modules); calibrate when you hanify the original model. Nothing was saved"
+        )
     if out is not None:
         if not recipe_of(model):  # every candidate skipped: there is no Han model to save
             reasons = sorted({s.reason for s in report.skipped})

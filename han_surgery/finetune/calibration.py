@@ -77,10 +77,17 @@ def load_calibration_batches(
         if path.is_file() and (suffix in TEXT_SUFFIXES or (suffix == ".csv" and tokenizer is not None)):
             if tokenizer is None:
                 raise ConfigError(
-                    f"--calibrate {path} is text, but {model_name} has no tokenizer in its folder: save one "
-                    "there with tokenizer.save_pretrained(folder)"
+                    f"--calibrate {path} is text, but {model_name} has no tokenizer: text calibrates a transformers "
+                    "model whose folder holds one (save it there with tokenizer.save_pretrained(folder)); other "
+                    "models take what finetune --data reads (an image folder, an .npz of images, a numeric .csv)"
                 )
             source = path
+        elif path.is_file() and suffix not in (".csv", ".npz"):
+            raise ConfigError(
+                f"--calibrate {path}: unknown format {suffix!r}. Calibration takes text (.txt, one sample per line; "
+                ".tsv or .csv with a 'sentence' or 'text' column; .jsonl) for a model with a tokenizer, or an image "
+                "folder, an .npz of images or a numeric .csv; no labels are needed"
+            )
         else:
             from .data import DataError, DataWarning, load_data
 

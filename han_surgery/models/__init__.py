@@ -17,9 +17,9 @@ from timm.layers import register_notrace_module
 
 from ..layers import HanStack, LowRankLinear
 from ..surgery.modules import HAN_MODULE_TYPES
+from .han_mixer import ConvStem, HanMixer, HanMixerBlock
+from .han_mobilevit import HanMobileVit, hanformer_config
 from .hanified import hanified
-from .mixer import ConvStem, HanMixer, HanMixerBlock
-from .mobilevit import HanMobileVit, hanformer_config
 from .tabular import TabularNet
 
 __all__ = ["hanified", "ConvStem", "HanMixer", "HanMixerBlock", "HanMobileVit", "TabularNet", "hanformer_config"]

@@ -154,13 +154,13 @@ def hanified(
 
         def fits(state: dict, model: nn.Module) -> dict:
             try:
-                return checkpoint_filter_fn(state, model)
+                return checkpoint_filter_fn(state, model, strict=strict)
             except ValueError as e:
                 problem = e
             adapt = _base_filter_fn(han_base)  # e.g. a ViT's: pos_embed resampled for another img_size
             if adapt is not None:
                 with contextlib.suppress(Exception):  # not adaptable: the first problem is the one to report
-                    return checkpoint_filter_fn(adapt(state, model), model)
+                    return checkpoint_filter_fn(adapt(state, model), model, strict=strict)
             raise CheckpointError(f"{name}: {problem}") from None
 
         load_cfg = {**model.pretrained_cfg, "state_dict": state_dict, "source": None}

@@ -75,6 +75,8 @@ def check_out(
     matplotlib."""
     if out is None:
         return
+    if not out.strip():
+        raise PaperInputError("--out: give a non-empty folder name (leave out --out to print the results only)")
     folder = Path(out).expanduser()
     problem = output_folder_problem(folder)
     if problem:

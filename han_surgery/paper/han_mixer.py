@@ -1,6 +1,6 @@
 """Han-Mixer (paper Section 5.3, Tables 10-12) on CIFAR-10, CIFAR-100 or STL10: ``han-surgery paper mixer --data DIR``.
 
-Rows of Table 12 (timm names registered by :mod:`han_surgery.models.mixer`): the paper's CNN stem
+Rows of Table 12 (timm names registered by :mod:`han_surgery.models.han_mixer`): the paper's CNN stem
 alone, + MLP(2), + MLP(4), and + MLP(k) + Han(16) for k = 0, 1, 2, 4. Width 512; 64 tokens on
 32 x 32 CIFAR images (stem strides 1, 2, 1, 2), 144 tokens on 96 x 96 STL10 images (1, 2, 2, 2),
 as in Table 10.

@@ -1,7 +1,7 @@
 """Han-MobileViT (paper Section 5.4, Tables 13-14) on CIFAR-10, CIFAR-100 or STL10: ``han-surgery paper mobilevit --data DIR``.
 
 Rows of Table 14: timm's ``mobilevit_xxs`` / ``mobilevit_xs`` (MLP blocks) against
-``han_mobilevit_xxs`` / ``han_mobilevit_xs`` (:mod:`han_surgery.models.mobilevit`: every
+``han_mobilevit_xxs`` / ``han_mobilevit_xs`` (:mod:`han_surgery.models.han_mobilevit`: every
 transformer MLP ``LN -> dense -> Swish -> dense`` replaced by the Han-block
 ``H2 |H1 x + b1| + b2``).
 

@@ -289,6 +289,7 @@ def resolve_rules(names: Iterable[str] | None) -> list[Rule]:
         hits = [r.name for r in rules if fnmatch.fnmatchcase(r.name, pattern)]
         if not hits:
             near = difflib.get_close_matches(pattern, [r.name for r in rules], n=5, cutoff=0.3)
-            raise ConfigError(f"HanConfig.rules: {pattern!r} names no registered rule; near names: {near}")
+            known = f"near names: {near}" if near else f"the rules are {sorted(r.name for r in rules)}"
+            raise ConfigError(f"HanConfig.rules: {pattern!r} names no registered rule; {known}")
         chosen.update(hits)
     return [r for r in rules if r.name in chosen]

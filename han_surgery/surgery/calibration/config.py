@@ -14,6 +14,8 @@ __all__ = ["CalibrationConfig", "FLAG_PREFIX"]
 #: The command-line flags of :class:`CalibrationConfig` and ``CalibrationData`` are ``--calibration-<field>``.
 FLAG_PREFIX = "calibration-"
 START = ("linear", "random")
+#: The fewest token rows a block's fit may sample (``tokens_per_block``).
+MIN_TOKENS = 16
 TARGET = ("model", "block")
 HEAL_PARAMS = ("new", "all", "all-but-embeddings")
 KEEP_BY = ("block", "output")
@@ -36,7 +38,7 @@ class CalibrationConfig:
     Args:
         tokens_per_block: the most token rows sampled (uniformly, reservoir) for
             each block's fit; bounds memory at ``tokens_per_block x d`` floats per
-            block whatever the amount of data.
+            block whatever the amount of data. At least :data:`MIN_TOKENS`.
         record_batches: calibration batches, drawn at random, run to record each
             block's inputs (``None``: all of them). Recording block ``i`` runs the
             model up to block ``i``, so this bounds the cost of the sequential pass.
@@ -152,7 +154,8 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         q = "CalibrationConfig."
-        for name, low in (("tokens_per_block", 1), ("batch_tokens", 1), ("steps", 0), ("heal_steps", 0)):
+        # tokens_per_block: rows to fit on and rows to score the fit on (fewer: a fit of a few rows is noise)
+        for name, low in (("tokens_per_block", MIN_TOKENS), ("batch_tokens", 1), ("steps", 0), ("heal_steps", 0)):
             check_int(q + name, getattr(self, name), low)
         for name, low in (("record_batches", 1), ("heal_batches", 1), ("keep_budget", 0), ("keep_count", 0)):
             check_int(q + name, getattr(self, name), low, optional=True)

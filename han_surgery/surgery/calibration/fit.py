@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ...functional import householder_affine, unit_rows
 from ...layers import HanBlock
+from .record import CalibrationDataError
 from .site import CalibrationSite
 
 __all__ = ["site_output", "fvu", "linear_regime_start", "closed_form_start", "fit_site", "SiteScores", "least_squares"]
@@ -209,9 +210,12 @@ def fit_site(
     also asks the block to undo the errors of the blocks before it where it can).
     """
     perm = torch.randperm(len(x), generator=gen).to(x.device)
-    n_test = max(1, int(round(holdout * len(x))))
-    if len(x) - n_test < 1:
-        raise ValueError(f"calibration: only {len(x)} token(s) recorded at {site.input_path}; need at least 2")
+    n_test = max(2, int(round(holdout * len(x))))  # a fraction of variance needs two rows
+    if len(x) - n_test < 2:
+        raise CalibrationDataError(
+            f"calibration: only {len(x)} token rows recorded at {site.input_path}, too few to fit on and to score "
+            f"the fit on (at least {n_test + 2} at CalibrationConfig.holdout={holdout:g}); give more calibration data"
+        )
     parts = perm[n_test:], perm[:n_test]
     (train, test) = (x[i] for i in parts)
     with torch.no_grad():
