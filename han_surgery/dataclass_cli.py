@@ -26,15 +26,24 @@ non-default fields), which is how a model card prints the command that made the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-__all__ = ["add_dataclass_arguments", "construct", "dataclass_kwargs", "to_argv", "flag_name", "json_object"]
+__all__ = [
+    "add_dataclass_arguments",
+    "construct",
+    "dataclass_kwargs",
+    "flag_errors",
+    "to_argv",
+    "flag_name",
+    "json_object",
+]
 
 T = TypeVar("T")
 
@@ -181,20 +190,26 @@ def dataclass_kwargs(namespace: argparse.Namespace, cls: type, *, dest_prefix: s
 
 
 def construct(cls: type[T], kwargs: dict[str, Any], *, flag_prefix: str = "", flags: dict[str, str] | None = None) -> T:
-    """``cls(**kwargs)`` for a command line: a :class:`~han_surgery.errors.ConfigError` naming ``Cls.field`` (the
-    Python API's words) names the field's flag instead (``HanConfig.reflections`` -> ``--reflections``;
-    ``flag_prefix`` as for :func:`add_dataclass_arguments`; ``flags`` maps fields whose option is spelled
-    otherwise, such as ``{"source": "--calibrate"}``)."""
+    """``cls(**kwargs)`` for a command line: its :class:`~han_surgery.errors.ConfigError` names the flags
+    (:func:`flag_errors`)."""
+    with flag_errors(cls, flag_prefix=flag_prefix, flags=flags):
+        return cls(**kwargs)
+
+
+@contextlib.contextmanager
+def flag_errors(cls: type, *, flag_prefix: str = "", flags: dict[str, str] | None = None) -> Iterator[None]:
+    """A :class:`~han_surgery.errors.ConfigError` raised inside that names ``Cls.field`` (the Python API's words)
+    names the field's flag instead (``HanConfig.reflections`` -> ``--reflections``; ``flag_prefix`` as for
+    :func:`add_dataclass_arguments`; ``flags`` maps fields whose option is spelled otherwise, such as
+    ``{"source": "--calibrate"}``)."""
     from .errors import ConfigError
 
     try:
-        return cls(**kwargs)
+        yield
     except ConfigError as e:
         by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
         message = re.sub(rf"\b{cls.__name__}\.(\w+)", lambda m: by_name.get(m.group(1), m.group()), str(e))
-        renamed = type(e)(message)
-        renamed.__suppress_context__ = True
-        raise renamed from None
+        raise type(e)(message) from None
 
 
 def to_argv(obj: Any, *, exclude: Sequence[str] = (), flag_prefix: str = "") -> list[str]:

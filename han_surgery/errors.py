@@ -50,11 +50,15 @@ class NothingToRewriteError(HanSurgeryError, ValueError):
 def first_line(error: BaseException) -> str:
     """The first line of ``str(error)`` (a library's message may run on for pages), or the exception's type name
     if it has no message: what a one-line error quotes from the exception it wraps. A first line that ends in a
-    colon introduces the next, which is joined to it (huggingface_hub's "Validation error for field 'x':")."""
+    colon introduces the next, which is joined to it, cut at 200 characters (huggingface_hub's "Validation error
+    for field 'x':"; torch's "Error(s) in loading state_dict for X:" is followed by every missing key)."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    if not (lines[0].endswith(":") and len(lines) > 1):
+        return lines[0]
+    detail = lines[1] if len(lines[1]) <= 200 else lines[1][:200] + " ..."
+    return f"{lines[0]} {detail}"
 
 
 def for_option(error: HanSurgeryError, option: str, as_option: str) -> HanSurgeryError:

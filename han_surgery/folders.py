@@ -197,6 +197,12 @@ def _plain_json(value: Any) -> bool:
     return False
 
 
+#: Loading arguments that timm's ``create_model`` keeps in ``model._model_args`` and ``save_for_hf`` then writes
+#: into ``model_args`` (a model loaded with ``pretrained_strict=False``): allowed with these values, which read no
+#: file and build the same model.
+TIMM_SAVED_LOAD_ARGS: dict[str, tuple[Any, ...]] = {"pretrained_strict": (True, False), "features_only": (False,)}
+
+
 def checked_timm_model_args(
     model_args: Any, source: str, *, keep: tuple[str, ...] = (), name: str = "model_args"
 ) -> dict[str, Any]:
@@ -217,7 +223,9 @@ def checked_timm_model_args(
         raise CheckpointError(f"{source}: '{name}' must be a JSON object, found a {type(model_args).__name__}")
     loader = _timm_loader_parameters()
     for key, value in model_args.items():
-        if key in keep:
+        if key in keep or (
+            key in TIMM_SAVED_LOAD_ARGS and isinstance(value, bool) and value in TIMM_SAVED_LOAD_ARGS[key]
+        ):
             continue
         if not (isinstance(key, str) and key.isidentifier()) or key in loader:
             raise CheckpointError(

@@ -70,7 +70,11 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture) -> No
             "han-surgery finetune: --dropout must be None or a finite number in [0, 1)",
         ),
         (["inspect", "test_vit", "--include", "re:("], "han-surgery inspect: HanConfig: invalid regular expression"),
-        (["inspect", "test_vit", "--rules", "timm.nope"], "han-surgery inspect: HanConfig.rules: 'timm.nope'"),
+        (["inspect", "test_vit", "--rules", "timm.nope"], "han-surgery inspect: --rules: 'timm.nope'"),
+        (
+            ["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--hanify", "--rules", "x.y"],
+            "--rules: 'x.y'",
+        ),
         (["inspect", "test_vit", "--rules", "bogus"], "names no registered rule; the rules are ['fallback.ffn', "),
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--lr", "nan"], "han-surgery finetune: --lr"),
         (["finetune", "--model", "m", "--data", "d", "--output-dir", "o", "--include", "x"], "add --hanify"),
@@ -173,3 +177,15 @@ def test_a_timm_name_without_such_weights_is_one_line(
     assert err.count("\n") == 1 and err.startswith(f"han-surgery inspect: {message}"), err
     if "bogus" in argv[1]:
         assert "vit_tiny_patch16_224.augreg_in21k" in err  # the tags it has
+
+
+def test_first_line_joins_a_colon_ended_line_to_the_next_and_cuts_it() -> None:
+    from han_surgery.errors import first_line
+
+    assert first_line(ValueError("Validation error for field 'x':\n    TypeError: got str")) == (
+        "Validation error for field 'x': TypeError: got str"
+    )
+    keys = ", ".join(f'"{i}.weight"' for i in range(500))
+    line = first_line(RuntimeError(f"Error(s) in loading state_dict for M:\n\tMissing key(s) in state_dict: {keys}."))
+    assert line.startswith("Error(s) in loading state_dict for M: Missing key(s)") and line.endswith(" ...")
+    assert len(line) < 300 and first_line(ValueError("one\ntwo")) == "one" and first_line(ValueError()) == "ValueError"

@@ -559,6 +559,16 @@ def test_an_image_folder_of_one_class_is_refused(layout: str, tmp_path: Path, ca
     assert not (tmp_path / "o").exists()
 
 
+def test_labels_that_skip_numbers_do_not_warn(tmp_path: Path) -> None:
+    """Labels {1, 3} give 4 outputs; the training split holding both is every class the data has."""
+    table = tmp_path / "labels13.csv"
+    table.write_text("".join(f"{i},{i % 5},{1 + 2 * (i % 2)}\n" for i in range(60)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        bundle = load_data(table)
+    assert bundle.num_outputs == 4
+
+
 def test_max_samples_of_a_train_val_image_folder_draws_from_every_class(tmp_path: Path) -> None:
     """--max-samples took the first images of train/, which ImageFolder lists class by class: 8 of 3 x 4 images
     trained on two classes (evaluated on three), and the warning only fired when one class was left."""

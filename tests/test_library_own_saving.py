@@ -474,6 +474,15 @@ def test_timm_create_model_runtime_arguments_work_on_a_hanified_folder(tmp_path)
     with torch.no_grad():
         assert torch.equal(loose(IMAGES), model(IMAGES))
         assert torch.allclose(cast(IMAGES.bfloat16()).float(), model(IMAGES), atol=0.1)
+    # timm keeps pretrained_strict / features_only in model._model_args, and its save_for_hf writes them: the folder
+    # saved from the loaded model loads again (it was refused as naming a loader argument), with either saver
+    for name, save in (("timm", lambda m, d: timm.models.save_for_hf(m, str(d), safe_serialization=True)),
+                       ("han", han_surgery.save_pretrained)):  # fmt: skip
+        save(loose, tmp_path / name)
+        with torch.no_grad():
+            assert torch.equal(timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True).eval()(IMAGES),
+                               model(IMAGES))  # fmt: skip
+    assert "pretrained_strict" not in json.loads((tmp_path / "han" / "config.json").read_text())["model_args"]
     # pretrained_strict=False loads a checkpoint with a key missing, as timm's own models do
     state = load_file(tmp_path / "model.safetensors")
     missing = next(k for k in state if k.endswith("norm.bias"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -372,4 +373,21 @@ def test_a_run_started_from_another_runs_checkpoint_must_use_that_runs_options(
     _rehash(Path(step_1))
     assert cli([*argv, "--label-smoothing", "0.1", "--resume", step_1]) == 2
     assert "--label-smoothing" in capsys.readouterr().err
+    # an option newer than the checkpoint is not compared (it would make every older checkpoint unresumable)
+    state = json.loads(state_file.read_text())
+    state["options"] = {k: v for k, v in FinetuneConfig.from_json(out / "training_args.json").to_dict().items()
+                        if k not in ("output_dir", "label_smoothing")}  # fmt: skip
+    state_file.write_text(json.dumps(state))
+    _rehash(Path(step_1))
     assert cli([*argv, "--resume", step_1]) == 0
+    # a checkpoint with no record of its options (a run an earlier version started from another run's
+    # checkpoint): resumed as before, with a warning
+    del state["options"]
+    state_file.write_text(json.dumps(state))
+    _rehash(Path(step_1))
+    (out / "training_args.json").unlink()
+    shutil.rmtree(second)
+    second.mkdir()
+    capsys.readouterr()
+    assert cli([*argv, "--resume", step_1]) == 0
+    assert "warning: --resume:" in capsys.readouterr().err

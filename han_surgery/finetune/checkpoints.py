@@ -22,6 +22,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -272,8 +273,11 @@ def resume_options(config: FinetuneConfig) -> dict[str, Any]:
 
 def check_resume_config(checkpoint: Path, config: FinetuneConfig) -> None:
     """Raise :class:`FinetuneError` if an option in :data:`RESUME_FIELDS` differs from those of the run that
-    wrote ``checkpoint``: the options its ``trainer_state.json`` records, or (a checkpoint written before they
-    were recorded there) its run folder's ``training_args.json``; a checkpoint with neither is refused."""
+    wrote ``checkpoint``: the options its ``trainer_state.json`` records (an option newer than the checkpoint is
+    not compared), or (a checkpoint written before they were recorded there) its run folder's
+    ``training_args.json``. A checkpoint with neither (a run an earlier version started from another run's
+    checkpoint) is resumed with a warning that its options cannot be checked; its layout (processes, global
+    batch, mixed precision) still is."""
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -282,16 +286,18 @@ def check_resume_config(checkpoint: Path, config: FinetuneConfig) -> None:
     if not isinstance(saved, dict):
         args = checkpoint.parent.parent / ARGS_FILE
         if not args.is_file():
-            raise FinetuneError(
-                f"--resume: {checkpoint} records no options and its run folder has no {ARGS_FILE}: this run cannot "
-                "check that it continues that one. Start a new run instead."
+            warnings.warn(
+                f"--resume: {checkpoint} records no options and its run folder has no {ARGS_FILE}: that this run "
+                "uses the interrupted run's options (--data, --lr, ...) cannot be checked",
+                stacklevel=2,
             )
+            return
         saved = FinetuneConfig.from_json(args).to_dict()
     now = config.to_dict()
     changed = [
-        f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}"
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}"
         for k in RESUME_FIELDS
-        if saved.get(k) != now.get(k)
+        if k in saved and saved[k] != now.get(k)
     ]
     if changed:
         raise FinetuneError(
@@ -303,9 +309,9 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
     """Write ``<out>/checkpoints/step_N`` (see the module docstring) with the run's ``options``
     (:func:`resume_options`); keep the newest ``keep``.
 
-    Checkpoints of a later step than ``N`` are removed first: they belong to the trajectory this run resumed
-    before (``--resume`` of an older checkpoint), which this run replaces (it would overwrite them one by one),
-    and a later plain ``--resume`` must continue this run, not that one.
+    Checkpoints of a later step than ``N`` are removed once ``step_N`` is in place: they belong to the trajectory
+    this run resumed before (``--resume`` of an older checkpoint), which this run replaces (it would overwrite them
+    one by one), and a later plain ``--resume`` must continue this run, not that one.
     """
     final = out / CHECKPOINT_DIR / f"step_{progress.global_step:07d}"
     tmp = final.with_name(final.name + ".tmp")

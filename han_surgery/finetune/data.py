@@ -681,7 +681,8 @@ def _warn_if_classes_missing(bundle: DataBundle, max_samples: int | None) -> Non
     if labels is None:
         return
     present = sorted({int(labels[i]) for i in bundle.train.indices})
-    if len(present) < max(bundle.num_outputs, 2):
+    in_data = {int(label) for label in labels}  # the classes the data holds (labels need not be 0..n-1)
+    if len(present) < 2 or len(present) < len(in_data):
         if not max_samples:
             why = ""
         elif bundle.kind == "image" and bundle.class_names:  # a random draw of the images
@@ -690,7 +691,7 @@ def _warn_if_classes_missing(bundle: DataBundle, max_samples: int | None) -> Non
             why = f" (--max-samples {max_samples} kept the first rows; is the file sorted by label?)"
         which = f"class {present}" if len(present) == 1 else f"classes {present}"
         warnings.warn(
-            f"{bundle.name}: the training split holds only {which} of {bundle.num_outputs}{why}",
+            f"{bundle.name}: the training split holds only {which} of {len(in_data)}{why}",
             DataWarning,
             stacklevel=3,
         )

@@ -56,7 +56,9 @@ def init_trackers(
 
     ``resumed_step``: the step of the checkpoint a resumed run continues from. ``metrics.jsonl`` is trimmed to it
     by the resume; TensorBoard's writer is told to purge the interrupted run's events after it (``purge_step``),
-    so its plots show one run, not both.
+    so its plots show one run, not both. One point shows twice: an epoch's evaluation is logged at the step of the
+    checkpoint taken at the epoch's end, after it, and the resumed run logs it again (the same value);
+    ``metrics.jsonl`` holds it once.
     """
     from accelerate.tracking import filter_trackers
     from accelerate.utils import is_tensorboard_available

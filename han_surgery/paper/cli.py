@@ -87,7 +87,7 @@ def check_out(
         except ImportError:
             raise PaperInputError(
                 f"--out {out}: this experiment also writes PNG plots, which need matplotlib: pip install "
-                "'han-surgery[dev]', or leave out --out to print the results only"
+                "matplotlib, or leave out --out to print the results only"
             ) from None
     if overwrite or not folder.is_dir() or not any(folder.iterdir()):
         return

@@ -243,7 +243,7 @@ def use_agg_backend() -> Any:
     try:
         import matplotlib
     except ImportError as err:  # pragma: no cover - matplotlib is in the dev extra
-        raise ImportError("han_surgery.paper: plots need matplotlib: pip install 'han-surgery[dev]'") from err
+        raise ImportError("han_surgery.paper: plots need matplotlib: pip install matplotlib") from err
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -57,6 +57,7 @@ from ..folders import (
     TIMM_BASE_ARG,
     TIMM_HANIFIED_ARCH,
     TIMM_RECIPE_ARG,
+    TIMM_SAVED_LOAD_ARGS,
     WEIGHTS_NAME,
     ModelFolder,
     inspect_model_folder,
@@ -237,7 +238,11 @@ def hanified_timm_config(
         path = Path(tmp) / CONFIG_NAME
         save_config_for_hf(model, str(path), model_config=model_config, model_args=model_args, data_config=data_config)
         config = json.loads(path.read_text(encoding="utf-8"))
-    args = {k: v for k, v in config.get("model_args", {}).items() if k not in (TIMM_BASE_ARG, TIMM_RECIPE_ARG)}
+    args = {  # the base's constructor arguments: not how this model was loaded (timm keeps pretrained_strict)
+        k: v
+        for k, v in config.get("model_args", {}).items()
+        if k not in (TIMM_BASE_ARG, TIMM_RECIPE_ARG) and k not in TIMM_SAVED_LOAD_ARGS
+    }
     config["architecture"] = TIMM_HANIFIED_ARCH
     config["model_args"] = {**args, TIMM_BASE_ARG: recipe.base.name, TIMM_RECIPE_ARG: recipe.to_dict()}
     return config
