@@ -198,9 +198,9 @@ def _plain_json(value: Any) -> bool:
 
 
 #: Loading arguments that timm's ``create_model`` keeps in ``model._model_args`` and ``save_for_hf`` then writes
-#: into ``model_args`` (a model loaded with ``pretrained_strict=False``): allowed with these values, which read no
-#: file and build the same model.
-TIMM_SAVED_LOAD_ARGS: dict[str, tuple[Any, ...]] = {"pretrained_strict": (True, False), "features_only": (False,)}
+#: into ``model_args`` (a model loaded with ``pretrained_strict=True``): allowed with these values, which are
+#: timm's defaults (a folder that says ``pretrained_strict: false`` would load with weights missing, unsaid).
+TIMM_SAVED_LOAD_ARGS: dict[str, tuple[Any, ...]] = {"pretrained_strict": (True,), "features_only": (False,)}
 
 
 def checked_timm_model_args(

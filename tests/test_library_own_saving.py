@@ -475,10 +475,12 @@ def test_timm_create_model_runtime_arguments_work_on_a_hanified_folder(tmp_path)
         assert torch.equal(loose(IMAGES), model(IMAGES))
         assert torch.allclose(cast(IMAGES.bfloat16()).float(), model(IMAGES), atol=0.1)
     # timm keeps pretrained_strict / features_only in model._model_args, and its save_for_hf writes them: the folder
-    # saved from the loaded model loads again (it was refused as naming a loader argument), with either saver
-    for name, save in (("timm", lambda m, d: timm.models.save_for_hf(m, str(d), safe_serialization=True)),
-                       ("han", han_surgery.save_pretrained)):  # fmt: skip
-        save(loose, tmp_path / name)
+    # saved from a model loaded with their defaults loads again (it was refused as naming a loader argument);
+    # han_surgery.save_pretrained leaves them out, whatever their values
+    default = timm.create_model(spec, pretrained=True, pretrained_strict=True, features_only=False)
+    for name, save, saved in (("timm", lambda m, d: timm.models.save_for_hf(m, str(d), safe_serialization=True), default),
+                              ("han", han_surgery.save_pretrained, loose)):  # fmt: skip
+        save(saved, tmp_path / name)
         with torch.no_grad():
             assert torch.equal(timm.create_model(f"local-dir:{tmp_path / name}", pretrained=True).eval()(IMAGES),
                                model(IMAGES))  # fmt: skip

@@ -163,9 +163,10 @@ def test_llama_residual_drop_gives_han_of_stream():
     [
         ("timm/beit", "gamma_2"),
         ("timm/convnext", "conv_dw"),
-        ("hf/bart", "does not change residuals (BART / Whisper-style layers (fc1, activation_fn, fc2 inline)"),
-        ("hf/convnext", "does not change residuals"),
-        ("custom/fallback", "'fallback.ffn' does not change residuals"),
+        # the rule's own reason (it was the engine's, quoting the rule's docstring)
+        ("hf/bart", "adds its residual inline around fc1/fc2"),
+        ("hf/convnext", "residual also spans"),
+        ("custom/fallback", "does not know how ModuleList adds its residual"),
     ],
 )
 def test_residual_drop_refused_with_reason(name, reason):
@@ -316,3 +317,71 @@ def test_mambaout_block_loses_its_gate_and_keeps_token_mixing():
         flat = x.reshape(2, 16, -1)
         expected = x + block.ls(block.ffn.fc2(block.ffn.fc1(flat).abs())).reshape(x.shape)  # identity conv at first
         torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-6)
+
+
+def _tiny(model_type: str, **kw):
+    import transformers as T
+
+    torch.manual_seed(0)
+    base = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=50)
+    return T.AutoModel.from_config(T.AutoConfig.for_model(model_type, **{**base, **kw}))
+
+
+def test_olmo2_keeps_its_attention_post_norm_and_refuses_residual_drop():
+    """OLMo-2 names the attention output's post-norm post_attention_layernorm, as LLaMA names the MLP's pre-norm:
+    hanify swapped it for Identity (every output changed), and residual='drop' computed x + norm(Han(x) - x)."""
+    model = _tiny("olmo2", num_key_value_heads=2, eos_token_id=1, pad_token_id=0, bos_token_id=1)
+    layer = model.layers[0]
+    report = hanify(model)
+    assert type(layer.post_attention_layernorm).__name__ == "Olmo2RMSNorm"
+    assert report.rewrites[0].neighbours["norm"] == "no pre-norm"
+    again = _tiny("olmo2", num_key_value_heads=2, eos_token_id=1, pad_token_id=0, bos_token_id=1)
+    dropped = hanify(again, HanConfig(residual="drop"))
+    assert dropped.num_rewritten == 0 and "post_feedforward_layernorm sits on the branch" in dropped.skipped[0].reason
+
+
+@pytest.mark.parametrize(
+    ("model_type", "norm"), [("swin", "layernorm_after"), ("audio-spectrogram-transformer", "layernorm_after")]
+)
+def test_hf_swin_and_ast_drop_their_mlp_pre_norm_like_vit(model_type, norm):
+    """Their layers compute x + mlp(layernorm_after(x)) as ViT's do, but were unknown: the pre-norm was kept and
+    residual='drop' refused."""
+    kw = (
+        dict(embed_dim=16, depths=[1], num_heads=[2], image_size=32, patch_size=4, window_size=4)
+        if model_type == "swin"
+        else {}
+    )
+    model = _tiny(model_type, **kw) if model_type != "swin" else _swin(kw)
+    report = hanify(model)
+    assert report.num_rewritten >= 1 and all(r.neighbours["norm"].startswith(norm) for r in report.rewrites)
+
+
+def _swin(kw):
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.SwinModel(T.SwinConfig(**kw))
+
+
+def test_biogpt_pre_norm_is_dropped():
+    """BioGpt applies final_layer_norm before fc1; it was kept as a post-norm (and calibration fitted through it)."""
+    report = hanify(_tiny("biogpt", max_position_embeddings=32))
+    assert report.rewrites and all(
+        r.neighbours["norm"] == "final_layer_norm (pre-norm) -> Identity" for r in report.rewrites
+    )
+
+
+def test_a_dry_run_leaves_a_float32_norm_of_a_bfloat16_model_as_it_was():
+    """Planning cast each whole replacement to the model's dtype, the model's own modules it keeps inside (the
+    LayerNorm in HanSplitOutput) too: a dry run, or a failed call, turned them to bfloat16."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=50)).to(torch.bfloat16)  # fmt: skip
+    norm = model.encoder.layer[0].output.LayerNorm.float()
+    hanify(model, dry_run=True)
+    assert norm.weight.dtype == torch.float32
+    hanify(model)
+    assert model.encoder.layer[0].output.LayerNorm is norm and norm.weight.dtype == torch.float32
+    assert {p.dtype for n, p in model.named_parameters() if "LayerNorm" not in n} == {torch.bfloat16}

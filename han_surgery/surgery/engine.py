@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, HanifyError, NothingToRewriteError
-from ..utils import count_parameters, replace_parameters
+from ..utils import count_parameters
 from .calibration.config import CalibrationConfig
 from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
@@ -181,14 +181,35 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
 SWAPPED_IN = "_han_surgery_swapped_in"
 
 
-def _to_device(module: nn.Module, device: torch.device) -> None:
-    """``module.to(device)``; onto the meta device (a model built without memory, as ``from_pretrained`` builds one)
-    only the parameters go, and the buffers keep the values they were built with: a checkpoint restores only the
-    persistent ones, and nothing gives a meta buffer memory."""
-    if device.type == "meta":
-        replace_parameters(module, lambda p: not p.is_meta, lambda p: p.to(device))
-    else:
-        module.to(device=device)
+def _place_new_parts(module: nn.Module, originals: set[int], ref: torch.Tensor) -> None:
+    """Move the parts of a replacement that a rule built onto ``ref``'s device, and cast their floating-point
+    tensors to its dtype. The model's own modules that the rule reuses inside it (a kept norm) stay as they are: a
+    dry run or a failed call must not change them, and a norm kept in float32 in a bfloat16 model stays float32.
+    Onto the meta device (a model built without memory, as ``from_pretrained`` builds one) only the parameters go,
+    and the buffers keep the values they were built with: a checkpoint restores only the persistent ones, and
+    nothing gives a meta buffer memory."""
+    made: dict[int, nn.Parameter] = {}  # a parameter shared by two new parts (tied) stays shared
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device=ref.device)
+        return t.to(dtype=ref.dtype) if ref.is_floating_point() and t.is_floating_point() else t
+
+    for part in module.modules():
+        if id(part) in originals:
+            continue
+        for name, param in part._parameters.items():
+            if param is not None:
+                if id(param) not in made:
+                    made[id(param)] = nn.Parameter(place(param.detach()), param.requires_grad)
+                part._parameters[name] = made[id(param)]
+        if ref.device.type != "meta":
+            for name, buffer in part._buffers.items():
+                if buffer is not None:
+                    part._buffers[name] = place(buffer)
+        elif ref.is_floating_point():  # buffers stay where they are, in the model's dtype
+            for name, buffer in part._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    part._buffers[name] = buffer.to(dtype=ref.dtype)
 
 
 def _discover(model: nn.Module, rules: list[Rule]) -> tuple[list[tuple[Candidate, Rule]], list[str]]:
@@ -366,11 +387,6 @@ def _rewrite(
             reason = "filter_fn returned False"
         elif cand.parent is None:
             reason = "the model itself is the FFN: wrap it in a parent module to replace it"
-        elif config.residual == "drop" and "residual" not in rule.changes:
-            reason = (
-                f"residual='drop' not possible: rule {rule.name!r} does not change residuals "
-                f"({rule.description or 'see its docstring'}); use residual='keep'"
-            )
         if reason is None:
             try:
                 repl = rule.builder(cand, config)
@@ -387,6 +403,12 @@ def _rewrite(
                 raise HanifyError(
                     f"rule {rule.name!r} on {cand.path!r} returned {type(repl).__name__}, not a Replacement of "
                     "modules (or raise SkipCandidate to leave the candidate); model unchanged"
+                )
+            if reason is None and config.residual == "drop" and "residual" not in rule.changes:
+                # the rule's own reason, where it gives one (it raised SkipCandidate above), is the better message
+                reason = (
+                    f"residual='drop' not possible: rule {rule.name!r} does not change residuals (it is registered "
+                    "without changes=('residual',)); use residual='keep'"
                 )
         if reason is not None:
             report.skipped.append(SkipRecord(cand.path, rule.name, reason))
@@ -437,9 +459,7 @@ def _rewrite(
             ref = _reference_tensor(modules[path])
             ref = ref if ref is not None else _reference_tensor(cand.module)
             if ref is not None:
-                _to_device(new, ref.device)
-                if ref.is_floating_point():
-                    new.to(dtype=ref.dtype)
+                _place_new_parts(new, originals, ref)
         neighbours = dict(repl.neighbours)
         if shared:
             neighbours["shared"] = "; ".join(

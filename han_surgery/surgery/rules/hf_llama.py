@@ -30,6 +30,12 @@ def _site(cand: Candidate) -> Site | None:
     if cand.sibling("pre_feedforward_layernorm") is not None:
         note = "post_feedforward_layernorm sits on the branch"
         return Site(norm="pre_feedforward_layernorm", residual="fixed", note=note)
+    if cand.sibling("post_feedforward_layernorm") is not None:  # OLMo-2/3: post-norms on both branches
+        note = (
+            "post-norm layer: post_feedforward_layernorm sits on the branch (post_attention_layernorm normalises the "
+            "attention's output, not the MLP's input)"
+        )
+        return Site(norm=None, residual="fixed", note=note)
     if cand.sibling("post_attention_layernorm") is not None:
         return Site(norm="post_attention_layernorm")
     return None

@@ -20,6 +20,8 @@ HF_MLP_SITES: dict[str, Site] = {
     "ViTLayer": Site(norm="layernorm_after"),
     "DeiTLayer": Site(norm="layernorm_after"),
     "ViTMSNLayer": Site(norm="layernorm_after"),
+    "SwinLayer": Site(norm="layernorm_after"),
+    "ASTLayer": Site(norm="layernorm_after"),
     "Dinov2Layer": Site(norm="norm2", scales=("layer_scale2",)),
 }
 

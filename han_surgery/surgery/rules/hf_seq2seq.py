@@ -21,7 +21,9 @@ from ..registry import Candidate, SkipCandidate, register_rule
 from ._common import dims, inline_han_swaps, inline_site, require_square
 
 # Class-name prefixes of layers that apply final_layer_norm *before* fc1.
-PRE_NORM_PREFIXES = ("Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM")
+PRE_NORM_PREFIXES = (
+    "Whisper", "MBart", "Speech2Text", "M2M100", "NllbMoe", "Pegasus", "Blenderbot", "XGLM", "BioGpt"
+)  # fmt: skip
 POST_NORM_PREFIXES = ("BlenderbotSmall",)
 # Everything else is treated as post-norm (BART, Marian, PLBart, ...): the norm is kept, which is
 # safe either way. A layer's own ``do_layer_norm_before`` / ``normalize_before`` flag (OPT) wins.
