@@ -1321,3 +1321,49 @@ def test_a_broken_calibration_site_names_the_block_and_the_rule(site_kwargs, err
         unregister_rule("test.two_arg")
     assert type(info.value).__name__ == error
     assert isinstance(net.ffn, _TwoArgFFN) and all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_calibration_of_a_train_mode_model_runs_without_dropout():
+    """The new blocks kept the train mode they were built in: a Han-block's dropout (HanConfig(dropout=...)) was on
+    while the later blocks were recorded and fitted, so a train-mode model calibrated to other (worse) weights than
+    the same model in eval mode; the Adam fit also ran with the fitted block in train mode."""
+    results = []
+    for train in (False, True):
+        model = _bert().train(train)
+        report = hanify(
+            model, HanConfig(dropout=0.3), calibration=_tokens(4, 0), calibration_config=CalibrationConfig(**FAST)
+        )
+        assert model.training is train  # modes restored
+        results.append(
+            ([b.fvu for b in report.calibration.blocks], {k: v.clone() for k, v in model.state_dict().items()})
+        )
+    (fvu_eval, state_eval), (fvu_train, state_train) = results
+    assert fvu_eval == fvu_train and all(torch.equal(state_eval[k], state_train[k]) for k in state_eval)
+
+
+def test_calibration_under_no_grad_and_refused_under_inference_mode():
+    """Under torch.no_grad() the fit failed ('element 0 of tensors does not require grad'), blamed on the rule."""
+    with torch.no_grad():
+        report = hanify(_bert(), calibration=_tokens(4, 0), calibration_config=CalibrationConfig(**FAST, heal_steps=2))
+    assert report.calibration is not None and all(b.fvu is not None for b in report.calibration.blocks)
+    model = _bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.inference_mode(), pytest.raises(CalibrationDataError, match="inference_mode"):
+        hanify(model, calibration=_tokens(4, 0), calibration_config=CalibrationConfig(**FAST))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_text_calibration_with_a_tokenizer_without_a_pad_token(tmp_path):
+    """GPT-2's and LLaMA's tokenizers have no pad token: calibration_batches raised 'Asking to pad but the tokenizer
+    does not have a padding token'."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate("the a cat dog sat ran on mat".split())}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>", unk_token="<unk>")
+    assert tokenizer.pad_token is None
+    batches = calibration_batches(["the cat sat", "a dog ran on the mat", "the cat"], tokenizer=tokenizer, batch_size=3)
+    assert batches[0]["input_ids"].shape == (3, 6) and batches[0]["attention_mask"].sum() == 11
+    assert tokenizer.pad_token is None  # the caller's tokenizer is left as it was

@@ -272,6 +272,11 @@ def calibrate_rewrites(
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
+    if torch.is_inference_mode_enabled():
+        raise CalibrationDataError(
+            "calibration fits the new blocks with gradients, which torch.inference_mode() forbids: call hanify with "
+            "calibration outside it (torch.no_grad() is fine)"
+        )
     batches = check_batches(calibration)
     report = CalibrationReport(batches=len(batches))
     gen = torch.Generator().manual_seed(config.seed)
@@ -342,6 +347,8 @@ def calibrate_rewrites(
                 continue
             swaps = [(path, _set_module(model, path, new)) for path, new in repl.swaps.items()]
             done.extend(swaps)
+            for new in repl.swaps.values():  # built in the original's mode: no dropout while the later blocks
+                new.eval()  # are recorded, scored and healed (the modes are restored at the end)
             if site is None:
                 fit.status = "not calibrated"
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"

@@ -210,13 +210,28 @@ def with_decoder_inputs(batches: list[Any], model: Any) -> list[Any]:
 
 
 def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``tokenizer`` output, the texts sorted by length first (little padding)."""
+    """Batches of ``tokenizer`` output, the texts sorted by length first (little padding). A tokenizer without a
+    pad token (GPT-2's, LLaMA's) pads with its end-of-text (or unknown) token, set for this call only: the
+    attention mask keeps the padding out of the fit either way."""
     texts = sorted(texts, key=len)
-    return [
-        dict(
-            tokenizer(
-                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    filler = None
+    if getattr(tokenizer, "pad_token", "") is None:
+        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+        if filler is None:
+            raise ValueError(
+                "the tokenizer has no pad, end-of-text or unknown token to pad the batches with; set "
+                "tokenizer.pad_token, or give batch_size=1"
             )
-        )
-        for i in range(0, len(texts), batch_size)
-    ]
+        tokenizer.pad_token = filler
+    try:
+        return [
+            dict(
+                tokenizer(
+                    texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                )
+            )
+            for i in range(0, len(texts), batch_size)
+        ]
+    finally:
+        if filler is not None:
+            tokenizer.pad_token = None

@@ -170,18 +170,17 @@ def _adam(site: CalibrationSite, x: Tensor, y: Tensor, steps: int, lr: float, ba
         with torch.no_grad():
             return fvu(_rows(lambda t: site_output(site, t, new_branch(site, t)), x), y)
 
-    site.fitted.eval()
+    site.fitted.eval()  # and so it stays: the target has no dropout, and a kept BatchNorm's statistics stay put
     start = [p.detach().clone() for p in params], objective()
-    site.fitted.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen, device=x.device)
-        xb = x[idx]
-        loss = (site_output(site, xb, new_branch(site, xb)) - y[idx]).pow(2).sum(1).mean() / var
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    site.fitted.eval()
+    with torch.enable_grad():  # hanify may be called under torch.no_grad()
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (min(batch, len(x)),), generator=gen).to(x.device)  # gen is a CPU one
+            xb = x[idx]
+            loss = (site_output(site, xb, new_branch(site, xb)) - y[idx]).pow(2).sum(1).mean() / var
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
     if not objective() <= start[1]:  # worse, or not finite
         with torch.no_grad():
             for p, value in zip(params, start[0], strict=True):

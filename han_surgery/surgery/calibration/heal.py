@@ -274,7 +274,7 @@ def heal(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps, warmup=max(1, steps // 20)))
     device = params[0].device
     losses: list[float] = []
-    with HiddenStates(model, paths) as hs:
+    with HiddenStates(model, paths) as hs, torch.enable_grad():  # hanify may be called under torch.no_grad()
         for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
             i = step % len(batches)
             batch = batches[i]
