@@ -486,6 +486,8 @@ def test_a_kept_block_keeps_the_weights_its_model_keeps_in_float32(tmp_path):
     report = hanify(model, calibration=batches, calibration_config=config)
     assert {b.status for b in report.calibration.blocks} == {"kept"}
     assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+    kept = [s.path for s in report.skipped]  # in model order, as the blocks (they were listed last block first)
+    assert len(kept) > 1 and kept == [b.path for b in report.calibration.blocks]
 
 
 def test_an_encoder_decoder_without_decoder_inputs_is_told_how_to_add_them():
