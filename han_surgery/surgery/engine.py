@@ -188,7 +188,7 @@ def _place_new_parts(module: nn.Module, originals: set[int], ref: torch.Tensor) 
     Onto the meta device (a model built without memory, as ``from_pretrained`` builds one) only the parameters go,
     and the buffers keep the values they were built with: a checkpoint restores only the persistent ones, and
     nothing gives a meta buffer memory."""
-    made: dict[int, nn.Parameter] = {}  # a parameter shared by two new parts (tied) stays shared
+    made: dict[int, nn.Parameter] = {}  # onto meta: a parameter shared by two new parts (tied) stays shared
 
     def place(t: torch.Tensor) -> torch.Tensor:
         t = t.to(device=ref.device)
@@ -198,10 +198,14 @@ def _place_new_parts(module: nn.Module, originals: set[int], ref: torch.Tensor) 
         if id(part) in originals:
             continue
         for name, param in part._parameters.items():
-            if param is not None:
-                if id(param) not in made:
-                    made[id(param)] = nn.Parameter(place(param.detach()), param.requires_grad)
+            placed = place(param.data) if param is not None else None
+            if placed is None or placed is param.data:
+                continue
+            if placed.is_meta and not param.is_meta:  # a new tensor type: a new Parameter, shared where it was
+                made.setdefault(id(param), nn.Parameter(placed, param.requires_grad))
                 part._parameters[name] = made[id(param)]
+            else:  # in place, as Module.to does: the Parameter (and whoever shares it) stays the same object
+                param.data = placed
         if ref.device.type != "meta":
             for name, buffer in part._buffers.items():
                 if buffer is not None:
