@@ -1369,3 +1369,31 @@ def test_text_calibration_with_a_tokenizer_without_a_pad_token(tmp_path):
     batches = calibration_batches(["the cat sat", "a dog ran on the mat", "the cat"], tokenizer=tokenizer, batch_size=3)
     assert batches[0]["input_ids"].shape == (3, 6) and batches[0]["attention_mask"].sum() == 11
     assert tokenizer.pad_token is None  # the caller's tokenizer is left as it was
+
+
+def test_decoder_blocks_record_the_decoder_tokens_not_the_encoders():
+    """The encoder's attention_mask was applied to the decoder's rows: with with_decoder_inputs (a mask shifted by
+    one) the last real decoder token of every padded row was dropped, and with a decoder of another length its
+    padding was recorded."""
+    import transformers as T
+
+    from han_surgery.surgery.calibration import record_inputs, with_decoder_inputs
+
+    torch.manual_seed(0)
+    model = T.T5Model(T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2, vocab_size=100)).eval()
+    ids = torch.randint(2, 100, (3, 8))
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 3 + [0] * 5])
+    (batch,) = with_decoder_inputs([{"input_ids": ids, "attention_mask": mask}], model)
+    decoder_ffn = "decoder.block.0.layer.2.DenseReluDense"
+    reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
+    record_inputs(model, [batch], decoder_ffn, reservoir)
+    assert len(reservoir.sample) == int(batch["decoder_attention_mask"].sum()) == 8 + 6 + 4
+    decoder = torch.randint(2, 100, (3, 5))
+    other = {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": decoder,
+             "decoder_attention_mask": torch.tensor([[1] * 5, [1] * 2 + [0] * 3, [1] * 4 + [0]])}  # fmt: skip
+    reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
+    record_inputs(model, [other], decoder_ffn, reservoir)
+    assert len(reservoir.sample) == 5 + 2 + 4
+    reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
+    record_inputs(model, [other], "encoder.block.0.layer.1.DenseReluDense", reservoir)
+    assert len(reservoir.sample) == 8 + 5 + 3

@@ -119,8 +119,9 @@ def _state_rows(model: nn.Module, batches: list[Any], paths: list[str], memory_m
     with HiddenStates(model, paths) as hs:
         for batch in batches:
             call_model(model, batch, device)
-            mask = token_mask(batch)
-            states = [as_rows(s, mask).detach().float().cpu() for s in hs.states]
+            states = [
+                as_rows(s, token_mask(batch, p)).detach().float().cpu() for s, p in zip(hs.states, paths, strict=True)
+            ]
             used += sum(s.numel() * s.element_size() for s in states)
             if out and used > memory_mb * 2**20:
                 break

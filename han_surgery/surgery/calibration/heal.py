@@ -278,16 +278,16 @@ def heal(
         for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
             i = step % len(batches)
             batch = batches[i]
-            mask = token_mask(batch)
+            masks = [token_mask(batch, p) for p in paths]  # a decoder's states: the decoder's mask
             if augment is not None and teacher is not None and step % 2 == 1:
                 batch = augment(batch)
                 with torch.no_grad(), HiddenStates(teacher, paths) as original:
                     call_model(teacher, batch, device)
-                    targets = [as_rows(s, mask) for s in original.states]
+                    targets = [as_rows(s, m) for s, m in zip(original.states, masks, strict=True)]
             else:
                 targets = [t.to(device) for t in teacher_states[i]]
             call_model(model, batch, device)
-            student = [as_rows(s, mask) for s in hs.states]
+            student = [as_rows(s, m) for s, m in zip(hs.states, masks, strict=True)]
             loss = hidden_state_distillation_loss(student, targets)
             opt.zero_grad(set_to_none=True)
             for p in half:

@@ -164,9 +164,15 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
     )
 
 
-def token_mask(batch: Any) -> Tensor | None:
-    """The ``(B, L)`` boolean mask of real (non-padding) tokens of a transformers-style batch, if it has one."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+def token_mask(batch: Any, path: str = "") -> Tensor | None:
+    """The ``(B, L)`` boolean mask of real (non-padding) tokens of a transformers-style batch, if it has one: for a
+    module under a ``decoder`` (``path``, e.g. ``"decoder.block.0.layer.2"``) its ``decoder_attention_mask``
+    (none if the batch has none: the encoder's mask does not describe the decoder's tokens), else its
+    ``attention_mask``."""
+    if not isinstance(batch, Mapping):
+        return None
+    key = "decoder_attention_mask" if "decoder" in path.split(".") else "attention_mask"
+    mask = batch.get(key)
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
@@ -224,7 +230,7 @@ def record_inputs(
             current["seen"].add(name)
             if not args or not isinstance(args[0], Tensor):
                 raise CalibrationDataError(f"calibration: {name} was called without a tensor as its first input")
-            res.add(as_rows(args[0], current.get("mask"), cf))
+            res.add(as_rows(args[0], token_mask(current["batch"], name), cf))
             if name == stop_after:
                 raise _StopForward
 
@@ -246,7 +252,7 @@ def record_inputs(
     count = 0
     try:
         for batch in batches:
-            current["mask"] = token_mask(batch)
+            current["batch"] = batch
             current["seen"] = set()
             try:
                 call_model(model, batch, device)
