@@ -12,9 +12,19 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..checks import MAX_NUM_CLASSES, positive_int
-from ..errors import HanSurgeryError
+from ..dataclass_cli import construct, flag_errors
+from ..errors import ConfigError, HanSurgeryError
+from ..surgery.config import HanConfig
 
-__all__ = ["run_command", "require_text", "positive_int", "num_classes", "EXIT_USER_ERROR", "MAX_NUM_CLASSES"]
+__all__ = [
+    "run_command",
+    "han_config",
+    "require_text",
+    "positive_int",
+    "num_classes",
+    "EXIT_USER_ERROR",
+    "MAX_NUM_CLASSES",
+]
 
 EXIT_USER_ERROR = 2
 
@@ -45,19 +55,28 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
         return 130
 
 
+#: Arguments :func:`require_text` names without dashes.
+POSITIONAL = frozenset({"source", "directory", "repo_id"})
+
+
 def require_text(**values: str | None) -> None:
     """Refuse an empty (or blank) value of a path or name argument, named by its option (keyword ``out_dir``:
     ``--out-dir``; ``source``: ``source``): as a path, ``""`` would silently mean the current directory."""
-    from ..errors import ConfigError
-
     for name, value in values.items():
         if value is not None and not value.strip():
             option = f"--{name.replace('_', '-')}" if name not in POSITIONAL else name
             raise ConfigError(f"{option}: give a non-empty string")
 
 
-#: Arguments :func:`require_text` names without dashes.
-POSITIONAL = frozenset({"source", "directory", "repo_id"})
+def han_config(kwargs: dict[str, Any]) -> HanConfig:
+    """The :class:`HanConfig` the surgery flags give, its ``--rules`` checked against the registered rules before
+    any work; its errors name the flags (``--reflections``, ``--rules``), not the fields."""
+    from ..surgery.registry import resolve_rules
+
+    config = construct(HanConfig, kwargs)
+    with flag_errors(HanConfig):
+        resolve_rules(config.rules)
+    return config
 
 
 class Terminated(KeyboardInterrupt):

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs, flag_errors, flag_name
+from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs, flag_name
 from ..errors import ConfigError
 from ..finetune.config import SURGERY, FinetuneConfig
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import require_text, run_command
+from ._common import han_config, require_text, run_command
 
 __all__ = ["build_parser", "config_from_args", "finetune", "push", "main"]
 
@@ -58,12 +58,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 
         flags = [flag_name(f) for f in dataclasses.fields(HanConfig) if f.name in han_kwargs]
         raise ConfigError(f"{', '.join(flags)} configure the surgery: add --hanify")
-    hanify = construct(HanConfig, han_kwargs) if args.hanify else None
-    if hanify is not None:
-        from ..surgery.registry import resolve_rules
-
-        with flag_errors(HanConfig):  # --rules names registered rules: checked before any work
-            resolve_rules(hanify.rules)
+    hanify = han_config(han_kwargs) if args.hanify else None
     calibrate, calibration = calibration_from_args(args)
     return FinetuneConfig(
         **dataclass_kwargs(args, FinetuneConfig), hanify=hanify, calibrate=calibrate, calibration=calibration

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs, flag_errors
+from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
 from ..errors import ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
     LOCK_NAME,
@@ -38,7 +38,7 @@ from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import num_classes, require_text, run_command
+from ._common import han_config, num_classes, require_text, run_command
 
 __all__ = ["build_parser", "inspect", "hanify"]
 
@@ -79,12 +79,9 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     from ..loading import load_model
     from ..surgery.engine import hanify as hanify_model
     from ..surgery.recipe import recipe_of
-    from ..surgery.registry import resolve_rules
 
     require_text(source=args.source, output=getattr(args, "output", None))
-    config = construct(HanConfig, dataclass_kwargs(args, HanConfig))
-    with flag_errors(HanConfig):  # --rules names registered rules: checked before any model loads
-        resolve_rules(config.rules)
+    config = han_config(dataclass_kwargs(args, HanConfig))
     calibration_data, calibration_config = calibration_from_args(args) if write else (None, None)
     out = Path(args.output).expanduser() if write else None
     if out is not None:  # before any work: never overwrite a folder the user made without --overwrite

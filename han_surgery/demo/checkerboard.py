@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..layers import stack_han_layers
-from ..paper.common import fc_net, han_net
+from ..paper.common import fc_net, han_net, use_agg_backend
 from ..utils import count_parameters, format_table
 from ._format import section
 
@@ -80,19 +80,16 @@ def write_boards(models: dict[str, nn.Module], board: Board, out_dir: Path) -> P
     """Plot each model's class of every grid point into ``out_dir/checkerboard.png``; return its path, or ``None``
     (with a note) when matplotlib, which only the ``[demo]`` extra installs, is missing."""
     try:
-        import matplotlib
+        plt = use_agg_backend()
     except ImportError:
         print("\nBoards not drawn: matplotlib is not installed (pip install 'han-surgery[demo]').")
         return None
-    path = _plot(matplotlib, models, board, Path(out_dir) / "checkerboard.png")
+    path = _plot(plt, models, board, Path(out_dir) / "checkerboard.png")
     print(f"\nBoards (class of every grid point): {path.resolve()}")
     return path
 
 
-def _plot(matplotlib: Any, models: dict[str, nn.Module], board: Board, path: Path) -> Path:
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(plt: Any, models: dict[str, nn.Module], board: Board, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 4))
     for ax, (name, model) in zip(axes, models.items(), strict=True):
         with torch.no_grad():

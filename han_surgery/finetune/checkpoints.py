@@ -271,18 +271,14 @@ def resume_options(config: FinetuneConfig) -> dict[str, Any]:
     return {k: values[k] for k in RESUME_FIELDS}
 
 
-def check_resume_config(checkpoint: Path, config: FinetuneConfig) -> None:
+def check_resume_config(checkpoint: Path, state: dict[str, Any], config: FinetuneConfig) -> None:
     """Raise :class:`FinetuneError` if an option in :data:`RESUME_FIELDS` differs from those of the run that
-    wrote ``checkpoint``: the options its ``trainer_state.json`` records (an option newer than the checkpoint is
-    not compared), or (a checkpoint written before they were recorded there) its run folder's
+    wrote ``checkpoint``: the options its ``trainer_state.json`` (``state``) records (an option newer than the
+    checkpoint is not compared), or (a checkpoint written before they were recorded there) its run folder's
     ``training_args.json``. A checkpoint with neither (a run an earlier version started from another run's
     checkpoint) is resumed with a warning that its options cannot be checked; its layout (processes, global
     batch, mixed precision) still is."""
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        state = None
-    saved = state.get("options") if isinstance(state, dict) else None
+    saved = state.get("options")
     if not isinstance(saved, dict):
         args = checkpoint.parent.parent / ARGS_FILE
         if not args.is_file():
@@ -360,7 +356,10 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         accelerator.print(f"--resume: skipping {candidate.name}: {problem}", flush=True)
     if checkpoint is None:
         raise FinetuneError(f"--resume: no intact checkpoint in {out / CHECKPOINT_DIR} ({'; '.join(skipped)}).")
-    check_resume_config(checkpoint, config)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    if not isinstance(state, dict):
+        raise FinetuneError(f"--resume: {checkpoint / STATE_FILE} is not a state han-surgery wrote")
+    check_resume_config(checkpoint, state, config)
     problem = _unsafe_state_problem(checkpoint)
     if problem is not None:
         raise FinetuneError(f"--resume: cannot load {checkpoint}: {problem}")
@@ -370,9 +369,6 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         refused = isinstance(e, pickle.UnpicklingError)
         why = "it holds a pickle that is not plain tensors (refused: loading it could run code)" if refused else str(e)
         raise FinetuneError(f"--resume: cannot load {checkpoint}: {why}") from None
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    if not isinstance(state, dict):
-        raise FinetuneError(f"--resume: {checkpoint / STATE_FILE} is not a state han-surgery wrote")
     progress.load_state_dict(state)
     running = state.get("running_by_process")
     if isinstance(running, list):  # the same number of processes (checked above)

@@ -483,24 +483,25 @@ def _card_to_upload(directory: Path, repo_id: str) -> str:
     """The model card of ``directory`` as it should land in ``repo_id`` (:func:`card_for_repo`), read with the
     ``training_args.json`` that says what it was written for. Raises :class:`HubUploadError` naming the file
     that cannot be read: nothing has been sent to the Hub yet."""
-
-    def not_finished(problem: str) -> HubUploadError:
-        return HubUploadError(f"{directory} is not a finished model folder: {problem}. Nothing was uploaded.")
-
     try:
         args = read_json_object(directory / ARGS_FILE) if (directory / ARGS_FILE).is_file() else {}
     except CheckpointError as e:  # it names the file and what is wrong with it
-        raise not_finished(str(e)) from None
+        raise _not_finished(directory, str(e)) from None
     card_path = directory / CARD_NAME
     try:
         card = card_path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise not_finished(f"{card_path}: not UTF-8 text ({e})") from None
+        raise _not_finished(directory, f"{card_path}: not UTF-8 text ({e})") from None
     except OSError as e:
-        raise not_finished(f"{card_path}: cannot be read ({e})") from None
+        raise _not_finished(directory, f"{card_path}: cannot be read ({e})") from None
     written_for = args.get("push_to_hub") if isinstance(args.get("push_to_hub"), str) else None
     written_name = Path(args["output_dir"]).name if isinstance(args.get("output_dir"), str) else None
     return card_for_repo(card, repo_id, written_for, written_name)
+
+
+def _not_finished(directory: Path, problem: str) -> HubUploadError:
+    """The error of a folder :func:`push_folder` refuses before the Hub is contacted."""
+    return HubUploadError(f"{directory} is not a finished model folder: {problem}. Nothing was uploaded.")
 
 
 def _stage(directory: Path, staged: Path, card: str) -> None:
@@ -547,9 +548,7 @@ def push_folder(
         raise HubUploadError(f"{repo_id}: {problem}. Nothing was uploaded.")
     problems = folder_problems(directory, required=(WEIGHTS_NAME, CONFIG_NAME, CARD_NAME))
     if problems:
-        raise HubUploadError(
-            f"{directory} is not a finished model folder: {'; '.join(problems)}. Nothing was uploaded."
-        )
+        raise _not_finished(directory, "; ".join(problems))
     card = _card_to_upload(directory, repo_id)
     with tempfile.TemporaryDirectory(prefix="han-surgery-push-") as tmp:
         staged = Path(tmp)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from ..fileio import output_folder_problem
-from .common import PaperInputError
+from .common import PaperInputError, use_agg_backend
 
 __all__ = ["EXPERIMENTS", "PROG", "build_parser", "check_out", "main"]
 
@@ -83,7 +83,7 @@ def check_out(
         raise PaperInputError(f"--out {out}: {problem}")
     if plots:
         try:
-            import matplotlib  # noqa: F401
+            use_agg_backend()
         except ImportError:
             raise PaperInputError(
                 f"--out {out}: this experiment also writes PNG plots, which need matplotlib: pip install "

@@ -494,12 +494,13 @@ def _rewrite(
         from .calibration import calibrate_rewrites
 
         calibration_config = calibration_config if calibration_config is not None else CalibrationConfig()
-        report.calibration, kept = calibrate_rewrites(model, planned, calibration, calibration_config)
+        report.calibration, kept_indices = calibrate_rewrites(model, planned, calibration, calibration_config)
+        kept = set(kept_indices)
         for index in sorted(kept):  # in model order
             record = planned[index][0]
             reason = next(b.reason for b in report.calibration.blocks if b.path == record.path)
             report.skipped.append(SkipRecord(record.path, record.rule, f"{KEPT_BY_CALIBRATION}: {reason}"))
-        planned = [entry for index, entry in enumerate(planned) if index not in set(kept)]
+        planned = [entry for index, entry in enumerate(planned) if index not in kept]
         report.rewrites = [rec for rec, _ in planned]
         calibration_record = calibration_config.to_dict()
     else:
