@@ -28,14 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import json
 import re
 import types
 import typing
 from collections.abc import Iterator, Sequence
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, NoReturn, TypeVar, Union
 
 __all__ = [
+    "CommandParser",
     "add_dataclass_arguments",
     "construct",
     "dataclass_kwargs",
@@ -46,6 +48,51 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` for one command of a CLI: no abbreviated flags, and one-line usage errors.
+
+    A usage error (an unknown or missing flag, an invalid choice) exits with code 2 after one line on stderr,
+    ``<prog>: <message>; did you mean --flag? (see '<prog> --help')``, where argparse prints the whole usage
+    first. The suggestion is the closest flag (of this parser and its sub-parsers) or choice, when one is close.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def usage_problem(self, message: str) -> str:
+        """``message`` on one line, with a did-you-mean and where to look."""
+        message = " ".join(message.split())
+        hint = self._closest(message)
+        return f"{message}{f'; did you mean {hint}?' if hint else ''} (see '{self.prog} --help')"
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {self.usage_problem(message)}\n")
+
+    def _closest(self, message: str) -> str | None:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
+        if choice:
+            typed, known = choice[1], re.findall(r"'([^']*)'", choice[2])
+        elif message.startswith("unrecognized arguments: "):
+            flags = [a.split("=")[0] for a in message.split()[2:] if a.startswith("-")]
+            typed, known = (flags[0] if flags else ""), self._all_option_strings()
+        else:
+            return None
+        close = difflib.get_close_matches(typed, known, n=1, cutoff=0.75) if typed else []
+        return close[0] if close else None
+
+    def _all_option_strings(self) -> list[str]:
+        """The flags of this parser and of its sub-parsers (argparse reports their unknown flags here)."""
+        flags, parsers = [], [self]
+        while parsers:
+            parser = parsers.pop()
+            flags += [s for s in parser._option_string_actions if s.startswith("--")]
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    parsers += list(action.choices.values())
+        return flags
 
 
 def flag_name(field: dataclasses.Field, prefix: str = "") -> str:

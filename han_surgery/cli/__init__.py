@@ -1,12 +1,13 @@
 """The ``han-surgery`` command line: a thin layer over the Python API.
 
 ``han-surgery <command> ...`` looks the command up in :data:`COMMANDS` and hands the rest of the
-arguments to that command's own parser (so a misspelled flag shows the command's usage). Only the
-command that runs is imported: ``han-surgery --help`` imports no command module.
+arguments to that command's own parser (so a misspelled flag is matched against that command's flags). Only
+the command that runs is imported: ``han-surgery --help`` imports no command module.
 
 Every command follows the same contract (see :mod:`han_surgery.cli._common`): a
 :class:`~han_surgery.errors.HanSurgeryError` ends as one line ``han-surgery <command>: <message>``
-on stderr with exit code 2; anything else is a bug and keeps its traceback.
+on stderr with exit code 2, and so does a usage error (:class:`~han_surgery.dataclass_cli.CommandParser`);
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from ..dataclass_cli import CommandParser
 from ..version import __version__
 
 __all__ = ["COMMANDS", "main"]
@@ -44,8 +46,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 
 def _top_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    parser = CommandParser(
         prog="han-surgery",
         description="Householder (Han) layers for timm and Hugging Face models. "
         "Run `han-surgery <command> --help` for a command's options.",

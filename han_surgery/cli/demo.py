@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
 
+from ..dataclass_cli import CommandParser
 from ..errors import ConfigError
 from ..fileio import output_folder_problem
 from ._common import require_text, run_command
@@ -15,9 +15,7 @@ __all__ = ["demo"]
 
 def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> int:
     """Run :func:`han_surgery.demo.run_demo`."""
-    parser = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False, description="Run the no-download demo of han-surgery."
-    )
+    parser = CommandParser(prog=prog, description="Run the no-download demo of han-surgery.")
     parser.add_argument("--fast", action="store_true", help="shorter training (about half the time)")
     parser.add_argument("--out-dir", default=".", help="where checkerboard.png is written (default: .)")
     args = parser.parse_args(argv)

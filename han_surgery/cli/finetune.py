@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs, flag_name
+from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs, flag_name
 from ..errors import ConfigError
 from ..finetune.config import SURGERY, FinetuneConfig
 from ..surgery.config import HanConfig
@@ -27,8 +27,7 @@ HAN_PREFIX = "han."
 
 def build_parser(prog: str = "han-surgery finetune") -> argparse.ArgumentParser:
     """The ``finetune`` parser: one option per :class:`FinetuneConfig` field, plus ``--hanify`` and HanConfig's."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    parser = CommandParser(
         prog=prog,
         description="Fine-tune a (hanified) timm / transformers model with accelerate; write a Hub-ready folder. "
         "For several processes: accelerate launch -m han_surgery.finetune <same options>.",
@@ -80,9 +79,7 @@ def finetune(argv: Sequence[str] | None = None, prog: str = "han-surgery finetun
 
 def push(argv: Sequence[str] | None = None, prog: str = "han-surgery push") -> int:
     """``han-surgery push DIR REPO_ID [--private]``: :func:`han_surgery.finetune.push_folder`."""
-    parser = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False, description="Upload a fine-tuned model folder to the Hugging Face Hub."
-    )
+    parser = CommandParser(prog=prog, description="Upload a fine-tuned model folder to the Hugging Face Hub.")
     parser.add_argument("directory", help="a folder written by han-surgery finetune")
     parser.add_argument("repo_id", help="<user or org>/<name> of the model repo (created if missing)")
     parser.add_argument(

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..dataclass_cli import add_dataclass_arguments, dataclass_kwargs
+from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs
 from ..errors import ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
     LOCK_NAME,
@@ -45,8 +45,7 @@ __all__ = ["build_parser", "inspect", "hanify"]
 
 def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
     """The parser of ``inspect`` (``write=False``) or ``hanify`` (``write=True``)."""
-    parser = argparse.ArgumentParser(
-        allow_abbrev=False,
+    parser = CommandParser(
         prog=prog,
         # inspect plans only: the paragraph on hanify --calibrate is hanify's
         description=(__doc__ if write else __doc__.split("\n\n``hanify --calibrate")[0]).replace("``", "`"),

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from ..dataclass_cli import CommandParser
 from ..fileio import output_folder_problem
 from .common import PaperInputError, use_agg_backend
 
@@ -40,11 +41,12 @@ EXPERIMENTS: dict[str, tuple[str, str]] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors raise :class:`PaperInputError` (``main`` prints them as one line)."""
+class _Parser(CommandParser):
+    """A :class:`~han_surgery.dataclass_cli.CommandParser` whose errors raise :class:`PaperInputError` (``main``
+    prints them as one line)."""
 
     def error(self, message: str) -> NoReturn:
-        raise PaperInputError(f"{message} (see '{self.prog} --help')")
+        raise PaperInputError(self.usage_problem(message))
 
 
 def command_line(args: argparse.Namespace) -> str:
