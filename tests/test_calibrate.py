@@ -1371,6 +1371,24 @@ def test_text_calibration_with_a_tokenizer_without_a_pad_token(tmp_path):
     assert tokenizer.pad_token is None  # the caller's tokenizer is left as it was
 
 
+def test_a_decoder_only_model_under_a_decoder_module_records_only_its_real_tokens():
+    """OPT's layers sit under ``decoder``: its batches carry only ``attention_mask``, and the decoder-mask rule of
+    encoder-decoder models had found no mask there, so every padding position was fitted on."""
+    import transformers as T
+
+    from han_surgery.surgery.calibration import record_inputs
+
+    torch.manual_seed(0)
+    config = T.OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2, vocab_size=100,
+                         max_position_embeddings=64, word_embed_proj_dim=32)  # fmt: skip
+    model = T.OPTModel(config).eval()
+    mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 3 + [0] * 5])
+    batch = {"input_ids": torch.randint(2, 100, (3, 8)), "attention_mask": mask}
+    reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
+    record_inputs(model, [batch], "decoder.layers.0.fc1", reservoir)
+    assert len(reservoir.sample) == 8 + 5 + 3
+
+
 def test_decoder_blocks_record_the_decoder_tokens_not_the_encoders():
     """The encoder's attention_mask was applied to the decoder's rows: with with_decoder_inputs (a mask shifted by
     one) the last real decoder token of every padded row was dropped, and with a decoder of another length its

@@ -166,12 +166,15 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
 
 def token_mask(batch: Any, path: str = "") -> Tensor | None:
     """The ``(B, L)`` boolean mask of real (non-padding) tokens of a transformers-style batch, if it has one: for a
-    module under a ``decoder`` (``path``, e.g. ``"decoder.block.0.layer.2"``) its ``decoder_attention_mask``
-    (none if the batch has none: the encoder's mask does not describe the decoder's tokens), else its
-    ``attention_mask``."""
+    module under a ``decoder`` (``path``, e.g. ``"decoder.block.0.layer.2"``) of an encoder-decoder model, whose
+    batch carries ``decoder_input_ids`` / ``decoder_inputs_embeds``, its ``decoder_attention_mask`` (none if the
+    batch has none: the encoder's mask does not describe the decoder's tokens), else its ``attention_mask`` (also
+    for decoder-only models whose layers sit under a ``decoder``: OPT, ``BartForCausalLM``)."""
     if not isinstance(batch, Mapping):
         return None
-    key = "decoder_attention_mask" if "decoder" in path.split(".") else "attention_mask"
+    separate_decoder = any(k in batch for k in ("decoder_input_ids", "decoder_inputs_embeds", "decoder_attention_mask"))
+    under_decoder = "decoder" in path.split(".")
+    key = "decoder_attention_mask" if under_decoder and separate_decoder else "attention_mask"
     mask = batch.get(key)
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
@@ -180,13 +183,15 @@ def as_rows(x: Tensor, mask: Tensor | None = None, channels_first: bool = False)
     """The tokens of a module input as rows ``(T, d)``.
 
     ``x`` is ``(..., d)``, or ``(N, d, H, W)`` with ``channels_first``. A ``(B, L)``
-    padding mask selects the real tokens of a ``(B, L, d)`` input; it is ignored
-    when the shapes do not line up (e.g. a block that sees another sequence).
+    padding mask selects the real tokens of a ``(B, L, d)`` input, or of a ``(B * L, d)`` one (OPT flattens the
+    tokens before its FFN); it is ignored when the shapes do not line up (e.g. a block that sees another sequence).
     """
     if channels_first:
         x = x.movedim(1, -1)
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.to(device=x.device, dtype=torch.bool)]
+    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel() and mask.dim() == 2:
+        return x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
     return x.reshape(-1, x.shape[-1])
 
 
