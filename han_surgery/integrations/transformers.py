@@ -21,6 +21,7 @@ model writes the same folder again.
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import warnings
 from collections.abc import Callable
@@ -48,6 +49,11 @@ __all__ = ["HanifiedConfig", "hanified_class", "AUTO_CLASSES", "DISPATCHERS"]
 
 class HanifiedConfig(PreTrainedConfig):
     """The ``config.json`` of a hanified transformers model: the base model's config and the recipe.
+
+    It reads and edits like the base model's config: a field only the base config has (``hidden_size``,
+    ``hidden_dropout_prob``) reads from ``base_config`` and an assignment to it is written there; a field both
+    have (``output_hidden_states``, ``return_dict``, ``id2label``, ...) reads as the base's, and an edit to it is
+    applied to the base config when a model is built (:meth:`base_model_config`) and saved (:meth:`to_dict`).
 
     Attributes:
         base_config: the base model's config as a dict (``model_type``, ``architectures``, ...).
@@ -85,30 +91,50 @@ class HanifiedConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
-        if isinstance(self.base_config, dict):  # the task fields read as the base model's, and edits to them count
-            for key in _TASK_FIELDS:
-                if key in self.base_config:
-                    setattr(self, key, self.base_config[key])
-        self._mirrored = {key: getattr(self, key) for key in _TASK_FIELDS}
+        base = self.base_config if isinstance(self.base_config, dict) else {}
+        # the fields both configs have read as the base model's, and edits to them count
+        shared = [key for key in base if key in vars(self) and key not in _OWN_FIELDS]
+        for key in shared:
+            setattr(self, key, copy.deepcopy(base[key]))
+        self._mirrored = {key: copy.deepcopy(getattr(self, key)) for key in (*shared, *_EDITABLE_PROPERTIES)}
+
+    def __getattr__(self, key: str) -> Any:
+        """A field only the base config has (``config.hidden_size``) reads from ``base_config``."""
+        base = self.__dict__.get(HF_BASE_CONFIG_KEY)
+        if not key.startswith("_") and isinstance(base, dict) and key in base:
+            return base[key]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        """An assignment to a field only the base config has (``config.hidden_dropout_prob = 0.5``) goes there."""
+        base = self.__dict__.get(HF_BASE_CONFIG_KEY)
+        built = "_mirrored" in self.__dict__  # not while transformers' __init__ / __post_init__ set the fields
+        if built and isinstance(base, dict) and key in base and key not in self.__dict__ and key not in _OWN_FIELDS:
+            if not isinstance(getattr(type(self), key, None), property):
+                self.__dict__[HF_BASE_CONFIG_KEY] = {**base, key: value}
+                return
+        super().__setattr__(key, value)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         output.pop("_mirrored", None)
         output.pop("_base_attn_implementation", None)
         if isinstance(output.get(HF_BASE_CONFIG_KEY), dict):  # an edit to the labels is saved where it is read
-            output[HF_BASE_CONFIG_KEY] = {**output[HF_BASE_CONFIG_KEY], **self._edited_task_fields()}
+            output[HF_BASE_CONFIG_KEY] = {**output[HF_BASE_CONFIG_KEY], **self._edited_fields()}
         return output
 
-    def _edited_task_fields(self) -> dict[str, Any]:
-        """The task fields changed on this config since it was built (``config.num_labels = 5``)."""
-        mirrored = getattr(self, "_mirrored", {})
-        return {key: getattr(self, key) for key in _TASK_FIELDS if getattr(self, key) != mirrored.get(key)}
+    def _edited_fields(self) -> dict[str, Any]:
+        """The fields both configs have that were changed on this one since it was built (``config.num_labels =
+        5``, ``config.output_hidden_states = True``)."""
+        mirrored = self.__dict__.get("_mirrored", {})
+        return {key: getattr(self, key) for key, value in mirrored.items() if getattr(self, key) != value}
 
     def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
         """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``.
 
-        Its task fields (``id2label``, ``label2id``, ``problem_type``, so ``num_labels``) read as the base
-        model's, and an edit to them counts (``config.num_labels = 5``), as does one to ``base_config``."""
+        An edit to a field both configs have counts (``config.num_labels = 5``, ``config.output_hidden_states =
+        True``), as does one to a field only the base has (``config.hidden_dropout_prob = 0.5``, written to
+        ``base_config``)."""
         if not isinstance(self.base_config, dict) or not isinstance(self.han_recipe, dict):
             raise CheckpointError(
                 f"{source}: a '{HF_HANIFIED_MODEL_TYPE}' config needs '{HF_BASE_CONFIG_KEY}' and '{HF_RECIPE_KEY}' "
@@ -117,13 +143,20 @@ class HanifiedConfig(PreTrainedConfig):
             )
         chosen = getattr(self, "_base_attn_implementation", None)
         attn = {"attn_implementation": chosen} if chosen is not None else {}
-        base = transformers_base_config({**self.base_config, **self._edited_task_fields(), **attn}, source)
+        base = transformers_base_config({**self.base_config, **self._edited_fields(), **attn}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
 
 
-_TASK_FIELDS = ("id2label", "label2id", "problem_type")
-"""The fields of a :class:`HanifiedConfig` mirrored from, and written back to, its base config."""
+_OWN_FIELDS = frozenset(
+    {"model_type", "architectures", "transformers_version", "auto_map", "dtype", "torch_dtype", "tokenizer_class"}
+    | {"_name_or_path", "_commit_hash", HF_BASE_CONFIG_KEY, HF_RECIPE_KEY}
+)
+"""Fields of a :class:`HanifiedConfig` that describe the hanified folder itself, never mirrored from its base config."""
+
+_EDITABLE_PROPERTIES = ("output_attentions",)
+"""Properties of every config whose edits on a :class:`HanifiedConfig` are applied to its base config (their value
+is not copied from the base: setting ``output_attentions`` also chooses the attention implementation)."""
 
 _LOADING_KWARGS = frozenset({"dtype", "torch_dtype", "quantization_config", "_from_auto", "_from_pipeline"})
 """``from_pretrained`` arguments that also name config fields but belong to the loading (as in transformers)."""

@@ -1,0 +1,54 @@
+"""``AutoConfig.from_pretrained`` on a hanified folder gives a :class:`HanifiedConfig` that reads and edits like the
+base model's config: the usual ``cfg = AutoConfig.from_pretrained(d); cfg.x = ...; AutoModel*.from_pretrained(d,
+config=cfg)`` idiom behaves as on a plain folder."""
+
+from __future__ import annotations
+
+import torch
+import transformers as T
+
+from han_surgery import hanify
+
+TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+
+
+def _folder(tmp_path, **config):
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(**TINY, num_labels=2, **config)).eval()
+    hanify(model)
+    model.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_base_attributes_read_through_the_hanified_config(tmp_path) -> None:
+    """``cfg.hidden_size`` raised AttributeError, and a common field the base set read as transformers' default."""
+    config = T.AutoConfig.from_pretrained(_folder(tmp_path, output_hidden_states=True, hidden_dropout_prob=0.2))
+    assert (config.hidden_size, config.vocab_size, config.hidden_dropout_prob) == (32, 100, 0.2)
+    assert config.output_hidden_states is True and config.num_labels == 2
+    assert not hasattr(config, "no_such_field")
+
+
+def test_edits_to_the_hanified_config_reach_the_model(tmp_path) -> None:
+    """Only id2label / label2id / problem_type carried over: output_hidden_states and hidden_dropout_prob set on the
+    config were silently dropped by from_pretrained(config=...) and from_config."""
+    folder = _folder(tmp_path)
+    config = T.AutoConfig.from_pretrained(folder)
+    config.output_hidden_states = True
+    config.hidden_dropout_prob = 0.5
+    config.problem_type = "multi_label_classification"
+    ids = torch.randint(0, 100, (1, 6))
+    for model in (
+        T.AutoModelForSequenceClassification.from_pretrained(folder, config=config),
+        T.AutoModelForSequenceClassification.from_config(config),
+    ):
+        assert model.config.output_hidden_states is True and model(ids).hidden_states is not None
+        assert model.config.hidden_dropout_prob == 0.5
+        assert model.config.problem_type == "multi_label_classification"
+    config.save_pretrained(tmp_path / "saved")
+    again = T.AutoConfig.from_pretrained(tmp_path / "saved")
+    assert (again.output_hidden_states, again.hidden_dropout_prob, again.problem_type) == (
+        True,
+        0.5,
+        "multi_label_classification",
+    )
+    assert again.base_config["output_hidden_states"] is True and "hidden_dropout_prob" not in vars(again)
