@@ -51,6 +51,7 @@ __all__ = [
     "transformers_auto_map",
     "transformers_remote_code",
     "checked_timm_model_args",
+    "check_timm_wrapper",
     "checked_transformers_model_kwargs",
     "read_timm_config",
     "may_name_hub_repo",
@@ -394,7 +395,7 @@ def _is_timm_name(name: Any) -> bool:
     return isinstance(name, str) and ":" not in name and timm.is_model(name)
 
 
-def _check_timm_wrapper(config: Any, source: str) -> None:
+def check_timm_wrapper(config: Any, source: str) -> None:
     """transformers' ``timm_wrapper`` config hands its ``architecture`` and ``model_args`` to ``timm.create_model``
     when the model is built: the same checks as a timm folder's (no ``checkpoint_path`` for timm to load, no
     ``local-dir:`` / ``hf-hub:`` name)."""
@@ -420,7 +421,7 @@ def inspect_model_folder(path: str | Path) -> ModelFolder:
     config_file = directory / CONFIG_NAME
     config = read_json_object(config_file) if config_file.is_file() else {}
     for transformers_config in (config, config.get(HF_BASE_CONFIG_KEY)):
-        _check_timm_wrapper(transformers_config, str(config_file))
+        check_timm_wrapper(transformers_config, str(config_file))
     han_file = directory / HAN_CONFIG_NAME
     if han_file.is_file():
         han_config = read_json_object(han_file)

@@ -52,3 +52,23 @@ def test_edits_to_the_hanified_config_reach_the_model(tmp_path) -> None:
         "multi_label_classification",
     )
     assert again.base_config["output_hidden_states"] is True and "hidden_dropout_prob" not in vars(again)
+
+
+def test_auto_classes_check_a_timm_wrapper_base_like_han_surgerys_loader(tmp_path) -> None:
+    """A hanified timm_wrapper folder whose base config asks timm to open a checkpoint path: han_surgery's loader
+    refused it, the Auto classes handed the path to timm."""
+    import json
+
+    import pytest
+
+    from han_surgery.errors import CheckpointError
+
+    model = T.TimmWrapperForImageClassification(T.TimmWrapperConfig(architecture="test_vit", num_labels=3))
+    hanify(model)
+    model.save_pretrained(tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["base_config"]["model_args"] = {"checkpoint_path": str(tmp_path / "elsewhere.pth")}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="checkpoint_path"):
+        T.AutoModelForImageClassification.from_pretrained(tmp_path / "m")

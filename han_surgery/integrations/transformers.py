@@ -35,7 +35,14 @@ from transformers.models.auto import configuration_auto, modeling_auto
 from transformers.models.auto.auto_factory import _BaseAutoModelClass, _get_model_class
 
 from ..errors import CheckpointError, ConfigError
-from ..folders import HF_BASE_CONFIG_KEY, HF_HANIFIED_MODEL_TYPE, HF_RECIPE_KEY, WEIGHTS_NAME, transformers_auto_map
+from ..folders import (
+    HF_BASE_CONFIG_KEY,
+    HF_HANIFIED_MODEL_TYPE,
+    HF_RECIPE_KEY,
+    WEIGHTS_NAME,
+    check_timm_wrapper,
+    transformers_auto_map,
+)
 from ..surgery.engine import register_hanify_hook
 from ..surgery.recipe import Recipe, record_last_step_on_parts
 from ..surgery.serialization import replay_recipe, save_pretrained, transformers_base_config
@@ -143,6 +150,7 @@ class HanifiedConfig(PreTrainedConfig):
             )
         chosen = getattr(self, "_base_attn_implementation", None)
         attn = {"attn_implementation": chosen} if chosen is not None else {}
+        check_timm_wrapper(self.base_config, source)  # as han_surgery's own loader does (no checkpoint_path)
         base = transformers_base_config({**self.base_config, **self._edited_fields(), **attn}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
