@@ -176,6 +176,9 @@ def transformers_remote_code(version: str) -> str:
     the Hub's custom-code convention: ``AutoModel.from_pretrained(dir, trust_remote_code=True)``
     then works without ``import han_surgery``, and without han-surgery installed transformers stops
     with ``ImportError: ... requires ... han_surgery. Run `pip install han_surgery```.
+
+    The classes are looked up by name, so the file imports where the installed han-surgery (or transformers) lacks
+    one of the ``AutoModel*`` classes of the saving one: only that class is then missing.
     """
     classes = sorted({ref.split(".", 1)[1] for ref in transformers_auto_map().values()})
     lines = [
@@ -183,7 +186,10 @@ def transformers_remote_code(version: str) -> str:
         "#     pip install han-surgery",
         "# then `import han_surgery` and load it with trust_remote_code=False (no code from this folder runs),",
         "# or pass trust_remote_code=True to let transformers import han-surgery through this file.",
-        *(f"from han_surgery.integrations.transformers import {name}  # noqa: F401" for name in classes),
+        "from han_surgery.integrations import transformers as _han_surgery",
+        "",
+        f"_NAMES = {classes!r}",
+        "globals().update({name: getattr(_han_surgery, name) for name in _NAMES if hasattr(_han_surgery, name)})",
     ]
     return "\n".join(lines) + "\n"
 

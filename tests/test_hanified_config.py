@@ -72,3 +72,17 @@ def test_auto_classes_check_a_timm_wrapper_base_like_han_surgerys_loader(tmp_pat
     config_file.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="checkpoint_path"):
         T.AutoModelForImageClassification.from_pretrained(tmp_path / "m")
+
+
+def test_remote_code_file_imports_with_a_han_surgery_that_lacks_a_class(monkeypatch) -> None:
+    """``han_surgery_auto.py`` imported every class by name, so a folder saved where transformers had one more
+    ``AutoModelFor*`` class raised ImportError under trust_remote_code=True, for every Auto class."""
+    from han_surgery import folders
+    from han_surgery.integrations import transformers as integration
+
+    names = {**folders.transformers_auto_map(), "AutoModelForSomeNewTask": "han_surgery_auto.HanifiedAutoModelForNew"}
+    monkeypatch.setattr(folders, "transformers_auto_map", lambda: names)
+    namespace: dict = {}
+    exec(folders.transformers_remote_code("0"), namespace)
+    assert namespace["HanifiedAutoModel"] is integration.HanifiedAutoModel
+    assert namespace["HanifiedConfig"] is integration.HanifiedConfig and "HanifiedAutoModelForNew" not in namespace
