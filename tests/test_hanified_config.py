@@ -86,3 +86,16 @@ def test_remote_code_file_imports_with_a_han_surgery_that_lacks_a_class(monkeypa
     exec(folders.transformers_remote_code("0"), namespace)
     assert namespace["HanifiedAutoModel"] is integration.HanifiedAutoModel
     assert namespace["HanifiedConfig"] is integration.HanifiedConfig and "HanifiedAutoModelForNew" not in namespace
+
+
+def test_a_config_override_that_drops_layers_loads_the_rest(tmp_path) -> None:
+    """``num_hidden_layers=1`` on a two-layer hanified folder raised 'step 0 of the recipe does not replay' (a plain
+    folder loads, transformers ignoring the dropped layers' weights)."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(**TINY)).eval()
+    hanify(model)
+    model.save_pretrained(tmp_path / "m")
+    smaller = T.AutoModel.from_pretrained(tmp_path / "m", num_hidden_layers=1).eval()
+    assert len(smaller.encoder.layer) == 1
+    kept, original = smaller.encoder.layer[0].state_dict(), model.encoder.layer[0].state_dict()
+    assert kept.keys() == original.keys() and all(torch.equal(kept[k], original[k]) for k in kept)

@@ -190,7 +190,8 @@ def _path_map(model: nn.Module, paths: list[str]):
 def _in_part(model: nn.Module, path_map: Callable[[str], str | None] | None) -> Callable[[str], str | None]:
     """``path_map``, also dropping the recorded paths in a part of the saved model that ``model`` does not have
     (the decoder, for ``AutoModelForTextEncoding`` of a T5 model; the encoder, for ``AutoModelForCausalLM`` of a
-    BART one), as transformers ignores those weights. A path whose parent module is there must still replay."""
+    BART one; the layers a config override such as ``num_hidden_layers=1`` leaves out), as transformers ignores
+    those weights. A path whose parent module is there must still replay."""
     modules = {name for name, _ in model.named_modules()}
 
     def mapped(path: str) -> str | None:
@@ -220,9 +221,8 @@ class _Hanified:
         source = f"{Path(folder) / 'config.json'} ({HF_RECIPE_KEY})"
         recipe = Recipe.from_dict(getattr(config, HF_RECIPE_KEY), source)
         paths = [r.path for step in recipe.steps for r in step.rewrites]
-        path_map = _path_map(self, paths)
-        if recipe.base.name != type(self)._han_base.__name__:  # maybe a part (T5EncoderModel of a T5 seq2seq model)
-            path_map = _in_part(self, path_map)
+        # a part of the saved model (T5EncoderModel of a T5 seq2seq model), or fewer layers (num_hidden_layers=1)
+        path_map = _in_part(self, _path_map(self, paths))
         if paths and path_map is not None and all(path_map(p) is None for p in paths):
             warnings.warn(
                 f"{type(self).__qualname__}: none of the {len(paths)} block(s) the recipe in {source} rewrote "
