@@ -1296,8 +1296,9 @@ class _TwoArgNet(nn.Module):
         ),
         (  # the Han-block inside the wrapper: the original model has no such module
             dict(input_path="ffn.han"),
-            "CalibrationDataError",
-            r"_TwoArgNet has no module 'ffn.han' to record the inputs of .* original_input_path",
+            "HanifyError",  # checked before the model runs (it was the recording's CalibrationDataError)
+            r"rule 'test.two_arg': its input_path 'ffn.han' names no module of the original _TwoArgNet .* "
+            "give original_input_path",
         ),
     ],
 )
@@ -1415,3 +1416,125 @@ def test_decoder_blocks_record_the_decoder_tokens_not_the_encoders():
     reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
     record_inputs(model, [other], "encoder.block.0.layer.1.DenseReluDense", reservoir)
     assert len(reservoir.sample) == 8 + 5 + 3
+
+
+@pytest.mark.parametrize("heal_params", ["new", "all"])
+def test_healing_trains_the_blocks_no_rule_could_calibrate(heal_params):
+    """A Han-block whose rule gives no site (a token-mixing MLP) is new and still at its initialisation, yet healing
+    trained only the fitted blocks (and, with "all", the original weights): never its parameters."""
+    model, inputs, _ = ZOO["timm/mixer"]()
+    model.eval()
+    base = CalibrationConfig(steps=2, progress=False)
+    healed_cfg = dataclasses.replace(base, heal_steps=3, heal_lr=1e-2, heal_params=heal_params)
+    fitted_only, healed = copy.deepcopy(model), copy.deepcopy(model)
+    report = hanify(fitted_only, calibration=[inputs, inputs], calibration_config=base)
+    healed_report = hanify(healed, calibration=[inputs, inputs], calibration_config=healed_cfg)
+    assert [b.status for b in report.calibration.blocks] == ["not calibrated", "fitted"]
+    assert healed_report.calibration.blocks[0].reason.endswith("; trained by healing only")
+    for block in report.calibration.blocks:
+        before = dict(fitted_only.get_submodule(block.path).named_parameters())
+        after = dict(healed.get_submodule(block.path).named_parameters())
+        new = [n for n, p in after.items() if not any(p is q for q in model.parameters())]
+        assert new and all(not torch.equal(after[n], before[n]) for n in new), (block.path, new)
+    assert all(p.requires_grad for p in healed.parameters()) and all(p.grad is None for p in healed.parameters())
+    last_uncalibrated = _vit()  # a gMLP block last: no hidden state after it is distilled, so healing cannot train it
+    last_uncalibrated.blocks[1].mlp = ZOO["timm/gmlp"]()[0].eval().blocks[0].mlp_channels
+    last_uncalibrated.blocks[1].mlp.gate.proj = nn.Linear(65, 65)  # the gate mixes ViT's 65 tokens
+    report = hanify(last_uncalibrated, calibration=_images(2, 0), calibration_config=healed_cfg)
+    assert report.calibration.blocks[1].reason.endswith(
+        "; left at its initialisation: healing distils no hidden state after it"
+    )
+
+
+def _typo_rule(field):
+    """hf.split_ffn, with one site path of ``encoder.layer.1`` naming no module."""
+    from han_surgery.surgery.registry import get_rule
+
+    split = get_rule("hf.split_ffn")
+
+    def builder(cand, config):
+        repl = split.builder(cand, config)
+        if cand.path.startswith("encoder.layer.1."):
+            repl.site = dataclasses.replace(repl.site, **{field: "encoder.layer.1.typo"})
+        return repl
+
+    return register_rule("test.typo", matcher=split.matcher, builder=builder, changes=tuple(split.changes))
+
+
+def test_hidden_states_leaves_no_hook_when_a_path_is_missing():
+    """__enter__ raised on the missing path with the hooks of the paths before it still on the model (__exit__ never
+    runs then): each later forward wrote into the dead recorder."""
+    model = _bert()
+    with pytest.raises(AttributeError, match="typo"):
+        with HiddenStates(model, ["encoder.layer.0", "encoder.layer.typo"]):
+            pass
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("field", ["stream_path", "input_path", "original_input_path"])
+def test_a_site_path_naming_no_module_is_a_hanify_error_before_any_forward(field):
+    """A wrong stream_path raised a bare AttributeError from HiddenStates once the first blocks were fitted and left a
+    forward hook on the model; a wrong input_path / original_input_path was a CalibrationDataError that named
+    neither the block nor the rule. Every site's paths are now checked before the model runs."""
+    from han_surgery.surgery import unregister_rule
+
+    model = _bert()
+    before = _state(model)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    _typo_rule(field)
+    try:
+        with pytest.raises(HanifyError) as info:
+            hanify(model, HanConfig(rules=["test.typo"]), calibration=_tokens(2, 0),
+                   calibration_config=CalibrationConfig(**{**FAST, "heal_steps": 2}))  # fmt: skip
+    finally:
+        unregister_rule("test.typo")
+        handle.remove()
+    message = str(info.value)
+    assert "calibration of 'encoder.layer.1.intermediate' failed in the CalibrationSite of rule 'test.typo'" in message
+    assert f"{field} 'encoder.layer.1.typo'" in message and "The model is unchanged" in message, message
+    assert not calls  # checked before any recording, fitting or healing
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert type(model.encoder.layer[1].intermediate).__name__ == "BertIntermediate"
+
+
+def test_namedtuple_batches_are_called_as_model_star_batch():
+    """Moving a batch to the model's device rebuilt a tuple as ``type(batch)(generator)``, which a namedtuple's
+    constructor refuses: a raw TypeError, outside the error that names the batch."""
+    from collections import namedtuple
+
+    Batch = namedtuple("Batch", ["input_ids", "attention_mask"])
+    data = [{"input_ids": b["input_ids"], "attention_mask": torch.ones_like(b["input_ids"])} for b in _tokens(2, 0)]
+    as_dicts, as_tuples = _bert(), _bert()
+    cfg = CalibrationConfig(steps=2, progress=False)
+    hanify(as_dicts, calibration=data, calibration_config=cfg)
+    report = hanify(as_tuples, calibration=[Batch(**b) for b in data], calibration_config=cfg)
+    assert [b.status for b in report.calibration.blocks] == ["fitted", "fitted"]
+    assert all(torch.equal(v, as_dicts.state_dict()[k]) for k, v in as_tuples.state_dict().items())
+
+    class Pair(tuple):  # a tuple subclass whose constructor takes two arguments
+        def __new__(cls, a, b):
+            return super().__new__(cls, (a, b))
+
+    model = _bert()
+    with pytest.raises(CalibrationBatchError, match="on calibration batch 0") as info:
+        hanify(model, calibration=[Pair(b["input_ids"], b["attention_mask"]) for b in data], calibration_config=cfg)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert type(model.encoder.layer[0].intermediate).__name__ == "BertIntermediate"
+
+
+def test_a_data_source_that_raises_while_read_is_not_called_not_iterable():
+    """A generator whose own code raised a TypeError after some batches was reported as "must be an iterable of
+    batches, got generator", the real error only in __cause__."""
+
+    def batches():
+        yield from _tokens(2, 0)
+        raise TypeError("a bug in the caller's pipeline")
+
+    model = _bert()
+    with pytest.raises(CalibrationDataError, match="raised while being read") as info:
+        hanify(model, calibration=batches(), calibration_config=CalibrationConfig(steps=2, progress=False))
+    assert "must be an iterable" not in str(info.value) and "a bug in the caller's pipeline" in str(info.value)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert type(model.encoder.layer[0].intermediate).__name__ == "BertIntermediate"

@@ -112,6 +112,8 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("too-few-tokens", "--calibration-tokens-per-block must be an int >= 16, got 2"),  # fitted on 1, scored on 1
         ("keep-count-by-own-fit", "--calibration-keep-count chooses blocks by the rise of the last hidden state's"),
         ("finetune-reader", r"^han-surgery hanify: --calibrate .*config.json: unknown format '.json'"),
+        # a field over the csv module's limit raised csv.Error (no ValueError): a 35-line traceback, exit code 1
+        ("huge-field", r"--calibrate .*big\.csv: .*big\.csv, line 3: field larger than field limit"),
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -137,6 +139,9 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         extra = ["--calibration-keep-count", "1"]
     elif case == "finetune-reader":  # read by finetune's --data reader, whose messages name --data
         data = str(Path(bert) / "config.json")
+    elif case == "huge-field":
+        (tmp_path / "big.csv").write_text("sentence\nshort\n" + "x" * 200_000 + "\n", encoding="utf-8")
+        data = str(tmp_path / "big.csv")
     calibrate = [] if case == "flag-alone" else ["--calibrate", data]
     extra = ["--calibration-steps", "3"] if case == "flag-alone" else extra
     out = tmp_path / "out"

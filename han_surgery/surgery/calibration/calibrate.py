@@ -40,17 +40,29 @@ __all__ = ["calibrate_rewrites", "check_batches"]
 
 
 def check_batches(calibration: Iterable[Any]) -> list[Any]:
-    """The calibration batches as a list; a clear error if there are none or one has the wrong type."""
+    """The calibration batches as a list; a clear error if there are none, one has the wrong type, or the data
+    source raises while it is read (its error the cause)."""
     if isinstance(calibration, (Tensor, Mapping)):
         raise CalibrationDataError(
             "hanify(calibration=...) takes an iterable of batches (e.g. a list or a DataLoader), "
             f"not a single {type(calibration).__name__}: wrap it in a list"
         )
     try:
-        batches = list(calibration)
+        source = iter(calibration)
     except TypeError as e:
         raise CalibrationDataError(
             f"hanify(calibration=...) must be an iterable of batches, got {type(calibration).__name__}"
+        ) from e
+    batches: list[Any] = []
+    try:  # an error of the caller's own data pipeline (a generator, a DataLoader) is not "not an iterable"
+        for batch in source:
+            batches.append(batch)
+    except (HanSurgeryError, MemoryError):
+        raise
+    except Exception as e:
+        raise CalibrationDataError(
+            f"hanify(calibration=...): the data source ({type(calibration).__name__}) raised while being read, "
+            f"after {len(batches)} batch(es): {e!r}"
         ) from e
     if not batches:
         raise CalibrationDataError("hanify(calibration=...): the calibration data yielded no batch")
@@ -140,6 +152,21 @@ def _reservoir(config: CalibrationConfig, index: int) -> TokenReservoir:
     return TokenReservoir(config.tokens_per_block, torch.Generator().manual_seed(config.seed + index))
 
 
+def _site_error(record: Any, detail: str) -> HanifyError:
+    """The error of a block whose rule's calibration site is broken: it names the block and the rule."""
+    hint = (
+        ""
+        if is_builtin_rule(record.rule)
+        else " (Your rule: its site's reference must take the rows (tokens, d) the fitted module takes, "
+        "input_path / original_input_path name modules of the rewritten / original model, and stream_path one of "
+        "both.)"
+    )
+    return HanifyError(
+        f"calibration of {record.path!r} failed in the CalibrationSite of rule {record.rule!r}: {detail}. The model "
+        f"is unchanged.{hint}"
+    )
+
+
 @contextlib.contextmanager
 def _naming_the_block(record: Any) -> Iterator[None]:
     """An exception from a block's fit (a rule's calibration site: its reference, its paths, its fitted module) names
@@ -150,16 +177,47 @@ def _naming_the_block(record: Any) -> Iterator[None]:
     except (HanSurgeryError, MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as e:
-        hint = (
-            ""
-            if is_builtin_rule(record.rule)
-            else " (Your rule: its site's reference must take the rows (tokens, d) the fitted module takes, and "
-            "input_path / original_input_path name modules of the rewritten / original model.)"
-        )
-        raise HanifyError(
-            f"calibration of {record.path!r} failed in the CalibrationSite of rule {record.rule!r}: {e!r}. The model "
-            f"is unchanged.{hint}"
-        ) from e
+        raise _site_error(record, repr(e)) from e
+
+
+def _check_site_paths(model: nn.Module, planned: list[tuple[Any, Any]], sites: list[Any], target: str) -> None:
+    """Every site's paths name modules, checked before the model runs: ``input_path`` one of the rewritten model,
+    ``original_input_path`` (or, for the ``"model"`` target, ``input_path`` without it) one of the original model,
+    and ``stream_path`` one of both (healing and ``keep_by="output"`` record it in each)."""
+    swaps = {path: new for _, repl in planned for path, new in repl.swaps.items()}
+
+    def rewritten(path: str) -> nn.Module:  # the module at path once every swap is in place
+        for at, new in swaps.items():
+            if path == at:
+                return new
+            if path.startswith(at + "."):
+                return new.get_submodule(path[len(at) + 1 :])
+        return model.get_submodule(path)
+
+    for (record, _), site in zip(planned, sites, strict=True):
+        if site is None:
+            continue
+        checks = [("input_path", site.input_path, "rewritten", rewritten)]
+        if site.original_input_path is not None:
+            checks.append(("original_input_path", site.original_input_path, "original", model.get_submodule))
+        elif target == "model":
+            checks.append(("input_path", site.input_path, "original", model.get_submodule))
+        if site.stream_path:
+            checks += [
+                ("stream_path", site.stream_path, "original", model.get_submodule),
+                ("stream_path", site.stream_path, "rewritten", rewritten),
+            ]
+        for name, path, which, find in checks:
+            try:
+                find(path)
+            except AttributeError as e:
+                detail = f"its {name} {path!r} names no module of the {which} {type(model).__name__} ({e})"
+                if name == "input_path" and which == "original":
+                    detail += (
+                        "; the 'model' target records the original model's input there: give original_input_path, "
+                        "the same point of the original model"
+                    )
+                raise _site_error(record, detail) from None
 
 
 def _fit_block(
@@ -278,6 +336,8 @@ def calibrate_rewrites(
             "calibration fits the new blocks with gradients, which torch.inference_mode() forbids: call hanify with "
             "calibration outside it (torch.no_grad() is fine)"
         )
+    sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
+    _check_site_paths(model, planned, sites, config.target)  # a rule's bug, before the data is read or the model run
     batches = check_batches(calibration)
     report = CalibrationReport(batches=len(batches))
     gen = torch.Generator().manual_seed(config.seed)
@@ -295,11 +355,14 @@ def calibrate_rewrites(
     kept: list[int] = []
     kept_cost = 0
     fitted_modules: list[nn.Module] = []
+    # swapped in without a site: their new parameters (not the original ones they may share), left at their init, are
+    # healed as the fitted blocks' are (those the rule left trainable)
+    unfitted: list[tuple[BlockFit, list[nn.Parameter]]] = []
+    trainable = {id(p) for p, flag in grad_flags if flag}
     snapshot: list[tuple[nn.Parameter, Tensor]] = []
     replacer, augment_teacher = None, None
     if config.heal_steps and config.heal_augment:
         _check_token_batches(batches)
-    sites = [repl.site if isinstance(repl, CalibratedReplacement) else None for _, repl in planned]
     stream_paths = list(dict.fromkeys(s.stream_path for s in sites if s is not None and s.stream_path))
     if not stream_paths and (config.keep_by == "output" or config.heal_steps):  # both need the hidden states
         if config.keep_by == "output":
@@ -351,6 +414,8 @@ def calibrate_rewrites(
             for new in repl.swaps.values():  # built in the original's mode: no dropout while the later blocks
                 new.eval()  # are recorded, scored and healed (the modes are restored at the end)
             if site is None:
+                made = {id(p): p for m in repl.swaps.values() for p in m.parameters()}
+                unfitted.append((fit, [p for i, p in made.items() if i not in original and i in trainable]))
                 fit.status = "not calibrated"
                 fit.reason = getattr(repl, "not_calibrated", "") or "the rule gives no calibration site"
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
@@ -387,8 +452,9 @@ def calibrate_rewrites(
             if fit.output_fvu is not None:
                 output_fvu = fit.output_fvu
             fitted_modules.append(site.fitted)
-        if config.heal_steps and teacher is not None and fitted_modules:
-            new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
+        new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
+        new_params.update((id(p), p) for _, ps in unfitted for p in ps)
+        if config.heal_steps and teacher is not None and new_params:
             if config.heal_params != "new":  # every parameter the caller left trainable, and the new ones
                 frozen = set()
                 if config.heal_params == "all-but-embeddings":
@@ -422,6 +488,14 @@ def calibrate_rewrites(
                     "calibration: healing diverged (non-finite weights); lower CalibrationConfig.heal_lr, or check "
                     "the calibration batches for inf / NaN"
                 )
+            for block, ps in unfitted:  # healing trains a block only through a hidden state distilled after it
+                if ps:
+                    reached = any(p.grad is not None for p in ps)  # the last step's gradients, reset below
+                    block.reason += (
+                        "; trained by healing only"
+                        if reached
+                        else "; left at its initialisation: healing distils no hidden state after it"
+                    )
             report.heal_steps = config.heal_steps
             report.heal_batches = len(heal_set)
     except BaseException as err:

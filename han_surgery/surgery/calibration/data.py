@@ -65,11 +65,14 @@ def read_texts(path: str | Path) -> list[str]:
         reader = csv.reader(
             io.StringIO(text, newline=""), delimiter=csv_delimiter(text, suffix), quoting=csv.QUOTE_MINIMAL
         )
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{p}: the file is empty")
-        col = _pick_column(header, p)
-        return [row[col] for row in reader if len(row) > col and row[col].strip()]
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{p}: the file is empty")
+            col = _pick_column(header, p)
+            return [row[col] for row in reader if len(row) > col and row[col].strip()]
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit(): not a ValueError, so not a one-line error
+            raise ValueError(f"{p}, line {reader.line_num}: {e}") from None
     if suffix == ".jsonl":
         texts = []
         with open(p, encoding="utf-8-sig") as f:

@@ -71,9 +71,13 @@ class HiddenStates:
         self._handles: list[Any] = []
 
     def __enter__(self) -> HiddenStates:
-        for path in self.paths:
-            module = self.model.get_submodule(path)
-            self._handles.append(module.register_forward_hook(self._hook(path)))
+        try:
+            for path in self.paths:
+                module = self.model.get_submodule(path)
+                self._handles.append(module.register_forward_hook(self._hook(path)))
+        except BaseException:  # __exit__ does not run when __enter__ raises: no hook may stay on the model
+            self.__exit__()
+            raise
         return self
 
     def _hook(self, path: str):

@@ -119,7 +119,8 @@ def _move(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return {k: _move(v, device) for k, v in batch.items()}  # a plain dict: model(**batch) takes any mapping
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_move(v, device) for v in batch)
+        moved = [_move(v, device) for v in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)  # a namedtuple: by field
     return batch
 
 
@@ -130,8 +131,8 @@ def call_model(model: nn.Module, batch: Any, device: torch.device | None = None)
     Raises:
         CalibrationBatchError: the model raised on the batch (chained: its exception is the cause).
     """
-    moved = _move(batch, device) if device is not None else batch
-    try:
+    try:  # moving rebuilds the batch: a tuple type whose constructor refuses that is the batch's error too
+        moved = _move(batch, device) if device is not None else batch
         if isinstance(moved, Mapping):
             return model(**moved)
         if isinstance(moved, (tuple, list)):

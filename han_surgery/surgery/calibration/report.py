@@ -22,7 +22,8 @@ class BlockFit:
     Attributes:
         path: the rewritten FFN (as in :class:`~han_surgery.RewriteRecord`).
         status: ``"fitted"``, ``"kept"`` (the original block stays: see ``reason``)
-            or ``"not calibrated"`` (replaced, left at its initialisation: see ``reason``).
+            or ``"not calibrated"`` (replaced, not fitted: see ``reason``, which after healing also says whether
+            healing trained it; it can only where a hidden state it feeds is distilled).
         fvu: the fitted Han-block.
         deleted: the FFN's output set to 0.
         mean: the FFN replaced by its mean output.
