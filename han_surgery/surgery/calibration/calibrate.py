@@ -269,7 +269,7 @@ def _original_inputs(
     targets: dict[str, tuple[TokenReservoir, bool]] = {}
     index_of: dict[str, int] = {}
     for index, site in enumerate(sites):
-        if site is not None:
+        if site is not None and not site.block_target:  # those are fitted to the block's own output
             path = site.original_input_path or site.input_path
             targets[path] = (_reservoir(config, index), site.channels_first)
             index_of[path] = index
@@ -430,6 +430,8 @@ def calibrate_rewrites(
                 )
             fit.fvu, fit.deleted, fit.mean, fit.linear = scores.fit, scores.deleted, scores.mean, scores.linear
             fit.tokens = tokens
+            if config.target == "model" and site.block_target:
+                fit.reason = f"fitted to the FFN's own output (the 'block' target): {site.block_target}"
             cost_fvu, measure = scores.fit, "Han fit FVU"
             if output_ref:
                 fit.output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)

@@ -52,6 +52,9 @@ class CalibrationConfig:
             also undoes what it can of the errors of the blocks before it (one extra
             forward pass over the recording batches); ``"block"``: what the original
             block computes on the inputs the calibrated model gives it (as GPTQ does).
+            A block whose input is not the residual stream its output is added to,
+            unscaled (a kept pre-norm, a layer scale, ConvNeXt), is fitted to the
+            ``"block"`` target either way; the report says so.
         steps: Adam steps per block, after the closed-form start.
         lr: peak learning rate of those steps (cosine decay).
         batch_tokens: token rows per Adam step.

@@ -53,6 +53,11 @@ class CalibrationSite:
         stream_path: qualified name of the module whose output is the hidden
             state (residual stream) right after this block, e.g. the transformer
             layer holding the FFN; healing distils it. ``None``: not distilled.
+        block_target: why only the ``"block"`` target is right here, in words
+            (empty: the ``"model"`` target applies). The ``"model"`` target fits the
+            branch ``x_o + reference(x_o) - x``, which is right only where ``x`` is the
+            residual stream the parent adds ``fitted(x)`` to, unscaled: not behind a
+            kept pre-norm, a layer scale, or a depthwise conv (ConvNeXt).
     """
 
     input_path: str
@@ -63,6 +68,7 @@ class CalibrationSite:
     channels_first: bool = False
     original_input_path: str | None = None
     stream_path: str | None = None
+    block_target: str = ""
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from ...layers import Abs, HanBlock, HanLayer, HouseholderLinear
@@ -160,6 +161,7 @@ def calibration_site(
     residual_dropped: bool,
     removed_scales: tuple[nn.Module, ...] = (),
     removed_norm_path: str | None = None,
+    kept_norm: nn.Module | None = None,
 ) -> tuple[CalibrationSite | None, str]:
     """The :class:`CalibrationSite` of an FFN module replaced by ``han`` (``finish``'s layout), or ``None`` and why.
 
@@ -167,7 +169,8 @@ def calibration_site(
     FFN's input path (so the reference computes ``ffn(norm(x))``);
     ``removed_scales`` the layer scales on the branch that a dropped residual
     turned into ``Identity`` (the reference applies them after the FFN);
-    ``removed_norm_path`` the qualified name of that norm.
+    ``removed_norm_path`` the qualified name of that norm; ``kept_norm`` the pre-norm
+    ``drop_norm=False`` left in place (the FFN's input is then not the residual stream).
     """
     inner = han.inner if isinstance(han, ChannelsFirst) else han
     mixing = token_mixing_reason(han)
@@ -183,6 +186,7 @@ def calibration_site(
     # Falcon and GPT-NeoX could not be healed); a ModuleList / ModuleDict never runs, so it has no output to match
     holder = not isinstance(cand.parent, (nn.ModuleList, nn.ModuleDict))
     stream = cand.parent_path if cand.parent_path and holder else None
+    block_target = _not_the_stream(cand, site, kept_norm, residual_dropped)
     return (
         CalibrationSite(
             input_path=cand.path,
@@ -193,9 +197,31 @@ def calibration_site(
             channels_first=channels_first,
             original_input_path=removed_norm_path if removed_norm is not None else None,
             stream_path=stream,
+            block_target=block_target,
         ),
         "",
     )
+
+
+def _not_the_stream(cand: Candidate, site: Site | None, kept_norm: nn.Module | None, residual_dropped: bool) -> str:
+    """Why the FFN's input is not the residual stream its parent adds the new block's output to, unscaled (the
+    ``"model"`` target's premise), or ``""``; see :attr:`CalibrationSite.block_target`."""
+    if site is None:
+        return ""
+    if site.residual not in ("add", "post"):
+        return f"{type(cand.parent).__name__}'s residual is not x + branch ({site.note or site.residual})"
+    if kept_norm is not None:
+        return f"the pre-norm {site.norm} is kept, so the block's input is the normalised stream"
+    if residual_dropped:  # the scales became Identity and went into the reference
+        return ""
+    scaled = [n for n in site.scales if not isinstance(cand.sibling(n) or nn.Identity(), nn.Identity)]
+    scaled += [n for n in site.gammas if isinstance(getattr(cand.parent, n, None), torch.Tensor)]
+    if scaled:
+        return f"a layer scale ({', '.join(scaled)}) scales the branch"
+    res_scaled = [n for n in site.res_scales if not isinstance(cand.sibling(n) or nn.Identity(), nn.Identity)]
+    if res_scaled:
+        return f"a scale ({', '.join(res_scaled)}) on the residual"
+    return ""
 
 
 def _norm_path(cand: Candidate, site: Site | None) -> str | None:
@@ -235,7 +261,7 @@ def finish(
             nb["norm"] = f"{site.norm} kept"
     if config.residual == "keep":
         nb["residual"] = "kept"
-        calib, why = calibration_site(cand, han, site, dropped_norm, False, (), _norm_path(cand, site))
+        calib, why = calibration_site(cand, han, site, dropped_norm, False, (), _norm_path(cand, site), kept_norm)
         return CalibratedReplacement(
             swaps, nb, site=None if not_calibrated else calib, not_calibrated=not_calibrated or why
         )
@@ -313,13 +339,15 @@ def inline_site(
     old_chain: tuple[str, ...],
     removed_norm: str | None = None,
     post_norm: nn.Module | None = None,
+    block_target: str = "",
 ) -> CalibrationSite:
     """The :class:`CalibrationSite` of an inline FFN rewritten by :func:`inline_han_swaps`.
 
     ``old_chain`` names the layer's modules the old FFN applied in order (e.g.
     ``("fc1", "activation_fn", "fc2")``); ``removed_norm`` names the layer's pre-norm
     when the rewrite dropped it (the reference applies it first); ``post_norm`` the norm the layer applies
-    after adding the residual (post-norm layers), whose input residual is ``up``'s input.
+    after adding the residual (post-norm layers), whose input residual is ``up``'s input; ``block_target`` why
+    ``up``'s input is not the residual stream (:attr:`CalibrationSite.block_target`).
     """
     q = f"{cand.path}." if cand.path else ""
     new = [swaps[q + name] for name in old_chain if not isinstance(swaps.get(q + name), nn.Identity)]
@@ -333,6 +361,7 @@ def inline_site(
         post_norm=post_norm,
         original_input_path=q + removed_norm if removed_norm is not None else None,
         stream_path=cand.path or None,
+        block_target=block_target,
     )
 
 

@@ -57,6 +57,11 @@ def build_convnext(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
             swaps, nb, not_calibrated="ConvNeXt-V2's GRN mixes pixels; calibration fits pixel by pixel"
         )
     site = inline_site(
-        cand, swaps, "pwconv1", ("pwconv1", "act", "pwconv2"), removed_norm="layernorm" if dropped else None
+        cand,
+        swaps,
+        "pwconv1",
+        ("pwconv1", "act", "pwconv2"),
+        removed_norm="layernorm" if dropped else None,
+        block_target="the block's input is the depthwise conv's output, not the residual stream",
     )
     return CalibratedReplacement(swaps, nb, site=site)

@@ -73,5 +73,8 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacemen
         ("fc1", "activation_fn", "fc2"),
         removed_norm="final_layer_norm" if pre and config.drop_norm else None,
         post_norm=None if pre else norm,
+        block_target="the pre-norm final_layer_norm is kept, so the block's input is the normalised stream"
+        if pre and not config.drop_norm
+        else "",
     )
     return CalibratedReplacement(swaps, nb, site=site)
