@@ -399,3 +399,30 @@ def test_a_class_that_has_none_of_the_hanified_blocks_warns(tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.warns(UserWarning, match="none of the 1 block"):
         T.AutoModelForQuestionAnswering.from_pretrained(tmp_path)
+
+
+def test_the_calibration_record_survives_an_auto_class_reload_and_save(tmp_path):
+    """Hanified<Class>.__init__ replays the recipe by calling hanify again, which recorded a fresh step without the
+    saved step's ``calibration`` record: a calibrated folder loaded with an Auto class (a Trainer fine-tune) and saved
+    again lost it. The base model loaded from a head's folder keeps it too, with its paths mapped."""
+    from han_surgery.surgery.calibration import CalibrationConfig
+
+    torch.manual_seed(0)
+    config = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          vocab_size=100)  # fmt: skip
+    model = T.BertForSequenceClassification(config).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8))} for _ in range(2)]
+    calibration = CalibrationConfig(steps=2, tokens_per_block=32, progress=False)
+    hanify(model, calibration=batches, calibration_config=calibration)
+    model.save_pretrained(tmp_path / "first")
+    first = json.loads((tmp_path / "first" / "han_config.json").read_text())["recipe"]
+    assert first[0]["calibration"] == calibration.to_dict()
+
+    for auto, prefix in ((T.AutoModelForSequenceClassification, ""), (T.AutoModel, "bert.")):
+        out = tmp_path / auto.__name__
+        auto.from_pretrained(tmp_path / "first").save_pretrained(out)
+        for written in (json.loads((out / "han_config.json").read_text()),
+                        json.loads((out / "config.json").read_text())["han_recipe"]):  # fmt: skip
+            (step,) = written["recipe"]
+            assert step["calibration"] == calibration.to_dict(), auto.__name__
+            assert [prefix + r["path"] for r in step["rewrites"]] == [r["path"] for r in first[0]["rewrites"]]

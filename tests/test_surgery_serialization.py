@@ -487,3 +487,67 @@ def test_a_block_shared_under_two_paths_is_shared_again_when_loaded(tmp_path):
     ids = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
         assert torch.equal(loaded(ids).last_hidden_state, bert(ids).last_hidden_state)
+
+
+def test_weights_kept_in_float32_by_a_half_precision_model_reload_in_float32(tmp_path):
+    """T5 loaded in float16 keeps its ``wo`` weights in float32 (transformers' ``_keep_in_fp32_modules``), and the
+    file holds them so; from_pretrained cast every parameter to the one dtype in han_config.json, so they came back
+    rounded to float16 and the logits moved (AutoModel's loading of the same folder was exact)."""
+    torch.manual_seed(0)
+    config = T.T5Config(d_model=32, d_ff=64, d_kv=16, num_layers=2, num_heads=2, vocab_size=100,
+                        decoder_start_token_id=0)  # fmt: skip
+    T.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
+    model = T.AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "base", dtype=torch.float16).eval()
+    hanify(model, HanConfig(include=["encoder.block.0.*"]))
+    save_pretrained(model, tmp_path / "han")
+    saved = model.state_dict()
+    assert {v.dtype for v in saved.values()} == {torch.float16, torch.float32}  # what this test is about
+
+    loaded = from_pretrained(tmp_path / "han")
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == saved[key].dtype and torch.equal(value, saved[key]), key
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(0))
+    _same_outputs(model, loaded, {"input_ids": ids, "decoder_input_ids": ids})
+
+
+def test_tied_weights_saved_as_separate_tensors_load(tmp_path):
+    """``save_pretrained(state_dict=...)`` whose tied tensors are separate copies (a cast or gathered state dict)
+    writes both names, as transformers' own save_pretrained does; from_pretrained and load_model refused that folder
+    ("Unexpected key(s) in state_dict: transformer.wte.weight"), which AutoModelForCausalLM loads."""
+    import han_surgery
+
+    torch.manual_seed(0)
+    model = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).eval()
+    copies = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "plain", state_dict=copies)
+    hanify(model)
+    save_pretrained(model, tmp_path / "han", state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    tied = {"lm_head.weight", "transformer.wte.weight"}
+    for folder in ("plain", "han"):
+        with safe_open(str(tmp_path / folder / "model.safetensors"), "pt") as f:
+            assert tied <= set(f.keys()), folder  # transformers writes both names too
+
+    ids = {"input_ids": torch.randint(0, 100, (1, 6))}
+    for loaded in (from_pretrained(tmp_path / "han"), han_surgery.load_model(tmp_path / "han")):
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight  # still tied
+        _same_outputs(model, loaded, ids)
+
+
+def test_the_calibration_record_survives_a_reload_and_save(tmp_path):
+    """from_pretrained replays the recipe by calling hanify again, which recorded a fresh step without the saved
+    step's ``calibration`` record: a calibrated model loaded and saved again lost it, in han_config.json and in
+    config.json's han_recipe."""
+    from han_surgery.surgery.calibration import CalibrationConfig
+
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(**BERTLIKE)).eval()
+    batches = [{"input_ids": torch.randint(0, 100, (2, 8))} for _ in range(2)]
+    calibration = CalibrationConfig(steps=2, tokens_per_block=32, progress=False)
+    hanify(model, calibration=batches, calibration_config=calibration)
+    save_pretrained(model, tmp_path / "first")
+    first = json.loads((tmp_path / "first" / "han_config.json").read_text())["recipe"]
+    assert first[0]["calibration"] == calibration.to_dict()
+
+    save_pretrained(from_pretrained(tmp_path / "first"), tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "han_config.json").read_text())["recipe"] == first
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["han_recipe"]["recipe"] == first

@@ -50,6 +50,7 @@ __all__ = [
     "Recipe",
     "recipe_of",
     "record_step",
+    "replace_last_step",
 ]
 
 RECIPE_FORMAT_VERSION = 1
@@ -276,3 +277,11 @@ def record_last_step_on_parts(model: nn.Module, is_part: Callable[[nn.Module], b
 def record_step(model: nn.Module, step: RecipeStep) -> None:
     """Append ``step`` to ``model``'s recipe (stored as a plain attribute, not a sub-module or buffer)."""
     object.__setattr__(model, RECIPE_ATTR, [*recipe_of(model), step])
+
+
+def replace_last_step(model: nn.Module, step: RecipeStep) -> None:
+    """Make ``step`` the last step of ``model``'s recipe, in place of the one recorded last (which must exist)."""
+    steps = recipe_of(model)
+    if not steps:
+        raise ValueError(f"{type(model).__name__} has no recipe step to replace")
+    object.__setattr__(model, RECIPE_ATTR, [*steps[:-1], step])

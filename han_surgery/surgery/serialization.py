@@ -21,12 +21,13 @@ A saved directory holds
 
 ``from_pretrained`` builds the base model from ``config.json`` (no download; a transformers model with its
 parameters on the meta device, a timm model with random weights), replays the recipe (:func:`replay_recipe`), gives
-the parameters still on meta memory, then loads ``model.safetensors`` with
-``strict=True`` and ``generation_config.json`` (if any): the result computes bit for bit (and
-generates) what the saved model did. Of tied weights (GPT-2's ``lm_head.weight`` /
-``transformer.wte.weight``) the file holds the name transformers' ``save_pretrained`` keeps, so a
-base model or another head loads them too. It also reads the folders earlier versions wrote
-(``config.json`` = the base model's own config).
+the parameters still on meta memory, then loads ``model.safetensors`` with ``strict=True``, each tensor in the dtype
+the file holds it in (T5 saved in float16 keeps its float32 ``wo``), and ``generation_config.json`` (if any): the
+result computes bit for bit (and generates) what the saved model did. Of tied weights (GPT-2's ``lm_head.weight`` /
+``transformer.wte.weight``) the file holds the name transformers' ``save_pretrained`` keeps, so a base model or another
+head loads them too (both names when a ``state_dict=`` held them as separate copies, as transformers writes them then;
+the loaders take the source of the tie). It also reads the folders earlier versions wrote (``config.json`` = the base
+model's own config).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ from ..folders import (
 from ..utils import is_transformers_model, replace_parameters
 from ..version import __version__
 from .engine import _set_module, hanify, unwrap_model
-from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of
+from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of, replace_last_step
 from .registry import list_rules
 from .report import HanifyReport
 
@@ -206,7 +207,9 @@ def _save_weights(model: nn.Module, path: Path, state_dict: dict[str, torch.Tens
     source of each tie and drops the names tied to it (``all_tied_weights_keys``: tied name ->
     source; GPT-2 ``lm_head.weight`` -> ``transformer.wte.weight``; T5 ``shared.weight``, BART
     ``model.shared.weight``), and so does this. As ``save_model`` does, each dropped name is recorded in the metadata with the
-    name kept; shared tensors transformers does not declare keep safetensors' choice.
+    name kept; shared tensors transformers does not declare keep safetensors' choice. Tied names whose tensors in
+    ``state_dict`` are separate copies (a cast or gathered state dict) are all written, as transformers writes them;
+    :func:`from_pretrained` loads the source of the tie (see :func:`_load_weights`).
     """
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -334,6 +337,82 @@ def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         model.get_submodule(owner)._buffers[leaf] = buffer
 
 
+def _load_weights(model: nn.Module, path: Path) -> None:
+    """``safetensors.torch.load_model(model, path, strict=True)``, except that
+
+    * each floating parameter and buffer first takes the dtype its tensor has in the file: a model saved in
+      float16 can hold some weights in float32 (T5's ``wo``, which transformers' ``_keep_in_fp32_modules`` keeps
+      so, and its ``from_pretrained`` loads so), and those must not be rounded to the one dtype
+      ``han_config.json`` records;
+    * a file holding several names of one tensor of the model (tied weights saved as separate copies, from a cast
+      or gathered ``save_pretrained(state_dict=...)``: GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``,
+      both written as transformers' ``save_pretrained`` writes them) loads one, the source of the tie, as
+      transformers' ``from_pretrained`` does: the model ties them, so the others are aliases of it, not unexpected
+      keys.
+
+    Raises:
+        SafetensorError: not a readable safetensors file.
+        RuntimeError: missing or unexpected keys, or shapes that differ, as ``load_model`` says them.
+    """
+    state = safetensors.torch.load_file(str(path))
+    own = model.state_dict()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for names in _aliases(own):
+        present = sorted(n for n in names if n in state)
+        keep = next((n for n in present if n not in tied), present[0]) if present else None
+        for name in present:
+            if name != keep:
+                del state[name]
+    # as load_model: a name of the model that shares its memory with one the file holds is loaded with it
+    shared = safetensors.torch._remove_duplicate_names(own, preferred_names=list(state))
+    loaded_with_another = {name for names in shared.values() for name in names}
+    _to_file_dtypes(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [n for n in missing if n not in loaded_with_another]
+    if missing or unexpected:
+        error = f"Error(s) in loading state_dict for {type(model).__name__}:"
+        if missing:
+            error += "\n    Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(missing))
+        if unexpected:
+            error += "\n    Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in sorted(unexpected))
+        raise RuntimeError(error)
+
+
+def _aliases(state_dict: dict[str, torch.Tensor]) -> list[set[str]]:
+    """The groups of names under which ``state_dict`` holds one tensor (the same memory, shape and strides: tied
+    weights), not those of tensors that merely share a storage."""
+    groups: dict[tuple, set[str]] = {}
+    for name, tensor in state_dict.items():
+        if tensor.device.type != "meta" and tensor.numel():
+            key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            groups.setdefault(key, set()).add(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _to_file_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer of ``model`` the dtype of its (floating) tensor in ``state``, under
+    any of its names, in place: a parameter stays the same ``Parameter`` (what is tied to it stays tied), a buffer
+    that several modules hold is replaced by one tensor in all of them."""
+    for kind in ("parameters", "buffers"):
+        names: dict[int, list[str]] = {}
+        tensors: dict[int, torch.Tensor] = {}
+        for name, tensor in getattr(model, f"named_{kind}")(remove_duplicate=False):
+            names.setdefault(id(tensor), []).append(name)
+            tensors[id(tensor)] = tensor
+        for key, tensor in tensors.items():
+            value = next((state[n] for n in names[key] if n in state), None)
+            floating = value is not None and tensor.is_floating_point() and value.is_floating_point()
+            if not floating or tensor.dtype == value.dtype:
+                continue
+            if kind == "parameters":
+                tensor.data = tensor.data.to(value.dtype)
+                continue
+            cast = tensor.to(value.dtype)
+            for name in names[key]:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._buffers[leaf] = cast
+
+
 def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False) -> nn.Module:
     """The base model, built from the folder's config. ``empty``: a transformers model's parameters are left on
     the meta device (accelerate's ``init_empty_weights``; buffers are built for real), as transformers' own
@@ -455,6 +534,7 @@ def replay_recipe(
         paths = {p for p, _ in wanted}
         config = step.config if path_map is None else dataclasses.replace(step.config, include=(), exclude=())
         before = dict(model.named_modules())
+        recorded = {id(m): len(recipe_of(m)) for m in before.values()}  # ``before`` keeps them (and their ids)
         report = hanify(model, config, filter_fn=lambda _m, p, paths=paths: p in paths)
         got = [(r.path, r.rule) for r in report.rewrites]
         if got != wanted:
@@ -463,8 +543,21 @@ def replay_recipe(
                 f"{source}: step {i} of the recipe does not replay on the rebuilt {type(model).__name__}; "
                 f"not reproduced: {missing[:5]}. (Is a custom rule not registered, or a different base model?)"
             )
+        if step.calibration is not None:
+            _keep_calibration_record(model, recorded, step.calibration)
         _share_again(model, step, report, before, source, path_map)
     return model
+
+
+def _keep_calibration_record(model: nn.Module, recorded: dict[int, int], calibration: dict[str, Any]) -> None:
+    """Give the step the replay just recorded the saved step's ``calibration`` record: the replaying ``hanify`` call
+    ran without calibration and recorded none, so a calibrated model loaded and saved again lost it. On ``model``,
+    and on each part inside that the step was recorded on too (a transformers model in a user's module): each module
+    whose recipe is longer than ``recorded`` (``id(module)`` -> its number of steps before the replay) says."""
+    for module in model.modules():
+        steps = recipe_of(module)
+        if len(steps) > recorded.get(id(module), 0):
+            replace_last_step(module, dataclasses.replace(steps[-1], calibration=dict(calibration)))
 
 
 def _share_again(
@@ -562,7 +655,8 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
             ``hanify`` in ``__init__``), those steps are not replayed again.
 
     Returns:
-        The hanified model in ``eval()`` mode, on CPU, in the saved dtype: ``model`` itself when it is given.
+        The hanified model in ``eval()`` mode, on CPU, each tensor in the dtype ``model.safetensors`` holds it in:
+        ``model`` itself when it is given.
 
     Raises:
         UnsafeCheckpointError: the directory only holds ``.bin``/``.pt`` files.
@@ -601,7 +695,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
         _to_saved_dtype(model, getattr(torch, recipe.dtype))
         replay_remaining_steps(model, recipe.steps, str(han_file))
     try:
-        safetensors.torch.load_model(model, str(directory / WEIGHTS_NAME), strict=True)
+        _load_weights(model, directory / WEIGHTS_NAME)
     except SafetensorError as e:
         raise CheckpointError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     except RuntimeError as e:  # missing / unexpected keys, shape mismatches
