@@ -239,3 +239,44 @@ def test_full_runs_sh_lists_the_recorded_command_of_every_result_folder():
     parser = build_parser()
     for argv in listed:
         parser.parse_args(argv[2:])  # an unknown flag raises PaperInputError
+
+
+def test_short_runs_train_at_the_full_lr(tmp_path, monkeypatch):
+    """MultiStepLR applies a milestone <= 0 when it is built: with --epochs 1 (every regression --quick) the
+    regression nets trained at 0.04x the lr, mnist at 0.2x, checkerboard --iters 1 and a one-step approximation
+    fit at 0.008x / 0.04x."""
+    from han_surgery.paper import approximation, mnist_robustness
+
+    start: list[float] = []
+
+    class Recording(torch.optim.lr_scheduler.MultiStepLR):
+        def __init__(self, opt, *args, **kwargs):
+            super().__init__(opt, *args, **kwargs)
+            start.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "MultiStepLR", Recording)
+    path = tmp_path / "any.csv"
+    _write_csv(path)
+    data = regression.load_csv(path)
+    for schedule in regression.SCHEDULES:
+        regression.train_one(data, "fcnet1", 1e-3, epochs=1, seed=0, schedule=schedule, max_steps=1)
+        regression.train_stacked(data, "fcnet1", [(0, 1e-3)], epochs=1, schedule=schedule, max_steps=1)
+    mnist_robustness.train_model("fcnet", torch.rand(8, 784), torch.arange(8) % 10, epochs=1, max_steps=1)
+    y = (torch.rand(10, 1) > 0.5).float().repeat(1, 2)
+    checkerboard.train_rows(["a"], (0.01,), 1, checkerboard.Checkerboard(torch.rand(10, 2), y, torch.rand(10, 2), y))
+    x = torch.rand(1, 2)
+    with torch.no_grad():
+        y = approximation.fc1(2, 8)(x)[None]
+    approximation.fit_grid("fc1", x, y, x, y, 8, epochs=1)
+    assert len(start) == 4 + 1 + 1 + 2 and start == [1.0] * len(start)
+    # the schedule itself is unchanged where the milestones are positive
+    assert common.positive_milestones([0, 0, 3, 5.5]) == [3, 5.5]
+
+
+def test_regression_constant_target_is_refused(tmp_path):
+    """A CSV whose target column is constant was accepted and reported R^2 = -inf (SST = 0) with a numpy warning."""
+    path = tmp_path / "const_y.csv"
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    np.savetxt(path, np.hstack([x, np.full((40, 1), 2.5)]), delimiter=",")
+    with pytest.raises(common.PaperInputError, match=r"const_y.csv: the target \(last\) column is constant \(2.5\)"):
+        regression.load_csv(path)

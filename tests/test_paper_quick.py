@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from han_surgery.paper.cli import main
+from han_surgery.paper.common import PaperInputError
 from han_surgery.paper.image_data import load_image_dataset, write_cifar10_binary
 
 DATA = Path.cwd().parent / "shared" / "data"
@@ -237,3 +239,144 @@ def test_out_with_a_tilde_is_written_where_it_was_checked_and_plots_need_matplot
     assert "writes PNG plots, which need matplotlib" in line and len(ran) == 1
     monkeypatch.setattr(han_mixer, "run", lambda args: ran.append(args.out))  # no plots: matplotlib not needed
     assert main(["mixer", "--quick", "--out", str(tmp_path / "m")]) == 0 and len(ran) == 2
+
+
+def _fake_training(monkeypatch, seen: list) -> None:
+    """Replace :func:`~han_surgery.paper.vision.train_and_score` by one that records the initial weights."""
+    from han_surgery.paper import vision
+
+    def fake(model, *args, **kwargs):
+        seen.append(torch.cat([p.detach().flatten() for p in model.parameters()]).clone())
+        return {"params": 1, "test_error": 50.0, "test_images": 1, "steps": 0, "final_train_loss": 0.0,
+                "train_seconds": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(vision, "train_and_score", fake)
+
+
+def test_vision_seed_fixes_the_initial_weights(tiny_cifar, monkeypatch, capsys):
+    """``paper mixer/mobilevit --seed`` seeded only the augmentation and data order: timm built each model from
+    torch's unseeded global generator, so the same command started from different weights in every process."""
+    seen: list[Tensor] = []
+    _fake_training(monkeypatch, seen)
+    argv = ["mixer", "--quick", "--data", str(tiny_cifar), "--device", "cpu", "--models", "han_mixer_m0h0_32"]
+    for seed in (3, 3, 4):
+        torch.manual_seed(int(torch.randint(0, 2**31, ()).item()) + seed)  # the global generator moves between runs
+        torch.rand(1000)
+        assert main([*argv, "--seed", str(seed)]) == 0
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
+    # every row is seeded, not only the first: a row's weights do not depend on the rows built before it
+    assert main([*argv[:-1], "han_mixer_m2h0_32,han_mixer_m0h0_32", "--seed", "3"]) == 0
+    assert torch.equal(seen[-1], seen[0])
+
+
+def _png(path: Path, side: int, value: int = 128) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((side, side, 3), value, dtype=np.uint8)).save(path)
+
+
+def test_malformed_image_data_is_one_line_before_training(tmp_path, tiny_cifar, capsys, monkeypatch):
+    """Train and test images of different sizes trained for the whole run, then crashed in the test pass; an
+    unreadable png, train/ and test/ without class folders and empty STL10 files ended in tracebacks; CIFAR test
+    labels beyond the classes were not checked."""
+    from han_surgery.paper import vision
+
+    monkeypatch.setattr(vision, "train_and_score", lambda *a, **k: pytest.fail("training started"))
+    run = lambda root: _error_line(capsys, ["mixer", "--quick", "--device", "cpu", "--data", str(root)])  # noqa: E731
+    mixed = tmp_path / "mixed"
+    for split, side in (("train", 32), ("test", 48)):
+        for cls in ("a", "b"):
+            _png(mixed / split / cls / "0.png", side)
+    assert "train images are 3x32x32 but test images 3x48x48" in run(mixed)
+    corrupt = tmp_path / "corrupt"
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            _png(corrupt / split / cls / "0.png", 32)
+    (corrupt / "train" / "b" / "1.png").write_bytes(b"not a png")
+    line = run(corrupt)
+    assert str(corrupt / "train" / "b" / "1.png") in line and "cannot read" in line
+    empty = tmp_path / "empty"
+    (empty / "train").mkdir(parents=True)
+    (empty / "test").mkdir()
+    assert f"{empty / 'train'}: no class folders" in run(empty)
+    stl = tmp_path / "stl" / "stl10_binary"
+    stl.mkdir(parents=True)
+    for name in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"):
+        (stl / name).write_bytes(b"")
+    assert f"{stl / 'train_y.bin'} holds no labels" in run(stl.parent)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    bad_test = torch.full((10,), 12)
+    write_cifar10_binary(tmp_path / "cifar", images[:20], torch.arange(20) % 10, images[20:], bad_test)
+    assert "test_batch.bin: labels go up to 12" in run(tmp_path / "cifar")
+
+
+def _mnist_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    np.savez(path, images=images, labels=labels)
+    return path
+
+
+def test_mnist_npz_labels_and_dtype_are_checked(tmp_path, capsys, monkeypatch):
+    """Labels 1..10 or -1..8 crashed in cross_entropy with a traceback; float images in [0, 1] were divided by 255
+    a second time and the run reported 10% accuracy without a word."""
+    from han_surgery.paper import mnist_robustness
+
+    monkeypatch.setattr(mnist_robustness, "train_model", lambda *a, **k: pytest.fail("training started"))
+    n = 8010
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n) % 10
+    run = lambda path: _error_line(capsys, ["mnist", "--quick", "--data", str(path)])  # noqa: E731
+    assert "labels must be integers 0..9, got 1..10" in run(_mnist_npz(tmp_path / "a.npz", images, labels + 1))
+    assert "labels must be integers 0..9, got -1..8" in run(_mnist_npz(tmp_path / "b.npz", images, labels - 1))
+    line = run(_mnist_npz(tmp_path / "c.npz", images, labels.astype(np.float32)))
+    assert "labels must be integers 0..9" in line and "float32" in line
+    line = run(_mnist_npz(tmp_path / "d.npz", images / 255.0, labels))
+    assert "images must be uint8 (0-255), got float64" in line
+
+
+@pytest.mark.parametrize("experiment", ["checkerboard", "mnist", "approximation", "mixer", "mobilevit"])
+def test_seed_out_of_range_is_one_line(capsys, experiment):
+    """``--seed`` beyond int64 (or negative) ended in an overflow traceback from torch.manual_seed (mixer and
+    mobilevit only after loading the data)."""
+    for seed in (str(2**63), "99999999999999999999999", "-1"):
+        line = _error_line(capsys, [experiment, "--quick", "--seed", seed])
+        assert f"--seed: expected an integer in [0, 2**63), got {seed!r}" in line, line
+
+
+def test_approximation_seed_leaves_room_for_its_offsets(capsys, monkeypatch):
+    """approximation seeds each dimension d with seed + 1000 d: a --seed just under 2**63 overflowed there."""
+    from han_surgery.paper import approximation
+
+    line = _error_line(capsys, ["approximation", "--quick", "--dims", "2,3", "--seed", str(2**63 - 2000)])
+    assert "--seed must be < 2**63 - 3000" in line
+    monkeypatch.setattr(approximation, "fit_grid", lambda *a, **k: pytest.fail("fits ran"))
+    monkeypatch.setattr(approximation, "seed_everything", lambda seed: pytest.fail(f"seeded {seed}"))
+    with pytest.raises(pytest.fail.Exception, match=f"seeded {2**63 - 3001 + 2000}"):
+        main(["approximation", "--quick", "--dims", "2,3", "--seed", str(2**63 - 3001)])
+
+
+def test_device_and_image_size_are_checked_before_the_data_is_read(tiny_cifar, capsys, monkeypatch):
+    """``--device mps`` / ``meta`` passed the check and crashed in torch; ``--image-size 33`` was refused only
+    after the whole dataset had been read."""
+    from han_surgery.paper import vision
+
+    seen: list[Tensor] = []
+    _fake_training(monkeypatch, seen)
+    base = ["mixer", "--quick", "--data", str(tiny_cifar)]
+    for device in ("mps", "meta", "xla", "cuda:x"):
+        line = _error_line(capsys, [*base, "--device", device])
+        assert f"--device {device!r}" in line and "use auto, cpu or cuda" in line, line
+    if not torch.cuda.is_available():
+        assert "torch sees no CUDA device" in _error_line(capsys, [*base, "--device", "cuda:0"])
+    assert seen == []
+    with monkeypatch.context() as one_gpu:  # a machine with one CUDA device: cuda:1 does not exist
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        assert vision.device_of("cuda:0") == torch.device("cuda:0") and vision.device_of("cuda").type == "cuda"
+        with pytest.raises(PaperInputError, match=r"--device cuda:1, but torch sees 1 CUDA device\(s\)"):
+            vision.device_of("cuda:1")
+    monkeypatch.setattr(vision, "load_image_dataset", lambda root: pytest.fail("data read"))
+    line = _error_line(capsys, ["mobilevit", "--quick", "--data", str(tiny_cifar), "--image-size", "33"])
+    assert "--image-size must be a multiple of 32" in line
+    assert "--models" in _error_line(capsys, [*base, "--models", "resnet18"])

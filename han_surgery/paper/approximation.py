@@ -40,7 +40,17 @@ from tqdm.auto import tqdm
 
 from ..checks import positive_int
 from ..layers import HanLayer
-from .common import PaperInputError, count_parameters, markdown_table, seed_everything, use_agg_backend, write_results
+from .common import (
+    SEED_LIMIT,
+    PaperInputError,
+    count_parameters,
+    markdown_table,
+    positive_milestones,
+    seed_arg,
+    seed_everything,
+    use_agg_backend,
+    write_results,
+)
 from .stacked import StackedAdam, StackedNet, StackedSGD
 
 __all__ = ["TABLE2", "fc1", "han3", "fit_grid", "run", "add_arguments"]
@@ -110,7 +120,7 @@ def fit_grid(
     size = n_targets * len(settings)  # member r fits target r // len(settings) with setting r % len(settings)
     y_train_stack = y_train.repeat_interleave(len(settings), dim=0)
     steps_total = epochs * -(-x_train.shape[0] // batch_size)
-    milestones = [int(0.6 * steps_total), int(0.9 * steps_total)]
+    milestones = positive_milestones([int(0.6 * steps_total), int(0.9 * steps_total)])
     stacks, opts, scheds = [], [], []
     for name in OPTIMIZERS:
         members = [BUILDERS[student](d, width) for _ in range(size)]
@@ -182,7 +192,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1000, help="paper: 1,000 (20,000 steps of 100)")
     parser.add_argument("--n-train", type=int, default=2000, help="paper: 2,000")
     parser.add_argument("--n-test", type=int, default=10000, help="paper: 10,000")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0, help="data of dimension d: seed + 1000 d")
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
     parser.add_argument("--threads", type=positive_int, default=None)
 
@@ -193,6 +203,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     dims, widths = _ints(args.dims, "--dims"), _ints(args.widths, "--widths")
+    if args.seed + 1000 * max(dims) >= SEED_LIMIT:  # the data of dimension d is seeded with seed + 1000 d
+        raise PaperInputError(
+            f"--seed must be < 2**63 - {1000 * max(dims)} with --dims {args.dims} (dimension d seeds its data with "
+            f"seed + 1000 d), got {args.seed}"
+        )
     for option in ("epochs", "n_train", "n_test"):
         if getattr(args, option) < 1:
             raise PaperInputError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")

@@ -48,7 +48,9 @@ from .common import (
     han_net,
     markdown_table,
     parse_floats,
+    positive_milestones,
     resolve_data_path,
+    seed_arg,
     seed_everything,
     use_agg_backend,
     write_results,
@@ -233,7 +235,7 @@ def train_rows(
     gen = seed_everything(seed)
     net = StackedNet(members)
     opt = StackedSGD(net.parameters(), member_lr=[lr for _, lr in runs], size=size, momentum=0.9)
-    milestones = [int(f * iters) for f in (0.5, 0.7, 0.9)]
+    milestones = positive_milestones([int(f * iters) for f in (0.5, 0.7, 0.9)])
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.2)
     ortho = torch.tensor([float(bool(VARIANTS[v].get("ortho"))) for v, _ in runs])
 
@@ -361,7 +363,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ortho-weight", type=non_negative_float, default=1e-2, help="lambda of the OrthFC penalty (rows f1, f2)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
 

@@ -16,6 +16,7 @@ the configuration, versions and the wall time) and ``results.md`` (a markdown ta
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import platform
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -42,7 +43,10 @@ __all__ = [
     "make_activation",
     "default_data_dir",
     "resolve_data_path",
+    "SEED_LIMIT",
+    "seed_arg",
     "seed_everything",
+    "positive_milestones",
     "markdown_table",
     "write_results",
     "mean_std",
@@ -63,6 +67,8 @@ Activation = str  # "abs", "relu", "maxmin" or "groupsort<k>" (see make_activati
 DenseInit = Literal["orthogonal", "kaiming", "default"]
 
 DATA_ENV = "HAN_SURGERY_DATA"
+
+_Number = TypeVar("_Number", int, float)
 
 
 def make_activation(name: str) -> nn.Module:
@@ -195,6 +201,30 @@ def resolve_data_path(given: str | os.PathLike[str] | None, *parts: str) -> Path
             "that holds checkerboard/, regression/ and mnist/"
         )
     return path
+
+
+#: ``--seed`` takes ``0 <= seed < SEED_LIMIT``: torch's generators take a (signed) 64-bit integer.
+SEED_LIMIT = 2**63
+
+
+def seed_arg(text: str) -> int:
+    """``argparse`` type of ``--seed``: an integer in ``[0, 2**63)`` (a larger one overflowed in ``torch.manual_seed``).
+
+    An experiment that seeds with ``seed + offset`` also checks that sum (``approximation``: ``seed + 1000 d``).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value
+
+
+def positive_milestones(milestones: Sequence[_Number]) -> list[_Number]:
+    """``milestones`` without those ``<= 0``, for ``MultiStepLR``: it applies a milestone at step 0 when it is built,
+    so ``--epochs 1`` (``int(0.5 * 1) == 0``) would start the run at a fraction of its lr."""
+    return [m for m in milestones if m > 0]
 
 
 def seed_everything(seed: int) -> torch.Generator:

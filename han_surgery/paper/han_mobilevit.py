@@ -39,9 +39,13 @@ TABLE14: dict[str, dict[str, Any]] = {
 }
 
 
-def _recipe(data: ImageDataset, args: argparse.Namespace) -> Recipe:
+def _check_args(args: argparse.Namespace) -> None:
     if args.image_size % 32:
         raise PaperInputError(f"--image-size must be a multiple of 32 for MobileViT, got {args.image_size}")
+
+
+def _recipe(data: ImageDataset, args: argparse.Namespace) -> Recipe:
+    _check_args(args)
     batch = 64 if data.name == "stl10" else 128
     return Recipe(
         epochs=args.epochs or 300,
@@ -65,6 +69,7 @@ SPEC = TableSpec(
     ),
     quick_rows=(0, 1),
     quick_image_size=64,
+    check_args=_check_args,
 )
 
 

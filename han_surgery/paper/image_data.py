@@ -69,10 +69,11 @@ def _cifar(folder: Path, train_files: list[str], test_file: str, label_bytes: in
         raise PaperInputError(f"{folder} lacks {', '.join(missing)}; extract the full {name} binary archive there")
     train = [_read_records(folder / f, label_bytes, label_bytes - 1) for f in train_files]
     x_test, y_test = _read_records(folder / test_file, label_bytes, label_bytes - 1)
-    y_train = torch.cat([y for _, y in train])
     num_classes = 100 if label_bytes == 2 else 10
-    if int(y_train.max()) >= num_classes:
-        raise PaperInputError(f"{folder}: labels go up to {int(y_train.max())}, not a {name} binary folder")
+    for file, (_, labels) in zip([*train_files, test_file], [*train, (x_test, y_test)], strict=True):
+        if int(labels.max()) >= num_classes:
+            raise PaperInputError(f"{folder / file}: labels go up to {int(labels.max())}, not a {name} binary file")
+    y_train = torch.cat([y for _, y in train])
     return ImageDataset(name, torch.cat([x for x, _ in train]), y_train, x_test, y_test, num_classes)
 
 
@@ -84,6 +85,8 @@ def _stl10(folder: Path) -> ImageDataset:
             raise PaperInputError(f"{folder} lacks {xf.name} / {yf.name}; extract stl10_binary.tar.gz there")
         raw = np.fromfile(xf, dtype=np.uint8)
         labels = np.fromfile(yf, dtype=np.uint8).astype(np.int64) - 1
+        if labels.size == 0:
+            raise PaperInputError(f"{yf} holds no labels; extract stl10_binary.tar.gz there again")
         if raw.size != labels.size * 3 * 96 * 96 or labels.min() < 0 or labels.max() > 9:
             raise PaperInputError(f"{xf} and {yf} do not hold matching STL10 images (3 x 96 x 96) and labels 1..10")
         images = raw.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2)  # stored column-major
@@ -92,24 +95,48 @@ def _stl10(folder: Path) -> ImageDataset:
 
 
 def _image_folder(root: Path) -> ImageDataset:
+    """``root/train`` and ``root/test`` (one sub-folder per class), every image decoded up front as RGB: an
+    unreadable file, a split without class folders or images of several sizes raise :class:`PaperInputError`."""
+    from PIL import Image
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
 
-    folders = {
-        split: ImageFolder(str(root / split), transform=lambda img: pil_to_tensor(img.convert("RGB")))
-        for split in ("train", "test")
-    }
+    folders = {}
+    for split in ("train", "test"):
+        try:
+            folders[split] = ImageFolder(str(root / split))
+        except FileNotFoundError as err:  # no class folder, or class folders without image files
+            raise PaperInputError(
+                f"{root / split}: no class folders holding images ({' '.join(str(err).split())}); put each class's "
+                f"images in {root}/train/<class>/ and {root}/test/<class>/"
+            ) from err
     if folders["train"].classes != folders["test"].classes:
         raise PaperInputError(f"{root}/train and {root}/test have different class folders")
-    parts = []
+    parts, shapes = [], {}
     for split, folder in folders.items():
-        images = [folder[i][0] for i in range(len(folder))]
+        images = []
+        for path, _ in folder.samples:
+            try:
+                images.append(pil_to_tensor(folder.loader(path)))  # torchvision's loader: converted to RGB
+            except Image.UnidentifiedImageError as err:
+                raise PaperInputError(f"cannot read {path}: not an image PIL can decode; remove or replace it") from err
+            except (OSError, ValueError, Image.DecompressionBombError) as err:  # truncated, unreadable, too large
+                raise PaperInputError(f"cannot read {path} as an image ({err}); remove or replace it") from err
         sizes = {tuple(img.shape) for img in images}
         if len(sizes) != 1:
             raise PaperInputError(
                 f"{root / split}: images of several sizes {sorted(sizes)[:3]}; resize them to one size"
             )
+        shapes[split] = images[0].shape
         parts += [torch.stack(images), torch.tensor(folder.targets, dtype=torch.int64)]
+    size = lambda shape: "x".join(map(str, shape))  # noqa: E731
+    if shapes["train"] != shapes["test"]:
+        raise PaperInputError(
+            f"{root}: train images are {size(shapes['train'])} but test images {size(shapes['test'])}; resize them "
+            "to one size"
+        )
+    if shapes["train"][1] != shapes["train"][2]:
+        raise PaperInputError(f"{root}: images are {size(shapes['train'])}, not square; crop or resize them to squares")
     return ImageDataset(root.name, *parts, num_classes=len(folders["train"].classes))
 
 

@@ -48,7 +48,9 @@ from .common import (
     han_net,
     markdown_table,
     parse_floats,
+    positive_milestones,
     resolve_data_path,
+    seed_arg,
     seed_everything,
     use_agg_backend,
     write_results,
@@ -110,6 +112,15 @@ def load_mnist(
         raise PaperInputError(
             f"{path}: expected images (N, 28, 28) and labels (N,), got {images.shape}, {labels.shape}"
         )
+    if images.dtype != np.uint8:
+        raise PaperInputError(
+            f"{path}: images must be uint8 (0-255), got {images.dtype}; store the raw MNIST pixels (the loader scales "
+            "them to [0, 1])"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and not 0 <= labels.min() <= labels.max() <= 9):
+        numeric = labels.size and np.issubdtype(labels.dtype, np.number)
+        got = f"{labels.min()}..{labels.max()} ({labels.dtype})" if numeric else f"{labels.dtype} labels"
+        raise PaperInputError(f"{path}: labels must be integers 0..9, got {got}")
     if not 0 < n_train < images.shape[0]:
         raise PaperInputError(f"{path} has {images.shape[0]} digits; cannot train on {n_train} and test on the rest")
     x = torch.from_numpy(images.reshape(images.shape[0], -1).astype(np.float32) / 255.0)
@@ -155,7 +166,7 @@ def train_model(
     gen = seed_everything(seed)
     model = build_model(name)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.2)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=positive_milestones([epochs // 2]), gamma=0.2)
     steps = 0
     for _ in tqdm(range(epochs), desc=f"train {name}", leave=False, disable=not progress):
         model.train()
@@ -217,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam lr (paper: 1e-3)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=1e-3, help="Adam weight decay (paper: 1e-3)")
     parser.add_argument("--batch-size", type=int, default=256, help="paper: 256")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--linf-eps", default=",".join(map(str, LINF_EPS)))
     parser.add_argument("--l2-eps", default=",".join(map(str, L2_EPS)))
     parser.add_argument("--cw-c", default=",".join(map(str, CW_C)), help="paper: 1,3,5")

@@ -48,6 +48,7 @@ from .common import (
     markdown_table,
     mean_std,
     parse_floats,
+    positive_milestones,
     resolve_data_path,
     seed_everything,
     use_agg_backend,
@@ -131,6 +132,11 @@ def load_csv(path: str | Path) -> RegressionData:
     if not np.isfinite(arr).all():
         raise PaperInputError(f"{path} contains NaN or infinite values; remove or impute them first")
     x, y = arr[:, :-1], arr[:, -1:]
+    if y.min() == y.max():
+        raise PaperInputError(
+            f"{path}: the target (last) column is constant ({y[0, 0]:g}): R^2 is undefined and there is nothing to "
+            "learn; give a CSV whose last column is the target"
+        )
     std = x.std(axis=0, ddof=1)
     keep = std > 0
     if not keep.any():
@@ -177,10 +183,13 @@ def build_model(name: str, in_features: int) -> nn.Sequential:
 
 
 def _milestones(schedule: str, epochs: int) -> list[int] | list[float]:
+    """The lr milestones of ``schedule``, those ``<= 0`` dropped (``--epochs 1`` trains at the full lr)."""
     if schedule == "epoch":
-        return [int(0.5 * epochs), int(0.7 * epochs)]
+        return positive_milestones([int(0.5 * epochs), int(0.7 * epochs)])
     if schedule == "authors":
-        return [0.5 * epochs, 0.7 * epochs]  # compared against the iteration count, as in their code
+        return positive_milestones(
+            [0.5 * epochs, 0.7 * epochs]
+        )  # compared against the iteration count, as in their code
     raise PaperInputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 

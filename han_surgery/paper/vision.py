@@ -3,10 +3,12 @@
 One recipe, the paper's Table 11 (and Table 13's optimiser): AdamW, lr 1e-3, weight decay 0.1,
 cross-entropy; augmentation random horizontal flip, RandAugment and Cutout. Where the paper is
 silent we choose: RandAugment with torchvision's defaults (2 ops, magnitude 9); Cutout as one
-zeroed square of half the image side (16 x 16 on CIFAR, DeVries & Taylor's CIFAR-10 setting),
-after normalisation; a per-step cosine decay of the lr to 0 (no warm-up); weight decay on every
-parameter; bfloat16 autocast on CUDA, float32 on CPU. Scored by the test error (%) of the final
-model, the paper's metric.
+square of half the image side (16 x 16 on CIFAR, DeVries & Taylor's CIFAR-10 setting) set to 0
+after normalisation by the model's timm ``mean`` and ``std``, i.e. filled with the colour ``mean``:
+the CIFAR-10 mean colour for the Han-Mixers (their config carries CIFAR-10's mean, also on STL10),
+black for MobileViT (timm's mean 0, std 1); a per-step cosine decay of the lr to 0 (no warm-up);
+weight decay on every parameter; bfloat16 autocast on CUDA, float32 on CPU. Scored by the test
+error (%) of the final model, the paper's metric.
 
 :func:`train_and_score` runs one model; :mod:`.han_mixer` and :mod:`.han_mobilevit` define
 the tables' rows and per-dataset batch sizes and epochs.
@@ -28,7 +30,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from ..checks import non_negative_float, positive_float
-from .common import PaperInputError, count_parameters, markdown_table, write_results
+from .common import PaperInputError, count_parameters, markdown_table, seed_arg, seed_everything, write_results
 from .image_data import ImageDataset, load_image_dataset
 
 __all__ = [
@@ -66,7 +68,7 @@ def make_transform(
     if train:
         steps += [v2.RandomHorizontalFlip(), v2.RandAugment()]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    if train:  # Cutout: one square of half the side, set to 0 (the mean after normalisation)
+    if train:  # Cutout: one square of half the side, 0 after normalisation: the colour `mean` (black if mean is 0)
         steps.append(v2.RandomErasing(p=1.0, scale=(0.25, 0.25), ratio=(1.0, 1.0), value=0.0))
     return v2.Compose(steps)
 
@@ -85,15 +87,26 @@ class TransformedImages(Dataset):
 
 
 def device_of(name: str) -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; otherwise ``torch.device(name)`` (checked)."""
+    """``"auto"`` -> CUDA if available, else CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:<i>"`` (a device torch sees).
+
+    Other torch device types (``mps``, ``meta``, ``xla``, ...) raise :class:`~.common.PaperInputError`: the
+    training here autocasts on CUDA and runs float32 on CPU, and is written for nothing else.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise PaperInputError(f"--device {name!r} is not a torch device ({err}); use auto, cpu or cuda") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PaperInputError("--device cuda, but torch sees no CUDA device; use --device cpu")
+        problem = " ".join(str(err).split())
+        raise PaperInputError(f"--device {name!r} is not a torch device ({problem}); use auto, cpu or cuda") from err
+    if device.type not in ("cpu", "cuda"):
+        raise PaperInputError(f"--device {name!r}: these experiments run on CPU or CUDA only; use auto, cpu or cuda")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PaperInputError(f"--device {name}, but torch sees no CUDA device; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise PaperInputError(f"--device {name}, but torch sees {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
     return device
 
 
@@ -182,7 +195,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0, help="initial weights, augmentation and data order")
     parser.add_argument("--models", default=None, help="comma-separated timm names (default: every row of the table)")
 
 
@@ -192,7 +205,8 @@ class TableSpec:
 
     ``rows``: ``(timm model name, row label)``; ``paper``: ``row label -> {"params": str,
     dataset name: test error %}``; ``recipe(dataset, args) -> Recipe``; ``model_kwargs(dataset) ->``
-    extra ``timm.create_model`` arguments; ``quick_rows``: the rows a ``--quick`` run trains.
+    extra ``timm.create_model`` arguments; ``quick_rows``: the rows a ``--quick`` run trains; ``check_args(args)``:
+    the experiment's own option checks, run before the data is read (raises :class:`~.common.PaperInputError`).
     """
 
     experiment: str
@@ -205,6 +219,7 @@ class TableSpec:
     quick_rows: tuple[int, ...] = (0, 1)
     quick_image_size: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    check_args: Callable[[argparse.Namespace], None] | None = None
 
 
 def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
@@ -225,7 +240,8 @@ def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
     if args.workers < 0:
         raise PaperInputError(f"--workers must be >= 0, got {args.workers}")
     device = device_of(args.device)
-    data = load_image_dataset(args.data)
+    if spec.check_args is not None:
+        spec.check_args(args)
     rows = spec.rows
     if args.models:
         known = dict(spec.rows)
@@ -234,6 +250,7 @@ def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
         if unknown or not names:
             raise PaperInputError(f"--models: unknown {unknown or args.models!r}; choose from {', '.join(known)}")
         rows = [(m, known[m]) for m in names]
+    data = load_image_dataset(args.data)  # every option checked first: reading a dataset takes a while
     recipe = spec.recipe(data, args)
     workers = args.workers
     if args.quick:
@@ -244,6 +261,7 @@ def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
         workers = 0
     results_rows, table = [], []
     for name, label in rows:
+        seed_everything(args.seed)  # the initial weights: the same for a row whatever rows ran before it
         model = timm.create_model(name, num_classes=data.num_classes, **spec.model_kwargs(data))
         cfg = model.pretrained_cfg
         scored = train_and_score(
