@@ -53,7 +53,7 @@ from torch import Tensor
 from . import kernels
 from .kernels import cpu as cpu_kernel
 from .kernels import flops as _flops  # noqa: F401  (registers the CPU operators' FLOP formulas)
-from .kernels.grads import definition_grads
+from .kernels.grads import definition_grads, is_batched
 
 __all__ = ["unit_rows", "wy_factor", "householder_affine", "householder_chain", "householder_dense"]
 
@@ -186,8 +186,13 @@ class _HouseholderRows(torch.autograd.Function):
         need_x, need_u, need_t, need_b = needs
         xa = x.to(u.dtype)
         w = p @ t
-        # dL/dz in a fresh buffer that later becomes dL/dx (z stays intact for retain_graph=True).
-        g = z.sign().mul_(grad_out) if ctx.apply_abs else grad_out.to(u.dtype)
+        # dL/dz in a fresh buffer that later becomes dL/dx (z stays intact for retain_graph=True); out of place
+        # when the backward is vmapped (batched gradients), which takes neither in-place updates nor out=.
+        in_place = not is_batched(grad_out)
+        if ctx.apply_abs:
+            g = z.sign().mul_(grad_out) if in_place else z.sign() * grad_out
+        else:
+            g = grad_out.to(u.dtype)
         gx = gu = gt = gb = None
         g_u = g @ u.transpose(0, 1)  # G = g U^T, (N, k)
         g_ut = g_u @ t.transpose(0, 1)  # G T^T
@@ -201,10 +206,10 @@ class _HouseholderRows(torch.autograd.Function):
         if need_t:
             gt = -(p.transpose(0, 1) @ g_u)
         if need_x:
-            if g is grad_out:
-                gx = torch.addmm(g, g_ut, u, alpha=-1)
-            else:
+            if in_place and g is not grad_out:
                 gx = _subtract_product_(g, g_ut, u)  # reuse g's buffer, used last
+            else:
+                gx = torch.addmm(g, g_ut, u, alpha=-1)
             gx = gx.to(x.dtype)
         return gx, gu, gt, gb, None, None
 
@@ -250,6 +255,45 @@ def _as_3d(x: Tensor, dim: int) -> Tensor:
     return x3d if x3d.is_contiguous() else x3d.contiguous()
 
 
+def _chain_definition(dtype: torch.dtype, normalize: bool, apply_abs: tuple[bool, ...]):
+    """The chain as a function of ``(x, u[, b])`` (``b``: the bias, or nothing), with plain differentiable ops."""
+    acc = _accumulation_dtype(dtype)
+
+    def definition(x: Tensor, u: Tensor, *b: Tensor) -> Tensor:
+        return _reference_chain(x, *_chain_parameters(u, b[0] if b else None, normalize, acc), apply_abs)
+
+    return definition
+
+
+def _chain_backward_batched(
+    grad: Tensor,
+    x: Tensor,
+    u: Tensor,
+    b: Tensor,
+    apply_abs: list[int],
+    normalize: bool,
+    need_input: bool,
+    need_params: bool,
+    saved_p: Tensor,
+    saved_sign: Tensor,
+) -> list[Tensor]:
+    """``householder_chain_backward`` on the legacy ``vmap``'s batched tensors: the backward of
+    ``autograd.grad(is_grads_batched=True)``, ``jacobian``/``hessian(vectorize=True)`` and ``gradcheck``'s batched
+    check, where only the backward is vmapped (the forward ran on the kernel). Those tensors give no access to their
+    batch from Python, so this is the definition's VJP with plain ops, which have batching rules; the projections and
+    signs a forward saved are recomputed. Registered for the ``Batched`` dispatch key only: calls without batched
+    tensors never come here."""
+    primals = (x, u, *([b] if b.numel() > 0 else []))
+    grads = torch.func.vjp(_chain_definition(x.dtype, normalize, tuple(bool(a) for a in apply_abs)), *primals)[1](grad)
+    dx = grads[0] if need_input else x.new_empty(0)
+    du = grads[1] if need_params else u.new_empty(0)
+    db = grads[2] if need_params and b.numel() > 0 else b.new_empty(0)
+    return [dx, du, db]
+
+
+cpu_kernel.define_fallback("householder_chain_backward", _chain_backward_batched, "Batched")
+
+
 def _chain_backward_setup(ctx, inputs: tuple, output) -> None:
     grad, x, u, b, apply_abs, normalize = inputs[:6]
     ctx.save_for_backward(grad, x, u, b)
@@ -266,10 +310,7 @@ def _chain_backward_backward(ctx, grads: list[Tensor | None]) -> tuple[Tensor | 
     partial (not through ``grad``'s own dependence on ``x``) and differentiable (higher orders).
     """
     grad, x, u, b = ctx.saved_tensors
-    acc = _accumulation_dtype(x.dtype)
-
-    def definition(x: Tensor, u: Tensor, *b: Tensor) -> Tensor:  # b: the bias, or nothing
-        return _reference_chain(x, *_chain_parameters(u, b[0] if b else None, ctx.normalize, acc), ctx.apply_abs)
+    definition = _chain_definition(x.dtype, ctx.normalize, ctx.apply_abs)
 
     def backward_operator(grad: Tensor, *primals: Tensor) -> tuple[Tensor, ...]:
         return torch.func.vjp(definition, *primals)[1](grad)

@@ -177,11 +177,23 @@ class HanLayer(HouseholderLinear):
     apply_abs = True
 
 
+class _ZeroInitLinear(nn.Linear):
+    """An ``nn.Linear`` whose ``reset_parameters`` zeroes it: :class:`LowRankLinear`'s ``up``, which a
+    re-initialisation (``reset_parameters()`` on every module, parents first, after ``to_empty``) resets after
+    its parent."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class LowRankLinear(nn.Module):
     """A rank-``r`` linear map without bias: ``y = B (A x)``, ``A: (r, n)``, ``B: (n_out, r)``.
 
     ``r (n + n_out)`` parameters and ``O((n + n_out) r)`` compute per row instead of
-    ``n n_out``. ``B`` starts at zero, so a fresh side path adds nothing.
+    ``n n_out``. ``B`` starts at zero, so a fresh side path adds nothing (also after
+    :meth:`reset_parameters`, or ``up.reset_parameters()``).
 
     Shapes: ``(..., n) -> (..., n_out)``. Parameters: ``down.weight`` ``(r, n)``,
     ``up.weight`` ``(n_out, r)``.
@@ -204,8 +216,12 @@ class LowRankLinear(nn.Module):
             )
         self.rank = rank
         self.down = nn.Linear(features, rank, bias=False, device=device, dtype=dtype)
-        self.up = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        nn.init.zeros_(self.up.weight)
+        self.up = _ZeroInitLinear(rank, out_features, bias=False, device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise ``A`` as ``nn.Linear`` does and ``B`` to zero."""
+        self.down.reset_parameters()
+        self.up.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.up(self.down(x))
@@ -291,6 +307,7 @@ class HanBlock(nn.Module):
             )
         self.features = features
         self.final_abs = final_abs
+        self.bias_init = bias_init
         # Registered before the layers only when enabled, so that the default block's
         # state_dict keys (fc1.*, fc2.*) are exactly those of the paper's block.
         self.input_scale = nn.Parameter(torch.ones(features, **factory)) if input_scale else None
@@ -300,14 +317,24 @@ class HanBlock(nn.Module):
         if bias_after_gain:
             kwargs["bias"] = False
         self.fc2 = (HanLayer if final_abs else HouseholderLinear)(features, **kwargs)
-        self.gain = nn.Parameter(torch.ones(features, **factory)) if gain else None
+        self.gain = nn.Parameter(torch.empty(features, **factory)) if gain else None
         self.bias = nn.Parameter(torch.empty(features, **factory)) if bias_after_gain else None
-        if self.bias is not None:
-            with torch.no_grad():  # initialised as fc2's bias would have been
-                bound = 1.0 / math.sqrt(features) if bias_init == "uniform" else 0.0
-                nn.init.uniform_(self.bias, -bound, bound)
+        HanBlock.reset_parameters(self)  # before the side path draws its weights, as fc2's bias would be drawn
         self.side = LowRankLinear(features, side_rank, **factory) if side_rank else None
         self.drop2 = nn.Dropout(drop2)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialise the block's own parameters: ``gain`` and ``input_scale`` to 1, the bias after the gain
+        as ``fc2``'s would be (``bias_init``). Not the layers' nor the side path's: each module has its own
+        ``reset_parameters`` (``side``'s up-projection resets to 0), so a meta-device model materialises with
+        ``to_empty`` and ``reset_parameters()`` on every module."""
+        for scale in (self.input_scale, self.gain):
+            if scale is not None:
+                nn.init.ones_(scale)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.features) if self.bias_init == "uniform" else 0.0
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fusable():

@@ -228,6 +228,40 @@ def test_flop_counter_counts_the_kernel_as_the_pytorch_path(make, shape, chains,
         assert flop_counts(module, x, True, backward=False) == flop_counts(module, x, False, backward=False)
 
 
+FAKE_CASES = [
+    (lambda: HanLayer(8), 1),
+    (lambda: HanLayer(8, reflections=3), 1),  # one layer, k > 1: householder_layer_forward_saving
+    (lambda: HanBlock(8), 1),
+    (lambda: HanBlock(8, dim=-2), 3),  # vectors along the middle: the column layout
+]
+
+
+@pytest.mark.usefixtures("kernel_path")
+@pytest.mark.parametrize("make,columns", FAKE_CASES)
+def test_fake_tensor_mode_runs_forward_and_backward_and_counts_flops(make, columns):
+    """Under ``FakeTensorMode`` (shape, memory or FLOP estimation without compute) the CPU kernel's operators had no
+    fake kernels: forward or backward raised ``UnsupportedOperatorException``. Now both paths run, give the real
+    shapes and count the FLOPs of a real run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(6)
+    module = make()
+    shape = (4, 8) if columns == 1 else (2, 8, columns)
+
+    def run():
+        with FlopCounterMode(display=False) as counter:
+            x = torch.randn(shape, requires_grad=True)
+            y = module(x)
+            y.sum().backward()
+        return y.shape, x.grad.shape, [p.grad.shape for p in module.parameters()], counter.get_total_flops()
+
+    real = run()
+    module.zero_grad(set_to_none=True)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = run()
+    assert fake == real and real[-1] > 0
+
+
 def test_flop_formulas():
     """One Han-layer (k = 1) of width n: x.u and the update, 2n + 1 MACs per row (T = [[2]] is a 1 x 1 product)."""
     assert flops.forward_macs(rows=64, features=512) == 64 * (2 * 512 + 1)
@@ -447,10 +481,21 @@ TRITON_CHECK = textwrap.dedent(
         tol = 1e-9 if dtype == torch.float64 else 2e-2
         torch.testing.assert_close(y.to(acc), ref.to(dtype).to(acc), atol=tol, rtol=tol)
         grad = torch.randn(rows, n, dtype=dtype)
-        got = torch.autograd.grad(y, [x] + params, grad)
-        want = torch.autograd.grad(ref, [xr] + params, grad.to(acc))
+        got = torch.autograd.grad(y, [x] + params, grad, retain_graph=True)
+        want = torch.autograd.grad(ref, [xr] + params, grad.to(acc), retain_graph=True)
         for g, w in zip(got, want):
             torch.testing.assert_close(g.to(acc), w, atol=tol * 5, rtol=tol * 5)
+        # create_graph=True and batched gradients (is_grads_batched) take the definition; u's gradient
+        # counted the path through V = T U twice there
+        got = torch.autograd.grad(y, [x] + params, grad, retain_graph=True, create_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.to(acc), w, atol=tol * 5, rtol=tol * 5)
+        grads = torch.randn(2, rows, n, dtype=dtype)
+        got = torch.autograd.grad(y, [x] + params, grads, retain_graph=True, is_grads_batched=True)
+        for i in range(2):
+            want = torch.autograd.grad(ref, [xr] + params, grads[i].to(acc), retain_graph=True)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g[i].to(acc), w, atol=tol * 5, rtol=tol * 5)
     print("triton ok")
     """
 )

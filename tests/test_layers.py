@@ -120,7 +120,7 @@ def test_gradcheck_float64(k, apply_abs, bias):
     def f(x, u, *b):
         return householder_affine(x, unit_rows(u), b[0] if b else None, apply_abs=apply_abs)
 
-    assert torch.autograd.gradcheck(f, (x, u) + ((b,) if bias else ()))
+    assert torch.autograd.gradcheck(f, (x, u) + ((b,) if bias else ()), check_batched_grad=True)
 
 
 @pytest.mark.parametrize("k", [1, 4])
@@ -464,3 +464,87 @@ def test_han_stack_bad_arguments_are_clear():
         HanStack.from_layers([HouseholderLinear(4)])
     with pytest.raises(ValueError, match="same features, reflections"):
         HanStack.from_layers([HanLayer(4), HanLayer(4, reflections=2)])
+
+
+BATCHED_BACKWARD_MODULES = [
+    lambda: HanLayer(6),
+    lambda: HanLayer(6, reflections=3),  # one layer, k > 1: the kernel's saved projections and signs
+    lambda: HanBlock(6, reflections=2),  # a fused chain
+    lambda: HanBlock(6, gain=True, input_scale=True, side_rank=2),  # the extras: layer by layer
+    lambda: HanStack(6, depth=3),
+    lambda: HanLayer(3, dim=0),  # vectors along the first dimension: the kernel's column layout
+]
+
+
+@pytest.mark.parametrize("make", BATCHED_BACKWARD_MODULES)
+def test_batched_backward_jacobian_and_hessian_match_the_loop(make):
+    """``autograd.grad(is_grads_batched=True)``, ``jacobian``/``hessian(vectorize=True)`` and ``torch.func.vmap`` over
+    ``autograd.grad`` vmap only the backward (the forward runs outside any transform): they raised on both paths (the
+    kernel's backward operator had no batching rule, the PyTorch backward updated the incoming gradient in place and
+    with ``addmm(out=)``)."""
+    torch.manual_seed(11)
+    module = make().double()
+    x = (
+        torch.randn(3, 4, dtype=torch.float64)
+        if getattr(module, "dim", -1) == 0
+        else torch.randn(2, 6, dtype=torch.float64)
+    )
+    functional = torch.autograd.functional
+    torch.testing.assert_close(functional.jacobian(module, x, vectorize=True), functional.jacobian(module, x))
+
+    def energy(v):
+        return module(v).square().sum()
+
+    torch.testing.assert_close(functional.hessian(energy, x, vectorize=True), functional.hessian(energy, x))
+    params = list(module.parameters())
+    leaf = x.clone().requires_grad_()
+    y = module(leaf)
+    cotangents = torch.randn(4, *y.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(y, [leaf, *params], cotangents, retain_graph=True, is_grads_batched=True)
+    # torch.func.vmap over autograd.grad: the same, through functorch's batching (the kernel: its vmap rule)
+    vmapped = torch.func.vmap(lambda c: torch.autograd.grad(y, [leaf, *params], c, retain_graph=True))(cotangents)
+    for i, cotangent in enumerate(cotangents):
+        looped = torch.autograd.grad(y, [leaf, *params], cotangent, retain_graph=True)
+        for got, got_func, want in zip(batched, vmapped, looped, strict=True):
+            torch.testing.assert_close(got[i], want)
+            torch.testing.assert_close(got_func[i], want)
+
+
+def test_meta_materialisation_with_reset_parameters_restores_the_initialisation():
+    """Meta-device construction, ``to_empty`` and ``reset_parameters()`` on every module in ``modules()`` order (what
+    FSDP's materialisation and many training scripts do) left a block's gain, input scale and bias-after-gain as
+    uninitialised memory (``HanBlock`` had no ``reset_parameters``) and the side path's up-projection at ``nn.Linear``'s
+    random init, so a fresh side path added up to 0.8 instead of nothing."""
+    for bias_init in ("uniform", "zeros"):
+        kwargs = dict(gain=True, input_scale=True, side_rank=2, bias_init=bias_init)
+        with torch.device("meta"):
+            block = HanBlock(16, **kwargs)
+        block.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in block.parameters():
+                p.fill_(float("nan"))  # whatever to_empty left
+        for module in block.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        assert bool((block.gain == 1).all()) and bool((block.input_scale == 1).all())
+        bound = 1 / math.sqrt(16) if bias_init == "uniform" else 0.0
+        assert block.bias.abs().max() <= bound and not block.bias.isnan().any()
+        if bias_init == "uniform":
+            assert block.bias.abs().max() > 0
+        assert bool((block.side.up.weight == 0).all()) and block.side.down.weight.abs().max() > 0
+        assert not any(p.isnan().any() for p in block.parameters())
+        assert list(block.state_dict()) == list(HanBlock(16, **kwargs).state_dict())  # checkpoints still load
+        x = torch.randn(3, 16)
+        torch.testing.assert_close(block(x), block.fc2(block.fc1(x)) + block.bias)  # g = s = 1, side path 0
+
+
+def test_han_mix_ffn_refuses_an_even_kernel_size():
+    """An even ``kernel_size`` with ``padding = kernel_size // 2`` grew the token grid ((2, 12, 8) came back as
+    (2, 20, 8)) without an error, and its Dirac start was off-centre."""
+    from han_surgery.surgery.modules import HanMixFfn
+
+    for kernel_size in (2, 4):
+        with pytest.raises(ValueError, match="kernel_size must be odd"):
+            HanMixFfn(8, kernel_size=kernel_size)
+    x = torch.randn(2, 12, 8)
+    assert HanMixFfn(8, kernel_size=5)(x, 3, 4).shape == x.shape

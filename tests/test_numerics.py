@@ -63,7 +63,7 @@ def test_gradgradcheck_wrt_input_vectors_and_bias(k, apply_abs):
     def f(x, u, b):
         return householder_affine(x, unit_rows(u), b, apply_abs=apply_abs)
 
-    assert torch.autograd.gradgradcheck(f, (x, u, b))
+    assert torch.autograd.gradgradcheck(f, (x, u, b), check_batched_grad=True)
 
 
 @pytest.mark.parametrize("cls", [HouseholderLinear, HanLayer])
@@ -77,7 +77,7 @@ def test_gradgradcheck_through_the_layers(cls):
 
     u = layer.u.detach().clone().requires_grad_()
     b = layer.bias.detach().clone().requires_grad_()
-    assert torch.autograd.gradgradcheck(f, (x, u, b))
+    assert torch.autograd.gradgradcheck(f, (x, u, b), check_batched_grad=True)
 
 
 def definition_layer(layer: HanLayer, x: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,55 @@ _LIBRARY.define(
 )
 
 
-def define_fallback(name: str, fn: Callable[..., object]) -> None:
-    """Register ``fn`` as operator ``name``'s ``CompositeExplicitAutograd`` kernel: what runs while the extension
-    (whose CPU kernel takes precedence) is not loaded."""
-    _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+# Fake kernels (torch._subclasses.fake_tensor.FakeTensorMode: shapes, memory and FLOPs without compute; fake tensors
+# report device "cpu", so the layers pick these operators): the outputs' shapes and dtypes, as the C++ kernels make them.
+@torch.library.register_fake("han_surgery::householder_chain_forward", lib=_LIBRARY)
+def _chain_forward_fake(x, u, b, abs, normalize):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("han_surgery::householder_layer_forward_saving", lib=_LIBRARY)
+def _layer_forward_saving_fake(x, u, b, abs, normalize):
+    rows, k, n = x.shape[0], u.shape[1], u.shape[2]
+    projections = x.new_empty(rows, k, dtype=torch.promote_types(x.dtype, torch.float32))  # the accumulation dtype
+    signs = x.new_empty(rows if abs[0] else 0, n, dtype=torch.int8)
+    return [torch.empty_like(x, memory_format=torch.contiguous_format), projections, signs]
+
+
+@torch.library.register_fake("han_surgery::householder_chain_backward", lib=_LIBRARY)
+def _chain_backward_fake(grad, x, u, b, abs, normalize, need_input, need_params, saved_p, saved_sign):
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_input else x.new_empty(0)
+    du = torch.empty_like(u, memory_format=torch.contiguous_format) if need_params else u.new_empty(0)
+    db = b.new_empty(u.shape[0], u.shape[2]) if need_params and b.numel() > 0 else b.new_empty(0)
+    return [dx, du, db]
+
+
+@torch.library.register_vmap("han_surgery::householder_chain_backward", lib=_LIBRARY)
+def _chain_backward_vmap(info, in_dims, grad, x, u, b, abs, normalize, need_input, need_params, saved_p, saved_sign):
+    """The backward operator under ``torch.func.vmap``: one call per element of the batch, stacked. Only a vmapped
+    backward of a graph recorded outside the transform gets here (``torch.func.vmap`` over ``autograd.grad``): the
+    layers never call the kernel inside ``torch.func`` transforms. The legacy vmap of
+    ``autograd.grad(is_grads_batched=True)``, ``jacobian``/``hessian(vectorize=True)`` and ``gradcheck`` has its own
+    kernel (``functional._chain_backward_batched``). Calls without a batched argument never see either."""
+    tensors = (grad, x, u, b, saved_p, saved_sign)
+    dims = (*in_dims[:4], *in_dims[8:10])
+    outputs = []
+    for i in range(info.batch_size):
+        grad_i, x_i, u_i, b_i, p_i, sign_i = (
+            t if d is None else t.select(d, i).contiguous() for t, d in zip(tensors, dims, strict=True)
+        )
+        outputs.append(
+            torch.ops.han_surgery.householder_chain_backward(
+                grad_i, x_i, u_i, b_i, abs, normalize, need_input, need_params, p_i, sign_i
+            )
+        )
+    return [torch.stack(list(out)) for out in zip(*outputs, strict=True)], [0, 0, 0]
+
+
+def define_fallback(name: str, fn: Callable[..., object], dispatch_key: str = "CompositeExplicitAutograd") -> None:
+    """Register ``fn`` as operator ``name``'s kernel for ``dispatch_key``: by default ``CompositeExplicitAutograd``,
+    what runs while the extension (whose CPU kernel takes precedence) is not loaded."""
+    _LIBRARY.impl(name, fn, dispatch_key)
 
 
 _lock = threading.Lock()

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .grads import definition_grads
+from .grads import definition_grads, is_batched
 
 __all__ = ["supports", "householder_rows", "MAX_REFLECTIONS"]
 
@@ -298,7 +298,8 @@ class _HouseholderRowsTriton(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         x, u, v, b = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the definition
+        # create_graph=True, or a vmapped backward (batched gradients, which a kernel cannot read): the definition
+        if torch.is_grad_enabled() or is_batched(grad_out):
             fn = lambda x, u, v, b: _reference(x, u, v, b, ctx.apply_abs).to(ctx.out_dtype)  # noqa: E731
             return (*definition_grads(fn, (x, u, v, b), needs, grad_out), None, None)
         with torch.autocast(grad_out.device.type, enabled=False):  # as the forward (see functional._HouseholderRows)

@@ -144,12 +144,14 @@ class HanMixFfn(nn.Module):
     projections become Householder layers, the activation becomes ``|.|``, and the depthwise conv,
     the block's spatial mixing (and, with its zero padding, its only source of position
     information), is kept at width ``n``. It starts as the identity (a Dirac kernel, zero
-    bias), so the new block initially computes exactly the paper's ``H2 |H1 x + b1| + b2``; its
-    ``n k^2 + n`` parameters keep the block ``O(n)``.
+    bias), so without ``pre_conv`` (or with ``Abs()``) the new block initially computes exactly the
+    paper's ``H2 |H1 x + b1| + b2``; with another ``pre_conv`` it computes ``H2 |f(H1 x + b1)| + b2``
+    (``H2 ReLU(H1 x + b1) + b2`` with ``nn.ReLU()``). Its ``n k^2 + n`` parameters keep the block ``O(n)``.
 
     Args:
         features: ``n``.
-        kernel_size: of the depthwise conv (the replaced one's).
+        kernel_size: of the depthwise conv (the replaced one's); odd, so that the zero padding keeps the
+            ``height x width`` grid (``ValueError`` otherwise).
         pre_conv: an activation between ``H1 x + b1`` and the conv, where the replaced block has one
             (PVTv2's linear variants: ``nn.ReLU()``; EfficientFormer-V2: ``Abs()``).
         drop: dropout after ``|.|`` and after ``H2``.
@@ -169,6 +171,10 @@ class HanMixFfn(nn.Module):
         **han_kwargs: Any,
     ) -> None:
         super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            # padding kernel_size // 2 keeps the grid only for odd sizes: an even one adds a row and a column of
+            # tokens (and puts the Dirac start off-centre)
+            raise ValueError(f"{type(self).__name__}: kernel_size must be odd and positive, got {kernel_size}")
         self.fc1 = HouseholderLinear(features, **han_kwargs)
         self.pre_conv = pre_conv if pre_conv is not None else nn.Identity()
         self.dwconv = nn.Conv2d(features, features, kernel_size, padding=kernel_size // 2, groups=features)
