@@ -1387,8 +1387,23 @@ def test_a_decoder_only_model_under_a_decoder_module_records_only_its_real_token
     mask = torch.tensor([[1] * 8, [1] * 5 + [0] * 3, [1] * 3 + [0] * 5])
     batch = {"input_ids": torch.randint(2, 100, (3, 8)), "attention_mask": mask}
     reservoir = TokenReservoir(1000, torch.Generator().manual_seed(0))
-    record_inputs(model, [batch], "decoder.layers.0.fc1", reservoir)
+    record_inputs(model, [batch], "decoder.layers.0.fc1", reservoir, flat_tokens=True)  # OPT flattens its tokens
     assert len(reservoir.sample) == 8 + 5 + 3
+    report = hanify(
+        model, HanConfig(), calibration=[batch], calibration_config=CalibrationConfig(steps=0, progress=False)
+    )
+    assert [b.tokens for b in report.calibration.blocks] == [16]  # the rule says so: fc1's input is (B * L, d)
+
+
+def test_a_padding_mask_leaves_other_flattened_inputs_whole():
+    """The (B * L, d) rule for OPT had applied to every 2-D input of as many rows: a vision tower's flattened
+    patches (a text-and-image batch whose patch count equals its text length) lost the rows of the text's padding."""
+    from han_surgery.surgery.calibration.record import as_rows
+
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]]).bool()
+    patches = torch.randn(8, 3)
+    assert as_rows(patches, mask).shape == (8, 3)
+    assert torch.equal(as_rows(patches, mask, flat=True), patches[mask.reshape(-1)])
 
 
 def test_decoder_blocks_record_the_decoder_tokens_not_the_encoders():

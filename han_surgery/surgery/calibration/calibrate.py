@@ -231,7 +231,9 @@ def _fit_block(
 ) -> tuple[Any, int]:
     """Record one swapped-in block's input rows and fit its site to them: ``(scores, number of rows)``."""
     reservoir = _reservoir(config, index)
-    record_inputs(model, record_set, site.input_path, reservoir, channels_first=site.channels_first)
+    record_inputs(
+        model, record_set, site.input_path, reservoir, channels_first=site.channels_first, flat_tokens=site.flat_tokens
+    )
     x = reservoir.sample
     if len(x) < 2:
         raise CalibrationDataError(
@@ -266,15 +268,15 @@ def _original_inputs(
     model: nn.Module, batches: list[Any], sites: list[Any], config: CalibrationConfig
 ) -> dict[int, TokenReservoir]:
     """Every site's input in the original model, sampled at the positions its later recording will keep."""
-    targets: dict[str, tuple[TokenReservoir, bool]] = {}
+    targets: dict[str, tuple[TokenReservoir, bool, bool]] = {}
     index_of: dict[str, int] = {}
     for index, site in enumerate(sites):
         if site is not None and not site.block_target:  # those are fitted to the block's own output
             path = site.original_input_path or site.input_path
-            targets[path] = (_reservoir(config, index), site.channels_first)
+            targets[path] = (_reservoir(config, index), site.channels_first, site.flat_tokens)
             index_of[path] = index
     record_inputs(model, batches, targets)
-    return {index_of[path]: res for path, (res, _) in targets.items()}
+    return {index_of[path]: res for path, (res, *_) in targets.items()}
 
 
 def _choose_kept(

@@ -180,18 +180,19 @@ def token_mask(batch: Any, path: str = "") -> Tensor | None:
     return mask.bool() if isinstance(mask, Tensor) and mask.dim() == 2 else None
 
 
-def as_rows(x: Tensor, mask: Tensor | None = None, channels_first: bool = False) -> Tensor:
+def as_rows(x: Tensor, mask: Tensor | None = None, channels_first: bool = False, flat: bool = False) -> Tensor:
     """The tokens of a module input as rows ``(T, d)``.
 
     ``x`` is ``(..., d)``, or ``(N, d, H, W)`` with ``channels_first``. A ``(B, L)``
-    padding mask selects the real tokens of a ``(B, L, d)`` input, or of a ``(B * L, d)`` one (OPT flattens the
-    tokens before its FFN); it is ignored when the shapes do not line up (e.g. a block that sees another sequence).
+    padding mask selects the real tokens of a ``(B, L, d)`` input, or with ``flat`` of a ``(B * L, d)`` one (OPT
+    flattens the tokens before its FFN; another 2-D input of as many rows, a vision tower's patches, is not the
+    batch's tokens); it is ignored when the shapes do not line up (e.g. a block that sees another sequence).
     """
     if channels_first:
         x = x.movedim(1, -1)
     if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         return x[mask.to(device=x.device, dtype=torch.bool)]
-    if mask is not None and x.dim() == 2 and x.shape[0] == mask.numel() and mask.dim() == 2:
+    if flat and mask is not None and x.dim() == 2 and x.shape[0] == mask.numel() and mask.dim() == 2:
         return x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
     return x.reshape(-1, x.shape[-1])
 
@@ -210,40 +211,42 @@ def _device_of(model: nn.Module) -> torch.device | None:
 def record_inputs(
     model: nn.Module,
     batches: Iterable[Any],
-    path: str | dict[str, tuple[TokenReservoir, bool]],
+    path: str | dict[str, tuple[TokenReservoir, bool] | tuple[TokenReservoir, bool, bool]],
     reservoir: TokenReservoir | None = None,
     *,
     channels_first: bool = False,
+    flat_tokens: bool = False,
 ) -> int:
     """Feed the input tokens of ``model.get_submodule(path)`` on each batch to ``reservoir``.
 
     With one module the forward stops right after its hook (the rest of the model does
     not run). ``path`` may instead map several module paths to ``(reservoir,
-    channels_first)``: they are all recorded in one full forward per batch.
+    channels_first[, flat_tokens])``: they are all recorded in one full forward per batch.
+    ``flat_tokens``: the module's input is the batch's tokens flattened to ``(B * L, d)`` (see :func:`as_rows`).
 
     Returns:
         The number of batches run.
     """
-    targets = path if isinstance(path, dict) else {path: (reservoir, channels_first)}
+    targets = path if isinstance(path, dict) else {path: (reservoir, channels_first, flat_tokens)}
     stop_after = None if isinstance(path, dict) else path
     device = _device_of(model)
     current: dict[str, Any] = {}
 
-    def make_hook(name: str, res: TokenReservoir, cf: bool):
+    def make_hook(name: str, res: TokenReservoir, cf: bool, flat: bool):
         def hook(_module: nn.Module, args: tuple) -> None:
             if name in current["seen"]:
                 return  # a module called twice per forward (shared weights): its first call is recorded
             current["seen"].add(name)
             if not args or not isinstance(args[0], Tensor):
                 raise CalibrationDataError(f"calibration: {name} was called without a tensor as its first input")
-            res.add(as_rows(args[0], token_mask(current["batch"], name), cf))
+            res.add(as_rows(args[0], token_mask(current["batch"], name), cf, flat))
             if name == stop_after:
                 raise _StopForward
 
         return hook
 
     handles = []
-    for name, (res, cf) in targets.items():
+    for name, (res, cf, *flat) in targets.items():
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -254,7 +257,7 @@ def record_inputs(
                 "CalibrationSite's input_path, a path in the rewritten model; where the original model has no module "
                 "there, its original_input_path must name the same point in the original model)"
             ) from None
-        handles.append(module.register_forward_pre_hook(make_hook(name, res, cf)))
+        handles.append(module.register_forward_pre_hook(make_hook(name, res, cf, bool(flat and flat[0]))))
     count = 0
     try:
         for batch in batches:

@@ -58,6 +58,8 @@ class CalibrationSite:
             branch ``x_o + reference(x_o) - x``, which is right only where ``x`` is the
             residual stream the parent adds ``fitted(x)`` to, unscaled: not behind a
             kept pre-norm, a layer scale, or a depthwise conv (ConvNeXt).
+        flat_tokens: ``x`` arrives as ``(B * L, d)``, the batch's tokens flattened
+            (OPT's decoder layer): the batch's padding mask selects its rows.
     """
 
     input_path: str
@@ -69,6 +71,7 @@ class CalibrationSite:
     original_input_path: str | None = None
     stream_path: str | None = None
     block_target: str = ""
+    flat_tokens: bool = False
 
 
 @dataclass

@@ -340,6 +340,7 @@ def inline_site(
     removed_norm: str | None = None,
     post_norm: nn.Module | None = None,
     block_target: str = "",
+    flat_tokens: bool = False,
 ) -> CalibrationSite:
     """The :class:`CalibrationSite` of an inline FFN rewritten by :func:`inline_han_swaps`.
 
@@ -347,7 +348,8 @@ def inline_site(
     ``("fc1", "activation_fn", "fc2")``); ``removed_norm`` names the layer's pre-norm
     when the rewrite dropped it (the reference applies it first); ``post_norm`` the norm the layer applies
     after adding the residual (post-norm layers), whose input residual is ``up``'s input; ``block_target`` why
-    ``up``'s input is not the residual stream (:attr:`CalibrationSite.block_target`).
+    ``up``'s input is not the residual stream (:attr:`CalibrationSite.block_target`); ``flat_tokens`` that it is
+    ``(B * L, d)`` (:attr:`CalibrationSite.flat_tokens`).
     """
     q = f"{cand.path}." if cand.path else ""
     new = [swaps[q + name] for name in old_chain if not isinstance(swaps.get(q + name), nn.Identity)]
@@ -362,6 +364,7 @@ def inline_site(
         original_input_path=q + removed_norm if removed_norm is not None else None,
         stream_path=cand.path or None,
         block_target=block_target,
+        flat_tokens=flat_tokens,
     )
 
 

@@ -76,5 +76,6 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacemen
         block_target="the pre-norm final_layer_norm is kept, so the block's input is the normalised stream"
         if pre and not config.drop_norm
         else "",
+        flat_tokens=name.startswith("OPT"),  # OPTDecoderLayer reshapes the tokens to (B * L, d) before fc1
     )
     return CalibratedReplacement(swaps, nb, site=site)
