@@ -99,3 +99,36 @@ def test_a_config_override_that_drops_layers_loads_the_rest(tmp_path) -> None:
     assert len(smaller.encoder.layer) == 1
     kept, original = smaller.encoder.layer[0].state_dict(), model.encoder.layer[0].state_dict()
     assert kept.keys() == original.keys() and all(torch.equal(kept[k], original[k]) for k in kept)
+
+
+def test_names_the_base_maps_and_its_sub_configs_read_and_edit_through(tmp_path) -> None:
+    """GPT-2 spells hidden_size n_embd (its attribute_map): reading it raised AttributeError and an assignment was
+    dropped; a composite base's sub-configs (an EncoderDecoderModel's decoder) read as dicts, so get_text_config()
+    returned a dict and GenerationConfig.from_model_config raised."""
+    torch.manual_seed(0)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    hanify(gpt2)
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    config = T.AutoConfig.from_pretrained(tmp_path / "gpt2")
+    assert (config.hidden_size, config.num_hidden_layers) == (32, 2)
+    config.num_hidden_layers = 1
+    assert config.base_config["n_layer"] == 1 and "num_hidden_layers" not in vars(config)
+    assert len(T.AutoModelForCausalLM.from_config(config).transformer.h) == 1
+
+    bert = T.BertConfig(**TINY)
+    pair = T.EncoderDecoderModel(T.EncoderDecoderConfig.from_encoder_decoder_configs(bert, bert)).eval()
+    hanify(pair)
+    pair.save_pretrained(tmp_path / "pair")
+    config = T.AutoConfig.from_pretrained(tmp_path / "pair")
+    assert isinstance(config.decoder, T.BertConfig) and config.decoder.hidden_size == 32
+    T.GenerationConfig.from_model_config(config)
+
+
+def test_an_assignment_counts_even_where_it_matches_the_wrappers_default(tmp_path) -> None:
+    """output_attentions=False on a config whose base saved True was taken for no edit (the wrapper's own default
+    is False), and the model still returned attentions."""
+    folder = _folder(tmp_path, output_attentions=True)
+    config = T.AutoConfig.from_pretrained(folder)
+    config.output_attentions = False
+    model = T.AutoModel.from_pretrained(folder, config=config)
+    assert model.config.output_attentions is False

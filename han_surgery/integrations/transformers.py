@@ -106,26 +106,50 @@ class HanifiedConfig(PreTrainedConfig):
         self._mirrored = {key: copy.deepcopy(getattr(self, key)) for key in (*shared, *_EDITABLE_PROPERTIES)}
 
     def __getattr__(self, key: str) -> Any:
-        """A field only the base config has (``config.hidden_size``) reads from ``base_config``."""
+        """A field only the base config has reads from it, as the base config reads it: ``config.hidden_size``
+        (GPT-2's ``n_embd``, through its ``attribute_map``), ``config.decoder`` (a sub-config, as a config)."""
         base = self.__dict__.get(HF_BASE_CONFIG_KEY)
-        if not key.startswith("_") and isinstance(base, dict) and key in base:
-            return base[key]
+        if not key.startswith("_") and isinstance(base, dict):
+            built = self._built_base(base)
+            if built is not None and hasattr(built, key):
+                return getattr(built, key)
+            if key in base:
+                return base[key]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {key!r}")
 
+    def _built_base(self, base: dict[str, Any]) -> PreTrainedConfig | None:
+        """``base`` as its config class builds it (cached while ``base_config`` is unchanged); ``None`` if it does
+        not build (an unknown model type)."""
+        cached = self.__dict__.get("_base_built")
+        if cached is not None and cached[0] == base:
+            return cached[1]
+        try:
+            built = transformers_base_config(base, "config.json")
+        except Exception:  # noqa: BLE001 (read the dict as it is)
+            built = None
+        self.__dict__["_base_built"] = (copy.deepcopy(base), built)
+        return built
+
     def __setattr__(self, key: str, value: Any) -> None:
-        """An assignment to a field only the base config has (``config.hidden_dropout_prob = 0.5``) goes there."""
+        """An assignment to a field only the base config has (``config.hidden_dropout_prob = 0.5``, GPT-2's
+        ``config.hidden_size``, its ``n_embd``) goes there; one to a field both have is an edit, even to the value it
+        holds (applied to the base config by :meth:`base_model_config` and :meth:`to_dict`)."""
         base = self.__dict__.get(HF_BASE_CONFIG_KEY)
         built = "_mirrored" in self.__dict__  # not while transformers' __init__ / __post_init__ set the fields
-        if built and isinstance(base, dict) and key in base and key not in self.__dict__ and key not in _OWN_FIELDS:
+        if built and key in self.__dict__["_mirrored"]:
+            self.__dict__.setdefault("_assigned", set()).add(key)
+        if built and isinstance(base, dict) and key not in self.__dict__ and key not in _OWN_FIELDS:
             if not isinstance(getattr(type(self), key, None), property):
-                self.__dict__[HF_BASE_CONFIG_KEY] = {**base, key: value}
-                return
+                name = _base_attribute_map(base).get(key, key)
+                if name in base:
+                    self.__dict__[HF_BASE_CONFIG_KEY] = {**base, name: value}
+                    return
         super().__setattr__(key, value)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
-        output.pop("_mirrored", None)
-        output.pop("_base_attn_implementation", None)
+        for private in ("_mirrored", "_assigned", "_base_built", "_base_attn_implementation"):
+            output.pop(private, None)
         if isinstance(output.get(HF_BASE_CONFIG_KEY), dict):  # an edit to the labels is saved where it is read
             output[HF_BASE_CONFIG_KEY] = {**output[HF_BASE_CONFIG_KEY], **self._edited_fields()}
         return output
@@ -133,8 +157,10 @@ class HanifiedConfig(PreTrainedConfig):
     def _edited_fields(self) -> dict[str, Any]:
         """The fields both configs have that were changed on this one since it was built (``config.num_labels =
         5``, ``config.output_hidden_states = True``)."""
-        mirrored = self.__dict__.get("_mirrored", {})
-        return {key: getattr(self, key) for key, value in mirrored.items() if getattr(self, key) != value}
+        mirrored, assigned = self.__dict__.get("_mirrored", {}), self.__dict__.get("_assigned", set())
+        return {
+            key: getattr(self, key) for key, value in mirrored.items() if key in assigned or getattr(self, key) != value
+        }
 
     def base_model_config(self, source: str = "config.json") -> PreTrainedConfig:
         """The base model's ``PretrainedConfig``, carrying the recipe (``han_recipe``) for ``Hanified*.__init__``.
@@ -154,6 +180,15 @@ class HanifiedConfig(PreTrainedConfig):
         base = transformers_base_config({**self.base_config, **self._edited_fields(), **attn}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
+
+
+def _base_attribute_map(base: dict[str, Any]) -> dict[str, str]:
+    """The base config class's ``attribute_map`` (GPT-2: ``hidden_size`` -> ``n_embd``); empty for an unknown type."""
+    try:  # a lazy mapping: its get() does not load the classes
+        config_class = configuration_auto.CONFIG_MAPPING[base.get("model_type")]
+    except KeyError:
+        return {}
+    return dict(getattr(config_class, "attribute_map", None) or {})
 
 
 _OWN_FIELDS = frozenset(
