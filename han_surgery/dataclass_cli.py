@@ -71,10 +71,17 @@ class CommandParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {self.usage_problem(message)}\n")
 
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # the value and the choices, from argparse itself: its message's wording differs between Pythons
+        self._invalid_choice = (value, action.choices) if action.choices is not None else None
+        super()._check_value(action, value)  # type: ignore[misc]
+
     def _closest(self, message: str) -> str | None:
-        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)
-        if choice:
-            typed, known = choice[1], re.findall(r"'([^']*)'", choice[2])
+        invalid = getattr(self, "_invalid_choice", None)
+        if "invalid choice: " in message and invalid is not None:
+            if "maybe you meant" in message:  # Python 3.14's own suggestion
+                return None
+            typed, known = str(invalid[0]), [str(c) for c in invalid[1]]
         elif message.startswith("unrecognized arguments: "):
             flags = [a.split("=")[0] for a in message.split()[2:] if a.startswith("-")]
             typed, known = (flags[0] if flags else ""), self._all_option_strings()

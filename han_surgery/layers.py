@@ -180,9 +180,19 @@ class HanLayer(HouseholderLinear):
 class _ZeroInitLinear(nn.Linear):
     """An ``nn.Linear`` whose ``reset_parameters`` zeroes it: :class:`LowRankLinear`'s ``up``, which a
     re-initialisation (``reset_parameters()`` on every module, parents first, after ``to_empty``) resets after
-    its parent."""
+    its parent. Built, it draws ``nn.Linear``'s random numbers before zeroing, so that what is built after it gets
+    the seeded weights it always got."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._zero = False  # nn.Linear.__init__ calls reset_parameters: its init first, as ever
+        super().__init__(*args, **kwargs)
+        self._zero = True
+        self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if not self._zero:
+            super().reset_parameters()
+            return
         nn.init.zeros_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)

@@ -548,3 +548,16 @@ def test_han_mix_ffn_refuses_an_even_kernel_size():
             HanMixFfn(8, kernel_size=kernel_size)
     x = torch.randn(2, 12, 8)
     assert HanMixFfn(8, kernel_size=5)(x, 3, 4).shape == x.shape
+
+
+def test_a_side_path_draws_the_random_numbers_it_always_drew() -> None:
+    """Its zero-initialised up-projection skipped nn.Linear's draw, so every module built after a side path (the
+    later Han-blocks of hanify(side_rank=...), a head) got other seeded weights than in earlier versions."""
+    from han_surgery.layers import LowRankLinear
+
+    torch.manual_seed(0)
+    LowRankLinear(16, 2)
+    after_side = torch.rand(4)
+    torch.manual_seed(0)
+    nn.Linear(16, 2, bias=False), nn.Linear(2, 16, bias=False)
+    assert torch.equal(after_side, torch.rand(4))
