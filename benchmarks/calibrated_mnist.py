@@ -4,7 +4,9 @@ The base model is the walkthrough's: timm ``vit_tiny_patch16_224`` with
 ``{"patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4}``, trained from
 scratch for 10 epochs on MNIST 10k with ``han_surgery.finetune`` (batch 64, lr 1e-3,
 30 warm-up steps, seed 0; one process here). It is trained once into ``--base`` unless
-that folder exists. Every MLP block is then replaced (pre-norm dropped, residual kept):
+that folder holds a ``model.safetensors``; a non-empty ``--base`` without one is refused, unless it is
+an unfinished base run of this script (it has the ``training_args.json`` that finetune writes first),
+which is trained again. Every MLP block is then replaced (pre-norm dropped, residual kept):
 
 * ``plain hanify``: random Han-blocks (what ``hanify`` did before calibration);
 * ``calibrated ...``: ``hanify(model, config, calibration=batches)`` with ``--num-calibration``
@@ -42,9 +44,13 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify, load_model
+from han_surgery.checks import non_negative_float, positive_float, positive_int
 from han_surgery.finetune import load_data
 from han_surgery.finetune.loop import distillation_loss
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_surgery import int_at_least  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mnist" / "mnist10k.npz"
@@ -64,7 +70,28 @@ VARIANTS: dict[str, HanConfig] = {
 }
 
 
-def train_base(out: Path, data: Path, threads: int) -> None:
+def base_action(base: Path) -> str:
+    """What to do with ``--base``: ``"load"`` (it holds a ``model.safetensors``), ``"train"`` (missing or empty),
+    ``"retrain"`` (an earlier base run's folder without weights: ``--overwrite`` empties it), or a ``ValueError``
+    for anything else (a file, or a folder of other things that ``--overwrite`` would delete)."""
+    if (base / "model.safetensors").is_file():
+        return "load"
+    if not base.exists():
+        return "train"
+    if not base.is_dir():
+        raise ValueError(f"--base {base} is not a folder")
+    if (base / "training_args.json").is_file():
+        return "retrain"
+    if any(base.iterdir()):
+        raise ValueError(
+            f"--base {base} is a non-empty folder without model.safetensors, not a base run of this script: "
+            "give a base run's folder, or a new or empty one"
+        )
+    return "train"
+
+
+def train_base(out: Path, data: Path, threads: int, overwrite: bool = False) -> None:
+    """Trains the base into ``out``; ``overwrite`` (only for an earlier base run's folder) lets finetune empty it."""
     cmd = [sys.executable, "-m", "han_surgery.finetune", "--model", "vit_tiny_patch16_224", "--model-kwargs", VIT]
     cmd += [
         "--data",
@@ -78,7 +105,8 @@ def train_base(out: Path, data: Path, threads: int) -> None:
         "--warmup-steps",
         "30",
     ]
-    cmd += ["--seed", "0", "--output-dir", str(out.resolve()), "--overwrite", "--no-progress", "--no-tensorboard"]
+    cmd += ["--seed", "0", "--output-dir", str(out.resolve()), "--no-progress", "--no-tensorboard"]
+    cmd += ["--overwrite"] if overwrite else []
     print("training the base model:", " ".join(cmd), flush=True)
     env = {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -140,7 +168,7 @@ def heal_one_epoch(
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--base", type=Path, default=ROOT / "runs" / "mnist_calibration" / "base")
@@ -152,11 +180,14 @@ def main() -> None:
         metavar="NAME",
         help="the variants to run, quoted (default: all): " + "; ".join(VARIANTS),
     )
-    parser.add_argument("--num-calibration", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=CalibrationConfig.steps, help="Adam steps per block.")
+    parser.add_argument("--num-calibration", type=positive_int, default=2048)
+    parser.add_argument("--steps", type=positive_int, default=CalibrationConfig.steps, help="Adam steps per block.")
     parser.add_argument("--no-heal", action="store_true", help="Skip the one-epoch fine-tunes.")
     parser.add_argument(
-        "--max-fvu", type=float, default=None, help="Keep the MLPs whose fit leaves more variance unexplained."
+        "--max-fvu",
+        type=non_negative_float,
+        default=None,
+        help="Keep the MLPs whose fit leaves more variance unexplained.",
     )
     parser.add_argument(
         "--keep-by",
@@ -164,35 +195,51 @@ def main() -> None:
         default="block",
         help="What --max-fvu is compared with (CalibrationConfig.keep_by).",
     )
-    parser.add_argument("--heal-lr", type=float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes.")
-    parser.add_argument("--heal-wd", type=float, default=0.05, help="AdamW weight decay of the one-epoch fine-tunes.")
     parser.add_argument(
-        "--heal-kd", type=float, default=0.0, help="Weight of a logit-distillation (KD, T = 2) term in the fine-tunes."
+        "--heal-lr", type=positive_float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes."
+    )
+    parser.add_argument(
+        "--heal-wd", type=non_negative_float, default=0.05, help="AdamW weight decay of the one-epoch fine-tunes."
+    )
+    parser.add_argument(
+        "--heal-kd",
+        type=non_negative_float,
+        default=0.0,
+        help="Weight of a logit-distillation (KD, T = 2) term in the fine-tunes.",
     )
     parser.add_argument(
         "--calibration-heal-steps",
-        type=int,
+        type=int_at_least(0),
         default=0,
         help="In-hanify healing steps (CalibrationConfig.heal_steps, every parameter, lr 2e-3): distillation of the "
         "base's hidden states on the unlabelled calibration images, before the accuracy right after surgery.",
     )
     parser.add_argument(
-        "--seeds", type=int, default=1, help="One-epoch fine-tunes per model (data orders seed .. seed+N-1)."
+        "--seeds", type=positive_int, default=1, help="One-epoch fine-tunes per model (data orders seed .. seed+N-1)."
     )
     parser.add_argument(
-        "--epochs", type=int, default=1, help="Fine-tune this many epochs (one cosine schedule) instead of one."
+        "--epochs",
+        type=positive_int,
+        default=1,
+        help="Fine-tune this many epochs (one cosine schedule) instead of one.",
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
-    if args.epochs < 1 or args.seeds < 1:
-        parser.error("--epochs and --seeds must be at least 1")
-    torch.set_num_threads(args.threads)
-    if not (args.base / "model.safetensors").is_file():
-        train_base(args.base, args.data, args.threads)
-    base = load_model(args.base).eval()
+    args = parser.parse_args(argv)
+    if not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
+    try:
+        action = base_action(args.base)
+    except ValueError as exc:
+        parser.error(str(exc))
     data = load_data(args.data, seed=0)  # the walkthrough's split: 1,000 held-out digits
+    if args.num_calibration > len(data.train):
+        parser.error(f"--num-calibration is {args.num_calibration:,}, but the training split has {len(data.train):,}")
+    torch.set_num_threads(args.threads)
+    if action != "load":
+        train_base(args.base, args.data, args.threads, overwrite=action == "retrain")
+    base = load_model(args.base).eval()
     g = torch.Generator().manual_seed(args.seed)
     pick = torch.randperm(len(data.train), generator=g)[: args.num_calibration].tolist()
     images = torch.stack([data.train[i][0] for i in pick])

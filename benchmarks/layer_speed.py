@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -127,7 +128,7 @@ def measure(
     return times
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=positive_int, default=8192)
     parser.add_argument("--widths", type=positive_int, nargs="+", default=[384, 768, 1024])
@@ -141,9 +142,14 @@ def main() -> None:
         "machine (use with --threads 1, since idle OpenMP threads spin and count as CPU time)",
     )
     parser.add_argument("--json", type=str, default=None, help="also write the raw timings here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if min(args.widths) < 16:
         parser.error(f"--widths must be >= 16 (the reflections=16 candidate needs n >= 16), got {min(args.widths)}")
+    if args.json:  # before measuring: a bad path fails now, not after the whole run
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--json {args.json}: cannot create its folder ({exc})")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(

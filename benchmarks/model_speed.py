@@ -18,7 +18,8 @@ under ``torch.no_grad`` in eval mode. "Han, PyTorch path" is the Han model with 
 kernels switched off (:func:`han_surgery.kernels.disabled`). Peak memory is measured in a
 separate process per variant: the growth of the peak resident set size over building the model
 and two training steps (parameters, gradients, optimizer state and activations), above the
-process after imports (transformers included; ``VmHWM`` in ``/proc/self/status``, Linux). The
+process after imports (transformers and the Han CPU kernel included, so that the kernel's one-time load is
+charged to no variant; ``VmHWM`` in ``/proc/self/status``, Linux). The
 child runs with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed tensors to the
 system at once: without it, glibc's adaptive threshold keeps the hanified model's freed FFN
 weights in the heap, and the resident set measures the allocator's history, not live memory.
@@ -223,6 +224,9 @@ def memory_child(kind: str, name: str, variant: str, batch: int) -> None:
     """Prints the peak RSS growth (MB) of building ``variant`` and running two training steps."""
     if kind == "surgery" and name == "bert_base":
         import transformers  # noqa: F401  (imported before the baseline, as timm is)
+    from han_surgery.kernels import cpu
+
+    cpu.available()  # the CPU kernel's one-time load (cpp_extension, the .so), before the baseline as well
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_mb("VmRSS")
     work = build(kind, name, variant, batch)
@@ -243,7 +247,7 @@ def _ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["transformers", "paper"])
     parser.add_argument("--only", nargs="+", default=None, help="run only rows whose label contains one of these")
@@ -256,7 +260,12 @@ def main() -> None:
     parser.add_argument("--no-torch-path", action="store_true", help="skip timing the Han models without kernels")
     parser.add_argument("--json", type=str, default=None, help="also write the raw timings here")
     parser.add_argument("--memory-child", nargs=4, metavar=("KIND", "NAME", "VARIANT", "BATCH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.json:  # before measuring: a bad path fails now, not after the whole run
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--json {args.json}: cannot create its folder ({exc})")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:

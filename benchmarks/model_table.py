@@ -99,13 +99,20 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(OUT), help="markdown file whose table block to rewrite ('-' to print)")
     args = parser.parse_args(argv)
+    begin, end = "<!-- table:begin (benchmarks/model_table.py) -->", "<!-- table:end -->"
+    out = Path(args.out)
+    doc = f"{begin}\n{end}\n"
+    if args.out != "-" and out.exists():  # checked before counting every model
+        try:
+            doc = out.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--out {out}: cannot read it ({exc})")
+        if begin not in doc or end not in doc.split(begin, 1)[1]:
+            parser.error(f"--out {out} has no {begin} ... {end} block to rewrite ('-' prints the table)")
     text = table()
     if args.out == "-":
         print(text)
         return text
-    out = Path(args.out)
-    begin, end = "<!-- table:begin (benchmarks/model_table.py) -->", "<!-- table:end -->"
-    doc = out.read_text() if out.exists() else f"{begin}\n{end}\n"
     head, rest = doc.split(begin, 1)
     _, tail = rest.split(end, 1)
     out.write_text(f"{head}{begin}\n{text}\n{end}{tail}")

@@ -1,0 +1,355 @@
+"""The benchmarks' argument checks and small helpers (no benchmark is run: each test takes a second or less).
+
+A bad flag is the parser's one-line error (exit 2), found before anything is measured or trained; folders and
+caches that a run would delete or misuse are refused.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _load(name: str):
+    """``benchmarks/<name>.py`` as a module (registered in ``sys.modules``: dataclasses look their module up there)."""
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(BENCHMARKS / f"{name}.py"):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The scripts set torch's thread count (--threads): put it back for the tests after them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def surgery():
+    return _load("calibrated_surgery")
+
+
+@pytest.fixture(scope="module")
+def cal_mnist():
+    return _load("calibrated_mnist")
+
+
+@pytest.fixture(scope="module")
+def brown():
+    return _load("calibrated_brown_genre")
+
+
+@pytest.fixture(scope="module")
+def mnist_models():
+    return _load("mnist_models")
+
+
+def _usage_error(capsys, main, argv: list[str]) -> str:
+    """Runs ``main(argv)``, which must stop with the parser's error (exit 2, no traceback); returns that line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert ": error: " in line
+    return line
+
+
+@pytest.fixture()
+def tiny_brown(tmp_path) -> Path:
+    """A Brown-format TSV: 15 genres x 2 sample files x 3 sentences."""
+    path = tmp_path / "brown.tsv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["genre_file", "sentence"])
+        for genre in "abcdefghjklmnpr":
+            for number in (1, 2):
+                for i in range(3):
+                    writer.writerow([f"c{genre}{number:02d}", f"Sentence {i} of file {genre}{number}."])
+    return path
+
+
+@pytest.fixture()
+def tiny_mnist(tmp_path) -> Path:
+    """An MNIST-format .npz: 100 digits, sorted by label as mnist10k.npz is."""
+    path = tmp_path / "digits.npz"
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 10)
+    np.savez(path, images=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8), labels=labels)
+    return path
+
+
+# --- calibrated_surgery.py / calibration_tradeoff.py ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--keep-by", "output"], "--keep-by says what --max-fvu is compared with"),
+        (["--keep-by", "block"], "--keep-by says what --max-fvu is compared with"),
+        (["--keep-by", "block", "--keep-count", "3"], "--keep-count"),
+        (["--max-fvu", "0.3", "--keep-count", "3"], "give one"),
+        (["--num-eval", "2"], "expected an integer >= 3"),
+        (["--batch-size", "0"], "expected a positive integer"),
+        (["--threads", "0"], "expected a positive integer"),
+        (["--num-calibration", "0"], "expected a positive integer"),
+        (["--keep-count", "0"], "expected a positive integer"),
+        (["--data", "/nonexistent/brown.tsv"], "no such file"),
+    ],
+)
+def test_calibrated_surgery_refuses_bad_flags(surgery, capsys, tiny_brown, argv, message):
+    argv = argv if "--data" in argv else [*argv, "--data", str(tiny_brown)]
+    assert message in _usage_error(capsys, surgery.main, argv)
+
+
+def test_calibrated_surgery_keep_by_defaults_and_combinations(surgery, tiny_brown):
+    data = ["--data", str(tiny_brown)]
+    assert surgery.parse_args(data)[1].keep_by == "block"
+    assert surgery.parse_args([*data, "--max-fvu", "0.3", "--keep-by", "output"])[1].keep_by == "output"
+    assert surgery.parse_args([*data, "--keep-count", "3", "--keep-by", "output"])[1].keep_count == 3
+
+
+def test_calibrated_surgery_counts_checked_against_the_data(surgery, capsys, tiny_brown, monkeypatch):
+    monkeypatch.setattr(surgery, "load_minilm", lambda: pytest.fail("the model loaded before the data was checked"))
+    line = _usage_error(capsys, surgery.main, ["--data", str(tiny_brown), "--num-calibration", "100000"])
+    assert "--num-calibration is 100,000, but the calibration half's sample files hold only 45 sentences" in line
+    line = _usage_error(capsys, surgery.main, ["--data", str(tiny_brown), "--num-calibration", "4"])
+    assert "--num-eval is 400" in line
+    cal, ev = surgery.brown_split(tiny_brown, 45, 45, 0)
+    assert len(cal) == len(ev) == 45 and not set(cal) & set(ev)
+
+
+def test_calibrated_surgery_deleted_row_counts_no_ffn_weights(surgery):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
+    model = BertModel(config)
+    total = sum(p.numel() for p in model.parameters())
+    ffn = 2 * (8 * 16 + 16 + 16 * 8 + 8)
+    assert surgery.ffn_params(model) == ffn
+    assert surgery.param_count(model, "original") == total
+    assert surgery.param_count(surgery.delete_ffns(model), "deleted") == total - ffn
+
+
+@pytest.mark.parametrize("argv", [["--threads", "0"], ["--num-eval", "1"], ["--record-batches", "0"]])
+def test_calibration_tradeoff_refuses_bad_flags(capsys, tiny_brown, argv):
+    tradeoff = _load("calibration_tradeoff")
+    _usage_error(capsys, tradeoff.main, [*argv, "--data", str(tiny_brown)])
+
+
+def test_calibration_tradeoff_counts_checked_before_the_model_loads(capsys, tiny_brown, monkeypatch):
+    tradeoff = _load("calibration_tradeoff")
+    monkeypatch.setattr(tradeoff, "load_minilm", lambda: pytest.fail("the model loaded before the data was checked"))
+    assert "--num-calibration" in _usage_error(capsys, tradeoff.main, ["--data", str(tiny_brown)])
+
+
+def test_zoo_heldout_refuses_zero_threads(capsys):
+    zoo = _load("zoo_heldout")
+    _usage_error(capsys, zoo.main, ["--threads", "0"])
+
+
+# --- calibrated_mnist.py -------------------------------------------------------------------------------------------
+
+
+def test_calibrated_mnist_base_action(cal_mnist, tmp_path):
+    assert cal_mnist.base_action(tmp_path / "new") == "train"
+    (tmp_path / "empty").mkdir()
+    assert cal_mnist.base_action(tmp_path / "empty") == "train"
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    (run / "training_args.json").write_text("{}")
+    (run / "checkpoint-100").mkdir()
+    assert cal_mnist.base_action(run) == "retrain"
+    (run / "model.safetensors").write_bytes(b"")
+    assert cal_mnist.base_action(run) == "load"
+    other = tmp_path / "mnist"
+    (other / "base_more").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="non-empty folder without model.safetensors"):
+        cal_mnist.base_action(other)
+    with pytest.raises(ValueError, match="not a folder"):
+        cal_mnist.base_action(other / "notes.txt")
+
+
+def test_calibrated_mnist_refuses_a_folder_it_would_wipe(cal_mnist, capsys, tiny_mnist, tmp_path, monkeypatch):
+    other = tmp_path / "mnist"
+    (other / "base_more").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    monkeypatch.setattr(cal_mnist.subprocess, "run", lambda *a, **k: pytest.fail("training started"))
+    line = _usage_error(capsys, cal_mnist.main, ["--base", str(other), "--data", str(tiny_mnist)])
+    assert "not a base run of this script" in line
+    assert (other / "notes.txt").read_text() == "mine" and (other / "base_more").is_dir()
+
+
+def test_calibrated_mnist_overwrites_only_an_earlier_base_run(cal_mnist, tmp_path, monkeypatch):
+    commands = []
+    monkeypatch.setattr(cal_mnist.subprocess, "run", lambda cmd, **k: commands.append(cmd))
+    cal_mnist.train_base(tmp_path / "base", tmp_path / "d.npz", 1)
+    cal_mnist.train_base(tmp_path / "base", tmp_path / "d.npz", 1, overwrite=True)
+    assert "--overwrite" not in commands[0] and "--overwrite" in commands[1]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--threads", "0"], ["--num-calibration", "0"], ["--epochs", "0"], ["--heal-lr", "0"], ["--steps", "0"]]
+)
+def test_calibrated_mnist_refuses_bad_flags(cal_mnist, capsys, tiny_mnist, tmp_path, argv):
+    _usage_error(capsys, cal_mnist.main, [*argv, "--data", str(tiny_mnist), "--base", str(tmp_path / "b")])
+
+
+def test_calibrated_mnist_calibration_count_checked_against_the_data(cal_mnist, capsys, tiny_mnist, tmp_path):
+    base = tmp_path / "base"
+    line = _usage_error(capsys, cal_mnist.main, ["--data", str(tiny_mnist), "--base", str(base)])
+    assert "--num-calibration is 2,048, but the training split has" in line
+    assert not base.exists()
+
+
+# --- calibrated_brown_genre.py -------------------------------------------------------------------------------------
+
+
+def test_brown_genre_settings_mismatch(brown):
+    recorded = {"seed": 0, "data": "/d.tsv", "data_bytes": 10, "num_train": 64, "base_epochs": 1}
+    assert brown.settings_mismatch(recorded, dict(recorded)) == []
+    current = {**recorded, "seed": 1, "base_epochs": 5}
+    assert brown.settings_mismatch(recorded, current) == ["seed: 0 -> 1", "base_epochs: 1 -> 5"]
+    assert brown.settings_mismatch({"seed": 0}, {"seed": 0, "max_length": 64}) == ["max_length: None -> 64"]
+
+
+def test_brown_genre_cached_base(brown, tmp_path, tiny_brown):
+    import argparse
+
+    args = argparse.Namespace(
+        seed=0, data=tiny_brown, num_train=8, base_epochs=1, max_length=32, batch_size=4, base_dir=tmp_path / "b.st"
+    )
+    settings = brown.base_settings(args)
+    assert settings["data"] == str(tiny_brown.resolve()) and settings["data_bytes"] == tiny_brown.stat().st_size
+    assert brown.cached_base(args.base_dir, settings) == (False, [])
+    args.base_dir.write_bytes(b"weights")
+    with pytest.raises(ValueError, match="no b.st.json beside it"):
+        brown.cached_base(args.base_dir, settings)
+    brown.settings_path(args.base_dir).write_text(json.dumps(settings))
+    assert brown.cached_base(args.base_dir, settings) == (True, [])
+    reuse, differences = brown.cached_base(args.base_dir, {**settings, "seed": 1})
+    assert not reuse and differences == ["seed: 0 -> 1"]
+
+
+def test_brown_genre_refuses_an_unrecorded_cache_and_oversized_counts(brown, capsys, tiny_brown, tmp_path):
+    cache = tmp_path / "base.safetensors"
+    cache.write_bytes(b"weights")
+    line = _usage_error(capsys, brown.main, ["--data", str(tiny_brown), "--base-dir", str(cache), "--num-train", "8"])
+    assert "delete it or give another --base-dir" in line and cache.read_bytes() == b"weights"
+    fresh = ["--data", str(tiny_brown), "--base-dir", str(tmp_path / "new.safetensors")]
+    assert "--num-train is 4,096" in _usage_error(capsys, brown.main, fresh)
+    assert "--num-test is 1,000" in _usage_error(capsys, brown.main, [*fresh, "--num-train", "8"])
+    for flag in ("--threads", "--batch-size", "--base-epochs", "--max-length"):
+        _usage_error(capsys, brown.main, [*fresh, flag, "0"])
+
+
+def test_brown_genre_split_is_file_disjoint(brown, tiny_brown):
+    train, test, genres = brown.split(tiny_brown, 30, 15, 0)
+    assert len(genres) == 15
+    assert not {s for s, _ in train} & {s for s, _ in test}
+
+
+# --- mnist_models.py -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "-1"],
+        ["--epochs", "0"],
+        ["--batch-size", "0"],
+        ["--threads", "0"],
+        ["--lr", "0"],
+        ["--n-test", "0"],
+    ],
+)
+def test_mnist_models_refuses_bad_flags(mnist_models, capsys, tiny_mnist, argv):
+    _usage_error(capsys, mnist_models.main, [*argv, "--data", str(tiny_mnist)])
+
+
+def test_mnist_models_counts_checked_against_the_data(mnist_models, capsys, tiny_mnist):
+    line = _usage_error(capsys, mnist_models.main, ["--data", str(tiny_mnist), "--n-test", "10"])
+    assert "--n-train is 8,000, but the data's train pool (80/20 per class) has 80" in line
+    line = _usage_error(capsys, mnist_models.main, ["--data", str(tiny_mnist), "--n-train", "10"])
+    assert "--n-test is 2,000" in line
+
+
+def test_mnist_models_prints_by_default_and_describes_its_data(mnist_models, capsys, tiny_mnist, monkeypatch):
+    card = ROOT / "model_cards" / "MNIST.md"
+    before = card.read_bytes()
+    monkeypatch.setattr(mnist_models.SPECS[3], "overrides", dict(embed_dim=16, mlp_ratio=(0.5, 1.0)))
+    argv = ["--data", str(tiny_mnist), "--n-train", "16", "--n-test", "20", "--epochs", "0.5", "--batch-size", "8"]
+    rows = mnist_models.main([*argv, "--models", "han_mixer_m2h0_32"])
+    assert len(rows) == 1 and rows[0]["steps"] == 1
+    out = capsys.readouterr().out
+    assert card.read_bytes() == before
+    assert "| `han_mixer_m2h0_32` (embed_dim=16" in out
+    assert f"on 16 of the 100 MNIST digits in `{mnist_models.data_facts(tiny_mnist)['path']}`" in out
+    assert "first 80 digits hold only the classes 0-7" in out
+    assert "Load average when this table was written" in out and "shared, loaded" not in out
+
+
+# --- model_table.py, layer_speed.py, model_speed.py ----------------------------------------------------------------
+
+
+def test_model_table_refuses_a_file_without_markers_before_counting(capsys, tmp_path, monkeypatch):
+    table = _load("model_table")
+    monkeypatch.setattr(table, "table", lambda: pytest.fail("counted before checking --out"))
+    out = tmp_path / "notes.md"
+    out.write_text("# my notes\n")
+    assert "no <!-- table:begin" in _usage_error(capsys, table.main, ["--out", str(out)])
+    assert out.read_text() == "# my notes\n"
+    monkeypatch.setattr(table, "table", lambda: "| t |")
+    fresh = tmp_path / "new.md"
+    table.main(["--out", str(fresh)])
+    assert "| t |" in fresh.read_text()
+
+
+def test_model_speed_json_folder_made_before_measuring(capsys, tmp_path):
+    speed = _load("model_speed")
+    out = tmp_path / "a" / "b" / "speed.json"
+    speed.main(["--rows", "paper", "--only", "no such row", "--no-memory", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == {}
+    (tmp_path / "file").write_text("")
+    line = _usage_error(capsys, speed.main, ["--rows", "paper", "--json", str(tmp_path / "file" / "x.json")])
+    assert "cannot create its folder" in line
+
+
+def test_layer_speed_json_folder_made_before_measuring(capsys, tmp_path):
+    layer = _load("layer_speed")
+    (tmp_path / "file").write_text("")
+    line = _usage_error(capsys, layer.main, ["--json", str(tmp_path / "file" / "x.json")])
+    assert "cannot create its folder" in line
+    out = tmp_path / "a" / "b" / "layers.json"
+    layer.main(["--rows", "4", "--widths", "16", "--rounds", "1", "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_model_speed_memory_baseline_includes_the_kernel(capsys, monkeypatch):
+    speed = _load("model_speed")
+    from han_surgery.kernels import cpu
+
+    calls = []
+    monkeypatch.setattr(cpu, "available", lambda: calls.append("kernel") or True)
+    monkeypatch.setattr(speed, "_status_mb", lambda field: calls.append(field) or 0.0)
+    speed.memory_child("paper", "hannet", "peer", 4)
+    assert calls == ["kernel", "VmRSS", "VmHWM"]
+    assert json.loads(capsys.readouterr().out) == {"peak_mb": 0.0}
