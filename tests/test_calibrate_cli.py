@@ -331,3 +331,35 @@ def test_calibration_data_errors_speak_of_calibration(data, message, sentences, 
     assert main(["hanify", "test_vit", "-o", str(tmp_path / "o"), "--calibrate", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message.format(path=path) in err, err
+
+
+def test_finetune_calibrates_an_image_folder_at_the_training_images_size(tmp_path, monkeypatch):
+    """``--calibrate <image folder>`` with 16x16 ``.npz`` --data fitted the surgery on 224x224 images (the folder
+    reader's default size) while the model trained on 16x16 ones."""
+    import numpy as np
+    from PIL import Image
+
+    from han_surgery.finetune import runner
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "rgb.npz"
+    np.savez(data, images=rng.integers(0, 255, (24, 16, 16, 3), dtype=np.uint8), labels=np.arange(24) % 2)
+    (tmp_path / "calib" / "a").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 0, 0)).save(tmp_path / "calib" / "a" / f"{i}.png")
+    shapes = []
+
+    def recording(*args, **kwargs):  # the batches' shapes, then a stop: the fit itself is not what is tested
+        shapes.extend(tuple(b.shape[1:]) for b in load_calibration_batches(*args, **kwargs))
+        raise ConfigError("recorded")
+
+    from han_surgery.errors import ConfigError
+    from han_surgery.finetune.calibration import load_calibration_batches
+
+    monkeypatch.setattr(runner, "load_calibration_batches", recording)
+    argv = ["--model", "test_vit", "--model-kwargs", json.dumps({**TINY_VIT, "img_size": 16}), "--data", str(data),
+            "--output-dir", str(tmp_path / "o"), "--no-progress", "--no-tensorboard", "--batch-size", "8",
+            "--max-steps", "1", "--hanify", "--calibrate", str(tmp_path / "calib"), *FAST,
+            "--calibration-num-samples", "8", "--calibration-batch-size", "4"]  # fmt: skip
+    assert finetune_cli(argv) == 2
+    assert shapes and set(shapes) == {(3, 16, 16)}, shapes

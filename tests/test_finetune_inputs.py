@@ -695,3 +695,148 @@ def test_text_labels_blank_or_mixed_are_refused(content: str, message: str, tmp_
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         load_data(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "t.csv",
+            "text,label\n" + "".join(f"t {i},{i % 2}\n" for i in range(8)) + "hello, world,1\n",
+            r"t\.csv, line 10: 3 cells, the header has 2 \(quote texts that contain a comma",
+        ),
+        (
+            "t.csv",
+            "label,text\n" + "".join(f"{i % 2},row {i}, with a comma\n" for i in range(8)),
+            r"t\.csv, line 2: 3 cells, the header has 2 \(quote texts that contain a comma",
+        ),
+        (
+            "t.tsv",
+            "text\tlabel\n" + "".join(f"t {i}\t{i % 2}\n" for i in range(8)) + "a\tb\t1\n",
+            r"t\.tsv, line 10: 3 cells, the header has 2 \(a text holds a tab",
+        ),
+    ],
+    ids=["text-first", "label-first", "tsv"],
+)
+def test_text_csv_row_with_more_cells_than_the_header_is_refused(
+    name: str, content: str, message: str, tmp_path: Path
+) -> None:
+    """An unquoted comma in a text cut the row short: ``hello, world,1`` trained as text 'hello' with a new class
+    'world', and with the label first every text lost its end, all without a message."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_data(path)
+    path.write_text("text,label\n" + "".join(f'"t {i}, more",{i % 2}\n' for i in range(8)))  # quoted: fine
+    assert load_data(path, val_fraction=0.25).train[0][0].endswith(", more")
+
+
+def test_npz_labels_of_shape_n_by_1_are_read_as_n(tmp_path: Path) -> None:
+    """Keras-style ``(N, 1)`` labels passed the checks and training then failed with a traceback ("0D or 1D target
+    tensor expected, multi-target not supported")."""
+    path = tmp_path / "y2d.npz"
+    np.savez(path, images=np.zeros((10, 8, 8), np.uint8), labels=(np.arange(10) % 2)[:, None])
+    data = load_data(path)
+    assert data.num_outputs == 2 and data.train[0][1].shape == ()
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "message"),
+    [
+        (np.zeros((10, 8, 8), np.uint8), np.zeros((10, 2), np.int64), r"'labels' must have shape \(N,\)"),
+        (np.zeros((10, 8, 8), np.uint8), np.array(1), r"'labels' must have shape \(N,\).*got \(\)"),
+        (np.array(3, np.uint8), np.arange(10) % 2, r"'images' must have shape \(N, H, W\).*got \(\)"),
+    ],
+    ids=["labels-2-columns", "labels-0d", "images-0d"],
+)
+def test_npz_arrays_of_the_wrong_rank_are_one_line(
+    images: np.ndarray, labels: np.ndarray, message: str, tmp_path: Path
+) -> None:
+    """0-d arrays crashed with "TypeError: len() of unsized object"; (N, 2) labels went on to training."""
+    path = tmp_path / "x.npz"
+    np.savez(path, images=images, labels=labels)
+    with pytest.raises(DataError, match=message):
+        load_data(path)
+
+
+def _word_tokenizer(pad: bool) -> object:
+    """A word-level tokenizer over the words of :func:`_text_data`: with a pad token (as BERT's), or without one
+    (as GPT-2's and LLaMA's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, "<pad>": 2, **{f"w{i}": i + 3 for i in range(20)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="<eos>", **extra)
+
+
+def _text_data(tmp_path: Path, words: int = 3) -> Path:
+    path = tmp_path / "t.csv"
+    path.write_text("text,label\n" + "".join(f"{' '.join(f'w{(i + j) % 20}' for j in range(words))},{i % 2}\n"
+                                             for i in range(24)))  # fmt: skip
+    return path
+
+
+def test_text_model_whose_tokenizer_has_no_pad_token_trains(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Training stopped at the first batch with "Asking to pad but the tokenizer does not have a padding token"
+    (GPT-2's, LLaMA's), though calibration pads such batches with the end-of-text token."""
+    import transformers as T
+
+    from han_surgery.finetune.data import make_text_collate
+
+    torch.manual_seed(0)
+    model = tmp_path / "gpt"
+    T.GPT2Model(T.GPT2Config(vocab_size=23, n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(model)
+    tokenizer = _word_tokenizer(pad=False)
+    tokenizer.save_pretrained(model)
+    inputs, _ = make_text_collate(tokenizer, 16)([("w1 w2 w3", 0), ("w4", 1)])
+    assert inputs["input_ids"][1].tolist() == [7, 1, 1] and inputs["attention_mask"].sum() == 4  # padded with <eos>
+    assert tokenizer.pad_token is None  # the caller's tokenizer is left as it was
+    data = _text_data(tmp_path)
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", str(model), "--data", str(data), "--output-dir", str(out),
+                         "--max-steps", "2", "--batch-size", "4", "--max-length", "16")  # fmt: skip
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 1  # the classifier finds the last token
+
+
+def test_max_length_beyond_the_model_positions_is_capped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The default --max-length 128 on a model of 16 positions failed with a traceback ("The size of tensor a (128)
+    must match the size of tensor b (16)") at the first batch of long texts: the check ran on two rows."""
+    import transformers as T
+
+    model = tmp_path / "bert"
+    cfg = T.BertConfig(vocab_size=23, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=16)  # fmt: skip
+    T.BertModel(cfg).save_pretrained(model)
+    _word_tokenizer(pad=True).save_pretrained(model)
+    data = _text_data(tmp_path, words=30)
+    out = tmp_path / "o"
+    code = cli([*("--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", "1"),
+                "--batch-size", "4", "--no-progress", "--no-tensorboard"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "note: --max-length 128 is more than --model" in captured.out and "cut to 16 tokens" in captured.out
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 16  # as trained
+
+
+def test_tsv_reads_double_quotes_as_text(tmp_path: Path) -> None:
+    """A tab-separated text whose cell started with an unclosed ``"`` swallowed the rows after it into one sample (one
+    label, no message), and a closed leading quote was dropped: GLUE/SST-style TSVs quote nothing."""
+    from han_surgery.surgery.calibration import read_texts
+
+    rows = [f"row {i} text\t{i % 2}" for i in range(10)]
+    rows[3], rows[6], rows[8] = '"Best film ever\t1', 'she said "wow" loudly\t0', '"Quoted" word here\t1'
+    path = tmp_path / "t.tsv"
+    path.write_text("text\tlabel\n" + "\n".join(rows) + "\n")
+    data = load_data(path, val_fraction=0.2)
+    texts = sorted(data.train.dataset.texts)
+    assert len(texts) == 10 and '"Best film ever' in texts and '"Quoted" word here' in texts
+    assert 'she said "wow" loudly' in texts
+    path.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    assert len(read_texts(path)) == 10 and read_texts(path)[3] == '"Best film ever'  # --calibrate x.tsv alike
+    csv_path = tmp_path / "t.csv"  # a comma-separated file still reads quotes as CSV quoting
+    csv_path.write_text("text,label\n" + "".join(f'"a, {i}",{i % 2}\n' for i in range(10)))
+    assert load_data(csv_path, val_fraction=0.2).train[0][0].startswith("a, ")

@@ -16,7 +16,8 @@ with a ``text`` column     and ``label`` (int, or strings mapped to ids in sorte
 =========================  ==================================================================
 
 A CSV is tab-separated when its first line holds more tabs than commas (or as many, in a ``.tsv``), and may start
-with a UTF-8 byte-order mark; header names are matched ignoring case and surrounding spaces.
+with a UTF-8 byte-order mark; header names are matched ignoring case and surrounding spaces. A comma-separated file
+quotes as CSV does (``"hello, world",1``); a tab-separated one quotes nothing (a ``"`` is part of the text).
 
 The held-out split is a fixed random ``val_fraction`` of the rows drawn from ``seed``, so it does
 not depend on the number of processes. Every problem raises :class:`DataError`, which names the file
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import io
 import json
 import math
 import warnings
@@ -44,6 +44,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from ..checks import MAX_NUM_CLASSES
 from ..errors import HanSurgeryError, first_line
 from ..fileio import csv_delimiter
+from ..surgery.calibration.data import padding_tokens, table_reader
 
 __all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
 
@@ -277,6 +278,13 @@ def load_npz(
     for name, array in (("images", images), ("labels", labels)):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: '{name}' has dtype {array.dtype}; expected numbers.")
+    # Shapes before len(): a 0-d array has none, and (N, K) labels would reach the loss as multi-target.
+    if labels.ndim == 2 and labels.shape[1] == 1:  # Keras' layout (CIFAR's y_train): one label a row
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DataError(f"{path}: 'labels' must have shape (N,), one class number per image, got {labels.shape}.")
+    if images.ndim not in (3, 4):
+        raise DataError(f"{path}: 'images' must have shape (N, H, W) or (N, H, W, C), got {images.shape}.")
     if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
         bad = np.argwhere(~np.isfinite(images.reshape(len(images), -1)))
         raise DataError(
@@ -415,7 +423,7 @@ def _read_csv_rows(path: Path) -> list[CsvRow]:
     text = _read_text(path)
     rows: list[CsvRow] = []
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), delimiter=csv_delimiter(text, path.suffix))
+        reader = table_reader(text, path.suffix)
         start = 1
         for row in reader:
             if row and any(c.strip() for c in row):
@@ -528,9 +536,14 @@ class TextDataset(Dataset):
 
 
 def make_text_collate(tokenizer: Any, max_length: int) -> Any:
+    """Batches of ``(text, label)`` as ``(tokenizer output, labels)``; a tokenizer without a pad token pads with its
+    end-of-text (or unknown) token, as calibration does (:func:`~han_surgery.surgery.calibration.data.padding_tokens`),
+    and is left as it was."""
+
     def collate(batch: list[tuple[str, int]]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         texts, labels = zip(*batch, strict=False)
-        enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with padding_tokens(tokenizer):
+            enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         return dict(enc), torch.tensor(labels, dtype=torch.int64)
 
     return collate
@@ -551,7 +564,19 @@ def _text_records(path: Path, rows: list[CsvRow] | None = None) -> tuple[list[di
         return records, places
     (_, header), *body = rows if rows is not None else _read_csv_rows(path)
     keys = _header_keys(header)  # a short row lacks the fields it misses, and load_text names it
+    for line, row in body:  # a long one would be cut short: an unquoted comma splits a text into text and label
+        if len(row) > len(keys):
+            raise DataError(
+                f"{path}, line {line}: {len(row)} cells, the header has {len(keys)} ({_long_row_hint(path)})."
+            )
     return [dict(zip(keys, row, strict=False)) for _, row in body], [f"line {line}" for line, _ in body]
+
+
+def _long_row_hint(path: Path) -> str:
+    """What to change about a row with more cells than the header (read again: this runs on an error only)."""
+    if csv_delimiter(_read_text(path), path.suffix) == "\t":
+        return "a text holds a tab, which a tab-separated file cannot quote: replace it by a space"
+    return 'quote texts that contain a comma: "hello, world",1'
 
 
 def load_text(

@@ -32,10 +32,11 @@ import torch
 from torch import nn
 from torch.utils.data import default_collate
 
-from ..errors import ConfigError, HanifyError, HanSurgeryError, for_option
+from ..errors import ConfigError, HanifyError, HanSurgeryError, first_line, for_option
 from ..fileio import atomic_write_text, publish_files
 from ..folders import WEIGHTS_NAME
 from ..surgery.calibration.config import CalibrationConfig
+from ..surgery.calibration.data import fallback_pad_token
 from ..surgery.calibration.heal import hidden_state_paths
 from ..surgery.engine import hanify
 from ..surgery.report import KEPT_BY_CALIBRATION, HanifyReport
@@ -69,6 +70,7 @@ __all__ = [
     "build_loaders",
     "check_loaders",
     "check_forward",
+    "cap_max_length",
     "prepare_training",
     "export",
     "timm_data_config",
@@ -135,6 +137,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         model_kwargs=config.model_kwargs,
         trust_remote_code=config.trust_remote_code,
     )
+    _set_pad_token_id(built)
     params_base = count_parameters(built.model)
     teacher = copy.deepcopy(built.model) if config.distill_from == "base" else None
     if teacher is not None:
@@ -152,7 +155,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
                 tokenizer=built.tokenizer,
                 train=data.train,
                 model_name=f"--model {config.model}",
-                image_size=config.image_size,
+                image_size=_calibration_image_size(config, data),
                 seed=config.calibration.seed if config.calibration else 0,
             )
         calibration_config = config.calibration
@@ -228,6 +231,60 @@ def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: 
     return paths
 
 
+def _calibration_image_size(config: FinetuneConfig, data: DataBundle) -> int | None:
+    """The square size ``--calibrate <image folder>`` resizes to: ``--image-size``, else that of the training images
+    (an ``.npz`` of 32x32 images calibrates at 32 px, not at the folder reader's default 224)."""
+    if config.image_size is not None or data.kind != "image" or data.image_size is None:
+        return config.image_size
+    height, width = data.image_size
+    return height if height == width else None  # a folder is resized to a square: no size fits other images
+
+
+def _set_pad_token_id(built: BuiltModel) -> None:
+    """A tokenizer without a pad token pads with its end-of-text token (:func:`~.data.make_text_collate`): give the
+    model's config that token as ``pad_token_id`` too when it has none, as transformers' sequence classifiers of
+    decoder models (GPT-2's) need to find each row's last real token in a batch of several rows."""
+    config = getattr(built.model, "config", None)
+    if built.tokenizer is None or config is None or getattr(config, "pad_token_id", 0) is not None:
+        return
+    try:
+        filler = fallback_pad_token(built.tokenizer)
+    except ValueError:  # nothing to pad with: check_forward says so in one line
+        return
+    if filler is not None:
+        config.pad_token_id = built.tokenizer.convert_tokens_to_ids(filler)
+
+
+#: ``tokenizer.model_max_length`` of a tokenizer that sets no limit (transformers' ``VERY_LARGE_INTEGER``).
+_NO_LIMIT = int(1e20)
+
+
+def cap_max_length(config: FinetuneConfig, built: BuiltModel) -> tuple[FinetuneConfig, str | None]:
+    """``config`` with ``max_length`` (``--max-length``) cut to what the model takes, its positions
+    (``config.max_position_embeddings``) and its tokenizer's ``model_max_length``, and a note saying so (``None``
+    when it fits). A longer batch would fail in the middle of training, where the position embeddings run out.
+
+    Capped with a note, as transformers' own example scripts (``run_glue.py``) cap ``--max_seq_length``: the default
+    128 is more than some small models take, and texts were to be cut anyway. The capped value is the one recorded
+    (``args.json``, the card, the saved tokenizer's ``model_max_length``).
+    """
+    limits = []
+    positions = getattr(getattr(built.model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, "config.max_position_embeddings"))
+    tokens = getattr(built.tokenizer, "model_max_length", None)
+    if isinstance(tokens, int) and 0 < tokens < _NO_LIMIT:
+        limits.append((tokens, "tokenizer.model_max_length"))
+    if not limits or config.max_length <= min(limits)[0]:
+        return config, None
+    limit, where = min(limits)
+    note = (
+        f"note: --max-length {config.max_length} is more than --model {config.model} takes ({limit} tokens, its "
+        f"{where}): texts are cut to {limit} tokens"
+    )
+    return dataclasses.replace(config, max_length=limit), note
+
+
 def build_loaders(config: FinetuneConfig, data: DataBundle, built: BuiltModel) -> tuple[Any, Any]:
     """The loaders step: shuffled, drop-last training batches and in-order evaluation batches."""
     collate = make_text_collate(built.tokenizer, config.max_length) if data.kind == "text" else None
@@ -268,7 +325,12 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
             "in training. Use --batch-size 2 or more."
         )
     collate = make_text_collate(built.tokenizer, config.max_length) if data.kind == "text" else default_collate
-    inputs, _ = collate([data.train[i] for i in range(min(2, len(data.train)))])  # no DataLoader: no RNG drawn
+    try:
+        inputs, _ = collate([data.train[i] for i in range(min(2, len(data.train)))])  # no DataLoader: no RNG drawn
+    except ValueError as e:  # the tokenizer cannot pad (no pad, end-of-text or unknown token)
+        if data.kind != "text":
+            raise
+        raise FinetuneError(f"--model {config.model}: {first_line(e)}.") from None
     shape = (
         "token ids " + "x".join(map(str, inputs["input_ids"].shape))
         if isinstance(inputs, dict)
@@ -473,6 +535,10 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         set_seed(config.seed)
         data = load_run_data(config)
         student = build_student(config, data, show_progress=accelerator.is_local_main_process)
+        if data.kind == "text":  # before anything uses or records --max-length
+            config, note = cap_max_length(config, student.built)
+            if note:
+                accelerator.print(note, flush=True)
         loaders = build_loaders(config, data, student.built)
         check_loaders(accelerator, config, loaders)
         check_forward(config, data, student)

@@ -26,7 +26,8 @@ import csv
 import io
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,14 @@ from torch.utils.data import Dataset
 from ...errors import ConfigError
 from ...fileio import csv_delimiter
 
-__all__ = ["CalibrationData", "calibration_batches", "read_texts"]
+__all__ = [
+    "CalibrationData",
+    "calibration_batches",
+    "fallback_pad_token",
+    "padding_tokens",
+    "read_texts",
+    "table_reader",
+]
 
 TEXT_COLUMNS = ("sentence", "text")
 
@@ -48,6 +56,16 @@ def _pick_column(header: list[str], source: Path) -> int:
         if name in lowered:
             return lowered.index(name)
     raise ValueError(f"{source}: no column named {' or '.join(TEXT_COLUMNS)} in the header {header}")
+
+
+def table_reader(text: str, suffix: str) -> Any:
+    """A ``csv.reader`` over a CSV / TSV file's ``text`` (``suffix``: the file's), as ``finetune --data`` and
+    :func:`read_texts` read one: the delimiter from the first line (:func:`~han_surgery.fileio.csv_delimiter`); a
+    comma-separated file quotes as CSV does, a tab-separated one (GLUE's, SST's) quotes nothing, so a ``"`` in a text
+    is part of it, not the start of a field that runs over the rows after it."""
+    delimiter = csv_delimiter(text, suffix)
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -61,10 +79,7 @@ def read_texts(path: str | Path) -> list[str]:
     if suffix == ".txt":
         return [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if suffix in (".tsv", ".csv"):
-        text = p.read_text(encoding="utf-8-sig")  # as finetune --data reads it: the delimiter from the first line
-        reader = csv.reader(
-            io.StringIO(text, newline=""), delimiter=csv_delimiter(text, suffix), quoting=csv.QUOTE_MINIMAL
-        )
+        reader = table_reader(p.read_text(encoding="utf-8-sig"), suffix)  # as finetune --data reads it
         try:
             header = next(reader, None)
             if header is None:
@@ -212,21 +227,44 @@ def with_decoder_inputs(batches: list[Any], model: Any) -> list[Any]:
     return out
 
 
-def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
-    """Batches of ``tokenizer`` output, the texts sorted by length first (little padding). A tokenizer without a
-    pad token (GPT-2's, LLaMA's) pads with its end-of-text (or unknown) token, set for this call only: the
-    attention mask keeps the padding out of the fit either way."""
-    texts = sorted(texts, key=len)
-    filler = None
-    if getattr(tokenizer, "pad_token", "") is None:
-        filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
-        if filler is None:
-            raise ValueError(
-                "the tokenizer has no pad, end-of-text or unknown token to pad the batches with; set "
-                "tokenizer.pad_token, or give batch_size=1"
-            )
+def fallback_pad_token(tokenizer: Any) -> str | None:
+    """The token to pad with when ``tokenizer`` has no pad token (GPT-2's, LLaMA's): its end-of-text token, else its
+    unknown token; ``None`` when it has a pad token.
+
+    Raises:
+        ValueError: it has no pad, end-of-text or unknown token.
+    """
+    if getattr(tokenizer, "pad_token", "") is not None:
+        return None
+    filler = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
+    if filler is None:
+        raise ValueError(
+            "the tokenizer has no pad, end-of-text or unknown token to pad the batches with; set "
+            "tokenizer.pad_token, or give batch_size=1"
+        )
+    return filler
+
+
+@contextmanager
+def padding_tokens(tokenizer: Any) -> Iterator[Any]:
+    """``tokenizer``, able to pad inside the ``with``: one without a pad token pads with
+    :func:`fallback_pad_token`'s token, set for the ``with`` only (the caller's tokenizer is left as it was). The
+    attention mask keeps the padding out of a model's attention either way."""
+    filler = fallback_pad_token(tokenizer)
+    if filler is not None:
         tokenizer.pad_token = filler
     try:
+        yield tokenizer
+    finally:
+        if filler is not None:
+            tokenizer.pad_token = None
+
+
+def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
+    """Batches of ``tokenizer`` output, the texts sorted by length first (little padding); a tokenizer without a
+    pad token pads as :func:`padding_tokens` says."""
+    texts = sorted(texts, key=len)
+    with padding_tokens(tokenizer):
         return [
             dict(
                 tokenizer(
@@ -235,6 +273,3 @@ def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int
             )
             for i in range(0, len(texts), batch_size)
         ]
-    finally:
-        if filler is not None:
-            tokenizer.pad_token = None
