@@ -23,14 +23,14 @@ from han_surgery import load_model
 from han_surgery.finetune import load_data
 
 ROWS = [
-    ("base", "base ViT, trained from scratch, {epochs} epochs"),
-    ("base_more", "base + {epochs} more epochs, no surgery (control)"),
+    ("base", "base ViT, trained from scratch, {epochs} epoch{s}"),
+    ("base_more", "base + {epochs} more epoch{s}, no surgery (control)"),
     (None, "hanified, right after surgery (no training)"),
-    ("hanified", "hanified + {epochs} epochs fine-tuning"),
-    ("hanified_distilled", "hanified + {epochs} epochs fine-tuning, distilled from the base"),
+    ("hanified", "hanified + {epochs} epoch{s} fine-tuning"),
+    ("hanified_distilled", "hanified + {epochs} epoch{s} fine-tuning, distilled from the base"),
     (
         "hanified_calibrated",
-        "calibrated hanify (gain, input scale, rank 8) + {epochs} epochs, logits + hidden distilled",
+        "calibrated hanify (gain, input scale, rank 8) + {epochs} epoch{s}, logits + hidden distilled",
     ),
 ]
 
@@ -85,7 +85,7 @@ def main() -> None:
         if name not in results:
             continue
         r = results[name]
-        label = label.format(epochs=r["epochs"])
+        label = label.format(epochs=r["epochs"], s="" if r["epochs"] == 1 else "s")
         lines.append(
             f"| {label} | {r['params']:,} | {r['eval_accuracy']:.2%} | {r['eval_loss']:.4f} | "
             f"{r['global_step']} | {r['total_runtime_s']:.0f} s |"

@@ -546,3 +546,14 @@ def test_more_than_64_reflections_take_the_pytorch_path(monkeypatch):
         with kernels.disabled():
             torch.testing.assert_close(y, layer(x))
     assert calls == [64]
+
+
+def test_each_installed_copy_builds_its_kernel_under_its_own_name(monkeypatch, tmp_path) -> None:
+    """A checkout and an installed copy shared one extension folder, and each one's build (its command names its own
+    source path) invalidated the other's: a two-process accelerate run recompiled the kernel ten times."""
+    from han_surgery.kernels import cpu
+
+    here = cpu.extension_name("AVX512")
+    assert here.startswith("han_surgery_cpu_avx512_") and cpu.extension_name("AVX512") == here
+    monkeypatch.setattr(cpu, "SOURCE", tmp_path / "householder_cpu.cpp")
+    assert cpu.extension_name("AVX512") != here

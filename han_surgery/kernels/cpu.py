@@ -20,6 +20,7 @@ a cache directory shared by different machines keeps one build per instruction s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -115,6 +116,15 @@ def on_load(callback: Callable[[], None]) -> None:
         _on_load.append(callback)
 
 
+def extension_name(isa: str) -> str:
+    """The name torch builds the extension under (its folder in torch's extension cache): one per CPU capability
+    and per installed copy of han-surgery (a short hash of this source's path). Two copies, a checkout and a pip
+    install, sharing one name rebuilt each other's kernel (a minute each) on every first use: each build command
+    names its own source file."""
+    digest = hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]
+    return f"han_surgery_cpu_{isa.lower()}_{digest}"
+
+
 def _build() -> None:
     # torch's extension logger is quieted for the import and the build: on a CUDA build of torch without a GPU its
     # import warns "No CUDA runtime is found" (this kernel is CPU-only), and without a C++ compiler it prints a
@@ -128,7 +138,7 @@ def _build() -> None:
         isa = torch.backends.cpu.get_cpu_capability()
         logger.info("han_surgery: compiling the CPU kernel for %s (first use only, about a minute)", isa)
         load(
-            name=f"han_surgery_cpu_{isa.lower()}",
+            name=extension_name(isa),
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
