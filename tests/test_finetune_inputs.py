@@ -840,3 +840,13 @@ def test_tsv_reads_double_quotes_as_text(tmp_path: Path) -> None:
     csv_path = tmp_path / "t.csv"  # a comma-separated file still reads quotes as CSV quoting
     csv_path.write_text("text,label\n" + "".join(f'"a, {i}",{i % 2}\n' for i in range(10)))
     assert load_data(csv_path, val_fraction=0.2).train[0][0].startswith("a, ")
+
+
+def test_num_classes_with_named_text_labels_is_refused(tmp_path: Path) -> None:
+    """Named labels make their own classes; --num-classes 3 on two names ended in a head-size error that blamed
+    --model-kwargs, after the model was built."""
+    data = tmp_path / "named.csv"
+    data.write_text("text,label\n" + "".join(f"row {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20)))
+    assert load_data(data, num_classes=2).num_outputs == 2  # as many as the names: nothing to refuse
+    with pytest.raises(DataError, match=r"--num-classes 3: .* class names \(2: neg, pos\)"):
+        load_data(data, num_classes=3)

@@ -86,7 +86,7 @@ def load_calibration_batches(
             raise ConfigError(
                 f"--calibrate {path}: unknown format {suffix!r}. Calibration takes text (.txt, one sample per line; "
                 ".tsv or .csv with a 'sentence' or 'text' column; .jsonl) for a model with a tokenizer, or an image "
-                "folder, an .npz of images or a numeric .csv; no labels are needed"
+                "folder, an .npz of images or a numeric .csv; no labels are needed (an .npz still holds its 'labels' array)"
             )
         else:
             from .data import DataError, DataWarning, load_data

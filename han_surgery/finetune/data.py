@@ -620,6 +620,12 @@ def load_text(
         labels = np.array(ints, dtype=np.int64)
     else:
         class_names = sorted({str(v) for v in raw})
+        if num_classes is not None and num_classes != len(class_names):
+            shown = ", ".join(class_names[:5]) + (", ..." if len(class_names) > 5 else "")
+            raise DataError(
+                f"--num-classes {num_classes}: {path} labels its rows with class names ({len(class_names)}: {shown}), "
+                "which make their own classes; --num-classes applies to class numbers: drop it."
+            )
         ids = {name: i for i, name in enumerate(class_names)}
         labels = np.array([ids[str(v)] for v in raw], dtype=np.int64)
     k = check_labels(labels, num_classes, str(path))
