@@ -850,3 +850,14 @@ def test_num_classes_with_named_text_labels_is_refused(tmp_path: Path) -> None:
     assert load_data(data, num_classes=2).num_outputs == 2  # as many as the names: nothing to refuse
     with pytest.raises(DataError, match=r"--num-classes 3: .* class names \(2: neg, pos\)"):
         load_data(data, num_classes=3)
+
+
+def test_auto_task_takes_a_column_of_large_integers_for_regression(tmp_path: Path) -> None:
+    """A year target (2000..2019, 20 values) was auto-detected as classification with 2,020 classes."""
+    years = tmp_path / "years.csv"
+    years.write_text("x,year\n" + "".join(f"{i},{2000 + i % 20}\n" for i in range(60)))
+    assert load_data(years).task == "regression"
+    classes = tmp_path / "classes.csv"
+    classes.write_text("x,y\n" + "".join(f"{i},{i % 3 + 1}\n" for i in range(60)))
+    bundle = load_data(classes)
+    assert (bundle.task, bundle.num_outputs) == ("classification", 4)

@@ -102,7 +102,9 @@ class FinetuneConfig:
         }
     )
     task: Literal["auto", "classification", "regression"] = _opt(
-        "auto", "for numeric CSVs: what the last column is (auto: classification for <= 20 integer values)", DATA
+        "auto",
+        "for numeric CSVs: what the last column is (auto: classification for <= 20 integer values in 0..20)",
+        DATA,
     )
     num_classes: int | None = _opt(None, "number of classes (default: largest label + 1)", DATA)
     val_fraction: float = _opt(0.1, "fraction of rows held out for evaluation (fixed by --seed)", DATA)

@@ -48,6 +48,10 @@ from ..surgery.calibration.data import padding_tokens, table_reader
 
 __all__ = ["DataError", "DataWarning", "DataBundle", "load_data", "TextDataset"]
 
+#: ``--task auto`` takes a numeric CSV's integer target for classes when it holds at most this many values, all in
+#: ``0..AUTO_CLASSES``; for regression otherwise.
+AUTO_CLASSES = 20
+
 Task = Literal["classification", "regression"]
 
 #: Normalisation of image pixels in [0, 1]: ``(x - 0.5) / 0.5``, the same for every channel.
@@ -488,9 +492,10 @@ def load_tabular_csv(
     if max_samples:
         values = values[:max_samples]
     features, target = values[:, :-1], values[:, -1]
-    if task == "auto":
+    if task == "auto":  # class numbers: few integers from 0 up (a year column is a quantity, not 2,020 classes)
         integral = np.all(np.mod(target, 1) == 0)
-        task = "classification" if integral and len(np.unique(target)) <= 20 and target.min() >= 0 else "regression"
+        few = len(np.unique(target)) <= AUTO_CLASSES and target.min() >= 0 and target.max() <= AUTO_CLASSES
+        task = "classification" if integral and few else "regression"
     train_idx, val_idx = split_indices(len(values), val_fraction, seed)
     # Standardise features with the training rows' statistics; constant columns stay (scaled by 1).
     mean, std = features[train_idx].mean(0), features[train_idx].std(0)
