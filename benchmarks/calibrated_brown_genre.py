@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
-from han_surgery.checks import non_negative_float, positive_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 from han_surgery.surgery.calibration.config import HEAL_PARAMS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrated_surgery import check_data, int_at_least, sample  # noqa: E402
+from calibrated_surgery import check_data, sample  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BROWN = ROOT.parent / "shared" / "data" / "text" / "brown_sentences.tsv"

@@ -44,13 +44,12 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify, load_model
-from han_surgery.checks import non_negative_float, positive_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int
 from han_surgery.finetune import load_data
 from han_surgery.finetune.loop import distillation_loss
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrated_surgery import int_at_least  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mnist" / "mnist10k.npz"

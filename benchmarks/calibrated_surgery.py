@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
-from han_surgery.checks import non_negative_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_int
 from han_surgery.surgery.calibration import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,21 +78,6 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
         CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),
     ),
 }
-
-
-def int_at_least(low: int):
-    """``argparse`` type: an integer >= ``low`` (``han_surgery.checks.positive_int`` for other bounds)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text}")
-        return value
-
-    return parse
 
 
 def check_data(parser: argparse.ArgumentParser, path: Path) -> None:

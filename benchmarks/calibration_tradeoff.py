@@ -40,13 +40,12 @@ from calibrated_surgery import (  # noqa: E402
     delete_ffns,
     embed,
     ffn_params,
-    int_at_least,
     load_minilm,
     scores,
 )
 
 from han_surgery import HanConfig, hanify  # noqa: E402
-from han_surgery.checks import positive_int  # noqa: E402
+from han_surgery.checks import int_at_least, positive_int  # noqa: E402
 from han_surgery.surgery.calibration import CalibrationConfig, CalibrationReport  # noqa: E402
 
 

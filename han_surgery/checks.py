@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .errors import ConfigError
@@ -19,6 +20,7 @@ __all__ = [
     "check_number",
     "MAX_NUM_CLASSES",
     "positive_int",
+    "int_at_least",
     "positive_float",
     "non_negative_float",
 ]
@@ -71,15 +73,24 @@ def check_bool(name: str, value: Any) -> None:
 
 
 # ``argparse`` types: a bad value becomes the parser's one-line usage error, never a traceback from deep inside.
-def positive_int(text: str) -> int:
-    """``argparse`` type: an integer >= 1."""
+def _int_from(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    return _int_from(text, 1, "a positive integer")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """``argparse`` type: an integer >= ``low`` (a step count that may be 0: ``int_at_least(0)``)."""
+    return lambda text: _int_from(text, low, f"an integer >= {low}")
 
 
 def _finite_float(text: str, low: float, low_open: bool, what: str) -> float:
