@@ -255,14 +255,18 @@ def _as_3d(x: Tensor, dim: int) -> Tensor:
     return x3d if x3d.is_contiguous() else x3d.contiguous()
 
 
-def _chain_definition(dtype: torch.dtype, normalize: bool, apply_abs: tuple[bool, ...]):
-    """The chain as a function of ``(x, u[, b])`` (``b``: the bias, or nothing), with plain differentiable ops."""
-    acc = _accumulation_dtype(dtype)
+def _chain_vjp(
+    grad: Tensor, primals: tuple[Tensor, ...], normalize: bool, apply_abs: tuple[bool, ...]
+) -> tuple[Tensor, ...]:
+    """What the backward operator computes, through the definition with plain differentiable ops: the chain's
+    gradients ``(dx, du[, db])`` at ``primals = (x, u[, b])`` (``b``: the bias, or nothing) for the output gradient
+    ``grad``."""
+    acc = _accumulation_dtype(primals[0].dtype)
 
     def definition(x: Tensor, u: Tensor, *b: Tensor) -> Tensor:
         return _reference_chain(x, *_chain_parameters(u, b[0] if b else None, normalize, acc), apply_abs)
 
-    return definition
+    return torch.func.vjp(definition, *primals)[1](grad)
 
 
 def _chain_backward_batched(
@@ -283,8 +287,7 @@ def _chain_backward_batched(
     batch from Python, so this is the definition's VJP with plain ops, which have batching rules; the projections and
     signs a forward saved are recomputed. Registered for the ``Batched`` dispatch key only: calls without batched
     tensors never come here."""
-    primals = (x, u, *([b] if b.numel() > 0 else []))
-    grads = torch.func.vjp(_chain_definition(x.dtype, normalize, tuple(bool(a) for a in apply_abs)), *primals)[1](grad)
+    grads = _chain_vjp(grad, (x, u, *([b] if b.numel() > 0 else [])), normalize, tuple(bool(a) for a in apply_abs))
     dx = grads[0] if need_input else x.new_empty(0)
     du = grads[1] if need_params else u.new_empty(0)
     db = grads[2] if need_params and b.numel() > 0 else b.new_empty(0)
@@ -310,10 +313,9 @@ def _chain_backward_backward(ctx, grads: list[Tensor | None]) -> tuple[Tensor | 
     partial (not through ``grad``'s own dependence on ``x``) and differentiable (higher orders).
     """
     grad, x, u, b = ctx.saved_tensors
-    definition = _chain_definition(x.dtype, ctx.normalize, ctx.apply_abs)
 
     def backward_operator(grad: Tensor, *primals: Tensor) -> tuple[Tensor, ...]:
-        return torch.func.vjp(definition, *primals)[1](grad)
+        return _chain_vjp(grad, primals, ctx.normalize, ctx.apply_abs)
 
     outputs, vjp = torch.func.vjp(backward_operator, grad, x, u, *([b] if b.numel() > 0 else []))
     # Cotangents of the operator's outputs (dx, du[, db]); zeros for those it left empty (not asked for).
