@@ -140,7 +140,8 @@ class HanifiedConfig(PreTrainedConfig):
             self.__dict__.setdefault("_assigned", set()).add(key)
         if built and isinstance(base, dict) and key not in self.__dict__ and key not in _OWN_FIELDS:
             if not isinstance(getattr(type(self), key, None), property):
-                name = _base_attribute_map(base).get(key, key)
+                built_base = self._built_base(base)
+                name = built_base.attribute_map.get(key, key) if built_base is not None else key
                 if name in base:
                     self.__dict__[HF_BASE_CONFIG_KEY] = {**base, name: value}
                     return
@@ -180,15 +181,6 @@ class HanifiedConfig(PreTrainedConfig):
         base = transformers_base_config({**self.base_config, **self._edited_fields(), **attn}, source)
         setattr(base, HF_RECIPE_KEY, self.han_recipe)
         return base
-
-
-def _base_attribute_map(base: dict[str, Any]) -> dict[str, str]:
-    """The base config class's ``attribute_map`` (GPT-2: ``hidden_size`` -> ``n_embd``); empty for an unknown type."""
-    try:  # a lazy mapping: its get() does not load the classes
-        config_class = configuration_auto.CONFIG_MAPPING[base.get("model_type")]
-    except KeyError:
-        return {}
-    return dict(getattr(config_class, "attribute_map", None) or {})
 
 
 _OWN_FIELDS = frozenset(
@@ -258,7 +250,7 @@ class _Hanified:
         paths = [r.path for step in recipe.steps for r in step.rewrites]
         # a part of the saved model (T5EncoderModel of a T5 seq2seq model), or fewer layers (num_hidden_layers=1)
         path_map = _in_part(self, _path_map(self, paths))
-        if paths and path_map is not None and all(path_map(p) is None for p in paths):
+        if paths and all(path_map(p) is None for p in paths):
             warnings.warn(
                 f"{type(self).__qualname__}: none of the {len(paths)} block(s) the recipe in {source} rewrote "
                 f"({paths[0]}, ...) is in this model, so it has no Han-block: its body is named otherwise than "

@@ -333,8 +333,13 @@ def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         keep = [(n, b) for n, b in model.named_buffers(remove_duplicate=False) if n not in persistent]
     model.to(dtype=dtype)
     for name, buffer in keep:
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = buffer
+        _put_buffer(model, name, buffer)
+
+
+def _put_buffer(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the buffer at the qualified ``name`` (its persistence unchanged)."""
+    owner, _, leaf = name.rpartition(".")
+    model.get_submodule(owner)._buffers[leaf] = tensor
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
@@ -409,8 +414,7 @@ def _to_file_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                 continue
             cast = tensor.to(value.dtype)
             for name in names[key]:
-                owner, _, leaf = name.rpartition(".")
-                model.get_submodule(owner)._buffers[leaf] = cast
+                _put_buffer(model, name, cast)
 
 
 def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False) -> nn.Module:
