@@ -211,17 +211,23 @@ def _not_the_stream(cand: Candidate, site: Site | None, kept_norm: nn.Module | N
     if site.residual not in ("add", "post"):
         return f"{type(cand.parent).__name__}'s residual is not x + branch ({site.note or site.residual})"
     if kept_norm is not None:
-        return f"the pre-norm {site.norm} is kept, so the block's input is the normalised stream"
+        return kept_pre_norm(site.norm)
     if residual_dropped:  # the scales became Identity and went into the reference
         return ""
-    scaled = [n for n in site.scales if not isinstance(cand.sibling(n) or nn.Identity(), nn.Identity)]
-    scaled += [n for n in site.gammas if isinstance(getattr(cand.parent, n, None), torch.Tensor)]
+
+    def active(names: tuple[str, ...]) -> list[str]:  # the scale modules the parent has and applies
+        return [n for n in names if not isinstance(cand.sibling(n) or nn.Identity(), nn.Identity)]
+
+    scaled = active(site.scales) + [n for n in site.gammas if isinstance(getattr(cand.parent, n, None), torch.Tensor)]
     if scaled:
         return f"a layer scale ({', '.join(scaled)}) scales the branch"
-    res_scaled = [n for n in site.res_scales if not isinstance(cand.sibling(n) or nn.Identity(), nn.Identity)]
-    if res_scaled:
-        return f"a scale ({', '.join(res_scaled)}) on the residual"
-    return ""
+    res_scaled = active(site.res_scales)
+    return f"a scale ({', '.join(res_scaled)}) on the residual" if res_scaled else ""
+
+
+def kept_pre_norm(norm: str | None) -> str:
+    """:attr:`CalibrationSite.block_target` of a block whose pre-norm ``drop_norm=False`` kept."""
+    return f"the pre-norm {norm} is kept, so the block's input is the normalised stream"
 
 
 def _norm_path(cand: Candidate, site: Site | None) -> str | None:

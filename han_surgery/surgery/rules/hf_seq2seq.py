@@ -18,7 +18,7 @@ from torch import nn
 from ..calibration.site import CalibratedReplacement
 from ..config import HanConfig
 from ..registry import Candidate, SkipCandidate, register_rule
-from ._common import dims, inline_han_swaps, inline_site, require_square
+from ._common import dims, inline_han_swaps, inline_site, kept_pre_norm, require_square
 
 # Class-name prefixes of layers that apply final_layer_norm *before* fc1.
 PRE_NORM_PREFIXES = (
@@ -73,9 +73,7 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacemen
         ("fc1", "activation_fn", "fc2"),
         removed_norm="final_layer_norm" if pre and config.drop_norm else None,
         post_norm=None if pre else norm,
-        block_target="the pre-norm final_layer_norm is kept, so the block's input is the normalised stream"
-        if pre and not config.drop_norm
-        else "",
+        block_target=kept_pre_norm("final_layer_norm") if pre and not config.drop_norm else "",
         flat_tokens=name.startswith("OPT"),  # OPTDecoderLayer reshapes the tokens to (B * L, d) before fc1
     )
     return CalibratedReplacement(swaps, nb, site=site)
