@@ -45,7 +45,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _recipe(data: ImageDataset, args: argparse.Namespace) -> Recipe:
-    _check_args(args)
     batch = 64 if data.name == "stl10" else 128
     return Recipe(
         epochs=args.epochs or 300,
