@@ -187,9 +187,8 @@ def _milestones(schedule: str, epochs: int) -> list[int] | list[float]:
     if schedule == "epoch":
         return positive_milestones([int(0.5 * epochs), int(0.7 * epochs)])
     if schedule == "authors":
-        return positive_milestones(
-            [0.5 * epochs, 0.7 * epochs]
-        )  # compared against the iteration count, as in their code
+        # compared against the iteration count, as in their code
+        return positive_milestones([0.5 * epochs, 0.7 * epochs])
     raise PaperInputError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
