@@ -215,3 +215,86 @@ def test_albert_shared_layer_is_rewritten_once_and_the_report_says_so():
     assert f"used by all {config.num_hidden_layers} layers" in rec.neighbours["shared"]
     assert isinstance(model, T.AlbertModel)
     output_tensor(model(**inputs)).sum()
+
+
+def _vit2() -> nn.Module:
+    """The zoo's tiny ViT with two blocks (each with its own norm2 and ls2)."""
+    model, _, _ = ZOO["timm/vit"]()
+    model.blocks.append(type(model.blocks[0])(dim=32, num_heads=2))
+    return model
+
+
+def _types(model: nn.Module) -> list[tuple[str, type]]:
+    return [(n, type(m)) for n, m in model.named_modules(remove_duplicate=False)]
+
+
+@pytest.mark.parametrize("residual", ["keep", "drop"])
+def test_a_shared_ffn_whose_neighbours_would_change_in_one_block_only_is_skipped(residual):
+    """One Mlp in two ViT blocks, each with its own norm2: the rewrite dropped blocks.0.norm2 only, and the shared
+    replacement ran behind blocks.1's kept LayerNorm (with residual='drop': x + Han(norm2 x) - norm2 x)."""
+    model = _vit2()
+    model.blocks[1].mlp = model.blocks[0].mlp
+    types = _types(model)
+    report = hanify(model, HanConfig(residual=residual))
+    assert report.num_rewritten == 0 and _types(model) == types and not recipe_of(model)
+    (skip,) = report.skipped
+    assert skip.path == "blocks.0.mlp"
+    assert "blocks.0.mlp is shared with blocks.1.mlp" in skip.reason and "blocks.0.norm2" in skip.reason
+    assert "drop_norm=False, residual='keep'" in skip.reason
+    # replacing the FFN alone is right in both blocks: rewritten once, and shared
+    report = hanify(model, HanConfig(drop_norm=False))
+    (rec,) = report.rewrites
+    assert rec.swapped == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert isinstance(model.blocks[0].mlp, HanBlock) and model.blocks[1].mlp is model.blocks[0].mlp
+    assert all(isinstance(b.norm2, nn.LayerNorm) for b in model.blocks)
+
+
+def test_a_shared_block_is_rewritten_once_with_its_neighbours():
+    """A whole block shared (its FFN and its norm reached under two paths each): one rewrite, at every path."""
+    model = _vit2()
+    model.blocks[1] = model.blocks[0]
+    (rec,) = hanify(model).rewrites
+    assert sorted(rec.swapped) == ["blocks.0.mlp", "blocks.0.norm2", "blocks.1.mlp", "blocks.1.norm2"]
+    assert isinstance(model.blocks[1].mlp, HanBlock) and isinstance(model.blocks[1].norm2, nn.Identity)
+
+
+def test_a_norm_shared_between_blocks_skips_them_with_the_shared_path():
+    """blocks.1.norm2 = blocks.0.norm2 aborted the call: "wants to replace 'blocks.1.norm2', which is not a
+    sub-module". Dropping it for one block would drop it for the other one too."""
+    model = _vit2()
+    model.blocks[1].norm2 = model.blocks[0].norm2
+    types = _types(model)
+    report = hanify(model)
+    assert report.num_rewritten == 0 and _types(model) == types and not recipe_of(model)
+    assert [s.path for s in report.skipped] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert "blocks.0.norm2, which the rewrite replaces, is shared with blocks.1.norm2" in report.skipped[0].reason
+    assert "blocks.1.norm2, which the rewrite replaces, is shared with blocks.0.norm2" in report.skipped[1].reason
+    assert all("drop_norm=False" in s.reason for s in report.skipped)
+    report = hanify(model, HanConfig(drop_norm=False))  # the norm stays: both blocks can be rewritten
+    assert report.num_rewritten == 2 and model.blocks[1].norm2 is model.blocks[0].norm2
+
+
+def test_a_hook_warning_under_warnings_as_errors_comes_after_the_step_is_recorded():
+    """The warning came between the swap and the recipe: under -W error the model was rewritten, had no recipe,
+    and a second call was a silent no-op, so it could not be saved."""
+    model = _vit2()
+    model.blocks[1].mlp.register_forward_hook(lambda module, args, output: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match=r"registered on blocks\.1\.mlp"):
+            hanify(model)
+    assert isinstance(model.blocks[1].mlp, HanBlock) and len(recipe_of(model)) == 1
+    assert model.pretrained_cfg["architecture"] == "hanified"  # the hanify hooks ran too
+
+
+def test_an_accelerate_offloaded_model_is_refused_before_anything_changes():
+    """cpu_offload / device_map offload keep the weights on meta and load them in a hook: the new blocks went onto
+    meta, without values, and the next forward raised."""
+    accelerate = pytest.importorskip("accelerate")
+    model = _vit2().eval()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    types = _types(model)
+    assert [r.path for r in hanify(model, dry_run=True).rewrites] == ["blocks.0.mlp", "blocks.1.mlp"]
+    with pytest.raises(ConfigError, match=r"'blocks\.0\.mlp' is offloaded by accelerate.*before dispatch"):
+        hanify(model)
+    assert _types(model) == types and not recipe_of(model)

@@ -503,3 +503,85 @@ def test_split_output_without_its_residual_input_names_the_argument():
         out(h)
     assert torch.equal(out(h, h), nn.functional.layer_norm(2 * h, (4,), out.LayerNorm.weight, out.LayerNorm.bias))
     assert torch.equal(HanSplitOutput(None, None, residual=False)(h), h)
+
+
+def _vit2() -> nn.Module:
+    """The zoo's tiny ViT with two blocks."""
+    model = ZOO["timm/vit"]()[0]
+    model.blocks.append(type(model.blocks[0])(dim=32, num_heads=2))
+    return model
+
+
+def test_a_replacement_holding_the_models_own_module_marks_nothing():
+    """The swapped-in mark was set while planning, on whatever the Replacement held: a rule that "swaps" a module for
+    itself marked the model's own module in a dry run (or a call that then failed), and no later call saw it again."""
+    register_rule("test.keep", matcher=lambda c: c.path == "blocks.0.mlp", priority=10_000)(
+        lambda cand, config: Replacement({cand.path: cand.module})
+    )
+    register_rule("test.boom", matcher=lambda c: c.path == "blocks.1.mlp", priority=10_000)(
+        lambda cand, config: (_ for _ in ()).throw(RuntimeError("boom"))
+    )
+    model = _vit2()
+    mlp = model.blocks[0].mlp
+    try:
+        hanify(model, HanConfig(include=["blocks.0.mlp"]), dry_run=True)
+        assert "_han_surgery_swapped_in" not in vars(mlp)
+        with pytest.raises(HanifyError, match="boom"):
+            hanify(model)
+        assert "_han_surgery_swapped_in" not in vars(mlp)
+        hanify(model, HanConfig(include=["blocks.0.mlp"]))  # swapped for itself: an original is never marked
+        assert "_han_surgery_swapped_in" not in vars(mlp)
+    finally:
+        unregister_rule("test.keep")
+        unregister_rule("test.boom")
+    report = hanify(model)
+    assert [r.path for r in report.rewrites] == ["blocks.0.mlp", "blocks.1.mlp"]
+    assert isinstance(model.blocks[0].mlp, HanBlock)
+    assert all(getattr(m, "_han_surgery_swapped_in", False) for m in (model.blocks[0].mlp, model.blocks[0].norm2))
+
+
+def test_dry_run_counts_a_tied_parameter_once():
+    """Each rewrite's params_before counted a parameter two FFNs share: the dry run predicted 29,765, not 33,861."""
+    model = _vit2()
+    model.blocks[1].mlp.fc1.weight = model.blocks[0].mlp.fc1.weight
+    model.blocks[1].norm1.weight = model.blocks[0].norm2.weight  # tied to a module that stays, and one that goes
+    dry = hanify(model, dry_run=True)
+    real = hanify(model)
+    assert dry.params_after == real.params_after == sum(p.numel() for p in model.parameters())
+
+
+def test_hanify_under_a_meta_default_device_names_the_path_and_the_remedy():
+    """The new blocks were built on meta and copying them to the model's device raised a bare NotImplementedError."""
+    model = ZOO["timm/vit"]()[0]
+    snap = _snapshot(model)
+    with torch.device("meta"), pytest.raises(HanifyError, match=r"'blocks\.0\.mlp'.*meta.*outside"):
+        hanify(model)
+    _assert_unchanged(model, snap)
+    assert not hasattr(model, "_han_surgery_recipe")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"priority": "100"}, r"register_rule\('test\.bad'\): priority must be an int, got '100'"),
+        ({"priority": True}, r"register_rule\('test\.bad'\): priority must be an int, got True"),
+        ({"priority": 1.5}, r"priority must be an int"),
+        ({"matcher": (Mlp, "blocks.*")}, r"register_rule\('test\.bad'\): matcher must be .*got \(<class"),
+        ({"matcher": ()}, r"register_rule\('test\.bad'\): matcher must be"),
+        ({"matcher": 42}, r"register_rule\('test\.bad'\): matcher must be .*got 42"),
+        ({"matcher": int}, r"register_rule\('test\.bad'\): matcher must be .*got <class 'int'>"),
+    ],
+)
+def test_register_rule_checks_priority_and_matcher(kwargs, match):
+    """A string priority was taken, and then every hanify raised 'bad operand type for unary -: str' naming no rule;
+    a tuple matcher holding a pattern failed only at hanify, as "'tuple' object is not callable"."""
+    try:
+        with pytest.raises(ValueError, match=match):
+            register_rule("test.bad", **{"matcher": Mlp, "builder": lambda cand, config: None, **kwargs})
+        assert "test.bad" not in [r.name for r in list_rules()]
+        with pytest.raises(ValueError, match=match):
+            register_rule("test.bad", **{"matcher": Mlp, **kwargs})  # the decorator form checks before it is applied
+        assert hanify(ZOO["timm/vit"]()[0], dry_run=True).num_rewritten == 1
+    finally:
+        if "test.bad" in registry._RULES:  # not list_rules(): a str priority breaks its sort
+            unregister_rule("test.bad")

@@ -11,14 +11,19 @@ The engine works in three phases, so a failure never leaves a half-rewritten mod
    builder. Builders create new modules and never touch the model; a builder
    may decline with :class:`SkipCandidate` (reported with its reason). A
    rewrite that would replace a module an earlier one already replaces is
-   skipped too. Any other exception aborts the call with :class:`HanifyError`:
-   nothing has been swapped yet.
+   skipped too, and so is one that would replace a shared module in one of its
+   uses only (an FFN two blocks share, whose pre-norm only one of them goes
+   through; a pre-norm two blocks share). Any other exception aborts the call
+   with :class:`HanifyError`: nothing has been swapped yet, and nothing of the
+   model is changed.
    Every new module must accept the calls of the module it replaces
    (:func:`call_signature_problem`, checked for every rule) and takes its
    train/eval mode.
 3. **swap** -- ``setattr`` every planned module (undone if a swap fails). A
    module reachable under several paths (shared) is replaced at all of them
-   by the one new module, so it stays shared.
+   by the one new module, so it stays shared. Warnings (hooks that went with a
+   replaced module) come once the step is recorded: under warnings-as-errors the
+   call raises with the model rewritten and recorded, not half-way.
    With ``calibration=`` data, the swaps happen one block at a time and each
    new block is fitted to the block it replaces before the next one is swapped
    in (:mod:`han_surgery.surgery.calibration`); a failure undoes every swap.
@@ -27,6 +32,9 @@ A wrapped model (``torch.compile``'s ``OptimizedModule``, ``DataParallel``) is u
 first (:func:`unwrap_model`): the rewrites and the recipe land on the model itself, with
 its own paths. ``DistributedDataParallel`` is refused (but for a dry run): it registered
 the parameters it all-reduces when it was built, so hanify its ``module`` and wrap again.
+So is a block accelerate offloads (``cpu_offload``, ``device_map`` with CPU or disk
+offload; but for a dry run): its weights wait on the meta device for a hook to load them,
+and the new block would have none. Hanify before dispatching.
 
 A model in which no rule recognises anything (and which holds no Han module)
 raises :class:`NothingToRewriteError`. If candidates exist but every one is
@@ -38,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -175,10 +184,106 @@ def _reference_tensor(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-#: Set on every module ``hanify`` swaps in: not itself a candidate for a later call (what makes repeating a call a
+#: Set on every module ``hanify`` swapped in, once the swaps are in (never in a dry run or a failed call, and never on
+#: a module of the model a rule put back): not itself a candidate for a later call (what makes repeating a call a
 #: no-op for a user's own replacement classes too, which ``HAN_MODULE_TYPES`` does not list). Its sub-modules are still
 #: looked at: a wrapper a rule put around the original FFN leaves that FFN to a later call.
 SWAPPED_IN = "_han_surgery_swapped_in"
+
+
+def _mark_swapped_in(planned: list[tuple[RewriteRecord, Replacement]], originals: set[int]) -> None:
+    """Set :data:`SWAPPED_IN` on the new modules of ``planned`` (swapped in), not on the model's own ones."""
+    for _, repl in planned:
+        for new in repl.swaps.values():
+            if id(new) not in originals:
+                setattr(new, SWAPPED_IN, True)
+
+
+def _hooked_by_accelerate(model: nn.Module, path: str) -> bool:
+    """Whether accelerate hooked (``_hf_hook``: ``cpu_offload``, ``dispatch_model``, ``from_pretrained(device_map=...)``)
+    the module at ``path``, a module inside it, or one holding it."""
+    parts = path.split(".")
+    holders = (model.get_submodule(".".join(parts[:i])) for i in range(len(parts)))
+    return any(hasattr(m, "_hf_hook") for m in (*model.get_submodule(path).modules(), *holders))
+
+
+def _built_on_meta(module: nn.Module, originals: set[int]) -> bool:
+    """Whether a part of ``module`` that a rule built (not one of the model's own) holds a tensor on the meta device."""
+    return any(
+        t is not None and t.is_meta
+        for part in module.modules()
+        if id(part) not in originals
+        for t in (*part._parameters.values(), *part._buffers.values())
+    )
+
+
+def _check_placement(
+    model: nn.Module,
+    rule: Rule,
+    cand: Candidate,
+    path: str,
+    new: nn.Module,
+    originals: set[int],
+    ref: torch.Tensor,
+    dry_run: bool,
+) -> None:
+    """Refuse, before the model is touched, to put ``new`` (for ``path`` of the rewrite of ``cand``; ``ref``: the
+    tensor it is placed like) where its new parts could get no values: a block accelerate offloads (its weights on
+    meta, loaded by a hook; a dry run may plan it), or a model with values when the rule built ``new`` on meta."""
+    if ref.is_meta and not dry_run and _hooked_by_accelerate(model, path):
+        raise ConfigError(
+            f"hanify: {cand.path!r} is offloaded by accelerate (its weights wait on the meta device for accelerate's "
+            "hooks to load them at each forward): the new blocks would have no values. Hanify the model before "
+            "dispatch (from_pretrained without device_map, or before cpu_offload / dispatch_model), then dispatch "
+            "it again"
+        )
+    if not ref.is_meta and _built_on_meta(new, originals):
+        raise HanifyError(
+            f"rule {rule.name!r} built the replacement of {path!r} on the meta device (no values), but the model is "
+            f"on {ref.device}: call hanify outside a `with torch.device('meta')` block, with a default device that is "
+            "not meta (torch.set_default_device); model unchanged"
+        )
+
+
+def _shared_elsewhere(
+    cand: Candidate, paths: list[str], aliases: Mapping[int, list[str]], modules: Mapping[str, nn.Module]
+) -> str | None:
+    """Why replacing the modules at ``paths`` (one rewrite's swaps) at every path each is reachable under would be
+    wrong, or ``None``.
+
+    It is right where every one is reachable only through the paths of the module holding them all (a whole block
+    used twice; an FFN replaced alone): each use then gets the same rewrite. It is wrong for an FFN two blocks use
+    whose neighbours (a pre-norm, a layer scale) the rewrite replaces in one block only, and for a neighbour two
+    blocks use (it would change for the other one too).
+    """
+    split = [p.split(".") for p in paths]
+    common = os.path.commonprefix(split)
+    homes = [h.split(".") if h else [] for h in aliases[id(modules[".".join(common)])]]
+    for path, parts in zip(paths, split, strict=True):
+        expected = {".".join([*home, *parts[len(common) :]]) for home in homes}
+        extra = ", ".join(a for a in aliases[id(modules[path])] if a not in expected)
+        if not extra:
+            continue
+        remedy = "replace the FFN alone (drop_norm=False, residual='keep') or give each use its own module"
+        if path == cand.path or path.startswith(cand.path + "."):
+            outside = ", ".join(p for p in paths if p != cand.path and not p.startswith(cand.path + "."))
+            return (
+                f"{path} is shared with {extra}, but the rewrite also replaces {outside}, which only this use goes "
+                f"through: the other use would get the new FFN with its old neighbours; {remedy}"
+            )
+        return f"{path}, which the rewrite replaces, is shared with {extra}, which would change too; {remedy}"
+    return None
+
+
+def _params_after_swaps(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> int:
+    """``count_parameters(model)`` once every planned swap is in (a dry run's prediction): the parameters of the
+    modules that stay and those of the new ones, each counted once (one tied between several modules too)."""
+    swaps = {path: new for _, repl in planned for path, new in repl.swaps.items()}
+    replaced = set(swaps)
+    kept = [m for path, m in model.named_modules(remove_duplicate=False) if not _under(path, replaced)]
+    seen = {id(p): p.numel() for m in kept for p in m.parameters(recurse=False)}
+    seen.update((id(p), p.numel()) for new in swaps.values() for p in new.parameters())
+    return sum(seen.values())
 
 
 def _place_new_parts(module: nn.Module, originals: set[int], ref: torch.Tensor) -> None:
@@ -315,9 +420,11 @@ def hanify(
 
     Raises:
         NothingToRewriteError: no rule recognises any module (and no Han module is present).
-        ConfigError: an include/exclude pattern matches no candidate (the message lists near names), or
-            ``config`` / ``calibration_config`` is not a ``HanConfig`` / ``CalibrationConfig`` (e.g. a dict).
-        HanifyError: a rule failed; the model is unchanged.
+        ConfigError: an include/exclude pattern matches no candidate (the message lists near names),
+            ``config`` / ``calibration_config`` is not a ``HanConfig`` / ``CalibrationConfig`` (e.g. a dict), or
+            a block to rewrite is offloaded by accelerate (hanify before dispatch); the model is unchanged.
+        HanifyError: a rule failed, or built its blocks on the meta device (a ``torch.device("meta")``
+            context); the model is unchanged.
         CalibrationDataError: the calibration data is empty, a batch has the
             wrong type, or the model raised on a batch (``CalibrationBatchError``, naming
             it); the model is unchanged (as after any failure of the fit).
@@ -376,7 +483,7 @@ def _rewrite(
         )
     _check_patterns(config, model, [c.path for c, _ in matches], han_paths)
 
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))  # every path of a shared module too
     originals = {id(m) for m in modules.values()}
     aliases = _aliases(model)
     planned: list[tuple[RewriteRecord, Replacement]] = []
@@ -435,6 +542,7 @@ def _rewrite(
             ),
             None,
         )
+        problem = problem or _shared_elsewhere(cand, list(repl.swaps), aliases, modules)
         if problem is not None:
             report.skipped.append(SkipRecord(cand.path, rule.name, problem))
             continue
@@ -456,13 +564,13 @@ def _rewrite(
         claimed.update(repl.swaps)
         claimed.update(a for others in shared.values() for a in others)
         for path, new in repl.swaps.items():
-            setattr(new, SWAPPED_IN, True)  # a later hanify leaves it alone, whatever its class
             for part in new.modules():  # a model in eval() stays in eval(): no dropout switched on
                 if id(part) not in originals:  # a module of the model that the rule reuses keeps its own mode
                     part.training = modules[path].training
             ref = _reference_tensor(modules[path])
             ref = ref if ref is not None else _reference_tensor(cand.module)
             if ref is not None:
+                _check_placement(model, rule, cand, path, new, originals, ref, dry_run)
                 _place_new_parts(new, originals, ref)
         neighbours = dict(repl.neighbours)
         if shared:
@@ -484,9 +592,7 @@ def _rewrite(
 
     report.rewrites = [rec for rec, _ in planned]
     if dry_run or not planned:
-        report.params_after = (
-            params_before - sum(r.params_before for r in report.rewrites) + sum(r.params_after for r in report.rewrites)
-        )
+        report.params_after = _params_after_swaps(model, planned)
         return report
 
     calibration_record: dict | None = None
@@ -505,7 +611,7 @@ def _rewrite(
         calibration_record = calibration_config.to_dict()
     else:
         _swap_all(model, planned)
-    _warn_dropped_hooks(modules, planned)
+    _mark_swapped_in(planned, originals)  # a later hanify leaves them alone, whatever their class
     report.params_after = count_parameters(model)
     if not report.rewrites:  # calibration kept every block: the model is as it was, no step to record
         return report
@@ -513,6 +619,7 @@ def _rewrite(
     record_step(model, RecipeStep(config, rewrites, calibration=calibration_record))
     for hook in _HANIFY_HOOKS:
         hook(model)
+    _warn_dropped_hooks(modules, planned)  # last: under warnings-as-errors, the step is complete and recorded
     return report
 
 
@@ -542,8 +649,8 @@ def _warn_dropped_hooks(modules: Mapping[str, nn.Module], planned: list[tuple[Re
     seen: set[int] = set()
     for _, repl in planned:
         for path, new in repl.swaps.items():
-            old = modules.get(path)  # named_modules() names a shared module once
-            if old is None or id(old) in seen:
+            old = modules.get(path)
+            if old is None or id(old) in seen:  # a shared module: one warning
                 continue
             seen.add(id(old))
             reused = {id(m) for m in new.modules()}

@@ -42,6 +42,7 @@ from typing import Literal, overload
 
 from torch import nn
 
+from ..checks import check_int
 from ..errors import ConfigError
 from .config import HanConfig, match_pattern
 
@@ -197,18 +198,28 @@ def register_rule(
             of that name, so a model rewritten by your rule would load back
             rewritten by the built-in one. Give yours a name of its own and a
             higher ``priority``.
-        matcher: module class(es), a name pattern, or ``matcher(candidate) -> bool``.
+        matcher: a module class or a non-empty tuple of them, a name pattern, or ``matcher(candidate) -> bool``.
         builder: ``builder(candidate, config) -> Replacement`` (omit to use as a decorator).
         changes: neighbours the rule may change, a subset of ``{"norm", "residual"}``
             (a tuple such as ``("norm",)``, not a bare string).
-        priority: rules are tried from the highest priority down (ties: in
+        priority: an ``int``; rules are tried from the highest priority down (ties: in
             registration order); the first that matches a module owns it.
         description: one line for ``list_rules`` and the docs.
 
     Returns:
         The :class:`Rule` (direct call) or the decorator (which returns the
         builder unchanged, so it stays a plain function).
+
+    Raises:
+        ValueError: a bad ``changes``, ``priority`` or ``matcher`` (the message names the rule: caught here, not
+            at every later ``hanify``), or a name that is taken.
     """
+    check_int(f"register_rule({name!r}): priority", priority)
+    if not _is_matcher(matcher):
+        raise ConfigError(
+            f"register_rule({name!r}): matcher must be an nn.Module class, a non-empty tuple of them, a name "
+            f"pattern (str) or a callable matcher(candidate) -> bool, got {matcher!r}"
+        )
     if isinstance(changes, str):
         raise ValueError(
             f"register_rule({name!r}): changes must be a collection of neighbour names, not the string "
@@ -245,6 +256,19 @@ def register_rule(
         return fn
 
     return decorator
+
+
+def _is_module_class(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, nn.Module)
+
+
+def _is_matcher(matcher: object) -> bool:
+    """Whether ``matcher`` is one of the kinds :meth:`Rule.matches` takes (see :data:`Matcher`)."""
+    if isinstance(matcher, type):  # a class is callable too: only a module class is a matcher
+        return _is_module_class(matcher)
+    if isinstance(matcher, tuple):
+        return bool(matcher) and all(_is_module_class(m) for m in matcher)
+    return isinstance(matcher, str) or callable(matcher)
 
 
 def _freeze_builtin_rules() -> None:
