@@ -334,9 +334,17 @@ def json_problem(path: str | Path) -> str | None:
 
 
 def folder_problems(folder: str | Path, required: Iterable[str]) -> list[str]:
-    """Why ``folder`` is not a complete model folder: missing required files, a held lock, corrupt files."""
+    """Why ``folder`` is not a complete model folder: missing required files, a held lock, a staging folder left
+    by an interrupted write (``<name>.tmp/``: :func:`publish_files` removes its staging folder once every file is
+    in place, so one that is still there was not published), corrupt files."""
     folder = Path(folder)
     problems = [f"missing {name}" for name in required if not (folder / name).is_file()]
+    for p in sorted(folder.glob("*.tmp")):
+        if p.is_dir():
+            problems.append(
+                f"{p.name}/ was left by an interrupted run (an export or save that did not finish): rerun it "
+                f"(finetune: --resume) or delete {p}"
+            )
     lock = FolderLock(folder)
     holder = lock.holder()
     if holder is not None:

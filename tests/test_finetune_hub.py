@@ -676,3 +676,99 @@ def test_push_without_private_leaves_visibility_to_the_hub_and_a_quoted_name_is_
     assert ModelCard(renamed).data.model_name == "renamed" and "\n# renamed\n" in renamed
     numeric = card_for_repo(card, "me/2025", "me/renamed")  # a new name YAML would read as a number: quoted
     assert ModelCard(numeric).data.model_name == "2025" and "\n# 2025\n" in numeric
+
+
+def test_push_refuses_an_interrupted_export_and_never_uploads_staging_folders(
+    finished: tuple[Path, dict, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A run interrupted in its export (``finetune --resume`` of a finished run, killed there) keeps its old card
+    next to a partial ``.export.tmp/``: the folder is not finished, and push says so in one line before the Hub is
+    contacted. The ignore patterns keep every ``*.tmp/`` folder's files (export, hanify and overwrite staging) out
+    of an upload however the folder got there; the run's own files still go up. Fake at the HfApi boundary; the
+    patterns go through huggingface_hub's own filter (the one ``upload_folder`` applies)."""
+    import shutil
+
+    from huggingface_hub.utils import filter_repo_objects
+
+    from han_surgery.cli import main
+    from han_surgery.fileio import folder_problems
+    from han_surgery.finetune.hub import UPLOAD_IGNORE
+
+    calls = fake_hub(monkeypatch)
+    folder = tmp_path / "run"
+    shutil.copytree(finished[0], folder, ignore=shutil.ignore_patterns("checkpoints"))
+    (folder / ".export.tmp").mkdir()
+    shutil.copy(folder / "model.safetensors", folder / ".export.tmp" / "model.safetensors")
+    (folder / ".export.tmp" / "config.json").write_text("{}")
+    assert any(".export.tmp" in p and "interrupted" in p for p in folder_problems(folder, ("README.md",)))
+    assert main(["push", str(folder), "someone/x"]) == 2
+    err = capsys.readouterr().err
+    assert calls == []  # nothing reached the Hub
+    assert err.count("\n") == 1 and ".export.tmp" in err and "interrupted" in err and "Nothing was uploaded" in err
+    shutil.rmtree(folder / ".export.tmp")
+    assert folder_problems(folder, ("README.md",)) == []
+    names = [
+        ".export.tmp/config.json",
+        ".export.tmp/model.safetensors",
+        ".hanify.tmp/han_config.json",
+        ".overwritten.tmp/old/model.safetensors",
+        "logs/step.tmp/x",
+        "checkpoints/step_0000010/model.safetensors",
+        ".model.safetensors.123.tmp",
+        "model.safetensors",
+        "config.json",
+        "logs/finetune/hparams.yml",
+    ]
+    assert list(filter_repo_objects(names, ignore_patterns=UPLOAD_IGNORE)) == names[-3:]
+
+
+def test_a_card_for_output_dir_dot_names_the_folder_it_leads_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finetune --output-dir .`` (or ``..``, ``runs/..``) titled the card and its model-index entry ``''``, and
+    push, reading ``"."`` back from training_args.json, kept them. Both name the folder the path leads to; push
+    finds it as the folder it uploads, whatever directory it runs in."""
+    from huggingface_hub import ModelCard
+
+    from han_surgery.finetune.hub import _card_to_upload
+
+    csv = regression_csv(tmp_path / "reg.csv", n=80)
+    folder = tmp_path / "runs" / "my-run"
+    folder.mkdir(parents=True)
+    monkeypatch.chdir(folder)
+    assert cli(argv(csv, Path("."), "--no-tensorboard", epochs=1)) == 0
+    local = (folder / "README.md").read_text()
+    assert ModelCard(local).data.model_name == "my-run" and "\n# my-run\n" in local
+    monkeypatch.chdir(tmp_path)  # where "." is another folder
+    card = _card_to_upload(folder, "me/han-reg")
+    assert ModelCard(card).data.model_name == "han-reg" and "\n# han-reg\n" in card and "# my-run" not in card
+
+
+def test_the_cards_command_shows_paths_under_home_as_tilde(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The card's ``Command:`` block names the user's home directory as ``~`` (the uploaded card showed
+    ``/home/<user>/...``); a shell reruns it as it was (han-surgery expands ``local-dir:~/...`` itself)."""
+    import shlex
+    import subprocess
+
+    from han_surgery.finetune.hub import command_line
+
+    home = tmp_path / "home" / "some user"
+    monkeypatch.setenv("HOME", str(home))
+    config = FinetuneConfig(
+        model=f"local-dir:{home}/base", data=f"{home}/data.csv", output_dir=f"{home}/runs/my run", distill_from="/opt/t"
+    )
+    command = command_line(config)
+    assert str(home) not in command and "some user" not in command, command
+    assert "--model local-dir:~/base --data ~/data.csv --output-dir ~/'runs/my run'" in command, command
+    assert "--distill-from /opt/t" in command  # a path elsewhere is as it was
+    words = subprocess.run(
+        ["bash", "-c", f'printf "%s\\n" {command.split(" ", 2)[2]}'],
+        env={"HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    monkeypatch.setenv("HOME", "/nowhere")
+    given = shlex.split(command_line(config).split(" ", 2)[2])  # the arguments the run was given
+    assert given[1] == f"local-dir:{home}/base" and words[1] == "local-dir:~/base"  # build_model expands it
+    assert words[2:] == given[2:] and words[words.index("--data") + 1] == f"{home}/data.csv"

@@ -391,3 +391,47 @@ def test_a_run_started_from_another_runs_checkpoint_must_use_that_runs_options(
     capsys.readouterr()
     assert cli([*argv, "--resume", step_1]) == 0
     assert "warning: --resume:" in capsys.readouterr().err
+
+
+def test_push_never_uploads_a_file_a_link_leads_to_outside_the_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``han-surgery push`` staged every file with links followed: a link in the folder to a file outside it
+    (``notes.txt -> ~/.ssh/id_rsa``) uploaded that file. Such a link is refused in one line, before the Hub is
+    contacted; a link to a file of the folder itself goes up, and a linked folder is not followed. Fake at the
+    HfApi boundary (create_repo / upload_folder record what would land in the repo)."""
+    from huggingface_hub import CommitInfo, HfApi
+    from safetensors.torch import save_file
+
+    from han_surgery.cli import main
+
+    calls: list[dict[str, bytes]] = []
+
+    def upload_folder(self: HfApi, **kw: object) -> CommitInfo:
+        staged = Path(str(kw["folder_path"]))
+        calls.append({str(p.relative_to(staged)): p.read_bytes() for p in staged.rglob("*") if p.is_file()})
+        return CommitInfo(commit_url="https://huggingface.co/me/x/commit/abc", commit_message="m",
+                          commit_description="", oid="abc")  # fmt: skip
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("PRIVATE KEY\n")
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("{}")
+    (folder / "README.md").write_text("# run\n")
+    (folder / "logs" / "config.json").symlink_to(folder / "config.json")  # inside the folder: uploaded
+    (folder / "keys").symlink_to(secret, target_is_directory=True)  # a linked folder: not followed
+    assert main(["push", str(folder), "me/x"]) == 0
+    assert sorted(calls[0]) == ["README.md", "config.json", "logs/config.json", "model.safetensors"]
+    assert b"PRIVATE KEY\n" not in calls[0].values()
+    calls.clear()
+    capsys.readouterr()
+    (folder / "logs" / "notes.txt").symlink_to(secret / "id_rsa")
+    assert main(["push", str(folder), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert calls == [] and err.count("\n") == 1, err
+    assert str(folder / "logs" / "notes.txt") in err and "outside" in err and "Nothing was uploaded" in err, err

@@ -6,9 +6,9 @@
   with the measured values) and a body with the base model, the parameters before/after, the recipe and how to
   load the model.
 * :func:`push_folder` uploads a folder with ``HfApi.create_repo`` + ``HfApi.upload_folder`` (token
-  from ``hf auth login`` or ``HF_TOKEN``); checkpoints are not uploaded, and the card goes up pointed at the
-  repo (:func:`card_for_repo`). Failures (no network, no
-  token, no permission) raise :class:`HubUploadError` and leave the local folder as it is.
+  from ``hf auth login`` or ``HF_TOKEN``); checkpoints and staging folders (``*.tmp/``) are not uploaded, a
+  link to a file outside the folder is refused, and the card goes up pointed at the repo (:func:`card_for_repo`).
+  Failures (no network, no token, no permission) raise :class:`HubUploadError` and leave the local folder as it is.
 * ``han-surgery push <dir> <repo_id>`` is :func:`push_folder` on the command line.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 from ..dataclass_cli import to_argv
 from ..errors import CheckpointError, HanSurgeryError
-from ..fileio import folder_problems
+from ..fileio import folder_problems, lies_in
 from ..folders import (
     CONFIG_NAME,
     HF_BASE_CONFIG_KEY,
@@ -52,7 +52,9 @@ __all__ = [
 ]
 
 TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "template.md"
-UPLOAD_IGNORE = ["checkpoints/*", "checkpoints/**", "*.tmp", "*.lock"]
+# training state, and staging folders of an unfinished write (.export.tmp, .hanify.tmp, .overwritten.tmp) and
+# their files: "*.tmp" alone matches no file inside one
+UPLOAD_IGNORE = ["checkpoints/*", "checkpoints/**", "*.tmp", "*.tmp/*", "*.tmp/**", "*.lock"]
 CARD_NAME = "README.md"
 RESULTS_NAME = "results.json"
 
@@ -65,7 +67,8 @@ def command_line(config: FinetuneConfig, num_processes: int = 1, mixed_precision
     """The command that reruns ``config`` (non-default options only): ``han-surgery finetune ...``, or
     ``accelerate launch --multi_gpu --num_processes N -m han_surgery.finetune ...`` for several processes.
     ``mixed_precision``: the one the run had, named when accelerate's config or launcher chose it (not
-    ``--mixed-precision``), so that the command reruns the run elsewhere."""
+    ``--mixed-precision``), so that the command reruns the run elsewhere. Paths under the home directory read
+    ``~/...`` (the card that shows the command names no local user)."""
     if config.mixed_precision is None and mixed_precision not in (None, "no"):
         config = dataclasses.replace(config, mixed_precision=mixed_precision)
     launcher = (
@@ -79,7 +82,17 @@ def command_line(config: FinetuneConfig, num_processes: int = 1, mixed_precision
     if config.calibrate is not None:
         argv += ["--calibrate", config.calibrate.source, *to_argv(config.calibrate, flag_prefix=FLAG_PREFIX)]
         argv += to_argv(config.calibration or CalibrationConfig(), flag_prefix=FLAG_PREFIX)
-    return " ".join([launcher, *map(shlex.quote, argv)])
+    return " ".join([launcher, *(_shell_word(arg, str(Path.home())) for arg in argv)])
+
+
+def _shell_word(arg: str, home: str) -> str:
+    """``arg`` quoted for a POSIX shell, a path under the home directory ``home`` as ``~/...`` (the shell expands
+    ``~/`` again, han-surgery ``local-dir:~/``)."""
+    for prefix in ("", "local-dir:"):
+        if home != "/" and (arg == prefix + home or arg.startswith(prefix + home + "/")):
+            rest = arg[len(prefix + home) + 1 :]
+            return f"{prefix}~/{shlex.quote(rest)}" if rest else f"{prefix}~"
+    return shlex.quote(arg)
 
 
 def _epochs(value: float) -> str:
@@ -296,7 +309,7 @@ def render_model_card(
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     repo_id = config.push_to_hub
-    model_name = repo_id.split("/")[-1] if repo_id else Path(config.output_dir).name
+    model_name = repo_id.split("/")[-1] if repo_id else _folder_name(config.output_dir)
     kinds = {"image": "image-classification", "text": "text-classification", "tabular": f"tabular-{data.task}"}
     task_type = kinds[data.kind]
     metrics = result.metrics
@@ -419,6 +432,14 @@ def write_model_card(directory: str | Path, **kwargs: Any) -> Path:
 FOLDER_PLACEHOLDER = "path/to/this/folder"  # where a card written without --push-to-hub loads the model from
 
 
+def _folder_name(path: str | Path, leads_to: Path | None = None) -> str:
+    """The name a card written without ``--push-to-hub`` gives its output folder ``path``: its last part, or, for
+    ``.``, ``..`` or ``runs/..``, the name of the folder it leads to (``leads_to`` where that is known: ``path`` is
+    relative to the directory the run ran in)."""
+    name = Path(path).expanduser().name
+    return name if name not in ("", "..") else Path(leads_to or path).expanduser().resolve().name
+
+
 def card_for_repo(text: str, repo_id: str, written_for: str | None, written_name: str | None = None) -> str:
     """The model card ``text`` with its name and "How to load it" pointing at the Hub repo ``repo_id``.
 
@@ -495,7 +516,8 @@ def _card_to_upload(directory: Path, repo_id: str) -> str:
     except OSError as e:
         raise _not_finished(directory, f"{card_path}: cannot be read ({e})") from None
     written_for = args.get("push_to_hub") if isinstance(args.get("push_to_hub"), str) else None
-    written_name = Path(args["output_dir"]).name if isinstance(args.get("output_dir"), str) else None
+    output_dir = args.get("output_dir")
+    written_name = _folder_name(output_dir, leads_to=directory) if isinstance(output_dir, str) else None
     return card_for_repo(card, repo_id, written_for, written_name)
 
 
@@ -506,8 +528,16 @@ def _not_finished(directory: Path, problem: str) -> HubUploadError:
 
 def _stage(directory: Path, staged: Path, card: str) -> None:
     """Fill the empty folder ``staged`` with ``directory`` as it should land in the repo: links to its files, and
-    the model card ``card`` (:func:`_card_to_upload`). The folder itself is not touched."""
+    the model card ``card`` (:func:`_card_to_upload`). The folder itself is not touched; a linked folder is not
+    followed. Raises :class:`HubUploadError` for a link to a file outside the folder (``notes.txt ->
+    ~/.ssh/id_rsa``), whose content is not the folder's to publish; a link to one of its own files is fine."""
+    root = directory.resolve()
     for path in directory.rglob("*"):
+        if path.is_file() and not lies_in(path, root):
+            raise HubUploadError(
+                f"{path} is a link to {path.resolve()}, outside {directory}: remove it, or replace it with a copy "
+                "of that file if it belongs in the repo. Nothing was uploaded."
+            )
         if path.is_file() and path != directory / CARD_NAME:
             target = staged / path.relative_to(directory)
             target.parent.mkdir(parents=True, exist_ok=True)
