@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -221,3 +222,130 @@ def test_push_refuses_a_truncated_folder(tmp_path: Path, monkeypatch: pytest.Mon
     assert main(["push", str(folder), "me/model"]) == 2
     err = capsys.readouterr().err
     assert "not a finished model folder" in err and "truncated" in err and uploads == []
+
+
+def _table(path: Path) -> Path:
+    """A two-class numeric CSV (200 rows, 4 features): tiny ``mlp`` runs of a second or two."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    np.savetxt(path, np.column_stack([x, x[:, 0] + x[:, 1] > 0]), delimiter=",", fmt="%.4f")
+    return path
+
+
+def _mlp(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "mlp:8x1", "--data", str(data), "--output-dir", str(out), "--batch-size", "16",
+            "--no-progress", "--no-tensorboard", *extra]  # fmt: skip
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (the lock file aside) and its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".han-surgery.lock"
+    }
+
+
+def test_another_runs_checkpoint_resumes_only_into_a_new_folder_or_one_of_its_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--resume Y/checkpoints/step_N --output-dir X`` with X a finished run of other options was accepted (X is "a
+    run folder"): X's checkpoints were deleted as "abandoned", its metrics cut, its model replaced, and its
+    training_args.json kept, describing another run. Now refused, X untouched; into a new folder, or one holding a run
+    of the checkpoint's options, it resumes, and that folder's later checkpoints are not taken for abandoned ones."""
+    data = _table(tmp_path / "t.csv")
+    x, y = tmp_path / "X", tmp_path / "Y"
+    assert cli(_mlp(data, x, "--epochs", "2", "--checkpoint-every", "3")) == 0
+    y_options = ("--epochs", "3", "--grad-accum", "2", "--checkpoint-every", "4", "--keep-checkpoints", "9")
+    assert cli(_mlp(data, y, *y_options)) == 0
+    before = _snapshot(x)
+    capsys.readouterr()
+    foreign = y / "checkpoints" / "step_0000004"
+    assert cli(_mlp(data, x, *y_options, "--resume", str(foreign))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--resume {foreign}" in err and "--epochs 3 -> 2" in err, err
+    assert _snapshot(x) == before
+
+    z = tmp_path / "Z"  # a new folder: the run continues Y's trajectory there, as in Y
+    assert cli(_mlp(data, z, *y_options, "--resume", str(foreign))) == 0
+    assert load_file(str(z / "model.safetensors")).keys() == load_file(str(y / "model.safetensors")).keys()
+    assert (
+        json.loads((z / "results.json").read_text())["eval_loss"]
+        == json.loads((y / "results.json").read_text())["eval_loss"]
+    )
+    # Z now holds a run of the checkpoint's options: resuming it again from Y's checkpoint is that run's restart,
+    # and Z's own checkpoints of later steps (its trajectory, not another run's) stay where they are
+    later = sorted(p.name for p in (z / "checkpoints").iterdir())
+    assert later and all(int(name[5:]) > 4 for name in later)
+    assert cli(_mlp(data, z, *y_options, "--max-steps", "6", "--resume", str(foreign))) == 2  # another option
+    capsys.readouterr()
+    assert cli(_mlp(data, z, *y_options, "--resume", str(foreign))) == 0
+    assert "removing" not in capsys.readouterr().out
+    assert sorted(p.name for p in (z / "checkpoints").iterdir()) == later
+
+
+def test_a_failed_or_interrupted_overwrite_run_puts_the_previous_run_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--overwrite`` emptied the folder before training: a retrain that failed (NaN loss) or was interrupted (Ctrl-C,
+    SIGTERM) left nothing of the finished run. The previous contents now stay until the new run has exported."""
+    data = _table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    assert cli(_mlp(data, out, "--epochs", "1", "--checkpoint-every", "4")) == 0
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "1e12", "--max-steps", "3")) == 2  # NaN at step 1 or 2
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "is put back as it was before --overwrite" in err and err.count("\n") == 1, err
+    assert _snapshot(out) == before  # the staging folder of the previous contents too is gone
+
+    step, calls = torch.optim.AdamW.step, []
+
+    def interrupted_step(self, *args, **kwargs):  # Ctrl-C after a checkpoint of the new run was written
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "0.01", "--checkpoint-every", "2")) == 130
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "0.01", "--max-steps", "3")) == 0  # a run that ends: replaced
+    assert json.loads((out / "training_args.json").read_text())["lr"] == 0.01
+    assert not (out / "checkpoints").exists() and not any(p.name.endswith(".tmp") for p in out.iterdir())
+    assert folder_problems(out, ("model.safetensors", "config.json", "README.md")) == []
+
+
+def test_an_overwrite_run_killed_by_sigkill_resumes_or_is_overwritten_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """SIGKILL gives no chance to put anything back: the killed ``--overwrite`` run's folder holds the new run (resumable)
+    and the previous contents, aside in ``.overwritten.tmp``. A ``--resume`` that ends deletes them; another
+    ``--overwrite`` that fails puts back the last finished run: the one aside, or the killed run had it exported."""
+    data = _table(tmp_path / "t.csv")
+    new = ("--epochs", "2", "--lr", "0.01", "--checkpoint-every", "4")
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert cli(_mlp(data, ref, *new)) == 0
+    assert cli(_mlp(data, out, "--epochs", "1")) == 0
+    finished = _snapshot(out)
+    proc = subprocess.run([sys.executable, str(DRIVER), "step", "6", *_mlp(data, out, *new, "--overwrite")],
+                          capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _snapshot(out / ".overwritten.tmp") == finished and (out / "checkpoints" / "step_0000004").is_dir()
+    again = tmp_path / "again"  # a failing --overwrite drops the killed run and puts the finished one back
+    shutil.copytree(out, again)
+    assert cli(_mlp(data, again, "--overwrite", "--lr", "1e12")) == 2
+    assert _snapshot(again) == finished
+    assert cli(_mlp(data, out, *new, "--resume")) == 0
+    assert not (out / ".overwritten.tmp").exists()
+    got, expected = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    # killed after its export, before the previous contents were deleted: the exported run is the one kept
+    exported = _snapshot(out)
+    (out / ".overwritten.tmp").mkdir()
+    (out / ".overwritten.tmp" / "model.safetensors").write_bytes(finished["model.safetensors"])
+    capsys.readouterr()
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "1e12")) == 2
+    assert _snapshot(out) == exported

@@ -554,3 +554,81 @@ def test_resuming_an_older_checkpoint_replaces_the_newer_ones_and_their_events(t
     events = EventAccumulator(str(next((out / "logs").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert [e.step for e in events.Scalars("train_loss")] == [10, 12] and steps.count(10) == 1
+
+
+def _bert_folder(folder: Path, words: list[str], *, lowercase: bool = False) -> Path:
+    """A tiny 2-label BERT classifier with a word-level tokenizer over ``words`` (after its special tokens)."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", *words])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    if lowercase:
+        raw.normalizer = normalizers.Lowercase()
+    cfg = T.BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=32, max_position_embeddings=32, num_labels=2)  # fmt: skip
+    torch.manual_seed(0)
+    T.BertForSequenceClassification(cfg).save_pretrained(folder)
+    T.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_a_teacher_that_cannot_take_the_datas_inputs_is_refused_before_the_folder_is_touched(
+    toy: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Only the student was run on a batch before training: a 3-channel teacher on grey images, a text teacher of
+    another tokenizer (ids past its embedding; or, of the same size, ids that mean other words to it) failed with a
+    traceback in the first step, or distilled meaningless targets without a word."""
+    from timm.models import save_for_hf
+
+    rgb = tmp_path / "rgb_teacher"  # trained on 3-channel images; the toy images are grey
+    save_for_hf(timm.create_model("test_vit", num_classes=4, in_chans=3, **TINY_VIT_KWARGS), str(rgb),
+                safe_serialization=True)  # fmt: skip
+    out = tmp_path / "out"
+    assert cli(common(toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "1", "--distill-from", str(rgb))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--distill-from {rgb} does not accept inputs of shape 2x1x16x16" in err, err
+    assert not out.exists()
+
+    words = [f"w{i}" for i in range(12)]
+    texts = tmp_path / "t.csv"
+    texts.write_text("text,label\n" + "".join(f"w{i % 12} w{(i * 5) % 12} W{i % 3},{i % 2}\n" for i in range(24)))
+    student = _bert_folder(tmp_path / "student", words)
+    teachers = {
+        "small": (_bert_folder(tmp_path / "small", words[:4]), "another vocabulary"),
+        "permuted": (_bert_folder(tmp_path / "permuted", words[::-1]), "another vocabulary"),
+        "lowercase": (_bert_folder(tmp_path / "lowercase", words, lowercase=True), "tokenises"),
+    }
+    argv = ["--model", str(student), "--data", str(texts), "--output-dir", str(out), "--max-steps", "1",
+            "--batch-size", "4", "--no-progress", "--no-tensorboard", "--distill-from"]  # fmt: skip
+    for teacher, message in teachers.values():
+        assert cli([*argv, str(teacher)]) == 2
+        err = capsys.readouterr().err  # transformers' loading bars, then the one line
+        line = err.strip().splitlines()[-1]
+        assert "Traceback" not in err and f"finetune: --distill-from {teacher}: its tokenizer" in line, err
+        assert message in line
+        assert not out.exists()
+    assert cli([*argv, str(_bert_folder(tmp_path / "same", words))]) == 0  # the student's tokenizer: distils
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast runs on CUDA")
+def test_fp16_on_cpu_is_refused_as_it_would_train_in_float32(
+    toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """accelerate turns fp16 autocast off on CPU: the run trained in float32 while results.json and the model card
+    said fp16. Refused, whether --mixed-precision or accelerate's config / launcher (the environment) chose it."""
+    out = tmp_path / "fp16"
+    argv = common(toy, out, "--model-kwargs", TINY_VIT, "--max-steps", "1", "--batch-size", "16")
+    for extra, env in ((["--mixed-precision", "fp16"], None), ([], "fp16")):
+        if env:
+            monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+        assert cli([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1
+            and "fp16 (from --mixed-precision" in err
+            and "needs a CUDA GPU" in err
+            and "bf16" in err
+        ), err
+        assert not out.exists()

@@ -1,8 +1,11 @@
 """The output folder, checkpoints and the resume step of a run.
 
-* :func:`check_output_dir` refuses a non-empty folder without ``overwrite`` (or ``resume``) and a folder
-  another run holds, before anything is read or written; :func:`prepare_output_dir` then takes the
-  folder's lock (:class:`~han_surgery.fileio.FolderLock`) for the whole run and empties it for ``overwrite``.
+* :func:`check_output_dir` refuses a non-empty folder without ``overwrite`` (or ``resume``), a folder
+  another run holds, and another folder's checkpoint resumed over a run of other options, before anything is
+  read or written; :func:`prepare_output_dir` then takes the folder's lock
+  (:class:`~han_surgery.fileio.FolderLock`) for the whole run and, for ``overwrite``, moves its contents
+  aside into ``.overwritten.tmp``: deleted once the new run has exported, put back if it fails (all or
+  nothing).
 * :func:`save_checkpoint` writes accelerate's ``save_state`` (weights as safetensors; optimizer, scheduler
   and RNG states as torch files), this loop's own state as JSON (``trainer_state.json``: step, epoch,
   position in the epoch, running loss, metrics lines written) and a manifest of every file's size and
@@ -47,9 +50,13 @@ __all__ = [
     "ARGS_FILE",
     "STATE_FILE",
     "MANIFEST_FILE",
+    "OVERWRITTEN_DIR",
     "TrainProgress",
     "check_output_dir",
+    "foreign_checkpoint",
     "prepare_output_dir",
+    "set_aside_contents",
+    "drop_overwritten",
     "discard_partial_output",
     "checkpoint_problem",
     "find_checkpoints",
@@ -64,6 +71,9 @@ CHECKPOINT_DIR = "checkpoints"
 ARGS_FILE = "training_args.json"
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "checkpoint_manifest.json"
+#: Where ``--overwrite`` keeps the folder's former contents until the new run has exported (inside the folder: the
+#: same file system, so every move is a rename; a ``.tmp`` name, which ``han-surgery push`` does not upload).
+OVERWRITTEN_DIR = ".overwritten.tmp"
 
 
 class FinetuneError(HanSurgeryError, RuntimeError):
@@ -144,6 +154,7 @@ def _is_run_folder(out: Path) -> bool:
 def check_output_dir(config: FinetuneConfig) -> Path:
     """Fail early (nothing read or written yet) if the output folder cannot be used; return its path."""
     out = Path(config.output_dir).expanduser()
+    foreign = foreign_checkpoint(out, config.resume)
     problem = output_folder_problem(out)  # a file, or a place where no folder can be made
     if problem is not None:
         raise FinetuneError(f"--output-dir {problem}.")
@@ -173,18 +184,56 @@ def check_output_dir(config: FinetuneConfig) -> Path:
                 f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume "
                 "to continue its run."
             )
-        if config.resume is not None and entries and not _is_run_folder(out):
+        if foreign is not None and entries:
+            _check_foreign_resume(out, foreign)
+        elif config.resume is not None and entries and not _is_run_folder(out):
             raise FinetuneError(
                 f"--resume: {out} is not the folder of a han-surgery finetune run (it has no {ARGS_FILE}): --resume "
                 "continues a run in that run's own --output-dir; nothing was changed"
             )
-    elif config.resume is not None:
+    elif config.resume is not None and foreign is None:
         raise FinetuneError(f"--resume: {out} does not exist: there is no run to continue.")
     return out
 
 
+def foreign_checkpoint(out: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``--resume PATH`` names when it is not one of ``<out>/checkpoints`` (another folder's run),
+    else ``None`` (no ``--resume``, ``latest``, or a checkpoint of the folder's own run)."""
+    if resume is None or resume == "latest":
+        return None
+    path = Path(resume).expanduser()
+    return None if path.resolve().parent == (out / CHECKPOINT_DIR).resolve() else path
+
+
+def _check_foreign_resume(out: Path, checkpoint: Path) -> None:
+    """``--resume`` of another folder's checkpoint into the non-empty ``out``: allowed only where ``out`` holds a run
+    of the checkpoint's options (:data:`RESUME_FIELDS`; the same command run again), never over another run."""
+    find_checkpoints(out, str(checkpoint))  # a checkpoint folder, or one line saying it is not
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        state = None
+    saved = _recorded_options(checkpoint, state if isinstance(state, dict) else {})
+    if saved is None or not (out / ARGS_FILE).is_file():
+        why = (
+            f"files but no {ARGS_FILE} to compare with the checkpoint's options"
+            if saved is not None
+            else "files, and the checkpoint records no options to compare with theirs"
+        )
+    else:
+        changed = _changed_options(saved, FinetuneConfig.from_json(out / ARGS_FILE).to_dict())
+        if not changed:
+            return
+        why = f"a run of other options (the checkpoint's -> the folder's: {'; '.join(changed)})"
+    raise FinetuneError(
+        f"--resume {checkpoint}: another folder's checkpoint continues in a new or empty --output-dir, and {out} "
+        f"holds {why}. Choose another --output-dir; nothing was changed"
+    )
+
+
 def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, FolderLock | None]:
-    """Take the output folder's lock (main process) and, with ``overwrite``, empty the folder.
+    """Take the output folder's lock (main process) and, with ``overwrite``, set its contents aside
+    (:func:`set_aside_contents`).
 
     Returns the folder and the lock (``None`` on the other processes); release it at the end of the run.
     """
@@ -197,7 +246,7 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
             print(f"note: took over the lock left in {out} by a run that died (pid {lock.took_over.get('pid')})")
         if config.overwrite:
             try:
-                empty_folder(out)
+                set_aside_contents(out)
             except BaseException:
                 lock.release()
                 raise
@@ -205,12 +254,71 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
     return out, lock
 
 
-def discard_partial_output(out: Path, *, existed: bool) -> None:
-    """After a failed run: leave ``out`` as the user had it before the run, unless it holds a checkpoint.
+def set_aside_contents(out: Path) -> None:
+    """``--overwrite``: move everything in ``out`` but its lock into ``out/.overwritten.tmp``
+    (:data:`OVERWRITTEN_DIR`), where it stays until the new run has exported its model
+    (:func:`drop_overwritten`), or goes back if the run fails or is interrupted (:func:`discard_partial_output`).
 
-    A folder the run created is removed; one that existed (empty, or emptied for ``overwrite``) is emptied
-    again, so the corrected command can run into it. Call it after the lock is released.
+    A ``.overwritten.tmp`` already there was left by an ``--overwrite`` run killed with SIGKILL, and what is beside
+    it is that run's: if it had exported (its model card is in place), that is the last finished run and replaces
+    the folder's former contents; otherwise it is dropped and the former contents stay aside.
     """
+    from .hub import CARD_NAME  # imported here: hub imports this module
+
+    aside = out / OVERWRITTEN_DIR
+    if aside.is_symlink() or aside.is_file():
+        aside.unlink()
+    if aside.is_dir():
+        if not (out / CARD_NAME).is_file():
+            empty_folder(out, keep=aside)
+            return
+        shutil.rmtree(aside)
+    entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if not entries:
+        return
+    aside.mkdir()
+    try:
+        for entry in entries:
+            os.replace(entry, aside / entry.name)
+    except BaseException:  # interrupted half-way: what moved goes back
+        _move_back(aside, out)
+        raise
+
+
+def _move_back(aside: Path, out: Path) -> None:
+    for entry in aside.iterdir():
+        os.replace(entry, out / entry.name)
+    aside.rmdir()
+
+
+def _put_back(out: Path) -> None:
+    """Replace whatever is in ``out`` (but the lock) by the contents :func:`set_aside_contents` moved aside, if any."""
+    aside = out / OVERWRITTEN_DIR
+    if aside.is_symlink() or not aside.is_dir():
+        return
+    empty_folder(out, keep=aside)
+    _move_back(aside, out)
+
+
+def drop_overwritten(out: Path) -> None:
+    """Delete the contents an ``--overwrite`` run set aside (:func:`set_aside_contents`), once it has exported: its
+    own, or those of an ``--overwrite`` run killed with SIGKILL that a ``--resume`` has now finished."""
+    aside = out / OVERWRITTEN_DIR
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def discard_partial_output(out: Path, *, existed: bool) -> None:
+    """After a failed run: leave ``out`` as the user had it before the run.
+
+    An ``--overwrite`` run's folder gets its former contents back (the new run's files, checkpoints included, are
+    deleted). Otherwise a folder holding a checkpoint is kept (resumable: the error names the checkpoint); a folder
+    the run created is removed; one that existed (empty) is emptied again, so the corrected command can run into
+    it. Call it after the lock is released.
+    """
+    if (out / OVERWRITTEN_DIR).is_dir():
+        _put_back(out)
+        return
     if any((out / CHECKPOINT_DIR).glob("step_*")):  # resumable: the message names the checkpoint
         return
     if not existed:
@@ -278,36 +386,57 @@ def check_resume_config(checkpoint: Path, state: dict[str, Any], config: Finetun
     ``training_args.json``. A checkpoint with neither (a run an earlier version started from another run's
     checkpoint) is resumed with a warning that its options cannot be checked; its layout (processes, global
     batch, mixed precision) still is."""
-    saved = state.get("options")
-    if not isinstance(saved, dict):
-        args = checkpoint.parent.parent / ARGS_FILE
-        if not args.is_file():
-            warnings.warn(
-                f"--resume: {checkpoint} records no options and its run folder has no {ARGS_FILE}: that this run "
-                "uses the interrupted run's options (--data, --lr, ...) cannot be checked",
-                stacklevel=2,
-            )
-            return
-        saved = FinetuneConfig.from_json(args).to_dict()
-    now = config.to_dict()
-    changed = [
-        f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}"
-        for k in RESUME_FIELDS
-        if k in saved and saved[k] != now.get(k)
-    ]
+    saved = _recorded_options(checkpoint, state)
+    if saved is None:
+        warnings.warn(
+            f"--resume: {checkpoint} records no options and its run folder has no {ARGS_FILE}: that this run "
+            "uses the interrupted run's options (--data, --lr, ...) cannot be checked",
+            stacklevel=2,
+        )
+        return
+    changed = _changed_options(saved, config.to_dict())
     if changed:
         raise FinetuneError(
             f"--resume: options differ from the interrupted run ({'; '.join(changed)}). Resume with the same options."
         )
 
 
-def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: int, options: dict[str, Any]) -> Path:
+def _recorded_options(checkpoint: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The options of the run that wrote ``checkpoint``: those its ``trainer_state.json`` (``state``) records, else
+    (written before they were recorded there) its run folder's ``training_args.json``; ``None`` if neither."""
+    saved = state.get("options")
+    if isinstance(saved, dict):
+        return saved
+    args = checkpoint.parent.parent / ARGS_FILE
+    return FinetuneConfig.from_json(args).to_dict() if args.is_file() else None
+
+
+def _changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``--flag saved -> now`` for each of :data:`RESUME_FIELDS` that differs (one ``saved`` lacks is not compared)."""
+    return [
+        f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}"
+        for k in RESUME_FIELDS
+        if k in saved and saved[k] != now.get(k)
+    ]
+
+
+def save_checkpoint(
+    accelerator: Any,
+    out: Path,
+    progress: TrainProgress,
+    keep: int,
+    options: dict[str, Any],
+    *,
+    replaces_later: bool = True,
+) -> Path:
     """Write ``<out>/checkpoints/step_N`` (see the module docstring) with the run's ``options``
     (:func:`resume_options`); keep the newest ``keep``.
 
     Checkpoints of a later step than ``N`` are removed once ``step_N`` is in place: they belong to the trajectory
-    this run resumed before (``--resume`` of an older checkpoint), which this run replaces (it would overwrite them
-    one by one), and a later plain ``--resume`` must continue this run, not that one.
+    this run resumed before (``--resume`` of an older checkpoint of ``out``), which this run replaces (it would
+    overwrite them one by one), and a later plain ``--resume`` must continue this run, not that one. With
+    ``replaces_later=False`` (this run resumed another folder's checkpoint: ``out``'s are not that trajectory's) they
+    are left alone, outside the rotation, until this run overwrites them.
     """
     final = out / CHECKPOINT_DIR / f"step_{progress.global_step:07d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -331,11 +460,12 @@ def save_checkpoint(accelerator: Any, out: Path, progress: TrainProgress, keep: 
             (p for p in final.parent.glob("step_*") if _step_of(p) is not None and (p / MANIFEST_FILE).is_file()),
             key=_step_of,
         )
-        abandoned = [p for p in done if _step_of(p) > progress.global_step]
+        later = [p for p in done if _step_of(p) > progress.global_step]
+        abandoned = later if replaces_later else []
         if abandoned:
             names = ", ".join(p.name for p in abandoned)
             accelerator.print(f"removing {names}: checkpoints of the run this one resumed before", flush=True)
-        current = [p for p in done if p not in abandoned]
+        current = [p for p in done if p not in later]
         for old in abandoned + current[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

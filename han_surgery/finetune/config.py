@@ -115,7 +115,12 @@ class FinetuneConfig:
     max_length: int = _opt(128, "token limit for text data", DATA)
     # --- training
     output_dir: str = field(metadata={"help": "where the model folder, metrics and checkpoints go", "group": TRAINING})
-    overwrite: bool = _opt(False, "replace an existing --output-dir", TRAINING)
+    overwrite: bool = _opt(
+        False,
+        "replace an existing --output-dir, all or nothing: its contents wait in <dir>/.overwritten.tmp until the new "
+        "model is saved, and are put back if the run fails or is interrupted",
+        TRAINING,
+    )
     epochs: int | None = _opt(None, "passes over the training split (default 1; or give --max-steps)", TRAINING)
     max_steps: int | None = _opt(None, "optimizer steps to run (instead of --epochs)", TRAINING)
     batch_size: int = _opt(32, "batch size PER PROCESS", TRAINING)

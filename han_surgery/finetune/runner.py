@@ -3,7 +3,7 @@
 ================  ======================================================================
 step              function
 ================  ======================================================================
-accelerator       :func:`make_accelerator`
+accelerator       :func:`make_accelerator`, :func:`check_mixed_precision`
 output folder     :func:`~.checkpoints.prepare_output_dir`
 data              :func:`load_run_data` (:func:`~.data.load_data`)
 model             :func:`build_student`: the model, the surgery (``config.hanify``), the teacher
@@ -44,11 +44,14 @@ from ..utils import count_parameters
 from .calibration import load_calibration_batches
 from .checkpoints import (
     ARGS_FILE,
+    OVERWRITTEN_DIR,
     FinetuneError,
     TrainProgress,
     check_finite_parameters,
     check_output_dir,
     discard_partial_output,
+    drop_overwritten,
+    foreign_checkpoint,
     prepare_output_dir,
     resume,
     resume_options,
@@ -65,6 +68,7 @@ __all__ = [
     "Student",
     "run",
     "make_accelerator",
+    "check_mixed_precision",
     "load_run_data",
     "build_student",
     "build_loaders",
@@ -92,6 +96,16 @@ def make_accelerator(config: FinetuneConfig) -> Any:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
         log_with=None,
     )
+
+
+def check_mixed_precision(accelerator: Any) -> None:
+    """Refuse fp16 on a CPU (whether ``--mixed-precision`` or accelerate's config or launcher chose it): accelerate
+    turns its autocast off there, so the run would train in float32 and be recorded as fp16."""
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise FinetuneError(
+            "mixed precision fp16 (from --mixed-precision, or accelerate's config or launcher) needs a CUDA GPU: on "
+            "the CPU accelerate trains in float32 (no fp16 autocast). Pass --mixed-precision bf16 (or no)."
+        )
 
 
 def load_run_data(config: FinetuneConfig) -> DataBundle:
@@ -184,6 +198,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         except HanSurgeryError as e:  # build_model's messages name --model
             raise for_option(e, "--model", "--distill-from") from None
         _check_teacher(config, teacher_built)
+        _check_teacher_tokenizer(config, data, built, teacher_built)
         teacher = teacher_built.model
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
@@ -209,6 +224,28 @@ def _check_teacher(config: FinetuneConfig, teacher: BuiltModel) -> None:
             "labels, so its logits teach nothing; distil its body with --distill hidden, or "
             "name a teacher fine-tuned on these labels"
         )
+
+
+def _check_teacher_tokenizer(
+    config: FinetuneConfig, data: DataBundle, student: BuiltModel, teacher: BuiltModel
+) -> None:
+    """Text: the teacher reads the student's token ids, so its tokenizer must be the student's: the same vocabulary,
+    and the same ids for the first training texts (normalisation, special tokens). A teacher folder without a
+    tokenizer is not compared (:func:`check_forward` still runs it on the student's ids)."""
+    if data.kind != "text" or student.tokenizer is None or teacher.tokenizer is None:
+        return
+    if teacher.tokenizer.get_vocab() != student.tokenizer.get_vocab():
+        why = "another vocabulary"
+    else:
+        texts = [data.train[i][0] for i in range(min(2, len(data.train)))]
+        encode = {"truncation": True, "max_length": config.max_length}
+        if teacher.tokenizer(texts, **encode)["input_ids"] == student.tokenizer(texts, **encode)["input_ids"]:
+            return
+        why = "the same vocabulary, but it tokenises the training texts into other ids"
+    raise FinetuneError(
+        f"--distill-from {config.distill_from}: its tokenizer is not that of --model {config.model} ({why}), and the "
+        "teacher reads the student's token ids: distil from a teacher with the student's tokenizer"
+    )
 
 
 def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: nn.Module | None) -> list[str] | None:
@@ -316,7 +353,8 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
     A model that does not accept the data's inputs (an image size its patches do not divide, a bad
     ``--model-kwargs`` value) or whose output does not have one value per class (``num_classes`` in
     ``--model-kwargs``) fails here, in one line, instead of in the first training step; so does a
-    batch of one row for a model with BatchNorm layers (they cannot normalise one row in training).
+    batch of one row for a model with BatchNorm layers (they cannot normalise one row in training), and
+    a ``--distill-from`` teacher that does not take the same batch or gives outputs of another shape.
     """
     built = student.built
     if config.batch_size < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.model.modules()):
@@ -357,6 +395,37 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
         raise FinetuneError(
             f"--model {config.model} outputs {got} for a batch of {shape}, but --data {config.data} needs "
             f"{data.num_outputs} value(s) per row: check --model-kwargs (num_classes) and --num-classes."
+        )
+    if student.teacher is not None and config.distill_from != "base":  # base: the student before --hanify
+        _check_teacher_forward(config, student.teacher, inputs, shape, tuple(out.shape))
+
+
+def _check_teacher_forward(
+    config: FinetuneConfig, teacher: nn.Module, inputs: Any, shape: str, expected: tuple[int, ...]
+) -> None:
+    """:func:`check_forward` for the ``--distill-from`` teacher: it takes the student's batch (another number of
+    channels, features or token ids fails here) and gives logits of the student's shape."""
+    training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = logits_of(teacher, inputs)
+    except HanSurgeryError:
+        raise
+    except Exception as e:  # the teacher's own failure, e.g. a convolution over another number of channels
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise FinetuneError(
+            f"--distill-from {config.distill_from} does not accept inputs of shape {shape} from --data {config.data} "
+            f"({type(e).__name__}: {first}): the teacher gets the student's inputs; distil from a teacher trained on "
+            "data like these (the same channels, features or tokenizer)."
+        ) from None
+    finally:
+        teacher.train(training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise FinetuneError(
+            f"--distill-from {config.distill_from} outputs {got} for a batch of {shape}, where --model {config.model} "
+            f"outputs {expected}: a teacher distils into a student of the same outputs."
         )
 
 
@@ -504,16 +573,21 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     Works the same in one process and under ``accelerate launch`` (each process calls ``run``). The
     output folder is locked for the whole run (a second run into it is refused, naming this one). A run
     that fails after it took the output folder leaves it as it was (removed if the run created it,
-    emptied if it was empty or emptied for ``overwrite``), unless it resumed or wrote a checkpoint.
+    emptied if it was empty), unless it resumed or wrote a checkpoint. ``overwrite`` is all or nothing:
+    the folder's contents are moved aside into ``.overwritten.tmp`` when the run takes the folder, put
+    back if it fails or is interrupted (its own checkpoints are then deleted), and deleted once the new
+    model is exported; after a SIGKILL, ``resume`` finishes the new run, or ``overwrite`` starts again
+    from the last finished one.
 
     Returns:
         The :class:`~.config.FinetuneResult` (also written as ``results.json``).
 
     Raises:
         FinetuneError, DataError, ModelError, CheckpointError, ConfigError: the set-up cannot work; nothing
-            is written in that case (an existing output folder is only emptied, for ``overwrite``, once the
-            data and the model have loaded).
-        NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay.
+            is written in that case (an existing output folder's contents are only moved aside, for
+            ``overwrite``, once the data and the model have loaded).
+        NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay (with
+            ``overwrite``, the folder's former contents come back instead).
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
@@ -532,6 +606,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     lock = None
     prepared = exported = False
     try:
+        check_mixed_precision(accelerator)
         set_seed(config.seed)
         data = load_run_data(config)
         student = build_student(config, data, show_progress=accelerator.is_local_main_process)
@@ -566,7 +641,12 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 if bad is not None:
                     raise FinetuneError(f"parameter {bad} became non-finite at step {progress.global_step}")
                 last_checkpoint = save_checkpoint(
-                    accelerator, out, progress, config.keep_checkpoints, resume_options(config)
+                    accelerator,
+                    out,
+                    progress,
+                    config.keep_checkpoints,
+                    resume_options(config),
+                    replaces_later=foreign_checkpoint(out, config.resume) is None,
                 )
 
         try:
@@ -583,7 +663,12 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 show_progress=config.progress,
             )
         except NonFiniteLossError as e:
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            if config.overwrite and (out / OVERWRITTEN_DIR).is_dir():  # discard_partial_output puts them back
+                kept = f"{out} is put back as it was before --overwrite"
+            elif last_checkpoint:
+                kept = f"the last good checkpoint is {last_checkpoint}"
+            else:
+                kept = "no checkpoint was written"
             raise NonFiniteLossError(e.step, e.epoch, e.value, kept) from None
         accelerator.wait_for_everyone()
         result = FinetuneResult(
@@ -600,6 +685,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         )
         if accelerator.is_main_process:
             export(accelerator, config, out, student, data, state.model, result)
+            drop_overwritten(out)  # the former contents (--overwrite) go once the new model is in place
             accelerator.print(f"saved the model folder {out}", flush=True)
         accelerator.wait_for_everyone()
         exported = True
