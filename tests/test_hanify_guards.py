@@ -258,6 +258,29 @@ def test_a_shared_block_is_rewritten_once_with_its_neighbours():
     assert isinstance(model.blocks[1].mlp, HanBlock) and isinstance(model.blocks[1].norm2, nn.Identity)
 
 
+def test_a_split_ffn_is_rewritten_where_both_halves_are_shared_and_skipped_where_one_is():
+    """BERT's FFN is two modules (intermediate, output) the rewrite replaces together: two layers sharing both get the
+    one new pair (each layer the same FFN, as before); sharing only ``intermediate`` would give layer 1 the new
+    intermediate with its old output (a dense layer of the other width), so that rewrite is skipped with the
+    reason."""
+    config = T.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
+    both = T.BertModel(config).eval()
+    layers = both.encoder.layer
+    layers[1].intermediate, layers[1].output = layers[0].intermediate, layers[0].output
+    assert not hanify(both).skipped
+    assert layers[1].intermediate is layers[0].intermediate and layers[1].output is layers[0].output
+    ids = torch.randint(0, 50, (2, 5))
+    both(ids)  # runs: each layer the new intermediate and its output
+    one = T.BertModel(config).eval()
+    one.encoder.layer[1].intermediate = one.encoder.layer[0].intermediate
+    report = hanify(one)
+    (skip,) = [s for s in report.skipped if s.path == "encoder.layer.0.intermediate"]
+    assert "shared with encoder.layer.1.intermediate" in skip.reason and "encoder.layer.0.output" in skip.reason
+    assert report.rewrites == []  # the shared intermediate is one candidate, named under layer 0
+
+
 def test_a_norm_shared_between_blocks_skips_them_with_the_shared_path():
     """blocks.1.norm2 = blocks.0.norm2 aborted the call: "wants to replace 'blocks.1.norm2', which is not a
     sub-module". Dropping it for one block would drop it for the other one too."""

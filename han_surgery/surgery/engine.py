@@ -251,28 +251,43 @@ def _shared_elsewhere(
     """Why replacing the modules at ``paths`` (one rewrite's swaps) at every path each is reachable under would be
     wrong, or ``None``.
 
-    It is right where every one is reachable only through the paths of the module holding them all (a whole block
-    used twice; an FFN replaced alone): each use then gets the same rewrite. It is wrong for an FFN two blocks use
-    whose neighbours (a pre-norm, a layer scale) the rewrite replaces in one block only, and for a neighbour two
-    blocks use (it would change for the other one too).
+    Each swapped module sits at ``home + suffix``, ``suffix`` its path below the paths' common prefix. The swaps are
+    right where every use of them (every ``home`` any of them is reached from) holds all of them, at the same
+    suffixes: a whole block used twice, an FFN replaced alone, a split FFN whose two halves two layers share (BERT's
+    ``intermediate`` and ``output``). They are wrong for an FFN two blocks use whose neighbours (a pre-norm, a layer
+    scale) the rewrite replaces in one block only, and for a neighbour two blocks use (it would change for the other
+    one too).
     """
     split = [p.split(".") for p in paths]
-    common = os.path.commonprefix(split)
-    homes = [h.split(".") if h else [] for h in aliases[id(modules[".".join(common)])]]
-    for path, parts in zip(paths, split, strict=True):
-        expected = {".".join([*home, *parts[len(common) :]]) for home in homes}
-        extra = ", ".join(a for a in aliases[id(modules[path])] if a not in expected)
-        if not extra:
-            continue
-        remedy = "replace the FFN alone (drop_norm=False, residual='keep') or give each use its own module"
-        if path == cand.path or path.startswith(cand.path + "."):
-            outside = ", ".join(p for p in paths if p != cand.path and not p.startswith(cand.path + "."))
-            return (
-                f"{path} is shared with {extra}, but the rewrite also replaces {outside}, which only this use goes "
-                f"through: the other use would get the new FFN with its old neighbours; {remedy}"
-            )
-        return f"{path}, which the rewrite replaces, is shared with {extra}, which would change too; {remedy}"
-    return None
+    common = len(os.path.commonprefix(split))
+    suffixes = [parts[common:] for parts in split]
+    uses = {p: [a.split(".") if a else [] for a in aliases[id(modules[p])]] for p in paths}
+    homes = {
+        tuple(alias[: len(alias) - len(suffix)])
+        for p, suffix in zip(paths, suffixes, strict=True)
+        for alias in uses[p]
+        if alias[len(alias) - len(suffix) :] == suffix
+    }
+    if all(
+        {".".join(alias) for alias in uses[p]} == {".".join([*home, *suffix]) for home in homes}
+        for p, suffix in zip(paths, suffixes, strict=True)
+    ):
+        return None
+    remedy = "replace the FFN alone (drop_norm=False, residual='keep') or give each use its own module"
+    inside = [p for p in paths if p == cand.path or p.startswith(cand.path + ".")]
+    outside = ", ".join(p for p in paths if p not in inside)
+    for group in (inside, paths):
+        for path in group:
+            others = ", ".join(a for a in aliases[id(modules[path])] if a != path)
+            if not others:
+                continue
+            if group is inside and outside:
+                return (
+                    f"{path} is shared with {others}, but the rewrite also replaces {outside}, which only this use "
+                    f"goes through: the other use would get the new FFN with its old neighbours; {remedy}"
+                )
+            return f"{path}, which the rewrite replaces, is shared with {others}, which would change too; {remedy}"
+    return f"the modules the rewrite replaces ({', '.join(paths)}) are shared unevenly between their uses; {remedy}"
 
 
 def _params_after_swaps(model: nn.Module, planned: list[tuple[RewriteRecord, Replacement]]) -> int:
