@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import inspect
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from huggingface_hub.errors import StrictDataclassError
+import torch
 from safetensors import SafetensorError
 from torch import nn
 
 from .errors import CheckpointError, ConfigError, first_line
 from .fileio import safetensors_problem
 from .folders import (
+    CONFIG_NAME,
     SHARDED_WEIGHTS_INDEX,
     TABULAR_CONFIG_KEY,
     WEIGHTS_NAME,
@@ -35,7 +37,7 @@ from .folders import (
     shard_files,
 )
 from .pretrained import create_timm_model
-from .surgery.serialization import from_pretrained
+from .surgery.serialization import config_build_errors, empty_parameters, from_pretrained
 
 __all__ = ["load_model", "load_folder", "weight_files"]
 
@@ -64,11 +66,7 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
         num_classes: timm folders only: a new classifier size (timm re-initialises the head).
     """
     if folder.kind == "hanified":
-        base = None
-        if folder.base_library == "tabular":  # our own small network: build it from its config.json
-            from .models.tabular import TabularNet
-
-            base = TabularNet(**folder.config[TABULAR_CONFIG_KEY])
+        base = _tabular_net(folder) if folder.base_library == "tabular" else None  # our own: from its config.json
         return from_pretrained(folder.path, model=base)
     files = weight_files(folder)
     weights = files[0] if len(files) == 1 else folder.path / SHARDED_WEIGHTS_INDEX
@@ -81,9 +79,7 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
     if folder.kind == "tabular":
         from safetensors.torch import load_model as load_safetensors
 
-        from .models.tabular import TabularNet
-
-        model = TabularNet(**folder.config[TABULAR_CONFIG_KEY])
+        model = _tabular_net(folder)
         load_safetensors(model, str(folder.path / WEIGHTS_NAME))
         return model
     import transformers
@@ -95,25 +91,56 @@ def load_folder(folder: ModelFolder, *, num_classes: int | None = None) -> nn.Mo
             f"{folder.path / 'config.json'}: architectures={folder.config.get('architectures')} names no "
             "transformers model class"
         )
+    config_file = folder.path / CONFIG_NAME
     with _held_transformers_logs() as held:
         try:
             model = cls.from_pretrained(str(folder.path), use_safetensors=True, trust_remote_code=False)
         except SafetensorError as e:
             raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
-        except RuntimeError as e:  # size mismatches between config.json and the weights (the report is dropped)
-            if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
-                held.release()
-                raise
-            raise CheckpointError(
-                f"{weights}: its tensor shapes do not fit {folder.path / 'config.json'} "
-                f"({_mismatch_summary(held.records, e)})"
-            ) from None
-        except StrictDataclassError as e:  # transformers' config field validation (no ValueError)
-            raise CheckpointError(f"{folder.path / 'config.json'}: not a valid config ({first_line(e)})") from None
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{folder.path}: transformers cannot load it: {first_line(e)}") from None
+        except (MemoryError, torch.OutOfMemoryError, CheckpointError):
+            held.release()
+            raise
+        except Exception as e:
+            if isinstance(e, RuntimeError) and ("size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e)):
+                # size mismatches between config.json and the weights (the report is dropped)
+                raise CheckpointError(
+                    f"{weights}: its tensor shapes do not fit {config_file} ({_mismatch_summary(held.records, e)})"
+                ) from None
+            with config_build_errors(config_file, name):  # the config alone does not build: its fault
+                config = cls.config_class.from_pretrained(str(folder.path))
+                with empty_parameters():
+                    cls(config)
+            if isinstance(e, (OSError, ValueError)):
+                raise CheckpointError(f"{folder.path}: transformers cannot load it: {first_line(e)}") from None
+            held.release()
+            raise
         held.release()
     return model
+
+
+def _tabular_net(folder: ModelFolder) -> nn.Module:
+    """The :class:`~han_surgery.models.tabular.TabularNet` of a tabular folder, built from the arguments in its
+    ``config.json`` (``han_surgery_tabular``): an object of the constructor's arguments, each checked by it
+    (whole numbers of a sane size) before anything is allocated; what it refuses names the file."""
+    from .models.tabular import TabularNet
+
+    config_file = folder.path / CONFIG_NAME
+    arguments = folder.config[TABULAR_CONFIG_KEY]
+    if not isinstance(arguments, dict):
+        raise CheckpointError(
+            f"{config_file}: {TABULAR_CONFIG_KEY!r} must be an object of TabularNet's arguments, "
+            f"got {type(arguments).__name__}"
+        )
+    parameters = inspect.signature(TabularNet).parameters
+    unknown = sorted(set(arguments) - set(parameters))
+    missing = [name for name, p in parameters.items() if p.default is p.empty and name not in arguments]
+    if unknown or missing:
+        problem = f"unknown {', '.join(map(repr, unknown))}" if unknown else f"no {', '.join(map(repr, missing))}"
+        raise CheckpointError(
+            f"{config_file}: {TABULAR_CONFIG_KEY!r} has {problem}; TabularNet takes {', '.join(parameters)}"
+        )
+    with config_build_errors(config_file, "TabularNet"):
+        return TabularNet(**arguments)
 
 
 class _HeldLogs:
@@ -172,19 +199,21 @@ def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
         return timm.create_model(name, pretrained=True, pretrained_cfg=pretrained_cfg, **model_args)
     except SafetensorError as e:
         raise CheckpointError(f"{path / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
-    except (TypeError, ValueError) as e:  # a model_args value or keyword the constructor refuses
-        raise CheckpointError(
-            f"{config_file}: timm cannot build {name!r} from its model_args ({type(e).__name__}: {first_line(e)})"
-        ) from None
-    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
-        lines = [line.strip() for line in str(e).splitlines()]
+    except (MemoryError, torch.OutOfMemoryError, CheckpointError):
+        raise
+    except Exception as e:
+        # load_state_dict: missing / unexpected keys, shape mismatches
+        lines = [line.strip() for line in str(e).splitlines()] if isinstance(e, RuntimeError) else []
         lines = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
-        if not lines:
-            raise
-        more = f"; {len(lines) - 1} more" if len(lines) > 1 else ""
-        raise CheckpointError(
-            f"{path / WEIGHTS_NAME}: does not fit the model {config_file} describes ({lines[0].rstrip('.')}{more})"
-        ) from None
+        if lines:
+            more = f"; {len(lines) - 1} more" if len(lines) > 1 else ""
+            raise CheckpointError(
+                f"{path / WEIGHTS_NAME}: does not fit the model {config_file} describes ({lines[0].rstrip('.')}{more})"
+            ) from None
+        # a model_args or pretrained_cfg value the constructor refuses: the config alone does not build
+        with config_build_errors(config_file, repr(name)):
+            timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+        raise
 
 
 def hub_repo_hint(spec: str) -> str:

@@ -861,3 +861,96 @@ def test_auto_task_takes_a_column_of_large_integers_for_regression(tmp_path: Pat
     classes.write_text("x,y\n" + "".join(f"{i},{i % 3 + 1}\n" for i in range(60)))
     bundle = load_data(classes)
     assert (bundle.task, bundle.num_outputs) == ("classification", 4)
+
+
+def test_tabular_net_sizes_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No width, a negative depth, a float, an absurd size: a ConfigError when the network is built (width 0 trained
+    a constant model; ``hannet`` of width 0 was a traceback; a depth-0 ``mlp`` failed in its first forward)."""
+    from han_surgery import ConfigError
+    from han_surgery.models import tabular
+    from han_surgery.models.tabular import TabularNet
+
+    for kwargs, message in [
+        ({"width": 0}, "TabularNet width must be an int >= 1, got 0"),
+        ({"width": 0, "kind": "hannet"}, "TabularNet width must be an int >= 1, got 0"),
+        ({"depth": -1}, "TabularNet depth must be an int >= 0, got -1"),
+        ({"width": 2.5}, "TabularNet width must be an int >= 1, got 2.5"),
+        ({"depth": True}, "TabularNet depth must be an int >= 0, got True"),
+        ({"num_outputs": 0}, "TabularNet num_outputs must be an int >= 1, got 0"),
+        ({"depth": 1001}, "TabularNet depth must be at most 1000, got 1001"),
+        ({"width": 2**20, "depth": 3}, r"mlp of width 1048576 and depth 3 .* parameters, more than 1,073,741,824"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            TabularNet(**{"in_features": 5, "num_outputs": 2, **kwargs})
+    linear = TabularNet(5, 2, width=16, depth=0)  # an mlp without hidden layers: the linear model
+    x = torch.randn(3, 5)
+    assert len(linear.body) == 0 and torch.equal(linear(x), linear.head(x)) and linear.head.in_features == 5
+    counts = {
+        (kind, depth): sum(p.numel() for p in TabularNet(5, 2, width=8, depth=depth, kind=kind).parameters())
+        for kind in ("mlp", "hannet")
+        for depth in (0, 1, 3)
+    }
+    for (kind, depth), count in counts.items():  # the size check counts the network's parameters, to the one
+        monkeypatch.setattr(tabular, "MAX_PARAMETERS", count)
+        TabularNet(5, 2, width=8, depth=depth, kind=kind)
+        monkeypatch.setattr(tabular, "MAX_PARAMETERS", count - 1)
+        with pytest.raises(ConfigError, match=f"has {count:,} parameters"):
+            TabularNet(5, 2, width=8, depth=depth, kind=kind)
+
+
+def _tabular_csv(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    np.savetxt(path, np.column_stack([x, (x[:, 0] > 0).astype(int)]), delimiter=",", fmt=["%.4f"] * 3 + ["%d"])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("mlp:0x2", "--model mlp:0x2: TabularNet width must be an int >= 1, got 0"),
+        ("hannet:0x2", "--model hannet:0x2: TabularNet width must be an int >= 1, got 0"),
+        ("mlp:8x1001", "--model mlp:8x1001: TabularNet depth must be at most 1000, got 1001"),
+    ],
+)
+def test_a_tabular_model_size_no_network_has_is_one_line(
+    model: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", model, "--data", str(_tabular_csv(tmp_path / "t.csv")), "--output-dir",
+                         str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()
+
+
+def test_an_mlp_of_depth_zero_trains_a_linear_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from han_surgery import load_model
+
+    code, err = finetune(capsys, "--model", "mlp:16x0", "--data", str(_tabular_csv(tmp_path / "t.csv")),
+                         "--epochs", "1", "--batch-size", "16", "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 0, err
+    model = load_model(tmp_path / "o")
+    assert len(model.body) == 0 and model.head.in_features == 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model-kwargs", '{"no_such_arg": 1, "width": 4}'], "--model mlp: --model-kwargs applies to timm model "
+         "names and transformers folders; the built-in mlp model takes its width and depth from --model "
+         "mlp:<width>x<depth>. Drop --model-kwargs."),
+        (["--pretrained"], "--model hannet:8x2: --pretrained loads timm's weights for a timm model name; the built-in "
+         "hannet model has none. Drop --pretrained."),
+    ],
+)  # fmt: skip
+def test_options_a_builtin_tabular_model_does_not_take_are_refused(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--model-kwargs`` and ``--pretrained`` were silently ignored for ``mlp`` / ``hannet``, and the card and
+    training_args.json recorded them as if they had been applied."""
+    model = "mlp" if "--model-kwargs" in extra else "hannet:8x2"
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", model, *extra, "--data", str(_tabular_csv(tmp_path / "t.csv")),
+                         "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not out.exists()

@@ -251,3 +251,19 @@ def test_224_mixers_build_on_timm_mlp_mixer():
     assert isinstance(model, MlpMixer) and model.stem.num_patches == 196
     assert [type(b).__name__ for b in model.blocks] == ["MixerBlock"] * 2 + ["HanMixerBlock"] * 16
     assert model(torch.randn(1, 3, 224, 224)).shape == (1, 5)
+
+
+@pytest.mark.parametrize("argument", ["mlp_depth", "han_depth"])
+@pytest.mark.parametrize("value", [-5, 2.5, True])
+def test_han_mixer_depths_are_checked(argument, value):
+    """A negative depth built a model with fewer blocks than it said (and misled the features_only guard); 2.5 was
+    a bare TypeError from ``range``."""
+    from han_surgery import ConfigError
+    from han_surgery.models import HanMixer
+
+    message = f"HanMixer {argument} must be an int >= 0, got {value!r}"
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        HanMixer(**{argument: value}, stem_type="cnn", img_size=32, embed_dim=64)
+    for features_only in (False, True):
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            timm.create_model("han_mixer_m2h16_32", features_only=features_only, **{argument: value})

@@ -426,3 +426,29 @@ def test_the_calibration_record_survives_an_auto_class_reload_and_save(tmp_path)
             (step,) = written["recipe"]
             assert step["calibration"] == calibration.to_dict(), auto.__name__
             assert [prefix + r["path"] for r in step["rewrites"]] == [r["path"] for r in first[0]["rewrites"]]
+
+
+def test_timm_local_dir_keeps_the_file_dtype_of_a_mixed_precision_model(tmp_path):
+    """A bfloat16 ViT whose head is kept in float32 (mixed precision): timm's ``local-dir:`` rounded the head to the
+    recipe's bfloat16, so weights and outputs differed from the saved model; ``from_pretrained`` kept it float32."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32).eval()
+    hanify(model)
+    model.to(torch.bfloat16)
+    model.head.float()
+    with torch.no_grad():
+        model.head.weight.add_(1e-3 * torch.randn_like(model.head.weight))  # float32 values bfloat16 cannot hold
+
+    def logits(m: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            features = m.forward_head(m.forward_features(IMAGES.bfloat16()), pre_logits=True)
+            return m.head(features.to(m.head.weight.dtype))
+
+    save_pretrained(model, tmp_path / "vit")
+    for loaded in (
+        timm.create_model(f"local-dir:{tmp_path / 'vit'}", pretrained=True).eval(),
+        han_surgery.from_pretrained(tmp_path / "vit"),
+    ):
+        assert loaded.head.weight.dtype == torch.float32 and loaded.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+        assert torch.equal(loaded.head.weight, model.head.weight)
+        assert torch.equal(logits(loaded), logits(model))

@@ -10,7 +10,8 @@
   ``AutoModelForSequenceClassification`` for text data, safetensors only), or a tabular network
   this command trained;
 * ``mlp`` / ``mlp:<width>x<depth>`` or ``hannet`` / ``hannet:<width>x<depth>``: small built-in
-  models for tabular data (``hannet`` is the paper's Householder network).
+  models for tabular data (``hannet`` is the paper's Householder network; ``mlp:<width>x0`` is a linear
+  model), built from random weights: ``--model-kwargs`` and ``--pretrained`` do not apply to them.
 
 :func:`save_model` writes ``model.safetensors`` and ``config.json`` as the model's library expects
 (timm ``save_for_hf``, transformers ``save_pretrained``, :func:`han_surgery.save_pretrained` for
@@ -28,7 +29,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from ..errors import CheckpointError, HanSurgeryError, first_line
+from ..errors import CheckpointError, ConfigError, HanSurgeryError, first_line
 from ..folders import (
     CONFIG_NAME,
     TABULAR_CONFIG_KEY,
@@ -146,15 +147,25 @@ def build_model(
     model_kwargs = dict(model_kwargs or {})
     m = _TABULAR_RE.match(spec)
     if m:
+        kind = m.group(1)
         if data is None or data.kind != "tabular":
-            raise ModelError(f"--model {spec}: the built-in '{m.group(1)}' model is for tabular CSV data.")
+            raise ModelError(f"--model {spec}: the built-in '{kind}' model is for tabular CSV data.")
+        if model_kwargs:
+            raise ModelError(
+                f"--model {spec}: --model-kwargs applies to timm model names and transformers folders; the built-in "
+                f"{kind} model takes its width and depth from --model {kind}:<width>x<depth>. Drop --model-kwargs."
+            )
+        if pretrained:
+            raise ModelError(
+                f"--model {spec}: --pretrained loads timm's weights for a timm model name; the built-in {kind} model "
+                "has none. Drop --pretrained."
+            )
         width, depth = int(m.group(2) or 128), int(m.group(3) or 2)
-        return BuiltModel(
-            TabularNet(data.num_features, data.num_outputs, width, depth, kind=m.group(1)),
-            "tabular",
-            spec,
-            random_weights="all",
-        )
+        try:
+            model = TabularNet(data.num_features, data.num_outputs, width, depth, kind=kind)
+        except ConfigError as e:  # no width, or a size no network has
+            raise ModelError(f"--model {spec}: {e}") from None
+        return BuiltModel(model, "tabular", spec, random_weights="all")
 
     path = Path(spec.removeprefix("local-dir:")).expanduser()
     if path.is_dir():

@@ -17,6 +17,11 @@ and ``pipeline("feature-extraction", model=dir)`` work with ``trust_remote_code=
 from the folder runs. A recipe recorded on a task model (paths ``bert.encoder...``) replays on
 the base model (``encoder...``) and the other way round. ``save_pretrained`` of a ``Hanified*``
 model writes the same folder again.
+
+Dtypes are transformers' too: it loads a model in one dtype (the config's, or ``dtype=...``), as it loads any
+folder, so a model saved with tensors of several dtypes (a bfloat16 body with a float32 classifier) comes back
+with every tensor in that one dtype: the float32 ones rounded, unless ``dtype=torch.float32`` is passed.
+:func:`han_surgery.from_pretrained` keeps each tensor in the dtype the file holds it in.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ from timm.models._manipulate import named_apply
 from timm.models.mlp_mixer import MlpMixer, _init_weights
 from torch import Tensor, nn
 
+from ..checks import check_int
 from ..layers import HanBlock
 from ._checkpoint import checkpoint_filter_fn
 
@@ -176,6 +177,9 @@ class HanMixer(MlpMixer):
 
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``; ``forward_features`` gives
     ``(B, N, embed_dim)`` (tokens after the final LayerNorm).
+
+    Raises:
+        ConfigError: ``mlp_depth`` or ``han_depth`` is not an int ``>= 0``.
     """
 
     def __init__(
@@ -194,6 +198,7 @@ class HanMixer(MlpMixer):
         dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
+        _check_depths(mlp_depth, han_depth)
         if stem_type not in ("patch", "cnn"):
             raise ValueError(f"HanMixer: stem_type must be 'patch' or 'cnn', got {stem_type!r}")
         if stem_type == "cnn":
@@ -226,8 +231,16 @@ class HanMixer(MlpMixer):
         ]
 
 
+def _check_depths(mlp_depth: int, han_depth: int) -> None:
+    """Block counts are whole numbers ``>= 0`` (:class:`~han_surgery.errors.ConfigError` naming the argument)."""
+    check_int("HanMixer mlp_depth", mlp_depth, 0)
+    check_int("HanMixer han_depth", han_depth, 0)
+
+
 def _create_han_mixer(variant: str, pretrained: bool = False, **kwargs: Any) -> HanMixer:
-    depth = kwargs.get("mlp_depth", 2) + kwargs.get("han_depth", 16)
+    mlp_depth, han_depth = kwargs.get("mlp_depth", 2), kwargs.get("han_depth", 16)
+    _check_depths(mlp_depth, han_depth)  # before the block count below is taken from them
+    depth = mlp_depth + han_depth
     if depth == 0 and kwargs.get("features_only"):
         raise ValueError(
             f"{variant}: features_only needs at least one Mixer or Han-Mixer block and this model has none; "

@@ -62,6 +62,12 @@ class HanMobileVit(ByobNet):
         **kwargs: ``ByobNet``'s arguments (``num_classes``, ``in_chans``, ``global_pool``,
             ``drop_rate``, ``drop_path_rate``, ...).
 
+    Stochastic depth: with ``drop_path_rate = p > 0`` (and ``han_residual=False``), timm's ``DropPath`` acts in
+    training on what the block adds to ``x``, the residual-free branch ``Han(x) - x``: a dropped sample gets ``x``
+    (it skips the Han-block), a kept one ``x + (Han(x) - x) / (1 - p)``, not ``Han(x)``. The expectation is
+    ``Han(x)``, what the block computes in eval. With ``han_residual=True`` it is timm's usual ``x + Han(x)``
+    branch.
+
     Shapes: ``(B, in_chans, H, W) -> (B, num_classes)``, ``H`` and ``W`` multiples of 32.
     """
 

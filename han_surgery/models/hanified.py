@@ -11,8 +11,11 @@ timm reads that file itself (``local-dir:`` from a folder, ``hf-hub:`` from the 
 then calls the entry point registered here, :func:`hanified`, with ``model_args`` as keyword
 arguments. It builds the base model with random weights (``pretrained=False``, the other
 ``model_args`` checked by :func:`~han_surgery.folders.checked_timm_model_args`), replays the
-recipe, and loads ``model.safetensors`` (safetensors only, never a pickle) through timm's
-``load_pretrained`` (so ``num_classes=...`` re-initialises the classifier the timm way). The result
+recipe, and loads ``model.safetensors`` (safetensors only, never a pickle: a folder that holds only
+``pytorch_model.bin``, as timm's ``save_for_hf`` writes without ``safe_serialization=True``, is refused
+with what to do) through timm's ``load_pretrained`` (so ``num_classes=...`` re-initialises the classifier
+the timm way). The model is built in the recipe's dtype; a tensor the file holds in a dtype that one does
+not hold exactly keeps the file's (the float32 head of a bfloat16 model). The result
 computes bit for bit what the saved model did; its ``pretrained_cfg["architecture"]`` stays
 ``"hanified"``, so timm's own ``save_for_hf`` / ``push_to_hf_hub`` write a folder that loads again.
 """
@@ -33,10 +36,17 @@ from timm.models import load_pretrained, register_model
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UnsafeCheckpointError
-from ..folders import TIMM_BASE_ARG, TIMM_HANIFIED_ARCH, TIMM_RECIPE_ARG, WEIGHTS_NAME, checked_timm_model_args
+from ..folders import (
+    TIMM_BASE_ARG,
+    TIMM_HANIFIED_ARCH,
+    TIMM_RECIPE_ARG,
+    WEIGHTS_NAME,
+    checked_timm_model_args,
+    refuse_pickles,
+)
 from ..surgery.engine import register_hanify_hook
 from ..surgery.recipe import Recipe, record_last_step_on_parts
-from ..surgery.serialization import recipe_for, replay_remaining_steps
+from ..surgery.serialization import config_build_errors, recipe_for, replay_remaining_steps, to_file_dtypes
 from ._checkpoint import checkpoint_filter_fn
 
 __all__ = ["hanified"]
@@ -69,6 +79,8 @@ def _load_safetensors(pretrained_cfg: dict[str, Any], cache_dir: str | Path | No
         path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir))
         name = f"hf-hub:{pretrained_cfg['hf_hub_id']}/{WEIGHTS_NAME}"
     elif file:
+        if Path(file).is_dir():  # timm's save_for_hf writes pytorch_model.bin unless safe_serialization=True
+            refuse_pickles(Path(file))
         path = Path(file) / WEIGHTS_NAME if Path(file).is_dir() else Path(file)
         name = str(path)
         if path.suffix != ".safetensors":
@@ -143,14 +155,16 @@ def hanified(
     strict = kwargs.pop("pretrained_strict", True)
     base_args = checked_timm_model_args(kwargs, source)
     base_cfg = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS and k != "architecture"}
-    try:
+    with config_build_errors(source, repr(han_base)):  # a value the constructor refuses, whatever it raises
         model = timm.create_model(han_base, pretrained=False, pretrained_cfg=base_cfg or None, **base_args)
-    except TypeError as e:  # an unknown constructor argument or pretrained_cfg field
-        raise CheckpointError(f"{source}: cannot build {han_base!r} from these arguments ({e})") from None
     replay_remaining_steps(model, recipe.steps, source)
-    model.to(dtype=getattr(torch, recipe.dtype))
+    built = getattr(torch, recipe.dtype)
+    model.to(dtype=built)
     if pretrained:
         state_dict, name = _load_safetensors(cfg, cache_dir)
+        # no tensor is rounded: one the file holds in a dtype the model's does not hold exactly keeps the file's (the
+        # float32 head of a bfloat16 model, as from_pretrained loads it); a save_for_hf folder's float32 stays
+        to_file_dtypes(model, {k: v for k, v in state_dict.items() if torch.promote_types(v.dtype, built) != built})
 
         def fits(state: dict, model: nn.Module) -> dict:
             try:
@@ -225,6 +239,7 @@ def _mark_hanified_timm_model(model: nn.Module) -> None:
     for ``save_for_hf(model.backbone)``."""
     for part in [model] if _is_timm_model(model) else record_last_step_on_parts(model, _is_timm_model):
         # float32, not the dtype now: the model may be cast before save_for_hf, which loads it as timm loads any
-        # save_for_hf folder, in float32 (lossless for float16 / bfloat16 weights)
+        # save_for_hf folder, in float32 (lossless for float16 / bfloat16 weights: hanified() keeps a tensor in the
+        # file's dtype only where float32 would round it)
         recipe = dataclasses.replace(recipe_for(part), dtype="float32")
         _mark_hanified(part, recipe.base.name, recipe.to_dict())

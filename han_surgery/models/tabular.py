@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..checks import check_int
 from ..errors import ConfigError
 from ..layers import Abs, HanLayer
 
@@ -17,11 +18,17 @@ __all__ = ["STANDARDIZATION_KEYS", "TabularNet"]
 #: The ``config`` entries of a network that takes raw rows (see :class:`TabularNet`).
 STANDARDIZATION_KEYS = ("feature_mean", "feature_std", "target_mean", "target_std")
 
+#: The most hidden layers and parameters (4 GB in float32) a :class:`TabularNet` may have: a larger one is a typo
+#: (``mlp:10000000x2``) or a damaged ``config.json``, refused before gigabytes are allocated.
+MAX_DEPTH = 1000
+MAX_PARAMETERS = 1 << 30
+
 
 class TabularNet(nn.Module):
     """A small network for tabular rows ``(B, F) -> (B, num_outputs)``.
 
-    ``kind="mlp"``: ``[Linear(F|w, w), ReLU] x depth, Linear(w, out)``.
+    ``kind="mlp"``: ``[Linear(F|w, w), ReLU] x depth, Linear(w, out)``; ``depth=0`` is the linear model
+    ``Linear(F, out)`` (``width`` unused).
     ``kind="hannet"``: ``Linear(F, w), |.|, HanLayer(w) x depth, Linear(w, out)`` -- the paper's
     HanNet (each hidden layer ``|H x + b|`` has ``2w`` parameters).
 
@@ -34,6 +41,12 @@ class TabularNet(nn.Module):
     data's units. ``han-surgery finetune`` trains the network on standardised rows without them and
     exports it with the training split's statistics, so ``han_surgery.load_model(folder)(raw_rows)`` gives
     predictions in the data's units. They are buffers outside the ``state_dict`` (kept in ``config``).
+
+    Raises:
+        ConfigError: an unknown ``kind``; ``in_features``, ``num_outputs``, ``width`` not ints ``>= 1`` or ``depth``
+            not an int ``>= 0``; more than :data:`MAX_DEPTH` hidden layers or :data:`MAX_PARAMETERS` parameters
+            (checked before anything is allocated); statistics of the wrong size, not finite, or a ``*_std`` not
+            positive.
     """
 
     def __init__(
@@ -50,6 +63,7 @@ class TabularNet(nn.Module):
         target_std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        _check_size(in_features, num_outputs, width, depth, kind)
         self.config = {
             "in_features": in_features,
             "num_outputs": num_outputs,
@@ -81,12 +95,10 @@ class TabularNet(nn.Module):
             layers: list[nn.Module] = []
             for i in range(depth):
                 layers += [nn.Linear(in_features if i == 0 else width, width), nn.ReLU()]
-        elif kind == "hannet":
-            layers = [nn.Linear(in_features, width), Abs()] + [HanLayer(width) for _ in range(depth)]
         else:
-            raise ConfigError(f"TabularNet kind must be 'mlp' or 'hannet', got {kind!r}.")
+            layers = [nn.Linear(in_features, width), Abs()] + [HanLayer(width) for _ in range(depth)]
         self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_outputs)
+        self.head = nn.Linear(width if layers else in_features, num_outputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, F) -> (B, num_outputs)``; raw rows and outputs in the data's units with the statistics set."""
@@ -104,3 +116,25 @@ class TabularNet(nn.Module):
             plain.config.pop(key, None)
             plain._buffers.pop(key, None)
         return plain
+
+
+def _check_size(in_features: int, num_outputs: int, width: int, depth: int, kind: str) -> None:
+    """Refuse (:class:`ConfigError`) a kind or size no :class:`TabularNet` has: not whole numbers, no feature, output
+    or hidden unit, a negative depth, or more than :data:`MAX_DEPTH` layers / :data:`MAX_PARAMETERS` parameters."""
+    if kind not in ("mlp", "hannet"):
+        raise ConfigError(f"TabularNet kind must be 'mlp' or 'hannet', got {kind!r}.")
+    for name, value in (("in_features", in_features), ("num_outputs", num_outputs), ("width", width)):
+        check_int(f"TabularNet {name}", value, 1)
+    check_int("TabularNet depth", depth, 0)
+    if depth > MAX_DEPTH:
+        raise ConfigError(f"TabularNet depth must be at most {MAX_DEPTH}, got {depth}")
+    if kind == "hannet":  # Linear(F, w), |.|, HanLayer(w) (2w parameters each) x depth, Linear(w, out)
+        hidden = in_features * width + width + depth * 2 * width
+    else:  # [Linear(F|w, w), ReLU] x depth
+        hidden = in_features * width + width + (depth - 1) * (width * width + width) if depth else 0
+    count = hidden + (width if kind == "hannet" or depth else in_features) * num_outputs + num_outputs
+    if count > MAX_PARAMETERS:
+        raise ConfigError(
+            f"TabularNet: {kind} of width {width} and depth {depth} for {in_features} features and {num_outputs} "
+            f"outputs has {count:,} parameters, more than {MAX_PARAMETERS:,}: choose a smaller width or depth"
+        )

@@ -41,11 +41,10 @@ from typing import Any, TypeVar, overload
 
 import safetensors.torch
 import torch
-from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import CheckpointError, UnsafeCheckpointError, first_line
+from ..errors import CheckpointError, HanSurgeryError, UnsafeCheckpointError, first_line
 from ..folders import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -309,17 +308,13 @@ def transformers_base_config(config: dict[str, Any], source: str, overrides: dic
             f"{source}: model_type {model_type!r} is not a transformers model type "
             f"(transformers {transformers.__version__})"
         )
-    try:
+    with config_build_errors(source, f"a {model_type} config"):  # e.g. transformers' strict field validation
         if not overrides:
             return CONFIG_MAPPING[model_type].from_dict(config)
         result, unused = CONFIG_MAPPING[model_type].from_dict(dict(config), return_unused_kwargs=True, **overrides)
         for key in set(overrides) - set(unused):
             del overrides[key]
         return result
-    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:  # strict: transformers' field validation
-        raise CheckpointError(
-            f"{source}: not a valid {model_type} config ({type(e).__name__}: {first_line(e)})"
-        ) from None
 
 
 def _to_saved_dtype(model: nn.Module, dtype: torch.dtype) -> None:
@@ -371,7 +366,7 @@ def _load_weights(model: nn.Module, path: Path) -> None:
     # as load_model: a name of the model that shares its memory with one the file holds is loaded with it
     shared = safetensors.torch._remove_duplicate_names(own, preferred_names=list(state))
     loaded_with_another = {name for names in shared.values() for name in names}
-    _to_file_dtypes(model, state)
+    to_file_dtypes(model, state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [n for n in missing if n not in loaded_with_another]
     if missing or unexpected:
@@ -394,7 +389,7 @@ def _aliases(state_dict: dict[str, torch.Tensor]) -> list[set[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def _to_file_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def to_file_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give each floating parameter and buffer of ``model`` the dtype of its (floating) tensor in ``state``, under
     any of its names, in place: a parameter stays the same ``Parameter`` (what is tied to it stays tied), a buffer
     that several modules hold is replaced by one tensor in all of them."""
@@ -432,7 +427,7 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
         cls = getattr(transformers, base.name, None)
         if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
             raise CheckpointError(f"{folder.path / HAN_CONFIG_NAME}: transformers has no model class {base.name!r}")
-        with _base_build_errors(config_file, base.name), _empty_parameters() if empty else contextlib.nullcontext():
+        with config_build_errors(config_file, base.name), empty_parameters() if empty else contextlib.nullcontext():
             model = cls(config)
         if empty:
             model.tie_weights()  # the constructor does not tie meta parameters
@@ -454,7 +449,7 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
                 f"{config_file}: architecture {name!r}, but {HAN_CONFIG_NAME} was saved from {base.name!r}"
             )
         pretrained_cfg = {k: v for k, v in pretrained_cfg.items() if k not in ("file", "source")}
-        with _base_build_errors(config_file, name):
+        with config_build_errors(config_file, name):
             return timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
     raise CheckpointError(
         f"{folder.path} was saved from a {base.name} (neither timm nor transformers): "
@@ -463,18 +458,23 @@ def _build_base(folder: ModelFolder, base: BaseModelSpec, *, empty: bool = False
 
 
 @contextlib.contextmanager
-def _base_build_errors(config_file: Path, name: str) -> Iterator[None]:
-    """A base model's constructor rejecting what ``config_file`` holds (a value of the wrong type, heads that do
-    not divide the width) is a :class:`CheckpointError` naming the file."""
+def config_build_errors(config_file: str | Path, name: str) -> Iterator[None]:
+    """A model's constructor failing on what ``config_file`` holds is a :class:`CheckpointError` naming the file,
+    whatever it raises: a value of the wrong type (``TypeError``), heads that do not divide the width
+    (``ValueError``, ``AssertionError``, ``ZeroDivisionError``), a negative size (``RuntimeError``), a mapping that
+    is a string (``AttributeError``), a field transformers' strict config refuses, a :class:`ConfigError` of a
+    han-surgery model. The exception is kept as the error's ``__cause__``. Running out of memory is not the
+    file's fault and propagates, as does a :class:`CheckpointError` (it names its own file)."""
     try:
         yield
-    except (TypeError, ValueError, StrictDataclassError) as e:
-        raise CheckpointError(
-            f"{config_file}: cannot build {name} from it ({type(e).__name__}: {first_line(e)})"
-        ) from None
+    except (MemoryError, torch.OutOfMemoryError, CheckpointError):
+        raise
+    except Exception as e:
+        detail = first_line(e) if isinstance(e, HanSurgeryError) else f"{type(e).__name__}: {first_line(e)}"
+        raise CheckpointError(f"{config_file}: cannot build {name} from it ({detail})") from e
 
 
-def _empty_parameters() -> contextlib.AbstractContextManager:
+def empty_parameters() -> contextlib.AbstractContextManager:
     """Parameters registered inside are on the meta device; buffers are built for real."""
     from accelerate import init_empty_weights
 
@@ -490,7 +490,7 @@ def _rebuild_empty(folder: ModelFolder, recipe: Recipe, source: str) -> nn.Modul
     model = _build_base(folder, recipe.base, empty=True)
     _to_saved_dtype(model, getattr(torch, recipe.dtype))
     try:
-        with _empty_parameters():
+        with empty_parameters():
             replay_remaining_steps(model, recipe.steps, source)
     except CheckpointError:
         raise
