@@ -271,7 +271,7 @@ def test_transformers_text_classification_hanified_round_trip(tmp_path: Path, ca
 
 
 def test_a_hanified_transformers_base_model_gets_a_classification_head(
-    tmp_path: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``han-surgery hanify`` of a BertModel (no head), tokenizer copied in: finetune loads it with
     AutoModelForSequenceClassification (the recipe replays on the base) instead of failing at ``.logits``;
@@ -324,6 +324,10 @@ def test_a_hanified_transformers_base_model_gets_a_classification_head(
     assert (
         type(model).__qualname__ == "HanifiedBertForSequenceClassification" and model.config.hidden_dropout_prob == 0.2
     )
+    with monkeypatch.context() as m:  # --model . named the hanified folder `.` in the card
+        m.chdir(hanified)
+        assert cli(["--model", ".", *args[2:], "--output-dir", str(tmp_path / "dot")]) == 0
+    assert "fine-tuned further from the hanified folder `han-bert`" in (tmp_path / "dot" / "README.md").read_text()
     # a setting of BertConfig that this config.json does not hold (it was refused as not a setting)
     tokenizer.save_pretrained(base)
     kwargs = ["--model-kwargs", '{"classifier_dropout": 0.3}']

@@ -954,3 +954,16 @@ def test_options_a_builtin_tabular_model_does_not_take_are_refused(
                          "--output-dir", str(out))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_pretrained_with_a_model_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--pretrained`` with a model folder was silently ignored (the folder's own weights load either way)."""
+    data = str(_tabular_csv(tmp_path / "t.csv"))
+    first = tmp_path / "first"
+    code, err = finetune(capsys, "--model", "mlp:8x1", "--data", data, "--output-dir", str(first), "--max-steps", "1")
+    assert code == 0, err
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", str(first), "--pretrained", "--data", data, "--output-dir", str(out))
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--model {first}: --pretrained loads timm's weights for a timm model name" in err, err
+    assert "this folder's own weights are loaded. Drop --pretrained." in err and not out.exists(), err

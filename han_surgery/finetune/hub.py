@@ -379,7 +379,7 @@ def render_model_card(
     if config.model_kwargs:  # the architecture is the named one changed by --model-kwargs: say so
         started_from = f"{base_model} --model-kwargs '{json.dumps(config.model_kwargs)}'"
     if built.loaded_hanified:  # the surgery was an earlier run's: this one started from its hanified folder
-        started_from = Path(config.model.removeprefix("local-dir:")).name or config.model
+        started_from = _folder_name(config.model.removeprefix("local-dir:"))  # `.` names the folder it is
         summary = (
             f"`{base_model}` with its MLP blocks replaced by Han-blocks (`han_surgery.hanify`, in an earlier run), "
             f"fine-tuned further from the hanified folder `{started_from}`."

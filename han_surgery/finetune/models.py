@@ -172,6 +172,11 @@ def build_model(
         folder = inspect_model_folder(path)
         family: Family = folder.base_library if folder.base_library in ("timm", "transformers", "tabular") else "timm"
         _check_data_kind(spec, family, data)
+        if pretrained:
+            raise ModelError(
+                f"--model {spec}: --pretrained loads timm's weights for a timm model name; this folder's own weights "
+                "are loaded. Drop --pretrained."
+            )
         if model_kwargs and family != "transformers":
             raise ModelError(
                 f"--model {spec}: --model-kwargs applies to timm model names and transformers folders; this folder "
