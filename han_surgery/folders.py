@@ -60,6 +60,7 @@ __all__ = [
     "CONFIG_NAME",
     "GENERATION_CONFIG_NAME",
     "HAN_CONFIG_NAME",
+    "CARD_NAME",
     "TABULAR_CONFIG_KEY",
     "PICKLE_SUFFIXES",
     "FolderKind",
@@ -76,6 +77,7 @@ SHARDED_WEIGHTS_INDEX = "model.safetensors.index.json"  # transformers' save_pre
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 HAN_CONFIG_NAME = "han_config.json"
+CARD_NAME = "README.md"  # the model card (huggingface_hub's ModelCard), written last: a folder with one is complete
 TABULAR_CONFIG_KEY = "han_surgery_tabular"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 

@@ -447,3 +447,26 @@ def test_what_is_not_the_configs_fault_passes_through(tmp_path, error):
     with pytest.raises(type(error)) as info, config_build_errors(tmp_path / "config.json", "Model"):
         raise error
     assert info.value is error
+
+
+def test_a_model_class_that_needs_a_missing_package_is_not_blamed_on_config_json(tmp_path: Path) -> None:
+    """LayoutLMv2 needs detectron2: its ImportError (whose install hint is on the line after the first) was reported
+    as "config.json: cannot build LayoutLMv2Model from it (ImportError: ...)", cut mid-sentence. The error names the
+    model and the whole message of the import, on one line."""
+    config = T.LayoutLMv2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    config.architectures = ["LayoutLMv2Model"]
+    config.save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    try:
+        import detectron2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("detectron2 is installed: LayoutLMv2Model builds")
+    with pytest.raises(CheckpointError) as info:
+        load_model(str(tmp_path))
+    message = str(info.value)
+    assert "config.json" not in message and "cannot build" not in message, message
+    assert message.startswith(f"{tmp_path}: LayoutLMv2Model needs a package that is not installed"), message
+    assert "\n" not in message, message
+    assert message.endswith(str(info.value.__cause__).split()[-1]), message  # the hint's last word: not cut

@@ -26,6 +26,7 @@ from ..dataclass_cli import to_argv
 from ..errors import CheckpointError, HanSurgeryError
 from ..fileio import folder_problems, lies_in
 from ..folders import (
+    CARD_NAME,
     CONFIG_NAME,
     HF_BASE_CONFIG_KEY,
     TIMM_BASE_ARG,
@@ -55,7 +56,6 @@ TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "templa
 # training state, and staging folders of an unfinished write (.export.tmp, .hanify.tmp, .overwritten.tmp) and
 # their files: "*.tmp" alone matches no file inside one
 UPLOAD_IGNORE = ["checkpoints/*", "checkpoints/**", "*.tmp", "*.tmp/*", "*.tmp/**", "*.lock"]
-CARD_NAME = "README.md"
 RESULTS_NAME = "results.json"
 
 

@@ -464,11 +464,18 @@ def config_build_errors(config_file: str | Path, name: str) -> Iterator[None]:
     (``ValueError``, ``AssertionError``, ``ZeroDivisionError``), a negative size (``RuntimeError``), a mapping that
     is a string (``AttributeError``), a field transformers' strict config refuses, a :class:`ConfigError` of a
     han-surgery model. The exception is kept as the error's ``__cause__``. Running out of memory is not the
-    file's fault and propagates, as does a :class:`CheckpointError` (it names its own file)."""
+    file's fault and propagates, as does a :class:`CheckpointError` (it names its own file). A model class that
+    needs a package that is not installed (LayoutLMv2: detectron2) is not the file's fault either: its
+    ``ImportError`` becomes a :class:`CheckpointError` naming the folder and ``name``, with the whole message, its install hint
+    included, on one line."""
     try:
         yield
     except (MemoryError, torch.OutOfMemoryError, CheckpointError):
         raise
+    except ImportError as e:
+        raise CheckpointError(
+            f"{Path(config_file).parent}: {name} needs a package that is not installed: {' '.join(str(e).split())}"
+        ) from e
     except Exception as e:
         detail = first_line(e) if isinstance(e, HanSurgeryError) else f"{type(e).__name__}: {first_line(e)}"
         raise CheckpointError(f"{config_file}: cannot build {name} from it ({detail})") from e
