@@ -9,6 +9,7 @@ POINT is where the process kills itself, at the N-th time it gets there:
 * ``checkpoint_rename``: after a checkpoint's files and manifest are written, before ``step_N.tmp`` is renamed;
 * ``export``: inside the final save, after the model files are staged, before anything is published;
 * ``publish``: inside the final save, while the staged files are moved into place (before the N-th move);
+* ``set_aside``: while ``--overwrite`` moves the folder's former contents aside (before the N-th move);
 * ``time``: after N milliseconds, wherever the run is.
 
 Nothing here is part of han-surgery: the faults are injected from outside, by patching library functions.
@@ -107,6 +108,18 @@ def main() -> None:
 
         patch_os_replace(fileio, kill_at_nth_move)
         runner.publish_files = publish_files
+    elif point == "set_aside":
+        import han_surgery.finetune.checkpoints as checkpoints
+
+        moves = 0
+
+        def kill_at_nth_move_aside(src: str, dst: str) -> bool:
+            nonlocal moves
+            hit = os.path.basename(os.path.dirname(dst)).startswith(".overwritten")
+            moves += hit
+            return hit and moves == n
+
+        patch_os_replace(checkpoints, kill_at_nth_move_aside)
     elif point == "time":
         threading.Timer(n / 1000, die).start()
     else:

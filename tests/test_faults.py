@@ -26,6 +26,7 @@ from _finetune_cli import cli
 from _toy_data import TINY_VIT, make_images
 from safetensors.torch import load_file
 
+from han_surgery.cli._common import Terminated
 from han_surgery.fileio import folder_problems
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -265,6 +266,11 @@ def test_another_runs_checkpoint_resumes_only_into_a_new_folder_or_one_of_its_op
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--resume {foreign}" in err and "--epochs 3 -> 2" in err, err
     assert _snapshot(x) == before
+    w = tmp_path / "W"  # a new folder, but other options: refused before anything is read or written
+    assert cli(_mlp(data, w, *y_options, "--lr", "0.01", "--resume", str(foreign))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "options differ" in err and "--lr 0.001 -> 0.01" in err, err
+    assert not w.exists()
 
     z = tmp_path / "Z"  # a new folder: the run continues Y's trajectory there, as in Y
     assert cli(_mlp(data, z, *y_options, "--resume", str(foreign))) == 0
@@ -277,20 +283,24 @@ def test_another_runs_checkpoint_resumes_only_into_a_new_folder_or_one_of_its_op
     # and Z's own checkpoints of later steps (its trajectory, not another run's) stay where they are
     later = sorted(p.name for p in (z / "checkpoints").iterdir())
     assert later and all(int(name[5:]) > 4 for name in later)
-    assert cli(_mlp(data, z, *y_options, "--max-steps", "6", "--resume", str(foreign))) == 2  # another option
+    before = _snapshot(z)
     capsys.readouterr()
+    assert cli(_mlp(data, z, *y_options, "--lr", "0.5", "--resume", str(foreign))) == 2  # another option
+    assert "--lr 0.001 -> 0.5" in capsys.readouterr().err and _snapshot(z) == before
     assert cli(_mlp(data, z, *y_options, "--resume", str(foreign))) == 0
     assert "removing" not in capsys.readouterr().out
     assert sorted(p.name for p in (z / "checkpoints").iterdir()) == later
 
 
-def test_a_failed_or_interrupted_overwrite_run_puts_the_previous_run_back(
+def test_a_failed_or_interrupted_overwrite_run_puts_the_previous_run_back_or_stays_resumable(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--overwrite`` emptied the folder before training: a retrain that failed (NaN loss) or was interrupted (Ctrl-C,
-    SIGTERM) left nothing of the finished run. The previous contents now stay until the new run has exported."""
+    SIGTERM) left nothing of the finished run. The previous contents now stay until the new run has exported: put back
+    if it fails before its first checkpoint; after one, kept aside beside the new run, which ``--resume`` continues, as
+    after a SIGKILL (a preempted job's checkpoints were deleted, all its progress lost)."""
     data = _table(tmp_path / "t.csv")
-    out = tmp_path / "run"
+    out, aside = tmp_path / "run", tmp_path / "run" / ".overwritten.tmp"
     assert cli(_mlp(data, out, "--epochs", "1", "--checkpoint-every", "4")) == 0
     before = _snapshot(out)
     capsys.readouterr()
@@ -299,23 +309,79 @@ def test_a_failed_or_interrupted_overwrite_run_puts_the_previous_run_back(
     assert "the loss became" in err and "is put back as it was before --overwrite" in err and err.count("\n") == 1, err
     assert _snapshot(out) == before  # the staging folder of the previous contents too is gone
 
-    step, calls = torch.optim.AdamW.step, []
+    step = torch.optim.AdamW.step
 
-    def interrupted_step(self, *args, **kwargs):  # Ctrl-C after a checkpoint of the new run was written
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return step(self, *args, **kwargs)
+    def fail_at(n: int, error: type[BaseException] | None) -> None:
+        """The n-th optimizer step raises ``error`` (``None``: makes the weights NaN, so the next loss is NaN)."""
+        calls = []
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted_step)
-    assert cli(_mlp(data, out, "--overwrite", "--lr", "0.01", "--checkpoint-every", "2")) == 130
+        def failing_step(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == n and error is not None:
+                raise error
+            result = step(self, *args, **kwargs)
+            if len(calls) == n:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.data.fill_(float("nan"))
+            return result
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", failing_step)
+
+    new = _mlp(data, out, "--lr", "0.01", "--checkpoint-every", "2")
+    fail_at(1, KeyboardInterrupt)  # Ctrl-C before the new run's first checkpoint: the previous run comes back
+    assert cli([*new, "--overwrite"]) == 130
     monkeypatch.undo()
     assert _snapshot(out) == before
+    capsys.readouterr()
 
-    assert cli(_mlp(data, out, "--overwrite", "--lr", "0.01", "--max-steps", "3")) == 0  # a run that ends: replaced
-    assert json.loads((out / "training_args.json").read_text())["lr"] == 0.01
+    fail_at(7, Terminated)  # SIGTERM (preemption) after checkpoints 2, 4 and 6: the new run stays, resumable
+    assert cli([*new, "--overwrite"]) == 143
+    monkeypatch.undo()
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[1] == "han-surgery finetune: terminated", err
+    assert str(aside) in err[0] and "--resume continues" in err[0] and "deletes" in err[0], err
+    assert _snapshot(aside) == before and (out / "checkpoints" / "step_0000006").is_dir()
+    assert cli([*new, "--resume"]) == 0
+    assert not aside.exists() and folder_problems(out, REQUIRED) == []
+    resumed = _snapshot(out)
+
+    fail_at(5, None)  # a NaN loss at step 6, after checkpoint 4: the message says where both runs are
+    capsys.readouterr()
+    assert cli([*new, "--overwrite"]) == 2
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the loss became" in err, err
+    assert f"the last good checkpoint is {out / 'checkpoints' / 'step_0000004'}" in err, err
+    assert str(aside) in err and "--resume" in err and "put back" not in err, err
+    assert _snapshot(aside) == resumed and (out / "checkpoints" / "step_0000004").is_dir()
+
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "0.02", "--max-steps", "3")) == 0  # a run that ends: replaced
+    assert json.loads((out / "training_args.json").read_text())["lr"] == 0.02
     assert not (out / "checkpoints").exists() and not any(p.name.endswith(".tmp") for p in out.iterdir())
-    assert folder_problems(out, ("model.safetensors", "config.json", "README.md")) == []
+    assert folder_problems(out, REQUIRED) == []
+
+
+@pytest.mark.parametrize("kill_at", ["first", "last"])
+def test_an_overwrite_run_killed_while_setting_the_previous_run_aside_puts_it_back_whole(
+    kill_at: str, tmp_path: Path
+) -> None:
+    """A SIGKILL between the moves of the previous contents into ``.overwritten.tmp`` left them in two places: the next
+    ``--overwrite`` took a README.md still in place for a killed run that had exported (deleting what had moved), or
+    the files not yet moved for the killed run's own (deleting them). Now the set-aside completes or never happened:
+    whatever the next run does, the previous run comes back whole."""
+    data = _table(tmp_path / "t.csv")
+    out = tmp_path / "run"
+    assert cli(_mlp(data, out, "--epochs", "1", "--checkpoint-every", "4")) == 0
+    finished = _snapshot(out)
+    n = 1 if kill_at == "first" else sum(1 for p in out.iterdir() if p.name != ".han-surgery.lock")
+    assert n > 2 or kill_at == "first"
+    proc = subprocess.run([sys.executable, str(DRIVER), "set_aside", str(n), *_mlp(data, out, "--overwrite")],
+                          capture_output=True, text=True, env=ENV, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert cli(_mlp(data, out, "--overwrite", "--lr", "1e12")) == 2  # a failing --overwrite: the previous run back
+    assert _snapshot(out) == finished
+    assert cli(_mlp(data, out, "--epochs", "1", "--checkpoint-every", "4", "--resume")) == 0  # and resumable as it was
 
 
 def test_an_overwrite_run_killed_by_sigkill_resumes_or_is_overwritten_again(

@@ -1,11 +1,11 @@
 """The output folder, checkpoints and the resume step of a run.
 
 * :func:`check_output_dir` refuses a non-empty folder without ``overwrite`` (or ``resume``), a folder
-  another run holds, and another folder's checkpoint resumed over a run of other options, before anything is
-  read or written; :func:`prepare_output_dir` then takes the folder's lock
+  another run holds, and another folder's checkpoint resumed over a run of other options or with other options,
+  before anything is read or written; :func:`prepare_output_dir` then takes the folder's lock
   (:class:`~han_surgery.fileio.FolderLock`) for the whole run and, for ``overwrite``, moves its contents
-  aside into ``.overwritten.tmp``: deleted once the new run has exported, put back if it fails (all or
-  nothing).
+  aside into ``.overwritten.tmp``: deleted once the new run has exported, put back if it fails before its first
+  checkpoint (all or nothing); after one, kept aside beside the new run, which ``resume`` continues.
 * :func:`save_checkpoint` writes accelerate's ``save_state`` (weights as safetensors; optimizer, scheduler
   and RNG states as torch files), this loop's own state as JSON (``trainer_state.json``: step, epoch,
   position in the epoch, running loss, metrics lines written) and a manifest of every file's size and
@@ -41,6 +41,7 @@ from ..fileio import (
     output_folder_problem,
     too_wide_to_empty,
 )
+from ..folders import CARD_NAME
 from .config import RESUME_FIELDS, FinetuneConfig
 from .tracking import METRICS_FILE
 
@@ -51,12 +52,14 @@ __all__ = [
     "STATE_FILE",
     "MANIFEST_FILE",
     "OVERWRITTEN_DIR",
+    "OVERWRITTEN_PARTIAL_DIR",
     "TrainProgress",
     "check_output_dir",
     "foreign_checkpoint",
     "prepare_output_dir",
     "set_aside_contents",
     "drop_overwritten",
+    "failed_overwrite_note",
     "discard_partial_output",
     "checkpoint_problem",
     "find_checkpoints",
@@ -74,6 +77,9 @@ MANIFEST_FILE = "checkpoint_manifest.json"
 #: Where ``--overwrite`` keeps the folder's former contents until the new run has exported (inside the folder: the
 #: same file system, so every move is a rename; a ``.tmp`` name, which ``han-surgery push`` does not upload).
 OVERWRITTEN_DIR = ".overwritten.tmp"
+#: Where :func:`set_aside_contents` moves them first, renamed to :data:`OVERWRITTEN_DIR` once all are in: one left
+#: behind means a run killed in the middle of the moves (before it started), whose contents go back.
+OVERWRITTEN_PARTIAL_DIR = ".overwritten.partial.tmp"
 
 
 class FinetuneError(HanSurgeryError, RuntimeError):
@@ -193,6 +199,8 @@ def check_output_dir(config: FinetuneConfig) -> Path:
             )
     elif config.resume is not None and foreign is None:
         raise FinetuneError(f"--resume: {out} does not exist: there is no run to continue.")
+    if foreign is not None:
+        _check_foreign_options(foreign, config)
     return out
 
 
@@ -205,15 +213,37 @@ def foreign_checkpoint(out: Path, resume: str | None) -> Path | None:
     return None if path.resolve().parent == (out / CHECKPOINT_DIR).resolve() else path
 
 
-def _check_foreign_resume(out: Path, checkpoint: Path) -> None:
-    """``--resume`` of another folder's checkpoint into the non-empty ``out``: allowed only where ``out`` holds a run
-    of the checkpoint's options (:data:`RESUME_FIELDS`; the same command run again), never over another run."""
+def _foreign_options(out: Path, checkpoint: Path) -> dict[str, Any] | None:
+    """The options another folder's ``checkpoint`` records (:func:`_recorded_options`); a folder that is not a
+    checkpoint is refused in one line."""
     find_checkpoints(out, str(checkpoint))  # a checkpoint folder, or one line saying it is not
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):
         state = None
-    saved = _recorded_options(checkpoint, state if isinstance(state, dict) else {})
+    return _recorded_options(checkpoint, state if isinstance(state, dict) else {})
+
+
+def _check_foreign_options(checkpoint: Path, config: FinetuneConfig) -> None:
+    """``--resume`` of another folder's checkpoint: refuse other options than its run's before anything is read or
+    written (:func:`resume` compares them again, and warns where the checkpoint records none).
+
+    ``--max-length`` is compared only where this run's is not longer: a text run's is cut to the model's limit later
+    (:func:`~.runner.cap_max_length`), and the recorded one is that cut value.
+    """
+    saved = _foreign_options(Path(config.output_dir).expanduser(), checkpoint)
+    if saved is None:
+        return
+    now = config.to_dict()
+    if isinstance(saved.get("max_length"), int) and saved["max_length"] < now["max_length"]:
+        now["max_length"] = saved["max_length"]
+    _refuse_changed_options(saved, now)
+
+
+def _check_foreign_resume(out: Path, checkpoint: Path) -> None:
+    """``--resume`` of another folder's checkpoint into the non-empty ``out``: allowed only where ``out`` holds a run
+    of the checkpoint's options (:data:`RESUME_FIELDS`; the same command run again), never over another run."""
+    saved = _foreign_options(out, checkpoint)
     if saved is None or not (out / ARGS_FILE).is_file():
         why = (
             f"files but no {ARGS_FILE} to compare with the checkpoint's options"
@@ -232,8 +262,8 @@ def _check_foreign_resume(out: Path, checkpoint: Path) -> None:
 
 
 def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, FolderLock | None]:
-    """Take the output folder's lock (main process) and, with ``overwrite``, set its contents aside
-    (:func:`set_aside_contents`).
+    """Take the output folder's lock (main process), put back what an ``--overwrite`` run killed while setting the
+    folder's contents aside had moved, and, with ``overwrite``, set its contents aside (:func:`set_aside_contents`).
 
     Returns the folder and the lock (``None`` on the other processes); release it at the end of the run.
     """
@@ -244,12 +274,14 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
         lock = FolderLock(out).acquire()
         if lock.took_over is not None:
             print(f"note: took over the lock left in {out} by a run that died (pid {lock.took_over.get('pid')})")
-        if config.overwrite:
-            try:
+        try:
+            if config.overwrite:
                 set_aside_contents(out)
-            except BaseException:
-                lock.release()
-                raise
+            else:
+                _undo_partial_set_aside(out)
+        except BaseException:
+            lock.release()
+            raise
     accelerator.wait_for_everyone()
     return out, lock
 
@@ -257,14 +289,19 @@ def prepare_output_dir(config: FinetuneConfig, accelerator: Any) -> tuple[Path, 
 def set_aside_contents(out: Path) -> None:
     """``--overwrite``: move everything in ``out`` but its lock into ``out/.overwritten.tmp``
     (:data:`OVERWRITTEN_DIR`), where it stays until the new run has exported its model
-    (:func:`drop_overwritten`), or goes back if the run fails or is interrupted (:func:`discard_partial_output`).
+    (:func:`drop_overwritten`), or goes back if the run fails or is interrupted before its first checkpoint
+    (:func:`discard_partial_output`).
 
-    A ``.overwritten.tmp`` already there was left by an ``--overwrite`` run killed with SIGKILL, and what is beside
-    it is that run's: if it had exported (its model card is in place), that is the last finished run and replaces
-    the folder's former contents; otherwise it is dropped and the former contents stay aside.
+    The entries are moved into :data:`OVERWRITTEN_PARTIAL_DIR` first, which is renamed ``.overwritten.tmp`` once all
+    are in: a ``.overwritten.tmp`` always holds the whole of the former contents, and what is beside it is the new
+    run's (a partial one left by a SIGKILL, the set-aside unfinished and the run never started, is put back first).
+
+    A ``.overwritten.tmp`` already there was left by an ``--overwrite`` run killed with SIGKILL (or one that failed or
+    was interrupted after its first checkpoint), and what is beside it is that run's: if it had exported (its model
+    card is in place), that is the last finished run and replaces the folder's former contents; otherwise it is
+    dropped and the former contents stay aside.
     """
-    from .hub import CARD_NAME  # imported here: hub imports this module
-
+    _undo_partial_set_aside(out)
     aside = out / OVERWRITTEN_DIR
     if aside.is_symlink() or aside.is_file():
         aside.unlink()
@@ -276,13 +313,26 @@ def set_aside_contents(out: Path) -> None:
     entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
     if not entries:
         return
-    aside.mkdir()
+    partial = out / OVERWRITTEN_PARTIAL_DIR
+    partial.mkdir()
     try:
         for entry in entries:
-            os.replace(entry, aside / entry.name)
+            os.replace(entry, partial / entry.name)
     except BaseException:  # interrupted half-way: what moved goes back
-        _move_back(aside, out)
+        _move_back(partial, out)
         raise
+    os.replace(partial, aside)
+
+
+def _undo_partial_set_aside(out: Path) -> None:
+    """Move back into ``out`` what an ``--overwrite`` run killed in the middle of :func:`set_aside_contents` had moved
+    into :data:`OVERWRITTEN_PARTIAL_DIR` (that run never started: the rest of the former contents are still in
+    place)."""
+    partial = out / OVERWRITTEN_PARTIAL_DIR
+    if partial.is_symlink() or partial.is_file():
+        partial.unlink()
+    elif partial.is_dir():
+        _move_back(partial, out)
 
 
 def _move_back(aside: Path, out: Path) -> None:
@@ -308,18 +358,38 @@ def drop_overwritten(out: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def discard_partial_output(out: Path, *, existed: bool) -> None:
-    """After a failed run: leave ``out`` as the user had it before the run.
+def _has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` holds a complete checkpoint (one ``--resume`` can continue)."""
+    return any(_step_of(p.parent) is not None for p in (out / CHECKPOINT_DIR).glob(f"step_*/{MANIFEST_FILE}"))
 
-    An ``--overwrite`` run's folder gets its former contents back (the new run's files, checkpoints included, are
-    deleted). Otherwise a folder holding a checkpoint is kept (resumable: the error names the checkpoint); a folder
-    the run created is removed; one that existed (empty) is emptied again, so the corrected command can run into
-    it. Call it after the lock is released.
+
+def failed_overwrite_note(out: Path) -> str | None:
+    """What :func:`discard_partial_output` leaves of a failed or interrupted ``--overwrite`` run in ``out``, in one
+    line (``None``: not an ``--overwrite`` run's folder)."""
+    aside = out / OVERWRITTEN_DIR
+    if aside.is_symlink() or not aside.is_dir():
+        return None
+    if not _has_checkpoint(out):
+        return f"{out} is put back as it was before --overwrite"
+    return (
+        f"{out} keeps this --overwrite run's checkpoints, and the previous run in {aside}: --resume continues this run "
+        "and then deletes the previous one; --overwrite starts over from the previous one"
+    )
+
+
+def discard_partial_output(out: Path, *, existed: bool) -> None:
+    """After a failed run: leave ``out`` as the user had it before the run, unless the run wrote a checkpoint.
+
+    A folder holding a checkpoint is kept (resumable: the error or a note names it); an ``--overwrite`` run's former
+    contents then stay aside in ``.overwritten.tmp``, as a SIGKILL leaves them (:func:`failed_overwrite_note`).
+    Otherwise an ``--overwrite`` run's folder gets its former contents back (the new run's files are deleted); a folder
+    the run created is removed; one that existed (empty) is emptied again, so the corrected command can run into it.
+    Call it after the lock is released.
     """
+    if _has_checkpoint(out):  # resumable
+        return
     if (out / OVERWRITTEN_DIR).is_dir():
         _put_back(out)
-        return
-    if any((out / CHECKPOINT_DIR).glob("step_*")):  # resumable: the message names the checkpoint
         return
     if not existed:
         shutil.rmtree(out, ignore_errors=True)
@@ -394,7 +464,12 @@ def check_resume_config(checkpoint: Path, state: dict[str, Any], config: Finetun
             stacklevel=2,
         )
         return
-    changed = _changed_options(saved, config.to_dict())
+    _refuse_changed_options(saved, config.to_dict())
+
+
+def _refuse_changed_options(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Raise :class:`FinetuneError` naming each of :data:`RESUME_FIELDS` whose value ``now`` differs from ``saved``."""
+    changed = _changed_options(saved, now)
     if changed:
         raise FinetuneError(
             f"--resume: options differ from the interrupted run ({'; '.join(changed)}). Resume with the same options."

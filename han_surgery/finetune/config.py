@@ -118,7 +118,8 @@ class FinetuneConfig:
     overwrite: bool = _opt(
         False,
         "replace an existing --output-dir, all or nothing: its contents wait in <dir>/.overwritten.tmp until the new "
-        "model is saved, and are put back if the run fails or is interrupted",
+        "model is saved, and are put back if the run fails or is interrupted before its first checkpoint (after "
+        "one, --resume continues the new run)",
         TRAINING,
     )
     epochs: int | None = _opt(None, "passes over the training split (default 1; or give --max-steps)", TRAINING)

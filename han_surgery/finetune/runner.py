@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch.utils.data import default_collate
 
 from ..errors import ConfigError, HanifyError, HanSurgeryError, first_line, for_option
 from ..fileio import atomic_write_text, publish_files
-from ..folders import WEIGHTS_NAME
+from ..folders import CARD_NAME, WEIGHTS_NAME
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import fallback_pad_token
 from ..surgery.calibration.heal import hidden_state_paths
@@ -44,13 +45,13 @@ from ..utils import count_parameters
 from .calibration import load_calibration_batches
 from .checkpoints import (
     ARGS_FILE,
-    OVERWRITTEN_DIR,
     FinetuneError,
     TrainProgress,
     check_finite_parameters,
     check_output_dir,
     discard_partial_output,
     drop_overwritten,
+    failed_overwrite_note,
     foreign_checkpoint,
     prepare_output_dir,
     resume,
@@ -59,7 +60,7 @@ from .checkpoints import (
 )
 from .config import FinetuneConfig, FinetuneResult
 from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
-from .hub import CARD_NAME, RESULTS_NAME, base_model_id, push_folder, write_model_card
+from .hub import RESULTS_NAME, base_model_id, push_folder, write_model_card
 from .loop import NonFiniteLossError, TrainingState, logits_of, lr_lambda, train_loop
 from .models import BuiltModel, build_model, save_model
 from .tracking import init_trackers
@@ -575,9 +576,10 @@ def run(config: FinetuneConfig) -> FinetuneResult:
     that fails after it took the output folder leaves it as it was (removed if the run created it,
     emptied if it was empty), unless it resumed or wrote a checkpoint. ``overwrite`` is all or nothing:
     the folder's contents are moved aside into ``.overwritten.tmp`` when the run takes the folder, put
-    back if it fails or is interrupted (its own checkpoints are then deleted), and deleted once the new
-    model is exported; after a SIGKILL, ``resume`` finishes the new run, or ``overwrite`` starts again
-    from the last finished one.
+    back if it fails or is interrupted before its first checkpoint, and deleted once the new model is
+    exported; after a checkpoint, a failure, an interrupt (a note on stderr says so) or a SIGKILL leaves
+    them aside beside the new run: ``resume`` finishes the new run, or ``overwrite`` starts again from
+    the last finished one.
 
     Returns:
         The :class:`~.config.FinetuneResult` (also written as ``results.json``).
@@ -587,7 +589,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             is written in that case (an existing output folder's contents are only moved aside, for
             ``overwrite``, once the data and the model have loaded).
         NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay (with
-            ``overwrite``, the folder's former contents come back instead).
+            ``overwrite``, beside the folder's former contents, which come back instead if there is none).
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
@@ -663,12 +665,11 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 show_progress=config.progress,
             )
         except NonFiniteLossError as e:
-            if config.overwrite and (out / OVERWRITTEN_DIR).is_dir():  # discard_partial_output puts them back
-                kept = f"{out} is put back as it was before --overwrite"
-            elif last_checkpoint:
-                kept = f"the last good checkpoint is {last_checkpoint}"
+            overwritten = failed_overwrite_note(out) if config.overwrite else None  # what discard_partial_output does
+            if last_checkpoint:
+                kept = f"the last good checkpoint is {last_checkpoint}" + (f"; {overwritten}" if overwritten else "")
             else:
-                kept = "no checkpoint was written"
+                kept = overwritten or "no checkpoint was written"
             raise NonFiniteLossError(e.step, e.epoch, e.value, kept) from None
         accelerator.wait_for_everyone()
         result = FinetuneResult(
@@ -699,11 +700,14 @@ def run(config: FinetuneConfig) -> FinetuneResult:
             accelerator.end_training()  # closes the trackers (and the process group, when distributed)
             _process_group_ended = _process_group_ended or accelerator.num_processes > 1
         return result
-    except BaseException:
+    except BaseException as e:
         if lock is not None:
             lock.release()
         if prepared and not exported and config.resume is None and accelerator.is_main_process:
+            note = failed_overwrite_note(out) if config.overwrite else None
             discard_partial_output(out, existed=existed)  # the corrected command can run into it again
+            if note and not isinstance(e, NonFiniteLossError):  # whose message says it
+                print(f"note: {note}", file=sys.stderr, flush=True)
         raise
     finally:
         if lock is not None:
