@@ -25,6 +25,7 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -375,22 +376,15 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
         if isinstance(inputs, dict)
         else "x".join(map(str, inputs.shape))
     )
-    model, training = built.model, built.model.training
-    model.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = logits_of(model, inputs)
-    except HanSurgeryError:
-        raise
-    except Exception as e:  # the model's own failure, e.g. timm's AssertionError on the input size
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        hint = "check --image-size and --model-kwargs" if data.kind == "image" else "check --model-kwargs"
-        raise FinetuneError(
+    hint = "check --image-size and --model-kwargs" if data.kind == "image" else "check --model-kwargs"
+    out = _trial_logits(  # the model's own failure, e.g. timm's AssertionError on the input size
+        built.model,
+        inputs,
+        lambda error: (
             f"--model {config.model} does not accept inputs of shape {shape} from --data {config.data} "
-            f"({type(e).__name__}: {first}): {hint}."
-        ) from None
-    finally:
-        model.train(training)
+            f"({error}): {hint}."
+        ),
+    )
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[-1] != data.num_outputs:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise FinetuneError(
@@ -401,27 +395,38 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
         _check_teacher_forward(config, student.teacher, inputs, shape, tuple(out.shape))
 
 
+def _trial_logits(model: nn.Module, inputs: Any, refusal: Callable[[str], str]) -> Any:
+    """``logits_of(model, inputs)`` in eval mode, without gradients and without drawing from the RNG, the model's
+    mode restored after. The model's own failure (not a han-surgery error) is a :class:`FinetuneError` with the
+    message ``refusal("<exception type>: <its first line>")``."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            return logits_of(model, inputs)
+    except HanSurgeryError:
+        raise
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise FinetuneError(refusal(f"{type(e).__name__}: {first}")) from None
+    finally:
+        model.train(training)
+
+
 def _check_teacher_forward(
     config: FinetuneConfig, teacher: nn.Module, inputs: Any, shape: str, expected: tuple[int, ...]
 ) -> None:
     """:func:`check_forward` for the ``--distill-from`` teacher: it takes the student's batch (another number of
     channels, features or token ids fails here) and gives logits of the student's shape."""
-    training = teacher.training
-    teacher.eval()
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            out = logits_of(teacher, inputs)
-    except HanSurgeryError:
-        raise
-    except Exception as e:  # the teacher's own failure, e.g. a convolution over another number of channels
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        raise FinetuneError(
-            f"--distill-from {config.distill_from} does not accept inputs of shape {shape} from --data {config.data} "
-            f"({type(e).__name__}: {first}): the teacher gets the student's inputs; distil from a teacher trained on "
-            "data like these (the same channels, features or tokenizer)."
-        ) from None
-    finally:
-        teacher.train(training)
+    out = _trial_logits(  # the teacher's own failure, e.g. a convolution over another number of channels
+        teacher,
+        inputs,
+        lambda error: (
+            f"--distill-from {config.distill_from} does not accept inputs of shape {shape} from --data "
+            f"{config.data} ({error}): the teacher gets the student's inputs; distil from a teacher trained on data like "
+            "these (the same channels, features or tokenizer)."
+        ),
+    )
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise FinetuneError(
