@@ -342,7 +342,8 @@ def folder_problems(folder: str | Path, required: Iterable[str]) -> list[str]:
     for p in sorted(folder.glob("*.tmp")):
         if p.is_dir():
             problems.append(
-                f"{p.name}/ was left by an interrupted run (an export or save that did not finish): rerun it "
+                f"{p.name}/ was left by a run that did not finish (an export or a save, or the previous contents an "
+                "--overwrite run set aside): finish it "
                 f"(finetune: --resume) or delete {p}"
             )
     lock = FolderLock(folder)

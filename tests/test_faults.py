@@ -340,7 +340,7 @@ def test_a_failed_or_interrupted_overwrite_run_puts_the_previous_run_back_or_sta
     monkeypatch.undo()
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 2 and err[1] == "han-surgery finetune: terminated", err
-    assert str(aside) in err[0] and "--resume continues" in err[0] and "deletes" in err[0], err
+    assert str(aside) in err[0] and "--resume in place of --overwrite continues" in err[0] and "deletes" in err[0], err
     assert _snapshot(aside) == before and (out / "checkpoints" / "step_0000006").is_dir()
     assert cli([*new, "--resume"]) == 0
     assert not aside.exists() and folder_problems(out, REQUIRED) == []

@@ -704,11 +704,11 @@ def test_push_refuses_an_interrupted_export_and_never_uploads_staging_folders(
     (folder / ".export.tmp").mkdir()
     shutil.copy(folder / "model.safetensors", folder / ".export.tmp" / "model.safetensors")
     (folder / ".export.tmp" / "config.json").write_text("{}")
-    assert any(".export.tmp" in p and "interrupted" in p for p in folder_problems(folder, ("README.md",)))
+    assert any(".export.tmp" in p and "did not finish" in p for p in folder_problems(folder, ("README.md",)))
     assert main(["push", str(folder), "someone/x"]) == 2
     err = capsys.readouterr().err
     assert calls == []  # nothing reached the Hub
-    assert err.count("\n") == 1 and ".export.tmp" in err and "interrupted" in err and "Nothing was uploaded" in err
+    assert err.count("\n") == 1 and ".export.tmp" in err and "did not finish" in err and "Nothing was uploaded" in err
     shutil.rmtree(folder / ".export.tmp")
     assert folder_problems(folder, ("README.md",)) == []
     names = [

@@ -372,8 +372,9 @@ def failed_overwrite_note(out: Path) -> str | None:
     if not _has_checkpoint(out):
         return f"{out} is put back as it was before --overwrite"
     return (
-        f"{out} keeps this --overwrite run's checkpoints, and the previous run in {aside}: --resume continues this run "
-        "and then deletes the previous one; --overwrite starts over from the previous one"
+        f"{out} keeps this --overwrite run's checkpoints, and the previous run in {aside}: the same command with "
+        "--resume in place of --overwrite continues this run and then deletes the previous one; --overwrite starts "
+        "over from the previous one"
     )
 
 

@@ -84,7 +84,10 @@ class FinetuneConfig:
         False, "let transformers run Python code shipped in the model folder (auto_map); off unless you trust it", MODEL
     )
     model_kwargs: dict[str, Any] = _opt(
-        {}, "extra keyword arguments for the model constructor, e.g. '{\"drop_rate\": 0.1}'", MODEL
+        {},
+        "extra keyword arguments for a timm model name's constructor or a transformers folder's config, e.g. "
+        "'{\"drop_rate\": 0.1}' (refused for other folders and for mlp / hannet)",
+        MODEL,
     )
     # --- surgery
     hanify: HanConfig | None = field(default=None, metadata={"cli": False, "help": "the surgery before training"})
@@ -119,7 +122,7 @@ class FinetuneConfig:
         False,
         "replace an existing --output-dir, all or nothing: its contents wait in <dir>/.overwritten.tmp until the new "
         "model is saved, and are put back if the run fails or is interrupted before its first checkpoint (after "
-        "one, --resume continues the new run)",
+        "one, --resume in place of --overwrite continues the new run)",
         TRAINING,
     )
     epochs: int | None = _opt(None, "passes over the training split (default 1; or give --max-steps)", TRAINING)
@@ -146,7 +149,8 @@ class FinetuneConfig:
     keep_checkpoints: int = _opt(2, "keep the newest N checkpoints", CHECKPOINTS)
     resume: str | None = _opt(
         None,
-        "continue exactly from the newest checkpoint in --output-dir (or the given checkpoint folder)",
+        "continue exactly from the newest checkpoint in --output-dir (or the given checkpoint folder: another "
+        "folder's checkpoint continues into a new or empty --output-dir, or one holding a run of the same options)",
         CHECKPOINTS,
         nargs="?",
         const="latest",

@@ -62,8 +62,9 @@ class HanMobileVit(ByobNet):
         **kwargs: ``ByobNet``'s arguments (``num_classes``, ``in_chans``, ``global_pool``,
             ``drop_rate``, ``drop_path_rate``, ...).
 
-    Stochastic depth: with ``drop_path_rate = p > 0`` (and ``han_residual=False``), timm's ``DropPath`` acts in
-    training on what the block adds to ``x``, the residual-free branch ``Han(x) - x``: a dropped sample gets ``x``
+    Stochastic depth: with ``drop_path_rate > 0`` (and ``han_residual=False``), timm's ``DropPath`` acts in
+    training on what the block adds to ``x``, the residual-free branch ``Han(x) - x``. With ``p`` the block's own
+    drop probability (timm raises it with depth, up to ``drop_path_rate``), a dropped sample gets ``x``
     (it skips the Han-block), a kept one ``x + (Han(x) - x) / (1 - p)``, not ``Han(x)``. The expectation is
     ``Han(x)``, what the block computes in eval. With ``han_residual=True`` it is timm's usual ``x + Han(x)``
     branch.

@@ -28,7 +28,7 @@ class TabularNet(nn.Module):
     """A small network for tabular rows ``(B, F) -> (B, num_outputs)``.
 
     ``kind="mlp"``: ``[Linear(F|w, w), ReLU] x depth, Linear(w, out)``; ``depth=0`` is the linear model
-    ``Linear(F, out)`` (``width`` unused).
+    ``Linear(F, out)`` (``width`` unused, but still checked).
     ``kind="hannet"``: ``Linear(F, w), |.|, HanLayer(w) x depth, Linear(w, out)`` -- the paper's
     HanNet (each hidden layer ``|H x + b|`` has ``2w`` parameters).
 
