@@ -240,6 +240,17 @@ def test_healing_a_half_precision_model_trains_float32_masters(dtype):
         assert bool(torch.isfinite(model(**_tokens(1, 1)[0]).last_hidden_state).all())
 
 
+def test_the_healing_loss_is_measured_before_and_after_on_the_same_batches():
+    """With no more healing steps than batches, the report's "first pass" and "last pass" were the same training
+    losses (``loss 0.8140 -> 0.8140`` for 6 steps over 8 batches), as if healing had changed nothing. Both are now
+    the loss on the same batches, before the first step and after the last."""
+    model = _bert()
+    cfg = CalibrationConfig(**{**FAST, "heal_steps": 1, "heal_lr": 1e-3, "heal_params": "all"})
+    report = hanify(model, HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+    first, last = report.calibration.heal_loss
+    assert math.isfinite(first) and last < first, (first, last)
+
+
 def test_healing_that_diverges_leaves_the_model_unchanged(monkeypatch):
     """All or nothing: healing that ends with non-finite weights is an error, and the model is as before."""
     model = _bert()
@@ -793,7 +804,8 @@ def test_healing_lowers_the_hidden_state_loss_and_trains_only_the_new_parameters
     cfg = CalibrationConfig(steps=0, heal_steps=30, heal_lr=1e-2, tokens_per_block=1024, progress=False)
     report = hanify(model, HanConfig(gain=True, side_rank=2), calibration=_images(3, 0), calibration_config=cfg)
     first, last = report.calibration.heal_loss
-    assert report.calibration.heal_steps == 30 and report.calibration.heal_batches == 3 and last < 0.9 * first
+    assert report.calibration.heal_steps == 30 and report.calibration.heal_batches == 3
+    assert last < 0.95 * first  # on the same 3 batches before and after: 0.0284 -> 0.0260
     params = dict(model.named_parameters())
     assert all(torch.equal(params[n], p) for n, p in before.items())  # the original weights did not move
     assert [n for n, p in params.items() if not p.requires_grad] == ["blocks.0.attn.qkv.weight"]

@@ -264,8 +264,8 @@ def heal(
     and second moments underflow).
 
     Returns:
-        The mean loss over the first pass through the batches and over the last one
-        (``min(steps, len(batches))`` steps each, so the two cover the same batches).
+        The mean loss (no augmentation) on the first ``min(steps, len(batches))`` batches before the first step and
+        after the last one: two forward passes over them, without gradients.
     """
     from tqdm.auto import tqdm
 
@@ -277,7 +277,8 @@ def heal(
     opt = torch.optim.AdamW([masters.get(id(p), p) for p in params], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(warmup_cosine, steps=steps, warmup=max(1, steps // 20)))
     device = params[0].device
-    losses: list[float] = []
+    window = min(steps, len(batches))  # the batches the loss is reported on, before and after
+    before = _mean_loss(model, paths, batches[:window], teacher_states[:window], device)
     with HiddenStates(model, paths) as hs, torch.enable_grad():  # hanify may be called under torch.no_grad()
         for step in tqdm(range(steps), desc="healing", disable=not progress, leave=False):
             i = step % len(batches)
@@ -304,6 +305,19 @@ def heal(
                 for p in half:
                     p.copy_(masters[id(p)])
             sched.step()
-            losses.append(loss.item())
-    window = min(steps, len(batches))
-    return sum(losses[:window]) / window, sum(losses[-window:]) / window
+    return before, _mean_loss(model, paths, batches[:window], teacher_states[:window], device)
+
+
+def _mean_loss(
+    model: nn.Module, paths: Sequence[str], batches: Sequence[Any], targets: Sequence[list[Tensor]], device: Any
+) -> float:
+    """The mean of :func:`hidden_state_distillation_loss` over ``batches`` (no gradients), ``targets[i]`` the
+    teacher's states on ``batches[i]``."""
+    total = 0.0
+    with torch.no_grad(), HiddenStates(model, paths) as hs:
+        for batch, target in zip(batches, targets, strict=True):
+            masks = [token_mask(batch, p) for p in paths]
+            call_model(model, batch, device)
+            student = [as_rows(s, m) for s, m in zip(hs.states, masks, strict=True)]
+            total += hidden_state_distillation_loss(student, [t.to(device) for t in target]).item()
+    return total / len(batches)

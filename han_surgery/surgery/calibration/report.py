@@ -61,8 +61,8 @@ class CalibrationReport:
         heal_steps: end-to-end distillation steps run.
         heal_batches: calibration batches healing cycled through.
         heal_loss: the distillation loss (mean over blocks of the hidden-state MSE
-            divided by the original's variance), averaged over the first and over the
-            last pass through the healing batches.
+            divided by the original's variance) on the healing batches (the first
+            ``heal_steps`` of them, if fewer), before the first step and after the last.
         seconds: wall time of the calibration (recording, fitting, healing).
         batches: calibration batches given.
     """
