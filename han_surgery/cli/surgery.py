@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs
-from ..errors import ConfigError, NothingToRewriteError, first_line
+from ..errors import CheckpointError, ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
     LOCK_NAME,
     FolderLock,
@@ -97,11 +97,16 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
             raise ConfigError(f"-o {out} holds {held}: --overwrite would delete it; write to another folder")
         FolderLock(out, "-o").check()
     folder = _source_folder(args.source)
-    tokenizer = None
+    tokenizer, tokenizer_error = None, None
     if folder is not None and (write or calibration_data is not None):
         from ..finetune.models import load_tokenizer
 
-        tokenizer = load_tokenizer(folder)
+        try:
+            tokenizer = load_tokenizer(folder)
+        except CheckpointError as e:
+            if calibration_data is not None:  # --calibrate tokenises with it: fail before any work
+                raise
+            tokenizer_error = e  # -o is written without it, as without an image processor transformers cannot load
     batches = None
     if calibration_data is not None:  # before the model loads: a bad DATA fails fast
         batches = _calibration_batches(args.source, calibration_data, calibration_config.seed, tokenizer)
@@ -128,6 +133,8 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
                 + (f": {'; '.join(reasons[:3])}" if reasons else "")
                 + f"), so nothing was saved to {out}"
             )
+        if tokenizer_error is not None:
+            warnings.warn(f"the tokenizer was not copied: {tokenizer_error}", stacklevel=2)
         _save(model, out, folder, tokenizer, overwrite=args.overwrite)
     return 0
 
@@ -182,7 +189,7 @@ def _save_processor(source: Path, staging: Path) -> None:
 
     try:
         processor = AutoImageProcessor.from_pretrained(str(source), trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError, TypeError, KeyError, AttributeError) as e:  # [] gives AttributeError
         message = f"{source / 'preprocessor_config.json'} was not copied: transformers cannot load it ({first_line(e)})"
         warnings.warn(message, stacklevel=2)
         return

@@ -37,6 +37,7 @@ from ..folders import (
     checked_timm_model_args,
     checked_transformers_model_kwargs,
     inspect_model_folder,
+    read_json_object,
 )
 from ..loading import hub_repo_hint, load_folder, weight_files
 from ..models.tabular import TabularNet
@@ -235,20 +236,32 @@ def _check_data_kind(spec: str, family: str, data: DataBundle | None) -> None:
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model")
 
 
+#: The tokenizer files that hold a JSON object (transformers fails on another shape with an ``AttributeError``).
+TOKENIZER_JSON_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
     """The transformers tokenizer saved in the folder ``path``, or ``None`` if it has none.
 
     (Without tokenizer files, ``AutoTokenizer.from_pretrained`` may build a tokenizer that knows only its
     special tokens: such a folder counts as having none.)
+
+    Raises:
+        CheckpointError: the folder has tokenizer files, but transformers cannot load them (a JSON file of the
+            wrong shape, a missing library such as ``sentencepiece``); the message names the file or the folder.
     """
     from transformers import AutoTokenizer
 
     if not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
         return None
+    for name in TOKENIZER_JSON_FILES:
+        if (Path(path) / name).is_file():
+            read_json_object(Path(path) / name)
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, ImportError, TypeError, KeyError, AttributeError) as e:
+        cause = f"KeyError: {e}" if isinstance(e, KeyError) else first_line(e)  # a KeyError's message is the key
+        raise CheckpointError(f"{path}: transformers cannot load its tokenizer ({cause})") from None
 
 
 def _load_transformers(
