@@ -36,6 +36,23 @@ def test_hanify_then_inspect_the_directory(tmp_path, capsys):
     assert "1 block(s) rewritten" in text and "blocks.0.mlp" in text and "Han modules were already present" in text
 
 
+def test_hanify_of_an_already_hanified_folder_that_rewrites_nothing_is_refused(tmp_path, capsys):
+    """``hanify <hanified folder> -o out --side-rank 4`` printed "0 block(s) rewritten", saved an unchanged copy and
+    exited 0: the options had no effect. It is refused in one line; a folder with blocks left to do still works."""
+    once = tmp_path / "once"
+    assert main(["hanify", "test_vit", "-o", str(once)]) == 0
+    capsys.readouterr()
+    again = tmp_path / "again"
+    assert main(["hanify", str(once), "-o", str(again), "--side-rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: no block was rewritten") and err.count("\n") == 1, err
+    assert "already hanified" in err and "hanify the original model" in err and not again.exists(), err
+    assert main(["inspect", str(once)]) == 0  # inspect only reports
+    partial = tmp_path / "partial"
+    assert main(["hanify", "test_vit", "-o", str(partial), "--exclude", "blocks.0.*"]) == 0
+    assert main(["hanify", str(partial), "-o", str(tmp_path / "rest")]) == 0  # blocks.0 is left to do
+
+
 def test_hanify_a_transformers_directory(tmp_path, capsys):
     model, inputs, _ = ZOO["hf/distilbert"]()
     model.save_pretrained(tmp_path / "base")

@@ -120,10 +120,18 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     elapsed = time.perf_counter() - start
     print(report)
     print(f"hanify took {elapsed * 1e3:.0f} ms")
-    if batches is not None and not report.rewrites and not report.skipped and report.han_modules_found:
-        raise ConfigError(  # no candidate at all: the calibration asked for never ran
-            f"--calibrate: no block was rewritten, so none was calibrated ({args.source} is already hanified: "
-            f"{report.han_modules_found} Han modules); calibrate when you hanify the original model. Nothing was saved"
+    if write and not report.rewrites and not report.skipped and report.han_modules_found:
+        # no candidate at all: the options (and the calibration asked for) had no effect, and the copy would be the
+        # folder as it is
+        already = f"{args.source} is already hanified: {report.han_modules_found} Han modules"
+        if batches is not None:
+            raise ConfigError(
+                f"--calibrate: no block was rewritten, so none was calibrated ({already}); calibrate when you hanify "
+                "the original model. Nothing was saved"
+            )
+        raise ConfigError(
+            f"no block was rewritten ({already}), so its options have no effect; hanify the original model. Nothing "
+            "was saved"
         )
     if out is not None:
         if not recipe_of(model):  # every candidate skipped: there is no Han model to save
