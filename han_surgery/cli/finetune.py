@@ -44,7 +44,7 @@ def build_parser(prog: str = "han-surgery finetune") -> argparse.ArgumentParser:
         parser,
         data_help="with --hanify: fit each new block to the one it replaces on DATA: 'train' (the training split of "
         "--data; ./train for a path of that name), a text file (.txt, .tsv, .csv, .jsonl; tokenised with the model's "
-        "tokenizer), an image folder or .npz",
+        "tokenizer), an image folder, an .npz of images, or a numeric .csv for a model without a tokenizer",
     )
     return parser
 

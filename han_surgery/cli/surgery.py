@@ -62,14 +62,15 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
             "-o",
             "--output",
             required=True,
-            help="folder to write (model.safetensors, han_config.json, config.json; a model folder's tokenizer "
-            "and image processor too)",
+            help="folder to write (model.safetensors, han_config.json, config.json; for transformers "
+            "han_surgery_auto.py; a model folder's tokenizer, image processor and sentence-transformers files too)",
         )
         parser.add_argument("--overwrite", action="store_true", help="replace the -o folder if it is not empty")
         add_calibration_arguments(
             parser,
             data_help="fit each new block to the one it replaces on DATA: a text file (.txt, .tsv, .csv, .jsonl; "
-            "tokenised with the tokenizer in the model folder), an image folder or .npz",
+            "tokenised with the tokenizer in the model folder), an image folder, an .npz of images, or a numeric .csv for "
+            "a model without a tokenizer",
         )
     return parser
 
