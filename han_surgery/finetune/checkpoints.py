@@ -182,6 +182,7 @@ def check_output_dir(config: FinetuneConfig) -> Path:
         raise FinetuneError(
             f"--output-dir {out} is {wide}: --overwrite would delete everything in it. Choose a folder of the run's own."
         )
+    saved = None  # the options another folder's checkpoint records, read once
     if out.is_dir():
         FolderLock(out).check()  # another live run writes into it
         entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
@@ -190,8 +191,10 @@ def check_output_dir(config: FinetuneConfig) -> Path:
                 f"--output-dir {out} already exists and is not empty. Pass --overwrite to replace it, or --resume "
                 "to continue its run."
             )
-        if foreign is not None and entries:
-            _check_foreign_resume(out, foreign)
+        if foreign is not None:
+            saved = _foreign_options(out, foreign)
+            if entries:
+                _check_foreign_resume(out, foreign, saved)
         elif config.resume is not None and entries and not _is_run_folder(out):
             raise FinetuneError(
                 f"--resume: {out} is not the folder of a han-surgery finetune run (it has no {ARGS_FILE}): --resume "
@@ -199,8 +202,10 @@ def check_output_dir(config: FinetuneConfig) -> Path:
             )
     elif config.resume is not None and foreign is None:
         raise FinetuneError(f"--resume: {out} does not exist: there is no run to continue.")
-    if foreign is not None:
-        _check_foreign_options(foreign, config)
+    elif foreign is not None:
+        saved = _foreign_options(out, foreign)
+    if saved is not None:
+        _check_foreign_options(saved, config)
     return out
 
 
@@ -224,26 +229,23 @@ def _foreign_options(out: Path, checkpoint: Path) -> dict[str, Any] | None:
     return _recorded_options(checkpoint, state if isinstance(state, dict) else {})
 
 
-def _check_foreign_options(checkpoint: Path, config: FinetuneConfig) -> None:
-    """``--resume`` of another folder's checkpoint: refuse other options than its run's before anything is read or
-    written (:func:`resume` compares them again, and warns where the checkpoint records none).
+def _check_foreign_options(saved: dict[str, Any], config: FinetuneConfig) -> None:
+    """``--resume`` of another folder's checkpoint, whose run had the options ``saved``: refuse other options before
+    anything is read or written (:func:`resume` compares them again, and warns where the checkpoint records none).
 
     ``--max-length`` is compared only where this run's is not longer: a text run's is cut to the model's limit later
     (:func:`~.runner.cap_max_length`), and the recorded one is that cut value.
     """
-    saved = _foreign_options(Path(config.output_dir).expanduser(), checkpoint)
-    if saved is None:
-        return
     now = config.to_dict()
     if isinstance(saved.get("max_length"), int) and saved["max_length"] < now["max_length"]:
         now["max_length"] = saved["max_length"]
     _refuse_changed_options(saved, now)
 
 
-def _check_foreign_resume(out: Path, checkpoint: Path) -> None:
-    """``--resume`` of another folder's checkpoint into the non-empty ``out``: allowed only where ``out`` holds a run
-    of the checkpoint's options (:data:`RESUME_FIELDS`; the same command run again), never over another run."""
-    saved = _foreign_options(out, checkpoint)
+def _check_foreign_resume(out: Path, checkpoint: Path, saved: dict[str, Any] | None) -> None:
+    """``--resume`` of another folder's ``checkpoint`` (whose run had the options ``saved``, ``None`` if it records
+    none) into the non-empty ``out``: allowed only where ``out`` holds a run of those options (:data:`RESUME_FIELDS`;
+    the same command run again), never over another run."""
     if saved is None or not (out / ARGS_FILE).is_file():
         why = (
             f"files but no {ARGS_FILE} to compare with the checkpoint's options"
