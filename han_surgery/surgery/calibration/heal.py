@@ -291,9 +291,7 @@ def heal(
                     targets = [as_rows(s, m) for s, m in zip(original.states, masks, strict=True)]
             else:
                 targets = [t.to(device) for t in teacher_states[i]]
-            call_model(model, batch, device)
-            student = [as_rows(s, m) for s, m in zip(hs.states, masks, strict=True)]
-            loss = hidden_state_distillation_loss(student, targets)
+            loss = _student_loss(model, hs, batch, masks, targets, device)
             opt.zero_grad(set_to_none=True)
             for p in half:
                 p.grad = None
@@ -317,7 +315,20 @@ def _mean_loss(
     with torch.no_grad(), HiddenStates(model, paths) as hs:
         for batch, target in zip(batches, targets, strict=True):
             masks = [token_mask(batch, p) for p in paths]
-            call_model(model, batch, device)
-            student = [as_rows(s, m) for s, m in zip(hs.states, masks, strict=True)]
-            total += hidden_state_distillation_loss(student, [t.to(device) for t in target]).item()
+            total += _student_loss(model, hs, batch, masks, [t.to(device) for t in target], device).item()
     return total / len(batches)
+
+
+def _student_loss(
+    model: nn.Module,
+    hs: HiddenStates,
+    batch: Any,
+    masks: Sequence[Any],
+    targets: Sequence[Tensor],
+    device: Any,
+) -> Tensor:
+    """:func:`hidden_state_distillation_loss` of ``model`` on ``batch``: its states at the paths ``hs`` records, as
+    token rows under ``masks``, against the teacher's ``targets``."""
+    call_model(model, batch, device)
+    student = [as_rows(s, m) for s, m in zip(hs.states, masks, strict=True)]
+    return hidden_state_distillation_loss(student, targets)
