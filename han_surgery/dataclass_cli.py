@@ -31,6 +31,7 @@ import dataclasses
 import difflib
 import json
 import re
+import shlex
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -252,18 +253,46 @@ def construct(cls: type[T], kwargs: dict[str, Any], *, flag_prefix: str = "", fl
 
 @contextlib.contextmanager
 def flag_errors(cls: type, *, flag_prefix: str = "", flags: dict[str, str] | None = None) -> Iterator[None]:
-    """A :class:`~han_surgery.errors.ConfigError` raised inside that names ``Cls.field`` (the Python API's words)
-    names the field's flag instead (``HanConfig.reflections`` -> ``--reflections``; ``flag_prefix`` as for
+    """A :class:`~han_surgery.errors.HanSurgeryError` raised inside that names a field of the dataclass ``cls`` in
+    the Python API's words names the field's flag instead, as the user typed it: ``HanConfig.reflections`` ->
+    ``--reflections``, ``CalibrationConfig.keep_by='output'`` -> ``--calibration-keep-by output``,
+    ``CalibrationConfig.progress=False`` -> ``--no-calibration-progress`` (``flag_prefix`` as for
     :func:`add_dataclass_arguments`; ``flags`` maps fields whose option is spelled otherwise, such as
-    ``{"source": "--calibrate"}``)."""
-    from .errors import ConfigError
+    ``{"source": "--calibrate"}``).
+
+    The exception propagates as it was raised (same object: its type, attributes and ``__cause__``), its message
+    changed. Left as they are: a :class:`~han_surgery.errors.CheckpointError` (the fields it names are a file's, not
+    flags), an exception whose message is not its one argument (built from attributes), and any other exception."""
+    from .errors import CheckpointError, HanSurgeryError
 
     try:
         yield
-    except ConfigError as e:
-        by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
-        message = re.sub(rf"\b{cls.__name__}\.(\w+)", lambda m: by_name.get(m.group(1), m.group()), str(e))
-        raise type(e)(message) from None
+    except HanSurgeryError as e:
+        if not isinstance(e, CheckpointError) and e.args == (str(e),):
+            by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
+            mention = re.compile(rf"\b{cls.__name__}\.(\w+)(?:=({_FIELD_VALUE}))?")
+            e.args = (mention.sub(lambda m: _as_flag(m, by_name), str(e)),)
+        raise
+
+
+#: A value a message gives a field (``Cls.field=<value>``): quoted (``'output'``), or a number, ``None``, ``False``.
+_FIELD_VALUE = r"'[^']*'|\"[^\"]*\"|[\w.+-]*\w"
+
+
+def _as_flag(match: re.Match[str], by_name: dict[str, str]) -> str:
+    """The flag (and value) a ``Cls.field[=value]`` of :func:`flag_errors` means; the text as it was for a name that
+    is no field of ``Cls``."""
+    name, value = match.groups()
+    flag = by_name.get(name)
+    if flag is None:
+        return match.group()
+    if value in (None, "True"):
+        return flag
+    if value == "False":  # as to_argv spells it
+        return "--no-" + flag[2:]
+    if value[0] in "'\"":
+        value = value[1:-1]
+    return f"{flag} {shlex.quote(value)}"
 
 
 def to_argv(obj: Any, *, exclude: Sequence[str] = (), flag_prefix: str = "") -> list[str]:

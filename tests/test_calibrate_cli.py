@@ -110,7 +110,16 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("flag-alone", "--calibration-steps configure calibrated surgery: add --calibrate DATA"),
         ("bad-value", "--calibration-steps must be an int >= 0"),  # the flag, not CalibrationConfig.steps
         ("too-few-tokens", "--calibration-tokens-per-block must be an int >= 16, got 2"),  # fitted on 1, scored on 1
-        ("keep-count-by-own-fit", "--calibration-keep-count chooses blocks by the rise of the last hidden state's"),
+        (
+            "keep-count-by-own-fit",
+            "--calibration-keep-count chooses blocks by the rise of the last hidden state's FVU: set "
+            "--calibration-keep-by output$",
+        ),
+        (
+            "keep-count-and-max-fvu",
+            "--calibration-keep-count says how many blocks to keep; --calibration-max-fvu and "
+            "--calibration-keep-budget decide it another way",
+        ),
         ("finetune-reader", r"^han-surgery hanify: --calibrate .*config.json: unknown format '.json'"),
         # a field over the csv module's limit raised csv.Error (no ValueError): a 35-line traceback, exit code 1
         ("huge-field", r"--calibrate .*big\.csv: .*big\.csv, line 3: field larger than field limit"),
@@ -137,6 +146,8 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         extra = ["--calibration-tokens-per-block", "2"]
     elif case == "keep-count-by-own-fit":
         extra = ["--calibration-keep-count", "1"]
+    elif case == "keep-count-and-max-fvu":
+        extra = ["--calibration-keep-by", "output", "--calibration-keep-count", "1", "--calibration-max-fvu", "0.1"]
     elif case == "finetune-reader":  # read by finetune's --data reader, whose messages name --data
         data = str(Path(bert) / "config.json")
     elif case == "huge-field":
@@ -363,3 +374,69 @@ def test_finetune_calibrates_an_image_folder_at_the_training_images_size(tmp_pat
             "--calibration-num-samples", "8", "--calibration-batch-size", "4"]  # fmt: skip
     assert finetune_cli(argv) == 2
     assert shapes and set(shapes) == {(3, 16, 16)}, shapes
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        (
+            "heal-augment-on-images",
+            "han-surgery hanify: --calibration-heal-augment replaces token ids, but calibration batch 0 has no 2-D "
+            "integer 'input_ids': use --calibration-heal-augment 0 for this data",
+        ),
+        (
+            "keep-by-output-without-stream",
+            "han-surgery hanify: calibration: --calibration-keep-by output measures the hidden state after the last "
+            "rewritten block, but the rules that rewrite '0' do not name it (RewriteRecord.stream); use "
+            "--calibration-keep-by block",
+        ),
+        ("heal-without-stream", "--calibration-heal-steps 2 distils the hidden state after each rewritten block"),
+        ("heal-diverges", "healing diverged (non-finite weights); lower --calibration-heal-lr, or check"),
+    ],
+)
+def test_calibration_errors_name_the_flags_not_the_fields(case, message, tmp_path, monkeypatch, request, capsys):
+    """The calibration's errors named CalibrationConfig's fields (``CalibrationConfig.heal_lr``, bare
+    ``keep_by='output'``) to a user who typed --calibration-heal-lr and --calibration-keep-by."""
+    import timm
+
+    from han_surgery import loading
+
+    source, extra = "test_vit", [*FAST, "--calibration-heal-steps", "2"]
+    data = str(make_images(tmp_path / "grey.npz", n=8))  # (8, 1, 16, 16): enough for the checks before any fit
+    if case == "heal-augment-on-images":
+        extra += ["--calibration-heal-augment", "0.5"]
+    elif case == "heal-diverges":
+        source, data = str(request.getfixturevalue("bert")), str(request.getfixturevalue("sentences"))
+        extra += [*SAMPLES, "--calibration-heal-lr", "1e20"]
+    else:  # an FFN at the root: no module holds the hidden state after it
+        monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: torch.nn.Sequential(timm.layers.Mlp(16, 8)))
+        if case == "keep-by-output-without-stream":
+            extra = [*FAST, "--calibration-keep-by", "output"]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["hanify", source, "-o", str(out), "--calibrate", data, *extra]) == 2
+    err = capsys.readouterr().err
+    line = err[err.find("han-surgery hanify: ") :]  # after transformers' progress bar ("Loading weights")
+    assert message in line and line.count("\n") == 1, err
+    assert "CalibrationConfig" not in line and "keep_by" not in line and "heal_" not in line, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--include", "blocks.9.mlp"], "han-surgery finetune: --hanify on test_vit: --include pattern 'blocks.9.mlp'"),
+        (
+            ["--calibration-heal-steps", "2", "--calibration-heal-augment", "0.5"],
+            "han-surgery finetune: --calibration-heal-augment replaces token ids",
+        ),
+    ],
+    ids=["include", "heal-augment"],
+)
+def test_finetune_surgery_errors_name_the_flags_not_the_fields(extra, message, toy, tmp_path, capsys):
+    """``finetune --hanify`` passed the surgery's and the calibration's errors on in their Python words."""
+    argv = _finetune(toy, tmp_path / "run", "--calibration-num-samples", "16", "--max-steps", "1", *extra)
+    assert finetune_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert "HanConfig" not in err and "CalibrationConfig" not in err and "heal_augment" not in err, err

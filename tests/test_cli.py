@@ -134,6 +134,44 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
         main(["inspect", "test_vit"])
 
 
+def test_flag_errors_names_the_flags_in_any_user_error_keeping_the_exception() -> None:
+    """It translated only a ConfigError and only ``Cls.field``: a CalibrationDataError's "lower CalibrationConfig.lr"
+    and a value given with the field (``keep_by='output'``) kept the Python words."""
+    from han_surgery.dataclass_cli import flag_errors
+    from han_surgery.errors import CheckpointError, ConfigError, HanifyError
+    from han_surgery.surgery.calibration import CalibrationConfig
+    from han_surgery.surgery.calibration.record import CalibrationBatchError, CalibrationDataError
+
+    cause = OSError("disk")
+    error = CalibrationDataError(
+        "set CalibrationConfig.keep_by='output' (CalibrationConfig.heal_steps=5, CalibrationConfig.progress=False), "
+        "lower CalibrationConfig.lr, or CalibrationConfig.holdout=0.1. CalibrationConfig.nope stays"
+    )
+    with pytest.raises(CalibrationDataError) as info, flag_errors(CalibrationConfig, flag_prefix="calibration-"):
+        raise error from cause
+    assert info.value is error and info.value.__cause__ is cause  # the same exception, its message in flags
+    assert str(error) == (
+        "set --calibration-keep-by output (--calibration-heal-steps 5, --no-calibration-progress), lower "
+        "--calibration-lr, or --calibration-holdout 0.1. CalibrationConfig.nope stays"
+    )
+    with pytest.raises(HanifyError, match=r"^--include 're:a b' and --rules$"), flag_errors(HanConfig):
+        raise HanifyError("HanConfig.include='re:a b' and HanConfig.rules")
+    # left as they are: a file's content (its fields are not flags), a message built from attributes, and a bug
+    kept = [
+        CheckpointError("x/han_config.json: invalid HanConfig in the recipe (HanConfig.reflections must be ...)"),
+        CalibrationBatchError(None, RuntimeError("HanConfig.gain"), hint="HanConfig.gain"),
+        ValueError("HanConfig.gain"),
+    ]
+    for raised in kept:
+        message = str(raised)
+        with pytest.raises(type(raised)) as info, flag_errors(HanConfig):
+            raise raised
+        assert info.value is raised and str(raised) == message
+    # the Python API keeps the fields' names
+    with pytest.raises(ConfigError, match=r"set CalibrationConfig\.keep_by='output'$"):
+        CalibrationConfig(keep_count=1)
+
+
 @pytest.mark.parametrize("value", ["1000000000", "99999999999999999999999"])
 def test_absurd_num_classes_is_refused_by_the_parser(value, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:

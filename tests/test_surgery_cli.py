@@ -343,3 +343,26 @@ def test_malformed_json_in_the_source_folder_is_one_line(name, text, message, tm
         assert main(["inspect", str(base)]) == 2 and message in capsys.readouterr().err
     else:
         assert code == 0 and "warning:" in err and (tmp_path / "han" / "model.safetensors").is_file(), err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["inspect", "test_vit", "--include", "blocks.9.mlp"],
+            "han-surgery inspect: --include pattern 'blocks.9.mlp' matches no candidate block",
+        ),
+        (["inspect", "test_vit", "--exclude", "blocks.9.*"], "han-surgery inspect: --exclude pattern 'blocks.9.*'"),
+        (["inspect", "test_resnet"], "Register one with han_surgery.register_rule or check --rules."),
+        (["hanify", "test_vit", "-o", "{out}", "--include", "nope"], "han-surgery hanify: --include pattern 'nope'"),
+    ],
+    ids=["inspect-include", "inspect-exclude", "inspect-rules", "hanify-include"],
+)
+def test_surgery_errors_name_the_flags_not_the_fields(argv, message, tmp_path, capsys):
+    """The surgery's own errors said "HanConfig.include pattern ..." and "check HanConfig.rules" to a user who typed
+    --include and --rules (only the HanConfig(...) the flags build was checked in their words)."""
+    assert main([a.format(out=tmp_path / "out") for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert "HanConfig" not in err, err
+    assert not (tmp_path / "out").exists()

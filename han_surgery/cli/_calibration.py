@@ -9,14 +9,16 @@ new field is a new flag with no edit here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
-from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs, flag_name
+from ..dataclass_cli import add_dataclass_arguments, construct, dataclass_kwargs, flag_errors, flag_name
 from ..errors import ConfigError
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
 
-__all__ = ["CALIBRATION", "add_calibration_arguments", "calibration_from_args"]
+__all__ = ["CALIBRATION", "add_calibration_arguments", "calibration_from_args", "calibration_flag_errors"]
 
 CALIBRATION = "calibrated surgery (with --calibrate; see docs/CALIBRATION.md)"
 _DATA_DEST, _FIT_DEST = "calibration_data.", "calibration."
@@ -53,3 +55,15 @@ def calibration_from_args(args: argparse.Namespace) -> tuple[CalibrationData | N
         CalibrationData, {"source": args.calibrate, **data_kwargs}, flag_prefix=FLAG_PREFIX, flags=_DATA_FLAGS
     )
     return data, construct(CalibrationConfig, fit_kwargs, flag_prefix=FLAG_PREFIX)
+
+
+@contextlib.contextmanager
+def calibration_flag_errors() -> Iterator[None]:
+    """An error raised inside that names a field of :class:`CalibrationData` or :class:`CalibrationConfig`
+    (``CalibrationConfig.heal_lr``) names its flag instead (``--calibration-heal-lr``; see
+    :func:`~han_surgery.dataclass_cli.flag_errors`)."""
+    with (
+        flag_errors(CalibrationData, flag_prefix=FLAG_PREFIX, flags=_DATA_FLAGS),
+        flag_errors(CalibrationConfig, flag_prefix=FLAG_PREFIX),
+    ):
+        yield

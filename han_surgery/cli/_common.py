@@ -15,10 +15,12 @@ from ..checks import MAX_NUM_CLASSES, positive_int
 from ..dataclass_cli import construct, flag_errors
 from ..errors import ConfigError, HanSurgeryError
 from ..surgery.config import HanConfig
+from ._calibration import calibration_flag_errors
 
 __all__ = [
     "run_command",
     "han_config",
+    "surgery_flag_errors",
     "require_text",
     "positive_int",
     "num_classes",
@@ -77,6 +79,16 @@ def han_config(kwargs: dict[str, Any]) -> HanConfig:
     with flag_errors(HanConfig):
         resolve_rules(config.rules)
     return config
+
+
+@contextlib.contextmanager
+def surgery_flag_errors() -> Iterator[None]:
+    """Around the surgery a command runs (``hanify``, calibrated or not): its errors that name a field of
+    :class:`HanConfig`, ``CalibrationData`` or ``CalibrationConfig`` (``HanConfig.include``,
+    ``CalibrationConfig.keep_by='output'``) name the flag instead (``--include``, ``--calibration-keep-by output``;
+    see :func:`~han_surgery.dataclass_cli.flag_errors`)."""
+    with flag_errors(HanConfig), calibration_flag_errors():
+        yield
 
 
 class Terminated(KeyboardInterrupt):

@@ -18,7 +18,7 @@ from ..errors import ConfigError
 from ..finetune.config import SURGERY, FinetuneConfig
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import han_config, require_text, run_command
+from ._common import han_config, require_text, run_command, surgery_flag_errors
 
 __all__ = ["build_parser", "config_from_args", "finetune", "push", "main"]
 
@@ -71,7 +71,9 @@ def finetune(argv: Sequence[str] | None = None, prog: str = "han-surgery finetun
     def body() -> int:
         from ..finetune.runner import run
 
-        run(config_from_args(args))
+        config = config_from_args(args)
+        with surgery_flag_errors():  # --hanify's surgery and calibration name the flags given, not the fields
+            run(config)
         return 0
 
     return run_command(prog, body)

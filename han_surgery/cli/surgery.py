@@ -38,7 +38,7 @@ from ..folders import HAN_CONFIG_NAME
 from ..surgery.calibration.data import CalibrationData
 from ..surgery.config import HanConfig
 from ._calibration import add_calibration_arguments, calibration_from_args
-from ._common import han_config, num_classes, require_text, run_command
+from ._common import han_config, num_classes, require_text, run_command, surgery_flag_errors
 
 __all__ = ["build_parser", "inspect", "hanify"]
 
@@ -116,35 +116,38 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
         from ..surgery.calibration import with_decoder_inputs
 
         batches = with_decoder_inputs(batches, model)  # T5's decoder needs its own inputs
-    start = time.perf_counter()
-    report = hanify_model(model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config)
-    elapsed = time.perf_counter() - start
-    print(report)
-    print(f"hanify took {elapsed * 1e3:.0f} ms")
-    if write and not report.rewrites and not report.skipped and report.han_modules_found:
-        # no candidate at all: the options (and the calibration asked for) had no effect, and the copy would be the
-        # folder as it is
-        already = f"{args.source} is already hanified: {report.han_modules_found} Han modules"
-        if batches is not None:
-            raise ConfigError(
-                f"--calibrate: no block was rewritten, so none was calibrated ({already}); calibrate when you hanify "
-                "the original model. Nothing was saved"
-            )
-        raise ConfigError(
-            f"no block was rewritten ({already}), so its options have no effect; hanify the original model. Nothing "
-            "was saved"
+    with surgery_flag_errors():  # the surgery's errors name the flags given (--include), not HanConfig's fields
+        start = time.perf_counter()
+        report = hanify_model(
+            model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config
         )
-    if out is not None:
-        if not recipe_of(model):  # every candidate skipped: there is no Han model to save
-            reasons = sorted({s.reason for s in report.skipped})
-            raise NothingToRewriteError(
-                f"nothing was rewritten ({len(report.skipped)} candidate block(s) skipped"
-                + (f": {'; '.join(reasons[:3])}" if reasons else "")
-                + f"), so nothing was saved to {out}"
+        elapsed = time.perf_counter() - start
+        print(report)
+        print(f"hanify took {elapsed * 1e3:.0f} ms")
+        if write and not report.rewrites and not report.skipped and report.han_modules_found:
+            # no candidate at all: the options (and the calibration asked for) had no effect, and the copy would be
+            # the folder as it is
+            already = f"{args.source} is already hanified: {report.han_modules_found} Han modules"
+            if batches is not None:
+                raise ConfigError(
+                    f"--calibrate: no block was rewritten, so none was calibrated ({already}); calibrate when you "
+                    "hanify the original model. Nothing was saved"
+                )
+            raise ConfigError(
+                f"no block was rewritten ({already}), so its options have no effect; hanify the original model. "
+                "Nothing was saved"
             )
-        if tokenizer_error is not None:
-            warnings.warn(f"the tokenizer was not copied: {tokenizer_error}", stacklevel=2)
-        _save(model, out, folder, tokenizer, overwrite=args.overwrite)
+        if out is not None:
+            if not recipe_of(model):  # every candidate skipped: there is no Han model to save
+                reasons = sorted({s.reason for s in report.skipped})
+                raise NothingToRewriteError(
+                    f"nothing was rewritten ({len(report.skipped)} candidate block(s) skipped"
+                    + (f": {'; '.join(reasons[:3])}" if reasons else "")
+                    + f"), so nothing was saved to {out}"
+                )
+            if tokenizer_error is not None:
+                warnings.warn(f"the tokenizer was not copied: {tokenizer_error}", stacklevel=2)
+            _save(model, out, folder, tokenizer, overwrite=args.overwrite)
     return 0
 
 

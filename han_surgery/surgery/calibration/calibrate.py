@@ -82,7 +82,7 @@ def _check_token_batches(batches: list[Any]) -> None:
         if not isinstance(ids, Tensor) or ids.dim() != 2 or ids.is_floating_point():
             raise CalibrationDataError(
                 f"CalibrationConfig.heal_augment replaces token ids, but calibration batch {i} has no 2-D integer "
-                "'input_ids': use heal_augment=0 for this data"
+                "'input_ids': use CalibrationConfig.heal_augment=0 for this data"
             )
 
 
@@ -247,7 +247,7 @@ def _fit_block(
     if x_original is not None and x_original.shape != x.shape:
         raise CalibrationDataError(
             f"calibration: {site.input_path} saw {tuple(x.shape)} tokens but the same point of the original "
-            f"model {tuple(x_original.shape)}; use CalibrationConfig(target='block')"
+            f"model {tuple(x_original.shape)}; use CalibrationConfig.target='block'"
         )
     with _float32(site) as to_float32:  # Adam on half-precision weights turns them to NaN at once
         scores = fit_site(
@@ -369,13 +369,13 @@ def calibrate_rewrites(
     if not stream_paths and (config.keep_by == "output" or config.heal_steps):  # both need the hidden states
         if config.keep_by == "output":
             need, instead = (
-                "keep_by='output' measures the hidden state after the last rewritten block",
-                "keep_by='block'",
+                "CalibrationConfig.keep_by='output' measures the hidden state after the last rewritten block",
+                "CalibrationConfig.keep_by='block'",
             )
         else:
             need, instead = (
-                f"heal_steps={config.heal_steps} distils the hidden state after each rewritten block",
-                "heal_steps=0",
+                f"CalibrationConfig.heal_steps={config.heal_steps} distils the hidden state after each rewritten block",
+                "CalibrationConfig.heal_steps=0",
             )
         paths = ", ".join(repr(record.path) for record, _ in planned[:3]) + (", ..." if len(planned) > 3 else "")
         raise CalibrationDataError(

@@ -177,12 +177,12 @@ class CalibrationConfig:
             if self.keep_by != "output":
                 raise ConfigError(
                     "CalibrationConfig.keep_count chooses blocks by the rise of the last hidden state's FVU: "
-                    "set keep_by='output'"
+                    "set CalibrationConfig.keep_by='output'"
                 )
             if self.max_fvu is not None or self.keep_budget is not None:
                 raise ConfigError(
-                    "CalibrationConfig.keep_count says how many blocks to keep; max_fvu and keep_budget decide it "
-                    "another way: set one or the other"
+                    "CalibrationConfig.keep_count says how many blocks to keep; CalibrationConfig.max_fvu and "
+                    "CalibrationConfig.keep_budget decide it another way: set one or the other"
                 )
 
     def to_dict(self) -> dict[str, Any]:
