@@ -632,3 +632,113 @@ def test_fp16_on_cpu_is_refused_as_it_would_train_in_float32(
             and "bf16" in err
         ), err
         assert not out.exists()
+
+
+def _tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", "test_vit", "--model-kwargs", json.dumps(TINY_VIT_KWARGS), "--data", str(data),
+            "--output-dir", str(out), "--batch-size", "8", "--no-progress", "--no-tensorboard", *extra]  # fmt: skip
+
+
+def _rehash(checkpoint: Path) -> None:
+    """Rewrite a checkpoint's manifest after a test edited one of its files (as an older version's file reads)."""
+    import hashlib
+
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(checkpoint.iterdir())
+        if p.is_file() and p.name != "checkpoint_manifest.json"
+    }
+    (checkpoint / "checkpoint_manifest.json").write_text(json.dumps({"files": files}))
+
+
+def test_a_warm_up_longer_than_the_run_is_one_warning_line_and_again_on_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--warmup-steps 50`` on a 4-step run trained without a word: the lr never reached --lr, the cosine never
+    decayed. One ``warning:`` line naming both numbers; a resumed run (the same length: its options are the
+    interrupted run's) says it again; a warm-up that fits says nothing."""
+    data = make_images(tmp_path / "toy.npz", n=48)
+    out = tmp_path / "run"
+    argv = _tiny_run(data, out, "--max-steps", "4", "--warmup-steps", "50", "--checkpoint-every", "2")
+    for extra in ([], ["--resume", str(out / "checkpoints" / "step_0000002")]):
+        capsys.readouterr()
+        assert cli([*argv, *extra]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+        assert lines == [
+            "han-surgery finetune: warning: --warmup-steps 50 is not shorter than the run's 4 optimizer steps: the "
+            "learning rate rises for the whole run, reaching --lr at best at its last step, and the cosine decay "
+            "never starts; lower --warmup-steps or train longer (--epochs / --max-steps)"
+        ], lines
+    capsys.readouterr()
+    assert cli(_tiny_run(data, tmp_path / "fits", "--max-steps", "4", "--warmup-steps", "2")) == 0
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_max_grad_norm_clips_the_gradient_the_optimizer_steps_on(tmp_path: Path, monkeypatch) -> None:
+    """``--max-grad-norm`` (none before: nothing clipped): the gradient AdamW steps on has at most that global norm,
+    clipped once per optimizer step (after the last micro-batch of an accumulation group), and the norm before
+    clipping is logged beside train_loss. Without it, nothing is clipped and no norm is logged."""
+    from accelerate import Accelerator
+
+    data = make_images(tmp_path / "toy.npz", n=48)
+    grads: list[list[torch.Tensor]] = []
+    clips: list[tuple[float, bool]] = []
+    step, clip = torch.optim.AdamW.step, Accelerator.clip_grad_norm_
+
+    def recording_step(self, *args, **kwargs):
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return step(self, *args, **kwargs)
+
+    def recording_clip(self, parameters, max_norm, *args, **kwargs):
+        clips.append((max_norm, self.sync_gradients))
+        return clip(self, parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", recording_clip)
+
+    def norm(tensors: list[torch.Tensor]) -> float:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors])).item()
+
+    runs = {}
+    for name, extra in (("plain", []), ("clipped", ["--max-grad-norm", "1e-3"])):
+        grads, clips = [], []
+        out = tmp_path / name
+        assert cli(_tiny_run(data, out, "--max-steps", "1", "--grad-accum", "2", *extra)) == 0
+        logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = (grads, clips, next(line for line in logged if "train_loss" in line))
+    (plain, no_clips, plain_log), (clipped, with_clips, clipped_log) = runs["plain"], runs["clipped"]
+    assert len(plain) == len(clipped) == 1 and no_clips == [] and "grad_norm" not in plain_log
+    assert with_clips == [(1e-3, True)]  # one optimizer step of two micro-batches: clipped once, when synced
+    before = norm(plain[0])  # the same first step (same seed and data) unclipped
+    assert before > 0.01 and norm(clipped[0]) == pytest.approx(1e-3, rel=1e-3)
+    assert clipped_log["grad_norm"] == pytest.approx(before, rel=1e-4)
+    assert clipped_log["train_loss"] == pytest.approx(plain_log["train_loss"])
+    card = (tmp_path / "clipped" / "README.md").read_text()
+    assert "gradient norm clipped at 0.001" in card and "--max-grad-norm 0.001" in card
+    assert "clipped" not in (tmp_path / "plain" / "README.md").read_text()
+
+
+def test_a_checkpoint_recording_no_max_grad_norm_resumes_as_unclipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A checkpoint and ``training_args.json`` written before ``--max-grad-norm`` existed lack it: such a run never
+    clipped, so it resumes as it was (no clipping), and adding ``--max-grad-norm`` is refused as a changed option
+    (the rest of the run would clip while its records say it did not)."""
+    data = make_images(tmp_path / "toy.npz", n=48)
+    out = tmp_path / "run"
+    argv = _tiny_run(data, out, "--max-steps", "4", "--checkpoint-every", "2")
+    assert cli(argv) == 0
+    args = json.loads((out / "training_args.json").read_text())
+    assert args.pop("max_grad_norm") is None
+    (out / "training_args.json").write_text(json.dumps(args))
+    for checkpoint in (out / "checkpoints").iterdir():
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        del state["options"]["max_grad_norm"]
+        (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+        _rehash(checkpoint)
+    step_2 = str(out / "checkpoints" / "step_0000002")
+    capsys.readouterr()
+    assert cli([*argv, "--resume", step_2, "--max-grad-norm", "1"]) == 2
+    assert "--max-grad-norm None -> 1.0" in capsys.readouterr().err
+    assert cli([*argv, "--resume", step_2]) == 0
+    assert json.loads((out / "results.json").read_text())["global_step"] == 4

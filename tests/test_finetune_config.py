@@ -27,6 +27,7 @@ FULL = FinetuneConfig(
     checkpoint_every=3,
     distill_from="base",
     distill_alpha=0.25,
+    max_grad_norm=0.5,
     push_to_hub="me/model",
     tensorboard=False,
     progress=False,
@@ -67,12 +68,33 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
         ({"distill_from": "base"}, "add --hanify"),
         ({"push_to_hub": "no-slash"}, "<user or org>/<name>"),
         ({"model_kwargs": [1, 2]}, "JSON object"),
+        ({"max_grad_norm": 0.0}, "--max-grad-norm must be None or a finite number in (0, inf), got 0.0"),
+        ({"max_grad_norm": -1.0}, "--max-grad-norm must be None or a finite number in (0, inf)"),
+        ({"max_grad_norm": math.nan}, "--max-grad-norm"),
+        ({"max_grad_norm": math.inf}, "--max-grad-norm"),
+        ({"max_grad_norm": True}, "--max-grad-norm"),
+        ({"max_grad_norm": "1"}, "--max-grad-norm"),
     ],
 )
 def test_invalid_values_are_refused_when_the_config_is_built(change: dict, message: str) -> None:
     with pytest.raises(ConfigError) as e:
         FinetuneConfig(model="m", data="d", output_dir="o", **change)
     assert message in str(e.value)
+
+
+def test_max_grad_norm_flag_parses_and_defaults_to_no_clipping() -> None:
+    """``--max-grad-norm`` (transformers' ``max_grad_norm``): off unless given, so that the runs and checkpoints
+    of earlier versions (which never clipped) keep their meaning; an options file without it reads as off."""
+    base = ["--model", "m", "--data", "d", "--output-dir", "o"]
+    assert config_from_argv(base).max_grad_norm is None
+    assert config_from_argv([*base, "--max-grad-norm", "1.0"]).max_grad_norm == 1.0
+    with pytest.raises(ConfigError, match="--max-grad-norm"):
+        config_from_argv([*base, "--max-grad-norm", "inf"])
+    older = {k: v for k, v in FULL.to_dict().items() if k != "max_grad_norm"}  # training_args.json of before
+    assert FinetuneConfig.from_dict(older).max_grad_norm is None
+    assert "--max-grad-norm 0.5" in command_line(FULL) and "--max-grad-norm" not in command_line(
+        FinetuneConfig(model="m", data="d", output_dir="o")
+    )
 
 
 # ---- the run's steps, each on its own
@@ -145,3 +167,46 @@ def test_a_teacher_whose_classifier_starts_untrained_cannot_teach_logits(toy: Pa
     save_for_hf(timm.create_model("test_vit", num_classes=4, **TINY_VIT), str(four), safe_serialization=True)
     student = build_student(FinetuneConfig(**{**common, "model": str(four)}, distill_from="base"), data)
     assert student.built.random_weights == "none" and student.teacher is not None
+
+
+def _prepared(toy: Path, tmp_path: Path, warmup_steps: int, monkeypatch: pytest.MonkeyPatch, *, main: bool = True):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    from han_surgery.finetune.runner import build_loaders, build_student, load_run_data, prepare_training
+
+    config = FinetuneConfig(
+        model="test_vit", model_kwargs=TINY_VIT, data=str(toy), output_dir=str(tmp_path), batch_size=8,
+        max_steps=4, warmup_steps=warmup_steps, progress=False,
+    )  # fmt: skip
+    data = load_run_data(config)
+    student = build_student(config, data)
+    accelerator = Accelerator(cpu=True)
+    if not main:  # another process of accelerate launch
+        monkeypatch.setattr(type(accelerator), "is_main_process", property(lambda self: False))
+    try:
+        return prepare_training(accelerator, config, student, build_loaders(config, data, student.built))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_warning(toy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--warmup-steps`` >= the run's optimizer steps was taken silently: the learning rate rose for the whole run
+    (never reaching --lr when longer) and the cosine decay never began. One warning, naming both numbers, from the
+    main process only (not once per process)."""
+    import warnings
+
+    for warmup in (4, 50):
+        with pytest.warns(UserWarning) as record:
+            state = _prepared(toy, tmp_path, warmup, monkeypatch)
+        assert state.total_steps == 4
+        messages = [str(w.message) for w in record if "--warmup-steps" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert f"--warmup-steps {warmup}" in messages[0] and "4 optimizer steps" in messages[0]
+        assert "lower --warmup-steps or train longer" in messages[0]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _prepared(toy, tmp_path, 3, monkeypatch)  # the warm-up ends within the run: no warning
+        _prepared(toy, tmp_path, 50, monkeypatch, main=False)  # the main process says it
+    assert not [w for w in record if "--warmup-steps" in str(w.message)]

@@ -64,6 +64,7 @@ __all__ = [
     "checkpoint_problem",
     "find_checkpoints",
     "check_resume_config",
+    "OPTIONS_BEFORE_RECORDED",
     "resume_options",
     "save_checkpoint",
     "resume",
@@ -455,10 +456,10 @@ def resume_options(config: FinetuneConfig) -> dict[str, Any]:
 def check_resume_config(checkpoint: Path, state: dict[str, Any], config: FinetuneConfig) -> None:
     """Raise :class:`FinetuneError` if an option in :data:`RESUME_FIELDS` differs from those of the run that
     wrote ``checkpoint``: the options its ``trainer_state.json`` (``state``) records (an option newer than the
-    checkpoint is not compared), or (a checkpoint written before they were recorded there) its run folder's
-    ``training_args.json``. A checkpoint with neither (a run an earlier version started from another run's
-    checkpoint) is resumed with a warning that its options cannot be checked; its layout (processes, global
-    batch, mixed precision) still is."""
+    checkpoint is not compared, unless :data:`OPTIONS_BEFORE_RECORDED` gives the value runs before it had), or (a
+    checkpoint written before they were recorded there) its run folder's ``training_args.json``. A checkpoint with
+    neither (a run an earlier version started from another run's checkpoint) is resumed with a warning that its
+    options cannot be checked; its layout (processes, global batch, mixed precision) still is."""
     saved = _recorded_options(checkpoint, state)
     if saved is None:
         warnings.warn(
@@ -489,8 +490,15 @@ def _recorded_options(checkpoint: Path, state: dict[str, Any]) -> dict[str, Any]
     return FinetuneConfig.from_json(args).to_dict() if args.is_file() else None
 
 
+#: Options newer than some checkpoints, with the value every run before them had (``--max-grad-norm``: no clipping):
+#: a checkpoint that does not record one is compared as having that value.
+OPTIONS_BEFORE_RECORDED: dict[str, Any] = {"max_grad_norm": None}
+
+
 def _changed_options(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``--flag saved -> now`` for each of :data:`RESUME_FIELDS` that differs (one ``saved`` lacks is not compared)."""
+    """``--flag saved -> now`` for each of :data:`RESUME_FIELDS` that differs (one ``saved`` lacks is not compared,
+    unless :data:`OPTIONS_BEFORE_RECORDED` says what every run that did not record it had)."""
+    saved = {**OPTIONS_BEFORE_RECORDED, **saved}
     return [
         f"--{k.replace('_', '-')} {saved[k]!r} -> {now.get(k)!r}"
         for k in RESUME_FIELDS

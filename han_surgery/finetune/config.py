@@ -131,9 +131,18 @@ class FinetuneConfig:
     grad_accum: int = _opt(1, "micro-batches accumulated per optimizer step", TRAINING)
     lr: float = _opt(1e-3, "peak learning rate (AdamW)", TRAINING)
     weight_decay: float = _opt(0.05, "AdamW weight decay", TRAINING)
-    warmup_steps: int = _opt(0, "linear warm-up steps before the schedule", TRAINING)
+    warmup_steps: int = _opt(
+        0, "linear warm-up steps before the schedule (fewer than the run's optimizer steps)", TRAINING
+    )
     schedule: Literal["cosine", "constant"] = _opt("cosine", "learning-rate schedule after warm-up", TRAINING)
     label_smoothing: float = _opt(0.0, "label smoothing of the cross-entropy, in [0, 1)", TRAINING)
+    max_grad_norm: float | None = _opt(
+        None,
+        "clip the gradients' global L2 norm to this before each optimizer step (default: no clipping; "
+        "transformers' Trainer clips at 1.0)",
+        TRAINING,
+        metavar="NORM",
+    )
     seed: int = _opt(0, "seed of the model init, the held-out split and the data order", TRAINING)
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _opt(
         None, "accelerate mixed precision (default: the accelerate config's, else no); CPU supports bf16", TRAINING
@@ -206,6 +215,7 @@ class FinetuneConfig:
         check_number("--lr", self.lr, 0.0, low_open=True)
         check_number("--weight-decay", self.weight_decay, 0.0)
         check_number("--label-smoothing", self.label_smoothing, 0.0, 1.0)
+        check_number("--max-grad-norm", self.max_grad_norm, 0.0, low_open=True, optional=True)
         check_number("--val-fraction", self.val_fraction, 0.0, 1.0, low_open=True)
         check_number("--distill-alpha", self.distill_alpha, 0.0, 1.0, high_closed=True)
         check_number("--distill-temperature", self.distill_temperature, 0.0, low_open=True)

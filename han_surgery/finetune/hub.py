@@ -370,10 +370,11 @@ def render_model_card(
         if config.max_steps and per_epoch
         else f"{setup['epochs']} epoch(s)"
     )
+    clipping = f", gradient norm clipped at {config.max_grad_norm}" if config.max_grad_norm is not None else ""
     recipe = (
         f"{setup['total_steps']} optimizer steps ({passes}), AdamW lr {config.lr} ({config.schedule}"
         f"{f', {config.warmup_steps} warm-up steps' if config.warmup_steps else ''}), weight decay "
-        f"{config.weight_decay}, global batch {setup['global_batch_size']}, seed {config.seed}"
+        f"{config.weight_decay}{clipping}, global batch {setup['global_batch_size']}, seed {config.seed}"
     )
     started_from = base_model  # the model the parameter table's first row counts
     if config.model_kwargs:  # the architecture is the named one changed by --model-kwargs: say so

@@ -26,6 +26,7 @@ from .data import DataBundle
 
 __all__ = [
     "lr_lambda",
+    "warmup_problem",
     "task_loss",
     "distillation_loss",
     "logits_of",
@@ -48,6 +49,20 @@ def lr_lambda(warmup: int, total: int, schedule: str) -> Callable[[int], float]:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def warmup_problem(warmup: int, total: int, schedule: str) -> str | None:
+    """Why a warm-up of ``warmup`` steps does not fit a run of ``total`` optimizer steps (``None`` if it does): one
+    as long as the run or longer keeps the learning rate rising to the end, below ``--lr`` but for the last step at
+    best, and the schedule after it never starts (no cosine decay)."""
+    if warmup < total:
+        return None
+    decay = ", and the cosine decay never starts" if schedule == "cosine" else ""
+    return (
+        f"--warmup-steps {warmup} is not shorter than the run's {total} optimizer steps: the learning rate rises for "
+        f"the whole run, reaching --lr at best at its last step{decay}; lower --warmup-steps or train longer "
+        "(--epochs / --max-steps)"
+    )
 
 
 def logits_of(model: nn.Module, inputs: Any) -> torch.Tensor:
@@ -149,6 +164,7 @@ def train_loop(
     distill_alpha: float = 0.5,
     distill_temperature: float = 2.0,
     distill_hidden_weight: float = 1.0,
+    max_grad_norm: float | None = None,
     on_step: Callable[[TrainProgress], None] | None = None,
     show_progress: bool = True,
 ) -> tuple[dict[str, float], float]:
@@ -159,8 +175,13 @@ def train_loop(
     ``MSE / Var(teacher)`` of the outputs of ``state.hidden_paths``, recorded with forward hooks, so
     timm and transformers models alike), or their sum (``"both"``).
 
+    With ``max_grad_norm`` the gradients' global L2 norm is clipped to it before each optimizer step (once per step,
+    after the last micro-batch of an accumulation group: ``accelerator.clip_grad_norm_``, which unscales fp16
+    gradients first).
+
     Logs ``train_loss`` (the mean over the last 10 optimizer steps' micro-batches, averaged over
-    processes; ``distill_hidden_loss`` likewise, when hidden states are distilled) and ``lr`` every
+    processes; ``distill_hidden_loss`` likewise, when hidden states are distilled), ``lr`` and, with
+    ``max_grad_norm``, ``grad_norm`` (the logged step's norm before clipping, as transformers' Trainer logs it) every
     10 steps, and the held-out metrics after each epoch, through ``accelerator.log``. ``on_step`` is
     called after every optimizer step (checkpointing).
 
@@ -208,6 +229,7 @@ def train_loop(
             term = term + distill_hidden_weight * hidden
         return term
 
+    grad_norm = None  # the last optimizer step's gradient norm before clipping (with max_grad_norm)
     done = progress.global_step >= state.total_steps
     with hooks:
         while not done and progress.epoch < state.epochs:
@@ -240,6 +262,8 @@ def train_loop(
                         progress.batches_done, len(train_loader), accelerator.gradient_accumulation_steps
                     )
                     accelerator.backward(loss * scale if scale != 1 else loss)
+                    if max_grad_norm is not None and accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
                 progress.batches_done += 1
@@ -262,8 +286,10 @@ def train_loop(
                     values = {"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}
                     if hidden_paths:
                         values["distill_hidden_loss"] = means[1]
+                    if grad_norm is not None:
+                        values["grad_norm"] = float(grad_norm)
                     log(values)
-                    progress.last_train = {k: v for k, v in values.items() if k not in ("lr", "epoch")}
+                    progress.last_train = {k: v for k, v in values.items() if k not in ("lr", "epoch", "grad_norm")}
                     metrics.update(progress.last_train)
                     progress.running_loss, progress.running_count, progress.running_hidden = 0.0, 0, 0.0
                 if on_step is not None:

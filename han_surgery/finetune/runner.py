@@ -25,6 +25,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ from .checkpoints import (
 from .config import FinetuneConfig, FinetuneResult
 from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
 from .hub import RESULTS_NAME, base_model_id, push_folder, write_model_card
-from .loop import NonFiniteLossError, TrainingState, logits_of, lr_lambda, train_loop
+from .loop import NonFiniteLossError, TrainingState, logits_of, lr_lambda, train_loop, warmup_problem
 from .models import BuiltModel, build_model, save_model
 from .tracking import init_trackers
 
@@ -438,7 +439,11 @@ def _check_teacher_forward(
 def prepare_training(
     accelerator: Any, config: FinetuneConfig, student: Student, loaders: tuple[Any, Any]
 ) -> TrainingState:
-    """The optimisation step: AdamW, the schedule, ``accelerator.prepare``, the loop position."""
+    """The optimisation step: AdamW, the schedule, ``accelerator.prepare``, the loop position.
+
+    A warm-up as long as the run or longer (:func:`~.loop.warmup_problem`) is a warning, from the main process only
+    (a resumed run, whose options and length are the interrupted run's, says it again).
+    """
     train_loader, eval_loader = loaders
     check_loaders(accelerator, config, loaders)
     model = student.built.model
@@ -451,6 +456,9 @@ def prepare_training(
     else:
         epochs = config.epochs or 1
         total_steps = epochs * steps_per_epoch
+    problem = warmup_problem(config.warmup_steps, total_steps, config.schedule)
+    if problem is not None and accelerator.is_main_process:
+        warnings.warn(problem, stacklevel=2)
     schedule = lr_lambda(config.warmup_steps, total_steps, config.schedule)
     scheduler = accelerator.prepare(torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
     global_batch = config.batch_size * accelerator.num_processes * config.grad_accum
@@ -495,9 +503,11 @@ def _describe(config: FinetuneConfig, data: DataBundle, student: Student, setup:
         if config.max_steps
         else f"{setup['epochs']} epoch(s) x {setup['steps_per_epoch']} steps"
     )
-    schedule = f"schedule: {setup['total_steps']} optimizer steps ({length}), lr {config.lr} {config.schedule}" + (
-        f", checkpoint every {config.checkpoint_every} steps" if config.checkpoint_every else ""
-    )
+    schedule = f"schedule: {setup['total_steps']} optimizer steps ({length}), lr {config.lr} {config.schedule}"
+    if config.max_grad_norm is not None:
+        schedule += f", gradient norm clipped at {config.max_grad_norm}"
+    if config.checkpoint_every:
+        schedule += f", checkpoint every {config.checkpoint_every} steps"
     return "\n".join(
         [
             f"han-surgery finetune: {setup['num_processes']} process(es) ({setup['distributed_type']}), device "
@@ -666,6 +676,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 distill_alpha=config.distill_alpha,
                 distill_temperature=config.distill_temperature,
                 distill_hidden_weight=config.distill_hidden_weight,
+                max_grad_norm=config.max_grad_norm,
                 on_step=checkpoint,
                 show_progress=config.progress,
             )
