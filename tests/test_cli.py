@@ -273,3 +273,58 @@ def test_the_closest_choice_does_not_depend_on_argparses_wording(message, monkey
         parser.parse_args(["--init", "orthogonl"])
     err = capsys.readouterr().err
     assert "orthogonal" in err and ("did you mean" in err) != ("maybe you meant" in err)  # one hint
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (
+            OSError(28, "No space left on device", "/data/out/model.safetensors"),
+            "No space left on device (/data/out/model.safetensors): free some space or write elsewhere",
+        ),
+        (OSError(122, "Disk quota exceeded"), "Disk quota exceeded: free some space or write elsewhere"),
+        (
+            PermissionError(13, "Permission denied", "/srv/out"),
+            "Permission denied (/srv/out): check the path's permissions or write elsewhere",
+        ),
+        (OSError(30, "Read-only file system", "/ro"), "Read-only file system (/ro): check the path's permissions"),
+    ],
+)
+def test_a_full_disk_or_a_forbidden_path_is_one_line_exit_2(raised, expected, capsys) -> None:
+    """What the machine refuses (a full disk or quota, a read-only or forbidden path) is no bug of the program: one
+    line naming the cause and the path where the error gives it, exit code 2, no traceback."""
+    from han_surgery.cli._common import run_command
+
+    def body() -> int:
+        raise raised
+
+    assert run_command("han-surgery x", body) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery x: " + expected) and err.count("\n") == 1, err
+
+
+def test_safetensors_disk_full_is_one_line_exit_2(capsys) -> None:
+    """safetensors reports a full disk as a ``SafetensorError`` (``... (os error 28)``), not an ``OSError``."""
+    from safetensors import SafetensorError
+
+    from han_surgery.cli._common import run_command
+
+    def body() -> int:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    assert run_command("han-surgery x", body) == 2
+    err = capsys.readouterr().err
+    assert err == "han-surgery x: No space left on device: free some space or write elsewhere\n", err
+
+
+@pytest.mark.parametrize(
+    "raised", [OSError(2, "No such file or directory", "x"), RuntimeError("a bug"), OSError("no errno")]
+)
+def test_other_errors_still_propagate_as_bugs(raised) -> None:
+    from han_surgery.cli._common import run_command
+
+    def body() -> int:
+        raise raised
+
+    with pytest.raises(type(raised)):
+        run_command("han-surgery x", body)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import os
+import re
 import signal
 import sys
 import threading
@@ -34,8 +37,9 @@ EXIT_USER_ERROR = 2
 def run_command(prog: str, body: Callable[[], int | None]) -> int:
     """Run ``body``; a :class:`HanSurgeryError` becomes ``<prog>: <message>`` (one line) and exit code 2.
 
-    Warnings print as one line each, ``<prog>: warning: <message>``. Other exceptions propagate with their
-    traceback: they are bugs.
+    So does an error by which the machine refuses (a full disk, a read-only or forbidden path:
+    :func:`machine_refusal`). Warnings print as one line each, ``<prog>: warning: <message>``. Other exceptions
+    propagate with their traceback: they are bugs.
     """
 
     def show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
@@ -49,12 +53,44 @@ def run_command(prog: str, body: Callable[[], int | None]) -> int:
         message = " ".join(str(e).split())
         print(f"{prog}: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Exception as e:
+        message = machine_refusal(e)
+        if message is None:
+            raise
+        print(f"{prog}: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except Terminated:
         print(f"{prog}: terminated", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+#: ``errno`` codes by which the machine, not the program, refuses: a full disk or quota, a read-only or forbidden path.
+MACHINE_REFUSALS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "check the path's permissions or write elsewhere",
+    errno.EACCES: "check the path's permissions or write elsewhere",
+    errno.EPERM: "check the path's permissions or write elsewhere",
+}
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports one
+
+
+def machine_refusal(e: BaseException) -> str | None:
+    """One line for an error of :data:`MACHINE_REFUSALS` (``No space left on device (<path>): free some space or
+    write elsewhere``): an ``OSError``, or safetensors' ``SafetensorError`` that wraps one (``... (os error 28)``);
+    ``None`` for any other exception (a bug: it keeps its traceback). Whatever the command had written is cleaned up
+    on the way out, as for any failure."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None and type(e).__name__ == "SafetensorError":
+        found = _OS_ERROR_CODE.search(str(e))
+        code = int(found.group(1)) if found else None
+    if code not in MACHINE_REFUSALS:
+        return None
+    where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+    return f"{os.strerror(code)}{where}: {MACHINE_REFUSALS[code]}"
 
 
 #: Arguments :func:`require_text` names without dashes.
