@@ -561,3 +561,34 @@ def test_a_side_path_draws_the_random_numbers_it_always_drew() -> None:
     torch.manual_seed(0)
     nn.Linear(16, 2, bias=False), nn.Linear(2, 16, bias=False)
     assert torch.equal(after_side, torch.rand(4))
+
+
+@pytest.mark.parametrize("final_abs", [False, True])
+def test_han_block_extras_compute_the_documented_formula(final_abs):
+    """``y = g * (H2 |H1 (s * x) + b1|) + b2 + B A x`` (``g * |H2 z + b2|`` with ``final_abs``), with the input scale,
+    gain and side path away from their starting values (``s = g = 1`` and ``B = 0`` hide a forward that ignores them)."""
+    torch.manual_seed(5)
+    n, r = 10, 3
+    block = HanBlock(n, reflections=2, final_abs=final_abs, gain=True, input_scale=True, side_rank=r).double()
+    with torch.no_grad():
+        block.input_scale.uniform_(0.5, 2.0)
+        block.gain.uniform_(-2.0, 2.0)
+        block.side.up.weight.normal_()
+    x = torch.randn(4, n, dtype=torch.float64)
+    h1, h2 = explicit_product(block.fc1), explicit_product(block.fc2)
+    s, g, a, b = block.input_scale, block.gain, block.side.down.weight, block.side.up.weight
+    z = torch.abs((s * x) @ h1.T + block.fc1.bias) @ h2.T
+    if final_abs:
+        expected = g * torch.abs(z + block.fc2.bias) + x @ a.T @ b.T
+    else:
+        assert block.fc2.bias is None  # b2 is the block's own, added after the gain
+        expected = g * z + block.bias + x @ a.T @ b.T
+    y = block(x)
+    torch.testing.assert_close(y, expected, atol=1e-12, rtol=0)
+    extras = [s, g, a, b]
+    weights = torch.randn_like(y)
+    got = torch.autograd.grad((y * weights).sum(), extras)
+    want = torch.autograd.grad((expected * weights).sum(), extras)
+    for name, mine, theirs in zip(("input_scale", "gain", "side.down", "side.up"), got, want, strict=True):
+        assert mine.abs().max() > 0, name
+        torch.testing.assert_close(mine, theirs, atol=1e-12, rtol=0, msg=name)

@@ -41,15 +41,34 @@ def test_split_is_stratified_and_disjoint(bench):
     assert bench.prepare(x_test[:2], 64).shape == (2, 3, 64, 64)
 
 
-def test_smoke_run_writes_the_table(bench, tmp_path):
+def test_smoke_run_writes_the_table(bench, tmp_path, monkeypatch):
+    """Each model's accuracy is the fraction of the held-out digits its trained model gets right, and the table
+    prints what was measured."""
+    measured, real_accuracy = [], bench.accuracy
+
+    def accuracy(model, x, y, img_size, **kwargs):
+        acc = real_accuracy(model, x, y, img_size, **kwargs)
+        with torch.no_grad():
+            right = (model(bench.prepare(x, img_size)).argmax(1) == y).sum().item()
+        measured.append((x, y, acc, right))
+        return acc
+
+    monkeypatch.setattr(bench, "accuracy", accuracy)
     out = tmp_path / "MNIST.md"
     rows = bench.main(["--epochs", "1", "--n-train", "64", "--n-test", "50", "--batch-size", "32", "--out", str(out)])
     assert [r["spec"].name for r in rows] == [s.name for s in bench.SPECS]
+    _, _, x_test, y_test = bench.load_mnist(DATA, 64, 50)
     text = out.read_text()
-    for r in rows:
+    assert len(measured) == len(rows)
+    for r, (x, y, acc, right) in zip(rows, measured, strict=True):
         spec = r["spec"]
-        assert r["steps"] == 2 and math.isfinite(r["final_loss"]) and 0.0 <= r["test_acc"] <= 1.0
+        assert torch.equal(x, x_test) and torch.equal(y, y_test)  # the 50 held-out digits, not training ones
+        assert r["test_acc"] == acc == right / 50, (spec.name, acc, right)
+        assert r["steps"] == 2 and math.isfinite(r["final_loss"]) and r["train_s"] > 0
         expected = sum(p.numel() for p in timm.create_model(spec.name, num_classes=10, **spec.overrides).parameters())
         assert r["params"] == expected
-        assert f"| {spec.label} | {spec.img_size}x{spec.img_size} | {expected:,} |" in text
+        row = f"| {spec.label} | {spec.img_size}x{spec.img_size} | {expected:,} |"
+        assert row in text
+        measured_cells = f"| {r['train_s']:.0f} | {r['final_loss']:.3f} | {100 * r['test_acc']:.2f}% |"
+        assert next(line for line in text.splitlines() if line.startswith(row)).endswith(measured_cells)
     assert "(baseline)" in text and "0.74x" in text  # han_mobilevit_xxs vs mobilevit_xxs with a 10-class head

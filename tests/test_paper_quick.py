@@ -1,7 +1,7 @@
 """The ``--quick`` smoke runs of every paper experiment, through ``han_surgery.paper.cli.main``, and its error handling.
 
-Those on the shipped data skip cleanly when ../shared/data is absent; mixer and mobilevit run
-on a tiny generated CIFAR-10-format folder.
+Those on the shipped data skip cleanly when ../shared/data (beside the repository, found from this file whatever the
+working directory) is absent; mixer and mobilevit run on a tiny generated CIFAR-10-format folder.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from han_surgery.paper.cli import main
 from han_surgery.paper.common import PaperInputError
 from han_surgery.paper.image_data import load_image_dataset, write_cifar10_binary
 
-DATA = Path.cwd().parent / "shared" / "data"
-needs = lambda sub: pytest.mark.skipif(not (DATA / sub).exists(), reason=f"../shared/data/{sub} not available")  # noqa: E731
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data of the repository, from any cwd
+needs = lambda sub: pytest.mark.skipif(not (DATA / sub).exists(), reason=f"{DATA / sub} not available")  # noqa: E731
 
 
 def _run(tmp_path: Path, *argv: str) -> dict:
@@ -45,7 +45,7 @@ def test_checkerboard_quick(tmp_path):
 
 @needs("regression")
 def test_regression_quick(tmp_path):
-    res = _run(tmp_path, "regression", "--datasets", "calhousing")
+    res = _run(tmp_path, "regression", "--datasets", "calhousing", "--data", str(DATA / "regression"))
     assert {(r["train_fraction"], r["model"]) for r in res["rows"]} == {
         (f, m) for f in (1.0, 0.1) for m in ("hannet", "fcnet1", "fcnet2")
     }
@@ -61,7 +61,7 @@ def test_regression_quick(tmp_path):
 
 @needs("mnist")
 def test_mnist_quick(tmp_path):
-    res = _run(tmp_path, "mnist")
+    res = _run(tmp_path, "mnist", "--data", str(DATA / "mnist" / "mnist10k.npz"))
     rows = {r["model"]: r for r in res["rows"]}
     assert list(rows) == ["hannet", "fcnet", "fcnet-trades", "fcnet-at"]
     assert rows["hannet"]["params"] == 39_210 and rows["fcnet"]["params"] == 623_290

@@ -83,6 +83,36 @@ def test_rule_raising_midway_leaves_model_exactly_as_before():
     assert hanify(model).num_rewritten == 2  # and the model is still good for a real run
 
 
+def test_a_swap_failing_midway_puts_back_every_module_already_swapped(monkeypatch: pytest.MonkeyPatch):
+    """Planning succeeded and the swaps began: the third swap fails after two went in (``blocks.0``'s), and every
+    module already swapped is put back, the very same objects at every path."""
+    from han_surgery.surgery import engine
+
+    model = ZOO["timm/vit"]()[0]
+    model.blocks.append(type(model.blocks[0])(dim=32, num_heads=2))
+    snap = _snapshot(model)
+    before = dict(model.named_modules())
+    real_set_module, swaps = engine._set_module, []
+
+    def third_swap_fails(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+        swaps.append(path)
+        if len(swaps) == 3:
+            raise RuntimeError("swap failed")
+        return real_set_module(model, path, module)
+
+    monkeypatch.setattr(engine, "_set_module", third_swap_fails)
+    with pytest.raises(RuntimeError, match="swap failed"):
+        hanify(model)
+    assert swaps[:3] == ["blocks.0.mlp", "blocks.0.norm2", "blocks.1.mlp"]  # two swaps went in before
+    _assert_unchanged(model, snap)
+    assert dict(model.named_modules()).keys() == before.keys()
+    assert all(module is before[path] for path, module in model.named_modules())
+    assert not any(isinstance(m, HanBlock) for m in model.modules())
+    assert not hasattr(model, "_han_surgery_recipe")
+    monkeypatch.undo()
+    assert hanify(model).num_rewritten == 2  # and the model is still good for a real run
+
+
 def test_a_rule_that_returns_no_replacement_or_a_raising_filter_is_a_hanify_error_naming_the_path():
     """A builder returning ``None`` was an ``AttributeError`` without a path; an exception from ``filter_fn`` came out
     bare. Both name the candidate now, and the model is unchanged."""
