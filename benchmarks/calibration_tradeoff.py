@@ -39,7 +39,6 @@ from calibrated_surgery import (  # noqa: E402
     check_data,
     delete_ffns,
     embed,
-    ffn_params,
     load_minilm,
     scores,
 )
@@ -87,8 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 
     def point(label: str, model, kept: int | None, seconds: float | None = None, keep_by: str | None = None) -> dict:
         params = sum(p.numel() for p in model.parameters())
-        if label == "FFNs deleted":  # zeroed, not removed: count them out
-            params -= ffn_params(model)
         row = {"label": label, "keep_by": keep_by, "params": params, "kept": kept}
         row.update(scores(embed(model, scored), ref), seconds=seconds)
         print(json.dumps(row), flush=True)

@@ -1,14 +1,19 @@
-"""The benchmarks' argument checks and small helpers (no benchmark is run: each test takes a second or less).
+"""The benchmarks' argument checks and small helpers, and tiny runs of the speed scripts (a few seconds at most).
 
 A bad flag is the parser's one-line error (exit 2), found before anything is measured or trained; folders and
-caches that a run would delete or misuse are refused.
+caches that a run would delete or misuse are refused. The speed scripts print and write what they measured: times
+that are positive and finite, and ratios that are those of the times (no test asserts how fast anything is).
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
+import math
+import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -135,16 +140,55 @@ def test_calibrated_surgery_counts_checked_against_the_data(surgery, capsys, tin
     assert len(cal) == len(ev) == 45 and not set(cal) & set(ev)
 
 
-def test_calibrated_surgery_deleted_row_counts_no_ffn_weights(surgery):
+def _tiny_bert():
     from transformers import BertConfig, BertModel
 
     config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16)
-    model = BertModel(config)
+    return BertModel(config).eval()
+
+
+def test_calibrated_surgery_deleted_model_has_no_ffn_and_its_output_is_zero(surgery):
+    """``delete_ffns`` removes the FFNs (no parameters, no compute): each layer is ``LayerNorm(h + 0)``, as with its
+    ``output.dense`` zeroed, and the original is untouched."""
+    model = _tiny_bert()
     total = sum(p.numel() for p in model.parameters())
     ffn = 2 * (8 * 16 + 16 + 16 * 8 + 8)
     assert surgery.ffn_params(model) == ffn
-    assert surgery.param_count(model, "original") == total
-    assert surgery.param_count(surgery.delete_ffns(model), "deleted") == total - ffn
+    deleted = surgery.delete_ffns(model)
+    assert sum(p.numel() for p in deleted.parameters()) == total - ffn and surgery.ffn_params(deleted) == 0
+    zeroed = copy.deepcopy(model)
+    for layer in zeroed.encoder.layer:
+        torch.nn.init.zeros_(layer.output.dense.weight)
+        torch.nn.init.zeros_(layer.output.dense.bias)
+    ids = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        assert torch.allclose(deleted(ids).last_hidden_state, zeroed(ids).last_hidden_state, atol=1e-6)
+        assert not torch.allclose(model(ids).last_hidden_state, zeroed(ids).last_hidden_state, atol=1e-3)
+    assert sum(p.numel() for p in model.parameters()) == total
+
+
+def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_the_original(surgery):
+    """The healing control: the FFN-less model's hidden-state loss falls, its embedding tables stay as they were,
+    and the other weights move (but the pooler's, which no distilled state depends on)."""
+    import dataclasses
+
+    from han_surgery.surgery.calibration import CalibrationConfig
+
+    model = _tiny_bert()
+    torch.manual_seed(0)
+    with torch.no_grad():  # FFNs that matter: deleting them moves every hidden state
+        for layer in model.encoder.layer:
+            layer.output.dense.weight.normal_(0, 1.0)
+    cal = [{"input_ids": torch.randint(0, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}] * 2
+    config = dataclasses.replace(surgery.HEAL_BODY, heal_steps=30, heal_lr=1e-2)
+    healed, (before, after) = surgery.heal_deleted(model, cal, config)
+    assert after < 0.5 * before, (before, after)
+    start = surgery.delete_ffns(model)
+    for (name, p), p0 in zip(healed.named_parameters(), start.parameters(), strict=True):
+        moved = not torch.equal(p, p0)
+        assert moved == (("embeddings" not in name or "LayerNorm" in name) and "pooler" not in name), name
+    with pytest.raises(ValueError, match="no new parameters"):
+        surgery.heal_deleted(model, cal, CalibrationConfig(heal_steps=2))
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--num-eval", "1"], ["--record-batches", "0"]])
@@ -301,6 +345,8 @@ def test_mnist_models_prints_by_default_and_describes_its_data(mnist_models, cap
     out = capsys.readouterr().out
     assert card.read_bytes() == before
     assert "| `han_mixer_m2h0_32` (embed_dim=16" in out
+    row = next(line for line in out.splitlines() if line.startswith("| `han_mixer_m2h0_32`"))
+    assert row.endswith(f"| {rows[0]['final_loss']:.3f} | {100 * rows[0]['test_acc']:.2f}% |"), row  # what it measured
     assert f"on 16 of the 100 MNIST digits in `{mnist_models.data_facts(tiny_mnist)['path']}`" in out
     assert "first 80 digits hold only the classes 0-7" in out
     assert "Load average when this table was written" in out and "shared, loaded" not in out
@@ -322,6 +368,16 @@ def test_model_table_refuses_a_file_without_markers_before_counting(capsys, tmp_
     assert "| t |" in fresh.read_text()
 
 
+def _timings_ok(values: list[float], count: int) -> bool:
+    """``count`` measured times, each positive and finite."""
+    return len(values) == count and all(math.isfinite(v) and v > 0 for v in values)
+
+
+def _median_ratio(num: list[float], den: list[float]) -> float:
+    """What the speed scripts print as a ratio: the median over rounds of the per-round ratio."""
+    return statistics.median(a / b for a, b in zip(num, den, strict=True))
+
+
 def test_model_speed_json_folder_made_before_measuring(capsys, tmp_path):
     speed = _load("model_speed")
     out = tmp_path / "a" / "b" / "speed.json"
@@ -332,14 +388,63 @@ def test_model_speed_json_folder_made_before_measuring(capsys, tmp_path):
     assert "cannot create its folder" in line
 
 
+def test_model_speed_prints_and_writes_what_it_measured(capsys, tmp_path):
+    """One real row (the smallest pair): every job timed each round, and the printed ratios are those of the times."""
+    speed = _load("model_speed")
+    label = "HanNet (one HanStack) vs FCNet1 (batch 100)"
+    out = tmp_path / "speed.json"
+    speed.main(["--rows", "paper", "--only", "one HanStack", "--rounds", "2", "--threads", "1", "--no-memory",
+                "--json", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 2 and list(report["rows"]) == [label]
+    row = report["rows"][label]
+    times = row.pop("times_s")
+    jobs = ["peer train", "han train", "han torch-path train", "peer infer", "han infer", "han torch-path infer"]
+    assert list(times) == jobs and all(_timings_ok(times[job], 2) for job in jobs), times
+    ratios = {
+        "train peer/han": _median_ratio(times["peer train"], times["han train"]),
+        "inference peer/han": _median_ratio(times["peer infer"], times["han infer"]),
+        "train torch-path/kernel": _median_ratio(times["han torch-path train"], times["han train"]),
+    }
+    assert row == pytest.approx(ratios, rel=1e-12)
+    for job, values in times.items():
+        low, mid = min(values) * 1e3, statistics.median(values) * 1e3
+        assert f"  {job:22s} {low:9.2f} ms min  {mid:9.2f} ms median" in printed
+    assert "  " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()) + "\n" in printed
+    assert f"| {label} | " + " | ".join(f"{v:.2f}x" for v in ratios.values()) + " |" in printed
+
+
 def test_layer_speed_json_folder_made_before_measuring(capsys, tmp_path):
     layer = _load("layer_speed")
     (tmp_path / "file").write_text("")
     line = _usage_error(capsys, layer.main, ["--json", str(tmp_path / "file" / "x.json")])
     assert "cannot create its folder" in line
     out = tmp_path / "a" / "b" / "layers.json"
-    layer.main(["--rows", "4", "--widths", "16", "--rounds", "1", "--threads", "1", "--json", str(out)])
-    assert json.loads(out.read_text())["rows"] == 4
+    layer.main(["--rows", "4", "--widths", "16", "--rounds", "2", "--threads", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["rows"] == 4 and list(report["seconds"]) == ["16"]
+
+    # every candidate timed in every round (the forward-only ones have no fwd+bwd), each time positive and finite
+    times = report["seconds"]["16"]
+    assert list(times) == layer.NAMES
+    for name, kinds in times.items():
+        assert _timings_ok(kinds["fwd"], 2), (name, kinds)
+        assert _timings_ok(kinds["fwd+bwd"], 0 if name in layer.FORWARD_ONLY else 2), (name, kinds)
+
+    # the table prints those times (ms: min, then median) and the ratios are theirs
+    printed = capsys.readouterr().out.splitlines()
+    for kind in ("fwd", "fwd+bwd"):
+        row = next(line for line in printed if line.split()[:2] == ["16", kind])
+        cells = [[min(v) * 1e3, statistics.median(v) * 1e3] if (v := times[name][kind]) else [] for name in layer.NAMES]
+        numbers = [float(n) for n in re.findall(r"\d+\.\d+", row)]
+        assert numbers == pytest.approx([c for pair in cells for c in pair], abs=0.0051), row
+    ratio_lines = [line for line in printed[printed.index("n=16") + 1 :] if line.startswith("  ")]
+    assert len(ratio_lines) == 9
+    for line in ratio_lines:  # e.g. "  fwd+bwd  paper / han     1.23x ( 1.20x)   [>= 4]"
+        kind, num, den, median, minima = re.match(r"  (\S+)\s+(\S+) / (\S+)\s+(\S+)x \(\s*(\S+)x\)", line).groups()
+        assert float(median) == pytest.approx(_median_ratio(times[num][kind], times[den][kind]), abs=0.0051), line
+        assert float(minima) == pytest.approx(min(times[num][kind]) / min(times[den][kind]), abs=0.0051), line
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
@@ -349,7 +454,8 @@ def test_model_speed_memory_baseline_includes_the_kernel(capsys, monkeypatch):
 
     calls = []
     monkeypatch.setattr(cpu, "available", lambda: calls.append("kernel") or True)
-    monkeypatch.setattr(speed, "_status_mb", lambda field: calls.append(field) or 0.0)
+    status = {"VmRSS": 100.0, "VmHWM": 130.0}  # the resident set after imports, the peak after two steps
+    monkeypatch.setattr(speed, "_status_mb", lambda field: calls.append(field) or status[field])
     speed.memory_child("paper", "hannet", "peer", 4)
     assert calls == ["kernel", "VmRSS", "VmHWM"]
-    assert json.loads(capsys.readouterr().out) == {"peak_mb": 0.0}
+    assert json.loads(capsys.readouterr().out) == {"peak_mb": 30.0}  # the peak above the baseline
