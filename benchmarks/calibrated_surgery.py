@@ -188,18 +188,18 @@ def delete_ffns(model: nn.Module) -> nn.Module:
     return model
 
 
-def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) -> tuple[nn.Module, tuple[float, float]]:
-    """The control for healing: every FFN deleted (:func:`delete_ffns`), then the same end-to-end healing that
-    ``hanify`` gives a calibrated model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``,
-    ``heal_augment``, ``seed``): the hidden state after every layer distilled from ``base`` on the calibration
-    batches, in the order ``hanify`` draws them. Returns the model and its healing loss before and after."""
+def heal_like_hanify(
+    model: nn.Module, base: nn.Module, batches: list, paths: list[str], config: CalibrationConfig
+) -> tuple[float, float]:
+    """Heal ``model`` (a copy of ``base`` without some blocks: nothing new to fit) as ``hanify`` heals a calibrated
+    model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``, ``heal_augment``, ``heal_memory_mb``,
+    ``seed``): the outputs of ``paths`` distilled from ``base`` on ``batches``, drawn in the order ``hanify``
+    draws them. Returns the healing loss before and after."""
     from han_surgery.surgery.calibration import heal
     from han_surgery.surgery.calibration.calibrate import _state_rows
     from han_surgery.surgery.calibration.heal import TokenReplacer
 
-    model = delete_ffns(base)
-    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]  # RewriteRecord.stream of BERT's rule
-    order = [cal[i] for i in torch.randperm(len(cal), generator=torch.Generator().manual_seed(config.seed))]
+    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
     teacher_states = _state_rows(base, order, paths, config.heal_memory_mb)
     order = order[: len(teacher_states)]
     frozen = set()
@@ -207,7 +207,7 @@ def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) ->
         frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     elif config.heal_params != "all":
         raise ValueError(
-            f"heal_deleted: a model without FFNs has no new parameters: heal_params {config.heal_params!r}"
+            f"a model without the blocks has no new parameters to heal: heal_params {config.heal_params!r}"
         )
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
@@ -215,7 +215,8 @@ def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) ->
     augment = None
     if config.heal_augment:
         augment = TokenReplacer.from_batches(order, config.heal_augment, torch.Generator().manual_seed(config.seed))
-    loss = heal(
+    model.eval()
+    return heal(
         model,
         order,
         teacher_states,
@@ -226,7 +227,15 @@ def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) ->
         augment=augment,
         teacher=base if augment is not None else None,
     )
-    return model.eval(), loss
+
+
+def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) -> tuple[nn.Module, tuple[float, float]]:
+    """The control for healing: every FFN of the BERT ``base`` deleted (:func:`delete_ffns`), then healed as
+    ``hanify`` heals a calibrated model under ``config`` (:func:`heal_like_hanify`; the hidden state after every
+    layer). Returns the model and its healing loss before and after."""
+    model = delete_ffns(base)
+    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]  # RewriteRecord.stream of BERT's rule
+    return model, heal_like_hanify(model, base, cal, paths, config)
 
 
 def load_minilm() -> tuple:

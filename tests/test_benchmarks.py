@@ -174,8 +174,8 @@ def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_t
 
     from han_surgery.surgery.calibration import CalibrationConfig
 
-    model = _tiny_bert()
     torch.manual_seed(0)
+    model = _tiny_bert()
     with torch.no_grad():  # FFNs that matter: deleting them moves every hidden state
         for layer in model.encoder.layer:
             layer.output.dense.weight.normal_(0, 1.0)
