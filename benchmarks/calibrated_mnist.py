@@ -11,6 +11,9 @@ which is trained again. Every MLP block is then replaced (pre-norm dropped, resi
 * ``plain hanify``: random Han-blocks (what ``hanify`` did before calibration);
 * ``calibrated ...``: ``hanify(model, config, calibration=batches)`` with ``--num-calibration``
   training images, per structural option;
+* ``MLPs deleted``: the control, every MLP and its pre-norm removed (the block adds 0), healed inside the
+  benchmark as ``hanify`` heals the calibrated ones when ``--calibration-heal-steps`` is given: what the
+  Han-blocks add over having no MLPs at all;
 
 each scored on the walkthrough's 1,000 held-out digits right after surgery, and after one
 epoch of fine-tuning on the 9,000 training digits (all parameters, AdamW lr ``--heal-lr`` (1e-3) and
@@ -50,12 +53,17 @@ from han_surgery.finetune.loop import distillation_loss
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrated_surgery import ZeroBranch, heal_like_hanify  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mnist" / "mnist10k.npz"
 VIT = '{"patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4}'
 EXTRAS = dict(gain=True, input_scale=True)
-VARIANTS: dict[str, HanConfig] = {
+DELETED = "MLPs deleted"
+# name -> HanConfig of a calibrated hanify; None for the control, every MLP deleted (healed as hanify heals, with
+# --calibration-heal-steps).
+VARIANTS: dict[str, HanConfig | None] = {
+    DELETED: None,
     "calibrated": HanConfig(),
     "calibrated gain+scale": HanConfig(**EXTRAS),
     "calibrated gain+scale r=8": HanConfig(**EXTRAS, side_rank=8),
@@ -67,6 +75,15 @@ VARIANTS: dict[str, HanConfig] = {
         **EXTRAS, side_rank=16, exclude=("blocks.0.mlp", "blocks.1.mlp")
     ),
 }
+
+
+def delete_mlps(model: nn.Module) -> nn.Module:
+    """A copy of the timm ViT ``model`` with every MLP removed, pre-norm included (as ``hanify`` drops it): each
+    block's ``mlp`` becomes a :class:`ZeroBranch`, so the block computes ``x + attn(norm1(x))`` and nothing more."""
+    model = copy.deepcopy(model)
+    for block in model.blocks:
+        block.norm2, block.mlp = nn.Identity(), ZeroBranch()
+    return model
 
 
 def base_action(base: Path) -> str:
@@ -262,28 +279,28 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_heal:
         one_epoch(rows[0], base)
         print(json.dumps(rows[0]), flush=True)
-    candidates: list[tuple[str, HanConfig | None]] = [("plain hanify", None)] + [
-        (v, VARIANTS[v]) for v in args.variants
-    ]
-    for name, config in candidates:
-        model = copy.deepcopy(base)
+    cfg = CalibrationConfig(
+        steps=args.steps,
+        max_fvu=args.max_fvu,
+        keep_by=args.keep_by,
+        seed=args.seed,
+        progress=False,
+        heal_steps=args.calibration_heal_steps,
+        heal_lr=2e-3,
+        heal_params="all",
+    )
+    for name in ["plain hanify", *args.variants]:
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        if config is None:
+        model = delete_mlps(base) if name == DELETED else copy.deepcopy(base)
+        report = None
+        if name == "plain hanify":
             hanify(model)
-            report = None
+        elif name == DELETED:
+            if cfg.heal_steps:  # the same healing as the calibrated variants get inside hanify
+                heal_like_hanify(model, base, calibration, [f"blocks.{i}" for i in range(len(model.blocks))], cfg)
         else:
-            cfg = CalibrationConfig(
-                steps=args.steps,
-                max_fvu=args.max_fvu,
-                keep_by=args.keep_by,
-                seed=args.seed,
-                progress=False,
-                heal_steps=args.calibration_heal_steps,
-                heal_lr=2e-3,
-                heal_params="all",
-            )
-            report = hanify(model, config, calibration=calibration, calibration_config=cfg).calibration
+            report = hanify(model, VARIANTS[name], calibration=calibration, calibration_config=cfg).calibration
         row = {
             "variant": name,
             "params": sum(p.numel() for p in model.parameters()),

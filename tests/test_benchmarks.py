@@ -249,6 +249,45 @@ def test_calibrated_mnist_overwrites_only_an_earlier_base_run(cal_mnist, tmp_pat
     assert "--overwrite" not in commands[0] and "--overwrite" in commands[1]
 
 
+def _tiny_vit():
+    import timm
+
+    kwargs = dict(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=8, depth=2, num_heads=2)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+
+
+def test_calibrated_mnist_deleted_model_has_no_mlp_and_each_block_adds_attention_only(cal_mnist):
+    """``delete_mlps`` removes every MLP and its pre-norm: each block is ``x + attn(norm1(x))``, the original is
+    untouched, and the healing control (images, not token dicts) moves the weights and lowers its loss."""
+    from han_surgery.surgery.calibration import CalibrationConfig
+
+    torch.manual_seed(0)
+    model = _tiny_vit()
+    with torch.no_grad():  # MLPs that matter: deleting them moves every hidden state
+        for block in model.blocks:
+            block.mlp.fc2.weight.normal_(0, 1.0)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = 2 * (8 * 32 + 32 + 32 * 8 + 8 + 2 * 8)  # fc1, fc2 and norm2, per block
+    deleted = cal_mnist.delete_mlps(model)
+    assert sum(p.numel() for p in deleted.parameters()) == total - mlp
+    assert sum(p.numel() for p in model.parameters()) == total
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        for block in model.blocks:
+            h = h + block.attn(block.norm1(h))
+        expected = model.forward_head(model.norm(h))
+        assert torch.allclose(deleted(x), expected, atol=1e-5)
+        assert not torch.allclose(model(x), expected, atol=1e-3)
+    images = [torch.randn(4, 1, 8, 8) for _ in range(2)]
+    config = CalibrationConfig(heal_steps=30, heal_lr=1e-2, heal_params="all")
+    before, after = cal_mnist.heal_like_hanify(deleted, model, images, ["blocks.0", "blocks.1"], config)
+    assert after < 0.5 * before, (before, after)
+    start = cal_mnist.delete_mlps(model)
+    moved = [not torch.equal(p, p0) for p, p0 in zip(deleted.parameters(), start.parameters(), strict=True)]
+    assert sum(moved) > len(moved) // 2
+
+
 @pytest.mark.parametrize(
     "argv", [["--threads", "0"], ["--num-calibration", "0"], ["--epochs", "0"], ["--heal-lr", "0"], ["--steps", "0"]]
 )
