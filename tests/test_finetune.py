@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from _finetune_cli import cli, run_argv
+from _finetune_cli import cli, rehash_checkpoint, run_argv
 from _toy_data import TINY_VIT as TINY_VIT_KWARGS
 from _toy_data import make_images
 from safetensors.torch import load_file
@@ -639,18 +639,6 @@ def _tiny_run(data: Path, out: Path, *extra: str) -> list[str]:
             "--output-dir", str(out), "--batch-size", "8", "--no-progress", "--no-tensorboard", *extra]  # fmt: skip
 
 
-def _rehash(checkpoint: Path) -> None:
-    """Rewrite a checkpoint's manifest after a test edited one of its files (as an older version's file reads)."""
-    import hashlib
-
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-        for p in sorted(checkpoint.iterdir())
-        if p.is_file() and p.name != "checkpoint_manifest.json"
-    }
-    (checkpoint / "checkpoint_manifest.json").write_text(json.dumps({"files": files}))
-
-
 def test_a_warm_up_longer_than_the_run_is_one_warning_line_and_again_on_resume(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -735,7 +723,7 @@ def test_a_checkpoint_recording_no_max_grad_norm_resumes_as_unclipped(
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         del state["options"]["max_grad_norm"]
         (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-        _rehash(checkpoint)
+        rehash_checkpoint(checkpoint)
     step_2 = str(out / "checkpoints" / "step_0000002")
     capsys.readouterr()
     assert cli([*argv, "--resume", step_2, "--max-grad-norm", "1"]) == 2

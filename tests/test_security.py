@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _finetune_cli import cli
+from _finetune_cli import cli, rehash_checkpoint
 from _toy_data import TINY_VIT, make_images
 
 from han_surgery.finetune import FinetuneConfig
@@ -37,16 +36,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def _rehash(checkpoint: Path) -> None:
-    """Rewrite the manifest as an attacker who edits the folder would (the manifest guards against corruption only)."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-        for p in sorted(checkpoint.iterdir())
-        if p.is_file() and p.name != "checkpoint_manifest.json"
-    }
-    (checkpoint / "checkpoint_manifest.json").write_text(json.dumps({"files": files}))
 
 
 def _run_with_checkpoints(tmp_path: Path) -> tuple[list[str], Path]:
@@ -87,7 +76,7 @@ def test_resume_never_unpickles_code_from_a_checkpoint(
     marker = tmp_path / "pwned"
     for checkpoint in (out / "checkpoints").iterdir():
         torch.save({"state": Payload(marker)}, checkpoint / name)
-        _rehash(checkpoint)
+        rehash_checkpoint(checkpoint)
     capsys.readouterr()
     assert cli([*opts, "--resume"]) == 2
     err = capsys.readouterr().err
@@ -206,7 +195,7 @@ def test_resume_refuses_pickled_weights_and_a_random_state_it_cannot_read(
 
     torch.save(load_file(str(weights)), latest / "pytorch_model.bin")
     weights.unlink()
-    _rehash(latest)
+    rehash_checkpoint(latest)
     assert cli([*opts, "--resume", str(latest)]) == 2
     err = capsys.readouterr().err
     assert "pytorch_model.bin" in err and err.count("\n") == 1, err
@@ -216,7 +205,7 @@ def test_resume_refuses_pickled_weights_and_a_random_state_it_cannot_read(
     latest = sorted((out2 / "checkpoints").iterdir())[0]
     marker = tmp_path / "pwned"
     torch.save({"state": Payload(marker)}, latest / "random_states_0.pkl")
-    _rehash(latest)
+    rehash_checkpoint(latest)
     assert cli([*opts2, "--resume", str(latest)]) == 2
     err = capsys.readouterr().err
     assert "random_states_0.pkl" in err and err.count("\n") == 1 and not marker.exists(), err
@@ -292,7 +281,7 @@ def test_resume_from_a_crafted_trainer_state_is_a_clear_error(
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     state[key] = json.loads(value)
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
-    _rehash(checkpoint)
+    rehash_checkpoint(checkpoint)
     assert cli([*opts, "--resume", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert "--resume:" in err and key in err and err.count("\n") == 1, err
@@ -392,7 +381,7 @@ def test_a_run_started_from_another_runs_checkpoint_must_use_that_runs_options(
     state = json.loads(state_file.read_text())
     assert state.pop("options")["lr"] == FinetuneConfig.from_json(out / "training_args.json").lr
     state_file.write_text(json.dumps(state))
-    _rehash(Path(step_1))
+    rehash_checkpoint(Path(step_1))
     assert cli([*argv, "--label-smoothing", "0.1", "--resume", step_1]) == 2
     assert "--label-smoothing" in capsys.readouterr().err
     # an option newer than the checkpoint is not compared (it would make every older checkpoint unresumable)
@@ -400,13 +389,13 @@ def test_a_run_started_from_another_runs_checkpoint_must_use_that_runs_options(
     state["options"] = {k: v for k, v in FinetuneConfig.from_json(out / "training_args.json").to_dict().items()
                         if k not in ("output_dir", "label_smoothing")}  # fmt: skip
     state_file.write_text(json.dumps(state))
-    _rehash(Path(step_1))
+    rehash_checkpoint(Path(step_1))
     assert cli([*argv, "--resume", step_1]) == 0
     # a checkpoint with no record of its options (a run an earlier version started from another run's
     # checkpoint): resumed as before, with a warning
     del state["options"]
     state_file.write_text(json.dumps(state))
-    _rehash(Path(step_1))
+    rehash_checkpoint(Path(step_1))
     (out / "training_args.json").unlink()
     shutil.rmtree(second)
     second.mkdir()
