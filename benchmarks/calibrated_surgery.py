@@ -23,7 +23,8 @@ Prints one markdown table per scored text source; the ``calibrate s`` column is 
 wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing). ``deleted`` removes
 every FFN (its output is 0; the residual and post-norm stay); ``deleted +heal body`` then heals that
 model as ``calibrated +heal body`` heals the hanified one (the same steps, data and settings): the
-control that says what the Han-blocks add to healing.
+control that says what the Han-blocks add to healing (``deleted +heal body, first FFN kept`` is the control of
+``calibrated +heal body, first FFN kept``).
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ HEAL_ALL = CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")
 HEAL_BODY = CalibrationConfig(heal_steps=2400, heal_lr=2e-3, heal_params="all-but-embeddings", heal_augment=0.15)
 
 # name -> (HanConfig, CalibrationConfig or None for plain hanify); None: the original model, or every FFN deleted
-# (then healed with HEAL_BODY, for the "+heal body" one).
+# (then healed with HEAL_BODY, for the "+heal body" ones: the layers of HEALED_DELETIONS[name] keep their FFN).
+HEALED_DELETIONS: dict[str, tuple[int, ...]] = {"deleted +heal body": (), "deleted +heal body, first FFN kept": (0,)}
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "original": None,
     "deleted": None,
     "deleted +heal body": None,
+    "deleted +heal body, first FFN kept": None,
     "plain hanify": (HanConfig(), None),
     "calibrated": (HanConfig(), CalibrationConfig()),
     "calibrated gain": (HanConfig(gain=True), CalibrationConfig()),
@@ -178,13 +181,14 @@ class ZeroBranch(nn.Module):
         return torch.zeros_like(x)
 
 
-def delete_ffns(model: nn.Module) -> nn.Module:
-    """A copy of a BERT ``model`` with every FFN removed: ``intermediate`` becomes the identity and ``output.dense``
-    a :class:`ZeroBranch`, so each layer's output is ``LayerNorm(h + 0)`` (the residual and post-norm stay), with
-    neither the FFN's parameters nor its compute."""
+def delete_ffns(model: nn.Module, keep: tuple[int, ...] = ()) -> nn.Module:
+    """A copy of a BERT ``model`` with every FFN removed but those of the layers in ``keep``: ``intermediate``
+    becomes the identity and ``output.dense`` a :class:`ZeroBranch`, so each such layer's output is
+    ``LayerNorm(h + 0)`` (the residual and post-norm stay), with neither the FFN's parameters nor its compute."""
     model = copy.deepcopy(model)
-    for layer in model.encoder.layer:
-        layer.intermediate, layer.output.dense = nn.Identity(), ZeroBranch()
+    for i, layer in enumerate(model.encoder.layer):
+        if i not in keep:
+            layer.intermediate, layer.output.dense = nn.Identity(), ZeroBranch()
     return model
 
 
@@ -229,12 +233,16 @@ def heal_like_hanify(
     )
 
 
-def heal_deleted(base: nn.Module, cal: list[dict], config: CalibrationConfig) -> tuple[nn.Module, tuple[float, float]]:
-    """The control for healing: every FFN of the BERT ``base`` deleted (:func:`delete_ffns`), then healed as
-    ``hanify`` heals a calibrated model under ``config`` (:func:`heal_like_hanify`; the hidden state after every
-    layer). Returns the model and its healing loss before and after."""
-    model = delete_ffns(base)
-    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer))]  # RewriteRecord.stream of BERT's rule
+def heal_deleted(
+    base: nn.Module, cal: list[dict], config: CalibrationConfig, keep: tuple[int, ...] = ()
+) -> tuple[nn.Module, tuple[float, float]]:
+    """The control for healing: every FFN of the BERT ``base`` deleted but those of the layers in ``keep``
+    (:func:`delete_ffns`), then healed as ``hanify`` heals a calibrated model under ``config``
+    (:func:`heal_like_hanify`; the hidden state after every layer whose FFN is deleted). Returns the model and its
+    healing loss before and after."""
+    model = delete_ffns(base, keep)
+    # the hidden states hanify distils: after each rewritten (here deleted) layer, BERT's rule's stream paths
+    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer)) if i not in keep]
     return model, heal_like_hanify(model, base, cal, paths, config)
 
 
@@ -340,13 +348,13 @@ def main(argv: list[str] | None = None) -> None:
             model = base
         elif variant == "deleted":
             model = delete_ffns(base)
-        elif variant == "deleted +heal body":
+        elif variant in HEALED_DELETIONS:
             cal_config = dataclasses.replace(HEAL_BODY, seed=args.seed)
             if args.heal_steps is not None:
                 cal_config = dataclasses.replace(cal_config, heal_steps=args.heal_steps)
             torch.manual_seed(args.seed)
             start = time.perf_counter()
-            model, heal_loss = heal_deleted(base, cal, cal_config)
+            model, heal_loss = heal_deleted(base, cal, cal_config, HEALED_DELETIONS[variant])
             seconds = time.perf_counter() - start
         else:
             han_config, cal_config = spec

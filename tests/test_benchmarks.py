@@ -165,6 +165,13 @@ def test_calibrated_surgery_deleted_model_has_no_ffn_and_its_output_is_zero(surg
         assert torch.allclose(deleted(ids).last_hidden_state, zeroed(ids).last_hidden_state, atol=1e-6)
         assert not torch.allclose(model(ids).last_hidden_state, zeroed(ids).last_hidden_state, atol=1e-3)
     assert sum(p.numel() for p in model.parameters()) == total
+    first_kept = surgery.delete_ffns(model, keep=(0,))  # the control of the "first FFN kept" variants
+    assert surgery.ffn_params(first_kept) == ffn // 2
+    with torch.no_grad():
+        kept_layer, layer = first_kept.encoder.layer[0], model.encoder.layer[0]
+        h = torch.randn(2, 5, 8)
+        assert torch.equal(kept_layer.output(kept_layer.intermediate(h), h), layer.output(layer.intermediate(h), h))
+        assert isinstance(first_kept.encoder.layer[1].output.dense, surgery.ZeroBranch)
 
 
 def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_the_original(surgery):
@@ -189,6 +196,15 @@ def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_t
         assert moved == (("embeddings" not in name or "LayerNorm" in name) and "pooler" not in name), name
     with pytest.raises(ValueError, match="no new parameters"):
         surgery.heal_deleted(model, cal, CalibrationConfig(heal_steps=2))
+
+
+def test_calibrated_surgery_heal_deleted_distils_the_layers_whose_ffn_is_deleted(surgery, monkeypatch):
+    """As ``hanify`` distils the hidden states after the rewritten layers only: a kept layer's is not a target."""
+    seen = []
+    monkeypatch.setattr(surgery, "heal_like_hanify", lambda model, base, cal, paths, config: seen.append(paths))
+    surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY)
+    surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY, keep=(0,))
+    assert seen == [["encoder.layer.0", "encoder.layer.1"], ["encoder.layer.1"]]
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--num-eval", "1"], ["--record-batches", "0"]])
