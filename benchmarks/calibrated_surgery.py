@@ -196,19 +196,16 @@ def heal_like_hanify(
     model: nn.Module, base: nn.Module, batches: list, paths: list[str], config: CalibrationConfig
 ) -> tuple[float, float]:
     """Heal ``model`` (a copy of ``base`` without some blocks: nothing new to fit) as ``hanify`` heals a calibrated
-    model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``, ``heal_augment``, ``heal_memory_mb``,
-    ``seed``): the outputs of ``paths`` distilled from ``base`` on ``batches``, drawn in the order ``hanify``
+    model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``, ``heal_augment``, ``heal_batches``,
+    ``heal_memory_mb``, ``seed``; the targets from hanify's own ``_heal_targets``): the outputs of ``paths`` distilled from ``base`` on ``batches``, drawn in the order ``hanify``
     draws them. Returns the healing loss before and after."""
     from han_surgery.surgery.calibration import heal
-    from han_surgery.surgery.calibration.calibrate import _state_rows
-    from han_surgery.surgery.calibration.heal import TokenReplacer
+    from han_surgery.surgery.calibration.calibrate import _embedding_parameter_ids, _heal_targets
 
-    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
-    teacher_states = _state_rows(base, order, paths, config.heal_memory_mb)
-    order = order[: len(teacher_states)]
+    order, teacher_states, augment = _heal_targets(base, batches, paths, config)
     frozen = set()
     if config.heal_params == "all-but-embeddings":
-        frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        frozen = _embedding_parameter_ids(model)
     elif config.heal_params != "all":
         raise ValueError(
             f"a model without the blocks has no new parameters to heal: heal_params {config.heal_params!r}"
@@ -216,9 +213,6 @@ def heal_like_hanify(
     params = [p for p in model.parameters() if id(p) not in frozen]
     for p in model.parameters():
         p.requires_grad_(id(p) not in frozen)
-    augment = None
-    if config.heal_augment:
-        augment = TokenReplacer.from_batches(order, config.heal_augment, torch.Generator().manual_seed(config.seed))
     model.eval()
     return heal(
         model,

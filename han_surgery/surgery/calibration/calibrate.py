@@ -141,6 +141,29 @@ def _state_rows(model: nn.Module, batches: list[Any], paths: list[str], memory_m
     return out
 
 
+def _heal_targets(
+    model: nn.Module, batches: list[Any], paths: list[str], config: CalibrationConfig
+) -> tuple[list[Any], list[list[Tensor]], TokenReplacer | None]:
+    """What healing distils from ``model`` (the original, before any swap): the batches it cycles through
+    (``batches`` in ``config.seed``'s random order, the first ``heal_batches``, as many as ``heal_memory_mb`` holds
+    states for), ``model``'s outputs of ``paths`` on each (:func:`_state_rows`), and the token replacer of
+    ``heal_augment`` (``None`` without it)."""
+    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
+    heal_set = order if config.heal_batches is None else order[: config.heal_batches]
+    teacher = _state_rows(model, heal_set, paths, config.heal_memory_mb)
+    heal_set = heal_set[: len(teacher)]
+    replacer = None
+    if config.heal_augment:
+        replacer = TokenReplacer.from_batches(heal_set, config.heal_augment, torch.Generator().manual_seed(config.seed))
+    return heal_set, teacher, replacer
+
+
+def _embedding_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter of ``model``'s ``nn.Embedding`` tables: what ``heal_params="all-but-embeddings"``
+    leaves frozen."""
+    return {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+
+
 def _output_fvu(model: nn.Module, batches: list[Any], path: str, reference: list[Tensor]) -> float:
     """FVU of ``model``'s output of ``path`` on ``batches`` (token rows), against the ``reference`` rows of each."""
     rows = _state_rows(model, batches[: len(reference)], [path], float("inf"))
@@ -352,7 +375,7 @@ def calibrate_rewrites(
     # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
     order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
     record_set = batches if config.record_batches is None else order[: config.record_batches]
-    heal_set = order if config.heal_batches is None else order[: config.heal_batches]
+    heal_set: list[Any] = []
     done: list[tuple[str, nn.Module]] = []  # (path, original module) of every swap made, to undo on failure
     kept: list[int] = []
     kept_cost = 0
@@ -394,12 +417,8 @@ def calibrate_rewrites(
             output_ref = [s[0] for s in _state_rows(model, record_set, stream_paths[-1:], config.heal_memory_mb)]
         teacher = None
         if config.heal_steps and stream_paths:
-            teacher = _state_rows(model, heal_set, stream_paths, config.heal_memory_mb)
-            heal_set = heal_set[: len(teacher)]
+            heal_set, teacher, replacer = _heal_targets(model, batches, stream_paths, config)
             if config.heal_augment:
-                replacer = TokenReplacer.from_batches(
-                    heal_set, config.heal_augment, torch.Generator().manual_seed(config.seed)
-                )
                 augment_teacher = copy.deepcopy(model)  # the original model: targets of the augmented steps
         originals = _original_inputs(model, record_set, sites, config) if config.target == "model" else {}
         bar = tqdm(planned, desc="calibrating", disable=not config.progress, leave=False)
@@ -462,7 +481,7 @@ def calibrate_rewrites(
             if config.heal_params != "new":  # every parameter the caller left trainable, and the new ones
                 frozen = set()
                 if config.heal_params == "all-but-embeddings":
-                    frozen = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+                    frozen = _embedding_parameter_ids(model)
                 snapshot = [
                     (p, p.detach().clone())
                     for p, flag in grad_flags
