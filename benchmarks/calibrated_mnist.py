@@ -13,7 +13,8 @@ which is trained again. Every MLP block is then replaced (pre-norm dropped, resi
   training images, per structural option;
 * ``MLPs deleted``: the control, every MLP and its pre-norm removed (the block adds 0), healed inside the
   benchmark as ``hanify`` heals the calibrated ones when ``--calibration-heal-steps`` is given: what the
-  Han-blocks add over having no MLPs at all;
+  Han-blocks add over having no MLPs at all; ``MLPs deleted, first MLP kept`` the same for the ``first MLP
+  kept`` variant (block 0's MLP stays, only the other blocks' hidden states are distilled);
 
 each scored on the walkthrough's 1,000 held-out digits right after surgery, and after one
 epoch of fine-tuning on the 9,000 training digits (all parameters, AdamW lr ``--heal-lr`` (1e-3) and
@@ -59,11 +60,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "mnist" / "mnist10k.npz"
 VIT = '{"patch_size": 7, "embed_dim": 128, "depth": 4, "num_heads": 4}'
 EXTRAS = dict(gain=True, input_scale=True)
-DELETED = "MLPs deleted"
-# name -> HanConfig of a calibrated hanify; None for the control, every MLP deleted (healed as hanify heals, with
-# --calibration-heal-steps).
+# name -> the blocks that keep their MLP, for the controls: every other MLP deleted (healed as hanify heals, with
+# --calibration-heal-steps; only the deleted blocks' hidden states distilled, as hanify distils only rewritten ones).
+DELETIONS: dict[str, tuple[int, ...]] = {"MLPs deleted": (), "MLPs deleted, first MLP kept": (0,)}
+# name -> HanConfig of a calibrated hanify; None for the controls.
 VARIANTS: dict[str, HanConfig | None] = {
-    DELETED: None,
+    **dict.fromkeys(DELETIONS),
     "calibrated": HanConfig(),
     "calibrated gain+scale": HanConfig(**EXTRAS),
     "calibrated gain+scale r=8": HanConfig(**EXTRAS, side_rank=8),
@@ -77,12 +79,14 @@ VARIANTS: dict[str, HanConfig | None] = {
 }
 
 
-def delete_mlps(model: nn.Module) -> nn.Module:
-    """A copy of the timm ViT ``model`` with every MLP removed, pre-norm included (as ``hanify`` drops it): each
-    block's ``mlp`` becomes a :class:`ZeroBranch`, so the block computes ``x + attn(norm1(x))`` and nothing more."""
+def delete_mlps(model: nn.Module, keep: tuple[int, ...] = ()) -> nn.Module:
+    """A copy of the timm ViT ``model`` with every MLP removed but those of the blocks in ``keep``, pre-norm included
+    (as ``hanify`` drops it): such a block's ``mlp`` becomes a :class:`ZeroBranch`, so it computes
+    ``x + attn(norm1(x))`` and nothing more."""
     model = copy.deepcopy(model)
-    for block in model.blocks:
-        block.norm2, block.mlp = nn.Identity(), ZeroBranch()
+    for i, block in enumerate(model.blocks):
+        if i not in keep:
+            block.norm2, block.mlp = nn.Identity(), ZeroBranch()
     return model
 
 
@@ -292,13 +296,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ["plain hanify", *args.variants]:
         torch.manual_seed(args.seed)
         start = time.perf_counter()
-        model = delete_mlps(base) if name == DELETED else copy.deepcopy(base)
+        model = delete_mlps(base, DELETIONS[name]) if name in DELETIONS else copy.deepcopy(base)
         report = None
         if name == "plain hanify":
             hanify(model)
-        elif name == DELETED:
+        elif name in DELETIONS:
             if cfg.heal_steps:  # the same healing as the calibrated variants get inside hanify
-                heal_like_hanify(model, base, calibration, [f"blocks.{i}" for i in range(len(model.blocks))], cfg)
+                paths = [f"blocks.{i}" for i in range(len(model.blocks)) if i not in DELETIONS[name]]
+                heal_like_hanify(model, base, calibration, paths, cfg)
         else:
             report = hanify(model, VARIANTS[name], calibration=calibration, calibration_config=cfg).calibration
         row = {

@@ -302,6 +302,13 @@ def test_calibrated_mnist_deleted_model_has_no_mlp_and_each_block_adds_attention
     start = cal_mnist.delete_mlps(model)
     moved = [not torch.equal(p, p0) for p, p0 in zip(deleted.parameters(), start.parameters(), strict=True)]
     assert sum(moved) > len(moved) // 2
+    first_kept = cal_mnist.delete_mlps(model, keep=(0,))  # the control of the "first MLP kept" variant
+    assert sum(p.numel() for p in first_kept.parameters()) == total - mlp // 2
+    with torch.no_grad():
+        kept, block = first_kept.blocks[0], model.blocks[0]
+        h = torch.randn(3, 4, 8)
+        assert torch.equal(kept.mlp(kept.norm2(h)), block.mlp(block.norm2(h)))
+        assert isinstance(first_kept.blocks[1].mlp, cal_mnist.ZeroBranch)
 
 
 @pytest.mark.parametrize(
