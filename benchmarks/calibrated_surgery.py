@@ -24,7 +24,8 @@ wall time of ``hanify(..., calibration=...)`` (recording, fitting and healing). 
 every FFN (its output is 0; the residual and post-norm stay); ``deleted +heal body`` then heals that
 model as ``calibrated +heal body`` heals the hanified one (the same steps, data and settings): the
 control that says what the Han-blocks add to healing (``deleted +heal body, first FFN kept`` is the control of
-``calibrated +heal body, first FFN kept``).
+``calibrated +heal body, first FFN kept``; ``deleted +heal body, layers 0/4/5 kept`` and the like control
+``calibrated +heal body`` with ``--max-fvu``/``--keep-count`` and ``--keep-by output``, which keep those layers).
 """
 
 from __future__ import annotations
@@ -58,12 +59,18 @@ HEAL_BODY = CalibrationConfig(heal_steps=2400, heal_lr=2e-3, heal_params="all-bu
 
 # name -> (HanConfig, CalibrationConfig or None for plain hanify); None: the original model, or every FFN deleted
 # (then healed with HEAL_BODY, for the "+heal body" ones: the layers of HEALED_DELETIONS[name] keep their FFN).
-HEALED_DELETIONS: dict[str, tuple[int, ...]] = {"deleted +heal body": (), "deleted +heal body, first FFN kept": (0,)}
+# The kept layers match what keep_by="output" keeps in the calibrated rows they control (see docs/CALIBRATION.md).
+HEALED_DELETIONS: dict[str, tuple[int, ...]] = {
+    "deleted +heal body": (),
+    "deleted +heal body, first FFN kept": (0,),
+    "deleted +heal body, layers 0/4 kept": (0, 4),
+    "deleted +heal body, layers 0/4/5 kept": (0, 4, 5),
+    "deleted +heal body, layers 0/2/4/5 kept": (0, 2, 4, 5),
+}
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "original": None,
     "deleted": None,
-    "deleted +heal body": None,
-    "deleted +heal body, first FFN kept": None,
+    **dict.fromkeys(HEALED_DELETIONS),
     "plain hanify": (HanConfig(), None),
     "calibrated": (HanConfig(), CalibrationConfig()),
     "calibrated gain": (HanConfig(gain=True), CalibrationConfig()),
