@@ -204,8 +204,9 @@ def heal_like_hanify(
 ) -> tuple[float, float]:
     """Heal ``model`` (a copy of ``base`` without some blocks: nothing new to fit) as ``hanify`` heals a calibrated
     model under ``config`` (its ``heal_steps``, ``heal_lr``, ``heal_params``, ``heal_augment``, ``heal_batches``,
-    ``heal_memory_mb``, ``seed``; the targets from hanify's own ``_heal_targets``): the outputs of ``paths`` distilled from ``base`` on ``batches``, drawn in the order ``hanify``
-    draws them. Returns the healing loss before and after."""
+    ``heal_memory_mb``, ``seed``; the targets from hanify's own ``_heal_targets``): the outputs of ``paths``
+    distilled from ``base`` on ``batches``, drawn in the order ``hanify`` draws them. Returns the healing loss before
+    and after."""
     from han_surgery.surgery.calibration import heal
     from han_surgery.surgery.calibration.calibrate import _embedding_parameter_ids, _heal_targets
 
