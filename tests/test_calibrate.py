@@ -271,6 +271,27 @@ def test_healing_that_diverges_leaves_the_model_unchanged(monkeypatch):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_learning_rate_that_overflows_float32_is_divergence_not_a_runtime_error():
+    """``lr`` / ``heal_lr`` of 1e38 made Adam's first update overflow float32 (its step size is lr / (1 - 0.9)): a bare
+    RuntimeError ("value cannot be converted to type float without overflow") out of healing, and a fit error naming
+    no option. A fit's steps now end there and keep the closed-form start, as any too-high rate does; healing is the
+    same "diverged" error as non-finite weights, naming heal_lr, and the model is unchanged."""
+    fvus = []
+    for lr in (1e38, 1e-2):
+        cfg = CalibrationConfig(**{**FAST, "steps": 0 if lr == 1e-2 else 5, "lr": lr})
+        report = hanify(_bert(), HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+        fvus.append([b.fvu for b in report.calibration.blocks])
+    assert fvus[0][0] == fvus[1][0]  # block 0: the start, kept (the later blocks' row draws follow the steps taken)
+    assert all(math.isfinite(f) for f in fvus[0]), fvus
+    model = _bert()
+    before = _state(model)
+    cfg = CalibrationConfig(**{**FAST, "heal_steps": 2, "heal_lr": 1e38})
+    with pytest.raises(CalibrationDataError, match=r"healing diverged \(AdamW's update at step 1 overflowed.*heal_lr"):
+        hanify(model, HanConfig(gain=True), calibration=_tokens(2, 0), calibration_config=cfg)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_a_fit_whose_steps_end_worse_keeps_its_closed_form_start():
     """Adam from the closed-form start at a learning rate too high for the block ended worse than its start (20 steps
     took a Gemma-2 block's FVU from 0.65 to 29) and was kept; the start now is."""

@@ -392,6 +392,10 @@ def test_finetune_calibrates_an_image_folder_at_the_training_images_size(tmp_pat
         ),
         ("heal-without-stream", "--calibration-heal-steps 2 distils the hidden state after each rewritten block"),
         ("heal-diverges", "healing diverged (non-finite weights); lower --calibration-heal-lr, or check"),
+        (
+            "heal-overflows",
+            "healing diverged (AdamW's update at step 1 overflowed float32); lower --calibration-heal-lr",
+        ),
     ],
 )
 def test_calibration_errors_name_the_flags_not_the_fields(case, message, tmp_path, monkeypatch, request, capsys):
@@ -405,9 +409,9 @@ def test_calibration_errors_name_the_flags_not_the_fields(case, message, tmp_pat
     data = str(make_images(tmp_path / "grey.npz", n=8))  # (8, 1, 16, 16): enough for the checks before any fit
     if case == "heal-augment-on-images":
         extra += ["--calibration-heal-augment", "0.5"]
-    elif case == "heal-diverges":
+    elif case in ("heal-diverges", "heal-overflows"):
         source, data = str(request.getfixturevalue("bert")), str(request.getfixturevalue("sentences"))
-        extra += [*SAMPLES, "--calibration-heal-lr", "1e20"]
+        extra += [*SAMPLES, "--calibration-heal-lr", "1e20" if case == "heal-diverges" else "1e38"]
     else:  # an FFN at the root: no module holds the hidden state after it
         monkeypatch.setattr(loading, "load_model", lambda *args, **kwargs: torch.nn.Sequential(timm.layers.Mlp(16, 8)))
         if case == "keep-by-output-without-stream":

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .record import as_rows, call_model, token_mask
+from .record import CalibrationDataError, as_rows, call_model, token_mask
 
 if TYPE_CHECKING:  # the report module imports this package
     from ..report import HanifyReport
@@ -266,6 +266,10 @@ def heal(
     Returns:
         The mean loss (no augmentation) on the first ``min(steps, len(batches))`` batches before the first step and
         after the last one: two forward passes over them, without gradients.
+
+    Raises:
+        CalibrationDataError: an AdamW update overflowed float32 (``lr`` far too high); the weights are then
+        partly stepped, and the caller restores them.
     """
     from tqdm.auto import tqdm
 
@@ -298,7 +302,15 @@ def heal(
             loss.backward()
             for p in half:  # the half-precision gradient onto the master, the stepped master back onto the weight
                 masters[id(p)].grad = p.grad.float() if p.grad is not None else None
-            opt.step()
+            try:
+                opt.step()
+            except RuntimeError as err:  # AdamW's step size lr / (1 - beta1 ** t) beyond float32's range
+                if "overflow" not in str(err):
+                    raise
+                raise CalibrationDataError(
+                    f"calibration: healing diverged (AdamW's update at step {step + 1} overflowed float32); lower "
+                    "CalibrationConfig.heal_lr"
+                ) from err
             with torch.no_grad():
                 for p in half:
                     p.copy_(masters[id(p)])
