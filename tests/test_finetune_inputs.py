@@ -381,6 +381,18 @@ def test_a_failure_in_training_removes_what_the_run_wrote(
     assert code == 0, err
 
 
+def test_an_lr_whose_update_overflows_float32_is_one_line(toy_npz: Path, tmp_path: Path, capsys) -> None:
+    """``--lr 1e38``: AdamW's first step size (lr / (1 - 0.9)) overflowed float32 inside ``optimizer.step()``, a
+    RuntimeError traceback ("value cannot be converted to type float without overflow") with the run's folder left
+    behind. Now one line naming --lr, exit 2, and the folder the run created removed."""
+    out = tmp_path / "o"
+    code, err = finetune(capsys, "--model", "test_vit", *TINY, "--data", str(toy_npz), "--max-steps", "2",
+                         "--batch-size", "8", "--lr", "1e38", "--output-dir", str(out))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "the optimizer's update overflowed float32 at optimizer step 1 (epoch 1)" in err and "Lower --lr." in err
+    assert not out.exists()
+
+
 def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from PIL import Image
 

@@ -118,15 +118,22 @@ def evaluate(accelerator: Any, model: nn.Module, loader: Any, data: DataBundle) 
 
 
 class NonFiniteLossError(FinetuneError):
-    """The loss became NaN or infinite; training stopped before the optimizer applied it."""
+    """The loss became NaN or infinite, and training stopped before the optimizer applied it; or (``overflow``) the
+    optimizer's update itself overflowed float32 (AdamW's step size is ``lr / (1 - beta1 ** t)``: an ``--lr`` near
+    float32's 3.4e38), and training stopped with that step partly applied."""
 
-    def __init__(self, step: int, epoch: int, value: float, note: str = "") -> None:
-        super().__init__(
-            f"the loss became {value} at optimizer step {step} (epoch {epoch + 1}); training stopped before the "
-            f"weights took it in{'; ' + note if note else ''}. Lower --lr, check the data for extreme values, or "
-            "try --mixed-precision no."
-        )
-        self.step, self.epoch, self.value = step, epoch, value
+    def __init__(self, step: int, epoch: int, value: float, note: str = "", *, overflow: bool = False) -> None:
+        where = f"at optimizer step {step} (epoch {epoch + 1})"
+        note = f"; {note}" if note else ""
+        if overflow:
+            message = f"the optimizer's update overflowed float32 {where}; training stopped{note}. Lower --lr."
+        else:
+            message = (
+                f"the loss became {value} {where}; training stopped before the weights took it in{note}. Lower "
+                "--lr, check the data for extreme values, or try --mixed-precision no."
+            )
+        super().__init__(message)
+        self.step, self.epoch, self.value, self.overflow = step, epoch, value, overflow
 
 
 @dataclass
@@ -264,7 +271,13 @@ def train_loop(
                     accelerator.backward(loss * scale if scale != 1 else loss)
                     if max_grad_norm is not None and accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                    optimizer.step()
+                    try:
+                        optimizer.step()
+                    except RuntimeError as err:  # every process's update overflows alike: the gradients are synced
+                        if "overflow" not in str(err):
+                            raise
+                        step = progress.global_step + 1
+                        raise NonFiniteLossError(step, progress.epoch, math.inf, overflow=True) from err
                     optimizer.zero_grad()
                 progress.batches_done += 1
                 progress.running_loss += loss.detach().float().item()

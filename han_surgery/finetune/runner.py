@@ -603,8 +603,9 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         FinetuneError, DataError, ModelError, CheckpointError, ConfigError: the set-up cannot work; nothing
             is written in that case (an existing output folder's contents are only moved aside, for
             ``overwrite``, once the data and the model have loaded).
-        NonFiniteLossError: the loss became NaN or infinite; the checkpoints written before stay (with
-            ``overwrite``, beside the folder's former contents, which come back instead if there is none).
+        NonFiniteLossError: the loss became NaN or infinite, or the optimizer's update overflowed float32 (an
+            ``lr`` above about 3e37); the checkpoints written before stay (with ``overwrite``, beside the folder's
+            former contents, which come back instead if there is none).
         HubUploadError: the upload failed; the local folder is complete.
     """
     from accelerate.state import AcceleratorState, GradientState
@@ -686,7 +687,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
                 kept = f"the last good checkpoint is {last_checkpoint}" + (f"; {overwritten}" if overwritten else "")
             else:
                 kept = overwritten or "no checkpoint was written"
-            raise NonFiniteLossError(e.step, e.epoch, e.value, kept) from None
+            raise NonFiniteLossError(e.step, e.epoch, e.value, kept, overflow=e.overflow) from None
         accelerator.wait_for_everyone()
         result = FinetuneResult(
             output_dir=out,
