@@ -43,6 +43,7 @@ __all__ = [
     "construct",
     "dataclass_kwargs",
     "flag_errors",
+    "flags_in_text",
     "to_argv",
     "flag_name",
     "json_object",
@@ -269,10 +270,17 @@ def flag_errors(cls: type, *, flag_prefix: str = "", flags: dict[str, str] | Non
         yield
     except HanSurgeryError as e:
         if not isinstance(e, CheckpointError) and e.args == (str(e),):
-            by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
-            mention = re.compile(rf"\b{cls.__name__}\.(\w+)(?:=({_FIELD_VALUE}))?")
-            e.args = (mention.sub(lambda m: _as_flag(m, by_name), str(e)),)
+            e.args = (flags_in_text(str(e), cls, flag_prefix=flag_prefix, flags=flags),)
         raise
+
+
+def flags_in_text(text: str, cls: type, *, flag_prefix: str = "", flags: dict[str, str] | None = None) -> str:
+    """``text`` with every ``Cls.field[=value]`` of the dataclass ``cls`` spelled as its flag, as
+    :func:`flag_errors` does for an error's message (a report's skip reasons, printed by a command:
+    ``use HanConfig.residual='keep'`` -> ``use --residual keep``). A ``Cls.name`` that is no field stays as it is."""
+    by_name = {f.name: flag_name(f, flag_prefix) for f in dataclasses.fields(cls)} | (flags or {})
+    mention = re.compile(rf"\b{cls.__name__}\.(\w+)(?:=({_FIELD_VALUE}))?")
+    return mention.sub(lambda m: _as_flag(m, by_name), text)
 
 
 #: A value a message gives a field (``Cls.field=<value>``): quoted (``'output'``), or a number, ``None``, ``False``.

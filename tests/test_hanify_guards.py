@@ -240,7 +240,7 @@ def test_a_shared_ffn_whose_neighbours_would_change_in_one_block_only_is_skipped
     (skip,) = report.skipped
     assert skip.path == "blocks.0.mlp"
     assert "blocks.0.mlp is shared with blocks.1.mlp" in skip.reason and "blocks.0.norm2" in skip.reason
-    assert "drop_norm=False, residual='keep'" in skip.reason
+    assert "HanConfig.drop_norm=False, HanConfig.residual='keep'" in skip.reason
     # replacing the FFN alone is right in both blocks: rewritten once, and shared
     report = hanify(model, HanConfig(drop_norm=False))
     (rec,) = report.rewrites

@@ -367,3 +367,16 @@ def test_surgery_errors_name_the_flags_not_the_fields(argv, message, tmp_path, c
     assert message in err and err.count("\n") == 1, err
     assert "HanConfig" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_skip_reasons_name_the_flags_the_command_has(tmp_path, capsys):
+    """A user who typed --residual drop read "use residual='keep'" (the Python keyword) in the report and in the
+    nothing-rewritten error; the reasons now say HanConfig.residual='keep', which the commands print as their flag."""
+    assert main(["inspect", "test_convnext", "--residual", "drop"]) == 0
+    out = capsys.readouterr().out
+    assert "--residual drop not possible here" in out and "use --residual keep" in out, out
+    assert "HanConfig" not in out and "residual='" not in out, out
+    assert main(["hanify", "test_convnext", "-o", str(tmp_path / "out"), "--residual", "drop"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: nothing was rewritten") and "use --residual keep" in err, err
+    assert "HanConfig" not in err and err.count("\n") == 1, err

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs
+from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs, flags_in_text
 from ..errors import CheckpointError, ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
     LOCK_NAME,
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
             model, config, dry_run=not write, calibration=batches, calibration_config=calibration_config
         )
         elapsed = time.perf_counter() - start
-        print(report)
+        print(flags_in_text(str(report), HanConfig))  # its skip reasons name the flags: --residual keep
         print(f"hanify took {elapsed * 1e3:.0f} ms")
         if write and not report.rewrites and not report.skipped and report.han_modules_found:
             # no candidate at all: the options (and the calibration asked for) had no effect, and the copy would be

@@ -273,7 +273,9 @@ def _shared_elsewhere(
         for p, suffix in zip(paths, suffixes, strict=True)
     ):
         return None
-    remedy = "replace the FFN alone (drop_norm=False, residual='keep') or give each use its own module"
+    remedy = (
+        "replace the FFN alone (HanConfig.drop_norm=False, HanConfig.residual='keep') or give each use its own module"
+    )
     inside = [p for p in paths if p == cand.path or p.startswith(cand.path + ".")]
     outside = ", ".join(p for p in paths if p not in inside)
     for group in (inside, paths):
@@ -533,8 +535,8 @@ def _rewrite(
             if reason is None and config.residual == "drop" and "residual" not in rule.changes:
                 # the rule's own reason, where it gives one (it raised SkipCandidate above), is the better message
                 reason = (
-                    f"residual='drop' not possible: rule {rule.name!r} does not change residuals (it is registered "
-                    "without changes=('residual',)); use residual='keep'"
+                    f"HanConfig.residual='drop' not possible: rule {rule.name!r} does not change residuals (it is "
+                    "registered without changes=('residual',)); use HanConfig.residual='keep'"
                 )
         if reason is not None:
             report.skipped.append(SkipRecord(cand.path, rule.name, reason))

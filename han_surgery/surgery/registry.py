@@ -65,7 +65,9 @@ NEIGHBOURS: frozenset[str] = frozenset({"norm", "residual"})
 class SkipCandidate(Exception):
     """Raised by a builder: the candidate is a block the rule recognised but will not rewrite.
 
-    The message is the reason shown in :class:`~han_surgery.HanifyReport`.
+    The message is the reason shown in :class:`~han_surgery.HanifyReport`. Name an option as
+    ``HanConfig.<field>=<value>`` (``use HanConfig.residual='keep'``): the commands print it as their flag
+    (``use --residual keep``).
     """
 
 

@@ -278,21 +278,25 @@ def finish(
             if site is not None and site.note
             else f"han-surgery does not know how {parent_name} adds its residual"
         )
-        raise SkipCandidate(f"residual='drop' not possible here ({why}); use residual='keep'")
+        raise SkipCandidate(f"HanConfig.residual='drop' not possible here ({why}); use HanConfig.residual='keep'")
     for g in site.gammas:
         if getattr(cand.parent, g, None) is not None:
             raise SkipCandidate(
-                f"residual='drop' not possible: {parent_name}.{g} is a layer-scale parameter on the branch; "
-                "use residual='keep'"
+                f"HanConfig.residual='drop' not possible: {parent_name}.{g} is a layer-scale parameter on the branch; "
+                "use HanConfig.residual='keep'"
             )
     for r in site.res_scales:
         m = cand.sibling(r)
         if m is not None and not isinstance(m, nn.Identity):
             raise SkipCandidate(
-                f"residual='drop' not possible: {parent_name}.{r} rescales the residual; use residual='keep'"
+                f"HanConfig.residual='drop' not possible: {parent_name}.{r} rescales the residual; "
+                "use HanConfig.residual='keep'"
             )
     if site.transposed and kept_norm is not None:
-        raise SkipCandidate("residual='drop' with drop_norm=False is not possible on a transposed (token-mixing) FFN")
+        raise SkipCandidate(
+            "HanConfig.residual='drop' with HanConfig.drop_norm=False is not possible on a transposed "
+            "(token-mixing) FFN"
+        )
     removed = []
     removed_scales = []
     for s in site.scales:
@@ -307,7 +311,11 @@ def finish(
     swaps[cand.path] = ResidualFree(han, norm=kept_norm)
     nb["residual"] = "dropped (ResidualFree)" + (f", layer scale {', '.join(removed)} -> Identity" if removed else "")
     if kept_norm is not None:
-        calib, why = None, "residual='drop' with drop_norm=False: the recorded input is not the one the Han-block sees"
+        calib, why = (
+            None,
+            "HanConfig.residual='drop' with HanConfig.drop_norm=False: the recorded input is not the one the "
+            "Han-block sees",
+        )
     else:
         calib, why = calibration_site(
             cand, han, site, dropped_norm, True, tuple(removed_scales), _norm_path(cand, site)

@@ -45,7 +45,10 @@ def build_albert_ffn(cand: Candidate, config: HanConfig) -> Replacement:
     (d_in, hidden), (_, d_out) = dims(m.ffn), dims(m.ffn_output)
     require_square(d_in, hidden, d_out, "ffn")
     if config.residual == "drop":
-        raise SkipCandidate("residual='drop' not possible: AlbertLayer adds its residual inline; use residual='keep'")
+        raise SkipCandidate(
+            "HanConfig.residual='drop' not possible: AlbertLayer adds its residual inline; "
+            "use HanConfig.residual='keep'"
+        )
     swaps = inline_han_swaps(cand, config, d_in, "ffn", "activation", "ffn_output")
     nb = {"norm": "post-norm full_layer_layer_norm kept", "residual": "kept", "shared": _sharing(cand)}
     return Replacement(swaps, nb)

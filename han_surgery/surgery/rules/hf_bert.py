@@ -53,7 +53,8 @@ def _no_residual_output(
         )
     if config.residual == "drop":
         raise SkipCandidate(
-            f"residual='drop' not possible: {type(cand.parent).__name__} adds the residual itself; use residual='keep'"
+            f"HanConfig.residual='drop' not possible: {type(cand.parent).__name__} adds the residual itself; "
+            "use HanConfig.residual='keep'"
         )
     dropout = getattr(out, "dropout", None)
     split = HanSplitOutput(dropout if isinstance(dropout, nn.Module) else None, None, residual=False)

@@ -36,7 +36,8 @@ def build_convnext(cand: Candidate, config: HanConfig) -> CalibratedReplacement:
     require_square(d_in, hidden, d_out, "pwconv1")
     if config.residual == "drop":
         raise SkipCandidate(
-            "residual='drop' not possible: the ConvNeXt residual also spans dwconv; use residual='keep'"
+            "HanConfig.residual='drop' not possible: the ConvNeXt residual also spans dwconv; "
+            "use HanConfig.residual='keep'"
         )
     swaps = inline_han_swaps(cand, config, d_in, "pwconv1", "act", "pwconv2")
     q = f"{cand.path}." if cand.path else ""

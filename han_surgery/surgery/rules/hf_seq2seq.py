@@ -48,7 +48,8 @@ def build_inline_ffn(cand: Candidate, config: HanConfig) -> CalibratedReplacemen
     require_square(d_in, hidden, d_out)
     if config.residual == "drop":
         raise SkipCandidate(
-            f"residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; use residual='keep'"
+            f"HanConfig.residual='drop' not possible: {type(m).__name__} adds its residual inline around fc1/fc2; "
+            "use HanConfig.residual='keep'"
         )
     swaps = inline_han_swaps(cand, config, d_in, "fc1", "activation_fn", "fc2")
     q = f"{cand.path}." if cand.path else ""
