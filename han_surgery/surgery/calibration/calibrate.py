@@ -141,6 +141,12 @@ def _state_rows(model: nn.Module, batches: list[Any], paths: list[str], memory_m
     return out
 
 
+def _seeded_order(batches: list[Any], seed: int) -> list[Any]:
+    """``batches`` in ``seed``'s random order, what the recording and healing subsets are cut from: never a prefix of
+    ``batches`` itself, which :func:`~han_surgery.surgery.calibration.calibration_batches` sorts by length."""
+    return [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed))]
+
+
 def _heal_targets(
     model: nn.Module, batches: list[Any], paths: list[str], config: CalibrationConfig
 ) -> tuple[list[Any], list[list[Tensor]], TokenReplacer | None]:
@@ -148,7 +154,7 @@ def _heal_targets(
     (``batches`` in ``config.seed``'s random order, the first ``heal_batches``, as many as ``heal_memory_mb`` holds
     states for), ``model``'s outputs of ``paths`` on each (:func:`_state_rows`), and the token replacer of
     ``heal_augment`` (``None`` without it)."""
-    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
+    order = _seeded_order(batches, config.seed)
     heal_set = order if config.heal_batches is None else order[: config.heal_batches]
     teacher = _state_rows(model, heal_set, paths, config.heal_memory_mb)
     heal_set = heal_set[: len(teacher)]
@@ -372,8 +378,7 @@ def calibrate_rewrites(
     grad_flags = list({id(p): (p, p.requires_grad) for m in everything for p in m.parameters(recurse=False)}.values())
     original = {id(p) for p in model.parameters()}
     grads_before = {id(p): p.grad for p in model.parameters()}
-    # Subsets are drawn at random (seeded), never as a prefix: calibration_batches sorts text by length.
-    order = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(config.seed))]
+    order = _seeded_order(batches, config.seed)
     record_set = batches if config.record_batches is None else order[: config.record_batches]
     heal_set: list[Any] = []
     done: list[tuple[str, nn.Module]] = []  # (path, original module) of every swap made, to undo on failure
