@@ -380,3 +380,32 @@ def test_device_and_image_size_are_checked_before_the_data_is_read(tiny_cifar, c
     line = _error_line(capsys, ["mobilevit", "--quick", "--data", str(tiny_cifar), "--image-size", "33"])
     assert "--image-size must be a multiple of 32" in line
     assert "--models" in _error_line(capsys, [*base, "--models", "resnet18"])
+
+
+def _board(folder: Path, train: np.ndarray) -> Path:
+    folder.mkdir()
+    test = np.array([[0.5, -0.5, 1, 1], [-0.25, 0.25, 0, 0]] * 4)
+    np.savetxt(folder / "trainset.txt", train)
+    np.savetxt(folder / "testset.txt", test)
+    return folder
+
+
+def test_checkerboard_rows_outside_the_board_are_one_line_before_training(tmp_path, capsys, monkeypatch):
+    """Points outside [-1, 1]^2 trained, wrote results.json, then crashed drawing the board (IndexError; a point
+    below -1 wrapped round silently); a NaN trained and reported "all lrs diverged"; labels other than 0/1 trained
+    to 0%; an empty file printed numpy's warning as a second line."""
+    from han_surgery.paper import checkerboard
+
+    monkeypatch.setattr(checkerboard, "train_rows", lambda *a, **k: pytest.fail("training started"))
+    good = np.array([[0.5, 1.0, 0, 0], [0.2, -0.2, 1, 1], [-1.0, 0.0, 1, 1]] * 4)
+    run = lambda folder: _error_line(capsys, ["checkerboard", "--quick", "--variants", "a", "--data", str(folder)])  # noqa: E731
+    for name, row, shown in (
+        ("outside", [1.5, 3.0, 0, 0], "[1.5, 3.0, 0.0, 0.0]"),
+        ("nan", [np.nan, 0.5, 0, 0], "[nan, 0.5, 0.0, 0.0]"),
+        ("label", [0.5, 0.5, 7, 7], "[0.5, 0.5, 7.0, 7.0]"),
+    ):
+        line = run(_board(tmp_path / name, np.vstack([good, [row]])))
+        assert f"trainset.txt: row 13 is {shown}; a checkerboard row is a point x1 x2 in [-1, 1]" in line, line
+    empty = _board(tmp_path / "empty", good)
+    (empty / "testset.txt").write_text("")
+    assert "testset.txt must have rows of 4 columns (x1 x2 y y), got shape (0, 1)" in run(empty)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,20 +131,34 @@ class Checkerboard:
 def load_checkerboard(folder: str | Path | None = None) -> Checkerboard:
     """Read ``trainset.txt`` / ``testset.txt`` (space separated ``x1 x2 y y``) from ``folder``.
 
-    ``folder`` defaults to ``../shared/data/checkerboard`` (see :func:`~.common.default_data_dir`).
+    ``folder`` defaults to ``../shared/data/checkerboard`` (see :func:`~.common.default_data_dir`). The points lie
+    in ``[-1, 1]^2`` (the boards are drawn on an 81 x 81 grid over it) and the labels are 0 or 1.
+
+    Raises:
+        PaperInputError: a file is missing, unreadable or empty, or holds another shape, a non-finite value, a
+            point outside ``[-1, 1]^2`` or a label other than 0 and 1 (its first such row named).
     """
     root = resolve_data_path(folder, "checkerboard")
     parts = []
     for name in ("trainset.txt", "testset.txt"):
         path = root / name
         try:
-            arr = np.loadtxt(path, dtype=np.float32, ndmin=2)
+            with warnings.catch_warnings():  # an empty file: numpy warns, then the row count below says it once
+                warnings.simplefilter("ignore", UserWarning)
+                arr = np.loadtxt(path, dtype=np.float32, ndmin=2)
         except (ValueError, OSError) as err:
             raise PaperInputError(
                 f"{path} is not a readable checkerboard file ({err}); expected columns x1 x2 y y"
             ) from err
-        if arr.shape[1] != 4:
-            raise PaperInputError(f"{path} must have 4 columns (x1 x2 y y), got shape {arr.shape}")
+        if arr.shape[1] != 4 or len(arr) == 0:
+            raise PaperInputError(f"{path} must have rows of 4 columns (x1 x2 y y), got shape {arr.shape}")
+        bad = ~np.isfinite(arr).all(1) | (np.abs(arr[:, :2]) > 1).any(1) | ~np.isin(arr[:, 2:], (0, 1)).all(1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise PaperInputError(
+                f"{path}: row {row + 1} is {arr[row].tolist()}; a checkerboard row is a point x1 x2 in [-1, 1] "
+                f"and its label (0 or 1) twice ({int(bad.sum())} such row(s))"
+            )
         parts += [torch.from_numpy(arr[:, :2]).contiguous(), torch.from_numpy(arr[:, 2:]).contiguous()]
     return Checkerboard(*parts)
 
