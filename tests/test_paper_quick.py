@@ -333,6 +333,19 @@ def test_mnist_npz_labels_and_dtype_are_checked(tmp_path, capsys, monkeypatch):
     assert "labels must be integers 0..9" in line and "float32" in line
     line = run(_mnist_npz(tmp_path / "d.npz", images / 255.0, labels))
     assert "images must be uint8 (0-255), got float64" in line
+    # np.save's one unnamed array (under either name) was a TypeError traceback, a damaged compressed member a
+    # zlib.error one
+    for name in ("e.npy", "e.npz"):
+        with open(tmp_path / name, "wb") as f:
+            np.save(f, images[:10])
+        assert "it holds one unnamed (10, 28, 28) array, as np.save writes; use np.savez" in run(tmp_path / name)
+    strokes = np.zeros_like(images)  # compressible, as digits are: deflate then codes it with Huffman tables
+    strokes[:, 10:18, 12:16] = 200
+    np.savez_compressed(tmp_path / "f.npz", images=strokes, labels=labels)
+    raw = bytearray((tmp_path / "f.npz").read_bytes())
+    raw[100:164] = bytes(b ^ 0xFF for b in raw[100:164])  # the images' deflate header: zlib.error, not a CRC error
+    (tmp_path / "f.npz").write_bytes(raw)
+    assert "f.npz is not an MNIST .npz" in run(tmp_path / "f.npz")
 
 
 @pytest.mark.parametrize("experiment", ["checkerboard", "mnist", "approximation", "mixer", "mobilevit"])

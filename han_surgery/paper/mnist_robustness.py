@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +103,12 @@ def load_mnist(
     """
     path = resolve_data_path(path, "mnist", "mnist10k.npz")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy file (whatever its name): one unnamed array
+            raise ValueError(f"it holds one unnamed {loaded.shape} array, as np.save writes; use np.savez")
+        with loaded as npz:
             images, labels = npz["images"], npz["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # BadZipFile: a damaged zip
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # a damaged zip
         raise PaperInputError(
             f"{path} is not an MNIST .npz with arrays 'images' (N, 28, 28) uint8 and 'labels' (N,) ({err})"
         ) from err
