@@ -364,8 +364,10 @@ class HanBlock(nn.Module):
 
     def _fusable(self) -> bool:
         """Both layers can run as one chain: no extras, no active dropout, nothing swapped in or hooked on them
-        (torch hooks, or a ``forward`` patched on the instance as accelerate's offloading does)."""
+        (torch hooks, forward or backward, or a ``forward`` patched on the instance as accelerate's offloading
+        does): the chain calls none of the four sub-modules."""
         fc1, fc2 = self.fc1, self.fc2
+        parts = (fc1, fc2, self.drop1, self.drop2)
         return (
             self.input_scale is None
             and self.gain is None
@@ -373,16 +375,21 @@ class HanBlock(nn.Module):
             and self.side is None
             and type(fc1) is HanLayer
             and type(fc2) in (HanLayer, HouseholderLinear)
-            and not (self.training and (self.drop1.p > 0 or self.drop2.p > 0))
+            and all(self._passes_through(drop) for drop in (self.drop1, self.drop2))
             and fc1.dim == fc2.dim
             and fc1.u.shape == fc2.u.shape
             and fc1.u.dtype == fc2.u.dtype
             and (fc1.bias is None) == (fc2.bias is None)
-            and not (fc1._forward_hooks or fc1._forward_pre_hooks or fc2._forward_hooks or fc2._forward_pre_hooks)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in parts)
+            and not any(m._backward_hooks or m._backward_pre_hooks for m in parts)
             # a forward patched on the instance (accelerate's offloading hooks load the weights there)
-            and "forward" not in vars(fc1)
-            and "forward" not in vars(fc2)
+            and not any("forward" in vars(m) for m in parts)
         )
+
+    def _passes_through(self, drop: nn.Module) -> bool:
+        """``drop`` returns its input as it is: ``nn.Identity`` (a dropout removed), or an ``nn.Dropout``
+        in eval mode or of probability 0."""
+        return type(drop) is nn.Identity or (type(drop) is nn.Dropout and (not self.training or drop.p == 0))
 
     def extra_repr(self) -> str:
         extras = [name for name in ("input_scale", "gain") if getattr(self, name) is not None]

@@ -271,6 +271,27 @@ def test_a_han_block_whose_layers_accelerate_hooks_runs_them(tmp_path):
     torch.testing.assert_close(block(x), expected)
 
 
+def test_hooks_on_a_han_blocks_layers_fire_and_an_identity_dropout_trains():
+    """The fused chain calls neither layer: it checked their forward hooks only, so a backward hook on ``fc1`` or a
+    backward pre-hook on ``fc2`` never fired (nor hooks on the dropouts); and a ``drop1`` swapped for
+    ``nn.Identity`` (a way to remove dropout) failed in training on ``Identity.p``."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, requires_grad=True)
+    for layer, register in (
+        ("fc1", "register_full_backward_hook"),
+        ("fc2", "register_full_backward_pre_hook"),
+        ("drop2", "register_forward_hook"),
+    ):
+        block, calls = HanBlock(8).eval(), []
+        getattr(getattr(block, layer), register)(lambda *args, layer=layer: calls.append(layer))
+        block(x).sum().backward()
+        assert calls == [layer], (layer, calls)
+    block = HanBlock(8).train()
+    block.drop1 = torch.nn.Identity()
+    expected = block.fc2(block.fc1(x))
+    torch.testing.assert_close(block(x), expected)  # drop=0 (the default): fused, as the two layers compute
+
+
 def test_inference_path_equals_autograd_path():
     torch.manual_seed(6)
     layer = HanLayer(32, reflections=3)
