@@ -397,6 +397,25 @@ def test_disabled_applies_to_its_own_thread_and_overlapping_blocks_restore_the_k
     assert kernels.enabled()
 
 
+def test_disabled_blocks_held_by_generators_may_close_out_of_order():
+    """Two generators in one thread, each inside a disabled() block, closed in the order they opened: the context
+    variable was reset to its value at entry, so the kernels came back while the second block was open and stayed
+    off for good once it closed."""
+
+    def stream():
+        with kernels.disabled():
+            yield
+            yield
+
+    a, b = stream(), stream()
+    next(a)
+    next(b)
+    list(a)
+    assert not kernels.enabled()  # b's block is still open
+    list(b)
+    assert kernels.enabled()
+
+
 def test_environment_variable_switches_the_kernel_off(fresh_kernel_state, monkeypatch):
     def must_not_build():
         raise AssertionError("the kernel was built although it is switched off")

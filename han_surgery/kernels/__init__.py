@@ -41,11 +41,11 @@ def disabled() -> Iterator[None]:
     """Run the PyTorch implementation of the layers inside this block (for tests and side-by-side benchmarks).
 
     It applies to the thread (or asyncio task) that enters it; other threads keep the kernels."""
-    token = _disabled_depth.set(_disabled_depth.get() + 1)
+    _disabled_depth.set(_disabled_depth.get() + 1)
     try:
         yield
-    finally:
-        _disabled_depth.reset(token)
+    finally:  # one down, not back to the depth at entry: blocks held open by generators may close out of order
+        _disabled_depth.set(_disabled_depth.get() - 1)
 
 
 def triton_kernels() -> ModuleType | None:
