@@ -126,6 +126,7 @@ class HouseholderLinear(nn.Module):
         super().__init__()
         features = _as_int(type(self).__name__, "features", features)
         reflections = _as_int(type(self).__name__, "reflections", reflections)
+        dim = _as_int(type(self).__name__, "dim", dim)
         _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         factory = {"device": device, "dtype": dtype}
         self.features = features
@@ -218,7 +219,9 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        out_features = features if out_features is None else out_features
+        name = type(self).__name__
+        features, rank = _as_int(name, "features", features), _as_int(name, "rank", rank)
+        out_features = features if out_features is None else _as_int(name, "out_features", out_features)
         if not 1 <= rank <= min(features, out_features):
             raise ValueError(
                 f"{type(self).__name__}: rank must be in [1, min(features, out_features)="
@@ -304,7 +307,14 @@ class HanBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        drop1, drop2 = (drop, drop) if isinstance(drop, (int, float)) else drop
+        name = type(self).__name__
+        if isinstance(drop, (int, float)):
+            drop1, drop2 = drop, drop
+        elif isinstance(drop, (tuple, list)) and len(drop) == 2:
+            drop1, drop2 = drop
+        else:
+            raise ValueError(f"{name}: drop must be a probability or a (drop1, drop2) pair, got {drop!r}")
+        side_rank = _as_int(name, "side_rank", side_rank)
         kwargs = dict(
             bias=bias, reflections=reflections, init=init, bias_init=bias_init, dim=dim, device=device, dtype=dtype
         )
@@ -433,6 +443,7 @@ class HanStack(nn.Module):
         super().__init__()
         features = _as_int(type(self).__name__, "features", features)
         reflections = _as_int(type(self).__name__, "reflections", reflections)
+        depth, dim = _as_int(type(self).__name__, "depth", depth), _as_int(type(self).__name__, "dim", dim)
         _check_arguments(type(self).__name__, features, reflections, init, bias_init)
         if depth < 1:
             raise ValueError(f"HanStack: depth must be >= 1, got {depth}")

@@ -14,6 +14,7 @@ from torch import nn
 
 from han_surgery import Abs, HanBlock, HanLayer, HanStack, HouseholderLinear, stack_han_layers
 from han_surgery.functional import householder_affine, unit_rows, wy_factor
+from han_surgery.layers import LowRankLinear
 
 pytestmark = pytest.mark.usefixtures("kernel_path")  # every test, on both implementations
 
@@ -339,6 +340,18 @@ def test_bad_arguments_are_clear():
             HanLayer(bad)
     with pytest.raises(ValueError, match="input has 5 features but the Householder vectors have 4"):
         HanLayer(4)(torch.randn(2, 5))
+    # sizes that skipped the check: a TypeError from torch.empty, a tuple index error in the first forward, or
+    # "not enough values to unpack"
+    for build, message in (
+        (lambda: HanStack(4, depth=2.0), "HanStack: depth must be an int, got 2.0"),
+        (lambda: HanStack(4, depth=True), "HanStack: depth must be an int, got True"),
+        (lambda: HanBlock(4, side_rank=2.0), "HanBlock: side_rank must be an int, got 2.0"),
+        (lambda: LowRankLinear(4, 2.5), "LowRankLinear: rank must be an int, got 2.5"),
+        (lambda: HanLayer(4, dim=1.5), "HanLayer: dim must be an int, got 1.5"),
+        (lambda: HanBlock(4, drop=(0.1,)), r"HanBlock: drop must be a probability or a \(drop1, drop2\) pair"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            build()
     for k in (1, 2):  # token ids by mistake: the kernel said '"householder_chain_forward" not implemented for Long'
         with pytest.raises(TypeError, match="input must be a floating-point tensor, got torch.int64"):
             HanLayer(4, reflections=k)(torch.ones(2, 4, dtype=torch.long))
