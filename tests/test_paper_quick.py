@@ -219,6 +219,28 @@ def test_regression_csv_too_small_for_the_split_is_one_line(tmp_path, capsys):
     few = tmp_path / "few.csv"
     few.write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(6)))
     assert "got shape (6, 2)" in _error_line(capsys, ["regression", "--quick", "--csv", str(few)])
+    # a bad second file: the first one had trained and left --out with partial results before the error
+    good = tmp_path / "good.csv"
+    good.write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(40)))
+    out = tmp_path / "out"
+    argv = ["regression", "--quick", "--models", "fcnet1", "--csv", str(good), "--csv", str(empty), "--out", str(out)]
+    assert f"needs >= {MIN_ROWS} rows" in _error_line(capsys, argv)
+    assert not out.exists()
+
+
+def test_regression_reports_the_training_rows_it_kept(tmp_path):
+    """``train_rows`` was recomputed without split()'s floor of one row: 0 for --train-fractions 0.001 of 200 rows,
+    where one row trained."""
+    from han_surgery.paper.regression import kept_train_rows, split
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(200)))
+    res = _run(tmp_path, "regression", "--models", "fcnet1", "--train-fractions", "0.001,0.5", "--csv", str(csv))
+    assert [r["train_rows"] for r in res["rows"]] == [1, 80]
+    gen = torch.Generator().manual_seed(0)
+    assert [len(split(200, gen, train_fraction=f)[0]) for f in (0.001, 0.5)] == [
+        kept_train_rows(200, f) for f in (0.001, 0.5)
+    ]
 
 
 def test_out_with_a_tilde_is_written_where_it_was_checked_and_plots_need_matplotlib(tmp_path, capsys, monkeypatch):

@@ -157,6 +157,11 @@ def split_sizes(n: int, train: float = 0.8, test_of_rest: float = 0.6) -> tuple[
 MIN_ROWS = 16  # the fewest rows whose split has >= 2 test and >= 1 validation rows (checked in the tests)
 
 
+def kept_train_rows(n: int, train_fraction: float, train: float = 0.8) -> int:
+    """How many training rows :func:`split` keeps of ``n`` rows with ``train_fraction`` (at least one)."""
+    return max(1, int(int(n * train) * train_fraction))
+
+
 def split(
     n: int, gen: torch.Generator, train: float = 0.8, test_of_rest: float = 0.6, train_fraction: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,8 +172,7 @@ def split(
     """
     perm = torch.randperm(n, generator=gen)
     n_train, n_test, _ = split_sizes(n, train, test_of_rest)
-    kept = max(1, int(n_train * train_fraction))
-    return perm[:kept], perm[n_train : n_train + n_test], perm[n_train + n_test :]
+    return perm[: kept_train_rows(n, train_fraction, train)], perm[n_train : n_train + n_test], perm[n_train + n_test :]
 
 
 def build_model(name: str, in_features: int) -> nn.Sequential:
@@ -407,10 +411,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compile": bool(args.compile),
         "datasets": [str(p) for p in paths],
     }
+    datasets = [(path, load_csv(path)) for path in paths]  # every file checked before the first one trains
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
-    for path in paths:
-        data = load_csv(path)
+    for path, data in datasets:
         name = Path(path).stem
         for fraction in fractions:
             for m in models:
@@ -431,7 +435,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "features": int(data.x.shape[1]),
                         "dropped_constant_columns": data.dropped_columns,
                         "train_fraction": fraction,
-                        "train_rows": int(int(data.x.shape[0] * 0.8) * fraction),
+                        "train_rows": kept_train_rows(int(data.x.shape[0]), fraction),
                         "model": m,
                         "label": MODELS[m],
                         "params": stack[0]["params"],
