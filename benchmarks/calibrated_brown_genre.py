@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
-from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int, thread_count
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
 from han_surgery.surgery.calibration.config import HEAL_PARAMS
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side-rank", type=positive_int, default=32)
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-length", type=positive_int, default=64)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=thread_count, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-dir", type=Path, default=ROOT / "runs" / "brown_genre_base.safetensors")
     parser.add_argument("--json", type=Path, default=None)

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify, load_model
-from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_float, positive_int, thread_count
 from han_surgery.finetune import load_data
 from han_surgery.finetune.loop import distillation_loss
 from han_surgery.surgery.calibration import CalibrationConfig, HiddenStates, hidden_state_distillation_loss
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="Fine-tune this many epochs (one cosine schedule) instead of one.",
     )
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=thread_count, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from han_surgery import HanConfig, hanify
-from han_surgery.checks import int_at_least, non_negative_float, positive_int
+from han_surgery.checks import int_at_least, non_negative_float, positive_int, thread_count
 from han_surgery.surgery.calibration import CalibrationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,7 +284,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, 
     )
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-length", type=positive_int, default=128)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=thread_count, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--heal-steps",

@@ -44,7 +44,7 @@ from calibrated_surgery import (  # noqa: E402
 )
 
 from han_surgery import HanConfig, hanify  # noqa: E402
-from han_surgery.checks import int_at_least, positive_int  # noqa: E402
+from han_surgery.checks import int_at_least, positive_int, thread_count  # noqa: E402
 from han_surgery.surgery.calibration import CalibrationConfig, CalibrationReport  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--side-rank", type=positive_int, default=32)
     parser.add_argument("--record-batches", type=positive_int, default=16)
     parser.add_argument("--heal-steps", type=int_at_least(0), default=0)
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=thread_count, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--keep-by",

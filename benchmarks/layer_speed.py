@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from han_surgery import Abs, HanLayer, kernels
-from han_surgery.checks import positive_int
+from han_surgery.checks import positive_int, thread_count
 from han_surgery.kernels import cpu
 
 
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=positive_int, default=8192)
     parser.add_argument("--widths", type=positive_int, nargs="+", default=[384, 768, 1024])
     parser.add_argument("--rounds", type=positive_int, default=15)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock",
         choices=sorted(CLOCKS),

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import han_surgery  # noqa: F401  (registers han_* with timm)
-from han_surgery.checks import positive_float, positive_int
+from han_surgery.checks import positive_float, positive_int, thread_count
 from han_surgery.kernels import cpu
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--lr", type=positive_float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--threads", type=thread_count, default=1)
     parser.add_argument("--n-train", type=positive_int, default=8000)
     parser.add_argument("--n-test", type=positive_int, default=2000)
     parser.add_argument(

@@ -53,7 +53,7 @@ from torch import nn
 
 import han_surgery
 from han_surgery import kernels
-from han_surgery.checks import positive_int
+from han_surgery.checks import positive_int, thread_count
 from han_surgery.layers import HanBlock, stack_han_layers
 from han_surgery.paper.common import fc_net, han_net
 
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", nargs="+", choices=sorted(ROWS), default=["transformers", "paper"])
     parser.add_argument("--only", nargs="+", default=None, help="run only rows whose label contains one of these")
     parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall", help="process: CPU time (use with --threads 1)"
     )

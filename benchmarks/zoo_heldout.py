@@ -35,7 +35,7 @@ import torch
 import transformers as T
 
 from han_surgery import from_pretrained, hanify, save_pretrained
-from han_surgery.checks import positive_int
+from han_surgery.checks import thread_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test zoo's tiny configs and helpers
 from _surgery_zoo import (  # noqa: E402
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=("timm", "transformers"), help="run one list")
     parser.add_argument("--match", default="*", help="only architectures matching this glob")
-    parser.add_argument("--threads", type=positive_int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--threads", type=thread_count, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     T.logging.set_verbosity_error()

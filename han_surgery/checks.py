@@ -88,6 +88,19 @@ def positive_int(text: str) -> int:
     return _int_from(text, 1, "a positive integer")
 
 
+#: The most threads ``--threads`` takes: far beyond any machine's cores, and below what OpenMP cannot allocate
+#: (``--threads 100000`` aborted in libgomp; 10**11 overflowed in ``torch.set_num_threads``).
+MAX_THREADS = 1024
+
+
+def thread_count(text: str) -> int:
+    """``argparse`` type: a ``torch.set_num_threads`` count, an integer in ``[1, MAX_THREADS]``."""
+    value = _int_from(text, 1, f"a thread count in [1, {MAX_THREADS}]")
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a thread count in [1, {MAX_THREADS}], got {text}")
+    return value
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """``argparse`` type: an integer >= ``low`` (a step count that may be 0: ``int_at_least(0)``)."""
     return lambda text: _int_from(text, low, f"an integer >= {low}")

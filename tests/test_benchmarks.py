@@ -112,7 +112,7 @@ def tiny_mnist(tmp_path) -> Path:
         (["--max-fvu", "0.3", "--keep-count", "3"], "give one"),
         (["--num-eval", "2"], "expected an integer >= 3"),
         (["--batch-size", "0"], "expected a positive integer"),
-        (["--threads", "0"], "expected a positive integer"),
+        (["--threads", "0"], "expected a thread count in [1, 1024]"),
         (["--num-calibration", "0"], "expected a positive integer"),
         (["--keep-count", "0"], "expected a positive integer"),
         (["--data", "/nonexistent/brown.tsv"], "no such file"),

@@ -444,3 +444,12 @@ def test_checkerboard_rows_outside_the_board_are_one_line_before_training(tmp_pa
     empty = _board(tmp_path / "empty", good)
     (empty / "testset.txt").write_text("")
     assert "testset.txt must have rows of 4 columns (x1 x2 y y), got shape (0, 1)" in run(empty)
+
+
+@pytest.mark.parametrize("experiment", ["checkerboard", "regression", "mnist", "approximation"])
+def test_threads_beyond_any_machine_are_one_line(capsys, experiment):
+    """``--threads 100000`` aborted in libgomp ("Out of memory allocating"), 10**11 overflowed in
+    torch.set_num_threads: tracebacks after the data had loaded."""
+    for threads in ("100000", str(10**11), "0"):
+        line = _error_line(capsys, [experiment, "--quick", "--threads", threads])
+        assert f"--threads: expected a thread count in [1, 1024], got {threads}" in line, line

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import positive_int
+from ..checks import thread_count
 from ..layers import HanLayer
 from .common import (
     SEED_LIMIT,
@@ -194,7 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=10000, help="paper: 10,000")
     parser.add_argument("--seed", type=seed_arg, default=0, help="data of dimension d: seed + 1000 d")
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
-    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--threads", type=thread_count, default=None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

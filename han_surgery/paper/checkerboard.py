@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import non_negative_float, positive_int
+from ..checks import non_negative_float, thread_count
 from .common import (
     PaperInputError,
     count_parameters,
@@ -380,7 +380,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import non_negative_float, positive_float, positive_int
+from ..checks import non_negative_float, positive_float, thread_count
 from .attacks import cw_l2, fgsm, pgd_l2, pgd_linf, robust_accuracy, trades_kl_linf
 from .common import (
     PaperInputError,
@@ -249,7 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="stop CW when the batch loss stops falling, as torchattacks' CW does (a weaker attack)",
     )
-    parser.add_argument("--threads", type=positive_int, default=None)
+    parser.add_argument("--threads", type=thread_count, default=None)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

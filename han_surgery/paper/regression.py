@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import positive_int
+from ..checks import thread_count
 from .common import (
     PaperInputError,
     count_parameters,
@@ -366,7 +366,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--schedule", choices=SCHEDULES, default="epoch")
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked step (faster for HanNet)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=thread_count, default=None, help="torch threads (default: torch's)")
 
 
 def _dataset_paths(args: argparse.Namespace) -> list[Path]:
