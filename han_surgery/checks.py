@@ -80,6 +80,8 @@ def _int_from(text: str, low: int, what: str) -> int:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
     if value < low:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    if value >= 2**63:  # beyond int64 every torch call that takes it overflows
+        raise argparse.ArgumentTypeError(f"expected {what} below 2**63, got {text}")
     return value
 
 

@@ -317,6 +317,33 @@ def test_safetensors_disk_full_is_one_line_exit_2(capsys) -> None:
     assert err == "han-surgery x: No space left on device: free some space or write elsewhere\n", err
 
 
+def test_memory_the_machine_refuses_is_one_line_exit_2(capsys) -> None:
+    """Sizes beyond the machine (``han-surgery paper regression --seeds 10**12``: a MemoryError; ``approximation
+    --dims 10**8``: torch's allocator) were tracebacks; they are the machine refusing, as a full disk is."""
+    import torch
+
+    from han_surgery.cli._common import run_command
+
+    def huge() -> int:
+        torch.empty(2**62, dtype=torch.uint8)  # 4 EiB: refused by the allocator on any machine
+        return 0
+
+    for body, said in ((huge, "DefaultCPUAllocator: can't allocate memory"), (lambda: [0] * 2**62, "MemoryError")):
+        assert run_command("han-surgery x", body) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("han-surgery x: out of memory (") and said in err and err.count("\n") == 1, err
+        assert err.rstrip().endswith("lower the sizes asked for (batch size, widths, samples, seeds) or free memory")
+
+
+def test_an_integer_flag_beyond_int64_is_refused_by_the_parser(capsys) -> None:
+    """``han-surgery paper mnist --batch-size 10**20`` overflowed in torch ("Overflow when unpacking long long")."""
+    from han_surgery.cli import main
+
+    assert main(["paper", "mnist", "--quick", "--batch-size", str(10**20)]) == 2
+    err = capsys.readouterr().err
+    assert f"--batch-size: expected a positive integer below 2**63, got {10**20}" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "raised", [OSError(2, "No such file or directory", "x"), RuntimeError("a bug"), OSError("no errno")]
 )

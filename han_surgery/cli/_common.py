@@ -76,13 +76,19 @@ MACHINE_REFUSALS = {
     errno.EPERM: "check the path's permissions or write elsewhere",
 }
 _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports one
+#: How torch reports an allocation the machine refused: its CPU allocator, and CUDA (``torch.OutOfMemoryError``).
+_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: can't allocate memory|CUDA out of memory|out of memory", re.I)
 
 
 def machine_refusal(e: BaseException) -> str | None:
     """One line for an error of :data:`MACHINE_REFUSALS` (``No space left on device (<path>): free some space or
     write elsewhere``): an ``OSError``, or safetensors' ``SafetensorError`` that wraps one (``... (os error 28)``);
-    ``None`` for any other exception (a bug: it keeps its traceback). Whatever the command had written is cleaned up
-    on the way out, as for any failure."""
+    or for memory the machine would not give (``MemoryError``, torch's allocators' ``RuntimeError``: sizes asked
+    for beyond the machine, as ``--seeds 10**12``); ``None`` for any other exception (a bug: it keeps its
+    traceback). Whatever the command had written is cleaned up on the way out, as for any failure."""
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _OUT_OF_MEMORY.search(str(e))):
+        said = " ".join(str(e).split()[:40]) or type(e).__name__
+        return f"out of memory ({said}): lower the sizes asked for (batch size, widths, samples, seeds) or free memory"
     code = e.errno if isinstance(e, OSError) else None
     if code is None and type(e).__name__ == "SafetensorError":
         found = _OS_ERROR_CODE.search(str(e))

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import thread_count
+from ..checks import positive_int, thread_count
 from ..layers import HanLayer
 from .common import (
     SEED_LIMIT,
@@ -189,9 +189,9 @@ def _ints(text: str, option: str) -> list[int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dims", default="2,3,4", help="input dimensions d (paper: 2,3,4)")
     parser.add_argument("--widths", default="30", help="hidden widths n, comma-separated (paper: 30 to 100)")
-    parser.add_argument("--epochs", type=int, default=1000, help="paper: 1,000 (20,000 steps of 100)")
-    parser.add_argument("--n-train", type=int, default=2000, help="paper: 2,000")
-    parser.add_argument("--n-test", type=int, default=10000, help="paper: 10,000")
+    parser.add_argument("--epochs", type=positive_int, default=1000, help="paper: 1,000 (20,000 steps of 100)")
+    parser.add_argument("--n-train", type=positive_int, default=2000, help="paper: 2,000")
+    parser.add_argument("--n-test", type=positive_int, default=10000, help="paper: 10,000")
     parser.add_argument("--seed", type=seed_arg, default=0, help="data of dimension d: seed + 1000 d")
     parser.add_argument("--compile", action="store_true", help="torch.compile the stacked training step")
     parser.add_argument("--threads", type=thread_count, default=None)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import non_negative_float, thread_count
+from ..checks import non_negative_float, positive_int, thread_count
 from .common import (
     PaperInputError,
     count_parameters,
@@ -370,11 +370,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=",".join(TABLE3_ROWS),
         help="comma-separated rows (default: Table 3's seven and FCNet); also: " + ", ".join(VARIANTS),
     )
-    parser.add_argument("--iters", type=int, default=40_000, help="SGD iterations per run (paper: 40,000)")
+    parser.add_argument("--iters", type=positive_int, default=40_000, help="SGD iterations per run (paper: 40,000)")
     parser.add_argument(
         "--lrs", default=None, help="initial lr grid for every row (default: the authors' HAN_LRS / FC_LRS per row)"
     )
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-every", type=positive_int, default=100)
     parser.add_argument(
         "--ortho-weight", type=non_negative_float, default=1e-2, help="lambda of the OrthFC penalty (rows f1, f2)"
     )

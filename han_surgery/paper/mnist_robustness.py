@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import non_negative_float, positive_float, thread_count
+from ..checks import non_negative_float, positive_float, positive_int, thread_count
 from .attacks import cw_l2, fgsm, pgd_l2, pgd_linf, robust_accuracy, trades_kl_linf
 from .common import (
     PaperInputError,
@@ -228,19 +228,19 @@ def evaluate(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=None, help="path of mnist10k.npz (default ../shared/data/mnist/mnist10k.npz)")
     parser.add_argument("--models", default=",".join(MODELS), help="columns of Table 6: " + ", ".join(MODELS))
-    parser.add_argument("--epochs", type=int, default=100, help="paper: 100")
+    parser.add_argument("--epochs", type=positive_int, default=100, help="paper: 100")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="Adam lr (paper: 1e-3)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=1e-3, help="Adam weight decay (paper: 1e-3)")
-    parser.add_argument("--batch-size", type=int, default=256, help="paper: 256")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="paper: 256")
     parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--linf-eps", default=",".join(map(str, LINF_EPS)))
     parser.add_argument("--l2-eps", default=",".join(map(str, L2_EPS)))
     parser.add_argument("--cw-c", default=",".join(map(str, CW_C)), help="paper: 1,3,5")
-    parser.add_argument("--pgd-steps", type=int, default=30, help="paper: 30")
-    parser.add_argument("--cw-steps", type=int, default=1000, help="paper: 1,000")
+    parser.add_argument("--pgd-steps", type=positive_int, default=30, help="paper: 30")
+    parser.add_argument("--cw-steps", type=positive_int, default=1000, help="paper: 1,000")
     parser.add_argument(
         "--cw-digits",
-        type=int,
+        type=positive_int,
         default=None,
         help="CW attacks only this many test digits (a random subset; default all)",
     )

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checks import thread_count
+from ..checks import positive_int, thread_count
 from .common import (
     PaperInputError,
     count_parameters,
@@ -351,13 +351,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--csv", action="append", default=None, help="any CSV of the same format (repeatable); replaces --datasets"
     )
     parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--epochs", type=int, default=300, help="paper: 300")
+    parser.add_argument("--epochs", type=positive_int, default=300, help="paper: 300")
     parser.add_argument(
         "--lrs",
         default="0.001,0.003",
         help="Adam lr grid, best chosen per seed on validation RMSE (paper: 1e-3; the grid is the authors' code's)",
     )
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds / random splits (paper: 5)")
+    parser.add_argument("--seeds", type=positive_int, default=5, help="number of seeds / random splits (paper: 5)")
     parser.add_argument(
         "--train-fractions",
         default="1,0.1",

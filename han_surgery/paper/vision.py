@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from ..checks import non_negative_float, positive_float
+from ..checks import int_at_least, non_negative_float, positive_float, positive_int
 from .common import PaperInputError, count_parameters, markdown_table, seed_arg, seed_everything, write_results
 from .image_data import ImageDataset, load_image_dataset
 
@@ -189,12 +189,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder holding cifar-10-batches-bin/, cifar-100-binary/, stl10_binary/ or train/ + test/ class folders",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="default: the paper's for the dataset")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the paper's for the dataset")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="default: the paper's for the dataset")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the paper's for the dataset")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW lr (paper: 1e-3)")
     parser.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (paper: 0.1)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=int_at_least(0), default=4, help="DataLoader worker processes")
     parser.add_argument("--seed", type=seed_arg, default=0, help="initial weights, augmentation and data order")
     parser.add_argument("--models", default=None, help="comma-separated timm names (default: every row of the table)")
 
