@@ -73,12 +73,12 @@ def check_bool(name: str, value: Any) -> None:
 
 
 # ``argparse`` types: a bad value becomes the parser's one-line usage error, never a traceback from deep inside.
-def _int_from(text: str, low: int, what: str) -> int:
+def _int_from(text: str, low: int, what: str, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
+    if value < low or (high is not None and value > high):
         raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
     if value >= 2**63:  # beyond int64 every torch call that takes it overflows
         raise argparse.ArgumentTypeError(f"expected {what} below 2**63, got {text}")
@@ -97,10 +97,7 @@ MAX_THREADS = 1024
 
 def thread_count(text: str) -> int:
     """``argparse`` type: a ``torch.set_num_threads`` count, an integer in ``[1, MAX_THREADS]``."""
-    value = _int_from(text, 1, f"a thread count in [1, {MAX_THREADS}]")
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected a thread count in [1, {MAX_THREADS}], got {text}")
-    return value
+    return _int_from(text, 1, f"a thread count in [1, {MAX_THREADS}]", high=MAX_THREADS)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:

@@ -118,7 +118,9 @@ def _error_line(capsys, argv: list[str]) -> str:
 
 def test_user_errors_end_as_one_line_and_exit_2(tmp_path, capsys):
     assert "--lrs" in _error_line(capsys, ["regression", "--lrs", "fast"])
-    assert "invalid int value" in _error_line(capsys, ["regression", "--epochs", "many"])
+    assert "--epochs: expected a positive integer, got 'many'" in _error_line(
+        capsys, ["regression", "--epochs", "many"]
+    )
     assert "unrecognized arguments" in _error_line(capsys, ["mnist", "--no-such-option"])
     assert "--variants" in _error_line(capsys, ["checkerboard", "--variants", "z"])
     missing = tmp_path / "nowhere.csv"
@@ -180,7 +182,7 @@ def test_bad_numbers_are_one_line_and_ctrl_c_is_one_line(capsys, monkeypatch):
     from han_surgery.cli import main as cli_main
     from han_surgery.paper import checkerboard
 
-    assert "expected a positive integer, got -1" in _error_line(capsys, ["checkerboard", "--threads", "-1"])
+    assert "expected a positive integer, got -1" in _error_line(capsys, ["checkerboard", "--iters", "-1"])
     assert "expected a positive number, got -1" in _error_line(capsys, ["mnist", "--lr", "-1"])
     assert "expected a number >= 0, got nan" in _error_line(capsys, ["mixer", "--weight-decay", "nan"])
     assert "--lrs takes finite, positive numbers" in _error_line(capsys, ["regression", "--quick", "--lrs", "-0.1"])

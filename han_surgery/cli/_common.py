@@ -158,7 +158,10 @@ def _terminate_like_interrupt() -> Iterator[None]:
 
 def num_classes(text: str) -> int:
     """``argparse`` type: a classifier size, 1 to :data:`MAX_NUM_CLASSES`."""
-    value = positive_int(text)
-    if value > MAX_NUM_CLASSES:
+    try:
+        too_many = int(text) > MAX_NUM_CLASSES
+    except ValueError:
+        too_many = False  # positive_int says it
+    if too_many:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_CLASSES:,} classes, got {text}")
-    return value
+    return positive_int(text)
