@@ -148,12 +148,13 @@ class HouseholderLinear(nn.Module):
 
     @torch.no_grad()
     def to_dense(self) -> Tensor:
-        """The equivalent dense weight ``M = H_k ... H_1`` of shape ``(n, n)``.
+        """The equivalent dense weight ``M = H_k ... H_1`` of shape ``(n, n)``, in the layer's dtype (computed in
+        float32 for a half-precision layer).
 
         ``HouseholderLinear`` computes ``x @ M.T + bias``, exactly like an
         ``nn.Linear`` whose ``weight`` is ``M``.
         """
-        return householder_dense(unit_rows(self.u))
+        return householder_dense(unit_rows(self.u)).to(self.u.dtype)
 
     def extra_repr(self) -> str:
         dim = f", dim={self.dim}" if self.dim != -1 else ""

@@ -59,6 +59,12 @@ def test_to_dense_matches_forward_and_definition(k):
         linear.weight.copy_(dense)
         linear.bias.copy_(layer.bias)
     torch.testing.assert_close(linear(x), layer(x), atol=1e-13, rtol=0)
+    for dtype in (torch.bfloat16, torch.float16):  # it was float32 for a half-precision layer
+        half = HouseholderLinear(12, reflections=k).to(dtype)
+        assert half.to_dense().dtype == dtype
+        single = HouseholderLinear(12, reflections=k)
+        single.load_state_dict(half.state_dict())  # the same (rounded) u, in float32
+        torch.testing.assert_close(half.to_dense(), single.to_dense().to(dtype), atol=0, rtol=0)
 
 
 def test_gradient_norm_is_preserved_through_200_han_layers_but_not_relu():
