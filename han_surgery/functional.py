@@ -399,9 +399,11 @@ def _autocast_on(x: Tensor) -> bool:
         return False
 
 
-def _use_triton(x: Tensor, k: int) -> bool:
+def _use_triton(x: Tensor, k: int, *params: Tensor | None) -> bool:
     if x.device.type != "cuda" or x.numel() == 0 or not _kernels_allowed():  # empty: the PyTorch path, as on CPU
         return False
+    if any(p is not None and p.device != x.device for p in params):  # a kernel would read them through a pointer
+        return False  # of another device; PyTorch's ops name the mismatch instead, as on CPU
     triton_gpu = kernels.triton_kernels()
     return triton_gpu is not None and triton_gpu.supports(x, k)
 
@@ -485,7 +487,7 @@ def householder_chain(
     a = moved.reshape(-1, n)
     if not a.is_contiguous():
         a = a.contiguous()
-    rows_fn = kernels.triton_kernels().householder_rows if _use_triton(a, k) else _rows_torch
+    rows_fn = kernels.triton_kernels().householder_rows if _use_triton(a, k, u_hat, b) else _rows_torch
     for layer in range(layers):
         out_dtype = x.dtype if layer == layers - 1 else acc
         a = rows_fn(a, u_hat[layer], t[layer], b[layer] if b is not None else None, apply_abs[layer], out_dtype)

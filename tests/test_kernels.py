@@ -528,6 +528,26 @@ def test_triton_kernels_numerics_in_the_interpreter():
     assert out.returncode == 0 and "triton ok" in out.stdout, out.stderr[-3000:]
 
 
+def test_a_cuda_input_with_parameters_elsewhere_does_not_take_the_triton_kernel(monkeypatch):
+    """The Triton dispatch checked the input's device only: a CUDA input with the layer's parameters still on the
+    CPU went to a kernel that reads them through a pointer of the wrong device, where the PyTorch path names the
+    mismatch (as the CPU kernel's dispatch already did). Checked on stand-ins: CI has no GPU."""
+    from types import SimpleNamespace
+
+    from han_surgery import functional
+
+    asked = []
+    monkeypatch.setattr(
+        kernels, "triton_kernels", lambda: asked.append(1) or SimpleNamespace(supports=lambda x, k: True)
+    )
+    monkeypatch.setattr(functional, "_kernels_allowed", lambda: True)
+    on = lambda device: SimpleNamespace(device=torch.device(device), numel=lambda: 8)  # noqa: E731
+    assert functional._use_triton(on("cuda:0"), 1, on("cuda:0"), None)
+    assert not functional._use_triton(on("cuda:0"), 1, on("cpu"), None)
+    assert not functional._use_triton(on("cuda:0"), 1, on("cuda:0"), on("cuda:1"))
+    assert asked == [1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_layers_match_the_pytorch_path(dtype):
