@@ -230,6 +230,15 @@ def test_regression_csv_too_small_for_the_split_is_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_two_regression_datasets_of_one_name_are_refused(tmp_path, capsys):
+    """Two --csv files named alike trained into one row label and one plot panel, their results mixed."""
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "d.csv").write_text("".join(f"{i / 7},{(i * 3 % 5) / 5}\n" for i in range(40)))
+    argv = ["regression", "--quick", "--csv", str(tmp_path / "a" / "d.csv"), "--csv", str(tmp_path / "b" / "d.csv")]
+    assert "two datasets of one name (d: " in _error_line(capsys, argv)
+
+
 def test_regression_reports_the_training_rows_it_kept(tmp_path):
     """``train_rows`` was recomputed without split()'s floor of one row: 0 for --train-fractions 0.001 of 200 rows,
     where one row trained."""

@@ -370,14 +370,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _dataset_paths(args: argparse.Namespace) -> list[Path]:
+    """The CSV files to run on; two of one name are refused, as the results name each dataset by its file's stem."""
     if args.csv:
-        return [resolve_data_path(p) for p in args.csv]
-    names = [n for n in args.datasets.split(",") if n]
-    if not names:
-        raise PaperInputError("--datasets is empty; name at least one CSV (without .csv) or pass --csv FILE")
-    return [
-        resolve_data_path(Path(args.data) / f"{n}.csv" if args.data else None, "regression", f"{n}.csv") for n in names
-    ]
+        paths = [resolve_data_path(p) for p in args.csv]
+    else:
+        names = [n for n in args.datasets.split(",") if n]
+        if not names:
+            raise PaperInputError("--datasets is empty; name at least one CSV (without .csv) or pass --csv FILE")
+        paths = [
+            resolve_data_path(Path(args.data) / f"{n}.csv" if args.data else None, "regression", f"{n}.csv")
+            for n in names
+        ]
+    stems = [Path(p).stem for p in paths]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        named = "; ".join(f"{s}: {', '.join(str(p) for p in paths if Path(p).stem == s)}" for s in twice)
+        raise PaperInputError(
+            f"two datasets of one name ({named}): the results name each by its file name; rename or drop one"
+        )
+    return paths
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
