@@ -377,24 +377,32 @@ class HanBlock(nn.Module):
         """Both layers can run as one chain: no extras, no active dropout, nothing swapped in or hooked on them
         (torch hooks, forward or backward, or a ``forward`` patched on the instance as accelerate's offloading
         does): the chain calls none of the four sub-modules."""
-        fc1, fc2 = self.fc1, self.fc2
-        parts = (fc1, fc2, self.drop1, self.drop2)
-        return (
+        # read from _modules directly: this runs on every forward, and nn.Module.__getattr__ is slow
+        modules = self._modules
+        fc1, fc2, drop1, drop2 = modules["fc1"], modules["fc2"], modules["drop1"], modules["drop2"]
+        if not (
             self.input_scale is None
             and self.gain is None
             and self.bias is None
             and self.side is None
             and type(fc1) is HanLayer
             and type(fc2) in (HanLayer, HouseholderLinear)
-            and all(self._passes_through(drop) for drop in (self.drop1, self.drop2))
+            and self._passes_through(drop1)
+            and self._passes_through(drop2)
             and fc1.dim == fc2.dim
-            and fc1.u.shape == fc2.u.shape
-            and fc1.u.dtype == fc2.u.dtype
-            and (fc1.bias is None) == (fc2.bias is None)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in parts)
-            and not any(m._backward_hooks or m._backward_pre_hooks for m in parts)
-            # a forward patched on the instance (accelerate's offloading hooks load the weights there)
-            and not any("forward" in vars(m) for m in parts)
+        ):
+            return False
+        for m in (fc1, fc2, drop1, drop2):
+            # a forward patched on the instance: accelerate's offloading hooks load the weights there
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return False
+            if "forward" in m.__dict__:
+                return False
+        u1, u2 = fc1._parameters["u"], fc2._parameters["u"]
+        return (
+            u1.shape == u2.shape
+            and u1.dtype == u2.dtype
+            and (fc1._parameters.get("bias") is None) == (fc2._parameters.get("bias") is None)
         )
 
     def _passes_through(self, drop: nn.Module) -> bool:
