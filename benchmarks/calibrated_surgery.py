@@ -85,6 +85,8 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "calibrated +heal body": (HanConfig(), HEAL_BODY),
     "calibrated, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), CalibrationConfig()),
     "calibrated +heal body, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), HEAL_BODY),
+    # a full-rank side path: each block may learn a dense d x d linear map beside the Han-block (2 d^2 parameters)
+    "calibrated gain+scale r=384 +heal body": (HanConfig(**EXTRAS, side_rank=384), HEAL_BODY),
     "calibrated +heal all, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), HEAL_ALL),
     "calibrated gain+scale r=32 +heal all": (
         HanConfig(**EXTRAS, side_rank=32),

@@ -1274,6 +1274,17 @@ def test_read_texts_takes_the_delimiter_from_the_first_line_as_finetune_does(tmp
     assert read_texts(tmp_path / "one.tsv") == ["Hello, world, again"]  # one column: the suffix decides
 
 
+def test_read_texts_splits_lines_at_newlines_only_and_skips_blank_records(tmp_path):
+    """A .txt was split at every separator str.splitlines() knows (U+2028, a form feed), one line becoming several
+    samples; a .jsonl record with a blank text was kept (a sample of special tokens only)."""
+    from han_surgery.surgery.calibration import read_texts
+
+    (tmp_path / "a.txt").write_text("first part\u2028second part\r\nA\x0cB\n\n", encoding="utf-8")
+    assert read_texts(tmp_path / "a.txt") == ["first part\u2028second part", "A\x0cB"]
+    (tmp_path / "a.jsonl").write_text('{"text": "kept"}\n{"text": "  "}\n{"sentence": ""}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "a.jsonl") == ["kept"]
+
+
 def test_running_out_of_memory_in_a_fit_is_not_renamed(monkeypatch):
     """Errors in a block's fit are HanifyErrors naming the block, but not running out of memory: a caller retries
     that with fewer tokens (``except torch.OutOfMemoryError``). Built-in rules get no advice meant for one's own."""

@@ -123,6 +123,11 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("finetune-reader", r"^han-surgery hanify: --calibrate .*config.json: unknown format '.json'"),
         # a field over the csv module's limit raised csv.Error (no ValueError): a 35-line traceback, exit code 1
         ("huge-field", r"--calibrate .*big\.csv: .*big\.csv, line 3: field larger than field limit"),
+        # a (text, label) .csv for a model without a tokenizer reached calibration_batches' Python-API message
+        ("text-csv-no-tokenizer", "labelled.csv is text, but .* has no tokenizer"),
+        # the tokenizer truncates nothing below its special tokens: it fitted on whole samples, without a word
+        ("max-length-1", "max_length=1 leaves no room for text: the tokenizer adds 2 special tokens"),
+        ("jsonl-null", r"nulls\.jsonl, line 2: 'text' must be a string, got NoneType"),  # fitted on "None"
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -153,6 +158,15 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
     elif case == "huge-field":
         (tmp_path / "big.csv").write_text("sentence\nshort\n" + "x" * 200_000 + "\n", encoding="utf-8")
         data = str(tmp_path / "big.csv")
+    elif case == "text-csv-no-tokenizer":
+        source = str(_bert(tmp_path / "bare"))
+        (tmp_path / "labelled.csv").write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+        data = str(tmp_path / "labelled.csv")
+    elif case == "max-length-1":
+        extra = ["--calibration-max-length", "1"]
+    elif case == "jsonl-null":
+        (tmp_path / "nulls.jsonl").write_text('{"text": "a sentence"}\n{"text": null}\n')
+        data = str(tmp_path / "nulls.jsonl")
     calibrate = [] if case == "flag-alone" else ["--calibrate", data]
     extra = ["--calibration-steps", "3"] if case == "flag-alone" else extra
     out = tmp_path / "out"

@@ -13,8 +13,9 @@ in the fine-tuning layer because image files are read by :func:`~.data.load_data
 a ``.txt``, ``.tsv`` or ``.jsonl``  text (see :func:`~han_surgery.surgery.calibration.calibration_batches`),
 file                               tokenised with the model's tokenizer (the one saved in its folder)
 a ``.csv`` file                    text when the model has a tokenizer, else what ``--data`` reads
-anything else                      what ``finetune --data`` reads (an image folder, ``.npz``):
-                                   the inputs of its training split, labels dropped
+anything else                      what ``finetune --data`` reads (an image folder, ``.npz``, a
+                                   numeric ``.csv``): every input it holds (both of its splits),
+                                   labels dropped (a numeric ``.csv``'s target: its last column)
 =================================  ==============================================================
 """
 
@@ -27,7 +28,7 @@ from typing import Any
 from torch.utils.data import ConcatDataset
 
 from ..errors import ConfigError, for_option
-from ..surgery.calibration.data import CalibrationData, calibration_batches
+from ..surgery.calibration.data import TEXT_COLUMNS, CalibrationData, calibration_batches, table_reader
 
 __all__ = ["TRAIN_SPLIT", "TEXT_SUFFIXES", "load_calibration_batches"]
 
@@ -74,19 +75,24 @@ def load_calibration_batches(
         if not path.exists():
             raise ConfigError(f"--calibrate {data.source}: no such file or folder")
         suffix = path.suffix.lower()
+        no_tokenizer = ConfigError(
+            f"--calibrate {path} is text, but {model_name} has no tokenizer: text calibrates a transformers "
+            "model whose folder holds one (save it there with tokenizer.save_pretrained(folder)); other "
+            "models take what finetune --data reads (an image folder, an .npz of images, a numeric .csv)"
+        )
         if path.is_file() and (suffix in TEXT_SUFFIXES or (suffix == ".csv" and tokenizer is not None)):
             if tokenizer is None:
-                raise ConfigError(
-                    f"--calibrate {path} is text, but {model_name} has no tokenizer: text calibrates a transformers "
-                    "model whose folder holds one (save it there with tokenizer.save_pretrained(folder)); other "
-                    "models take what finetune --data reads (an image folder, an .npz of images, a numeric .csv)"
-                )
+                raise no_tokenizer
             source = path
+        elif path.is_file() and suffix == ".csv" and _has_text_column(path):  # and no tokenizer to read it with
+            raise no_tokenizer
         elif path.is_file() and suffix not in (".csv", ".npz"):
             raise ConfigError(
                 f"--calibrate {path}: unknown format {suffix!r}. Calibration takes text (.txt, one sample per line; "
                 ".tsv or .csv with a 'sentence' or 'text' column; .jsonl) for a model with a tokenizer, or an image "
-                "folder, an .npz of images or a numeric .csv; no labels are needed (an .npz still holds its 'labels' array)"
+                "folder, an .npz of images or a numeric .csv as finetune --data reads them; no labels are needed, "
+                "but an .npz still holds its 'labels' array and a numeric .csv its target, the last column, which "
+                "calibration leaves out"
             )
         else:
             from .data import DataError, DataWarning, load_data
@@ -104,3 +110,12 @@ def load_calibration_batches(
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"--calibrate {data.source}: {' '.join(str(e).split())}") from None
+
+
+def _has_text_column(path: Path) -> bool:
+    """Whether the header of the CSV ``path`` names a text column (``sentence`` or ``text``), as
+    :func:`~han_surgery.surgery.calibration.read_texts` looks for one."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        first = f.readline()
+    header = next(table_reader(first, path.suffix.lower()), [])
+    return any(cell.strip().lower() in TEXT_COLUMNS for cell in header)

@@ -77,7 +77,8 @@ def read_texts(path: str | Path) -> list[str]:
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix == ".txt":
-        return [line.strip() for line in p.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+        # lines end at "\n" ("\r\n" too), not at every separator str.splitlines() knows (U+2028, form feed, ...)
+        return [line.strip() for line in p.read_text(encoding="utf-8-sig").split("\n") if line.strip()]
     if suffix in (".tsv", ".csv"):
         reader = table_reader(p.read_text(encoding="utf-8-sig"), suffix)  # as finetune --data reads it
         try:
@@ -101,7 +102,10 @@ def read_texts(path: str | Path) -> list[str]:
                 key = next((k for k in TEXT_COLUMNS if isinstance(record, dict) and k in record), None)
                 if key is None:
                     raise ValueError(f"{p}, line {n}: a record needs a {' or '.join(TEXT_COLUMNS)!r} key")
-                texts.append(str(record[key]))
+                if not isinstance(record[key], str):  # str() made null "None" and a list its repr
+                    raise ValueError(f"{p}, line {n}: {key!r} must be a string, got {type(record[key]).__name__}")
+                if record[key].strip():  # a blank text is skipped, as a blank line of a .txt is
+                    texts.append(record[key])
         return texts
     raise ValueError(f"{p}: unknown text format {suffix!r} (use .txt, .tsv, .csv or .jsonl)")
 
@@ -262,7 +266,21 @@ def padding_tokens(tokenizer: Any) -> Iterator[Any]:
 
 def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int) -> list[dict[str, torch.Tensor]]:
     """Batches of ``tokenizer`` output, the texts sorted by length first (little padding); a tokenizer without a
-    pad token pads as :func:`padding_tokens` says."""
+    pad token pads as :func:`padding_tokens` says.
+
+    Raises:
+        ValueError: ``max_length`` leaves no token for text once the tokenizer's special tokens are added (the
+            tokenizer then truncates nothing), or exceeds the tokenizer's ``model_max_length``.
+    """
+    special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    if max_length <= special:
+        raise ValueError(
+            f"max_length={max_length} leaves no room for text: the tokenizer adds {special} special tokens to every "
+            f"sample; give max_length > {special}"
+        )
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 10**6 and max_length > limit:  # 10**30 or so: the tokenizer does not know
+        raise ValueError(f"max_length={max_length} exceeds the tokenizer's model_max_length {limit}")
     texts = sorted(texts, key=len)
     with padding_tokens(tokenizer):
         return [
