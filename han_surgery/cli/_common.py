@@ -77,7 +77,7 @@ MACHINE_REFUSALS = {
 }
 _OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports one
 #: How torch reports an allocation the machine refused: its CPU allocator, and CUDA (``torch.OutOfMemoryError``).
-_OUT_OF_MEMORY = re.compile(r"DefaultCPUAllocator: can't allocate memory|CUDA out of memory|out of memory", re.I)
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory", re.I)
 
 
 def machine_refusal(e: BaseException) -> str | None:
