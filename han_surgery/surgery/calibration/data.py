@@ -269,8 +269,8 @@ def _tokenize(texts: list[str], tokenizer: Any, batch_size: int, max_length: int
     pad token pads as :func:`padding_tokens` says.
 
     Raises:
-        ValueError: ``max_length`` leaves no token for text once the tokenizer's special tokens are added (the
-            tokenizer then truncates nothing), or exceeds the tokenizer's ``model_max_length``.
+        ValueError: ``max_length`` leaves no token for text once the tokenizer's special tokens are added (below
+            their count the tokenizer truncates nothing), or exceeds the tokenizer's ``model_max_length``.
     """
     special = tokenizer.num_special_tokens_to_add() if hasattr(tokenizer, "num_special_tokens_to_add") else 0
     if max_length <= special:
