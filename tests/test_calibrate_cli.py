@@ -128,6 +128,7 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         # the tokenizer truncates nothing below its special tokens: it fitted on whole samples, without a word
         ("max-length-1", "max_length=1 leaves no room for text: the tokenizer adds 2 special tokens"),
         ("jsonl-null", r"nulls\.jsonl, line 2: 'text' must be a string, got NoneType"),  # fitted on "None"
+        ("folder-of-texts", r"^han-surgery hanify: --calibrate .*texts: .*texts: no classes found"),  # named no option
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -162,6 +163,10 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         source = str(_bert(tmp_path / "bare"))
         (tmp_path / "labelled.csv").write_text("sentence,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
         data = str(tmp_path / "labelled.csv")
+    elif case == "folder-of-texts":
+        source, data = "test_vit", str(tmp_path / "texts")
+        (tmp_path / "texts").mkdir()
+        (tmp_path / "texts" / "a.txt").write_text("a sentence\n")
     elif case == "max-length-1":
         extra = ["--calibration-max-length", "1"]
     elif case == "jsonl-null":

@@ -102,8 +102,11 @@ def load_calibration_batches(
                     warnings.simplefilter("ignore", DataWarning)
                     bundle = load_data(path, image_size=image_size, seed=seed, unlabelled=True)
                 source = ConcatDataset([bundle.train, bundle.eval])  # no evaluation here: every sample may calibrate
-            except DataError as e:  # finetune's reader: its messages name --data
-                raise for_option(e, "--data", "--calibrate") from None
+            except DataError as e:  # finetune's reader: its messages name --data, or only the file
+                renamed = for_option(e, "--data", "--calibrate")
+                if not str(renamed).startswith("--calibrate"):
+                    renamed = type(e)(f"--calibrate {data.source}: {renamed}")
+                raise renamed from None
     try:
         return calibration_batches(source, tokenizer=tokenizer, **kwargs)
     except (OSError, ValueError) as e:  # calibration_batches' own errors are plain ValueErrors
