@@ -255,6 +255,30 @@ def test_max_samples_that_leaves_one_class_warns(tmp_path: Path, capsys: pytest.
     assert "--max-samples 15 kept the first rows; is the file sorted by label?" in err
 
 
+def test_max_samples_keeps_every_class_of_the_file_in_the_head_and_names_those_it_leaves_out(tmp_path: Path) -> None:
+    """--max-samples cut the rows before the classes were counted: on a file sorted by label the head silently
+    shrank to the classes of the first rows (5 of 10 for half of a sorted npz), with no warning while two or more
+    were left. The classes now come from every row, and the rows kept are checked against them."""
+    labels = np.repeat(np.arange(3), 20)
+    np.savez(tmp_path / "s.npz", images=np.zeros((60, 8, 8), np.uint8), labels=labels)
+    (tmp_path / "s.csv").write_text("".join(f"{i % 7},{i % 5},{c}\n" for i, c in enumerate(labels)))
+    (tmp_path / "s.jsonl").write_text(
+        "".join(json.dumps({"text": f"row {i}", "label": "abc"[c]}) + "\n" for i, c in enumerate(labels))
+    )
+    for name, left_out in (("s.npz", "2"), ("s.csv", "2.0"), ("s.jsonl", "2")):
+        with pytest.warns(
+            DataWarning,
+            match=rf"--max-samples 40 keeps the first rows, which hold no row of class\(es\) {left_out} \(1 of 3\)",
+        ):
+            bundle = load_data(tmp_path / name, max_samples=40)
+        assert bundle.num_outputs == 3 and len(bundle.train) + len(bundle.eval) == 40, name
+        if name == "s.jsonl":
+            assert bundle.class_names == ["a", "b", "c"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)  # every class among the rows kept: no word
+        assert load_data(tmp_path / "s.npz", max_samples=60).num_outputs == 3
+
+
 # ---- issue 11, item 18: --pretrained without the Hub fails fast, in one line
 
 

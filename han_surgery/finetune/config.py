@@ -112,7 +112,9 @@ class FinetuneConfig:
     num_classes: int | None = _opt(None, "number of classes (default: largest label + 1)", DATA)
     val_fraction: float = _opt(0.1, "fraction of rows held out for evaluation (fixed by --seed)", DATA)
     max_samples: int | None = _opt(
-        None, "use only N rows: a file's first N, a seeded draw of N images (quick runs)", DATA
+        None,
+        "use only N rows (quick runs): a file's first N (its classes still all of the file's), a seeded draw of N images",
+        DATA,
     )
     image_size: int | None = _opt(None, "resize image-folder images to this square size (default 224)", DATA)
     max_length: int = _opt(128, "token limit for text data", DATA)

@@ -297,9 +297,9 @@ def load_npz(
         )
     if len(images) != len(labels):
         raise DataError(f"{path}: {len(images)} images but {len(labels)} labels.")
-    if max_samples:
-        images, labels = images[:max_samples], labels[:max_samples]
-    num_classes = check_labels(np.asarray(labels), num_classes, str(path))
+    num_classes = check_labels(np.asarray(labels), num_classes, str(path))  # from every row, not the first ones
+    keep = _first_rows(max_samples, np.asarray(labels), str(path))
+    images, labels = images[keep], labels[keep]
     x = _images_to_tensor(images, str(path))
     y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     dataset = TensorDataset(x, y)
@@ -314,6 +314,25 @@ def load_npz(
         in_chans=x.shape[1],
         image_size=(x.shape[2], x.shape[3]),
     )
+
+
+def _first_rows(max_samples: int | None, labels: np.ndarray | None, source: str) -> slice:
+    """The rows ``--max-samples`` keeps: the first ``max_samples`` (all without it). With class ``labels`` (of every
+    row), warns (:class:`DataWarning`) naming the classes of the file that those rows leave out: the model still gets
+    a head for every class of the file, which its training split then never shows."""
+    if not max_samples:
+        return slice(None)
+    if labels is not None and max_samples < len(labels):
+        left_out = sorted(set(np.unique(labels).tolist()) - set(np.unique(labels[:max_samples]).tolist()))
+        if left_out:
+            shown = ", ".join(map(str, left_out[:10])) + (", ..." if len(left_out) > 10 else "")
+            warnings.warn(
+                f"{source}: --max-samples {max_samples} keeps the first rows, which hold no row of class(es) "
+                f"{shown} ({len(left_out)} of {len(np.unique(labels))}); is the file sorted by label?",
+                DataWarning,
+                stacklevel=4,
+            )
+    return slice(max_samples)
 
 
 def read_image(path: str) -> Any:
@@ -489,21 +508,21 @@ def load_tabular_csv(
     if not np.all(np.isfinite(values)):
         i, j = np.argwhere(~np.isfinite(values))[0]
         raise DataError(f"{path}, line {rows[i][0]}, column {j + 1}: {values[i, j]} is not a finite number.")
-    if max_samples:
-        values = values[:max_samples]
-    features, target = values[:, :-1], values[:, -1]
+    target = values[:, -1]
     if task == "auto":  # class numbers: few integers from 0 up (a year column is a quantity, not 2,020 classes)
         integral = np.all(np.mod(target, 1) == 0)
         few = len(np.unique(target)) <= AUTO_CLASSES and target.min() >= 0 and target.max() <= AUTO_CLASSES
         task = "classification" if integral and few else "regression"
+    k = check_labels(target, num_classes, str(path) + " (last column)") if task == "classification" else None
+    values = values[_first_rows(max_samples, target if k is not None else None, str(path))]
+    features, target = values[:, :-1], values[:, -1]
     train_idx, val_idx = split_indices(len(values), val_fraction, seed)
     # Standardise features with the training rows' statistics; constant columns stay (scaled by 1).
     mean, std = features[train_idx].mean(0), features[train_idx].std(0)
     std[std == 0] = 1.0
     x = torch.as_tensor((features - mean) / std, dtype=torch.float32)
     extra: dict[str, Any] = {"feature_mean": mean.tolist(), "feature_std": std.tolist(), "header": header}
-    if task == "classification":
-        k = check_labels(target, num_classes, str(path) + " (last column)")
+    if k is not None:
         y = torch.as_tensor(target, dtype=torch.int64)
         bundle_kw: dict[str, Any] = {"num_outputs": k}
     else:
@@ -601,8 +620,6 @@ def load_text(
             raise DataError(f"{path}, {where}: text data needs the fields 'text' and 'label', got {r!r:.120}.")
         if r["text"] is None or not str(r["text"]).strip():  # else trained on as "" or "None"
             raise DataError(f"{path}, {where}: empty text; every row needs one (drop or fill the row).")
-    if max_samples:
-        records = records[:max_samples]
     raw = [r["label"].strip() if isinstance(r["label"], str) else r["label"] for r in records]  # "a, 1": " 1"
     for v, where in zip(raw, places, strict=False):
         if v is None or v == "":  # else a class '' (sorted first) renumbers every other class
@@ -633,7 +650,9 @@ def load_text(
             )
         ids = {name: i for i, name in enumerate(class_names)}
         labels = np.array([ids[str(v)] for v in raw], dtype=np.int64)
-    k = check_labels(labels, num_classes, str(path))
+    k = check_labels(labels, num_classes, str(path))  # from every row: class names and numbers alike
+    keep = _first_rows(max_samples, labels, str(path))
+    records, labels = records[keep], labels[keep]
     dataset = TextDataset([str(r["text"]) for r in records], labels.tolist())
     train_idx, val_idx = split_indices(len(dataset), val_fraction, seed)
     return DataBundle(
