@@ -113,7 +113,8 @@ class FinetuneConfig:
     val_fraction: float = _opt(0.1, "fraction of rows held out for evaluation (fixed by --seed)", DATA)
     max_samples: int | None = _opt(
         None,
-        "use only N rows (quick runs): a file's first N (its classes still all of the file's), a seeded draw of N images",
+        "use only N rows (quick runs): a file's first N (the classes still all of the file's), a seeded draw of N "
+        "images",
         DATA,
     )
     image_size: int | None = _opt(None, "resize image-folder images to this square size (default 224)", DATA)
