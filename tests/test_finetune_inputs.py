@@ -433,6 +433,24 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, capsys: pytes
     assert not (tmp_path / "o").exists()
 
 
+def test_a_16_bit_image_and_a_decompression_bomb_are_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A 16-bit PNG was converted to RGB and clipped (98% of a 0-63000 image white), without a word; an image over
+    PIL's pixel limit raised DecompressionBombError (no OSError) through the training loop: a traceback."""
+    from PIL import Image
+
+    from han_surgery.finetune.data import read_image
+
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 15).astype(np.uint16)).save(tmp_path / "wide.png")
+    with pytest.raises(DataError, match=r"wide\.png: I;16 pixels \(16-bit or float\), which RGB would clip"):
+        read_image(str(tmp_path / "wide.png"))
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses beyond twice the limit: 400 > 200
+    with pytest.raises(DataError, match=r"big\.png: more than 200 pixels, beyond PIL's guard against decompression"):
+        read_image(str(tmp_path / "big.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert read_image(str(tmp_path / "big.png")).size == (20, 20)
+
+
 def test_resume_into_a_folder_without_checkpoint_changes_nothing(
     toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

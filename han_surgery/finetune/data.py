@@ -335,12 +335,31 @@ def _first_rows(max_samples: int | None, labels: np.ndarray | None, source: str)
     return slice(max_samples)
 
 
+#: PIL modes of more than 8 bits a channel: converting them to RGB clips them (a 16-bit PNG turns mostly white).
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
 def read_image(path: str) -> Any:
-    """torchvision's image loader, with a one-line :class:`DataError` naming a file PIL cannot read."""
-    from torchvision.datasets.folder import default_loader
+    """An image as RGB, as torchvision's PIL loader reads it, with a one-line :class:`DataError` naming a file PIL
+    cannot read, one beyond PIL's pixel limit, or one of 16-bit or float pixels (refused, as in an ``.npz``)."""
+    from PIL import Image
 
     try:
-        return default_loader(path)
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            if image.mode in _WIDE_MODES:
+                raise DataError(
+                    f"{path}: {image.mode} pixels (16-bit or float), which RGB would clip; convert the images to "
+                    "8 bits first."
+                )
+            return image.convert("RGB")
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(
+            f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, beyond PIL's guard against decompression "
+            "bombs; shrink the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file."
+        ) from None
     except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError, so is a truncated file
         raise DataError(f"{path}: not a readable image ({type(e).__name__}); remove or replace the file.") from None
 
