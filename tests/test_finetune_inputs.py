@@ -451,6 +451,21 @@ def test_a_16_bit_image_and_a_decompression_bomb_are_one_line(tmp_path: Path, mo
     assert read_image(str(tmp_path / "big.png")).size == (20, 20)
 
 
+def test_hidden_folders_and_files_of_an_image_folder_are_neither_classes_nor_images(tmp_path: Path) -> None:
+    """A Jupyter ``.ipynb_checkpoints/`` beside the class folders trained as a third class; macOS' ``._0.png``
+    (resource forks) were listed as images and failed in training."""
+    from PIL import Image
+
+    for c in ("a", "b", ".ipynb_checkpoints"):
+        (tmp_path / "img" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "img" / c / f"{i}.png")
+    (tmp_path / "img" / "a" / "._0.png").write_bytes(b"\0\5\0\6 resource fork")
+    bundle = load_data(tmp_path / "img", image_size=8)
+    assert bundle.class_names == ["a", "b"] and bundle.num_outputs == 2
+    assert len(bundle.train) + len(bundle.eval) == 8
+
+
 def test_resume_into_a_folder_without_checkpoint_changes_nothing(
     toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

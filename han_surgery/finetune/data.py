@@ -30,6 +30,7 @@ import codecs
 import csv
 import json
 import math
+import os
 import warnings
 import zipfile
 import zlib
@@ -364,6 +365,11 @@ def read_image(path: str) -> Any:
         raise DataError(f"{path}: not a readable image ({type(e).__name__}); remove or replace the file.") from None
 
 
+def _hidden(name: str) -> bool:
+    """A hidden file or folder (``.ipynb_checkpoints``, ``.DS_Store``, macOS' ``._x.png``)."""
+    return name.startswith(".")
+
+
 def load_image_folder(
     path: Path,
     *,
@@ -385,9 +391,21 @@ def load_image_folder(
         ]
     )
 
+    class VisibleImageFolder(datasets.ImageFolder):
+        """``ImageFolder`` without hidden entries: ``.ipynb_checkpoints/`` is no class, macOS' ``._x.png`` no image."""
+
+        def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not _hidden(e.name))
+            if not classes:
+                raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+            return classes, {name: i for i, name in enumerate(classes)}
+
+    def visible_image(file: str) -> bool:
+        return not _hidden(os.path.basename(file)) and file.lower().endswith(datasets.folder.IMG_EXTENSIONS)
+
     def folder(root: Path) -> Any:
         try:
-            return datasets.ImageFolder(str(root), transform=transform, loader=read_image)
+            return VisibleImageFolder(str(root), transform=transform, loader=read_image, is_valid_file=visible_image)
         except FileNotFoundError as e:
             raise DataError(
                 f"{root}: no classes found ({e}). An image folder needs one sub-folder per class with the "
@@ -409,7 +427,7 @@ def load_image_folder(
         # (ImageFolder would read it as one class named "train"). Every sub-folder counts, as for ImageFolder.
         only_train = (
             train_dir.is_dir()
-            and [e.name for e in path.iterdir() if e.is_dir()] == ["train"]
+            and [e.name for e in path.iterdir() if e.is_dir() and not _hidden(e.name)] == ["train"]
             and any(e.is_dir() for e in train_dir.iterdir())  # train/<class>/...; train/*.png is one folder of images
         )
         full = folder(train_dir if only_train else path)
