@@ -466,6 +466,21 @@ def test_hidden_folders_and_files_of_an_image_folder_are_neither_classes_nor_ima
     assert len(bundle.train) + len(bundle.eval) == 8
 
 
+def test_text_labels_that_are_numbers_with_a_fraction_or_nan_are_refused(tmp_path: Path) -> None:
+    """Text labels 0.0 ... 11.0 (JSON floats) were class names sorted as strings ('10.0' before '2.0': class 10 got
+    id 2); 0.37 (a regression score) made its own class, as did NaN ("nan"). Whole floats are class numbers now,
+    and a number that is no class number is refused."""
+    rows = lambda labels: "".join(json.dumps({"text": f"t {i}", "label": v}) + "\n" for i, v in enumerate(labels))  # noqa: E731
+    (tmp_path / "whole.jsonl").write_text(rows([float(i % 12) for i in range(48)]))
+    bundle = load_data(tmp_path / "whole.jsonl")
+    assert bundle.num_outputs == 12 and bundle.class_names is None
+    assert bundle.train.dataset.labels[:12] == list(range(12))
+    for bad in (0.37, float("nan"), "0.5", "nan"):
+        (tmp_path / "bad.jsonl").write_text(rows([bad if i == 3 else i % 2 for i in range(20)]))
+        with pytest.raises(DataError, match=rf"bad\.jsonl, line 4: label {bad!r} is a number but no class number"):
+            load_data(tmp_path / "bad.jsonl")
+
+
 def test_resume_into_a_folder_without_checkpoint_changes_nothing(
     toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -640,6 +640,19 @@ def _long_row_hint(path: Path) -> str:
     return 'quote texts that contain a comma: "hello, world",1'
 
 
+def _float_label(value: Any) -> float | None:
+    """A text row's label as a float when it is a JSON float or a string that reads as one but not as an integer
+    (``2.0``, ``"0.37"``, ``"nan"``); ``None`` for class numbers and names."""
+    if isinstance(value, float):
+        return value
+    if isinstance(value, str) and not value.removeprefix("-").isdecimal():
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def load_text(
     path: Path,
     *,
@@ -658,9 +671,17 @@ def load_text(
         if r["text"] is None or not str(r["text"]).strip():  # else trained on as "" or "None"
             raise DataError(f"{path}, {where}: empty text; every row needs one (drop or fill the row).")
     raw = [r["label"].strip() if isinstance(r["label"], str) else r["label"] for r in records]  # "a, 1": " 1"
-    for v, where in zip(raw, places, strict=False):
+    for i, (v, where) in enumerate(zip(raw, places, strict=False)):
         if v is None or v == "":  # else a class '' (sorted first) renumbers every other class
             raise DataError(f"{path}, {where}: empty label; every row needs one (drop or fill the row).")
+        number = _float_label(v)  # 2.0 (or "2.0") is class 2; 0.37 and NaN are no class: sorted as names before
+        if number is not None:
+            if not (math.isfinite(number) and number.is_integer()):
+                raise DataError(
+                    f"{path}, {where}: label {v!r} is a number but no class number; text data trains "
+                    "classification only, on class numbers (0, 1, ...) or class names."
+                )
+            raw[i] = int(number)
     class_names = None
     # isdecimal, not isdigit: int() takes every decimal digit, but not "²" (a digit, not a decimal).
     numeric = [isinstance(v, int) or (isinstance(v, str) and v.removeprefix("-").isdecimal()) for v in raw]
