@@ -464,6 +464,10 @@ def test_hidden_folders_and_files_of_an_image_folder_are_neither_classes_nor_ima
     bundle = load_data(tmp_path / "img", image_size=8)
     assert bundle.class_names == ["a", "b"] and bundle.num_outputs == 2
     assert len(bundle.train) + len(bundle.eval) == 8
+    # --num-classes was ignored for an image folder (a head of 2 for --num-classes 10)
+    assert load_data(tmp_path / "img", image_size=8, num_classes=2).num_outputs == 2
+    with pytest.raises(DataError, match="--num-classes 10: --data .* is an image folder, whose 2 class folders"):
+        load_data(tmp_path / "img", image_size=8, num_classes=10)
 
 
 def test_text_labels_that_are_numbers_with_a_fraction_or_nan_are_refused(tmp_path: Path) -> None:

@@ -771,6 +771,11 @@ def load_data(
         raise DataError(f"--task {task}: --data {path} is {bundle.kind} data, which trains as {bundle.task} only.")
     if num_classes is not None and bundle.task != "classification":
         raise DataError(f"--num-classes {num_classes}: --data {path} is a {bundle.task} task, which has no classes.")
+    if num_classes is not None and p.is_dir() and num_classes != bundle.num_outputs:  # it was ignored
+        raise DataError(
+            f"--num-classes {num_classes}: --data {path} is an image folder, whose {bundle.num_outputs} class "
+            "folders make the classes; drop --num-classes."
+        )
     _warn_if_classes_missing(bundle, max_samples)
     return bundle
 
