@@ -485,6 +485,15 @@ def test_text_labels_that_are_numbers_with_a_fraction_or_nan_are_refused(tmp_pat
             load_data(tmp_path / "bad.jsonl")
 
 
+def test_a_model_that_refuses_npz_images_is_not_pointed_at_image_size(tmp_path: Path, capsys) -> None:
+    """The hint said "check --image-size", which resizes image folders only: an .npz's images keep their size."""
+    np.savez(tmp_path / "n8.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.arange(20) % 2)
+    code, err = finetune(capsys, "--model", "test_vit", "--data", str(tmp_path / "n8.npz"), "--image-size", "32",
+                         "--max-steps", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "o"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1, err
+    assert "check --model-kwargs (an .npz's images keep their size: --image-size resizes image folders only)" in err
+
+
 def test_resume_into_a_folder_without_checkpoint_changes_nothing(
     toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

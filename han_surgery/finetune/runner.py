@@ -377,7 +377,12 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
         if isinstance(inputs, dict)
         else "x".join(map(str, inputs.shape))
     )
-    hint = "check --image-size and --model-kwargs" if data.kind == "image" else "check --model-kwargs"
+    if data.kind == "image" and Path(config.data).expanduser().is_dir():
+        hint = "check --image-size and --model-kwargs"
+    elif data.kind == "image":  # --image-size resizes image folders only: an .npz's images keep their size
+        hint = "check --model-kwargs (an .npz's images keep their size: --image-size resizes image folders only)"
+    else:
+        hint = "check --model-kwargs"
     out = _trial_logits(  # the model's own failure, e.g. timm's AssertionError on the input size
         built.model,
         inputs,
