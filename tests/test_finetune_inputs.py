@@ -348,8 +348,9 @@ def test_model_kwargs_of_a_folder_model_are_refused(
     [
         ("test_resnet", '{"drop_rate": "abc"}', "--model test_resnet does not accept inputs of shape 2x1x8x8"),
         ("test_resnet", '{"num_classes": -5}', "needs 3 value(s) per row: check --model-kwargs (num_classes)"),
+        # not "check --image-size": that resizes image folders only
         ("test_vit", "{}", "(AssertionError: Input height (8) should be divisible by patch size (16).): check "
-         "--image-size"),
+         "--model-kwargs (an .npz's images keep their size: --image-size resizes image folders only)"),
     ],
 )  # fmt: skip
 def test_a_model_that_does_not_fit_the_data_fails_before_the_output_folder(
@@ -483,15 +484,6 @@ def test_text_labels_that_are_numbers_with_a_fraction_or_nan_are_refused(tmp_pat
         (tmp_path / "bad.jsonl").write_text(rows([bad if i == 3 else i % 2 for i in range(20)]))
         with pytest.raises(DataError, match=rf"bad\.jsonl, line 4: label {bad!r} is a number but no class number"):
             load_data(tmp_path / "bad.jsonl")
-
-
-def test_a_model_that_refuses_npz_images_is_not_pointed_at_image_size(tmp_path: Path, capsys) -> None:
-    """The hint said "check --image-size", which resizes image folders only: an .npz's images keep their size."""
-    np.savez(tmp_path / "n8.npz", images=np.zeros((20, 8, 8), np.uint8), labels=np.arange(20) % 2)
-    code, err = finetune(capsys, "--model", "test_vit", "--data", str(tmp_path / "n8.npz"), "--image-size", "32",
-                         "--max-steps", "1", "--batch-size", "4", "--output-dir", str(tmp_path / "o"))  # fmt: skip
-    assert code == 2 and err.count("\n") == 1, err
-    assert "check --model-kwargs (an .npz's images keep their size: --image-size resizes image folders only)" in err
 
 
 def test_resume_into_a_folder_without_checkpoint_changes_nothing(
