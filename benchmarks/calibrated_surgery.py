@@ -39,6 +39,7 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -57,15 +58,28 @@ HEAL_ALL = CalibrationConfig(heal_steps=150, heal_lr=3e-4, heal_params="all")
 # 15% of their tokens replaced: the setting of the 10-minute runs.
 HEAL_BODY = CalibrationConfig(heal_steps=2400, heal_lr=2e-3, heal_params="all-but-embeddings", heal_augment=0.15)
 
+
+class Deletion(NamedTuple):
+    """A healed deletion control: the layers that keep their FFN, and whether their hidden states are distilled.
+
+    It distils what ``hanify`` distils in the calibrated row it controls: every layer's state where the kept layers
+    were planned as rewrites and then kept by calibration (``max_fvu`` / ``keep_count`` with ``keep_by="output"``:
+    the targets are fixed before the choice), only the rewritten layers' where the kept ones were never rewritten
+    (``HanConfig(exclude=...)``, the first-FFN-kept rows)."""
+
+    keep: tuple[int, ...] = ()
+    distil_kept: bool = False
+
+
 # name -> (HanConfig, CalibrationConfig or None for plain hanify); None: the original model, or every FFN deleted
-# (then healed with HEAL_BODY, for the "+heal body" ones: the layers of HEALED_DELETIONS[name] keep their FFN).
+# (then healed with HEAL_BODY, for the "+heal body" ones: HEALED_DELETIONS[name] says which layers keep their FFN).
 # The kept layers match what keep_by="output" keeps in the calibrated rows they control (see docs/CALIBRATION.md).
-HEALED_DELETIONS: dict[str, tuple[int, ...]] = {
-    "deleted +heal body": (),
-    "deleted +heal body, first FFN kept": (0,),
-    "deleted +heal body, layers 0/4 kept": (0, 4),
-    "deleted +heal body, layers 0/4/5 kept": (0, 4, 5),
-    "deleted +heal body, layers 0/2/4/5 kept": (0, 2, 4, 5),
+HEALED_DELETIONS: dict[str, Deletion] = {
+    "deleted +heal body": Deletion(),
+    "deleted +heal body, first FFN kept": Deletion((0,)),
+    "deleted +heal body, layers 0/4 kept": Deletion((0, 4), distil_kept=True),
+    "deleted +heal body, layers 0/4/5 kept": Deletion((0, 4, 5), distil_kept=True),
+    "deleted +heal body, layers 0/2/4/5 kept": Deletion((0, 2, 4, 5), distil_kept=True),
 }
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "original": None,
@@ -238,15 +252,20 @@ def heal_like_hanify(
 
 
 def heal_deleted(
-    base: nn.Module, cal: list[dict], config: CalibrationConfig, keep: tuple[int, ...] = ()
-) -> tuple[nn.Module, tuple[float, float]]:
-    """The control for healing: every FFN of the BERT ``base`` deleted but those of the layers in ``keep``
-    (:func:`delete_ffns`), then healed as ``hanify`` heals a calibrated model under ``config``
-    (:func:`heal_like_hanify`; the hidden state after every layer whose FFN is deleted). Returns the model and its
-    healing loss before and after."""
-    model = delete_ffns(base, keep)
-    # the hidden states hanify distils: after each rewritten (here deleted) layer, BERT's rule's stream paths
-    paths = [f"encoder.layer.{i}" for i in range(len(model.encoder.layer)) if i not in keep]
+    base: nn.Module, cal: list[dict], config: CalibrationConfig, deletion: Deletion | None = None
+) -> tuple[nn.Module, tuple[float, float] | None]:
+    """The control for healing: every FFN of the BERT ``base`` deleted but those of the layers in ``deletion.keep``
+    (:func:`delete_ffns`; every FFN without ``deletion``), then healed as ``hanify`` heals a calibrated model under
+    ``config`` (:func:`heal_like_hanify`; the hidden state after every layer whose FFN is deleted, and after the
+    kept ones too with ``deletion.distil_kept``). Returns the model and its healing loss before and after (``None``
+    for ``heal_steps=0``: no healing, as ``hanify`` heals none)."""
+    deletion = Deletion() if deletion is None else deletion  # every FFN deleted
+    model = delete_ffns(base, deletion.keep)
+    if not config.heal_steps:
+        return model, None
+    # the hidden states hanify distils: after each layer it planned to rewrite, BERT's rule's stream paths
+    layers = range(len(model.encoder.layer))
+    paths = [f"encoder.layer.{i}" for i in layers if deletion.distil_kept or i not in deletion.keep]
     return model, heal_like_hanify(model, base, cal, paths, config)
 
 

@@ -198,13 +198,40 @@ def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_t
         surgery.heal_deleted(model, cal, CalibrationConfig(heal_steps=2))
 
 
-def test_calibrated_surgery_heal_deleted_distils_the_layers_whose_ffn_is_deleted(surgery, monkeypatch):
-    """As ``hanify`` distils the hidden states after the rewritten layers only: a kept layer's is not a target."""
+def test_calibrated_surgery_heal_deleted_distils_what_hanify_distils_in_the_row_it_controls(surgery, monkeypatch):
+    """hanify distils the states after every layer it planned to rewrite: a layer left out by HanConfig(exclude=...)
+    is no target, but one kept by calibration (keep_by="output") is, as its targets are fixed before the choice. The
+    kept-by-output controls distilled the deleted layers only (the scored last layer not at all for 0/4/5 kept)."""
+    import dataclasses
+
+    from han_surgery import HanConfig, hanify
+    from han_surgery.surgery.calibration import CalibrationConfig
+
     seen = []
     monkeypatch.setattr(surgery, "heal_like_hanify", lambda model, base, cal, paths, config: seen.append(paths))
     surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY)
-    surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY, keep=(0,))
-    assert seen == [["encoder.layer.0", "encoder.layer.1"], ["encoder.layer.1"]]
+    surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY, surgery.Deletion((0,)))
+    surgery.heal_deleted(_tiny_bert(), [], surgery.HEAL_BODY, surgery.Deletion((0,), distil_kept=True))
+    assert seen == [["encoder.layer.0", "encoder.layer.1"], ["encoder.layer.1"], ["encoder.layer.0", "encoder.layer.1"]]
+    assert surgery.HEALED_DELETIONS["deleted +heal body, layers 0/4/5 kept"].distil_kept
+    assert not surgery.HEALED_DELETIONS["deleted +heal body, first FFN kept"].distil_kept
+    # and hanify itself, where calibration keeps a block: every planned layer is still a healing target
+    from han_surgery.surgery.calibration import calibrate
+
+    targets = []
+    real = calibrate.heal
+    monkeypatch.setattr(
+        calibrate, "heal", lambda m, b, t, paths, *a, **k: targets.append(list(paths)) or real(m, b, t, paths, *a, **k)
+    )
+    model = _tiny_bert()
+    cal = [{"input_ids": torch.randint(0, 30, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}] * 3
+    config = CalibrationConfig(
+        steps=2, tokens_per_block=32, progress=False, keep_count=1, keep_by="output", heal_steps=1
+    )
+    report = hanify(model, HanConfig(), calibration=cal, calibration_config=config)
+    assert len(report.calibration.kept) == 1 and targets == [["encoder.layer.0", "encoder.layer.1"]]
+    # --heal-steps 0: no healing, as hanify heals none (it was a ZeroDivisionError in the loss over no batches)
+    assert surgery.heal_deleted(_tiny_bert(), [], dataclasses.replace(surgery.HEAL_BODY, heal_steps=0))[1] is None
 
 
 @pytest.mark.parametrize("argv", [["--threads", "0"], ["--num-eval", "1"], ["--record-batches", "0"]])
