@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = [point("original", base, 6), point("FFNs deleted", delete_ffns(base), 0)]
     plain = copy.deepcopy(base)
+    torch.manual_seed(args.seed)  # its random blocks: --seed's, as in calibrated_surgery.py (default HanConfig)
     hanify(plain)
     rows.append(point("plain hanify", plain, 0))
 
