@@ -436,6 +436,9 @@ def regression_section(runs: list[dict]) -> str:
                 verdict.append(f"{ds}: ours {' < '.join(order)}, paper {' < '.join(paper_order)}")
         if verdict:
             out.append("Ranking by mean test RMSE (lowest first) - " + "; ".join(verdict) + ".\n")
+    fewest = min(cfg["train_fractions"])
+    few_rows = [r["train_rows"] for r in rows if r["train_fraction"] == fewest]
+    hannets = [r for r in rows if r["model"] == "hannet" and r["train_fraction"] == max(cfg["train_fractions"])]
     out.append(
         f"Protocol (the paper's and the authors' code): drop constant feature columns, standardise the features with "
         "whole-file mean/std, target as the file holds it; a new random 80% train / 12% test / 8% validation split per "
@@ -445,15 +448,32 @@ def regression_section(runs: list[dict]) -> str:
         "(ABS) + head; FCNet1 5 x 50, FCNet2 5 x 200 (ReLU, Kaiming). Schedule: lr x0.2 at 50% and 70% of the epochs "
         f"(`--schedule {cfg['schedule']}`; the authors' code steps its MultiStepLR every iteration, so their lr fell "
         "to 0.04x after 210 iterations; `--schedule authors` reproduces that). Second column group: the paper does not "
-        f"give its size; we train on {min(cfg['train_fractions']):g} of each seed's training split (same validation and "
-        "test rows, same 300 epochs, so a tenth of the steps): an order of magnitude fewer samples (1.3k to 1.7k "
+        f"give its size; we train on {fewest:g} of each seed's training split (same validation and "
+        f"test rows, same {cfg['epochs']} epochs, so {_fraction_words(fewest)} of the steps): an order of magnitude "
+        f"fewer samples ({_thousands(min(few_rows))} to {_thousands(max(few_rows))} "
         "rows for these sets), enough to keep all three models trainable and far enough from the full split to show "
-        "how each degrades. Parkinsons and Skillcraft are not in ../shared/data. Our HanNet has 11.0k / 9.6k / 11.6k "
-        "parameters on the three sets (dense input layer of 15 / 8 / 18 features), the paper quotes 10.6K.\n"
+        f"how each degrades. Parkinsons and Skillcraft are not in ../shared/data. Our HanNet has "
+        f"{' / '.join(_thousands(r['params']) for r in hannets)} "
+        f"parameters on the {_count_words(len(hannets))} sets (dense input layer of "
+        f"{' / '.join(str(r['features']) for r in hannets)} features), the paper quotes 10.6K.\n"
     )
     names = [Path(r_["_folder"]).name for r_ in runs]
     out += [f"![rmse {n}](results/{n}/rmse.png)\n" for n in names]
     return "\n".join(out)
+
+
+def _thousands(n: int) -> str:
+    """``11,046`` -> ``11.0k``."""
+    return f"{n / 1000:.1f}k"
+
+
+def _fraction_words(fraction: float) -> str:
+    """``0.1`` -> ``a tenth``; other fractions as numbers."""
+    return {0.1: "a tenth", 0.5: "half", 0.25: "a quarter"}.get(fraction, f"{fraction:g}")
+
+
+def _count_words(n: int) -> str:
+    return {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}.get(n, str(n))
 
 
 # ---------------------------------------------------------------------------------------------
