@@ -212,8 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--keep-by",
         choices=("block", "output"),
-        default="block",
-        help="What --max-fvu is compared with (CalibrationConfig.keep_by).",
+        default=None,
+        help="What --max-fvu is compared with (CalibrationConfig.keep_by; default block).",
     )
     parser.add_argument(
         "--heal-lr", type=positive_float, default=1e-3, help="Peak learning rate of the one-epoch fine-tunes."
@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.keep_by is not None and args.max_fvu is None:  # it was ignored
+        parser.error("--keep-by says what --max-fvu is compared with: give --max-fvu")
+    args.keep_by = args.keep_by or "block"
     if not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     try:

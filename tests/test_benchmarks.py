@@ -339,7 +339,15 @@ def test_calibrated_mnist_deleted_model_has_no_mlp_and_each_block_adds_attention
 
 
 @pytest.mark.parametrize(
-    "argv", [["--threads", "0"], ["--num-calibration", "0"], ["--epochs", "0"], ["--heal-lr", "0"], ["--steps", "0"]]
+    "argv",
+    [
+        ["--threads", "0"],
+        ["--num-calibration", "0"],
+        ["--epochs", "0"],
+        ["--heal-lr", "0"],
+        ["--steps", "0"],
+        ["--keep-by", "output"],  # without --max-fvu it was ignored, as calibrated_surgery.py refuses
+    ],
 )
 def test_calibrated_mnist_refuses_bad_flags(cal_mnist, capsys, tiny_mnist, tmp_path, argv):
     _usage_error(capsys, cal_mnist.main, [*argv, "--data", str(tiny_mnist), "--base", str(tmp_path / "b")])
