@@ -486,6 +486,105 @@ def test_calibration_keeps_every_module_mode_and_the_rules_requires_grad():
     assert net[0].fc1.u.requires_grad and not net[0].fc2.u.requires_grad
 
 
+class _ToyFFN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _ToyLayer(nn.Module):  # x + ffn(norm(x))
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.ffn = nn.LayerNorm(8), _ToyFFN()
+
+    def forward(self, x):
+        return x + self.ffn(self.norm(x))
+
+
+def test_a_rule_whose_fitted_block_holds_the_models_own_norm_leaves_it_as_it_was():
+    """A custom rule may fit a block that holds one of the model's modules (the pre-norm, kept inside it): the fit
+    trained the norm's weights too, and neither a failure nor a block kept by max_fvu put them back (the modules
+    were restored, not the values). The fit now trains the new parameters only; the rule's flags are untouched."""
+    from han_surgery.surgery import unregister_rule
+    from han_surgery.surgery.calibration import CalibratedReplacement, CalibrationSite
+
+    @register_rule("test.kept_norm", matcher=_ToyFFN, changes=("norm",), priority=500)
+    def build(candidate, config):
+        norm = candidate.sibling("norm")
+        new = nn.Sequential(norm, HanBlock(8))
+        site = CalibrationSite(
+            input_path=candidate.path,
+            fitted=new,
+            reference=nn.Sequential(norm, candidate.module),
+            original_input_path=candidate.qualify("norm"),
+            stream_path=candidate.parent_path,
+            block_target="the kept norm",
+        )
+        return CalibratedReplacement({candidate.path: new, candidate.qualify("norm"): nn.Identity()}, {}, site=site)
+
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(_ToyLayer(), _ToyLayer())
+        with torch.no_grad():
+            for layer in net:
+                layer.norm.weight.normal_()
+        before = _state(net)
+        batches = [torch.randn(16, 8) for _ in range(3)]
+        config = CalibrationConfig(steps=30, tokens_per_block=16, progress=False, max_fvu=0.0)  # keeps every block
+        report = hanify(net, HanConfig(rules=["test.kept_norm"]), calibration=batches, calibration_config=config)
+        assert [b.status for b in report.calibration.blocks] == ["kept", "kept"]
+        after = net.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert all(p.requires_grad for p in net.parameters())
+        result = hanify(
+            net,
+            HanConfig(rules=["test.kept_norm"]),
+            calibration=batches,
+            calibration_config=dataclasses.replace(config, max_fvu=None),
+        )
+        assert result.num_rewritten == 2 and torch.equal(net[0].ffn[0].weight, before["0.norm.weight"])
+    finally:
+        unregister_rule("test.kept_norm")
+
+
+def test_healing_leaves_the_new_parameters_a_rule_froze(monkeypatch):
+    """Healing trained every parameter of the fitted blocks, also those their rule had frozen (its flags were
+    set back afterwards, the values not); the fit and the blocks without a site already left them alone."""
+    from han_surgery.surgery import unregister_rule
+    from han_surgery.surgery.calibration import CalibratedReplacement, CalibrationSite
+
+    @register_rule("test.frozen_healed", matcher=_ToyFFN, priority=500)
+    def build(candidate, config):
+        block = HanBlock(8)
+        block.fc2.requires_grad_(False)
+        site = CalibrationSite(
+            input_path=candidate.path, fitted=block, reference=candidate.module, stream_path=candidate.parent_path
+        )
+        return CalibratedReplacement({candidate.path: block}, {}, site=site)
+
+    healed = []
+    real = calibrate_module.heal
+    monkeypatch.setattr(calibrate_module, "heal", lambda *a, **k: healed.append(list(a[4])) or real(*a, **k))
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(_ToyLayer(), _ToyLayer())
+        config = CalibrationConfig(steps=10, tokens_per_block=16, heal_steps=20, heal_lr=0.05, progress=False)
+        hanify(
+            net,
+            HanConfig(rules=["test.frozen_healed"]),
+            calibration=[torch.randn(16, 8)] * 3,
+            calibration_config=config,
+        )
+    finally:
+        unregister_rule("test.frozen_healed")
+    frozen = {id(layer.ffn.fc2.u) for layer in net}
+    assert healed and not frozen & {id(p) for p in healed[0]}
+    assert not any(layer.ffn.fc2.u.requires_grad for layer in net)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_calibration_fits_in_float32(dtype):
     """Adam on half-precision weights turned every fitted weight to NaN at its first step, reported as 'fitted';

@@ -447,8 +447,17 @@ def calibrate_rewrites(
                 if output_ref:  # swapped in as built: the blocks after it see (and are charged from) its error
                     fit.output_fvu = output_fvu = _output_fvu(model, record_set, stream_paths[-1], output_ref)
                 continue
-            with _naming_the_block(record):  # the rows it draws are freed when it returns
-                scores, tokens = _fit_block(model, site, record_set, original_rows, config, gen, index)
+            # a rule's fitted module may hold the model's own modules (a kept norm): the fit trains the new parameters
+            # only, so that keeping the block, or failing, leaves the model's weights as they were
+            held = [p for p in site.fitted.parameters() if id(p) in original and p.requires_grad]
+            for p in held:
+                p.requires_grad_(False)
+            try:
+                with _naming_the_block(record):  # the rows it draws are freed when it returns
+                    scores, tokens = _fit_block(model, site, record_set, original_rows, config, gen, index)
+            finally:
+                for p in held:
+                    p.requires_grad_(True)
             if not all(bool(torch.isfinite(p).all()) for p in site.fitted.parameters()):
                 raise CalibrationDataError(
                     f"calibration: the fit of {record.path} diverged (non-finite weights); check the calibration "
@@ -480,7 +489,10 @@ def calibrate_rewrites(
             if fit.output_fvu is not None:
                 output_fvu = fit.output_fvu
             fitted_modules.append(site.fitted)
-        new_params = {id(p): p for m in fitted_modules for p in m.parameters()}
+        # the new parameters the rule left trainable (the model's own, in a fitted module, heal as heal_params says)
+        new_params = {
+            id(p): p for m in fitted_modules for p in m.parameters() if id(p) not in original and id(p) in trainable
+        }
         new_params.update((id(p), p) for _, ps in unfitted for p in ps)
         if config.heal_steps and teacher is not None and new_params:
             if config.heal_params != "new":  # every parameter the caller left trainable, and the new ones
