@@ -34,12 +34,17 @@ def _none_or(optional: bool) -> str:
     return "None or " if optional else ""
 
 
-def check_int(name: str, value: Any, low: int | None = None, *, optional: bool = False) -> None:
-    """``value`` is an ``int`` (not a ``bool``) ``>= low`` (or ``None``, with ``optional``)."""
+def check_int(
+    name: str, value: Any, low: int | None = None, *, high: int | None = None, optional: bool = False
+) -> None:
+    """``value`` is an ``int`` (not a ``bool``) ``>= low`` and ``<= high`` (or ``None``, with ``optional``)."""
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
         bound = f" >= {low}" if low is not None else ""
+        if high is not None:
+            bound = f" in [{low}, {high}]" if low is not None else f" <= {high}"
         raise ConfigError(f"{name} must be {_none_or(optional)}an int{bound}, got {value!r}")
 
 

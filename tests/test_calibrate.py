@@ -550,6 +550,14 @@ def test_a_rule_whose_fitted_block_holds_the_models_own_norm_leaves_it_as_it_was
         unregister_rule("test.kept_norm")
 
 
+def test_a_seed_beyond_torchs_generators_is_a_config_error():
+    """``seed=2**64`` was accepted and failed inside hanify ("Overflow when unpacking long long"); 2**64 - 1 failed
+    later, at seed + block index."""
+    for seed in (2**64, 2**64 - 1, -1):
+        with pytest.raises(ConfigError, match=rf"CalibrationConfig.seed must be an int in \[0, {2**62}\], got {seed}"):
+            CalibrationConfig(seed=seed)
+
+
 def test_healing_leaves_the_new_parameters_a_rule_froze(monkeypatch):
     """Healing trained every parameter of the fitted blocks, also those their rule had frozen (its flags were
     set back afterwards, the values not); the fit and the blocks without a site already left them alone."""

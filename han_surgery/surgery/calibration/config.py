@@ -19,6 +19,9 @@ MIN_TOKENS = 16
 TARGET = ("model", "block")
 HEAL_PARAMS = ("new", "all", "all-but-embeddings")
 KEEP_BY = ("block", "output")
+#: The largest calibration seed: torch's generators take 64 bits, and each block seeds its token sample with
+#: seed + index.
+MAX_SEED = 2**62
 
 
 def _field(default: Any, help: str) -> Any:
@@ -162,7 +165,7 @@ class CalibrationConfig:
             check_int(q + name, getattr(self, name), low)
         for name, low in (("record_batches", 1), ("heal_batches", 1), ("keep_budget", 0), ("keep_count", 0)):
             check_int(q + name, getattr(self, name), low, optional=True)
-        check_int(q + "seed", self.seed)
+        check_int(q + "seed", self.seed, 0, high=MAX_SEED)
         for name in ("lr", "heal_lr"):
             check_number(q + name, getattr(self, name), 0.0, low_open=True)
         check_number(q + "heal_memory_mb", self.heal_memory_mb, 0.0, low_open=True, high_closed=True)
