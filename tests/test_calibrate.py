@@ -558,6 +558,21 @@ def test_a_seed_beyond_torchs_generators_is_a_config_error():
             CalibrationConfig(seed=seed)
 
 
+def test_token_replacement_on_sequences_with_nothing_to_replace_is_a_calibration_error():
+    """Sequences of two tokens (nothing between the first and the last) made TokenReplacer's own ValueError ("the
+    vocabulary must be a non-empty 1-D tensor"), about an object the caller never built."""
+    model = _bert()
+    before = _state(model)
+    config = CalibrationConfig(**{**FAST, "heal_steps": 2, "heal_augment": 0.2})
+    batches = [
+        {"input_ids": torch.randint(0, 100, (8, 2), generator=torch.Generator().manual_seed(i))} for i in range(3)
+    ]
+    with pytest.raises(CalibrationDataError, match="no calibration sequence has any .* heal_augment=0, or longer"):
+        hanify(model, HanConfig(), calibration=batches, calibration_config=config)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_healing_leaves_the_new_parameters_a_rule_froze(monkeypatch):
     """Healing trained every parameter of the fitted blocks, also those their rule had frozen (its flags were
     set back afterwards, the values not); the fit and the blocks without a site already left them alone."""

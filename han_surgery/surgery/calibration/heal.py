@@ -214,9 +214,19 @@ class TokenReplacer:
     def from_batches(
         cls, batches: Sequence[Any], rate: float, generator: torch.Generator | None = None
     ) -> TokenReplacer:
-        """A replacer whose vocabulary is every id at a replaceable position of ``batches``."""
-        ids = [b["input_ids"][cls.replaceable(b)] for b in batches]
-        return cls(torch.unique(torch.cat(ids)).cpu(), rate, generator)
+        """A replacer whose vocabulary is every id at a replaceable position of ``batches``.
+
+        Raises:
+            CalibrationDataError: no batch has a replaceable token (every sequence two tokens long or less).
+        """
+        ids = torch.cat([b["input_ids"][cls.replaceable(b)] for b in batches])
+        if ids.numel() == 0:
+            raise CalibrationDataError(
+                "CalibrationConfig.heal_augment replaces tokens between the first and the last of each sequence, but "
+                "no calibration sequence has any (each is two tokens long or less): use CalibrationConfig."
+                "heal_augment=0, or longer samples"
+            )
+        return cls(torch.unique(ids).cpu(), rate, generator)
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         ids = batch["input_ids"]
