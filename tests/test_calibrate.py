@@ -567,7 +567,7 @@ def test_token_replacement_on_sequences_with_nothing_to_replace_is_a_calibration
     batches = [
         {"input_ids": torch.randint(0, 100, (8, 2), generator=torch.Generator().manual_seed(i))} for i in range(3)
     ]
-    with pytest.raises(CalibrationDataError, match="no calibration sequence has any .* heal_augment=0, or longer"):
+    with pytest.raises(CalibrationDataError, match="no calibration sequence has any .*heal_augment=0, or longer"):
         hanify(model, HanConfig(), calibration=batches, calibration_config=config)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
