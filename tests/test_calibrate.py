@@ -460,15 +460,7 @@ def test_calibration_keeps_every_module_mode_and_the_rules_requires_grad():
     assert not any(m.training for m in model.blocks[0].modules())  # the replaced FFN's mode, as without calibration
     assert all(m.training for m in model.blocks[1].modules()) and model.training
 
-    class TwoLayer(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
-
-        def forward(self, x):
-            return self.down(torch.relu(self.up(x)))
-
-    @register_rule("test.frozen_fc2", matcher=TwoLayer, priority=500)
+    @register_rule("test.frozen_fc2", matcher=_ToyFFN, priority=500)
     def build(candidate, config):
         block = HanBlock(8)
         block.fc2.requires_grad_(False)  # the rule's choice
@@ -476,7 +468,7 @@ def test_calibration_keeps_every_module_mode_and_the_rules_requires_grad():
 
     try:
         torch.manual_seed(0)
-        net = nn.Sequential(TwoLayer())
+        net = nn.Sequential(_ToyFFN())
         batches = [torch.randn(16, 8) for _ in range(2)]
         hanify(
             net, HanConfig(rules=["test.frozen_fc2"]), calibration=batches, calibration_config=CalibrationConfig(**FAST)
