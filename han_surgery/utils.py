@@ -1,5 +1,5 @@
-"""Small helpers shared across the package: parameter counts, plain-text tables, telling a transformers model, and
-moving parameters on or off the meta device."""
+"""Small helpers shared across the package: parameter counts, plain-text tables, telling a transformers model,
+moving parameters on or off the meta device, and an optimizer step that may overflow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["count_parameters", "format_table", "is_transformers_model", "replace_parameters"]
+__all__ = ["count_parameters", "format_table", "is_transformers_model", "replace_parameters", "step_overflows"]
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -60,3 +60,15 @@ def format_table(headers: Sequence[object], rows: Iterable[Sequence[object]]) ->
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def step_overflows(optimizer: torch.optim.Optimizer) -> bool:
+    """Run ``optimizer.step()``; ``True`` when its update overflowed float32 (Adam's step size ``lr / (1 - beta1 **
+    t)`` beyond float32's range: a learning rate near 1e38), the step then partly applied. Other errors propagate."""
+    try:
+        optimizer.step()
+    except RuntimeError as err:  # "value cannot be converted to type float without overflow"
+        if "overflow" not in str(err):
+            raise
+        return True
+    return False

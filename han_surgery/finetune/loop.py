@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..surgery.calibration.heal import HiddenStates, hidden_state_distillation_loss
+from ..utils import step_overflows
 from .checkpoints import FinetuneError, TrainProgress
 from .data import DataBundle
 
@@ -271,13 +272,8 @@ def train_loop(
                     accelerator.backward(loss * scale if scale != 1 else loss)
                     if max_grad_norm is not None and accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-                    try:
-                        optimizer.step()
-                    except RuntimeError as err:  # every process's update overflows alike: the gradients are synced
-                        if "overflow" not in str(err):
-                            raise
-                        step = progress.global_step + 1
-                        raise NonFiniteLossError(step, progress.epoch, math.inf, overflow=True) from err
+                    if step_overflows(optimizer):  # in every process alike: the gradients are synced
+                        raise NonFiniteLossError(progress.global_step + 1, progress.epoch, math.inf, overflow=True)
                     optimizer.zero_grad()
                 progress.batches_done += 1
                 progress.running_loss += loss.detach().float().item()

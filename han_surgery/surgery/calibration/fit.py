@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ...functional import householder_affine, unit_rows
 from ...layers import HanBlock
+from ...utils import step_overflows
 from .record import CalibrationDataError
 from .site import CalibrationSite
 
@@ -179,12 +180,8 @@ def _adam(site: CalibrationSite, x: Tensor, y: Tensor, steps: int, lr: float, ba
             loss = (site_output(site, xb, new_branch(site, xb)) - y[idx]).pow(2).sum(1).mean() / var
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            try:
-                opt.step()
-            except RuntimeError as err:  # Adam's step size lr / (1 - beta1 ** t) beyond float32's range: the
-                if "overflow" not in str(err):  # steps end here, and the check below keeps the start if they
-                    raise  # left it worse, as at any learning rate too high for the block
-                break
+            if step_overflows(opt):  # the steps end here, and the check below keeps the start if they left it
+                break  # worse, as at any learning rate too high for the block
             sched.step()
     if not objective() <= start[1]:  # worse, or not finite
         with torch.no_grad():

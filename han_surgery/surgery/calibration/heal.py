@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from ...utils import step_overflows
 from .record import CalibrationDataError, as_rows, call_model, token_mask
 
 if TYPE_CHECKING:  # the report module imports this package
@@ -312,15 +313,11 @@ def heal(
             loss.backward()
             for p in half:  # the half-precision gradient onto the master, the stepped master back onto the weight
                 masters[id(p)].grad = p.grad.float() if p.grad is not None else None
-            try:
-                opt.step()
-            except RuntimeError as err:  # AdamW's step size lr / (1 - beta1 ** t) beyond float32's range
-                if "overflow" not in str(err):
-                    raise
+            if step_overflows(opt):
                 raise CalibrationDataError(
                     f"calibration: healing diverged (AdamW's update at step {step + 1} overflowed float32); lower "
                     "CalibrationConfig.heal_lr"
-                ) from err
+                )
             with torch.no_grad():
                 for p in half:
                     p.copy_(masters[id(p)])
