@@ -393,10 +393,11 @@ class HanBlock(nn.Module):
         ):
             return False
         for m in (fc1, fc2, drop1, drop2):
-            # a forward patched on the instance: accelerate's offloading hooks load the weights there
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
-            if "forward" in m.__dict__:
+            if (
+                "forward" in m.__dict__
+            ):  # a forward patched on the instance: accelerate's offloading loads weights there
                 return False
         u1, u2 = fc1._parameters["u"], fc2._parameters["u"]
         return (
