@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from .common import (
     count_parameters,
     fc_net,
     han_net,
+    load_rows,
     markdown_table,
     parse_floats,
     positive_milestones,
@@ -143,9 +143,7 @@ def load_checkerboard(folder: str | Path | None = None) -> Checkerboard:
     for name in ("trainset.txt", "testset.txt"):
         path = root / name
         try:
-            with warnings.catch_warnings():  # an empty file: numpy warns, then the row count below says it once
-                warnings.simplefilter("ignore", UserWarning)
-                arr = np.loadtxt(path, dtype=np.float32, ndmin=2)
+            arr = load_rows(path, np.float32)
         except (ValueError, OSError) as err:
             raise PaperInputError(
                 f"{path} is not a readable checkerboard file ({err}); expected columns x1 x2 y y"

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -36,6 +37,7 @@ from .activations import GroupSort
 
 __all__ = [
     "PaperInputError",
+    "load_rows",
     "Activation",
     "han_net",
     "fc_net",
@@ -190,6 +192,18 @@ def default_data_dir() -> Path:
     """``$HAN_SURGERY_DATA`` if set, else ``../shared/data`` relative to the current directory."""
     env = os.environ.get(DATA_ENV)
     return Path(env) if env else Path.cwd().parent / "shared" / "data"
+
+
+def load_rows(path: str | Path, dtype: Any, delimiter: str | None = None) -> np.ndarray:
+    """``np.loadtxt`` of a numeric text file as ``(rows, columns)``; an empty file gives shape ``(0, 1)`` without
+    numpy's warning, so that the caller's check of the shape says it once (one line on the command line).
+
+    Raises:
+        ValueError, OSError: as ``np.loadtxt`` (a cell that is no number, an unreadable file).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return np.loadtxt(path, delimiter=delimiter, dtype=dtype, ndmin=2)
 
 
 def resolve_data_path(given: str | os.PathLike[str] | None, *parts: str) -> Path:

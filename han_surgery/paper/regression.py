@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from .common import (
     count_parameters,
     fc_net,
     han_net,
+    load_rows,
     markdown_table,
     mean_std,
     parse_floats,
@@ -116,9 +116,7 @@ def load_csv(path: str | Path) -> RegressionData:
     raises :class:`~.common.PaperInputError` naming the file.
     """
     try:
-        with warnings.catch_warnings():  # an empty file: numpy warns, then the row count below says it once
-            warnings.simplefilter("ignore", UserWarning)
-            arr = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        arr = load_rows(path, np.float64, delimiter=",")
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise PaperInputError(
             f"{path} is not a readable numeric CSV ({err}); give comma-separated numbers without a header, "
