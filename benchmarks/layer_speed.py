@@ -105,8 +105,14 @@ def measure(
         return run
 
     def fwd_bwd(m):
+        params = list(m.parameters()) if isinstance(m, nn.Module) else []
+
         def run():
+            # Fresh gradients each call, as a training step after ``zero_grad()`` has them: accumulating
+            # into last round's buffers would time an add the step does not do.
             x.grad = None
+            for p in params:
+                p.grad = None
             m(x).backward(grad)
 
         return run

@@ -556,3 +556,16 @@ def test_model_speed_memory_baseline_includes_the_kernel(capsys, monkeypatch):
     speed.memory_child("paper", "hannet", "peer", 4)
     assert calls == ["kernel", "VmRSS", "VmHWM"]
     assert json.loads(capsys.readouterr().out) == {"peak_mb": 30.0}  # the peak above the baseline
+
+
+def test_layer_speed_times_each_backward_into_fresh_gradients(monkeypatch):
+    """A timed training call starts from no gradients, as a step after ``zero_grad()`` does: the parameters'
+    gradients after many calls are one call's, not their sum (accumulating would time an extra add)."""
+    layer = _load("layer_speed")
+    linear = torch.nn.Linear(16, 16)
+    monkeypatch.setattr(layer, "candidates", lambda n: {"linear": linear})
+    layer.measure(16, rows=8, rounds=3)
+    torch.manual_seed(0)  # the inputs measure() draws
+    x, grad = torch.randn(8, 16), torch.randn(8, 16)
+    assert torch.allclose(linear.weight.grad, grad.T @ x, atol=1e-5)
+    assert torch.allclose(linear.bias.grad, grad.sum(0), atol=1e-5)
