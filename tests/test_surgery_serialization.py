@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import pytest
 import safetensors.torch
 import torch
 import transformers as T
-from _surgery_zoo import BERTLIKE, SEQ2SEQ, ZOO, CustomNet, output_tensor
+from _surgery_zoo import BERTLIKE, SEQ2SEQ, VIT, ZOO, CustomNet, output_tensor
 from safetensors import safe_open
 from torch import nn
 
-from han_surgery import CheckpointError, HanBlock, HanConfig, from_pretrained, hanify, register_rule, save_pretrained
+from han_surgery import (
+    CheckpointError,
+    ConfigError,
+    HanBlock,
+    HanConfig,
+    from_pretrained,
+    hanify,
+    register_rule,
+    save_pretrained,
+)
 from han_surgery.surgery import Replacement, UnsafeCheckpointError, unregister_rule
 
 
@@ -253,6 +263,69 @@ def test_directories_that_are_not_han_checkpoints(tmp_path):
         from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not been hanified"):
         save_pretrained(model, tmp_path / "out")
+
+
+def test_a_part_hanified_on_its_own_is_refused_before_anything_is_written(tmp_path):
+    """``hanify(model.blocks[1])`` records the step on that block only: the model's folder would rebuild the base
+    and replay the model's own recipe, so the block came back dense (a size mismatch on load). Refused at save."""
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**VIT, "depth": 2})
+    hanify(model, HanConfig(exclude=["blocks.1.mlp"]))
+    with pytest.warns(UserWarning, match="Block is a part of a timm model, not the model itself"):
+        hanify(model.blocks[1])
+    with pytest.raises(ConfigError, match=r"blocks\.1 of this VisionTransformer was hanified by a call of its own"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_pretrained(model.blocks[1], tmp_path / "part")  # the part itself saves, as any custom module
+
+    only_part = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT)
+    hanify(only_part.blocks)  # an nn.Sequential: no library part, no warning
+    with pytest.raises(ValueError, match=r"only its sub-module\(s\) blocks were, by a hanify call of their own"):
+        save_pretrained(only_part, tmp_path / "out")
+
+
+def test_hanifying_a_part_of_a_transformers_model_warns_that_the_model_saves_unchanged():
+    """``hanify(bert.encoder)``: ``bert.save_pretrained`` then wrote a plain BERT folder, which transformers loads with
+    random FFNs and only a load report saying so; hanify says so when it happens."""
+    bert = T.BertModel(T.BertConfig(**BERTLIKE))
+    with pytest.warns(UserWarning, match=r"BertEncoder is a part of a transformers model.*saves \(save_pretrained"):
+        hanify(bert.encoder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hanify(T.BertModel(T.BertConfig(**BERTLIKE)))  # the model itself: no warning
+
+
+def test_parts_the_models_own_step_rewrote_save_and_reload(tmp_path):
+    """A step of a wrapper's that rewrote inside the transformers model it holds is recorded on that part too: not
+    a part hanified on its own, so both the wrapper and the part save (and the part reloads bit-identically)."""
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = T.BertModel(T.BertConfig(**BERTLIKE))
+            self.head = nn.Linear(32, 2)
+
+        def forward(self, input_ids):
+            return self.head(self.bert(input_ids).last_hidden_state)
+
+    torch.manual_seed(0)
+    wrapper = Wrapper()
+    hanify(wrapper, HanConfig(exclude=["bert.encoder.layer.1.*"]))
+    hanify(wrapper)
+    save_pretrained(wrapper, tmp_path / "wrapper")
+    save_pretrained(wrapper.bert, tmp_path / "bert")
+    _same_outputs(wrapper.bert, from_pretrained(tmp_path / "bert"), {"input_ids": torch.randint(0, 99, (2, 8))})
+
+
+def test_a_features_only_timm_model_is_refused_with_what_to_do(tmp_path):
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, features_only=True, out_indices=(0,), **VIT)
+    hanify(model)
+    with pytest.raises(ConfigError, match=r"features_only timm model .*model\.forward_intermediates"):
+        save_pretrained(model, tmp_path / "out")  # was an AttributeError from inside timm's save_config_for_hf
+    assert not (tmp_path / "out").exists()
 
 
 def test_replay_mismatch_is_reported(tmp_path):

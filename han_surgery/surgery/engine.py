@@ -59,7 +59,7 @@ from ..utils import count_parameters
 from .calibration.config import CalibrationConfig
 from .config import HanConfig, match_pattern
 from .modules import HAN_MODULE_TYPES
-from .recipe import RecipeStep, RewriteEntry, record_step
+from .recipe import BaseModelSpec, RecipeStep, RewriteEntry, record_step
 from .registry import Candidate, Replacement, Rule, SkipCandidate, resolve_rules
 from .report import KEPT_BY_CALIBRATION, HanifyReport, RewriteRecord, SkipRecord
 
@@ -637,7 +637,23 @@ def _rewrite(
     for hook in _HANIFY_HOOKS:
         hook(model)
     _warn_dropped_hooks(modules, planned)  # last: under warnings-as-errors, the step is complete and recorded
+    _warn_library_part(model)
     return report
+
+
+def _warn_library_part(model: nn.Module) -> None:
+    """Warn when ``model`` is a part of a timm or transformers model (a ``BertEncoder``, a timm ``Block``) rather
+    than the model: the step is recorded on the part only, so the model holding it saves with its library's API
+    as if it had not changed (its folder loads with the original FFNs, random, or not at all)."""
+    library = type(model).__module__.partition(".")[0]
+    if library not in ("timm", "transformers") or BaseModelSpec.of(model).library is not None:
+        return
+    warnings.warn(
+        f"hanify: {type(model).__name__} is a part of a {library} model, not the model itself; the step is recorded "
+        "on this part only, so the model that holds it saves (save_pretrained, save_for_hf, push_to_hub) as if it "
+        "had not been rewritten. Hanify the whole model instead: HanConfig(include=...) / exclude=... pick the blocks",
+        stacklevel=4,  # the caller of hanify (-> _rewrite -> here)
+    )
 
 
 _HANIFY_HOOKS: list[Callable[[nn.Module], None]] = []
@@ -678,7 +694,7 @@ def _warn_dropped_hooks(modules: Mapping[str, nn.Module], planned: list[tuple[Re
                 warnings.warn(
                     f"hanify: {count} forward/backward hook(s) registered on {path} or its sub-modules went with the "
                     "replaced module; register them on the new one if they are still needed",
-                    stacklevel=3,
+                    stacklevel=4,  # the caller of hanify (-> _rewrite -> here)
                 )
 
 

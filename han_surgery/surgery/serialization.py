@@ -44,7 +44,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..errors import CheckpointError, HanSurgeryError, UnsafeCheckpointError, first_line
+from ..errors import CheckpointError, ConfigError, HanSurgeryError, UnsafeCheckpointError, first_line
 from ..folders import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
@@ -133,14 +133,21 @@ def save_pretrained(
     """
     model = unwrap_model(model)
     steps = recipe_of(model)
+    unrecorded = _hanified_on_their_own(model)
     if not steps:
         raise ValueError(
             f"save_pretrained: {type(model).__name__} has not been hanified (no recipe found); "
-            "call han_surgery.hanify(model) first, or use the library's own save_pretrained / save_for_hf"
+            + (
+                f"only its sub-module(s) {', '.join(unrecorded)} were, by a hanify call of their own: save that "
+                "sub-module, or hanify the whole model (HanConfig(include=...) picks the blocks)"
+                if unrecorded
+                else "call han_surgery.hanify(model) first, or use the library's own save_pretrained / save_for_hf"
+            )
         )
+    recipe = recipe_for(model)
+    _check_saveable(model, recipe, unrecorded)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    recipe = recipe_for(model)
     if _can_generate(model):  # as transformers' save_pretrained; first: an invalid one is refused before other writes
         model.generation_config.save_pretrained(directory)
     config = None
@@ -158,6 +165,42 @@ def save_pretrained(
     _save_weights(model, directory / WEIGHTS_NAME, state_dict)
     recipe.write(directory)
     return directory
+
+
+def _hanified_on_their_own(model: nn.Module) -> list[str]:
+    """The paths of ``model``'s sub-modules whose recipe holds steps that ``model``'s own recipe does not: those
+    a ``hanify`` call was given directly (``hanify(model.encoder)``). A step of ``model``'s that rewrote inside a
+    library model it holds is recorded on that part too (:func:`~.recipe.record_last_step_on_parts`), relative to
+    it: those match. Outermost paths only."""
+    steps, found = recipe_of(model), []
+    for prefix, sub in model.named_modules():
+        own = recipe_of(sub)
+        if not prefix or not own or any(prefix.startswith(p + ".") for p in found):
+            continue
+        if own != [inside for step in steps if (inside := step.under(prefix)) is not None]:
+            found.append(prefix)
+    return found
+
+
+def _check_saveable(model: nn.Module, recipe: Recipe, unrecorded: list[str]) -> None:
+    """Refuse, before anything is written, a timm or transformers model whose folder would not load back: the
+    loaders rebuild the base model and replay the model's recipe, so a sub-module hanified by a call of its own
+    would come back as the base had it (a size mismatch, or random FFNs), and timm's config of a ``features_only``
+    wrapper cannot be written."""
+    if recipe.base.library is None:  # the user hands from_pretrained the model to replay on, as it is now
+        return
+    if unrecorded:
+        raise ConfigError(
+            f"save_pretrained: {', '.join(unrecorded)} of this {type(model).__name__} was hanified by a call of its "
+            "own, which the model's recipe does not hold, so the saved folder would not rebuild it; hanify the whole "
+            "model instead (HanConfig(include=...) / exclude=... pick the blocks)"
+        )
+    if recipe.base.library == "timm" and getattr(model, "num_classes", None) is None:
+        raise ConfigError(
+            f"save_pretrained: a features_only timm model ({type(model).__name__}) cannot be saved as a hanified "
+            "folder (timm's config.json describes the whole model); hanify and save the model built without "
+            "features_only, and take features with model.forward_intermediates(x, indices=...)"
+        )
 
 
 def _drop_stale_shards(directory: Path) -> None:
