@@ -213,6 +213,8 @@ def _load_timm_folder(path: Path, num_classes: int | None) -> nn.Module:
         # a model_args or pretrained_cfg value the constructor refuses: the config alone does not build
         with config_build_errors(config_file, repr(name)):
             timm.create_model(name, pretrained=False, pretrained_cfg=pretrained_cfg, **model_args)
+        if isinstance(e, ValueError):  # the config builds, its weights do not load (a Han model's checkpoint check)
+            raise CheckpointError(f"{path / WEIGHTS_NAME}: {first_line(e)}") from None
         raise
 
 

@@ -10,6 +10,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 import han_surgery  # noqa: F401  (registers han_* with timm)
+from han_surgery import ConfigError
 from han_surgery.layers import HanBlock, HanLayer
 from han_surgery.models import HanMixerBlock
 from han_surgery.surgery.modules import ResidualFree
@@ -197,6 +198,32 @@ def test_img_size_must_fit_the_stem():
     for size in (30, 64):
         with pytest.raises(AssertionError, match=rf"Input height \({size}\) doesn't match model \(32\)"):
             model(torch.randn(1, 3, size, size))
+
+
+def test_cnn_stem_strides_that_do_not_give_the_mixers_grid_are_refused():
+    """A 3x3 conv of stride 4 pads by 2, so (1, 2, 1, 4) maps 64 px to a 9x9 grid, not 8x8: the model built with
+    64-token Mixer blocks and failed on its first forward; a stride of 0 was a ZeroDivisionError."""
+    from han_surgery.models.han_mixer import ConvStem
+
+    with pytest.raises(ValueError, match=r"stem_strides \(1, 2, 1, 4\) give a \(9, 9\) token grid .* not the \(8, 8\)"):
+        timm.create_model("han_mixer_m2h16_32", stem_strides=(1, 2, 1, 4), img_size=64)
+    for strides in [(1, 0, 1, 1), (1, 2.0, 1, 1), ()]:
+        with pytest.raises(ValueError, match="stem_strides must be one or more positive integers"):
+            timm.create_model("han_mixer_m2h16_32", stem_strides=strides)
+    stem = ConvStem(32, embed_dim=64, strides=(1, 2, 1, 4))  # by itself, its grid is what its convs give
+    assert stem.grid_size == (5, 5) and stem(torch.randn(1, 3, 32, 32)).shape == (1, stem.num_patches, 64)
+    model = timm.create_model("han_mixer_m0h16_32", stem_strides=(1, 2, 2, 2), img_size=96, num_classes=3).eval()
+    assert model.stem.grid_size == (12, 12) and model(torch.randn(1, 3, 96, 96)).shape == (1, 3)  # the STL-10 stem
+
+
+def test_han_mobilevit_refuses_more_reflections_than_a_stage_is_wide():
+    """``han_reflections=100`` on XXS (widths 64 / 80 / 96) built a dense MobileViT-XXS, its MLP blocks skipped."""
+    with pytest.raises(ConfigError, match=r"han_reflections=100 leaves 9 MLP block\(s\) dense .*at most 64"):
+        timm.create_model("han_mobilevit_xxs", han_reflections=100)
+    with pytest.raises(ConfigError, match=r"han_reflections=65 leaves 2 MLP block\(s\) dense \(stages\.2\.1"):
+        timm.create_model("han_mobilevit_xxs", han_reflections=65)
+    model = timm.create_model("han_mobilevit_xxs", han_reflections=64)
+    assert all(isinstance(m, HanBlock) for n, m in model.named_modules() if n.endswith("mlp.ffn"))
 
 
 def test_features_only_without_blocks_fails_clearly():

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
 import han_surgery  # noqa: F401  (registers han_* with timm)
+from han_surgery import CheckpointError
 
 CASES = [("han_mobilevit_xxs", 64), ("han_mixer_m2h16_32", 32)]
 # Non-default constructor arguments travel in config.json's model_args (and keep the tests fast).
@@ -209,6 +210,45 @@ def test_wrong_architecture_in_local_dir_fails_clearly(saved, tmp_path):
         ValueError, match=r"han_mobilevit_xs: the checkpoint does not fit this architecture: .*shape mismatches"
     ):
         timm.create_model(f"local-dir:{wrong}", pretrained=True)
+
+
+def test_a_han_checkpoint_of_another_depth_is_not_called_dense(tmp_path):
+    """A Han-Mixer checkpoint with one Mixer block more has unexpected ``.mlp`` weights and misses some ``.u``: the
+    hint said 'a dense (non-Han) checkpoint ... hanify', which does not apply to a checkpoint full of Han-blocks."""
+    d = _save(timm.create_model("han_mixer_m1h16_32"), tmp_path / "m1")
+    with pytest.raises(ValueError, match=r"han_mixer_m0h16_32: .*Load it with the architecture it was saved from") as e:
+        timm.create_model(
+            "han_mixer_m0h16_32", pretrained=True, pretrained_cfg_overlay=dict(file=str(d / "model.safetensors"))
+        )
+    assert "dense" not in str(e.value)
+    # nor does han_surgery.from_pretrained tell its user to hanify a model made of Han-blocks
+    with pytest.raises(CheckpointError, match=r"han_mixer_m1h16_32, is built of Han-blocks already: .*local-dir:"):
+        han_surgery.from_pretrained(d)
+    dense = _save(timm.create_model("mobilevit_xxs"), tmp_path / "dense")
+    with pytest.raises(CheckpointError, match=r"plain timm folder: load it with its library, then call hanify"):
+        han_surgery.from_pretrained(dense)
+
+
+def test_a_folder_whose_weights_do_not_fit_is_a_checkpoint_error_naming_the_file(saved, tmp_path, capsys):
+    """load_model / the CLI on a ``local-dir`` folder whose config.json names another Han architecture: the Han
+    models' checkpoint check raised a bare ValueError, a traceback from ``han-surgery inspect``."""
+    from han_surgery.cli import main
+    from han_surgery.loading import load_model
+
+    _, _, _, d = saved["han_mobilevit_xxs"]
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    config = json.loads((d / "config.json").read_text())
+    config["architecture"] = "han_mobilevit_xs"
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=rf"^{wrong / 'model.safetensors'}: han_mobilevit_xs: the checkpoint does not fit"
+    ):
+        load_model(wrong)
+    assert main(["inspect", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("han-surgery inspect: ") and len(err.splitlines()) == 1, err
 
 
 def test_hanified_base_checkpoint_loads_into_han_model(tmp_path):

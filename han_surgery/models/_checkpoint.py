@@ -81,7 +81,12 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module, strict
     if shapes:
         problems.append(f"{len(shapes)} shape mismatches ({_short(shapes)})")
     hint = "Load it with the architecture it was saved from (the 'architecture' field of its config.json)"
-    if any(k.endswith(".u") for k in missing) and any(k.endswith(".weight") and ".mlp" in k for k in unexpected):
+    dense = not any(k.endswith(".u") for k in state_dict)  # not a Han model's checkpoint of another depth or width
+    if (
+        dense
+        and any(k.endswith(".u") for k in missing)
+        and any(k.endswith(".weight") and ".mlp" in k for k in unexpected)
+    ):
         hint = (
             "This looks like a dense (non-Han) checkpoint: build its base timm model, load the weights "
             "there, then convert that model with han_surgery.hanify (for Han-MobileViT: "

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import ConvNormAct
+from timm.layers import ConvNormAct, get_padding
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._manipulate import named_apply
 from timm.models.mlp_mixer import MlpMixer, _init_weights
@@ -58,6 +58,23 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+def _check_strides(what: str, strides: Sequence[int]) -> None:
+    """A ``ValueError`` naming ``what`` unless ``strides`` is one or more integers ``>= 1``."""
+    if not strides or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in strides):
+        raise ValueError(f"{what} must be one or more positive integers, got {strides!r}")
+
+
+def conv_stem_grid(img_size: tuple[int, int], strides: Sequence[int]) -> tuple[int, int]:
+    """The token grid ``(h, w)`` of :class:`ConvStem` for an ``img_size = (H, W)`` input: per 3x3 conv of stride
+    ``s``, padded as timm pads it (``(s + 1) // 2``), ``out = (in + 2 pad - 3) // s + 1``: ``ceil(in / s)`` for
+    strides 1 and 2; a stride of 4 maps 32 to 9, not 8."""
+    h, w = img_size
+    for s in strides:
+        pad = get_padding(3, s)
+        h, w = (h + 2 * pad - 3) // s + 1, (w + 2 * pad - 3) // s + 1
+    return h, w
+
+
 class ConvStem(nn.Module):
     """The paper's 5-layer CNN stem for small images, returning tokens.
 
@@ -67,7 +84,8 @@ class ConvStem(nn.Module):
     ``(1, 2, 2, 2)`` its STL-10 stem (96x96 -> 12x12 = 144 tokens).
 
     Shapes:
-        ``(B, in_chans, H, W) -> (B, ceil(H / r) * ceil(W / r), embed_dim)``, ``r = prod(strides)``.
+        ``(B, in_chans, H, W) -> (B, ceil(H / r) * ceil(W / r), embed_dim)``, ``r = prod(strides)``, for strides of 1
+        and 2 (a stride ``s >= 3`` pads by ``(s + 1) // 2``, as timm pads a 3x3 conv: see ``dynamic_feat_size``).
 
     It exposes ``num_patches``, ``grid_size``, ``feat_ratio()`` and ``dynamic_feat_size()``
     like :class:`timm.layers.PatchEmbed`, so :class:`timm.models.MlpMixer` can use it.
@@ -85,6 +103,7 @@ class ConvStem(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        _check_strides("ConvStem: strides", strides)
         if embed_dim % 2 ** (len(strides) - 1):
             raise ValueError(f"ConvStem: embed_dim={embed_dim} must be divisible by 2**(len(strides)-1)")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
@@ -105,10 +124,7 @@ class ConvStem(nn.Module):
         return self.reduction if as_scalar else (self.reduction, self.reduction)
 
     def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
-        h, w = img_size
-        for s in self.strides:  # 3x3 conv, padding 1: out = ceil(in / stride)
-            h, w = math.ceil(h / s), math.ceil(w / s)
-        return h, w
+        return conv_stem_grid(img_size, self.strides)
 
     def forward(self, x: Tensor) -> Tensor:
         # as timm's PatchEmbed: the token count is fixed, and a ceil-division stem maps 29-32 px to the same grid
@@ -202,10 +218,18 @@ class HanMixer(MlpMixer):
         if stem_type not in ("patch", "cnn"):
             raise ValueError(f"HanMixer: stem_type must be 'patch' or 'cnn', got {stem_type!r}")
         if stem_type == "cnn":
+            _check_strides("HanMixer: stem_strides", stem_strides)
             patch_size = math.prod(stem_strides)
         sizes = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         if any(s % patch_size for s in sizes):
             raise ValueError(f"HanMixer: img_size {img_size} must be a multiple of the stem's stride {patch_size}")
+        grid = tuple(s // patch_size for s in sizes)
+        if stem_type == "cnn" and conv_stem_grid(sizes, stem_strides) != grid:  # the Mixer blocks are built for `grid`
+            raise ValueError(
+                f"HanMixer: stem_strides {tuple(stem_strides)} give a {conv_stem_grid(sizes, stem_strides)} token grid "
+                f"at img_size {img_size}, not the {grid} of img_size / {patch_size} the Mixer blocks are sized for "
+                "(a 3x3 conv of stride 3 or more pads by 2); use strides of 1 and 2, as the paper's stems do"
+            )
         dd = {"device": device, "dtype": dtype}
         super().__init__(
             img_size=img_size,

@@ -33,6 +33,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.byobnet import ByobNet, ByoModelCfg
 from timm.models.mobilevit import model_cfgs as timm_mobilevit_cfgs
 
+from ..errors import ConfigError
 from ..surgery import HanConfig, hanify
 from ._checkpoint import checkpoint_filter_fn
 
@@ -75,7 +76,20 @@ class HanMobileVit(ByobNet):
     def __init__(self, cfg: ByoModelCfg, han_reflections: int = 1, han_residual: bool = False, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
         self.han_reflections, self.han_residual = han_reflections, han_residual
-        hanify(self, hanformer_config(han_reflections, residual=han_residual))
+        report = hanify(self, hanformer_config(han_reflections, residual=han_residual))
+        if report.skipped:  # e.g. more reflections than a stage's width: that stage would stay a dense MobileViT's
+            skip = report.skipped[0]
+            raise ConfigError(
+                f"{type(self).__name__}: han_reflections={han_reflections} leaves {len(report.skipped)} MLP block(s) "
+                f"dense ({skip.path}: {skip.reason}); the transformer widths are {_widths(cfg)}, so han_reflections "
+                f"must be at most {min(_widths(cfg))}"
+            )
+
+
+def _widths(cfg: ByoModelCfg) -> list[int]:
+    """The widths of the transformer blocks (``transformer_dim``) of a MobileViT config, in stage order."""
+    blocks = [block for stage in cfg.blocks for block in (stage if isinstance(stage, tuple) else (stage,))]
+    return [block.block_kwargs["transformer_dim"] for block in blocks if "transformer_dim" in block.block_kwargs]
 
 
 def _create_han_mobilevit(variant: str, pretrained: bool = False, **kwargs: Any) -> HanMobileVit:

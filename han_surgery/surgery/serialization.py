@@ -167,6 +167,15 @@ def save_pretrained(
     return directory
 
 
+def _is_han_timm_model(architecture: Any) -> bool:
+    """Whether ``architecture`` is a timm model han_surgery registers (``han_mobilevit_xs``, ``han_mixer_*``)."""
+    import timm.models
+
+    if not isinstance(architecture, str) or not timm.models.is_model(architecture):
+        return False
+    return timm.models.model_entrypoint(architecture).__module__.startswith(f"{__package__.partition('.')[0]}.")
+
+
 def _hanified_on_their_own(model: nn.Module) -> list[str]:
     """The paths of ``model``'s sub-modules whose recipe holds steps that ``model``'s own recipe does not: those
     a ``hanify`` call was given directly (``hanify(model.encoder)``). A step of ``model``'s that rewrote inside a
@@ -720,11 +729,15 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     directory = _resolve_directory(directory, revision)
     folder = inspect_model_folder(directory)
     if folder.kind != "hanified":
-        how = (
-            "han_surgery.load_model(folder) loads it (a network han-surgery finetune trained)"
-            if folder.kind == "tabular"
-            else "load it with its library, then call hanify"
-        )
+        if folder.kind == "tabular":
+            how = "han_surgery.load_model(folder) loads it (a network han-surgery finetune trained)"
+        elif folder.kind == "timm" and _is_han_timm_model(folder.config.get("architecture")):
+            how = (
+                f"its model, {folder.config['architecture']}, is built of Han-blocks already: load it with "
+                f"timm.create_model('local-dir:{directory}', pretrained=True) or han_surgery.load_model(folder)"
+            )
+        else:
+            how = "load it with its library, then call hanify"
         raise CheckpointError(
             f"{directory} has no {HAN_CONFIG_NAME}: it was not written by han_surgery.save_pretrained "
             f"(it is a plain {folder.kind} folder: {how})"
