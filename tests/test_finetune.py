@@ -730,3 +730,37 @@ def test_a_checkpoint_recording_no_max_grad_norm_resumes_as_unclipped(
     assert "--max-grad-norm None -> 1.0" in capsys.readouterr().err
     assert cli([*argv, "--resume", step_2]) == 0
     assert json.loads((out / "results.json").read_text())["global_step"] == 4
+
+
+def test_a_run_resumed_from_another_runs_checkpoint_keeps_its_metrics_whole_through_later_resumes(
+    tmp_path: Path,
+) -> None:
+    """``--resume other/checkpoints/step_40`` into a new folder, killed, then resumed in place from its own step-80
+    checkpoint: the count of metrics lines a checkpoint records included the other run's, which the new folder's file
+    did not hold, so the second resume kept lines logged after step 80 and they came twice. The new folder's
+    metrics.jsonl now starts as the other run's did at the checkpoint: every folder holds the uninterrupted run's."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 4))
+    table = tmp_path / "table.csv"
+    np.savetxt(table, np.c_[x, x[:, 0] > 0], delimiter=",", header="a,b,c,d,y", comments="", fmt="%.5f")
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        opts = ("--epochs", "10", "--batch-size", "16", "--checkpoint-every", "20", "--keep-checkpoints", "50")
+        return ["--model", "mlp:16x2", "--data", str(table), "--output-dir", str(out), "--no-progress",
+                "--no-tensorboard", "--task", "classification", *opts, *extra]  # fmt: skip
+
+    def metrics(out: Path) -> list[dict]:
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    full, moved = tmp_path / "full", tmp_path / "moved"
+    run_argv(argv(full))
+    run_argv(argv(moved, "--resume", str(full / "checkpoints" / "step_0000040")))
+    assert metrics(moved) == metrics(full)  # the whole history, not just what came after step 40
+    again = tmp_path / "again"  # as if the moved run had been killed after step 110
+    shutil.copytree(moved, again)
+    run_argv(argv(again, "--resume", str(again / "checkpoints" / "step_0000080")))
+    steps = [(m["step"], "eval_loss" in m) for m in metrics(again)]
+    assert len(steps) == len(set(steps)) and metrics(again) == metrics(full)
+    assert max_abs_diff(weights(again), weights(full)) == 0

@@ -1056,3 +1056,23 @@ def test_pretrained_with_a_model_folder_is_refused(tmp_path: Path, capsys: pytes
     assert code == 2 and err.count("\n") == 1, err
     assert f"--model {first}: --pretrained loads timm's weights for a timm model name" in err, err
     assert "this folder's own weights are loaded. Drop --pretrained." in err and not out.exists(), err
+
+
+def test_the_model_card_names_an_image_folders_own_held_out_split(tmp_path: Path) -> None:
+    """With ``train/`` beside ``val/``, the card said the held-out rows were '10% of the data, fixed by seed 0': they
+    are the folder's own ``val/`` images (here 4 of 12, none drawn)."""
+    _image_folder(tmp_path / "split" / "train", ("cat", "dog"), 4)
+    _image_folder(tmp_path / "split" / "val", ("cat", "dog"), 2)
+    assert load_data(tmp_path / "split", image_size=8).held_out_folder == "val"
+    out = tmp_path / "run"
+    argv = ["--model", "test_resnet", "--data", str(tmp_path / "split"), "--image-size", "16", "--output-dir", str(out),
+            "--max-steps", "1", "--batch-size", "4", "--no-progress", "--no-tensorboard"]  # fmt: skip
+    assert cli(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "Measured on the held-out split (4 rows: the data's own `val/` folder) at the end of training" in card
+    assert "fixed by seed" not in card
+    _image_folder(tmp_path / "flat", ("cat", "dog"), 5)  # a folder --val-fraction splits: as before
+    assert load_data(tmp_path / "flat", image_size=8).held_out_folder is None
+    assert cli([*argv[:3], str(tmp_path / "flat"), *argv[4:7], str(tmp_path / "flat_run"), *argv[8:]]) == 0
+    card = (tmp_path / "flat_run" / "README.md").read_text()
+    assert "held-out split (1 row, 10% of the data, fixed by seed 0)" in card

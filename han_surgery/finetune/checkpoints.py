@@ -592,8 +592,12 @@ def resume(accelerator: Any, out: Path, config: FinetuneConfig, progress: TrainP
         if not (isinstance(mine, list) and len(mine) == 2 and all(isinstance(v, (int, float)) for v in mine)):
             raise FinetuneError(f"--resume: {checkpoint / STATE_FILE} holds running_by_process = {running!r:.60}")
         progress.running_loss, progress.running_hidden = mine
+    # This folder's metrics.jsonl restarts as the run that wrote the checkpoint had it then: its own first lines, or
+    # (another run's checkpoint, in <run>/checkpoints/) that run's, so that a run resumed from it later is cut right.
+    head = _metrics_head(checkpoint.resolve().parent.parent / METRICS_FILE, progress.metrics_lines)
+    progress.metrics_lines = len(head)  # what the file holds (fewer if that run's file has lost lines)
     if accelerator.is_main_process:
-        _truncate_metrics(out / METRICS_FILE, progress.metrics_lines)
+        atomic_write_text(out / METRICS_FILE, "".join(line + "\n" for line in head))
     accelerator.print(
         f"resumed from {checkpoint}: step {progress.global_step}, epoch {progress.epoch}, "
         f"{progress.batches_done} batches into it",
@@ -622,11 +626,10 @@ def _unsafe_state_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def _truncate_metrics(path: Path, lines: int) -> None:
-    """Keep the first ``lines`` lines of ``metrics.jsonl``: what the run had logged when the checkpoint was saved."""
-    if path.is_file():
-        kept = path.read_text().splitlines()[:lines]
-        atomic_write_text(path, "".join(line + "\n" for line in kept))
+def _metrics_head(path: Path, lines: int) -> list[str]:
+    """The first ``lines`` lines of a run's ``metrics.jsonl`` (what it had logged when a checkpoint was saved; fewer
+    if the file holds fewer, none if it is missing)."""
+    return path.read_text().splitlines()[:lines] if path.is_file() else []
 
 
 def check_finite_parameters(model: torch.nn.Module) -> str | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..checks import MAX_NUM_CLASSES, check_number
+from ..checks import MAX_NUM_CLASSES, check_bool, check_int, check_number
 from ..errors import ConfigError
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
@@ -203,6 +203,23 @@ class FinetuneConfig:
         for name in ("model", "data", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')}: give a non-empty string")
+        for name in ("resume", "distill_from", "push_to_hub"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"--{name.replace('_', '-')}: give a non-empty string or None, got {value!r}")
+        for name in ("pretrained", "trust_remote_code", "overwrite", "private", "tensorboard", "progress"):
+            check_bool(f"--{name.replace('_', '-')}", getattr(self, name))
+        for name, choices in (
+            ("task", ("auto", "classification", "regression")),
+            ("schedule", ("cosine", "constant")),
+            ("mixed_precision", (None, "no", "fp16", "bf16")),  # accelerate's fp8 needs transformer_engine
+            ("distill", ("logits", "hidden", "both")),
+        ):
+            if getattr(self, name) not in choices:
+                names = ", ".join(repr(c) if c is None else str(c) for c in choices)
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {names}, got {getattr(self, name)!r}")
+        # numpy's seed (accelerate's set_seed seeds it too) is a 32-bit unsigned int
+        check_int("--seed", self.seed, 0, high=2**32 - 1)
         if not isinstance(self.model_kwargs, dict):
             raise ConfigError(f"--model-kwargs: give a JSON object of keyword arguments, got {self.model_kwargs!r}")
         positive = ("num_classes", "max_samples", "image_size", "max_length", "epochs", "max_steps", "batch_size",
@@ -235,8 +252,6 @@ class FinetuneConfig:
             raise ConfigError("--calibrate fits the blocks --hanify makes: add --hanify")
         if self.calibration is not None and self.calibrate is None:
             raise ConfigError("the calibration settings need the data to fit on: add --calibrate DATA")
-        if self.distill not in ("logits", "hidden", "both"):
-            raise ConfigError(f"--distill must be logits, hidden or both, got {self.distill!r}")
         if self.distill != "logits" and self.distill_from is None:
             raise ConfigError(f"--distill {self.distill} needs a teacher: add --distill-from base (or a model)")
         if self.distill != "logits" and self.hanify is None:

@@ -79,6 +79,8 @@ class DataBundle:
         num_features: tabular only.
         class_names: label names, when the data has them.
         target_mean, target_std: regression only, to report errors in the data's units.
+        held_out_folder: an image folder with its own held-out split (``train/`` beside ``val/``,
+            ``validation/`` or ``test/``): that folder's name; ``None`` where ``--val-fraction`` split the data.
     """
 
     train: Dataset[Any]
@@ -94,6 +96,7 @@ class DataBundle:
     target_mean: list[float] | None = None
     target_std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    held_out_folder: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """What a run records about its data (``results.json``): kind, task, sizes, classes, preprocessing."""
@@ -455,6 +458,7 @@ def load_image_folder(
         in_chans=3,
         image_size=(size, size),
         class_names=list(classes),
+        held_out_folder=held_dir.name if train_dir.is_dir() and held_dir is not None else None,
     )
 
 

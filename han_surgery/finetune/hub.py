@@ -297,6 +297,10 @@ def _registered_by_han_surgery(model: Any) -> bool:
     return timm.models.model_entrypoint(name).__module__.startswith("han_surgery.")
 
 
+def _rows(count: int) -> str:
+    return f"{count:,} row{'' if count == 1 else 's'}"
+
+
 def render_model_card(
     *,
     config: FinetuneConfig,
@@ -400,9 +404,11 @@ def render_model_card(
         model_name=model_name,
         summary=summary,
         dataset_name=data.name,
-        eval_rows=len(data.eval),
-        val_fraction_pct=f"{config.val_fraction:.0%}",
-        seed=config.seed,
+        held_out=(
+            f"{_rows(len(data.eval))}: the data's own `{data.held_out_folder}/` folder"
+            if data.held_out_folder
+            else f"{_rows(len(data.eval))}, {config.val_fraction:.0%} of the data, fixed by seed {config.seed}"
+        ),
         result_rows=metric_rows,
         base_model_name=started_from,
         params_base=f"{result.params_base:,}",

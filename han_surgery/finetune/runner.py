@@ -87,18 +87,24 @@ __all__ = [
 def make_accelerator(config: FinetuneConfig) -> Any:
     """The run's ``Accelerator``: CPU unless CUDA is there, seedable sampler, manual scheduler steps."""
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration
 
     out = Path(config.output_dir).expanduser()
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        step_scheduler_with_optimizer=False,  # stepped by hand once per optimizer step, whatever the process count
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
-        log_with=None,
-    )
+    try:
+        return Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.grad_accum,
+            step_scheduler_with_optimizer=False,  # stepped by hand once per optimizer step, whatever the process count
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=config.seed),
+            project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+            log_with=None,
+        )
+    except (ValueError, ImportError) as e:  # e.g. fp8 from accelerate's config or launcher, without its backend
+        AcceleratorState._reset_state()  # half set up: a later run in this process would fail on it
+        GradientState._reset_state()
+        raise FinetuneError(f"accelerate cannot set up this run: {first_line(e)}") from None
 
 
 def check_mixed_precision(accelerator: Any) -> None:
