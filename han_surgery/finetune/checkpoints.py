@@ -14,8 +14,9 @@
 * :func:`resume` takes the newest checkpoint whose manifest verifies (a corrupt newer one is reported and
   skipped), checks that the run's options are the interrupted run's (:data:`~.config.RESUME_FIELDS`,
   as the checkpoint records them), loads it with ``weights_only=True`` unpickling only (no file in a
-  checkpoint can run code; han-surgery's own state is JSON), and trims ``metrics.jsonl`` to what had been
-  written at that checkpoint, so the resumed run's metrics equal an uninterrupted run's.
+  checkpoint can run code; han-surgery's own state is JSON), and restarts ``metrics.jsonl`` as the run that wrote
+  the checkpoint had it then (its own first lines; another folder's checkpoint: that run's), so the resumed run's
+  metrics equal an uninterrupted run's.
 """
 
 from __future__ import annotations
