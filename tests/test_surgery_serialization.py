@@ -12,6 +12,7 @@ import torch
 import transformers as T
 from _surgery_zoo import BERTLIKE, SEQ2SEQ, VIT, ZOO, CustomNet, output_tensor
 from safetensors import safe_open
+from timm.models.mlp_mixer import MlpMixer
 from torch import nn
 
 from han_surgery import (
@@ -294,6 +295,7 @@ def test_hanifying_a_part_of_a_transformers_model_warns_that_the_model_saves_unc
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hanify(T.BertModel(T.BertConfig(**BERTLIKE)))  # the model itself: no warning
+        hanify(MlpMixer(img_size=32, patch_size=8, num_blocks=1, embed_dim=16))  # a timm model built by its class
 
 
 def test_parts_the_models_own_step_rewrote_save_and_reload(tmp_path):

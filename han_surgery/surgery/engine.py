@@ -648,6 +648,8 @@ def _warn_library_part(model: nn.Module) -> None:
     library = type(model).__module__.partition(".")[0]
     if library not in ("timm", "transformers") or BaseModelSpec.of(model).library is not None:
         return
+    if library == "timm" and callable(getattr(model, "get_classifier", None)):  # a model built by its class, as any
+        return  # custom module (timm's pretrained_cfg comes from create_model)
     warnings.warn(
         f"hanify: {type(model).__name__} is a part of a {library} model, not the model itself; the step is recorded "
         "on this part only, so the model that holds it saves (save_pretrained, save_for_hf, push_to_hub) as if it "
