@@ -513,3 +513,26 @@ def test_a_hanified_transformers_folder_without_han_config_json_is_still_hanifie
     assert (folder.kind, folder.base_library) == ("hanified", "transformers")
     assert torch.equal(output(han_surgery.from_pretrained(tmp_path)), output(model))
     assert torch.equal(output(han_surgery.load_model(str(tmp_path))), output(model))
+
+
+def test_a_hanified_model_still_returns_hidden_states_and_attentions():
+    """transformers keys what a model may record (``output_hidden_states``) by its class, registered when the model is
+    built: a model that hanify gave its ``Hanified*`` class afterwards returned ``hidden_states=None`` (and
+    ``attentions=None``) silently, until saved and reloaded. So did a transformers model inside a user's module."""
+    model = tiny_bert()
+    model.config._attn_implementation = "eager"  # attentions are recorded by eager attention only
+    hanify(model)
+    with torch.no_grad():
+        out = model(input_ids=IDS, output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert len(out.attentions) == 2
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = tiny_bert()
+
+    wrapper = Wrapper()
+    hanify(wrapper)
+    with torch.no_grad():
+        assert len(wrapper.encoder(input_ids=IDS, output_hidden_states=True).hidden_states) == 3

@@ -404,6 +404,19 @@ def _adopt_hanified_class(model: nn.Module) -> None:
     has it do."""
     for part in [model] if is_transformers_model(model) else record_last_step_on_parts(model, is_transformers_model):
         part.__class__ = hanified_class(type(part))
+        _register_recordable_outputs(part)
+
+
+def _register_recordable_outputs(model: PreTrainedModel) -> None:
+    """Tell transformers what ``model``, now of a ``Hanified*`` class, may record (``output_hidden_states``,
+    ``output_attentions``). transformers keeps each model class's ``_can_record_outputs`` in a registry keyed by the
+    class, filled in ``PreTrainedModel.__init__``; a model whose class was swapped after it was built had no entry,
+    and returned ``hidden_states=None`` silently. (A model built as a ``Hanified*`` class registers itself.)"""
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # transformers releases without the registry read the class attribute directly
+        return
+    _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 class _AutoDispatch:
