@@ -206,8 +206,11 @@ def calibration_site(
 def _not_the_stream(cand: Candidate, site: Site | None, kept_norm: nn.Module | None, residual_dropped: bool) -> str:
     """Why the FFN's input is not the residual stream its parent adds the new block's output to, unscaled (the
     ``"model"`` target's premise), or ``""``; see :attr:`CalibrationSite.block_target`."""
-    if site is None:
-        return ""
+    if site is None:  # the fallback rule, or a layer no rule's table names: nothing says how its output is added
+        return (
+            f"no rule describes the layer around it ({type(cand.parent).__name__}), so whether its output is added to "
+            "its input unscaled (the 'model' target's premise) is unknown"
+        )
     if site.residual not in ("add", "post"):
         return f"{type(cand.parent).__name__}'s residual is not x + branch ({site.note or site.residual})"
     if kept_norm is not None:
