@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import json
 import math
+import warnings
 
 import pytest
 import timm
@@ -888,9 +889,12 @@ def test_keep_count_keeps_the_blocks_that_move_the_last_hidden_state_most_one_pa
             ours, theirs = _state(model.get_submodule(path)), _state(base.get_submodule(path))
             assert ours.keys() == theirs.keys() and all(torch.equal(v, theirs[k]) for k, v in ours.items())
     everything = hanify(
-        copy.deepcopy(base), calibration=cal, calibration_config=dataclasses.replace(cfg, keep_count=5)
+        copy.deepcopy(base), calibration=cal, calibration_config=dataclasses.replace(cfg, keep_count=3)
     ).calibration
-    assert [b.status for b in everything.blocks] == ["kept"] * 3  # more than there are: all of them
+    assert [b.status for b in everything.blocks] == ["kept"] * 3  # all of them: the model as it was
+    # more than there are was all of them, silently, its reasons saying "choice 2 of 5": "exactly k" cannot hold
+    with pytest.raises(ConfigError, match=r"keep_count=5: hanify rewrites 3 block\(s\) here, so at most 3"):
+        hanify(copy.deepcopy(base), calibration=cal, calibration_config=dataclasses.replace(cfg, keep_count=5))
     for bad, match in (
         (dict(keep_count=1), "keep_by='output'"),
         (dict(keep_count=1, keep_by="output", max_fvu=0.1), "one or the other"),
@@ -1756,3 +1760,35 @@ def test_a_block_in_a_layer_no_rule_describes_gets_the_block_target_and_says_why
         r.startswith("fitted to the FFN's own output (the 'block' target): no rule describes the layer around it "
                      "(ModuleList)") for r in reasons
     ), reasons  # fmt: skip
+
+
+def test_a_tuple_batch_holding_a_padding_mask_warns_that_its_padding_is_fitted_on():
+    """Padding is known only from a dict's attention_mask: a ``TensorDataset(ids, mask)`` batch had its padding
+    positions fitted on, scored and distilled, without a word (the report counted 48 tokens where 12 were text)."""
+    model, _, _ = ZOO["hf/bert"]()
+    ids = torch.randint(3, 99, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.long)
+    mask[:, 3:] = 0
+    config = CalibrationConfig(steps=1, progress=False)
+    with pytest.warns(UserWarning, match=r"calibration batch 0 is a tuple whose element 1 looks like a padding mask"):
+        report = hanify(copy.deepcopy(model), HanConfig(), calibration=[(ids, mask)], calibration_config=config)
+    assert [b.tokens for b in report.calibration.blocks] == [48, 48]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = hanify(model, HanConfig(), calibration=[{"input_ids": ids, "attention_mask": mask}],
+                        calibration_config=config)  # fmt: skip
+        assert [b.tokens for b in report.calibration.blocks] == [12, 12]
+        hanify(ZOO["hf/bert"]()[0], HanConfig(), calibration=[(ids, torch.ones_like(mask))], calibration_config=config)
+
+
+def test_keep_count_beyond_the_blocks_that_can_be_fitted_is_refused_and_leaves_the_model():
+    """A Mixer's token-mixing MLP cannot be calibrated, so of its two blocks one can be kept: keep_count=2 kept that
+    one and called it 'choice 1 of 2'. Refused, the model untouched (the choosing passes run on copies)."""
+    model, inputs, n = ZOO["timm/mixer"]()
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = CalibrationConfig(steps=2, keep_by="output", keep_count=2, progress=False)
+    with pytest.raises(ConfigError, match=r"keep_count=2: only 1 of the 2 block\(s\) .* keep at most 1"):
+        hanify(model, HanConfig(), calibration=[inputs, inputs], calibration_config=config)
+    after = model.state_dict()
+    assert n == 2 and after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())

@@ -13,13 +13,14 @@ import contextlib
 import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ...errors import HanifyError, HanSurgeryError
+from ...errors import ConfigError, HanifyError, HanSurgeryError
 from ..registry import is_builtin_rule
 from .config import CalibrationConfig
 from .fit import fit_site, fvu
@@ -72,7 +73,35 @@ def check_batches(calibration: Iterable[Any]) -> list[Any]:
                 f"calibration batch {i} is a {type(batch).__name__}: expected a dict (called as model(**batch)), "
                 "a tuple/list (model(*batch)) or a tensor (model(batch))"
             )
+    _warn_positional_masks(batches)
     return batches
+
+
+def _warn_positional_masks(batches: list[Any]) -> None:
+    """Warn (once) when a tuple/list batch seems to hold a padding mask: an integer or boolean tensor of 0s and 1s,
+    with some 0s, of the shape of the integer ids before it (a ``TensorDataset(ids, mask)``). Padding is known only
+    from a dict's ``attention_mask``, so these padding tokens would be fitted on, scored and distilled."""
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            continue
+        ids = batch[0]
+        if not (isinstance(ids, Tensor) and ids.dim() == 2 and not ids.is_floating_point()):
+            continue
+        for k, mask in enumerate(batch[1:], start=1):
+            if (
+                isinstance(mask, Tensor)
+                and mask.shape == ids.shape
+                and not mask.is_floating_point()
+                and bool(((mask == 0) | (mask == 1)).all())
+                and not bool(mask.all())
+            ):
+                warnings.warn(
+                    f"calibration batch {i} is a {type(batch).__name__} whose element {k} looks like a padding mask: "
+                    "padding is left out only for dict batches ({'input_ids': ..., 'attention_mask': ...}); these "
+                    "padding tokens are fitted on as if they were text. Pass dicts to leave them out",
+                    stacklevel=6,  # hanify's caller (-> _rewrite -> calibrate_rewrites -> check_batches -> here)
+                )
+                return
 
 
 def _check_token_batches(batches: list[Any]) -> None:
@@ -322,13 +351,22 @@ def _choose_kept(
     trial = dataclasses.replace(config, keep_count=None, heal_steps=0, progress=False)
     chosen: dict[int, str] = {}
     count = config.keep_count or 0
+    if count > len(planned):
+        raise ConfigError(
+            f"CalibrationConfig.keep_count={count}: hanify rewrites {len(planned)} block(s) here, so at most "
+            f"{len(planned)} can be kept"
+        )
     for turn in tqdm(range(count), desc="choosing blocks to keep", disable=not config.progress, leave=False):
         trial_model, trial_planned = copy.deepcopy((model, planned))
         report, _ = calibrate_rewrites(trial_model, trial_planned, batches, trial, chosen=chosen)
         rises = report.output_rises()
         fitted = [i for i, block in enumerate(report.blocks) if block.status == "fitted"]
         if not fitted:  # every block that can be fitted is kept already
-            break
+            raise ConfigError(
+                f"CalibrationConfig.keep_count={count}: only {len(chosen)} of the {len(planned)} block(s) hanify "
+                f"rewrites here can be fitted, and so kept (one that cannot be calibrated is replaced as plain hanify "
+                f"replaces it); keep at most {len(chosen)}"
+            )
         best = max(fitted, key=rises.__getitem__)  # the first of equals
         chosen[best] = (
             f"keep_count: swapping it in raised the last hidden state's FVU by {rises[best]:.3f}, the most of the "
