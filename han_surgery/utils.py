@@ -1,5 +1,5 @@
-"""Small helpers shared across the package: parameter counts, plain-text tables, telling a transformers model,
-moving parameters on or off the meta device, and an optimizer step that may overflow."""
+"""Small helpers shared across the package: parameter counts, plain-text tables, telling a transformers model or a
+Han timm architecture, moving parameters on or off the meta device, and an optimizer step that may overflow."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["count_parameters", "format_table", "is_transformers_model", "replace_parameters", "step_overflows"]
+__all__ = [
+    "count_parameters",
+    "format_table",
+    "is_han_timm_architecture",
+    "is_transformers_model",
+    "replace_parameters",
+    "step_overflows",
+]
 
 
 def is_transformers_model(module: nn.Module) -> bool:
@@ -18,6 +25,16 @@ def is_transformers_model(module: nn.Module) -> bool:
     accelerate) costs a timm user about a second and 44 MB."""
     modeling_utils = sys.modules.get("transformers.modeling_utils")
     return modeling_utils is not None and isinstance(module, modeling_utils.PreTrainedModel)
+
+
+def is_han_timm_architecture(name: object) -> bool:
+    """``True`` if ``name`` is a timm architecture han_surgery registers (``han_mixer_*``, ``han_mobilevit_*``): timm
+    knows those names only after ``import han_surgery``, and their models are built of Han-blocks already."""
+    import timm.models
+
+    if not isinstance(name, str) or not timm.models.is_model(name):
+        return False
+    return timm.models.model_entrypoint(name).__module__.startswith(f"{__package__}.")
 
 
 def replace_parameters(

@@ -36,6 +36,7 @@ from ..folders import (
 )
 from ..surgery.calibration.config import FLAG_PREFIX, CalibrationConfig
 from ..surgery.report import HanifyReport
+from ..utils import is_han_timm_architecture
 from .checkpoints import ARGS_FILE
 from .config import FinetuneConfig, FinetuneResult, repo_id_problem
 from .data import DataBundle
@@ -258,7 +259,7 @@ def load_snippet(built: BuiltModel, repo_id: str | None, max_length: int | None 
         head = "import timm\n"
         if built.hanified:
             head += "import han_surgery  # pip install han-surgery: registers the 'hanified' timm model\n"
-        elif _registered_by_han_surgery(built.model):
+        elif is_han_timm_architecture((getattr(built.model, "pretrained_cfg", None) or {}).get("architecture")):
             head += "import han_surgery  # pip install han-surgery: registers the han_* timm models\n"
         return f'{head}\nmodel = timm.create_model("{name}", pretrained=True)'
     if built.family == "transformers":
@@ -283,18 +284,6 @@ def load_snippet(built: BuiltModel, repo_id: str | None, max_length: int | None 
         "# takes raw rows (the training CSV's feature columns, in order): the training split's\n"
         "# standardisation is inside the model (config.json); regression outputs are in the data's units"
     )
-
-
-def _registered_by_han_surgery(model: Any) -> bool:
-    """Whether ``model`` is a timm architecture han_surgery registers (``han_mixer_*``, ``han_mobilevit_*``):
-    timm knows its name only after ``import han_surgery``."""
-    import timm
-
-    cfg = getattr(model, "pretrained_cfg", None)
-    name = cfg.get("architecture") if isinstance(cfg, dict) else None
-    if not isinstance(name, str) or not timm.is_model(name):
-        return False
-    return timm.models.model_entrypoint(name).__module__.startswith("han_surgery.")
 
 
 def _rows(count: int) -> str:

@@ -68,7 +68,7 @@ from ..folders import (
     transformers_auto_map,
     transformers_remote_code,
 )
-from ..utils import is_transformers_model, replace_parameters
+from ..utils import is_han_timm_architecture, is_transformers_model, replace_parameters
 from ..version import __version__
 from .engine import _set_module, hanify, unwrap_model
 from .recipe import BaseModelSpec, Recipe, RecipeStep, recipe_of, replace_last_step
@@ -165,15 +165,6 @@ def save_pretrained(
     _save_weights(model, directory / WEIGHTS_NAME, state_dict)
     recipe.write(directory)
     return directory
-
-
-def _is_han_timm_model(architecture: Any) -> bool:
-    """Whether ``architecture`` is a timm model han_surgery registers (``han_mobilevit_xs``, ``han_mixer_*``)."""
-    import timm.models
-
-    if not isinstance(architecture, str) or not timm.models.is_model(architecture):
-        return False
-    return timm.models.model_entrypoint(architecture).__module__.startswith(f"{__package__.partition('.')[0]}.")
 
 
 def _hanified_on_their_own(model: nn.Module) -> list[str]:
@@ -731,7 +722,7 @@ def from_pretrained(directory: str | Path, *, model: nn.Module | None = None, re
     if folder.kind != "hanified":
         if folder.kind == "tabular":
             how = "han_surgery.load_model(folder) loads it (a network han-surgery finetune trained)"
-        elif folder.kind == "timm" and _is_han_timm_model(folder.config.get("architecture")):
+        elif folder.kind == "timm" and is_han_timm_architecture(folder.config.get("architecture")):
             how = (
                 f"its model, {folder.config['architecture']}, is built of Han-blocks already: load it with "
                 f"timm.create_model('local-dir:{directory}', pretrained=True) or han_surgery.load_model(folder)"
