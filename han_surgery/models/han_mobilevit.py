@@ -78,11 +78,11 @@ class HanMobileVit(ByobNet):
         self.han_reflections, self.han_residual = han_reflections, han_residual
         report = hanify(self, hanformer_config(han_reflections, residual=han_residual))
         if report.skipped:  # e.g. more reflections than a stage's width: that stage would stay a dense MobileViT's
-            skip = report.skipped[0]
+            skip, widths = report.skipped[0], _widths(cfg)
+            fix = f"; the transformer widths are {widths}, so han_reflections must be at most {min(widths)}"
             raise ConfigError(
                 f"{type(self).__name__}: han_reflections={han_reflections} leaves {len(report.skipped)} MLP block(s) "
-                f"dense ({skip.path}: {skip.reason}); the transformer widths are {_widths(cfg)}, so han_reflections "
-                f"must be at most {min(_widths(cfg))}"
+                f"dense ({skip.path}: {skip.reason})" + (fix if han_reflections > min(widths) else "")
             )
 
 
