@@ -461,6 +461,6 @@ def test_checkerboard_rows_outside_the_board_are_one_line_before_training(tmp_pa
 def test_threads_beyond_any_machine_are_one_line(capsys, experiment):
     """``--threads 100000`` aborted in libgomp ("Out of memory allocating"), 10**11 overflowed in
     torch.set_num_threads: tracebacks after the data had loaded."""
-    for threads in ("100000", str(10**11), "0"):
+    for threads in ("100000", str(10**11), "0", str(2**63)):  # its own bound, not int64's "below 2**63"
         line = _error_line(capsys, [experiment, "--quick", "--threads", threads])
         assert f"--threads: expected a thread count in [1, 1024], got {threads}" in line, line
