@@ -306,8 +306,21 @@ class _Hanified:
         ``commit_description``, ``private``, ``token``, ``revision``, ``create_pr``) uploads the written
         folder through transformers' ``push_to_hub``. Always one ``model.safetensors``: ``max_shard_size``
         and the other serialization options do not apply, and ``variant`` or ``safe_serialization=False``
-        raise a :class:`~han_surgery.ConfigError`.
+        raise a :class:`~han_surgery.ConfigError`. With a PEFT adapter attached through transformers
+        (``load_adapter`` / ``add_adapter``) transformers' own ``save_pretrained`` writes the adapter alone, as it
+        does for any model.
         """
+        if getattr(self, "_hf_peft_config_loaded", False):  # an adapter attached (load_adapter / add_adapter):
+            # transformers saves the adapter alone, which loads back onto this hanified base; the whole model written
+            # here held PEFT's key names, and reloaded with random attention weights
+            return super().save_pretrained(
+                save_directory,
+                is_main_process=is_main_process,
+                state_dict=state_dict,
+                push_to_hub=push_to_hub,
+                variant=variant,
+                **kwargs,
+            )
         if variant is not None or kwargs.get("safe_serialization", True) is False:
             option = f"variant={variant!r}" if variant is not None else "safe_serialization=False"
             raise ConfigError(
