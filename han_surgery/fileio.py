@@ -66,38 +66,79 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
 
     ``target/marker`` is deleted before anything moves, so a process killed half-way leaves a folder
     without its marker: incomplete, and seen as such. With ``replace``, everything else in ``target``
-    (but ``staging`` and the lock file) is deleted first. Returns the names moved.
+    (but ``staging`` and the lock file) is replaced, all or nothing: it is moved aside into
+    ``target/.replaced.tmp`` first (renames), put back if anything fails or is interrupted before the new files
+    are all in, and deleted after. Returns the names moved.
     """
     staging, target = Path(staging), Path(target)
     names = sorted(p.name for p in staging.iterdir())
     if marker not in names:
         raise ValueError(f"publish_files: {staging} has no {marker}")
-    (target / marker).unlink(missing_ok=True)
+    aside = target / REPLACED_NAME
     if replace:
-        empty_folder(target, keep=staging)
-    for name in [n for n in names if n != marker] + [marker]:
-        dest = target / name
-        if dest.is_symlink():
-            dest.unlink()
-        elif dest.is_dir() and not (staging / name).is_dir():
-            shutil.rmtree(dest)
-        elif (staging / name).is_dir() and dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(staging / name, dest)
+        if aside.is_dir() and not aside.is_symlink() and not (target / marker).is_file():
+            # left by a run killed while publishing, before its marker was in: the former contents go back first
+            empty_folder(target, keep=aside, also_keep=(staging,))
+            _move_all(aside, target)
+        _remove(aside)  # (a run killed after its marker was in had published: what is aside was replaced)
+        aside.mkdir()
+        try:
+            for entry in [e for e in target.iterdir() if e.name not in (LOCK_NAME, staging.name, aside.name)]:
+                os.replace(entry, aside / entry.name)
+        except BaseException:
+            _move_all(aside, target)
+            raise
+    else:
+        (target / marker).unlink(missing_ok=True)
+    moved: list[str] = []
+    try:
+        for name in [n for n in names if n != marker] + [marker]:
+            dest = target / name
+            if not replace:
+                _remove(dest)
+            os.replace(staging / name, dest)
+            moved.append(name)
+    except BaseException:
+        if replace:  # the new files go back into staging (for the caller to remove), the former ones back in place
+            for name in moved:
+                os.replace(target / name, staging / name)
+            _move_all(aside, target)
+        raise
+    if replace:
+        shutil.rmtree(aside, ignore_errors=True)  # a file it cannot delete stays there; the new model is in place
     staging.rmdir()
     return names
 
 
-def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
-    """Remove everything in ``folder`` but its lock file and the folder ``keep`` (e.g. a staging folder
-    inside it); a symbolic link is removed, never followed."""
-    keep = Path(keep).resolve() if keep is not None else None
+REPLACED_NAME = ".replaced.tmp"
+"""Where :func:`publish_files` keeps a folder's former contents while it replaces them."""
+
+
+def _remove(path: Path) -> None:
+    """Remove ``path``: a file or link (never followed), or a folder and everything in it; nothing if absent."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _move_all(source: Path, target: Path) -> None:
+    """Move every entry of ``source`` back into ``target`` (renames), then remove ``source``."""
+    for entry in source.iterdir():
+        os.replace(entry, target / entry.name)
+    source.rmdir()
+
+
+def empty_folder(folder: str | Path, *, keep: str | Path | None = None, also_keep: Iterable[str | Path] = ()) -> None:
+    """Remove everything in ``folder`` but its lock file and the folders ``keep`` and ``also_keep`` (e.g. a staging
+    folder inside it); a symbolic link is removed, never followed."""
+    kept = {Path(k).resolve() for k in ([keep] if keep is not None else []) + list(also_keep)}
     for entry in Path(folder).iterdir():
         if entry.name == LOCK_NAME:
             continue
         if entry.is_symlink() or not entry.is_dir():
             entry.unlink()
-        elif entry.resolve() != keep:
+        elif entry.resolve() not in kept:
             shutil.rmtree(entry)
 
 
@@ -236,6 +277,10 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         """Take the lock (creating ``folder`` if needed)."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir() and not self.path.is_symlink():  # not a lock any run wrote: never taken over
+            raise FolderInUseError(
+                f"{self.what} {self.folder}: {self.path} is a folder, not a han-surgery lock file; move it away"
+            )
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -380,3 +380,156 @@ def test_skip_reasons_name_the_flags_the_command_has(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("han-surgery hanify: nothing was rewritten") and "use --residual keep" in err, err
     assert "HanConfig" not in err and err.count("\n") == 1, err
+
+
+def _tiny_bert_folder(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=30
+    )
+    transformers.BertModel(config).save_pretrained(path)
+    return path
+
+
+def test_a_run_refused_by_the_lock_leaves_the_lock_holders_staging_folder(tmp_path):
+    """Two hanify runs into one -o: the second, refused by the first's lock, then removed ``-o/.hanify.tmp``, the
+    first run's staging folder, and the first died with a traceback from safetensors (its model lost)."""
+    import subprocess
+    import sys
+
+    from han_surgery.cli.surgery import STAGING_NAME, _save
+    from han_surgery.fileio import LOCK_NAME, FolderInUseError
+
+    out = tmp_path / "out"
+    staging = out / STAGING_NAME
+    staging.mkdir(parents=True)
+    (staging / "model.safetensors").write_bytes(b"the other run's")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import socket
+        import time
+
+        lock = {"pid": holder.pid, "host": socket.gethostname(), "started": time.time(), "command": "hanify"}
+        (out / LOCK_NAME).write_text(json.dumps(lock))
+        model, _, _ = ZOO["timm/vit"]()
+        with pytest.raises(FolderInUseError, match="is in use by another han-surgery run"):
+            _save(model, out, None, None, overwrite=False)
+        assert (staging / "model.safetensors").read_bytes() == b"the other run's"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_overwrite_that_fails_while_publishing_puts_the_former_folder_back(tmp_path, monkeypatch):
+    """``--overwrite`` emptied -o, then moved the new files in: a failure (a file it may not move) or Ctrl-C in
+    between left neither the former contents nor the new model. The former contents now wait aside until the new
+    files are all in, and go back if anything fails."""
+    import os
+
+    from han_surgery import fileio
+
+    target = tmp_path / "out"
+    (target / "sub").mkdir(parents=True)
+    (target / "han_config.json").write_text("old recipe")
+    (target / "notes.txt").write_text("mine")
+    (target / "sub" / "deep.txt").write_text("deep")
+    before = sorted((p.relative_to(target).as_posix(), p.read_bytes()) for p in target.rglob("*") if p.is_file())
+    staging = target / ".stage"
+    staging.mkdir()
+    (staging / "model.safetensors").write_text("new weights")
+    (staging / "han_config.json").write_text("new recipe")
+    real_replace = os.replace
+
+    def failing(src, dst):  # the marker, moved last, cannot be moved
+        if Path(src).name == "han_config.json" and Path(src).parent == staging:
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(fileio.os, "replace", failing)
+    with pytest.raises(PermissionError):
+        fileio.publish_files(staging, target, marker="han_config.json", replace=True)
+    after = sorted((p.relative_to(target).as_posix(), p.read_bytes()) for p in target.rglob("*") if p.is_file())
+    assert [f for f in after if not f[0].startswith(".stage/")] == before
+    assert sorted(p.name for p in staging.iterdir()) == ["han_config.json", "model.safetensors"]
+    monkeypatch.setattr(fileio.os, "replace", real_replace)
+    assert fileio.publish_files(staging, target, marker="han_config.json", replace=True) == [
+        "han_config.json",
+        "model.safetensors",
+    ]
+    assert sorted(p.name for p in target.iterdir()) == ["han_config.json", "model.safetensors"]
+
+
+def test_hanify_o_with_leftovers_of_a_killed_run_or_a_folder_in_the_locks_place(tmp_path, capsys):
+    """A SIGKILL during the save left ``-o`` holding a dead run's lock and ``.hanify.tmp``: the same command was
+    refused as 'not empty', and ``--overwrite`` with a *file* named ``.hanify.tmp`` was a NotADirectoryError
+    traceback. A folder where the lock file goes was renamed and then an IsADirectoryError traceback."""
+    from han_surgery.fileio import LOCK_NAME
+
+    out = tmp_path / "killed"
+    (out / ".hanify.tmp").mkdir(parents=True)
+    (out / ".hanify.tmp" / "model.safetensors").write_bytes(b"partial")
+    (out / LOCK_NAME).write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    assert main(["hanify", "test_vit", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: took over the lock left in {out} by a run that died" in printed
+    assert (out / "han_config.json").is_file() and not (out / ".hanify.tmp").exists()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / ".hanify.tmp").write_text("a file of mine")
+    assert main(["hanify", "test_vit", "-o", str(notes), "--overwrite"]) == 0
+    assert (notes / "han_config.json").is_file()
+
+    locked = tmp_path / "locked"
+    (locked / LOCK_NAME).mkdir(parents=True)
+    capsys.readouterr()
+    assert main(["hanify", "test_vit", "-o", str(locked)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("han-surgery hanify: ") and "is a folder, not a han-surgery lock file" in err, err
+    assert [p.name for p in locked.iterdir()] == [LOCK_NAME] and (locked / LOCK_NAME).is_dir()
+
+
+def test_hanify_copies_no_tokenizer_file_that_links_outside_the_source_and_no_module_path_dot(tmp_path, capsys):
+    """The tokenizer was read through links to outside the source folder and written into -o (its private fields
+    with it), although the README says -o gets no file that links outside. And a modules.json module at path "."
+    copied the whole source folder (the dense weights and config) over the hanified ones, reported as saved."""
+    import shutil
+
+    source = _tiny_bert_folder(tmp_path / "bert")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    vocab = "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(25)]])
+    (secret / "vocab.txt").write_text(vocab + "\n")
+    (secret / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "note": "S3CRET"}))
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        (source / name).symlink_to(secret / name)
+    assert main(["hanify", str(source), "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "the tokenizer and image processor were not copied: tokenizer_config.json, vocab.txt in" in err, err
+    assert not any("S3CRET" in p.read_text(errors="ignore") for p in (tmp_path / "out").iterdir() if p.is_file())
+
+    dotted = tmp_path / "dotted"
+    shutil.copytree(_tiny_bert_folder(tmp_path / "plain"), dotted)
+    (dotted / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": ".", "type": "x.Transformer"}]))
+    assert main(["hanify", str(dotted), "-o", str(tmp_path / "dotted_out")]) == 0
+    from_pretrained(tmp_path / "dotted_out")  # the hanified weights and config: they loaded as the dense ones
+
+
+def test_hanify_o_inside_a_module_folder_of_the_source_copies_none_of_its_own_files(tmp_path):
+    """``-o SRC/1_Pooling/han``: copying the pooling module's folder copied the run's own lock and half-written
+    staging folder into -o (a second model inside a ``.tmp`` folder)."""
+    import shutil
+
+    source = tmp_path / "st"
+    shutil.copytree(_tiny_bert_folder(tmp_path / "bert"), source)
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}'
+    )
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]  # fmt: skip
+    (source / "modules.json").write_text(json.dumps(modules))
+    out = source / "1_Pooling" / "han"
+    assert main(["hanify", str(source), "-o", str(out)]) == 0
+    inside = sorted(p.relative_to(out / "1_Pooling").as_posix() for p in (out / "1_Pooling").rglob("*"))
+    assert inside == ["config.json"], inside

@@ -88,7 +88,8 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
         problem = output_folder_problem(out)
         if problem:
             raise ConfigError(f"-o {out}: {problem}")
-        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not args.overwrite:
+        # a staging folder a killed run left is not the user's (the save replaces it)
+        if out.is_dir() and any(p.name not in (LOCK_NAME, STAGING_NAME) for p in out.iterdir()) and not args.overwrite:
             raise ConfigError(f"-o {out} already exists and is not empty: pass --overwrite to replace it")
         wide = args.overwrite and too_wide_to_empty(out)
         if wide:
@@ -151,6 +152,10 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     return 0
 
 
+STAGING_NAME = ".hanify.tmp"
+"""The folder inside ``-o`` that :func:`_save` writes before it publishes."""
+
+
 def _source_folder(source: str) -> Path | None:
     """The folder ``source`` names (``local-dir:`` or a path), or ``None`` for a timm model name."""
     folder = Path(source.removeprefix("local-dir:")).expanduser()
@@ -164,28 +169,40 @@ def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwri
     from ..surgery.serialization import save_pretrained
 
     created = [p for p in (out, *out.parents) if not p.exists()]  # out first, then the parents the lock makes
-    staging = out / ".hanify.tmp"
+    staging = out / STAGING_NAME
+    locked = False  # the staging folder is this run's only once it holds the lock: else another run's
     try:
-        with FolderLock(out, "-o"):
+        with FolderLock(out, "-o") as lock:
+            locked = True
+            if lock.took_over is not None:
+                print(f"note: took over the lock left in {out} by a run that died (pid {lock.took_over.get('pid')})")
             filled = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, staging.name))
             if filled and not overwrite:  # checked empty when the run started; another run or the user wrote since
                 raise ConfigError(
                     f"-o {out} is no longer empty ({', '.join(filled[:3])}{' ...' if len(filled) > 3 else ''} "
                     "appeared while this run worked): nothing was written; pass --overwrite to replace it"
                 )
-            if staging.is_symlink():
+            if staging.is_symlink() or staging.is_file():
                 staging.unlink()
             elif staging.exists():
                 shutil.rmtree(staging)
             save_pretrained(model, staging)
-            if tokenizer is not None:
+            outside = _links_outside(source) if source is not None else []
+            if outside:  # the tokenizer and the image processor were read through those links: not written out
+                warnings.warn(
+                    f"the tokenizer and image processor were not copied: {', '.join(outside[:3])} in {source} "
+                    f"link{'s' if len(outside) == 1 else ''} to outside it",
+                    stacklevel=2,
+                )
+            if tokenizer is not None and not outside:
                 tokenizer.save_pretrained(str(staging))
             if source is not None:
-                _save_processor(source, staging)
+                if not outside:
+                    _save_processor(source, staging)
                 _copy_sentence_transformers(source, staging)
             names = publish_files(staging, out, marker=HAN_CONFIG_NAME, replace=overwrite)
     except BaseException:
-        if staging.is_dir() and not staging.is_symlink():
+        if locked and staging.is_dir() and not staging.is_symlink():
             shutil.rmtree(staging, ignore_errors=True)
         for folder in created:  # the deepest first; only while empty (another run may have written beside it)
             if folder.is_dir() and not folder.is_symlink() and not any(folder.iterdir()):
@@ -233,6 +250,7 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
         warnings.warn(f"{modules_file} was not copied: not a sentence-transformers module list", stacklevel=2)
         return
     roots = _own_roots(source)
+    own = staging.parent.resolve()  # -o itself, which may lie inside a module folder of the source
     for name in SENTENCE_TRANSFORMERS_FILES:
         if not (source / name).is_file():
             continue
@@ -244,10 +262,12 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
         folder = source / path
         if not path or Path(path).is_absolute() or ".." in Path(path).parts or not folder.is_dir():
             continue
+        if folder.resolve() == source.resolve():  # "." (or "./"): the transformer's own folder, saved above
+            continue
         if not lies_in(folder, *roots):
             warnings.warn(f"{folder} was not copied: it links to outside {source}", stacklevel=2)
             continue
-        for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        for file in sorted(f for f in folder.rglob("*") if f.is_file() and not lies_in(f, own)):
             if file.suffix not in (".json", ".safetensors"):
                 warnings.warn(f"{file} was not copied (only JSON and safetensors files are)", stacklevel=2)
                 continue
@@ -257,6 +277,13 @@ def _copy_sentence_transformers(source: Path, staging: Path) -> None:
             target = staging / path / file.relative_to(folder)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
+
+
+def _links_outside(source: Path) -> list[str]:
+    """The names of the files directly in ``source`` that link to outside it (:func:`_own_roots`): what its
+    tokenizer or image processor reads from such a file would be written into ``-o``."""
+    roots = _own_roots(source)
+    return sorted(p.name for p in source.iterdir() if p.is_symlink() and p.is_file() and not lies_in(p, *roots))
 
 
 def _own_roots(source: Path) -> tuple[Path, ...]:
