@@ -78,7 +78,9 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
     if replace:
         if aside.is_dir() and not aside.is_symlink() and not (target / marker).is_file():
             # left by a run killed while publishing, before its marker was in: the former contents go back first
-            empty_folder(target, keep=aside, also_keep=(staging,))
+            for entry in target.iterdir():
+                if entry.name not in (LOCK_NAME, staging.name, aside.name):
+                    _remove(entry)
             _move_all(aside, target)
         _remove(aside)  # (a run killed after its marker was in had published: what is aside was replaced)
         aside.mkdir()
@@ -129,16 +131,16 @@ def _move_all(source: Path, target: Path) -> None:
     source.rmdir()
 
 
-def empty_folder(folder: str | Path, *, keep: str | Path | None = None, also_keep: Iterable[str | Path] = ()) -> None:
-    """Remove everything in ``folder`` but its lock file and the folders ``keep`` and ``also_keep`` (e.g. a staging
-    folder inside it); a symbolic link is removed, never followed."""
-    kept = {Path(k).resolve() for k in ([keep] if keep is not None else []) + list(also_keep)}
+def empty_folder(folder: str | Path, *, keep: str | Path | None = None) -> None:
+    """Remove everything in ``folder`` but its lock file and the folder ``keep`` (e.g. a staging folder
+    inside it); a symbolic link is removed, never followed."""
+    keep = Path(keep).resolve() if keep is not None else None
     for entry in Path(folder).iterdir():
         if entry.name == LOCK_NAME:
             continue
         if entry.is_symlink() or not entry.is_dir():
             entry.unlink()
-        elif entry.resolve() not in kept:
+        elif entry.resolve() != keep:
             shutil.rmtree(entry)
 
 

@@ -451,6 +451,17 @@ def test_overwrite_that_fails_while_publishing_puts_the_former_folder_back(tmp_p
     after = sorted((p.relative_to(target).as_posix(), p.read_bytes()) for p in target.rglob("*") if p.is_file())
     assert [f for f in after if not f[0].startswith(".stage/")] == before
     assert sorted(p.name for p in staging.iterdir()) == ["han_config.json", "model.safetensors"]
+    # a run killed while publishing left the former contents aside and part of its files, not its marker: they go
+    # back before this run sets them aside, so its failure leaves them in place too
+    killed_aside = target / fileio.REPLACED_NAME
+    killed_aside.mkdir()
+    for entry in [e for e in target.iterdir() if e.name not in (".stage", killed_aside.name)]:
+        real_replace(entry, killed_aside / entry.name)
+    (target / "model.safetensors").write_text("the killed run's")
+    with pytest.raises(PermissionError):
+        fileio.publish_files(staging, target, marker="han_config.json", replace=True)
+    after = sorted((p.relative_to(target).as_posix(), p.read_bytes()) for p in target.rglob("*") if p.is_file())
+    assert [f for f in after if not f[0].startswith(".stage/")] == before
     monkeypatch.setattr(fileio.os, "replace", real_replace)
     assert fileio.publish_files(staging, target, marker="han_config.json", replace=True) == [
         "han_config.json",
