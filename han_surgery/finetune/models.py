@@ -94,14 +94,16 @@ def _timm_create(name: str, data: DataBundle | None, pretrained: bool, extra: di
     for i, attempt in enumerate(attempts):
         try:
             return create_timm_model(name, pretrained=pretrained, **attempt)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError, AssertionError, IndexError, RuntimeError) as e:
             if i + 1 < len(attempts):
                 continue
             if not extra:
                 raise
+            # timm's own checks are asserts (embed_dim=33 with 2 heads), unknown layer names KeyErrors, a negative
+            # depth torch's RuntimeError: every one the user's --model-kwargs
             raise ModelError(
                 f"--model {name}: the model's constructor rejected --model-kwargs {json.dumps(extra)} "
-                f"({type(e).__name__}: {e})"
+                f"({type(e).__name__}: {first_line(e)})"
             ) from None
     raise AssertionError("unreachable")
 
@@ -294,6 +296,13 @@ def _load_transformers(
     except (OSError, ValueError) as e:
         hint = " (its own code runs only with --trust-remote-code)" if "trust_remote_code" in str(e) else ""
         raise CheckpointError(f"{path}: transformers cannot load it: {first_line(e)}{hint}") from None
+    except (KeyError, AssertionError, TypeError, IndexError, RuntimeError) as e:
+        if not model_kwargs:  # a folder that builds without them: not the user's input
+            raise
+        raise ModelError(  # hidden_act="nope" is a KeyError, a pad_token_id beyond the vocabulary an AssertionError
+            f"--model {path}: the model's constructor rejected --model-kwargs {json.dumps(model_kwargs)} "
+            f"({type(e).__name__}: {first_line(e)})"
+        ) from None
     num_labels = model.config.num_labels
     other = sorted(name for name, _, shape in info.get("mismatched_keys", ()) if not shape or shape[0] != num_labels)
     if other:  # only the weights of the label dimension may start afresh, never the encoder's

@@ -40,7 +40,7 @@ from ..fileio import atomic_write_text, publish_files
 from ..folders import CARD_NAME, WEIGHTS_NAME
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import fallback_pad_token
-from ..surgery.calibration.heal import hidden_state_paths
+from ..surgery.calibration.heal import HiddenStates, hidden_state_paths
 from ..surgery.engine import hanify
 from ..surgery.report import KEPT_BY_CALIBRATION, HanifyReport
 from ..utils import count_parameters
@@ -211,7 +211,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         teacher = teacher_built.model
     if data.kind == "text" and built.tokenizer is None:
         raise FinetuneError(f"--model {config.model}: text data needs a tokenizer saved in the model folder.")
-    hidden_paths = _hidden_paths(config, han_report, teacher)
+    hidden_paths = _hidden_paths(config, han_report, teacher, built.model)
     return Student(built, han_report, teacher, params_base, count_parameters(built.model), hidden_paths)
 
 
@@ -257,8 +257,11 @@ def _check_teacher_tokenizer(
     )
 
 
-def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: nn.Module | None) -> list[str] | None:
-    """``--distill hidden`` / ``both``: the modules after the rewritten blocks; the teacher must have them too."""
+def _hidden_paths(
+    config: FinetuneConfig, report: HanifyReport | None, teacher: nn.Module | None, model: nn.Module
+) -> list[str] | None:
+    """``--distill hidden`` / ``both``: the modules after the rewritten blocks; the teacher must have them too, in
+    layer lists as long as the student's (a deeper teacher's first layers are not the student's counterparts)."""
     if config.distill == "logits" or report is None or teacher is None:
         return None
     paths = hidden_state_paths(report)
@@ -274,6 +277,20 @@ def _hidden_paths(config: FinetuneConfig, report: HanifyReport | None, teacher: 
             f"--distill {config.distill}: the teacher --distill-from {config.distill_from} has no module "
             f"{', '.join(missing[:3])}: hidden states are distilled between models of the same architecture"
         )
+    for path in paths:
+        layers, _, index = path.rpartition(".")
+        if not (layers and index.isdigit()):
+            continue
+        container, theirs_container = model.get_submodule(layers), names.get(layers)
+        if not all(isinstance(c, (nn.ModuleList, nn.Sequential)) for c in (container, theirs_container)):
+            continue
+        mine, theirs = len(container), len(theirs_container)
+        if mine != theirs:
+            raise FinetuneError(
+                f"--distill {config.distill}: the teacher --distill-from {config.distill_from} has {theirs} layers in "
+                f"{layers} where --model {config.model} has {mine}: hidden states are distilled between models of the "
+                "same architecture, layer by layer"
+            )
     return paths
 
 
@@ -305,7 +322,9 @@ def _set_pad_token_id(built: BuiltModel) -> None:
 _NO_LIMIT = int(1e20)
 
 
-def cap_max_length(config: FinetuneConfig, built: BuiltModel) -> tuple[FinetuneConfig, str | None]:
+def cap_max_length(
+    config: FinetuneConfig, built: BuiltModel, teacher: nn.Module | None = None
+) -> tuple[FinetuneConfig, str | None]:
     """``config`` with ``max_length`` (``--max-length``) cut to what the model takes, its positions
     (``config.max_position_embeddings``) and its tokenizer's ``model_max_length``, and a note saying so (``None``
     when it fits). A longer batch would fail in the middle of training, where the position embeddings run out.
@@ -321,12 +340,17 @@ def cap_max_length(config: FinetuneConfig, built: BuiltModel) -> tuple[FinetuneC
     tokens = getattr(built.tokenizer, "model_max_length", None)
     if isinstance(tokens, int) and 0 < tokens < _NO_LIMIT:
         limits.append((tokens, "tokenizer.model_max_length"))
+    teacher_positions = getattr(getattr(teacher, "config", None), "max_position_embeddings", None)
+    if isinstance(teacher_positions, int) and teacher_positions > 0:  # the teacher reads the same batches
+        limits.append((teacher_positions, "teacher"))
     if not limits or config.max_length <= min(limits)[0]:
         return config, None
     limit, where = min(limits)
+    who = f"--distill-from {config.distill_from}" if where == "teacher" else f"--model {config.model}"
+    where = "config.max_position_embeddings" if where == "teacher" else where
     note = (
-        f"note: --max-length {config.max_length} is more than --model {config.model} takes ({limit} tokens, its "
-        f"{where}): texts are cut to {limit} tokens"
+        f"note: --max-length {config.max_length} is more than {who} takes ({limit} tokens, its {where}): texts are "
+        f"cut to {limit} tokens"
     )
     return dataclasses.replace(config, max_length=limit), note
 
@@ -405,6 +429,27 @@ def check_forward(config: FinetuneConfig, data: DataBundle, student: Student) ->
         )
     if student.teacher is not None and config.distill_from != "base":  # base: the student before --hanify
         _check_teacher_forward(config, student.teacher, inputs, shape, tuple(out.shape))
+        if student.hidden_paths:
+            _check_teacher_hidden_states(config, built.model, student.teacher, student.hidden_paths, inputs)
+
+
+def _check_teacher_hidden_states(
+    config: FinetuneConfig, model: nn.Module, teacher: nn.Module, paths: list[str], inputs: Any
+) -> None:
+    """``--distill hidden`` / ``both`` from another model: its hidden states have the student's shapes (a wider
+    teacher failed in the first training step, with a traceback)."""
+    shapes = []
+    for net in (model, teacher):
+        with HiddenStates(net, paths) as states:
+            _trial_logits(net, inputs, lambda error: error)  # both ran in check_forward already
+            shapes.append([tuple(state.shape) for state in states.states])
+    for path, mine, theirs in zip(paths, *shapes, strict=True):
+        if mine != theirs:
+            raise FinetuneError(
+                f"--distill {config.distill}: the hidden state after {path} is {theirs} in the teacher "
+                f"--distill-from {config.distill_from} and {mine} in --model {config.model}: hidden states are "
+                "distilled between models of the same architecture and width; use --distill logits"
+            )
 
 
 def _trial_logits(model: nn.Module, inputs: Any, refusal: Callable[[str], str]) -> Any:
@@ -640,7 +685,7 @@ def run(config: FinetuneConfig) -> FinetuneResult:
         data = load_run_data(config)
         student = build_student(config, data, show_progress=accelerator.is_local_main_process)
         if data.kind == "text":  # before anything uses or records --max-length
-            config, note = cap_max_length(config, student.built)
+            config, note = cap_max_length(config, student.built, student.teacher)
             if note:
                 accelerator.print(note, flush=True)
         loaders = build_loaders(config, data, student.built)
