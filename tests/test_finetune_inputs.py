@@ -1123,3 +1123,23 @@ def test_a_teacher_with_fewer_positions_caps_the_max_length_too() -> None:
         "texts are cut to 10 tokens"
     )
     assert cap_max_length(config, built) == (config, None)
+
+
+def test_a_teacher_naming_other_classes_is_refused_for_logit_distillation(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A teacher trained on ``cat, dog, fox`` distilled its logits into a student of ``ant, cat, dog`` position by
+    position (its cat taught as the ant), silently. Refused; the same classes, or ``--distill hidden``, still run."""
+    _image_folder(tmp_path / "abc", ("cat", "dog", "fox"), 4)
+    _image_folder(tmp_path / "other", ("ant", "cat", "dog"), 4)
+    _image_folder(tmp_path / "same", ("cat", "dog", "fox"), 4)
+    common = ["--model", "test_resnet", "--image-size", "16", "--max-steps", "1", "--batch-size", "4"]
+    teacher = tmp_path / "teacher"
+    assert finetune(capsys, *common, "--data", str(tmp_path / "abc"), "--output-dir", str(teacher))[0] == 0
+    code, err = finetune(capsys, *common, "--data", str(tmp_path / "other"), "--output-dir", str(tmp_path / "a"),
+                         "--distill-from", str(teacher))  # fmt: skip
+    assert code == 2 and "the teacher --distill-from" in err and "names its classes cat, dog, fox" in err, err
+    assert "has ant, cat, dog: its logits would teach each class as the one in its position" in err
+    code, err = finetune(capsys, *common, "--data", str(tmp_path / "same"), "--output-dir", str(tmp_path / "b"),
+                         "--distill-from", str(teacher))  # fmt: skip
+    assert code == 0, err

@@ -207,6 +207,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
         except HanSurgeryError as e:  # build_model's messages name --model
             raise for_option(e, "--model", "--distill-from") from None
         _check_teacher(config, teacher_built)
+        _check_teacher_classes(config, data)
         _check_teacher_tokenizer(config, data, built, teacher_built)
         teacher = teacher_built.model
     if data.kind == "text" and built.tokenizer is None:
@@ -233,6 +234,43 @@ def _check_teacher(config: FinetuneConfig, teacher: BuiltModel) -> None:
             "labels, so its logits teach nothing; distil its body with --distill hidden, or "
             "name a teacher fine-tuned on these labels"
         )
+
+
+def _check_teacher_classes(config: FinetuneConfig, data: DataBundle) -> None:
+    """``--distill logits`` / ``both``: a teacher folder that names its classes (timm's ``label_names``, transformers'
+    ``id2label``) must name the data's, in the same order: its logits are matched to the student's position by
+    position (a teacher of ``cat, dog, fox`` taught ``ant, cat, dog`` its cat as the ant, silently)."""
+    if config.distill == "hidden" or not data.class_names or config.distill_from in (None, "base"):
+        return
+    names = _class_names_in(Path(config.distill_from.removeprefix("local-dir:")).expanduser() / "config.json")
+    if names is not None and names != list(data.class_names):
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        ours = ", ".join(data.class_names[:5]) + (", ..." if len(data.class_names) > 5 else "")
+        raise FinetuneError(
+            f"--distill {config.distill}: the teacher --distill-from {config.distill_from} names its classes {shown}, "
+            f"--data {config.data} has {ours}: its logits would teach each class as the one in its position; distil "
+            "from a teacher trained on these labels, or use --distill hidden"
+        )
+
+
+def _class_names_in(config_file: Path) -> list[str] | None:
+    """The class names a model folder's ``config.json`` records, in order (``None``: none, or transformers' default
+    ``LABEL_<i>`` names)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    names = config.get("label_names")  # timm's save_for_hf(model_config={"label_names": ...})
+    if names is None:
+        base = config.get("base_config") if isinstance(config.get("base_config"), dict) else config  # hanified
+        id2label = base.get("id2label")
+        if isinstance(id2label, dict) and all(isinstance(k, str) and k.isdigit() for k in id2label):
+            names = [id2label[k] for k in sorted(id2label, key=int)]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return None
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
 
 
 def _check_teacher_tokenizer(
