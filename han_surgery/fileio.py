@@ -39,6 +39,8 @@ __all__ = [
     "folder_problems",
     "output_folder_problem",
     "empty_folder",
+    "move_entries",
+    "remove_path",
 ]
 
 LOCK_NAME = ".han-surgery.lock"
@@ -80,15 +82,15 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
             # left by a run killed while publishing, before its marker was in: the former contents go back first
             for entry in target.iterdir():
                 if entry.name not in (LOCK_NAME, staging.name, aside.name):
-                    _remove(entry)
-            _move_all(aside, target)
-        _remove(aside)  # (a run killed after its marker was in had published: what is aside was replaced)
+                    remove_path(entry)
+            move_entries(aside, target)
+        remove_path(aside)  # (a run killed after its marker was in had published: what is aside was replaced)
         aside.mkdir()
         try:
             for entry in [e for e in target.iterdir() if e.name not in (LOCK_NAME, staging.name, aside.name)]:
                 os.replace(entry, aside / entry.name)
         except BaseException:
-            _move_all(aside, target)
+            move_entries(aside, target)
             raise
     else:
         (target / marker).unlink(missing_ok=True)
@@ -97,14 +99,14 @@ def publish_files(staging: str | Path, target: str | Path, *, marker: str, repla
         for name in [n for n in names if n != marker] + [marker]:
             dest = target / name
             if not replace:
-                _remove(dest)
+                remove_path(dest)
             os.replace(staging / name, dest)
             moved.append(name)
     except BaseException:
         if replace:  # the new files go back into staging (for the caller to remove), the former ones back in place
             for name in moved:
                 os.replace(target / name, staging / name)
-            _move_all(aside, target)
+            move_entries(aside, target)
         raise
     if replace:
         shutil.rmtree(aside, ignore_errors=True)  # a file it cannot delete stays there; the new model is in place
@@ -116,7 +118,7 @@ REPLACED_NAME = ".replaced.tmp"
 """Where :func:`publish_files` keeps a folder's former contents while it replaces them."""
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     """Remove ``path``: a file or link (never followed), or a folder and everything in it; nothing if absent."""
     if path.is_symlink() or path.is_file():
         path.unlink()
@@ -124,8 +126,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _move_all(source: Path, target: Path) -> None:
-    """Move every entry of ``source`` back into ``target`` (renames), then remove ``source``."""
+def move_entries(source: Path, target: Path) -> None:
+    """Move every entry of ``source`` into ``target`` (renames), then remove the empty ``source``."""
     for entry in source.iterdir():
         os.replace(entry, target / entry.name)
     source.rmdir()

@@ -32,6 +32,7 @@ from ..fileio import (
     lies_in,
     output_folder_problem,
     publish_files,
+    remove_path,
     too_wide_to_empty,
 )
 from ..folders import HAN_CONFIG_NAME
@@ -182,10 +183,7 @@ def _save(model: Any, out: Path, source: Path | None, tokenizer: Any, *, overwri
                     f"-o {out} is no longer empty ({', '.join(filled[:3])}{' ...' if len(filled) > 3 else ''} "
                     "appeared while this run worked): nothing was written; pass --overwrite to replace it"
                 )
-            if staging.is_symlink() or staging.is_file():
-                staging.unlink()
-            elif staging.exists():
-                shutil.rmtree(staging)
+            remove_path(staging)  # a dead run's, or a file of that name
             save_pretrained(model, staging)
             outside = _links_outside(source) if source is not None else []
             if outside:  # the tokenizer and the image processor were read through those links: not written out

@@ -39,6 +39,7 @@ from ..fileio import (
     atomic_write_text,
     empty_folder,
     input_held_by,
+    move_entries,
     output_folder_problem,
     too_wide_to_empty,
 )
@@ -323,7 +324,7 @@ def set_aside_contents(out: Path) -> None:
         for entry in entries:
             os.replace(entry, partial / entry.name)
     except BaseException:  # interrupted half-way: what moved goes back
-        _move_back(partial, out)
+        move_entries(partial, out)
         raise
     os.replace(partial, aside)
 
@@ -336,13 +337,7 @@ def _undo_partial_set_aside(out: Path) -> None:
     if partial.is_symlink() or partial.is_file():
         partial.unlink()
     elif partial.is_dir():
-        _move_back(partial, out)
-
-
-def _move_back(aside: Path, out: Path) -> None:
-    for entry in aside.iterdir():
-        os.replace(entry, out / entry.name)
-    aside.rmdir()
+        move_entries(partial, out)
 
 
 def _put_back(out: Path) -> None:
@@ -351,7 +346,7 @@ def _put_back(out: Path) -> None:
     if aside.is_symlink() or not aside.is_dir():
         return
     empty_folder(out, keep=aside)
-    _move_back(aside, out)
+    move_entries(aside, out)
 
 
 def drop_overwritten(out: Path) -> None:
