@@ -395,9 +395,8 @@ class HanBlock(nn.Module):
         for m in (fc1, fc2, drop1, drop2):
             if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
                 return False
-            if (
-                "forward" in m.__dict__
-            ):  # a forward patched on the instance: accelerate's offloading loads weights there
+            # a forward patched on the instance: accelerate's offloading loads the weights there
+            if "forward" in m.__dict__:
                 return False
         u1, u2 = fc1._parameters["u"], fc2._parameters["u"]
         return (
