@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import json
 import re
 import shlex
@@ -129,6 +130,19 @@ def _unwrap_optional(tp: Any) -> Any:
         if len(args) == 1:
             return args[0]
     return tp
+
+
+@functools.cache
+def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The fields of the dataclass ``cls`` typed as a ``Literal`` (or as one or ``None``): field name -> the values
+    the type allows, ``None`` first for an optional field, in the order the annotation gives them."""
+    hints = typing.get_type_hints(cls)
+    choices = {}
+    for f in dataclasses.fields(cls):
+        inner = _unwrap_optional(hints[f.name])
+        if typing.get_origin(inner) is Literal:
+            choices[f.name] = ((None,) if inner is not hints[f.name] else ()) + typing.get_args(inner)
+    return choices
 
 
 def _is_sequence(tp: Any) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..checks import MAX_NUM_CLASSES, check_bool, check_int, check_number
+from ..dataclass_cli import literal_choices
 from ..errors import ConfigError
 from ..surgery.calibration.config import CalibrationConfig
 from ..surgery.calibration.data import CalibrationData
@@ -209,12 +210,7 @@ class FinetuneConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: give a non-empty string or None, got {value!r}")
         for name in ("pretrained", "trust_remote_code", "overwrite", "private", "tensorboard", "progress"):
             check_bool(f"--{name.replace('_', '-')}", getattr(self, name))
-        for name, choices in (
-            ("task", ("auto", "classification", "regression")),
-            ("schedule", ("cosine", "constant")),
-            ("mixed_precision", (None, "no", "fp16", "bf16")),  # accelerate's fp8 needs transformer_engine
-            ("distill", ("logits", "hidden", "both")),
-        ):
+        for name, choices in literal_choices(type(self)).items():  # task, schedule, mixed_precision, distill
             if getattr(self, name) not in choices:
                 names = ", ".join(repr(c) if c is None else str(c) for c in choices)
                 raise ConfigError(f"--{name.replace('_', '-')} must be one of {names}, got {getattr(self, name)!r}")
