@@ -26,6 +26,8 @@ model as ``calibrated +heal body`` heals the hanified one (the same steps, data 
 control that says what the Han-blocks add to healing (``deleted +heal body, first FFN kept`` is the control of
 ``calibrated +heal body, first FFN kept``; ``deleted +heal body, layers 0/4/5 kept`` and the like control
 ``calibrated +heal body`` with ``--max-fvu``/``--keep-count`` and ``--keep-by output``, which keep those layers).
+Two kinds of reference say how strict the fidelity targets are: ``only layer i's FFN deleted`` (the other five
+kept, no healing), and ``original, int8 dynamic quantisation`` (every Linear of the original in int8).
 """
 
 from __future__ import annotations
@@ -81,10 +83,16 @@ HEALED_DELETIONS: dict[str, Deletion] = {
     "deleted +heal body, layers 0/4/5 kept": Deletion((0, 4, 5), distil_kept=True),
     "deleted +heal body, layers 0/2/4/5 kept": Deletion((0, 2, 4, 5), distil_kept=True),
 }
+# References for how strict the targets are: one FFN deleted, the other five kept (no healing); and the whole
+# original model with its Linear layers quantised to int8 (torch's dynamic quantisation, a common compression).
+ONE_DELETED: dict[str, int] = {f"only layer {i}'s FFN deleted": i for i in range(6)}
+INT8 = "original, int8 dynamic quantisation"
 VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     "original": None,
     "deleted": None,
     **dict.fromkeys(HEALED_DELETIONS),
+    **dict.fromkeys(ONE_DELETED),
+    INT8: None,
     "plain hanify": (HanConfig(), None),
     "calibrated": (HanConfig(), CalibrationConfig()),
     "calibrated gain": (HanConfig(gain=True), CalibrationConfig()),
@@ -102,6 +110,11 @@ VARIANTS: dict[str, tuple[HanConfig, CalibrationConfig | None] | None] = {
     # a full-rank side path: each block may learn a dense d x d linear map beside the Han-block (2 d^2 parameters)
     "calibrated gain+scale r=384 +heal body": (HanConfig(**EXTRAS, side_rank=384), HEAL_BODY),
     "calibrated +heal all, first FFN kept": (HanConfig(exclude=(FIRST_FFN,)), HEAL_ALL),
+    # one FFN replaced, the one keep_count=5 / keep_by="output" replaces: how far the healed model gets at best
+    "calibrated +heal body, only layer 2's FFN replaced": (
+        HanConfig(include=("encoder.layer.2.intermediate",)),
+        HEAL_BODY,
+    ),
     "calibrated gain+scale r=32 +heal all": (
         HanConfig(**EXTRAS, side_rank=32),
         CalibrationConfig(heal_steps=60, heal_lr=3e-4, heal_params="all"),
@@ -197,6 +210,20 @@ def scores(emb: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     }
 
 
+def nn_margins(ref: torch.Tensor) -> dict[str, float]:
+    """How close the original's nearest-neighbour calls are: for each of the ``(n, d)`` normalised embeddings
+    ``ref``, the cosine similarity to its nearest neighbour minus that to its second nearest; their median, and the
+    fractions under 0.01 and 0.02 (a call a small change of the embeddings can flip)."""
+    sim = (ref @ ref.T).fill_diagonal_(-2)
+    top = sim.topk(2, dim=1).values
+    margin = top[:, 0] - top[:, 1]
+    return {
+        "median": margin.median().item(),
+        "under_0.01": (margin < 0.01).float().mean().item(),
+        "under_0.02": (margin < 0.02).float().mean().item(),
+    }
+
+
 class ZeroBranch(nn.Module):
     """A deleted FFN's output: zeros shaped like the block's input ``(..., d)``."""
 
@@ -213,6 +240,17 @@ def delete_ffns(model: nn.Module, keep: tuple[int, ...] = ()) -> nn.Module:
         if i not in keep:
             layer.intermediate, layer.output.dense = nn.Identity(), ZeroBranch()
     return model
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` dynamically quantised to int8 (weights per tensor, activations
+    per batch): ``torch.ao.quantization.quantize_dynamic``, whose deprecation warnings are silenced here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
 
 
 def heal_like_hanify(
@@ -362,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     cal = batches(tokenizer, cal_text, args.batch_size, args.max_length)
     scored = {name: batches(tokenizer, s, args.batch_size, args.max_length) for name, s in sources.items()}
     refs = {name: embed(base, bl) for name, bl in scored.items()}
+    original_margins = {name: nn_margins(ref) for name, ref in refs.items()}
 
     rows = []
     for variant in args.variants:
@@ -371,6 +410,11 @@ def main(argv: list[str] | None = None) -> None:
             model = base
         elif variant == "deleted":
             model = delete_ffns(base)
+        elif variant in ONE_DELETED:
+            layers = range(len(base.encoder.layer))
+            model = delete_ffns(base, keep=tuple(i for i in layers if i != ONE_DELETED[variant]))
+        elif variant == INT8:
+            model = int8_dynamic(base)
         elif variant in HEALED_DELETIONS:
             cal_config = dataclasses.replace(HEAL_BODY, seed=args.seed)
             if args.heal_steps is not None:
@@ -399,7 +443,8 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "variant": variant,
             "heal_steps": cal_config.heal_steps if cal_config else 0,
-            "params": sum(p.numel() for p in model.parameters()),
+            # an int8 model holds as many weights as the original; its packed Linear weights are not parameters
+            "params": sum(p.numel() for p in (base if variant == INT8 else model).parameters()),
             "ffn_params": ffn_params(model) if variant == "original" else None,
             "calibrate_s": seconds,
             "fvu": [b.fvu for b in report.blocks] if report else None,
@@ -410,13 +455,21 @@ def main(argv: list[str] | None = None) -> None:
             "keep_count": args.keep_count if report else None,
             "kept": [b.path for b in report.kept] if report else None,
         }
+        if variant == "original":
+            row["nn_margins"] = original_margins
         for name, bl in scored.items():
             row[name] = scores(embed(model, bl), refs[name])
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     for name in sources:
+        margins = original_margins[name]
         print(f"\n### {name}\n")
+        print(
+            f"The original's nearest neighbour is ahead of the second nearest by a cosine of {margins['median']:.3f}"
+            f" (median); by less than 0.01 for {margins['under_0.01']:.0%} of the sentences, less than 0.02 for"
+            f" {margins['under_0.02']:.0%}.\n"
+        )
         print("| variant | cosine | Spearman | same NN | parameters | calibrate s |")
         print("|---|---|---|---|---|---|")
         for r in rows:

@@ -174,6 +174,53 @@ def test_calibrated_surgery_deleted_model_has_no_ffn_and_its_output_is_zero(surg
         assert isinstance(first_kept.encoder.layer[1].output.dense, surgery.ZeroBranch)
 
 
+def test_calibrated_surgery_references_delete_one_ffn_or_quantise_a_copy(surgery, monkeypatch, tmp_path):
+    """The reference rows: ``only layer i's FFN deleted`` removes that FFN alone, and the int8 row quantises every
+    Linear of a copy (the original untouched), which then computes close to, not exactly, the original."""
+    assert [surgery.ONE_DELETED[v] for v in surgery.ONE_DELETED] == list(range(6))
+    assert set(surgery.ONE_DELETED) | {surgery.INT8} <= set(surgery.VARIANTS)
+    torch.manual_seed(0)
+    model = _tiny_bert()
+    ids = torch.randint(0, 30, (3, 7))
+    with torch.no_grad():
+        ref = model(ids).last_hidden_state
+        quantised = surgery.int8_dynamic(model)
+        out = quantised(ids).last_hidden_state
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert not any(type(m) is torch.nn.Linear for m in quantised.modules())
+    assert torch.equal(model(ids).last_hidden_state, ref)
+    assert 0 < (out - ref).abs().max() < 0.1 * ref.abs().max()
+    rows = []
+    monkeypatch.setattr(surgery, "load_minilm", lambda: (None, model))
+    monkeypatch.setattr(surgery, "brown_split", lambda *a: (["a"], ["b", "c", "d"]))
+    monkeypatch.setattr(surgery, "doc_sentences", lambda *a: ["e", "f", "g"])
+    monkeypatch.setattr(surgery, "batches", lambda tok, s, *a: [{"input_ids": torch.randint(0, 30, (len(s), 5))}])
+    monkeypatch.setattr(
+        surgery, "embed", lambda m, bl: rows.append(m) or torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+    )
+    out = tmp_path / "rows.json"
+    argv = ["--variants", "original", "only layer 1's FFN deleted", surgery.INT8, "--data", __file__]
+    surgery.main([*argv, "--threads", "1", "--json", str(out)])
+    one_deleted, int8 = rows[-4], rows[-2]  # each variant embeds both text sources
+    written = json.loads(out.read_text())
+    assert list(written[0]["nn_margins"]) == [k for k in written[0] if k.startswith(("Brown", "repository"))]
+    assert "nn_margins" not in written[1] and written[2]["params"] == sum(p.numel() for p in model.parameters())
+    assert isinstance(one_deleted.encoder.layer[1].output.dense, surgery.ZeroBranch)
+    assert type(one_deleted.encoder.layer[0].output.dense) is torch.nn.Linear
+    assert int8 is not model and not any(type(m) is torch.nn.Linear for m in int8.modules())
+
+
+def test_calibrated_surgery_nn_margins_of_the_original(surgery):
+    """Three unit vectors at angles 0, 0.1 and 0.3: nearest minus second-nearest cosine is cos 0.1 - cos 0.3,
+    cos 0.1 - cos 0.2 and cos 0.2 - cos 0.3."""
+    angles = torch.tensor([0.0, 0.1, 0.3], dtype=torch.float64)
+    ref = torch.stack([angles.cos(), angles.sin()], dim=1)
+    margins = surgery.nn_margins(ref)
+    c = math.cos
+    assert margins["median"] == pytest.approx(c(0.2) - c(0.3))  # the middle one of the three margins
+    assert margins["under_0.01"] == 0 and margins["under_0.02"] == pytest.approx(1 / 3)  # cos 0.1 - cos 0.2 = 0.0149
+
+
 def test_calibrated_surgery_heal_deleted_trains_all_but_the_embeddings_towards_the_original(surgery):
     """The healing control: the FFN-less model's hidden-state loss falls, its embedding tables stay as they were,
     and the other weights move (but the pooler's, which no distilled state depends on)."""
