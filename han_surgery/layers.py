@@ -359,13 +359,14 @@ class HanBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._fusable():
-            z = self.fc2(self.drop1(self.fc1(x if self.input_scale is None else x * self.input_scale)))
+            # the extras work in the layers' dtype: under autocast, a float32 gain would promote z to float32
+            z = self.fc2(self.drop1(self.fc1(x if self.input_scale is None else x * self.input_scale.to(x.dtype))))
             if self.gain is not None:
-                z = z * self.gain
+                z = z * self.gain.to(z.dtype)
             if self.bias is not None:
-                z = z + self.bias
+                z = z + self.bias.to(z.dtype)
             if self.side is not None:
-                z = z + self.side(x)
+                z = z + self.side(x).to(z.dtype)
             return self.drop2(z)
         fc1, fc2 = self.fc1, self.fc2
         bias = torch.stack([fc1.bias, fc2.bias]) if fc1.bias is not None else None

@@ -445,6 +445,26 @@ def test_autocast_forward_and_backward(dtype):
     assert (out.float() - ref).norm() / ref.norm() < 3e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_dtype_of_a_block_with_extras_is_the_plain_blocks(dtype):
+    """Under autocast a block with a gain, an input scale, a bias after the gain or a side path gave float32 (its
+    float32 parameters promoted the product), where the plain block and an ``nn.Linear`` give the autocast dtype."""
+    torch.manual_seed(13)
+    x = torch.randn(8, 16)
+    for extras in (dict(gain=True), dict(input_scale=True), dict(side_rank=2), dict(gain=True, side_rank=2)):
+        block = HanBlock(16, reflections=2, **extras)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(0.1 * torch.randn_like(p))  # the side path's up-projection starts at 0
+        with torch.autocast("cpu", dtype=dtype):
+            out = block(x)
+        assert out.dtype == dtype, extras
+        out.float().sum().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in block.parameters()), extras
+        ref = block(x)
+        assert (out.float() - ref).norm() / ref.norm() < 3e-2, extras
+
+
 def test_torch_compile_under_autocast_trains():
     """A compiled training step under CPU autocast: the backward ran in mixed bfloat16/float32 and raised."""
     torch.manual_seed(13)
