@@ -94,7 +94,7 @@ def _forward_kernel(
     BLOCK_N: tl.constexpr,
 ):
     ACC = v_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int32 offsets overflow at 2**31
     row_mask = rows < N
     ks = tl.arange(0, K_PAD)
     p = _project(x_ptr, u_ptr, rows, row_mask, n, stride_x, K, K_PAD, BLOCK_M, BLOCK_N, ACC)
@@ -149,7 +149,7 @@ def _backward_rows_kernel(
 ):
     """Phase 1: P, Q = g V^T and dL/dx = g - Q U for a block of rows."""
     ACC = v_ptr.dtype.element_ty
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # int32 offsets overflow at 2**31
     row_mask = rows < N
     ks = tl.arange(0, K_PAD)
     p = _project(x_ptr, u_ptr, rows, row_mask, n, stride_x, K, K_PAD, BLOCK_M, BLOCK_N, ACC)
@@ -218,7 +218,7 @@ def _backward_params_kernel(
     db = tl.zeros((BLOCK_N,), dtype=ACC)
     start = split * rows_per_split
     for r0 in range(start, start + rows_per_split, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
+        rows = (r0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         row_mask = (rows < N) & (rows < start + rows_per_split)
         mask = row_mask[:, None] & col_mask[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask, other=0).to(ACC)
