@@ -6,6 +6,7 @@ import importlib.util
 import sys
 
 import pytest
+import torch
 
 from han_surgery.demo import run_demo
 from han_surgery.demo.checkerboard import make_board
@@ -42,6 +43,49 @@ def test_demo_out_dir_that_cannot_be_written_fails_before_training(where, tmp_pa
     assert main(["demo", "--fast", "--out-dir", out]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"han-surgery demo: --out-dir {out}: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("mine", ["file", "folder", "link", "other png"])
+def test_demo_refuses_a_checkerboard_png_it_did_not_write_before_any_work(mine, tmp_path, capsys, monkeypatch):
+    """--out-dir defaults to '.', and the demo overwrote a user's checkerboard.png without a word (a folder of that
+    name was a traceback after both networks had trained)."""
+    import han_surgery.demo
+    from han_surgery.cli import main
+
+    monkeypatch.setattr(han_surgery.demo, "step_layer_properties", lambda: pytest.fail("the demo ran"))
+    path = tmp_path / "checkerboard.png"
+    if mine == "file":
+        path.write_text("my own figure")
+    elif mine == "folder":
+        path.mkdir()
+    elif mine == "link":
+        (tmp_path / "target.png").write_text("mine")
+        path.symlink_to(tmp_path / "target.png")
+    else:
+        from PIL import Image
+
+        Image.new("L", (2, 2)).save(path)
+    before = path.read_bytes() if path.is_file() else None
+    assert main(["demo", "--fast", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"han-surgery demo: {path} is there and the demo did not write it: move it away, or give another --out-dir\n"
+    )
+    assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_demo_replaces_its_own_board(tmp_path):
+    """The board carries the demo's PNG mark, so a rerun into the same folder replaces it."""
+    pytest.importorskip("matplotlib")
+    from han_surgery.demo.checkerboard import board_file_problem, write_boards
+
+    board = make_board(seed=0)
+    models = {name: torch.nn.Linear(2, 2) for name in ("a", "b")}
+    assert board_file_problem(tmp_path) is None
+    path = write_boards(models, board, tmp_path)
+    assert path == tmp_path / "checkerboard.png" and board_file_problem(tmp_path) is None
+    assert write_boards(models, board, tmp_path) == path
 
 
 def test_a_failed_fine_tune_step_is_one_line_and_the_child_does_not_import_from_the_cwd(tmp_path, monkeypatch):

@@ -17,7 +17,11 @@ def demo(argv: Sequence[str] | None = None, prog: str = "han-surgery demo") -> i
     """Run :func:`han_surgery.demo.run_demo`."""
     parser = CommandParser(prog=prog, description="Run the no-download demo of han-surgery.")
     parser.add_argument("--fast", action="store_true", help="shorter training (about half the time)")
-    parser.add_argument("--out-dir", default=".", help="where checkerboard.png is written (default: .)")
+    parser.add_argument(
+        "--out-dir",
+        default=".",
+        help="where checkerboard.png is written (default: .); a checkerboard.png the demo did not write is refused",
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:

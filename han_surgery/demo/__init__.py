@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..kernels import cpu as cpu_kernel
-from .checkerboard import step_checkerboard
+from .checkerboard import board_file_problem, step_checkerboard
 from .finetune import step_finetune
 from .layer import step_layer_properties, step_layer_speed
 from .surgery import step_surgery_minilm
@@ -24,7 +25,14 @@ __all__ = ["run_demo"]
 
 
 def run_demo(fast: bool = False, out_dir: str | Path = ".") -> dict[str, Any]:
-    """Run every section; ``fast`` shortens training. Returns each section's key figures."""
+    """Run every section; ``fast`` shortens training. Returns each section's key figures.
+
+    Raises:
+        ConfigError: ``out_dir`` holds a ``checkerboard.png`` the demo did not write (checked before any work).
+    """
+    problem = board_file_problem(out_dir)
+    if problem:
+        raise ConfigError(problem)
     start = time.perf_counter()
     print(f"han-surgery demo (torch {torch.__version__}, {torch.get_num_threads()} CPU threads)")
     results: dict[str, Any] = {}

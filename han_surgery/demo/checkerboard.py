@@ -20,12 +20,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..layers import stack_han_layers
 from ..paper.common import fc_net, han_net, use_agg_backend
 from ..utils import count_parameters, format_table
 from ._format import section
 
-__all__ = ["Board", "make_board", "train_full_batch", "step_checkerboard", "FULL_RUN"]
+__all__ = ["Board", "make_board", "train_full_batch", "step_checkerboard", "board_file_problem", "FULL_RUN"]
+
+BOARD_FILE = "checkerboard.png"
+#: The PNG text chunk the demo writes into its board, so that a rerun may replace its own file and no other.
+BOARD_MARK = ("Software", "han-surgery demo")
 
 #: Final-model test accuracy (%) of the full 40k-iteration runs, paper protocol (docs/RESULTS.md, section 2).
 FULL_RUN = {"HanNet": 99.72, "FCNet": 84.37}
@@ -76,6 +81,29 @@ def train_full_batch(model: nn.Module, board: Board, steps: int, lr: float, eval
     return curve
 
 
+def board_file_problem(out_dir: str | Path) -> str | None:
+    """Why the demo may not write ``out_dir/checkerboard.png`` (``None`` if it may): something is there that an
+    earlier demo did not write (a file without the demo's PNG mark, a folder, a link). Checked before training;
+    without Pillow (matplotlib's, so no board is drawn) there is nothing to check."""
+    path = Path(out_dir).expanduser() / BOARD_FILE
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    written_by = None
+    if path.is_file() and not path.is_symlink():
+        try:
+            with Image.open(path) as image:
+                written_by = getattr(image, "text", {}).get(BOARD_MARK[0])
+        except (OSError, ValueError):  # not an image
+            pass
+    if written_by == BOARD_MARK[1]:
+        return None
+    return f"{path} is there and the demo did not write it: move it away, or give another --out-dir"
+
+
 def write_boards(models: dict[str, nn.Module], board: Board, out_dir: Path) -> Path | None:
     """Plot each model's class of every grid point into ``out_dir/checkerboard.png``; return its path, or ``None``
     (with a note) when matplotlib, which only the ``[demo]`` extra installs, is missing."""
@@ -84,7 +112,10 @@ def write_boards(models: dict[str, nn.Module], board: Board, out_dir: Path) -> P
     except ImportError:
         print("\nBoards not drawn: matplotlib is not installed (pip install 'han-surgery[demo]').")
         return None
-    path = _plot(plt, models, board, Path(out_dir) / "checkerboard.png")
+    problem = board_file_problem(out_dir)  # again: something may have been put there while the models trained
+    if problem:
+        raise ConfigError(problem)
+    path = _plot(plt, models, board, Path(out_dir) / BOARD_FILE)
     print(f"\nBoards (class of every grid point): {path.resolve()}")
     return path
 
@@ -100,7 +131,7 @@ def _plot(plt: Any, models: dict[str, nn.Module], board: Board, path: Path) -> P
         ax.set_yticks([])
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, metadata=dict([BOARD_MARK]))
     plt.close(fig)
     return path
 
@@ -110,6 +141,9 @@ def step_checkerboard(fast: bool = False, out_dir: str | Path = ".") -> dict[str
 
     Returns the final test accuracies, ``{"HanNet": ..., "FCNet": ...}`` in [0, 1].
     """
+    problem = board_file_problem(out_dir)
+    if problem:
+        raise ConfigError(problem)
     section("The paper's headline: HanNet vs FCNet on the checkerboard (generated, 25% train)")
     board = make_board(seed=0)
     # (model, steps, lr). The FCNet's test accuracy is flat from ~750 steps on (see its curve), so it
