@@ -273,6 +273,18 @@ def test_short_runs_train_at_the_full_lr(tmp_path, monkeypatch):
     assert common.positive_milestones([0, 0, 3, 5.5]) == [3, 5.5]
 
 
+def test_results_json_writes_null_for_nan_and_infinity(tmp_path):
+    """A diverged run's loss (NaN) and the R^2 of a test split whose target is constant (-inf) were written as
+    ``NaN`` / ``-Infinity``, which is not JSON: JavaScript's JSON.parse and jq --strict readers refuse the file."""
+    results = {"loss": float("nan"), "rows": [{"r2": float("-inf"), "ok": 0.5}, (np.float32("inf"), np.float64(2))]}
+    common.write_results(tmp_path, results, "md")
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = json.loads(text)
+    assert back["loss"] is None and back["rows"] == [{"r2": None, "ok": 0.5}, [None, 2.0]]
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) == back
+
+
 def test_regression_constant_target_is_refused(tmp_path):
     """A CSV whose target column is constant was accepted and reported R^2 = -inf (SST = 0) with a numpy warning."""
     path = tmp_path / "const_y.csv"

@@ -314,9 +314,23 @@ def write_results(out: str | os.PathLike[str] | None, results: dict[str, Any], m
     results = dict(results)
     results.setdefault("environment", environment())
     results.setdefault("finished_utc", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (folder / "results.json").write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+    text = json.dumps(_finite_or_null(results), indent=2, default=_json_default, allow_nan=False)
+    (folder / "results.json").write_text(text + "\n")
     (folder / "results.md").write_text(markdown)
     return folder
+
+
+def _finite_or_null(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (Python or numpy) replaced by ``None``: JSON has no such numbers,
+    and ``json.dumps`` would write ``NaN`` / ``Infinity``, which most JSON readers refuse (a diverged run's loss, the
+    R^2 of a constant test target)."""
+    if isinstance(obj, (float, np.floating)):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
