@@ -302,6 +302,37 @@ def test_vision_seed_fixes_the_initial_weights(tiny_cifar, monkeypatch, capsys):
     assert torch.equal(seen[-1], seen[0])
 
 
+def test_vision_writes_each_row_as_it_ends(tiny_cifar, tmp_path, monkeypatch):
+    """``paper mixer/mobilevit`` wrote --out once, after every row: a full run stopped in its last row (7 rows x 600
+    epochs) lost all of them. Now each row is written as it ends, and ``complete`` says whether every row ran."""
+    import json
+
+    from han_surgery.paper import vision
+
+    out = tmp_path / "out"
+    calls: list[int] = []
+
+    def fake(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            written = json.loads((out / "results.json").read_text())
+            assert [r["model"] for r in written["rows"]] == ["han_mixer_m2h0_32"] and not written["complete"]
+            assert "han_mixer_m2h0_32" in (out / "results.md").read_text()
+            raise KeyboardInterrupt
+        return {"params": 1, "test_error": 50.0, "test_images": 1, "steps": 0, "final_train_loss": 0.0,
+                "train_seconds": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(vision, "train_and_score", fake)
+    argv = ["mixer", "--quick", "--data", str(tiny_cifar), "--device", "cpu", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--models", "han_mixer_m2h0_32,han_mixer_m0h0_32"])
+    assert len(calls) == 2
+    calls.append(1)  # past the second call: the next run is not interrupted
+    assert main([*argv, "--models", "han_mixer_m0h0_32"]) == 0  # the partial folder is this command's to replace
+    written = json.loads((out / "results.json").read_text())
+    assert written["complete"] and [r["model"] for r in written["rows"]] == ["han_mixer_m0h0_32"]
+
+
 def _png(path: Path, side: int, value: int = 128) -> None:
     from PIL import Image
 

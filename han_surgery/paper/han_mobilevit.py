@@ -64,7 +64,7 @@ SPEC = TableSpec(
     model_kwargs=lambda data: {},
     protocol_note=(
         "Protocol: Table 13 (AdamW lr 1e-3, weight decay 0.1, batch 128 CIFAR / 64 STL10, 300 epochs); images resized "
-        "to 256 x 256 (the paper's size was lost); Table 11's augmentation; details: han_surgery/paper/vision.py."
+        "to --image-size, 256 x 256 by default (the paper's size was lost; the heading gives this run's); Table 11's augmentation; details: han_surgery/paper/vision.py."
     ),
     quick_rows=(0, 1),
     quick_image_size=64,

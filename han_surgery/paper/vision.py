@@ -259,7 +259,45 @@ def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
         recipe.batch_size = min(recipe.batch_size, 8)
         recipe.image_size = spec.quick_image_size or recipe.image_size
         workers = 0
-    results_rows, table = [], []
+    results_rows: list[dict[str, Any]] = []
+    table: list[list[str]] = []
+
+    def write(complete: bool) -> tuple[dict[str, Any], str]:
+        """``--out`` for the rows done so far (after each one, so that a run stopped early keeps them)."""
+        wall = time.perf_counter() - t_start
+        md = (
+            f"# {spec.title} ({'quick smoke test' if args.quick else 'run'} on {data.name}: {recipe.epochs} epochs, "
+            f"batch {recipe.batch_size}, AdamW lr {recipe.lr}, weight decay {recipe.weight_decay}, "
+            f"image size {recipe.image_size or data.image_size}; test error %)\n\n"
+            + markdown_table(
+                ["row", "timm model", "paper params", "our params", "paper error %", "ours error %"], table
+            )
+            + f"\n{spec.protocol_note}\n\nWall time: {wall:.0f} s on {device}.\n"
+        )
+        results = {
+            "experiment": spec.experiment,
+            "quick": bool(args.quick),
+            "complete": complete,
+            "command": getattr(args, "command_line", None),
+            "config": {
+                "dataset": data.name,
+                "train_images": len(data.y_train),
+                "test_images": results_rows[0]["test_images"] if results_rows else 0,
+                "epochs": recipe.epochs,
+                "batch_size": recipe.batch_size,
+                "lr": recipe.lr,
+                "weight_decay": recipe.weight_decay,
+                "image_size": recipe.image_size or data.image_size,
+                "max_steps": recipe.max_steps,
+                "device": str(device),
+                "seed": args.seed,
+            },
+            "rows": results_rows,
+            "wall_seconds": wall,
+        }
+        write_results(args.out, results, md)
+        return results, md
+
     for name, label in rows:
         seed_everything(args.seed)  # the initial weights: the same for a row whatever rows ran before it
         model = timm.create_model(name, num_classes=data.num_classes, **spec.model_kwargs(data))
@@ -281,34 +319,6 @@ def run_table(args: argparse.Namespace, spec: TableSpec) -> dict[str, Any]:
                 f"{scored['test_error']:.1f}",
             ]
         )
-    wall = time.perf_counter() - t_start
-    md = (
-        f"# {spec.title} ({'quick smoke test' if args.quick else 'run'} on {data.name}: {recipe.epochs} epochs, "
-        f"batch {recipe.batch_size}, AdamW lr {recipe.lr}, weight decay {recipe.weight_decay}, "
-        f"image size {recipe.image_size or data.image_size}; test error %)\n\n"
-        + markdown_table(["row", "timm model", "paper params", "our params", "paper error %", "ours error %"], table)
-        + f"\n{spec.protocol_note}\n\nWall time: {wall:.0f} s on {device}.\n"
-    )
-    results = {
-        "experiment": spec.experiment,
-        "quick": bool(args.quick),
-        "command": getattr(args, "command_line", None),
-        "config": {
-            "dataset": data.name,
-            "train_images": len(data.y_train),
-            "test_images": results_rows[0]["test_images"] if results_rows else 0,
-            "epochs": recipe.epochs,
-            "batch_size": recipe.batch_size,
-            "lr": recipe.lr,
-            "weight_decay": recipe.weight_decay,
-            "image_size": recipe.image_size or data.image_size,
-            "max_steps": recipe.max_steps,
-            "device": str(device),
-            "seed": args.seed,
-        },
-        "rows": results_rows,
-        "wall_seconds": wall,
-    }
-    write_results(args.out, results, md)
+        results, md = write(complete=len(results_rows) == len(rows))
     print(md)
     return results
