@@ -160,6 +160,65 @@ def test_tabular_csv_with_header_and_integer_target_is_classification(tmp_path: 
     assert data.train[0][1].dtype == torch.int64
 
 
+def test_tabular_csv_with_pandas_column_numbers_as_header(tmp_path: Path) -> None:
+    """``pd.DataFrame(array).to_csv(index=False)`` writes the header ``0,1,2,3``: it was read as a data row, whose
+    target 3 made a phantom class. Above rows of whole numbers the same row may be data, and stays data."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "pandas.csv"
+    path.write_text(
+        "0,1,2,3\n" + "".join(f"{a:.3f},{b:.3f},{c:.3f},{i % 2}\n" for i, (a, b, c) in enumerate(rng.random((40, 3))))
+    )
+    data = load_data(path)
+    assert (data.task, data.num_outputs, len(data.train) + len(data.eval)) == ("classification", 2, 40)
+    assert data.extra["header"] == ["0", "1", "2", "3"]
+    ints = tmp_path / "ints.csv"  # the same first row above whole numbers only: it may be data, and stays data
+    ints.write_text("0,1,2,3\n" + "".join(f"{i % 4},{i % 3},{i % 5},{i % 2}\n" for i in range(40)))
+    data = load_data(ints, task="regression")
+    assert data.extra["header"] is None and len(data.train) + len(data.eval) == 41
+
+
+@pytest.mark.parametrize("header", [",a,b,y", "Unnamed: 0,a,b,y", "a,,b,y"])
+def test_tabular_csv_with_an_unnamed_column_is_refused(header: str, tmp_path: Path) -> None:
+    """``df.to_csv()`` writes the index as a first column with no name: it was trained on as a feature (in a file
+    sorted by label, the label itself)."""
+    path = tmp_path / "index.csv"
+    path.write_text(header + "\n" + "".join(f"{i},{i * 0.5},{i % 7},{int(i >= 25)}\n" for i in range(50)))
+    column = 2 if header.startswith("a,,") else 1
+    with pytest.raises(
+        DataError, match=rf"the header names no column {column}; a pandas index .* to_csv\(index=False\)"
+    ):
+        load_data(path)
+
+
+def test_text_jsonl_list_labels_are_refused(tmp_path: Path) -> None:
+    """Multi-label rows (``"label": [0, 1]``) trained as class names '[0, 1]', '[1, 0]', ..."""
+    path = tmp_path / "multi.jsonl"
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": [i % 2, 1]}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"multi\.jsonl, line 1: label \[0, 1\] is a JSON list; .* multi-label"):
+        load_data(path)
+    path.write_text("".join(json.dumps({"text": f"text {i}", "label": {"a": 1}}) + "\n" for i in range(10)))
+    with pytest.raises(DataError, match=r"is a JSON dict"):
+        load_data(path)
+
+
+def test_data_dot_is_named_after_the_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--data .`` gave the dataset an empty name in the console, results.json and the model card."""
+    path = tmp_path / "digits.csv"
+    path.write_text("".join(f"{i * 0.1},{i % 2}\n" for i in range(20)))
+    from PIL import Image
+
+    folder = tmp_path / "pets"
+    for cls in ("cat", "dog"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(folder / cls / f"{i}.png")
+    monkeypatch.chdir(folder)
+    assert load_data(".", image_size=8).name == "pets"
+    monkeypatch.chdir(folder / "cat")
+    assert load_data("..", image_size=8).name == "pets"
+    assert load_data(path).name == "digits"
+
+
 def test_text_jsonl_maps_string_labels(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text(

@@ -34,7 +34,7 @@ import os
 import warnings
 import zipfile
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -513,6 +513,15 @@ def _is_number(cell: str) -> bool:
     return True
 
 
+def _column_numbers_header(rows: list[CsvRow]) -> bool:
+    """Whether the first row is the header pandas writes for a DataFrame without column names (``0,1,...,W-1``):
+    those column numbers, above rows that are not all whole numbers (else it may be data, and is kept as data)."""
+    first = [c.strip() for c in rows[0][1]]
+    if first != [str(i) for i in range(len(first))]:
+        return False
+    return any(_is_number(c) and not float(c).is_integer() for _, row in rows[1:] for c in row)
+
+
 def load_tabular_csv(
     path: Path,
     rows: list[CsvRow],
@@ -524,10 +533,17 @@ def load_tabular_csv(
     max_samples: int | None,
 ) -> DataBundle:
     header = None
-    if not any(_is_number(c) for c in rows[0][1]):
+    if not any(_is_number(c) for c in rows[0][1]) or _column_numbers_header(rows):
         header, rows = rows[0][1], rows[1:]
     if not rows:
         raise DataError(f"{path}: only a header row, no data.")
+    if header is not None and (
+        unnamed := [j for j, c in enumerate(header) if not c.strip() or c.startswith("Unnamed: ")]
+    ):
+        raise DataError(
+            f"{path}: the header names no column {unnamed[0] + 1}; a pandas index written by to_csv() looks like "
+            "this, and would be trained on as a feature: save with to_csv(index=False), or name or drop the column."
+        )
     width = len(rows[0][1])
     if width < 2:
         raise DataError(
@@ -678,6 +694,11 @@ def load_text(
     for i, (v, where) in enumerate(zip(raw, places, strict=False)):
         if v is None or v == "":  # else a class '' (sorted first) renumbers every other class
             raise DataError(f"{path}, {where}: empty label; every row needs one (drop or fill the row).")
+        if isinstance(v, (list, dict)):  # else its text, '[0, 1]', became a class name
+            raise DataError(
+                f"{path}, {where}: label {v!r:.60} is a JSON {type(v).__name__}; each row takes one class (a number "
+                "or a name): multi-label data is not supported."
+            )
         number = _float_label(v)  # 2.0 (or "2.0") is class 2; 0.37 and NaN are no class: sorted as names before
         if number is not None:
             if not (math.isfinite(number) and number.is_integer()):
@@ -780,6 +801,8 @@ def load_data(
             f"--num-classes {num_classes}: --data {path} is an image folder, whose {bundle.num_outputs} class "
             "folders make the classes; drop --num-classes."
         )
+    if bundle.name in ("", ".", ".."):  # --data . : the folder's own name, for the console, results and card
+        bundle = replace(bundle, name=p.resolve().name)
     _warn_if_classes_missing(bundle, max_samples)
     return bundle
 
