@@ -482,6 +482,51 @@ def test_report_table_and_totals():
     assert report.to_dict()["rewrites"][0]["rule"] == "timm.mlp"
 
 
+def test_fallback_leaves_a_feed_forward_with_its_own_residual():
+    """XLNet's feed-forward module returns ``norm(x + ffn(x))``, its layer's only residual and norm, and
+    MobileBERT's FFN layers end in a unit computing ``norm(dense(h) + residual)``: the fallback replaced both with a
+    bare Han-block (the residual and norm gone, the report saying "residual: kept"). XLNet's is now skipped with the
+    reason; MobileBERT's goes to the BERT rule, which keeps its residual and post-norm."""
+    from transformers import MobileBertConfig, MobileBertModel, XLNetConfig, XLNetModel
+
+    torch.manual_seed(0)
+    xlnet = XLNetModel(XLNetConfig(vocab_size=50, d_model=16, n_layer=1, n_head=2, d_inner=32))
+    before = {k: v.clone() for k, v in xlnet.state_dict().items()}
+    report = hanify(xlnet)
+    assert report.num_rewritten == 0 and type(xlnet.layer[0].ff).__name__ == "XLNetFeedForward"
+    (skip,) = report.skipped
+    assert skip.path == "layer.0.ff" and "adds its input 'inp'" in skip.reason and "register a rule" in skip.reason
+    assert all(torch.equal(v, before[k]) for k, v in xlnet.state_dict().items())
+    config = MobileBertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+        embedding_size=8, intra_bottleneck_size=16, true_hidden_size=16,
+    )  # fmt: skip
+    mobile = MobileBertModel(config)
+    report = hanify(mobile)
+    rows = {r.path: r for r in report.rewrites}
+    assert set(rows) == {f"encoder.layer.0.ffn.{i}.intermediate" for i in range(3)}
+    assert {r.rule for r in rows.values()} == {"hf.split_ffn"} and all(
+        "kept" in r.neighbours["norm"] for r in rows.values()
+    )
+    assert mobile(torch.randint(0, 50, (2, 5))).last_hidden_state.shape == (2, 5, 16)
+
+
+def test_fallback_reports_the_norms_it_replaces_with_the_module():
+    """A norm of the stream held by the FFN module itself goes with it (a pre-norm, as in vit-pytorch's
+    ``Sequential(LayerNorm, Linear, GELU, Linear)``): the report said "unknown parent: left as is"."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ff = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+
+        def forward(self, x):
+            return x + self.ff(x)
+
+    (row,) = hanify(nn.Sequential(Block())).rewrites
+    assert row.rule == "fallback.ffn" and row.neighbours["norm"] == "its own 0 (LayerNorm) replaced with it"
+
+
 def test_fallback_catches_1x1_conv_ffn_but_not_a_depthwise_block():
     class ConvFFN(nn.Module):
         def __init__(self, c=8):

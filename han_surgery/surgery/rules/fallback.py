@@ -17,7 +17,10 @@ A module is taken for an FFN when its direct children are exactly
 and nothing else (so attention, which has no activation module and 3-4
 projections, is not caught). It becomes a ``HanBlock`` of width ``d`` if its
 ``forward`` takes a single input (BLOOM's MLP, ``forward(x, residual)``, is
-skipped with that reason).
+skipped with that reason) and does not add that input to anything (XLNet's
+feed-forward returns ``norm(x + ffn(x))``: skipped, as a Han-block would lose
+the residual and the norm); a projection unit takes a single input too. Norms
+of the stream the module holds go with it, and the report names them.
 The fallback cannot know the parent's layout: the pre-norm is left as is and
 ``residual="drop"`` is refused. It has the lowest priority: any named rule wins.
 """
@@ -88,6 +91,8 @@ def _projection(m: nn.Module) -> nn.Module | None:
     children = list(m.children())
     if not 2 <= len(children) <= 3 or not _is_projection(children[0]):
         return None
+    if len(_required_inputs(m)) != 1:  # MobileBERT's FFNOutput: norm(dense(x) + residual), not a plain chain
+        return None
     rest = children[1:]
     if not all(_is_passive(c) or _is_activation(c) for c in rest):
         return None
@@ -147,6 +152,55 @@ def build_fallback(cand: Candidate, config: HanConfig) -> Replacement:
     convs = [isinstance(p, nn.Conv2d) for p in projs]
     if any(convs) and not all(convs):
         raise SkipCandidate("fallback: mixes 1x1 convolutions and linear layers (layout unknown)")
+    if _adds_its_input(cand.module, inputs[0]):
+        raise SkipCandidate(
+            f"fallback: {type(cand.module).__name__}.forward adds its input {inputs[0]!r} to something: a residual (and "
+            "maybe a norm) inside the module, which a Han-block in its place would lose (register a rule for this block)"
+        )
+    own_norm = _own_norm(cand.module, d_in, hidden)
     drops = [dropout_p(c) for c in rest if isinstance(c, nn.Dropout)]
     han = han_block(d_in, config, (0.0, max(drops, default=0.0)))
-    return finish(cand, config, ChannelsFirst(han) if all(convs) else han, None)
+    replacement = finish(cand, config, ChannelsFirst(han) if all(convs) else han, None)
+    if own_norm:
+        replacement.neighbours["norm"] = own_norm
+    return replacement
+
+
+def _norm_width(norm: nn.Module) -> int | None:
+    """The number of features ``norm`` normalises, where it says (``None`` for a norm without weights or sizes)."""
+    for attr in ("num_features", "num_channels"):
+        if isinstance(getattr(norm, attr, None), int):
+            return getattr(norm, attr)
+    shape = getattr(norm, "normalized_shape", None)
+    if shape:
+        return int(tuple(shape)[-1])
+    weight = getattr(norm, "weight", None)
+    return int(weight.shape[0]) if isinstance(weight, nn.Parameter) and weight.dim() == 1 else None
+
+
+def _own_norm(module: nn.Module, width: int, hidden: int) -> str:
+    """The report's note on the norms of the stream (``width`` features) that the FFN module holds itself and that
+    go with it (``""`` if none): a pre-norm (timm's ``NormMlp``), a norm of the branch's output (EfficientFormer's
+    ``ConvMlpWithNorm``). A norm of the ``hidden`` features sits between the projections and needs no note."""
+    norms = [
+        f"{name} ({type(c).__name__})"
+        for name, c in module.named_children()
+        if (isinstance(c, NORMS) or _is_passive(c))
+        and not isinstance(c, (nn.Dropout, nn.Identity))
+        and (hidden == width or _norm_width(c) != hidden)
+    ]
+    return f"its own {', '.join(norms)} replaced with it" if norms else ""
+
+
+_ADDS_INPUT = r"(?<![\w.]){name}\s*\+|\+\s*{name}(?![\w(])"
+
+
+def _adds_its_input(module: nn.Module, name: str) -> bool:
+    """Whether ``module.forward``'s source adds its input ``name`` to something: a residual inside the module
+    (XLNet's and Funnel's feed-forward modules return ``norm(x + ffn(x))``), which a Han-block in its place would
+    lose together with the norm. Unknown (no source): no."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(_ADDS_INPUT.format(name=re.escape(name)), source) is not None
