@@ -341,6 +341,30 @@ def test_olmo2_keeps_its_attention_post_norm_and_refuses_residual_drop():
 
 
 @pytest.mark.parametrize(
+    ("model_type", "kw", "why"),
+    [
+        ("granite", {"residual_multiplier": 0.5}, "scales the branch by its residual_multiplier (0.5)"),
+        ("glm4", {"pad_token_id": 0}, "post_mlp_layernorm sits on the branch"),
+    ],
+)
+def test_a_scaled_or_post_normed_mlp_branch_refuses_residual_drop(model_type, kw, why):
+    """Granite adds ``mlp(...) * residual_multiplier`` and GLM-4 ``post_mlp_layernorm(mlp(...))``: residual='drop'
+    (``Han(x) - x`` in place of the MLP) computed ``x + m (Han(x) - x)`` or ``x + norm(Han(x) - x)``, reported as
+    dropped; and calibration's 'model' target assumed an unscaled ``x + branch``."""
+    from han_surgery.surgery.calibration import CalibrationConfig
+
+    dropped = hanify(_tiny(model_type, num_key_value_heads=2, **kw), HanConfig(residual="drop"))
+    assert dropped.num_rewritten == 0 and why in dropped.skipped[0].reason
+    model = _tiny(model_type, num_key_value_heads=2, **kw)
+    batches = [torch.randint(1, 50, (2, 6)) for _ in range(2)]
+    config = CalibrationConfig(steps=2, tokens_per_block=16, progress=False)
+    (block,) = hanify(model, calibration=batches, calibration_config=config).calibration.blocks
+    assert block.status == "fitted" and "(the 'block' target)" in block.reason and why in block.reason
+    llama = hanify(_tiny("llama", num_key_value_heads=2), HanConfig(residual="drop"))  # the unscaled control
+    assert llama.num_rewritten == 1
+
+
+@pytest.mark.parametrize(
     ("model_type", "norm"), [("swin", "layernorm_after"), ("audio-spectrogram-transformer", "layernorm_after")]
 )
 def test_hf_swin_and_ast_drop_their_mlp_pre_norm_like_vit(model_type, norm):

@@ -36,9 +36,25 @@ def _site(cand: Candidate) -> Site | None:
             "attention's output, not the MLP's input)"
         )
         return Site(norm=None, residual="fixed", note=note)
+    if cand.sibling("post_mlp_layernorm") is not None:  # GLM-4: x + post_mlp_layernorm(mlp(norm(x)))
+        note = "post_mlp_layernorm sits on the branch"
+        return Site(norm="post_attention_layernorm", residual="fixed", note=note)
+    scaled = _branch_scale(cand.parent)
+    if scaled:
+        return Site(norm="post_attention_layernorm", residual="fixed", note=scaled)
     if cand.sibling("post_attention_layernorm") is not None:
         return Site(norm="post_attention_layernorm")
     return None
+
+
+def _branch_scale(layer: nn.Module) -> str:
+    """How the layer scales the MLP's output before adding it to the stream (``""``: it does not): Granite's
+    ``residual_multiplier``, MiniCPM's ``scale_depth``."""
+    for name in ("residual_multiplier", "scale_depth"):
+        value = getattr(layer, name, None)
+        if isinstance(value, (int, float)) and value != 1:
+            return f"the layer scales the branch by its {name} ({value:g})"
+    return ""
 
 
 @register_rule("hf.gated_mlp", matcher=_is_gated_mlp, changes=("norm", "residual"), priority=90)
