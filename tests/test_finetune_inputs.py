@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1217,3 +1218,38 @@ def test_model_kwargs_resizing_a_body_table_to_the_number_of_labels_is_not_taken
     code, err = finetune(capsys, *argv, "--model-kwargs", '{"type_vocab_size": 3}')
     assert code == 2 and "its weights do not fit" in err and "bert.embeddings.token_type_embeddings.weight" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def _named_bundle(names: list[str], kind: str = "image") -> Any:
+    from han_surgery.finetune.data import DataBundle
+
+    return DataBundle(train=[], eval=[], kind=kind, task="classification", num_outputs=len(names), name="x",
+                      in_chans=3, image_size=(32, 32), class_names=names)  # fmt: skip
+
+
+def test_a_model_folder_trained_on_other_classes_gets_a_new_head(tmp_path: Path) -> None:
+    """A folder whose classifier was trained on ``a_dog, b_cat`` and data of ``b_cat, c_fox``: its head was kept,
+    row by row, so the cat started from the dog's row and the card said no weight was random. Now a head for other
+    class names starts afresh (``random_weights="head"``), as one of another size does; the same names keep it."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from han_surgery.finetune.models import build_model, save_model
+
+    torch.manual_seed(0)
+    built = build_model("test_vit", _named_bundle(["a_dog", "b_cat"]))
+    save_model(built, built.model, tmp_path / "vit", label_names=["a_dog", "b_cat"])
+    saved = built.model.get_classifier().weight.detach().clone()
+    same = build_model(str(tmp_path / "vit"), _named_bundle(["a_dog", "b_cat"]))
+    assert same.random_weights == "none" and torch.equal(same.model.get_classifier().weight, saved)
+    other = build_model(str(tmp_path / "vit"), _named_bundle(["b_cat", "c_fox"]))
+    assert other.random_weights == "head" and not torch.equal(other.model.get_classifier().weight, saved)
+    config = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})  # fmt: skip
+    bert = BertForSequenceClassification(config)
+    bert.save_pretrained(tmp_path / "bert")
+    same = build_model(str(tmp_path / "bert"), _named_bundle(["neg", "pos"], "text"))
+    assert same.random_weights == "none" and torch.equal(same.model.classifier.weight, bert.classifier.weight)
+    other = build_model(str(tmp_path / "bert"), _named_bundle(["ham", "spam"], "text"))
+    assert other.random_weights == "head" and not torch.equal(other.model.classifier.weight, bert.classifier.weight)
+    assert torch.equal(other.model.bert.pooler.dense.weight, bert.bert.pooler.dense.weight)  # the body as saved
+    assert other.model.classifier.weight.std().item() == pytest.approx(config.initializer_range, rel=0.5)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, HanSurgeryError, first_line
@@ -108,16 +109,64 @@ def _timm_create(name: str, data: DataBundle | None, pretrained: bool, extra: di
     raise AssertionError("unreachable")
 
 
-def _fit_head(model: nn.Module, data: DataBundle | None) -> bool:
-    """A new classifier for ``data``'s labels where the model's has another size; ``True`` if it made one."""
+def class_names_in(config_file: Path) -> list[str] | None:
+    """The class names a model folder's ``config.json`` records, in order (``None``: none, or transformers' default
+    ``LABEL_<i>`` names)."""
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    names = config.get("label_names")  # timm's save_for_hf(model_config={"label_names": ...})
+    if names is None:
+        base = config.get("base_config") if isinstance(config.get("base_config"), dict) else config  # hanified
+        id2label = base.get("id2label")
+        if isinstance(id2label, dict) and all(isinstance(k, str) and k.isdigit() for k in id2label):
+            names = [id2label[k] for k in sorted(id2label, key=int)]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        return None
+    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def _other_classes(folder: Path, data: DataBundle | None) -> list[str] | None:
+    """The class names the model folder's ``config.json`` records where ``data`` names other ones (``None`` if
+    either names none, or they are the same): its classifier's rows are another task's classes, not these."""
+    if data is None or not data.class_names:
+        return None
+    names = class_names_in(folder / "config.json")
+    return names if names is not None and names != list(data.class_names) else None
+
+
+def _fit_head(model: nn.Module, data: DataBundle | None, other_classes: list[str] | None = None) -> bool:
+    """A new classifier for ``data``'s labels where the model's has another size, or was trained on
+    ``other_classes`` (a head of ``a_dog, b_cat`` would start ``b_cat, c_fox`` from the dog's row); ``True`` if it
+    made one."""
     if (
         data is not None
         and hasattr(model, "reset_classifier")
-        and getattr(model, "num_classes", None) != data.num_outputs
+        and (getattr(model, "num_classes", None) != data.num_outputs or other_classes is not None)
     ):
         model.reset_classifier(data.num_outputs)
         return True
     return False
+
+
+def _reset_transformers_head(model: nn.Module) -> None:
+    """Initialise the weights outside ``model``'s base model (its classifier head) as transformers initialises a
+    new head: a normal of std ``config.initializer_range`` for Linear weights, zeros for biases, a norm at 1 / 0."""
+    body = model.base_model_prefix
+    std = getattr(model.config, "initializer_range", 0.02)
+    for name, module in model.named_modules():
+        if not name or name == body or name.startswith(f"{body}."):
+            continue
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm) and module.elementwise_affine:
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def _timm_random_weights(model: nn.Module, pretrained: bool) -> Literal["none", "head", "all"]:
@@ -195,7 +244,7 @@ def build_model(
         if isinstance(model, TabularNet):  # trained on standardised rows here; exported with this data's statistics
             model = model.without_standardization()
         model.train()
-        new_head = _fit_head(model, data)
+        new_head = _fit_head(model, data, _other_classes(path, data))
         tokenizer = load_tokenizer(path) if family == "transformers" else None
         hanified = folder.kind == "hanified"
         return BuiltModel(
@@ -328,6 +377,10 @@ def _load_transformers(
         )
     tokenizer = load_tokenizer(path, trust_remote_code)
     fresh = info.get("missing_keys") or info.get("mismatched_keys")  # what transformers initialised: the head
+    if not fresh and _other_classes(path, data) is not None:  # a head of as many labels, for other classes
+        with torch.no_grad():
+            _reset_transformers_head(model)
+        fresh = True
     return BuiltModel(
         model,
         "transformers",

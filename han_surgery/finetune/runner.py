@@ -64,7 +64,7 @@ from .config import FinetuneConfig, FinetuneResult
 from .data import IMAGE_MEAN, IMAGE_STD, DataBundle, load_data, make_text_collate
 from .hub import RESULTS_NAME, base_model_id, push_folder, write_model_card
 from .loop import NonFiniteLossError, TrainingState, logits_of, lr_lambda, train_loop, warmup_problem
-from .models import BuiltModel, build_model, save_model
+from .models import BuiltModel, build_model, class_names_in, save_model
 from .tracking import init_trackers
 
 __all__ = [
@@ -242,7 +242,7 @@ def _check_teacher_classes(config: FinetuneConfig, data: DataBundle) -> None:
     position (a teacher of ``cat, dog, fox`` taught ``ant, cat, dog`` its cat as the ant, silently)."""
     if config.distill == "hidden" or not data.class_names or config.distill_from in (None, "base"):
         return
-    names = _class_names_in(Path(config.distill_from.removeprefix("local-dir:")).expanduser() / "config.json")
+    names = class_names_in(Path(config.distill_from.removeprefix("local-dir:")).expanduser() / "config.json")
     if names is not None and names != list(data.class_names):
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         ours = ", ".join(data.class_names[:5]) + (", ..." if len(data.class_names) > 5 else "")
@@ -251,26 +251,6 @@ def _check_teacher_classes(config: FinetuneConfig, data: DataBundle) -> None:
             f"--data {config.data} has {ours}: its logits would teach each class as the one in its position; distil "
             "from a teacher trained on these labels, or use --distill hidden"
         )
-
-
-def _class_names_in(config_file: Path) -> list[str] | None:
-    """The class names a model folder's ``config.json`` records, in order (``None``: none, or transformers' default
-    ``LABEL_<i>`` names)."""
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
-        return None
-    names = config.get("label_names")  # timm's save_for_hf(model_config={"label_names": ...})
-    if names is None:
-        base = config.get("base_config") if isinstance(config.get("base_config"), dict) else config  # hanified
-        id2label = base.get("id2label")
-        if isinstance(id2label, dict) and all(isinstance(k, str) and k.isdigit() for k in id2label):
-            names = [id2label[k] for k in sorted(id2label, key=int)]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        return None
-    return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
 
 
 def _check_teacher_tokenizer(
