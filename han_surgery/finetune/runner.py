@@ -202,12 +202,12 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
             )
         built.hanified = True
     if config.distill_from and teacher is None:
+        _check_teacher_classes(config, data)  # before the build: it would give a head for other classes a new one
         try:
             teacher_built = build_model(config.distill_from, data, trust_remote_code=config.trust_remote_code)
         except HanSurgeryError as e:  # build_model's messages name --model
             raise for_option(e, "--model", "--distill-from") from None
         _check_teacher(config, teacher_built)
-        _check_teacher_classes(config, data)
         _check_teacher_tokenizer(config, data, built, teacher_built)
         teacher = teacher_built.model
     if data.kind == "text" and built.tokenizer is None:
