@@ -1136,6 +1136,11 @@ def test_the_model_card_names_an_image_folders_own_held_out_split(tmp_path: Path
     assert cli([*argv[:3], str(tmp_path / "flat"), *argv[4:7], str(tmp_path / "flat_run"), *argv[8:]]) == 0
     card = (tmp_path / "flat_run" / "README.md").read_text()
     assert "held-out split (1 row, 10% of the data, fixed by seed 0)" in card
+    _image_folder(tmp_path / "twelve", ("cat", "dog"), 6)  # ceil(0.1 x 12) = 2 rows held out: 17%, not "10%"
+    assert cli([*argv[:3], str(tmp_path / "twelve"), *argv[4:7], str(tmp_path / "twelve_run"), *argv[8:]]) == 0
+    assert (
+        "held-out split (2 rows, 17% of the data, fixed by seed 0)" in (tmp_path / "twelve_run/README.md").read_text()
+    )
 
 
 def test_model_kwargs_a_constructor_rejects_with_an_assert_or_a_key_error_are_one_line(

@@ -396,7 +396,9 @@ def render_model_card(
         held_out=(
             f"{_rows(len(data.eval))}: the data's own `{data.held_out_folder}/` folder"
             if data.held_out_folder
-            else f"{_rows(len(data.eval))}, {config.val_fraction:.0%} of the data, fixed by seed {config.seed}"
+            # the share held out, not --val-fraction: ceil(fraction x rows) rows are (2 of 12 rows: 17%, not 10%)
+            else f"{_rows(len(data.eval))}, {len(data.eval) / (len(data.train) + len(data.eval)):.0%} of the data, "
+            f"fixed by seed {config.seed}"
         ),
         result_rows=metric_rows,
         base_model_name=started_from,
