@@ -319,6 +319,19 @@ def test_mambaout_block_loses_its_gate_and_keeps_token_mixing():
         torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-6)
 
 
+def test_a_model_level_relative_position_mlp_is_not_an_ffn():
+    """timm's ``vit_srelpos_*`` shares one ``RelPosMlp`` at the model's root: with 2 heads its ``2 -> h -> 2`` MLP
+    is square and was rewritten as an FFN (only an ``...Attention...`` ancestor was looked for)."""
+    import timm
+
+    model = timm.create_model("vit_srelpos_small_patch16_224", num_heads=2, depth=1, embed_dim=32, img_size=32)
+    report = hanify(model)
+    assert [r.path for r in report.rewrites] == ["blocks.0.mlp"]
+    assert [(s.path, s.reason) for s in report.skipped] == [
+        ("shared_rel_pos.mlp", "2 inputs, inside RelPosMlp (shared_rel_pos): a position-bias MLP, not an FFN")
+    ]
+
+
 def _tiny(model_type: str, **kw):
     import transformers as T
 

@@ -85,16 +85,16 @@ POSITION_MLP_MAX_INPUT = 4
 
 
 def require_not_in_attention(cand: Candidate, features: int) -> None:
-    """Skip a position-bias MLP: one inside an attention module that reads ``features <= 4`` inputs
-    (relative coordinates, ``2 -> h -> heads``: Swin-V2's and timm's rel-pos MLPs). It maps
-    coordinates to attention biases; it is not an FFN (a block called ``...Attention...`` may well
-    hold a real FFN, as MaxViT's and CaiT's do)."""
+    """Skip a position-bias MLP: one inside an attention module, or a relative-position module, that reads
+    ``features <= 4`` inputs (relative coordinates, ``2 -> h -> heads``: Swin-V2's and timm's rel-pos MLPs, also
+    the model-level ``shared_rel_pos`` of timm's ``vit_srelpos_*``). It maps coordinates to attention biases; it is
+    not an FFN (a block called ``...Attention...`` may well hold a real FFN, as MaxViT's and CaiT's do)."""
     if features > POSITION_MLP_MAX_INPUT:
         return
     parts = cand.path.split(".")
     for i in range(len(parts) - 1, 0, -1):
         name = type(cand.root.get_submodule(".".join(parts[:i]))).__name__
-        if "Attention" in name:
+        if any(word in name for word in ("Attention", "RelPos", "PosBias", "PositionBias")):
             raise SkipCandidate(
                 f"{features} inputs, inside {name} ({'.'.join(parts[:i])}): a position-bias MLP, not an FFN"
             )
