@@ -129,6 +129,14 @@ def test_hanify_calibrate_keeps_blocks_by_the_last_hidden_state(bert, sentences,
         ("max-length-1", "max_length=1 leaves no room for text: the tokenizer adds 2 special tokens"),
         ("jsonl-null", r"nulls\.jsonl, line 2: 'text' must be a string, got NoneType"),  # fitted on "None"
         ("folder-of-texts", r"^han-surgery hanify: --calibrate .*texts: .*texts: no classes found"),  # named no option
+        # images for a text model reached its forward: "too many values to unpack (expected 2)"
+        ("images-for-text", r"--calibrate .*imgs\.npz holds images, but .* is a text model \(it has a tokenizer\)"),
+        # a batch longer than the model's positions failed in its forward, about tensor sizes
+        (
+            "longer-than-positions",
+            r"--calibration-max-length: a calibration batch holds 20 tokens, but .* takes at most 12 \(its "
+            r"config.max_position_embeddings\); give --calibration-max-length 12 or less",
+        ),
     ],
 )
 def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
@@ -169,6 +177,18 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
         (tmp_path / "texts" / "a.txt").write_text("a sentence\n")
     elif case == "max-length-1":
         extra = ["--calibration-max-length", "1"]
+    elif case == "images-for-text":
+        data = str(make_images(tmp_path / "imgs.npz", n=4))
+    elif case == "longer-than-positions":
+        import transformers as T
+
+        cfg = T.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=12)  # fmt: skip
+        T.BertModel(cfg).save_pretrained(tmp_path / "short")
+        T.AutoTokenizer.from_pretrained(bert).save_pretrained(tmp_path / "short")
+        source = str(tmp_path / "short")
+        (tmp_path / "long.txt").write_text("a sentence of many words " * 6 + "\n")  # cut to 20 tokens
+        data, extra = str(tmp_path / "long.txt"), ["--calibration-max-length", "20"]
     elif case == "jsonl-null":
         (tmp_path / "nulls.jsonl").write_text('{"text": "a sentence"}\n{"text": null}\n')
         data = str(tmp_path / "nulls.jsonl")
@@ -178,6 +198,8 @@ def test_bad_calibration_data_is_a_one_line_error_and_nothing_is_written(
     capsys.readouterr()
     assert main(["hanify", source, "-o", str(out), *calibrate, *extra]) == 2
     err = capsys.readouterr().err
+    if case == "longer-than-positions":  # found once the model is loaded: transformers' loading bar came first
+        err = err.splitlines(keepends=True)[-1]
     assert err.startswith("han-surgery hanify: ") and err.count("\n") == 1, err
     import re
 
@@ -265,6 +287,24 @@ def test_calibration_images_are_every_sample_of_the_file(tmp_path, capsys):
     (tmp_path / "calib" / "unlabelled").rename(tmp_path / "calib" / "train")  # images right in train/: not classes
     (batch,) = load_calibration_batches(CalibrationData(source=str(tmp_path / "calib")), image_size=8)
     assert batch.shape == (3, 3, 8, 8)
+
+
+def test_calibration_reads_an_npz_without_labels_and_a_csv_with_a_blank_first_line(tmp_path, tokenizer):
+    """Calibration needs no labels, yet an .npz of images alone was refused for lacking 'labels'; and a .csv
+    whose first line is blank took the blank line for its header (finetune --data skips it)."""
+    import numpy as np
+
+    from han_surgery.finetune.calibration import load_calibration_batches
+    from han_surgery.surgery.calibration import CalibrationData, read_texts
+
+    np.savez(tmp_path / "bare.npz", images=np.zeros((5, 8, 8), dtype=np.uint8))
+    assert sum(len(b) for b in load_calibration_batches(CalibrationData(source=str(tmp_path / "bare.npz")))) == 5
+    from han_surgery.finetune.data import DataError, load_data
+
+    with pytest.raises(DataError, match="missing \\['labels'\\]"):  # training still needs them
+        load_data(tmp_path / "bare.npz")
+    (tmp_path / "blank.csv").write_text("\n \ntext,label\nhello there,0\nworld,1\n")
+    assert read_texts(tmp_path / "blank.csv") == ["hello there", "world"]
 
 
 def test_finetune_calibration_flags_are_checked(toy, tmp_path, capsys):

@@ -115,8 +115,10 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
         batches = _calibration_batches(args.source, calibration_data, calibration_config.seed, tokenizer)
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
     if batches is not None:
+        from ..finetune.calibration import check_calibration_positions
         from ..surgery.calibration import with_decoder_inputs
 
+        check_calibration_positions(batches, model, args.source)
         batches = with_decoder_inputs(batches, model)  # T5's decoder needs its own inputs
     with surgery_flag_errors():  # the surgery's errors name the flags given (--include), not HanConfig's fields
         start = time.perf_counter()

@@ -30,7 +30,7 @@ from torch.utils.data import ConcatDataset
 from ..errors import ConfigError, for_option
 from ..surgery.calibration.data import TEXT_COLUMNS, CalibrationData, calibration_batches, table_reader
 
-__all__ = ["TRAIN_SPLIT", "TEXT_SUFFIXES", "load_calibration_batches"]
+__all__ = ["TRAIN_SPLIT", "TEXT_SUFFIXES", "check_calibration_positions", "load_calibration_batches"]
 
 #: ``--calibrate train``: the fine-tune's own training split.
 TRAIN_SPLIT = "train"
@@ -90,9 +90,13 @@ def load_calibration_batches(
             raise ConfigError(
                 f"--calibrate {path}: unknown format {suffix!r}. Calibration takes text (.txt, one sample per line; "
                 ".tsv or .csv with a 'sentence' or 'text' column; .jsonl) for a model with a tokenizer, or an image "
-                "folder, an .npz of images or a numeric .csv as finetune --data reads them; no labels are needed, "
-                "but an .npz still holds its 'labels' array and a numeric .csv its target, the last column, which "
-                "calibration leaves out"
+                "folder, an .npz of images (its 'labels' array, if any, left out) or a numeric .csv as finetune --data "
+                "reads it (its target, the last column, left out)"
+            )
+        elif tokenizer is not None:  # an image folder or an .npz: no text for a model that reads tokens
+            raise ConfigError(
+                f"--calibrate {data.source} holds images, but {model_name} is a text model (it has a tokenizer): "
+                "give text (.txt one sample a line; .tsv or .csv with a 'sentence' or 'text' column; .jsonl)"
             )
         else:
             from .data import DataError, DataWarning, load_data
@@ -122,3 +126,21 @@ def _has_text_column(path: Path) -> bool:
         first = f.readline()
     header = next(table_reader(first, path.suffix.lower()), [])
     return any(cell.strip().lower() in TEXT_COLUMNS for cell in header)
+
+
+def check_calibration_positions(batches: list[Any], model: Any, model_name: str = "the model") -> None:
+    """Text batches no longer than ``model`` takes (its ``config.max_position_embeddings``): a longer batch fails in
+    the model's first forward, with a message about tensor sizes that does not name ``--calibration-max-length``.
+
+    Raises:
+        ConfigError: a batch holds more tokens than the model has positions.
+    """
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return
+    longest = max((b["input_ids"].shape[-1] for b in batches if isinstance(b, dict) and "input_ids" in b), default=0)
+    if longest > positions:
+        raise ConfigError(
+            f"--calibration-max-length: a calibration batch holds {longest} tokens, but {model_name} takes at most "
+            f"{positions} (its config.max_position_embeddings); give --calibration-max-length {positions} or less"
+        )

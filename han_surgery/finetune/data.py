@@ -234,8 +234,9 @@ _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _NPZ_HINT = "save the arrays with np.savez(path, images=..., labels=...)"
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_npz(path: Path, unlabelled: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The ``images`` and ``labels`` arrays of an .npz; anything else (not a zip, objects, damage) is a DataError.
+    ``unlabelled`` (calibration, which drops the labels): an .npz without ``labels`` reads as all of class 0.
 
     The file type is checked here, not left to ``np.load``: for a file that is not a zip it falls back to a
     pickle, and its error then suggests loading that pickle, which han-surgery never does.
@@ -253,13 +254,14 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: not a .npz file (np.savez writes a zip archive of arrays); {_NPZ_HINT}.")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = {"images", "labels"} - set(f.files)
+            missing = {"images", "labels"} - set(f.files) - ({"labels"} if unlabelled else set())
             if missing:
                 raise DataError(
                     f"{path}: an image .npz needs arrays 'images' and 'labels'; missing {sorted(missing)} "
                     f"(has {f.files})."
                 )
-            images, labels = f["images"], f["labels"]
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else np.zeros(len(images) if images.ndim else 0, np.int64)
     except DataError:
         raise
     except ValueError as e:
@@ -280,9 +282,15 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_npz(
-    path: Path, *, num_classes: int | None, val_fraction: float, seed: int, max_samples: int | None
+    path: Path,
+    *,
+    num_classes: int | None,
+    val_fraction: float,
+    seed: int,
+    max_samples: int | None,
+    unlabelled: bool = False,
 ) -> DataBundle:
-    images, labels = _read_npz(path)
+    images, labels = _read_npz(path, unlabelled)
     for name, array in (("images", images), ("labels", labels)):
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
             raise DataError(f"{path}: '{name}' has dtype {array.dtype}; expected numbers.")
@@ -764,7 +772,7 @@ def load_data(
     """Read ``--data`` (see the module docstring for the formats) into a :class:`DataBundle`.
 
     ``unlabelled``: the caller drops the labels (calibration): an image folder may then hold a single class
-    folder (``<dir>/images/*.png``).
+    folder (``<dir>/images/*.png``), and an .npz no ``labels`` array.
 
     Warns (:class:`DataWarning`) when the training split holds a single class, e.g. because
     ``max_samples`` took the first rows of a file sorted by label.
@@ -777,7 +785,7 @@ def load_data(
     if p.is_dir():
         bundle = load_image_folder(p, image_size=image_size, min_classes=1 if unlabelled else 2, **kw)
     elif suffix == ".npz":
-        bundle = load_npz(p, num_classes=num_classes, **kw)
+        bundle = load_npz(p, num_classes=num_classes, unlabelled=unlabelled, **kw)
     elif suffix == ".jsonl":
         bundle = load_text(p, num_classes=num_classes, **kw)
     elif suffix in (".csv", ".tsv", ".txt"):

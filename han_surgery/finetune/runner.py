@@ -44,7 +44,7 @@ from ..surgery.calibration.heal import HiddenStates, hidden_state_paths
 from ..surgery.engine import hanify
 from ..surgery.report import KEPT_BY_CALIBRATION, HanifyReport
 from ..utils import count_parameters
-from .calibration import load_calibration_batches
+from .calibration import check_calibration_positions, load_calibration_batches
 from .checkpoints import (
     ARGS_FILE,
     FinetuneError,
@@ -181,6 +181,7 @@ def build_student(config: FinetuneConfig, data: DataBundle, *, show_progress: bo
                 image_size=_calibration_image_size(config, data),
                 seed=config.calibration.seed if config.calibration else 0,
             )
+            check_calibration_positions(batches, built.model, f"--model {config.model}")
         calibration_config = config.calibration
         if batches is not None and not (show_progress and config.progress):
             calibration_config = dataclasses.replace(calibration_config or CalibrationConfig(), progress=False)

@@ -82,7 +82,7 @@ def read_texts(path: str | Path) -> list[str]:
     if suffix in (".tsv", ".csv"):
         reader = table_reader(p.read_text(encoding="utf-8-sig"), suffix)  # as finetune --data reads it
         try:
-            header = next(reader, None)
+            header = next((row for row in reader if any(cell.strip() for cell in row)), None)  # blank lines: none
             if header is None:
                 raise ValueError(f"{p}: the file is empty")
             col = _pick_column(header, p)
