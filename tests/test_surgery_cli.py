@@ -382,6 +382,27 @@ def test_skip_reasons_name_the_flags_the_command_has(tmp_path, capsys):
     assert "HanConfig" not in err and err.count("\n") == 1, err
 
 
+def test_hanify_of_a_part_hanified_folder_that_rewrites_nothing_saves_nothing(tmp_path, capsys):
+    """A folder hanified in part, with every remaining candidate excluded: hanify saved an unchanged copy and exited
+    0 (its earlier recipe passed the 'nothing to save' check); a fresh model with the same options is refused."""
+    assert main(["hanify", "test_vit", "--include", "blocks.0*", "-o", str(tmp_path / "part")]) == 0
+    capsys.readouterr()
+    assert main(["hanify", str(tmp_path / "part"), "-o", str(tmp_path / "again"), "--exclude", "blocks.*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: nothing was rewritten (") and err.count("\n") == 1, err
+    assert "excluded by 'blocks.*'" in err and "Han modules were there before" in err, err
+    assert not (tmp_path / "again").exists()
+
+
+def test_nothing_rewritten_names_the_reasons_the_options_decide_first(tmp_path, capsys):
+    """test_vit_relpos with --residual drop: the error listed the first three reasons alphabetically, all about
+    its 9 position-bias MLPs, and never the cause, --residual drop, on its 9 FFNs."""
+    assert main(["hanify", "test_vit_relpos", "-o", str(tmp_path / "out"), "--residual", "drop"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("han-surgery hanify: nothing was rewritten (18 candidate block(s) skipped: --residual drop")
+    assert "use --residual keep" in err and err.count("\n") == 1, err
+
+
 def _tiny_bert_folder(path: Path) -> Path:
     torch.manual_seed(0)
     config = transformers.BertConfig(

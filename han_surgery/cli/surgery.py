@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -142,17 +143,33 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
                 "Nothing was saved"
             )
         if out is not None:
-            if not recipe_of(model):  # every candidate skipped: there is no Han model to save
-                reasons = sorted({s.reason for s in report.skipped})
+            # every candidate skipped: no Han model to save, or (a folder hanified in part) a copy of it as it is
+            if not report.rewrites or not recipe_of(model):
+                already = (
+                    f"; {report.han_modules_found} Han modules were there before" if report.han_modules_found else ""
+                )
                 raise NothingToRewriteError(
                     f"nothing was rewritten ({len(report.skipped)} candidate block(s) skipped"
-                    + (f": {'; '.join(reasons[:3])}" if reasons else "")
-                    + f"), so nothing was saved to {out}"
+                    + (f": {'; '.join(_skip_reasons(report)[:3])}" if report.skipped else "")
+                    + f"{already}), so nothing was saved to {out}"
                 )
             if tokenizer_error is not None:
                 warnings.warn(f"the tokenizer was not copied: {tokenizer_error}", stacklevel=2)
             _save(model, out, folder, tokenizer, overwrite=args.overwrite)
     return 0
+
+
+def _skip_reasons(report: Any) -> list[str]:
+    """The report's distinct skip reasons, those the options decide first (they name a flag, or say what was
+    excluded or kept), then the most frequent: a model's many position-bias MLPs must not hide why its FFNs were
+    left."""
+    reasons = [flags_in_text(s.reason, HanConfig) for s in report.skipped]
+    counts = Counter(reasons)
+
+    def optional(reason: str) -> bool:
+        return "--" in reason or "excluded" in reason or "kept" in reason
+
+    return sorted(counts, key=lambda r: (not optional(r), -counts[r], r))
 
 
 STAGING_NAME = ".hanify.tmp"
