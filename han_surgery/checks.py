@@ -23,6 +23,8 @@ __all__ = [
     "int_at_least",
     "positive_float",
     "non_negative_float",
+    "SEED_LIMIT",
+    "seed_arg",
 ]
 
 #: The most classes a classifier may have (``--num-classes``, or the labels of ``finetune --data``): a classifier
@@ -128,3 +130,21 @@ def positive_float(text: str) -> float:
 def non_negative_float(text: str) -> float:
     """``argparse`` type: a finite number >= 0 (a weight decay, a penalty weight)."""
     return _finite_float(text, 0.0, False, "a number >= 0")
+
+
+#: ``--seed`` takes ``0 <= seed < SEED_LIMIT``: torch's generators take a (signed) 64-bit integer.
+SEED_LIMIT = 2**63
+
+
+def seed_arg(text: str) -> int:
+    """``argparse`` type of ``--seed``: an integer in ``[0, 2**63)`` (a larger one overflowed in ``torch.manual_seed``).
+
+    An experiment that seeds with ``seed + offset`` also checks that sum (``approximation``: ``seed + 1000 d``).
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+    return value

@@ -394,6 +394,25 @@ def test_hanify_of_a_part_hanified_folder_that_rewrites_nothing_saves_nothing(tm
     assert not (tmp_path / "again").exists()
 
 
+def test_hanify_writes_the_same_weights_for_the_same_command(tmp_path, capsys):
+    """The same command gave other weights every time (a timm name's random weights, the Han-blocks' draw): --seed,
+    0 by default, seeds them."""
+    from safetensors.torch import load_file
+
+    def weights(name: str, *extra: str) -> dict:
+        assert main(["hanify", "test_vit", "-o", str(tmp_path / name), *extra]) == 0
+        return load_file(tmp_path / name / "model.safetensors")
+
+    first, second, other = weights("a"), weights("b"), weights("c", "--seed", "1")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    with pytest.raises(SystemExit) as exit_code:  # a usage error: argparse exits
+        main(["hanify", "test_vit", "-o", str(tmp_path / "d"), "--seed", "-1"])
+    assert (
+        exit_code.value.code == 2 and "--seed: expected an integer in [0, 2**63), got '-1'" in capsys.readouterr().err
+    )
+
+
 def test_nothing_rewritten_names_the_reasons_the_options_decide_first(tmp_path, capsys):
     """test_vit_relpos with --residual drop: the error listed the first three reasons alphabetically, all about
     its 9 position-bias MLPs, and never the cause, --residual drop, on its 9 FFNs."""

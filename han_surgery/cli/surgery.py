@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checks import seed_arg
 from ..dataclass_cli import CommandParser, add_dataclass_arguments, dataclass_kwargs, flags_in_text
 from ..errors import CheckpointError, ConfigError, NothingToRewriteError, first_line
 from ..fileio import (
@@ -58,6 +59,13 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
         "--pretrained", action="store_true", help="timm names only: load timm's pretrained weights (needs the Hub)"
     )
     parser.add_argument("--num-classes", type=num_classes, default=None, help="timm only: classifier size")
+    parser.add_argument(
+        "--seed",
+        type=seed_arg,
+        default=0,
+        help="seeds torch before the model is built and its Han-blocks drawn: the same command gives the same "
+        "weights (default: 0; calibration draws its samples by --calibration-seed)",
+    )
     add_dataclass_arguments(parser.add_argument_group("surgery (HanConfig)"), HanConfig)
     if write:
         parser.add_argument(
@@ -78,6 +86,8 @@ def build_parser(prog: str, *, write: bool) -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace, *, write: bool) -> int:
+    import torch
+
     from ..loading import load_model
     from ..surgery.engine import hanify as hanify_model
     from ..surgery.recipe import recipe_of
@@ -114,6 +124,7 @@ def _run(args: argparse.Namespace, *, write: bool) -> int:
     batches = None
     if calibration_data is not None:  # before the model loads: a bad DATA fails fast
         batches = _calibration_batches(args.source, calibration_data, calibration_config.seed, tokenizer)
+    torch.manual_seed(args.seed)  # a timm name's random weights and the Han-blocks' initialisation
     model = load_model(args.source, pretrained=args.pretrained, num_classes=args.num_classes)
     if batches is not None:
         from ..finetune.calibration import check_calibration_positions

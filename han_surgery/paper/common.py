@@ -16,7 +16,6 @@ the configuration, versions and the wall time) and ``results.md`` (a markdown ta
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import SEED_LIMIT, seed_arg
 from ..layers import Abs, HanLayer, HouseholderLinear
 from ..utils import count_parameters
 from .activations import GroupSort
@@ -215,24 +215,6 @@ def resolve_data_path(given: str | os.PathLike[str] | None, *parts: str) -> Path
             "that holds checkerboard/, regression/ and mnist/"
         )
     return path
-
-
-#: ``--seed`` takes ``0 <= seed < SEED_LIMIT``: torch's generators take a (signed) 64-bit integer.
-SEED_LIMIT = 2**63
-
-
-def seed_arg(text: str) -> int:
-    """``argparse`` type of ``--seed``: an integer in ``[0, 2**63)`` (a larger one overflowed in ``torch.manual_seed``).
-
-    An experiment that seeds with ``seed + offset`` also checks that sum (``approximation``: ``seed + 1000 d``).
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
-    return value
 
 
 def positive_milestones(milestones: Sequence[_Number]) -> list[_Number]:
