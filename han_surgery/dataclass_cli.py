@@ -35,7 +35,7 @@ import re
 import shlex
 import types
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, NoReturn, TypeVar, Union
 
 __all__ = [
@@ -154,6 +154,17 @@ def _is_sequence(tp: Any) -> bool:
 _FLAG_MENTION = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
 
+def _or_none(tp: type) -> Callable[[str], Any]:
+    """``argparse`` type of an optional field whose default is not ``None``: ``none`` gives ``None``, anything else
+    ``tp(text)`` (argparse's "invalid int value" message names ``tp``)."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else tp(text)
+
+    parse.__name__ = tp.__name__
+    return parse
+
+
 def _cli_fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return [
@@ -200,6 +211,8 @@ def add_dataclass_arguments(
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     fields = _cli_fields(cls)
+    hints = typing.get_type_hints(cls)
+    optional = {f.name: hints[f.name] is not tp for f, tp in fields}
     # a help text names another field by its unprefixed flag (--max-fvu): give it this parser's spelling
     fields_by_flag = {flag_name(f): flag_name(f, flag_prefix) for f, _ in fields}
     for field, tp in fields:
@@ -239,6 +252,8 @@ def add_dataclass_arguments(
         elif tp is dict or typing.get_origin(tp) is dict:
             kwargs["type"] = json_object
             kwargs["metavar"] = meta.get("metavar", "JSON")
+        elif optional[field.name] and field.default is not None and isinstance(tp, type):
+            kwargs["type"] = _or_none(tp)  # a default other than None: 'none' is how the command line gives None
         else:
             kwargs["type"] = tp
         for key in ("nargs", "const", "choices"):

@@ -37,6 +37,21 @@ def test_hanconfig_flags_are_spelled_the_same_on_every_command() -> None:
     assert inspect["--include"][2] == "+"
 
 
+def test_an_optional_flag_whose_default_is_not_none_takes_none(capsys: pytest.CaptureFixture) -> None:
+    """``CalibrationConfig.record_batches: int | None = 16``, where None is 'all of them': the flag's type was
+    ``int``, so ``--calibration-record-batches none`` was "invalid int value" and None could not be given."""
+    from han_surgery.cli._calibration import calibration_from_args
+
+    parser = surgery_parser("h", write=True)
+    args = parser.parse_args(["m", "-o", "o", "--calibrate", "d.txt", "--calibration-record-batches", "none"])
+    assert calibration_from_args(args)[1].record_batches is None
+    args = parser.parse_args(["m", "-o", "o", "--calibrate", "d.txt", "--calibration-record-batches", "4"])
+    assert calibration_from_args(args)[1].record_batches == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["m", "-o", "o", "--calibration-record-batches", "four"])
+    assert "--calibration-record-batches: invalid int value: 'four'" in capsys.readouterr().err
+
+
 def test_sequence_flags_take_several_values_and_repeat(capsys: pytest.CaptureFixture) -> None:
     args = surgery_parser("p", write=False).parse_args(["m", "--include", "a", "b", "--include", "c"])
     assert args.include == ["a", "b", "c"]

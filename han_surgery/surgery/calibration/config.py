@@ -120,7 +120,9 @@ class CalibrationConfig:
     """
 
     tokens_per_block: int = _field(16384, "token rows sampled per block for its fit (bounds memory)")
-    record_batches: int | None = _field(16, "calibration batches, drawn at random, run to record each block's inputs")
+    record_batches: int | None = _field(
+        16, "calibration batches, drawn at random, run to record each block's inputs ('none': all of them)"
+    )
     start: Literal["linear", "random"] = _field(
         "linear", "where each fit starts: the block's linear regime (closed forms) or its random init"
     )
