@@ -18,6 +18,7 @@ def test_inspect_timm_name_prints_dry_run(capsys):
     assert main(["inspect", "test_vit", "--residual", "drop"]) == 0
     out = capsys.readouterr().out
     assert "dry run" in out and "blocks.0.mlp" in out and "timm.mlp" in out and "dropped" in out
+    assert "block(s) would be rewritten; model parameters" in out and " block(s) rewritten" not in out  # nothing was
 
 
 def test_hanify_then_inspect_the_directory(tmp_path, capsys):

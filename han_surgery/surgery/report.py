@@ -109,8 +109,9 @@ class HanifyReport:
             lines.append(f"\nskipped ({len(self.skipped)}):")
             lines.append(format_table(["path", "rule", "reason"], [[s.path, s.rule, s.reason] for s in self.skipped]))
         verb = "would have" if self.dry_run else "has"
+        done = "would be rewritten" if self.dry_run else "rewritten"  # the dry run (inspect) changes nothing
         lines.append(
-            f"\n{len(self.rewrites)} block(s) rewritten; model parameters {self.params_before:,} -> "
+            f"\n{len(self.rewrites)} block(s) {done}; model parameters {self.params_before:,} -> "
             f"{self.params_after:,} ({verb} {self.params_after / max(self.params_before, 1):.1%} of before)"
             + (f"; {self.han_modules_found} Han modules were already present" if self.han_modules_found else "")
         )
