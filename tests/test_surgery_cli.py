@@ -34,7 +34,11 @@ def test_hanify_then_inspect_the_directory(tmp_path, capsys):
     # inspecting the hanified directory: only the excluded block is left to do
     assert main(["inspect", str(out_dir)]) == 0
     text = capsys.readouterr().out
-    assert "1 block(s) would be rewritten" in text and "blocks.0.mlp" in text and "Han modules were already present" in text
+    assert (
+        "1 block(s) would be rewritten" in text
+        and "blocks.0.mlp" in text
+        and "Han modules were already present" in text
+    )
 
 
 def test_hanify_of_an_already_hanified_folder_that_rewrites_nothing_is_refused(tmp_path, capsys):
