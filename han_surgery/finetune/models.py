@@ -116,6 +116,11 @@ def class_names_in(config_file: Path) -> list[str] | None:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+    return class_names_of(config)
+
+
+def class_names_of(config: Any) -> list[str] | None:
+    """:func:`class_names_in` of a parsed ``config.json`` (a model folder's ``ModelFolder.config``)."""
     if not isinstance(config, dict):
         return None
     names = config.get("label_names")  # timm's save_for_hf(model_config={"label_names": ...})
@@ -129,12 +134,12 @@ def class_names_in(config_file: Path) -> list[str] | None:
     return None if all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
 
 
-def _other_classes(folder: Path, data: DataBundle | None) -> list[str] | None:
-    """The class names the model folder's ``config.json`` records where ``data`` names other ones (``None`` if
+def _other_classes(config: dict[str, Any], data: DataBundle | None) -> list[str] | None:
+    """The class names a model folder's parsed ``config.json`` records where ``data`` names other ones (``None`` if
     either names none, or they are the same): its classifier's rows are another task's classes, not these."""
     if data is None or not data.class_names:
         return None
-    names = class_names_in(folder / "config.json")
+    names = class_names_of(config)
     return names if names is not None and names != list(data.class_names) else None
 
 
@@ -239,12 +244,19 @@ def build_model(
         if folder.kind == "transformers" or (family == "transformers" and data is not None):
             # a hanified transformers folder gets a classification head too (the recipe replays on the base model)
             weight_files(folder)  # model.safetensors, or a sharded folder's index and shards: named if missing
-            return _load_transformers(path, data, model_kwargs, trust_remote_code, hanified=folder.kind == "hanified")
+            return _load_transformers(
+                path,
+                data,
+                model_kwargs,
+                trust_remote_code,
+                hanified=folder.kind == "hanified",
+                other_classes=_other_classes(folder.config, data),
+            )
         model = load_folder(folder)
         if isinstance(model, TabularNet):  # trained on standardised rows here; exported with this data's statistics
             model = model.without_standardization()
         model.train()
-        new_head = _fit_head(model, data, _other_classes(path, data))
+        new_head = _fit_head(model, data, _other_classes(folder.config, data))
         tokenizer = load_tokenizer(path) if family == "transformers" else None
         hanified = folder.kind == "hanified"
         return BuiltModel(
@@ -322,7 +334,10 @@ def _load_transformers(
     trust_remote_code: bool = False,
     *,
     hanified: bool = False,
+    other_classes: list[str] | None = None,
 ) -> BuiltModel:
+    """``path``'s transformers model for sequence classification on ``data``; its classifier starts afresh where it
+    has another number of labels, or was trained on ``other_classes`` (:func:`_other_classes`)."""
     from transformers import AutoModelForSequenceClassification
 
     kwargs = dict(model_kwargs)
@@ -377,7 +392,7 @@ def _load_transformers(
         )
     tokenizer = load_tokenizer(path, trust_remote_code)
     fresh = info.get("missing_keys") or info.get("mismatched_keys")  # what transformers initialised: the head
-    if not fresh and _other_classes(path, data) is not None:  # a head of as many labels, for other classes
+    if not fresh and other_classes is not None:  # a head of as many labels, for other classes
         with torch.no_grad():
             _reset_transformers_head(model)
         fresh = True

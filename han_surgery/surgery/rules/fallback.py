@@ -104,10 +104,10 @@ def _unit_activation(m: nn.Module) -> bool:
 
 
 def _split(module: nn.Module):
-    children = list(module.children())
-    projs = [_projection(c) for c in children if _projection(c) is not None]
-    acts = [c for c in children if _projection(c) is None and _is_activation(c)]
-    rest = [c for c in children if _projection(c) is None and not _is_activation(c)]
+    units = [(c, _projection(c)) for c in module.children()]  # once each: a unit's check reads its signature
+    projs = [p for _, p in units if p is not None]
+    acts = [c for c, p in units if p is None and _is_activation(c)]
+    rest = [c for c, p in units if p is None and not _is_activation(c)]
     return projs, acts, rest
 
 
@@ -120,7 +120,7 @@ def _looks_like_ffn(cand: Candidate) -> bool:
     projs, acts, rest = _split(cand.module)
     if not (2 <= len(projs) <= 3 and all(_is_passive(c) for c in rest)) or any(map(_is_sigmoid_gate, acts)):
         return False
-    return bool(acts) or any(_projection(c) is not None and _unit_activation(c) for c in children)
+    return bool(acts) or any(_unit_activation(c) and _projection(c) is not None for c in children)  # cheap check first
 
 
 def _required_inputs(module: nn.Module) -> list[str]:
@@ -185,7 +185,7 @@ def _own_norm(module: nn.Module, width: int, hidden: int) -> str:
     norms = [
         f"{name} ({type(c).__name__})"
         for name, c in module.named_children()
-        if (isinstance(c, NORMS) or _is_passive(c))
+        if _is_passive(c)  # a norm, a dropout or an identity: the last two need no note
         and not isinstance(c, (nn.Dropout, nn.Identity))
         and (hidden == width or _norm_width(c) != hidden)
     ]
