@@ -206,13 +206,7 @@ def test_data_dot_is_named_after_the_folder(tmp_path: Path, monkeypatch: pytest.
     """``--data .`` gave the dataset an empty name in the console, results.json and the model card."""
     path = tmp_path / "digits.csv"
     path.write_text("".join(f"{i * 0.1},{i % 2}\n" for i in range(20)))
-    from PIL import Image
-
-    folder = tmp_path / "pets"
-    for cls in ("cat", "dog"):
-        (folder / cls).mkdir(parents=True)
-        for i in range(4):
-            Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(folder / cls / f"{i}.png")
+    folder = _image_folder(tmp_path / "pets", ("cat", "dog"), 4)
     monkeypatch.chdir(folder)
     assert load_data(".", image_size=8).name == "pets"
     monkeypatch.chdir(folder / "cat")
